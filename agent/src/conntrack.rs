@@ -1,0 +1,285 @@
+//! Conntrack as user space sees it: flows assembled from their two entries, their state derived
+//! from the TCP flags each direction has seen, and expiry.
+//!
+//! The kernel never deletes entries (only LRU eviction does, under pressure); reclaiming expired
+//! flows is the agent's job, both directions together.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::Serialize;
+use weir_common::{ct_kind, ct_seen, CtKey, CtValue, PROTO_TCP, PROTO_UDP};
+
+use crate::compile::{ip_of, proto_name};
+use crate::config::ConntrackConfig;
+use crate::dataplane::{ConntrackMap, DataplaneError};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FlowState {
+    SynSent,
+    Established,
+    Closing,
+    Udp,
+}
+
+impl FlowState {
+    pub fn name(self) -> &'static str {
+        match self {
+            FlowState::SynSent => "syn_sent",
+            FlowState::Established => "established",
+            FlowState::Closing => "closing",
+            FlowState::Udp => "udp",
+        }
+    }
+}
+
+/// Derives the state of a flow from the flag bits its two directions have seen.
+pub fn flow_state(proto: u8, forward_seen: u8, reverse_seen: u8) -> FlowState {
+    if proto != PROTO_TCP {
+        return FlowState::Udp;
+    }
+    let either = forward_seen | reverse_seen;
+    if either & ct_seen::RST != 0
+        || (forward_seen & ct_seen::FIN != 0 && reverse_seen & ct_seen::FIN != 0)
+    {
+        FlowState::Closing
+    } else if reverse_seen != 0 {
+        FlowState::Established
+    } else {
+        FlowState::SynSent
+    }
+}
+
+pub fn timeout(config: &ConntrackConfig, state: FlowState) -> Duration {
+    match state {
+        FlowState::SynSent => config.tcp_syn_timeout,
+        FlowState::Established => config.tcp_established_timeout,
+        FlowState::Closing => config.tcp_closing_timeout,
+        FlowState::Udp => config.udp_timeout,
+    }
+}
+
+/// The key of the entry paired with this one.
+pub fn partner_key(key: &CtKey, value: &CtValue) -> CtKey {
+    if value.kind == ct_kind::FORWARD {
+        // Replies come from the backend to the client.
+        CtKey {
+            saddr: value.nat_addr,
+            daddr: key.saddr,
+            sport_be: value.nat_port_be,
+            dport_be: key.sport_be,
+            proto: key.proto,
+            family: key.family,
+            _pad: 0,
+        }
+    } else {
+        // The client addressed the frontend the reply is rewritten to.
+        CtKey {
+            saddr: key.daddr,
+            daddr: value.nat_addr,
+            sport_be: key.dport_be,
+            dport_be: value.nat_port_be,
+            proto: key.proto,
+            family: key.family,
+            _pad: 0,
+        }
+    }
+}
+
+/// One entry with what its flow looks like as a whole.
+#[derive(Clone, Debug, Serialize)]
+pub struct EntryView {
+    pub kind: &'static str,
+    pub proto: String,
+    pub src: String,
+    pub dst: String,
+    pub nat: String,
+    pub age_s: f64,
+    pub idle_s: f64,
+    pub state: &'static str,
+    /// Whether the entry of the other direction is present.
+    pub paired: bool,
+}
+
+pub fn monotonic_now_ns() -> u64 {
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .expect("CLOCK_MONOTONIC is always available");
+    now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64
+}
+
+fn endpoint(addr: &weir_common::Addr, family: u8, port_be: u16) -> String {
+    let ip = ip_of(addr, family);
+    let port = u16::from_be(port_be);
+    if ip.is_ipv6() {
+        format!("[{ip}]:{port}")
+    } else {
+        format!("{ip}:{port}")
+    }
+}
+
+/// Flow-level facts about one entry, given the whole table.
+struct FlowFacts {
+    state: FlowState,
+    last_seen_ns: u64,
+    paired: bool,
+}
+
+fn facts(entries: &BTreeMap<CtKey, CtValue>, key: &CtKey, value: &CtValue) -> FlowFacts {
+    let partner = entries.get(&partner_key(key, value));
+    let (forward_seen, reverse_seen) = match (value.kind, partner) {
+        (ct_kind::FORWARD, p) => (value.seen, p.map_or(0, |p| p.seen)),
+        (_, p) => (p.map_or(0, |p| p.seen), value.seen),
+    };
+    FlowFacts {
+        state: flow_state(key.proto, forward_seen, reverse_seen),
+        last_seen_ns: value.last_seen_ns.max(partner.map_or(0, |p| p.last_seen_ns)),
+        paired: partner.is_some(),
+    }
+}
+
+pub fn view(entries: &BTreeMap<CtKey, CtValue>, now_ns: u64) -> Vec<EntryView> {
+    let secs = |ns: u64| now_ns.saturating_sub(ns) as f64 / 1e9;
+    entries
+        .iter()
+        .map(|(key, value)| {
+            let f = facts(entries, key, value);
+            EntryView {
+                kind: if value.kind == ct_kind::FORWARD { "forward" } else { "reverse" },
+                proto: proto_name(key.proto),
+                src: endpoint(&key.saddr, key.family, key.sport_be),
+                dst: endpoint(&key.daddr, key.family, key.dport_be),
+                nat: endpoint(&value.nat_addr, key.family, value.nat_port_be),
+                age_s: secs(value.created_ns),
+                idle_s: secs(f.last_seen_ns),
+                state: f.state.name(),
+                paired: f.paired,
+            }
+        })
+        .collect()
+}
+
+/// Keys of every expired entry. A flow expires as a whole, after its state's timeout since the
+/// last packet in either direction; an entry whose partner was evicted expires by its own.
+pub fn expired(
+    entries: &BTreeMap<CtKey, CtValue>,
+    config: &ConntrackConfig,
+    now_ns: u64,
+) -> Vec<CtKey> {
+    entries
+        .iter()
+        .filter(|(key, value)| {
+            debug_assert!(key.proto == PROTO_TCP || key.proto == PROTO_UDP);
+            let f = facts(entries, key, value);
+            now_ns.saturating_sub(f.last_seen_ns) > timeout(config, f.state).as_nanos() as u64
+        })
+        .map(|(key, _)| *key)
+        .collect()
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct GcReport {
+    pub scanned: usize,
+    pub reclaimed: usize,
+}
+
+/// One garbage-collection pass over the conntrack map.
+pub fn collect_garbage(
+    map: &mut ConntrackMap,
+    config: &ConntrackConfig,
+) -> Result<GcReport, DataplaneError> {
+    let entries = map.entries()?;
+    let dead = expired(&entries, config, monotonic_now_ns());
+    for key in &dead {
+        map.remove(key)?;
+    }
+    Ok(GcReport {
+        scanned: entries.len(),
+        reclaimed: dead.len(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weir_common::{Addr, FAMILY_V4};
+
+    fn key(s: [u8; 4], sp: u16, d: [u8; 4], dp: u16, proto: u8) -> CtKey {
+        CtKey {
+            saddr: Addr::from_v4(s),
+            daddr: Addr::from_v4(d),
+            sport_be: sp.to_be(),
+            dport_be: dp.to_be(),
+            proto,
+            family: FAMILY_V4,
+            _pad: 0,
+        }
+    }
+
+    fn pair(proto: u8, fwd_seen: u8, rev_seen: u8, last_seen: u64) -> BTreeMap<CtKey, CtValue> {
+        let client = [198, 19, 1, 10];
+        let vip = [198, 18, 100, 10];
+        let backend = [198, 19, 2, 11];
+        let mut m = BTreeMap::new();
+        m.insert(
+            key(client, 40000, vip, 80, proto),
+            CtValue {
+                last_seen_ns: last_seen,
+                nat_addr: Addr::from_v4(backend),
+                nat_port_be: 8080u16.to_be(),
+                kind: ct_kind::FORWARD,
+                seen: fwd_seen,
+                ..Default::default()
+            },
+        );
+        m.insert(
+            key(backend, 8080, client, 40000, proto),
+            CtValue {
+                last_seen_ns: last_seen,
+                nat_addr: Addr::from_v4(vip),
+                nat_port_be: 80u16.to_be(),
+                kind: ct_kind::REVERSE,
+                seen: rev_seen,
+                ..Default::default()
+            },
+        );
+        m
+    }
+
+    #[test]
+    fn partners_find_each_other() {
+        let m = pair(PROTO_TCP, 0, 0, 0);
+        for (k, v) in &m {
+            assert!(m.contains_key(&partner_key(k, v)));
+        }
+    }
+
+    #[test]
+    fn tcp_states_follow_flags() {
+        use ct_seen::*;
+        assert_eq!(flow_state(PROTO_TCP, SYN, 0), FlowState::SynSent);
+        assert_eq!(flow_state(PROTO_TCP, SYN | ACK, SYN | ACK), FlowState::Established);
+        assert_eq!(flow_state(PROTO_TCP, SYN | ACK | FIN, SYN | ACK), FlowState::Established);
+        assert_eq!(flow_state(PROTO_TCP, SYN | ACK | FIN, SYN | ACK | FIN), FlowState::Closing);
+        assert_eq!(flow_state(PROTO_TCP, SYN, RST), FlowState::Closing);
+        assert_eq!(flow_state(PROTO_UDP, 0, 0), FlowState::Udp);
+    }
+
+    #[test]
+    fn expiry_depends_on_state_and_covers_both_directions() {
+        let config = ConntrackConfig {
+            tcp_established_timeout: Duration::from_secs(100),
+            tcp_closing_timeout: Duration::from_secs(2),
+            udp_timeout: Duration::from_secs(5),
+            ..Default::default()
+        };
+        let s = 1_000_000_000u64;
+        let established = pair(PROTO_TCP, ct_seen::SYN | ct_seen::ACK, ct_seen::SYN | ct_seen::ACK, 0);
+        assert!(expired(&established, &config, 50 * s).is_empty());
+        let closed = pair(PROTO_TCP, ct_seen::FIN, ct_seen::FIN, 0);
+        assert_eq!(expired(&closed, &config, 3 * s).len(), 2);
+        let udp = pair(PROTO_UDP, 0, 0, 0);
+        assert!(expired(&udp, &config, 4 * s).is_empty());
+        assert_eq!(expired(&udp, &config, 6 * s).len(), 2);
+    }
+}

@@ -1,0 +1,280 @@
+//! The intent model: what the cluster asks of this node's data plane, independent of where it
+//! came from (a file today, the Kubernetes API next) and of how the kernel stores it.
+//!
+//! Conversions from Kubernetes objects validate everything the data plane will rely on, so the
+//! compiler downstream never sees an address it cannot encode or a port of zero.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use serde::Serialize;
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct ObjectRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl fmt::Display for ObjectRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => weir_common::PROTO_TCP,
+            Protocol::Udp => weir_common::PROTO_UDP,
+        }
+    }
+
+    pub fn from_number(n: u8) -> Option<Self> {
+        match n {
+            weir_common::PROTO_TCP => Some(Protocol::Tcp),
+            weir_common::PROTO_UDP => Some(Protocol::Udp),
+            _ => None,
+        }
+    }
+
+    fn parse(field: &str, value: Option<&str>) -> Result<Self, IntentError> {
+        // Kubernetes defaults an absent protocol to TCP.
+        match value.unwrap_or("TCP") {
+            "TCP" => Ok(Protocol::Tcp),
+            "UDP" => Ok(Protocol::Udp),
+            other => Err(IntentError::Unsupported(format!("{field}: protocol {other}"))),
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum IntentError {
+    #[error("{0}: missing")]
+    Missing(&'static str),
+    #[error("{field}: invalid IP address {value:?}")]
+    InvalidAddress { field: String, value: String },
+    #[error("{field}: port {value} out of range 1-65535")]
+    InvalidPort { field: String, value: i64 },
+    #[error("not supported yet: {0}")]
+    Unsupported(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ServicePort {
+    /// Empty for a single unnamed port, as Kubernetes allows.
+    pub name: String,
+    pub protocol: Protocol,
+    pub port: u16,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ServiceIntent {
+    pub id: ObjectRef,
+    /// ClusterIPs of every family; empty for headless services, which the data plane ignores.
+    pub cluster_ips: Vec<IpAddr>,
+    pub ports: Vec<ServicePort>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct EndpointPort {
+    pub name: String,
+    pub protocol: Protocol,
+    pub port: u16,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Endpoint {
+    pub addresses: Vec<IpAddr>,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+    pub node_name: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct EndpointSliceIntent {
+    pub id: ObjectRef,
+    pub service: ObjectRef,
+    pub ports: Vec<EndpointPort>,
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// Everything the data plane should implement, keyed for stable iteration order.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ClusterIntent {
+    pub services: BTreeMap<ObjectRef, ServiceIntent>,
+    pub slices: BTreeMap<ObjectRef, EndpointSliceIntent>,
+}
+
+impl ClusterIntent {
+    pub fn slices_of<'a>(
+        &'a self,
+        service: &'a ObjectRef,
+    ) -> impl Iterator<Item = &'a EndpointSliceIntent> + 'a {
+        self.slices.values().filter(move |s| &s.service == service)
+    }
+}
+
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+fn object_ref(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Result<ObjectRef, IntentError> {
+    Ok(ObjectRef {
+        namespace: meta.namespace.clone().unwrap_or_else(|| "default".to_owned()),
+        name: meta.name.clone().ok_or(IntentError::Missing("metadata.name"))?,
+    })
+}
+
+/// The object's identity, for error messages about an object that failed to convert.
+pub fn service_ref(service: &Service) -> Option<ObjectRef> {
+    object_ref(&service.metadata).ok()
+}
+
+pub fn slice_ref(slice: &EndpointSlice) -> Option<ObjectRef> {
+    object_ref(&slice.metadata).ok()
+}
+
+fn parse_ip(field: &str, value: &str) -> Result<IpAddr, IntentError> {
+    value.parse().map_err(|_| IntentError::InvalidAddress {
+        field: field.to_owned(),
+        value: value.to_owned(),
+    })
+}
+
+fn parse_port(field: &str, value: i32) -> Result<u16, IntentError> {
+    u16::try_from(value)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or(IntentError::InvalidPort {
+            field: field.to_owned(),
+            value: value.into(),
+        })
+}
+
+impl TryFrom<&Service> for ServiceIntent {
+    type Error = IntentError;
+
+    fn try_from(service: &Service) -> Result<Self, IntentError> {
+        let id = object_ref(&service.metadata)?;
+        let spec = service.spec.as_ref().ok_or(IntentError::Missing("spec"))?;
+        if let Some(kind) = spec.type_.as_deref() {
+            if kind == "ExternalName" {
+                // DNS-only: nothing for the data plane to do.
+                return Ok(ServiceIntent {
+                    id,
+                    cluster_ips: Vec::new(),
+                    ports: Vec::new(),
+                });
+            }
+        }
+        // clusterIPs supersedes clusterIP when present; "None" marks a headless service.
+        let mut raw_ips: Vec<&str> = spec
+            .cluster_ips
+            .as_ref()
+            .map(|v| v.iter().map(String::as_str).collect())
+            .unwrap_or_default();
+        if raw_ips.is_empty() {
+            raw_ips.extend(spec.cluster_ip.as_deref());
+        }
+        let mut cluster_ips = Vec::new();
+        for raw in raw_ips {
+            if raw == "None" || raw.is_empty() {
+                continue;
+            }
+            cluster_ips.push(parse_ip("spec.clusterIPs", raw)?);
+        }
+        let mut ports = Vec::new();
+        for (i, port) in spec.ports.iter().flatten().enumerate() {
+            let field = format!("spec.ports[{i}]");
+            ports.push(ServicePort {
+                name: port.name.clone().unwrap_or_default(),
+                protocol: Protocol::parse(&field, port.protocol.as_deref())?,
+                port: parse_port(&format!("{field}.port"), port.port)?,
+            });
+            // targetPort is resolved by the endpoints controller into EndpointSlice ports; the
+            // data plane uses those, but a malformed one still marks the object as bad input.
+            if let Some(IntOrString::Int(target)) = &port.target_port {
+                parse_port(&format!("{field}.targetPort"), *target)?;
+            }
+        }
+        Ok(ServiceIntent {
+            id,
+            cluster_ips,
+            ports,
+        })
+    }
+}
+
+impl TryFrom<&EndpointSlice> for EndpointSliceIntent {
+    type Error = IntentError;
+
+    fn try_from(slice: &EndpointSlice) -> Result<Self, IntentError> {
+        let id = object_ref(&slice.metadata)?;
+        let service_name = slice
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(SERVICE_NAME_LABEL))
+            .ok_or(IntentError::Missing("metadata.labels[kubernetes.io/service-name]"))?;
+        match slice.address_type.as_str() {
+            "IPv4" | "IPv6" => {}
+            other => return Err(IntentError::Unsupported(format!("addressType {other}"))),
+        }
+        let mut ports = Vec::new();
+        for (i, port) in slice.ports.iter().flatten().enumerate() {
+            let field = format!("ports[{i}]");
+            let number = port.port.ok_or(IntentError::Missing("ports[].port"))?;
+            ports.push(EndpointPort {
+                name: port.name.clone().unwrap_or_default(),
+                protocol: Protocol::parse(&field, port.protocol.as_deref())?,
+                port: parse_port(&format!("{field}.port"), number)?,
+            });
+        }
+        let mut endpoints = Vec::new();
+        for (i, endpoint) in slice.endpoints.iter().enumerate() {
+            let addresses = endpoint
+                .addresses
+                .iter()
+                .map(|a| parse_ip(&format!("endpoints[{i}].addresses"), a))
+                .collect::<Result<Vec<_>, _>>()?;
+            let conditions = endpoint.conditions.as_ref();
+            // Absent conditions mean ready and serving, per the EndpointSlice API.
+            let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
+            endpoints.push(Endpoint {
+                addresses,
+                ready,
+                serving: conditions.and_then(|c| c.serving).unwrap_or(ready),
+                terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
+                node_name: endpoint.node_name.clone(),
+            });
+        }
+        Ok(EndpointSliceIntent {
+            service: ObjectRef {
+                namespace: id.namespace.clone(),
+                name: service_name.clone(),
+            },
+            id,
+            ports,
+            endpoints,
+        })
+    }
+}

@@ -1,0 +1,16 @@
+//! Weir's node agent: turns Kubernetes service state into eBPF map contents.
+//!
+//! Data flows one way: [`source`] objects -> [`intent`] -> [`compile`]d [`state`] -> [`state::Plan`]
+//! -> map writes in [`dataplane`]. [`reconcile`] drives that pipeline, [`run`] the process.
+
+pub mod compile;
+pub mod config;
+pub mod conntrack;
+pub mod dataplane;
+pub mod dump;
+pub mod intent;
+pub mod interfaces;
+pub mod reconcile;
+pub mod run;
+pub mod source;
+pub mod state;

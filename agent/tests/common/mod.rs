@@ -1,0 +1,211 @@
+//! Shared by the packet tests and the benchmark: a loaded data plane fed through the agent's
+//! real pipeline, and crafted packets.
+#![allow(dead_code)]
+
+use std::net::Ipv4Addr;
+use std::path::Path;
+
+use aya::programs::{TestRun, TestRunOptions};
+use etherparse::PacketBuilder;
+use weir_agent::dataplane::{Dataplane, LoadOptions};
+use weir_agent::reconcile::Reconciler;
+use weir_agent::source::{parse_documents, Objects};
+use weir_common::{map_names, program_names};
+
+pub const TC_ACT_OK: u32 = 0;
+pub const TC_ACT_SHOT: u32 = 2;
+
+pub const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 19, 1, 10);
+pub const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 10);
+pub const BACKEND: Ipv4Addr = Ipv4Addr::new(198, 19, 2, 11);
+pub const OTHER: Ipv4Addr = Ipv4Addr::new(198, 19, 2, 12);
+
+/// A service `echo` (TCP 80 -> 8080, UDP 53 -> 5353) with the given ready backends, and a
+/// service `empty` (TCP 81) with none.
+pub fn cluster_yaml(backends: &[Ipv4Addr]) -> String {
+    let endpoints: String = backends
+        .iter()
+        .map(|b| format!("- addresses: [\"{b}\"]\n  conditions: {{ready: true}}\n"))
+        .collect();
+    format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: echo, namespace: default}}
+spec:
+  type: ClusterIP
+  clusterIP: {VIP}
+  clusterIPs: ["{VIP}"]
+  ports:
+  - {{name: http, protocol: TCP, port: 80, targetPort: 8080}}
+  - {{name: dns, protocol: UDP, port: 53, targetPort: 5353}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: echo-1
+  namespace: default
+  labels: {{kubernetes.io/service-name: echo}}
+addressType: IPv4
+ports:
+- {{name: http, protocol: TCP, port: 8080}}
+- {{name: dns, protocol: UDP, port: 5353}}
+endpoints:
+{endpoints}---
+apiVersion: v1
+kind: Service
+metadata: {{name: empty, namespace: default}}
+spec:
+  clusterIP: 198.18.100.11
+  ports:
+  - {{name: http, protocol: TCP, port: 81, targetPort: 8081}}
+"#
+    )
+}
+
+pub fn objects(yaml: &str) -> Objects {
+    let mut objects = Objects::default();
+    parse_documents(Path::new("test.yaml"), yaml, &mut objects).expect("test YAML parses");
+    objects
+}
+
+pub struct Harness {
+    pub dataplane: Dataplane,
+    pub reconciler: Reconciler,
+}
+
+pub fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "packet tests load BPF programs and need root (CAP_BPF, CAP_NET_ADMIN); run them through \
+         the README's test command"
+    );
+}
+
+impl Harness {
+    pub fn new(backends: &[Ipv4Addr]) -> Harness {
+        require_root();
+        let dataplane = Dataplane::load(&LoadOptions {
+            pin_dir: None,
+            max_entries: vec![(map_names::CONNTRACK, 4096)],
+        })
+        .expect("the eBPF object loads and passes the verifier");
+        let mut harness = Harness {
+            dataplane,
+            reconciler: Reconciler::default(),
+        };
+        harness.apply(&cluster_yaml(backends));
+        harness
+    }
+
+    pub fn apply(&mut self, yaml: &str) -> weir_agent::reconcile::ReconcileReport {
+        self.reconciler
+            .reconcile(&mut self.dataplane.services, &objects(yaml))
+            .expect("reconcile")
+    }
+
+    /// Runs the ingress program once; returns its verdict and the packet as it left.
+    pub fn run(&mut self, packet: &[u8]) -> (u32, Vec<u8>) {
+        self.run_program(program_names::INGRESS, packet)
+    }
+
+    pub fn run_program(&mut self, name: &'static str, packet: &[u8]) -> (u32, Vec<u8>) {
+        let mut out = vec![0u8; packet.len() + 256];
+        let program = self.dataplane.program(name).expect("program");
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(packet);
+        opts.data_out = Some(&mut out);
+        let result = program.test_run(opts).expect("BPF_PROG_TEST_RUN");
+        out.truncate(result.data_size_out as usize);
+        (result.return_value, out)
+    }
+
+    pub fn counter(&self, name: &str) -> u64 {
+        self.dataplane
+            .counters
+            .read()
+            .expect("counters")
+            .into_iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v)
+            .expect("known counter")
+    }
+}
+
+const MAC_A: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0a];
+const MAC_B: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0b];
+
+pub fn tcp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, flags: &str) -> Vec<u8> {
+    let mut builder = PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv4(src.octets(), dst.octets(), 64)
+        .tcp(sport, dport, 1000, 64240);
+    for f in flags.chars() {
+        builder = match f {
+            'S' => builder.syn(),
+            'A' => builder.ack(2000),
+            'F' => builder.fin(),
+            'R' => builder.rst(),
+            _ => panic!("flag {f}"),
+        };
+    }
+    let payload = b"GET / HTTP/1.1\r\n\r\n";
+    let mut out = Vec::new();
+    builder.write(&mut out, payload).unwrap();
+    out
+}
+
+pub fn udp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv4(src.octets(), dst.octets(), 64)
+        .udp(sport, dport)
+        .write(&mut out, b"ping")
+        .unwrap();
+    out
+}
+
+/// An ICMP error from `src` to `dst` quoting `quoted` (an IPv4 packet without Ethernet).
+pub fn icmp_error(src: Ipv4Addr, dst: Ipv4Addr, type_u8: u8, code: u8, quoted: &[u8]) -> Vec<u8> {
+    use etherparse::Icmpv4Type;
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv4(src.octets(), dst.octets(), 64)
+        .icmpv4(Icmpv4Type::Unknown {
+            type_u8,
+            code_u8: code,
+            bytes5to8: [0; 4],
+        })
+        .write(&mut out, quoted)
+        .unwrap();
+    out
+}
+
+pub fn icmp_echo(src: Ipv4Addr, dst: Ipv4Addr) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv4(src.octets(), dst.octets(), 64)
+        .icmpv4_echo_request(1, 1)
+        .write(&mut out, b"abcdefgh")
+        .unwrap();
+    out
+}
+
+/// The IPv4 packet inside an Ethernet frame.
+pub fn l3(frame: &[u8]) -> &[u8] {
+    &frame[14..]
+}
+
+/// Recomputes the IPv4 header checksum of a frame in place, for hand-edited test packets.
+pub fn fix_ip_checksum(frame: &mut [u8]) {
+    let ihl = ((frame[14] & 0x0f) as usize) * 4;
+    frame[24] = 0;
+    frame[25] = 0;
+    let mut sum = 0u32;
+    for chunk in frame[14..14 + ihl].chunks(2) {
+        sum += u32::from(u16::from_be_bytes([chunk[0], chunk[1]]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    let csum = !(sum as u16);
+    frame[24..26].copy_from_slice(&csum.to_be_bytes());
+}
