@@ -9,7 +9,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use weir_common::{
-    service_flags, Addr, BackendSlotKey, BackendValue, FrontendKey, ServiceValue, FAMILY_V4, FAMILY_V6,
+    service_flags, Addr, BackendSlotKey, BackendValue, FrontendKey, ServiceValue, FAMILY_V4,
+    FAMILY_V6,
 };
 
 use crate::intent::{ClusterIntent, Protocol, ServiceIntent, ServicePort};
@@ -66,8 +67,11 @@ impl IdAllocator {
 pub fn compile(intent: &ClusterIntent, current: &DataplaneState) -> DataplaneState {
     let mut desired = DataplaneState::default();
 
-    let current_backend_ids: BTreeMap<BackendIdentity, u32> =
-        current.backends.iter().map(|(id, b)| (identity(b), *id)).collect();
+    let current_backend_ids: BTreeMap<BackendIdentity, u32> = current
+        .backends
+        .iter()
+        .map(|(id, b)| (identity(b), *id))
+        .collect();
     let mut backend_ids = IdAllocator::new(current.backends.keys().copied());
     let mut desired_backend_ids: BTreeMap<BackendIdentity, u32> = BTreeMap::new();
     let mut service_ids = IdAllocator::new(current.services.values().map(|s| s.service_id));
@@ -109,17 +113,22 @@ pub fn compile(intent: &ClusterIntent, current: &DataplaneState) -> DataplaneSta
 
                 let mut wanted_ids = Vec::new();
                 for backend in backends_for(intent, service, port, family) {
-                    let id = *desired_backend_ids.entry(identity(&backend)).or_insert_with(|| {
-                        current_backend_ids
-                            .get(&identity(&backend))
-                            .copied()
-                            .unwrap_or_else(|| backend_ids.allocate())
-                    });
+                    let id = *desired_backend_ids
+                        .entry(identity(&backend))
+                        .or_insert_with(|| {
+                            current_backend_ids
+                                .get(&identity(&backend))
+                                .copied()
+                                .unwrap_or_else(|| backend_ids.allocate())
+                        });
                     desired.backends.insert(id, backend);
                     wanted_ids.push(id);
                 }
                 let slots = stable_slots(
-                    current_slots.get(&service_id).map(Vec::as_slice).unwrap_or(&[]),
+                    current_slots
+                        .get(&service_id)
+                        .map(Vec::as_slice)
+                        .unwrap_or(&[]),
                     &wanted_ids,
                 );
                 for (slot, backend_id) in slots.iter().enumerate() {
@@ -134,7 +143,11 @@ pub fn compile(intent: &ClusterIntent, current: &DataplaneState) -> DataplaneSta
                 let value = ServiceValue {
                     service_id,
                     backend_count: slots.len() as u32,
-                    flags: if slots.is_empty() { service_flags::NO_BACKENDS } else { 0 },
+                    flags: if slots.is_empty() {
+                        service_flags::NO_BACKENDS
+                    } else {
+                        0
+                    },
                     affinity_timeout_s: 0,
                 };
                 for frontend in frontends {
@@ -243,8 +256,16 @@ mod tests {
                 id: svc_ref(),
                 cluster_ips: vec!["198.18.100.10".parse().unwrap()],
                 ports: vec![
-                    ServicePort { name: "http".into(), protocol: Protocol::Tcp, port: 80 },
-                    ServicePort { name: "dns".into(), protocol: Protocol::Udp, port: 53 },
+                    ServicePort {
+                        name: "http".into(),
+                        protocol: Protocol::Tcp,
+                        port: 80,
+                    },
+                    ServicePort {
+                        name: "dns".into(),
+                        protocol: Protocol::Udp,
+                        port: 53,
+                    },
                 ],
             },
         );
@@ -258,8 +279,16 @@ mod tests {
                 id: slice,
                 service: svc_ref(),
                 ports: vec![
-                    EndpointPort { name: "http".into(), protocol: Protocol::Tcp, port: 8080 },
-                    EndpointPort { name: "dns".into(), protocol: Protocol::Udp, port: 5353 },
+                    EndpointPort {
+                        name: "http".into(),
+                        protocol: Protocol::Tcp,
+                        port: 8080,
+                    },
+                    EndpointPort {
+                        name: "dns".into(),
+                        protocol: Protocol::Udp,
+                        port: 5353,
+                    },
                 ],
                 endpoints: backends
                     .iter()
@@ -278,7 +307,10 @@ mod tests {
 
     #[test]
     fn compiles_frontends_slots_and_backends() {
-        let state = compile(&intent_with(&["198.19.1.10", "198.19.2.10", "198.19.2.99"]), &DataplaneState::default());
+        let state = compile(
+            &intent_with(&["198.19.1.10", "198.19.2.10", "198.19.2.99"]),
+            &DataplaneState::default(),
+        );
         assert_eq!(state.services.len(), 2, "one frontend per port");
         // Two ready endpoints, two ports: four backends; the not-ready one is left out.
         assert_eq!(state.backends.len(), 4);
@@ -297,8 +329,14 @@ mod tests {
 
     #[test]
     fn removing_a_backend_moves_one_slot() {
-        let before = compile(&intent_with(&["198.19.1.10", "198.19.1.11", "198.19.1.12", "198.19.1.13"]), &DataplaneState::default());
-        let after = compile(&intent_with(&["198.19.1.10", "198.19.1.12", "198.19.1.13"]), &before);
+        let before = compile(
+            &intent_with(&["198.19.1.10", "198.19.1.11", "198.19.1.12", "198.19.1.13"]),
+            &DataplaneState::default(),
+        );
+        let after = compile(
+            &intent_with(&["198.19.1.10", "198.19.1.12", "198.19.1.13"]),
+            &before,
+        );
         let plan = crate::state::Plan::between(&before, &after);
         // Per port: the vacated slot takes the last backend, the last slot goes, the count drops,
         // the backend goes.
@@ -320,6 +358,9 @@ mod tests {
     #[test]
     fn service_without_ready_endpoints_is_flagged() {
         let state = compile(&intent_with(&["198.19.1.99"]), &DataplaneState::default());
-        assert!(state.services.values().all(|s| s.backend_count == 0 && s.flags == service_flags::NO_BACKENDS));
+        assert!(state
+            .services
+            .values()
+            .all(|s| s.backend_count == 0 && s.flags == service_flags::NO_BACKENDS));
     }
 }

@@ -133,7 +133,9 @@ fn facts(entries: &BTreeMap<CtKey, CtValue>, key: &CtKey, value: &CtValue) -> Fl
     };
     FlowFacts {
         state: flow_state(key.proto, forward_seen, reverse_seen),
-        last_seen_ns: value.last_seen_ns.max(partner.map_or(0, |p| p.last_seen_ns)),
+        last_seen_ns: value
+            .last_seen_ns
+            .max(partner.map_or(0, |p| p.last_seen_ns)),
         paired: partner.is_some(),
     }
 }
@@ -145,7 +147,11 @@ pub fn view(entries: &BTreeMap<CtKey, CtValue>, now_ns: u64) -> Vec<EntryView> {
         .map(|(key, value)| {
             let f = facts(entries, key, value);
             EntryView {
-                kind: if value.kind == ct_kind::FORWARD { "forward" } else { "reverse" },
+                kind: if value.kind == ct_kind::FORWARD {
+                    "forward"
+                } else {
+                    "reverse"
+                },
                 proto: proto_name(key.proto),
                 src: endpoint(&key.saddr, key.family, key.sport_be),
                 dst: endpoint(&key.daddr, key.family, key.dport_be),
@@ -258,9 +264,18 @@ mod tests {
     fn tcp_states_follow_flags() {
         use ct_seen::*;
         assert_eq!(flow_state(PROTO_TCP, SYN, 0), FlowState::SynSent);
-        assert_eq!(flow_state(PROTO_TCP, SYN | ACK, SYN | ACK), FlowState::Established);
-        assert_eq!(flow_state(PROTO_TCP, SYN | ACK | FIN, SYN | ACK), FlowState::Established);
-        assert_eq!(flow_state(PROTO_TCP, SYN | ACK | FIN, SYN | ACK | FIN), FlowState::Closing);
+        assert_eq!(
+            flow_state(PROTO_TCP, SYN | ACK, SYN | ACK),
+            FlowState::Established
+        );
+        assert_eq!(
+            flow_state(PROTO_TCP, SYN | ACK | FIN, SYN | ACK),
+            FlowState::Established
+        );
+        assert_eq!(
+            flow_state(PROTO_TCP, SYN | ACK | FIN, SYN | ACK | FIN),
+            FlowState::Closing
+        );
         assert_eq!(flow_state(PROTO_TCP, SYN, RST), FlowState::Closing);
         assert_eq!(flow_state(PROTO_UDP, 0, 0), FlowState::Udp);
     }
@@ -274,7 +289,12 @@ mod tests {
             ..Default::default()
         };
         let s = 1_000_000_000u64;
-        let established = pair(PROTO_TCP, ct_seen::SYN | ct_seen::ACK, ct_seen::SYN | ct_seen::ACK, 0);
+        let established = pair(
+            PROTO_TCP,
+            ct_seen::SYN | ct_seen::ACK,
+            ct_seen::SYN | ct_seen::ACK,
+            0,
+        );
         assert!(expired(&established, &config, 50 * s).is_empty());
         let closed = pair(PROTO_TCP, ct_seen::FIN, ct_seen::FIN, 0);
         assert_eq!(expired(&closed, &config, 3 * s).len(), 2);

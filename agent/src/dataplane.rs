@@ -102,7 +102,9 @@ impl ServiceMaps {
                 .map_err(map_err(map_names::BACKENDS))?;
         }
         for (key, id) in &plan.upsert_slots {
-            self.slots.insert(key, id, 0).map_err(map_err(map_names::BACKEND_SLOTS))?;
+            self.slots
+                .insert(key, id, 0)
+                .map_err(map_err(map_names::BACKEND_SLOTS))?;
         }
         for (key, service) in &plan.upsert_services {
             self.services
@@ -130,7 +132,9 @@ fn remove_present<K: aya::Pod, V: aya::Pod>(
 ) -> Result<(), DataplaneError> {
     match map.remove(key) {
         Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-        Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+        {
             Ok(())
         }
         Err(source) => Err(DataplaneError::Map { name, source }),
@@ -171,7 +175,9 @@ impl ConntrackMap {
     }
 
     pub fn insert(&mut self, key: &CtKey, value: &CtValue) -> Result<(), DataplaneError> {
-        self.map.insert(key, value, 0).map_err(map_err(map_names::CONNTRACK))
+        self.map
+            .insert(key, value, 0)
+            .map_err(map_err(map_names::CONNTRACK))
     }
 
     pub fn remove(&mut self, key: &CtKey) -> Result<(), DataplaneError> {
@@ -205,7 +211,9 @@ fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DataplaneError>
 where
     T: TryFrom<Map, Error = aya::maps::MapError>,
 {
-    let map = ebpf.take_map(name).ok_or(DataplaneError::MissingMap(name))?;
+    let map = ebpf
+        .take_map(name)
+        .ok_or(DataplaneError::MissingMap(name))?;
     T::try_from(map).map_err(map_err(name))
 }
 

@@ -78,7 +78,10 @@ pub fn conntrack(pin_dir: &Path) -> Result<Vec<crate::conntrack::EntryView>, Dat
 }
 
 pub fn counters(pin_dir: &Path) -> Result<BTreeMap<&'static str, u64>, DataplaneError> {
-    Ok(Counters::open_pinned(pin_dir)?.read()?.into_iter().collect())
+    Ok(Counters::open_pinned(pin_dir)?
+        .read()?
+        .into_iter()
+        .collect())
 }
 
 /// Left-aligned columns, two spaces apart.

@@ -53,7 +53,9 @@ impl Protocol {
         match value.unwrap_or("TCP") {
             "TCP" => Ok(Protocol::Tcp),
             "UDP" => Ok(Protocol::Udp),
-            other => Err(IntentError::Unsupported(format!("{field}: protocol {other}"))),
+            other => Err(IntentError::Unsupported(format!(
+                "{field}: protocol {other}"
+            ))),
         }
     }
 }
@@ -137,10 +139,18 @@ impl ClusterIntent {
 
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
-fn object_ref(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Result<ObjectRef, IntentError> {
+fn object_ref(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> Result<ObjectRef, IntentError> {
     Ok(ObjectRef {
-        namespace: meta.namespace.clone().unwrap_or_else(|| "default".to_owned()),
-        name: meta.name.clone().ok_or(IntentError::Missing("metadata.name"))?,
+        namespace: meta
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".to_owned()),
+        name: meta
+            .name
+            .clone()
+            .ok_or(IntentError::Missing("metadata.name"))?,
     })
 }
 
@@ -234,7 +244,9 @@ impl TryFrom<&EndpointSlice> for EndpointSliceIntent {
             .labels
             .as_ref()
             .and_then(|l| l.get(SERVICE_NAME_LABEL))
-            .ok_or(IntentError::Missing("metadata.labels[kubernetes.io/service-name]"))?;
+            .ok_or(IntentError::Missing(
+                "metadata.labels[kubernetes.io/service-name]",
+            ))?;
         match slice.address_type.as_str() {
             "IPv4" | "IPv6" => {}
             other => return Err(IntentError::Unsupported(format!("addressType {other}"))),

@@ -51,7 +51,9 @@ enum DumpWhat {
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("WEIR_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -70,7 +72,11 @@ fn main() -> anyhow::Result<()> {
                 .context("starting the runtime")?
                 .block_on(weir_agent::run::run(config))
         }
-        Command::Dump { what, pin_dir, json } => print_dump(what, &config::versioned_pin_dir(&pin_dir), json),
+        Command::Dump {
+            what,
+            pin_dir,
+            json,
+        } => print_dump(what, &config::versioned_pin_dir(&pin_dir), json),
     }
 }
 
@@ -127,7 +133,10 @@ fn print_dump(what: DumpWhat, dir: &std::path::Path, json: bool) -> anyhow::Resu
                         ]
                     })
                     .collect();
-                dump::table(&["KIND", "PROTO", "SRC", "DST", "NAT", "STATE", "IDLE"], &cells)
+                dump::table(
+                    &["KIND", "PROTO", "SRC", "DST", "NAT", "STATE", "IDLE"],
+                    &cells,
+                )
             }
         }
         DumpWhat::Counters => {
@@ -135,8 +144,10 @@ fn print_dump(what: DumpWhat, dir: &std::path::Path, json: bool) -> anyhow::Resu
             if json {
                 serde_json::to_string_pretty(&counters)?
             } else {
-                let cells: Vec<Vec<String>> =
-                    counters.iter().map(|(k, v)| vec![(*k).to_owned(), v.to_string()]).collect();
+                let cells: Vec<Vec<String>> = counters
+                    .iter()
+                    .map(|(k, v)| vec![(*k).to_owned(), v.to_string()])
+                    .collect();
                 dump::table(&["COUNTER", "PACKETS"], &cells)
             }
         }

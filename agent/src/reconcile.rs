@@ -33,7 +33,12 @@ impl Reconciler {
         objects: &Objects,
     ) -> Result<ReconcileReport, DataplaneError> {
         let (intent, rejected) = self.builder.build(objects);
-        for ObjectError { kind, object, error } in &rejected {
+        for ObjectError {
+            kind,
+            object,
+            error,
+        } in &rejected
+        {
             warn!(kind, object, %error, "rejected object; keeping its last good version");
         }
         let current = match self.shadow.take() {

@@ -11,7 +11,9 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::Deserialize;
 
-use crate::intent::{self, ClusterIntent, EndpointSliceIntent, IntentError, ObjectRef, ServiceIntent};
+use crate::intent::{
+    self, ClusterIntent, EndpointSliceIntent, IntentError, ObjectRef, ServiceIntent,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
@@ -54,7 +56,10 @@ pub fn read_objects(path: &Path) -> Result<Objects, SourceError> {
     if path.is_dir() {
         for entry in std::fs::read_dir(path).map_err(read_err)? {
             let file = entry.map_err(read_err)?.path();
-            if matches!(file.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")) {
+            if matches!(
+                file.extension().and_then(|e| e.to_str()),
+                Some("yaml" | "yml")
+            ) {
                 files.push(file);
             }
         }
@@ -98,7 +103,11 @@ fn collect(value: serde_yaml::Value, objects: &mut Objects) -> Result<(), String
         .to_owned();
     match kind.as_str() {
         "List" => {
-            let items = value.get("items").and_then(|i| i.as_sequence()).cloned().unwrap_or_default();
+            let items = value
+                .get("items")
+                .and_then(|i| i.as_sequence())
+                .cloned()
+                .unwrap_or_default();
             for item in items {
                 collect(item, objects)?;
             }

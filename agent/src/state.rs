@@ -64,7 +64,11 @@ fn upserts<K: Ord + Copy, V: PartialEq + Copy>(
 }
 
 fn deletions<K: Ord + Copy, V>(current: &BTreeMap<K, V>, desired: &BTreeMap<K, V>) -> Vec<K> {
-    current.keys().filter(|k| !desired.contains_key(k)).copied().collect()
+    current
+        .keys()
+        .filter(|k| !desired.contains_key(k))
+        .copied()
+        .collect()
 }
 
 #[cfg(test)]
@@ -84,27 +88,79 @@ mod tests {
     #[test]
     fn identical_states_need_no_writes() {
         let mut s = DataplaneState::default();
-        s.services.insert(frontend(80), ServiceValue { service_id: 1, backend_count: 1, ..Default::default() });
-        s.slots.insert(BackendSlotKey { service_id: 1, slot: 0 }, 7);
+        s.services.insert(
+            frontend(80),
+            ServiceValue {
+                service_id: 1,
+                backend_count: 1,
+                ..Default::default()
+            },
+        );
+        s.slots.insert(
+            BackendSlotKey {
+                service_id: 1,
+                slot: 0,
+            },
+            7,
+        );
         assert!(Plan::between(&s, &s.clone()).is_empty());
     }
 
     #[test]
     fn only_changed_entries_are_written() {
         let mut current = DataplaneState::default();
-        current.services.insert(frontend(80), ServiceValue { service_id: 1, backend_count: 2, ..Default::default() });
-        current.services.insert(frontend(81), ServiceValue { service_id: 2, backend_count: 1, ..Default::default() });
-        current.slots.insert(BackendSlotKey { service_id: 1, slot: 0 }, 7);
-        current.slots.insert(BackendSlotKey { service_id: 1, slot: 1 }, 8);
+        current.services.insert(
+            frontend(80),
+            ServiceValue {
+                service_id: 1,
+                backend_count: 2,
+                ..Default::default()
+            },
+        );
+        current.services.insert(
+            frontend(81),
+            ServiceValue {
+                service_id: 2,
+                backend_count: 1,
+                ..Default::default()
+            },
+        );
+        current.slots.insert(
+            BackendSlotKey {
+                service_id: 1,
+                slot: 0,
+            },
+            7,
+        );
+        current.slots.insert(
+            BackendSlotKey {
+                service_id: 1,
+                slot: 1,
+            },
+            8,
+        );
         let mut desired = current.clone();
-        desired.services.get_mut(&frontend(80)).unwrap().backend_count = 1;
-        desired.slots.remove(&BackendSlotKey { service_id: 1, slot: 1 });
+        desired
+            .services
+            .get_mut(&frontend(80))
+            .unwrap()
+            .backend_count = 1;
+        desired.slots.remove(&BackendSlotKey {
+            service_id: 1,
+            slot: 1,
+        });
         desired.services.remove(&frontend(81));
 
         let plan = Plan::between(&current, &desired);
         assert_eq!(plan.upsert_services.len(), 1);
         assert_eq!(plan.delete_services, vec![frontend(81)]);
-        assert_eq!(plan.delete_slots, vec![BackendSlotKey { service_id: 1, slot: 1 }]);
+        assert_eq!(
+            plan.delete_slots,
+            vec![BackendSlotKey {
+                service_id: 1,
+                slot: 1
+            }]
+        );
         assert!(plan.upsert_slots.is_empty() && plan.upsert_backends.is_empty());
         assert_eq!(plan.writes(), 3);
     }

@@ -155,20 +155,40 @@ fn icmp_error_from_a_router_keeps_its_source() {
 fn unrelated_packets_pass_byte_for_byte() {
     let mut h = Harness::new(&[BACKEND]);
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
-        ("tcp to no service", tcp(CLIENT, 40006, OTHER, 80, "S"), "pass_no_service"),
-        ("icmp echo to the VIP", icmp_echo(CLIENT, VIP), "pass_icmp_unrelated"),
-        ("icmp error about no flow", icmp_error(OTHER, CLIENT, 3, 3, l3(&udp(CLIENT, 1, OTHER, 2))), "pass_icmp_unrelated"),
+        (
+            "tcp to no service",
+            tcp(CLIENT, 40006, OTHER, 80, "S"),
+            "pass_no_service",
+        ),
+        (
+            "icmp echo to the VIP",
+            icmp_echo(CLIENT, VIP),
+            "pass_icmp_unrelated",
+        ),
+        (
+            "icmp error about no flow",
+            icmp_error(OTHER, CLIENT, 3, 3, l3(&udp(CLIENT, 1, OTHER, 2))),
+            "pass_icmp_unrelated",
+        ),
         ("arp", arp(), "pass_not_ip"),
         ("ipv6", ipv6_udp(), "pass_not_ip"),
         ("gre", other_proto(), "pass_other_proto"),
-        ("fragment", fragment(tcp(CLIENT, 40007, VIP, 80, "S")), "pass_fragment"),
+        (
+            "fragment",
+            fragment(tcp(CLIENT, 40007, VIP, 80, "S")),
+            "pass_fragment",
+        ),
     ];
     for (what, packet, counter) in cases {
         let before = h.counter(counter);
         let (verdict, out) = h.run(&packet);
         assert_eq!(verdict, TC_ACT_OK, "{what}");
         assert_eq!(out, packet, "{what} must pass unmodified");
-        assert_eq!(h.counter(counter), before + 1, "{what} counted as {counter}");
+        assert_eq!(
+            h.counter(counter),
+            before + 1,
+            "{what} counted as {counter}"
+        );
     }
 }
 
@@ -190,7 +210,11 @@ fn broken_packets_are_dropped() {
     let cases = [
         ("ihl below 5", ihl_too_small, "drop_malformed"),
         ("ip version 5", wrong_version, "drop_malformed"),
-        ("total length beyond the frame", claims_more, "drop_truncated"),
+        (
+            "total length beyond the frame",
+            claims_more,
+            "drop_truncated",
+        ),
         ("tcp header cut short", short_l4, "drop_truncated"),
         // A frame cut inside the IPv4 header cannot be fed through BPF_PROG_TEST_RUN: the kernel
         // parses it before the program runs and refuses it with EINVAL.
@@ -199,15 +223,28 @@ fn broken_packets_are_dropped() {
         let before = h.counter(counter);
         let (verdict, _) = h.run(&packet);
         assert_eq!(verdict, TC_ACT_SHOT, "{what}");
-        assert_eq!(h.counter(counter), before + 1, "{what} counted as {counter}");
+        assert_eq!(
+            h.counter(counter),
+            before + 1,
+            "{what} counted as {counter}"
+        );
     }
-    assert!(h.dataplane.conntrack.entries().unwrap().is_empty(), "no flow from broken packets");
+    assert!(
+        h.dataplane.conntrack.entries().unwrap().is_empty(),
+        "no flow from broken packets"
+    );
 }
 
 #[test]
 fn service_without_endpoints_drops_new_flows() {
     let mut h = Harness::new(&[BACKEND]);
-    let (verdict, _) = h.run(&tcp(CLIENT, 40009, "198.18.100.11".parse().unwrap(), 81, "S"));
+    let (verdict, _) = h.run(&tcp(
+        CLIENT,
+        40009,
+        "198.18.100.11".parse().unwrap(),
+        81,
+        "S",
+    ));
     assert_eq!(verdict, TC_ACT_SHOT);
     assert_eq!(h.counter("drop_no_backend"), 1);
 }
@@ -219,17 +256,33 @@ fn endpoint_changes_leave_established_flows_alone() {
     let report = h.apply(&cluster_yaml(&[OTHER]));
     assert!(report.writes > 0);
     let (_, out) = h.run(&tcp(CLIENT, 40010, VIP, 80, "A"));
-    assert_eq!(out, tcp(CLIENT, 40010, BACKEND, 8080, "A"), "the open flow keeps its backend");
+    assert_eq!(
+        out,
+        tcp(CLIENT, 40010, BACKEND, 8080, "A"),
+        "the open flow keeps its backend"
+    );
     let (_, out) = h.run(&tcp(CLIENT, 40011, VIP, 80, "S"));
-    assert_eq!(out, tcp(CLIENT, 40011, OTHER, 8080, "S"), "a new flow gets the new backend");
-    assert_eq!(h.apply(&cluster_yaml(&[OTHER])).writes, 0, "a resync writes nothing");
+    assert_eq!(
+        out,
+        tcp(CLIENT, 40011, OTHER, 8080, "S"),
+        "a new flow gets the new backend"
+    );
+    assert_eq!(
+        h.apply(&cluster_yaml(&[OTHER])).writes,
+        0,
+        "a resync writes nothing"
+    );
 }
 
 #[test]
 fn a_bad_service_keeps_its_last_good_state_and_the_rest_applies() {
     let mut h = Harness::new(&[BACKEND]);
-    let bad = cluster_yaml(&[OTHER]).replace("clusterIP: 198.18.100.11", "clusterIP: 198.18.100.300")
-        .replace(&format!("clusterIPs: [\"{VIP}\"]"), "clusterIPs: [\"not-an-ip\"]");
+    let bad = cluster_yaml(&[OTHER])
+        .replace("clusterIP: 198.18.100.11", "clusterIP: 198.18.100.300")
+        .replace(
+            &format!("clusterIPs: [\"{VIP}\"]"),
+            "clusterIPs: [\"not-an-ip\"]",
+        );
     let report = h.apply(&bad);
     assert_eq!(report.rejected_objects, 2);
     // The echo service kept its VIP; its endpoints (a valid slice) moved to OTHER.
@@ -237,7 +290,13 @@ fn a_bad_service_keeps_its_last_good_state_and_the_rest_applies() {
     assert_eq!(verdict, TC_ACT_OK);
     assert_eq!(out, tcp(CLIENT, 40012, OTHER, 8080, "S"));
     // The empty service still rejects, as before.
-    let (verdict, _) = h.run(&tcp(CLIENT, 40013, "198.18.100.11".parse().unwrap(), 81, "S"));
+    let (verdict, _) = h.run(&tcp(
+        CLIENT,
+        40013,
+        "198.18.100.11".parse().unwrap(),
+        81,
+        "S",
+    ));
     assert_eq!(verdict, TC_ACT_SHOT);
 }
 
@@ -255,7 +314,11 @@ fn arp() -> Vec<u8> {
 fn ipv6_udp() -> Vec<u8> {
     let mut out = Vec::new();
     etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
-        .ipv6([0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1], [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2], 64)
+        .ipv6(
+            [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+            [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2],
+            64,
+        )
         .udp(1000, 53)
         .write(&mut out, b"x")
         .unwrap();

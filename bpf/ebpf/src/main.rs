@@ -40,8 +40,7 @@ static BACKENDS: HashMap<u32, BackendValue> =
     HashMap::with_max_entries(capacity::BACKENDS, BPF_F_NO_PREALLOC);
 
 #[map(name = "WEIR_CONNTRACK")]
-static CONNTRACK: LruHashMap<CtKey, CtValue> =
-    LruHashMap::with_max_entries(capacity::CONNTRACK, 0);
+static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::with_max_entries(capacity::CONNTRACK, 0);
 
 #[map(name = "WEIR_COUNTERS")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
@@ -213,7 +212,11 @@ fn ct_key(saddr: u32, daddr: u32, sport_be: u16, dport_be: u16, proto: u8) -> Ct
 }
 
 fn nat_flow(ctx: &TcContext, ip: &Ipv4) -> Result<Verdict, u32> {
-    let l4_min = if ip.proto == PROTO_TCP { TCP_MIN_HLEN } else { UDP_HLEN };
+    let l4_min = if ip.proto == PROTO_TCP {
+        TCP_MIN_HLEN
+    } else {
+        UDP_HLEN
+    };
     if ip.payload_len < l4_min {
         return Err(counter::DROP_TRUNCATED);
     }
@@ -283,7 +286,10 @@ fn nat_flow(ctx: &TcContext, ip: &Ipv4) -> Result<Verdict, u32> {
         kind: ct_kind::FORWARD,
         seen,
     };
-    if CONNTRACK.insert(&key, &forward, BPF_NOEXIST as u64).is_err() {
+    if CONNTRACK
+        .insert(&key, &forward, BPF_NOEXIST as u64)
+        .is_err()
+    {
         // Another CPU created the flow between our lookup and insert: follow its choice.
         // SAFETY: copied out at once.
         return match unsafe { CONNTRACK.get(&key) } {
@@ -364,7 +370,11 @@ fn rewrite_l4(
         Side::Source => (IP_SADDR_OFF, ip.l4_off),
         Side::Destination => (IP_DADDR_OFF, ip.l4_off + 2),
     };
-    let old_addr = if side == Side::Source { ip.saddr } else { ip.daddr };
+    let old_addr = if side == Side::Source {
+        ip.saddr
+    } else {
+        ip.daddr
+    };
     let old_port: u16 = load(ctx, port_off)?;
 
     let (csum_off, mut flags) = if ip.proto == PROTO_TCP {
@@ -379,8 +389,13 @@ fn rewrite_l4(
         flags |= BPF_F_PSEUDO_HDR as u64;
         ctx.l4_csum_replace(csum_off, old_addr as u64, new_addr as u64, flags | 4)
             .map_err(|_| failed)?;
-        ctx.l4_csum_replace(csum_off, old_port as u64, new_port_be as u64, (flags & !(BPF_F_PSEUDO_HDR as u64)) | 2)
-            .map_err(|_| failed)?;
+        ctx.l4_csum_replace(
+            csum_off,
+            old_port as u64,
+            new_port_be as u64,
+            (flags & !(BPF_F_PSEUDO_HDR as u64)) | 2,
+        )
+        .map_err(|_| failed)?;
     }
     ctx.l3_csum_replace(IP_CSUM_OFF, old_addr as u64, new_addr as u64, 4)
         .map_err(|_| failed)?;
@@ -398,7 +413,10 @@ fn icmp_error(ctx: &TcContext, ip: &Ipv4) -> Result<Verdict, u32> {
         return Err(counter::DROP_TRUNCATED);
     }
     let icmp_type: u8 = load(ctx, ip.l4_off)?;
-    if !matches!(icmp_type, ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETERPROB) {
+    if !matches!(
+        icmp_type,
+        ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETERPROB
+    ) {
         return Ok(Verdict::Pass(counter::PASS_ICMP_UNRELATED));
     }
     let inner_ip = ip.l4_off + ICMP_HLEN;
@@ -420,7 +438,13 @@ fn icmp_error(ctx: &TcContext, ip: &Ipv4) -> Result<Verdict, u32> {
     let [inner_sport, inner_dport]: [u16; 2] = load(ctx, inner_l4)?;
 
     // The error travels against the quoted packet: look up the error's own direction.
-    let key = ct_key(inner_daddr, inner_saddr, inner_dport, inner_sport, inner_proto);
+    let key = ct_key(
+        inner_daddr,
+        inner_saddr,
+        inner_dport,
+        inner_sport,
+        inner_proto,
+    );
     // SAFETY: copied out at once.
     let entry = match unsafe { CONNTRACK.get(&key) } {
         Some(entry) => *entry,
@@ -431,9 +455,23 @@ fn icmp_error(ctx: &TcContext, ip: &Ipv4) -> Result<Verdict, u32> {
     // forward entry means the quote came from the frontend: name the backend.
     let (inner_addr_off, inner_port_off, old_inner_addr, old_inner_port, outer_off, outer_old) =
         if entry.kind == ct_kind::REVERSE {
-            (inner_ip + 16, inner_l4 + 2, inner_daddr, inner_dport, IP_SADDR_OFF, ip.saddr)
+            (
+                inner_ip + 16,
+                inner_l4 + 2,
+                inner_daddr,
+                inner_dport,
+                IP_SADDR_OFF,
+                ip.saddr,
+            )
         } else {
-            (inner_ip + 12, inner_l4, inner_saddr, inner_sport, IP_DADDR_OFF, ip.daddr)
+            (
+                inner_ip + 12,
+                inner_l4,
+                inner_saddr,
+                inner_sport,
+                IP_DADDR_OFF,
+                ip.daddr,
+            )
         };
     let failed = counter::DROP_REWRITE_FAILED;
     let icmp_csum = ip.l4_off + ICMP_CSUM;
@@ -441,27 +479,43 @@ fn icmp_error(ctx: &TcContext, ip: &Ipv4) -> Result<Verdict, u32> {
     // checksum need not follow the address.
     ctx.l3_csum_replace(inner_ip + 10, old_inner_addr as u64, nat_addr as u64, 4)
         .map_err(|_| failed)?;
-    ctx.store(inner_addr_off, &nat_addr, 0).map_err(|_| failed)?;
+    ctx.store(inner_addr_off, &nat_addr, 0)
+        .map_err(|_| failed)?;
     // The quoted L4 checksum covers the pseudo header and the port: restore it when the quote
     // reaches it (UDP's always does; TCP's when more than 8 bytes were quoted), and carry its
     // change into the ICMP checksum.
-    let inner_csum_off = if inner_proto == PROTO_TCP { TCP_CSUM } else { UDP_CSUM };
+    let inner_csum_off = if inner_proto == PROTO_TCP {
+        TCP_CSUM
+    } else {
+        UDP_CSUM
+    };
     if ip.payload_len >= ICMP_HLEN + inner_ihl + inner_csum_off + 2 {
         let inner_csum = inner_l4 + inner_csum_off;
         let old_csum: u16 = load(ctx, inner_csum)?;
         if inner_proto == PROTO_TCP || old_csum != 0 {
             ctx.l4_csum_replace(inner_csum, old_inner_addr as u64, nat_addr as u64, 4)
                 .map_err(|_| failed)?;
-            ctx.l4_csum_replace(inner_csum, old_inner_port as u64, entry.nat_port_be as u64, 2)
-                .map_err(|_| failed)?;
+            ctx.l4_csum_replace(
+                inner_csum,
+                old_inner_port as u64,
+                entry.nat_port_be as u64,
+                2,
+            )
+            .map_err(|_| failed)?;
             let new_csum: u16 = load(ctx, inner_csum)?;
             ctx.l4_csum_replace(icmp_csum, old_csum as u64, new_csum as u64, 2)
                 .map_err(|_| failed)?;
         }
     }
-    ctx.l4_csum_replace(icmp_csum, old_inner_port as u64, entry.nat_port_be as u64, 2)
+    ctx.l4_csum_replace(
+        icmp_csum,
+        old_inner_port as u64,
+        entry.nat_port_be as u64,
+        2,
+    )
+    .map_err(|_| failed)?;
+    ctx.store(inner_port_off, &entry.nat_port_be, 0)
         .map_err(|_| failed)?;
-    ctx.store(inner_port_off, &entry.nat_port_be, 0).map_err(|_| failed)?;
     // The outer address is the flow's own only when the error came from the endpoint itself, not
     // from a router on the way.
     if outer_old == old_inner_addr {
