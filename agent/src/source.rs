@@ -215,3 +215,69 @@ fn snapshot(path: &Path) -> Vec<(PathBuf, Option<SystemTime>, u64)> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: a, namespace: default}\nspec: {clusterIP: 198.18.100.1, ports: [{port: 80}]}\n";
+
+    fn parse(text: &str) -> Result<Objects, SourceError> {
+        let mut objects = Objects::default();
+        parse_documents(Path::new("t.yaml"), text, &mut objects).map(|()| objects)
+    }
+
+    #[test]
+    fn reads_documents_lists_and_skips_other_kinds() {
+        let list = format!(
+            "apiVersion: v1\nkind: List\nitems:\n- {}\n",
+            serde_yaml::to_string(&serde_yaml::from_str::<serde_yaml::Value>(SERVICE).unwrap())
+                .unwrap()
+                .replace('\n', "\n  ")
+        );
+        let text =
+            format!("{SERVICE}---\napiVersion: v1\nkind: Pod\nmetadata: {{name: p}}\n---\n{list}");
+        let objects = parse(&text).unwrap();
+        assert_eq!(objects.services.len(), 2);
+        assert!(objects.slices.is_empty());
+    }
+
+    #[test]
+    fn a_broken_document_is_an_error_naming_it() {
+        let err = parse(&format!(
+            "{SERVICE}---\nkind: Service\nspec: [not, a, map]\n"
+        ))
+        .unwrap_err();
+        assert!(err.to_string().contains("document 1"), "{err}");
+    }
+
+    #[test]
+    fn invalid_objects_keep_their_last_good_version() {
+        let mut builder = IntentBuilder::default();
+        let (good, errors) = builder.build(&parse(SERVICE).unwrap());
+        assert!(errors.is_empty());
+        let bad = SERVICE
+            .replace("198.18.100.1", "198.18.100.256")
+            .replace("port: 80", "port: 70000");
+        let (after, errors) = builder.build(&parse(&bad).unwrap());
+        assert_eq!(errors.len(), 1);
+        assert!(errors[0].to_string().contains("default/a"), "{}", errors[0]);
+        assert_eq!(after, good, "the last good version stays");
+
+        let mut fresh = IntentBuilder::default();
+        let (intent, errors) = fresh.build(&parse(&bad).unwrap());
+        assert_eq!(errors.len(), 1);
+        assert!(intent.services.is_empty(), "never good: stays absent");
+    }
+
+    #[test]
+    fn port_out_of_range_is_rejected() {
+        let bad = SERVICE.replace("port: 80", "port: 70000");
+        let (_, errors) = IntentBuilder::default().build(&parse(&bad).unwrap());
+        assert!(
+            errors[0].to_string().contains("out of range"),
+            "{}",
+            errors[0]
+        );
+    }
+}

@@ -83,9 +83,13 @@ pub fn require_root() {
 
 impl Harness {
     pub fn new(backends: &[Ipv4Addr]) -> Harness {
+        Harness::with_pin_dir(backends, None)
+    }
+
+    pub fn with_pin_dir(backends: &[Ipv4Addr], pin_dir: Option<std::path::PathBuf>) -> Harness {
         require_root();
         let dataplane = Dataplane::load(&LoadOptions {
-            pin_dir: None,
+            pin_dir,
             max_entries: vec![(map_names::CONNTRACK, 4096)],
         })
         .expect("the eBPF object loads and passes the verifier");
