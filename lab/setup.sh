@@ -19,7 +19,7 @@ done
 if ((${#need_apt[@]})); then
   say "installing Debian packages: ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
+  apt-get update -qq || say "apt-get update reported errors (an unreachable extra source?); installing anyway"
   apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
   # nginx from the package starts a system instance we do not want: the lab runs its own, by PID.
   if command -v systemctl >/dev/null && systemctl is-active -q nginx 2>/dev/null; then systemctl stop nginx || true; fi

@@ -1,0 +1,581 @@
+//! The network-namespace backend: every host is a network namespace on the host kernel.
+//!
+//! Nodes hang off one bridge (`weirbr`) in a "fabric" namespace; pods are wired to their node
+//! the way Calico does it: a routed veth pair, the pod side's default route pointing at a
+//! link-local gateway that the node answers for with proxy ARP.
+//!
+//! Commands enter a namespace with `setns` between fork and exec rather than `ip netns exec`,
+//! which remounts /sys and would hide the lab's bpffs from the agent.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use tracing::{debug, warn};
+
+use super::{tail, Backend, BackendError, Cmd, Lab, Output, ProcId};
+use crate::topology::{HostId, Plan, GATEWAY, NODE_PREFIX_LEN, POD_GATEWAY};
+
+const NETNS_DIR: &str = "/run/netns";
+const BRIDGE: &str = "weirbr";
+/// Plumbing commands (ip, sysctl) finish in milliseconds; this only guards against a hang.
+const PLUMBING_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a stopped process gets to exit on SIGTERM before SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(3);
+
+/// Several labs can be built one after another by one process; each gets fresh names so a
+/// namespace that failed to go away cannot collide with the next lab.
+static LAB_SEQ: AtomicU32 = AtomicU32::new(0);
+
+pub struct NetnsBackend;
+
+impl NetnsBackend {
+    pub fn new() -> NetnsBackend {
+        NetnsBackend
+    }
+}
+
+impl Default for NetnsBackend {
+    fn default() -> Self {
+        NetnsBackend::new()
+    }
+}
+
+impl Backend for NetnsBackend {
+    fn name(&self) -> &'static str {
+        "netns"
+    }
+
+    fn create(&self, plan: &Plan, _work_dir: &Path) -> Result<Box<dyn Lab>, BackendError> {
+        let seq = LAB_SEQ.fetch_add(1, Ordering::Relaxed);
+        let mut lab = NetnsLab {
+            prefix: format!("weir{}-{seq}", std::process::id()),
+            plan: plan.clone(),
+            namespaces: Vec::new(),
+            procs: BTreeMap::new(),
+            torn_down: false,
+        };
+        // On error `lab` is dropped here, which removes whatever was built so far.
+        lab.build()?;
+        Ok(Box::new(lab))
+    }
+}
+
+struct Spawned {
+    child: Child,
+    host: HostId,
+    command: String,
+}
+
+pub struct NetnsLab {
+    prefix: String,
+    plan: Plan,
+    /// In creation order; removed in reverse.
+    namespaces: Vec<String>,
+    procs: BTreeMap<ProcId, Spawned>,
+    torn_down: bool,
+}
+
+impl NetnsLab {
+    fn ns_name(&self, host: HostId) -> String {
+        let short = match host {
+            HostId::Node(n) => format!("n{n}"),
+            other => other.to_string(),
+        };
+        format!("{}-{short}", self.prefix)
+    }
+
+    fn fabric(&self) -> String {
+        format!("{}-fabric", self.prefix)
+    }
+
+    fn ns_path(&self, host: HostId) -> Result<PathBuf, BackendError> {
+        if !self.plan.hosts().any(|h| h == host) {
+            return Err(BackendError::NoSuchHost(host));
+        }
+        Ok(Path::new(NETNS_DIR).join(self.ns_name(host)))
+    }
+
+    /// `ip` in the lab's own network namespace; `-n` makes it switch for the one call.
+    fn ip(&self, args: &[&str]) -> Result<(), BackendError> {
+        let cmd = Cmd::new("ip").args(args.iter().copied());
+        run("lab", None, &cmd, PLUMBING_TIMEOUT, true)?;
+        Ok(())
+    }
+
+    fn sysctl(&self, host: HostId, settings: &[String]) -> Result<(), BackendError> {
+        let cmd = Cmd::new("sysctl")
+            .arg("-q")
+            .arg("-w")
+            .args(settings.iter().cloned());
+        let path = self.ns_path(host)?;
+        run(&host.to_string(), Some(&path), &cmd, PLUMBING_TIMEOUT, true)?;
+        Ok(())
+    }
+
+    fn add_ns(&mut self, name: String) -> Result<(), BackendError> {
+        self.ip(&["netns", "add", &name])?;
+        self.namespaces.push(name);
+        Ok(())
+    }
+
+    fn build(&mut self) -> Result<(), BackendError> {
+        let started = Instant::now();
+        let mtu = self.plan.mtu.to_string();
+        let gateway = format!("{GATEWAY}/{NODE_PREFIX_LEN}");
+
+        let fabric = self.fabric();
+        self.add_ns(fabric.clone())?;
+        self.ip(&["-n", &fabric, "link", "set", "lo", "up"])?;
+        self.ip(&[
+            "-n", &fabric, "link", "add", BRIDGE, "mtu", &mtu, "type", "bridge",
+        ])?;
+        self.ip(&["-n", &fabric, "addr", "add", &gateway, "dev", BRIDGE])?;
+        self.ip(&["-n", &fabric, "link", "set", BRIDGE, "up"])?;
+
+        for node in self.plan.nodes.clone() {
+            let ns = self.ns_name(node.id);
+            self.add_ns(ns.clone())?;
+            // Before any interface exists, so new ones inherit the defaults.
+            self.sysctl(
+                node.id,
+                &[
+                    "net.ipv4.ip_forward=1".into(),
+                    "net.ipv4.conf.all.rp_filter=0".into(),
+                    "net.ipv4.conf.default.rp_filter=0".into(),
+                ],
+            )?;
+            let port = format!("n{}", node.index);
+            self.ip(&[
+                "-n", &fabric, "link", "add", &port, "mtu", &mtu, "type", "veth", "peer", "name",
+                "eth0", "netns", &ns, "mtu", &mtu,
+            ])?;
+            self.ip(&["-n", &fabric, "link", "set", &port, "master", BRIDGE, "up"])?;
+            let addr = format!("{}/{NODE_PREFIX_LEN}", node.ip);
+            self.ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+            self.ip(&["-n", &ns, "addr", "add", &addr, "dev", "eth0"])?;
+            self.ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+            self.sysctl(node.id, &["net.ipv4.conf.eth0.rp_filter=0".into()])?;
+            self.ip(&[
+                "-n",
+                &ns,
+                "route",
+                "add",
+                "default",
+                "via",
+                &GATEWAY.to_string(),
+            ])?;
+            // Direct routing on the shared L2: every other node's pod CIDR via that node.
+            for other in self.plan.nodes.iter().filter(|o| o.index != node.index) {
+                let cidr = format!("{}/24", other.pod_cidr);
+                self.ip(&[
+                    "-n",
+                    &ns,
+                    "route",
+                    "add",
+                    &cidr,
+                    "via",
+                    &other.ip.to_string(),
+                ])?;
+            }
+        }
+
+        for pod in self.plan.pods.clone() {
+            let ns = self.ns_name(pod.id);
+            let node_id = HostId::Node(pod.node);
+            let node_ns = self.ns_name(node_id);
+            self.add_ns(ns.clone())?;
+            let hif = pod.host_interface.as_str();
+            self.ip(&[
+                "-n", &node_ns, "link", "add", hif, "mtu", &mtu, "type", "veth", "peer", "name",
+                "eth0", "netns", &ns, "mtu", &mtu,
+            ])?;
+            let addr = format!("{}/32", pod.ip);
+            let pod_gw = POD_GATEWAY.to_string();
+            self.ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+            self.ip(&["-n", &ns, "addr", "add", &addr, "dev", "eth0"])?;
+            self.ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+            self.ip(&[
+                "-n", &ns, "route", "add", &pod_gw, "dev", "eth0", "scope", "link",
+            ])?;
+            self.ip(&[
+                "-n", &ns, "route", "add", "default", "via", &pod_gw, "dev", "eth0",
+            ])?;
+            // proxy_delay=0: otherwise the kernel answers broadcast ARP for the pod gateway
+            // after a random delay of up to 0.8 s, which makes first packets slow.
+            self.sysctl(
+                node_id,
+                &[
+                    format!("net.ipv4.conf.{hif}.proxy_arp=1"),
+                    format!("net.ipv4.conf.{hif}.rp_filter=0"),
+                    format!("net.ipv4.neigh.{hif}.proxy_delay=0"),
+                ],
+            )?;
+            self.ip(&["-n", &node_ns, "link", "set", hif, "up"])?;
+            self.ip(&["-n", &node_ns, "route", "add", &addr, "dev", hif])?;
+        }
+
+        for ext in self.plan.externals.clone() {
+            let ns = self.ns_name(ext.id);
+            self.add_ns(ns.clone())?;
+            let port = format!("x{}", ext.index);
+            self.ip(&[
+                "-n", &fabric, "link", "add", &port, "mtu", &mtu, "type", "veth", "peer", "name",
+                "eth0", "netns", &ns, "mtu", &mtu,
+            ])?;
+            self.ip(&["-n", &fabric, "link", "set", &port, "master", BRIDGE, "up"])?;
+            let addr = format!("{}/{NODE_PREFIX_LEN}", ext.ip);
+            self.ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+            self.ip(&["-n", &ns, "addr", "add", &addr, "dev", "eth0"])?;
+            self.ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+        }
+        debug!(
+            prefix = %self.prefix,
+            namespaces = self.namespaces.len(),
+            elapsed = ?started.elapsed(),
+            "lab built"
+        );
+        Ok(())
+    }
+}
+
+impl Lab for NetnsLab {
+    fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    fn exec(&mut self, host: HostId, cmd: &Cmd, timeout: Duration) -> Result<Output, BackendError> {
+        let path = self.ns_path(host)?;
+        run(&host.to_string(), Some(&path), cmd, timeout, false)
+    }
+
+    fn spawn(&mut self, host: HostId, cmd: &Cmd, log: &Path) -> Result<ProcId, BackendError> {
+        let path = self.ns_path(host)?;
+        let spawn_err = |source| BackendError::Spawn {
+            host: host.to_string(),
+            command: cmd.to_string(),
+            source,
+        };
+        let netns = File::open(&path).map_err(spawn_err)?;
+        let log_file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .map_err(|source| BackendError::Io {
+                context: format!("opening {}", log.display()),
+                source,
+            })?;
+        let mut command = Command::new(&cmd.program);
+        command
+            .args(&cmd.args)
+            .envs(cmd.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().map_err(spawn_err)?)
+            .stderr(log_file)
+            .process_group(0);
+        prepare_child(&mut command, Some(netns.as_raw_fd()));
+        let child = command.spawn().map_err(spawn_err)?;
+        drop(netns);
+        let id = ProcId(child.id());
+        debug!(%host, pid = id.0, command = %cmd, log = %log.display(), "spawned");
+        self.procs.insert(
+            id,
+            Spawned {
+                child,
+                host,
+                command: cmd.to_string(),
+            },
+        );
+        Ok(id)
+    }
+
+    fn exited(&mut self, proc: ProcId) -> Result<Option<String>, BackendError> {
+        let spawned = self
+            .procs
+            .get_mut(&proc)
+            .ok_or(BackendError::NoSuchProcess(proc))?;
+        let status = spawned
+            .child
+            .try_wait()
+            .map_err(|source| BackendError::Io {
+                context: format!("waiting for {}", spawned.command),
+                source,
+            })?;
+        Ok(status.map(describe))
+    }
+
+    fn stop(&mut self, proc: ProcId) -> Result<(), BackendError> {
+        let mut spawned = self
+            .procs
+            .remove(&proc)
+            .ok_or(BackendError::NoSuchProcess(proc))?;
+        debug!(host = %spawned.host, pid = proc.0, command = %spawned.command, "stopping");
+        stop_group(&mut spawned.child, STOP_GRACE).map_err(|source| BackendError::Io {
+            context: format!("stopping {} on {}", spawned.command, spawned.host),
+            source,
+        })
+    }
+
+    fn write_file(
+        &mut self,
+        _host: HostId,
+        path: &Path,
+        contents: &[u8],
+    ) -> Result<(), BackendError> {
+        // Every namespace shares the lab's file system, so the host does not matter here.
+        write_atomically(path, contents).map_err(|source| BackendError::Io {
+            context: format!("writing {}", path.display()),
+            source,
+        })
+    }
+
+    fn teardown(&mut self) -> Result<(), BackendError> {
+        if self.torn_down {
+            return Ok(());
+        }
+        let mut problems = Vec::new();
+        let procs: Vec<ProcId> = self.procs.keys().rev().copied().collect();
+        for p in procs {
+            if let Err(e) = self.stop(p) {
+                problems.push(e.to_string());
+            }
+        }
+        while let Some(ns) = self.namespaces.pop() {
+            if let Err(e) = self.ip(&["netns", "del", &ns]) {
+                problems.push(e.to_string());
+            }
+        }
+        self.torn_down = true;
+        if problems.is_empty() {
+            debug!(prefix = %self.prefix, "lab torn down");
+            Ok(())
+        } else {
+            Err(BackendError::Teardown(problems.join("; ")))
+        }
+    }
+}
+
+impl Drop for NetnsLab {
+    fn drop(&mut self) {
+        if let Err(e) = self.teardown() {
+            warn!("{e}");
+        }
+    }
+}
+
+fn describe(status: ExitStatus) -> String {
+    match (status.code(), status.signal()) {
+        (Some(c), _) => format!("exited with status {c}"),
+        (None, Some(s)) => format!("killed by signal {s}"),
+        _ => status.to_string(),
+    }
+}
+
+/// Sets up a child between fork and exec: it dies with the lab (so a crashed or interrupted lab
+/// leaves no workloads behind, and with them goes every namespace) and joins `netns`.
+fn prepare_child(command: &mut Command, netns: Option<RawFd>) {
+    let lab_pid = std::process::id() as libc::pid_t;
+    // SAFETY: the hook runs in the forked child before exec, where only async-signal-safe work is
+    // allowed: it makes three plain system calls and builds errors without allocating. The fd
+    // stays open in the parent until spawn returns, so it is valid in the child.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The lab may have died between fork and prctl; then nothing would kill us.
+            if libc::getppid() != lab_pid {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            if let Some(fd) = netns {
+                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Runs a command to completion in its own process group, killing the group on timeout.
+/// Output goes to anonymous files, so a chatty command cannot block on a full pipe while we
+/// wait for it.
+fn run(
+    host: &str,
+    netns: Option<&Path>,
+    cmd: &Cmd,
+    timeout: Duration,
+    must_succeed: bool,
+) -> Result<Output, BackendError> {
+    let spawn_err = |source| BackendError::Spawn {
+        host: host.to_owned(),
+        command: cmd.to_string(),
+        source,
+    };
+    let ns_file = netns.map(File::open).transpose().map_err(spawn_err)?;
+    let mut out = tempfile::tempfile().map_err(spawn_err)?;
+    let mut err = tempfile::tempfile().map_err(spawn_err)?;
+    let mut command = Command::new(&cmd.program);
+    command
+        .args(&cmd.args)
+        .envs(cmd.env.iter().map(|(k, v)| (k, v)))
+        .stdin(if cmd.stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(out.try_clone().map_err(spawn_err)?)
+        .stderr(err.try_clone().map_err(spawn_err)?)
+        .process_group(0);
+    prepare_child(&mut command, ns_file.as_ref().map(|f| f.as_raw_fd()));
+    let started = Instant::now();
+    let mut child = command.spawn().map_err(spawn_err)?;
+    drop(ns_file);
+    if let (Some(input), Some(mut stdin)) = (&cmd.stdin, child.stdin.take()) {
+        // Inputs are a line or two, well below a pipe's buffer, so this cannot block; a child
+        // that exits without reading gives EPIPE, which only means it did not want the input.
+        if let Err(e) = stdin.write_all(input) {
+            debug!(%host, command = %cmd, "writing stdin: {e}");
+        }
+    }
+    let mut pause = Duration::from_millis(1);
+    let status = loop {
+        let polled = child.try_wait().map_err(|source| BackendError::Io {
+            context: format!("{host}: waiting for `{cmd}`"),
+            source,
+        })?;
+        if let Some(status) = polled {
+            break status;
+        }
+        if started.elapsed() >= timeout {
+            let _ = killpg(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
+            let _ = child.wait();
+            debug!(%host, command = %cmd, "timed out");
+            return Err(BackendError::Timeout {
+                host: host.to_owned(),
+                command: cmd.to_string(),
+                after: timeout,
+            });
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(20));
+    };
+    let output = Output {
+        code: status.code(),
+        stdout: read_all(&mut out),
+        stderr: read_all(&mut err),
+        duration: started.elapsed(),
+    };
+    debug!(%host, command = %cmd, status = %output.status(), elapsed = ?output.duration, "ran");
+    if must_succeed && !output.success() {
+        return Err(BackendError::Failed {
+            host: host.to_owned(),
+            command: cmd.to_string(),
+            status: output.status(),
+            stderr: tail(&output.stderr, 5),
+        });
+    }
+    Ok(output)
+}
+
+fn read_all(file: &mut File) -> String {
+    let mut bytes = Vec::new();
+    if file.seek(SeekFrom::Start(0)).is_ok() {
+        let _ = file.read_to_end(&mut bytes);
+    }
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// SIGTERM to the whole process group, SIGKILL after `grace`. The group is signalled while its
+/// leader is still unreaped, so the group id cannot have been reused by then.
+fn stop_group(child: &mut Child, grace: Duration) -> std::io::Result<()> {
+    let pgid = Pid::from_raw(child.id() as i32);
+    if child.try_wait()?.is_some() {
+        // Forked helpers (socat's per-datagram children) may outlive their leader.
+        let _ = killpg(pgid, Signal::SIGKILL);
+        return Ok(());
+    }
+    let _ = killpg(pgid, Signal::SIGTERM);
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if child.try_wait()?.is_some() {
+            let _ = killpg(pgid, Signal::SIGKILL);
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = killpg(pgid, Signal::SIGKILL);
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if child.try_wait()?.is_some() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!("pid {} survived SIGKILL", child.id()),
+    ))
+}
+
+/// Write aside, then rename: the rename is atomic within a directory.
+pub(crate) fn write_atomically(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    tmp.write_all(contents)?;
+    tmp.as_file().sync_data()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn atomic_write_replaces() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a/b.yaml");
+        write_atomically(&p, b"one").unwrap();
+        write_atomically(&p, b"two").unwrap();
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), "two");
+        assert_eq!(std::fs::read_dir(p.parent().unwrap()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn run_times_out_and_kills() {
+        let cmd = Cmd::new("sleep").arg("5");
+        let started = Instant::now();
+        let r = run("test", None, &cmd, Duration::from_millis(200), false);
+        assert!(matches!(r, Err(BackendError::Timeout { .. })));
+        assert!(started.elapsed() < Duration::from_secs(2));
+    }
+
+    #[test]
+    fn run_captures_output_and_stdin() {
+        let cmd = Cmd::new("sh")
+            .arg("-c")
+            .arg("cat; echo err >&2; exit 3")
+            .stdin("hello\n");
+        let out = run("test", None, &cmd, Duration::from_secs(5), false).unwrap();
+        assert_eq!(out.stdout, "hello\n");
+        assert_eq!(out.stderr, "err\n");
+        assert_eq!(out.code, Some(3));
+    }
+}

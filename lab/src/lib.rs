@@ -1,0 +1,18 @@
+//! weir-lab: runs Weir scenarios on a throwaway cluster and reports what passed.
+//!
+//! A scenario (TOML, see [`scenario`]) describes nodes, pods, Kubernetes services and checks. A
+//! [`backend`] builds the hosts (today: network namespaces on the host kernel), the [`runner`]
+//! starts real workloads and one weir-agent per node, runs the [`checks`] and emits [`events`]
+//! that [`report`]ers turn into a terminal report and a JSON file.
+
+pub mod agent;
+pub mod backend;
+pub mod checks;
+pub mod events;
+pub mod k8s;
+pub mod report;
+pub mod runner;
+pub mod sandbox;
+pub mod scenario;
+pub mod topology;
+pub mod workloads;

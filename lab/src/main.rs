@@ -1,0 +1,179 @@
+//! The weir-lab command line.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+use weir_lab::backend::BackendKind;
+use weir_lab::events::Events;
+use weir_lab::report::{JsonReporter, TerminalReporter};
+use weir_lab::runner::{self, RunOptions, ScenarioFile};
+use weir_lab::sandbox;
+
+/// Runs Weir scenarios on a throwaway cluster of network namespaces and reports what passed.
+///
+/// Needs root. Everything it creates (namespaces, bpffs, processes) is private to this process
+/// and gone when it exits.
+#[derive(Parser)]
+#[command(name = "weir-lab", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// More logging on stderr (-v info, -vv debug); RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run every scenario of a suite (all scenarios/*.toml whose `suite` lists it).
+    Suite {
+        /// Directory of scenario files [default: scenarios/ in the current directory or the
+        /// workspace root].
+        #[arg(long)]
+        scenarios: Option<PathBuf>,
+        /// Which suite to run.
+        #[arg(long, default_value = "default")]
+        suite: String,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Run the given scenario files.
+    Run {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        #[command(flatten)]
+        common: Common,
+    },
+}
+
+#[derive(Args)]
+struct Common {
+    /// The weir-agent binary [default: weir-agent next to this executable].
+    #[arg(long)]
+    agent: Option<PathBuf>,
+    /// Where report.json and the logs of failed runs go [default: target/weir-lab in the
+    /// workspace root].
+    #[arg(long)]
+    report_dir: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = BackendKind::Netns)]
+    backend: BackendKind,
+    /// Keep the run directories (configs, logs) of passing scenarios too.
+    #[arg(long)]
+    keep: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default_level = match cli.verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level)),
+        )
+        .init();
+    match run(cli) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("weir-lab: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<bool> {
+    // First, while the process still has a single thread: the kernel refuses a new mount
+    // namespace to a multi-threaded process.
+    sandbox::enter().context("setting up the lab's private mount namespace")?;
+
+    let cwd = std::env::current_dir()?;
+    let exe = std::env::current_exe().context("locating the weir-lab executable")?;
+    let root = workspace_root(&cwd).or_else(|| workspace_root(&exe));
+    let (files, common) = match cli.command {
+        Command::Suite {
+            scenarios,
+            suite,
+            common,
+        } => {
+            let dir = match scenarios {
+                Some(d) => d,
+                None => default_scenarios(&cwd, root.as_deref())?,
+            };
+            let files = runner::discover(&dir, &suite)
+                .with_context(|| format!("reading scenarios from {}", dir.display()))?;
+            if files.is_empty() {
+                bail!(
+                    "no scenario in {} belongs to suite {suite:?}",
+                    dir.display()
+                );
+            }
+            (files, common)
+        }
+        Command::Run { files, common } => {
+            let files = files.iter().map(|p| ScenarioFile::load(p)).collect();
+            (files, common)
+        }
+    };
+
+    let report_dir = match common.report_dir {
+        Some(d) => d,
+        None => root
+            .as_deref()
+            .unwrap_or(&cwd)
+            .join("target")
+            .join("weir-lab"),
+    };
+    let report_dir = std::path::absolute(&report_dir)?;
+    let agent = match common.agent {
+        Some(a) => std::path::absolute(a)?,
+        None => exe.with_file_name("weir-agent"),
+    };
+    let opts = RunOptions {
+        backend: common.backend,
+        agent,
+        report_dir: report_dir.clone(),
+        keep: common.keep,
+    };
+
+    let report_path = report_dir.join("report.json");
+    let mut events = Events::new()
+        .with(TerminalReporter::stdout())
+        .with(JsonReporter::new(report_path.clone()));
+    let tally = runner::run_all(&files, &opts, &mut events);
+    events
+        .finish()
+        .with_context(|| format!("writing {}", report_path.display()))?;
+    println!("report: {}", report_path.display());
+    Ok(tally.ok())
+}
+
+/// The nearest ancestor holding a Cargo.toml with a [workspace] table.
+fn workspace_root(start: &Path) -> Option<PathBuf> {
+    start.ancestors().find_map(|dir| {
+        let text = std::fs::read_to_string(dir.join("Cargo.toml")).ok()?;
+        text.lines()
+            .any(|l| l.trim() == "[workspace]")
+            .then(|| dir.to_owned())
+    })
+}
+
+fn default_scenarios(cwd: &Path, root: Option<&Path>) -> Result<PathBuf> {
+    let candidates: Vec<PathBuf> = std::iter::once(cwd.join("scenarios"))
+        .chain(root.map(|r| r.join("scenarios")))
+        .collect();
+    candidates
+        .iter()
+        .find(|d| d.is_dir())
+        .cloned()
+        .with_context(|| {
+            format!("no scenarios directory (looked at {candidates:?}); pass --scenarios")
+        })
+}

@@ -1,0 +1,365 @@
+//! Runs scenarios: build the lab, start workloads and agents, run the checks, tear down, and
+//! tell the reporters about each step.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use tracing::{info, warn};
+
+use crate::agent::{self, Agents};
+use crate::backend::{BackendError, BackendKind, Lab};
+use crate::checks::{self, CheckCtx};
+use crate::events::{Event, Events};
+use crate::k8s;
+use crate::scenario::{Scenario, ScenarioError};
+use crate::workloads;
+
+const LISTEN_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    pub backend: BackendKind,
+    /// The weir-agent binary; only needed by scenarios that run the agent.
+    pub agent: PathBuf,
+    /// report.json goes here, and the run directories of failed scenarios under runs/.
+    pub report_dir: PathBuf,
+    /// Keep run directories of passing scenarios too.
+    pub keep: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// A scenario file as loaded: a broken file still takes part, as a failed scenario.
+pub struct ScenarioFile {
+    pub path: PathBuf,
+    pub scenario: Result<Scenario, ScenarioError>,
+}
+
+impl ScenarioFile {
+    pub fn load(path: &Path) -> ScenarioFile {
+        ScenarioFile {
+            path: path.to_owned(),
+            scenario: Scenario::load(path),
+        }
+    }
+
+    fn name(&self) -> String {
+        match &self.scenario {
+            Ok(s) => s.name.clone(),
+            Err(_) => self.path.file_stem().map_or_else(
+                || self.path.display().to_string(),
+                |s| s.to_string_lossy().into_owned(),
+            ),
+        }
+    }
+}
+
+/// Every `*.toml` in `dir` whose `suite` list has `suite`, sorted by file name. Files that do not
+/// parse are included, so a broken scenario fails the suite instead of vanishing from it.
+pub fn discover(dir: &Path, suite: &str) -> std::io::Result<Vec<ScenarioFile>> {
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    paths.sort();
+    Ok(paths
+        .iter()
+        .map(|p| ScenarioFile::load(p))
+        .filter(|f| match &f.scenario {
+            Ok(s) => s.suite.iter().any(|name| name == suite),
+            Err(_) => true,
+        })
+        .collect())
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Tally {
+    pub checks_passed: usize,
+    pub checks_failed: usize,
+    pub checks_not_run: usize,
+    pub scenarios_passed: usize,
+    pub scenarios_failed: usize,
+}
+
+impl Tally {
+    pub fn ok(&self) -> bool {
+        self.checks_failed == 0 && self.scenarios_failed == 0
+    }
+}
+
+/// Runs the scenarios one after another; true if all passed.
+pub fn run_all(files: &[ScenarioFile], opts: &RunOptions, events: &mut Events) -> Tally {
+    let started = Instant::now();
+    events.emit(Event::SuiteStarted {
+        backend: opts.backend.to_string(),
+        scenarios: files.len(),
+    });
+    let mut tally = Tally::default();
+    for file in files {
+        run_file(file, opts, events, &mut tally);
+    }
+    events.emit(Event::SuiteFinished {
+        checks_passed: tally.checks_passed,
+        checks_failed: tally.checks_failed,
+        checks_not_run: tally.checks_not_run,
+        scenarios_passed: tally.scenarios_passed,
+        scenarios_failed: tally.scenarios_failed,
+        duration: started.elapsed(),
+    });
+    tally
+}
+
+static RUN_SEQ: AtomicU32 = AtomicU32::new(0);
+
+fn run_file(file: &ScenarioFile, opts: &RunOptions, events: &mut Events, tally: &mut Tally) {
+    let started = Instant::now();
+    let name = file.name();
+    let scenario = match &file.scenario {
+        Ok(s) => s,
+        Err(e) => {
+            events.emit(Event::ScenarioStarted {
+                scenario: name.clone(),
+                file: file.path.clone(),
+                description: String::new(),
+                checks: 0,
+            });
+            tally.scenarios_failed += 1;
+            events.emit(Event::ScenarioFinished {
+                scenario: name,
+                passed: false,
+                error: Some(e.to_string()),
+                not_run: 0,
+                artifacts: None,
+                duration: started.elapsed(),
+            });
+            return;
+        }
+    };
+    events.emit(Event::ScenarioStarted {
+        scenario: name.clone(),
+        file: file.path.clone(),
+        description: scenario.description.clone(),
+        checks: scenario.checks.len(),
+    });
+
+    let run_id = format!(
+        "{}-{}-{}",
+        scenario.name,
+        std::process::id(),
+        RUN_SEQ.fetch_add(1, Ordering::Relaxed)
+    );
+    let run_dir = opts.report_dir.join("runs").join(&run_id);
+    let mut run = ScenarioRun {
+        scenario,
+        opts,
+        run_id,
+        run_dir: run_dir.clone(),
+        events,
+        lab: None,
+        agents: None,
+        passed: 0,
+        failed: 0,
+    };
+    let mut error = run.execute().err().map(|e| e.to_string());
+    let ran = run.passed + run.failed;
+    let (passed_checks, failed_checks) = (run.passed, run.failed);
+    if let Err(e) = run.teardown() {
+        error.get_or_insert(format!("teardown: {e}"));
+    }
+    drop(run);
+
+    let passed = error.is_none() && failed_checks == 0;
+    let not_run = scenario.checks.len() - ran;
+    tally.checks_passed += passed_checks;
+    tally.checks_failed += failed_checks;
+    tally.checks_not_run += not_run;
+    if passed {
+        tally.scenarios_passed += 1;
+    } else {
+        tally.scenarios_failed += 1;
+    }
+    let artifacts = if passed && !opts.keep {
+        if let Err(e) = std::fs::remove_dir_all(&run_dir) {
+            warn!("removing {}: {e}", run_dir.display());
+        }
+        None
+    } else {
+        Some(run_dir)
+    };
+    events.emit(Event::ScenarioFinished {
+        scenario: name,
+        passed,
+        error,
+        not_run,
+        artifacts,
+        duration: started.elapsed(),
+    });
+}
+
+struct ScenarioRun<'a> {
+    scenario: &'a Scenario,
+    opts: &'a RunOptions,
+    run_id: String,
+    run_dir: PathBuf,
+    events: &'a mut Events,
+    lab: Option<Box<dyn Lab>>,
+    agents: Option<Agents>,
+    passed: usize,
+    failed: usize,
+}
+
+impl ScenarioRun<'_> {
+    fn step(&mut self, step: String, since: Instant) {
+        info!(scenario = %self.scenario.name, "{step}");
+        self.events.emit(Event::Step {
+            scenario: self.scenario.name.clone(),
+            step,
+            duration: since.elapsed(),
+        });
+    }
+
+    fn execute(&mut self) -> Result<(), RunError> {
+        let scenario = self.scenario;
+        let plan = scenario.plan();
+        std::fs::create_dir_all(&self.run_dir)
+            .map_err(|e| RunError::Setup(format!("creating {}: {e}", self.run_dir.display())))?;
+
+        if scenario.agent.enabled && !self.opts.agent.is_file() {
+            return Err(RunError::Setup(format!(
+                "weir-agent not found at {} (build it with `cargo build -p weir-agent` or pass --agent)",
+                self.opts.agent.display()
+            )));
+        }
+
+        let t = Instant::now();
+        let backend = self.opts.backend.instantiate();
+        self.lab = Some(backend.create(&plan, &self.run_dir)?);
+        self.step(
+            format!(
+                "{} topology: {} node(s), {} pod(s), {} external client(s), mtu {}",
+                backend.name(),
+                plan.nodes.len(),
+                plan.pods.len(),
+                plan.externals.len(),
+                plan.mtu
+            ),
+            t,
+        );
+
+        let t = Instant::now();
+        let ports = workloads::pod_ports(scenario, &plan);
+        let lab = self.lab.as_deref_mut().expect("lab built above");
+        let (nginx, udp) = workloads::start(lab, &plan, &ports, &self.run_dir)?;
+        workloads::wait_listening(lab, &plan, &ports, LISTEN_TIMEOUT, &self.run_dir)
+            .map_err(RunError::Setup)?;
+        self.step(
+            format!("workloads listening: {nginx} nginx, {udp} udp echo"),
+            t,
+        );
+
+        let labels = k8s::pod_labels(scenario, &plan);
+        let endpoints: BTreeMap<String, Vec<String>> = scenario
+            .services
+            .iter()
+            .map(|s| {
+                let pods = k8s::endpoints(s, &plan, &labels);
+                (
+                    s.name.clone(),
+                    pods.iter().map(|p| p.name.clone()).collect(),
+                )
+            })
+            .collect();
+
+        if scenario.agent.enabled {
+            let t = Instant::now();
+            let lab = self.lab.as_deref_mut().expect("lab built above");
+            let agents = agent::start(
+                lab,
+                scenario,
+                &plan,
+                &self.opts.agent,
+                &self.run_dir,
+                &self.run_id,
+            )?;
+            let agents = self.agents.insert(agents);
+            let expected = agent::expected_frontends(scenario, &endpoints);
+            agent::wait_ready(lab, agents, &expected, scenario.agent.ready_timeout)
+                .map_err(RunError::Setup)?;
+            self.step(
+                format!(
+                    "agents ready on {} node(s): {} frontend(s) programmed",
+                    plan.nodes.len(),
+                    expected.len()
+                ),
+                t,
+            );
+        }
+
+        for check in &scenario.checks {
+            let t = Instant::now();
+            let title = check.title();
+            let mut ctx = CheckCtx {
+                lab: self.lab.as_deref_mut().expect("lab built above"),
+                plan: &plan,
+                scenario,
+                endpoints: &endpoints,
+                agents: self.agents.as_ref(),
+            };
+            let outcome = checks::run(&mut ctx, check);
+            let event = match outcome {
+                Ok(detail) => {
+                    self.passed += 1;
+                    Event::CheckPassed {
+                        scenario: scenario.name.clone(),
+                        check: title,
+                        detail,
+                        duration: t.elapsed(),
+                    }
+                }
+                Err(reason) => {
+                    self.failed += 1;
+                    Event::CheckFailed {
+                        scenario: scenario.name.clone(),
+                        check: title,
+                        reason,
+                        duration: t.elapsed(),
+                    }
+                }
+            };
+            self.events.emit(event);
+        }
+        Ok(())
+    }
+
+    /// Stops agents and workloads, removes the hosts and this run's pinned maps.
+    fn teardown(&mut self) -> Result<(), RunError> {
+        let mut result = Ok(());
+        if let Some(mut lab) = self.lab.take() {
+            result = lab.teardown().map_err(RunError::from);
+        }
+        if let Some(agents) = self.agents.take() {
+            match std::fs::remove_dir_all(&agents.pin_root) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => warn!("removing {}: {e}", agents.pin_root.display()),
+            }
+        }
+        result
+    }
+}
+
+impl Drop for ScenarioRun<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = self.teardown() {
+            warn!("{e}");
+        }
+    }
+}
