@@ -281,3 +281,26 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod change_tests {
+    use super::ChangeDetector;
+
+    #[test]
+    fn notices_writes_and_atomic_replacements_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cluster.yaml");
+        std::fs::write(&path, "a").unwrap();
+        let mut detector = ChangeDetector::default();
+        assert!(detector.changed(&path), "the first look is a change");
+        assert!(!detector.changed(&path));
+        // Replaced by rename, as the lab and most editors write: a new size is seen.
+        let tmp = dir.path().join("tmp");
+        std::fs::write(&tmp, "abc").unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+        assert!(detector.changed(&path));
+        assert!(!detector.changed(&path));
+        std::fs::remove_file(&path).unwrap();
+        assert!(detector.changed(&path), "disappearing is a change too");
+    }
+}
