@@ -31,6 +31,11 @@ pub fn ip_of(addr: &Addr, family: u8) -> IpAddr {
     }
 }
 
+/// `ip:port` or `[ip]:port`, for display.
+pub fn socket_addr(addr: &Addr, family: u8, port_be: u16) -> String {
+    std::net::SocketAddr::new(ip_of(addr, family), u16::from_be(port_be)).to_string()
+}
+
 /// A backend's identity: the same address, port and protocol is the same backend, whichever
 /// services use it.
 type BackendIdentity = (Addr, u16, u8, u8);

@@ -8,9 +8,9 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde::Serialize;
-use weir_common::{ct_kind, ct_seen, CtKey, CtValue, PROTO_TCP, PROTO_UDP};
+use weir_common::{ct_kind, ct_seen, CtKey, CtValue, PROTO_TCP};
 
-use crate::compile::{ip_of, proto_name};
+use crate::compile::{proto_name, socket_addr};
 use crate::config::ConntrackConfig;
 use crate::dataplane::{ConntrackMap, DataplaneError};
 
@@ -108,16 +108,6 @@ pub fn monotonic_now_ns() -> u64 {
     now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64
 }
 
-fn endpoint(addr: &weir_common::Addr, family: u8, port_be: u16) -> String {
-    let ip = ip_of(addr, family);
-    let port = u16::from_be(port_be);
-    if ip.is_ipv6() {
-        format!("[{ip}]:{port}")
-    } else {
-        format!("{ip}:{port}")
-    }
-}
-
 /// Flow-level facts about one entry, given the whole table.
 struct FlowFacts {
     state: FlowState,
@@ -153,9 +143,9 @@ pub fn view(entries: &BTreeMap<CtKey, CtValue>, now_ns: u64) -> Vec<EntryView> {
                     "reverse"
                 },
                 proto: proto_name(key.proto),
-                src: endpoint(&key.saddr, key.family, key.sport_be),
-                dst: endpoint(&key.daddr, key.family, key.dport_be),
-                nat: endpoint(&value.nat_addr, key.family, value.nat_port_be),
+                src: socket_addr(&key.saddr, key.family, key.sport_be),
+                dst: socket_addr(&key.daddr, key.family, key.dport_be),
+                nat: socket_addr(&value.nat_addr, key.family, value.nat_port_be),
                 age_s: secs(value.created_ns),
                 idle_s: secs(f.last_seen_ns),
                 state: f.state.name(),
@@ -175,7 +165,6 @@ pub fn expired(
     entries
         .iter()
         .filter(|(key, value)| {
-            debug_assert!(key.proto == PROTO_TCP || key.proto == PROTO_UDP);
             let f = facts(entries, key, value);
             now_ns.saturating_sub(f.last_seen_ns) > timeout(config, f.state).as_nanos() as u64
         })
@@ -208,7 +197,7 @@ pub fn collect_garbage(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use weir_common::{Addr, FAMILY_V4};
+    use weir_common::{Addr, FAMILY_V4, PROTO_UDP};
 
     fn key(s: [u8; 4], sp: u16, d: [u8; 4], dp: u16, proto: u8) -> CtKey {
         CtKey {

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use crate::compile::{ip_of, proto_name};
+use crate::compile::{proto_name, socket_addr};
 use crate::conntrack::{monotonic_now_ns, view};
 use crate::dataplane::{ConntrackMap, Counters, DataplaneError, ServiceMaps};
 
@@ -25,21 +25,13 @@ pub struct BackendRow {
     pub proto: String,
 }
 
-fn endpoint(addr: &weir_common::Addr, family: u8, port_be: u16) -> String {
-    let ip = ip_of(addr, family);
-    match ip {
-        std::net::IpAddr::V4(_) => format!("{ip}:{}", u16::from_be(port_be)),
-        std::net::IpAddr::V6(_) => format!("[{ip}]:{}", u16::from_be(port_be)),
-    }
-}
-
 pub fn services(pin_dir: &Path) -> Result<Vec<ServiceRow>, DataplaneError> {
     let state = ServiceMaps::open_pinned(pin_dir)?.read()?;
     Ok(state
         .services
         .iter()
         .map(|(frontend, service)| ServiceRow {
-            frontend: endpoint(&frontend.addr, frontend.family, frontend.port_be),
+            frontend: socket_addr(&frontend.addr, frontend.family, frontend.port_be),
             proto: proto_name(frontend.proto),
             service_id: service.service_id,
             backend_count: service.backend_count,
@@ -50,7 +42,7 @@ pub fn services(pin_dir: &Path) -> Result<Vec<ServiceRow>, DataplaneError> {
                         slot,
                     };
                     match state.slots.get(&key).and_then(|id| state.backends.get(id)) {
-                        Some(b) => endpoint(&b.addr, b.family, b.port_be),
+                        Some(b) => socket_addr(&b.addr, b.family, b.port_be),
                         None => format!("<slot {slot} missing>"),
                     }
                 })
@@ -66,7 +58,7 @@ pub fn backends(pin_dir: &Path) -> Result<Vec<BackendRow>, DataplaneError> {
         .iter()
         .map(|(id, b)| BackendRow {
             id: *id,
-            addr: endpoint(&b.addr, b.family, b.port_be),
+            addr: socket_addr(&b.addr, b.family, b.port_be),
             proto: proto_name(b.proto),
         })
         .collect())

@@ -30,12 +30,12 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let mut gc = tokio::time::interval(config.conntrack.gc_interval);
     let mut terminate = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("SIGINT handler")?;
-    let missing_host_interfaces_logged = &mut BTreeSet::new();
+    let mut missing_host_interfaces_logged = BTreeSet::new();
 
     loop {
         tokio::select! {
             _ = poll.tick() => {
-                sync_interfaces(&config, &mut dataplane, missing_host_interfaces_logged);
+                sync_interfaces(&config, &mut dataplane, &mut missing_host_interfaces_logged);
                 if changes.changed(&config.state_path) || retry {
                     retry = match read_objects(&config.state_path) {
                         Ok(objects) => match reconciler.reconcile(&mut dataplane.services, &objects) {

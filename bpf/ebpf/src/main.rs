@@ -377,7 +377,8 @@ fn rewrite_l4(
     };
     let old_port: u16 = load(ctx, port_off)?;
 
-    let (csum_off, mut flags) = if ip.proto == PROTO_TCP {
+    // UDP marks a checksum that computes to zero as 0xffff, since zero means "none".
+    let (csum_off, mangled) = if ip.proto == PROTO_TCP {
         (ip.l4_off + TCP_CSUM, 0u64)
     } else {
         (ip.l4_off + UDP_CSUM, BPF_F_MARK_MANGLED_0 as u64)
@@ -386,16 +387,12 @@ fn rewrite_l4(
     let has_l4_csum = ip.proto == PROTO_TCP || load::<u16>(ctx, csum_off)? != 0;
     let failed = counter::DROP_REWRITE_FAILED;
     if has_l4_csum {
-        flags |= BPF_F_PSEUDO_HDR as u64;
-        ctx.l4_csum_replace(csum_off, old_addr as u64, new_addr as u64, flags | 4)
+        // The address is covered through the pseudo header, the port directly.
+        let addr_flags = mangled | BPF_F_PSEUDO_HDR as u64 | 4;
+        ctx.l4_csum_replace(csum_off, old_addr as u64, new_addr as u64, addr_flags)
             .map_err(|_| failed)?;
-        ctx.l4_csum_replace(
-            csum_off,
-            old_port as u64,
-            new_port_be as u64,
-            (flags & !(BPF_F_PSEUDO_HDR as u64)) | 2,
-        )
-        .map_err(|_| failed)?;
+        ctx.l4_csum_replace(csum_off, old_port as u64, new_port_be as u64, mangled | 2)
+            .map_err(|_| failed)?;
     }
     ctx.l3_csum_replace(IP_CSUM_OFF, old_addr as u64, new_addr as u64, 4)
         .map_err(|_| failed)?;

@@ -121,6 +121,27 @@ impl NetnsLab {
         Ok(())
     }
 
+    /// Gives namespace `ns` an `eth0` on the fabric bridge (through the bridge port `port`) with
+    /// address `ip` on the node network: nodes and external clients join the same way.
+    fn join_fabric(
+        &self,
+        fabric: &str,
+        ns: &str,
+        port: &str,
+        ip: &str,
+        mtu: &str,
+    ) -> Result<(), BackendError> {
+        self.ip(&[
+            "-n", fabric, "link", "add", port, "mtu", mtu, "type", "veth", "peer", "name", "eth0",
+            "netns", ns, "mtu", mtu,
+        ])?;
+        self.ip(&["-n", fabric, "link", "set", port, "master", BRIDGE, "up"])?;
+        let addr = format!("{ip}/{NODE_PREFIX_LEN}");
+        self.ip(&["-n", ns, "link", "set", "lo", "up"])?;
+        self.ip(&["-n", ns, "addr", "add", &addr, "dev", "eth0"])?;
+        self.ip(&["-n", ns, "link", "set", "eth0", "up"])
+    }
+
     fn add_ns(&mut self, name: String) -> Result<(), BackendError> {
         self.ip(&["netns", "add", &name])?;
         self.namespaces.push(name);
@@ -153,16 +174,13 @@ impl NetnsLab {
                     "net.ipv4.conf.default.rp_filter=0".into(),
                 ],
             )?;
-            let port = format!("n{}", node.index);
-            self.ip(&[
-                "-n", &fabric, "link", "add", &port, "mtu", &mtu, "type", "veth", "peer", "name",
-                "eth0", "netns", &ns, "mtu", &mtu,
-            ])?;
-            self.ip(&["-n", &fabric, "link", "set", &port, "master", BRIDGE, "up"])?;
-            let addr = format!("{}/{NODE_PREFIX_LEN}", node.ip);
-            self.ip(&["-n", &ns, "link", "set", "lo", "up"])?;
-            self.ip(&["-n", &ns, "addr", "add", &addr, "dev", "eth0"])?;
-            self.ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+            self.join_fabric(
+                &fabric,
+                &ns,
+                &format!("n{}", node.index),
+                &node.ip.to_string(),
+                &mtu,
+            )?;
             self.sysctl(node.id, &["net.ipv4.conf.eth0.rp_filter=0".into()])?;
             self.ip(&[
                 "-n",
@@ -226,16 +244,13 @@ impl NetnsLab {
         for ext in self.plan.externals.clone() {
             let ns = self.ns_name(ext.id);
             self.add_ns(ns.clone())?;
-            let port = format!("x{}", ext.index);
-            self.ip(&[
-                "-n", &fabric, "link", "add", &port, "mtu", &mtu, "type", "veth", "peer", "name",
-                "eth0", "netns", &ns, "mtu", &mtu,
-            ])?;
-            self.ip(&["-n", &fabric, "link", "set", &port, "master", BRIDGE, "up"])?;
-            let addr = format!("{}/{NODE_PREFIX_LEN}", ext.ip);
-            self.ip(&["-n", &ns, "link", "set", "lo", "up"])?;
-            self.ip(&["-n", &ns, "addr", "add", &addr, "dev", "eth0"])?;
-            self.ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+            self.join_fabric(
+                &fabric,
+                &ns,
+                &format!("x{}", ext.index),
+                &ext.ip.to_string(),
+                &mtu,
+            )?;
         }
         debug!(
             prefix = %self.prefix,
