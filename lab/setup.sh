@@ -44,3 +44,11 @@ if ! bpf-linker --version 2>/dev/null | grep -q '0\.13\.0'; then
 else
   say "bpf-linker 0.13.0 present"
 fi
+
+# Parts that only some features need (VM lab, containers, ...) keep their own idempotent steps,
+# one file each, so they can grow without touching this one.
+for part in "$(dirname "${BASH_SOURCE[0]}")"/setup.d/*.sh; do
+  [ -e "$part" ] || continue
+  # shellcheck source=/dev/null
+  . "$part"
+done
