@@ -5,15 +5,18 @@
 //! the same state and writes nothing. A slot list keeps surviving backends in place, so removing
 //! one backend rewrites one slot rather than shifting all of them.
 
+use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
+use tracing::warn;
 use weir_common::{
-    service_flags, Addr, BackendSlotKey, BackendValue, FrontendKey, ServiceValue, FAMILY_V4,
-    FAMILY_V6,
+    backend_flags, service_flags, Addr, BackendSlotKey, BackendValue, FrontendKey, ServiceValue,
+    FAMILY_V4, FAMILY_V6, LOCAL_SLOT,
 };
 
-use crate::intent::{ClusterIntent, Protocol, ServiceIntent, ServicePort};
+use crate::intent::{ClusterIntent, Endpoint, Protocol, ServiceIntent, ServicePort, TrafficPolicy};
+use crate::maglev;
 use crate::state::DataplaneState;
 
 pub fn addr_of(ip: IpAddr) -> (Addr, u8) {
@@ -68,8 +71,21 @@ impl IdAllocator {
     }
 }
 
+/// What compiling needs to know about the node it compiles for.
+#[derive(Clone, Debug, Default)]
+pub struct CompileOptions {
+    /// This node's name, as endpoints name their node: decides which endpoints are local.
+    pub node_name: String,
+    /// Pick external traffic's backends from a Maglev table, so every node picks the same one.
+    pub maglev: bool,
+}
+
 /// Compiles `intent`, reusing identifiers and slot positions from `current`.
-pub fn compile(intent: &ClusterIntent, current: &DataplaneState) -> DataplaneState {
+pub fn compile(
+    intent: &ClusterIntent,
+    current: &DataplaneState,
+    options: &CompileOptions,
+) -> DataplaneState {
     let mut desired = DataplaneState::default();
 
     let current_backend_ids: BTreeMap<BackendIdentity, u32> = current
@@ -81,10 +97,12 @@ pub fn compile(intent: &ClusterIntent, current: &DataplaneState) -> DataplaneSta
     let mut desired_backend_ids: BTreeMap<BackendIdentity, u32> = BTreeMap::new();
     let mut service_ids = IdAllocator::new(current.services.values().map(|s| s.service_id));
     let mut desired_service_ids = BTreeSet::new();
-    let mut current_slots: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
+    // Current slot lists per (service id, local set), in slot order.
+    let mut current_slots: BTreeMap<(u32, bool), Vec<u32>> = BTreeMap::new();
     for (key, backend) in &current.slots {
-        let slots = current_slots.entry(key.service_id).or_default();
-        if slots.len() == key.slot as usize {
+        let local = key.slot & LOCAL_SLOT != 0;
+        let slots = current_slots.entry((key.service_id, local)).or_default();
+        if slots.len() == (key.slot & !LOCAL_SLOT) as usize {
             slots.push(*backend);
         }
     }
@@ -92,71 +110,120 @@ pub fn compile(intent: &ClusterIntent, current: &DataplaneState) -> DataplaneSta
     for service in intent.services.values() {
         for port in &service.ports {
             for family in [FAMILY_V4, FAMILY_V6] {
-                let frontends: Vec<FrontendKey> = service
-                    .cluster_ips
-                    .iter()
-                    .map(|ip| addr_of(*ip))
-                    .filter(|(_, f)| *f == family)
-                    .map(|(addr, family)| FrontendKey {
+                let frontend = |ip: &IpAddr| {
+                    let (addr, f) = addr_of(*ip);
+                    (f == family).then_some(FrontendKey {
                         addr,
                         port_be: port.port.to_be(),
                         proto: port.protocol.number(),
                         family,
                     })
-                    .collect();
-                if frontends.is_empty() {
+                };
+                let internal: Vec<FrontendKey> =
+                    service.cluster_ips.iter().filter_map(frontend).collect();
+                let mut external: Vec<FrontendKey> =
+                    service.external_ips.iter().filter_map(frontend).collect();
+                // A NodePort exists per family the service has a ClusterIP of.
+                if let (Some(node_port), false) = (port.node_port, internal.is_empty()) {
+                    external.push(FrontendKey {
+                        addr: Addr::UNSPECIFIED,
+                        port_be: node_port.to_be(),
+                        proto: port.protocol.number(),
+                        family,
+                    });
+                }
+                if internal.is_empty() && external.is_empty() {
                     continue;
                 }
                 // A frontend that moved between services must not drag its old id into a second
                 // group: ids are unique within the desired state.
-                let service_id = frontends
+                let service_id = internal
                     .iter()
+                    .chain(&external)
                     .find_map(|f| current.services.get(f).map(|s| s.service_id))
                     .filter(|id| !desired_service_ids.contains(id))
                     .unwrap_or_else(|| service_ids.allocate());
                 desired_service_ids.insert(service_id);
 
-                let mut wanted_ids = Vec::new();
-                for backend in backends_for(intent, service, port, family) {
+                let eligible = eligible_backends(intent, service, port, family, options);
+                let mut id_of = |backend: &BackendValue| -> u32 {
                     let id = *desired_backend_ids
-                        .entry(identity(&backend))
+                        .entry(identity(backend))
                         .or_insert_with(|| {
                             current_backend_ids
-                                .get(&identity(&backend))
+                                .get(&identity(backend))
                                 .copied()
                                 .unwrap_or_else(|| backend_ids.allocate())
                         });
-                    desired.backends.insert(id, backend);
-                    wanted_ids.push(id);
-                }
-                let slots = stable_slots(
-                    current_slots
-                        .get(&service_id)
-                        .map(Vec::as_slice)
-                        .unwrap_or(&[]),
-                    &wanted_ids,
-                );
-                for (slot, backend_id) in slots.iter().enumerate() {
-                    desired.slots.insert(
-                        BackendSlotKey {
-                            service_id,
-                            slot: slot as u32,
-                        },
-                        *backend_id,
-                    );
-                }
-                let value = ServiceValue {
-                    service_id,
-                    backend_count: slots.len() as u32,
-                    flags: if slots.is_empty() {
-                        service_flags::NO_BACKENDS
-                    } else {
-                        0
-                    },
-                    affinity_timeout_s: 0,
+                    desired.backends.insert(id, *backend);
+                    id
                 };
-                for frontend in frontends {
-                    desired.services.insert(frontend, value);
+                let cluster_ids: Vec<u32> = eligible.cluster.iter().map(&mut id_of).collect();
+                let local_ids: Vec<u32> = eligible.local.iter().map(&mut id_of).collect();
+                let mut counts = [0u32; 2];
+                for (local, wanted) in [(false, &cluster_ids), (true, &local_ids)] {
+                    let previous = current_slots
+                        .get(&(service_id, local))
+                        .map(Vec::as_slice)
+                        .unwrap_or(&[]);
+                    let slots = stable_slots(previous, wanted);
+                    counts[local as usize] = slots.len() as u32;
+                    let base = if local { LOCAL_SLOT } else { 0 };
+                    for (slot, backend_id) in slots.iter().enumerate() {
+                        desired.slots.insert(
+                            BackendSlotKey {
+                                service_id,
+                                slot: base | slot as u32,
+                            },
+                            *backend_id,
+                        );
+                    }
+                }
+                let affinity = service.affinity_timeout_s.unwrap_or(0);
+                // Affinity wins over Maglev: a client's connections stay on one backend.
+                let maglev = options.maglev
+                    && affinity == 0
+                    && !external.is_empty()
+                    && !cluster_ids.is_empty();
+                if maglev {
+                    let named: Vec<(String, u32)> = eligible
+                        .cluster
+                        .iter()
+                        .zip(&cluster_ids)
+                        .map(|(b, id)| (socket_addr(&b.addr, b.family, b.port_be), *id))
+                        .collect();
+                    desired.maglev.insert(service_id, maglev::table(&named));
+                }
+                let value = |policy: TrafficPolicy, flags: u32| ServiceValue {
+                    service_id,
+                    backend_count: counts[0],
+                    local_backend_count: counts[1],
+                    flags: flags
+                        | if policy == TrafficPolicy::Local {
+                            service_flags::LOCAL_ONLY
+                        } else {
+                            0
+                        },
+                    affinity_timeout_s: affinity,
+                    _reserved: 0,
+                };
+                let internal_value = value(service.internal_traffic_policy, 0);
+                let external_flags =
+                    service_flags::EXTERNAL | if maglev { service_flags::MAGLEV } else { 0 };
+                let external_value = value(service.external_traffic_policy, external_flags);
+                for (frontends, value) in [(internal, internal_value), (external, external_value)] {
+                    for key in frontends {
+                        match desired.services.entry(key) {
+                            Entry::Vacant(slot) => {
+                                slot.insert(value);
+                            }
+                            Entry::Occupied(_) => warn!(
+                                service = %service.id,
+                                frontend = %frontend_name(&key),
+                                "frontend already taken by another service; keeping the first"
+                            ),
+                        }
+                    }
                 }
             }
         }
@@ -164,14 +231,40 @@ pub fn compile(intent: &ClusterIntent, current: &DataplaneState) -> DataplaneSta
     desired
 }
 
-/// Ready endpoints of the service's slices that offer this port, deduplicated, in stable order.
-fn backends_for(
+/// `ip:port/proto`, or `nodeport:port/proto` for a NodePort, for logs and dumps.
+pub fn frontend_name(key: &FrontendKey) -> String {
+    if key.addr == Addr::UNSPECIFIED {
+        format!(
+            "nodeport:{}/{}",
+            u16::from_be(key.port_be),
+            proto_name(key.proto)
+        )
+    } else {
+        format!(
+            "{}/{}",
+            socket_addr(&key.addr, key.family, key.port_be),
+            proto_name(key.proto)
+        )
+    }
+}
+
+/// The endpoints a service port may send traffic to, cluster-wide and on this node.
+struct Eligible {
+    cluster: BTreeSet<BackendValue>,
+    local: BTreeSet<BackendValue>,
+}
+
+/// As kube-proxy categorises endpoints: ready ones serve; when none is ready, serving endpoints
+/// that are terminating take over so connections drain instead of failing. Cluster-wide and
+/// local sets fall back independently.
+fn eligible_backends(
     intent: &ClusterIntent,
     service: &ServiceIntent,
     port: &ServicePort,
     family: u8,
-) -> BTreeSet<BackendValue> {
-    let mut out = BTreeSet::new();
+    options: &CompileOptions,
+) -> Eligible {
+    let mut candidates: Vec<(BackendValue, &Endpoint)> = Vec::new();
     for slice in intent.slices_of(&service.id) {
         // EndpointSlice ports carry the service port's name, already resolved to a number.
         let Some(target) = slice
@@ -181,23 +274,57 @@ fn backends_for(
         else {
             continue;
         };
-        for endpoint in slice.endpoints.iter().filter(|e| e.ready) {
+        for endpoint in &slice.endpoints {
+            let local = !options.node_name.is_empty()
+                && endpoint.node_name.as_deref() == Some(options.node_name.as_str());
+            let node = endpoint
+                .node_name
+                .as_ref()
+                .and_then(|n| intent.nodes.get(n))
+                .and_then(|n| n.tunnel_address());
+            let (node_addr, node_family) = match (local, node) {
+                (false, Some(ip)) => addr_of(ip),
+                _ => (Addr::UNSPECIFIED, 0),
+            };
             for ip in &endpoint.addresses {
                 let (addr, f) = addr_of(*ip);
                 if f != family {
                     continue;
                 }
-                out.insert(BackendValue {
+                let backend = BackendValue {
                     addr,
+                    node_addr,
                     port_be: target.port.to_be(),
                     proto: port.protocol.number(),
                     family,
-                    flags: 0,
-                });
+                    flags: if local { backend_flags::LOCAL } else { 0 },
+                    node_family,
+                    _pad: [0; 2],
+                };
+                candidates.push((backend, endpoint));
             }
         }
     }
-    out
+    let pick = |only_local: bool| -> BTreeSet<BackendValue> {
+        let in_scope = |b: &BackendValue| !only_local || b.flags & backend_flags::LOCAL != 0;
+        let ready: BTreeSet<BackendValue> = candidates
+            .iter()
+            .filter(|(b, e)| e.ready && in_scope(b))
+            .map(|(b, _)| *b)
+            .collect();
+        if !ready.is_empty() {
+            return ready;
+        }
+        candidates
+            .iter()
+            .filter(|(b, e)| e.serving && e.terminating && in_scope(b))
+            .map(|(b, _)| *b)
+            .collect()
+    };
+    Eligible {
+        cluster: pick(false),
+        local: pick(true),
+    }
 }
 
 /// Keeps each surviving backend in its slot, fills holes with new backends, then closes the
@@ -265,13 +392,16 @@ mod tests {
                         name: "http".into(),
                         protocol: Protocol::Tcp,
                         port: 80,
+                        node_port: None,
                     },
                     ServicePort {
                         name: "dns".into(),
                         protocol: Protocol::Udp,
                         port: 53,
+                        node_port: None,
                     },
                 ],
+                ..ServiceIntent::default()
             },
         );
         let slice = ObjectRef {
@@ -315,6 +445,7 @@ mod tests {
         let state = compile(
             &intent_with(&["198.19.1.10", "198.19.2.10", "198.19.2.99"]),
             &DataplaneState::default(),
+            &CompileOptions::default(),
         );
         assert_eq!(state.services.len(), 2, "one frontend per port");
         // Two ready endpoints, two ports: four backends; the not-ready one is left out.
@@ -328,8 +459,12 @@ mod tests {
     #[test]
     fn recompiling_against_itself_is_a_fixed_point() {
         let intent = intent_with(&["198.19.1.10", "198.19.2.10"]);
-        let first = compile(&intent, &DataplaneState::default());
-        assert_eq!(compile(&intent, &first), first);
+        let first = compile(
+            &intent,
+            &DataplaneState::default(),
+            &CompileOptions::default(),
+        );
+        assert_eq!(compile(&intent, &first, &CompileOptions::default()), first);
     }
 
     #[test]
@@ -337,10 +472,12 @@ mod tests {
         let before = compile(
             &intent_with(&["198.19.1.10", "198.19.1.11", "198.19.1.12", "198.19.1.13"]),
             &DataplaneState::default(),
+            &CompileOptions::default(),
         );
         let after = compile(
             &intent_with(&["198.19.1.10", "198.19.1.12", "198.19.1.13"]),
             &before,
+            &CompileOptions::default(),
         );
         let plan = crate::state::Plan::between(&before, &after);
         // Per port: the vacated slot takes the last backend, the last slot goes, the count drops,
@@ -361,11 +498,13 @@ mod tests {
     }
 
     #[test]
-    fn service_without_ready_endpoints_is_flagged() {
-        let state = compile(&intent_with(&["198.19.1.99"]), &DataplaneState::default());
-        assert!(state
-            .services
-            .values()
-            .all(|s| s.backend_count == 0 && s.flags == service_flags::NO_BACKENDS));
+    fn service_without_ready_endpoints_has_no_slots() {
+        let state = compile(
+            &intent_with(&["198.19.1.99"]),
+            &DataplaneState::default(),
+            &CompileOptions::default(),
+        );
+        assert!(state.slots.is_empty());
+        assert!(state.services.values().all(|s| s.backend_count == 0));
     }
 }

@@ -1,5 +1,6 @@
 //! Agent configuration: a TOML file, with durations in humantime form ("30s", "6h").
 
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -44,6 +45,84 @@ pub struct AgentConfig {
     pub poll_interval: Duration,
     #[serde(default)]
     pub conntrack: ConntrackConfig,
+    #[serde(default)]
+    pub services: ServicesConfig,
+    #[serde(default)]
+    pub tunnel: TunnelConfig,
+}
+
+/// How external traffic (NodePort, load-balancer and external IPs) reaches a backend on
+/// another node, and how that backend's replies return.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExternalReturn {
+    /// The ingress node translates and tunnels; replies come back through it.
+    #[default]
+    Ingress,
+    /// Direct server return: the backend's node translates and replies to the client itself.
+    Dsr,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LoadBalancing {
+    #[default]
+    Random,
+    /// Consistent hashing: every node picks the same backend for a flow.
+    Maglev,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServicesConfig {
+    pub external_return: ExternalReturn,
+    /// Backend choice for external traffic (ClusterIP traffic always picks at random).
+    pub external_load_balancing: LoadBalancing,
+    /// Source address a pod sees when its own service sends it its own connection (hairpin):
+    /// an address nothing else uses, routed back through the node.
+    pub hairpin_ipv4: Ipv4Addr,
+    pub hairpin_ipv6: Ipv6Addr,
+}
+
+impl Default for ServicesConfig {
+    fn default() -> Self {
+        ServicesConfig {
+            external_return: ExternalReturn::Ingress,
+            external_load_balancing: LoadBalancing::Random,
+            // Link-local, like Cilium's hairpin address: never a real peer's.
+            hairpin_ipv4: Ipv4Addr::new(169, 254, 42, 1),
+            hairpin_ipv6: Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0xa9fe, 0x2a, 1),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TunnelMode {
+    /// External traffic for remote backends is routed natively: replies must come back through
+    /// the ingress node by the network's own routing.
+    None,
+    #[default]
+    Vxlan,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TunnelConfig {
+    pub mode: TunnelMode,
+    /// The collect-metadata device the agent creates (or adopts) in its network namespace.
+    pub interface: String,
+    pub vxlan_port: u16,
+}
+
+impl Default for TunnelConfig {
+    fn default() -> Self {
+        TunnelConfig {
+            mode: TunnelMode::Vxlan,
+            interface: "weir-vxlan".to_owned(),
+            vxlan_port: 4789,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -106,6 +185,13 @@ impl AgentConfig {
         if self.pod_interface_prefix.is_empty() {
             return Err(ConfigError::Invalid(
                 "pod_interface_prefix is empty: it would match every interface".into(),
+            ));
+        }
+        if self.tunnel.mode != TunnelMode::None
+            && (self.tunnel.interface.is_empty() || self.tunnel.interface.len() > 15)
+        {
+            return Err(ConfigError::Invalid(
+                "tunnel.interface must be 1-15 characters (a Linux interface name)".into(),
             ));
         }
         if self.conntrack.gc_interval.is_zero() || self.poll_interval.is_zero() {

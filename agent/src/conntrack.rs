@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde::Serialize;
-use weir_common::{ct_kind, ct_seen, CtKey, CtValue, PROTO_TCP};
+use weir_common::{ct_flags, ct_kind, ct_seen, CtKey, CtValue, PROTO_TCP};
 
 use crate::compile::{proto_name, socket_addr};
 use crate::config::ConntrackConfig;
@@ -51,6 +51,22 @@ pub fn flow_state(proto: u8, forward_seen: u8, reverse_seen: u8) -> FlowState {
     }
 }
 
+/// The state of a flow this node sees only partly: a DSR ingress node sees the client's side
+/// alone, so one FIN (or an RST) already means closing and an ACK means established.
+fn encap_state(proto: u8, own: u8, other: u8) -> FlowState {
+    if proto != PROTO_TCP {
+        return FlowState::Udp;
+    }
+    let either = own | other;
+    if either & (ct_seen::RST | ct_seen::FIN) != 0 {
+        FlowState::Closing
+    } else if either & ct_seen::ACK != 0 {
+        FlowState::Established
+    } else {
+        FlowState::SynSent
+    }
+}
+
 pub fn timeout(config: &ConntrackConfig, state: FlowState) -> Duration {
     match state {
         FlowState::SynSent => config.tcp_syn_timeout,
@@ -60,30 +76,45 @@ pub fn timeout(config: &ConntrackConfig, state: FlowState) -> Duration {
     }
 }
 
-/// The key of the entry paired with this one.
-pub fn partner_key(key: &CtKey, value: &CtValue) -> CtKey {
-    if value.kind == ct_kind::FORWARD {
-        // Replies come from the backend to the client.
-        CtKey {
+/// The key of the entry paired with this one; ENCAP entries stand alone.
+pub fn partner_key(key: &CtKey, value: &CtValue) -> Option<CtKey> {
+    let hairpin = value.flags & ct_flags::HAIRPIN != 0;
+    match value.kind {
+        // Replies come from the backend to the client (or to the hairpin address).
+        ct_kind::FORWARD => Some(CtKey {
             saddr: value.nat_addr,
-            daddr: key.saddr,
+            daddr: if hairpin {
+                value.tunnel_peer
+            } else {
+                key.saddr
+            },
             sport_be: value.nat_port_be,
             dport_be: key.sport_be,
             proto: key.proto,
             family: key.family,
             _pad: 0,
-        }
-    } else {
-        // The client addressed the frontend the reply is rewritten to.
-        CtKey {
-            saddr: key.daddr,
+        }),
+        // The client addressed the frontend the reply is rewritten to; under hairpin the client
+        // is the backend itself.
+        ct_kind::REVERSE => Some(CtKey {
+            saddr: if hairpin { key.saddr } else { key.daddr },
             daddr: value.nat_addr,
             sport_be: key.dport_be,
             dport_be: value.nat_port_be,
             proto: key.proto,
             family: key.family,
             _pad: 0,
-        }
+        }),
+        _ => None,
+    }
+}
+
+pub fn kind_name(kind: u8) -> &'static str {
+    match kind {
+        ct_kind::FORWARD => "forward",
+        ct_kind::REVERSE => "reverse",
+        ct_kind::ENCAP => "encap",
+        _ => "unknown",
     }
 }
 
@@ -116,7 +147,16 @@ struct FlowFacts {
 }
 
 fn facts(entries: &BTreeMap<CtKey, CtValue>, key: &CtKey, value: &CtValue) -> FlowFacts {
-    let partner = entries.get(&partner_key(key, value));
+    if value.kind == ct_kind::ENCAP {
+        // One entry sees the flow: its own direction's flags in the low nibble, the other
+        // direction's (where this node sees it) in the high one.
+        return FlowFacts {
+            state: encap_state(key.proto, value.seen & 0x0f, value.seen >> 4),
+            last_seen_ns: value.last_seen_ns,
+            paired: true,
+        };
+    }
+    let partner = partner_key(key, value).and_then(|k| entries.get(&k));
     let (forward_seen, reverse_seen) = match (value.kind, partner) {
         (ct_kind::FORWARD, p) => (value.seen, p.map_or(0, |p| p.seen)),
         (_, p) => (p.map_or(0, |p| p.seen), value.seen),
@@ -137,11 +177,7 @@ pub fn view(entries: &BTreeMap<CtKey, CtValue>, now_ns: u64) -> Vec<EntryView> {
         .map(|(key, value)| {
             let f = facts(entries, key, value);
             EntryView {
-                kind: if value.kind == ct_kind::FORWARD {
-                    "forward"
-                } else {
-                    "reverse"
-                },
+                kind: kind_name(value.kind),
                 proto: proto_name(key.proto),
                 src: socket_addr(&key.saddr, key.family, key.sport_be),
                 dst: socket_addr(&key.daddr, key.family, key.dport_be),
@@ -245,7 +281,7 @@ mod tests {
     fn partners_find_each_other() {
         let m = pair(PROTO_TCP, 0, 0, 0);
         for (k, v) in &m {
-            assert!(m.contains_key(&partner_key(k, v)));
+            assert!(m.contains_key(&partner_key(k, v).unwrap()));
         }
     }
 

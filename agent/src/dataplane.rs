@@ -2,17 +2,17 @@
 //!
 //! All map I/O goes through the typed handles here; nothing else in the agent touches aya.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use aya::maps::{HashMap, Map, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use aya::programs::tc::{self, SchedClassifierLinkId, TcAttachType};
 use aya::programs::SchedClassifier;
 use aya::{Ebpf, EbpfLoader};
 use tracing::{debug, info, warn};
 use weir_common::{
     counter, map_names, program_names, BackendSlotKey, BackendValue, CtKey, CtValue, FrontendKey,
-    ServiceValue,
+    HostAddrKey, MaglevTable, NodeConfig, ServiceValue,
 };
 
 use crate::state::{DataplaneState, Plan};
@@ -59,11 +59,12 @@ fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> DataplaneError
     move |source| DataplaneError::Map { name, source }
 }
 
-/// The three maps that hold compiled service state.
+/// The maps that hold compiled service state.
 pub struct ServiceMaps {
     services: HashMap<MapData, FrontendKey, ServiceValue>,
     slots: HashMap<MapData, BackendSlotKey, u32>,
     backends: HashMap<MapData, u32, BackendValue>,
+    maglev: HashMap<MapData, u32, MaglevTable>,
 }
 
 impl ServiceMaps {
@@ -72,6 +73,7 @@ impl ServiceMaps {
             services: take_map(ebpf, map_names::SERVICES)?,
             slots: take_map(ebpf, map_names::BACKEND_SLOTS)?,
             backends: take_map(ebpf, map_names::BACKENDS)?,
+            maglev: take_map(ebpf, map_names::MAGLEV)?,
         })
     }
 
@@ -80,6 +82,7 @@ impl ServiceMaps {
             services: open_pinned(dir, map_names::SERVICES)?,
             slots: open_pinned(dir, map_names::BACKEND_SLOTS)?,
             backends: open_pinned(dir, map_names::BACKENDS)?,
+            maglev: open_pinned(dir, map_names::MAGLEV)?,
         })
     }
 
@@ -90,6 +93,7 @@ impl ServiceMaps {
             services: read_all(&self.services, map_names::SERVICES)?,
             slots: read_all(&self.slots, map_names::BACKEND_SLOTS)?,
             backends: read_all(&self.backends, map_names::BACKENDS)?,
+            maglev: read_all(&self.maglev, map_names::MAGLEV)?,
         })
     }
 
@@ -106,6 +110,11 @@ impl ServiceMaps {
                 .insert(key, id, 0)
                 .map_err(map_err(map_names::BACKEND_SLOTS))?;
         }
+        for (id, table) in &plan.upsert_maglev {
+            self.maglev
+                .insert(id, table, 0)
+                .map_err(map_err(map_names::MAGLEV))?;
+        }
         for (key, service) in &plan.upsert_services {
             self.services
                 .insert(key, service, 0)
@@ -113,6 +122,9 @@ impl ServiceMaps {
         }
         for key in &plan.delete_services {
             remove_present(&mut self.services, key, map_names::SERVICES)?;
+        }
+        for id in &plan.delete_maglev {
+            remove_present(&mut self.maglev, id, map_names::MAGLEV)?;
         }
         for key in &plan.delete_slots {
             remove_present(&mut self.slots, key, map_names::BACKEND_SLOTS)?;
@@ -207,6 +219,70 @@ impl Counters {
     }
 }
 
+/// What the programs need to know about the node itself: its addresses (where NodePorts
+/// answer) and its configuration (tunnel device, return mode, hairpin addresses).
+pub struct NodeMaps {
+    host_addrs: HashMap<MapData, HostAddrKey, u32>,
+    config: Array<MapData, NodeConfig>,
+}
+
+impl NodeMaps {
+    fn take(ebpf: &mut Ebpf) -> Result<Self, DataplaneError> {
+        Ok(NodeMaps {
+            host_addrs: take_map(ebpf, map_names::HOST_ADDRS)?,
+            config: take_map(ebpf, map_names::NODE_CONFIG)?,
+        })
+    }
+
+    pub fn open_pinned(dir: &Path) -> Result<Self, DataplaneError> {
+        Ok(NodeMaps {
+            host_addrs: open_pinned(dir, map_names::HOST_ADDRS)?,
+            config: open_pinned(dir, map_names::NODE_CONFIG)?,
+        })
+    }
+
+    pub fn host_addrs(&self) -> Result<BTreeSet<HostAddrKey>, DataplaneError> {
+        Ok(read_all(&self.host_addrs, map_names::HOST_ADDRS)?
+            .into_keys()
+            .collect())
+    }
+
+    /// Makes the map hold exactly `wanted`, writing only the difference. Returns the writes.
+    pub fn set_host_addrs(
+        &mut self,
+        wanted: &BTreeSet<HostAddrKey>,
+    ) -> Result<usize, DataplaneError> {
+        let current = self.host_addrs()?;
+        let mut writes = 0;
+        for key in wanted.difference(&current) {
+            self.host_addrs
+                .insert(key, 0, 0)
+                .map_err(map_err(map_names::HOST_ADDRS))?;
+            writes += 1;
+        }
+        for key in current.difference(wanted) {
+            remove_present(&mut self.host_addrs, key, map_names::HOST_ADDRS)?;
+            writes += 1;
+        }
+        Ok(writes)
+    }
+
+    pub fn config(&self) -> Result<NodeConfig, DataplaneError> {
+        self.config
+            .get(&0, 0)
+            .map_err(map_err(map_names::NODE_CONFIG))
+    }
+
+    pub fn set_config(&mut self, config: &NodeConfig) -> Result<(), DataplaneError> {
+        if self.config()? == *config {
+            return Ok(());
+        }
+        self.config
+            .set(0, config, 0)
+            .map_err(map_err(map_names::NODE_CONFIG))
+    }
+}
+
 fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DataplaneError>
 where
     T: TryFrom<Map, Error = aya::maps::MapError>,
@@ -234,6 +310,7 @@ where
 pub struct Dataplane {
     ebpf: Ebpf,
     pub services: ServiceMaps,
+    pub node: NodeMaps,
     pub conntrack: ConntrackMap,
     pub counters: Counters,
     attached: BTreeMap<String, SchedClassifierLinkId>,
@@ -282,6 +359,7 @@ impl Dataplane {
         }
         Ok(Dataplane {
             services: ServiceMaps::take(&mut ebpf)?,
+            node: NodeMaps::take(&mut ebpf)?,
             conntrack: ConntrackMap {
                 map: take_map(&mut ebpf, map_names::CONNTRACK)?,
             },

@@ -5,7 +5,9 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use crate::compile::{proto_name, socket_addr};
+use weir_common::{backend_flags, service_flags, BackendSlotKey, LOCAL_SLOT};
+
+use crate::compile::{ip_of, proto_name, socket_addr};
 use crate::conntrack::{monotonic_now_ns, view};
 use crate::dataplane::{ConntrackMap, Counters, DataplaneError, ServiceMaps};
 
@@ -16,6 +18,10 @@ pub struct ServiceRow {
     pub service_id: u32,
     pub backend_count: u32,
     pub backends: Vec<String>,
+    pub local_backends: Vec<String>,
+    /// `local_only`, `external`, `maglev`.
+    pub flags: Vec<&'static str>,
+    pub affinity_timeout_s: u32,
 }
 
 #[derive(Serialize)]
@@ -23,10 +29,27 @@ pub struct BackendRow {
     pub id: u32,
     pub addr: String,
     pub proto: String,
+    pub local: bool,
+    /// Where the tunnel reaches a remote backend.
+    pub node: Option<String>,
 }
 
 pub fn services(pin_dir: &Path) -> Result<Vec<ServiceRow>, DataplaneError> {
     let state = ServiceMaps::open_pinned(pin_dir)?.read()?;
+    let slot_list = |service_id: u32, base: u32, count: u32| -> Vec<String> {
+        (0..count)
+            .map(|slot| {
+                let key = BackendSlotKey {
+                    service_id,
+                    slot: base | slot,
+                };
+                match state.slots.get(&key).and_then(|id| state.backends.get(id)) {
+                    Some(b) => socket_addr(&b.addr, b.family, b.port_be),
+                    None => format!("<slot {slot} missing>"),
+                }
+            })
+            .collect()
+    };
     Ok(state
         .services
         .iter()
@@ -35,18 +58,18 @@ pub fn services(pin_dir: &Path) -> Result<Vec<ServiceRow>, DataplaneError> {
             proto: proto_name(frontend.proto),
             service_id: service.service_id,
             backend_count: service.backend_count,
-            backends: (0..service.backend_count)
-                .map(|slot| {
-                    let key = weir_common::BackendSlotKey {
-                        service_id: service.service_id,
-                        slot,
-                    };
-                    match state.slots.get(&key).and_then(|id| state.backends.get(id)) {
-                        Some(b) => socket_addr(&b.addr, b.family, b.port_be),
-                        None => format!("<slot {slot} missing>"),
-                    }
-                })
-                .collect(),
+            backends: slot_list(service.service_id, 0, service.backend_count),
+            local_backends: slot_list(service.service_id, LOCAL_SLOT, service.local_backend_count),
+            flags: [
+                (service_flags::LOCAL_ONLY, "local_only"),
+                (service_flags::EXTERNAL, "external"),
+                (service_flags::MAGLEV, "maglev"),
+            ]
+            .into_iter()
+            .filter(|(bit, _)| service.flags & bit != 0)
+            .map(|(_, name)| name)
+            .collect(),
+            affinity_timeout_s: service.affinity_timeout_s,
         })
         .collect())
 }
@@ -60,6 +83,8 @@ pub fn backends(pin_dir: &Path) -> Result<Vec<BackendRow>, DataplaneError> {
             id: *id,
             addr: socket_addr(&b.addr, b.family, b.port_be),
             proto: proto_name(b.proto),
+            local: b.flags & backend_flags::LOCAL != 0,
+            node: (b.node_family != 0).then(|| ip_of(&b.node_addr, b.node_family).to_string()),
         })
         .collect())
 }

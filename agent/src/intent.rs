@@ -8,12 +8,12 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
 
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::Serialize;
 
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub struct ObjectRef {
     pub namespace: String,
     pub name: String,
@@ -25,9 +25,10 @@ impl fmt::Display for ObjectRef {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
+    #[default]
     Tcp,
     Udp,
 }
@@ -81,20 +82,68 @@ pub enum IntentError {
     Unsupported(String),
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct ServicePort {
-    /// Empty for a single unnamed port, as Kubernetes allows.
+    /// Empty for a single unnamed port, as Kubernetes allows. EndpointSlice ports carry the same
+    /// name with the target port (numbered or named) already resolved per endpoint.
     pub name: String,
     pub protocol: Protocol,
     pub port: u16,
+    /// NodePort and LoadBalancer services: the port opened on every address of every node.
+    pub node_port: Option<u16>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+/// Which endpoints a class of traffic may use.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TrafficPolicy {
+    /// Any endpoint in the cluster.
+    #[default]
+    Cluster,
+    /// Only endpoints on the node the traffic entered.
+    Local,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct ServiceIntent {
     pub id: ObjectRef,
     /// ClusterIPs of every family; empty for headless services, which the data plane ignores.
     pub cluster_ips: Vec<IpAddr>,
+    /// `spec.externalIPs` and the load balancer's ingress IPs: external frontends.
+    pub external_ips: Vec<IpAddr>,
     pub ports: Vec<ServicePort>,
+    pub external_traffic_policy: TrafficPolicy,
+    pub internal_traffic_policy: TrafficPolicy,
+    /// Served by the agent with the local endpoint count, for external load balancers.
+    pub health_check_node_port: Option<u16>,
+    /// `sessionAffinity: ClientIP`: how long a client keeps its endpoint.
+    pub affinity_timeout_s: Option<u32>,
+}
+
+impl ServiceIntent {
+    /// Whether traffic from outside the cluster can reach the service.
+    pub fn is_external(&self) -> bool {
+        !self.external_ips.is_empty() || self.ports.iter().any(|p| p.node_port.is_some())
+    }
+}
+
+/// What the data plane needs of a node: where the tunnel reaches it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct NodeIntent {
+    pub name: String,
+    /// InternalIP addresses first, then ExternalIP, in the order the Node lists them.
+    pub addresses: Vec<IpAddr>,
+}
+
+impl NodeIntent {
+    /// The address other nodes' tunnels send to: the first IPv4 address, else the first IPv6.
+    pub fn tunnel_address(&self) -> Option<IpAddr> {
+        self.addresses
+            .iter()
+            .find(|a| a.is_ipv4())
+            .or_else(|| self.addresses.first())
+            .copied()
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -126,6 +175,7 @@ pub struct EndpointSliceIntent {
 pub struct ClusterIntent {
     pub services: BTreeMap<ObjectRef, ServiceIntent>,
     pub slices: BTreeMap<ObjectRef, EndpointSliceIntent>,
+    pub nodes: BTreeMap<String, NodeIntent>,
 }
 
 impl ClusterIntent {
@@ -163,6 +213,10 @@ pub fn slice_ref(slice: &EndpointSlice) -> Option<ObjectRef> {
     object_ref(&slice.metadata).ok()
 }
 
+pub fn node_name(node: &Node) -> Option<String> {
+    node.metadata.name.clone()
+}
+
 fn parse_ip(field: &str, value: &str) -> Result<IpAddr, IntentError> {
     value.parse().map_err(|_| IntentError::InvalidAddress {
         field: field.to_owned(),
@@ -180,21 +234,36 @@ fn parse_port(field: &str, value: i32) -> Result<u16, IntentError> {
         })
 }
 
+/// kube-proxy's default for `sessionAffinityConfig.clientIP.timeoutSeconds`.
+const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
+/// The API server's upper bound for the affinity timeout (one day).
+const MAX_AFFINITY_TIMEOUT_S: i32 = 86_400;
+
+fn traffic_policy(field: &str, value: Option<&str>) -> Result<TrafficPolicy, IntentError> {
+    match value.unwrap_or("Cluster") {
+        "Cluster" => Ok(TrafficPolicy::Cluster),
+        "Local" => Ok(TrafficPolicy::Local),
+        other => Err(IntentError::Unsupported(format!("{field}: {other}"))),
+    }
+}
+
 impl TryFrom<&Service> for ServiceIntent {
     type Error = IntentError;
 
     fn try_from(service: &Service) -> Result<Self, IntentError> {
         let id = object_ref(&service.metadata)?;
         let spec = service.spec.as_ref().ok_or(IntentError::Missing("spec"))?;
-        if let Some(kind) = spec.type_.as_deref() {
-            if kind == "ExternalName" {
-                // DNS-only: nothing for the data plane to do.
+        let kind = spec.type_.as_deref().unwrap_or("ClusterIP");
+        match kind {
+            // DNS-only: nothing for the data plane to do.
+            "ExternalName" => {
                 return Ok(ServiceIntent {
                     id,
-                    cluster_ips: Vec::new(),
-                    ports: Vec::new(),
-                });
+                    ..ServiceIntent::default()
+                })
             }
+            "ClusterIP" | "NodePort" | "LoadBalancer" => {}
+            other => return Err(IntentError::Unsupported(format!("spec.type {other}"))),
         }
         // clusterIPs supersedes clusterIP when present; "None" marks a headless service.
         let mut raw_ips: Vec<&str> = spec
@@ -212,25 +281,121 @@ impl TryFrom<&Service> for ServiceIntent {
             }
             cluster_ips.push(parse_ip("spec.clusterIPs", raw)?);
         }
+        let mut external_ips = Vec::new();
+        for raw in spec.external_ips.iter().flatten() {
+            external_ips.push(parse_ip("spec.externalIPs", raw)?);
+        }
+        if kind == "LoadBalancer" {
+            let ingress = service
+                .status
+                .as_ref()
+                .and_then(|s| s.load_balancer.as_ref())
+                .and_then(|lb| lb.ingress.as_ref());
+            for point in ingress.into_iter().flatten() {
+                // Hostname-only ingress points are the cloud's business, not the node's.
+                if let Some(raw) = &point.ip {
+                    let ip = parse_ip("status.loadBalancer.ingress[].ip", raw)?;
+                    if !external_ips.contains(&ip) {
+                        external_ips.push(ip);
+                    }
+                }
+            }
+        }
+        let exposes_node_ports = kind != "ClusterIP";
         let mut ports = Vec::new();
         for (i, port) in spec.ports.iter().flatten().enumerate() {
             let field = format!("spec.ports[{i}]");
+            let node_port = match port.node_port {
+                Some(n) if exposes_node_ports => Some(parse_port(&format!("{field}.nodePort"), n)?),
+                _ => None,
+            };
             ports.push(ServicePort {
                 name: port.name.clone().unwrap_or_default(),
                 protocol: Protocol::parse(&field, port.protocol.as_deref())?,
                 port: parse_port(&format!("{field}.port"), port.port)?,
+                node_port,
             });
             // targetPort is resolved by the endpoints controller into EndpointSlice ports; the
             // data plane uses those, but a malformed one still marks the object as bad input.
-            if let Some(IntOrString::Int(target)) = &port.target_port {
-                parse_port(&format!("{field}.targetPort"), *target)?;
+            match &port.target_port {
+                Some(IntOrString::Int(target)) => {
+                    parse_port(&format!("{field}.targetPort"), *target)?;
+                }
+                Some(IntOrString::String(name)) if name.is_empty() => {
+                    return Err(IntentError::Missing("spec.ports[].targetPort"));
+                }
+                _ => {}
             }
         }
+        let affinity_timeout_s = match spec.session_affinity.as_deref() {
+            None | Some("None") => None,
+            Some("ClientIP") => {
+                let timeout = spec
+                    .session_affinity_config
+                    .as_ref()
+                    .and_then(|c| c.client_ip.as_ref())
+                    .and_then(|c| c.timeout_seconds);
+                match timeout {
+                    None => Some(DEFAULT_AFFINITY_TIMEOUT_S),
+                    Some(t) if (1..=MAX_AFFINITY_TIMEOUT_S).contains(&t) => Some(t as u32),
+                    Some(t) => {
+                        return Err(IntentError::Unsupported(format!(
+                            "sessionAffinityConfig.clientIP.timeoutSeconds {t} (1-{MAX_AFFINITY_TIMEOUT_S})"
+                        )))
+                    }
+                }
+            }
+            Some(other) => {
+                return Err(IntentError::Unsupported(format!(
+                    "spec.sessionAffinity {other}"
+                )))
+            }
+        };
+        let health_check_node_port = match spec.health_check_node_port {
+            Some(p) => Some(parse_port("spec.healthCheckNodePort", p)?),
+            None => None,
+        };
         Ok(ServiceIntent {
             id,
             cluster_ips,
+            external_ips,
             ports,
+            external_traffic_policy: traffic_policy(
+                "spec.externalTrafficPolicy",
+                spec.external_traffic_policy.as_deref(),
+            )?,
+            internal_traffic_policy: traffic_policy(
+                "spec.internalTrafficPolicy",
+                spec.internal_traffic_policy.as_deref(),
+            )?,
+            health_check_node_port,
+            affinity_timeout_s,
         })
+    }
+}
+
+impl TryFrom<&Node> for NodeIntent {
+    type Error = IntentError;
+
+    fn try_from(node: &Node) -> Result<Self, IntentError> {
+        let name = node
+            .metadata
+            .name
+            .clone()
+            .ok_or(IntentError::Missing("metadata.name"))?;
+        let listed = node
+            .status
+            .as_ref()
+            .and_then(|s| s.addresses.as_ref())
+            .cloned()
+            .unwrap_or_default();
+        let mut addresses = Vec::new();
+        for wanted in ["InternalIP", "ExternalIP"] {
+            for address in listed.iter().filter(|a| a.type_ == wanted) {
+                addresses.push(parse_ip("status.addresses", &address.address)?);
+            }
+        }
+        Ok(NodeIntent { name, addresses })
     }
 }
 

@@ -10,6 +10,8 @@ pub mod dataplane;
 pub mod dump;
 pub mod intent;
 pub mod interfaces;
+pub mod maglev;
+pub mod node;
 pub mod reconcile;
 pub mod run;
 pub mod source;

@@ -94,12 +94,16 @@ fn print_dump(what: DumpWhat, dir: &std::path::Path, json: bool) -> anyhow::Resu
                             r.frontend.clone(),
                             r.proto.clone(),
                             r.service_id.to_string(),
-                            r.backend_count.to_string(),
+                            r.flags.join(","),
                             r.backends.join(" "),
+                            r.local_backends.join(" "),
                         ]
                     })
                     .collect();
-                dump::table(&["FRONTEND", "PROTO", "ID", "COUNT", "BACKENDS"], &cells)
+                dump::table(
+                    &["FRONTEND", "PROTO", "ID", "FLAGS", "BACKENDS", "LOCAL"],
+                    &cells,
+                )
             }
         }
         DumpWhat::Backends => {
@@ -109,9 +113,20 @@ fn print_dump(what: DumpWhat, dir: &std::path::Path, json: bool) -> anyhow::Resu
             } else {
                 let cells: Vec<Vec<String>> = rows
                     .iter()
-                    .map(|r| vec![r.id.to_string(), r.addr.clone(), r.proto.clone()])
+                    .map(|r| {
+                        vec![
+                            r.id.to_string(),
+                            r.addr.clone(),
+                            r.proto.clone(),
+                            if r.local {
+                                "local".into()
+                            } else {
+                                r.node.clone().unwrap_or_default()
+                            },
+                        ]
+                    })
                     .collect();
-                dump::table(&["ID", "BACKEND", "PROTO"], &cells)
+                dump::table(&["ID", "BACKEND", "PROTO", "NODE"], &cells)
             }
         }
         DumpWhat::Conntrack => {

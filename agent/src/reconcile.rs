@@ -4,7 +4,7 @@
 
 use tracing::{info, instrument, warn};
 
-use crate::compile::{compile, summary};
+use crate::compile::{compile, summary, CompileOptions};
 use crate::dataplane::{DataplaneError, ServiceMaps};
 use crate::source::{IntentBuilder, ObjectError, Objects};
 use crate::state::{DataplaneState, Plan};
@@ -19,11 +19,24 @@ pub struct ReconcileReport {
 
 #[derive(Default)]
 pub struct Reconciler {
+    options: CompileOptions,
     builder: IntentBuilder,
     shadow: Option<DataplaneState>,
 }
 
 impl Reconciler {
+    pub fn new(options: CompileOptions) -> Self {
+        Reconciler {
+            options,
+            ..Reconciler::default()
+        }
+    }
+
+    /// The intent of the last pass, for consumers beside the maps (health-check servers).
+    pub fn intent(&self) -> &crate::intent::ClusterIntent {
+        self.builder.last_good()
+    }
+
     /// Brings the maps to what `objects` ask for. Objects that fail validation are reported and
     /// keep their last good version; everything else applies.
     #[instrument(skip_all)]
@@ -45,7 +58,7 @@ impl Reconciler {
             Some(shadow) => shadow,
             None => maps.read()?,
         };
-        let desired = compile(&intent, &current);
+        let desired = compile(&intent, &current, &self.options);
         let plan = Plan::between(&current, &desired);
         if !plan.is_empty() {
             maps.apply(&plan)?;

@@ -6,10 +6,12 @@ use anyhow::Context as _;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{debug, error, info, warn};
 
-use crate::config::AgentConfig;
+use crate::compile::CompileOptions;
+use crate::config::{AgentConfig, LoadBalancing};
 use crate::conntrack::collect_garbage;
 use crate::dataplane::{Dataplane, LoadOptions};
 use crate::interfaces;
+use crate::node;
 use crate::reconcile::Reconciler;
 use crate::source::{read_objects, ChangeDetector};
 
@@ -22,7 +24,18 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     .context("loading the data plane")?;
     info!(node = %config.node_name, pin_dir = %pin_dir.display(), "data plane loaded");
 
-    let mut reconciler = Reconciler::default();
+    let tunnel_ifindex = node::ensure_tunnel(&config.tunnel)
+        .await
+        .context("setting up the tunnel device")?;
+    dataplane
+        .node
+        .set_config(&node::node_config(&config, tunnel_ifindex))
+        .context("writing the node configuration")?;
+
+    let mut reconciler = Reconciler::new(CompileOptions {
+        node_name: config.node_name.clone(),
+        maglev: config.services.external_load_balancing == LoadBalancing::Maglev,
+    });
     let mut changes = ChangeDetector::default();
     // Set when the last pass could not finish, so the next tick retries even without a change.
     let mut retry = true;
@@ -73,7 +86,19 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
 }
 
 fn sync_interfaces(config: &AgentConfig, dataplane: &mut Dataplane, logged: &mut BTreeSet<String>) {
-    let wanted = match interfaces::wanted(&config.host_interfaces, &config.pod_interface_prefix) {
+    match node::host_addresses(&config.host_interfaces)
+        .map_err(anyhow::Error::from)
+        .and_then(|addrs| Ok(dataplane.node.set_host_addrs(&addrs)?))
+    {
+        Ok(0) => {}
+        Ok(writes) => info!(writes, "host addresses for NodePorts updated"),
+        Err(e) => warn!(error = %e, "updating host addresses failed"),
+    }
+    let mut attach_to = config.host_interfaces.clone();
+    if config.tunnel.mode != crate::config::TunnelMode::None {
+        attach_to.push(config.tunnel.interface.clone());
+    }
+    let wanted = match interfaces::wanted(&attach_to, &config.pod_interface_prefix) {
         Ok(w) => w,
         Err(e) => {
             warn!(error = %e, "listing interfaces failed");

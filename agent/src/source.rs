@@ -7,12 +7,12 @@
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::Deserialize;
 
 use crate::intent::{
-    self, ClusterIntent, EndpointSliceIntent, IntentError, ObjectRef, ServiceIntent,
+    self, ClusterIntent, EndpointSliceIntent, IntentError, NodeIntent, ObjectRef, ServiceIntent,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +44,7 @@ pub struct ObjectError {
 pub struct Objects {
     pub services: Vec<Service>,
     pub slices: Vec<EndpointSlice>,
+    pub nodes: Vec<Node>,
 }
 
 /// Reads a file, or every `.yaml`/`.yml` file of a directory in name order.
@@ -118,7 +119,10 @@ fn collect(value: serde_yaml::Value, objects: &mut Objects) -> Result<(), String
         "EndpointSlice" => objects
             .slices
             .push(serde_yaml::from_value(value).map_err(|e| format!("EndpointSlice: {e}"))?),
-        // Other kinds (Pods, Nodes, ...) may share the file; they are not service state.
+        "Node" => objects
+            .nodes
+            .push(serde_yaml::from_value(value).map_err(|e| format!("Node: {e}"))?),
+        // Other kinds (Pods, ...) may share the file; they are not service state.
         _ => {}
     }
     Ok(())
@@ -131,6 +135,11 @@ pub struct IntentBuilder {
 }
 
 impl IntentBuilder {
+    /// The intent the last build produced.
+    pub fn last_good(&self) -> &ClusterIntent {
+        &self.last_good
+    }
+
     pub fn build(&mut self, objects: &Objects) -> (ClusterIntent, Vec<ObjectError>) {
         let mut intent = ClusterIntent::default();
         let mut errors = Vec::new();
@@ -155,6 +164,25 @@ impl IntentBuilder {
                     let id = intent::slice_ref(slice);
                     keep_last_good(&self.last_good.slices, &mut intent.slices, id.as_ref());
                     errors.push(object_error("EndpointSlice", id, error));
+                }
+            }
+        }
+        for node in &objects.nodes {
+            match NodeIntent::try_from(node) {
+                Ok(n) => {
+                    intent.nodes.insert(n.name.clone(), n);
+                }
+                Err(error) => {
+                    let name = intent::node_name(node);
+                    if let Some(previous) = name.as_ref().and_then(|n| self.last_good.nodes.get(n))
+                    {
+                        intent.nodes.insert(previous.name.clone(), previous.clone());
+                    }
+                    errors.push(ObjectError {
+                        kind: "Node",
+                        object: name.unwrap_or_else(|| "<unnamed>".to_owned()),
+                        error,
+                    });
                 }
             }
         }

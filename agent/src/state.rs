@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use weir_common::{BackendSlotKey, BackendValue, FrontendKey, ServiceValue};
+use weir_common::{BackendSlotKey, BackendValue, FrontendKey, MaglevTable, ServiceValue};
 
 /// The content of the service maps. Conntrack is not part of it: flows are the kernel's.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -11,17 +11,21 @@ pub struct DataplaneState {
     pub services: BTreeMap<FrontendKey, ServiceValue>,
     pub slots: BTreeMap<BackendSlotKey, u32>,
     pub backends: BTreeMap<u32, BackendValue>,
+    /// Maglev lookup tables by service id.
+    pub maglev: BTreeMap<u32, MaglevTable>,
 }
 
 /// Map writes, in the order they must happen so that a packet never finds a reference to an
-/// entry that is not there yet, or no longer: new backends, then the slots that name them, then
-/// the services that count those slots; deletions in the opposite order.
+/// entry that is not there yet, or no longer: new backends, then the slots and Maglev tables
+/// that name them, then the services that count those slots; deletions in the opposite order.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Plan {
     pub upsert_backends: Vec<(u32, BackendValue)>,
     pub upsert_slots: Vec<(BackendSlotKey, u32)>,
+    pub upsert_maglev: Vec<(u32, MaglevTable)>,
     pub upsert_services: Vec<(FrontendKey, ServiceValue)>,
     pub delete_services: Vec<FrontendKey>,
+    pub delete_maglev: Vec<u32>,
     pub delete_slots: Vec<BackendSlotKey>,
     pub delete_backends: Vec<u32>,
 }
@@ -31,8 +35,10 @@ impl Plan {
         Plan {
             upsert_backends: upserts(&current.backends, &desired.backends),
             upsert_slots: upserts(&current.slots, &desired.slots),
+            upsert_maglev: upserts(&current.maglev, &desired.maglev),
             upsert_services: upserts(&current.services, &desired.services),
             delete_services: deletions(&current.services, &desired.services),
+            delete_maglev: deletions(&current.maglev, &desired.maglev),
             delete_slots: deletions(&current.slots, &desired.slots),
             delete_backends: deletions(&current.backends, &desired.backends),
         }
@@ -45,21 +51,23 @@ impl Plan {
     pub fn writes(&self) -> usize {
         self.upsert_backends.len()
             + self.upsert_slots.len()
+            + self.upsert_maglev.len()
             + self.upsert_services.len()
             + self.delete_services.len()
+            + self.delete_maglev.len()
             + self.delete_slots.len()
             + self.delete_backends.len()
     }
 }
 
-fn upserts<K: Ord + Copy, V: PartialEq + Copy>(
+fn upserts<K: Ord + Copy, V: PartialEq + Clone>(
     current: &BTreeMap<K, V>,
     desired: &BTreeMap<K, V>,
 ) -> Vec<(K, V)> {
     desired
         .iter()
         .filter(|(k, v)| current.get(k) != Some(v))
-        .map(|(k, v)| (*k, *v))
+        .map(|(k, v)| (*k, v.clone()))
         .collect()
 }
 

@@ -5,6 +5,7 @@
 mod common;
 
 use common::*;
+use std::net::Ipv4Addr;
 use weir_agent::conntrack::view;
 
 fn backend_of(out: &[u8]) -> std::net::Ipv4Addr {
@@ -171,7 +172,7 @@ fn unrelated_packets_pass_byte_for_byte() {
             "pass_icmp_unrelated",
         ),
         ("arp", arp(), "pass_not_ip"),
-        ("ipv6", ipv6_udp(), "pass_not_ip"),
+        ("ipv6 to no service", ipv6_udp(), "pass_no_service"),
         ("gre", other_proto(), "pass_other_proto"),
         (
             "fragment",
@@ -236,17 +237,42 @@ fn broken_packets_are_dropped() {
 }
 
 #[test]
-fn service_without_endpoints_drops_new_flows() {
+fn service_without_endpoints_answers_port_unreachable() {
+    use etherparse::{Icmpv4Type, NetSlice, SlicedPacket, TransportSlice};
     let mut h = Harness::new(&[BACKEND]);
-    let (verdict, _) = h.run(&tcp(
-        CLIENT,
-        40009,
-        "198.18.100.11".parse().unwrap(),
-        81,
-        "S",
-    ));
-    assert_eq!(verdict, TC_ACT_SHOT);
-    assert_eq!(h.counter("drop_no_backend"), 1);
+    let empty: Ipv4Addr = "198.18.100.11".parse().unwrap();
+    let syn = tcp(CLIENT, 40009, empty, 81, "S");
+    let (verdict, out) = h.run(&syn);
+    assert_eq!(verdict, TC_ACT_REDIRECT, "sent back out of the interface");
+    assert_eq!(h.counter("reject_no_backend"), 1);
+    assert_eq!(&out[..6], &syn[6..12], "back to the client's MAC");
+    let packet = SlicedPacket::from_ethernet(&out).expect("a well-formed reply");
+    let Some(NetSlice::Ipv4(ip)) = &packet.net else {
+        panic!("IPv4 reply");
+    };
+    assert_eq!(ip.header().source_addr(), empty, "from the frontend");
+    assert_eq!(ip.header().destination_addr(), CLIENT);
+    let mut header = ip.header().to_header();
+    let sent_csum = header.header_checksum;
+    header.header_checksum = header.calc_header_checksum();
+    assert_eq!(sent_csum, header.header_checksum, "IP header checksum");
+    let Some(TransportSlice::Icmpv4(icmp)) = &packet.transport else {
+        panic!("ICMP reply");
+    };
+    assert_eq!(
+        icmp.icmp_type(),
+        Icmpv4Type::DestinationUnreachable(etherparse::icmpv4::DestUnreachableHeader::Port)
+    );
+    assert_eq!(
+        icmp.checksum(),
+        icmp.icmp_type().calc_checksum(icmp.payload()),
+        "ICMP checksum"
+    );
+    assert_eq!(
+        icmp.payload(),
+        &l3(&syn)[..28],
+        "quotes the IP header and 8 bytes"
+    );
 }
 
 #[test]
@@ -297,7 +323,7 @@ fn a_bad_service_keeps_its_last_good_state_and_the_rest_applies() {
         81,
         "S",
     ));
-    assert_eq!(verdict, TC_ACT_SHOT);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
 }
 
 fn arp() -> Vec<u8> {

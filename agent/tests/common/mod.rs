@@ -2,18 +2,21 @@
 //! real pipeline, and crafted packets.
 #![allow(dead_code)]
 
-use std::net::Ipv4Addr;
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 
 use aya::programs::{TestRun, TestRunOptions};
 use etherparse::PacketBuilder;
+use weir_agent::compile::{addr_of, CompileOptions};
 use weir_agent::dataplane::{Dataplane, LoadOptions};
 use weir_agent::reconcile::Reconciler;
 use weir_agent::source::{parse_documents, Objects};
-use weir_common::{map_names, program_names};
+use weir_common::{map_names, program_names, HostAddrKey, NodeConfig};
 
 pub const TC_ACT_OK: u32 = 0;
 pub const TC_ACT_SHOT: u32 = 2;
+pub const TC_ACT_REDIRECT: u32 = 7;
 
 pub const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 19, 1, 10);
 pub const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 10);
@@ -101,6 +104,44 @@ impl Harness {
         harness
     }
 
+    /// A data plane for node `options.node_name`, with its configuration and addresses, fed
+    /// `yaml`.
+    pub fn for_node(
+        yaml: &str,
+        options: CompileOptions,
+        node: NodeConfig,
+        host_addrs: &[IpAddr],
+    ) -> Harness {
+        require_root();
+        let mut dataplane = Dataplane::load(&LoadOptions {
+            pin_dir: None,
+            max_entries: vec![(map_names::CONNTRACK, 4096)],
+        })
+        .expect("the eBPF object loads and passes the verifier");
+        dataplane.node.set_config(&node).expect("node config");
+        let addrs: BTreeSet<HostAddrKey> = host_addrs
+            .iter()
+            .map(|ip| {
+                let (addr, family) = addr_of(*ip);
+                HostAddrKey {
+                    addr,
+                    family,
+                    _pad: [0; 3],
+                }
+            })
+            .collect();
+        dataplane
+            .node
+            .set_host_addrs(&addrs)
+            .expect("host addresses");
+        let mut harness = Harness {
+            dataplane,
+            reconciler: Reconciler::new(options),
+        };
+        harness.apply(yaml);
+        harness
+    }
+
     pub fn apply(&mut self, yaml: &str) -> weir_agent::reconcile::ReconcileReport {
         self.reconciler
             .reconcile(&mut self.dataplane.services, &objects(yaml))
@@ -154,6 +195,40 @@ pub fn tcp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, flags: &str) ->
     let payload = b"GET / HTTP/1.1\r\n\r\n";
     let mut out = Vec::new();
     builder.write(&mut out, payload).unwrap();
+    out
+}
+
+pub fn tcp6(src: Ipv6Addr, sport: u16, dst: Ipv6Addr, dport: u16, flags: &str) -> Vec<u8> {
+    let mut builder = PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv6(src.octets(), dst.octets(), 64)
+        .tcp(sport, dport, 1000, 64240);
+    for f in flags.chars() {
+        builder = match f {
+            'S' => builder.syn(),
+            'A' => builder.ack(2000),
+            _ => panic!("flag {f}"),
+        };
+    }
+    let mut out = Vec::new();
+    builder.write(&mut out, b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    out
+}
+
+pub fn udp6(src: Ipv6Addr, sport: u16, dst: Ipv6Addr, dport: u16) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv6(src.octets(), dst.octets(), 64)
+        .udp(sport, dport)
+        .write(&mut out, b"ping")
+        .unwrap();
+    out
+}
+
+/// The same frame with its Ethernet addresses swapped, as a packet sent back out.
+pub fn swapped_macs(frame: &[u8]) -> Vec<u8> {
+    let mut out = frame.to_vec();
+    out[..6].copy_from_slice(&frame[6..12]);
+    out[6..12].copy_from_slice(&frame[..6]);
     out
 }
 

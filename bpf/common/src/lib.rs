@@ -8,7 +8,7 @@
 
 /// Bumped whenever a pinned map's key or value layout changes: the agent pins under a directory
 /// named after it, so a new agent never reinterprets an older agent's bytes.
-pub const MAP_LAYOUT_VERSION: u32 = 1;
+pub const MAP_LAYOUT_VERSION: u32 = 2;
 
 pub const FAMILY_V4: u8 = 4;
 pub const FAMILY_V6: u8 = 6;
@@ -16,16 +16,31 @@ pub const FAMILY_V6: u8 = 6;
 pub const PROTO_ICMP: u8 = 1;
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
+pub const PROTO_ICMPV6: u8 = 58;
 
 /// Map names, as the eBPF object defines them and as they are pinned.
 pub mod map_names {
     pub const SERVICES: &str = "WEIR_SERVICES";
     pub const BACKEND_SLOTS: &str = "WEIR_BACKEND_SLOTS";
     pub const BACKENDS: &str = "WEIR_BACKENDS";
+    pub const MAGLEV: &str = "WEIR_MAGLEV";
+    pub const HOST_ADDRS: &str = "WEIR_HOST_ADDRS";
+    pub const NODE_CONFIG: &str = "WEIR_NODE_CONFIG";
     pub const CONNTRACK: &str = "WEIR_CONNTRACK";
+    pub const AFFINITY: &str = "WEIR_AFFINITY";
     pub const COUNTERS: &str = "WEIR_COUNTERS";
     /// Every map the agent pins, in the order it creates them.
-    pub const PINNED: [&str; 5] = [SERVICES, BACKEND_SLOTS, BACKENDS, CONNTRACK, COUNTERS];
+    pub const PINNED: [&str; 9] = [
+        SERVICES,
+        BACKEND_SLOTS,
+        BACKENDS,
+        MAGLEV,
+        HOST_ADDRS,
+        NODE_CONFIG,
+        CONNTRACK,
+        AFFINITY,
+        COUNTERS,
+    ];
 }
 
 /// Program names in the eBPF object.
@@ -41,7 +56,11 @@ pub mod capacity {
     pub const SERVICES: u32 = 65_536;
     pub const BACKEND_SLOTS: u32 = 262_144;
     pub const BACKENDS: u32 = 262_144;
+    /// Services with a Maglev table (external frontends with Maglev on).
+    pub const MAGLEV: u32 = 16_384;
+    pub const HOST_ADDRS: u32 = 256;
     pub const CONNTRACK: u32 = 524_288;
+    pub const AFFINITY: u32 = 65_536;
 }
 
 /// An IPv4 or IPv6 address as 16 raw bytes in network order.
@@ -72,7 +91,9 @@ impl Addr {
     }
 }
 
-/// A service frontend: what a client addresses (ClusterIP, later NodePort and external IPs).
+/// A service frontend: what a client addresses. ClusterIPs, external IPs and load-balancer
+/// ingress IPs are keyed by their address; a NodePort by the unspecified address of its family,
+/// and it matches packets to any address in `WEIR_HOST_ADDRS` (or arriving through the tunnel).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FrontendKey {
@@ -83,22 +104,37 @@ pub struct FrontendKey {
     pub family: u8,
 }
 
-/// Service flags.
+/// Frontend flags.
 pub mod service_flags {
-    /// No ready endpoint: the program rejects instead of passing the packet to a VIP nobody owns.
-    pub const NO_BACKENDS: u32 = 1 << 0;
+    /// The frontend's traffic policy is Local: only slots of this node's endpoints apply, and a
+    /// node without one drops (as kube-proxy does), while a service without any endpoint rejects.
+    pub const LOCAL_ONLY: u32 = 1 << 0;
+    /// NodePort, load-balancer or external IP: reachable from outside the cluster, so a remote
+    /// backend is reached through the tunnel (returning through this node or by DSR).
+    pub const EXTERNAL: u32 = 1 << 1;
+    /// Pick the backend from the service's Maglev table, so every node picks the same one.
+    pub const MAGLEV: u32 = 1 << 2;
 }
+
+/// Slots of a service's local endpoints live at `LOCAL_SLOT | index` beside the cluster-wide ones.
+pub const LOCAL_SLOT: u32 = 1 << 31;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct ServiceValue {
-    /// Stable identifier of this (service, port) pair; keys its backend slots.
+    /// Stable identifier of this (service, port) pair; keys its backend slots, its Maglev table
+    /// and its clients' affinity.
     pub service_id: u32,
-    /// Slots `0..backend_count` of `BACKEND_SLOTS` are valid for this service.
+    /// Slots `0..backend_count` hold the endpoints that serve cluster-wide (ready ones, or the
+    /// serving-terminating ones when none is ready). Zero means the service rejects.
     pub backend_count: u32,
+    /// Slots `LOCAL_SLOT | 0..local_backend_count` hold this node's share of them.
+    pub local_backend_count: u32,
     pub flags: u32,
-    /// Reserved for session affinity: seconds a client keeps its backend (0 = off).
+    /// `sessionAffinity: ClientIP`: seconds a client keeps its backend after its last new
+    /// connection (0 = off).
     pub affinity_timeout_s: u32,
+    pub _reserved: u32,
 }
 
 /// One backend choice of a service. Indirection through a slot keeps a backend's address in one
@@ -111,15 +147,147 @@ pub struct BackendSlotKey {
     pub slot: u32,
 }
 
+/// Backend flags.
+pub mod backend_flags {
+    /// The endpoint runs on this node.
+    pub const LOCAL: u8 = 1 << 0;
+}
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct BackendValue {
     pub addr: Addr,
+    /// Underlay address of the endpoint's node: where the tunnel carries external traffic for a
+    /// remote endpoint. Unspecified for local endpoints and nodes without a known address.
+    pub node_addr: Addr,
     /// Network byte order.
     pub port_be: u16,
     pub proto: u8,
     pub family: u8,
+    pub flags: u8,
+    pub node_family: u8,
+    pub _pad: [u8; 2],
+}
+
+/// An address of this node; NodePorts answer on every one of them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct HostAddrKey {
+    pub addr: Addr,
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Entries of a service's Maglev lookup table. A prime, so every backend's permutation visits
+/// every entry; about 100 times the backends a service may have for an even spread.
+pub const MAGLEV_TABLE_SIZE: usize = 4093;
+
+/// A service's Maglev lookup table: entry `i` names the backend that owns the `i`-th slice of the
+/// flow-hash space.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MaglevTable {
+    pub backend_ids: [u32; MAGLEV_TABLE_SIZE],
+    /// Unused. The compiled index arithmetic leaves the verifier with a bound a few bytes past
+    /// the last entry; this word keeps that bound inside the value.
+    pub _spare: u32,
+}
+
+impl Default for MaglevTable {
+    fn default() -> Self {
+        MaglevTable {
+            backend_ids: [0; MAGLEV_TABLE_SIZE],
+            _spare: 0,
+        }
+    }
+}
+
+impl MaglevTable {
+    /// The table entry a flow hash falls on: a multiply-shift range reduction, which (unlike `%`)
+    /// the verifier can bound.
+    #[inline(always)]
+    pub fn index(hash: u32) -> usize {
+        ((hash as u64 * MAGLEV_TABLE_SIZE as u64) >> 32) as usize
+    }
+}
+
+/// Hash of the parts of a flow every ingress node sees alike: the client's address and port and
+/// the service port, not the node address the client happened to use. The same function runs
+/// in the kernel and in user space (tests and tools), so it must stay pure integer arithmetic.
+#[inline(always)]
+pub fn flow_hash(client: &Addr, sport_be: u16, dport_be: u16, proto: u8) -> u32 {
+    let b = &client.bytes;
+    let word = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+    let mut h = 0x9747_b28c_u32 ^ proto as u32;
+    h = mix(h, word(0));
+    h = mix(h, word(4));
+    h = mix(h, word(8));
+    h = mix(h, word(12));
+    h = mix(h, ((sport_be as u32) << 16) | dport_be as u32);
+    // murmur3's finaliser: every input bit reaches every output bit.
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
+#[inline(always)]
+fn mix(h: u32, k: u32) -> u32 {
+    let k = k
+        .wrapping_mul(0xcc9e_2d51)
+        .rotate_left(15)
+        .wrapping_mul(0x1b87_3593);
+    (h ^ k)
+        .rotate_left(13)
+        .wrapping_mul(5)
+        .wrapping_add(0xe654_6b64)
+}
+
+/// How the node runs: one entry, written by the agent before any program is attached.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodeConfig {
+    /// Source address a pod sees when its own service sends it its own connection (hairpin).
+    pub hairpin_v4: Addr,
+    pub hairpin_v6: Addr,
+    /// The collect-metadata tunnel device (VXLAN or IPIP); 0 when there is none.
+    pub tunnel_ifindex: u32,
     pub flags: u32,
+}
+
+pub mod node_flags {
+    /// Remote backends of external traffic reply straight to the client (direct server return)
+    /// instead of through the ingress node.
+    pub const DSR: u32 = 1 << 0;
+}
+
+/// Tunnel ids (the VXLAN VNI) say how the receiving node must treat a packet.
+pub mod tunnel_id {
+    /// Already translated by the ingress node; replies go back to it through the tunnel.
+    pub const NAT_AT_INGRESS: u32 = 1;
+    /// Untranslated: the receiving node picks a local backend, translates, and replies directly.
+    pub const DSR: u32 = 2;
+}
+
+/// A client's backend under `sessionAffinity: ClientIP`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AffinityKey {
+    pub client: Addr,
+    pub service_id: u32,
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AffinityValue {
+    pub last_used_ns: u64,
+    pub backend_id: u32,
+    /// The slot the backend was found at: if the slot names another backend now, the
+    /// affinity is void (the endpoint left the service).
+    pub slot: u32,
 }
 
 /// A connection as seen in one direction: the packet's own source and destination.
@@ -157,6 +325,20 @@ pub mod ct_kind {
     pub const FORWARD: u8 = 1;
     /// Backend to client: rewrite the source to `nat_addr:nat_port` (the service frontend).
     pub const REVERSE: u8 = 2;
+    /// Send the packet unchanged into the tunnel towards `tunnel_peer`: DSR traffic at the
+    /// ingress node, and replies at a backend's node that return through the ingress node.
+    pub const ENCAP: u8 = 3;
+}
+
+/// Conntrack entry flags.
+pub mod ct_flags {
+    /// Hairpin: the client is its own backend. FORWARD also rewrites the source to the node's
+    /// hairpin address; REVERSE also rewrites the destination back to the client.
+    pub const HAIRPIN: u8 = 1 << 0;
+    /// FORWARD: after translation, send into the tunnel towards `tunnel_peer`.
+    pub const TUNNEL: u8 = 1 << 1;
+    /// ENCAP: tag the tunnel packet for DSR handling at the other end.
+    pub const DSR: u8 = 1 << 2;
 }
 
 /// TCP flags seen in one direction of a connection; the agent derives the connection state
@@ -177,12 +359,17 @@ pub struct CtValue {
     /// bit is seen for the first time.
     pub last_seen_ns: u64,
     pub nat_addr: Addr,
+    /// Underlay address of the node at the other end of the tunnel (`ct_flags::TUNNEL`, ENCAP).
+    pub tunnel_peer: Addr,
     pub backend_id: u32,
     /// Network byte order.
     pub nat_port_be: u16,
     pub kind: u8,
     /// `ct_seen` bits of packets matching this entry's key.
     pub seen: u8,
+    pub flags: u8,
+    pub tunnel_family: u8,
+    pub _pad: [u8; 6],
 }
 
 /// How stale `last_seen_ns` may get before the fast path writes it again: expiry runs in seconds,
@@ -194,38 +381,57 @@ pub const CT_REFRESH_NS: u64 = 1_000_000_000;
 pub mod counter {
     pub const CT_FORWARD_HIT: u32 = 0;
     pub const CT_REVERSE_HIT: u32 = 1;
-    pub const CT_NEW_FLOW: u32 = 2;
-    pub const ICMP_ERROR_NAT: u32 = 3;
-    pub const PASS_NOT_IP: u32 = 4;
-    pub const PASS_FRAGMENT: u32 = 5;
-    pub const PASS_OTHER_PROTO: u32 = 6;
-    pub const PASS_NO_SERVICE: u32 = 7;
-    pub const PASS_ICMP_UNRELATED: u32 = 8;
-    pub const DROP_TRUNCATED: u32 = 9;
-    pub const DROP_MALFORMED: u32 = 10;
-    pub const DROP_NO_BACKEND: u32 = 11;
-    pub const DROP_BACKEND_MISSING: u32 = 12;
-    pub const DROP_CT_FULL: u32 = 13;
-    pub const DROP_REWRITE_FAILED: u32 = 14;
-    pub const COUNT: u32 = 15;
+    pub const CT_ENCAP_HIT: u32 = 2;
+    pub const CT_NEW_FLOW: u32 = 3;
+    /// A new flow to a remote backend, sent into the tunnel.
+    pub const CT_NEW_TUNNEL: u32 = 4;
+    /// A flow another node translated arrived through the tunnel; its replies will return.
+    pub const CT_NEW_FROM_TUNNEL: u32 = 5;
+    /// A further packet of such a flow.
+    pub const CT_FROM_TUNNEL_HIT: u32 = 6;
+    pub const ICMP_ERROR_NAT: u32 = 7;
+    pub const REJECT_NO_BACKEND: u32 = 8;
+    pub const PASS_NOT_IP: u32 = 9;
+    pub const PASS_FRAGMENT: u32 = 10;
+    pub const PASS_OTHER_PROTO: u32 = 11;
+    pub const PASS_NO_SERVICE: u32 = 12;
+    pub const PASS_ICMP_UNRELATED: u32 = 13;
+    pub const PASS_IPV6_EXTENSION: u32 = 14;
+    pub const DROP_TRUNCATED: u32 = 15;
+    pub const DROP_MALFORMED: u32 = 16;
+    pub const DROP_NO_LOCAL_BACKEND: u32 = 17;
+    pub const DROP_BACKEND_MISSING: u32 = 18;
+    pub const DROP_CT_FULL: u32 = 19;
+    pub const DROP_REWRITE_FAILED: u32 = 20;
+    pub const DROP_TUNNEL_FAILED: u32 = 21;
+    pub const DROP_REJECT_FAILED: u32 = 22;
+    pub const COUNT: u32 = 23;
 
     /// Names for display, indexed by counter.
     pub const NAMES: [&str; COUNT as usize] = [
         "ct_forward_hit",
         "ct_reverse_hit",
+        "ct_encap_hit",
         "ct_new_flow",
+        "ct_new_tunnel",
+        "ct_new_from_tunnel",
+        "ct_from_tunnel_hit",
         "icmp_error_nat",
+        "reject_no_backend",
         "pass_not_ip",
         "pass_fragment",
         "pass_other_proto",
         "pass_no_service",
         "pass_icmp_unrelated",
+        "pass_ipv6_extension",
         "drop_truncated",
         "drop_malformed",
-        "drop_no_backend",
+        "drop_no_local_backend",
         "drop_backend_missing",
         "drop_ct_full",
         "drop_rewrite_failed",
+        "drop_tunnel_failed",
+        "drop_reject_failed",
     ];
 }
 
@@ -245,14 +451,29 @@ mod pod {
     unsafe impl aya::Pod for CtKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for CtValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for HostAddrKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for MaglevTable {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for NodeConfig {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for AffinityKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for AffinityValue {}
 }
 
 // The layouts are part of the pinned-map ABI: fail the build, not the kernel, if they move.
 const _: () = {
     assert!(core::mem::size_of::<FrontendKey>() == 20);
-    assert!(core::mem::size_of::<ServiceValue>() == 16);
+    assert!(core::mem::size_of::<ServiceValue>() == 24);
     assert!(core::mem::size_of::<BackendSlotKey>() == 8);
-    assert!(core::mem::size_of::<BackendValue>() == 24);
+    assert!(core::mem::size_of::<BackendValue>() == 40);
+    assert!(core::mem::size_of::<HostAddrKey>() == 20);
+    assert!(core::mem::size_of::<MaglevTable>() == 4 * MAGLEV_TABLE_SIZE + 4);
+    assert!(core::mem::size_of::<NodeConfig>() == 40);
+    assert!(core::mem::size_of::<AffinityKey>() == 24);
+    assert!(core::mem::size_of::<AffinityValue>() == 16);
     assert!(core::mem::size_of::<CtKey>() == 40);
-    assert!(core::mem::size_of::<CtValue>() == 40);
+    assert!(core::mem::size_of::<CtValue>() == 64);
 };

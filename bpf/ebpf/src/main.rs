@@ -1,100 +1,118 @@
-//! Weir's tc programs: service NAT with a BPF conntrack.
+//! Weir's tc programs: service NAT with a BPF conntrack, for IPv4 and IPv6.
 //!
 //! `weir_ingress` runs on every packet entering the node: from pods (ingress of the host side of
-//! their veth) and from the network (ingress of host interfaces). A packet whose 5-tuple has a
-//! conntrack entry takes the fast path and never touches the service maps; the first packet of a
-//! flow to a service frontend picks a backend, records the flow in both directions and is DNATed.
-//! Replies are un-NATed by their reverse entry wherever they enter the node, so no SNAT is ever
-//! applied and backends see the client's own address.
+//! their veth), from the network (ingress of host interfaces) and from the tunnel device. A
+//! packet whose 5-tuple has a conntrack entry takes the fast path and never touches the service
+//! maps; the first packet of a flow to a service frontend picks a backend, records the flow in
+//! both directions and is DNATed. Replies are un-NATed by their reverse entry wherever they
+//! enter the node, so no SNAT is ever applied and backends see the client's own address (the
+//! one exception is hairpin, where the client is its own backend).
+//!
+//! External traffic (NodePort, load-balancer and external IPs) whose backend runs on another
+//! node travels there through a collect-metadata tunnel device. Either the ingress node
+//! translates and the backend's node sends replies back through the tunnel, or (DSR) the
+//! ingress node forwards the packet untranslated and the backend's node translates and replies
+//! straight to the client.
 //!
 //! Every packet ends in exactly one counted outcome; a rewrite is applied whole or the packet is
 //! dropped, never passed half-rewritten.
 #![no_std]
 #![no_main]
 
+mod icmp;
+mod lb;
+mod maps;
+mod packet;
+mod tunnel;
+
 use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT},
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
-    macros::{classifier, map},
-    maps::{HashMap, LruHashMap, PerCpuArray},
+    bindings::{BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT},
+    helpers::bpf_redirect,
+    macros::classifier,
     programs::TcContext,
 };
 use weir_common::{
-    capacity, counter, ct_kind, ct_seen, Addr, BackendSlotKey, BackendValue, CtKey, CtValue,
-    FrontendKey, ServiceValue, CT_REFRESH_NS, FAMILY_V4, PROTO_ICMP, PROTO_TCP, PROTO_UDP,
+    backend_flags, counter, ct_flags, ct_kind, ct_seen, service_flags, tunnel_id, Addr,
+    BackendValue, CtKey, CtValue, FrontendKey, HostAddrKey, NodeConfig, ServiceValue,
+    CT_REFRESH_NS, FAMILY_V4, PROTO_TCP, PROTO_UDP,
 };
 
-/// Service maps change only from user space, so they need no preallocation.
-const BPF_F_NO_PREALLOC: u32 = 1;
+use crate::lb::{select_backend, NO_BACKEND};
+use crate::maps::{count, node_config, BACKENDS, CONNTRACK, HOST_ADDRS, SERVICES};
+use crate::packet::{
+    ct_key, ktime, load, parse, rewrite_l4, swap_macs, Ip, NotForUs, Side, TCP_FLAGS, TCP_MIN_HLEN,
+    UDP_HLEN,
+};
+use crate::tunnel::{arrival, encap, Arrival};
 
-#[map(name = "WEIR_SERVICES")]
-static SERVICES: HashMap<FrontendKey, ServiceValue> =
-    HashMap::with_max_entries(capacity::SERVICES, BPF_F_NO_PREALLOC);
+/// A decision on a packet: the tc action and the counter that accounts for it, packed in one
+/// register. Not an enum or a struct: BPF calls return one register, larger returns go through a
+/// pointer the verifier will not let a function leave behind, and an enum's unused fields are
+/// undefined bytes the verifier refuses to copy.
+#[derive(Clone, Copy)]
+#[repr(transparent)]
+pub struct Verdict(u64);
 
-#[map(name = "WEIR_BACKEND_SLOTS")]
-static BACKEND_SLOTS: HashMap<BackendSlotKey, u32> =
-    HashMap::with_max_entries(capacity::BACKEND_SLOTS, BPF_F_NO_PREALLOC);
+/// Not a tc action: asks the entry function to answer with "port unreachable".
+const ACTION_REJECT: i32 = -1000;
 
-#[map(name = "WEIR_BACKENDS")]
-static BACKENDS: HashMap<u32, BackendValue> =
-    HashMap::with_max_entries(capacity::BACKENDS, BPF_F_NO_PREALLOC);
+impl Verdict {
+    #[inline(always)]
+    pub fn new(counter: u32, action: i32) -> Verdict {
+        Verdict(((action as u32 as u64) << 32) | counter as u64)
+    }
 
-#[map(name = "WEIR_CONNTRACK")]
-static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::with_max_entries(capacity::CONNTRACK, 0);
+    #[inline(always)]
+    pub fn counter(self) -> u32 {
+        self.0 as u32
+    }
 
-#[map(name = "WEIR_COUNTERS")]
-static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+    #[inline(always)]
+    pub fn action(self) -> i32 {
+        (self.0 >> 32) as u32 as i32
+    }
 
-const ETH_HLEN: usize = 14;
-const ETH_P_IP: u16 = 0x0800;
-const IP_OFF: usize = ETH_HLEN;
-const IP_MIN_HLEN: usize = 20;
-const IP_CSUM_OFF: usize = IP_OFF + 10;
-const IP_SADDR_OFF: usize = IP_OFF + 12;
-const IP_DADDR_OFF: usize = IP_OFF + 16;
-/// Fragment offset and More Fragments; DF alone is not a fragment.
-const IP_FRAG_MASK: u16 = 0x3fff;
+    #[inline(always)]
+    pub fn pass(counter: u32) -> Verdict {
+        Verdict::new(counter, TC_ACT_OK as i32)
+    }
 
-const TCP_MIN_HLEN: usize = 20;
-const TCP_CSUM: usize = 16;
-const TCP_FLAGS: usize = 13;
-const TCP_FIN: u8 = 0x01;
-const TCP_SYN: u8 = 0x02;
-const TCP_RST: u8 = 0x04;
-const TCP_ACK: u8 = 0x10;
-const UDP_HLEN: usize = 8;
-const UDP_CSUM: usize = 6;
-const ICMP_HLEN: usize = 8;
-const ICMP_CSUM: usize = 2;
-/// An ICMP error quotes the offending packet's IP header and at least 8 bytes of its payload:
-/// enough for both ports of TCP and UDP.
-const ICMP_QUOTED_L4: usize = 8;
-const ICMP_DEST_UNREACH: u8 = 3;
-const ICMP_TIME_EXCEEDED: u8 = 11;
-const ICMP_PARAMETERPROB: u8 = 12;
+    /// The packet was redirected (into the tunnel, or back out of its interface): `action` is
+    /// what the redirect helper returned.
+    #[inline(always)]
+    pub fn redirect(counter: u32, action: i32) -> Verdict {
+        Verdict::new(counter, action)
+    }
 
-/// A decision on a packet, each with the counter that accounts for it.
-enum Verdict {
-    Pass(u32),
-    Drop(u32),
+    #[inline(always)]
+    pub fn drop(counter: u32) -> Verdict {
+        Verdict::new(counter, TC_ACT_SHOT as i32)
+    }
+
+    /// For calls that must not return more than a register: errors become drop verdicts.
+    #[inline(always)]
+    pub fn from_result(result: Result<Verdict, u32>) -> Verdict {
+        match result {
+            Ok(verdict) => verdict,
+            Err(counter) => Verdict::drop(counter),
+        }
+    }
+
+    /// The service has no endpoint: answer with "port unreachable".
+    #[inline(always)]
+    pub fn reject() -> Verdict {
+        Verdict::new(counter::REJECT_NO_BACKEND, ACTION_REJECT)
+    }
 }
 
 #[classifier]
 pub fn weir_ingress(ctx: TcContext) -> i32 {
     let verdict = match process(&ctx) {
         Ok(verdict) => verdict,
-        Err(counter) => Verdict::Drop(counter),
+        Err(c) => Verdict::drop(c),
     };
-    match verdict {
-        Verdict::Pass(c) => {
-            count(c);
-            TC_ACT_OK as i32
-        }
-        Verdict::Drop(c) => {
-            count(c);
-            TC_ACT_SHOT as i32
-        }
-    }
+    count(verdict.counter());
+    verdict.action()
 }
 
 /// The baseline for per-packet cost figures: the same attach point doing nothing.
@@ -103,115 +121,76 @@ pub fn weir_pass(_ctx: TcContext) -> i32 {
     TC_ACT_OK as i32
 }
 
-#[inline(always)]
-fn count(index: u32) {
-    if let Some(slot) = COUNTERS.get_ptr_mut(index) {
-        // SAFETY: a per-CPU slot is only written by this CPU, and a preempted increment would at
-        // worst lose one count; the pointer comes from a successful lookup.
-        unsafe { *slot += 1 };
-    }
-}
-
-/// Reads a header field through `bpf_skb_load_bytes`, which copes with variable offsets (IP
-/// options) and paged skbs alike; reading past the end of the packet means it was truncated.
-#[inline(always)]
-fn load<T>(ctx: &TcContext, off: usize) -> Result<T, u32> {
-    ctx.load::<T>(off).map_err(|_| counter::DROP_TRUNCATED)
-}
-
-/// The fixed IPv4 header, loaded in one helper call.
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct Ipv4Header {
-    version_ihl: u8,
-    tos: u8,
-    total_len_be: u16,
-    id_be: u16,
-    frag_be: u16,
-    ttl: u8,
-    proto: u8,
-    csum: u16,
-    saddr: u32,
-    daddr: u32,
-}
-
-/// The parts of an IPv4 header the program acts on.
-struct Ipv4 {
-    saddr: u32,
-    daddr: u32,
-    proto: u8,
-    l4_off: usize,
-    /// Bytes of L3 payload according to the header, which bounds what L4 may claim.
-    payload_len: usize,
-}
-
 fn process(ctx: &TcContext) -> Result<Verdict, u32> {
-    let ethertype = u16::from_be(load::<u16>(ctx, 12)?);
-    if ethertype != ETH_P_IP {
-        return Ok(Verdict::Pass(counter::PASS_NOT_IP));
-    }
-    let ip = match parse_ipv4(ctx)? {
-        Some(ip) => ip,
-        None => return Ok(Verdict::Pass(counter::PASS_FRAGMENT)),
+    let mut ip = match parse(ctx) {
+        Ok(ip) => ip,
+        Err(NotForUs::Pass(c)) => return Ok(Verdict::pass(c)),
+        Err(NotForUs::Drop(c)) => return Err(c),
     };
-    match ip.proto {
-        PROTO_TCP | PROTO_UDP => nat_flow(ctx, &ip),
-        PROTO_ICMP => icmp_error(ctx, &ip),
-        _ => Ok(Verdict::Pass(counter::PASS_OTHER_PROTO)),
+    let config = node_config();
+    let from_tunnel = arrival(ctx, config);
+    let verdict = match ip.proto {
+        PROTO_TCP | PROTO_UDP => flow(ctx, &mut ip, config, &from_tunnel),
+        _ => icmp::icmp_error(ctx, &ip),
+    };
+    // Answered here, not deeper down, to keep the call chain's stack within the verifier's limit.
+    if verdict.action() == ACTION_REJECT {
+        let action = icmp::reject(ctx, &ip)?;
+        return Ok(Verdict::redirect(counter::REJECT_NO_BACKEND, action));
     }
-}
-
-/// Validates the header; `None` for a fragment, which carries no ports to match on.
-#[inline(always)]
-fn parse_ipv4(ctx: &TcContext) -> Result<Option<Ipv4>, u32> {
-    let header: Ipv4Header = load(ctx, IP_OFF)?;
-    let ihl = ((header.version_ihl & 0x0f) as usize) * 4;
-    if header.version_ihl >> 4 != 4 || ihl < IP_MIN_HLEN {
-        return Err(counter::DROP_MALFORMED);
+    if from_tunnel.is_some() {
+        tunnel::accept_inner(ctx);
     }
-    let total_len = u16::from_be(header.total_len_be) as usize;
-    if total_len < ihl {
-        return Err(counter::DROP_MALFORMED);
-    }
-    if (ctx.len() as usize) < IP_OFF + total_len {
-        return Err(counter::DROP_TRUNCATED);
-    }
-    if u16::from_be(header.frag_be) & IP_FRAG_MASK != 0 {
-        return Ok(None);
-    }
-    Ok(Some(Ipv4 {
-        saddr: header.saddr,
-        daddr: header.daddr,
-        proto: header.proto,
-        l4_off: IP_OFF + ihl,
-        payload_len: total_len - ihl,
-    }))
+    Ok(verdict)
 }
 
 #[inline(always)]
-fn addr4(raw: u32) -> Addr {
-    Addr::from_v4(raw.to_ne_bytes())
-}
-
-#[inline(always)]
-fn raw4(addr: &Addr) -> u32 {
-    u32::from_ne_bytes(addr.v4_octets())
-}
-
-#[inline(always)]
-fn ct_key(saddr: u32, daddr: u32, sport_be: u16, dport_be: u16, proto: u8) -> CtKey {
-    CtKey {
-        saddr: addr4(saddr),
-        daddr: addr4(daddr),
-        sport_be,
-        dport_be,
-        proto,
-        family: FAMILY_V4,
-        _pad: 0,
+fn tcp_seen_bits(flags: u8) -> u8 {
+    const FIN: u8 = 0x01;
+    const SYN: u8 = 0x02;
+    const RST: u8 = 0x04;
+    const ACK: u8 = 0x10;
+    let mut seen = 0;
+    if flags & SYN != 0 {
+        seen |= ct_seen::SYN;
     }
+    if flags & ACK != 0 {
+        seen |= ct_seen::ACK;
+    }
+    if flags & FIN != 0 {
+        seen |= ct_seen::FIN;
+    }
+    if flags & RST != 0 {
+        seen |= ct_seen::RST;
+    }
+    seen
 }
 
-fn nat_flow(ctx: &TcContext, ip: &Ipv4) -> Result<Verdict, u32> {
+/// The facts of a TCP or UDP packet the flow path needs beyond its IP header.
+pub struct Flow {
+    pub key: CtKey,
+    pub now: u64,
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub seen: u8,
+    /// For a new flow: the chosen backend is on another node, reached through the tunnel.
+    pub remote: bool,
+    pub backend_id: u32,
+}
+
+/// Calls return at most a register: the verdict, never a `Result` (see [`Verdict`]).
+#[inline(never)]
+fn flow(ctx: &TcContext, ip: &mut Ip, config: &NodeConfig, from_tunnel: &Arrival) -> Verdict {
+    Verdict::from_result(flow_inner(ctx, ip, config, from_tunnel))
+}
+
+#[inline(always)]
+fn flow_inner(
+    ctx: &TcContext,
+    ip: &mut Ip,
+    config: &NodeConfig,
+    from_tunnel: &Arrival,
+) -> Result<Verdict, u32> {
     let l4_min = if ip.proto == PROTO_TCP {
         TCP_MIN_HLEN
     } else {
@@ -226,301 +205,268 @@ fn nat_flow(ctx: &TcContext, ip: &Ipv4) -> Result<Verdict, u32> {
     } else {
         0
     };
-    let key = ct_key(ip.saddr, ip.daddr, sport_be, dport_be, ip.proto);
-    let now = unsafe_ktime();
+    let mut flow = Flow {
+        key: ct_key(ip, sport_be, dport_be),
+        now: ktime(),
+        sport_be,
+        dport_be,
+        seen,
+        remote: false,
+        backend_id: 0,
+    };
 
-    if let Some(entry) = CONNTRACK.get_ptr_mut(&key) {
+    if let Some(entry) = CONNTRACK.get_ptr_mut(&flow.key) {
         // SAFETY: the pointer comes from a successful lookup and stays valid for this program
         // run; concurrent writers only touch last_seen/seen, where a lost update is harmless.
         let entry = unsafe { &mut *entry };
-        if entry.seen | seen != entry.seen || now.wrapping_sub(entry.last_seen_ns) > CT_REFRESH_NS {
-            entry.seen |= seen;
-            entry.last_seen_ns = now;
-        }
-        let (kind, nat_addr, nat_port_be) = (entry.kind, raw4(&entry.nat_addr), entry.nat_port_be);
-        return if kind == ct_kind::FORWARD {
-            rewrite_l4(ctx, ip, Side::Destination, nat_addr, nat_port_be)?;
-            Ok(Verdict::Pass(counter::CT_FORWARD_HIT))
-        } else {
-            rewrite_l4(ctx, ip, Side::Source, nat_addr, nat_port_be)?;
-            Ok(Verdict::Pass(counter::CT_REVERSE_HIT))
-        };
+        refresh(entry, seen, flow.now);
+        return Ok(apply(ctx, ip, entry, config));
     }
 
-    let frontend = FrontendKey {
-        addr: addr4(ip.daddr),
-        port_be: dport_be,
+    if from_tunnel.id == tunnel_id::NAT_AT_INGRESS {
+        return Ok(tunnel::remember_return(
+            &flow.key,
+            from_tunnel,
+            seen,
+            flow.now,
+        ));
+    }
+
+    let Some(service) = find_service(ip, dport_be, from_tunnel.is_some()) else {
+        return Ok(Verdict::pass(counter::PASS_NO_SERVICE));
+    };
+    // A DSR packet was sent here because this node has a backend: only local ones qualify.
+    let local_only = service.flags & service_flags::LOCAL_ONLY != 0 || from_tunnel.is_some();
+    let backend_id = select_backend(ip, &flow, service, local_only)?;
+    if backend_id == NO_BACKEND {
+        return Ok(Verdict::reject());
+    }
+    let Some(backend) = BACKENDS.get_ptr(&backend_id) else {
+        return Err(counter::DROP_BACKEND_MISSING);
+    };
+    // SAFETY: as above.
+    let backend = unsafe { &*backend };
+    flow.backend_id = backend_id;
+    flow.remote = service.flags & service_flags::EXTERNAL != 0
+        && from_tunnel.is_none()
+        && backend.flags & backend_flags::LOCAL == 0
+        && backend.node_family != 0
+        && config.tunnel_ifindex != 0;
+    let outcome = new_flow(ip, &flow, backend)?;
+    // The entry now exists (ours, or another CPU's that won the race): translate as it says.
+    let Some(entry) = CONNTRACK.get_ptr(&flow.key) else {
+        return Err(counter::DROP_CT_FULL);
+    };
+    // SAFETY: the pointer comes from a successful lookup and stays valid for this run.
+    let translated = apply(ctx, ip, unsafe { &*entry }, config);
+    if translated.action() == TC_ACT_SHOT as i32 {
+        return Ok(translated);
+    }
+    Ok(Verdict::redirect(outcome, translated.action()))
+}
+
+/// Records a new flow in conntrack, in both directions where this node translates. Returns the
+/// counter the flow's first packet accounts to.
+#[inline(never)]
+fn new_flow(ip: &Ip, flow: &Flow, backend: &BackendValue) -> Result<u32, u32> {
+    let config = node_config();
+    let now = flow.now;
+    if flow.remote && config.flags & weir_common::node_flags::DSR != 0 {
+        // The backend's node translates: this node only remembers where the flow goes.
+        let forward = CtValue {
+            created_ns: now,
+            last_seen_ns: now,
+            backend_id: flow.backend_id,
+            kind: ct_kind::ENCAP,
+            seen: flow.seen,
+            flags: ct_flags::DSR,
+            tunnel_peer: backend.node_addr,
+            tunnel_family: backend.node_family,
+            ..CtValue::default()
+        };
+        // Losing the race to another CPU is fine: its entry is followed.
+        let _ = CONNTRACK.insert(&flow.key, &forward, BPF_NOEXIST as u64);
+        return Ok(counter::CT_NEW_TUNNEL);
+    }
+
+    let hairpin_source = hairpin_addr(config, ip.family);
+    let hairpin = !flow.remote
+        && backend.family == ip.family
+        && backend.addr == ip.saddr
+        && hairpin_source != Addr::UNSPECIFIED;
+    // Replies come from the backend to the client, or to the hairpin address.
+    let reverse_key = CtKey {
+        saddr: backend.addr,
+        daddr: if hairpin { hairpin_source } else { ip.saddr },
+        sport_be: backend.port_be,
+        dport_be: flow.sport_be,
         proto: ip.proto,
-        family: FAMILY_V4,
+        family: ip.family,
+        _pad: 0,
     };
-    // SAFETY: the value is copied out at once; the agent replaces entries whole.
-    let service = match unsafe { SERVICES.get(&frontend) } {
-        Some(service) => *service,
-        None => return Ok(Verdict::Pass(counter::PASS_NO_SERVICE)),
-    };
-    if service.backend_count == 0 {
-        return Err(counter::DROP_NO_BACKEND);
-    }
-    let slot = BackendSlotKey {
-        service_id: service.service_id,
-        slot: unsafe_prandom() % service.backend_count,
-    };
-    // SAFETY: copied out at once, as above.
-    let backend_id = match unsafe { BACKEND_SLOTS.get(&slot) } {
-        Some(id) => *id,
-        None => return Err(counter::DROP_BACKEND_MISSING),
-    };
-    // SAFETY: copied out at once, as above.
-    let backend = match unsafe { BACKENDS.get(&backend_id) } {
-        Some(backend) => *backend,
-        None => return Err(counter::DROP_BACKEND_MISSING),
-    };
-    let backend_addr = raw4(&backend.addr);
-
-    let forward = CtValue {
+    let mut entry = CtValue {
         created_ns: now,
         last_seen_ns: now,
-        nat_addr: backend.addr,
-        backend_id,
-        nat_port_be: backend.port_be,
-        kind: ct_kind::FORWARD,
-        seen,
-    };
-    if CONNTRACK
-        .insert(&key, &forward, BPF_NOEXIST as u64)
-        .is_err()
-    {
-        // Another CPU created the flow between our lookup and insert: follow its choice.
-        // SAFETY: copied out at once.
-        return match unsafe { CONNTRACK.get(&key) } {
-            Some(existing) if existing.kind == ct_kind::FORWARD => {
-                let (addr, port) = (raw4(&existing.nat_addr), existing.nat_port_be);
-                rewrite_l4(ctx, ip, Side::Destination, addr, port)?;
-                Ok(Verdict::Pass(counter::CT_FORWARD_HIT))
-            }
-            _ => Err(counter::DROP_CT_FULL),
-        };
-    }
-    let reverse_key = ct_key(backend_addr, ip.saddr, backend.port_be, sport_be, ip.proto);
-    let reverse = CtValue {
-        created_ns: now,
-        last_seen_ns: now,
-        nat_addr: frontend.addr,
-        backend_id,
-        nat_port_be: dport_be,
+        nat_addr: ip.daddr,
+        backend_id: flow.backend_id,
+        nat_port_be: flow.dport_be,
         kind: ct_kind::REVERSE,
-        seen: 0,
+        flags: if hairpin { ct_flags::HAIRPIN } else { 0 },
+        ..CtValue::default()
     };
-    if CONNTRACK.insert(&reverse_key, &reverse, 0).is_err() {
-        // Without its reverse entry the flow's replies would leak the backend address: undo.
-        let _ = CONNTRACK.remove(&key);
+    // The reverse entry first: a forward entry without it would leak the backend's address.
+    if CONNTRACK
+        .insert(&reverse_key, &entry, BPF_NOEXIST as u64)
+        .is_err()
+        && CONNTRACK.get_ptr(&reverse_key).is_none()
+    {
         return Err(counter::DROP_CT_FULL);
     }
-    rewrite_l4(ctx, ip, Side::Destination, backend_addr, backend.port_be)?;
-    Ok(Verdict::Pass(counter::CT_NEW_FLOW))
+    entry.kind = ct_kind::FORWARD;
+    entry.nat_addr = backend.addr;
+    entry.nat_port_be = backend.port_be;
+    entry.seen = flow.seen;
+    entry.flags = if hairpin {
+        ct_flags::HAIRPIN
+    } else if flow.remote {
+        ct_flags::TUNNEL
+    } else {
+        0
+    };
+    // For hairpin the peer field holds the source the backend will see, so user space can
+    // pair the two entries.
+    (entry.tunnel_peer, entry.tunnel_family) = if hairpin {
+        (hairpin_source, ip.family)
+    } else {
+        (backend.node_addr, backend.node_family)
+    };
+    // Losing the race to another CPU is fine: its entry is followed.
+    let _ = CONNTRACK.insert(&flow.key, &entry, BPF_NOEXIST as u64);
+    Ok(if flow.remote {
+        counter::CT_NEW_TUNNEL
+    } else {
+        counter::CT_NEW_FLOW
+    })
 }
 
 #[inline(always)]
-fn tcp_seen_bits(flags: u8) -> u8 {
-    let mut seen = 0;
-    if flags & TCP_SYN != 0 {
-        seen |= ct_seen::SYN;
+fn refresh(entry: &mut CtValue, seen: u8, now: u64) {
+    if entry.seen | seen != entry.seen || now.wrapping_sub(entry.last_seen_ns) > CT_REFRESH_NS {
+        entry.seen |= seen;
+        entry.last_seen_ns = now;
     }
-    if flags & TCP_ACK != 0 {
-        seen |= ct_seen::ACK;
-    }
-    if flags & TCP_FIN != 0 {
-        seen |= ct_seen::FIN;
-    }
-    if flags & TCP_RST != 0 {
-        seen |= ct_seen::RST;
-    }
-    seen
+}
+
+/// Does to the packet what its conntrack entry says.
+#[inline(never)]
+fn apply(ctx: &TcContext, ip: &mut Ip, entry: &CtValue, config: &NodeConfig) -> Verdict {
+    Verdict::from_result(apply_inner(ctx, ip, entry, config))
 }
 
 #[inline(always)]
-fn unsafe_ktime() -> u64 {
-    // SAFETY: a helper without arguments or side effects.
-    unsafe { bpf_ktime_get_ns() }
-}
-
-#[inline(always)]
-fn unsafe_prandom() -> u32 {
-    // SAFETY: a helper without arguments or side effects.
-    unsafe { bpf_get_prandom_u32() }
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Side {
-    Source,
-    Destination,
-}
-
-/// Rewrites one side's address and port of a TCP or UDP packet, with incremental checksum
-/// updates. Any failing step drops the packet, which the caller's error path counts.
-#[inline(always)]
-fn rewrite_l4(
+fn apply_inner(
     ctx: &TcContext,
-    ip: &Ipv4,
-    side: Side,
-    new_addr: u32,
-    new_port_be: u16,
-) -> Result<(), u32> {
-    let (addr_off, port_off) = match side {
-        Side::Source => (IP_SADDR_OFF, ip.l4_off),
-        Side::Destination => (IP_DADDR_OFF, ip.l4_off + 2),
-    };
-    let old_addr = if side == Side::Source {
-        ip.saddr
-    } else {
-        ip.daddr
-    };
-    let old_port: u16 = load(ctx, port_off)?;
-
-    // UDP marks a checksum that computes to zero as 0xffff, since zero means "none".
-    let (csum_off, mangled) = if ip.proto == PROTO_TCP {
-        (ip.l4_off + TCP_CSUM, 0u64)
-    } else {
-        (ip.l4_off + UDP_CSUM, BPF_F_MARK_MANGLED_0 as u64)
-    };
-    // A zero UDP checksum means "none": leave it so, rather than invent one.
-    let has_l4_csum = ip.proto == PROTO_TCP || load::<u16>(ctx, csum_off)? != 0;
-    let failed = counter::DROP_REWRITE_FAILED;
-    if has_l4_csum {
-        // The address is covered through the pseudo header, the port directly.
-        let addr_flags = mangled | BPF_F_PSEUDO_HDR as u64 | 4;
-        ctx.l4_csum_replace(csum_off, old_addr as u64, new_addr as u64, addr_flags)
-            .map_err(|_| failed)?;
-        ctx.l4_csum_replace(csum_off, old_port as u64, new_port_be as u64, mangled | 2)
-            .map_err(|_| failed)?;
-    }
-    ctx.l3_csum_replace(IP_CSUM_OFF, old_addr as u64, new_addr as u64, 4)
-        .map_err(|_| failed)?;
-    ctx.store(addr_off, &new_addr, 0).map_err(|_| failed)?;
-    ctx.store(port_off, &new_port_be, 0).map_err(|_| failed)?;
-    Ok(())
-}
-
-/// ICMP errors about a NATed flow quote the packet as the other side sent it: translate the quote
-/// and the outer header back, as the conntrack entry of the error's own direction says, so that
-/// (for example) a client's "port unreachable" or "fragmentation needed" names the service, not
-/// the backend. Everything else ICMP passes untouched.
-fn icmp_error(ctx: &TcContext, ip: &Ipv4) -> Result<Verdict, u32> {
-    if ip.payload_len < ICMP_HLEN {
-        return Err(counter::DROP_TRUNCATED);
-    }
-    let icmp_type: u8 = load(ctx, ip.l4_off)?;
-    if !matches!(
-        icmp_type,
-        ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETERPROB
-    ) {
-        return Ok(Verdict::Pass(counter::PASS_ICMP_UNRELATED));
-    }
-    let inner_ip = ip.l4_off + ICMP_HLEN;
-    if ip.payload_len < ICMP_HLEN + IP_MIN_HLEN + ICMP_QUOTED_L4 {
-        return Ok(Verdict::Pass(counter::PASS_ICMP_UNRELATED));
-    }
-    let inner: Ipv4Header = load(ctx, inner_ip)?;
-    let inner_ihl = ((inner.version_ihl & 0x0f) as usize) * 4;
-    let inner_proto = inner.proto;
-    if inner.version_ihl >> 4 != 4
-        || inner_ihl < IP_MIN_HLEN
-        || !(inner_proto == PROTO_TCP || inner_proto == PROTO_UDP)
-        || ip.payload_len < ICMP_HLEN + inner_ihl + ICMP_QUOTED_L4
-    {
-        return Ok(Verdict::Pass(counter::PASS_ICMP_UNRELATED));
-    }
-    let inner_l4 = inner_ip + inner_ihl;
-    let (inner_saddr, inner_daddr) = (inner.saddr, inner.daddr);
-    let [inner_sport, inner_dport]: [u16; 2] = load(ctx, inner_l4)?;
-
-    // The error travels against the quoted packet: look up the error's own direction.
-    let key = ct_key(
-        inner_daddr,
-        inner_saddr,
-        inner_dport,
-        inner_sport,
-        inner_proto,
-    );
-    // SAFETY: copied out at once.
-    let entry = match unsafe { CONNTRACK.get(&key) } {
-        Some(entry) => *entry,
-        None => return Ok(Verdict::Pass(counter::PASS_ICMP_UNRELATED)),
-    };
-    let nat_addr = raw4(&entry.nat_addr);
-    // A reverse entry means the quote was sent to the backend: name the frontend instead. A
-    // forward entry means the quote came from the frontend: name the backend.
-    let (inner_addr_off, inner_port_off, old_inner_addr, old_inner_port, outer_off, outer_old) =
-        if entry.kind == ct_kind::REVERSE {
-            (
-                inner_ip + 16,
-                inner_l4 + 2,
-                inner_daddr,
-                inner_dport,
-                IP_SADDR_OFF,
-                ip.saddr,
-            )
-        } else {
-            (
-                inner_ip + 12,
-                inner_l4,
-                inner_saddr,
-                inner_sport,
-                IP_DADDR_OFF,
-                ip.daddr,
-            )
-        };
-    let failed = counter::DROP_REWRITE_FAILED;
-    let icmp_csum = ip.l4_off + ICMP_CSUM;
-    // The quoted header's own checksum moves by exactly the opposite of its address, so the ICMP
-    // checksum need not follow the address.
-    ctx.l3_csum_replace(inner_ip + 10, old_inner_addr as u64, nat_addr as u64, 4)
-        .map_err(|_| failed)?;
-    ctx.store(inner_addr_off, &nat_addr, 0)
-        .map_err(|_| failed)?;
-    // The quoted L4 checksum covers the pseudo header and the port: restore it when the quote
-    // reaches it (UDP's always does; TCP's when more than 8 bytes were quoted), and carry its
-    // change into the ICMP checksum.
-    let inner_csum_off = if inner_proto == PROTO_TCP {
-        TCP_CSUM
-    } else {
-        UDP_CSUM
-    };
-    if ip.payload_len >= ICMP_HLEN + inner_ihl + inner_csum_off + 2 {
-        let inner_csum = inner_l4 + inner_csum_off;
-        let old_csum: u16 = load(ctx, inner_csum)?;
-        if inner_proto == PROTO_TCP || old_csum != 0 {
-            ctx.l4_csum_replace(inner_csum, old_inner_addr as u64, nat_addr as u64, 4)
-                .map_err(|_| failed)?;
-            ctx.l4_csum_replace(
-                inner_csum,
-                old_inner_port as u64,
-                entry.nat_port_be as u64,
-                2,
-            )
-            .map_err(|_| failed)?;
-            let new_csum: u16 = load(ctx, inner_csum)?;
-            ctx.l4_csum_replace(icmp_csum, old_csum as u64, new_csum as u64, 2)
-                .map_err(|_| failed)?;
+    ip: &mut Ip,
+    entry: &CtValue,
+    config: &NodeConfig,
+) -> Result<Verdict, u32> {
+    match entry.kind {
+        ct_kind::FORWARD => {
+            rewrite_l4(
+                ctx,
+                ip,
+                Side::Destination,
+                &entry.nat_addr,
+                entry.nat_port_be,
+            )?;
+            if entry.flags & ct_flags::HAIRPIN != 0 {
+                let sport_be: u16 = load(ctx, ip.l4_off)?;
+                let source = hairpin_addr(config, ip.family);
+                rewrite_l4(ctx, ip, Side::Source, &source, sport_be)?;
+                return send_back(ctx, counter::CT_FORWARD_HIT);
+            }
+            if entry.flags & ct_flags::TUNNEL != 0 {
+                let action = encap(
+                    ctx,
+                    &entry.tunnel_peer,
+                    entry.tunnel_family,
+                    tunnel_id::NAT_AT_INGRESS,
+                )?;
+                return Ok(Verdict::redirect(counter::CT_FORWARD_HIT, action));
+            }
+            Ok(Verdict::pass(counter::CT_FORWARD_HIT))
+        }
+        ct_kind::REVERSE => {
+            if entry.flags & ct_flags::HAIRPIN != 0 {
+                let [_, dport_be]: [u16; 2] = load(ctx, ip.l4_off)?;
+                let client = ip.saddr;
+                rewrite_l4(ctx, ip, Side::Destination, &client, dport_be)?;
+                rewrite_l4(ctx, ip, Side::Source, &entry.nat_addr, entry.nat_port_be)?;
+                return send_back(ctx, counter::CT_REVERSE_HIT);
+            }
+            rewrite_l4(ctx, ip, Side::Source, &entry.nat_addr, entry.nat_port_be)?;
+            Ok(Verdict::pass(counter::CT_REVERSE_HIT))
+        }
+        _ => {
+            let id = if entry.flags & ct_flags::DSR != 0 {
+                tunnel_id::DSR
+            } else {
+                tunnel_id::NAT_AT_INGRESS
+            };
+            let action = encap(ctx, &entry.tunnel_peer, entry.tunnel_family, id)?;
+            Ok(Verdict::redirect(counter::CT_ENCAP_HIT, action))
         }
     }
-    ctx.l4_csum_replace(
-        icmp_csum,
-        old_inner_port as u64,
-        entry.nat_port_be as u64,
-        2,
-    )
-    .map_err(|_| failed)?;
-    ctx.store(inner_port_off, &entry.nat_port_be, 0)
-        .map_err(|_| failed)?;
-    // The outer address is the flow's own only when the error came from the endpoint itself, not
-    // from a router on the way.
-    if outer_old == old_inner_addr {
-        ctx.l3_csum_replace(IP_CSUM_OFF, outer_old as u64, nat_addr as u64, 4)
-            .map_err(|_| failed)?;
-        ctx.store(outer_off, &nat_addr, 0).map_err(|_| failed)?;
+}
+
+/// Hairpin packets go straight back into the pod they came from: routing them would meet
+/// reverse-path filters that rightly find the source implausible on that interface.
+#[inline(always)]
+fn send_back(ctx: &TcContext, outcome: u32) -> Result<Verdict, u32> {
+    swap_macs(ctx)?;
+    // SAFETY: reading a field of the program's own context.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // SAFETY: a helper taking plain integers.
+    let action = unsafe { bpf_redirect(ifindex, 0) } as i32;
+    Ok(Verdict::redirect(outcome, action))
+}
+
+#[inline(always)]
+fn hairpin_addr(config: &NodeConfig, family: u8) -> Addr {
+    if family == FAMILY_V4 {
+        config.hairpin_v4
+    } else {
+        config.hairpin_v6
     }
-    Ok(Verdict::Pass(counter::ICMP_ERROR_NAT))
+}
+
+/// The service a packet addresses: by its exact destination, or the NodePort of its port when
+/// it is addressed to one of this node's addresses (or arrived through the tunnel for DSR, when
+/// the destination is the address of the node the client used). Borrowed from the map; a call
+/// of its own so the keys do not sit on the flow path's stack.
+#[inline(never)]
+fn find_service(ip: &Ip, dport_be: u16, from_tunnel: bool) -> Option<&'static ServiceValue> {
+    let mut key = FrontendKey {
+        addr: ip.daddr,
+        port_be: dport_be,
+        proto: ip.proto,
+        family: ip.family,
+    };
+    let mut found = SERVICES.get_ptr(&key);
+    if found.is_none() {
+        let host = HostAddrKey {
+            addr: ip.daddr,
+            family: ip.family,
+            _pad: [0; 3],
+        };
+        if from_tunnel || HOST_ADDRS.get_ptr(&host).is_some() {
+            key.addr = Addr::UNSPECIFIED;
+            found = SERVICES.get_ptr(&key);
+        }
+    }
+    // SAFETY: the pointer comes from a successful lookup; the agent replaces entries whole and
+    // the kernel keeps the element alive for the program run (RCU).
+    found.map(|p| unsafe { &*p })
 }
 
 #[cfg(not(test))]

@@ -1,0 +1,381 @@
+//! Service handling beyond ClusterIP, packet by packet through BPF_PROG_TEST_RUN: NodePorts on
+//! every host address, external IPs, traffic policies, session affinity, hairpin, the tunnel
+//! towards remote backends (both return modes), Maglev agreement between nodes, and IPv6.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use common::*;
+use weir_agent::compile::{addr_of, CompileOptions};
+use weir_common::{node_flags, NodeConfig};
+
+const NODE1: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+const NODE1_SECOND: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
+const NODE2: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+const EXTERNAL_CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 201);
+const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 200, 1);
+const LB_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 201, 1);
+const POD_N1: Ipv4Addr = Ipv4Addr::new(198, 19, 1, 11);
+const POD_N2: Ipv4Addr = Ipv4Addr::new(198, 19, 2, 11);
+const POD_N2_B: Ipv4Addr = Ipv4Addr::new(198, 19, 2, 12);
+const HAIRPIN: Ipv4Addr = Ipv4Addr::new(198, 18, 255, 1);
+const NODE_PORT: u16 = 30080;
+
+/// A LoadBalancer service `web` (80 -> 8080, NodePort 30080, an external IP and a load-balancer
+/// IP) with the given endpoints as (address, node), plus the two Node objects.
+fn web(endpoints: &[(Ipv4Addr, &str)], extra_spec: &str) -> String {
+    let endpoints: String = endpoints
+        .iter()
+        .map(|(ip, node)| {
+            format!("- addresses: [\"{ip}\"]\n  nodeName: {node}\n  conditions: {{ready: true}}\n")
+        })
+        .collect();
+    format!(
+        r#"apiVersion: v1
+kind: Node
+metadata: {{name: node1}}
+status: {{addresses: [{{type: InternalIP, address: "{NODE1}"}}]}}
+---
+apiVersion: v1
+kind: Node
+metadata: {{name: node2}}
+status: {{addresses: [{{type: InternalIP, address: "{NODE2}"}}]}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: default}}
+spec:
+  type: LoadBalancer
+  clusterIP: {VIP}
+  externalIPs: ["{EXTERNAL_IP}"]
+  ports:
+  - {{name: http, protocol: TCP, port: 80, targetPort: 8080, nodePort: {NODE_PORT}}}
+{extra_spec}status:
+  loadBalancer: {{ingress: [{{ip: "{LB_IP}"}}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-1
+  namespace: default
+  labels: {{kubernetes.io/service-name: web}}
+addressType: IPv4
+ports:
+- {{name: http, protocol: TCP, port: 8080}}
+endpoints:
+{endpoints}"#
+    )
+}
+
+fn node1(yaml: &str, flags: u32, tunnel_ifindex: u32, maglev: bool) -> Harness {
+    let config = NodeConfig {
+        hairpin_v4: addr_of(HAIRPIN.into()).0,
+        tunnel_ifindex,
+        flags,
+        ..NodeConfig::default()
+    };
+    Harness::for_node(
+        yaml,
+        CompileOptions {
+            node_name: "node1".into(),
+            maglev,
+        },
+        config,
+        &[NODE1.into(), NODE1_SECOND.into()],
+    )
+}
+
+#[test]
+fn node_port_answers_on_every_host_address_and_replies_from_the_one_used() {
+    let mut h = node1(&web(&[(POD_N1, "node1")], ""), 0, 0, false);
+    for (i, addr) in [NODE1, NODE1_SECOND].into_iter().enumerate() {
+        let sport = 41000 + i as u16;
+        let (verdict, out) = h.run(&tcp(EXTERNAL_CLIENT, sport, addr, NODE_PORT, "S"));
+        assert_eq!(verdict, TC_ACT_OK);
+        assert_eq!(
+            out,
+            tcp(EXTERNAL_CLIENT, sport, POD_N1, 8080, "S"),
+            "via {addr}"
+        );
+        let (_, reply) = h.run(&tcp(POD_N1, 8080, EXTERNAL_CLIENT, sport, "A"));
+        assert_eq!(reply, tcp(addr, NODE_PORT, EXTERNAL_CLIENT, sport, "A"));
+    }
+    // The same port on an address that is not the node's is someone else's traffic.
+    let elsewhere = tcp(EXTERNAL_CLIENT, 41010, NODE2, NODE_PORT, "S");
+    assert_eq!(h.run(&elsewhere), (TC_ACT_OK, elsewhere));
+}
+
+#[test]
+fn external_and_load_balancer_ips_are_frontends() {
+    let mut h = node1(&web(&[(POD_N1, "node1")], ""), 0, 0, false);
+    for (i, frontend) in [EXTERNAL_IP, LB_IP, VIP].into_iter().enumerate() {
+        let sport = 41100 + i as u16;
+        let (_, out) = h.run(&tcp(EXTERNAL_CLIENT, sport, frontend, 80, "S"));
+        assert_eq!(
+            out,
+            tcp(EXTERNAL_CLIENT, sport, POD_N1, 8080, "S"),
+            "{frontend}"
+        );
+    }
+}
+
+#[test]
+fn external_traffic_policy_local_uses_local_endpoints_or_drops() {
+    let local = "  externalTrafficPolicy: Local\n  healthCheckNodePort: 32000\n";
+    // Only a remote endpoint: node1 drops external traffic, while the ClusterIP still works.
+    let mut h = node1(&web(&[(POD_N2, "node2")], local), 0, 0, false);
+    let (verdict, _) = h.run(&tcp(EXTERNAL_CLIENT, 41200, NODE1, NODE_PORT, "S"));
+    assert_eq!(verdict, TC_ACT_SHOT);
+    assert_eq!(h.counter("drop_no_local_backend"), 1);
+    let (_, out) = h.run(&tcp(CLIENT, 41201, VIP, 80, "S"));
+    assert_eq!(out, tcp(CLIENT, 41201, POD_N2, 8080, "S"));
+
+    // With a local endpoint beside remote ones, external traffic stays on the node.
+    h.apply(&web(
+        &[(POD_N1, "node1"), (POD_N2, "node2"), (POD_N2_B, "node2")],
+        local,
+    ));
+    for sport in 41210..41240 {
+        let (_, out) = h.run(&tcp(EXTERNAL_CLIENT, sport, LB_IP, 80, "S"));
+        assert_eq!(out, tcp(EXTERNAL_CLIENT, sport, POD_N1, 8080, "S"));
+    }
+}
+
+#[test]
+fn internal_traffic_policy_local_keeps_cluster_ip_traffic_on_the_node() {
+    let local = "  internalTrafficPolicy: Local\n";
+    let mut h = node1(
+        &web(&[(POD_N1, "node1"), (POD_N2, "node2")], local),
+        0,
+        0,
+        false,
+    );
+    for sport in 41300..41330 {
+        let (_, out) = h.run(&tcp(CLIENT, sport, VIP, 80, "S"));
+        assert_eq!(out, tcp(CLIENT, sport, POD_N1, 8080, "S"));
+    }
+}
+
+#[test]
+fn session_affinity_keeps_a_client_on_its_backend() {
+    let affinity =
+        "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}\n";
+    let mut h = node1(
+        &web(
+            &[(POD_N1, "node1"), (POD_N2, "node1"), (POD_N2_B, "node1")],
+            affinity,
+        ),
+        0,
+        0,
+        false,
+    );
+    let backend_of = |out: &[u8]| Ipv4Addr::new(out[30], out[31], out[32], out[33]);
+    let (_, first) = h.run(&tcp(CLIENT, 41400, VIP, 80, "S"));
+    let chosen = backend_of(&first);
+    for sport in 41401..41440 {
+        let (_, out) = h.run(&tcp(CLIENT, sport, VIP, 80, "S"));
+        assert_eq!(backend_of(&out), chosen, "connection from port {sport}");
+    }
+    // Other clients still spread over all backends.
+    let mut seen = BTreeSet::new();
+    for i in 0..60u8 {
+        let other = Ipv4Addr::new(198, 19, 3, 10 + i);
+        let (_, out) = h.run(&tcp(other, 41500, VIP, 80, "S"));
+        seen.insert(backend_of(&out));
+    }
+    assert_eq!(seen.len(), 3, "other clients use every backend: {seen:?}");
+}
+
+#[test]
+fn hairpin_rewrites_the_source_so_the_pod_can_answer_itself() {
+    let mut h = node1(&web(&[(POD_N1, "node1")], ""), 0, 0, false);
+    let syn = tcp(POD_N1, 41600, VIP, 80, "S");
+    let (verdict, out) = h.run(&syn);
+    assert_eq!(verdict, TC_ACT_REDIRECT, "straight back into the pod");
+    assert_eq!(
+        out,
+        swapped_macs(&tcp(HAIRPIN, 41600, POD_N1, 8080, "S")),
+        "the pod sees the hairpin address, not itself"
+    );
+    let (verdict, reply) = h.run(&tcp(POD_N1, 8080, HAIRPIN, 41600, "A"));
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(
+        reply,
+        swapped_macs(&tcp(VIP, 80, POD_N1, 41600, "A")),
+        "the reply comes from the service"
+    );
+}
+
+/// The loopback device stands in for the tunnel device: BPF_PROG_TEST_RUN cannot transmit, so
+/// the test sees the redirect verdict and the packet as it would enter the tunnel.
+const TUNNEL_IFINDEX: u32 = 1;
+
+#[test]
+fn remote_backend_is_reached_through_the_tunnel_translated_at_ingress() {
+    let mut h = node1(&web(&[(POD_N2, "node2")], ""), 0, TUNNEL_IFINDEX, false);
+    let (verdict, out) = h.run(&tcp(EXTERNAL_CLIENT, 41700, NODE1, NODE_PORT, "S"));
+    assert_eq!(verdict, TC_ACT_REDIRECT, "into the tunnel");
+    assert_eq!(
+        out,
+        tcp(EXTERNAL_CLIENT, 41700, POD_N2, 8080, "S"),
+        "only the destination changes: the backend sees the client"
+    );
+    assert_eq!(h.counter("ct_new_tunnel"), 1);
+    // Pod-to-ClusterIP traffic is routed natively, never tunnelled.
+    let (verdict, _) = h.run(&tcp(CLIENT, 41701, VIP, 80, "S"));
+    assert_eq!(verdict, TC_ACT_OK);
+}
+
+#[test]
+fn remote_backend_in_dsr_mode_gets_the_packet_untranslated() {
+    let mut h = node1(
+        &web(&[(POD_N2, "node2")], ""),
+        node_flags::DSR,
+        TUNNEL_IFINDEX,
+        false,
+    );
+    let syn = tcp(EXTERNAL_CLIENT, 41800, LB_IP, 80, "S");
+    let (verdict, out) = h.run(&syn);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(out, syn, "the backend's node translates");
+    let ack = tcp(EXTERNAL_CLIENT, 41800, LB_IP, 80, "A");
+    let (verdict, out) = h.run(&ack);
+    assert_eq!(
+        (verdict, out),
+        (TC_ACT_REDIRECT, ack),
+        "the flow stays on its node"
+    );
+    assert_eq!(h.counter("ct_encap_hit"), 1);
+    // This node keeps no reverse entry: replies never pass through it.
+    let entries = h.dataplane.conntrack.entries().unwrap();
+    assert_eq!(entries.len(), 1, "one forwarding entry, no translation");
+}
+
+#[test]
+fn maglev_makes_every_node_pick_the_same_backend() {
+    let endpoints: Vec<(Ipv4Addr, &str)> = (0..6)
+        .map(|i| (Ipv4Addr::new(198, 19, 1, 20 + i), "node1"))
+        .collect();
+    let yaml = web(&endpoints, "");
+    let mut a = node1(&yaml, 0, 0, true);
+    // A second node with a different history: its backend ids differ, its choices must not.
+    let mut b = node1(&web(&endpoints[..3], ""), 0, 0, true);
+    b.apply(&yaml);
+    for i in 0..200u16 {
+        let client = Ipv4Addr::new(198, 18, 7, (i % 250) as u8);
+        let (_, via_a) = a.run(&tcp(client, 42000 + i, NODE1, NODE_PORT, "S"));
+        let (_, via_b) = b.run(&tcp(client, 42000 + i, NODE1_SECOND, NODE_PORT, "S"));
+        assert_eq!(via_a[30..34], via_b[30..34], "flow {i}");
+    }
+}
+
+const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x19, 1, 0, 0, 0, 0, 0x10);
+const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x18, 0x100, 0, 0, 0, 0, 0x10);
+const BACKEND6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x19, 2, 0, 0, 0, 0, 0x11);
+
+fn dual_stack() -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: six, namespace: default}}
+spec:
+  clusterIPs: ["{VIP}", "{VIP6}"]
+  ipFamilies: [IPv4, IPv6]
+  ports:
+  - {{name: http, protocol: TCP, port: 80, targetPort: 8080}}
+  - {{name: dns, protocol: UDP, port: 53, targetPort: 5353}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: six-v6
+  namespace: default
+  labels: {{kubernetes.io/service-name: six}}
+addressType: IPv6
+ports:
+- {{name: http, protocol: TCP, port: 8080}}
+- {{name: dns, protocol: UDP, port: 5353}}
+endpoints:
+- addresses: ["{BACKEND6}"]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: none6, namespace: default}}
+spec:
+  clusterIPs: ["fd00:18:100::11"]
+  ports:
+  - {{name: http, protocol: TCP, port: 81, targetPort: 8081}}
+"#
+    )
+}
+
+#[test]
+fn ipv6_cluster_ip_is_translated_both_ways() {
+    let mut h = node1(&dual_stack(), 0, 0, false);
+    let (verdict, out) = h.run(&tcp6(CLIENT6, 43000, VIP6, 80, "S"));
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(out, tcp6(CLIENT6, 43000, BACKEND6, 8080, "S"));
+    let (_, reply) = h.run(&tcp6(BACKEND6, 8080, CLIENT6, 43000, "A"));
+    assert_eq!(reply, tcp6(VIP6, 80, CLIENT6, 43000, "A"));
+    let (_, out) = h.run(&udp6(CLIENT6, 43001, VIP6, 53));
+    assert_eq!(out, udp6(CLIENT6, 43001, BACKEND6, 5353));
+    let (_, reply) = h.run(&udp6(BACKEND6, 5353, CLIENT6, 43001));
+    assert_eq!(reply, udp6(VIP6, 53, CLIENT6, 43001));
+}
+
+#[test]
+fn ipv6_service_without_endpoints_answers_port_unreachable() {
+    use etherparse::{Icmpv6Type, NetSlice, SlicedPacket, TransportSlice};
+    let mut h = node1(&dual_stack(), 0, 0, false);
+    let none6: Ipv6Addr = "fd00:18:100::11".parse().unwrap();
+    let syn = tcp6(CLIENT6, 43100, none6, 81, "S");
+    let (verdict, out) = h.run(&syn);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let packet = SlicedPacket::from_ethernet(&out).expect("a well-formed reply");
+    let Some(NetSlice::Ipv6(ip)) = &packet.net else {
+        panic!("IPv6 reply");
+    };
+    let (src, dst) = (ip.header().source_addr(), ip.header().destination_addr());
+    assert_eq!((src, dst), (none6, CLIENT6));
+    let Some(TransportSlice::Icmpv6(icmp)) = &packet.transport else {
+        panic!("ICMPv6 reply");
+    };
+    assert_eq!(
+        icmp.icmp_type(),
+        Icmpv6Type::DestinationUnreachable(etherparse::icmpv6::DestUnreachableCode::Port)
+    );
+    let expected = icmp
+        .icmp_type()
+        .calc_checksum(src.octets(), dst.octets(), icmp.payload())
+        .unwrap();
+    assert_eq!(icmp.checksum(), expected, "ICMPv6 checksum");
+    assert_eq!(icmp.payload(), &syn[14..14 + 48]);
+}
+
+#[test]
+fn node_port_follows_the_host_addresses_it_is_given() {
+    let mut h = node1(&web(&[(POD_N1, "node1")], ""), 0, 0, false);
+    let added: IpAddr = Ipv4Addr::new(198, 18, 2, 1).into();
+    let (addr, family) = addr_of(added);
+    let mut addrs = h.dataplane.node.host_addrs().unwrap();
+    addrs.insert(weir_common::HostAddrKey {
+        addr,
+        family,
+        _pad: [0; 3],
+    });
+    assert_eq!(
+        h.dataplane.node.set_host_addrs(&addrs).unwrap(),
+        1,
+        "one write"
+    );
+    let (_, out) = h.run(&tcp(
+        EXTERNAL_CLIENT,
+        43200,
+        Ipv4Addr::new(198, 18, 2, 1),
+        NODE_PORT,
+        "S",
+    ));
+    assert_eq!(out, tcp(EXTERNAL_CLIENT, 43200, POD_N1, 8080, "S"));
+}

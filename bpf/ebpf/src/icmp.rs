@@ -1,0 +1,346 @@
+//! ICMP: errors about translated flows are translated back, and services without endpoints
+//! answer with "port unreachable" instead of swallowing packets.
+
+use aya_ebpf::{
+    bindings::{bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, BPF_F_PSEUDO_HDR},
+    helpers::{bpf_redirect, bpf_skb_change_tail},
+    programs::TcContext,
+};
+use weir_common::{counter, ct_kind, Addr, CtKey, FAMILY_V4, PROTO_TCP, PROTO_UDP};
+
+use crate::maps::CONNTRACK;
+use crate::packet::{
+    addr_offsets, csum_add_bytes, csum_diff, csum_fold, load, store, Ip, Ipv4Header, Ipv6Header,
+    IPV4_CSUM_OFF, IPV4_MIN_HLEN, IPV6_HLEN, IP_OFF, TCP_CSUM, UDP_CSUM,
+};
+use crate::Verdict;
+
+const ICMP_HLEN: usize = 8;
+const ICMP_CSUM: usize = 2;
+/// An ICMP error quotes the offending packet's IP header and at least 8 bytes of its payload:
+/// enough for both ports of TCP and UDP.
+const ICMP_QUOTED_L4: usize = 8;
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_PORT_UNREACH: u8 = 3;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+const ICMP_PARAMETERPROB: u8 = 12;
+const ICMPV6_DEST_UNREACH: u8 = 1;
+const ICMPV6_PORT_UNREACH: u8 = 4;
+const ICMPV6_PKT_TOOBIG: u8 = 2;
+const ICMPV6_TIME_EXCEED: u8 = 3;
+const ICMPV6_PARAMPROB: u8 = 4;
+
+/// The quoted packet inside an ICMP error.
+struct Quote {
+    ip_off: usize,
+    l4_off: usize,
+    proto: u8,
+    saddr: Addr,
+    daddr: Addr,
+    sport_be: u16,
+    dport_be: u16,
+}
+
+#[inline(always)]
+fn quote(ctx: &TcContext, ip: &Ip) -> Result<Option<Quote>, u32> {
+    let ip_off = ip.l4_off + ICMP_HLEN;
+    let (proto, saddr, daddr, l4_off) = if ip.family == FAMILY_V4 {
+        if ip.payload_len < ICMP_HLEN + IPV4_MIN_HLEN + ICMP_QUOTED_L4 {
+            return Ok(None);
+        }
+        let inner: Ipv4Header = load(ctx, ip_off)?;
+        let ihl = ((inner.version_ihl & 0x0f) as usize) * 4;
+        if inner.version_ihl >> 4 != 4
+            || ihl < IPV4_MIN_HLEN
+            || ip.payload_len < ICMP_HLEN + ihl + ICMP_QUOTED_L4
+        {
+            return Ok(None);
+        }
+        let (s, d) = (Addr::from_v4(inner.saddr), Addr::from_v4(inner.daddr));
+        (inner.proto, s, d, ip_off + ihl)
+    } else {
+        if ip.payload_len < ICMP_HLEN + IPV6_HLEN + ICMP_QUOTED_L4 {
+            return Ok(None);
+        }
+        let inner: Ipv6Header = load(ctx, ip_off)?;
+        if inner.version_class_flow[0] >> 4 != 6 {
+            return Ok(None);
+        }
+        let (s, d) = (Addr::from_v6(inner.saddr), Addr::from_v6(inner.daddr));
+        (inner.next_header, s, d, ip_off + IPV6_HLEN)
+    };
+    if proto != PROTO_TCP && proto != PROTO_UDP {
+        return Ok(None);
+    }
+    let [sport_be, dport_be]: [u16; 2] = load(ctx, l4_off)?;
+    Ok(Some(Quote {
+        ip_off,
+        l4_off,
+        proto,
+        saddr,
+        daddr,
+        sport_be,
+        dport_be,
+    }))
+}
+
+/// ICMP errors about a translated flow quote the packet as the other side sent it: translate
+/// the quote and the outer header back, as the conntrack entry of the error's own direction
+/// says, so that (for example) a client's "fragmentation needed" or "packet too big" names the
+/// service, not the backend. Everything else ICMP passes untouched.
+#[inline(never)]
+pub fn icmp_error(ctx: &TcContext, ip: &Ip) -> Verdict {
+    Verdict::from_result(icmp_error_inner(ctx, ip))
+}
+
+#[inline(always)]
+fn icmp_error_inner(ctx: &TcContext, ip: &Ip) -> Result<Verdict, u32> {
+    if ip.payload_len < ICMP_HLEN {
+        return Err(counter::DROP_TRUNCATED);
+    }
+    let icmp_type: u8 = load(ctx, ip.l4_off)?;
+    let is_error = if ip.family == FAMILY_V4 {
+        matches!(
+            icmp_type,
+            ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETERPROB
+        )
+    } else {
+        matches!(
+            icmp_type,
+            ICMPV6_DEST_UNREACH | ICMPV6_PKT_TOOBIG | ICMPV6_TIME_EXCEED | ICMPV6_PARAMPROB
+        )
+    };
+    if !is_error {
+        return Ok(Verdict::pass(counter::PASS_ICMP_UNRELATED));
+    }
+    let q = match quote(ctx, ip)? {
+        Some(q) => q,
+        None => return Ok(Verdict::pass(counter::PASS_ICMP_UNRELATED)),
+    };
+    // The error travels against the quoted packet: look up the error's own direction.
+    let key = CtKey {
+        saddr: q.daddr,
+        daddr: q.saddr,
+        sport_be: q.dport_be,
+        dport_be: q.sport_be,
+        proto: q.proto,
+        family: ip.family,
+        _pad: 0,
+    };
+    let Some(entry) = CONNTRACK.get_ptr(&key) else {
+        return Ok(Verdict::pass(counter::PASS_ICMP_UNRELATED));
+    };
+    // SAFETY: the pointer comes from a successful lookup and stays valid for this run.
+    let entry = unsafe { &*entry };
+    if entry.kind == ct_kind::ENCAP {
+        return Ok(Verdict::pass(counter::PASS_ICMP_UNRELATED));
+    }
+    let (q_saddr_off, q_daddr_off) = addr_offsets(ip.family);
+    let (q_saddr_off, q_daddr_off) = (
+        q.ip_off + q_saddr_off - IP_OFF,
+        q.ip_off + q_daddr_off - IP_OFF,
+    );
+    let (outer_saddr_off, outer_daddr_off) = addr_offsets(ip.family);
+    // A reverse entry means the quote was sent to the backend: name the frontend instead. A
+    // forward entry means the quote came from the frontend: name the backend.
+    let (q_addr_off, q_port_off, old_addr, old_port, outer_off, outer_old) =
+        if entry.kind == ct_kind::REVERSE {
+            (
+                q_daddr_off,
+                q.l4_off + 2,
+                q.daddr,
+                q.dport_be,
+                outer_saddr_off,
+                ip.saddr,
+            )
+        } else {
+            (
+                q_saddr_off,
+                q.l4_off,
+                q.saddr,
+                q.sport_be,
+                outer_daddr_off,
+                ip.daddr,
+            )
+        };
+    let new_addr = entry.nat_addr;
+    let new_port = entry.nat_port_be;
+    let failed = counter::DROP_REWRITE_FAILED;
+    let icmp_csum = ip.l4_off + ICMP_CSUM;
+    let q_csum_rel = if q.proto == PROTO_TCP {
+        TCP_CSUM
+    } else {
+        UDP_CSUM
+    };
+    let q_csum = q.l4_off + q_csum_rel;
+    let quoted_csum = ip.payload_len >= q_csum - ip.l4_off + 2;
+
+    if ip.family == FAMILY_V4 {
+        let (old, new) = (
+            u32::from_ne_bytes(old_addr.v4_octets()),
+            u32::from_ne_bytes(new_addr.v4_octets()),
+        );
+        // The quoted header's own checksum moves by exactly the opposite of its address, so
+        // the ICMP checksum need not follow the address.
+        ctx.l3_csum_replace(q.ip_off + 10, old as u64, new as u64, 4)
+            .map_err(|_| failed)?;
+        store(ctx, q_addr_off, &new)?;
+        // The quoted L4 checksum covers the pseudo header and the port: restore it when the
+        // quote reaches it, and carry its change into the ICMP checksum.
+        if quoted_csum {
+            let old_csum: u16 = load(ctx, q_csum)?;
+            if q.proto == PROTO_TCP || old_csum != 0 {
+                ctx.l4_csum_replace(q_csum, old as u64, new as u64, 4)
+                    .map_err(|_| failed)?;
+                ctx.l4_csum_replace(q_csum, old_port as u64, new_port as u64, 2)
+                    .map_err(|_| failed)?;
+                let new_csum: u16 = load(ctx, q_csum)?;
+                ctx.l4_csum_replace(icmp_csum, old_csum as u64, new_csum as u64, 2)
+                    .map_err(|_| failed)?;
+            }
+        }
+        ctx.l4_csum_replace(icmp_csum, old_port as u64, new_port as u64, 2)
+            .map_err(|_| failed)?;
+        store(ctx, q_port_off, &new_port)?;
+        // The outer address is the flow's own only when the error came from the endpoint
+        // itself, not from a router on the way.
+        if outer_old == old_addr {
+            ctx.l3_csum_replace(IPV4_CSUM_OFF, old as u64, new as u64, 4)
+                .map_err(|_| failed)?;
+            store(ctx, outer_off, &new)?;
+        }
+    } else {
+        // IPv6 has no header checksum: the ICMPv6 checksum covers the quote byte for byte, and
+        // the outer addresses through its pseudo header.
+        let diff = csum_diff(&old_addr.bytes, &new_addr.bytes, 0)?;
+        store(ctx, q_addr_off, &new_addr.bytes)?;
+        ctx.l4_csum_replace(icmp_csum, 0, diff as u64, 0)
+            .map_err(|_| failed)?;
+        if quoted_csum {
+            let old_csum: u16 = load(ctx, q_csum)?;
+            ctx.l4_csum_replace(q_csum, 0, diff as u64, 0)
+                .map_err(|_| failed)?;
+            ctx.l4_csum_replace(q_csum, old_port as u64, new_port as u64, 2)
+                .map_err(|_| failed)?;
+            let new_csum: u16 = load(ctx, q_csum)?;
+            ctx.l4_csum_replace(icmp_csum, old_csum as u64, new_csum as u64, 2)
+                .map_err(|_| failed)?;
+        }
+        ctx.l4_csum_replace(icmp_csum, old_port as u64, new_port as u64, 2)
+            .map_err(|_| failed)?;
+        store(ctx, q_port_off, &new_port)?;
+        if outer_old == old_addr {
+            ctx.l4_csum_replace(icmp_csum, 0, diff as u64, BPF_F_PSEUDO_HDR as u64)
+                .map_err(|_| failed)?;
+            store(ctx, outer_off, &new_addr.bytes)?;
+        }
+    }
+    Ok(Verdict::pass(counter::ICMP_ERROR_NAT))
+}
+
+/// Turns the packet into an ICMP "port unreachable" from the frontend back to the client and
+/// sends it out of the interface it came in on, as kube-proxy's REJECT does for a service
+/// without endpoints (a TCP client sees "connection refused" at once).
+#[inline(always)]
+pub fn reject(ctx: &TcContext, ip: &Ip) -> Result<i32, u32> {
+    if ip.family == FAMILY_V4 {
+        reject_v4(ctx, ip)
+    } else {
+        reject_v6(ctx, ip)
+    }
+}
+
+const V4_QUOTE: usize = IPV4_MIN_HLEN + ICMP_QUOTED_L4;
+const V6_QUOTE: usize = IPV6_HLEN + ICMP_QUOTED_L4;
+
+#[inline(never)]
+fn reject_v4(ctx: &TcContext, ip: &Ip) -> Result<i32, u32> {
+    let failed = counter::DROP_REJECT_FAILED;
+    // Quoting options would need a variable-length copy; such clients get a plain drop.
+    if ip.l4_off != IP_OFF + IPV4_MIN_HLEN {
+        return Err(failed);
+    }
+    let quoted: [u8; V4_QUOTE] = load(ctx, IP_OFF)?;
+    let mut msg = [0u8; ICMP_HLEN + V4_QUOTE];
+    msg[0] = ICMP_DEST_UNREACH;
+    msg[1] = ICMP_PORT_UNREACH;
+    msg[ICMP_HLEN..].copy_from_slice(&quoted);
+    let csum = csum_fold(csum_add_bytes(&msg, 0)?);
+    msg[2..4].copy_from_slice(&csum.to_ne_bytes());
+
+    let mut header = [0u8; IPV4_MIN_HLEN];
+    let total_len = (IPV4_MIN_HLEN + msg.len()) as u16;
+    header[0] = 0x45;
+    header[2..4].copy_from_slice(&total_len.to_be_bytes());
+    header[8] = 64;
+    header[9] = weir_common::PROTO_ICMP;
+    header[12..16].copy_from_slice(&ip.daddr.v4_octets());
+    header[16..20].copy_from_slice(&ip.saddr.v4_octets());
+    let csum = csum_fold(csum_add_bytes(&header, 0)?);
+    header[10..12].copy_from_slice(&csum.to_ne_bytes());
+
+    // Room for the new IP and ICMP headers in front of the old IP header, which becomes the
+    // quote; then cut the packet after the quoted 8 bytes of L4.
+    let grow = (IPV4_MIN_HLEN + ICMP_HLEN) as i32;
+    ctx.adjust_room(grow, BPF_ADJ_ROOM_MAC, 0)
+        .map_err(|_| failed)?;
+    resize(ctx, IP_OFF + IPV4_MIN_HLEN + msg.len())?;
+    store(ctx, IP_OFF, &header).map_err(|_| failed)?;
+    store(ctx, IP_OFF + IPV4_MIN_HLEN, &msg).map_err(|_| failed)?;
+    send_back(ctx)
+}
+
+#[inline(never)]
+fn reject_v6(ctx: &TcContext, ip: &Ip) -> Result<i32, u32> {
+    let failed = counter::DROP_REJECT_FAILED;
+    let quoted: [u8; V6_QUOTE] = load(ctx, IP_OFF)?;
+    let mut msg = [0u8; ICMP_HLEN + V6_QUOTE];
+    msg[0] = ICMPV6_DEST_UNREACH;
+    msg[1] = ICMPV6_PORT_UNREACH;
+    msg[ICMP_HLEN..].copy_from_slice(&quoted);
+    let mut pseudo = [0u8; 40];
+    pseudo[..16].copy_from_slice(&ip.daddr.bytes);
+    pseudo[16..32].copy_from_slice(&ip.saddr.bytes);
+    pseudo[32..36].copy_from_slice(&(msg.len() as u32).to_be_bytes());
+    pseudo[39] = weir_common::PROTO_ICMPV6;
+    let sum = csum_add_bytes(&pseudo, 0)?;
+    let csum = csum_fold(csum_add_bytes(&msg, sum)?);
+    msg[2..4].copy_from_slice(&csum.to_ne_bytes());
+
+    let mut header = [0u8; IPV6_HLEN];
+    header[0] = 0x60;
+    header[4..6].copy_from_slice(&(msg.len() as u16).to_be_bytes());
+    header[6] = weir_common::PROTO_ICMPV6;
+    header[7] = 64;
+    header[8..24].copy_from_slice(&ip.daddr.bytes);
+    header[24..40].copy_from_slice(&ip.saddr.bytes);
+
+    let grow = (IPV6_HLEN + ICMP_HLEN) as i32;
+    ctx.adjust_room(grow, BPF_ADJ_ROOM_MAC, 0)
+        .map_err(|_| failed)?;
+    resize(ctx, IP_OFF + IPV6_HLEN + msg.len())?;
+    store(ctx, IP_OFF, &header).map_err(|_| failed)?;
+    store(ctx, IP_OFF + IPV6_HLEN, &msg).map_err(|_| failed)?;
+    send_back(ctx)
+}
+
+#[inline(always)]
+fn resize(ctx: &TcContext, len: usize) -> Result<(), u32> {
+    // SAFETY: the context pointer is the program's own skb; the helper validates the length.
+    let ret = unsafe { bpf_skb_change_tail(ctx.skb.skb, len as u32, 0) };
+    if ret < 0 {
+        Err(counter::DROP_REJECT_FAILED)
+    } else {
+        Ok(())
+    }
+}
+
+/// Out of the interface the packet came in on, Ethernet addresses swapped.
+#[inline(always)]
+fn send_back(ctx: &TcContext) -> Result<i32, u32> {
+    crate::packet::swap_macs(ctx).map_err(|_| counter::DROP_REJECT_FAILED)?;
+    // SAFETY: reading a field of the program's own context.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // SAFETY: a helper taking plain integers.
+    Ok(unsafe { bpf_redirect(ifindex, 0) } as i32)
+}

@@ -1,0 +1,101 @@
+//! Picking a backend for a new flow: session affinity first, then Maglev or a random slot.
+//! Only the id travels back, so the caller borrows the backend from its map instead of copying.
+
+use weir_common::{
+    counter, flow_hash, service_flags, AffinityKey, AffinityValue, BackendSlotKey, MaglevTable,
+    ServiceValue, LOCAL_SLOT,
+};
+
+use crate::maps::{AFFINITY, BACKEND_SLOTS, MAGLEV};
+use crate::packet::{prandom, Ip};
+use crate::Flow;
+
+/// Returned when the service has no endpoint at all: the caller rejects. Backend ids start at 1.
+pub const NO_BACKEND: u32 = 0;
+
+#[inline(never)]
+pub fn select_backend(
+    ip: &Ip,
+    flow: &Flow,
+    service: &ServiceValue,
+    local_only: bool,
+) -> Result<u32, u32> {
+    let now = flow.now;
+    if service.backend_count == 0 {
+        return Ok(NO_BACKEND);
+    }
+    let (base, count) = if local_only {
+        (LOCAL_SLOT, service.local_backend_count)
+    } else {
+        (0, service.backend_count)
+    };
+    if count == 0 {
+        // Endpoints exist, just none on this node: kube-proxy drops these too.
+        return Err(counter::DROP_NO_LOCAL_BACKEND);
+    }
+
+    let affinity_key = AffinityKey {
+        client: ip.saddr,
+        service_id: service.service_id,
+        family: ip.family,
+        _pad: [0; 3],
+    };
+    if service.affinity_timeout_s != 0 {
+        // SAFETY: copied out at once.
+        if let Some(known) = unsafe { AFFINITY.get(&affinity_key) } {
+            let known = *known;
+            let fresh = now.wrapping_sub(known.last_used_ns)
+                < service.affinity_timeout_s as u64 * 1_000_000_000;
+            let slot = BackendSlotKey {
+                service_id: service.service_id,
+                slot: known.slot,
+            };
+            // The slot must still name the backend: otherwise it left the service.
+            // SAFETY: copied out at once.
+            let still_there =
+                matches!(unsafe { BACKEND_SLOTS.get(&slot) }, Some(id) if *id == known.backend_id);
+            if fresh && still_there && (known.slot & LOCAL_SLOT) == base {
+                remember(&affinity_key, known.backend_id, known.slot, now);
+                return Ok(known.backend_id);
+            }
+        }
+    }
+
+    if !local_only && service.flags & service_flags::MAGLEV != 0 && service.affinity_timeout_s == 0
+    {
+        if let Some(table) = MAGLEV.get_ptr(&service.service_id) {
+            let hash = flow_hash(&ip.saddr, flow.sport_be, flow.dport_be, ip.proto);
+            // SAFETY: the pointer comes from a successful lookup; the agent replaces tables whole.
+            let table = unsafe { &*table };
+            if let Some(id) = table.backend_ids.get(MaglevTable::index(hash)) {
+                return Ok(*id);
+            }
+        }
+    }
+
+    let slot = base | (prandom() % count);
+    let key = BackendSlotKey {
+        service_id: service.service_id,
+        slot,
+    };
+    // SAFETY: copied out at once.
+    let id = match unsafe { BACKEND_SLOTS.get(&key) } {
+        Some(id) => *id,
+        None => return Err(counter::DROP_BACKEND_MISSING),
+    };
+    if service.affinity_timeout_s != 0 {
+        remember(&affinity_key, id, slot, now);
+    }
+    Ok(id)
+}
+
+#[inline(always)]
+fn remember(key: &AffinityKey, backend_id: u32, slot: u32, now: u64) {
+    let value = AffinityValue {
+        last_used_ns: now,
+        backend_id,
+        slot,
+    };
+    // Losing a record to a full table only costs the client its affinity, never the flow.
+    let _ = AFFINITY.insert(key, &value, 0);
+}

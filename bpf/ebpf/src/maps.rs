@@ -1,0 +1,70 @@
+//! The maps, as the agent pins them. Service maps change only from user space, so they need no
+//! preallocation; conntrack and affinity are LRU so a full table evicts instead of refusing.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+};
+use weir_common::{
+    capacity, counter, AffinityKey, AffinityValue, BackendSlotKey, BackendValue, CtKey, CtValue,
+    FrontendKey, HostAddrKey, MaglevTable, NodeConfig, ServiceValue,
+};
+
+const BPF_F_NO_PREALLOC: u32 = 1;
+
+#[map(name = "WEIR_SERVICES")]
+pub static SERVICES: HashMap<FrontendKey, ServiceValue> =
+    HashMap::with_max_entries(capacity::SERVICES, BPF_F_NO_PREALLOC);
+
+#[map(name = "WEIR_BACKEND_SLOTS")]
+pub static BACKEND_SLOTS: HashMap<BackendSlotKey, u32> =
+    HashMap::with_max_entries(capacity::BACKEND_SLOTS, BPF_F_NO_PREALLOC);
+
+#[map(name = "WEIR_BACKENDS")]
+pub static BACKENDS: HashMap<u32, BackendValue> =
+    HashMap::with_max_entries(capacity::BACKENDS, BPF_F_NO_PREALLOC);
+
+#[map(name = "WEIR_MAGLEV")]
+pub static MAGLEV: HashMap<u32, MaglevTable> =
+    HashMap::with_max_entries(capacity::MAGLEV, BPF_F_NO_PREALLOC);
+
+#[map(name = "WEIR_HOST_ADDRS")]
+pub static HOST_ADDRS: HashMap<HostAddrKey, u32> =
+    HashMap::with_max_entries(capacity::HOST_ADDRS, BPF_F_NO_PREALLOC);
+
+#[map(name = "WEIR_NODE_CONFIG")]
+pub static NODE_CONFIG: Array<NodeConfig> = Array::with_max_entries(1, 0);
+
+#[map(name = "WEIR_CONNTRACK")]
+pub static CONNTRACK: LruHashMap<CtKey, CtValue> =
+    LruHashMap::with_max_entries(capacity::CONNTRACK, 0);
+
+#[map(name = "WEIR_AFFINITY")]
+pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
+    LruHashMap::with_max_entries(capacity::AFFINITY, 0);
+
+#[map(name = "WEIR_COUNTERS")]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+#[inline(always)]
+pub fn count(index: u32) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(index) {
+        // SAFETY: a per-CPU slot is only written by this CPU, and a preempted increment would at
+        // worst lose one count; the pointer comes from a successful lookup.
+        unsafe { *slot += 1 };
+    }
+}
+
+static NO_CONFIG: NodeConfig = NodeConfig {
+    hairpin_v4: weir_common::Addr::UNSPECIFIED,
+    hairpin_v6: weir_common::Addr::UNSPECIFIED,
+    tunnel_ifindex: 0,
+    flags: 0,
+};
+
+/// The node's configuration: all zeroes (no tunnel, no hairpin address) until the agent writes
+/// it. Borrowed from the map, not copied, to spare the stack.
+#[inline(always)]
+pub fn node_config() -> &'static NodeConfig {
+    NODE_CONFIG.get(0).unwrap_or(&NO_CONFIG)
+}

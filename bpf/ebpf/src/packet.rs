@@ -1,0 +1,362 @@
+//! Parsing and rewriting IPv4 and IPv6 packets behind an Ethernet header.
+//!
+//! Headers are read through `bpf_skb_load_bytes`, which copes with variable offsets (IP options)
+//! and paged skbs alike; reading past the end of the packet means it was truncated. Rewrites
+//! update checksums incrementally and are applied whole or the packet is dropped.
+
+use aya_ebpf::{
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    helpers::{bpf_csum_diff, bpf_get_prandom_u32, bpf_ktime_get_ns},
+    programs::TcContext,
+};
+use weir_common::{
+    counter, Addr, CtKey, FAMILY_V4, FAMILY_V6, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
+};
+
+pub const ETH_HLEN: usize = 14;
+pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_IPV6: u16 = 0x86dd;
+pub const IP_OFF: usize = ETH_HLEN;
+pub const IPV4_MIN_HLEN: usize = 20;
+pub const IPV4_CSUM_OFF: usize = IP_OFF + 10;
+pub const IPV6_HLEN: usize = 40;
+/// Fragment offset and More Fragments; DF alone is not a fragment.
+const IPV4_FRAG_MASK: u16 = 0x3fff;
+const IPV6_FRAGMENT: u8 = 44;
+
+pub const TCP_MIN_HLEN: usize = 20;
+pub const TCP_CSUM: usize = 16;
+pub const TCP_FLAGS: usize = 13;
+pub const UDP_HLEN: usize = 8;
+pub const UDP_CSUM: usize = 6;
+
+/// The fixed IPv4 header, loaded in one helper call.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Ipv4Header {
+    pub version_ihl: u8,
+    pub tos: u8,
+    pub total_len_be: u16,
+    pub id_be: u16,
+    pub frag_be: u16,
+    pub ttl: u8,
+    pub proto: u8,
+    pub csum: u16,
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+}
+
+/// The fixed IPv6 header.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Ipv6Header {
+    pub version_class_flow: [u8; 4],
+    pub payload_len_be: u16,
+    pub next_header: u8,
+    pub hop_limit: u8,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+}
+
+/// What the program acts on of an IP packet of either family.
+pub struct Ip {
+    pub family: u8,
+    pub saddr: Addr,
+    pub daddr: Addr,
+    /// The upper-layer protocol (TCP, UDP, ICMP or ICMPv6).
+    pub proto: u8,
+    pub l4_off: usize,
+    /// Bytes of L3 payload according to the header, which bounds what L4 may claim.
+    pub payload_len: usize,
+}
+
+/// Why a packet is not for the NAT path.
+pub enum NotForUs {
+    Pass(u32),
+    Drop(u32),
+}
+
+#[inline(always)]
+pub fn load<T>(ctx: &TcContext, off: usize) -> Result<T, u32> {
+    ctx.load::<T>(off).map_err(|_| counter::DROP_TRUNCATED)
+}
+
+#[inline(always)]
+pub fn store<T>(ctx: &TcContext, off: usize, value: &T) -> Result<(), u32> {
+    ctx.store(off, value, 0)
+        .map_err(|_| counter::DROP_REWRITE_FAILED)
+}
+
+/// Parses the IP header behind the Ethernet header. Not inlined: the header copies would
+/// otherwise stay on the entry function's stack for the whole run.
+#[inline(never)]
+pub fn parse(ctx: &TcContext) -> Result<Ip, NotForUs> {
+    let ethertype = u16::from_be(load::<u16>(ctx, 12).map_err(NotForUs::Drop)?);
+    match ethertype {
+        ETH_P_IP => parse_ipv4(ctx),
+        ETH_P_IPV6 => parse_ipv6(ctx),
+        _ => Err(NotForUs::Pass(counter::PASS_NOT_IP)),
+    }
+}
+
+#[inline(always)]
+fn parse_ipv4(ctx: &TcContext) -> Result<Ip, NotForUs> {
+    let header: Ipv4Header = load(ctx, IP_OFF).map_err(NotForUs::Drop)?;
+    let ihl = ((header.version_ihl & 0x0f) as usize) * 4;
+    if header.version_ihl >> 4 != 4 || ihl < IPV4_MIN_HLEN {
+        return Err(NotForUs::Drop(counter::DROP_MALFORMED));
+    }
+    let total_len = u16::from_be(header.total_len_be) as usize;
+    if total_len < ihl {
+        return Err(NotForUs::Drop(counter::DROP_MALFORMED));
+    }
+    if (ctx.len() as usize) < IP_OFF + total_len {
+        return Err(NotForUs::Drop(counter::DROP_TRUNCATED));
+    }
+    if u16::from_be(header.frag_be) & IPV4_FRAG_MASK != 0 {
+        return Err(NotForUs::Pass(counter::PASS_FRAGMENT));
+    }
+    l4_protocol(header.proto, FAMILY_V4)?;
+    Ok(Ip {
+        family: FAMILY_V4,
+        saddr: Addr::from_v4(header.saddr),
+        daddr: Addr::from_v4(header.daddr),
+        proto: header.proto,
+        l4_off: IP_OFF + ihl,
+        payload_len: total_len - ihl,
+    })
+}
+
+#[inline(always)]
+fn parse_ipv6(ctx: &TcContext) -> Result<Ip, NotForUs> {
+    let header: Ipv6Header = load(ctx, IP_OFF).map_err(NotForUs::Drop)?;
+    if header.version_class_flow[0] >> 4 != 6 {
+        return Err(NotForUs::Drop(counter::DROP_MALFORMED));
+    }
+    let payload_len = u16::from_be(header.payload_len_be) as usize;
+    if (ctx.len() as usize) < IP_OFF + IPV6_HLEN + payload_len {
+        return Err(NotForUs::Drop(counter::DROP_TRUNCATED));
+    }
+    match header.next_header {
+        IPV6_FRAGMENT => return Err(NotForUs::Pass(counter::PASS_FRAGMENT)),
+        // Hop-by-hop, routing, destination options, AH, ESP, mobility, HIP, shim6: services do
+        // not use them; walking them would cost every packet for nothing.
+        0 | 43 | 60 | 51 | 50 | 135 | 139 | 140 => {
+            return Err(NotForUs::Pass(counter::PASS_IPV6_EXTENSION))
+        }
+        _ => {}
+    }
+    l4_protocol(header.next_header, FAMILY_V6)?;
+    Ok(Ip {
+        family: FAMILY_V6,
+        saddr: Addr::from_v6(header.saddr),
+        daddr: Addr::from_v6(header.daddr),
+        proto: header.next_header,
+        l4_off: IP_OFF + IPV6_HLEN,
+        payload_len,
+    })
+}
+
+#[inline(always)]
+fn l4_protocol(proto: u8, family: u8) -> Result<(), NotForUs> {
+    let icmp = if family == FAMILY_V4 {
+        PROTO_ICMP
+    } else {
+        PROTO_ICMPV6
+    };
+    if proto == PROTO_TCP || proto == PROTO_UDP || proto == icmp {
+        Ok(())
+    } else {
+        Err(NotForUs::Pass(counter::PASS_OTHER_PROTO))
+    }
+}
+
+/// Offsets of the source and destination addresses in the IP header.
+#[inline(always)]
+pub fn addr_offsets(family: u8) -> (usize, usize) {
+    if family == FAMILY_V4 {
+        (IP_OFF + 12, IP_OFF + 16)
+    } else {
+        (IP_OFF + 8, IP_OFF + 24)
+    }
+}
+
+#[inline(always)]
+pub fn ct_key(ip: &Ip, sport_be: u16, dport_be: u16) -> CtKey {
+    CtKey {
+        saddr: ip.saddr,
+        daddr: ip.daddr,
+        sport_be,
+        dport_be,
+        proto: ip.proto,
+        family: ip.family,
+        _pad: 0,
+    }
+}
+
+#[inline(always)]
+pub fn ktime() -> u64 {
+    // SAFETY: a helper without arguments or side effects.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+#[inline(always)]
+pub fn prandom() -> u32 {
+    // SAFETY: a helper without arguments or side effects.
+    unsafe { bpf_get_prandom_u32() }
+}
+
+/// The one's-complement sum of `to` minus `from` (each a multiple of four bytes), as the
+/// checksum helpers take it.
+#[inline(always)]
+pub fn csum_diff(from: &[u8], to: &[u8], seed: u32) -> Result<u32, u32> {
+    // SAFETY: both slices are valid for their lengths for the duration of the call, and the
+    // helper only reads them.
+    let sum = unsafe {
+        bpf_csum_diff(
+            from.as_ptr() as *mut u32,
+            from.len() as u32,
+            to.as_ptr() as *mut u32,
+            to.len() as u32,
+            seed,
+        )
+    };
+    if sum < 0 {
+        Err(counter::DROP_REWRITE_FAILED)
+    } else {
+        Ok(sum as u32)
+    }
+}
+
+/// The one's-complement sum of `data` (a multiple of four bytes) added to `seed`.
+#[inline(always)]
+pub fn csum_add_bytes(data: &[u8], seed: u32) -> Result<u32, u32> {
+    // SAFETY: a null `from` with size 0 is the helper's documented way to sum `to` alone; `data`
+    // is valid for its length during the call and only read.
+    let sum = unsafe {
+        bpf_csum_diff(
+            core::ptr::null_mut(),
+            0,
+            data.as_ptr() as *mut u32,
+            data.len() as u32,
+            seed,
+        )
+    };
+    if sum < 0 {
+        Err(counter::DROP_REJECT_FAILED)
+    } else {
+        Ok(sum as u32)
+    }
+}
+
+/// Folds a 32-bit one's-complement sum into the 16-bit checksum field value.
+#[inline(always)]
+pub fn csum_fold(sum: u32) -> u16 {
+    let sum = (sum & 0xffff) + (sum >> 16);
+    let sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Source,
+    Destination,
+}
+
+/// Offset of the L4 checksum and the flags its updates take: UDP marks a checksum that
+/// computes to zero as 0xffff, since zero means "none".
+#[inline(always)]
+fn l4_csum(ip: &Ip) -> (usize, u64) {
+    if ip.proto == PROTO_TCP {
+        (ip.l4_off + TCP_CSUM, 0)
+    } else {
+        (ip.l4_off + UDP_CSUM, BPF_F_MARK_MANGLED_0 as u64)
+    }
+}
+
+/// Rewrites one side's address and port of a TCP or UDP packet, with incremental checksum
+/// updates, and keeps `ip` in step with the packet.
+#[inline(always)]
+pub fn rewrite_l4(
+    ctx: &TcContext,
+    ip: &mut Ip,
+    side: Side,
+    new_addr: &Addr,
+    new_port_be: u16,
+) -> Result<(), u32> {
+    rewrite(
+        ctx,
+        ip,
+        &Rewrite {
+            addr: *new_addr,
+            port_be: new_port_be,
+            side,
+        },
+    )
+}
+
+struct Rewrite {
+    addr: Addr,
+    port_be: u16,
+    side: Side,
+}
+
+/// A call of its own: inlined at every use it would multiply its callers' stack, and BPF calls
+/// take at most five arguments.
+#[inline(never)]
+fn rewrite(ctx: &TcContext, ip: &mut Ip, to: &Rewrite) -> Result<(), u32> {
+    let (side, new_addr, new_port_be) = (to.side, &to.addr, to.port_be);
+    let (saddr_off, daddr_off) = addr_offsets(ip.family);
+    let (addr_off, port_off, old_addr) = match side {
+        Side::Source => (saddr_off, ip.l4_off, ip.saddr),
+        Side::Destination => (daddr_off, ip.l4_off + 2, ip.daddr),
+    };
+    let old_port: u16 = load(ctx, port_off)?;
+    let (csum_off, mangled) = l4_csum(ip);
+    // A zero UDP checksum means "none" (IPv4 only): leave it so, rather than invent one.
+    let has_l4_csum = ip.proto == PROTO_TCP || load::<u16>(ctx, csum_off)? != 0;
+    let failed = counter::DROP_REWRITE_FAILED;
+    if ip.family == FAMILY_V4 {
+        let old = u32::from_ne_bytes(old_addr.v4_octets());
+        let new = u32::from_ne_bytes(new_addr.v4_octets());
+        if has_l4_csum {
+            // The address is covered through the pseudo header, the port directly.
+            let flags = mangled | BPF_F_PSEUDO_HDR as u64 | 4;
+            ctx.l4_csum_replace(csum_off, old as u64, new as u64, flags)
+                .map_err(|_| failed)?;
+        }
+        ctx.l3_csum_replace(IPV4_CSUM_OFF, old as u64, new as u64, 4)
+            .map_err(|_| failed)?;
+        store(ctx, addr_off, &new)?;
+    } else {
+        if has_l4_csum {
+            let diff = csum_diff(&old_addr.bytes, &new_addr.bytes, 0)?;
+            let flags = mangled | BPF_F_PSEUDO_HDR as u64;
+            ctx.l4_csum_replace(csum_off, 0, diff as u64, flags)
+                .map_err(|_| failed)?;
+        }
+        store(ctx, addr_off, &new_addr.bytes)?;
+    }
+    if old_port != new_port_be {
+        if has_l4_csum {
+            ctx.l4_csum_replace(csum_off, old_port as u64, new_port_be as u64, mangled | 2)
+                .map_err(|_| failed)?;
+        }
+        store(ctx, port_off, &new_port_be)?;
+    }
+    match side {
+        Side::Source => ip.saddr = *new_addr,
+        Side::Destination => ip.daddr = *new_addr,
+    }
+    Ok(())
+}
+
+/// Swaps the Ethernet addresses, for a packet that goes back out of the interface it came in.
+#[inline(never)]
+pub fn swap_macs(ctx: &TcContext) -> Result<(), u32> {
+    let macs: [u8; 12] = load(ctx, 0)?;
+    let mut swapped = [0u8; 12];
+    swapped[..6].copy_from_slice(&macs[6..]);
+    swapped[6..].copy_from_slice(&macs[..6]);
+    store(ctx, 0, &swapped)
+}

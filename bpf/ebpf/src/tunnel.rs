@@ -1,0 +1,194 @@
+//! The tunnel between nodes: a collect-metadata VXLAN (or IPIP) device the agent creates. The
+//! program sets the outer destination per packet and redirects into the device; on the other
+//! side the device decapsulates and the program, attached to the device's ingress, sees the
+//! inner packet with the outer source and the tunnel id as metadata.
+
+use aya_ebpf::{
+    bindings::{bpf_tunnel_key, BPF_F_TUNINFO_IPV6, BPF_NOEXIST},
+    helpers::{bpf_redirect, bpf_skb_get_tunnel_key, bpf_skb_set_tunnel_key},
+    programs::TcContext,
+};
+use weir_common::{counter, ct_kind, Addr, CtKey, CtValue, NodeConfig, FAMILY_V4, FAMILY_V6};
+
+use crate::maps::CONNTRACK;
+use crate::Verdict;
+
+/// The leading fields of `struct bpf_tunnel_key` every kernel since 4.x accepts: passing this
+/// size keeps the helpers working on kernels that predate the later fields.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct TunnelKey {
+    tunnel_id: u32,
+    /// Host byte order for IPv4 (in the first word), network order words for IPv6.
+    remote: [u32; 4],
+    tos: u8,
+    ttl: u8,
+    ext: u16,
+    label: u32,
+}
+
+const TUNNEL_KEY_SIZE: u32 = core::mem::size_of::<TunnelKey>() as u32;
+const PACKET_HOST: u32 = 0;
+const TUNNEL_TTL: u8 = 64;
+
+/// A packet the tunnel delivered: who sent it and what it asks of this node. Always fully
+/// initialised (an `Option` would carry undefined bytes the verifier refuses to copy).
+#[derive(Default)]
+pub struct Arrival {
+    pub peer: Addr,
+    pub peer_family: u8,
+    /// A `tunnel_id` value; 0 when the packet did not come through the tunnel.
+    pub id: u32,
+}
+
+impl Arrival {
+    #[inline(always)]
+    pub fn is_some(&self) -> bool {
+        self.id != 0
+    }
+
+    #[inline(always)]
+    pub fn is_none(&self) -> bool {
+        self.id == 0
+    }
+}
+
+/// The tunnel metadata, for packets entering through the tunnel device.
+#[inline(never)]
+pub fn arrival(ctx: &TcContext, config: &NodeConfig) -> Arrival {
+    // SAFETY: reading a field of the program's own context.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    if config.tunnel_ifindex == 0 || ifindex != config.tunnel_ifindex {
+        return Arrival::default();
+    }
+    let mut key = TunnelKey::default();
+    for (flags, family) in [(0u64, FAMILY_V4), (BPF_F_TUNINFO_IPV6 as u64, FAMILY_V6)] {
+        // SAFETY: `key` is a stack buffer of TUNNEL_KEY_SIZE bytes the helper fills.
+        let ret = unsafe {
+            bpf_skb_get_tunnel_key(
+                ctx.skb.skb,
+                &mut key as *mut TunnelKey as *mut bpf_tunnel_key,
+                TUNNEL_KEY_SIZE,
+                flags,
+            )
+        };
+        if ret == 0 {
+            let peer = if family == FAMILY_V4 {
+                Addr::from_v4(key.remote[0].to_be_bytes())
+            } else {
+                let mut bytes = [0u8; 16];
+                for (i, word) in key.remote.iter().enumerate() {
+                    bytes[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+                }
+                Addr::from_v6(bytes)
+            };
+            return Arrival {
+                peer,
+                peer_family: family,
+                // A tunnel packet of an unknown kind is treated as translated elsewhere.
+                id: if key.tunnel_id == 0 {
+                    weir_common::tunnel_id::NAT_AT_INGRESS
+                } else {
+                    key.tunnel_id
+                },
+            };
+        }
+    }
+    Arrival::default()
+}
+
+/// Sets the outer destination and sends the packet into the tunnel device.
+#[inline(never)]
+pub fn encap(ctx: &TcContext, peer: &Addr, peer_family: u8, id: u32) -> Result<i32, u32> {
+    let config = crate::maps::node_config();
+    let failed = counter::DROP_TUNNEL_FAILED;
+    if config.tunnel_ifindex == 0 {
+        return Err(failed);
+    }
+    let mut key = TunnelKey {
+        tunnel_id: id,
+        ttl: TUNNEL_TTL,
+        ..TunnelKey::default()
+    };
+    let flags = if peer_family == FAMILY_V4 {
+        key.remote[0] = u32::from_be_bytes(peer.v4_octets());
+        0
+    } else {
+        for i in 0..4 {
+            let b = &peer.bytes[i * 4..i * 4 + 4];
+            key.remote[i] = u32::from_ne_bytes([b[0], b[1], b[2], b[3]]);
+        }
+        BPF_F_TUNINFO_IPV6 as u64
+    };
+    // SAFETY: `key` is a stack buffer of TUNNEL_KEY_SIZE bytes the helper reads.
+    let ret = unsafe {
+        bpf_skb_set_tunnel_key(
+            ctx.skb.skb,
+            &mut key as *mut TunnelKey as *mut bpf_tunnel_key,
+            TUNNEL_KEY_SIZE,
+            flags,
+        )
+    };
+    if ret != 0 {
+        return Err(failed);
+    }
+    // SAFETY: a helper taking plain integers.
+    Ok(unsafe { bpf_redirect(config.tunnel_ifindex, 0) } as i32)
+}
+
+/// The decapsulated frame still carries the sending node's Ethernet addresses, which the IP
+/// layer would take for someone else's traffic: claim it for this host.
+#[inline(always)]
+pub fn accept_inner(ctx: &TcContext) {
+    let _ = ctx.change_type(PACKET_HOST);
+}
+
+/// A flow the ingress node already translated: remember that its replies must go back through
+/// the tunnel to that node, which holds the translation. A call of its own, to keep the entry
+/// it builds off the flow path's stack.
+#[inline(never)]
+pub fn remember_return(key: &CtKey, arrival: &Arrival, seen: u8, now: u64) -> Verdict {
+    Verdict::from_result(remember_return_inner(key, arrival, seen, now))
+}
+
+#[inline(always)]
+fn remember_return_inner(
+    key: &CtKey,
+    arrival: &Arrival,
+    seen: u8,
+    now: u64,
+) -> Result<Verdict, u32> {
+    let reply_key = key.reversed();
+    if let Some(entry) = CONNTRACK.get_ptr_mut(&reply_key) {
+        // SAFETY: the pointer comes from a successful lookup; racing updates of these two
+        // fields are harmless.
+        let entry = unsafe { &mut *entry };
+        // The other direction's flags go in the high nibble: user space needs both to tell
+        // when the connection closed.
+        let seen = seen << 4;
+        if entry.seen | seen != entry.seen
+            || now.wrapping_sub(entry.last_seen_ns) > weir_common::CT_REFRESH_NS
+        {
+            entry.seen |= seen;
+            entry.last_seen_ns = now;
+        }
+        return Ok(Verdict::pass(counter::CT_FROM_TUNNEL_HIT));
+    }
+    let value = CtValue {
+        created_ns: now,
+        last_seen_ns: now,
+        kind: ct_kind::ENCAP,
+        seen: seen << 4,
+        tunnel_peer: arrival.peer,
+        tunnel_family: arrival.peer_family,
+        ..CtValue::default()
+    };
+    if CONNTRACK
+        .insert(&reply_key, &value, BPF_NOEXIST as u64)
+        .is_err()
+        && CONNTRACK.get_ptr(&reply_key).is_none()
+    {
+        return Err(counter::DROP_CT_FULL);
+    }
+    Ok(Verdict::pass(counter::CT_NEW_FROM_TUNNEL))
+}
