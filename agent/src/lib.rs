@@ -12,6 +12,7 @@ pub mod dump;
 pub mod http;
 pub mod intent;
 pub mod interfaces;
+pub mod kubernetes;
 pub mod metrics;
 pub mod reconcile;
 pub mod run;

@@ -13,14 +13,15 @@ use tokio::signal::unix::{signal, SignalKind};
 use tracing::{debug, error, info, warn};
 
 use crate::admission::Limits;
-use crate::config::AgentConfig;
+use crate::config::{AgentConfig, SourceKind};
 use crate::conntrack::collect_garbage;
 use crate::dataplane::{Counters, Dataplane, LoadOptions};
 use crate::http::OpsServer;
 use crate::interfaces;
+use crate::kubernetes::{KubeSource, NodeIdentity};
 use crate::metrics::{Health, Metrics, Ops};
 use crate::reconcile::Reconciler;
-use crate::source::{read_objects, ChangeDetector};
+use crate::source::{read_objects, ChangeDetector, Objects};
 
 /// The loop counts as wedged after this many poll intervals without a turn (at least
 /// [`MIN_STALL`]): long enough for a full sync of a large cluster, short enough for a liveness
@@ -68,11 +69,25 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         },
         Some(metrics.clone()),
     );
-    let state_path = config
-        .state_path
-        .clone()
-        .context("the file source needs state_path")?;
-    let mut changes = ChangeDetector::default();
+    let mut source = match config.source {
+        SourceKind::File => DesiredState::File {
+            path: config
+                .state_path
+                .clone()
+                .context("the file source needs state_path")?,
+            changes: ChangeDetector::default(),
+        },
+        SourceKind::Kubernetes => {
+            let client = crate::kubernetes::client(config.kubeconfig.as_deref())
+                .await
+                .context("connecting to the Kubernetes API")?;
+            info!("watching the Kubernetes API");
+            DesiredState::Kubernetes {
+                source: Box::new(KubeSource::start(client, &config.node_name)),
+                node: None,
+            }
+        }
+    };
     // Set when the last pass could not finish, so the next tick retries even without a change.
     let mut retry = true;
     let mut poll = tokio::time::interval(config.poll_interval);
@@ -86,25 +101,14 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             _ = poll.tick() => {
                 health.beat();
                 interfaces.sync(&config, &mut dataplane, &health, &metrics);
-                if changes.changed(&state_path) || retry {
-                    retry = match read_objects(&state_path) {
-                        Ok(objects) => match reconciler.reconcile(&mut dataplane.services, &objects) {
-                            Ok(_) => {
-                                health.set_synced();
-                                false
-                            }
-                            Err(e) => {
-                                error!(error = %e, "applying desired state failed; will retry");
-                                true
-                            }
-                        },
-                        Err(e) => {
-                            // The whole source is unreadable: keep the last good state in the maps.
-                            warn!(error = %e, "state source unreadable; keeping last good state");
-                            metrics.source_errors.inc();
-                            false
-                        }
-                    };
+                if let Some(objects) = source.poll(retry, &config.node_name, &metrics) {
+                    retry = apply(&mut reconciler, &mut dataplane, &objects, &health);
+                }
+            }
+            _ = source.changed() => {
+                health.beat();
+                if let Some(objects) = source.poll(true, &config.node_name, &metrics) {
+                    retry = apply(&mut reconciler, &mut dataplane, &objects, &health);
                 }
             }
             _ = gc.tick() => {
@@ -138,6 +142,94 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         info!("stopping: programs stay attached and keep forwarding; the next agent adopts them");
     }
     Ok(())
+}
+
+/// Where desired state comes from.
+enum DesiredState {
+    File {
+        path: std::path::PathBuf,
+        changes: ChangeDetector,
+    },
+    Kubernetes {
+        source: Box<KubeSource>,
+        /// This node as last logged, to log changes of its identity once.
+        node: Option<NodeIdentity>,
+    },
+}
+
+impl DesiredState {
+    /// Resolves when the source has news; never for the polled file source.
+    async fn changed(&self) {
+        match self {
+            DesiredState::File { .. } => std::future::pending().await,
+            DesiredState::Kubernetes { source, .. } => source.changed().await,
+        }
+    }
+
+    /// The objects to reconcile now, if there is anything to do: for the file, when it changed
+    /// or `again`; for the API, when `again` (after news or a failed pass) and once every kind
+    /// is listed.
+    fn poll(&mut self, again: bool, node_name: &str, metrics: &Metrics) -> Option<Objects> {
+        match self {
+            DesiredState::File { path, changes } => {
+                if !changes.changed(path) && !again {
+                    return None;
+                }
+                match read_objects(path) {
+                    Ok(objects) => Some(objects),
+                    Err(e) => {
+                        // The whole source is unreadable: keep the last good state in the maps.
+                        warn!(error = %e, "state source unreadable; keeping last good state");
+                        metrics.source_errors.inc();
+                        None
+                    }
+                }
+            }
+            DesiredState::Kubernetes { source, node } => {
+                // Changes wake the loop through `changed`; a tick only retries a failed pass.
+                if !again {
+                    return None;
+                }
+                if !source.is_ready() {
+                    debug!(waiting_for = ?source.unlisted(), "Kubernetes source not listed yet");
+                    return None;
+                }
+                let identity = source.node_identity();
+                if identity != *node {
+                    match &identity {
+                        Some(id) => info!(
+                            node = %id.name,
+                            addresses = ?id.addresses,
+                            pod_cidrs = ?id.pod_cidrs,
+                            "node identity from the Node object"
+                        ),
+                        None => warn!(node = node_name, "no Node object with this node's name"),
+                    }
+                    *node = identity;
+                }
+                Some(source.snapshot())
+            }
+        }
+    }
+}
+
+/// One reconcile pass; returns whether the next tick should try again.
+fn apply(
+    reconciler: &mut Reconciler,
+    dataplane: &mut Dataplane,
+    objects: &Objects,
+    health: &Health,
+) -> bool {
+    match reconciler.reconcile(&mut dataplane.services, objects) {
+        Ok(_) => {
+            health.set_synced();
+            false
+        }
+        Err(e) => {
+            error!(error = %e, "applying desired state failed; will retry");
+            true
+        }
+    }
 }
 
 /// Keeps the program on the interfaces that should have it, as they come and go.
