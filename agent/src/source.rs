@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::Deserialize;
 
@@ -44,7 +44,11 @@ pub struct ObjectError {
 pub struct Objects {
     pub services: Vec<Service>,
     pub slices: Vec<EndpointSlice>,
-    pub nodes: Vec<Node>,
+    pub nodes: Vec<k8s_openapi::api::core::v1::Node>,
+    /// This node's pods only (the Kubernetes source watches `spec.nodeName=<node>`).
+    pub pods: Vec<k8s_openapi::api::core::v1::Pod>,
+    pub namespaces: Vec<k8s_openapi::api::core::v1::Namespace>,
+    pub network_policies: Vec<k8s_openapi::api::networking::v1::NetworkPolicy>,
 }
 
 /// Reads a file, or every `.yaml`/`.yml` file of a directory in name order.

@@ -136,7 +136,7 @@ impl Harness {
             .expect("host addresses");
         let mut harness = Harness {
             dataplane,
-            reconciler: Reconciler::new(options),
+            reconciler: Reconciler::default().with_compile_options(options),
         };
         harness.apply(yaml);
         harness
