@@ -22,7 +22,10 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
+use crate::k8s;
 pub use crate::scenario::Protocol;
+use crate::scenario::Scenario;
+use crate::topology::Plan;
 
 /// kube-proxy leaves SEP comments out above this many endpoints (`largeClusterEndpointsThreshold`).
 pub const LARGE_CLUSTER_ENDPOINTS: usize = 1000;
@@ -87,6 +90,33 @@ impl ProxiedServicePort {
         svc.into_iter()
             .chain(self.endpoints.iter().map(|e| self.endpoint_chain(*e)))
     }
+}
+
+/// What kube-proxy would program for a scenario's services: every port of every service, with
+/// the pods the service selects as endpoints (the same selection the lab hands the agent).
+pub fn from_scenario(scenario: &Scenario, plan: &Plan) -> Vec<ProxiedServicePort> {
+    let labels = k8s::pod_labels(scenario, plan);
+    let mut out = Vec::new();
+    for svc in &scenario.services {
+        let pods = k8s::endpoints(svc, plan, &labels);
+        for p in &svc.ports {
+            out.push(ProxiedServicePort {
+                name: ServicePortName {
+                    namespace: k8s::NAMESPACE.to_owned(),
+                    name: svc.name.clone(),
+                    port: p.name.clone(),
+                },
+                protocol: p.protocol,
+                cluster_ip: svc.cluster_ip,
+                port: p.port,
+                endpoints: pods
+                    .iter()
+                    .map(|pod| SocketAddrV4::new(pod.ip, p.target()))
+                    .collect(),
+            });
+        }
+    }
+    out
 }
 
 /// kube-proxy's `portProtoHash`: the first 16 characters of the base32 (RFC 4648, upper case)
@@ -227,7 +257,12 @@ impl Proxier {
         ] {
             filter_chains.chain(chain);
         }
-        for chain in [KUBE_SERVICES, KUBE_NODEPORTS, KUBE_POSTROUTING, KUBE_MARK_MASQ] {
+        for chain in [
+            KUBE_SERVICES,
+            KUBE_NODEPORTS,
+            KUBE_POSTROUTING,
+            KUBE_MARK_MASQ,
+        ] {
             nat_chains.chain(chain);
         }
         nat_rules.rule(&[
@@ -289,7 +324,17 @@ impl Proxier {
             let port = svc.port.to_string();
             let svc_chain = svc.service_chain();
             let matcher = [
-                "-m", "comment", "--comment", "", "-m", proto, "-p", proto, "-d", &ip, "--dport",
+                "-m",
+                "comment",
+                "--comment",
+                "",
+                "-m",
+                proto,
+                "-p",
+                proto,
+                "-d",
+                &ip,
+                "--dport",
                 &port,
             ];
             if svc.endpoints.is_empty() {
@@ -345,7 +390,16 @@ impl Proxier {
                         &sep,
                     ]);
                 } else {
-                    nat_rules.rule(&["-A", &svc_chain, "-m", "comment", "--comment", &comment, "-j", &sep]);
+                    nat_rules.rule(&[
+                        "-A",
+                        &svc_chain,
+                        "-m",
+                        "comment",
+                        "--comment",
+                        &comment,
+                        "-j",
+                        &sep,
+                    ]);
                 }
             }
             for ep in &svc.endpoints {
@@ -368,7 +422,16 @@ impl Proxier {
                 nat_rules.rule_parts(&[
                     &["-A", &sep],
                     comment,
-                    &["-m", proto, "-p", proto, "-j", "DNAT", "--to-destination", &ep_str],
+                    &[
+                        "-m",
+                        proto,
+                        "-p",
+                        proto,
+                        "-j",
+                        "DNAT",
+                        "--to-destination",
+                        &ep_str,
+                    ],
                 ]);
             }
         }
@@ -460,7 +523,12 @@ impl Proxier {
         restore_input.push_str(&nat_rules.text);
         restore_input.push_str("COMMIT\n");
 
-        self.last = Some(services.iter().map(|s| (s.name.clone(), s.clone())).collect());
+        self.last = Some(
+            services
+                .iter()
+                .map(|s| (s.name.clone(), s.clone()))
+                .collect(),
+        );
         Sync {
             kind: if partial {
                 SyncKind::Partial
@@ -504,9 +572,27 @@ pub fn jump_rules_input() -> String {
             "kubernetes health check service ports",
             &[],
         ),
-        ("filter", "FORWARD", KUBE_SERVICES, "kubernetes service portals", NEW),
-        ("filter", "OUTPUT", KUBE_SERVICES, "kubernetes service portals", NEW),
-        ("filter", "FORWARD", KUBE_FORWARD, "kubernetes forwarding rules", &[]),
+        (
+            "filter",
+            "FORWARD",
+            KUBE_SERVICES,
+            "kubernetes service portals",
+            NEW,
+        ),
+        (
+            "filter",
+            "OUTPUT",
+            KUBE_SERVICES,
+            "kubernetes service portals",
+            NEW,
+        ),
+        (
+            "filter",
+            "FORWARD",
+            KUBE_FORWARD,
+            "kubernetes forwarding rules",
+            &[],
+        ),
         (
             "filter",
             "INPUT",
@@ -530,8 +616,20 @@ pub fn jump_rules_input() -> String {
         ),
         ("filter", "INPUT", KUBE_FIREWALL, "", &[]),
         ("filter", "OUTPUT", KUBE_FIREWALL, "", &[]),
-        ("nat", "OUTPUT", KUBE_SERVICES, "kubernetes service portals", &[]),
-        ("nat", "PREROUTING", KUBE_SERVICES, "kubernetes service portals", &[]),
+        (
+            "nat",
+            "OUTPUT",
+            KUBE_SERVICES,
+            "kubernetes service portals",
+            &[],
+        ),
+        (
+            "nat",
+            "PREROUTING",
+            KUBE_SERVICES,
+            "kubernetes service portals",
+            &[],
+        ),
         (
             "nat",
             "POSTROUTING",
@@ -543,11 +641,7 @@ pub fn jump_rules_input() -> String {
     let mut out = String::new();
     for table in ["filter", "nat"] {
         out.push_str(&format!("*{table}\n"));
-        let targets: BTreeSet<&str> = jumps
-            .iter()
-            .filter(|j| j.0 == table)
-            .map(|j| j.2)
-            .collect();
+        let targets: BTreeSet<&str> = jumps.iter().filter(|j| j.0 == table).map(|j| j.2).collect();
         let mut lines = Lines::default();
         for t in targets {
             lines.chain(t);
@@ -603,7 +697,9 @@ impl Lines {
 
 /// Which iptables back end a binary drives. They are called by full name, never through the
 /// `iptables` alternative, so the machine's choice stays untouched.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum Flavor {
     Legacy,
@@ -698,14 +794,34 @@ mod tests {
     fn chain_names_match_kube_proxy() {
         // Names as they appear on every kubeadm cluster and in kube-proxy's own tests.
         let cases = [
-            ("default/kubernetes:https", Protocol::Tcp, "NPX46M4PTMTKRN6Y"),
-            ("kube-system/kube-dns:dns", Protocol::Udp, "TCOU7JCQXEZGVUNU"),
-            ("kube-system/kube-dns:dns-tcp", Protocol::Tcp, "ERIFXISQEP7F7OF4"),
-            ("kube-system/kube-dns:metrics", Protocol::Tcp, "JD5MR3NA4I4DYORP"),
+            (
+                "default/kubernetes:https",
+                Protocol::Tcp,
+                "NPX46M4PTMTKRN6Y",
+            ),
+            (
+                "kube-system/kube-dns:dns",
+                Protocol::Udp,
+                "TCOU7JCQXEZGVUNU",
+            ),
+            (
+                "kube-system/kube-dns:dns-tcp",
+                Protocol::Tcp,
+                "ERIFXISQEP7F7OF4",
+            ),
+            (
+                "kube-system/kube-dns:metrics",
+                Protocol::Tcp,
+                "JD5MR3NA4I4DYORP",
+            ),
             ("ns1/svc1:p80", Protocol::Tcp, "XPGD46QRK7WJZT7O"),
         ];
         for (name, proto, hash) in cases {
-            assert_eq!(chain_hash(&format!("{name}{}", proto.lower())), hash, "{name}");
+            assert_eq!(
+                chain_hash(&format!("{name}{}", proto.lower())),
+                hash,
+                "{name}"
+            );
         }
         let svc = svc1(&["10.180.0.1:80"]);
         assert_eq!(svc.service_chain(), "KUBE-SVC-XPGD46QRK7WJZT7O");
@@ -760,7 +876,10 @@ mod tests {
         // The NodePort jump closes KUBE-SERVICES.
         let services = lines_of(text, "-A KUBE-SERVICES");
         assert!(services.last().unwrap().contains("-j KUBE-NODEPORTS"));
-        assert!(services.last().unwrap().contains("-m addrtype --dst-type LOCAL"));
+        assert!(services
+            .last()
+            .unwrap()
+            .contains("-m addrtype --dst-type LOCAL"));
         // filter before nat, each committed.
         assert!(text.starts_with("*filter\n:KUBE-NODEPORTS - [0:0]\n"));
         assert_eq!(text.matches("COMMIT\n").count(), 2);
@@ -779,7 +898,12 @@ mod tests {
             .collect();
         assert_eq!(
             probs,
-            ["0.2000000000", "0.2500000000", "0.3333333333", "0.5000000000"]
+            [
+                "0.2000000000",
+                "0.2500000000",
+                "0.3333333333",
+                "0.5000000000"
+            ]
         );
     }
 
@@ -796,8 +920,10 @@ mod tests {
             ..config()
         })
         .sync(&svc);
-        assert!(all.restore_input.lines().any(|l| l.starts_with("-A KUBE-SVC-")
-            && l.ends_with("--dport 80 -j KUBE-MARK-MASQ")));
+        assert!(all
+            .restore_input
+            .lines()
+            .any(|l| l.starts_with("-A KUBE-SVC-") && l.ends_with("--dport 80 -j KUBE-MARK-MASQ")));
     }
 
     #[test]
@@ -841,19 +967,29 @@ mod tests {
         assert_eq!(unchanged.kind, SyncKind::Partial);
         // KUBE-SVC chains appear only as jump targets from KUBE-SERVICES.
         assert!(lines_of(&unchanged.restore_input, ":KUBE-SVC-").is_empty());
-        assert_eq!(lines_of(&unchanged.restore_input, "-A KUBE-SERVICES").len(), 301);
+        assert_eq!(
+            lines_of(&unchanged.restore_input, "-A KUBE-SERVICES").len(),
+            301
+        );
 
         let old = services[7].endpoints[0];
         services[7].endpoints[0] = SocketAddrV4::new(Ipv4Addr::new(10, 180, 1, 1), 8080);
         let update = proxier.sync(&services);
         assert_eq!(update.kind, SyncKind::Partial);
-        assert!(!update.save_nat_first, "large clusters skip iptables-save on partial syncs");
+        assert!(
+            !update.save_nat_first,
+            "large clusters skip iptables-save on partial syncs"
+        );
         let declared = lines_of(&update.restore_input, ":KUBE-S");
         // KUBE-SERVICES (in filter and nat), one SVC chain, five SEP chains: nothing of the
         // other 299 services.
         assert_eq!(declared.len(), 2 + 1 + 5, "{declared:?}");
         assert!(update.restore_input.contains(&services[7].service_chain()));
-        assert!(lines_of(&update.restore_input, &format!(":{}", services[8].service_chain())).is_empty());
+        assert!(lines_of(
+            &update.restore_input,
+            &format!(":{}", services[8].service_chain())
+        )
+        .is_empty());
         assert_eq!(update.deleted_chains, 0);
 
         // The next full sync lists the table and deletes the endpoint chain that went away.
@@ -861,8 +997,14 @@ mod tests {
         assert!(resync.save_nat_first);
         assert_eq!(resync.deleted_chains, 1);
         let stale = services[7].endpoint_chain(old);
-        assert!(resync.restore_input.lines().any(|l| l == format!("-X {stale}")));
-        assert!(resync.restore_input.lines().any(|l| l == format!(":{stale} - [0:0]")));
+        assert!(resync
+            .restore_input
+            .lines()
+            .any(|l| l == format!("-X {stale}")));
+        assert!(resync
+            .restore_input
+            .lines()
+            .any(|l| l == format!(":{stale} - [0:0]")));
     }
 
     #[test]
@@ -894,6 +1036,45 @@ mod tests {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
         }
         assert_eq!(text.matches("COMMIT\n").count(), 2);
+    }
+
+    #[test]
+    fn scenario_services_become_service_ports() {
+        let scenario = Scenario::parse(
+            r#"
+name = "t"
+[topology]
+nodes = 1
+pods_per_node = 3
+[[pods]]
+match = "n1p*"
+labels = { app = "echo" }
+[[pods]]
+match = "n1p0"
+labels = { app = "client" }
+[[services]]
+name = "echo"
+cluster_ip = "198.18.100.10"
+selector = { app = "echo" }
+ports = [
+  { name = "http", port = 80, target_port = 8080 },
+  { name = "dns", protocol = "UDP", port = 53, target_port = 5353 },
+]
+"#,
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        let ports = from_scenario(&scenario, &scenario.plan());
+        assert_eq!(ports.len(), 2);
+        assert_eq!(ports[0].name.to_string(), "default/echo:http");
+        assert_eq!(ports[1].protocol, Protocol::Udp);
+        assert_eq!(
+            ports[1].endpoints,
+            [
+                "198.19.1.11:5353".parse().unwrap(),
+                "198.19.1.12:5353".parse().unwrap()
+            ]
+        );
     }
 
     #[test]

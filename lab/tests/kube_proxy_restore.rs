@@ -8,8 +8,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::process::{Child, Command, Output, Stdio};
 
 use weir_lab::kube_proxy::{
-    jump_rules_input, Flavor, ProxiedServicePort, Proxier, ProxierConfig, Protocol,
-    ServicePortName,
+    jump_rules_input, Flavor, Protocol, ProxiedServicePort, Proxier, ProxierConfig, ServicePortName,
 };
 
 /// A network namespace that lives as long as its holder process (`unshare --net sleep`); it is
@@ -153,7 +152,10 @@ fn iptables_restore_accepts_kube_proxy_rules() {
 
         // A dry run first, and proof that the dry run does check: an unknown option fails.
         let jumps = jump_rules_input();
-        assert_ok(&ns.run(&restore, &test_args, &jumps), "--test of the jump rules");
+        assert_ok(
+            &ns.run(&restore, &test_args, &jumps),
+            "--test of the jump rules",
+        );
         assert_ok(
             &ns.run(&restore, &test_args, &full.restore_input),
             "--test of a full sync",
