@@ -50,14 +50,16 @@ pub struct ConnectOptions {
     /// Leave the iptables baseline out (Weir and direct only).
     #[arg(long)]
     pub no_iptables: bool,
-    /// Measurement rounds; every path is measured once per round.
-    #[arg(long, default_value_t = 7)]
+    /// Measurement rounds; every path is measured once per round. Many short rounds beat a few
+    /// long ones here: a shared vCPU flips between a fast and a slow mode (5-15 us apart) for
+    /// stretches of about a round, and more rounds give every path the same mix of both.
+    #[arg(long, default_value_t = 21)]
     pub rounds: u32,
     /// Timed connects per path and round.
-    #[arg(long, default_value_t = 2000)]
+    #[arg(long, default_value_t = 1000)]
     pub connects: u32,
     /// Untimed connects before each round's timed ones.
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = 100)]
     pub warmup: u32,
     /// Endpoints per service.
     #[arg(long, default_value_t = 5)]
@@ -276,7 +278,11 @@ pub fn run(o: &ConnectOptions, env: &BenchEnv) -> Result<ConnectResults, BenchEr
     if let Some(e) = teardown_error {
         return Err(e);
     }
+    // Run files are kept only when something failed; `bench/` goes too if nothing else is in it.
     let _ = std::fs::remove_dir_all(&run_root);
+    if let Some(parent) = run_root.parent() {
+        let _ = std::fs::remove_dir(parent);
+    }
 
     print!("{}", results.table);
     let json = env.report_dir.join("bench-connect.json");
@@ -630,6 +636,10 @@ fn summarize(
             .collect();
         text.push_str(&table(&["ratio", "p50", "p99"], &rows));
     }
+    text.push_str(
+        "\ninstall s: iptables = iptables-restore of the full ruleset; weir = agent start (program \
+         load included) until `dump services` shows every service\n",
+    );
     if let Some(flat) = weir_flat {
         text.push_str(&format!(
             "\ntarget (issue 3): Weir at {} services within 10% of Weir at {} (p50): {}\n",

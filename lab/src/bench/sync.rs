@@ -205,7 +205,11 @@ pub fn run(o: &SyncOptions, env: &BenchEnv) -> Result<SyncResults, BenchError> {
         }
         sides.push(side);
     }
+    // Run files are kept only when something failed; `bench/` goes too if nothing else is in it.
     let _ = std::fs::remove_dir_all(&run_root);
+    if let Some(parent) = run_root.parent() {
+        let _ = std::fs::remove_dir(parent);
+    }
 
     let results = SyncResults {
         bench: "sync-baseline",
@@ -489,36 +493,39 @@ fn render(o: &SyncOptions, sides: &[SideResult]) -> String {
         ],
         &rows,
     ));
-    let full_median = |side: &str| {
+    // Medians of (wall, cpu) over a side's steps of one kind.
+    let medians = |side: &str, pick: fn(&SideResult) -> &Vec<Step>| {
         sides
             .iter()
-            .find(|s| s.side == side)
-            .map(|s| median(&s.full.iter().map(|x| x.wall_s).collect::<Vec<_>>()))
-    };
-    let update_median = |side: &str| {
-        sides
-            .iter()
-            .find(|s| s.side == side && !s.updates.is_empty())
-            .map(|s| median(&s.updates.iter().map(|x| x.wall_s).collect::<Vec<_>>()))
+            .find(|s| s.side == side && !pick(s).is_empty())
+            .map(|s| {
+                let steps = pick(s);
+                let wall: Vec<f64> = steps.iter().map(|x| x.wall_s).collect();
+                let cpu: Vec<f64> = steps.iter().map(|x| x.cpu_s).collect();
+                (median(&wall), median(&cpu))
+            })
     };
     let mut ratios = Vec::new();
     for side in sides.iter().filter(|s| s.side != "weir") {
-        if let (Some(w), Some(i)) = (full_median("weir"), full_median(&side.side)) {
-            ratios.push(vec![
-                format!("weir full / {} full", side.side),
-                format!("{:.3}", w / i),
-            ]);
-        }
-        if let (Some(w), Some(i)) = (update_median("weir"), update_median(&side.side)) {
-            ratios.push(vec![
-                format!("weir update / {} update", side.side),
-                format!("{:.3}", w / i),
-            ]);
+        for (what, pick) in [
+            (
+                "full",
+                (|s: &SideResult| &s.full) as fn(&SideResult) -> &Vec<Step>,
+            ),
+            ("update", |s: &SideResult| &s.updates),
+        ] {
+            if let (Some(w), Some(i)) = (medians("weir", pick), medians(&side.side, pick)) {
+                ratios.push(vec![
+                    format!("weir {what} / {} {what}", side.side),
+                    format!("{:.3}", w.0 / i.0),
+                    format!("{:.3}", w.1 / i.1),
+                ]);
+            }
         }
     }
     if !ratios.is_empty() {
         text.push('\n');
-        text.push_str(&table(&["ratio (wall, median)", "value"], &ratios));
+        text.push_str(&table(&["ratio (medians)", "wall", "cpu"], &ratios));
     }
     text
 }
