@@ -320,10 +320,33 @@ fn build_path(
         program_s: 0.0,
         rounds: Vec::new(),
     };
-    let lab = path.lab.as_mut();
+    match prepare(&mut path, &synth, cpu, env, &run_dir, &id, restore_bins) {
+        Ok(()) => Ok(path),
+        Err(e) => {
+            // The lab would go with `path` anyway; the agent's pins need telling.
+            if let Err(t) = path.teardown() {
+                tracing::warn!("tearing down after a failed setup: {t}");
+            }
+            Err(e)
+        }
+    }
+}
 
+/// Starts the listeners, installs the services the path's way and checks that connects work.
+fn prepare(
+    path: &mut PathUnderTest,
+    synth: &Synthetic,
+    cpu: usize,
+    env: &BenchEnv,
+    run_dir: &Path,
+    id: &str,
+    restore_bins: &[(Flavor, PathBuf)],
+) -> Result<(), BenchError> {
+    let kind = path.kind;
+    let plan = synth.plan();
+    let lab = path.lab.as_mut();
     let port = synth.last_target_port();
-    start_listeners(lab, env, &run_dir, synth.backends(), port)?;
+    start_listeners(lab, env, run_dir, synth.backends(), port)?;
 
     let node = plan.nodes[0].id;
     match kind {
@@ -338,7 +361,7 @@ fn build_path(
             let t = Instant::now();
             let run_id = format!("bench-{}-{id}", std::process::id());
             let agent =
-                BenchAgent::start(lab, &env.agent, &run_dir, &run_id, &scenario.agent, &state)?;
+                BenchAgent::start(lab, &env.agent, run_dir, &run_id, &scenario.agent, &state)?;
             // Stored before waiting, so a failed wait still removes the pins.
             let agent = path.agent.insert(agent);
             agent.wait_programmed(lab, &scenario, &plan, READY_TIMEOUT)?;
@@ -368,7 +391,7 @@ fn build_path(
     }
 
     // One short probe proves the path works before any round counts.
-    let check = probe_connect(&mut path, env, 5, 0, cpu)?;
+    let check = probe_connect(path, env, 5, 0, cpu)?;
     if check.failures > 0 {
         return Err(BenchError::Setup(format!(
             "{}: connects to {} fail: {}",
@@ -377,7 +400,7 @@ fn build_path(
             check.first_error.unwrap_or_default()
         )));
     }
-    Ok(path)
+    Ok(())
 }
 
 /// A deferred-accept listener on `port` in every endpoint pod; waits until all listen.

@@ -275,14 +275,15 @@ pub fn measure(args: &MeasureArgs) -> Result<MeasureReport, ProbeError> {
     let mut stderr = tempfile::tempfile().map_err(io("stderr file"))?;
     let before = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN)
         .map_err(sys("getrusage"))?;
-    let started = Instant::now();
-    let status = Command::new(program)
+    let mut command = Command::new(program);
+    command
         .args(rest)
         .stdin(stdin)
         .stdout(Stdio::null())
-        .stderr(stderr.try_clone().map_err(io("stderr file"))?)
-        .status()
-        .map_err(io(format!("running {program}")))?;
+        .stderr(stderr.try_clone().map_err(io("stderr file"))?);
+    die_with_parent(&mut command);
+    let started = Instant::now();
+    let status = command.status().map_err(io(format!("running {program}")))?;
     let wall = started.elapsed();
     let after = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN)
         .map_err(sys("getrusage"))?;
@@ -299,6 +300,34 @@ pub fn measure(args: &MeasureArgs) -> Result<MeasureReport, ProbeError> {
         max_rss_kib: after.max_rss().max(0) as u64,
         stderr: text,
     })
+}
+
+/// The measured command goes when the probe goes (the lab kills the probe when it stops or
+/// times out), so a long iptables-restore cannot outlive its bench.
+fn die_with_parent(command: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: the hook runs in the forked child before exec and makes only async-signal-safe
+    // system calls (prctl, getppid), building its errors without allocating.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The probe may have died between fork and prctl; then nothing would kill us.
+            if libc::getppid() != parent {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
 }
 
 #[cfg(test)]
