@@ -7,9 +7,11 @@
 
 pub mod agent;
 pub mod backend;
+pub mod bench;
 pub mod checks;
 pub mod events;
 pub mod k8s;
+pub mod kube_proxy;
 pub mod report;
 pub mod restart;
 pub mod runner;

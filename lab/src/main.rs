@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 use weir_lab::backend::BackendKind;
+use weir_lab::bench::{self, probe, BenchCommand, BenchEnv};
 use weir_lab::events::Events;
 use weir_lab::report::{JsonReporter, TerminalReporter};
 use weir_lab::runner::{self, RunOptions, ScenarioFile};
@@ -48,6 +49,12 @@ enum Command {
         #[command(flatten)]
         common: Common,
     },
+    /// Benchmarks: Weir against kube-proxy's iptables rules, in the same run.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+    /// Measuring tools the benches run on lab hosts.
+    #[command(subcommand, hide = true)]
+    Probe(probe::ProbeCommand),
 }
 
 #[derive(Args)]
@@ -90,6 +97,11 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<bool> {
+    // Probes run inside a lab host, already in the lab's mount namespace.
+    if let Command::Probe(probe) = &cli.command {
+        probe::run(probe)?;
+        return Ok(true);
+    }
     // First, while the process still has a single thread: the kernel refuses a new mount
     // namespace to a multi-threaded process.
     sandbox::enter().context("setting up the lab's private mount namespace")?;
@@ -121,6 +133,32 @@ fn run(cli: Cli) -> Result<bool> {
             let files = files.iter().map(|p| ScenarioFile::load(p)).collect();
             (files, common)
         }
+        Command::Bench(bench) => {
+            let common = match &bench {
+                BenchCommand::Connect(o) => &o.common,
+                BenchCommand::SyncBaseline(o) => &o.common,
+            };
+            let report_dir = match &common.report_dir {
+                Some(d) => d.clone(),
+                None => root
+                    .as_deref()
+                    .unwrap_or(&cwd)
+                    .join("target")
+                    .join("weir-lab"),
+            };
+            let env = BenchEnv {
+                agent: match &common.agent {
+                    Some(a) => std::path::absolute(a)?,
+                    None => exe.with_file_name("weir-agent"),
+                },
+                exe,
+                report_dir: std::path::absolute(report_dir)?,
+                backend: common.backend,
+            };
+            bench::run(&bench, &env)?;
+            return Ok(true);
+        }
+        Command::Probe(_) => unreachable!("probes return before the sandbox"),
     };
 
     let report_dir = match common.report_dir {

@@ -1,0 +1,531 @@
+//! `weir-lab bench sync-baseline`: how long it takes to program N services x E endpoints, and
+//! to apply a one-service change, with kube-proxy's iptables rules and with the Weir agent.
+//!
+//! The iptables side does what kube-proxy's iptables proxier does (see [`crate::kube_proxy`]):
+//! `iptables-save -t nat` where kube-proxy lists stale chains, then
+//! `iptables-restore -w 5 -W 100000 --noflush --counters` with the sync's input. Measured for a
+//! full sync into an empty node, for one-service updates (partial syncs: KUBE-SERVICES in full,
+//! the changed service's chains only) and for a full resync over the loaded rules. Each step
+//! runs under `weir-lab probe measure` on the node: wall time, CPU seconds and peak RSS of the
+//! iptables process itself (kube-proxy's own Go process comes on top and is not counted).
+//!
+//! The Weir side starts the real agent on an empty state file, then writes the N-service state
+//! file and times the write to the agent's "applied desired state" log line (written after the
+//! maps were updated; its timestamp is the agent's own), with the agent's CPU seconds over that
+//! window and its peak RSS (VmHWM). Updates churn one service's endpoints at a fixed interval
+//! and time each the same way. Today's agent re-reads and recompiles the whole state file on
+//! every change; [`weir_update`] is where the incremental path (and a Kubernetes watch event as
+//! the trigger) will plug in, with the same measurement around it.
+
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::Serialize;
+
+use super::connect::{measured, restore_measured, CLUSTER_CIDR};
+use super::probe::MeasureReport;
+use super::weir::{applied_lines, BenchAgent, ProcessFigures};
+use super::{
+    churn, host_info, median, table, unix_now, write_json, BenchCommon, BenchEnv, BenchError,
+    Synthetic,
+};
+use crate::backend::Lab;
+use crate::kube_proxy::{self, Flavor, Proxier, ProxierConfig};
+use crate::scenario::Scenario;
+use crate::topology::Plan;
+
+const APPLY_TIMEOUT: Duration = Duration::from_secs(600);
+const LOG_POLL: Duration = Duration::from_millis(2);
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct SyncOptions {
+    #[arg(long, default_value_t = 5000)]
+    pub services: usize,
+    #[arg(long, default_value_t = 5)]
+    pub endpoints: u8,
+    /// iptables back ends for the baseline. iptables-nft needs about 50 s for a 5,000-service
+    /// full sync on a 2-vCPU machine.
+    #[arg(long, value_delimiter = ',', default_value = "legacy")]
+    pub iptables: Vec<Flavor>,
+    #[arg(long)]
+    pub no_iptables: bool,
+    #[arg(long)]
+    pub no_weir: bool,
+    /// Full syncs from empty per side, each on a fresh node.
+    #[arg(long, default_value_t = 3)]
+    pub repeats: u32,
+    /// One-service updates per side (after the first full sync).
+    #[arg(long, default_value_t = 10)]
+    pub updates: u32,
+    /// Time between updates (issue 4's churn: once a second).
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub update_interval: Duration,
+    /// How often the agent looks at its state file: a change waits up to this long to be seen.
+    #[arg(long, default_value = "50ms", value_parser = humantime::parse_duration)]
+    pub agent_poll: Duration,
+    #[command(flatten)]
+    pub common: BenchCommon,
+}
+
+/// One measured step.
+#[derive(Debug, Clone, Serialize)]
+pub struct Step {
+    pub wall_s: f64,
+    pub cpu_s: f64,
+    pub peak_rss_kib: u64,
+    /// iptables: of wall_s, the iptables-save kube-proxy runs first (0 when it does not).
+    pub save_s: f64,
+    /// Weir: map writes the agent reported.
+    pub writes: u64,
+}
+
+impl Step {
+    fn iptables(save: Option<&MeasureReport>, restore: &MeasureReport) -> Step {
+        let save_s = save.map_or(0.0, |s| s.wall_s);
+        Step {
+            wall_s: save_s + restore.wall_s,
+            cpu_s: save.map_or(0.0, |s| s.cpu_s()) + restore.cpu_s(),
+            peak_rss_kib: save.map_or(0, |s| s.max_rss_kib).max(restore.max_rss_kib),
+            save_s,
+            writes: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SideResult {
+    /// "iptables-legacy", "iptables-nft" or "weir".
+    pub side: String,
+    pub full: Vec<Step>,
+    pub updates: Vec<Step>,
+    /// iptables only: full resyncs with every rule already loaded.
+    pub resync: Vec<Step>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SyncResults {
+    pub bench: &'static str,
+    pub started_unix: f64,
+    pub host: serde_json::Value,
+    pub services: usize,
+    pub endpoints: u8,
+    pub agent_poll_ms: f64,
+    pub update_interval_s: f64,
+    pub sides: Vec<SideResult>,
+    pub table: String,
+}
+
+pub fn run(o: &SyncOptions, env: &BenchEnv) -> Result<SyncResults, BenchError> {
+    let synth = Synthetic::new(o.services, o.endpoints)?;
+    if !(1..=20).contains(&o.repeats) || o.updates > 1000 {
+        return Err(BenchError::Setup(
+            "--repeats must be 1..=20 and --updates at most 1000".into(),
+        ));
+    }
+    if o.update_interval > Duration::from_secs(60) || o.agent_poll.is_zero() {
+        return Err(BenchError::Setup(
+            "--update-interval must be at most 60s and --agent-poll positive".into(),
+        ));
+    }
+    let mut restore_bins = Vec::new();
+    if !o.no_iptables {
+        let mut flavors = o.iptables.clone();
+        flavors.sort_unstable();
+        flavors.dedup();
+        for f in flavors {
+            let restore = f.find_restore().ok_or_else(|| {
+                BenchError::Setup(format!(
+                    "{} not found: install iptables or pass --no-iptables",
+                    f.restore_binary()
+                ))
+            })?;
+            let save = kube_proxy::find_program(&f.save_binary())
+                .ok_or_else(|| BenchError::Setup(format!("{} not found", f.save_binary())))?;
+            restore_bins.push((f, restore, save));
+        }
+    }
+    let started_unix = unix_now();
+    let run_root = env
+        .report_dir
+        .join("bench")
+        .join(format!("sync-{}", std::process::id()));
+    std::fs::create_dir_all(&run_root)
+        .map_err(BenchError::io(format!("creating {}", run_root.display())))?;
+    let scenario = synth.scenario("bench-sync")?;
+    let plan = synth.plan();
+
+    let mut sides = Vec::new();
+    for (flavor, restore, save) in &restore_bins {
+        let mut side = SideResult {
+            side: flavor.name().to_owned(),
+            full: Vec::new(),
+            updates: Vec::new(),
+            resync: Vec::new(),
+        };
+        for rep in 0..o.repeats {
+            let dir = run_root.join(format!("{}-{rep}", flavor.name()));
+            let with_updates = rep == 0;
+            iptables_side(
+                o,
+                env,
+                &scenario,
+                &plan,
+                &dir,
+                restore,
+                save,
+                with_updates,
+                &mut side,
+            )?;
+            println!(
+                "bench sync-baseline: {} full sync {}/{}: {:.2}s",
+                flavor.name(),
+                rep + 1,
+                o.repeats,
+                side.full.last().map_or(0.0, |s| s.wall_s)
+            );
+        }
+        sides.push(side);
+    }
+    if !o.no_weir {
+        let mut side = SideResult {
+            side: "weir".to_owned(),
+            full: Vec::new(),
+            updates: Vec::new(),
+            resync: Vec::new(),
+        };
+        for rep in 0..o.repeats {
+            let dir = run_root.join(format!("weir-{rep}"));
+            weir_side(o, env, &scenario, &plan, &dir, rep, rep == 0, &mut side)?;
+            println!(
+                "bench sync-baseline: weir full sync {}/{}: {:.2}s",
+                rep + 1,
+                o.repeats,
+                side.full.last().map_or(0.0, |s| s.wall_s)
+            );
+        }
+        sides.push(side);
+    }
+    // Run files are kept only when something failed; `bench/` goes too if nothing else is in it.
+    let _ = std::fs::remove_dir_all(&run_root);
+    if let Some(parent) = run_root.parent() {
+        let _ = std::fs::remove_dir(parent);
+    }
+
+    let results = SyncResults {
+        bench: "sync-baseline",
+        started_unix,
+        host: host_info(),
+        services: o.services,
+        endpoints: o.endpoints,
+        agent_poll_ms: o.agent_poll.as_secs_f64() * 1000.0,
+        update_interval_s: o.update_interval.as_secs_f64(),
+        table: render(o, &sides),
+        sides,
+    };
+    print!("{}", results.table);
+    let json = env.report_dir.join("bench-sync.json");
+    write_json(&json, &results)?;
+    println!("results: {}", json.display());
+    Ok(results)
+}
+
+/// A node on its own: the iptables side needs no pods, the rules only name their addresses.
+fn node_only_plan() -> Plan {
+    Plan::new(1, 0, 0, 1500)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn iptables_side(
+    o: &SyncOptions,
+    env: &BenchEnv,
+    scenario: &Scenario,
+    plan: &Plan,
+    dir: &Path,
+    restore: &Path,
+    save: &Path,
+    with_updates: bool,
+    side: &mut SideResult,
+) -> Result<(), BenchError> {
+    std::fs::create_dir_all(dir).map_err(BenchError::io(format!("creating {}", dir.display())))?;
+    let mut lab = env.backend.instantiate().create(&node_only_plan(), dir)?;
+    let result = (|| -> Result<(), BenchError> {
+        let lab = lab.as_mut();
+        let node = lab.plan().nodes[0].id;
+        let mut proxier = Proxier::new(ProxierConfig {
+            cluster_cidr: Some(CLUSTER_CIDR),
+            ..ProxierConfig::default()
+        });
+        // kube-proxy ensures its jump rules before its first sync; not part of the timing.
+        let jumps = dir.join("jumps.rules");
+        lab.write_file(node, &jumps, kube_proxy::jump_rules_input().as_bytes())?;
+        restore_measured(lab, env, node, restore, &jumps)?;
+
+        let mut scenario = scenario.clone();
+        let apply =
+            |lab: &mut dyn Lab, sync: kube_proxy::Sync, name: &str| -> Result<Step, BenchError> {
+                let rules = dir.join(format!("{name}.rules"));
+                lab.write_file(node, &rules, sync.restore_input.as_bytes())?;
+                let saved = if sync.save_nat_first {
+                    let cmd = [save.display().to_string(), "-t".into(), "nat".into()];
+                    Some(measured(lab, env, node, &cmd, None)?)
+                } else {
+                    None
+                };
+                let restored = restore_measured(lab, env, node, restore, &rules)?;
+                Ok(Step::iptables(saved.as_ref(), &restored))
+            };
+
+        let full = proxier.sync(&kube_proxy::from_scenario(&scenario, plan));
+        side.full.push(apply(lab, full, "full")?);
+        if !with_updates {
+            return Ok(());
+        }
+        let churned = o.services / 2;
+        for step in 1..=o.updates {
+            std::thread::sleep(o.update_interval);
+            churn(&mut scenario, churned, step);
+            let sync = proxier.sync(&kube_proxy::from_scenario(&scenario, plan));
+            side.updates
+                .push(apply(lab, sync, &format!("update-{step}"))?);
+        }
+        let resync = proxier.full_sync(&kube_proxy::from_scenario(&scenario, plan));
+        side.resync.push(apply(lab, resync, "resync")?);
+        Ok(())
+    })();
+    let teardown = lab.teardown();
+    result?;
+    Ok(teardown?)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn weir_side(
+    o: &SyncOptions,
+    env: &BenchEnv,
+    scenario: &Scenario,
+    plan: &Plan,
+    dir: &Path,
+    rep: u32,
+    with_updates: bool,
+    side: &mut SideResult,
+) -> Result<(), BenchError> {
+    std::fs::create_dir_all(dir).map_err(BenchError::io(format!("creating {}", dir.display())))?;
+    let mut lab = env.backend.instantiate().create(plan, dir)?;
+    let mut agent: Option<BenchAgent> = None;
+    let result = (|| -> Result<(), BenchError> {
+        let lab = lab.as_mut();
+        let spec = crate::scenario::AgentSpec {
+            poll_interval: Some(o.agent_poll),
+            ..scenario.agent.clone()
+        };
+        let run_id = format!("bench-sync-{}-{rep}", std::process::id());
+        let a = agent.insert(BenchAgent::start(lab, &env.agent, dir, &run_id, &spec, "")?);
+        wait_for_log(a, "data plane loaded", APPLY_TIMEOUT)?;
+        // Let it attach to the pod interfaces and settle before the clock starts.
+        std::thread::sleep(Duration::from_millis(500));
+
+        let mut scenario = scenario.clone();
+        let state = crate::k8s::cluster_state(&scenario, plan);
+        side.full.push(weir_update(lab, a, &state, o.services)?);
+        a.wait_programmed(lab, &scenario, plan, APPLY_TIMEOUT)?;
+        if !with_updates {
+            return Ok(());
+        }
+        let churned = o.services / 2;
+        for step in 1..=o.updates {
+            std::thread::sleep(o.update_interval);
+            churn(&mut scenario, churned, step);
+            let state = crate::k8s::cluster_state(&scenario, plan);
+            side.updates.push(weir_update(lab, a, &state, o.services)?);
+        }
+        a.wait_programmed(lab, &scenario, plan, APPLY_TIMEOUT)?;
+        Ok(())
+    })();
+    if let Some(a) = &agent {
+        if let Err(e) = a.stop(lab.as_mut()) {
+            tracing::warn!("stopping the agent: {e}");
+        }
+    }
+    let teardown = lab.teardown();
+    if let Some(a) = &agent {
+        a.remove_pins();
+    }
+    result?;
+    Ok(teardown?)
+}
+
+/// One change to the Weir agent's desired state, from the moment the new state lands to the
+/// moment the agent reports its maps written: wall time, the agent's CPU seconds over that time
+/// and its peak RSS so far.
+///
+/// The hook for incremental sync (issue 4): today the change is a rewritten state file, which the
+/// agent notices on its next poll, re-reads and recompiles in full. When the agent compiles
+/// incrementally and watches the Kubernetes API, only the trigger changes (an API event instead
+/// of the file write); the end mark stays the "applied desired state" log line.
+pub fn weir_update(
+    lab: &mut dyn Lab,
+    agent: &BenchAgent,
+    state: &str,
+    frontends: usize,
+) -> Result<Step, BenchError> {
+    let seen = applied_lines(&agent.log_text()).len();
+    let before: ProcessFigures = agent.process(lab)?;
+    let written_at = agent.write_state(lab, state)?;
+    let line = wait_applied(agent, seen, frontends, written_at)?;
+    let after = agent.process(lab)?;
+    let wall = line
+        .at
+        .duration_since(written_at)
+        .unwrap_or(Duration::ZERO)
+        .as_secs_f64();
+    Ok(Step {
+        wall_s: wall,
+        cpu_s: after.cpu_s - before.cpu_s,
+        peak_rss_kib: after.hwm_kib,
+        save_s: 0.0,
+        writes: line.writes,
+    })
+}
+
+fn wait_applied(
+    agent: &BenchAgent,
+    seen: usize,
+    frontends: usize,
+    since: SystemTime,
+) -> Result<super::weir::AppliedLine, BenchError> {
+    let deadline = Instant::now() + APPLY_TIMEOUT;
+    loop {
+        let lines = applied_lines(&agent.log_text());
+        if let Some(line) = lines
+            .into_iter()
+            .skip(seen)
+            .find(|l| l.frontends as usize == frontends && l.at >= since)
+        {
+            return Ok(line);
+        }
+        if Instant::now() > deadline {
+            return Err(BenchError::Setup(format!(
+                "the agent did not apply {frontends} frontends within {}s; see {}",
+                APPLY_TIMEOUT.as_secs(),
+                agent.log_path().display()
+            )));
+        }
+        std::thread::sleep(LOG_POLL);
+    }
+}
+
+fn wait_for_log(agent: &BenchAgent, needle: &str, timeout: Duration) -> Result<(), BenchError> {
+    let deadline = Instant::now() + timeout;
+    while !agent.log_text().contains(needle) {
+        if Instant::now() > deadline {
+            return Err(BenchError::Setup(format!(
+                "no {needle:?} in {} after {}s",
+                agent.log_path().display(),
+                timeout.as_secs()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+fn ms(s: f64) -> String {
+    format!("{:.1}", s * 1000.0)
+}
+
+fn p99(values: &[f64]) -> f64 {
+    let mut ns: Vec<u64> = values.iter().map(|v| (v * 1e9) as u64).collect();
+    ns.sort_unstable();
+    super::percentile(&ns, 99.0) as f64 / 1e9
+}
+
+fn render(o: &SyncOptions, sides: &[SideResult]) -> String {
+    let mut rows = Vec::new();
+    let stat = |steps: &[Step]| {
+        let wall: Vec<f64> = steps.iter().map(|s| s.wall_s).collect();
+        let cpu: Vec<f64> = steps.iter().map(|s| s.cpu_s).collect();
+        let save: Vec<f64> = steps.iter().map(|s| s.save_s).collect();
+        let rss = steps.iter().map(|s| s.peak_rss_kib).max().unwrap_or(0);
+        (median(&wall), p99(&wall), median(&cpu), rss, median(&save))
+    };
+    for side in sides {
+        for (what, steps) in [
+            ("full sync from empty", &side.full),
+            ("one-service update", &side.updates),
+            ("full resync, rules loaded", &side.resync),
+        ] {
+            if steps.is_empty() {
+                continue;
+            }
+            let (wall, wall_p99, cpu, rss, save) = stat(steps);
+            rows.push(vec![
+                side.side.clone(),
+                what.to_owned(),
+                steps.len().to_string(),
+                ms(wall),
+                ms(wall_p99),
+                format!("{cpu:.3}"),
+                format!("{:.1}", rss as f64 / 1024.0),
+                if side.side == "weir" {
+                    "-".to_owned()
+                } else {
+                    ms(save)
+                },
+            ]);
+        }
+    }
+    let mut text = format!(
+        "\nSync of {} services x {} endpoints (medians; iptables figures are the iptables \
+         processes', Weir's the agent's; Weir's times include up to {} of state-file polling)\n\n",
+        o.services,
+        o.endpoints,
+        humantime::format_duration(o.agent_poll)
+    );
+    text.push_str(&table(
+        &[
+            "side",
+            "step",
+            "n",
+            "wall ms",
+            "p99 ms",
+            "cpu s",
+            "peak RSS MiB",
+            "of which save ms",
+        ],
+        &rows,
+    ));
+    // Medians of (wall, cpu) over a side's steps of one kind.
+    let medians = |side: &str, pick: fn(&SideResult) -> &Vec<Step>| {
+        sides
+            .iter()
+            .find(|s| s.side == side && !pick(s).is_empty())
+            .map(|s| {
+                let steps = pick(s);
+                let wall: Vec<f64> = steps.iter().map(|x| x.wall_s).collect();
+                let cpu: Vec<f64> = steps.iter().map(|x| x.cpu_s).collect();
+                (median(&wall), median(&cpu))
+            })
+    };
+    let mut ratios = Vec::new();
+    for side in sides.iter().filter(|s| s.side != "weir") {
+        for (what, pick) in [
+            (
+                "full",
+                (|s: &SideResult| &s.full) as fn(&SideResult) -> &Vec<Step>,
+            ),
+            ("update", |s: &SideResult| &s.updates),
+        ] {
+            if let (Some(w), Some(i)) = (medians("weir", pick), medians(&side.side, pick)) {
+                ratios.push(vec![
+                    format!("weir {what} / {} {what}", side.side),
+                    format!("{:.3}", w.0 / i.0),
+                    format!("{:.3}", w.1 / i.1),
+                ]);
+            }
+        }
+    }
+    if !ratios.is_empty() {
+        text.push('\n');
+        text.push_str(&table(&["ratio (medians)", "wall", "cpu"], &ratios));
+    }
+    text
+}
