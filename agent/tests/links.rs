@@ -3,45 +3,23 @@
 //! stacking a second one. Runs on the host kernel, each test in a private mount namespace (its
 //! own bpffs) and a private network namespace (its own veth pair), so nothing leaks out.
 
+mod common;
+
 use std::path::Path;
 use std::process::Command;
 
 use aya::programs::tc::{SchedClassifier, TcAttachType};
-use nix::mount::{mount, MsFlags};
-use nix::sched::{unshare, CloneFlags};
+use common::{private_bpffs, require_root};
+use nix::sched::CloneFlags;
 use weir_agent::config::{link_pin_dir, versioned_pin_dir};
 use weir_agent::dataplane::{uninstall, AttachMode, Dataplane, LoadOptions};
 
 const IFACE: &str = "wl0";
 
-fn require_root() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "link tests attach BPF programs and need root; run them through the README's test command"
-    );
-}
-
 /// A private bpffs and network namespace for this test thread, with a veth pair `wl0`/`wl1`.
 fn sandbox() -> tempfile::TempDir {
     require_root();
-    unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWNET).expect("unshare");
-    mount(
-        None::<&str>,
-        "/",
-        None::<&str>,
-        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-        None::<&str>,
-    )
-    .expect("make / private");
-    let dir = tempfile::tempdir().expect("tempdir");
-    mount(
-        Some("bpf"),
-        dir.path(),
-        Some("bpf"),
-        MsFlags::empty(),
-        None::<&str>,
-    )
-    .expect("mount bpffs");
+    let dir = private_bpffs(CloneFlags::CLONE_NEWNET);
     make_veth();
     dir
 }

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use nix::mount::{mount, umount, MsFlags};
-use nix::sched::{unshare, CloneFlags};
+use nix::mount::umount;
+use nix::sched::CloneFlags;
 use weir_agent::admission::Limits;
 use weir_agent::dataplane::Counters;
 use weir_agent::http::OpsServer;
@@ -40,29 +40,6 @@ fn get(addr: SocketAddr, path: &str) -> (u16, String) {
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default();
     (status, body)
-}
-
-/// A bpffs private to this test thread (see pinning.rs).
-fn private_bpffs() -> tempfile::TempDir {
-    unshare(CloneFlags::CLONE_NEWNS).expect("unshare mount namespace");
-    mount(
-        None::<&str>,
-        "/",
-        None::<&str>,
-        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-        None::<&str>,
-    )
-    .expect("make / private");
-    let dir = tempfile::tempdir().expect("tempdir");
-    mount(
-        Some("bpf"),
-        dir.path(),
-        Some("bpf"),
-        MsFlags::empty(),
-        None::<&str>,
-    )
-    .expect("mount bpffs");
-    dir
 }
 
 /// The value of the first sample line starting with `series` (name and labels).
@@ -115,7 +92,7 @@ fn probes_answer_200_when_good_and_503_when_not() {
 #[test]
 fn metrics_show_the_pipeline_and_the_data_path_counters() {
     require_root();
-    let bpffs = private_bpffs();
+    let bpffs = private_bpffs(CloneFlags::empty());
     let pin_dir = bpffs.path().join("node1/v1");
     let mut harness = Harness::with_pin_dir(&[BACKEND, OTHER], Some(pin_dir.clone()));
     // A second handle on the pinned counters, as the agent's HTTP thread has.

@@ -4,37 +4,13 @@
 mod common;
 
 use common::*;
-use nix::mount::{mount, umount, MsFlags};
-use nix::sched::{unshare, CloneFlags};
-
-/// A bpffs private to this test thread: its own mount namespace, so nothing leaks to the host
-/// and nothing needs cleaning up by name.
-fn private_bpffs() -> tempfile::TempDir {
-    unshare(CloneFlags::CLONE_NEWNS).expect("unshare mount namespace");
-    mount(
-        None::<&str>,
-        "/",
-        None::<&str>,
-        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-        None::<&str>,
-    )
-    .expect("make / private");
-    let dir = tempfile::tempdir().expect("tempdir");
-    mount(
-        Some("bpf"),
-        dir.path(),
-        Some("bpf"),
-        MsFlags::empty(),
-        None::<&str>,
-    )
-    .expect("mount bpffs");
-    dir
-}
+use nix::mount::umount;
+use nix::sched::CloneFlags;
 
 #[test]
 fn a_restarted_data_plane_adopts_pinned_maps() {
     require_root();
-    let bpffs = private_bpffs();
+    let bpffs = private_bpffs(CloneFlags::empty());
     let pin_dir = bpffs.path().join("node1/v1");
     let backends = [BACKEND, OTHER];
 

@@ -76,6 +76,32 @@ pub struct Harness {
     pub reconciler: Reconciler,
 }
 
+/// A bpffs private to this test thread: its own mount namespace (plus `extra` namespaces, such
+/// as a network namespace), so nothing leaks to the host and nothing needs cleaning up by name.
+pub fn private_bpffs(extra: nix::sched::CloneFlags) -> tempfile::TempDir {
+    use nix::mount::{mount, MsFlags};
+    use nix::sched::{unshare, CloneFlags};
+    unshare(CloneFlags::CLONE_NEWNS | extra).expect("unshare");
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .expect("make / private");
+    let dir = tempfile::tempdir().expect("tempdir");
+    mount(
+        Some("bpf"),
+        dir.path(),
+        Some("bpf"),
+        MsFlags::empty(),
+        None::<&str>,
+    )
+    .expect("mount bpffs");
+    dir
+}
+
 pub fn require_root() {
     assert!(
         nix::unistd::geteuid().is_root(),
