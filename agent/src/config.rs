@@ -1,5 +1,11 @@
-//! Agent configuration: a TOML file, with durations in humantime form ("30s", "6h").
+//! Agent configuration, from three layers: command-line flags, then `WEIR_*` environment
+//! variables, then a TOML file, then built-in defaults (the first that sets a key wins).
+//! Durations are in humantime form ("30s", "6h") in all three.
+//!
+//! Nested tables (`[conntrack]`) exist only in the file: a DaemonSet passes node-specific values
+//! (the node name, the listen address) by flag or environment, and shared tuning by file.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -21,32 +27,213 @@ pub enum ConfigError {
     Invalid(String),
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// Where desired state comes from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceKind {
+    /// A file or directory of Kubernetes YAML (`state_path`), polled for changes.
+    #[default]
+    File,
+    /// The Kubernetes API: watchers on Services, EndpointSlices, Nodes, Pods, Namespaces and
+    /// NetworkPolicies (in-cluster config, or `kubeconfig`).
+    Kubernetes,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+pub const DEFAULT_METRICS_LISTEN: &str = "0.0.0.0:9464";
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/weir";
+
+/// The resolved configuration the agent runs with.
+#[derive(Clone, Debug, Serialize)]
 pub struct AgentConfig {
     /// This node's name, as in the Kubernetes Node object.
     pub node_name: String,
-    /// Directory on a bpffs mount where this node's maps are pinned (one per node, so several
-    /// agents can share a host in the namespace lab). A layout-version subdirectory is added.
+    /// Directory on a bpffs mount where this node's maps and program links are pinned (one per
+    /// node, so several agents can share a host in the namespace lab).
     pub pin_dir: PathBuf,
-    /// Desired state: a file or directory of Kubernetes YAML (Service and EndpointSlice objects,
-    /// multi-document or `kind: List`), reloaded when it changes.
-    pub state_path: PathBuf,
+    pub source: SourceKind,
+    /// Desired state for the file source: a file or directory of Kubernetes YAML (Service and
+    /// EndpointSlice objects, multi-document or `kind: List`), reloaded when it changes.
+    pub state_path: Option<PathBuf>,
+    /// For the Kubernetes source: a kubeconfig file. Unset: in-cluster config when running in a
+    /// pod, else `$KUBECONFIG` or `~/.kube/config`.
+    pub kubeconfig: Option<PathBuf>,
     /// Host-facing interfaces (the node's uplinks). They get the ingress program.
-    #[serde(default)]
     pub host_interfaces: Vec<String>,
     /// Pod-facing interfaces are found by this name prefix (like Calico's `cali`), in the agent's
     /// network namespace, as they come and go.
-    #[serde(default = "default_pod_prefix")]
     pub pod_interface_prefix: String,
     /// How often the state file and the interface list are checked for changes.
-    #[serde(default = "default_poll", with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub poll_interval: Duration,
-    #[serde(default)]
+    /// `/metrics`, `/healthz` and `/readyz` are served here.
+    pub metrics_listen: SocketAddr,
+    /// Detach the programs when stopped by SIGTERM/SIGINT. Off by default: the pinned links keep
+    /// the data plane forwarding while the agent restarts or upgrades.
+    pub detach_on_exit: bool,
+    /// A Service with more ready endpoints than this is rejected as bad input (keeping its last
+    /// good version), so one runaway Service cannot use up the shared slot table.
+    pub max_endpoints_per_service: u32,
+    pub log_format: LogFormat,
     pub conntrack: ConntrackConfig,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+/// One layer of configuration: every key optional. The file is parsed into this; flags and
+/// environment fill one from the command line.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigLayer {
+    pub node_name: Option<String>,
+    pub pin_dir: Option<PathBuf>,
+    pub source: Option<SourceKind>,
+    pub state_path: Option<PathBuf>,
+    pub kubeconfig: Option<PathBuf>,
+    pub host_interfaces: Option<Vec<String>>,
+    pub pod_interface_prefix: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    pub poll_interval: Option<Duration>,
+    pub metrics_listen: Option<SocketAddr>,
+    pub detach_on_exit: Option<bool>,
+    pub max_endpoints_per_service: Option<u32>,
+    pub log_format: Option<LogFormat>,
+    pub conntrack: Option<ConntrackConfig>,
+}
+
+/// The flag and environment layer, as `weir-agent run` takes it.
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct ConfigArgs {
+    /// TOML configuration file; flags and environment override its keys.
+    #[arg(long, env = "WEIR_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// This node's name (in a DaemonSet: from the downward API, spec.nodeName).
+    #[arg(long, env = "WEIR_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// bpffs directory for pinned maps and links [default: /sys/fs/bpf/weir].
+    #[arg(long, env = "WEIR_PIN_DIR")]
+    pub pin_dir: Option<PathBuf>,
+    /// Where desired state comes from [default: file].
+    #[arg(long, env = "WEIR_SOURCE", value_enum)]
+    pub source: Option<SourceKind>,
+    /// The YAML file or directory of the file source.
+    #[arg(long, env = "WEIR_STATE_PATH")]
+    pub state_path: Option<PathBuf>,
+    /// Kubeconfig for the Kubernetes source [default: in-cluster, $KUBECONFIG, ~/.kube/config].
+    #[arg(long, env = "WEIR_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Host-facing interface; repeat the flag, or separate by commas in the environment.
+    #[arg(
+        long = "host-interface",
+        env = "WEIR_HOST_INTERFACES",
+        value_delimiter = ','
+    )]
+    pub host_interfaces: Option<Vec<String>>,
+    /// Name prefix of pod-facing interfaces [default: wp].
+    #[arg(long, env = "WEIR_POD_INTERFACE_PREFIX")]
+    pub pod_interface_prefix: Option<String>,
+    /// How often files and interfaces are checked, e.g. 500ms [default: 500ms].
+    #[arg(long, env = "WEIR_POLL_INTERVAL", value_parser = humantime::parse_duration)]
+    pub poll_interval: Option<Duration>,
+    /// Listen address of /metrics, /healthz and /readyz [default: 0.0.0.0:9464].
+    #[arg(long, env = "WEIR_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Detach the programs on SIGTERM/SIGINT instead of leaving them forwarding.
+    #[arg(long, env = "WEIR_DETACH_ON_EXIT", num_args = 0..=1, default_missing_value = "true")]
+    pub detach_on_exit: Option<bool>,
+    /// Services with more endpoints than this are rejected [default: 4096].
+    #[arg(long, env = "WEIR_MAX_ENDPOINTS_PER_SERVICE")]
+    pub max_endpoints_per_service: Option<u32>,
+}
+
+impl ConfigArgs {
+    fn layer(&self, log_format: Option<LogFormat>) -> ConfigLayer {
+        ConfigLayer {
+            node_name: self.node_name.clone(),
+            pin_dir: self.pin_dir.clone(),
+            source: self.source,
+            state_path: self.state_path.clone(),
+            kubeconfig: self.kubeconfig.clone(),
+            host_interfaces: self.host_interfaces.clone(),
+            pod_interface_prefix: self.pod_interface_prefix.clone(),
+            poll_interval: self.poll_interval,
+            metrics_listen: self.metrics_listen,
+            detach_on_exit: self.detach_on_exit,
+            max_endpoints_per_service: self.max_endpoints_per_service,
+            log_format,
+            conntrack: None,
+        }
+    }
+}
+
+impl ConfigLayer {
+    /// Reads a TOML file; unknown keys are an error, so a typo is never silently ignored.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source: Box::new(source),
+        })
+    }
+
+    /// Keys set here win; the rest come from `lower`.
+    pub fn over(self, lower: ConfigLayer) -> ConfigLayer {
+        ConfigLayer {
+            node_name: self.node_name.or(lower.node_name),
+            pin_dir: self.pin_dir.or(lower.pin_dir),
+            source: self.source.or(lower.source),
+            state_path: self.state_path.or(lower.state_path),
+            kubeconfig: self.kubeconfig.or(lower.kubeconfig),
+            host_interfaces: self.host_interfaces.or(lower.host_interfaces),
+            pod_interface_prefix: self.pod_interface_prefix.or(lower.pod_interface_prefix),
+            poll_interval: self.poll_interval.or(lower.poll_interval),
+            metrics_listen: self.metrics_listen.or(lower.metrics_listen),
+            detach_on_exit: self.detach_on_exit.or(lower.detach_on_exit),
+            max_endpoints_per_service: self
+                .max_endpoints_per_service
+                .or(lower.max_endpoints_per_service),
+            log_format: self.log_format.or(lower.log_format),
+            conntrack: self.conntrack.or(lower.conntrack),
+        }
+    }
+
+    /// Fills defaults and validates.
+    pub fn finish(self) -> Result<AgentConfig, ConfigError> {
+        let config = AgentConfig {
+            node_name: self
+                .node_name
+                .ok_or_else(|| ConfigError::Invalid("node_name is not set".into()))?,
+            pin_dir: self.pin_dir.unwrap_or_else(|| DEFAULT_PIN_DIR.into()),
+            source: self.source.unwrap_or_default(),
+            state_path: self.state_path,
+            kubeconfig: self.kubeconfig,
+            host_interfaces: self.host_interfaces.unwrap_or_default(),
+            pod_interface_prefix: self.pod_interface_prefix.unwrap_or_else(default_pod_prefix),
+            poll_interval: self.poll_interval.unwrap_or(DEFAULT_POLL),
+            metrics_listen: self
+                .metrics_listen
+                .unwrap_or_else(|| DEFAULT_METRICS_LISTEN.parse().expect("valid default")),
+            detach_on_exit: self.detach_on_exit.unwrap_or(false),
+            max_endpoints_per_service: self
+                .max_endpoints_per_service
+                .unwrap_or(DEFAULT_MAX_ENDPOINTS_PER_SERVICE),
+            log_format: self.log_format.unwrap_or_default(),
+            conntrack: self.conntrack.unwrap_or_default(),
+        };
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ConntrackConfig {
     /// How often expired entries are reclaimed.
@@ -81,22 +268,23 @@ fn default_pod_prefix() -> String {
     "wp".to_owned()
 }
 
-fn default_poll() -> Duration {
-    Duration::from_millis(500)
-}
+const DEFAULT_POLL: Duration = Duration::from_millis(500);
+pub const DEFAULT_MAX_ENDPOINTS_PER_SERVICE: u32 = 4096;
 
 impl AgentConfig {
+    /// The file layer alone (plus defaults).
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        let config: AgentConfig = toml::from_str(&text).map_err(|source| ConfigError::Parse {
-            path: path.to_owned(),
-            source: Box::new(source),
-        })?;
-        config.validate()?;
-        Ok(config)
+        ConfigLayer::from_file(path)?.finish()
+    }
+
+    /// Flags and environment (as clap parsed them, flag over variable) over the file named by
+    /// `--config`/`WEIR_CONFIG`, over defaults. `log_format` is the global flag's value.
+    pub fn resolve(args: &ConfigArgs, log_format: Option<LogFormat>) -> Result<Self, ConfigError> {
+        let file = match &args.config {
+            Some(path) => ConfigLayer::from_file(path)?,
+            None => ConfigLayer::default(),
+        };
+        args.layer(log_format).over(file).finish()
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -111,6 +299,16 @@ impl AgentConfig {
         if self.conntrack.gc_interval.is_zero() || self.poll_interval.is_zero() {
             return Err(ConfigError::Invalid("intervals must be positive".into()));
         }
+        if self.source == SourceKind::File && self.state_path.is_none() {
+            return Err(ConfigError::Invalid(
+                "source = \"file\" needs state_path (--state-path, WEIR_STATE_PATH)".into(),
+            ));
+        }
+        if self.max_endpoints_per_service == 0 {
+            return Err(ConfigError::Invalid(
+                "max_endpoints_per_service must be positive".into(),
+            ));
+        }
         Ok(())
     }
 
@@ -118,8 +316,141 @@ impl AgentConfig {
     pub fn versioned_pin_dir(&self) -> PathBuf {
         versioned_pin_dir(&self.pin_dir)
     }
+
+    /// Where the program links live: outside the versioned map directory, because a new agent
+    /// with a new map layout still takes over the same links (replacing their programs).
+    pub fn link_pin_dir(&self) -> PathBuf {
+        link_pin_dir(&self.pin_dir)
+    }
 }
 
 pub fn versioned_pin_dir(pin_dir: &Path) -> PathBuf {
     pin_dir.join(format!("v{}", weir_common::MAP_LAYOUT_VERSION))
+}
+
+pub fn link_pin_dir(pin_dir: &Path) -> PathBuf {
+    pin_dir.join("links")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: ConfigArgs,
+    }
+
+    fn parse(argv: &[&str]) -> ConfigArgs {
+        Cli::try_parse_from(std::iter::once("weir-agent").chain(argv.iter().copied()))
+            .unwrap()
+            .args
+    }
+
+    const FILE: &str = r#"
+node_name = "from-file"
+pin_dir = "/sys/fs/bpf/file"
+state_path = "/run/cluster.yaml"
+metrics_listen = "127.0.0.1:1111"
+poll_interval = "2s"
+host_interfaces = ["eth0"]
+[conntrack]
+udp_timeout = "3s"
+"#;
+
+    #[test]
+    fn defaults_fill_what_no_layer_sets() {
+        let config = ConfigLayer {
+            node_name: Some("n".into()),
+            state_path: Some("/s".into()),
+            ..Default::default()
+        }
+        .finish()
+        .unwrap();
+        assert_eq!(config.metrics_listen.to_string(), DEFAULT_METRICS_LISTEN);
+        assert_eq!(config.pin_dir, Path::new(DEFAULT_PIN_DIR));
+        assert_eq!(config.source, SourceKind::File);
+        assert!(!config.detach_on_exit);
+        assert_eq!(config.poll_interval, DEFAULT_POLL);
+    }
+
+    #[test]
+    fn the_file_parses_with_humantime_and_rejects_unknown_keys() {
+        let layer: ConfigLayer = toml::from_str(FILE).unwrap();
+        let config = layer.finish().unwrap();
+        assert_eq!(config.poll_interval, Duration::from_secs(2));
+        assert_eq!(config.conntrack.udp_timeout, Duration::from_secs(3));
+        assert_eq!(
+            config.conntrack.gc_interval,
+            ConntrackConfig::default().gc_interval
+        );
+        assert!(toml::from_str::<ConfigLayer>("metrics_listn = \"1.2.3.4:5\"").is_err());
+    }
+
+    /// Flag over environment over file over default, in one test because the environment is
+    /// process-wide and tests run on parallel threads; no other test reads these variables.
+    #[test]
+    fn flags_beat_environment_beats_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, FILE).unwrap();
+        let config = path.to_str().unwrap();
+
+        let from_file = AgentConfig::resolve(&parse(&["--config", config]), None).unwrap();
+        assert_eq!(from_file.node_name, "from-file");
+        assert_eq!(from_file.metrics_listen.to_string(), "127.0.0.1:1111");
+
+        // Only this test reads these variables, so setting them cannot disturb another thread.
+        std::env::set_var("WEIR_METRICS_LISTEN", "127.0.0.1:2222");
+        std::env::set_var("WEIR_POLL_INTERVAL", "750ms");
+        std::env::set_var("WEIR_HOST_INTERFACES", "eth1,eth2");
+        let from_env = AgentConfig::resolve(&parse(&["--config", config]), None).unwrap();
+        assert_eq!(from_env.metrics_listen.to_string(), "127.0.0.1:2222");
+        assert_eq!(from_env.poll_interval, Duration::from_millis(750));
+        assert_eq!(from_env.host_interfaces, ["eth1", "eth2"]);
+        assert_eq!(from_env.node_name, "from-file", "unset in env: the file's");
+
+        let from_flags = AgentConfig::resolve(
+            &parse(&[
+                "--config",
+                config,
+                "--metrics-listen",
+                "127.0.0.1:3333",
+                "--node-name",
+                "from-flag",
+                "--detach-on-exit",
+                "--host-interface",
+                "eth9",
+            ]),
+            Some(LogFormat::Json),
+        )
+        .unwrap();
+        std::env::remove_var("WEIR_METRICS_LISTEN");
+        std::env::remove_var("WEIR_POLL_INTERVAL");
+        std::env::remove_var("WEIR_HOST_INTERFACES");
+        assert_eq!(from_flags.metrics_listen.to_string(), "127.0.0.1:3333");
+        assert_eq!(from_flags.node_name, "from-flag");
+        assert!(from_flags.detach_on_exit);
+        assert_eq!(from_flags.host_interfaces, ["eth9"]);
+        assert_eq!(from_flags.poll_interval, Duration::from_millis(750));
+        assert_eq!(from_flags.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn a_file_source_needs_a_state_path_and_kubernetes_does_not() {
+        let layer = ConfigLayer {
+            node_name: Some("n".into()),
+            ..Default::default()
+        };
+        assert!(layer.clone().finish().is_err());
+        let config = ConfigLayer {
+            source: Some(SourceKind::Kubernetes),
+            ..layer
+        }
+        .finish()
+        .unwrap();
+        assert_eq!(config.source, SourceKind::Kubernetes);
+    }
 }

@@ -6,8 +6,12 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use aya::maps::{HashMap, Map, MapData, PerCpuArray};
-use aya::programs::tc::{self, SchedClassifierLinkId, TcAttachType};
-use aya::programs::SchedClassifier;
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::tc::{
+    self, NlOptions, SchedClassifierLink, SchedClassifierLinkId, TcAttachOptions, TcAttachType,
+    TcHandle,
+};
+use aya::programs::{LinkOrder, SchedClassifier};
 use aya::{Ebpf, EbpfLoader};
 use tracing::{debug, info, warn};
 use weir_common::{
@@ -52,6 +56,12 @@ pub enum DataplaneError {
     Attach {
         interface: String,
         source: aya::programs::ProgramError,
+    },
+    #[error("pinning the link of {interface} at {path}: {message}")]
+    PinLink {
+        interface: String,
+        path: PathBuf,
+        message: String,
     },
 }
 
@@ -236,7 +246,56 @@ pub struct Dataplane {
     pub services: ServiceMaps,
     pub conntrack: ConntrackMap,
     pub counters: Counters,
-    attached: BTreeMap<String, SchedClassifierLinkId>,
+    attached: BTreeMap<String, Attachment>,
+    /// Where links are pinned so they outlive the agent; `None` ties them to this process.
+    link_pin_dir: Option<PathBuf>,
+    mode: AttachMode,
+}
+
+/// How the ingress program is hooked to interfaces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachMode {
+    /// A TCX link (kernel 6.6+): pinnable, replaced atomically with `BPF_LINK_UPDATE`.
+    Tcx,
+    /// A direct-action cls_bpf filter on a clsact qdisc, at Weir's own priority and handle: it
+    /// outlives the process by itself and is replaced in place by a new filter change.
+    Netlink,
+}
+
+impl AttachMode {
+    /// TCX from 6.6 on, netlink before: the same choice aya's `attach` makes.
+    pub fn for_running_kernel() -> AttachMode {
+        if has_tcx() {
+            AttachMode::Tcx
+        } else {
+            AttachMode::Netlink
+        }
+    }
+}
+
+/// One interface's hook, and so how to undo it.
+enum Attachment {
+    /// Tied to this process: detached by [`Dataplane::detach`] or when the agent exits.
+    Owned(SchedClassifierLinkId),
+    /// A TCX link pinned at this path: lives until the pin is removed.
+    PinnedTcx(PathBuf),
+    /// A persistent clsact filter: lives until it is deleted by name.
+    Netlink,
+}
+
+/// The clsact filter slot Weir uses, fixed so a restarted agent finds and replaces its own
+/// filter instead of stacking a second one. Priority 0x5745 is "WE" in ASCII: unlikely to be
+/// another loader's choice.
+const NETLINK_PRIORITY: u16 = 0x5745;
+const NETLINK_HANDLE: u32 = 1;
+
+fn link_pin_name(interface: &str) -> String {
+    format!("tcx_ingress_{interface}")
+}
+
+/// The interface a link pin file belongs to, if it is one of ours.
+fn interface_of_pin(file_name: &str) -> Option<&str> {
+    file_name.strip_prefix("tcx_ingress_")
 }
 
 /// Options for [`Dataplane::load`].
@@ -290,7 +349,29 @@ impl Dataplane {
             },
             ebpf,
             attached: BTreeMap::new(),
+            link_pin_dir: None,
+            mode: AttachMode::for_running_kernel(),
         })
+    }
+
+    /// Makes attachments outlive this process: TCX links are pinned in `dir` (and links already
+    /// pinned there are adopted), clsact filters are left in place. Call before attaching.
+    pub fn pin_links_in(&mut self, dir: &Path) -> Result<(), DataplaneError> {
+        std::fs::create_dir_all(dir).map_err(|source| DataplaneError::PinDir {
+            path: dir.to_owned(),
+            source,
+        })?;
+        self.link_pin_dir = Some(dir.to_owned());
+        Ok(())
+    }
+
+    /// Overrides the kernel-based choice, e.g. to exercise the clsact path on a TCX kernel.
+    pub fn set_attach_mode(&mut self, mode: AttachMode) {
+        self.mode = mode;
+    }
+
+    pub fn attach_mode(&self) -> AttachMode {
+        self.mode
     }
 
     pub fn program(&mut self, name: &'static str) -> Result<&mut SchedClassifier, DataplaneError> {
@@ -310,40 +391,247 @@ impl Dataplane {
     }
 
     /// Attaches the ingress program: through TCX where the kernel has it (6.6+), otherwise as a
-    /// direct-action filter on a clsact qdisc.
+    /// direct-action filter on a clsact qdisc. With pinned links, a hook a previous agent left
+    /// on this interface is taken over: its program is replaced by ours in one step, so no
+    /// packet goes unhandled and established flows keep their conntrack entries.
     pub fn attach_ingress(&mut self, interface: &str) -> Result<(), DataplaneError> {
-        if !has_tcx() {
-            // Already present is fine: another program (or a previous agent) may share the qdisc.
-            if let Err(e) = tc::qdisc_add_clsact(interface) {
-                debug!(interface, error = %e, "clsact qdisc not added");
-            }
-        }
         let attach_err = |source| DataplaneError::Attach {
             interface: interface.to_owned(),
             source,
         };
-        let link = self
-            .program(program_names::INGRESS)?
-            .attach(interface, TcAttachType::Ingress)
-            .map_err(attach_err)?;
-        info!(interface, "attached ingress program");
-        self.attached.insert(interface.to_owned(), link);
+        let attachment = match (self.mode, self.link_pin_dir.clone()) {
+            (AttachMode::Tcx, Some(dir)) => self.attach_pinned_tcx(interface, &dir)?,
+            (AttachMode::Netlink, Some(_)) => self.attach_persistent_netlink(interface)?,
+            (mode, None) => {
+                let options = match mode {
+                    AttachMode::Tcx => TcAttachOptions::TcxOrder(LinkOrder::default()),
+                    AttachMode::Netlink => {
+                        add_clsact(interface);
+                        TcAttachOptions::Netlink(NlOptions::default())
+                    }
+                };
+                let link = self
+                    .program(program_names::INGRESS)?
+                    .attach_with_options(interface, TcAttachType::Ingress, options)
+                    .map_err(attach_err)?;
+                info!(interface, "attached ingress program");
+                Attachment::Owned(link)
+            }
+        };
+        self.attached.insert(interface.to_owned(), attachment);
         Ok(())
     }
 
+    fn attach_pinned_tcx(
+        &mut self,
+        interface: &str,
+        dir: &Path,
+    ) -> Result<Attachment, DataplaneError> {
+        let path = dir.join(link_pin_name(interface));
+        let attach_err = |source| DataplaneError::Attach {
+            interface: interface.to_owned(),
+            source,
+        };
+        if path.exists() {
+            match self.replace_pinned(&path) {
+                Ok(()) => {
+                    info!(interface, pin = %path.display(), "adopted pinned link; program replaced");
+                    return Ok(Attachment::PinnedTcx(path));
+                }
+                Err(e) => {
+                    // Typically the interface was deleted and made again: the old link is
+                    // defunct (ENOLINK). Dropping its pin frees it; attach afresh below.
+                    warn!(interface, error = %e, "pinned link not adoptable; attaching anew");
+                    if let Err(e) = std::fs::remove_file(&path) {
+                        debug!(interface, error = %e, "removing stale link pin");
+                    }
+                }
+            }
+        }
+        let program = self.program(program_names::INGRESS)?;
+        let id = program
+            .attach_with_options(
+                interface,
+                TcAttachType::Ingress,
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            )
+            .map_err(attach_err)?;
+        let link = program.take_link(id).map_err(attach_err)?;
+        let pin_err = |message: String| DataplaneError::PinLink {
+            interface: interface.to_owned(),
+            path: path.clone(),
+            message,
+        };
+        let fd_link = FdLink::try_from(link).map_err(|e| pin_err(e.to_string()))?;
+        // On failure the link is dropped, and with it the attachment: nothing half-done stays.
+        let pinned = fd_link.pin(&path).map_err(|e| pin_err(e.to_string()))?;
+        // Closing our descriptor leaves the link to its pin.
+        drop(pinned);
+        info!(interface, pin = %path.display(), "attached ingress program (pinned TCX link)");
+        Ok(Attachment::PinnedTcx(path))
+    }
+
+    /// `BPF_LINK_UPDATE` on a pinned link: the kernel swaps the program in place.
+    fn replace_pinned(&mut self, path: &Path) -> Result<(), String> {
+        let pinned = PinnedLink::from_pin(path).map_err(|e| e.to_string())?;
+        let link =
+            SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(|e| e.to_string())?;
+        let program = self
+            .program(program_names::INGRESS)
+            .map_err(|e| e.to_string())?;
+        let id = program.attach_to_link(link).map_err(|e| e.to_string())?;
+        // The pin keeps the link; our descriptor is not needed.
+        let link = program.take_link(id).map_err(|e| e.to_string())?;
+        drop(FdLink::try_from(link).map_err(|e| e.to_string())?);
+        Ok(())
+    }
+
+    fn attach_persistent_netlink(&mut self, interface: &str) -> Result<Attachment, DataplaneError> {
+        add_clsact(interface);
+        let attach_err = |source| DataplaneError::Attach {
+            interface: interface.to_owned(),
+            source,
+        };
+        let handle = TcHandle::from(NETLINK_HANDLE);
+        let program = self.program(program_names::INGRESS)?;
+        // Replace Weir's filter if a previous agent left one; otherwise create it.
+        let replaced = SchedClassifierLink::attached(
+            interface,
+            TcAttachType::Ingress,
+            NETLINK_PRIORITY,
+            handle,
+            None,
+        )
+        .map_err(|e| attach_err(tc::TcError::IoError(e).into()))
+        .and_then(|existing| program.attach_to_link(existing).map_err(attach_err));
+        let id = match replaced {
+            Ok(id) => {
+                info!(
+                    interface,
+                    "replaced the program of the existing clsact filter"
+                );
+                id
+            }
+            Err(e) => {
+                debug!(interface, error = %e, "no filter to replace; creating one");
+                let id = program
+                    .attach_with_options(
+                        interface,
+                        TcAttachType::Ingress,
+                        TcAttachOptions::Netlink(NlOptions {
+                            priority: NETLINK_PRIORITY,
+                            handle,
+                            classid: None,
+                        }),
+                    )
+                    .map_err(attach_err)?;
+                info!(interface, "attached ingress program (clsact filter)");
+                id
+            }
+        };
+        let link = program.take_link(id).map_err(attach_err)?;
+        // Dropping the link would delete the filter; the filter must outlive the agent, and the
+        // link is plain data (interface index, priority, handle) with nothing to leak.
+        std::mem::forget(link);
+        Ok(Attachment::Netlink)
+    }
+
     /// Forgets an interface that disappeared (its attachment went with it) or detaches from one
-    /// that is still there.
+    /// that is still there, pinned or not.
     pub fn detach(&mut self, interface: &str) {
-        let Some(link) = self.attached.remove(interface) else {
+        let Some(attachment) = self.attached.remove(interface) else {
             return;
         };
-        match self.program(program_names::INGRESS).map(|p| p.detach(link)) {
-            Ok(Ok(())) => info!(interface, "detached ingress program"),
-            // The usual case for a deleted pod interface: nothing left to detach.
-            Ok(Err(e)) => debug!(interface, error = %e, "detach"),
-            Err(e) => warn!(interface, error = %e, "detach"),
+        match attachment {
+            Attachment::Owned(link) => {
+                match self.program(program_names::INGRESS).map(|p| p.detach(link)) {
+                    Ok(Ok(())) => info!(interface, "detached ingress program"),
+                    // The usual case for a deleted pod interface: nothing left to detach.
+                    Ok(Err(e)) => debug!(interface, error = %e, "detach"),
+                    Err(e) => warn!(interface, error = %e, "detach"),
+                }
+            }
+            // Removing the last reference to a link detaches it.
+            Attachment::PinnedTcx(path) => match std::fs::remove_file(&path) {
+                Ok(()) => info!(interface, "detached ingress program (unpinned its link)"),
+                Err(e) => debug!(interface, error = %e, "unpinning link"),
+            },
+            Attachment::Netlink => detach_netlink(interface),
         }
     }
+
+    /// Drops pinned links of interfaces not in `wanted`: interfaces deleted while no agent ran
+    /// (their links are defunct) or no longer configured.
+    pub fn release_unwanted_links(&mut self, wanted: &std::collections::BTreeSet<String>) {
+        let Some(dir) = &self.link_pin_dir else {
+            return;
+        };
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(interface) = name.to_str().and_then(interface_of_pin) else {
+                continue;
+            };
+            if !wanted.contains(interface) && !self.attached.contains_key(interface) {
+                match std::fs::remove_file(entry.path()) {
+                    Ok(()) => info!(
+                        interface,
+                        "released the pinned link of an unwanted interface"
+                    ),
+                    Err(e) => debug!(interface, error = %e, "releasing pinned link"),
+                }
+            }
+        }
+    }
+}
+
+/// Already present is fine: another program (or a previous agent) may share the qdisc.
+fn add_clsact(interface: &str) {
+    if let Err(e) = tc::qdisc_add_clsact(interface) {
+        debug!(interface, error = %e, "clsact qdisc not added");
+    }
+}
+
+fn detach_netlink(interface: &str) {
+    match tc::qdisc_detach_program(interface, TcAttachType::Ingress, program_names::INGRESS) {
+        Ok(()) => info!(interface, "detached ingress program (clsact filter)"),
+        Err(e) => debug!(interface, error = %e, "detaching clsact filter"),
+    }
+}
+
+/// Undoes what agents left in this network namespace under `pin_dir`: every pinned link (so its
+/// program detaches), every clsact filter of ours on `interfaces`, then the pinned maps. For
+/// operators removing Weir from a node; the agent itself never does this on its own.
+pub fn uninstall(pin_dir: &Path, interfaces: &[String]) -> Result<UninstallReport, std::io::Error> {
+    let mut report = UninstallReport::default();
+    let links = crate::config::link_pin_dir(pin_dir);
+    if let Ok(entries) = std::fs::read_dir(&links) {
+        for entry in entries {
+            std::fs::remove_file(entry?.path())?;
+            report.links += 1;
+        }
+    }
+    for interface in interfaces {
+        if tc::qdisc_detach_program(interface, TcAttachType::Ingress, program_names::INGRESS)
+            .is_ok()
+        {
+            report.filters += 1;
+        }
+    }
+    if pin_dir.exists() {
+        std::fs::remove_dir_all(pin_dir)?;
+        report.removed_pin_dir = true;
+    }
+    Ok(report)
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct UninstallReport {
+    pub links: usize,
+    pub filters: usize,
+    pub removed_pin_dir: bool,
 }
 
 /// Mirrors aya's own choice in `attach`: TCX from 6.6 on, netlink before.

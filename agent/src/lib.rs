@@ -3,13 +3,17 @@
 //! Data flows one way: [`source`] objects -> [`intent`] -> [`compile`]d [`state`] -> [`state::Plan`]
 //! -> map writes in [`dataplane`]. [`reconcile`] drives that pipeline, [`run`] the process.
 
+pub mod admission;
 pub mod compile;
 pub mod config;
 pub mod conntrack;
 pub mod dataplane;
 pub mod dump;
+pub mod http;
 pub mod intent;
 pub mod interfaces;
+pub mod kubernetes;
+pub mod metrics;
 pub mod reconcile;
 pub mod run;
 pub mod source;

@@ -2,31 +2,37 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
-use weir_agent::{config, dump};
+use weir_agent::config::{AgentConfig, ConfigArgs, LogFormat};
+use weir_agent::{config, dataplane, dump};
 
 /// Weir's node agent: eBPF service load balancing for a Kubernetes node.
 #[derive(Parser)]
 #[command(version, about)]
 struct Cli {
-    /// Log format.
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "WEIR_LOG_FORMAT")]
-    log_format: LogFormat,
+    /// Log format [default: text, or the config file's log_format].
+    #[arg(long, global = true, value_enum, env = "WEIR_LOG_FORMAT")]
+    log_format: Option<LogFormat>,
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(Subcommand)]
 enum Command {
     /// Load and attach the programs, then keep the maps in line with the desired state.
+    ///
+    /// Every setting comes from a flag, a WEIR_* environment variable or the --config file, in
+    /// that order of precedence. Stopping the agent leaves the programs attached and forwarding.
     Run {
-        #[arg(long, env = "WEIR_CONFIG")]
-        config: PathBuf,
+        #[command(flatten)]
+        args: Box<ConfigArgs>,
+    },
+    /// Take Weir off this node: unpin its program links (detaching the programs), delete its
+    /// clsact filters from every interface of this network namespace, and remove the pinned maps.
+    /// Stop the agent first.
+    Uninstall {
+        /// The node's pin directory, as in its config (`pin_dir`).
+        #[arg(long, env = "WEIR_PIN_DIR", default_value = config::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
     },
     /// Print what the pinned maps of a node hold.
     Dump {
@@ -48,13 +54,13 @@ enum DumpWhat {
     Counters,
 }
 
-fn init_tracing(format: LogFormat) {
+fn init_tracing(format: Option<LogFormat>) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("WEIR_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    match format {
+    match format.unwrap_or_default() {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
@@ -62,21 +68,45 @@ fn init_tracing(format: LogFormat) {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    init_tracing(cli.log_format);
     match cli.command {
-        Command::Run { config } => {
-            let config = config::AgentConfig::load(&config)?;
+        Command::Run { args } => {
+            let config = AgentConfig::resolve(&args, cli.log_format)?;
+            init_tracing(Some(config.log_format));
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .context("starting the runtime")?
                 .block_on(weir_agent::run::run(config))
         }
+        Command::Uninstall { pin_dir } => {
+            init_tracing(cli.log_format);
+            let interfaces: Vec<String> = nix::net::if_::if_nameindex()
+                .context("listing interfaces")?
+                .iter()
+                .filter_map(|i| i.name().to_str().ok().map(str::to_owned))
+                .collect();
+            let report = dataplane::uninstall(&pin_dir, &interfaces)
+                .with_context(|| format!("uninstalling from {}", pin_dir.display()))?;
+            println!(
+                "unpinned {} link(s), removed {} clsact filter(s), {}",
+                report.links,
+                report.filters,
+                if report.removed_pin_dir {
+                    format!("removed {}", pin_dir.display())
+                } else {
+                    format!("{} was not there", pin_dir.display())
+                }
+            );
+            Ok(())
+        }
         Command::Dump {
             what,
             pin_dir,
             json,
-        } => print_dump(what, &config::versioned_pin_dir(&pin_dir), json),
+        } => {
+            init_tracing(cli.log_format);
+            print_dump(what, &config::versioned_pin_dir(&pin_dir), json)
+        }
     }
 }
 

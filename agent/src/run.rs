@@ -1,17 +1,33 @@
 //! The agent's main loop.
+//!
+//! Stopping the agent (SIGTERM, SIGINT, or SIGKILL) leaves the data plane forwarding: maps and
+//! program links are pinned, and the next agent adopts them. Only `detach_on_exit` (or
+//! `weir-agent uninstall`) takes the programs off the interfaces.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{debug, error, info, warn};
 
-use crate::config::AgentConfig;
+use crate::admission::Limits;
+use crate::config::{AgentConfig, SourceKind};
 use crate::conntrack::collect_garbage;
-use crate::dataplane::{Dataplane, LoadOptions};
+use crate::dataplane::{Counters, Dataplane, LoadOptions};
+use crate::http::OpsServer;
 use crate::interfaces;
+use crate::kubernetes::{KubeSource, NodeIdentity};
+use crate::metrics::{Health, Metrics, Ops};
 use crate::reconcile::Reconciler;
-use crate::source::{read_objects, ChangeDetector};
+use crate::source::{read_objects, ChangeDetector, Objects};
+
+/// The loop counts as wedged after this many poll intervals without a turn (at least
+/// [`MIN_STALL`]): long enough for a full sync of a large cluster, short enough for a liveness
+/// probe to restart a stuck agent within a minute or two.
+const STALL_POLLS: u32 = 20;
+const MIN_STALL: Duration = Duration::from_secs(30);
 
 pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let pin_dir = config.versioned_pin_dir();
@@ -20,85 +36,260 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         ..Default::default()
     })
     .context("loading the data plane")?;
-    info!(node = %config.node_name, pin_dir = %pin_dir.display(), "data plane loaded");
+    dataplane
+        .pin_links_in(&config.link_pin_dir())
+        .context("preparing the link pin directory")?;
+    info!(
+        node = %config.node_name,
+        pin_dir = %pin_dir.display(),
+        attach = ?dataplane.attach_mode(),
+        "data plane loaded"
+    );
 
-    let mut reconciler = Reconciler::default();
-    let mut changes = ChangeDetector::default();
+    // A second handle on the counter map, read by the HTTP thread at scrape time.
+    let counters = Counters::open_pinned(&pin_dir).context("opening the counter map")?;
+    let metrics = Arc::new(Metrics::new().with_datapath(counters));
+    let health = Arc::new(Health::new(
+        (config.poll_interval * STALL_POLLS).max(MIN_STALL),
+    ));
+    health.beat();
+    let _ops = OpsServer::start(
+        config.metrics_listen,
+        Ops {
+            metrics: metrics.clone(),
+            health: health.clone(),
+        },
+    )
+    .with_context(|| format!("serving metrics on {}", config.metrics_listen))?;
+
+    let mut reconciler = Reconciler::new(
+        Limits {
+            max_endpoints_per_service: config.max_endpoints_per_service,
+            ..Limits::default()
+        },
+        Some(metrics.clone()),
+    );
+    let mut source = match config.source {
+        SourceKind::File => DesiredState::File {
+            path: config
+                .state_path
+                .clone()
+                .context("the file source needs state_path")?,
+            changes: ChangeDetector::default(),
+        },
+        SourceKind::Kubernetes => {
+            let client = crate::kubernetes::client(config.kubeconfig.as_deref())
+                .await
+                .context("connecting to the Kubernetes API")?;
+            info!("watching the Kubernetes API");
+            DesiredState::Kubernetes {
+                source: Box::new(KubeSource::start(client, &config.node_name)),
+                node: None,
+            }
+        }
+    };
     // Set when the last pass could not finish, so the next tick retries even without a change.
     let mut retry = true;
     let mut poll = tokio::time::interval(config.poll_interval);
     let mut gc = tokio::time::interval(config.conntrack.gc_interval);
     let mut terminate = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("SIGINT handler")?;
-    let mut missing_host_interfaces_logged = BTreeSet::new();
+    let mut interfaces = InterfaceSync::default();
 
     loop {
         tokio::select! {
             _ = poll.tick() => {
-                sync_interfaces(&config, &mut dataplane, &mut missing_host_interfaces_logged);
-                if changes.changed(&config.state_path) || retry {
-                    retry = match read_objects(&config.state_path) {
-                        Ok(objects) => match reconciler.reconcile(&mut dataplane.services, &objects) {
-                            Ok(_) => false,
-                            Err(e) => {
-                                error!(error = %e, "applying desired state failed; will retry");
-                                true
-                            }
-                        },
-                        Err(e) => {
-                            // The whole source is unreadable: keep the last good state in the maps.
-                            warn!(error = %e, "state source unreadable; keeping last good state");
-                            false
-                        }
-                    };
+                health.beat();
+                interfaces.sync(&config, &mut dataplane, &health, &metrics);
+                if let Some(objects) = source.poll(retry, &config.node_name, &metrics) {
+                    retry = apply(&mut reconciler, &mut dataplane, &objects, &health);
                 }
             }
-            _ = gc.tick() => match collect_garbage(&mut dataplane.conntrack, &config.conntrack) {
-                Ok(report) if report.reclaimed > 0 => {
-                    info!(scanned = report.scanned, reclaimed = report.reclaimed, "conntrack gc");
+            _ = source.changed() => {
+                health.beat();
+                if let Some(objects) = source.poll(true, &config.node_name, &metrics) {
+                    retry = apply(&mut reconciler, &mut dataplane, &objects, &health);
                 }
-                Ok(report) => debug!(scanned = report.scanned, "conntrack gc"),
-                Err(e) => warn!(error = %e, "conntrack gc failed"),
-            },
+            }
+            _ = gc.tick() => {
+                let started = Instant::now();
+                match collect_garbage(&mut dataplane.conntrack, &config.conntrack) {
+                    Ok(report) => {
+                        metrics
+                            .conntrack_entries
+                            .set(report.scanned.saturating_sub(report.reclaimed) as i64);
+                        metrics.conntrack_reclaimed.inc_by(report.reclaimed as u64);
+                        if report.reclaimed > 0 {
+                            info!(scanned = report.scanned, reclaimed = report.reclaimed, took = ?started.elapsed(), "conntrack gc");
+                        } else {
+                            debug!(scanned = report.scanned, "conntrack gc");
+                        }
+                    }
+                    Err(e) => warn!(error = %e, "conntrack gc failed"),
+                }
+            }
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
         }
     }
-    info!("stopping: detaching programs, leaving maps pinned for the next agent");
-    let attached: Vec<String> = dataplane.attached_interfaces().map(str::to_owned).collect();
-    for interface in attached {
-        dataplane.detach(&interface);
+    if config.detach_on_exit {
+        info!("stopping: detaching programs (detach_on_exit), leaving maps pinned");
+        let attached: Vec<String> = dataplane.attached_interfaces().map(str::to_owned).collect();
+        for interface in attached {
+            dataplane.detach(&interface);
+        }
+    } else {
+        info!("stopping: programs stay attached and keep forwarding; the next agent adopts them");
     }
     Ok(())
 }
 
-fn sync_interfaces(config: &AgentConfig, dataplane: &mut Dataplane, logged: &mut BTreeSet<String>) {
-    let wanted = match interfaces::wanted(&config.host_interfaces, &config.pod_interface_prefix) {
-        Ok(w) => w,
-        Err(e) => {
-            warn!(error = %e, "listing interfaces failed");
-            return;
-        }
-    };
-    for host in &config.host_interfaces {
-        if !wanted.contains(host) && logged.insert(host.clone()) {
-            warn!(interface = %host, "configured host interface not present (yet)");
+/// Where desired state comes from.
+enum DesiredState {
+    File {
+        path: std::path::PathBuf,
+        changes: ChangeDetector,
+    },
+    Kubernetes {
+        source: Box<KubeSource>,
+        /// This node as last logged, to log changes of its identity once.
+        node: Option<NodeIdentity>,
+    },
+}
+
+impl DesiredState {
+    /// Resolves when the source has news; never for the polled file source.
+    async fn changed(&self) {
+        match self {
+            DesiredState::File { .. } => std::future::pending().await,
+            DesiredState::Kubernetes { source, .. } => source.changed().await,
         }
     }
-    let gone: Vec<String> = dataplane
-        .attached_interfaces()
-        .filter(|i| !wanted.contains(*i))
-        .map(str::to_owned)
-        .collect();
-    for interface in gone {
-        dataplane.detach(&interface);
-    }
-    for interface in wanted {
-        if !dataplane.is_attached(&interface) {
-            if let Err(e) = dataplane.attach_ingress(&interface) {
-                // Pod interfaces can vanish between listing and attaching; the next tick retries.
-                warn!(%interface, error = %e, "attach failed");
+
+    /// The objects to reconcile now, if there is anything to do: for the file, when it changed
+    /// or `again`; for the API, when `again` (after news or a failed pass) and once every kind
+    /// is listed.
+    fn poll(&mut self, again: bool, node_name: &str, metrics: &Metrics) -> Option<Objects> {
+        match self {
+            DesiredState::File { path, changes } => {
+                if !changes.changed(path) && !again {
+                    return None;
+                }
+                match read_objects(path) {
+                    Ok(objects) => Some(objects),
+                    Err(e) => {
+                        // The whole source is unreadable: keep the last good state in the maps.
+                        warn!(error = %e, "state source unreadable; keeping last good state");
+                        metrics.source_errors.inc();
+                        None
+                    }
+                }
+            }
+            DesiredState::Kubernetes { source, node } => {
+                // Changes wake the loop through `changed`; a tick only retries a failed pass.
+                if !again {
+                    return None;
+                }
+                if !source.is_ready() {
+                    debug!(waiting_for = ?source.unlisted(), "Kubernetes source not listed yet");
+                    return None;
+                }
+                let identity = source.node_identity();
+                if identity != *node {
+                    match &identity {
+                        Some(id) => info!(
+                            node = %id.name,
+                            addresses = ?id.addresses,
+                            pod_cidrs = ?id.pod_cidrs,
+                            "node identity from the Node object"
+                        ),
+                        None => warn!(node = node_name, "no Node object with this node's name"),
+                    }
+                    *node = identity;
+                }
+                Some(source.snapshot())
             }
         }
+    }
+}
+
+/// One reconcile pass; returns whether the next tick should try again.
+fn apply(
+    reconciler: &mut Reconciler,
+    dataplane: &mut Dataplane,
+    objects: &Objects,
+    health: &Health,
+) -> bool {
+    match reconciler.reconcile(&mut dataplane.services, objects) {
+        Ok(_) => {
+            health.set_synced();
+            false
+        }
+        Err(e) => {
+            error!(error = %e, "applying desired state failed; will retry");
+            true
+        }
+    }
+}
+
+/// Keeps the program on the interfaces that should have it, as they come and go.
+#[derive(Default)]
+struct InterfaceSync {
+    missing_logged: BTreeSet<String>,
+    first_pass_done: bool,
+}
+
+impl InterfaceSync {
+    fn sync(
+        &mut self,
+        config: &AgentConfig,
+        dataplane: &mut Dataplane,
+        health: &Health,
+        metrics: &Metrics,
+    ) {
+        let wanted = match interfaces::wanted(&config.host_interfaces, &config.pod_interface_prefix)
+        {
+            Ok(w) => w,
+            Err(e) => {
+                warn!(error = %e, "listing interfaces failed");
+                return;
+            }
+        };
+        for host in &config.host_interfaces {
+            if !wanted.contains(host) && self.missing_logged.insert(host.clone()) {
+                warn!(interface = %host, "configured host interface not present (yet)");
+            }
+        }
+        if !self.first_pass_done {
+            // Links a previous agent pinned for interfaces that are gone now.
+            dataplane.release_unwanted_links(&wanted);
+            self.first_pass_done = true;
+        }
+        let gone: Vec<String> = dataplane
+            .attached_interfaces()
+            .filter(|i| !wanted.contains(*i))
+            .map(str::to_owned)
+            .collect();
+        for interface in gone {
+            dataplane.detach(&interface);
+        }
+        for interface in &wanted {
+            if !dataplane.is_attached(interface) {
+                if let Err(e) = dataplane.attach_ingress(interface) {
+                    // Pod interfaces can vanish between listing and attaching; the next tick retries.
+                    warn!(%interface, error = %e, "attach failed");
+                }
+            }
+        }
+        let unattached: Vec<String> = config
+            .host_interfaces
+            .iter()
+            .filter(|h| !dataplane.is_attached(h))
+            .cloned()
+            .collect();
+        health.set_unattached_host_interfaces(unattached);
+        metrics
+            .attached_interfaces
+            .set(dataplane.attached_interfaces().count() as i64);
     }
 }

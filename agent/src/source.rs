@@ -44,6 +44,11 @@ pub struct ObjectError {
 pub struct Objects {
     pub services: Vec<Service>,
     pub slices: Vec<EndpointSlice>,
+    pub nodes: Vec<k8s_openapi::api::core::v1::Node>,
+    /// This node's pods only (the Kubernetes source watches `spec.nodeName=<node>`).
+    pub pods: Vec<k8s_openapi::api::core::v1::Pod>,
+    pub namespaces: Vec<k8s_openapi::api::core::v1::Namespace>,
+    pub network_policies: Vec<k8s_openapi::api::networking::v1::NetworkPolicy>,
 }
 
 /// Reads a file, or every `.yaml`/`.yml` file of a directory in name order.

@@ -48,13 +48,21 @@ pub struct NodeAgent {
     pub proc: ProcId,
     pub pin_dir: PathBuf,
     pub log: PathBuf,
+    /// How it was started, to start it again after a deliberate stop.
+    pub cmd: Cmd,
 }
+
+/// Where every node's agent serves /metrics, /healthz and /readyz (the agent's default), each in
+/// its own node namespace.
+pub const METRICS_ADDR: &str = "127.0.0.1:9464";
 
 pub struct Agents {
     pub binary: PathBuf,
     pub nodes: Vec<NodeAgent>,
     /// Everything this run pinned, removed after the run.
     pub pin_root: PathBuf,
+    /// The cluster state every agent reads.
+    pub state_path: PathBuf,
 }
 
 /// Writes the cluster state and one config per node, then starts an agent in every node.
@@ -78,6 +86,7 @@ pub fn start(
         binary: binary.to_owned(),
         nodes: Vec::new(),
         pin_root,
+        state_path: state_path.clone(),
     };
     for node in &plan.nodes {
         let pin_dir = agents.pin_root.join(&node.name);
@@ -104,6 +113,7 @@ pub fn start(
             proc,
             pin_dir,
             log,
+            cmd,
         });
     }
     Ok(agents)

@@ -11,6 +11,7 @@ pub mod checks;
 pub mod events;
 pub mod k8s;
 pub mod report;
+pub mod restart;
 pub mod runner;
 pub mod sandbox;
 pub mod scenario;

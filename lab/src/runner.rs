@@ -147,7 +147,7 @@ fn run_file(file: &ScenarioFile, opts: &RunOptions, events: &mut Events, tally: 
         scenario: name.clone(),
         file: file.path.clone(),
         description: scenario.description.clone(),
-        checks: scenario.checks.len(),
+        checks: scenario.checks.len() + scenario.agent_restarts.len(),
     });
 
     let run_id = format!(
@@ -177,7 +177,7 @@ fn run_file(file: &ScenarioFile, opts: &RunOptions, events: &mut Events, tally: 
     drop(run);
 
     let passed = error.is_none() && failed_checks == 0;
-    let not_run = scenario.checks.len() - ran;
+    let not_run = (scenario.checks.len() + scenario.agent_restarts.len()).saturating_sub(ran);
     tally.checks_passed += passed_checks;
     tally.checks_failed += failed_checks;
     tally.checks_not_run += not_run;
@@ -329,6 +329,36 @@ impl ScenarioRun<'_> {
                     Event::CheckFailed {
                         scenario: scenario.name.clone(),
                         check: title,
+                        reason,
+                        duration: t.elapsed(),
+                    }
+                }
+            };
+            self.events.emit(event);
+        }
+
+        for restart in &scenario.agent_restarts {
+            let t = Instant::now();
+            let lab = self.lab.as_deref_mut().expect("lab built above");
+            let Some(agents) = self.agents.as_mut() else {
+                return Err(RunError::Setup("agent restarts need the agents".into()));
+            };
+            let outcome = crate::restart::run(lab, &plan, scenario, agents, restart, &self.run_dir);
+            let event = match outcome {
+                Ok(detail) => {
+                    self.passed += 1;
+                    Event::CheckPassed {
+                        scenario: scenario.name.clone(),
+                        check: restart.title(),
+                        detail,
+                        duration: t.elapsed(),
+                    }
+                }
+                Err(reason) => {
+                    self.failed += 1;
+                    Event::CheckFailed {
+                        scenario: scenario.name.clone(),
+                        check: restart.title(),
                         reason,
                         duration: t.elapsed(),
                     }

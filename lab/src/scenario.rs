@@ -54,6 +54,88 @@ pub struct Scenario {
     pub services: Vec<ServiceSpec>,
     #[serde(default)]
     pub checks: Vec<CheckSpec>,
+    /// Agent stops and restarts under load, run after the checks.
+    #[serde(default)]
+    pub agent_restarts: Vec<AgentRestartSpec>,
+}
+
+/// Stops a node's agent (by each signal in turn) and starts it again while a long iperf3
+/// transfer runs through a service on that node: the transfer must not fail, and new connections
+/// must be answered while no agent runs.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentRestartSpec {
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The node whose agent is stopped: the client's, where the service is translated.
+    pub node: String,
+    /// The iperf3 client pod...
+    pub from: String,
+    /// ...and the server pod, behind a service this action adds to the cluster state.
+    pub to: String,
+    pub cluster_ip: Ipv4Addr,
+    #[serde(default = "default_bulk_port")]
+    pub port: u16,
+    /// Length of the transfer (iperf3 -t).
+    #[serde(with = "humantime_serde")]
+    pub duration: Duration,
+    /// Bounded rate (iperf3 -b, Mbit/s), so the transfer leaves the machine usable.
+    #[serde(default = "default_rate_mbit")]
+    pub rate_mbit: u32,
+    /// Each stop in turn: "TERM" or "KILL".
+    pub signals: Vec<StopSignal>,
+    /// How long the node stays without an agent each time.
+    #[serde(default = "default_down_for", with = "humantime_serde")]
+    pub down_for: Duration,
+    /// A scenario service to open fresh connections to while the agent is down.
+    #[serde(default)]
+    pub probe_service: Option<String>,
+    #[serde(default)]
+    pub probe_port: Option<u16>,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub enum StopSignal {
+    #[serde(rename = "TERM")]
+    Term,
+    #[serde(rename = "KILL")]
+    Kill,
+}
+
+impl StopSignal {
+    pub fn name(self) -> &'static str {
+        match self {
+            StopSignal::Term => "TERM",
+            StopSignal::Kill => "KILL",
+        }
+    }
+}
+
+fn default_bulk_port() -> u16 {
+    5201
+}
+
+fn default_rate_mbit() -> u32 {
+    200
+}
+
+fn default_down_for() -> Duration {
+    Duration::from_secs(1)
+}
+
+impl AgentRestartSpec {
+    pub fn title(&self) -> String {
+        self.name.clone().unwrap_or_else(|| {
+            let stops: Vec<&str> = self.signals.iter().map(|s| s.name()).collect();
+            format!(
+                "agent {} restart on {} under iperf3 {} -> {}",
+                stops.join("+"),
+                self.node,
+                self.from,
+                self.to
+            )
+        })
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -449,6 +531,61 @@ impl Scenario {
 
         for check in &self.checks {
             self.validate_check(check, &plan)?;
+        }
+        for restart in &self.agent_restarts {
+            self.validate_restart(restart, &plan, &frontends)?;
+        }
+        Ok(())
+    }
+
+    fn validate_restart(
+        &self,
+        r: &AgentRestartSpec,
+        plan: &Plan,
+        frontends: &BTreeSet<(Ipv4Addr, u16, Protocol)>,
+    ) -> Result<(), ScenarioError> {
+        let title = r.title();
+        let bad = |m: String| self.invalid(format!("agent restart {title:?}: {m}"));
+        if !self.agent.enabled {
+            return Err(bad("needs the agent, which is disabled".into()));
+        }
+        if !matches!(plan.host(&r.node), Some(HostId::Node(_))) {
+            return Err(bad(format!("{:?} is not a node", r.node)));
+        }
+        for pod in [&r.from, &r.to] {
+            if !matches!(plan.host(pod), Some(HostId::Pod { .. })) {
+                return Err(bad(format!("{pod:?} is not a pod")));
+            }
+        }
+        if !crate::topology::is_test_address(r.cluster_ip) {
+            return Err(bad("cluster_ip must be in 198.18.0.0/15".into()));
+        }
+        if r.port == 0 || frontends.contains(&(r.cluster_ip, r.port, Protocol::Tcp)) {
+            return Err(bad("port must be non-zero and not another service's".into()));
+        }
+        if r.signals.is_empty() {
+            return Err(bad("give at least one signal".into()));
+        }
+        if r.duration.is_zero() || r.duration > MAX_WAIT || r.down_for > MAX_WAIT {
+            return Err(bad("duration and down_for must be at most 10m".into()));
+        }
+        if r.rate_mbit == 0 {
+            return Err(bad("rate_mbit must be positive".into()));
+        }
+        if let Some(svc) = &r.probe_service {
+            let svc = self
+                .service(svc)
+                .ok_or_else(|| bad(format!("no service {svc:?}")))?;
+            let port = r
+                .probe_port
+                .ok_or_else(|| bad("probe_port missing".into()))?;
+            if !svc
+                .ports
+                .iter()
+                .any(|p| p.port == port && p.protocol == Protocol::Tcp)
+            {
+                return Err(bad(format!("service {} has no TCP port {port}", svc.name)));
+            }
         }
         Ok(())
     }

@@ -1,0 +1,261 @@
+//! Desired state from the Kubernetes API: one kube-rs watcher and reflector per resource kind,
+//! feeding the same [`Objects`] -> [`crate::source::IntentBuilder`] path as the file source.
+//!
+//! The watchers are thin on purpose. A reflector keeps each kind's objects in a store; every
+//! change wakes the main loop, which takes a snapshot of all stores and reconciles. Changes that
+//! arrive while a pass runs collapse into the next pass. A relist (after a 410 Gone, or when a
+//! watch cannot resume) replaces a store's contents in one step when the list is complete, so a
+//! relist never shows a half-empty cluster, and the reconcile after it writes only what changed.
+//!
+//! RBAC (cluster-wide `get`, `list`, `watch`): services, endpointslices (discovery.k8s.io),
+//! nodes, pods (this node's, by field selector), namespaces, networkpolicies (networking.k8s.io).
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use futures::StreamExt as _;
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::watcher::{self, watcher};
+use kube::runtime::WatchStreamExt as _;
+use kube::{Api, Client, Resource};
+use serde::de::DeserializeOwned;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use crate::source::Objects;
+
+#[derive(Debug, thiserror::Error)]
+pub enum KubeSourceError {
+    #[error("reading kubeconfig {path}: {source}")]
+    Kubeconfig {
+        path: std::path::PathBuf,
+        source: kube::config::KubeconfigError,
+    },
+    #[error("Kubernetes client configuration: {0}")]
+    Config(String),
+    #[error("Kubernetes client: {0}")]
+    Client(#[from] kube::Error),
+}
+
+/// A client from `kubeconfig`, or else the usual inference: `$KUBECONFIG` or `~/.kube/config`,
+/// then the in-cluster service account (what a DaemonSet pod uses).
+pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, KubeSourceError> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kubeconfig = kube::config::Kubeconfig::read_from(path).map_err(|source| {
+                KubeSourceError::Kubeconfig {
+                    path: path.to_owned(),
+                    source,
+                }
+            })?;
+            kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+                .await
+                .map_err(|e| KubeSourceError::Kubeconfig {
+                    path: path.to_owned(),
+                    source: e,
+                })?
+        }
+        None => kube::Config::infer()
+            .await
+            .map_err(|e| KubeSourceError::Config(e.to_string()))?,
+    };
+    Ok(Client::try_from(config)?)
+}
+
+/// This node as its Node object describes it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeIdentity {
+    pub name: String,
+    /// `status.addresses`, as (type, address).
+    pub addresses: Vec<(String, String)>,
+    /// `spec.podCIDRs` (or the older `spec.podCIDR`).
+    pub pod_cidrs: Vec<String>,
+}
+
+impl NodeIdentity {
+    pub fn of(node: &Node) -> NodeIdentity {
+        let spec = node.spec.as_ref();
+        let mut pod_cidrs: Vec<String> = spec.and_then(|s| s.pod_cidrs.clone()).unwrap_or_default();
+        if pod_cidrs.is_empty() {
+            pod_cidrs.extend(spec.and_then(|s| s.pod_cidr.clone()));
+        }
+        NodeIdentity {
+            name: node.metadata.name.clone().unwrap_or_default(),
+            addresses: node
+                .status
+                .as_ref()
+                .and_then(|s| s.addresses.as_ref())
+                .map(|a| {
+                    a.iter()
+                        .map(|a| (a.type_.clone(), a.address.clone()))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            pod_cidrs,
+        }
+    }
+}
+
+/// The running watchers and their stores. Dropping it stops the watchers.
+pub struct KubeSource {
+    node_name: String,
+    services: Watched<Service>,
+    slices: Watched<EndpointSlice>,
+    nodes: Watched<Node>,
+    pods: Watched<Pod>,
+    namespaces: Watched<Namespace>,
+    network_policies: Watched<NetworkPolicy>,
+    changed: Arc<Notify>,
+}
+
+struct Watched<K: Resource<DynamicType = ()> + Clone + 'static> {
+    kind: &'static str,
+    store: Store<K>,
+    /// The first complete list has arrived.
+    listed: Arc<AtomicBool>,
+    task: JoinHandle<()>,
+}
+
+impl<K: Resource<DynamicType = ()> + Clone + 'static> Drop for Watched<K> {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl KubeSource {
+    /// Starts one watcher per kind. Must be called inside a tokio runtime.
+    pub fn start(client: Client, node_name: &str) -> KubeSource {
+        let changed = Arc::new(Notify::new());
+        let config = watcher::Config::default();
+        let pods_here = watcher::Config::default().fields(&format!("spec.nodeName={node_name}"));
+        KubeSource {
+            node_name: node_name.to_owned(),
+            services: watch(client.clone(), "Service", config.clone(), &changed),
+            slices: watch(client.clone(), "EndpointSlice", config.clone(), &changed),
+            nodes: watch(client.clone(), "Node", config.clone(), &changed),
+            pods: watch(client.clone(), "Pod", pods_here, &changed),
+            namespaces: watch(client.clone(), "Namespace", config.clone(), &changed),
+            network_policies: watch(client, "NetworkPolicy", config, &changed),
+            changed,
+        }
+    }
+
+    /// True once every kind has been listed completely at least once. Reconciling before that
+    /// would take a half-listed cluster for the truth and delete what is not listed yet.
+    pub fn is_ready(&self) -> bool {
+        self.unlisted().is_empty()
+    }
+
+    /// Kinds whose first list has not completed yet.
+    pub fn unlisted(&self) -> Vec<&'static str> {
+        let listed = [
+            (self.services.kind, &self.services.listed),
+            (self.slices.kind, &self.slices.listed),
+            (self.nodes.kind, &self.nodes.listed),
+            (self.pods.kind, &self.pods.listed),
+            (self.namespaces.kind, &self.namespaces.listed),
+            (self.network_policies.kind, &self.network_policies.listed),
+        ];
+        listed
+            .into_iter()
+            .filter(|(_, l)| !l.load(Ordering::Acquire))
+            .map(|(k, _)| k)
+            .collect()
+    }
+
+    /// Resolves when something changed since the last call (or when a kind finished listing).
+    /// Several changes before the call resolve it once.
+    pub async fn changed(&self) {
+        self.changed.notified().await;
+    }
+
+    /// Every object the stores hold now, in a stable order (namespace, then name).
+    pub fn snapshot(&self) -> Objects {
+        Objects {
+            services: sorted(&self.services.store),
+            slices: sorted(&self.slices.store),
+            nodes: sorted(&self.nodes.store),
+            pods: sorted(&self.pods.store),
+            namespaces: sorted(&self.namespaces.store),
+            network_policies: sorted(&self.network_policies.store),
+        }
+    }
+
+    /// This node, from its Node object, once listed.
+    pub fn node_identity(&self) -> Option<NodeIdentity> {
+        self.nodes
+            .store
+            .find(|n| n.metadata.name.as_deref() == Some(self.node_name.as_str()))
+            .map(|n| NodeIdentity::of(&n))
+    }
+}
+
+fn sorted<K: Resource<DynamicType = ()> + Clone>(store: &Store<K>) -> Vec<K> {
+    let mut objects: BTreeMap<(String, String), K> = BTreeMap::new();
+    for object in store.state() {
+        let meta = object.meta();
+        let key = (
+            meta.namespace.clone().unwrap_or_default(),
+            meta.name.clone().unwrap_or_default(),
+        );
+        objects.insert(key, (*object).clone());
+    }
+    objects.into_values().collect()
+}
+
+/// A reflector on every object of kind `K` (cluster-wide), waking `changed` on every change.
+fn watch<K>(
+    client: Client,
+    kind: &'static str,
+    config: watcher::Config,
+    changed: &Arc<Notify>,
+) -> Watched<K>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
+    let (store, writer) = reflector::store::<K>();
+    let listed = Arc::new(AtomicBool::new(false));
+    let api: Api<K> = Api::all(client);
+    // Backoff between failed attempts, so an unreachable API server is retried politely.
+    let stream = reflector::reflector(writer, watcher(api, config).default_backoff());
+    let task = tokio::spawn({
+        let listed = listed.clone();
+        let changed = changed.clone();
+        async move {
+            let mut stream = std::pin::pin!(stream);
+            while let Some(event) = stream.next().await {
+                match event {
+                    Ok(watcher::Event::Init) => debug!(kind, "listing"),
+                    Ok(watcher::Event::InitApply(_)) => {}
+                    Ok(watcher::Event::InitDone) => {
+                        if !listed.swap(true, Ordering::AcqRel) {
+                            info!(kind, "initial list complete");
+                        } else {
+                            info!(kind, "relisted");
+                        }
+                        changed.notify_one();
+                    }
+                    Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => {
+                        changed.notify_one();
+                    }
+                    // The watcher itself recovers: a 410 Gone makes it relist, anything else is
+                    // retried after the backoff. The store keeps its last good contents meanwhile.
+                    Err(e) => warn!(kind, error = %e, "watch interrupted; retrying"),
+                }
+            }
+        }
+    });
+    Watched {
+        kind,
+        store,
+        listed,
+        task,
+    }
+}

@@ -1,0 +1,398 @@
+//! What the agent tells Prometheus, and the health it reports to the kubelet.
+//!
+//! Most values are pushed by the loop as it works (sync durations, rejections, table sizes);
+//! the data path's per-CPU counters are read from their BPF map at scrape time, so a scrape
+//! always shows the kernel's current numbers, also while the loop is busy.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+
+use crate::dataplane::Counters;
+
+/// `kind` and `reason` of a rejected object, e.g. ("Service", "invalid_port").
+pub type RejectionLabels = [(&'static str, String); 2];
+
+pub fn rejection_labels(kind: &str, reason: &str) -> RejectionLabels {
+    [("kind", kind.to_owned()), ("reason", reason.to_owned())]
+}
+
+/// The agent's metrics. Cheap to share: every field is an atomic or a locked map.
+pub struct Metrics {
+    registry: Registry,
+    /// Frontends (address, port, protocol) in the service map after the last sync.
+    pub services: Gauge,
+    pub backends: Gauge,
+    /// Entries in the conntrack map, as counted by the last garbage collection.
+    pub conntrack_entries: Gauge,
+    pub conntrack_reclaimed: Counter,
+    /// Wall time of one reconcile pass: objects to intent to plan to map writes.
+    pub sync_duration: Histogram,
+    pub map_writes: Counter,
+    /// Passes that could not write their plan (retried on the next tick).
+    pub reconcile_errors: Counter,
+    /// The desired-state source could not be read (the last good state stays).
+    pub source_errors: Counter,
+    /// Objects that newly failed validation, by kind and reason.
+    pub rejected_total: Family<RejectionLabels, Counter>,
+    /// Objects rejected in the latest pass, by kind and reason.
+    pub rejected_now: Family<RejectionLabels, Gauge>,
+    /// Interfaces carrying the ingress program.
+    pub attached_interfaces: Gauge,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::default();
+        let metrics = Metrics {
+            services: Gauge::default(),
+            backends: Gauge::default(),
+            conntrack_entries: Gauge::default(),
+            conntrack_reclaimed: Counter::default(),
+            // 100 µs to ~3.3 s: an incremental update sits at the bottom, a full sync of tens of
+            // thousands of entries near the top.
+            sync_duration: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            map_writes: Counter::default(),
+            reconcile_errors: Counter::default(),
+            source_errors: Counter::default(),
+            rejected_total: Family::default(),
+            rejected_now: Family::default(),
+            attached_interfaces: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "weir_services",
+            "Service frontends (address, port, protocol) programmed in the maps",
+            metrics.services.clone(),
+        );
+        registry.register(
+            "weir_backends",
+            "Distinct backends programmed in the maps",
+            metrics.backends.clone(),
+        );
+        registry.register(
+            "weir_conntrack_entries",
+            "Connection tracking entries, as counted by the last garbage collection",
+            metrics.conntrack_entries.clone(),
+        );
+        registry.register(
+            "weir_conntrack_reclaimed",
+            "Expired connection tracking entries removed by garbage collection",
+            metrics.conntrack_reclaimed.clone(),
+        );
+        registry.register(
+            "weir_sync_duration_seconds",
+            "Wall time of one reconcile pass, from source objects to map writes",
+            metrics.sync_duration.clone(),
+        );
+        registry.register(
+            "weir_map_writes",
+            "Map entries written or deleted by reconcile passes",
+            metrics.map_writes.clone(),
+        );
+        registry.register(
+            "weir_reconcile_errors",
+            "Reconcile passes whose map writes failed (retried)",
+            metrics.reconcile_errors.clone(),
+        );
+        registry.register(
+            "weir_source_errors",
+            "Times the desired-state source could not be read (the last good state was kept)",
+            metrics.source_errors.clone(),
+        );
+        registry.register(
+            "weir_rejected_objects",
+            "Objects that became invalid, by kind and reason (each keeps its last good version)",
+            metrics.rejected_total.clone(),
+        );
+        registry.register(
+            "weir_rejected_objects_current",
+            "Objects rejected by the latest reconcile pass, by kind and reason",
+            metrics.rejected_now.clone(),
+        );
+        registry.register(
+            "weir_attached_interfaces",
+            "Interfaces with the ingress program attached",
+            metrics.attached_interfaces.clone(),
+        );
+        Metrics {
+            registry,
+            ..metrics
+        }
+    }
+
+    /// Adds the data path's counters, read from `counters` at every scrape.
+    pub fn with_datapath(mut self, counters: Counters) -> Metrics {
+        self.registry
+            .register_collector(Box::new(DatapathCollector(Mutex::new(counters))));
+        self
+    }
+
+    /// The text exposition format, as `/metrics` serves it.
+    pub fn encode(&self) -> Result<String, fmt::Error> {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
+        Ok(out)
+    }
+
+    /// Records the objects rejected by one pass: the current gauge is replaced, and the counter
+    /// counts only objects that were not already rejected for the same reason by the previous
+    /// pass, so a source that resends everything (the file source, a relist) does not inflate it.
+    pub fn record_rejections(
+        &self,
+        previous: &BTreeSet<(String, String, String)>,
+        current: &BTreeSet<(String, String, String)>,
+    ) {
+        self.rejected_now.clear();
+        for (kind, _object, reason) in current {
+            self.rejected_now
+                .get_or_create(&rejection_labels(kind, reason))
+                .inc();
+        }
+        for (kind, _object, reason) in current.difference(previous) {
+            self.rejected_total
+                .get_or_create(&rejection_labels(kind, reason))
+                .inc();
+        }
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+/// Every per-CPU counter of the data path, summed over CPUs: one family with every outcome, and
+/// the drop outcomes again as drops by reason, which is what alerts are written against.
+struct DatapathCollector(Mutex<Counters>);
+
+impl fmt::Debug for DatapathCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("DatapathCollector")
+    }
+}
+
+impl Collector for DatapathCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let rows = match self.0.lock().map(|c| c.read()) {
+            Ok(Ok(rows)) => rows,
+            // A scrape must not fail because the map could not be read: the other metrics still
+            // tell something, and the missing family is itself visible.
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "reading data path counters for /metrics");
+                return Ok(());
+            }
+            Err(_) => return Ok(()),
+        };
+        let mut packets = encoder.encode_descriptor(
+            "weir_datapath_packets",
+            "Packets seen by the ingress program, by outcome (exactly one per packet)",
+            None,
+            MetricType::Counter,
+        )?;
+        for (name, value) in &rows {
+            let labels = [("outcome", *name)];
+            ConstCounter::new(*value).encode(packets.encode_family(&labels)?)?;
+        }
+        let mut drops = encoder.encode_descriptor(
+            "weir_datapath_drops",
+            "Packets dropped by the ingress program, by reason",
+            None,
+            MetricType::Counter,
+        )?;
+        for (name, value) in &rows {
+            if let Some(reason) = name.strip_prefix("drop_") {
+                let labels = [("reason", reason)];
+                ConstCounter::new(*value).encode(drops.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What `/healthz` and `/readyz` report, updated by the main loop.
+#[derive(Debug)]
+pub struct Health {
+    started: Instant,
+    /// Milliseconds since `started` at the loop's last turn.
+    last_beat_ms: AtomicU64,
+    /// The loop counts as wedged when it has not turned for this long.
+    stall_after: Duration,
+    synced: AtomicBool,
+    /// Configured host interfaces without the program, for `/readyz` to name.
+    unattached_host_interfaces: Mutex<Vec<String>>,
+}
+
+/// The answer to a health probe: good or not, and a line saying why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Probe {
+    pub ok: bool,
+    pub message: String,
+}
+
+impl Health {
+    pub fn new(stall_after: Duration) -> Health {
+        Health {
+            started: Instant::now(),
+            last_beat_ms: AtomicU64::new(0),
+            stall_after,
+            synced: AtomicBool::new(false),
+            unattached_host_interfaces: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The loop calls this every time it turns.
+    pub fn beat(&self) {
+        let ms = self.started.elapsed().as_millis() as u64;
+        self.last_beat_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// The first reconcile pass has written the desired state.
+    pub fn set_synced(&self) {
+        self.synced.store(true, Ordering::Relaxed);
+    }
+
+    pub fn set_unattached_host_interfaces(&self, missing: Vec<String>) {
+        if let Ok(mut guard) = self.unattached_host_interfaces.lock() {
+            *guard = missing;
+        }
+    }
+
+    /// Alive: the loop turned recently.
+    pub fn liveness(&self) -> Probe {
+        let now = self.started.elapsed();
+        let last = Duration::from_millis(self.last_beat_ms.load(Ordering::Relaxed));
+        let quiet = now.saturating_sub(last);
+        if quiet > self.stall_after {
+            Probe {
+                ok: false,
+                message: format!(
+                    "main loop has not turned for {}",
+                    humantime::format_duration(Duration::from_millis(quiet.as_millis() as u64))
+                ),
+            }
+        } else {
+            Probe {
+                ok: true,
+                message: "ok".into(),
+            }
+        }
+    }
+
+    /// Ready: alive, the first sync is done, and every host interface carries the program.
+    pub fn readiness(&self) -> Probe {
+        let live = self.liveness();
+        if !live.ok {
+            return live;
+        }
+        if !self.synced.load(Ordering::Relaxed) {
+            return Probe {
+                ok: false,
+                message: "first sync not done yet".into(),
+            };
+        }
+        let missing = self
+            .unattached_host_interfaces
+            .lock()
+            .map(|m| m.clone())
+            .unwrap_or_default();
+        if !missing.is_empty() {
+            return Probe {
+                ok: false,
+                message: format!("program not attached to {}", missing.join(", ")),
+            };
+        }
+        Probe {
+            ok: true,
+            message: "ok".into(),
+        }
+    }
+}
+
+/// Everything the operations endpoint serves.
+#[derive(Debug, Clone)]
+pub struct Ops {
+    pub metrics: Arc<Metrics>,
+    pub health: Arc<Health>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_needs_a_beat_a_sync_and_every_host_interface() {
+        let health = Health::new(Duration::from_secs(60));
+        health.beat();
+        assert!(health.liveness().ok);
+        let probe = health.readiness();
+        assert!(!probe.ok && probe.message.contains("sync"), "{probe:?}");
+        health.set_synced();
+        health.set_unattached_host_interfaces(vec!["eth0".into()]);
+        let probe = health.readiness();
+        assert!(!probe.ok && probe.message.contains("eth0"), "{probe:?}");
+        health.set_unattached_host_interfaces(Vec::new());
+        assert!(health.readiness().ok);
+    }
+
+    #[test]
+    fn a_loop_that_stops_turning_is_not_alive() {
+        let health = Health::new(Duration::from_millis(20));
+        health.beat();
+        health.set_synced();
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(!health.liveness().ok);
+        assert!(!health.readiness().ok, "not ready when not alive");
+        health.beat();
+        assert!(health.liveness().ok);
+    }
+
+    #[test]
+    fn rejections_count_once_per_object_and_reason() {
+        let metrics = Metrics::new();
+        let one = |name: &str, reason: &str| {
+            (
+                "Service".to_owned(),
+                format!("default/{name}"),
+                reason.to_owned(),
+            )
+        };
+        let first: BTreeSet<_> = [one("a", "invalid_port"), one("b", "invalid_port")].into();
+        metrics.record_rejections(&BTreeSet::new(), &first);
+        // The same objects again (a relist), then one fixed.
+        metrics.record_rejections(&first, &first);
+        let second: BTreeSet<_> = [one("a", "invalid_port")].into();
+        metrics.record_rejections(&first, &second);
+        let text = metrics.encode().unwrap();
+        assert!(
+            text.contains(
+                "weir_rejected_objects_total{kind=\"Service\",reason=\"invalid_port\"} 2"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "weir_rejected_objects_current{kind=\"Service\",reason=\"invalid_port\"} 1"
+            ),
+            "{text}"
+        );
+    }
+}

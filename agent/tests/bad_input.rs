@@ -1,0 +1,153 @@
+//! Bad input from the source costs only its own object: a clear log line, a metric with kind and
+//! reason, and every other object still reaches the real maps.
+
+mod common;
+
+use std::fmt::Write as _;
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+
+use common::*;
+use weir_agent::admission::Limits;
+use weir_agent::metrics::Metrics;
+use weir_agent::reconcile::Reconciler;
+
+fn service(name: &str, ip: &str, port: &str) -> String {
+    format!(
+        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\n\
+         spec: {{clusterIP: \"{ip}\", ports: [{{name: http, port: {port}}}]}}\n"
+    )
+}
+
+/// An EndpointSlice for `service` with `count` ready endpoints in 198.19.0.0/16.
+fn slice(name: &str, service: &str, count: u32) -> String {
+    let mut out = format!(
+        "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}\n  \
+         namespace: default\n  labels: {{kubernetes.io/service-name: {service}}}\n\
+         addressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints:\n"
+    );
+    for i in 0..count {
+        let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 19, 0, 1)) + i);
+        writeln!(out, "- addresses: [\"{ip}\"]").unwrap();
+    }
+    out
+}
+
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+fn rejected(metrics: &Metrics, kind: &str, reason: &str) -> Option<f64> {
+    sample(
+        &metrics.encode().unwrap(),
+        &format!("weir_rejected_objects_total{{kind=\"{kind}\",reason=\"{reason}\"}}"),
+    )
+}
+
+#[test]
+fn each_kind_of_bad_input_is_rejected_alone() {
+    let mut h = Harness::new(&[BACKEND]);
+    let metrics = Arc::new(Metrics::new());
+    h.reconciler = Reconciler::new(
+        Limits {
+            max_endpoints_per_service: 1000,
+            ..Limits::default()
+        },
+        Some(metrics.clone()),
+    );
+    let mut yaml = cluster_yaml(&[BACKEND, OTHER]);
+    yaml += &service("bad-ip", "198.18.100.999", "80");
+    yaml += &service("bad-port", "198.18.100.21", "70000");
+    yaml += &slice("orphan-1", "nobody", 2);
+    yaml += &service("huge", "198.18.100.22", "80");
+    yaml += &slice("huge-1", "huge", 3000);
+    yaml += &service("fine", "198.18.100.23", "80");
+    yaml += &slice("fine-1", "fine", 3);
+    let report = h.apply(&yaml);
+
+    assert_eq!(report.rejected_objects, 4, "{report:?}");
+    assert_eq!(rejected(&metrics, "Service", "invalid_address"), Some(1.0));
+    assert_eq!(rejected(&metrics, "Service", "invalid_port"), Some(1.0));
+    assert_eq!(
+        rejected(&metrics, "EndpointSlice", "unknown_service"),
+        Some(1.0)
+    );
+    assert_eq!(
+        rejected(&metrics, "Service", "too_many_endpoints"),
+        Some(1.0)
+    );
+    // echo (TCP 80, UDP 53), empty (81), fine (80), and huge without endpoints.
+    let frontends = h.dataplane.services.read().unwrap().services;
+    assert_eq!(frontends.len(), 5, "{frontends:?}");
+    let (verdict, out) = h.run(&tcp(
+        CLIENT,
+        40300,
+        "198.18.100.23".parse().unwrap(),
+        80,
+        "S",
+    ));
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(&out[30..33], &[198, 19, 0], "fine's backends answer");
+
+    // The same input again (a relist): nothing new is counted.
+    let again = h.apply(&yaml);
+    assert_eq!(again.writes, 0);
+    assert_eq!(rejected(&metrics, "Service", "invalid_port"), Some(1.0));
+}
+
+#[test]
+fn a_service_that_grows_past_its_limit_keeps_its_last_good_endpoints() {
+    let mut h = Harness::new(&[]);
+    h.reconciler = Reconciler::new(
+        Limits {
+            max_endpoints_per_service: 100,
+            ..Limits::default()
+        },
+        None,
+    );
+    let small = format!(
+        "{}{}",
+        service("grows", "198.18.100.30", "80"),
+        slice("grows-1", "grows", 3)
+    );
+    h.apply(&small);
+    let before = h.dataplane.services.read().unwrap();
+
+    let huge = format!(
+        "{}{}",
+        service("grows", "198.18.100.30", "80"),
+        slice("grows-1", "grows", 2000)
+    );
+    let report = h.apply(&huge);
+    assert_eq!(report.rejected_objects, 1);
+    assert_eq!(report.writes, 0, "the last good endpoints stay as they are");
+    assert_eq!(h.dataplane.services.read().unwrap(), before);
+}
+
+#[test]
+fn the_slot_table_is_never_overflowed() {
+    let mut h = Harness::new(&[]);
+    let metrics = Arc::new(Metrics::new());
+    h.reconciler = Reconciler::new(
+        Limits {
+            max_endpoints_per_service: 10_000,
+            slot_capacity: 50,
+        },
+        Some(metrics.clone()),
+    );
+    let yaml = [
+        service("big", "198.18.100.40", "80"),
+        slice("big-1", "big", 60),
+        service("small", "198.18.100.41", "80"),
+        slice("small-1", "small", 5),
+    ]
+    .concat();
+    let report = h.apply(&yaml);
+    assert_eq!(report.rejected_objects, 1);
+    assert_eq!(rejected(&metrics, "Service", "slot_capacity"), Some(1.0));
+    let state = h.dataplane.services.read().unwrap();
+    assert_eq!(state.slots.len(), 5, "small applies, big waits");
+}
