@@ -350,6 +350,29 @@ fn probes_hit_healthz_and_readyz_on_the_metrics_port_of_the_config() {
     assert_eq!(config["source"].as_str(), Some("kubernetes"));
 }
 
+#[test]
+fn config_map_is_a_valid_agent_config_once_the_node_name_is_added() {
+    use weir_agent::config::{ConfigLayer, SourceKind};
+    let m = load();
+    let text = m
+        .config_map
+        .data
+        .as_ref()
+        .and_then(|d| d.get("config.toml"))
+        .unwrap();
+    // The agent's own parser: unknown keys are errors there too.
+    let file: ConfigLayer = toml::from_str(text).unwrap_or_else(|e| panic!("config.toml: {e}"));
+    // What WEIR_NODE_NAME adds in the pod (the downward API).
+    let from_environment = ConfigLayer {
+        node_name: Some("node-1".into()),
+        ..Default::default()
+    };
+    let config = from_environment.over(file).finish().unwrap();
+    assert_eq!(config.source, SourceKind::Kubernetes);
+    assert_eq!(config.metrics_listen.port(), 9464);
+    assert!(config.pin_dir.starts_with("/sys/fs/bpf"));
+}
+
 fn agent_config_toml(config_map: &ConfigMap) -> toml::Table {
     let text = config_map
         .data
