@@ -142,7 +142,7 @@ let
     buildPhase = ''
       runHook preBuild
       cargo clippy --offline --all-targets -- -D warnings
-      touch $out
+      mkdir -p $out
       runHook postBuild
     '';
     installPhase = "true";

@@ -49,6 +49,8 @@ pub enum BuildError {
     },
     #[error("the program {path} is statically linked or has no interpreter; not supported")]
     NoInterpreter { path: PathBuf },
+    #[error("{path}: {reason}")]
+    BadLayout { path: PathBuf, reason: String },
     #[error("invalid tag {0:?}: use letters, digits, '_', '.', '-', at most 128, not starting with '.' or '-'")]
     BadTag(String),
 }
@@ -402,24 +404,24 @@ pub fn canonical_json<T: Serialize>(value: &T) -> Result<Vec<u8>, BuildError> {
             other => other,
         }
     }
-    let value = serde_json::to_value(value).map_err(|e| BuildError::Io {
-        action: "serializing",
-        path: PathBuf::from("(json)"),
-        source: e.into(),
-    })?;
-    serde_json::to_vec(&sort(value)).map_err(|e| BuildError::Io {
-        action: "serializing",
-        path: PathBuf::from("(json)"),
-        source: e.into(),
-    })
+    let serialize_error = |e: serde_json::Error| BuildError::BadLayout {
+        path: PathBuf::from("(a JSON document of the image)"),
+        reason: format!("serializing: {e}"),
+    };
+    let value = serde_json::to_value(value).map_err(serialize_error)?;
+    serde_json::to_vec(&sort(value)).map_err(serialize_error)
 }
 
 /// Reads back a layout's manifest for `tag`: what a push sends.
 pub fn read_layout(layout: &Path, tag: &str) -> Result<LayoutImage, BuildError> {
+    let bad = |path: &Path, reason: String| BuildError::BadLayout {
+        path: path.to_owned(),
+        reason,
+    };
     let index_path = layout.join("index.json");
-    let index: oci_spec::image::ImageIndex =
-        serde_json::from_slice(&fs::read(&index_path).map_err(io_error("reading", &index_path))?)
-            .map_err(|e| io_error("parsing", &index_path)(e.into()))?;
+    let index_bytes = fs::read(&index_path).map_err(io_error("reading", &index_path))?;
+    let index: oci_spec::image::ImageIndex = serde_json::from_slice(&index_bytes)
+        .map_err(|e| bad(&index_path, format!("not an OCI image index: {e}")))?;
     let descriptor = index
         .manifests()
         .iter()
@@ -429,41 +431,29 @@ pub fn read_layout(layout: &Path, tag: &str) -> Result<LayoutImage, BuildError> 
                 .and_then(|a| a.get(ANNOTATION_REF_NAME))
                 .is_some_and(|name| name == tag)
         })
-        .ok_or_else(|| BuildError::Io {
-            action: "finding the tag in",
-            path: index_path.clone(),
-            source: io::Error::new(io::ErrorKind::NotFound, format!("no manifest tagged {tag}")),
-        })?;
-    let manifest_digest: Digest =
-        descriptor
-            .digest()
+        .ok_or_else(|| bad(&index_path, format!("no manifest tagged {tag:?}")))?;
+    let digest_of = |d: &oci_spec::image::Descriptor, path: &Path| -> Result<Digest, BuildError> {
+        d.digest()
             .to_string()
             .parse()
-            .map_err(|e: crate::digest::BadDigest| {
-                io_error("parsing", &index_path)(io::Error::other(e))
-            })?;
+            .map_err(|e: crate::digest::BadDigest| bad(path, e.to_string()))
+    };
+    let manifest_digest = digest_of(descriptor, &index_path)?;
     let blob = |digest: &Digest| layout.join("blobs/sha256").join(digest.hex());
     let manifest_path = blob(&manifest_digest);
     let manifest_bytes = fs::read(&manifest_path).map_err(io_error("reading", &manifest_path))?;
     if Digest::of(&manifest_bytes) != manifest_digest {
-        return Err(io_error("verifying", &manifest_path)(io::Error::other(
-            "blob content does not match its digest",
-        )));
+        return Err(bad(
+            &manifest_path,
+            "blob content does not match its digest".into(),
+        ));
     }
     let manifest: ImageManifest = serde_json::from_slice(&manifest_bytes)
-        .map_err(|e| io_error("parsing", &manifest_path)(e.into()))?;
-    let mut blobs = vec![manifest.config().clone()];
-    blobs.extend(manifest.layers().iter().cloned());
-    let blobs = blobs
-        .into_iter()
+        .map_err(|e| bad(&manifest_path, format!("not an OCI image manifest: {e}")))?;
+    let blobs = std::iter::once(manifest.config())
+        .chain(manifest.layers())
         .map(|d| {
-            let digest: Digest =
-                d.digest()
-                    .to_string()
-                    .parse()
-                    .map_err(|e: crate::digest::BadDigest| {
-                        io_error("parsing", &manifest_path)(io::Error::other(e))
-                    })?;
+            let digest = digest_of(d, &manifest_path)?;
             Ok(LayoutBlob {
                 path: blob(&digest),
                 digest,
@@ -515,6 +505,34 @@ mod tests {
         for bad in ["", ".x", "-x", "a/b", "a:b", &"x".repeat(129)] {
             assert!(check_tag(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn reading_a_missing_tag_or_a_corrupt_manifest_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let built = build_layout(
+            &ImageRequest {
+                compression_level: 0,
+                ..ImageRequest::new("/bin/true", "t")
+            },
+            dir.path(),
+        )
+        .unwrap();
+        let error = read_layout(dir.path(), "other").unwrap_err();
+        assert!(
+            error.to_string().contains("no manifest tagged \"other\""),
+            "{error}"
+        );
+        std::fs::write(
+            dir.path().join("blobs/sha256").join(built.manifest.hex()),
+            b"{}",
+        )
+        .unwrap();
+        let error = read_layout(dir.path(), "t").unwrap_err();
+        assert!(
+            error.to_string().contains("does not match its digest"),
+            "{error}"
+        );
     }
 
     #[test]
