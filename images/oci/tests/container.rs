@@ -100,15 +100,18 @@ async fn run_agent_container(engine: &PrivateDockerd, work: &Path) -> Result<(),
     let config_dir = work.join("config");
     write_agent_config(&config_dir)?;
 
-    // Docker 20.10 knows neither CAP_BPF nor CAP_PERFMON, and `--privileged` fails here (the
-    // bounding set lacks CAP_SYS_RESOURCE): CAP_SYS_ADMIN stands in for both, as it does on
-    // kernels before 5.8. The default seccomp profile would refuse bpf().
-    // Docker pulls from 127.0.0.0/8 over plain HTTP without configuration.
+    // As in images/kubernetes/daemonset.yaml: every capability dropped, then only what the
+    // agent needs, on a read-only root filesystem. Docker 20.10 knows neither CAP_BPF nor
+    // CAP_PERFMON, and `--privileged` fails here (the bounding set lacks CAP_SYS_RESOURCE):
+    // CAP_SYS_ADMIN stands in for both, as it does on kernels before 5.8. Docker's default
+    // seccomp profile would refuse bpf(). Docker pulls from 127.0.0.0/8 over plain HTTP.
     let container = GenericImage::new(repository.as_str(), TAG)
         .with_wait_for(WaitFor::message_on_stderr("data plane loaded"))
         .with_exposed_port(METRICS_PORT.tcp())
+        .with_cap_drop("ALL")
         .with_cap_add("SYS_ADMIN")
         .with_cap_add("NET_ADMIN")
+        .with_readonly_rootfs(true)
         .with_security_opt("seccomp=unconfined")
         .with_mount(Mount::bind_mount(
             engine.bpffs.display().to_string(),
