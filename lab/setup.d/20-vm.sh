@@ -1,0 +1,30 @@
+# The VM lab (weir-lab --backend qemu, weir-lab matrix): guest workloads, virtiofsd, and the first
+# download of QEMU and the default kernel. Sourced by lab/setup.sh; idempotent.
+
+VM_APT_PACKAGES=(
+  # Guest workloads copied into the node image with their libraries.
+  qperf
+  # Building virtiofsd from crates.io, fetching and unpacking Debian packages, module deps.
+  libcap-ng-dev libseccomp-dev debian-archive-keyring xz-utils kmod
+)
+vm_need=()
+for p in "${VM_APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || vm_need+=("$p")
+done
+if ((${#vm_need[@]})); then
+  say "installing Debian packages for the VM lab: ${vm_need[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq || say "apt-get update reported errors; installing anyway"
+  apt-get install -y -qq --no-install-recommends "${vm_need[@]}" >/dev/null
+else
+  say "VM lab Debian packages present"
+fi
+
+# Debian bookworm's virtiofsd is too old for QEMU 10's vhost-user-fs and trixie's needs a newer
+# glibc: build the crate (about 3 minutes, once).
+if ! virtiofsd --version 2>/dev/null | grep -q '1\.14\.'; then
+  say "building virtiofsd 1.14 from crates.io (about 3 minutes, once)"
+  nice -n 10 cargo install virtiofsd --version '~1.14' --locked --quiet
+else
+  say "virtiofsd present"
+fi
