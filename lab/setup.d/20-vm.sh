@@ -6,6 +6,11 @@ VM_APT_PACKAGES=(
   qperf
   # Building virtiofsd from crates.io, fetching and unpacking Debian packages, module deps.
   libcap-ng-dev libseccomp-dev debian-archive-keyring xz-utils kmod
+  # Shared libraries of QEMU 10 from bookworm-backports, which the lab unpacks with dpkg -x
+  # (not installed, so apt does not pull these in): all of them are in plain bookworm.
+  libaio1 libbpf1 libcapstone4 libfdt1 libfuse3-3 libglib2.0-0 libgmp10 libgnutls30 libibverbs1
+  libjpeg62-turbo libnettle8 libnuma1 libpixman-1-0 libpmem1 libpng16-16 librdmacm1 libsasl2-2
+  libseccomp2 libslirp0 libudev1 liburing2 libvdeplug2 libzstd1 zlib1g libcap-ng0
 )
 vm_need=()
 for p in "${VM_APT_PACKAGES[@]}"; do

@@ -7,7 +7,8 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
-use weir_lab::backend::BackendKind;
+use weir_lab::backend::qemu::{self, QemuBackend};
+use weir_lab::backend::{Backend, BackendKind};
 use weir_lab::events::Events;
 use weir_lab::report::{JsonReporter, TerminalReporter};
 use weir_lab::runner::{self, RunOptions, ScenarioFile};
@@ -147,7 +148,18 @@ fn run(cli: Cli) -> Result<bool> {
     let mut events = Events::new()
         .with(TerminalReporter::stdout())
         .with(JsonReporter::new(report_path.clone()));
-    let tally = runner::run_all(&files, &opts, &mut events);
+    let tally = match opts.backend {
+        // The VMs see the agent through a share of its directory: give them this one.
+        BackendKind::Qemu => {
+            let backend: Box<dyn Backend> =
+                match QemuBackend::from_defaults_with_agent(Some(&opts.agent)) {
+                    Ok(b) => Box::new(b),
+                    Err(e) => Box::new(qemu::Unavailable(e.to_string())),
+                };
+            runner::run_all_with(&files, &opts, backend.as_ref(), &mut events)
+        }
+        BackendKind::Netns => runner::run_all(&files, &opts, &mut events),
+    };
     events
         .finish()
         .with_context(|| format!("writing {}", report_path.display()))?;

@@ -19,8 +19,8 @@ use crate::cpio::CpioWriter;
 use crate::ImageError;
 
 /// Where the init finds the modules to load and their order.
-pub const MODULE_DIR: &str = "/lib/modules/weir";
-pub const MODULE_ORDER: &str = "/lib/modules/weir/order";
+pub const MODULE_DIR: &str = "/usr/lib/modules/weir";
+pub const MODULE_ORDER: &str = "/usr/lib/modules/weir/order";
 
 #[derive(Clone, Debug)]
 enum Entry {
@@ -163,7 +163,16 @@ impl ImageBuilder {
         let tmp = out.with_extension("tmp");
         let file = File::create(&tmp).map_err(io(format!("creating {}", tmp.display())))?;
         let mut w = CpioWriter::new(BufWriter::new(file));
-        for (path, entry) in &self.entries {
+        // Directories first, links last: the kernel creates entries in archive order, and a
+        // link written before its target's directory exists would dangle while unpacking.
+        let rank = |e: &Entry| match e {
+            Entry::Dir => 0,
+            Entry::Symlink(_) => 2,
+            _ => 1,
+        };
+        let mut ordered: Vec<(&String, &Entry)> = self.entries.iter().collect();
+        ordered.sort_by_key(|(p, e)| (rank(e), p.as_str()));
+        for (path, entry) in ordered {
             match entry {
                 Entry::Dir => w.dir(path, 0o755),
                 Entry::Symlink(t) => w.symlink(path, t),

@@ -5,6 +5,7 @@
 //! namespace inside it, and files live on a folder shared with the guests at the same path.
 
 pub mod netns;
+pub mod qemu;
 
 use std::fmt;
 use std::path::Path;
@@ -193,12 +194,18 @@ pub trait Backend {
 pub enum BackendKind {
     /// Network namespaces on the host kernel: fast, no VMs.
     Netns,
+    /// One QEMU VM per node ($WEIR_LAB_KERNEL of kernels/matrix.toml, default debian-6.1).
+    Qemu,
 }
 
 impl BackendKind {
     pub fn instantiate(self) -> Box<dyn Backend> {
         match self {
             BackendKind::Netns => Box::new(netns::NetnsBackend::new()),
+            BackendKind::Qemu => match qemu::QemuBackend::from_defaults() {
+                Ok(b) => Box::new(b),
+                Err(e) => Box::new(qemu::Unavailable(e.to_string())),
+            },
         }
     }
 }
@@ -207,6 +214,7 @@ impl fmt::Display for BackendKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             BackendKind::Netns => f.write_str("netns"),
+            BackendKind::Qemu => f.write_str("qemu"),
         }
     }
 }
