@@ -277,7 +277,8 @@ impl ScenarioRun<'_> {
         let ports = workloads::pod_ports(scenario, &plan);
         let lab = self.lab.as_deref_mut().expect("lab built above");
         let (nginx, udp) = workloads::start(lab, &plan, &ports, &self.run_dir)?;
-        workloads::wait_listening(lab, &plan, &ports, LISTEN_TIMEOUT, &self.run_dir)
+        let listen_timeout = LISTEN_TIMEOUT * lab.slowdown();
+        workloads::wait_listening(lab, &plan, &ports, listen_timeout, &self.run_dir)
             .map_err(RunError::Setup)?;
         self.step(
             format!("workloads listening: {nginx} nginx, {udp} udp echo"),
@@ -310,7 +311,8 @@ impl ScenarioRun<'_> {
             )?;
             let agents = self.agents.insert(agents);
             let expected = agent::expected_frontends(scenario, &endpoints);
-            agent::wait_ready(lab, agents, &expected, scenario.agent.ready_timeout)
+            let ready_timeout = scenario.agent.ready_timeout * lab.slowdown();
+            agent::wait_ready(lab, agents, &expected, ready_timeout)
                 .map_err(RunError::Setup)?;
             self.step(
                 format!(

@@ -159,6 +159,12 @@ pub trait Lab {
     /// Stops every process and removes every host. Idempotent.
     fn teardown(&mut self) -> Result<(), BackendError>;
 
+    /// How many times slower than the host's own kernel this lab runs programs (emulated
+    /// CPUs): readiness waits written for namespaces are stretched by it. Checks keep theirs.
+    fn slowdown(&self) -> u32 {
+        1
+    }
+
     /// [`Lab::exec`] that fails unless the command exits 0.
     fn exec_ok(
         &mut self,

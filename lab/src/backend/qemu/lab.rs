@@ -32,6 +32,8 @@ const CHANNEL_SLACK: Duration = Duration::from_secs(15);
 const STOP_GRACE: Duration = Duration::from_secs(3);
 const STATUS_TIMEOUT: Duration = Duration::from_secs(20);
 
+const TCG_SLOWDOWN: u32 = 4;
+
 static LAB_SEQ: AtomicU32 = AtomicU32::new(0);
 
 enum Proc {
@@ -537,6 +539,14 @@ impl Lab for QemuLab {
             Reply::Done => Ok(()),
             Reply::Error { message } => Err(io(std::io::Error::other(message))),
             other => Err(unexpected(&host.to_string(), other)),
+        }
+    }
+
+    /// TCG runs guest code several times slower than the host (more on a busy host).
+    fn slowdown(&self) -> u32 {
+        match self.setup.accel {
+            super::Accel::Kvm => 1,
+            super::Accel::Tcg => TCG_SLOWDOWN,
         }
     }
 

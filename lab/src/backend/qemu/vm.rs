@@ -136,8 +136,15 @@ impl Vm {
             let mut cmd = Command::new(spec.virtiofsd);
             cmd.arg(format!("--socket-path={}", sock.display()))
                 .arg(format!("--shared-dir={}", share.path.display()))
-                // The host writes files the guest must see at once (agent state, configs).
-                .arg("--cache=never")
+                // The host writes files in the run directory that the guest must see at once
+                // (agent state, configs): no caching there. The read-only share holds the
+                // agent binary, which does not change while a VM lives and is executed again
+                // for every `dump`: cache it for good.
+                .arg(if share.read_only {
+                    "--cache=always"
+                } else {
+                    "--cache=never"
+                })
                 .arg("--log-level=warn")
                 .stdin(Stdio::null())
                 .stdout(log_file.try_clone().map_err(|e| err(e.to_string()))?)
