@@ -96,6 +96,9 @@ impl Server {
             Op::WriteFile { path, contents } => write_atomically(Path::new(&path), &contents)
                 .map(|()| Reply::Done)
                 .map_err(|e| format!("writing {path}: {e}")),
+            Op::Probe => Ok(Reply::Probe {
+                features: crate::probe::probe(),
+            }),
             Op::Poweroff => Ok(Reply::Done),
         };
         result.unwrap_or_else(|message| Reply::Error { message })

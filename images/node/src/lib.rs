@@ -11,6 +11,7 @@
 pub mod cpio;
 pub mod guest;
 pub mod image;
+pub mod probe;
 pub mod proto;
 pub mod sys;
 

@@ -41,8 +41,60 @@ pub enum Op {
     Stop { pid: u32, grace_ms: u64 },
     /// Writes a file atomically (aside, then rename).
     WriteFile { path: String, contents: String },
+    /// Probes what the kernel offers Weir (see [`Features`]).
+    Probe,
     /// Syncs and powers the VM off.
     Poweroff,
+}
+
+/// One probed feature.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Feature {
+    pub name: String,
+    pub available: bool,
+    /// Why not, when not available.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub detail: String,
+}
+
+/// What a kernel offers Weir.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Features {
+    pub release: String,
+    pub btf: Feature,
+    pub jit: Feature,
+    pub tc_program: Feature,
+    /// TCX links; without them the agent attaches through a clsact qdisc.
+    pub tcx: Feature,
+    pub helpers: Vec<Feature>,
+    pub maps: Vec<Feature>,
+    pub modules: Vec<Feature>,
+}
+
+impl Features {
+    /// How the agent attaches its programs on this kernel.
+    pub fn attach_mode(&self) -> &'static str {
+        if self.tcx.available {
+            "tcx"
+        } else {
+            "clsact"
+        }
+    }
+
+    /// Features Weir cannot run without (TCX and tunnel modules have fallbacks or only
+    /// matter to some scenarios).
+    pub fn missing_required(&self) -> Vec<&Feature> {
+        [&self.btf, &self.tc_program]
+            .into_iter()
+            .chain(&self.helpers)
+            .chain(&self.maps)
+            .filter(|f| !f.available)
+            .collect()
+    }
+
+    pub fn has_module(&self, name: &str) -> bool {
+        self.modules.iter().any(|m| m.name == name && m.available)
+    }
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -92,6 +144,9 @@ pub enum Reply {
         exited: Option<String>,
     },
     Done,
+    Probe {
+        features: Features,
+    },
     Error {
         message: String,
     },

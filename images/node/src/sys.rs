@@ -149,3 +149,130 @@ pub fn uptime_ms() -> u64 {
         .and_then(|t| t.split_whitespace().next()?.parse::<f64>().ok())
         .map_or(0, |s| (s * 1000.0) as u64)
 }
+
+/// One eBPF instruction (`struct bpf_insn`).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct BpfInsn {
+    pub code: u8,
+    /// dst_reg in the low nibble, src_reg in the high one.
+    pub regs: u8,
+    pub off: i16,
+    pub imm: i32,
+}
+
+/// The leading fields of `union bpf_attr` for BPF_PROG_LOAD (the rest stays zero).
+#[repr(C)]
+#[derive(Default)]
+struct ProgLoadAttr {
+    prog_type: u32,
+    insn_cnt: u32,
+    insns: u64,
+    license: u64,
+    log_level: u32,
+    log_size: u32,
+    log_buf: u64,
+    kern_version: u32,
+    prog_flags: u32,
+    prog_name: [u8; 16],
+    prog_ifindex: u32,
+    expected_attach_type: u32,
+    /// Room for the fields newer kernels read; they must be zero.
+    _rest: [u64; 12],
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct MapCreateAttr {
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    map_flags: u32,
+    _rest: [u64; 12],
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct LinkCreateAttr {
+    prog_fd: u32,
+    target_ifindex: u32,
+    attach_type: u32,
+    flags: u32,
+    _rest: [u64; 8],
+}
+
+const BPF_MAP_CREATE: libc::c_long = 0;
+const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_LINK_CREATE: libc::c_long = 28;
+
+fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: `attr` is a properly laid out, zero-padded bpf_attr prefix of the size passed;
+    // the kernel reads (and for logs writes through pointers set up by the caller) only that.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *mut T as *mut libc::c_void,
+            std::mem::size_of::<T>(),
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a non-negative return of these commands is a new fd that we now own.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(rc as RawFd) })
+}
+
+/// Loads a program; on failure returns the error and the verifier's log.
+pub fn bpf_prog_load(
+    prog_type: u32,
+    expected_attach_type: u32,
+    insns: &[BpfInsn],
+) -> Result<std::os::fd::OwnedFd, (io::Error, String)> {
+    let license = b"GPL\0";
+    let mut log = vec![0u8; 1 << 16];
+    let mut attr = ProgLoadAttr {
+        prog_type,
+        insn_cnt: insns.len() as u32,
+        insns: insns.as_ptr() as u64,
+        license: license.as_ptr() as u64,
+        log_level: 1,
+        log_size: log.len() as u32,
+        log_buf: log.as_mut_ptr() as u64,
+        expected_attach_type,
+        ..ProgLoadAttr::default()
+    };
+    bpf(BPF_PROG_LOAD, &mut attr).map_err(|e| {
+        let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
+        (e, String::from_utf8_lossy(&log[..end]).into_owned())
+    })
+}
+
+pub fn bpf_map_create(map_type: u32, key: u32, value: u32, entries: u32, flags: u32) -> io::Result<()> {
+    let mut attr = MapCreateAttr {
+        map_type,
+        key_size: key,
+        value_size: value,
+        max_entries: entries,
+        map_flags: flags,
+        ..MapCreateAttr::default()
+    };
+    bpf(BPF_MAP_CREATE, &mut attr).map(drop)
+}
+
+/// Creates (and at once drops, which detaches) a BPF link of `attach_type` on `ifindex`.
+pub fn bpf_link_create(
+    prog: &std::os::fd::OwnedFd,
+    ifindex: u32,
+    attach_type: u32,
+) -> io::Result<()> {
+    let mut attr = LinkCreateAttr {
+        prog_fd: prog.as_raw_fd() as u32,
+        target_ifindex: ifindex,
+        attach_type,
+        ..LinkCreateAttr::default()
+    };
+    bpf(BPF_LINK_CREATE, &mut attr).map(drop)
+}

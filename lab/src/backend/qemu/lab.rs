@@ -270,6 +270,18 @@ impl QemuLab {
         s
     }
 
+    /// What node `n`'s kernel offers Weir, probed from inside the VM.
+    pub fn probe(&mut self, n: u8) -> Result<proto::Features, BackendError> {
+        match self
+            .vm(n)?
+            .request(Op::Probe, Duration::from_secs(30) * TCG_SLOWDOWN)
+            .map_err(vm_err)?
+        {
+            Reply::Probe { features } => Ok(features),
+            other => Err(unexpected(&format!("node{n}"), other)),
+        }
+    }
+
     fn vm(&mut self, n: u8) -> Result<&mut Vm, BackendError> {
         self.vms
             .get_mut(&n)

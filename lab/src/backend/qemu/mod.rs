@@ -229,6 +229,20 @@ impl QemuBackend {
     }
 }
 
+/// Boots one VM on `setup`'s kernel and probes what it offers; returns the features and the
+/// boot wall time (QEMU start to the init's first answer).
+pub fn probe_kernel(
+    setup: Arc<VmSetup>,
+    work_dir: &Path,
+) -> Result<(weir_node_image::proto::Features, Duration), BackendError> {
+    let plan = Plan::new(1, 0, 0, 1500);
+    let mut lab = lab::QemuLab::create(setup, &plan, work_dir)?;
+    let boot = lab.boot_times.get(&1).copied().unwrap_or_default();
+    let features = lab.probe(1);
+    let _ = lab.teardown();
+    Ok((features?, boot))
+}
+
 /// kernels/matrix.toml in the current directory or an ancestor, or next to the executable's
 /// workspace.
 pub fn matrix_file() -> Option<PathBuf> {

@@ -1,0 +1,454 @@
+//! The throughput scenario: qperf `tcp_bw` and `tcp_lat` from a pod on node 1 to a pod on
+//! node 2, directly (pod to pod) and through a ClusterIP, with plain routing (no agent) and with
+//! Weir, at each MTU asked for, on whatever backend the caller gives. CPU cost is the guests'
+//! busy time (from /proc/stat on both nodes) per GB sent.
+//!
+//! Absolute numbers under TCG mean little; what the report shows are ratios of measurements
+//! taken in the same lab, one after the other: Weir against plain routing on the same path.
+//! An iptables kube-proxy emulation joins through [`ProxyHook`] once it lands.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::agent;
+use crate::backend::{Backend, Cmd, Lab};
+use crate::k8s;
+use crate::scenario::Scenario;
+use crate::topology::{HostId, Plan};
+
+pub const CLUSTER_IP: &str = "198.18.100.20";
+const CONTROL_PORT: u16 = 19765;
+const DATA_PORT: u16 = 19766;
+const CLIENT: HostId = HostId::Pod { node: 1, index: 0 };
+const SERVER: HostId = HostId::Pod { node: 2, index: 0 };
+
+/// How service traffic is handled in a measurement.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// No agent: the pods' routes only (the ClusterIP path does not exist here).
+    Routing,
+    Weir,
+    /// An iptables kube-proxy emulation (see [`ProxyHook`]).
+    KubeProxyIptables,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Route {
+    PodToPod,
+    ClusterIp,
+}
+
+/// One measurement, or why it was skipped.
+#[derive(Clone, Debug, Serialize)]
+pub struct Measurement {
+    pub route: Route,
+    pub mode: Mode,
+    pub mtu: u32,
+    pub bandwidth_gbps: Option<f64>,
+    pub latency_us: Option<f64>,
+    /// Guest CPU seconds (both nodes, busy time) per GB sent during tcp_bw.
+    pub cpu_s_per_gb: Option<f64>,
+    pub skipped: Option<String>,
+}
+
+/// Installs an alternative service proxy on every node for the ClusterIP, or says why it
+/// cannot. The iptables kube-proxy emulation (lab/src/kube_proxy.rs, being written on the
+/// scale-bench branch) plugs in here: it gets the lab, the plan, the ClusterIP and the
+/// (port, endpoint ip, target port) triples.
+pub type ProxyHook =
+    fn(&mut dyn Lab, &Plan, &str, &[(u16, String, u16)]) -> Result<(), String>;
+
+/// The hook until the emulation lands: every kube-proxy measurement is skipped with this.
+pub fn kube_proxy_not_available(
+    _: &mut dyn Lab,
+    _: &Plan,
+    _: &str,
+    _: &[(u16, String, u16)],
+) -> Result<(), String> {
+    Err("the iptables kube-proxy emulation has not landed yet (branch scale-bench)".into())
+}
+
+#[derive(Clone, Debug)]
+pub struct ThroughputOptions {
+    pub mtus: Vec<u32>,
+    /// qperf's -t per test.
+    pub seconds: u32,
+    pub agent: std::path::PathBuf,
+    pub kube_proxy: ProxyHook,
+}
+
+fn scenario_text(mtu: u32) -> String {
+    format!(
+        r#"name = "throughput-{mtu}"
+description = "qperf pod to pod and through a ClusterIP"
+[topology]
+nodes = 2
+pods_per_node = 1
+mtu = {mtu}
+[[pods]]
+match = "n2p0"
+labels = {{ app = "qperf" }}
+[[services]]
+name = "qperf"
+cluster_ip = "{CLUSTER_IP}"
+selector = {{ app = "qperf" }}
+ports = [
+  {{ name = "control", protocol = "TCP", port = {CONTROL_PORT}, target_port = {CONTROL_PORT} }},
+  {{ name = "data", protocol = "TCP", port = {DATA_PORT}, target_port = {DATA_PORT} }},
+]
+"#
+    )
+}
+
+/// Runs the measurements for every MTU on `backend`; one lab per MTU.
+pub fn run(
+    backend: &dyn Backend,
+    opts: &ThroughputOptions,
+    work_dir: &Path,
+    progress: &mut dyn FnMut(&str),
+) -> Vec<Measurement> {
+    let mut out = Vec::new();
+    for &mtu in &opts.mtus {
+        let dir = work_dir.join(format!("throughput-{mtu}"));
+        match run_mtu(backend, opts, mtu, &dir, progress) {
+            Ok(m) => out.extend(m),
+            Err(why) => {
+                progress(&format!("throughput at mtu {mtu}: {why}"));
+                for (route, mode) in [
+                    (Route::PodToPod, Mode::Routing),
+                    (Route::PodToPod, Mode::Weir),
+                    (Route::ClusterIp, Mode::Weir),
+                    (Route::ClusterIp, Mode::KubeProxyIptables),
+                ] {
+                    out.push(skipped(route, mode, mtu, &why));
+                }
+            }
+        }
+    }
+    out
+}
+
+fn skipped(route: Route, mode: Mode, mtu: u32, why: &str) -> Measurement {
+    Measurement {
+        route,
+        mode,
+        mtu,
+        bandwidth_gbps: None,
+        latency_us: None,
+        cpu_s_per_gb: None,
+        skipped: Some(why.to_owned()),
+    }
+}
+
+fn run_mtu(
+    backend: &dyn Backend,
+    opts: &ThroughputOptions,
+    mtu: u32,
+    dir: &Path,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Vec<Measurement>, String> {
+    let scenario = Scenario::parse(&scenario_text(mtu), Path::new("throughput.toml"))
+        .map_err(|e| e.to_string())?;
+    let plan = scenario.plan();
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let started = Instant::now();
+    let mut lab = backend.create(&plan, dir).map_err(|e| e.to_string())?;
+    progress(&format!(
+        "throughput mtu {mtu}: lab up in {:.1} s",
+        started.elapsed().as_secs_f64()
+    ));
+    let result = measure_all(lab.as_mut(), &scenario, &plan, opts, mtu, dir, progress);
+    let _ = lab.teardown();
+    result
+}
+
+fn measure_all(
+    lab: &mut dyn Lab,
+    scenario: &Scenario,
+    plan: &Plan,
+    opts: &ThroughputOptions,
+    mtu: u32,
+    dir: &Path,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Vec<Measurement>, String> {
+    let server_ip = plan.ip(SERVER).ok_or("no server pod")?.to_string();
+    lab.spawn(SERVER, &Cmd::new("qperf"), &dir.join("qperf-server.log"))
+        .map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    let mut m = measure(lab, plan, &server_ip, opts, progress, "routing pod-to-pod")?;
+    m.route = Route::PodToPod;
+    m.mode = Mode::Routing;
+    m.mtu = mtu;
+    out.push(m);
+
+    let run_id = format!("throughput-{mtu}-{}", std::process::id());
+    let agents = agent::start(lab, scenario, plan, &opts.agent, dir, &run_id)
+        .map_err(|e| e.to_string())?;
+    let labels = k8s::pod_labels(scenario, plan);
+    let endpoints: BTreeMap<String, Vec<String>> = scenario
+        .services
+        .iter()
+        .map(|s| {
+            let pods = k8s::endpoints(s, plan, &labels);
+            (s.name.clone(), pods.iter().map(|p| p.name.clone()).collect())
+        })
+        .collect();
+    let expected = agent::expected_frontends(scenario, &endpoints);
+    let ready = scenario.agent.ready_timeout * lab.slowdown();
+    agent::wait_ready(lab, &agents, &expected, ready)?;
+    for (route, target, label) in [
+        (Route::PodToPod, server_ip.as_str(), "weir pod-to-pod"),
+        (Route::ClusterIp, CLUSTER_IP, "weir clusterip"),
+    ] {
+        let mut m = measure(lab, plan, target, opts, progress, label)?;
+        m.route = route;
+        m.mode = Mode::Weir;
+        m.mtu = mtu;
+        out.push(m);
+    }
+    for a in &agents.nodes {
+        let _ = lab.stop(a.proc);
+    }
+    // On the namespace backend the pins live in the lab's own bpffs; VMs take theirs along.
+    let _ = std::fs::remove_dir_all(&agents.pin_root);
+
+    let triples = [
+        (CONTROL_PORT, server_ip.clone(), CONTROL_PORT),
+        (DATA_PORT, server_ip.clone(), DATA_PORT),
+    ];
+    match (opts.kube_proxy)(lab, plan, CLUSTER_IP, &triples) {
+        Ok(()) => {
+            let mut m = measure(lab, plan, CLUSTER_IP, opts, progress, "kube-proxy clusterip")?;
+            m.route = Route::ClusterIp;
+            m.mode = Mode::KubeProxyIptables;
+            m.mtu = mtu;
+            out.push(m);
+        }
+        Err(why) => out.push(skipped(Route::ClusterIp, Mode::KubeProxyIptables, mtu, &why)),
+    }
+    Ok(out)
+}
+
+/// Busy jiffies (USER_HZ) of a host's kernel, all CPUs, from /proc/stat's first line.
+fn busy_jiffies(lab: &mut dyn Lab, host: HostId) -> Result<u64, String> {
+    let out = lab
+        .exec_ok(host, &Cmd::new("cat").arg("/proc/stat"), Duration::from_secs(10))
+        .map_err(|e| e.to_string())?;
+    parse_busy(&out.stdout).ok_or_else(|| "unreadable /proc/stat".into())
+}
+
+fn parse_busy(stat: &str) -> Option<u64> {
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal ...: busy is all but idle and iowait.
+    let total: u64 = v.iter().take(8).sum();
+    Some(total - v.get(3)? - v.get(4).copied().unwrap_or(0))
+}
+
+fn measure(
+    lab: &mut dyn Lab,
+    plan: &Plan,
+    target: &str,
+    opts: &ThroughputOptions,
+    progress: &mut dyn FnMut(&str),
+    label: &str,
+) -> Result<Measurement, String> {
+    let nodes: Vec<HostId> = plan.nodes.iter().map(|n| n.id).collect();
+    let timeout = Duration::from_secs(u64::from(opts.seconds) * 2 + 60) * lab.slowdown();
+    let qperf = |test: &str| {
+        Cmd::new("qperf")
+            .arg("-t")
+            .arg(opts.seconds.to_string())
+            .arg("-to")
+            .arg("30")
+            .arg("-ip")
+            .arg(DATA_PORT.to_string())
+            .arg("-vvs")
+            .arg(target)
+            .arg(test)
+    };
+    // The server may still be starting: retry the first contact for a while.
+    let deadline = Instant::now() + Duration::from_secs(20) * lab.slowdown();
+    let before: Vec<u64> = nodes
+        .iter()
+        .map(|n| busy_jiffies(lab, *n))
+        .collect::<Result<_, _>>()?;
+    let bw_out = loop {
+        let out = lab
+            .exec(CLIENT, &qperf("tcp_bw"), timeout)
+            .map_err(|e| e.to_string())?;
+        if out.success() && out.stdout.contains("bw") {
+            break out;
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "{label}: qperf tcp_bw failed ({}): {}",
+                out.status(),
+                crate::backend::tail(&format!("{}{}", out.stdout, out.stderr), 4)
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let after: Vec<u64> = nodes
+        .iter()
+        .map(|n| busy_jiffies(lab, *n))
+        .collect::<Result<_, _>>()?;
+    let lat_out = lab
+        .exec_ok(CLIENT, &qperf("tcp_lat"), timeout)
+        .map_err(|e| format!("{label}: qperf tcp_lat: {e}"))?;
+    let report = parse_qperf(&bw_out.stdout);
+    let lat = parse_qperf(&lat_out.stdout);
+    let bw = report.get("bw").copied();
+    let sent = report.get("send_bytes").copied();
+    let busy_s: f64 = before
+        .iter()
+        .zip(&after)
+        .map(|(b, a)| a.saturating_sub(*b) as f64 / 100.0)
+        .sum();
+    let cpu_s_per_gb = sent.filter(|s| *s > 0.0).map(|s| busy_s / (s / 1e9));
+    let m = Measurement {
+        route: Route::PodToPod,
+        mode: Mode::Routing,
+        mtu: plan.mtu,
+        bandwidth_gbps: bw.map(|b| b * 8.0 / 1e9),
+        latency_us: lat.get("latency").map(|s| s * 1e6),
+        cpu_s_per_gb,
+        skipped: None,
+    };
+    progress(&format!(
+        "{label} mtu {}: {:.2} Gb/s, {:.0} us, {:.1} CPU s/GB",
+        plan.mtu,
+        m.bandwidth_gbps.unwrap_or(0.0),
+        m.latency_us.unwrap_or(0.0),
+        m.cpu_s_per_gb.unwrap_or(0.0)
+    ));
+    Ok(m)
+}
+
+/// qperf's `-vvs` output as numbers in base units: bytes/s for rates, bytes, seconds.
+pub fn parse_qperf(text: &str) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    for line in text.lines() {
+        let Some((key, value)) = line.split_once('=') else {
+            continue;
+        };
+        let mut words = value.split_whitespace();
+        let Some(number) = words.next().and_then(|n| n.replace(',', "").parse::<f64>().ok())
+        else {
+            continue;
+        };
+        let unit = words.next().unwrap_or("");
+        let scale = match unit.split('/').next().unwrap_or("") {
+            "GB" => 1e9,
+            "MB" => 1e6,
+            "KB" => 1e3,
+            "K" => 1e3,
+            "M" => 1e6,
+            "ns" => 1e-9,
+            "us" => 1e-6,
+            "ms" => 1e-3,
+            _ => 1.0,
+        };
+        out.insert(key.trim().to_owned(), number * scale);
+    }
+    out
+}
+
+/// Weir against plain routing (bandwidth and latency) for every path and MTU measured.
+#[derive(Clone, Debug, Serialize)]
+pub struct Ratio {
+    pub route: Route,
+    pub mode: Mode,
+    pub mtu: u32,
+    /// Bandwidth of this mode over routing pod-to-pod (1.0 = as fast).
+    pub bandwidth: Option<f64>,
+    /// Latency of this mode over routing pod-to-pod (1.0 = as quick).
+    pub latency: Option<f64>,
+    pub cpu_per_gb: Option<f64>,
+}
+
+pub fn ratios(ms: &[Measurement]) -> Vec<Ratio> {
+    let base = |mtu: u32| {
+        ms.iter()
+            .find(|m| m.mtu == mtu && m.mode == Mode::Routing && m.skipped.is_none())
+    };
+    ms.iter()
+        .filter(|m| m.mode != Mode::Routing && m.skipped.is_none())
+        .filter_map(|m| {
+            let b = base(m.mtu)?;
+            let div = |x: Option<f64>, y: Option<f64>| match (x, y) {
+                (Some(x), Some(y)) if y > 0.0 => Some(x / y),
+                _ => None,
+            };
+            Some(Ratio {
+                route: m.route,
+                mode: m.mode,
+                mtu: m.mtu,
+                bandwidth: div(m.bandwidth_gbps, b.bandwidth_gbps),
+                latency: div(m.latency_us, b.latency_us),
+                cpu_per_gb: div(m.cpu_s_per_gb, b.cpu_s_per_gb),
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qperf_output() {
+        let text = "tcp_bw:\n    bw          =    2.16 GB/sec\n    msg_rate    =      33 K/sec\n    send_bytes  =    4.33 GB\n    send_msgs   =  66,079 \ntcp_lat:\n    latency   =  14.5 us\n";
+        let v = parse_qperf(text);
+        assert_eq!(v["bw"], 2.16e9);
+        assert_eq!(v["send_bytes"], 4.33e9);
+        assert_eq!(v["send_msgs"], 66079.0);
+        assert!((v["latency"] - 14.5e-6).abs() < 1e-12);
+        let v = parse_qperf("    bw  =  310 MB/sec\n    latency = 1.2 ms\n");
+        assert_eq!(v["bw"], 310e6);
+        assert!((v["latency"] - 1.2e-3).abs() < 1e-12);
+    }
+
+    #[test]
+    fn proc_stat_busy_time() {
+        let stat = "cpu  100 5 50 1000 20 3 2 0 0 0\ncpu0 100 5 50 1000 20 3 2 0 0 0\n";
+        assert_eq!(parse_busy(stat), Some(160));
+    }
+
+    #[test]
+    fn the_throughput_scenario_is_valid() {
+        let s = Scenario::parse(&scenario_text(1440), Path::new("t.toml")).unwrap();
+        assert_eq!(s.plan().mtu, 1440);
+        assert_eq!(s.services.len(), 1);
+    }
+
+    #[test]
+    fn ratios_against_routing() {
+        let m = |route, mode, bw, lat| Measurement {
+            route,
+            mode,
+            mtu: 1440,
+            bandwidth_gbps: Some(bw),
+            latency_us: Some(lat),
+            cpu_s_per_gb: Some(2.0),
+            skipped: None,
+        };
+        let ms = vec![
+            m(Route::PodToPod, Mode::Routing, 2.0, 100.0),
+            m(Route::ClusterIp, Mode::Weir, 1.8, 110.0),
+        ];
+        let r = ratios(&ms);
+        assert_eq!(r.len(), 1);
+        assert!((r[0].bandwidth.unwrap() - 0.9).abs() < 1e-9);
+        assert!((r[0].latency.unwrap() - 1.1).abs() < 1e-9);
+    }
+}
