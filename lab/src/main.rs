@@ -100,6 +100,9 @@ struct MatrixArgs {
     /// Seconds per qperf test.
     #[arg(long, default_value_t = 5)]
     qperf_seconds: u32,
+    /// Alternating plain-routing/Weir rounds per MTU (medians are reported).
+    #[arg(long, default_value_t = 2)]
+    rounds: u32,
     /// Leave checksum and segmentation offloads on for the VMs' NICs (off by default, so
     /// frames are of the MTU under test rather than 64 KB segments).
     #[arg(long)]
@@ -349,6 +352,7 @@ fn run_matrix(args: MatrixArgs, cwd: &Path, exe: &Path, root: Option<&Path>) -> 
     let mut throughput = matrix::default_throughput(agent.clone());
     throughput.mtus = args.mtu;
     throughput.seconds = args.qperf_seconds;
+    throughput.rounds = args.rounds;
     let opts = MatrixOptions {
         kernels: args.kernels,
         report_dir: report_dir.clone(),

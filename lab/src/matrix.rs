@@ -467,11 +467,12 @@ pub fn write(report: &MatrixReport, dir: &Path) -> std::io::Result<(PathBuf, Pat
 }
 
 /// The throughput defaults: MTU 1440 (a VXLAN-sized pod MTU on a 1500 wire) and 8940 (the same
-/// on a 9000 wire), 5 s per qperf test.
+/// on a 9000 wire), 5 s per qperf test, 2 alternating rounds.
 pub fn default_throughput(agent: PathBuf) -> ThroughputOptions {
     ThroughputOptions {
         mtus: vec![1440, 8940],
         seconds: 5,
+        rounds: 2,
         agent,
         kube_proxy: throughput::kube_proxy_not_available,
     }

@@ -26,7 +26,7 @@ const CLIENT: HostId = HostId::Pod { node: 1, index: 0 };
 const SERVER: HostId = HostId::Pod { node: 2, index: 0 };
 
 /// How service traffic is handled in a measurement.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Mode {
     /// No agent: the pods' routes only (the ClusterIP path does not exist here).
@@ -36,7 +36,7 @@ pub enum Mode {
     KubeProxyIptables,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Route {
     PodToPod,
@@ -78,6 +78,8 @@ pub struct ThroughputOptions {
     pub mtus: Vec<u32>,
     /// qperf's -t per test.
     pub seconds: u32,
+    /// Alternating routing/Weir rounds; the median of each series is reported.
+    pub rounds: u32,
     pub agent: std::path::PathBuf,
     pub kube_proxy: ProxyHook,
 }
@@ -179,16 +181,9 @@ fn measure_all(
     let server_ip = plan.ip(SERVER).ok_or("no server pod")?.to_string();
     lab.spawn(SERVER, &Cmd::new("qperf"), &dir.join("qperf-server.log"))
         .map_err(|e| e.to_string())?;
-    let mut out = Vec::new();
-    let mut m = measure(lab, plan, &server_ip, opts, progress, "routing pod-to-pod")?;
-    m.route = Route::PodToPod;
-    m.mode = Mode::Routing;
-    m.mtu = mtu;
-    out.push(m);
+    // First contact resolves neighbours and wakes the server: not part of any measurement.
+    measure(lab, plan, &server_ip, &mut |_| {}, "warm-up", 1)?;
 
-    let run_id = format!("throughput-{mtu}-{}", std::process::id());
-    let agents = agent::start(lab, scenario, plan, &opts.agent, dir, &run_id)
-        .map_err(|e| e.to_string())?;
     let labels = k8s::pod_labels(scenario, plan);
     let endpoints: BTreeMap<String, Vec<String>> = scenario
         .services
@@ -199,23 +194,57 @@ fn measure_all(
         })
         .collect();
     let expected = agent::expected_frontends(scenario, &endpoints);
+    let run_id = format!("throughput-{mtu}-{}", std::process::id());
     let ready = scenario.agent.ready_timeout * lab.slowdown();
-    agent::wait_ready(lab, &agents, &expected, ready)?;
-    for (route, target, label) in [
-        (Route::PodToPod, server_ip.as_str(), "weir pod-to-pod"),
-        (Route::ClusterIp, CLUSTER_IP, "weir clusterip"),
-    ] {
-        let mut m = measure(lab, plan, target, opts, progress, label)?;
-        m.route = route;
-        m.mode = Mode::Weir;
-        m.mtu = mtu;
-        out.push(m);
-    }
-    for a in &agents.nodes {
-        let _ = lab.stop(a.proc);
+
+    // Rounds alternate plain routing and Weir in the same lab (stopping the agent detaches its
+    // programs; the next one adopts the pinned maps), so drift on a busy host hits both; the
+    // median of each series is reported.
+    let mut series: BTreeMap<(Route, Mode), Vec<Measurement>> = BTreeMap::new();
+    let mut pin_root = None;
+    for round in 1..=opts.rounds.max(1) {
+        let tag = format!("round {round}/{}", opts.rounds.max(1));
+        let mut m = measure(lab, plan, &server_ip, progress, &format!("routing pod-to-pod, {tag}"), opts.seconds)?;
+        m.route = Route::PodToPod;
+        m.mode = Mode::Routing;
+        series.entry((m.route, m.mode)).or_default().push(m);
+
+        let agents = agent::start(lab, scenario, plan, &opts.agent, dir, &run_id)
+            .map_err(|e| e.to_string())?;
+        pin_root = Some(agents.pin_root.clone());
+        let measured = (|| {
+            agent::wait_ready(lab, &agents, &expected, ready)?;
+            let mut out = Vec::new();
+            for (route, target, label) in [
+                (Route::PodToPod, server_ip.as_str(), "weir pod-to-pod"),
+                (Route::ClusterIp, CLUSTER_IP, "weir clusterip"),
+            ] {
+                let mut m = measure(lab, plan, target, progress, &format!("{label}, {tag}"), opts.seconds)?;
+                m.route = route;
+                m.mode = Mode::Weir;
+                out.push(m);
+            }
+            Ok::<_, String>(out)
+        })();
+        for a in &agents.nodes {
+            let _ = lab.stop(a.proc);
+        }
+        for m in measured? {
+            series.entry((m.route, m.mode)).or_default().push(m);
+        }
     }
     // On the namespace backend the pins live in the lab's own bpffs; VMs take theirs along.
-    let _ = std::fs::remove_dir_all(&agents.pin_root);
+    if let Some(root) = pin_root {
+        let _ = std::fs::remove_dir_all(root);
+    }
+    let mut out: Vec<Measurement> = series
+        .into_values()
+        .map(|ms| {
+            let mut m = median(&ms);
+            m.mtu = mtu;
+            m
+        })
+        .collect();
 
     let triples = [
         (CONTROL_PORT, server_ip.clone(), CONTROL_PORT),
@@ -223,7 +252,7 @@ fn measure_all(
     ];
     match (opts.kube_proxy)(lab, plan, CLUSTER_IP, &triples) {
         Ok(()) => {
-            let mut m = measure(lab, plan, CLUSTER_IP, opts, progress, "kube-proxy clusterip")?;
+            let mut m = measure(lab, plan, CLUSTER_IP, progress, "kube-proxy clusterip", opts.seconds)?;
             m.route = Route::ClusterIp;
             m.mode = Mode::KubeProxyIptables;
             m.mtu = mtu;
@@ -232,6 +261,25 @@ fn measure_all(
         Err(why) => out.push(skipped(Route::ClusterIp, Mode::KubeProxyIptables, mtu, &why)),
     }
     Ok(out)
+}
+
+/// The per-field median of a series of measurements of one route and mode.
+fn median(ms: &[Measurement]) -> Measurement {
+    let med = |f: &dyn Fn(&Measurement) -> Option<f64>| {
+        let mut v: Vec<f64> = ms.iter().filter_map(f).collect();
+        v.sort_by(f64::total_cmp);
+        match v.len() {
+            0 => None,
+            n if n % 2 == 1 => Some(v[n / 2]),
+            n => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
+        }
+    };
+    Measurement {
+        bandwidth_gbps: med(&|m| m.bandwidth_gbps),
+        latency_us: med(&|m| m.latency_us),
+        cpu_s_per_gb: med(&|m| m.cpu_s_per_gb),
+        ..ms[0].clone()
+    }
 }
 
 /// Busy jiffies (USER_HZ) of a host's kernel, all CPUs, from /proc/stat's first line.
@@ -258,16 +306,16 @@ fn measure(
     lab: &mut dyn Lab,
     plan: &Plan,
     target: &str,
-    opts: &ThroughputOptions,
     progress: &mut dyn FnMut(&str),
     label: &str,
+    seconds: u32,
 ) -> Result<Measurement, String> {
     let nodes: Vec<HostId> = plan.nodes.iter().map(|n| n.id).collect();
-    let timeout = Duration::from_secs(u64::from(opts.seconds) * 2 + 60) * lab.slowdown();
+    let timeout = Duration::from_secs(u64::from(seconds) * 2 + 60) * lab.slowdown();
     let qperf = |test: &str| {
         Cmd::new("qperf")
             .arg("-t")
-            .arg(opts.seconds.to_string())
+            .arg(seconds.to_string())
             .arg("-to")
             .arg("30")
             .arg("-ip")
@@ -429,6 +477,24 @@ mod tests {
         let s = Scenario::parse(&scenario_text(1440), Path::new("t.toml")).unwrap();
         assert_eq!(s.plan().mtu, 1440);
         assert_eq!(s.services.len(), 1);
+    }
+
+    #[test]
+    fn medians_per_field() {
+        let m = |bw| Measurement {
+            route: Route::PodToPod,
+            mode: Mode::Weir,
+            mtu: 1440,
+            bandwidth_gbps: Some(bw),
+            latency_us: None,
+            cpu_s_per_gb: Some(bw * 2.0),
+            skipped: None,
+        };
+        let med = median(&[m(3.0), m(1.0), m(2.0)]);
+        assert_eq!(med.bandwidth_gbps, Some(2.0));
+        assert_eq!(med.cpu_s_per_gb, Some(4.0));
+        assert_eq!(med.latency_us, None);
+        assert_eq!(median(&[m(1.0), m(2.0)]).bandwidth_gbps, Some(1.5));
     }
 
     #[test]
