@@ -133,10 +133,7 @@ impl AptRepo {
                 source,
             })?;
         }
-        let line = format!(
-            "deb [signed-by={KEYRING}] {} {suite} main\n",
-            self.mirror
-        );
+        let line = format!("deb [signed-by={KEYRING}] {} {suite} main\n", self.mirror);
         std::fs::write(d.join("sources.list"), line).map_err(|source| KernelError::Io {
             context: format!("writing {}", d.join("sources.list").display()),
             source,
@@ -205,7 +202,10 @@ impl AptRepo {
         package: &str,
         refresh: bool,
     ) -> Result<DebianPackage> {
-        let record = self.root.join("resolved").join(format!("{suite}_{package}"));
+        let record = self
+            .root
+            .join("resolved")
+            .join(format!("{suite}_{package}"));
         if !refresh {
             if let Some(pkg) = read_record(&record, suite) {
                 debug!(suite, package, resolved = %pkg.name, "resolved from the cache");
@@ -215,12 +215,11 @@ impl AptRepo {
         self.update(suite, refresh)?;
         let mut pkg = self.show(suite, package, None)?;
         if pkg.kernel_release().is_none() {
-            let (image, version) = image_dependency(&pkg.depends).ok_or_else(|| {
-                KernelError::Command {
+            let (image, version) =
+                image_dependency(&pkg.depends).ok_or_else(|| KernelError::Command {
                     command: format!("apt-cache show {package} ({suite})"),
                     detail: format!("no linux-image dependency in {:?}", pkg.depends),
-                }
-            })?;
+                })?;
             pkg = self.show(suite, &image, version.as_deref())?;
         }
         write_record(&record, &pkg)?;
@@ -287,8 +286,17 @@ impl AptRepo {
 
     /// Downloads the candidates of `names` in `suite` and unpacks them all into one root under
     /// `parent`, named after `set` and the versions (so a new version gets a new root).
-    pub fn fetch_set(&self, suite: &str, names: &[&str], set: &str, parent: &Path) -> Result<PathBuf> {
-        let record = self.root.join("resolved").join(format!("{suite}_{set}.set"));
+    pub fn fetch_set(
+        &self,
+        suite: &str,
+        names: &[&str],
+        set: &str,
+        parent: &Path,
+    ) -> Result<PathBuf> {
+        let record = self
+            .root
+            .join("resolved")
+            .join(format!("{suite}_{set}.set"));
         let mut pkgs: Vec<DebianPackage> = read_set(&record, suite).unwrap_or_default();
         if pkgs.len() != names.len() {
             self.update(suite, false)?;
@@ -618,7 +626,10 @@ mod tests {
             ..p.clone()
         };
         write_set(&dir.path().join("x.set"), &[p.clone(), q.clone()]).unwrap();
-        assert_eq!(read_set(&dir.path().join("x.set"), "s").unwrap(), vec![p, q]);
+        assert_eq!(
+            read_set(&dir.path().join("x.set"), "s").unwrap(),
+            vec![p, q]
+        );
     }
 
     #[test]

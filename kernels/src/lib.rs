@@ -77,8 +77,17 @@ pub enum Source {
 /// Keys a `[[kernel]]` may have; serde cannot deny unknown keys next to a flattened enum, so
 /// [`Matrix::parse`] checks them itself and a typo is an error rather than a silent default.
 const ENTRY_KEYS: &[&str] = &[
-    "name", "version", "source", "suite", "package", "image", "modules", "attr",
-    "why_unbuildable", "requires", "default",
+    "name",
+    "version",
+    "source",
+    "suite",
+    "package",
+    "image",
+    "modules",
+    "attr",
+    "why_unbuildable",
+    "requires",
+    "default",
 ];
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -307,7 +316,10 @@ impl Fetcher {
             }
             Source::Local { image, modules } => {
                 if !image.is_file() {
-                    return Err(unavailable(format!("no kernel image at {}", image.display())));
+                    return Err(unavailable(format!(
+                        "no kernel image at {}",
+                        image.display()
+                    )));
                 }
                 let release = match modules {
                     Some(root) => single_release(root).map_err(unavailable)?,

@@ -33,3 +33,15 @@ if ! virtiofsd --version 2>/dev/null | grep -q '1\.14\.'; then
 else
   say "virtiofsd present"
 fi
+
+# The first download of QEMU 10 and of the kernel the test command boots (debian-6.1), so
+# `lab/weir test` finds them cached. `weir-lab kernels fetch` verifies every package against
+# Debian's index and reuses the cache from then on.
+if ! compgen -G "${WEIR_CACHE_DIR:-$HOME/.cache/weir}/tools/qemu-*/usr/bin/qemu-system-x86_64" >/dev/null \
+   || [ ! -e "${WEIR_CACHE_DIR:-$HOME/.cache/weir}/apt/resolved/bookworm_linux-image-cloud-amd64" ]; then
+  say "fetching QEMU 10 and the debian-6.1 kernel into the cache (about 1 minute, once)"
+  cargo build -q -p weir-lab
+  target/debug/weir-lab kernels fetch debian-6.1
+else
+  say "QEMU and the debian-6.1 kernel cached"
+fi

@@ -9,9 +9,9 @@ use tracing_subscriber::EnvFilter;
 
 use weir_kernels::{Fetcher, KernelEntry, Matrix};
 use weir_lab::backend::qemu::{self, Qemu, QemuBackend};
-use weir_lab::matrix::{self, MatrixOptions};
 use weir_lab::backend::{Backend, BackendKind};
 use weir_lab::events::Events;
+use weir_lab::matrix::{self, MatrixOptions};
 use weir_lab::report::{JsonReporter, TerminalReporter};
 use weir_lab::runner::{self, RunOptions, ScenarioFile};
 use weir_lab::sandbox;
@@ -284,7 +284,11 @@ fn kernels(command: KernelsCommand, matrix: Option<PathBuf>, root: Option<&Path>
                     k.name,
                     k.version,
                     serde_json::to_string(&k.source)?,
-                    if k.default { "" } else { "  (not in the default run)" }
+                    if k.default {
+                        ""
+                    } else {
+                        "  (not in the default run)"
+                    }
                 );
             }
         }
@@ -335,11 +339,19 @@ fn run_matrix(args: MatrixArgs, cwd: &Path, exe: &Path, root: Option<&Path>) -> 
     let files = runner::discover(&dir, &args.suite)
         .with_context(|| format!("reading scenarios from {}", dir.display()))?;
     if files.is_empty() {
-        bail!("no scenario in {} belongs to suite {:?}", dir.display(), args.suite);
+        bail!(
+            "no scenario in {} belongs to suite {:?}",
+            dir.display(),
+            args.suite
+        );
     }
     let report_dir = match args.report_dir {
         Some(d) => d,
-        None => root.unwrap_or(cwd).join("target").join("weir-lab").join("matrix"),
+        None => root
+            .unwrap_or(cwd)
+            .join("target")
+            .join("weir-lab")
+            .join("matrix"),
     };
     let report_dir = std::path::absolute(&report_dir)?;
     let agent = match args.agent {
@@ -347,7 +359,10 @@ fn run_matrix(args: MatrixArgs, cwd: &Path, exe: &Path, root: Option<&Path>) -> 
         None => exe.with_file_name("weir-agent"),
     };
     if !agent.is_file() {
-        bail!("weir-agent not found at {} (build it or pass --agent)", agent.display());
+        bail!(
+            "weir-agent not found at {} (build it or pass --agent)",
+            agent.display()
+        );
     }
     let mut throughput = matrix::default_throughput(agent.clone());
     throughput.mtus = args.mtu;

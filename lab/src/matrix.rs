@@ -157,13 +157,15 @@ pub fn run(
             source_text(&entry.source)
         ));
         let report = run_kernel(entry, files, opts);
-        let (pass, fail, skip) = report.cells.iter().fold((0, 0, 0), |(p, f, s), c| match c
-            .status
-        {
-            Status::Pass => (p + 1, f, s),
-            Status::Fail => (p, f + 1, s),
-            Status::Skip => (p, f, s + 1),
-        });
+        let (pass, fail, skip) =
+            report
+                .cells
+                .iter()
+                .fold((0, 0, 0), |(p, f, s), c| match c.status {
+                    Status::Pass => (p + 1, f, s),
+                    Status::Fail => (p, f + 1, s),
+                    Status::Skip => (p, f, s + 1),
+                });
         say(&format!(
             "kernel {}: {} in {:.0} s: {pass} passed, {fail} failed, {skip} skipped{}",
             entry.name,
@@ -267,10 +269,7 @@ fn run_kernel(entry: &KernelEntry, files: &[ScenarioFile], opts: &MatrixOptions)
             let mut vm = VmOptions::new(
                 entry.clone(),
                 opts.init.clone(),
-                opts.agent
-                    .parent()
-                    .unwrap_or(Path::new("."))
-                    .to_owned(),
+                opts.agent.parent().unwrap_or(Path::new(".")).to_owned(),
             );
             vm.cache = opts.cache.clone();
             vm.offloads = opts.offloads;
@@ -293,10 +292,15 @@ fn run_kernel(entry: &KernelEntry, files: &[ScenarioFile], opts: &MatrixOptions)
             if let Some(cfg) = &setup.kernel.config {
                 match KernelConfig::load(cfg) {
                     Ok(c) => {
-                        report.missing_config =
-                            c.missing(&entry.requires).into_iter().map(String::from).collect()
+                        report.missing_config = c
+                            .missing(&entry.requires)
+                            .into_iter()
+                            .map(String::from)
+                            .collect()
                     }
-                    Err(e) => report.missing_config.push(format!("unreadable config: {e}")),
+                    Err(e) => report
+                        .missing_config
+                        .push(format!("unreadable config: {e}")),
                 }
             }
             match qemu::probe_kernel(setup.clone(), &dir.join("probe")) {
@@ -328,11 +332,13 @@ fn run_kernel(entry: &KernelEntry, files: &[ScenarioFile], opts: &MatrixOptions)
             runnable.push(ScenarioFile::load(&f.path));
             cells.push(None);
         } else {
-            cells.push(skip_all(
-                std::slice::from_ref(f),
-                &format!("kernel lacks module {}", lacking.join(", ")),
-            )
-            .pop());
+            cells.push(
+                skip_all(
+                    std::slice::from_ref(f),
+                    &format!("kernel lacks module {}", lacking.join(", ")),
+                )
+                .pop(),
+            );
         }
     }
     let run_opts = RunOptions {
@@ -352,7 +358,10 @@ fn run_kernel(entry: &KernelEntry, files: &[ScenarioFile], opts: &MatrixOptions)
         .with(recorder.clone());
     runner::run_all_with(&runnable, &run_opts, backend.as_ref(), &mut events);
     if let Err(e) = events.finish() {
-        say(&format!("writing {}: {e}", dir.join("report.json").display()));
+        say(&format!(
+            "writing {}: {e}",
+            dir.join("report.json").display()
+        ));
     }
     let mut ran = cells_from_events(&recorder.events.borrow()).into_iter();
     report.cells = cells
@@ -402,7 +411,7 @@ fn probe_host(init: &Path) -> Result<Features, String> {
     let response: weir_node_image::proto::Response = serde_json::from_str(text.trim())
         .map_err(|e| format!("unreadable probe answer ({e}): {text}"))?;
     match response.reply {
-        weir_node_image::proto::Reply::Probe { features } => Ok(features),
+        weir_node_image::proto::Reply::Probe { features } => Ok(*features),
         other => Err(format!("unexpected probe answer: {other:?}")),
     }
 }
@@ -428,13 +437,10 @@ fn cells_from_events(events: &[Event]) -> Vec<Cell> {
                 duration,
                 ..
             } => {
-                let failed: Vec<&(String, bool, String)> =
-                    checks.iter().filter(|c| !c.1).collect();
-                let reason = error.clone().or_else(|| {
-                    failed
-                        .first()
-                        .map(|(t, _, why)| format!("{t}: {why}"))
-                });
+                let failed: Vec<&(String, bool, String)> = checks.iter().filter(|c| !c.1).collect();
+                let reason = error
+                    .clone()
+                    .or_else(|| failed.first().map(|(t, _, why)| format!("{t}: {why}")));
                 cells.push(Cell {
                     scenario: scenario.clone(),
                     status: if *passed { Status::Pass } else { Status::Fail },
@@ -459,10 +465,7 @@ pub fn write(report: &MatrixReport, dir: &Path) -> std::io::Result<(PathBuf, Pat
     let html = dir.join("report.html");
     let text = serde_json::to_string_pretty(report).map_err(std::io::Error::other)?;
     crate::backend::netns::write_atomically(&json, text.as_bytes())?;
-    crate::backend::netns::write_atomically(
-        &html,
-        crate::report_html::render(report).as_bytes(),
-    )?;
+    crate::backend::netns::write_atomically(&html, crate::report_html::render(report).as_bytes())?;
     Ok((json, html))
 }
 

@@ -163,7 +163,11 @@ fn features_table(h: &mut String, r: &MatrixReport) {
             match all.into_iter().find(|(n, _)| *n == name) {
                 Some((_, x)) if x.available => h.push_str("<td class=\"ok\">yes</td>"),
                 Some((_, x)) => {
-                    let _ = write!(h, "<td class=\"no\" title=\"{0}\">no <span class=\"reason\">{0}</span></td>", esc(&x.detail));
+                    let _ = write!(
+                        h,
+                        "<td class=\"no\" title=\"{0}\">no <span class=\"reason\">{0}</span></td>",
+                        esc(&x.detail)
+                    );
                 }
                 None => h.push_str("<td>-</td>"),
             }
@@ -201,7 +205,11 @@ fn bar_chart(title: &str, unit: &str, bars: &[(String, f64)]) -> String {
     );
     for (i, (name, v)) in bars.iter().enumerate() {
         let y = 26 + i * row;
-        let w = if max > 0.0 { v / max * bar_w as f64 } else { 0.0 };
+        let w = if max > 0.0 {
+            v / max * bar_w as f64
+        } else {
+            0.0
+        };
         let color = if name.starts_with("weir") {
             "#2b6cb0"
         } else if name.starts_with("routing") {
@@ -235,7 +243,11 @@ fn throughput_section(h: &mut String, r: &MatrixReport) {
     h.push_str("<h2>Throughput and latency</h2><p>qperf tcp_bw and tcp_lat, pod on node 1 to pod on node 2, directly and through a ClusterIP; plain routing (no agent) next to Weir in the same lab. Under TCG the absolute numbers mean little: compare the ratios.</p>");
     for k in with {
         let _ = write!(h, "<h3>{}</h3>", esc(&k.name));
-        let ok: Vec<&Measurement> = k.throughput.iter().filter(|m| m.skipped.is_none()).collect();
+        let ok: Vec<&Measurement> = k
+            .throughput
+            .iter()
+            .filter(|m| m.skipped.is_none())
+            .collect();
         let bw: Vec<(String, f64)> = ok
             .iter()
             .filter_map(|m| Some((label(m), m.bandwidth_gbps?)))
@@ -250,7 +262,11 @@ fn throughput_section(h: &mut String, r: &MatrixReport) {
             .collect();
         h.push_str(&bar_chart("bandwidth", "Gb/s", &bw));
         h.push_str(&bar_chart("latency (lower is better)", "µs", &lat));
-        h.push_str(&bar_chart("guest CPU per GB (lower is better)", "s/GB", &cpu));
+        h.push_str(&bar_chart(
+            "guest CPU per GB (lower is better)",
+            "s/GB",
+            &cpu,
+        ));
         if !k.ratios.is_empty() {
             h.push_str("<table><tr><th>vs routing pod-to-pod</th><th>bandwidth</th><th>latency</th><th>CPU/GB</th></tr>");
             for ratio in &k.ratios {
@@ -289,7 +305,10 @@ mod tests {
 
     #[test]
     fn escapes() {
-        assert_eq!(esc("<a href=\"x\">&'"), "&lt;a href=&quot;x&quot;&gt;&amp;&#39;");
+        assert_eq!(
+            esc("<a href=\"x\">&'"),
+            "&lt;a href=&quot;x&quot;&gt;&amp;&#39;"
+        );
     }
 
     #[test]

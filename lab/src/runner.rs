@@ -312,8 +312,7 @@ impl ScenarioRun<'_> {
             let agents = self.agents.insert(agents);
             let expected = agent::expected_frontends(scenario, &endpoints);
             let ready_timeout = scenario.agent.ready_timeout * lab.slowdown();
-            agent::wait_ready(lab, agents, &expected, ready_timeout)
-                .map_err(RunError::Setup)?;
+            agent::wait_ready(lab, agents, &expected, ready_timeout).map_err(RunError::Setup)?;
             self.step(
                 format!(
                     "agents ready on {} node(s): {} frontend(s) programmed",

@@ -60,8 +60,7 @@ pub struct Measurement {
 /// cannot. The iptables kube-proxy emulation (lab/src/kube_proxy.rs, being written on the
 /// scale-bench branch) plugs in here: it gets the lab, the plan, the ClusterIP and the
 /// (port, endpoint ip, target port) triples.
-pub type ProxyHook =
-    fn(&mut dyn Lab, &Plan, &str, &[(u16, String, u16)]) -> Result<(), String>;
+pub type ProxyHook = fn(&mut dyn Lab, &Plan, &str, &[(u16, String, u16)]) -> Result<(), String>;
 
 /// The hook until the emulation lands: every kube-proxy measurement is skipped with this.
 pub fn kube_proxy_not_available(
@@ -190,7 +189,10 @@ fn measure_all(
         .iter()
         .map(|s| {
             let pods = k8s::endpoints(s, plan, &labels);
-            (s.name.clone(), pods.iter().map(|p| p.name.clone()).collect())
+            (
+                s.name.clone(),
+                pods.iter().map(|p| p.name.clone()).collect(),
+            )
         })
         .collect();
     let expected = agent::expected_frontends(scenario, &endpoints);
@@ -204,7 +206,14 @@ fn measure_all(
     let mut pin_root = None;
     for round in 1..=opts.rounds.max(1) {
         let tag = format!("round {round}/{}", opts.rounds.max(1));
-        let mut m = measure(lab, plan, &server_ip, progress, &format!("routing pod-to-pod, {tag}"), opts.seconds)?;
+        let mut m = measure(
+            lab,
+            plan,
+            &server_ip,
+            progress,
+            &format!("routing pod-to-pod, {tag}"),
+            opts.seconds,
+        )?;
         m.route = Route::PodToPod;
         m.mode = Mode::Routing;
         series.entry((m.route, m.mode)).or_default().push(m);
@@ -219,7 +228,14 @@ fn measure_all(
                 (Route::PodToPod, server_ip.as_str(), "weir pod-to-pod"),
                 (Route::ClusterIp, CLUSTER_IP, "weir clusterip"),
             ] {
-                let mut m = measure(lab, plan, target, progress, &format!("{label}, {tag}"), opts.seconds)?;
+                let mut m = measure(
+                    lab,
+                    plan,
+                    target,
+                    progress,
+                    &format!("{label}, {tag}"),
+                    opts.seconds,
+                )?;
                 m.route = route;
                 m.mode = Mode::Weir;
                 out.push(m);
@@ -252,13 +268,25 @@ fn measure_all(
     ];
     match (opts.kube_proxy)(lab, plan, CLUSTER_IP, &triples) {
         Ok(()) => {
-            let mut m = measure(lab, plan, CLUSTER_IP, progress, "kube-proxy clusterip", opts.seconds)?;
+            let mut m = measure(
+                lab,
+                plan,
+                CLUSTER_IP,
+                progress,
+                "kube-proxy clusterip",
+                opts.seconds,
+            )?;
             m.route = Route::ClusterIp;
             m.mode = Mode::KubeProxyIptables;
             m.mtu = mtu;
             out.push(m);
         }
-        Err(why) => out.push(skipped(Route::ClusterIp, Mode::KubeProxyIptables, mtu, &why)),
+        Err(why) => out.push(skipped(
+            Route::ClusterIp,
+            Mode::KubeProxyIptables,
+            mtu,
+            &why,
+        )),
     }
     Ok(out)
 }
@@ -285,7 +313,11 @@ fn median(ms: &[Measurement]) -> Measurement {
 /// Busy jiffies (USER_HZ) of a host's kernel, all CPUs, from /proc/stat's first line.
 fn busy_jiffies(lab: &mut dyn Lab, host: HostId) -> Result<u64, String> {
     let out = lab
-        .exec_ok(host, &Cmd::new("cat").arg("/proc/stat"), Duration::from_secs(10))
+        .exec_ok(
+            host,
+            &Cmd::new("cat").arg("/proc/stat"),
+            Duration::from_secs(10),
+        )
         .map_err(|e| e.to_string())?;
     parse_busy(&out.stdout).ok_or_else(|| "unreadable /proc/stat".into())
 }
@@ -390,7 +422,9 @@ pub fn parse_qperf(text: &str) -> BTreeMap<String, f64> {
             continue;
         };
         let mut words = value.split_whitespace();
-        let Some(number) = words.next().and_then(|n| n.replace(',', "").parse::<f64>().ok())
+        let Some(number) = words
+            .next()
+            .and_then(|n| n.replace(',', "").parse::<f64>().ok())
         else {
             continue;
         };

@@ -97,7 +97,7 @@ impl Server {
                 .map(|()| Reply::Done)
                 .map_err(|e| format!("writing {path}: {e}")),
             Op::Probe => Ok(Reply::Probe {
-                features: crate::probe::probe(),
+                features: Box::new(crate::probe::probe()),
             }),
             Op::Poweroff => Ok(Reply::Done),
         };
@@ -356,7 +356,16 @@ mod tests {
                 timeout_ms: 200,
             },
         );
-        assert!(matches!(r, Reply::Exited { timed_out: true, .. }), "{r:?}");
+        assert!(
+            matches!(
+                r,
+                Reply::Exited {
+                    timed_out: true,
+                    ..
+                }
+            ),
+            "{r:?}"
+        );
         assert!(started.elapsed() < Duration::from_secs(3));
     }
 
@@ -378,15 +387,31 @@ mod tests {
         ) else {
             panic!("not spawned");
         };
-        assert_eq!(ask(&mut s, Op::Status { pid }), Reply::Status { exited: None });
-        assert_eq!(ask(&mut s, Op::Stop { pid, grace_ms: 1000 }), Reply::Done);
-        assert!(matches!(ask(&mut s, Op::Status { pid }), Reply::Error { .. }));
+        assert_eq!(
+            ask(&mut s, Op::Status { pid }),
+            Reply::Status { exited: None }
+        );
+        assert_eq!(
+            ask(
+                &mut s,
+                Op::Stop {
+                    pid,
+                    grace_ms: 1000
+                }
+            ),
+            Reply::Done
+        );
+        assert!(matches!(
+            ask(&mut s, Op::Status { pid }),
+            Reply::Error { .. }
+        ));
         assert!(std::fs::read_to_string(&log).unwrap().contains("started"));
     }
 
     #[test]
     fn serves_json_lines_until_eof() {
-        let input = "{\"id\":1,\"op\":\"ping\"}\nnot json\n{\"id\":2,\"op\":\"status\",\"pid\":1}\n";
+        let input =
+            "{\"id\":1,\"op\":\"ping\"}\nnot json\n{\"id\":2,\"op\":\"status\",\"pid\":1}\n";
         let mut out = Vec::new();
         Server::new()
             .serve(input.as_bytes(), &mut out, true)

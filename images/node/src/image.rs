@@ -41,7 +41,14 @@ pub struct ImageBuilder {
 impl ImageBuilder {
     pub fn new() -> ImageBuilder {
         let mut b = ImageBuilder::default();
-        for d in ["/usr/bin", "/usr/sbin", "/usr/lib", "/usr/lib64", "/etc", "/root"] {
+        for d in [
+            "/usr/bin",
+            "/usr/sbin",
+            "/usr/lib",
+            "/usr/lib64",
+            "/etc",
+            "/root",
+        ] {
             b.dir(d);
         }
         // Debian's merged /usr, so /bin/sh, /lib64/ld-linux... and /sbin/... resolve.
@@ -53,7 +60,9 @@ impl ImageBuilder {
         ] {
             b.symlink(link, target);
         }
-        for d in ["/proc", "/sys", "/dev", "/run", "/tmp", "/var/log", "/var/lib"] {
+        for d in [
+            "/proc", "/sys", "/dev", "/run", "/tmp", "/var/log", "/var/lib",
+        ] {
             b.dir(d);
         }
         // Before devtmpfs is mounted, the kernel opens /dev/console from the initramfs for
@@ -227,10 +236,10 @@ pub fn which(name: &str) -> Result<PathBuf, ImageError> {
         .map(|d| Path::new(d).join(name))
         .find(|p| p.is_file());
     found.ok_or_else(|| {
-            ImageError::Missing(format!(
-                "{name} is not installed on this machine (lab/setup.sh installs it)"
-            ))
-        })
+        ImageError::Missing(format!(
+            "{name} is not installed on this machine (lab/setup.sh installs it)"
+        ))
+    })
 }
 
 /// The shared libraries (and ELF interpreter) `ldd` lists for a binary.
@@ -317,16 +326,15 @@ fn decompress(file: &Path) -> Result<Vec<u8>, ImageError> {
 
 /// Programs the lab runs on nodes and pods, by name (looked up in PATH).
 pub const WORKLOAD_PROGRAMS: &[&str] = &[
-    "ip", "ss", "bridge", "sysctl", "ethtool", "curl", "socat", "nginx", "qperf", "dash",
-    "busybox",
+    "ip", "ss", "bridge", "sysctl", "ethtool", "curl", "socat", "nginx", "qperf", "dash", "busybox",
 ];
 
 /// busybox applets linked in /usr/local/bin for the plain commands scenarios use; never `ip`
 /// or `sh`, which must be iproute2's and dash.
 pub const BUSYBOX_APPLETS: &[&str] = &[
-    "mkdir", "cat", "ls", "rm", "echo", "sleep", "ps", "kill", "mount", "umount", "uname",
-    "dmesg", "true", "false", "env", "timeout", "grep", "head", "tail", "wc", "poweroff", "sync",
-    "free", "uptime", "nproc", "date", "hostname", "touch", "cp", "mv", "ln", "chmod", "stat",
+    "mkdir", "cat", "ls", "rm", "echo", "sleep", "ps", "kill", "mount", "umount", "uname", "dmesg",
+    "true", "false", "env", "timeout", "grep", "head", "tail", "wc", "poweroff", "sync", "free",
+    "uptime", "nproc", "date", "hostname", "touch", "cp", "mv", "ln", "chmod", "stat",
 ];
 
 const PASSWD: &str = "root:x:0:0:root:/root:/bin/sh\nwww-data:x:33:33:www-data:/var/www:/usr/sbin/nologin\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n";
@@ -373,7 +381,11 @@ pub fn build_node_image(
     }
     b.bytes("/etc/passwd", 0o644, PASSWD);
     b.bytes("/etc/group", 0o644, GROUP);
-    b.bytes("/etc/nsswitch.conf", 0o644, "passwd: files\ngroup: files\nhosts: files\n");
+    b.bytes(
+        "/etc/nsswitch.conf",
+        0o644,
+        "passwd: files\ngroup: files\nhosts: files\n",
+    );
     b.bytes("/etc/hosts", 0o644, "127.0.0.1 localhost\n");
     b.modules(&modules)?;
     b.dir("/var/www");
@@ -441,6 +453,9 @@ mod tests {
         let out = dir.path().join("i.cpio");
         let n = b.write(&out).unwrap();
         assert!(n > 100_000);
-        assert!(matches!(b.program("no-such-program-here"), Err(ImageError::Missing(_))));
+        assert!(matches!(
+            b.program("no-such-program-here"),
+            Err(ImageError::Missing(_))
+        ));
     }
 }

@@ -30,7 +30,14 @@ const WEIR_MAPS: &[(&str, u32, u32, u32, u32)] = &[
 ];
 
 /// The tunnel and qdisc modules worth knowing about (loaded at boot if the image carried them).
-const MODULES: &[&str] = &["vxlan", "ipip", "ip6_tunnel", "sch_ingress", "cls_bpf", "nf_conntrack"];
+const MODULES: &[&str] = &[
+    "vxlan",
+    "ipip",
+    "ip6_tunnel",
+    "sch_ingress",
+    "cls_bpf",
+    "nf_conntrack",
+];
 
 fn insn(code: u8, regs: u8, imm: i32) -> BpfInsn {
     BpfInsn {

@@ -145,7 +145,7 @@ pub enum Reply {
     },
     Done,
     Probe {
-        features: Features,
+        features: Box<Features>,
     },
     Error {
         message: String,

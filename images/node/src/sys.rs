@@ -29,8 +29,7 @@ pub fn mount(source: &str, target: &str, fstype: &str, data: Option<&str>) -> io
             t.as_ptr(),
             f.as_ptr(),
             0,
-            d.as_ref()
-                .map_or(std::ptr::null(), |d| d.as_ptr().cast()),
+            d.as_ref().map_or(std::ptr::null(), |d| d.as_ptr().cast()),
         )
     })
 }
@@ -41,14 +40,7 @@ pub fn load_module(path: &Path) -> io::Result<()> {
     let params = cstr("")?;
     // SAFETY: finit_module takes an open fd, a NUL-terminated parameter string and flags;
     // both stay valid for the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_finit_module,
-            file.as_raw_fd(),
-            params.as_ptr(),
-            0,
-        )
-    };
+    let rc = unsafe { libc::syscall(libc::SYS_finit_module, file.as_raw_fd(), params.as_ptr(), 0) };
     if rc == 0 {
         return Ok(());
     }
@@ -250,7 +242,13 @@ pub fn bpf_prog_load(
     })
 }
 
-pub fn bpf_map_create(map_type: u32, key: u32, value: u32, entries: u32, flags: u32) -> io::Result<()> {
+pub fn bpf_map_create(
+    map_type: u32,
+    key: u32,
+    value: u32,
+    entries: u32,
+    flags: u32,
+) -> io::Result<()> {
     let mut attr = MapCreateAttr {
         map_type,
         key_size: key,

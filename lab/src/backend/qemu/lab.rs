@@ -123,9 +123,7 @@ impl QemuLab {
         let vm_dir = work_dir.join("vms");
         for node in self.plan.nodes.clone() {
             let tap = format!("tap{}", node.index);
-            self.ip(&[
-                "-n", &fabric, "tuntap", "add", "dev", &tap, "mode", "tap",
-            ])?;
+            self.ip(&["-n", &fabric, "tuntap", "add", "dev", &tap, "mode", "tap"])?;
             self.ip(&[
                 "-n", &fabric, "link", "set", &tap, "mtu", &host_mtu, "master", BRIDGE, "up",
             ])?;
@@ -142,7 +140,7 @@ impl QemuLab {
                 initrd: &self.setup.image.path,
                 memory_mib: self.setup.memory_mib,
                 cpus: self.setup.cpus,
-                tap,
+                tap: Some(tap),
                 mac: format!("52:54:00:57:00:{:02x}", node.index),
                 host_mtu: self.setup.host_mtu,
                 offloads: self.setup.offloads,
@@ -157,7 +155,7 @@ impl QemuLab {
                     })
                     .collect(),
                 dir: vm_dir.clone(),
-                netns: &fabric_path,
+                netns: Some(&fabric_path),
             };
             let vm = Vm::start(&spec).map_err(vm_err)?;
             progress(&format!(
@@ -189,7 +187,11 @@ impl QemuLab {
                     if module_errors.is_empty() {
                         String::new()
                     } else {
-                        format!(", {} failed: {}", module_errors.len(), module_errors.join("; "))
+                        format!(
+                            ", {} failed: {}",
+                            module_errors.len(),
+                            module_errors.join("; ")
+                        )
                     }
                 ));
             }
@@ -252,14 +254,8 @@ impl QemuLab {
             let _ = writeln!(s, "ip -n {ns} link set lo up");
             let _ = writeln!(s, "ip -n {ns} addr add {addr} dev eth0");
             let _ = writeln!(s, "ip -n {ns} link set eth0 up");
-            let _ = writeln!(
-                s,
-                "ip -n {ns} route add {POD_GATEWAY} dev eth0 scope link"
-            );
-            let _ = writeln!(
-                s,
-                "ip -n {ns} route add default via {POD_GATEWAY} dev eth0"
-            );
+            let _ = writeln!(s, "ip -n {ns} route add {POD_GATEWAY} dev eth0 scope link");
+            let _ = writeln!(s, "ip -n {ns} route add default via {POD_GATEWAY} dev eth0");
             let _ = writeln!(
                 s,
                 "sysctl -q -w net.ipv4.conf.{hif}.proxy_arp=1 net.ipv4.conf.{hif}.rp_filter=0 net.ipv4.neigh.{hif}.proxy_delay=0"
@@ -277,7 +273,7 @@ impl QemuLab {
             .request(Op::Probe, Duration::from_secs(30) * TCG_SLOWDOWN)
             .map_err(vm_err)?
         {
-            Reply::Probe { features } => Ok(features),
+            Reply::Probe { features } => Ok(*features),
             other => Err(unexpected(&format!("node{n}"), other)),
         }
     }

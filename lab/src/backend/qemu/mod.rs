@@ -95,7 +95,10 @@ impl VmOptions {
             });
         }
         let fetcher = Fetcher::new(&self.cache);
-        lab::progress(&format!("kernel {}: fetching (cached after the first time)", self.kernel.name));
+        lab::progress(&format!(
+            "kernel {}: fetching (cached after the first time)",
+            self.kernel.name
+        ));
         let kernel = fetcher.fetch(&self.kernel).map_err(kernel_err)?;
         let qemu = Qemu::fetch(&fetcher)?;
         let virtiofsd = tools::virtiofsd()?;
@@ -108,10 +111,11 @@ impl VmOptions {
                 ),
             });
         }
-        let image_path = self
-            .cache
-            .join("images")
-            .join(format!("{}-{}.cpio", self.kernel.name, std::process::id()));
+        let image_path = self.cache.join("images").join(format!(
+            "{}-{}.cpio",
+            self.kernel.name,
+            std::process::id()
+        ));
         let image = weir_node_image::build_node_image(
             &kernel,
             &self.kernel.modules,

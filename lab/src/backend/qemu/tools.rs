@@ -70,7 +70,10 @@ pub fn virtiofsd() -> Result<PathBuf, BackendError> {
         .split(':')
         .map(PathBuf::from)
         .chain(home.map(|h| h.join(".cargo/bin")))
-        .chain([PathBuf::from("/usr/libexec"), PathBuf::from("/usr/lib/qemu")])
+        .chain([
+            PathBuf::from("/usr/libexec"),
+            PathBuf::from("/usr/lib/qemu"),
+        ])
         .map(|d| d.join("virtiofsd"))
         .find(|p| p.is_file())
         .ok_or_else(|| BackendError::Io {

@@ -7,8 +7,8 @@
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::process::CommandExt;
 use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -63,8 +63,9 @@ pub struct VmSpec<'a> {
     pub initrd: &'a Path,
     pub memory_mib: u32,
     pub cpus: u32,
-    /// The tap device (in `netns`) the VM's eth0 is wired to, and its MAC.
-    pub tap: String,
+    /// The tap device (in `netns`) the VM's eth0 is wired to, and its MAC; None for a VM
+    /// without a network.
+    pub tap: Option<String>,
     pub mac: String,
     pub host_mtu: u32,
     pub offloads: bool,
@@ -73,8 +74,8 @@ pub struct VmSpec<'a> {
     pub shares: Vec<Share>,
     /// Where the console log, sockets and virtiofsd logs go.
     pub dir: PathBuf,
-    /// The namespace holding the tap (QEMU opens it by name there).
-    pub netns: &'a Path,
+    /// The namespace QEMU runs in, which holds the tap (QEMU opens it by name there).
+    pub netns: Option<&'a Path>,
 }
 
 pub struct Vm {
@@ -132,7 +133,8 @@ impl Vm {
             let tag = format!("weir{i}");
             let sock = spec.dir.join(format!("{}.fs{i}.sock", spec.name));
             let log = spec.dir.join(format!("virtiofsd-{}-{i}.log", spec.name));
-            let log_file = File::create(&log).map_err(|e| err(format!("{}: {e}", log.display())))?;
+            let log_file =
+                File::create(&log).map_err(|e| err(format!("{}: {e}", log.display())))?;
             let mut cmd = Command::new(spec.virtiofsd);
             cmd.arg(format!("--socket-path={}", sock.display()))
                 .arg(format!("--shared-dir={}", share.path.display()))
@@ -232,14 +234,24 @@ impl Vm {
             "-device".into(),
             "virtio-serial-pci".into(),
             "-chardev".into(),
-            format!("socket,id=ctl,path={},server=on,wait=off", ctl_socket.display()),
+            format!(
+                "socket,id=ctl,path={},server=on,wait=off",
+                ctl_socket.display()
+            ),
             "-device".into(),
-            format!("virtserialport,chardev=ctl,name={}", weir_node_image::proto::PORT_NAME),
-            "-netdev".into(),
-            format!("tap,id=net0,ifname={},script=no,downscript=no", spec.tap),
-            "-device".into(),
-            net,
+            format!(
+                "virtserialport,chardev=ctl,name={}",
+                weir_node_image::proto::PORT_NAME
+            ),
         ]);
+        if let Some(tap) = &spec.tap {
+            args.extend([
+                "-netdev".into(),
+                format!("tap,id=net0,ifname={tap},script=no,downscript=no"),
+                "-device".into(),
+                net,
+            ]);
+        }
         args.extend(fs_args);
         for d in &spec.qemu.data_dirs {
             args.extend(["-L".into(), d.display().to_string()]);
@@ -247,8 +259,10 @@ impl Vm {
         let qemu_log = spec.dir.join(format!("qemu-{}.log", spec.name));
         let log_file =
             File::create(&qemu_log).map_err(|e| err(format!("{}: {e}", qemu_log.display())))?;
-        let netns = File::open(spec.netns)
-            .map_err(|e| err(format!("{}: {e}", spec.netns.display())))?;
+        let netns = spec
+            .netns
+            .map(|p| File::open(p).map_err(|e| err(format!("{}: {e}", p.display()))))
+            .transpose()?;
         let mut cmd = Command::new(&spec.qemu.binary);
         cmd.args(&args)
             .env("QEMU_MODULE_DIR", &spec.qemu.module_dir)
@@ -256,7 +270,7 @@ impl Vm {
             .stdout(log_file.try_clone().map_err(|e| err(e.to_string()))?)
             .stderr(log_file)
             .process_group(0);
-        prepare_child(&mut cmd, Some(netns.as_raw_fd()));
+        prepare_child(&mut cmd, netns.as_ref().map(|f| f.as_raw_fd()));
         debug!(vm = %spec.name, args = ?args, "starting QEMU");
         let child = cmd
             .spawn()
@@ -327,7 +341,9 @@ impl Vm {
                     self.ctl = Some((BufReader::new(reader), s));
                     break;
                 }
-                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
                 Err(e) => {
                     let err = VmError::Other {
                         vm: self.name.clone(),
