@@ -411,7 +411,22 @@ fn probe_host(init: &Path) -> Result<Features, String> {
     let response: weir_node_image::proto::Response = serde_json::from_str(text.trim())
         .map_err(|e| format!("unreadable probe answer ({e}): {text}"))?;
     match response.reply {
-        weir_node_image::proto::Reply::Probe { features } => Ok(*features),
+        weir_node_image::proto::Reply::Probe { features } => {
+            let mut features = *features;
+            // bpf_jit_enable exists only in the initial network namespace, which the probe
+            // left: read it here.
+            if !features.jit.available {
+                if let Ok(v) = std::fs::read_to_string("/proc/sys/net/core/bpf_jit_enable") {
+                    features.jit.available = v.trim() != "0";
+                    features.jit.detail = if features.jit.available {
+                        String::new()
+                    } else {
+                        "bpf_jit_enable is 0".into()
+                    };
+                }
+            }
+            Ok(features)
+        }
         other => Err(format!("unexpected probe answer: {other:?}")),
     }
 }

@@ -362,6 +362,7 @@ fn measure(
         .iter()
         .map(|n| busy_jiffies(lab, *n))
         .collect::<Result<_, _>>()?;
+    let bw_started = Instant::now();
     let bw_out = loop {
         let out = lab
             .exec(CLIENT, &qperf("tcp_bw"), timeout)
@@ -382,6 +383,7 @@ fn measure(
         .iter()
         .map(|n| busy_jiffies(lab, *n))
         .collect::<Result<_, _>>()?;
+    let wall_s = bw_started.elapsed().as_secs_f64();
     let lat_out = lab
         .exec_ok(CLIENT, &qperf("tcp_lat"), timeout)
         .map_err(|e| format!("{label}: qperf tcp_lat: {e}"))?;
@@ -389,12 +391,18 @@ fn measure(
     let lat = parse_qperf(&lat_out.stdout);
     let bw = report.get("bw").copied();
     let sent = report.get("send_bytes").copied();
-    let busy_s: f64 = before
+    let busy: Vec<f64> = before
         .iter()
         .zip(&after)
         .map(|(b, a)| a.saturating_sub(*b) as f64 / 100.0)
-        .sum();
-    let cpu_s_per_gb = sent.filter(|s| *s > 0.0).map(|s| busy_s / (s / 1e9));
+        .collect();
+    // A guest whose clock jumped (TCG guests drift under load) reports more busy time than
+    // the host's wall clock allows: such a sample says nothing about CPU cost.
+    let plausible = busy.iter().all(|b| *b <= wall_s * 1.5 + 1.0);
+    let busy_s: f64 = busy.iter().sum();
+    let cpu_s_per_gb = sent
+        .filter(|s| *s > 0.0 && plausible)
+        .map(|s| busy_s / (s / 1e9));
     let m = Measurement {
         route: Route::PodToPod,
         mode: Mode::Routing,

@@ -58,7 +58,7 @@ impl Server {
                     let r = Response { id: req.id, reply };
                     if poweroff {
                         write_response(&mut output, &r)?;
-                        self.stop_all();
+                        self.kill_all();
                         sys::poweroff();
                     }
                     r
@@ -142,10 +142,12 @@ impl Server {
         Ok(Reply::Done)
     }
 
-    fn stop_all(&mut self) {
-        let pids: Vec<u32> = self.spawned.keys().copied().collect();
-        for pid in pids {
-            let _ = self.stop(pid, Duration::from_millis(500));
+    /// Before poweroff: no grace, the VM is going away; only its shared-folder writes matter,
+    /// and poweroff syncs those.
+    fn kill_all(&mut self) {
+        for (pid, mut child) in std::mem::take(&mut self.spawned) {
+            let _ = sys::killpg(pid, libc::SIGKILL);
+            let _ = child.wait();
         }
     }
 
@@ -275,16 +277,11 @@ pub struct BootParams {
     pub mtu: Option<u32>,
     /// (virtiofs tag, mount point) pairs.
     pub shares: Vec<(String, String)>,
-    /// Leave TCP segmentation and checksum offloads on (the default) or turn them off.
-    pub offloads: bool,
 }
 
 impl BootParams {
     pub fn parse(cmdline: &str) -> BootParams {
-        let mut p = BootParams {
-            offloads: true,
-            ..BootParams::default()
-        };
+        let mut p = BootParams::default();
         for word in cmdline.split_whitespace() {
             let Some((key, value)) = word.split_once('=') else {
                 continue;
@@ -294,7 +291,6 @@ impl BootParams {
                 "weir.ip" => p.address = Some(value.to_owned()),
                 "weir.gw" => p.gateway = Some(value.to_owned()),
                 "weir.mtu" => p.mtu = value.parse().ok(),
-                "weir.offloads" => p.offloads = value != "off",
                 "weir.share" => p.shares.extend(value.split(',').filter_map(|s| {
                     let (tag, path) = s.split_once(':')?;
                     Some((tag.to_owned(), path.to_owned()))
@@ -387,6 +383,15 @@ mod tests {
         ) else {
             panic!("not spawned");
         };
+        // The program writes to its log while it runs.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("started")
+        {
+            assert!(Instant::now() < deadline, "nothing in the log");
+            std::thread::sleep(Duration::from_millis(20));
+        }
         assert_eq!(
             ask(&mut s, Op::Status { pid }),
             Reply::Status { exited: None }
@@ -405,7 +410,6 @@ mod tests {
             ask(&mut s, Op::Status { pid }),
             Reply::Error { .. }
         ));
-        assert!(std::fs::read_to_string(&log).unwrap().contains("started"));
     }
 
     #[test]
@@ -430,7 +434,7 @@ mod tests {
     #[test]
     fn boot_params() {
         let p = BootParams::parse(
-            "console=ttyS0 weir.hostname=node1 weir.ip=198.18.0.1/24 weir.gw=198.18.0.254 weir.mtu=9000 weir.share=s0:/a/b,s1:/c weir.offloads=off",
+            "console=ttyS0 weir.hostname=node1 weir.ip=198.18.0.1/24 weir.gw=198.18.0.254 weir.mtu=9000 weir.share=s0:/a/b,s1:/c",
         );
         assert_eq!(p.hostname.as_deref(), Some("node1"));
         assert_eq!(p.mtu, Some(9000));
@@ -438,7 +442,6 @@ mod tests {
             p.shares,
             [("s0".into(), "/a/b".into()), ("s1".into(), "/c".into())]
         );
-        assert!(!p.offloads);
-        assert!(BootParams::parse("").offloads);
+        assert_eq!(BootParams::parse(""), BootParams::default());
     }
 }

@@ -29,15 +29,68 @@ const WEIR_MAPS: &[(&str, u32, u32, u32, u32)] = &[
     ("lru_hash", 9, 16, 16, 0),
 ];
 
-/// The tunnel and qdisc modules worth knowing about (loaded at boot if the image carried them).
-const MODULES: &[&str] = &[
-    "vxlan",
-    "ipip",
-    "ip6_tunnel",
-    "sch_ingress",
-    "cls_bpf",
-    "nf_conntrack",
+/// What the tunnels and the qdisc need, proven by making one (a module that is built in has
+/// no /sys/module entry unless it takes parameters, so presence there proves too little):
+/// (name, command that creates it, command that removes it).
+type DeviceProbe = (
+    &'static str,
+    &'static [&'static str],
+    &'static [&'static str],
+);
+const DEVICES: &[DeviceProbe] = &[
+    (
+        "vxlan",
+        &[
+            "ip",
+            "link",
+            "add",
+            "weirprobe0",
+            "type",
+            "vxlan",
+            "id",
+            "42",
+            "dstport",
+            "4789",
+        ],
+        &["ip", "link", "del", "weirprobe0"],
+    ),
+    (
+        "ipip",
+        &[
+            "ip",
+            "link",
+            "add",
+            "weirprobe1",
+            "type",
+            "ipip",
+            "remote",
+            "198.18.255.1",
+        ],
+        &["ip", "link", "del", "weirprobe1"],
+    ),
+    (
+        "ip6_tunnel",
+        &[
+            "ip",
+            "link",
+            "add",
+            "weirprobe2",
+            "type",
+            "ip6tnl",
+            "remote",
+            "fd00::1",
+        ],
+        &["ip", "link", "del", "weirprobe2"],
+    ),
+    (
+        "sch_ingress (clsact)",
+        &["tc", "qdisc", "add", "dev", "lo", "clsact"],
+        &["tc", "qdisc", "del", "dev", "lo", "clsact"],
+    ),
 ];
+
+/// Modules only checked for presence.
+const MODULES: &[&str] = &["nf_conntrack"];
 
 fn insn(code: u8, regs: u8, imm: i32) -> BpfInsn {
     BpfInsn {
@@ -83,6 +136,29 @@ fn probe_tcx() -> Result<(), String> {
         .map_err(|(e, log)| format!("loading a tc program: {e}: {}", log.trim()))?;
     sys::bpf_link_create(&fd, LOOPBACK_IFINDEX, BPF_TCX_INGRESS)
         .map_err(|e| format!("bpf(LINK_CREATE, BPF_TCX_INGRESS): {e}"))
+}
+
+fn run(argv: &[&str]) -> Result<(), String> {
+    let out = std::process::Command::new(argv[0])
+        .args(&argv[1..])
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .output()
+        .map_err(|e| format!("{}: {e}", argv[0]))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{}`: {}",
+            argv.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+fn probe_device(create: &[&str], remove: &[&str]) -> Result<(), String> {
+    run(create)?;
+    let _ = run(remove);
+    Ok(())
 }
 
 fn probe_module(name: &str) -> Result<(), String> {
@@ -134,9 +210,46 @@ pub fn probe() -> Features {
                 )
             })
             .collect(),
-        modules: MODULES
+        modules: DEVICES
             .iter()
-            .map(|m| feature(m, probe_module(m)))
+            .map(|(name, create, remove)| feature(name, probe_device(create, remove)))
+            .chain(MODULES.iter().map(|m| feature(m, probe_module(m))))
             .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn root() -> bool {
+        let root = sys::is_root();
+        if !root {
+            eprintln!("SKIPPED: loading BPF programs needs root");
+        }
+        root
+    }
+
+    #[test]
+    fn known_and_unknown_helpers() {
+        if !root() {
+            return;
+        }
+        assert_eq!(probe_helper(1), Ok(()), "bpf_map_lookup_elem exists");
+        let e = probe_helper(100_000).unwrap_err();
+        assert!(
+            e.contains("invalid func") || e.contains("unknown func"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn weir_maps_can_be_created() {
+        if !root() {
+            return;
+        }
+        for (name, t, k, v, f) in WEIR_MAPS {
+            sys::bpf_map_create(*t, *k, *v, 16, *f).unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
     }
 }

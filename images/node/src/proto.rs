@@ -92,8 +92,12 @@ impl Features {
             .collect()
     }
 
+    /// Whether the kernel can make what module `name` provides (entries are named after
+    /// the module, maybe followed by what was made, as in "sch_ingress (clsact)").
     pub fn has_module(&self, name: &str) -> bool {
-        self.modules.iter().any(|m| m.name == name && m.available)
+        self.modules
+            .iter()
+            .any(|m| m.name.split(' ').next() == Some(name) && m.available)
     }
 }
 

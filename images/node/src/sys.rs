@@ -135,6 +135,11 @@ pub fn poweroff() -> ! {
     std::process::exit(0)
 }
 
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
 pub fn uptime_ms() -> u64 {
     std::fs::read_to_string("/proc/uptime")
         .ok()

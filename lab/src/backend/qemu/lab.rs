@@ -563,11 +563,16 @@ impl Lab for QemuLab {
             return Ok(());
         }
         let mut problems = Vec::new();
+        // Guest processes go with their VM's poweroff; host-side ones (external clients'
+        // workloads) are stopped one by one.
         let procs: Vec<ProcId> = self.procs.keys().rev().copied().collect();
         for p in procs {
+            if matches!(self.procs.get(&p), Some(Proc::Guest { .. })) {
+                self.procs.remove(&p);
+                continue;
+            }
             if let Err(e) = self.stop(p) {
-                // A dead VM takes its processes with it; only host-side leftovers matter.
-                debug!("stopping {p:?}: {e}");
+                problems.push(e.to_string());
             }
         }
         for (_, mut vm) in std::mem::take(&mut self.vms) {

@@ -85,7 +85,7 @@ impl VmOptions {
     pub fn prepare(&self) -> Result<VmSetup, BackendError> {
         let started = Instant::now();
         let kernel_err = |e: weir_kernels::KernelError| BackendError::Io {
-            context: format!("kernel {}", self.kernel.name),
+            context: "fetching".into(),
             source: std::io::Error::other(e.to_string()),
         };
         if !self.kernel.is_vm() {

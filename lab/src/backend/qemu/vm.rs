@@ -208,9 +208,6 @@ impl Vm {
         if !tags.is_empty() {
             append.push_str(&format!(" weir.share={}", tags.join(",")));
         }
-        if !spec.offloads {
-            append.push_str(" weir.offloads=off");
-        }
         let mut net = format!(
             "virtio-net-pci,netdev=net0,mac={},host_mtu={},romfile=",
             spec.mac, spec.host_mtu
