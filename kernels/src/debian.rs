@@ -194,22 +194,25 @@ impl AptRepo {
         })
     }
 
-    /// Follows a meta package (linux-image-cloud-amd64) to the image package it depends on.
-    /// Without `refresh`, a kernel resolved before is taken from the cache with no network.
+    /// Follows a meta package (linux-image-cloud-amd64) to the image package it depends on,
+    /// and that to the packages holding the kernel's parts where Debian splits them (from 7.x:
+    /// linux-binary-R for the image, linux-modules-R, linux-base-R). The image package comes
+    /// first. Without `refresh`, a kernel resolved before is taken from the cache with no
+    /// network.
     pub fn resolve_kernel(
         &self,
         suite: &str,
         package: &str,
         refresh: bool,
-    ) -> Result<DebianPackage> {
+    ) -> Result<Vec<DebianPackage>> {
         let record = self
             .root
             .join("resolved")
             .join(format!("{suite}_{package}"));
         if !refresh {
-            if let Some(pkg) = read_record(&record, suite) {
-                debug!(suite, package, resolved = %pkg.name, "resolved from the cache");
-                return Ok(pkg);
+            if let Some(pkgs) = read_set(&record, suite).filter(|p| !p.is_empty()) {
+                debug!(suite, package, resolved = %pkgs[0].name, "resolved from the cache");
+                return Ok(pkgs);
             }
         }
         self.update(suite, refresh)?;
@@ -222,8 +225,13 @@ impl AptRepo {
                 })?;
             pkg = self.show(suite, &image, version.as_deref())?;
         }
-        write_record(&record, &pkg)?;
-        Ok(pkg)
+        let release = pkg.kernel_release().unwrap_or_default();
+        let mut pkgs = vec![pkg.clone()];
+        for (name, version) in kernel_parts(&pkg.depends, &release) {
+            pkgs.push(self.show(suite, &name, version.as_deref())?);
+        }
+        write_set(&record, &pkgs)?;
+        Ok(pkgs)
     }
 
     /// The verified .deb of `pkg` in the cache, downloaded if missing.
@@ -273,14 +281,28 @@ impl AptRepo {
         Ok(deb)
     }
 
-    /// Downloads (or reuses) `pkg` and unpacks it into `parent/<name_version>`; returns that root.
-    pub fn fetch_and_unpack(&self, pkg: &DebianPackage, parent: &Path) -> Result<PathBuf> {
-        let dest = parent.join(pkg.slug());
+    /// Downloads (or reuses) `pkgs` and unpacks them together into
+    /// `parent/<name>-<digest of their checksums>`; returns that root.
+    pub fn fetch_and_unpack(
+        &self,
+        pkgs: &[DebianPackage],
+        name: &str,
+        parent: &Path,
+    ) -> Result<PathBuf> {
+        let mut hasher = Sha256::new();
+        for p in pkgs {
+            hasher.update(p.sha256.as_bytes());
+        }
+        let digest = hex(&hasher.finalize());
+        let dest = parent.join(format!("{name}-{}", &digest[..12]));
         if dest.is_dir() {
             return Ok(dest);
         }
-        let deb = self.download(pkg)?;
-        unpack_all(&[deb], &dest)?;
+        let debs: Vec<PathBuf> = pkgs
+            .iter()
+            .map(|p| self.download(p))
+            .collect::<Result<_>>()?;
+        unpack_all(&debs, &dest)?;
         Ok(dest)
     }
 
@@ -306,21 +328,7 @@ impl AptRepo {
                 .collect::<Result<_>>()?;
             write_set(&record, &pkgs)?;
         }
-        let mut hasher = Sha256::new();
-        for p in &pkgs {
-            hasher.update(p.sha256.as_bytes());
-        }
-        let digest = hex(&hasher.finalize());
-        let dest = parent.join(format!("{set}-{}", &digest[..12]));
-        if dest.is_dir() {
-            return Ok(dest);
-        }
-        let debs: Vec<PathBuf> = pkgs
-            .iter()
-            .map(|p| self.download(p))
-            .collect::<Result<_>>()?;
-        unpack_all(&debs, &dest)?;
-        Ok(dest)
+        self.fetch_and_unpack(&pkgs, set, parent)
     }
 }
 
@@ -461,6 +469,33 @@ fn image_dependency(depends: &str) -> Option<(String, Option<String>)> {
     })
 }
 
+/// The split-out parts of kernel `release` an image package depends on (Debian 7.x):
+/// `linux-binary-R`, `linux-modules-R` and `linux-base-R`, with their exact versions.
+fn kernel_parts(depends: &str, release: &str) -> Vec<(String, Option<String>)> {
+    if release.is_empty() {
+        return Vec::new();
+    }
+    let wanted: Vec<String> = ["binary", "modules", "base"]
+        .iter()
+        .map(|part| format!("linux-{part}-{release}"))
+        .collect();
+    depends
+        .split(',')
+        .filter_map(|dep| {
+            let dep = dep.split('|').next()?.trim();
+            let (name, rest) = dep.split_once(' ').unwrap_or((dep, ""));
+            if !wanted.iter().any(|w| w == name) {
+                return None;
+            }
+            let version = rest
+                .trim()
+                .strip_prefix("(=")
+                .map(|v| v.trim().trim_end_matches(')').trim().to_owned());
+            Some((name.to_owned(), version))
+        })
+        .collect()
+}
+
 fn record_text(pkg: &DebianPackage) -> String {
     format!(
         "Package: {}\nVersion: {}\nSHA256: {}\n",
@@ -484,12 +519,6 @@ fn parse_records(text: &str, suite: &str) -> Vec<DebianPackage> {
         .collect()
 }
 
-fn read_record(path: &Path, suite: &str) -> Option<DebianPackage> {
-    parse_records(&std::fs::read_to_string(path).ok()?, suite)
-        .into_iter()
-        .next()
-}
-
 fn read_set(path: &Path, suite: &str) -> Option<Vec<DebianPackage>> {
     Some(parse_records(&std::fs::read_to_string(path).ok()?, suite))
 }
@@ -501,10 +530,6 @@ fn write_file(path: &Path, text: &str) -> Result<()> {
     };
     std::fs::create_dir_all(path.parent().unwrap_or(Path::new("."))).map_err(io)?;
     std::fs::write(path, text).map_err(io)
-}
-
-fn write_record(path: &Path, pkg: &DebianPackage) -> Result<()> {
-    write_file(path, &record_text(pkg))
 }
 
 fn write_set(path: &Path, pkgs: &[DebianPackage]) -> Result<()> {
@@ -588,6 +613,23 @@ mod tests {
             Some(("linux-image-7.2.13+deb14-cloud-amd64".into(), Some("7.2.13-1".into())))
         );
         assert_eq!(image_dependency("kmod, linux-base (>= 4.3~)"), None);
+    }
+
+    #[test]
+    fn split_kernel_parts() {
+        let deps = "dracut | initramfs-tools (>= 0.120+deb8u2) | linux-initramfs-tool, linux-base-7.2.13+deb14-cloud-amd64 (= 7.2.13-1), linux-binary-7.2.13+deb14-cloud-amd64 (= 7.2.13-1), linux-modules-7.2.13+deb14-cloud-amd64 (= 7.2.13-1)";
+        let parts = kernel_parts(deps, "7.2.13+deb14-cloud-amd64");
+        let names: Vec<&str> = parts.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "linux-base-7.2.13+deb14-cloud-amd64",
+                "linux-binary-7.2.13+deb14-cloud-amd64",
+                "linux-modules-7.2.13+deb14-cloud-amd64"
+            ]
+        );
+        assert_eq!(parts[0].1.as_deref(), Some("7.2.13-1"));
+        assert!(kernel_parts("kmod, linux-base (>= 4.3~)", "6.1.0-50-cloud-amd64").is_empty());
     }
 
     #[test]

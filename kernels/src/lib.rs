@@ -277,29 +277,34 @@ impl Fetcher {
         match &entry.source {
             Source::Debian { suite, package } => {
                 let apt = self.apt();
-                let pkg = apt.resolve_kernel(suite, package, self.refresh)?;
-                let root = apt.fetch_and_unpack(&pkg, &self.cache.join("kernels"))?;
+                let pkgs = apt.resolve_kernel(suite, package, self.refresh)?;
+                let pkg = pkgs[0].clone();
+                let root = apt.fetch_and_unpack(&pkgs, &pkg.slug(), &self.cache.join("kernels"))?;
                 let release = pkg.kernel_release().ok_or_else(|| {
                     unavailable(format!("cannot tell the release from {}", pkg.name))
                 })?;
-                let image = root.join("boot").join(format!("vmlinuz-{release}"));
-                if !image.is_file() {
-                    return Err(unavailable(format!(
-                        "{} has no {}",
-                        pkg.name,
-                        image.display()
-                    )));
-                }
-                let config = root.join("boot").join(format!("config-{release}"));
+                let layout = DebianLayout::find(&root, &release).ok_or_else(|| {
+                    unavailable(format!(
+                        "no kernel image in {} (looked for boot/vmlinuz-{release} and usr/lib/modules/{release}/vmlinuz)",
+                        root.display()
+                    ))
+                })?;
                 Ok(Kernel {
                     name: entry.name.clone(),
                     release,
-                    image,
-                    modules_root: Some(root),
-                    config: config.is_file().then_some(config),
+                    image: layout.image,
+                    modules_root: Some(layout.modules_root),
+                    config: layout.config,
                     provenance: format!(
-                        "Debian {suite} {} {} (sha256 {})",
-                        pkg.name, pkg.version, pkg.sha256
+                        "Debian {suite} {} {} (sha256 {}{})",
+                        pkg.name,
+                        pkg.version,
+                        pkg.sha256,
+                        if pkgs.len() > 1 {
+                            format!(", with {} part package(s)", pkgs.len() - 1)
+                        } else {
+                            String::new()
+                        }
                     ),
                 })
             }
@@ -344,6 +349,41 @@ impl Fetcher {
                     .unwrap_or("building Nix kernels is not wired up yet")
             ))),
         }
+    }
+}
+
+/// Where an unpacked Debian kernel keeps its parts: up to 6.x `boot/vmlinuz-R`,
+/// `boot/config-R` and `lib/modules/R`; from 7.x all under `usr/lib/modules/R`.
+struct DebianLayout {
+    image: PathBuf,
+    config: Option<PathBuf>,
+    /// The directory `lib/modules/R` is under (what modprobe's `-d` wants).
+    modules_root: PathBuf,
+}
+
+impl DebianLayout {
+    fn find(root: &Path, release: &str) -> Option<DebianLayout> {
+        let classic = root.join("boot").join(format!("vmlinuz-{release}"));
+        if classic.is_file() {
+            let config = root.join("boot").join(format!("config-{release}"));
+            return Some(DebianLayout {
+                image: classic,
+                config: config.is_file().then_some(config),
+                modules_root: root.to_owned(),
+            });
+        }
+        let usr = root.join("usr");
+        let dir = usr.join("lib").join("modules").join(release);
+        let image = dir.join("vmlinuz");
+        if image.is_file() {
+            let config = dir.join("config");
+            return Some(DebianLayout {
+                image,
+                config: config.is_file().then_some(config),
+                modules_root: usr,
+            });
+        }
+        None
     }
 }
 
@@ -414,6 +454,27 @@ mod tests {
         assert!(e.contains("no nix"), "{e}");
         let e = f.fetch(m.get("l").unwrap()).unwrap_err().to_string();
         assert!(e.contains("/nonexistent/vmlinuz"), "{e}");
+    }
+
+    #[test]
+    fn both_debian_layouts() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = dir.path().join("old");
+        std::fs::create_dir_all(old.join("boot")).unwrap();
+        std::fs::write(old.join("boot/vmlinuz-6.1.0-1-cloud-amd64"), b"k").unwrap();
+        std::fs::write(old.join("boot/config-6.1.0-1-cloud-amd64"), b"c").unwrap();
+        let l = DebianLayout::find(&old, "6.1.0-1-cloud-amd64").unwrap();
+        assert_eq!(l.modules_root, old);
+        assert!(l.config.is_some());
+        let new = dir.path().join("new");
+        let mods = new.join("usr/lib/modules/7.2.13+deb14-cloud-amd64");
+        std::fs::create_dir_all(&mods).unwrap();
+        std::fs::write(mods.join("vmlinuz"), b"k").unwrap();
+        let l = DebianLayout::find(&new, "7.2.13+deb14-cloud-amd64").unwrap();
+        assert_eq!(l.modules_root, new.join("usr"));
+        assert_eq!(l.image, mods.join("vmlinuz"));
+        assert!(l.config.is_none());
+        assert!(DebianLayout::find(dir.path(), "x").is_none());
     }
 
     #[test]
