@@ -105,7 +105,7 @@ fn kernel_table(h: &mut String, r: &MatrixReport) {
         missing.extend(k.missing_config.iter().map(|c| format!("config {c}")));
         let _ = write!(
             h,
-            "<tr><th>{}</th><td>{}<div class=\"muted\">{}</div></td><td>{}{}</td><td>{}<div class=\"muted\">{}</div></td><td>{}</td><td>{}</td><td>{:.0} s</td><td>{}</td><td class=\"reason\">{}</td></tr>",
+            "<tr><th>{}</th><td>{}<div class=\"muted\">{}</div></td><td>{}{}</td><td>{}<div class=\"muted\" title=\"{}\">{}</div></td><td>{}</td><td>{}</td><td>{:.0} s</td><td>{}</td><td class=\"reason\">{}</td></tr>",
             esc(&k.name),
             esc(&k.source),
             esc(k.provenance.as_deref().unwrap_or("")),
@@ -116,6 +116,7 @@ fn kernel_table(h: &mut String, r: &MatrixReport) {
                 .unwrap_or_default(),
             esc(k.backend.as_deref().unwrap_or("-")),
             esc(k.accel.as_deref().unwrap_or("")),
+            esc(k.accel.as_deref().unwrap_or("").split(" (").next().unwrap_or("")),
             opt(k.boot_s, "s"),
             opt(k.prepare_s, "s"),
             k.wall_s,
@@ -190,6 +191,17 @@ fn label(m: &Measurement) -> String {
     format!("{mode} {route} mtu {}", m.mtu)
 }
 
+/// Three significant digits or so, without trailing noise.
+fn number(v: f64) -> String {
+    if v.abs() >= 100.0 {
+        format!("{v:.0}")
+    } else if v.abs() >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
 /// A horizontal bar chart: one bar per (label, value); values scaled to the largest.
 fn bar_chart(title: &str, unit: &str, bars: &[(String, f64)]) -> String {
     let max = bars.iter().map(|b| b.1).fold(0.0_f64, f64::max);
@@ -219,11 +231,12 @@ fn bar_chart(title: &str, unit: &str, bars: &[(String, f64)]) -> String {
         };
         let _ = write!(
             s,
-            "<text x=\"0\" y=\"{}\" font-size=\"12\">{}</text><rect x=\"{label_w}\" y=\"{y}\" width=\"{w:.1}\" height=\"16\" fill=\"{color}\"/><text x=\"{}\" y=\"{}\" font-size=\"12\">{v:.2} {}</text>",
+            "<text x=\"0\" y=\"{}\" font-size=\"12\">{}</text><rect x=\"{label_w}\" y=\"{y}\" width=\"{w:.1}\" height=\"16\" fill=\"{color}\"/><text x=\"{}\" y=\"{}\" font-size=\"12\">{} {}</text>",
             y + 12,
             esc(name),
             label_w as f64 + w + 4.0,
             y + 12,
+            number(*v),
             esc(unit)
         );
     }
@@ -240,7 +253,24 @@ fn throughput_section(h: &mut String, r: &MatrixReport) {
     if with.is_empty() {
         return;
     }
-    h.push_str("<h2>Throughput and latency</h2><p>qperf tcp_bw and tcp_lat, pod on node 1 to pod on node 2, directly and through a ClusterIP; plain routing (no agent) next to Weir in the same lab. Under TCG the absolute numbers mean little: compare the ratios.</p>");
+    h.push_str("<h2>Throughput and latency</h2><p>qperf tcp_bw and tcp_lat, pod on node 1 to pod on node 2, directly and through a ClusterIP; plain routing (no agent) next to Weir in the same lab, in alternating rounds (medians shown). Under TCG the absolute numbers mean little: compare the ratios.</p>");
+    // Across kernels: Weir through a ClusterIP against plain routing pod to pod.
+    let across: Vec<(String, f64)> = with
+        .iter()
+        .flat_map(|k| {
+            k.ratios
+                .iter()
+                .filter(|r| r.route == Route::ClusterIp && r.mode == Mode::Weir)
+                .filter_map(move |r| Some((format!("weir {} mtu {}", k.name, r.mtu), r.bandwidth?)))
+        })
+        .collect();
+    if !across.is_empty() {
+        h.push_str(&bar_chart(
+            "Weir through a ClusterIP: bandwidth relative to plain routing (1.0 = as fast)",
+            "x",
+            &across,
+        ));
+    }
     for k in with {
         let _ = write!(h, "<h3>{}</h3>", esc(&k.name));
         let ok: Vec<&Measurement> = k
