@@ -293,7 +293,7 @@ fn throughput_section(h: &mut String, r: &MatrixReport) {
         h.push_str(&bar_chart("bandwidth", "Gb/s", &bw));
         h.push_str(&bar_chart("latency (lower is better)", "µs", &lat));
         h.push_str(&bar_chart(
-            "guest CPU per GB (lower is better)",
+            "CPU per GB (VMs: their QEMU processes; host: machine-wide; lower is better)",
             "s/GB",
             &cpu,
         ));

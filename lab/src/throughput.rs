@@ -1,7 +1,9 @@
 //! The throughput scenario: qperf `tcp_bw` and `tcp_lat` from a pod on node 1 to a pod on
 //! node 2, directly (pod to pod) and through a ClusterIP, with plain routing (no agent) and with
-//! Weir, at each MTU asked for, on whatever backend the caller gives. CPU cost is the guests'
-//! busy time (from /proc/stat on both nodes) per GB sent.
+//! Weir, at each MTU asked for, on whatever backend the caller gives. CPU cost per GB sent is
+//! what the lab's VMs cost the host (their QEMU processes' CPU time) where the backend can
+//! tell ([`Lab::cpu_time`]), else the nodes' busy time from /proc/stat (machine-wide on the
+//! namespace backend, so other load on the machine counts too).
 //!
 //! Absolute numbers under TCG mean little; what the report shows are ratios of measurements
 //! taken in the same lab, one after the other: Weir against plain routing on the same path.
@@ -51,7 +53,8 @@ pub struct Measurement {
     pub mtu: u32,
     pub bandwidth_gbps: Option<f64>,
     pub latency_us: Option<f64>,
-    /// Guest CPU seconds (both nodes, busy time) per GB sent during tcp_bw.
+    /// CPU seconds per GB sent during tcp_bw: the VMs' QEMU processes on the host, or the
+    /// nodes' busy time where the backend cannot tell its own work apart.
     pub cpu_s_per_gb: Option<f64>,
     pub skipped: Option<String>,
 }
@@ -358,6 +361,7 @@ fn measure(
     };
     // The server may still be starting: retry the first contact for a while.
     let deadline = Instant::now() + Duration::from_secs(20) * lab.slowdown();
+    let host_before = lab.cpu_time();
     let before: Vec<u64> = nodes
         .iter()
         .map(|n| busy_jiffies(lab, *n))
@@ -384,25 +388,35 @@ fn measure(
         .map(|n| busy_jiffies(lab, *n))
         .collect::<Result<_, _>>()?;
     let wall_s = bw_started.elapsed().as_secs_f64();
+    let host_after = lab.cpu_time();
     let lat_out = lab
         .exec_ok(CLIENT, &qperf("tcp_lat"), timeout)
         .map_err(|e| format!("{label}: qperf tcp_lat: {e}"))?;
     let report = parse_qperf(&bw_out.stdout);
     let lat = parse_qperf(&lat_out.stdout);
     let bw = report.get("bw").copied();
-    let sent = report.get("send_bytes").copied();
+    // Bytes moved: the measured rate over the test's length. (qperf's send_bytes sometimes
+    // counts a single message when the client is starved, which would make the cost absurd.)
+    let sent = bw.map(|rate| rate * f64::from(seconds));
     let busy: Vec<f64> = before
         .iter()
         .zip(&after)
         .map(|(b, a)| a.saturating_sub(*b) as f64 / 100.0)
         .collect();
-    // A guest whose clock jumped (TCG guests drift under load) reports more busy time than
-    // the host's wall clock allows: such a sample says nothing about CPU cost.
-    let plausible = busy.iter().all(|b| *b <= wall_s * 1.5 + 1.0);
-    let busy_s: f64 = busy.iter().sum();
-    let cpu_s_per_gb = sent
-        .filter(|s| *s > 0.0 && plausible)
-        .map(|s| busy_s / (s / 1e9));
+    // VMs: what their QEMU processes cost the host, which the host accounts reliably.
+    // Elsewhere the hosts' own busy time; a guest whose ticks went missing or whose clock
+    // jumped reports none or more than the wall clock allows, and such a sample is dropped.
+    let busy_s = match (host_before, host_after) {
+        (Some(b), Some(a)) => Some(a.saturating_sub(b).as_secs_f64()),
+        _ => {
+            let plausible = busy.iter().all(|b| *b > 0.0 && *b <= wall_s * 1.5 + 1.0);
+            plausible.then(|| busy.iter().sum())
+        }
+    };
+    let cpu_s_per_gb = match (sent, busy_s) {
+        (Some(s), Some(b)) if s > 0.0 && b > 0.0 => Some(b / (s / 1e9)),
+        _ => None,
+    };
     let m = Measurement {
         route: Route::PodToPod,
         mode: Mode::Routing,

@@ -165,6 +165,13 @@ pub trait Lab {
         1
     }
 
+    /// CPU time the lab's hosts have used so far, as the host machine accounts it (a VM's
+    /// QEMU process), or None where the lab's work cannot be told apart from the rest of the
+    /// machine (namespaces share the host's kernel with everything else).
+    fn cpu_time(&mut self) -> Option<Duration> {
+        None
+    }
+
     /// [`Lab::exec`] that fails unless the command exits 0.
     fn exec_ok(
         &mut self,

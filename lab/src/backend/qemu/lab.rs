@@ -550,6 +550,12 @@ impl Lab for QemuLab {
         }
     }
 
+    /// The QEMU processes' CPU time: what the VMs cost the host, emulation included. (Guests'
+    /// own /proc/stat is unreliable under TCG: their timer ticks go missing on a busy host.)
+    fn cpu_time(&mut self) -> Option<Duration> {
+        self.vms.values().map(Vm::cpu_time).sum()
+    }
+
     /// TCG runs guest code several times slower than the host (more on a busy host).
     fn slowdown(&self) -> u32 {
         match self.setup.accel {

@@ -282,6 +282,13 @@ impl Vm {
         self.qemu.as_ref().map(|c| c.id())
     }
 
+    /// User plus system time of the QEMU process (all its threads), from /proc/PID/stat.
+    pub fn cpu_time(&self) -> Option<Duration> {
+        let pid = self.pid()?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        proc_stat_cpu(&stat)
+    }
+
     pub fn uptime(&self) -> Duration {
         self.started.elapsed()
     }
@@ -482,6 +489,19 @@ fn wait_for_path(path: &Path, limit: Duration) -> bool {
     false
 }
 
+/// utime + stime of a /proc/PID/stat line. Fields count after the command name, which is in
+/// parentheses and may hold spaces.
+fn proc_stat_cpu(stat: &str) -> Option<Duration> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // rest[0] is field 3 (state); utime and stime are fields 14 and 15.
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    // Linux reports these in USER_HZ, which is 100 on every architecture it builds for x86.
+    const USER_HZ: u64 = 100;
+    Some(Duration::from_millis((utime + stime) * 1000 / USER_HZ))
+}
+
 /// The first console line that shows a panic or oops.
 pub fn panic_line(console: &str) -> Option<String> {
     console
@@ -503,6 +523,13 @@ fn console_tail(console: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn process_cpu_time() {
+        let stat = "4242 (qemu-system-x86 x) S 1 4242 4242 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 3 0 100 0 0";
+        assert_eq!(proc_stat_cpu(stat), Some(Duration::from_millis(3000)));
+        assert_eq!(proc_stat_cpu("garbage"), None);
+    }
 
     #[test]
     fn panics_are_recognised() {
