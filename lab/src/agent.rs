@@ -132,8 +132,9 @@ pub fn dump(
         .arg("--pin-dir")
         .arg(agent.pin_dir.display().to_string())
         .arg("--json");
+    let timeout = DUMP_TIMEOUT * lab.slowdown();
     let out = lab
-        .exec(agent.node, &cmd, DUMP_TIMEOUT)
+        .exec(agent.node, &cmd, timeout)
         .map_err(|e| e.to_string())?;
     if !out.success() {
         return Err(format!(

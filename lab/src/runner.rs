@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 use crate::agent::{self, Agents};
-use crate::backend::{BackendError, BackendKind, Lab};
+use crate::backend::{Backend, BackendError, BackendKind, Lab};
 use crate::checks::{self, CheckCtx};
 use crate::events::{Event, Events};
 use crate::k8s;
@@ -97,6 +97,17 @@ impl Tally {
 
 /// Runs the scenarios one after another; true if all passed.
 pub fn run_all(files: &[ScenarioFile], opts: &RunOptions, events: &mut Events) -> Tally {
+    let backend = opts.backend.instantiate();
+    run_all_with(files, opts, backend.as_ref(), events)
+}
+
+/// [`run_all`] on a backend built by the caller (the kernel matrix gives each kernel its own).
+pub fn run_all_with(
+    files: &[ScenarioFile],
+    opts: &RunOptions,
+    backend: &dyn Backend,
+    events: &mut Events,
+) -> Tally {
     let started = Instant::now();
     events.emit(Event::SuiteStarted {
         backend: opts.backend.to_string(),
@@ -104,7 +115,7 @@ pub fn run_all(files: &[ScenarioFile], opts: &RunOptions, events: &mut Events) -
     });
     let mut tally = Tally::default();
     for file in files {
-        run_file(file, opts, events, &mut tally);
+        run_file(file, opts, backend, events, &mut tally);
     }
     events.emit(Event::SuiteFinished {
         checks_passed: tally.checks_passed,
@@ -119,7 +130,13 @@ pub fn run_all(files: &[ScenarioFile], opts: &RunOptions, events: &mut Events) -
 
 static RUN_SEQ: AtomicU32 = AtomicU32::new(0);
 
-fn run_file(file: &ScenarioFile, opts: &RunOptions, events: &mut Events, tally: &mut Tally) {
+fn run_file(
+    file: &ScenarioFile,
+    opts: &RunOptions,
+    backend: &dyn Backend,
+    events: &mut Events,
+    tally: &mut Tally,
+) {
     let started = Instant::now();
     let name = file.name();
     let scenario = match &file.scenario {
@@ -160,6 +177,7 @@ fn run_file(file: &ScenarioFile, opts: &RunOptions, events: &mut Events, tally: 
     let mut run = ScenarioRun {
         scenario,
         opts,
+        backend,
         run_id,
         run_dir: run_dir.clone(),
         events,
@@ -207,6 +225,7 @@ fn run_file(file: &ScenarioFile, opts: &RunOptions, events: &mut Events, tally: 
 struct ScenarioRun<'a> {
     scenario: &'a Scenario,
     opts: &'a RunOptions,
+    backend: &'a dyn Backend,
     run_id: String,
     run_dir: PathBuf,
     events: &'a mut Events,
@@ -240,7 +259,7 @@ impl ScenarioRun<'_> {
         }
 
         let t = Instant::now();
-        let backend = self.opts.backend.instantiate();
+        let backend = self.backend;
         self.lab = Some(backend.create(&plan, &self.run_dir)?);
         self.step(
             format!(
@@ -258,7 +277,8 @@ impl ScenarioRun<'_> {
         let ports = workloads::pod_ports(scenario, &plan);
         let lab = self.lab.as_deref_mut().expect("lab built above");
         let (nginx, udp) = workloads::start(lab, &plan, &ports, &self.run_dir)?;
-        workloads::wait_listening(lab, &plan, &ports, LISTEN_TIMEOUT, &self.run_dir)
+        let listen_timeout = LISTEN_TIMEOUT * lab.slowdown();
+        workloads::wait_listening(lab, &plan, &ports, listen_timeout, &self.run_dir)
             .map_err(RunError::Setup)?;
         self.step(
             format!("workloads listening: {nginx} nginx, {udp} udp echo"),
@@ -291,8 +311,8 @@ impl ScenarioRun<'_> {
             )?;
             let agents = self.agents.insert(agents);
             let expected = agent::expected_frontends(scenario, &endpoints);
-            agent::wait_ready(lab, agents, &expected, scenario.agent.ready_timeout)
-                .map_err(RunError::Setup)?;
+            let ready_timeout = scenario.agent.ready_timeout * lab.slowdown();
+            agent::wait_ready(lab, agents, &expected, ready_timeout).map_err(RunError::Setup)?;
             self.step(
                 format!(
                     "agents ready on {} node(s): {} frontend(s) programmed",

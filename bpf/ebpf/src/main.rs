@@ -38,7 +38,7 @@ use weir_common::{
 };
 
 use crate::lb::{select_backend, NO_BACKEND};
-use crate::maps::{count, node_config, BACKENDS, CONNTRACK, HOST_ADDRS, SERVICES};
+use crate::maps::{count, node_config, BACKENDS, CONNTRACK, HOST_ADDRS, SCRATCH, SERVICES};
 use crate::packet::{
     ct_key, ktime, load, parse, rewrite_l4, swap_macs, Ip, NotForUs, Side, TCP_FLAGS, TCP_MIN_HLEN,
     UDP_HLEN,
@@ -167,6 +167,7 @@ fn tcp_seen_bits(flags: u8) -> u8 {
 }
 
 /// The facts of a TCP or UDP packet the flow path needs beyond its IP header.
+#[repr(C)]
 pub struct Flow {
     pub key: CtKey,
     pub now: u64,
@@ -205,7 +206,16 @@ fn flow_inner(
     } else {
         0
     };
-    let mut flow = Flow {
+    // The flow's facts live in a per-CPU scratch slot, not on the stack: older verifiers
+    // (5.10, 6.1) count every frame of the call chain whole, and this one would push the chain
+    // flow -> apply -> rewrite past 512 bytes.
+    let Some(flow) = SCRATCH.get_ptr_mut(0) else {
+        return Err(counter::DROP_CT_FULL);
+    };
+    // SAFETY: a per-CPU slot, used by one program run at a time on this CPU (tc programs do
+    // not nest), and only within this run.
+    let flow = unsafe { &mut *flow };
+    *flow = Flow {
         key: ct_key(ip, sport_be, dport_be),
         now: ktime(),
         sport_be,
@@ -237,7 +247,7 @@ fn flow_inner(
     };
     // A DSR packet was sent here because this node has a backend: only local ones qualify.
     let local_only = service.flags & service_flags::LOCAL_ONLY != 0 || from_tunnel.is_some();
-    let backend_id = select_backend(ip, &flow, service, local_only)?;
+    let backend_id = select_backend(ip, flow, service, local_only)?;
     if backend_id == NO_BACKEND {
         return Ok(Verdict::reject());
     }
@@ -252,7 +262,7 @@ fn flow_inner(
         && backend.flags & backend_flags::LOCAL == 0
         && backend.node_family != 0
         && config.tunnel_ifindex != 0;
-    let outcome = new_flow(ip, &flow, backend)?;
+    let outcome = new_flow(ip, flow, backend)?;
     // The entry now exists (ours, or another CPU's that won the race): translate as it says.
     let Some(entry) = CONNTRACK.get_ptr(&flow.key) else {
         return Err(counter::DROP_CT_FULL);

@@ -46,6 +46,10 @@ pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
 #[map(name = "WEIR_COUNTERS")]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
 
+/// Per-packet working memory that would not fit the verifier's stack budget; never pinned.
+#[map(name = "WEIR_SCRATCH")]
+pub static SCRATCH: PerCpuArray<crate::Flow> = PerCpuArray::with_max_entries(1, 0);
+
 #[inline(always)]
 pub fn count(index: u32) {
     if let Some(slot) = COUNTERS.get_ptr_mut(index) {

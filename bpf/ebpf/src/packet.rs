@@ -308,8 +308,8 @@ fn rewrite(ctx: &TcContext, ip: &mut Ip, to: &Rewrite) -> Result<(), u32> {
     let (side, new_addr, new_port_be) = (to.side, &to.addr, to.port_be);
     let (saddr_off, daddr_off) = addr_offsets(ip.family);
     let (addr_off, port_off, old_addr) = match side {
-        Side::Source => (saddr_off, ip.l4_off, ip.saddr),
-        Side::Destination => (daddr_off, ip.l4_off + 2, ip.daddr),
+        Side::Source => (saddr_off, ip.l4_off, &ip.saddr),
+        Side::Destination => (daddr_off, ip.l4_off + 2, &ip.daddr),
     };
     let old_port: u16 = load(ctx, port_off)?;
     let (csum_off, mangled) = l4_csum(ip);

@@ -5,6 +5,7 @@
 //! namespace inside it, and files live on a folder shared with the guests at the same path.
 
 pub mod netns;
+pub mod qemu;
 
 use std::fmt;
 use std::path::Path;
@@ -158,6 +159,19 @@ pub trait Lab {
     /// Stops every process and removes every host. Idempotent.
     fn teardown(&mut self) -> Result<(), BackendError>;
 
+    /// How many times slower than the host's own kernel this lab runs programs (emulated
+    /// CPUs): readiness waits written for namespaces are stretched by it. Checks keep theirs.
+    fn slowdown(&self) -> u32 {
+        1
+    }
+
+    /// CPU time the lab's hosts have used so far, as the host machine accounts it (a VM's
+    /// QEMU process), or None where the lab's work cannot be told apart from the rest of the
+    /// machine (namespaces share the host's kernel with everything else).
+    fn cpu_time(&mut self) -> Option<Duration> {
+        None
+    }
+
     /// [`Lab::exec`] that fails unless the command exits 0.
     fn exec_ok(
         &mut self,
@@ -193,12 +207,18 @@ pub trait Backend {
 pub enum BackendKind {
     /// Network namespaces on the host kernel: fast, no VMs.
     Netns,
+    /// One QEMU VM per node ($WEIR_LAB_KERNEL of kernels/matrix.toml, default debian-6.1).
+    Qemu,
 }
 
 impl BackendKind {
     pub fn instantiate(self) -> Box<dyn Backend> {
         match self {
             BackendKind::Netns => Box::new(netns::NetnsBackend::new()),
+            BackendKind::Qemu => match qemu::QemuBackend::from_defaults() {
+                Ok(b) => Box::new(b),
+                Err(e) => Box::new(qemu::Unavailable(e.to_string())),
+            },
         }
     }
 }
@@ -207,6 +227,7 @@ impl fmt::Display for BackendKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             BackendKind::Netns => f.write_str("netns"),
+            BackendKind::Qemu => f.write_str("qemu"),
         }
     }
 }

@@ -386,7 +386,7 @@ impl Drop for NetnsLab {
     }
 }
 
-fn describe(status: ExitStatus) -> String {
+pub(crate) fn describe(status: ExitStatus) -> String {
     match (status.code(), status.signal()) {
         (Some(c), _) => format!("exited with status {c}"),
         (None, Some(s)) => format!("killed by signal {s}"),
@@ -396,7 +396,7 @@ fn describe(status: ExitStatus) -> String {
 
 /// Sets up a child between fork and exec: it dies with the lab (so a crashed or interrupted lab
 /// leaves no workloads behind, and with them goes every namespace) and joins `netns`.
-fn prepare_child(command: &mut Command, netns: Option<RawFd>) {
+pub(crate) fn prepare_child(command: &mut Command, netns: Option<RawFd>) {
     let lab_pid = std::process::id() as libc::pid_t;
     // SAFETY: the hook runs in the forked child before exec, where only async-signal-safe work is
     // allowed: it makes three plain system calls and builds errors without allocating. The fd
@@ -430,7 +430,7 @@ fn prepare_child(command: &mut Command, netns: Option<RawFd>) {
 /// Runs a command to completion in its own process group, killing the group on timeout.
 /// Output goes to anonymous files, so a chatty command cannot block on a full pipe while we
 /// wait for it.
-fn run(
+pub(crate) fn run(
     host: &str,
     netns: Option<&Path>,
     cmd: &Cmd,
@@ -518,7 +518,7 @@ fn read_all(file: &mut File) -> String {
 
 /// SIGTERM to the whole process group, SIGKILL after `grace`. The group is signalled while its
 /// leader is still unreaped, so the group id cannot have been reused by then.
-fn stop_group(child: &mut Child, grace: Duration) -> std::io::Result<()> {
+pub(crate) fn stop_group(child: &mut Child, grace: Duration) -> std::io::Result<()> {
     let pgid = Pid::from_raw(child.id() as i32);
     if child.try_wait()?.is_some() {
         // Forked helpers (socat's per-datagram children) may outlive their leader.

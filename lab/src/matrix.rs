@@ -1,0 +1,589 @@
+//! `weir-lab matrix`: a suite across the kernel matrix.
+//!
+//! For every kernel: fetch it (cached), check its config, boot one VM and probe what it offers
+//! Weir, run the suite's scenarios on VMs of that kernel (the host kernel runs them on
+//! namespaces), and measure throughput. The result is one [`MatrixReport`], written as
+//! report.json and as a self-contained HTML page (see [`crate::report_html`]).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use weir_kernels::{KernelConfig, KernelEntry, Matrix, ModuleSet, Source};
+use weir_node_image::proto::Features;
+
+use crate::backend::netns::NetnsBackend;
+use crate::backend::qemu::{self, QemuBackend, VmOptions, VmSetup};
+use crate::backend::{Backend, BackendKind};
+use crate::events::{Event, Events, Recorder};
+use crate::report::{JsonReporter, TerminalReporter};
+use crate::runner::{self, RunOptions, ScenarioFile};
+use crate::throughput::{self, Measurement, Ratio, ThroughputOptions};
+
+#[derive(Clone, Debug)]
+pub struct MatrixOptions {
+    /// Kernels to run, by name; empty means the matrix's defaults.
+    pub kernels: Vec<String>,
+    pub report_dir: PathBuf,
+    pub agent: PathBuf,
+    /// The guest init (weir-node-init).
+    pub init: PathBuf,
+    pub cache: PathBuf,
+    pub throughput: Option<ThroughputOptions>,
+    /// virtio-net checksum/segmentation offloads for the scenario VMs.
+    pub offloads: bool,
+    pub keep: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Pass,
+    Fail,
+    Skip,
+}
+
+/// One scenario on one kernel.
+#[derive(Clone, Debug, Serialize)]
+pub struct Cell {
+    pub scenario: String,
+    pub status: Status,
+    pub reason: Option<String>,
+    pub duration_s: f64,
+    pub checks_passed: usize,
+    pub checks_failed: usize,
+    pub checks_not_run: usize,
+    /// Each check's title, whether it passed, and what was seen or why it failed.
+    pub checks: Vec<(String, bool, String)>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct KernelReport {
+    pub name: String,
+    pub version: String,
+    pub source: String,
+    pub default: bool,
+    /// "ran", or "unavailable" with the reason.
+    pub status: String,
+    pub reason: Option<String>,
+    pub backend: Option<String>,
+    pub release: Option<String>,
+    pub provenance: Option<String>,
+    pub accel: Option<String>,
+    pub prepare_s: Option<f64>,
+    /// One VM, QEMU start to the init's first answer.
+    pub boot_s: Option<f64>,
+    pub wall_s: f64,
+    /// Required config options the kernel does not have.
+    pub missing_config: Vec<String>,
+    pub features: Option<Features>,
+    /// TCX or clsact: how the agent attaches its programs here.
+    pub attach_mode: Option<String>,
+    /// Features Weir's programs need that this kernel lacks, by name, with why.
+    pub missing_features: Vec<String>,
+    pub modules: Option<ModuleSet>,
+    pub cells: Vec<Cell>,
+    pub throughput: Vec<Measurement>,
+    pub ratios: Vec<Ratio>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct MatrixReport {
+    pub weir_lab_version: &'static str,
+    pub started_unix_s: u64,
+    pub duration_s: f64,
+    /// No scenario failed on a kernel that ran (skips and unavailable kernels do not fail it).
+    pub passed: bool,
+    pub suite: String,
+    pub scenarios: Vec<String>,
+    pub kernels: Vec<KernelReport>,
+}
+
+/// Modules a scenario needs, by the naming convention of the scenario files: a scenario whose
+/// name mentions a tunnel runs only where the kernel has its module, and is skipped (with that
+/// reason) elsewhere.
+pub fn required_modules(scenario: &str) -> Vec<&'static str> {
+    let mut m = Vec::new();
+    if scenario.contains("vxlan") {
+        m.push("vxlan");
+    }
+    if scenario.contains("ipip") {
+        m.push("ipip");
+    }
+    if scenario.contains("ip6tnl") || scenario.contains("ip6-tunnel") {
+        m.push("ip6_tunnel");
+    }
+    m
+}
+
+fn file_name(f: &ScenarioFile) -> String {
+    match &f.scenario {
+        Ok(s) => s.name.clone(),
+        Err(_) => f
+            .path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+    }
+}
+
+fn say(msg: &str) {
+    println!("[matrix] {msg}");
+}
+
+/// Runs `files` on every kernel asked for and returns the report (not yet written).
+pub fn run(
+    matrix: &Matrix,
+    files: &[ScenarioFile],
+    suite: &str,
+    opts: &MatrixOptions,
+) -> Result<MatrixReport, String> {
+    let started = Instant::now();
+    let entries: Vec<KernelEntry> = if opts.kernels.is_empty() {
+        matrix.defaults().cloned().collect()
+    } else {
+        opts.kernels
+            .iter()
+            .map(|k| matrix.get(k).cloned().map_err(|e| e.to_string()))
+            .collect::<Result<_, _>>()?
+    };
+    let names: Vec<String> = files.iter().map(file_name).collect();
+    let mut kernels = Vec::new();
+    for entry in &entries {
+        say(&format!(
+            "kernel {} ({}): starting",
+            entry.name,
+            source_text(&entry.source)
+        ));
+        let report = run_kernel(entry, files, opts);
+        let (pass, fail, skip) =
+            report
+                .cells
+                .iter()
+                .fold((0, 0, 0), |(p, f, s), c| match c.status {
+                    Status::Pass => (p + 1, f, s),
+                    Status::Fail => (p, f + 1, s),
+                    Status::Skip => (p, f, s + 1),
+                });
+        say(&format!(
+            "kernel {}: {} in {:.0} s: {pass} passed, {fail} failed, {skip} skipped{}",
+            entry.name,
+            report.status,
+            report.wall_s,
+            report
+                .reason
+                .as_deref()
+                .map(|r| format!(" ({r})"))
+                .unwrap_or_default()
+        ));
+        kernels.push(report);
+    }
+    let passed = kernels
+        .iter()
+        .all(|k| k.cells.iter().all(|c| c.status != Status::Fail));
+    Ok(MatrixReport {
+        weir_lab_version: env!("CARGO_PKG_VERSION"),
+        started_unix_s: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)
+            .saturating_sub(started.elapsed().as_secs()),
+        duration_s: started.elapsed().as_secs_f64(),
+        passed,
+        suite: suite.to_owned(),
+        scenarios: names,
+        kernels,
+    })
+}
+
+fn source_text(s: &Source) -> String {
+    match s {
+        Source::Debian { suite, package } => format!("Debian {suite} {package}"),
+        Source::Host => "the running host kernel".into(),
+        Source::Local { image, .. } => format!("local {}", image.display()),
+        Source::Nix { attr, .. } => format!("Nix flake {attr}"),
+    }
+}
+
+fn empty_report(entry: &KernelEntry) -> KernelReport {
+    KernelReport {
+        name: entry.name.clone(),
+        version: entry.version.clone(),
+        source: source_text(&entry.source),
+        default: entry.default,
+        status: "ran".into(),
+        reason: None,
+        backend: None,
+        release: None,
+        provenance: None,
+        accel: None,
+        prepare_s: None,
+        boot_s: None,
+        wall_s: 0.0,
+        missing_config: Vec::new(),
+        features: None,
+        attach_mode: None,
+        missing_features: Vec::new(),
+        modules: None,
+        cells: Vec::new(),
+        throughput: Vec::new(),
+        ratios: Vec::new(),
+    }
+}
+
+fn skip_all(files: &[ScenarioFile], why: &str) -> Vec<Cell> {
+    files
+        .iter()
+        .map(|f| Cell {
+            scenario: file_name(f),
+            status: Status::Skip,
+            reason: Some(why.to_owned()),
+            duration_s: 0.0,
+            checks_passed: 0,
+            checks_failed: 0,
+            checks_not_run: 0,
+            checks: Vec::new(),
+        })
+        .collect()
+}
+
+fn run_kernel(entry: &KernelEntry, files: &[ScenarioFile], opts: &MatrixOptions) -> KernelReport {
+    let started = Instant::now();
+    let mut report = empty_report(entry);
+    let dir = opts.report_dir.join("kernels").join(&entry.name);
+    let _ = std::fs::create_dir_all(&dir);
+
+    let (backend, setup): (Box<dyn Backend>, Option<Arc<VmSetup>>) = match &entry.source {
+        Source::Host => {
+            report.backend = Some(BackendKind::Netns.to_string());
+            report.release = weir_kernels::host_release().ok();
+            report.provenance = Some("the running kernel, on network namespaces".into());
+            match probe_host(&opts.init) {
+                Ok(f) => record_features(&mut report, f),
+                Err(e) => report.missing_features.push(format!("probe failed: {e}")),
+            }
+            (Box::new(NetnsBackend::new()), None)
+        }
+        _ => {
+            let mut vm = VmOptions::new(
+                entry.clone(),
+                opts.init.clone(),
+                opts.agent.parent().unwrap_or(Path::new(".")).to_owned(),
+            );
+            vm.cache = opts.cache.clone();
+            vm.offloads = opts.offloads;
+            let setup = match vm.prepare() {
+                Ok(s) => Arc::new(s),
+                Err(e) => {
+                    report.status = "unavailable".into();
+                    report.reason = Some(e.to_string());
+                    report.cells = skip_all(files, &format!("kernel unavailable: {e}"));
+                    report.wall_s = started.elapsed().as_secs_f64();
+                    return report;
+                }
+            };
+            report.backend = Some(BackendKind::Qemu.to_string());
+            report.release = Some(setup.kernel.release.clone());
+            report.provenance = Some(setup.kernel.provenance.clone());
+            report.accel = Some(format!("{:?} ({})", setup.accel, setup.accel_reason));
+            report.prepare_s = Some(setup.prepare_time.as_secs_f64());
+            report.modules = Some(setup.image.modules.clone());
+            if let Some(cfg) = &setup.kernel.config {
+                match KernelConfig::load(cfg) {
+                    Ok(c) => {
+                        report.missing_config = c
+                            .missing(&entry.requires)
+                            .into_iter()
+                            .map(String::from)
+                            .collect()
+                    }
+                    Err(e) => report
+                        .missing_config
+                        .push(format!("unreadable config: {e}")),
+                }
+            }
+            match qemu::probe_kernel(setup.clone(), &dir.join("probe")) {
+                Ok((features, boot)) => {
+                    report.boot_s = Some(boot.as_secs_f64());
+                    say(&format!(
+                        "kernel {}: one VM booted in {:.1} s; programs attach with {}",
+                        entry.name,
+                        boot.as_secs_f64(),
+                        features.attach_mode()
+                    ));
+                    record_features(&mut report, features);
+                }
+                Err(e) => report.missing_features.push(format!("probe failed: {e}")),
+            }
+            (Box::new(QemuBackend::new(setup.clone())), Some(setup))
+        }
+    };
+    // Scenarios whose tunnel module this kernel lacks are skipped, the rest run.
+    let mut runnable = Vec::new();
+    let mut cells: Vec<Option<Cell>> = Vec::new();
+    for f in files {
+        let name = file_name(f);
+        let lacking: Vec<&str> = required_modules(&name)
+            .into_iter()
+            .filter(|m| report.features.as_ref().is_some_and(|ft| !ft.has_module(m)))
+            .collect();
+        if lacking.is_empty() {
+            runnable.push(ScenarioFile::load(&f.path));
+            cells.push(None);
+        } else {
+            cells.push(
+                skip_all(
+                    std::slice::from_ref(f),
+                    &format!("kernel lacks module {}", lacking.join(", ")),
+                )
+                .pop(),
+            );
+        }
+    }
+    let run_opts = RunOptions {
+        backend: if setup.is_some() {
+            BackendKind::Qemu
+        } else {
+            BackendKind::Netns
+        },
+        agent: opts.agent.clone(),
+        report_dir: dir.clone(),
+        keep: opts.keep,
+    };
+    let recorder = Recorder::default();
+    let mut events = Events::new()
+        .with(TerminalReporter::stdout())
+        .with(JsonReporter::new(dir.join("report.json")))
+        .with(recorder.clone());
+    runner::run_all_with(&runnable, &run_opts, backend.as_ref(), &mut events);
+    if let Err(e) = events.finish() {
+        say(&format!(
+            "writing {}: {e}",
+            dir.join("report.json").display()
+        ));
+    }
+    let mut ran = cells_from_events(&recorder.events.borrow()).into_iter();
+    report.cells = cells
+        .into_iter()
+        .map(|c| c.or_else(|| ran.next()))
+        .collect::<Option<Vec<_>>>()
+        .unwrap_or_default();
+
+    if let Some(t) = &opts.throughput {
+        let mut progress = |m: &str| say(&format!("kernel {}: {m}", entry.name));
+        report.throughput = throughput::run(backend.as_ref(), t, &dir, &mut progress);
+        report.ratios = throughput::ratios(&report.throughput);
+    }
+    report.wall_s = started.elapsed().as_secs_f64();
+    report
+}
+
+fn record_features(report: &mut KernelReport, f: Features) {
+    report.attach_mode = Some(f.attach_mode().to_owned());
+    report.missing_features = f
+        .missing_required()
+        .iter()
+        .map(|m| format!("{}: {}", m.name, m.detail))
+        .collect();
+    report.features = Some(f);
+}
+
+/// The host kernel's features, probed by the guest init's probe code in a throwaway network
+/// namespace (its TCX probe attaches to loopback for an instant).
+fn probe_host(init: &Path) -> Result<Features, String> {
+    let out = std::process::Command::new("unshare")
+        .arg("--net")
+        .arg(init)
+        .arg("--stdio")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write;
+            if let Some(mut stdin) = child.stdin.take() {
+                stdin.write_all(b"{\"id\":1,\"op\":\"probe\"}\n")?;
+            }
+            child.wait_with_output()
+        })
+        .map_err(|e| format!("running {} --stdio: {e}", init.display()))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let response: weir_node_image::proto::Response = serde_json::from_str(text.trim())
+        .map_err(|e| format!("unreadable probe answer ({e}): {text}"))?;
+    match response.reply {
+        weir_node_image::proto::Reply::Probe { features } => {
+            let mut features = *features;
+            // bpf_jit_enable exists only in the initial network namespace, which the probe
+            // left: read it here.
+            if !features.jit.available {
+                if let Ok(v) = std::fs::read_to_string("/proc/sys/net/core/bpf_jit_enable") {
+                    features.jit.available = v.trim() != "0";
+                    features.jit.detail = if features.jit.available {
+                        String::new()
+                    } else {
+                        "bpf_jit_enable is 0".into()
+                    };
+                }
+            }
+            Ok(features)
+        }
+        other => Err(format!("unexpected probe answer: {other:?}")),
+    }
+}
+
+/// One cell per finished scenario, in run order.
+fn cells_from_events(events: &[Event]) -> Vec<Cell> {
+    let mut cells = Vec::new();
+    let mut checks: Vec<(String, bool, String)> = Vec::new();
+    for e in events {
+        match e {
+            Event::ScenarioStarted { .. } => checks.clear(),
+            Event::CheckPassed { check, detail, .. } => {
+                checks.push((check.clone(), true, detail.clone()))
+            }
+            Event::CheckFailed { check, reason, .. } => {
+                checks.push((check.clone(), false, reason.clone()))
+            }
+            Event::ScenarioFinished {
+                scenario,
+                passed,
+                error,
+                not_run,
+                duration,
+                ..
+            } => {
+                let failed: Vec<&(String, bool, String)> = checks.iter().filter(|c| !c.1).collect();
+                let reason = error
+                    .clone()
+                    .or_else(|| failed.first().map(|(t, _, why)| format!("{t}: {why}")));
+                cells.push(Cell {
+                    scenario: scenario.clone(),
+                    status: if *passed { Status::Pass } else { Status::Fail },
+                    reason,
+                    duration_s: duration.as_secs_f64(),
+                    checks_passed: checks.iter().filter(|c| c.1).count(),
+                    checks_failed: failed.len(),
+                    checks_not_run: *not_run,
+                    checks: std::mem::take(&mut checks),
+                });
+            }
+            _ => {}
+        }
+    }
+    cells
+}
+
+/// Writes report.json and report.html into `dir`; returns their paths.
+pub fn write(report: &MatrixReport, dir: &Path) -> std::io::Result<(PathBuf, PathBuf)> {
+    std::fs::create_dir_all(dir)?;
+    let json = dir.join("report.json");
+    let html = dir.join("report.html");
+    let text = serde_json::to_string_pretty(report).map_err(std::io::Error::other)?;
+    crate::backend::netns::write_atomically(&json, text.as_bytes())?;
+    crate::backend::netns::write_atomically(&html, crate::report_html::render(report).as_bytes())?;
+    Ok((json, html))
+}
+
+/// The throughput defaults: MTU 1440 (a VXLAN-sized pod MTU on a 1500 wire) and 8940 (the same
+/// on a 9000 wire), 5 s per qperf test, 2 alternating rounds.
+pub fn default_throughput(agent: PathBuf) -> ThroughputOptions {
+    ThroughputOptions {
+        mtus: vec![1440, 8940],
+        seconds: 5,
+        rounds: 2,
+        agent,
+        kube_proxy: throughput::kube_proxy_not_available,
+    }
+}
+
+/// A terminal summary: one line per kernel, one column per scenario.
+pub fn summary(report: &MatrixReport) -> String {
+    let mut out = String::new();
+    let width = report
+        .kernels
+        .iter()
+        .map(|k| k.name.len())
+        .max()
+        .unwrap_or(6)
+        .max(6);
+    out.push_str(&format!("{:width$}  {:<28}", "kernel", "release"));
+    for s in &report.scenarios {
+        out.push_str(&format!(" {s:>10}"));
+    }
+    out.push_str("  boot\n");
+    for k in &report.kernels {
+        out.push_str(&format!(
+            "{:width$}  {:<28}",
+            k.name,
+            k.release.as_deref().unwrap_or("-")
+        ));
+        for c in &k.cells {
+            let s = match c.status {
+                Status::Pass => "pass",
+                Status::Fail => "FAIL",
+                Status::Skip => "skip",
+            };
+            out.push_str(&format!(" {s:>10}"));
+        }
+        out.push_str(&format!(
+            "  {}\n",
+            k.boot_s.map_or("-".into(), |b| format!("{b:.1}s"))
+        ));
+    }
+    out.push_str(&format!(
+        "{} in {:.0} s",
+        if report.passed { "passed" } else { "FAILED" },
+        report.duration_s
+    ));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn tunnel_scenarios_need_their_modules() {
+        assert_eq!(required_modules("smoke"), Vec::<&str>::new());
+        assert_eq!(required_modules("smoke-vxlan"), ["vxlan"]);
+        assert_eq!(required_modules("dsr-ipip"), ["ipip"]);
+    }
+
+    #[test]
+    fn cells_follow_events() {
+        let events = vec![
+            Event::ScenarioStarted {
+                scenario: "a".into(),
+                file: "a.toml".into(),
+                description: String::new(),
+                checks: 2,
+            },
+            Event::CheckPassed {
+                scenario: "a".into(),
+                check: "c1".into(),
+                detail: "ok".into(),
+                duration: Duration::ZERO,
+            },
+            Event::CheckFailed {
+                scenario: "a".into(),
+                check: "c2".into(),
+                reason: "bad".into(),
+                duration: Duration::ZERO,
+            },
+            Event::ScenarioFinished {
+                scenario: "a".into(),
+                passed: false,
+                error: None,
+                not_run: 0,
+                artifacts: None,
+                duration: Duration::from_secs(1),
+            },
+        ];
+        let cells = cells_from_events(&events);
+        assert_eq!(cells.len(), 1);
+        assert_eq!(cells[0].status, Status::Fail);
+        assert_eq!(cells[0].reason.as_deref(), Some("c2: bad"));
+        assert_eq!(cells[0].checks_passed, 1);
+    }
+}
