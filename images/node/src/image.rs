@@ -326,8 +326,8 @@ fn decompress(file: &Path) -> Result<Vec<u8>, ImageError> {
 
 /// Programs the lab runs on nodes and pods, by name (looked up in PATH).
 pub const WORKLOAD_PROGRAMS: &[&str] = &[
-    "ip", "ss", "bridge", "tc", "sysctl", "ethtool", "curl", "socat", "nginx", "qperf", "dash",
-    "busybox",
+    "ip", "ss", "bridge", "tc", "sysctl", "ethtool", "curl", "socat", "nginx", "qperf", "iperf3",
+    "dash", "busybox",
 ];
 
 /// busybox applets linked in /usr/local/bin for the plain commands scenarios use; never `ip`
