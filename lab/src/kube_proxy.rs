@@ -773,7 +773,7 @@ mod tests {
         ProxiedServicePort {
             name: port("ns1", "svc1", "p80"),
             protocol: Protocol::Tcp,
-            cluster_ip: Ipv4Addr::new(172, 30, 0, 41),
+            cluster_ip: Ipv4Addr::new(198, 18, 130, 41),
             port: 80,
             endpoints: endpoints.iter().map(|e| e.parse().unwrap()).collect(),
         }
@@ -781,7 +781,7 @@ mod tests {
 
     fn config() -> ProxierConfig {
         ProxierConfig {
-            cluster_cidr: Some((Ipv4Addr::new(10, 0, 0, 0), 8)),
+            cluster_cidr: Some((Ipv4Addr::new(198, 19, 0, 0), 16)),
             ..ProxierConfig::default()
         }
     }
@@ -823,11 +823,13 @@ mod tests {
                 "{name}"
             );
         }
-        let svc = svc1(&["10.180.0.1:80"]);
+        // Endpoint chain names hash the endpoint too; the expected value was computed apart from
+        // this code (sha256, base32, 16 characters), on a lab address.
+        let svc = svc1(&["198.19.180.1:80"]);
         assert_eq!(svc.service_chain(), "KUBE-SVC-XPGD46QRK7WJZT7O");
         assert_eq!(
-            svc.endpoint_chain("10.180.0.1:80".parse().unwrap()),
-            "KUBE-SEP-SXIVWICOYRO3J4NJ"
+            svc.endpoint_chain("198.19.180.1:80".parse().unwrap()),
+            "KUBE-SEP-LSXSM55ETK73JAFF"
         );
     }
 
@@ -840,7 +842,7 @@ mod tests {
     #[test]
     fn one_service_full_sync() {
         let mut proxier = Proxier::new(config());
-        let sync = proxier.sync(&[svc1(&["10.180.0.1:80", "10.180.0.2:80"])]);
+        let sync = proxier.sync(&[svc1(&["198.19.180.1:80", "198.19.180.2:80"])]);
         assert_eq!(sync.kind, SyncKind::Full);
         assert!(sync.save_nat_first);
         let text = &sync.restore_input;
@@ -851,7 +853,7 @@ mod tests {
 :KUBE-POSTROUTING - [0:0]
 :KUBE-MARK-MASQ - [0:0]
 :KUBE-SVC-XPGD46QRK7WJZT7O - [0:0]
-:KUBE-SEP-SXIVWICOYRO3J4NJ - [0:0]
+:KUBE-SEP-LSXSM55ETK73JAFF - [0:0]
 :KUBE-SEP-";
         assert!(text.contains(expected_nat), "{text}");
         for line in [
@@ -859,11 +861,11 @@ mod tests {
             "-A KUBE-POSTROUTING -j MARK --xor-mark 0x4000",
             "-A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully",
             "-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000",
-            "-A KUBE-SERVICES -m comment --comment \"ns1/svc1:p80 cluster IP\" -m tcp -p tcp -d 172.30.0.41 --dport 80 -j KUBE-SVC-XPGD46QRK7WJZT7O",
-            "-A KUBE-SVC-XPGD46QRK7WJZT7O -m comment --comment \"ns1/svc1:p80 cluster IP\" -m tcp -p tcp -d 172.30.0.41 --dport 80 ! -s 10.0.0.0/8 -j KUBE-MARK-MASQ",
-            "-A KUBE-SVC-XPGD46QRK7WJZT7O -m comment --comment \"ns1/svc1:p80 -> 10.180.0.1:80\" -m statistic --mode random --probability 0.5000000000 -j KUBE-SEP-SXIVWICOYRO3J4NJ",
-            "-A KUBE-SEP-SXIVWICOYRO3J4NJ -m comment --comment ns1/svc1:p80 -s 10.180.0.1 -j KUBE-MARK-MASQ",
-            "-A KUBE-SEP-SXIVWICOYRO3J4NJ -m comment --comment ns1/svc1:p80 -m tcp -p tcp -j DNAT --to-destination 10.180.0.1:80",
+            "-A KUBE-SERVICES -m comment --comment \"ns1/svc1:p80 cluster IP\" -m tcp -p tcp -d 198.18.130.41 --dport 80 -j KUBE-SVC-XPGD46QRK7WJZT7O",
+            "-A KUBE-SVC-XPGD46QRK7WJZT7O -m comment --comment \"ns1/svc1:p80 cluster IP\" -m tcp -p tcp -d 198.18.130.41 --dport 80 ! -s 198.19.0.0/16 -j KUBE-MARK-MASQ",
+            "-A KUBE-SVC-XPGD46QRK7WJZT7O -m comment --comment \"ns1/svc1:p80 -> 198.19.180.1:80\" -m statistic --mode random --probability 0.5000000000 -j KUBE-SEP-LSXSM55ETK73JAFF",
+            "-A KUBE-SEP-LSXSM55ETK73JAFF -m comment --comment ns1/svc1:p80 -s 198.19.180.1 -j KUBE-MARK-MASQ",
+            "-A KUBE-SEP-LSXSM55ETK73JAFF -m comment --comment ns1/svc1:p80 -m tcp -p tcp -j DNAT --to-destination 198.19.180.1:80",
             "-A KUBE-FORWARD -m comment --comment \"kubernetes forwarding rules\" -m mark --mark 0x4000/0x4000 -j ACCEPT",
             "-A KUBE-FORWARD -m comment --comment \"kubernetes forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
         ] {
@@ -888,7 +890,7 @@ mod tests {
 
     #[test]
     fn probabilities_split_evenly() {
-        let eps: Vec<String> = (1..=5).map(|i| format!("10.180.0.{i}:80")).collect();
+        let eps: Vec<String> = (1..=5).map(|i| format!("198.19.180.{i}:80")).collect();
         let eps: Vec<&str> = eps.iter().map(String::as_str).collect();
         let sync = Proxier::new(config()).sync(&[svc1(&eps)]);
         let probs: Vec<&str> = lines_of(&sync.restore_input, "-A KUBE-SVC-")
@@ -909,7 +911,7 @@ mod tests {
 
     #[test]
     fn masquerade_modes() {
-        let svc = [svc1(&["10.180.0.1:80"])];
+        let svc = [svc1(&["198.19.180.1:80"])];
         let none = Proxier::new(ProxierConfig::default()).sync(&svc);
         assert!(!none
             .restore_input
@@ -932,7 +934,7 @@ mod tests {
         empty.protocol = Protocol::Udp;
         let sync = Proxier::new(config()).sync(&[empty]);
         assert!(sync.restore_input.lines().any(|l| l
-            == "-A KUBE-SERVICES -m comment --comment \"ns1/svc1:p80 has no endpoints\" -m udp -p udp -d 172.30.0.41 --dport 80 -j REJECT"));
+            == "-A KUBE-SERVICES -m comment --comment \"ns1/svc1:p80 has no endpoints\" -m udp -p udp -d 198.18.130.41 --dport 80 -j REJECT"));
         assert!(!sync.restore_input.contains("KUBE-SVC-"));
     }
 
