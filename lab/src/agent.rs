@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::backend::{tail, BackendError, Cmd, Lab, ProcId};
-use crate::scenario::{AgentSpec, ConntrackSpec, Scenario};
+use crate::scenario::{AgentSpec, ConntrackSpec, Scenario, ServicesSpec, TunnelSpec};
 use crate::topology::{HostId, Plan, POD_INTERFACE_PREFIX};
 
 /// The lab's private bpffs; every run gets its own directory below it.
@@ -22,22 +22,33 @@ struct AgentConfig<'a> {
     node_name: &'a str,
     pin_dir: &'a Path,
     state_path: &'a Path,
-    host_interfaces: &'a [&'a str],
+    host_interfaces: Vec<String>,
     pod_interface_prefix: &'a str,
     #[serde(with = "humantime_serde")]
     poll_interval: Duration,
     conntrack: &'a ConntrackSpec,
+    services: &'a ServicesSpec,
+    tunnel: &'a TunnelSpec,
 }
 
-pub fn config_toml(node_name: &str, pin_dir: &Path, state_path: &Path, spec: &AgentSpec) -> String {
+/// `networks`: how many uplinks (eth0, eth1, ...) the node has; NodePorts answer on all.
+pub fn config_toml(
+    node_name: &str,
+    pin_dir: &Path,
+    state_path: &Path,
+    spec: &AgentSpec,
+    networks: u8,
+) -> String {
     let config = AgentConfig {
         node_name,
         pin_dir,
         state_path,
-        host_interfaces: &["eth0"],
+        host_interfaces: (0..networks.max(1)).map(|i| format!("eth{i}")).collect(),
         pod_interface_prefix: POD_INTERFACE_PREFIX,
         poll_interval: spec.poll_interval.unwrap_or(DEFAULT_POLL),
         conntrack: &spec.conntrack,
+        services: &spec.services,
+        tunnel: &spec.tunnel,
     };
     // Paths are the lab's own (valid UTF-8) and every other field is a string or a table of them.
     toml::to_string(&config).expect("agent config serializes")
@@ -98,7 +109,13 @@ pub fn start(
             DUMP_TIMEOUT,
         )?;
         let config_path = run_dir.join(format!("agent-{}.toml", node.name));
-        let config = config_toml(&node.name, &pin_dir, &state_path, &scenario.agent);
+        let config = config_toml(
+            &node.name,
+            &pin_dir,
+            &state_path,
+            &scenario.agent,
+            plan.networks,
+        );
         lab.write_file(node.id, &config_path, config.as_bytes())?;
         let log = run_dir.join(format!("agent-{}.log", node.name));
         let cmd = Cmd::new(binary.display().to_string())
@@ -170,11 +187,13 @@ pub fn expected_frontends(
         if n == 0 {
             continue;
         }
-        for p in &svc.ports {
-            out.insert(
-                (format!("{}:{}", svc.cluster_ip, p.port), p.protocol.lower()),
-                n,
-            );
+        let addresses = std::iter::once(std::net::IpAddr::V4(svc.cluster_ip))
+            .chain(svc.cluster_ip6.map(std::net::IpAddr::V6));
+        for ip in addresses {
+            for p in &svc.ports {
+                let frontend = std::net::SocketAddr::new(ip, p.port).to_string();
+                out.insert((frontend, p.protocol.lower()), n);
+            }
         }
     }
     out
@@ -304,15 +323,20 @@ mod tests {
             Path::new("/sys/fs/bpf/weir-lab/r/node1"),
             Path::new("/run/cluster.yaml"),
             &spec,
+            2,
         );
         let v: toml::Table = toml::from_str(&text).unwrap();
         assert_eq!(v["node_name"].as_str(), Some("node1"));
         assert_eq!(v["pin_dir"].as_str(), Some("/sys/fs/bpf/weir-lab/r/node1"));
         assert_eq!(v["state_path"].as_str(), Some("/run/cluster.yaml"));
-        assert_eq!(
-            v["host_interfaces"].as_array().unwrap()[0].as_str(),
-            Some("eth0")
-        );
+        let uplinks: Vec<&str> = v["host_interfaces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i.as_str().unwrap())
+            .collect();
+        assert_eq!(uplinks, ["eth0", "eth1"]);
+        assert!(!v.contains_key("services") || v["services"].as_table().unwrap().is_empty());
         assert_eq!(v["pod_interface_prefix"].as_str(), Some("wp"));
         assert_eq!(v["poll_interval"].as_str(), Some("200ms"));
         let ct = v["conntrack"].as_table().unwrap();

@@ -2,14 +2,16 @@
 //! failed.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 
 use crate::agent::{self, Agents};
 use crate::backend::{tail, Cmd, Lab};
-use crate::scenario::{CheckSpec, ConntrackCheck, Protocol, Scenario, TrafficCheck};
+use crate::scenario::{
+    CheckSpec, ConntrackCheck, Family, HealthCheckSpec, Protocol, Scenario, TrafficCheck, Via,
+};
 use crate::topology::{HostId, Plan};
 
 /// Per request: generous for a namespace lab, and still bounded.
@@ -36,6 +38,7 @@ pub fn run(ctx: &mut CheckCtx<'_>, check: &CheckSpec) -> Result<String, String> 
         CheckSpec::Http(t) => traffic(ctx, t, Protocol::Tcp),
         CheckSpec::Udp(t) => traffic(ctx, t, Protocol::Udp),
         CheckSpec::Conntrack(c) => conntrack(ctx, c),
+        CheckSpec::HealthCheck(h) => health_check(ctx, h),
     }
 }
 
@@ -48,25 +51,51 @@ pub fn parse_answer(text: &str) -> Option<(String, String)> {
         if let Some(v) = field.strip_prefix("pod=") {
             pod = Some(v.to_owned());
         } else if let Some(v) = field.strip_prefix("client=") {
-            client = Some(v.to_owned());
+            client = Some(normalize_client(v));
         }
     }
     Some((pod?, client?))
 }
 
-fn client_cmd(proto: Protocol, ip: Ipv4Addr, port: u16) -> Cmd {
+/// Servers print IPv6 peers bracketed and fully expanded (socat) or v4-mapped (a dual-stack
+/// socket); the checks compare addresses in their canonical form.
+fn normalize_client(raw: &str) -> String {
+    let plain = raw.trim_start_matches('[');
+    let plain = plain.split(']').next().unwrap_or(plain);
+    match plain.parse::<IpAddr>() {
+        Ok(IpAddr::V6(v6)) => match v6.to_ipv4_mapped() {
+            Some(v4) => v4.to_string(),
+            None => v6.to_string(),
+        },
+        Ok(v4) => v4.to_string(),
+        Err(_) => plain.to_owned(),
+    }
+}
+
+/// `ip:port` as URLs and socat want it: IPv6 bracketed.
+fn host_port(ip: IpAddr, port: u16) -> String {
+    std::net::SocketAddr::new(ip, port).to_string()
+}
+
+fn client_cmd(proto: Protocol, ip: IpAddr, port: u16) -> Cmd {
+    let target = host_port(ip, port);
     match proto {
         Protocol::Tcp => Cmd::new("curl")
             .arg("-sS")
+            .arg("-g")
             .arg("--max-time")
             .arg(CLIENT_TIMEOUT_S.to_string())
-            .arg(format!("http://{ip}:{port}/")),
+            .arg(format!("http://{target}/")),
         // -t1: after sending, wait up to a second for the answer; UDP has no end-of-stream.
         Protocol::Udp => Cmd::new("socat")
             .arg(format!("-T{CLIENT_TIMEOUT_S}"))
             .arg("-t1")
             .arg("-")
-            .arg(format!("UDP4:{ip}:{port}"))
+            .arg(if ip.is_ipv6() {
+                format!("UDP6:{target}")
+            } else {
+                format!("UDP4:{target}")
+            })
             .stdin("ping\n"),
     }
 }
@@ -76,7 +105,7 @@ fn request(
     lab: &mut dyn Lab,
     from: HostId,
     proto: Protocol,
-    ip: Ipv4Addr,
+    ip: IpAddr,
     port: u16,
 ) -> Result<(String, String), String> {
     let out = lab
@@ -94,24 +123,143 @@ fn request(
     })
 }
 
+/// Where a traffic check sends its requests and which address the client sends them from.
+struct Target {
+    ip: IpAddr,
+    port: u16,
+    client_ip: IpAddr,
+    /// The pods that may answer.
+    expected: Vec<String>,
+}
+
+fn target(ctx: &CheckCtx<'_>, t: &TrafficCheck, from: HostId) -> Result<Target, String> {
+    let plan = ctx.plan;
+    let client_ip = match (t.family, t.network) {
+        (Family::Ipv6, _) => plan.ip6(from).map(IpAddr::V6),
+        (Family::Ipv4, network) => plan.ip_on(from, network).map(IpAddr::V4),
+    }
+    .ok_or("client without an address of the check's family and network")?;
+    let want_v6 = t.family == Family::Ipv6;
+    match (&t.service, &t.pod) {
+        (Some(svc), _) => {
+            let svc = ctx.scenario.service(svc).ok_or("unknown service")?;
+            let mut expected = ctx.endpoints.get(&svc.name).cloned().unwrap_or_default();
+            if !t.expect.backends.is_empty() {
+                expected.retain(|p| t.expect.backends.contains(p));
+            }
+            let port = svc
+                .ports
+                .iter()
+                .find(|p| p.port == t.port)
+                .ok_or("no such service port")?;
+            let (ip, port) = match t.via {
+                Via::ClusterIp => (
+                    svc.cluster_ip_of(t.family)
+                        .ok_or("no cluster IP of the family")?,
+                    t.port,
+                ),
+                Via::NodePort => {
+                    let node = plan
+                        .host(t.node.as_deref().ok_or("no node")?)
+                        .ok_or("unknown node")?;
+                    let ip = if want_v6 {
+                        plan.ip6(node).map(IpAddr::V6)
+                    } else {
+                        plan.ip_on(node, t.network).map(IpAddr::V4)
+                    }
+                    .ok_or("node without an address of the family")?;
+                    (ip, port.node_port.ok_or("no node port")?)
+                }
+                Via::ExternalIp | Via::LoadBalancer => {
+                    let ips = if t.via == Via::ExternalIp {
+                        &svc.external_ips
+                    } else {
+                        &svc.load_balancer_ips
+                    };
+                    let ip = ips
+                        .iter()
+                        .find(|ip| ip.is_ipv6() == want_v6)
+                        .ok_or("no address of the family")?;
+                    (*ip, t.port)
+                }
+            };
+            Ok(Target {
+                ip,
+                port,
+                client_ip,
+                expected,
+            })
+        }
+        (None, Some(pod)) => {
+            let pod = plan.pod(pod).ok_or("unknown pod")?;
+            let ip = if want_v6 {
+                IpAddr::V6(pod.ip6.ok_or("pod without IPv6")?)
+            } else {
+                IpAddr::V4(pod.ip)
+            };
+            Ok(Target {
+                ip,
+                port: t.port,
+                client_ip,
+                expected: vec![pod.name.clone()],
+            })
+        }
+        (None, None) => Err("no target".into()),
+    }
+}
+
+/// Packets node `node`'s tunnel device has received so far.
+fn tunnel_rx_packets(lab: &mut dyn Lab, node: HostId) -> Result<u64, String> {
+    #[derive(Deserialize)]
+    struct Link {
+        stats64: Stats,
+    }
+    #[derive(Deserialize)]
+    struct Stats {
+        rx: Counters,
+    }
+    #[derive(Deserialize)]
+    struct Counters {
+        packets: u64,
+    }
+    let cmd = Cmd::new("ip")
+        .arg("-j")
+        .arg("-s")
+        .arg("link")
+        .arg("show")
+        .arg("dev")
+        .arg(TUNNEL_DEVICE);
+    let out = lab
+        .exec_ok(node, &cmd, EXEC_TIMEOUT)
+        .map_err(|e| format!("reading {node}'s {TUNNEL_DEVICE} counters: {e}"))?;
+    let links: Vec<Link> = serde_json::from_str(&out.stdout)
+        .map_err(|e| format!("unreadable `{cmd}` output on {node}: {e}"))?;
+    links
+        .first()
+        .map(|l| l.stats64.rx.packets)
+        .ok_or_else(|| format!("{node} has no {TUNNEL_DEVICE}"))
+}
+
+/// The agent's default tunnel device (its `[tunnel] interface`).
+const TUNNEL_DEVICE: &str = "weir-vxlan";
+
 fn traffic(ctx: &mut CheckCtx<'_>, t: &TrafficCheck, proto: Protocol) -> Result<String, String> {
     let plan = ctx.plan;
     // Names were validated with the scenario.
     let from = plan.host(&t.from).ok_or("unknown client")?;
-    let client_ip = plan.ip(from).ok_or("client without an address")?;
-    let (ip, expected): (Ipv4Addr, Vec<String>) = match (&t.service, &t.pod) {
-        (Some(svc), _) => {
-            let svc = ctx.scenario.service(svc).ok_or("unknown service")?;
-            (
-                svc.cluster_ip,
-                ctx.endpoints.get(&svc.name).cloned().unwrap_or_default(),
-            )
-        }
-        (None, Some(pod)) => {
-            let pod = plan.pod(pod).ok_or("unknown pod")?;
-            (pod.ip, vec![pod.name.clone()])
-        }
-        (None, None) => return Err("no target".into()),
+    let Target {
+        ip,
+        port,
+        client_ip,
+        expected,
+    } = target(ctx, t, from)?;
+    let tunnel_node = match &t.tunnel_replies {
+        Some(tr) => Some(plan.host(&tr.node).ok_or("unknown node")?),
+        None => None,
+    };
+    let rx_before = match tunnel_node {
+        Some(node) => Some(tunnel_rx_packets(ctx.lab, node)?),
+        None => None,
     };
 
     let mut answers: BTreeMap<String, u32> = BTreeMap::new();
@@ -131,7 +279,7 @@ fn traffic(ctx: &mut CheckCtx<'_>, t: &TrafficCheck, proto: Protocol) -> Result<
             break;
         }
         sent += 1;
-        match request(ctx.lab, from, proto, ip, t.port) {
+        match request(ctx.lab, from, proto, ip, port) {
             Ok((pod, seen)) => {
                 // A pod reaching itself through a service (hairpin) is masqueraded by kube-proxy
                 // too, so only answers from other pods have to show the client's address.
@@ -160,6 +308,17 @@ fn traffic(ctx: &mut CheckCtx<'_>, t: &TrafficCheck, proto: Protocol) -> Result<
             "stopped after {} with {sent} of {} requests sent",
             humantime::format_duration(TRAFFIC_DEADLINE),
             t.requests
+        ));
+    }
+    if t.expect.none_answered && answered > 0 {
+        problems.push(format!(
+            "{answered} of {sent} answered, where the traffic must be dropped"
+        ));
+    }
+    if t.expect.same_backend && answers.len() > 1 {
+        problems.push(format!(
+            "answers from {} endpoints, where affinity keeps one",
+            answers.len()
         ));
     }
     if t.expect.all_answered && !failures.is_empty() {
@@ -193,12 +352,33 @@ fn traffic(ctx: &mut CheckCtx<'_>, t: &TrafficCheck, proto: Protocol) -> Result<
         let quoted: Vec<&String> = rewritten.iter().take(QUOTED).collect();
         problems.push(format!("client address {client_ip} rewritten: {quoted:?}"));
     }
-    if answered == 0 && problems.is_empty() {
+    let mut tunnel_note = String::new();
+    if let (Some(node), Some(before), Some(tr)) = (tunnel_node, rx_before, &t.tunnel_replies) {
+        let received = tunnel_rx_packets(ctx.lab, node)?.saturating_sub(before);
+        tunnel_note = format!("; {node}'s {TUNNEL_DEVICE} received {received} packets");
+        // Each answered exchange brings at least one reply packet back through the tunnel
+        // when replies return through the ingress node.
+        if tr.seen && received < answered as u64 {
+            problems.push(format!(
+                "{node}'s {TUNNEL_DEVICE} received {received} packets for {answered} answers: the replies did not come back through it"
+            ));
+        }
+        if !tr.seen && received > 0 {
+            problems.push(format!(
+                "{node}'s {TUNNEL_DEVICE} received {received} packets: replies came back through the ingress node"
+            ));
+        }
+    }
+    if answered == 0 && problems.is_empty() && !t.expect.none_answered {
         let first = failures.first().map_or("none", String::as_str);
         problems.push(format!("no answers at all (first failure: {first})"));
     }
 
-    let mut summary = format!("{answered}/{sent} answered; {spread}");
+    let mut summary = format!(
+        "{answered}/{sent} answered from {client_ip} to {}; {spread}",
+        host_port(ip, port)
+    );
+    summary.push_str(&tunnel_note);
     if t.expect.client_ip_preserved && rewritten.is_empty() && answered > 0 {
         summary.push_str(&format!("; client {client_ip} preserved"));
     }
@@ -323,7 +503,14 @@ fn conntrack(ctx: &mut CheckCtx<'_>, c: &ConntrackCheck) -> Result<String, Strin
     let mut ports = svc.ports.clone();
     ports.sort_by_key(|p| p.protocol == Protocol::Tcp);
     for p in &ports {
-        request(ctx.lab, from, p.protocol, svc.cluster_ip, p.port).map_err(|why| {
+        request(
+            ctx.lab,
+            from,
+            p.protocol,
+            IpAddr::V4(svc.cluster_ip),
+            p.port,
+        )
+        .map_err(|why| {
             format!(
                 "could not open a {} flow to {}:{}: {why}",
                 p.protocol.lower(),
@@ -384,6 +571,63 @@ fn conntrack(ctx: &mut CheckCtx<'_>, c: &ConntrackCheck) -> Result<String, Strin
     Ok(summary)
 }
 
+/// The health-check node port as a cloud load balancer probes it: the status code, and the
+/// local endpoint count in the JSON body kube-proxy's server writes.
+fn health_check(ctx: &mut CheckCtx<'_>, h: &HealthCheckSpec) -> Result<String, String> {
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Body {
+        local_endpoints: u32,
+    }
+    let plan = ctx.plan;
+    let from = plan.host(&h.from).ok_or("unknown client")?;
+    let node = plan.host(&h.node).ok_or("unknown node")?;
+    let svc = ctx.scenario.service(&h.service).ok_or("unknown service")?;
+    let port = svc.health_check_node_port.ok_or("no health check port")?;
+    let ip = plan.ip(node).ok_or("node without an address")?;
+    let url = format!("http://{}/", host_port(IpAddr::V4(ip), port));
+    let cmd = Cmd::new("curl")
+        .arg("-sS")
+        .arg("--max-time")
+        .arg(CLIENT_TIMEOUT_S.to_string())
+        .arg("-w")
+        .arg("\n%{http_code}")
+        .arg(&url);
+    let out = ctx
+        .lab
+        .exec(from, &cmd, EXEC_TIMEOUT)
+        .map_err(|e| e.to_string())?;
+    if !out.success() {
+        return Err(format!(
+            "{url}: {}: {}",
+            out.status(),
+            tail(out.stderr.trim(), 1)
+        ));
+    }
+    let (body, status) = out
+        .stdout
+        .trim_end()
+        .rsplit_once('\n')
+        .ok_or_else(|| format!("{url}: unexpected answer {:?}", out.stdout))?;
+    let status: u16 = status
+        .trim()
+        .parse()
+        .map_err(|_| format!("{url}: no status in {:?}", out.stdout))?;
+    let parsed: Body = serde_json::from_str(body)
+        .map_err(|e| format!("{url}: body {body:?} is not kube-proxy's JSON: {e}"))?;
+    let seen = format!(
+        "{url} answered {status} with localEndpoints {}",
+        parsed.local_endpoints
+    );
+    if status != h.status || parsed.local_endpoints != h.local_endpoints {
+        return Err(format!(
+            "{seen}; want {} with {}",
+            h.status, h.local_endpoints
+        ));
+    }
+    Ok(seen)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -393,6 +637,18 @@ mod tests {
         assert_eq!(
             parse_answer("pod=n1p1 client=198.19.1.10\n"),
             Some(("n1p1".into(), "198.19.1.10".into()))
+        );
+        assert_eq!(
+            parse_answer("pod=n1p1 client=[fd00:19:1::a]:40000\n"),
+            Some(("n1p1".into(), "fd00:19:1::a".into()))
+        );
+        assert_eq!(
+            parse_answer("pod=n1p1 client=::ffff:198.18.0.201\n"),
+            Some(("n1p1".into(), "198.18.0.201".into()))
+        );
+        assert_eq!(
+            parse_answer("pod=n1p1 client=[fd00:0019:0001:0000:0000:0000:0000:000a]\n"),
+            Some(("n1p1".into(), "fd00:19:1::a".into()))
         );
         assert_eq!(parse_answer("<html>"), None);
         assert_eq!(parse_answer("pod=n1p1\n"), None);

@@ -3,11 +3,11 @@
 //! them.
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use serde::Serialize;
 
-use crate::scenario::{glob_match, Scenario, ServiceSpec};
+use crate::scenario::{glob_match, Scenario, ServiceSpec, ServiceType, TrafficPolicy};
 use crate::topology::{Plan, PodPlan};
 
 pub const NAMESPACE: &str = "default";
@@ -65,23 +65,66 @@ struct Service {
     kind: &'static str,
     metadata: Metadata,
     spec: ServiceSpecYaml,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status: Option<ServiceStatus>,
 }
 
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 struct ServiceSpecYaml {
     #[serde(rename = "clusterIP")]
-    cluster_ip: Ipv4Addr,
+    cluster_ip: IpAddr,
     #[serde(rename = "clusterIPs")]
-    cluster_ips: Vec<Ipv4Addr>,
+    cluster_ips: Vec<IpAddr>,
     ip_families: Vec<&'static str>,
     ip_family_policy: &'static str,
     ports: Vec<ServicePortYaml>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     selector: BTreeMap<String, String>,
     session_affinity: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    session_affinity_config: Option<SessionAffinityConfig>,
     #[serde(rename = "type")]
     type_: &'static str,
+    #[serde(rename = "externalIPs", skip_serializing_if = "Vec::is_empty")]
+    external_ips: Vec<IpAddr>,
+    /// Kubernetes defaults it to Cluster for services that reach outside, and leaves it unset
+    /// on ClusterIP services.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    external_traffic_policy: Option<&'static str>,
+    internal_traffic_policy: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    health_check_node_port: Option<u16>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct SessionAffinityConfig {
+    #[serde(rename = "clientIP")]
+    client_ip: ClientIpConfig,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ClientIpConfig {
+    timeout_seconds: u64,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ServiceStatus {
+    load_balancer: LoadBalancerStatus,
+}
+
+#[derive(Serialize)]
+struct LoadBalancerStatus {
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    ingress: Vec<LoadBalancerIngress>,
+}
+
+#[derive(Serialize)]
+struct LoadBalancerIngress {
+    ip: IpAddr,
 }
 
 #[derive(Serialize)]
@@ -90,7 +133,53 @@ struct ServicePortYaml {
     name: String,
     port: u16,
     protocol: &'static str,
-    target_port: u16,
+    /// A number, or the name of the pods' port.
+    target_port: TargetPort,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    node_port: Option<u16>,
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum TargetPort {
+    Number(u16),
+    Name(String),
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Node {
+    api_version: &'static str,
+    kind: &'static str,
+    metadata: NodeMetadata,
+    spec: NodeSpec,
+    status: NodeStatus,
+}
+
+#[derive(Serialize)]
+struct NodeMetadata {
+    name: String,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct NodeSpec {
+    #[serde(rename = "podCIDR")]
+    pod_cidr: String,
+    #[serde(rename = "podCIDRs")]
+    pod_cidrs: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct NodeStatus {
+    addresses: Vec<NodeAddress>,
+}
+
+#[derive(Serialize)]
+struct NodeAddress {
+    #[serde(rename = "type")]
+    type_: &'static str,
+    address: String,
 }
 
 #[derive(Serialize)]
@@ -107,7 +196,7 @@ struct EndpointSlice {
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 struct Endpoint {
-    addresses: Vec<Ipv4Addr>,
+    addresses: Vec<IpAddr>,
     conditions: Conditions,
     node_name: String,
     target_ref: TargetRef,
@@ -155,87 +244,216 @@ fn slice_name(service: &str) -> String {
     format!("{service}-{suffix}")
 }
 
-/// The cluster state for every node's agent: a multi-document YAML stream of Services and their
-/// EndpointSlices.
-pub fn cluster_state(scenario: &Scenario, plan: &Plan) -> String {
-    let labels = pod_labels(scenario, plan);
-    let mut docs = Vec::new();
-    for svc in &scenario.services {
-        let service = Service {
-            api_version: "v1",
-            kind: "Service",
-            metadata: Metadata {
-                name: svc.name.clone(),
-                namespace: NAMESPACE.to_owned(),
-                labels: BTreeMap::new(),
+fn policy(p: TrafficPolicy) -> &'static str {
+    match p {
+        TrafficPolicy::Cluster => "Cluster",
+        TrafficPolicy::Local => "Local",
+    }
+}
+
+fn service_object(svc: &ServiceSpec) -> Service {
+    let mut cluster_ips = vec![IpAddr::V4(svc.cluster_ip)];
+    let mut families = vec!["IPv4"];
+    if let Some(ip6) = svc.cluster_ip6 {
+        cluster_ips.push(IpAddr::V6(ip6));
+        families.push("IPv6");
+    }
+    let dual = cluster_ips.len() > 1;
+    let type_ = match svc.kind {
+        ServiceType::ClusterIP => "ClusterIP",
+        ServiceType::NodePort => "NodePort",
+        ServiceType::LoadBalancer => "LoadBalancer",
+    };
+    Service {
+        api_version: "v1",
+        kind: "Service",
+        metadata: Metadata {
+            name: svc.name.clone(),
+            namespace: NAMESPACE.to_owned(),
+            labels: BTreeMap::new(),
+        },
+        spec: ServiceSpecYaml {
+            cluster_ip: IpAddr::V4(svc.cluster_ip),
+            cluster_ips,
+            ip_families: families,
+            ip_family_policy: if dual {
+                "RequireDualStack"
+            } else {
+                "SingleStack"
             },
-            spec: ServiceSpecYaml {
-                cluster_ip: svc.cluster_ip,
-                cluster_ips: vec![svc.cluster_ip],
-                ip_families: vec!["IPv4"],
-                ip_family_policy: "SingleStack",
-                ports: svc
-                    .ports
-                    .iter()
-                    .map(|p| ServicePortYaml {
-                        name: p.name.clone(),
-                        port: p.port,
-                        protocol: protocol(p.protocol),
-                        target_port: p.target(),
-                    })
-                    .collect(),
-                selector: svc.selector.clone(),
-                session_affinity: "None",
-                type_: "ClusterIP",
-            },
-        };
-        let slice = EndpointSlice {
-            api_version: "discovery.k8s.io/v1",
-            kind: "EndpointSlice",
-            metadata: Metadata {
-                name: slice_name(&svc.name),
-                namespace: NAMESPACE.to_owned(),
-                labels: BTreeMap::from([
-                    (
-                        "endpointslice.kubernetes.io/managed-by".to_owned(),
-                        "weir-lab".to_owned(),
-                    ),
-                    ("kubernetes.io/service-name".to_owned(), svc.name.clone()),
-                ]),
-            },
-            address_type: "IPv4",
-            endpoints: endpoints(svc, plan, &labels)
-                .into_iter()
-                .map(|pod| Endpoint {
-                    addresses: vec![pod.ip],
-                    conditions: Conditions {
-                        ready: true,
-                        serving: true,
-                        terminating: false,
-                    },
-                    node_name: format!("node{}", pod.node),
-                    target_ref: TargetRef {
-                        kind: "Pod",
-                        name: pod.name.clone(),
-                        namespace: NAMESPACE.to_owned(),
-                    },
-                })
-                .collect(),
             ports: svc
                 .ports
                 .iter()
-                .map(|p| EndpointPort {
+                .map(|p| ServicePortYaml {
                     name: p.name.clone(),
-                    port: p.target(),
+                    port: p.port,
                     protocol: protocol(p.protocol),
+                    target_port: match &p.target_port_name {
+                        Some(name) => TargetPort::Name(name.clone()),
+                        None => TargetPort::Number(p.target()),
+                    },
+                    node_port: p.node_port,
                 })
                 .collect(),
-        };
-        // These types only hold strings, numbers and maps with string keys: they always serialize.
-        docs.push(serde_yaml::to_string(&service).expect("service serializes"));
+            selector: svc.selector.clone(),
+            session_affinity: if svc.affinity_timeout.is_some() {
+                "ClientIP"
+            } else {
+                "None"
+            },
+            session_affinity_config: svc.affinity_timeout.map(|t| SessionAffinityConfig {
+                client_ip: ClientIpConfig {
+                    timeout_seconds: t.as_secs().max(1),
+                },
+            }),
+            type_,
+            external_ips: svc.external_ips.clone(),
+            external_traffic_policy: (svc.kind != ServiceType::ClusterIP
+                || !svc.external_ips.is_empty())
+            .then(|| policy(svc.external_traffic_policy)),
+            internal_traffic_policy: policy(svc.internal_traffic_policy),
+            health_check_node_port: svc.health_check_node_port,
+        },
+        status: (!svc.load_balancer_ips.is_empty()).then(|| ServiceStatus {
+            load_balancer: LoadBalancerStatus {
+                ingress: svc
+                    .load_balancer_ips
+                    .iter()
+                    .map(|ip| LoadBalancerIngress { ip: *ip })
+                    .collect(),
+            },
+        }),
+    }
+}
+
+/// One endpoint slice of `svc` for one address family, as the endpoint slice controller writes
+/// it; `None` when the family has no pod addresses.
+fn slice_object(
+    svc: &ServiceSpec,
+    plan: &Plan,
+    labels: &BTreeMap<String, BTreeMap<String, String>>,
+    v6: bool,
+) -> Option<EndpointSlice> {
+    let endpoints: Vec<Endpoint> = endpoints(svc, plan, labels)
+        .into_iter()
+        .filter_map(|pod| {
+            let address = if v6 {
+                IpAddr::V6(pod.ip6?)
+            } else {
+                IpAddr::V4(pod.ip)
+            };
+            Some(Endpoint {
+                addresses: vec![address],
+                conditions: Conditions {
+                    ready: true,
+                    serving: true,
+                    terminating: false,
+                },
+                node_name: format!("node{}", pod.node),
+                target_ref: TargetRef {
+                    kind: "Pod",
+                    name: pod.name.clone(),
+                    namespace: NAMESPACE.to_owned(),
+                },
+            })
+        })
+        .collect();
+    if v6 && endpoints.is_empty() {
+        return None;
+    }
+    let name = if v6 {
+        slice_name(&format!("{}/ipv6", svc.name))
+    } else {
+        slice_name(&svc.name)
+    };
+    Some(EndpointSlice {
+        api_version: "discovery.k8s.io/v1",
+        kind: "EndpointSlice",
+        metadata: Metadata {
+            // Named after the service, whatever the hash was fed.
+            name: format!("{}-{}", svc.name, &name[name.len() - 5..]),
+            namespace: NAMESPACE.to_owned(),
+            labels: BTreeMap::from([
+                (
+                    "endpointslice.kubernetes.io/managed-by".to_owned(),
+                    "weir-lab".to_owned(),
+                ),
+                ("kubernetes.io/service-name".to_owned(), svc.name.clone()),
+            ]),
+        },
+        address_type: if v6 { "IPv6" } else { "IPv4" },
+        endpoints,
+        ports: svc
+            .ports
+            .iter()
+            .map(|p| EndpointPort {
+                name: p.name.clone(),
+                port: p.target(),
+                protocol: protocol(p.protocol),
+            })
+            .collect(),
+    })
+}
+
+fn node_object(node: &crate::topology::NodePlan) -> Node {
+    let mut addresses: Vec<NodeAddress> = node
+        .ips
+        .iter()
+        .map(|ip| NodeAddress {
+            type_: "InternalIP",
+            address: ip.to_string(),
+        })
+        .collect();
+    let mut pod_cidrs = vec![format!("{}/24", node.pod_cidr)];
+    if let (Some(ip6), Some(cidr6)) = (node.ip6, node.pod_cidr6) {
+        addresses.push(NodeAddress {
+            type_: "InternalIP",
+            address: ip6.to_string(),
+        });
+        pod_cidrs.push(format!("{cidr6}/64"));
+    }
+    addresses.push(NodeAddress {
+        type_: "Hostname",
+        address: node.name.clone(),
+    });
+    Node {
+        api_version: "v1",
+        kind: "Node",
+        metadata: NodeMetadata {
+            name: node.name.clone(),
+        },
+        spec: NodeSpec {
+            pod_cidr: pod_cidrs[0].clone(),
+            pod_cidrs,
+        },
+        status: NodeStatus { addresses },
+    }
+}
+
+/// The cluster state for every node's agent: a multi-document YAML stream of Nodes, Services
+/// and their EndpointSlices.
+pub fn cluster_state(scenario: &Scenario, plan: &Plan) -> String {
+    let labels = pod_labels(scenario, plan);
+    let mut docs = Vec::new();
+    // These types only hold strings, numbers and maps with string keys: they always serialize.
+    for node in &plan.nodes {
+        docs.push(serde_yaml::to_string(&node_object(node)).expect("node serializes"));
+    }
+    for svc in &scenario.services {
+        docs.push(serde_yaml::to_string(&service_object(svc)).expect("service serializes"));
         // Kubernetes' endpoints controller only manages slices of services with a selector.
-        if !svc.selector.is_empty() {
-            docs.push(serde_yaml::to_string(&slice).expect("slice serializes"));
+        if svc.selector.is_empty() {
+            continue;
+        }
+        let families: &[bool] = if svc.cluster_ip6.is_some() {
+            &[false, true]
+        } else {
+            &[false]
+        };
+        for v6 in families {
+            if let Some(slice) = slice_object(svc, plan, &labels, *v6) {
+                docs.push(serde_yaml::to_string(&slice).expect("slice serializes"));
+            }
         }
     }
     let mut out = String::new();
@@ -318,6 +536,12 @@ ports = [ { port = 81 } ]
         let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&yaml)
             .map(|d| serde_yaml::Value::deserialize(d).unwrap())
             .collect();
+        let (nodes, docs): (Vec<_>, Vec<_>) = docs.into_iter().partition(|d| d["kind"] == "Node");
+        assert_eq!(nodes.len(), 2);
+        assert_eq!(nodes[1]["metadata"]["name"], "node2");
+        assert_eq!(nodes[1]["status"]["addresses"][0]["type"], "InternalIP");
+        assert_eq!(nodes[1]["status"]["addresses"][0]["address"], "198.18.0.2");
+        assert_eq!(nodes[1]["spec"]["podCIDRs"][0], "198.19.2.0/24");
         assert_eq!(docs.len(), 3);
 
         let svc = &docs[0];
@@ -362,6 +586,75 @@ ports = [ { port = 81 } ]
         // Like Kubernetes, no slice for a service without a selector.
         assert_eq!(docs[2]["kind"], "Service");
         assert_eq!(docs[2]["spec"]["ports"][0]["targetPort"], 81);
+    }
+
+    #[test]
+    fn external_dual_stack_service() {
+        let s = Scenario::parse(
+            r#"
+name = "t"
+[topology]
+nodes = 2
+pods_per_node = 1
+ipv6 = true
+networks = 2
+[[pods]]
+match = "*"
+labels = { app = "web" }
+[[services]]
+name = "web"
+type = "LoadBalancer"
+cluster_ip = "198.18.100.10"
+cluster_ip6 = "fd00:100::10"
+selector = { app = "web" }
+external_ips = ["198.18.201.1"]
+load_balancer_ips = ["198.18.200.1"]
+external_traffic_policy = "Local"
+health_check_node_port = 32000
+affinity_timeout = "30s"
+ports = [ { name = "http", port = 80, target_port = 8080, target_port_name = "web", node_port = 30080 } ]
+"#,
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        let yaml = cluster_state(&s, &s.plan());
+        let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&yaml)
+            .map(|d| serde_yaml::Value::deserialize(d).unwrap())
+            .collect();
+        let kinds: Vec<&str> = docs.iter().map(|d| d["kind"].as_str().unwrap()).collect();
+        assert_eq!(
+            kinds,
+            ["Node", "Node", "Service", "EndpointSlice", "EndpointSlice"]
+        );
+        assert_eq!(docs[0]["status"]["addresses"][1]["address"], "198.18.1.1");
+        assert_eq!(docs[0]["status"]["addresses"][2]["address"], "fd00:18::1");
+        let spec = &docs[2]["spec"];
+        assert_eq!(spec["type"], "LoadBalancer");
+        assert_eq!(spec["clusterIPs"][1], "fd00:100::10");
+        assert_eq!(spec["ipFamilyPolicy"], "RequireDualStack");
+        assert_eq!(spec["ports"][0]["targetPort"], "web");
+        assert_eq!(spec["ports"][0]["nodePort"], 30080);
+        assert_eq!(spec["externalIPs"][0], "198.18.201.1");
+        assert_eq!(spec["externalTrafficPolicy"], "Local");
+        assert_eq!(spec["healthCheckNodePort"], 32000);
+        assert_eq!(spec["sessionAffinity"], "ClientIP");
+        assert_eq!(
+            spec["sessionAffinityConfig"]["clientIP"]["timeoutSeconds"],
+            30
+        );
+        assert_eq!(
+            docs[2]["status"]["loadBalancer"]["ingress"][0]["ip"],
+            "198.18.200.1"
+        );
+        assert_eq!(docs[3]["addressType"], "IPv4");
+        assert_eq!(docs[3]["ports"][0]["port"], 8080);
+        assert_eq!(docs[4]["addressType"], "IPv6");
+        assert_eq!(docs[4]["endpoints"][0]["addresses"][0], "fd00:19:1::a");
+        assert_ne!(docs[3]["metadata"]["name"], docs[4]["metadata"]["name"]);
+        assert!(docs[4]["metadata"]["name"]
+            .as_str()
+            .unwrap()
+            .starts_with("web-"));
     }
 
     #[test]

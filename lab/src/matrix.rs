@@ -328,7 +328,16 @@ fn run_kernel(entry: &KernelEntry, files: &[ScenarioFile], opts: &MatrixOptions)
             .into_iter()
             .filter(|m| report.features.as_ref().is_some_and(|ft| !ft.has_module(m)))
             .collect();
-        if lacking.is_empty() {
+        let multi_homed = f.scenario.as_ref().is_ok_and(|sc| sc.topology.networks > 1);
+        if setup.is_some() && multi_homed {
+            cells.push(
+                skip_all(
+                    std::slice::from_ref(f),
+                    "multi-homed nodes need the namespace lab (one NIC per VM here)",
+                )
+                .pop(),
+            );
+        } else if lacking.is_empty() {
             runnable.push(ScenarioFile::load(&f.path));
             cells.push(None);
         } else {

@@ -4,7 +4,7 @@
 //! EndpointSlice objects a real control plane would hand the agent.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -57,6 +57,48 @@ pub struct Scenario {
     /// Agent stops and restarts under load, run after the checks.
     #[serde(default)]
     pub agent_restarts: Vec<AgentRestartSpec>,
+    /// Static routes on hosts, as the router in front of a cluster has them: external clients
+    /// reach load-balancer and external IPs through a node of the scenario's choice.
+    #[serde(default)]
+    pub routes: Vec<RouteSpec>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSpec {
+    /// The host that gets the route, usually an external client (`x1`).
+    pub host: String,
+    /// A prefix in the lab's ranges: "198.18.200.0/24" or "fd00:200::/64".
+    pub to: String,
+    /// The node the route points at (its network-1 address of the prefix's family).
+    pub via: String,
+}
+
+impl RouteSpec {
+    /// The prefix, if it parses and lies in the lab's ranges.
+    pub fn prefix(&self) -> Result<(IpAddr, u8), String> {
+        let (ip, len) = self
+            .to
+            .split_once('/')
+            .ok_or_else(|| format!("route to {:?}: give a prefix like 198.18.200.0/24", self.to))?;
+        let ip: IpAddr = ip
+            .parse()
+            .map_err(|e| format!("route to {:?}: {e}", self.to))?;
+        let len: u8 = len
+            .parse()
+            .map_err(|e| format!("route to {:?}: {e}", self.to))?;
+        let max = if ip.is_ipv4() { 32 } else { 128 };
+        if len > max {
+            return Err(format!("route to {:?}: prefix longer than {max}", self.to));
+        }
+        if !crate::topology::is_test_ip(ip) {
+            return Err(format!(
+                "route to {:?}: outside 198.18.0.0/15 and fd00::/8, the only ranges lab traffic may use",
+                self.to
+            ));
+        }
+        Ok((ip, len))
+    }
 }
 
 /// Stops a node's agent (by each signal in turn) and starts it again while a long iperf3
@@ -109,6 +151,13 @@ impl StopSignal {
             StopSignal::Kill => "KILL",
         }
     }
+
+    pub fn signal(self) -> crate::backend::Signal {
+        match self {
+            StopSignal::Term => crate::backend::Signal::SIGTERM,
+            StopSignal::Kill => crate::backend::Signal::SIGKILL,
+        }
+    }
 }
 
 fn default_bulk_port() -> u16 {
@@ -149,6 +198,17 @@ pub struct TopologySpec {
     /// Client machines outside the cluster, on the node network.
     #[serde(default)]
     pub externals: u8,
+    /// Node networks: more than one makes every node multi-homed (eth0, eth1, ...), with an
+    /// address on each; external clients sit on all of them.
+    #[serde(default = "default_networks")]
+    pub networks: u8,
+    /// Dual stack: IPv6 addresses (fd00::/8) on nodes, pods and external clients too.
+    #[serde(default)]
+    pub ipv6: bool,
+}
+
+fn default_networks() -> u8 {
+    1
 }
 
 fn default_mtu() -> u32 {
@@ -168,6 +228,12 @@ pub struct AgentSpec {
     pub ready_timeout: Duration,
     #[serde(default)]
     pub conntrack: ConntrackSpec,
+    /// The agent's `[services]` table.
+    #[serde(default)]
+    pub services: ServicesSpec,
+    /// The agent's `[tunnel]` table.
+    #[serde(default)]
+    pub tunnel: TunnelSpec,
 }
 
 impl Default for AgentSpec {
@@ -177,8 +243,52 @@ impl Default for AgentSpec {
             poll_interval: None,
             ready_timeout: default_ready_timeout(),
             conntrack: ConntrackSpec::default(),
+            services: ServicesSpec::default(),
+            tunnel: TunnelSpec::default(),
         }
     }
+}
+
+/// Mirrors the agent's `[services]` keys the lab varies; unset ones keep the agent's defaults.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ServicesSpec {
+    /// "ingress": replies return through the ingress node; "dsr": straight from the backend's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external_return: Option<ExternalReturn>,
+    /// "random" or "maglev".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external_load_balancing: Option<LoadBalancing>,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ExternalReturn {
+    Ingress,
+    Dsr,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LoadBalancing {
+    Random,
+    Maglev,
+}
+
+/// Mirrors the agent's `[tunnel]` keys the lab varies.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TunnelSpec {
+    /// "vxlan" (the agent's default) or "none".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<TunnelModeSpec>,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum TunnelModeSpec {
+    None,
+    Vxlan,
 }
 
 fn default_true() -> bool {
@@ -245,11 +355,57 @@ pub struct PodRule {
 #[serde(deny_unknown_fields)]
 pub struct ServiceSpec {
     pub name: String,
+    #[serde(default, rename = "type")]
+    pub kind: ServiceType,
     pub cluster_ip: Ipv4Addr,
+    /// Makes the service dual-stack (IPv4 first), with IPv6 endpoint slices too.
+    #[serde(default)]
+    pub cluster_ip6: Option<Ipv6Addr>,
     /// Like Kubernetes, an empty selector selects nothing: such a service has no endpoints.
     #[serde(default)]
     pub selector: BTreeMap<String, String>,
     pub ports: Vec<ServicePort>,
+    /// `spec.externalIPs`.
+    #[serde(default)]
+    pub external_ips: Vec<IpAddr>,
+    /// `status.loadBalancer.ingress[].ip` (LoadBalancer services).
+    #[serde(default)]
+    pub load_balancer_ips: Vec<IpAddr>,
+    #[serde(default)]
+    pub external_traffic_policy: TrafficPolicy,
+    #[serde(default)]
+    pub internal_traffic_policy: TrafficPolicy,
+    /// Kubernetes allocates one for LoadBalancer services with externalTrafficPolicy Local.
+    #[serde(default)]
+    pub health_check_node_port: Option<u16>,
+    /// `sessionAffinity: ClientIP` with this timeout.
+    #[serde(default, with = "humantime_serde")]
+    pub affinity_timeout: Option<Duration>,
+}
+
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub enum ServiceType {
+    #[default]
+    ClusterIP,
+    NodePort,
+    LoadBalancer,
+}
+
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub enum TrafficPolicy {
+    #[default]
+    Cluster,
+    Local,
+}
+
+impl ServiceSpec {
+    /// The service's address of one family: its cluster IP (or, for IPv6, its second one).
+    pub fn cluster_ip_of(&self, family: Family) -> Option<IpAddr> {
+        match family {
+            Family::Ipv4 => Some(IpAddr::V4(self.cluster_ip)),
+            Family::Ipv6 => self.cluster_ip6.map(IpAddr::V6),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -263,6 +419,14 @@ pub struct ServicePort {
     /// Defaults to `port`, as in Kubernetes.
     #[serde(default)]
     pub target_port: Option<u16>,
+    /// A named targetPort: the Service refers to the pods' port by this name and the endpoint
+    /// slices carry the number (`target_port`) it resolves to, as the endpoints controller
+    /// writes them.
+    #[serde(default)]
+    pub target_port_name: Option<String>,
+    /// NodePort and LoadBalancer services: the port on every node address.
+    #[serde(default)]
+    pub node_port: Option<u16>,
 }
 
 impl ServicePort {
@@ -300,6 +464,54 @@ pub enum CheckSpec {
     /// The agent's connection tracking table on one node: entries exist for fresh flows and are
     /// reclaimed once those flows are over.
     Conntrack(ConntrackCheck),
+    /// A service's healthCheckNodePort on one node, as a cloud load balancer probes it.
+    HealthCheck(HealthCheckSpec),
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheckSpec {
+    #[serde(default)]
+    pub name: Option<String>,
+    pub from: String,
+    pub service: String,
+    /// The node probed, on its network-1 address.
+    pub node: String,
+    /// 200 with local endpoints, 503 without.
+    pub status: u16,
+    pub local_endpoints: u32,
+}
+
+/// How a traffic check addresses a service.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Via {
+    /// Its cluster IP of the check's family.
+    #[default]
+    ClusterIp,
+    /// A node address (`node`, on `network`) and the port's nodePort.
+    NodePort,
+    /// Its first external IP.
+    ExternalIp,
+    /// Its first load-balancer ingress IP.
+    LoadBalancer,
+}
+
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    #[default]
+    Ipv4,
+    Ipv6,
+}
+
+/// Whether a node's tunnel device receives the replies of the check's flows: through the
+/// ingress node they do (ingress return), with direct server return they must not.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TunnelReplies {
+    pub node: String,
+    pub seen: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -319,6 +531,18 @@ pub struct TrafficCheck {
     #[serde(default = "default_requests")]
     pub requests: u32,
     #[serde(default)]
+    pub via: Via,
+    #[serde(default)]
+    pub family: Family,
+    /// `via = "node_port"`: the node whose address is used...
+    #[serde(default)]
+    pub node: Option<String>,
+    /// ...on this of its networks (1-based; IPv4 only beyond the first).
+    #[serde(default = "default_networks")]
+    pub network: u8,
+    #[serde(default)]
+    pub tunnel_replies: Option<TunnelReplies>,
+    #[serde(default)]
     pub expect: TrafficExpect,
 }
 
@@ -335,6 +559,14 @@ pub struct TrafficExpect {
     /// Every answer shows the client's own address: no SNAT on the way. Answers from the client
     /// pod itself (hairpin) are exempt, as kube-proxy masquerades those too.
     pub client_ip_preserved: bool,
+    /// Not one request is answered (traffic a node must drop, like externalTrafficPolicy Local
+    /// on a node without a local endpoint).
+    pub none_answered: bool,
+    /// Every answer comes from one endpoint (session affinity).
+    pub same_backend: bool,
+    /// Only these pods may answer (and, with `all_backends_used`, all of them must); defaults
+    /// to every endpoint of the service.
+    pub backends: Vec<String>,
 }
 
 impl Default for TrafficExpect {
@@ -343,6 +575,9 @@ impl Default for TrafficExpect {
             all_answered: true,
             all_backends_used: false,
             client_ip_preserved: false,
+            none_answered: false,
+            same_backend: false,
+            backends: Vec::new(),
         }
     }
 }
@@ -378,8 +613,32 @@ impl CheckSpec {
                     "udp"
                 };
                 let target = t.service.as_deref().or(t.pod.as_deref()).unwrap_or("?");
-                format!("{kind} {} -> {target}:{} x{}", t.from, t.port, t.requests)
+                let via = match (t.via, &t.node) {
+                    (Via::NodePort, Some(node)) if t.network > 1 => {
+                        format!(" via {node} network {} nodePort", t.network)
+                    }
+                    (Via::NodePort, Some(node)) => format!(" via {node} nodePort"),
+                    (Via::NodePort, None) => " via nodePort".to_owned(),
+                    (Via::ExternalIp, _) => " via external IP".to_owned(),
+                    (Via::LoadBalancer, _) => " via load-balancer IP".to_owned(),
+                    (Via::ClusterIp, _) => String::new(),
+                };
+                let family = if t.family == Family::Ipv6 {
+                    " (IPv6)"
+                } else {
+                    ""
+                };
+                format!(
+                    "{kind} {} -> {target}:{}{via}{family} x{}",
+                    t.from, t.port, t.requests
+                )
             }
+            CheckSpec::HealthCheck(h) => h.name.clone().unwrap_or_else(|| {
+                format!(
+                    "health check {} -> {} on {}: {} with {} local",
+                    h.from, h.service, h.node, h.status, h.local_endpoints
+                )
+            }),
             CheckSpec::Conntrack(c) => c.name.clone().unwrap_or_else(|| {
                 let node = c.node.as_deref().unwrap_or("client node");
                 match c.reclaimed_within {
@@ -415,12 +674,32 @@ impl Scenario {
     }
 
     pub fn plan(&self) -> Plan {
-        Plan::new(
+        let mut plan = Plan::new(
             self.topology.nodes,
             self.topology.pods_per_node,
             self.topology.externals,
             self.topology.mtu,
         )
+        .with_networks(self.topology.networks);
+        if self.topology.ipv6 {
+            plan = plan.with_ipv6();
+        }
+        // Validation has vetted every route; one that does not resolve is left out.
+        let routes = self
+            .routes
+            .iter()
+            .filter_map(|r| {
+                let host = plan.host(&r.host)?;
+                let prefix = r.prefix().ok()?;
+                let via = plan.host(&r.via)?;
+                let via = match prefix.0 {
+                    IpAddr::V4(_) => IpAddr::V4(plan.ip(via)?),
+                    IpAddr::V6(_) => IpAddr::V6(plan.ip6(via)?),
+                };
+                Some(crate::topology::RoutePlan { host, prefix, via })
+            })
+            .collect();
+        plan.with_routes(routes)
     }
 
     pub fn service(&self, name: &str) -> Option<&ServiceSpec> {
@@ -458,6 +737,12 @@ impl Scenario {
                 "topology.externals must be at most {MAX_EXTERNALS}"
             )));
         }
+        if t.networks == 0 || t.networks > crate::topology::MAX_NETWORKS {
+            return Err(self.invalid(format!(
+                "topology.networks must be 1..={}",
+                crate::topology::MAX_NETWORKS
+            )));
+        }
         if !(576..=65535).contains(&t.mtu) {
             return Err(self.invalid("topology.mtu must be 576..=65535"));
         }
@@ -484,6 +769,7 @@ impl Scenario {
 
         let mut names = BTreeSet::new();
         let mut frontends = BTreeSet::new();
+        let mut node_ports = BTreeSet::new();
         for svc in &self.services {
             if !names.insert(svc.name.as_str()) {
                 return Err(self.invalid(format!("service {} defined twice", svc.name)));
@@ -497,6 +783,7 @@ impl Scenario {
             if svc.ports.is_empty() {
                 return Err(self.invalid(format!("service {} has no ports", svc.name)));
             }
+            self.validate_service_addresses(svc)?;
             let mut port_names = BTreeSet::new();
             for p in &svc.ports {
                 if p.port == 0 || p.target() == 0 {
@@ -517,6 +804,32 @@ impl Scenario {
                         svc.name, p.name
                     )));
                 }
+                if p.node_port.is_some() && svc.kind == ServiceType::ClusterIP {
+                    return Err(self.invalid(format!(
+                        "service {}: a ClusterIP service has no node ports",
+                        svc.name
+                    )));
+                }
+                if p.node_port == Some(0) {
+                    return Err(
+                        self.invalid(format!("service {}: node_port must be non-zero", svc.name))
+                    );
+                }
+                if let Some(np) = p.node_port {
+                    if !node_ports.insert((np, p.protocol)) {
+                        return Err(self.invalid(format!(
+                            "service {}: node port {np}/{} is already taken",
+                            svc.name,
+                            p.protocol.lower()
+                        )));
+                    }
+                }
+                if p.target_port_name.as_deref() == Some("") {
+                    return Err(self.invalid(format!(
+                        "service {}: target_port_name must not be empty",
+                        svc.name
+                    )));
+                }
                 if !frontends.insert((svc.cluster_ip, p.port, p.protocol)) {
                     return Err(self.invalid(format!(
                         "service {}: {}:{}/{} is already another service's frontend",
@@ -529,11 +842,68 @@ impl Scenario {
             }
         }
 
+        for route in &self.routes {
+            let prefix = route.prefix().map_err(|m| self.invalid(m))?;
+            if plan.host(&route.host).is_none() {
+                return Err(self.invalid(format!("route: no host named {:?}", route.host)));
+            }
+            if !matches!(plan.host(&route.via), Some(HostId::Node(_))) {
+                return Err(self.invalid(format!("route: {:?} is not a node", route.via)));
+            }
+            if prefix.0.is_ipv6() && !t.ipv6 {
+                return Err(
+                    self.invalid(format!("route to {}: IPv6 needs topology.ipv6", route.to))
+                );
+            }
+        }
         for check in &self.checks {
             self.validate_check(check, &plan)?;
         }
         for restart in &self.agent_restarts {
             self.validate_restart(restart, &plan, &frontends)?;
+        }
+        Ok(())
+    }
+
+    fn validate_service_addresses(&self, svc: &ServiceSpec) -> Result<(), ScenarioError> {
+        let bad = |m: String| self.invalid(format!("service {}: {m}", svc.name));
+        if let Some(ip6) = svc.cluster_ip6 {
+            if !crate::topology::is_test_address6(ip6) {
+                return Err(bad(format!(
+                    "cluster_ip6 {ip6} is outside fd00::/8, the only IPv6 range lab traffic may use"
+                )));
+            }
+            if !self.topology.ipv6 {
+                return Err(bad("cluster_ip6 needs topology.ipv6".into()));
+            }
+        }
+        for ip in svc.external_ips.iter().chain(&svc.load_balancer_ips) {
+            if !crate::topology::is_test_ip(*ip) {
+                return Err(bad(format!(
+                    "{ip} is outside 198.18.0.0/15 and fd00::/8, the only ranges lab traffic may use"
+                )));
+            }
+        }
+        if !svc.load_balancer_ips.is_empty() && svc.kind != ServiceType::LoadBalancer {
+            return Err(bad("load_balancer_ips need type = \"LoadBalancer\"".into()));
+        }
+        if svc.health_check_node_port.is_some()
+            && (svc.kind != ServiceType::LoadBalancer
+                || svc.external_traffic_policy != TrafficPolicy::Local)
+        {
+            return Err(bad(
+                "health_check_node_port is for LoadBalancer services with externalTrafficPolicy Local"
+                    .into(),
+            ));
+        }
+        if svc.health_check_node_port == Some(0) {
+            return Err(bad("health_check_node_port must be non-zero".into()));
+        }
+        if svc
+            .affinity_timeout
+            .is_some_and(|t| t.is_zero() || t > Duration::from_secs(86_400))
+        {
+            return Err(bad("affinity_timeout must be 1s..=1d".into()));
         }
         Ok(())
     }
@@ -590,6 +960,102 @@ impl Scenario {
         Ok(())
     }
 
+    fn validate_traffic_target(
+        &self,
+        title: &str,
+        t: &TrafficCheck,
+        from: HostId,
+        plan: &Plan,
+    ) -> Result<(), ScenarioError> {
+        let bad = |m: String| self.invalid(format!("check {title:?}: {m}"));
+        if t.family == Family::Ipv6 && !self.topology.ipv6 {
+            return Err(bad("IPv6 needs topology.ipv6".into()));
+        }
+        if t.network == 0 || t.network > self.topology.networks {
+            return Err(bad(format!(
+                "network must be 1..={}",
+                self.topology.networks
+            )));
+        }
+        if t.network > 1 && (t.family == Family::Ipv6 || t.via != Via::NodePort) {
+            return Err(bad(
+                "networks beyond the first are for IPv4 node ports only".into(),
+            ));
+        }
+        if t.network > 1 && matches!(from, HostId::Pod { .. }) {
+            return Err(bad("pods are on network 1 only".into()));
+        }
+        if let Some(tr) = &t.tunnel_replies {
+            if !matches!(plan.host(&tr.node), Some(HostId::Node(_))) {
+                return Err(bad(format!("tunnel_replies: {:?} is not a node", tr.node)));
+            }
+            if !self.agent.enabled {
+                return Err(bad("tunnel_replies needs the agent".into()));
+            }
+        }
+        if t.expect.none_answered && (t.expect.all_answered || t.expect.all_backends_used) {
+            return Err(bad(
+                "none_answered contradicts all_answered (set it false) and all_backends_used"
+                    .into(),
+            ));
+        }
+        for pod in &t.expect.backends {
+            if !matches!(plan.host(pod), Some(HostId::Pod { .. })) {
+                return Err(bad(format!("expect.backends: {pod:?} is not a pod")));
+            }
+        }
+        let Some(svc) = t.service.as_deref().and_then(|s| self.service(s)) else {
+            if t.via != Via::ClusterIp {
+                return Err(bad("via needs a service".into()));
+            }
+            return Ok(());
+        };
+        match t.via {
+            Via::ClusterIp => {
+                if svc.cluster_ip_of(t.family).is_none() {
+                    return Err(bad(format!("service {} has no IPv6 cluster IP", svc.name)));
+                }
+                if t.node.is_some() {
+                    return Err(bad("node is for via = \"node_port\"".into()));
+                }
+            }
+            Via::NodePort => {
+                let node = t
+                    .node
+                    .as_deref()
+                    .ok_or_else(|| bad("via = \"node_port\" needs a node".into()))?;
+                if !matches!(plan.host(node), Some(HostId::Node(_))) {
+                    return Err(bad(format!("{node:?} is not a node")));
+                }
+                if !svc
+                    .ports
+                    .iter()
+                    .any(|p| p.port == t.port && p.node_port.is_some())
+                {
+                    return Err(bad(format!(
+                        "service {} port {} has no node_port",
+                        svc.name, t.port
+                    )));
+                }
+            }
+            Via::ExternalIp | Via::LoadBalancer => {
+                let ips = if t.via == Via::ExternalIp {
+                    &svc.external_ips
+                } else {
+                    &svc.load_balancer_ips
+                };
+                let want_v6 = t.family == Family::Ipv6;
+                if !ips.iter().any(|ip| ip.is_ipv6() == want_v6) {
+                    return Err(bad(format!(
+                        "service {} has no such address of the check's family",
+                        svc.name
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn validate_check(&self, check: &CheckSpec, plan: &Plan) -> Result<(), ScenarioError> {
         let title = check.title();
         let host = |name: &str| -> Result<HostId, ScenarioError> {
@@ -603,7 +1069,8 @@ impl Scenario {
                 } else {
                     Protocol::Udp
                 };
-                host(&t.from)?;
+                let from = host(&t.from)?;
+                self.validate_traffic_target(&title, t, from, plan)?;
                 if t.requests == 0 || t.requests > MAX_REQUESTS {
                     return Err(self.invalid(format!(
                         "check {title:?}: requests must be 1..={MAX_REQUESTS}"
@@ -639,6 +1106,28 @@ impl Scenario {
                             "check {title:?}: give exactly one of `service` and `pod`"
                         )))
                     }
+                }
+            }
+            CheckSpec::HealthCheck(h) => {
+                host(&h.from)?;
+                if !matches!(host(&h.node)?, HostId::Node(_)) {
+                    return Err(
+                        self.invalid(format!("check {title:?}: {:?} is not a node", h.node))
+                    );
+                }
+                let svc = self.service(&h.service).ok_or_else(|| {
+                    self.invalid(format!("check {title:?}: no service {:?}", h.service))
+                })?;
+                if svc.health_check_node_port.is_none() {
+                    return Err(self.invalid(format!(
+                        "check {title:?}: service {} has no health_check_node_port",
+                        svc.name
+                    )));
+                }
+                if !self.agent.enabled {
+                    return Err(self.invalid(format!(
+                        "check {title:?}: needs the agent, which is disabled"
+                    )));
                 }
             }
             CheckSpec::Conntrack(c) => {

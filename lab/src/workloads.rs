@@ -61,12 +61,17 @@ pub fn pod_ports(scenario: &Scenario, plan: &Plan) -> BTreeMap<String, PodPorts>
 }
 
 /// A self-contained nginx: everything it writes (pid, logs, temp files) stays in `dir`.
-pub fn nginx_conf(dir: &Path, pod: &str, ports: &BTreeSet<u16>) -> String {
+pub fn nginx_conf(dir: &Path, pod: &str, ports: &BTreeSet<u16>, ipv6: bool) -> String {
     let d = dir.display();
     let mut servers = String::new();
     for port in ports {
+        let listen6 = if ipv6 {
+            format!("        listen [::]:{port} ipv6only=on;\n")
+        } else {
+            String::new()
+        };
         servers.push_str(&format!(
-            "    server {{\n        listen {port};\n        location / {{ return 200 \"pod={pod} client=$remote_addr\\n\"; }}\n    }}\n"
+            "    server {{\n        listen {port};\n{listen6}        location / {{ return 200 \"pod={pod} client=$remote_addr\\n\"; }}\n    }}\n"
         ));
     }
     format!(
@@ -89,15 +94,22 @@ pub fn nginx_conf(dir: &Path, pod: &str, ports: &BTreeSet<u16>) -> String {
 }
 
 pub fn udp_echo_cmd(pod: &str, port: u16) -> Cmd {
+    udp_echo(pod, &format!("UDP4-RECVFROM:{port},fork"))
+}
+
+/// The IPv6 twin of [`udp_echo_cmd`]: a socket of its own (ipv6only), so each family's peers
+/// are reported in their own form.
+pub fn udp6_echo_cmd(pod: &str, port: u16) -> Cmd {
+    udp_echo(pod, &format!("UDP6-RECVFROM:{port},fork,ipv6only=1"))
+}
+
+fn udp_echo(pod: &str, listen: &str) -> Cmd {
     // socat forks a child per datagram and hands it the peer in SOCAT_PEERADDR; -T2 ends
     // children that hear nothing more. The shell reads the datagram first: if it exited
     // before socat had written it, socat would fail on EPIPE and drop the answer.
-    Cmd::new("socat")
-        .arg("-T2")
-        .arg(format!("UDP4-RECVFROM:{port},fork"))
-        .arg(format!(
-            "SYSTEM:read -r request; echo pod={pod} client=$SOCAT_PEERADDR"
-        ))
+    Cmd::new("socat").arg("-T2").arg(listen).arg(format!(
+        "SYSTEM:read -r request; echo pod={pod} client=$SOCAT_PEERADDR"
+    ))
 }
 
 /// Starts every pod's servers; returns (nginx count, udp echo count).
@@ -122,7 +134,7 @@ pub fn start(
             lab.write_file(
                 pod.id,
                 &conf,
-                nginx_conf(&dir, &pod.name, &p.tcp).as_bytes(),
+                nginx_conf(&dir, &pod.name, &p.tcp, pod.ip6.is_some()).as_bytes(),
             )?;
             let cmd = Cmd::new(NGINX)
                 .arg("-p")
@@ -138,6 +150,11 @@ pub fn start(
             let log = dir.join(format!("udp-echo-{port}.out"));
             lab.spawn(pod.id, &udp_echo_cmd(&pod.name, *port), &log)?;
             udp += 1;
+            if pod.ip6.is_some() {
+                let log = dir.join(format!("udp6-echo-{port}.out"));
+                lab.spawn(pod.id, &udp6_echo_cmd(&pod.name, *port), &log)?;
+                udp += 1;
+            }
         }
     }
     Ok((nginx, udp))
@@ -254,7 +271,9 @@ ports = [ { name = "a", port = 80, target_port = 8080 }, { name = "b", protocol 
             Path::new("/r/pods/n1p0"),
             "n1p0",
             &BTreeSet::from([8080, 9000]),
+            true,
         );
+        assert!(conf.contains("listen [::]:9000 ipv6only=on;"));
         assert!(conf.contains("listen 8080;"));
         assert!(conf.contains("listen 9000;"));
         assert!(conf.contains("return 200 \"pod=n1p0 client=$remote_addr\\n\";"));

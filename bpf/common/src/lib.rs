@@ -339,6 +339,10 @@ pub mod ct_flags {
     pub const TUNNEL: u8 = 1 << 1;
     /// ENCAP: tag the tunnel packet for DSR handling at the other end.
     pub const DSR: u8 = 1 << 2;
+    /// REVERSE: the frontend is one of this node's own addresses (a NodePort). Replies get that
+    /// address as their source, which the node's input path would drop as a martian, so they
+    /// are forwarded by a FIB lookup and a redirect instead of through the stack.
+    pub const HOST_FRONTEND: u8 = 1 << 3;
 }
 
 /// TCP flags seen in one direction of a connection; the agent derives the connection state

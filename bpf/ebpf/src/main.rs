@@ -23,6 +23,7 @@ mod icmp;
 mod lb;
 mod maps;
 mod packet;
+mod route;
 mod tunnel;
 
 use aya_ebpf::{
@@ -314,6 +315,13 @@ fn new_flow(ip: &Ip, flow: &Flow, backend: &BackendValue) -> Result<u32, u32> {
         family: ip.family,
         _pad: 0,
     };
+    let host_frontend = HOST_ADDRS
+        .get_ptr(&HostAddrKey {
+            addr: ip.daddr,
+            family: ip.family,
+            _pad: [0; 3],
+        })
+        .is_some();
     let mut entry = CtValue {
         created_ns: now,
         last_seen_ns: now,
@@ -321,7 +329,13 @@ fn new_flow(ip: &Ip, flow: &Flow, backend: &BackendValue) -> Result<u32, u32> {
         backend_id: flow.backend_id,
         nat_port_be: flow.dport_be,
         kind: ct_kind::REVERSE,
-        flags: if hairpin { ct_flags::HAIRPIN } else { 0 },
+        flags: if hairpin {
+            ct_flags::HAIRPIN
+        } else if host_frontend {
+            ct_flags::HOST_FRONTEND
+        } else {
+            0
+        },
         ..CtValue::default()
     };
     // The reverse entry first: a forward entry without it would leak the backend's address.
@@ -415,6 +429,14 @@ fn apply_inner(
                 return send_back(ctx, counter::CT_REVERSE_HIT);
             }
             rewrite_l4(ctx, ip, Side::Source, &entry.nat_addr, entry.nat_port_be)?;
+            if entry.flags & ct_flags::HOST_FRONTEND != 0 {
+                return Ok(crate::route::forward(
+                    ctx,
+                    &entry.nat_addr,
+                    ip,
+                    counter::CT_REVERSE_HIT,
+                ));
+            }
             Ok(Verdict::pass(counter::CT_REVERSE_HIT))
         }
         _ => {

@@ -93,6 +93,7 @@ impl Server {
             Op::Spawn { command, log } => self.spawn(&command, &log),
             Op::Status { pid } => self.status(pid),
             Op::Stop { pid, grace_ms } => self.stop(pid, Duration::from_millis(grace_ms)),
+            Op::Signal { pid, signal } => self.signal(pid, signal),
             Op::WriteFile { path, contents } => write_atomically(Path::new(&path), &contents)
                 .map(|()| Reply::Done)
                 .map_err(|e| format!("writing {path}: {e}")),
@@ -139,6 +140,14 @@ impl Server {
             .remove(&pid)
             .ok_or_else(|| format!("no process {pid}"))?;
         stop_group(&mut child, grace).map_err(|e| format!("stopping {pid}: {e}"))?;
+        Ok(Reply::Done)
+    }
+
+    fn signal(&mut self, pid: u32, signal: i32) -> Result<Reply, String> {
+        if !self.spawned.contains_key(&pid) {
+            return Err(format!("no process {pid}"));
+        }
+        sys::kill(pid, signal).map_err(|e| format!("signal {signal} to {pid}: {e}"))?;
         Ok(Reply::Done)
     }
 

@@ -39,6 +39,9 @@ pub enum Op {
     Status { pid: u32 },
     /// SIGTERM to the program's group, SIGKILL after `grace_ms`.
     Stop { pid: u32, grace_ms: u64 },
+    /// One signal to the program itself (not its group), as `kill -s` on a node would send it;
+    /// the program is still tracked, so [`Op::Status`] sees how it ended.
+    Signal { pid: u32, signal: i32 },
     /// Writes a file atomically (aside, then rename).
     WriteFile { path: String, contents: String },
     /// Probes what the kernel offers Weir (see [`Features`]).

@@ -89,6 +89,13 @@ pub fn join_netns_before_exec(cmd: &mut std::process::Command, netns: std::fs::F
     }
 }
 
+/// Signals one process.
+pub fn kill(pid: u32, signal: libc::c_int) -> io::Result<()> {
+    // SAFETY: kill(2) on a child we spawned and still track (not yet reaped, so the PID is
+    // still ours); no memory is involved.
+    check(unsafe { libc::kill(pid as libc::pid_t, signal) })
+}
+
 /// Signals a whole process group.
 pub fn killpg(pgid: u32, signal: libc::c_int) -> io::Result<()> {
     // SAFETY: kill(2) on a process group id we created; no memory is involved.

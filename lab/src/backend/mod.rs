@@ -11,6 +11,8 @@ use std::fmt;
 use std::path::Path;
 use std::time::Duration;
 
+pub use nix::sys::signal::Signal;
+
 use crate::topology::{HostId, Plan};
 
 #[derive(Debug, thiserror::Error)]
@@ -144,6 +146,10 @@ pub trait Lab {
 
     /// None while `proc` runs; its exit description once it has ended.
     fn exited(&mut self, proc: ProcId) -> Result<Option<String>, BackendError>;
+
+    /// Sends one signal to `proc` itself (not to what it started), which stays tracked: see
+    /// [`Lab::exited`] for how it ended and [`Lab::stop`] to release it.
+    fn signal(&mut self, proc: ProcId, signal: Signal) -> Result<(), BackendError>;
 
     /// Stops `proc` and everything it started: politely first, then for good.
     fn stop(&mut self, proc: ProcId) -> Result<(), BackendError>;

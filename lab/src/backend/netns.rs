@@ -22,7 +22,10 @@ use nix::unistd::Pid;
 use tracing::{debug, warn};
 
 use super::{tail, Backend, BackendError, Cmd, Lab, Output, ProcId};
-use crate::topology::{HostId, Plan, GATEWAY, NODE_PREFIX_LEN, POD_GATEWAY};
+use crate::topology::{
+    network_gateway, HostId, Plan, GATEWAY, NODE_PREFIX_LEN, NODE_PREFIX_LEN6, POD_GATEWAY,
+    POD_GATEWAY6,
+};
 
 const NETNS_DIR: &str = "/run/netns";
 const BRIDGE: &str = "weirbr";
@@ -121,25 +124,57 @@ impl NetnsLab {
         Ok(())
     }
 
-    /// Gives namespace `ns` an `eth0` on the fabric bridge (through the bridge port `port`) with
-    /// address `ip` on the node network: nodes and external clients join the same way.
+    /// Gives namespace `ns` an interface `ifname` on node network `network`'s bridge (through
+    /// the bridge port `port`) with address `ip`: nodes and external clients join the same way.
+    #[allow(clippy::too_many_arguments)]
     fn join_fabric(
         &self,
         fabric: &str,
+        network: u8,
         ns: &str,
         port: &str,
+        ifname: &str,
         ip: &str,
         mtu: &str,
     ) -> Result<(), BackendError> {
         self.ip(&[
-            "-n", fabric, "link", "add", port, "mtu", mtu, "type", "veth", "peer", "name", "eth0",
+            "-n", fabric, "link", "add", port, "mtu", mtu, "type", "veth", "peer", "name", ifname,
             "netns", ns, "mtu", mtu,
         ])?;
-        self.ip(&["-n", fabric, "link", "set", port, "master", BRIDGE, "up"])?;
+        let bridge = bridge_name(network);
+        self.ip(&["-n", fabric, "link", "set", port, "master", &bridge, "up"])?;
         let addr = format!("{ip}/{NODE_PREFIX_LEN}");
         self.ip(&["-n", ns, "link", "set", "lo", "up"])?;
-        self.ip(&["-n", ns, "addr", "add", &addr, "dev", "eth0"])?;
-        self.ip(&["-n", ns, "link", "set", "eth0", "up"])
+        self.ip(&["-n", ns, "addr", "add", &addr, "dev", ifname])?;
+        self.ip(&["-n", ns, "link", "set", ifname, "up"])
+    }
+
+    /// Joins `ns` to every node network (eth0, eth1, ...) and, in a dual-stack lab, gives its
+    /// eth0 `ip6` too.
+    fn join_networks(
+        &self,
+        fabric: &str,
+        ns: &str,
+        port_base: &str,
+        ips: &[std::net::Ipv4Addr],
+        ip6: Option<std::net::Ipv6Addr>,
+        mtu: &str,
+    ) -> Result<(), BackendError> {
+        for (i, ip) in ips.iter().enumerate() {
+            let network = i as u8 + 1;
+            let port = if network == 1 {
+                port_base.to_owned()
+            } else {
+                format!("{port_base}k{network}")
+            };
+            let ifname = format!("eth{i}");
+            self.join_fabric(fabric, network, ns, &port, &ifname, &ip.to_string(), mtu)?;
+        }
+        if let Some(ip6) = ip6 {
+            let addr = format!("{ip6}/{NODE_PREFIX_LEN6}");
+            self.ip(&["-n", ns, "addr", "add", &addr, "dev", "eth0", "nodad"])?;
+        }
+        Ok(())
     }
 
     fn add_ns(&mut self, name: String) -> Result<(), BackendError> {
@@ -151,37 +186,47 @@ impl NetnsLab {
     fn build(&mut self) -> Result<(), BackendError> {
         let started = Instant::now();
         let mtu = self.plan.mtu.to_string();
-        let gateway = format!("{GATEWAY}/{NODE_PREFIX_LEN}");
 
         let fabric = self.fabric();
         self.add_ns(fabric.clone())?;
         self.ip(&["-n", &fabric, "link", "set", "lo", "up"])?;
-        self.ip(&[
-            "-n", &fabric, "link", "add", BRIDGE, "mtu", &mtu, "type", "bridge",
-        ])?;
-        self.ip(&["-n", &fabric, "addr", "add", &gateway, "dev", BRIDGE])?;
-        self.ip(&["-n", &fabric, "link", "set", BRIDGE, "up"])?;
+        for network in 1..=self.plan.networks {
+            let bridge = bridge_name(network);
+            self.ip(&[
+                "-n", &fabric, "link", "add", &bridge, "mtu", &mtu, "type", "bridge",
+            ])?;
+            let gateway = format!("{}/{NODE_PREFIX_LEN}", network_gateway(network));
+            self.ip(&["-n", &fabric, "addr", "add", &gateway, "dev", &bridge])?;
+            self.ip(&["-n", &fabric, "link", "set", &bridge, "up"])?;
+        }
 
         for node in self.plan.nodes.clone() {
             let ns = self.ns_name(node.id);
             self.add_ns(ns.clone())?;
-            // Before any interface exists, so new ones inherit the defaults.
-            self.sysctl(
-                node.id,
-                &[
-                    "net.ipv4.ip_forward=1".into(),
-                    "net.ipv4.conf.all.rp_filter=0".into(),
-                    "net.ipv4.conf.default.rp_filter=0".into(),
-                ],
-            )?;
-            self.join_fabric(
+            // Before any interface exists, so new ones inherit the defaults. Duplicate address
+            // detection would hold every new IPv6 address back for a second; the lab's plan
+            // guarantees uniqueness.
+            let mut settings = vec![
+                "net.ipv4.ip_forward=1".to_owned(),
+                "net.ipv4.conf.all.rp_filter=0".to_owned(),
+                "net.ipv4.conf.default.rp_filter=0".to_owned(),
+            ];
+            if self.plan.ipv6 {
+                settings.extend([
+                    "net.ipv6.conf.all.forwarding=1".to_owned(),
+                    "net.ipv6.conf.all.accept_dad=0".to_owned(),
+                    "net.ipv6.conf.default.accept_dad=0".to_owned(),
+                ]);
+            }
+            self.sysctl(node.id, &settings)?;
+            self.join_networks(
                 &fabric,
                 &ns,
                 &format!("n{}", node.index),
-                &node.ip.to_string(),
+                &node.ips,
+                node.ip6,
                 &mtu,
             )?;
-            self.sysctl(node.id, &["net.ipv4.conf.eth0.rp_filter=0".into()])?;
             self.ip(&[
                 "-n",
                 &ns,
@@ -203,6 +248,19 @@ impl NetnsLab {
                     "via",
                     &other.ip.to_string(),
                 ])?;
+                if let (Some(cidr6), Some(via6)) = (other.pod_cidr6, other.ip6) {
+                    let cidr6 = format!("{cidr6}/64");
+                    self.ip(&[
+                        "-n",
+                        &ns,
+                        "-6",
+                        "route",
+                        "add",
+                        &cidr6,
+                        "via",
+                        &via6.to_string(),
+                    ])?;
+                }
             }
         }
 
@@ -239,18 +297,63 @@ impl NetnsLab {
             )?;
             self.ip(&["-n", &node_ns, "link", "set", hif, "up"])?;
             self.ip(&["-n", &node_ns, "route", "add", &addr, "dev", hif])?;
+            if let Some(ip6) = pod.ip6 {
+                let addr6 = format!("{ip6}/128");
+                let gw6 = format!("{POD_GATEWAY6}/64");
+                self.ip(&["-n", &ns, "addr", "add", &addr6, "dev", "eth0", "nodad"])?;
+                self.ip(&["-n", &node_ns, "addr", "add", &gw6, "dev", hif, "nodad"])?;
+                self.ip(&[
+                    "-n",
+                    &ns,
+                    "-6",
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    &POD_GATEWAY6.to_string(),
+                    "dev",
+                    "eth0",
+                ])?;
+                self.ip(&["-n", &node_ns, "-6", "route", "add", &addr6, "dev", hif])?;
+            }
         }
 
         for ext in self.plan.externals.clone() {
             let ns = self.ns_name(ext.id);
             self.add_ns(ns.clone())?;
-            self.join_fabric(
+            if self.plan.ipv6 {
+                self.sysctl(
+                    ext.id,
+                    &[
+                        "net.ipv6.conf.all.accept_dad=0".to_owned(),
+                        "net.ipv6.conf.default.accept_dad=0".to_owned(),
+                    ],
+                )?;
+            }
+            self.join_networks(
                 &fabric,
                 &ns,
                 &format!("x{}", ext.index),
-                &ext.ip.to_string(),
+                &ext.ips,
+                ext.ip6,
                 &mtu,
             )?;
+        }
+
+        for route in self.plan.routes.clone() {
+            let ns = self.ns_name(route.host);
+            let prefix = format!("{}/{}", route.prefix.0, route.prefix.1);
+            let family = if route.prefix.0.is_ipv6() { "-6" } else { "-4" };
+            self.ip(&[
+                "-n",
+                &ns,
+                family,
+                "route",
+                "add",
+                &prefix,
+                "via",
+                &route.via.to_string(),
+            ])?;
         }
         debug!(
             prefix = %self.prefix,
@@ -325,6 +428,17 @@ impl Lab for NetnsLab {
                 source,
             })?;
         Ok(status.map(describe))
+    }
+
+    fn signal(&mut self, proc: ProcId, signal: Signal) -> Result<(), BackendError> {
+        let spawned = self
+            .procs
+            .get(&proc)
+            .ok_or(BackendError::NoSuchProcess(proc))?;
+        send_signal(&spawned.child, signal).map_err(|source| BackendError::Io {
+            context: format!("{signal} to {} on {}", spawned.command, spawned.host),
+            source,
+        })
     }
 
     fn stop(&mut self, proc: ProcId) -> Result<(), BackendError> {
@@ -518,6 +632,20 @@ fn read_all(file: &mut File) -> String {
 
 /// SIGTERM to the whole process group, SIGKILL after `grace`. The group is signalled while its
 /// leader is still unreaped, so the group id cannot have been reused by then.
+/// Network 1's bridge keeps its historical name; further networks are numbered.
+fn bridge_name(network: u8) -> String {
+    if network == 1 {
+        BRIDGE.to_owned()
+    } else {
+        format!("{BRIDGE}{network}")
+    }
+}
+
+/// Signals a child we still hold (not yet waited for, so its PID cannot have been reused).
+pub(crate) fn send_signal(child: &Child, signal: Signal) -> std::io::Result<()> {
+    nix::sys::signal::kill(Pid::from_raw(child.id() as i32), signal).map_err(std::io::Error::from)
+}
+
 pub(crate) fn stop_group(child: &mut Child, grace: Duration) -> std::io::Result<()> {
     let pgid = Pid::from_raw(child.id() as i32);
     if child.try_wait()?.is_some() {

@@ -18,9 +18,13 @@ use weir_node_image::proto::{self, Op, Reply};
 
 use super::vm::{Share, Vm, VmError, VmSpec};
 use super::VmSetup;
-use crate::backend::netns::{describe, prepare_child, run, stop_group, write_atomically};
-use crate::backend::{BackendError, Cmd, Lab, Output, ProcId};
-use crate::topology::{HostId, Plan, GATEWAY, NODE_PREFIX_LEN, POD_GATEWAY};
+use crate::backend::netns::{
+    describe, prepare_child, run, send_signal, stop_group, write_atomically,
+};
+use crate::backend::{BackendError, Cmd, Lab, Output, ProcId, Signal};
+use crate::topology::{
+    HostId, Plan, GATEWAY, NODE_PREFIX_LEN, NODE_PREFIX_LEN6, POD_GATEWAY, POD_GATEWAY6,
+};
 
 const NETNS_DIR: &str = "/run/netns";
 const BRIDGE: &str = "weirbr";
@@ -230,6 +234,28 @@ impl QemuLab {
             self.ip(&["-n", &ns, "link", "set", "lo", "up"])?;
             self.ip(&["-n", &ns, "addr", "add", &addr, "dev", "eth0"])?;
             self.ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+            if let Some(ip6) = ext.ip6 {
+                let addr6 = format!("{ip6}/{NODE_PREFIX_LEN6}");
+                self.ip(&["-n", &ns, "addr", "add", &addr6, "dev", "eth0", "nodad"])?;
+            }
+        }
+        for route in self.plan.routes.clone() {
+            let HostId::External(x) = route.host else {
+                return Err(unsupported(
+                    "routes on nodes or pods (the QEMU lab routes external clients only)",
+                ));
+            };
+            let ns = self.ext_ns(x);
+            let prefix = format!("{}/{}", route.prefix.0, route.prefix.1);
+            self.ip(&[
+                "-n",
+                &ns,
+                "route",
+                "add",
+                &prefix,
+                "via",
+                &route.via.to_string(),
+            ])?;
         }
         info!(prefix = %self.prefix, vms = self.vms.len(), elapsed = ?started.elapsed(), "VM lab built");
         Ok(())
@@ -239,8 +265,21 @@ impl QemuLab {
     fn node_script(&self, n: u8) -> String {
         let mtu = self.plan.mtu;
         let mut s = String::from("exec 2>&1\n");
+        let node_ip6 = self.plan.node(n).and_then(|node| node.ip6);
+        if let Some(ip6) = node_ip6 {
+            // Before the pods' interfaces exist, so they inherit it: the plan's addresses are
+            // unique, and duplicate address detection would hold each back for a second.
+            let _ = writeln!(
+                s,
+                "sysctl -q -w net.ipv6.conf.all.forwarding=1 net.ipv6.conf.all.accept_dad=0 net.ipv6.conf.default.accept_dad=0"
+            );
+            let _ = writeln!(s, "ip -6 addr add {ip6}/{NODE_PREFIX_LEN6} dev eth0 nodad");
+        }
         for other in self.plan.nodes.iter().filter(|o| o.index != n) {
             let _ = writeln!(s, "ip route add {}/24 via {}", other.pod_cidr, other.ip);
+            if let (Some(cidr6), Some(via6)) = (other.pod_cidr6, other.ip6) {
+                let _ = writeln!(s, "ip -6 route add {cidr6}/64 via {via6}");
+            }
         }
         for pod in self.plan.pods.iter().filter(|p| p.node == n) {
             let ns = pod.name.as_str();
@@ -262,6 +301,15 @@ impl QemuLab {
             );
             let _ = writeln!(s, "ip link set {hif} up");
             let _ = writeln!(s, "ip route add {addr} dev {hif}");
+            if let Some(ip6) = pod.ip6 {
+                let _ = writeln!(s, "ip -n {ns} addr add {ip6}/128 dev eth0 nodad");
+                let _ = writeln!(s, "ip addr add {POD_GATEWAY6}/64 dev {hif} nodad");
+                let _ = writeln!(
+                    s,
+                    "ip -n {ns} -6 route add default via {POD_GATEWAY6} dev eth0"
+                );
+                let _ = writeln!(s, "ip -6 route add {ip6}/128 dev {hif}");
+            }
         }
         s
     }
@@ -376,6 +424,14 @@ fn to_proto(cmd: &Cmd, netns: Option<String>) -> proto::Command {
     }
 }
 
+/// A plan asks for something this backend cannot build.
+pub(crate) fn unsupported(what: &str) -> BackendError {
+    BackendError::Io {
+        context: "QEMU backend".into(),
+        source: std::io::Error::other(format!("not supported: {what}")),
+    }
+}
+
 fn vm_err(e: VmError) -> BackendError {
     BackendError::Io {
         context: "VM".into(),
@@ -484,6 +540,36 @@ impl Lab for QemuLab {
                 match reply {
                     Reply::Status { exited } => Ok(exited),
                     Reply::Error { message } => Ok(Some(message)),
+                    other => Err(unexpected(&format!("node{node}"), other)),
+                }
+            }
+        }
+    }
+
+    fn signal(&mut self, proc: ProcId, signal: Signal) -> Result<(), BackendError> {
+        match self
+            .procs
+            .get(&proc)
+            .ok_or(BackendError::NoSuchProcess(proc))?
+        {
+            Proc::Host { child, host } => {
+                send_signal(child, signal).map_err(|source| BackendError::Io {
+                    context: format!("{signal} to a process on {host}"),
+                    source,
+                })
+            }
+            Proc::Guest { node, pid } => {
+                let (node, pid) = (*node, *pid);
+                let op = Op::Signal {
+                    pid,
+                    signal: signal as i32,
+                };
+                match self.vm(node)?.request(op, CHANNEL_SLACK).map_err(vm_err)? {
+                    Reply::Done => Ok(()),
+                    Reply::Error { message } => Err(BackendError::Io {
+                        context: format!("{signal} to pid {pid} on node{node}"),
+                        source: std::io::Error::other(message),
+                    }),
                     other => Err(unexpected(&format!("node{node}"), other)),
                 }
             }

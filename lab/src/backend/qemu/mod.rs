@@ -268,6 +268,11 @@ impl Backend for QemuBackend {
     }
 
     fn create(&self, plan: &Plan, work_dir: &Path) -> Result<Box<dyn Lab>, BackendError> {
+        if plan.networks > 1 {
+            return Err(lab::unsupported(
+                "multi-homed nodes (one NIC per VM); they run on the namespace lab",
+            ));
+        }
         let setup = self.setup()?;
         if plan.mtu > setup.host_mtu {
             return Err(BackendError::Io {

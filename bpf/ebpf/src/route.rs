@@ -1,0 +1,75 @@
+//! Forwarding by FIB lookup, for translated packets the node's input path would refuse.
+//!
+//! A NodePort reply un-NATed on this node leaves with one of the node's own addresses as its
+//! source. Handed to the stack, IPv4 drops it as a martian (a packet arriving from outside
+//! cannot come from a local address). So such packets are routed here: a FIB lookup for the
+//! client, the next hop's MAC addresses written, and a redirect to the egress interface. Where
+//! the neighbour is not resolved yet, `bpf_redirect_neigh` (5.10+) resolves it.
+
+use aya_ebpf::{
+    bindings::{bpf_fib_lookup, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS},
+    helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
+    programs::TcContext,
+};
+use weir_common::{Addr, FAMILY_V4};
+
+use crate::packet::{store, Ip};
+use crate::Verdict;
+
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+
+/// Sends the packet (already translated, from `source` to `ip.daddr`) out of the interface
+/// the FIB picks; falls back to the stack when the FIB has no forwarding answer.
+#[inline(never)]
+pub fn forward(ctx: &TcContext, source: &Addr, ip: &Ip, outcome: u32) -> Verdict {
+    // SAFETY: bpf_fib_lookup is plain data; all-zero is its "no hints" state.
+    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    params.l4_protocol = ip.proto;
+    // SAFETY: reading a field of the program's own context.
+    params.ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    if ip.family == FAMILY_V4 {
+        params.family = AF_INET;
+        params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(source.v4_octets());
+        params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(ip.daddr.v4_octets());
+    } else {
+        params.family = AF_INET6;
+        params.__bindgen_anon_3.ipv6_src = words(source);
+        params.__bindgen_anon_4.ipv6_dst = words(&ip.daddr);
+    }
+    // SAFETY: the helper reads and fills `params`, whose size we pass.
+    let rc = unsafe {
+        fib_lookup(
+            ctx.skb.skb as *mut _,
+            &mut params,
+            core::mem::size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
+    };
+    let action = match rc as u32 {
+        BPF_FIB_LKUP_RET_SUCCESS => {
+            if store(ctx, 0, &params.dmac).is_err() || store(ctx, 6, &params.smac).is_err() {
+                return Verdict::pass(outcome);
+            }
+            // SAFETY: a helper taking plain integers.
+            unsafe { bpf_redirect(params.ifindex, 0) as i32 }
+        }
+        // SAFETY: a helper taking an interface index; no neighbour hints (NULL, 0).
+        BPF_FIB_LKUP_RET_NO_NEIGH => unsafe {
+            bpf_redirect_neigh(params.ifindex, core::ptr::null_mut(), 0, 0) as i32
+        },
+        _ => return Verdict::pass(outcome),
+    };
+    Verdict::redirect(outcome, action)
+}
+
+#[inline(always)]
+fn words(addr: &Addr) -> [u32; 4] {
+    let b = &addr.bytes;
+    [
+        u32::from_ne_bytes([b[0], b[1], b[2], b[3]]),
+        u32::from_ne_bytes([b[4], b[5], b[6], b[7]]),
+        u32::from_ne_bytes([b[8], b[9], b[10], b[11]]),
+        u32::from_ne_bytes([b[12], b[13], b[14], b[15]]),
+    ]
+}
