@@ -162,6 +162,13 @@ pub trait Lab {
         contents: &[u8],
     ) -> Result<(), BackendError>;
 
+    /// The cgroup (v2) that processes run on node `node` belong to, as seen from the machine
+    /// the lab runs on, if the backend gives nodes their own: where a node's agent attaches its
+    /// connect-time hooks.
+    fn node_cgroup(&self, _node: u8) -> Option<std::path::PathBuf> {
+        None
+    }
+
     /// Stops every process and removes every host. Idempotent.
     fn teardown(&mut self) -> Result<(), BackendError>;
 

@@ -64,6 +64,7 @@ impl Backend for NetnsBackend {
             plan: plan.clone(),
             namespaces: Vec::new(),
             procs: BTreeMap::new(),
+            cgroups: Vec::new(),
             torn_down: false,
         };
         // On error `lab` is dropped here, which removes whatever was built so far.
@@ -84,6 +85,10 @@ pub struct NetnsLab {
     /// In creation order; removed in reverse.
     namespaces: Vec<String>,
     procs: BTreeMap<ProcId, Spawned>,
+    /// Each node's cgroup (v2), node 1 first, then their common parent; empty where the host
+    /// has no cgroup2 mount. Processes started on a node run in its cgroup, so connect-time
+    /// hooks the node's agent attaches there see them and nothing else.
+    cgroups: Vec<PathBuf>,
     torn_down: bool,
 }
 
@@ -94,6 +99,14 @@ impl NetnsLab {
             other => other.to_string(),
         };
         format!("{}-{short}", self.prefix)
+    }
+
+    fn host_cgroup(&self, host: HostId) -> Option<PathBuf> {
+        match host {
+            HostId::Node(n) => self.cgroups.get(usize::from(n).checked_sub(1)?).cloned(),
+            _ => None,
+        }
+        .filter(|_| self.cgroups.len() > self.plan.nodes.len())
     }
 
     fn fabric(&self) -> String {
@@ -186,6 +199,19 @@ impl NetnsLab {
     fn build(&mut self) -> Result<(), BackendError> {
         let started = Instant::now();
         let mtu = self.plan.mtu.to_string();
+
+        if let Some(root) = cgroup2_mount() {
+            let parent = root.join("weir-lab").join(&self.prefix);
+            for node in &self.plan.nodes {
+                let dir = parent.join(&node.name);
+                std::fs::create_dir_all(&dir).map_err(|source| BackendError::Io {
+                    context: format!("creating cgroup {}", dir.display()),
+                    source,
+                })?;
+                self.cgroups.push(dir);
+            }
+            self.cgroups.push(parent);
+        }
 
         let fabric = self.fabric();
         self.add_ns(fabric.clone())?;
@@ -372,7 +398,19 @@ impl Lab for NetnsLab {
 
     fn exec(&mut self, host: HostId, cmd: &Cmd, timeout: Duration) -> Result<Output, BackendError> {
         let path = self.ns_path(host)?;
-        run(&host.to_string(), Some(&path), cmd, timeout, false)
+        let cgroup = self.host_cgroup(host);
+        run_in(
+            &host.to_string(),
+            Some(&path),
+            cgroup.as_deref(),
+            cmd,
+            timeout,
+            false,
+        )
+    }
+
+    fn node_cgroup(&self, node: u8) -> Option<PathBuf> {
+        self.host_cgroup(HostId::Node(node))
     }
 
     fn spawn(&mut self, host: HostId, cmd: &Cmd, log: &Path) -> Result<ProcId, BackendError> {
@@ -399,9 +437,19 @@ impl Lab for NetnsLab {
             .stdout(log_file.try_clone().map_err(spawn_err)?)
             .stderr(log_file)
             .process_group(0);
-        prepare_child(&mut command, Some(netns.as_raw_fd()));
+        let procs_file = self
+            .host_cgroup(host)
+            .map(|c| OpenOptions::new().write(true).open(c.join("cgroup.procs")))
+            .transpose()
+            .map_err(spawn_err)?;
+        prepare_child_in(
+            &mut command,
+            Some(netns.as_raw_fd()),
+            procs_file.as_ref().map(|f| f.as_raw_fd()),
+        );
         let child = command.spawn().map_err(spawn_err)?;
         drop(netns);
+        drop(procs_file);
         let id = ProcId(child.id());
         debug!(%host, pid = id.0, command = %cmd, log = %log.display(), "spawned");
         self.procs.insert(
@@ -482,6 +530,16 @@ impl Lab for NetnsLab {
                 problems.push(e.to_string());
             }
         }
+        let cgroups = std::mem::take(&mut self.cgroups);
+        for cgroup in &cgroups {
+            if let Err(e) = remove_cgroup(cgroup) {
+                problems.push(format!("removing cgroup {}: {e}", cgroup.display()));
+            }
+        }
+        // The labs' common parent goes too, unless another lab still uses it.
+        if let Some(base) = cgroups.last().and_then(|parent| parent.parent()) {
+            let _ = std::fs::remove_dir(base);
+        }
         self.torn_down = true;
         if problems.is_empty() {
             debug!(prefix = %self.prefix, "lab torn down");
@@ -511,6 +569,16 @@ pub(crate) fn describe(status: ExitStatus) -> String {
 /// Sets up a child between fork and exec: it dies with the lab (so a crashed or interrupted lab
 /// leaves no workloads behind, and with them goes every namespace) and joins `netns`.
 pub(crate) fn prepare_child(command: &mut Command, netns: Option<RawFd>) {
+    prepare_child_in(command, netns, None);
+}
+
+/// [`prepare_child`], also moving the child into the cgroup whose `cgroup.procs` is open as
+/// `cgroup_procs` before it execs, so nothing it does runs outside that cgroup.
+pub(crate) fn prepare_child_in(
+    command: &mut Command,
+    netns: Option<RawFd>,
+    cgroup_procs: Option<RawFd>,
+) {
     let lab_pid = std::process::id() as libc::pid_t;
     // SAFETY: the hook runs in the forked child before exec, where only async-signal-safe work is
     // allowed: it makes three plain system calls and builds errors without allocating. The fd
@@ -536,6 +604,13 @@ pub(crate) fn prepare_child(command: &mut Command, netns: Option<RawFd>) {
                     return Err(std::io::Error::last_os_error());
                 }
             }
+            if let Some(fd) = cgroup_procs {
+                // "0" moves the writer: this child.
+                let zero = b"0";
+                if libc::write(fd, zero.as_ptr().cast(), zero.len()) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
             Ok(())
         });
     }
@@ -551,12 +626,28 @@ pub(crate) fn run(
     timeout: Duration,
     must_succeed: bool,
 ) -> Result<Output, BackendError> {
+    run_in(host, netns, None, cmd, timeout, must_succeed)
+}
+
+/// [`run`] in cgroup `cgroup` (a cgroup2 directory) too.
+pub(crate) fn run_in(
+    host: &str,
+    netns: Option<&Path>,
+    cgroup: Option<&Path>,
+    cmd: &Cmd,
+    timeout: Duration,
+    must_succeed: bool,
+) -> Result<Output, BackendError> {
     let spawn_err = |source| BackendError::Spawn {
         host: host.to_owned(),
         command: cmd.to_string(),
         source,
     };
     let ns_file = netns.map(File::open).transpose().map_err(spawn_err)?;
+    let procs_file = cgroup
+        .map(|c| OpenOptions::new().write(true).open(c.join("cgroup.procs")))
+        .transpose()
+        .map_err(spawn_err)?;
     let mut out = tempfile::tempfile().map_err(spawn_err)?;
     let mut err = tempfile::tempfile().map_err(spawn_err)?;
     let mut command = Command::new(&cmd.program);
@@ -571,10 +662,15 @@ pub(crate) fn run(
         .stdout(out.try_clone().map_err(spawn_err)?)
         .stderr(err.try_clone().map_err(spawn_err)?)
         .process_group(0);
-    prepare_child(&mut command, ns_file.as_ref().map(|f| f.as_raw_fd()));
+    prepare_child_in(
+        &mut command,
+        ns_file.as_ref().map(|f| f.as_raw_fd()),
+        procs_file.as_ref().map(|f| f.as_raw_fd()),
+    );
     let started = Instant::now();
     let mut child = command.spawn().map_err(spawn_err)?;
     drop(ns_file);
+    drop(procs_file);
     if let (Some(input), Some(mut stdin)) = (&cmd.stdin, child.stdin.take()) {
         // Inputs are a line or two, well below a pipe's buffer, so this cannot block; a child
         // that exits without reading gives EPIPE, which only means it did not want the input.
@@ -632,6 +728,32 @@ fn read_all(file: &mut File) -> String {
 
 /// SIGTERM to the whole process group, SIGKILL after `grace`. The group is signalled while its
 /// leader is still unreaped, so the group id cannot have been reused by then.
+/// Where the unified (v2) cgroup hierarchy is mounted, if anywhere.
+pub(crate) fn cgroup2_mount() -> Option<PathBuf> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    // Fields: id parent major:minor root mount-point options ... - fstype source options
+    mountinfo.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        (right.split_whitespace().next()? == "cgroup2")
+            .then(|| left.split_whitespace().nth(4).map(PathBuf::from))
+            .flatten()
+    })
+}
+
+/// Removes a cgroup the lab made; its processes have been stopped, but the kernel may take a
+/// moment to let go of the last ones.
+fn remove_cgroup(dir: &Path) -> std::io::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        match std::fs::remove_dir(dir) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) if Instant::now() >= deadline => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
 /// Network 1's bridge keeps its historical name; further networks are numbered.
 fn bridge_name(network: u8) -> String {
     if network == 1 {
