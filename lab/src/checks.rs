@@ -123,6 +123,13 @@ fn request(
     })
 }
 
+/// A request that failed at once because the other side refused it: curl's "couldn't
+/// connect" (exit 7, ECONNREFUSED on the socket, unlike a timeout's exit 28), socat's
+/// "Connection refused" (an ICMP port unreachable came back).
+fn is_refusal(failure: &str) -> bool {
+    failure.starts_with("exit 7:") || failure.contains("Connection refused")
+}
+
 /// Where a traffic check sends its requests and which address the client sends them from.
 struct Target {
     ip: IpAddr,
@@ -315,6 +322,23 @@ fn traffic(ctx: &mut CheckCtx<'_>, t: &TrafficCheck, proto: Protocol) -> Result<
             "{answered} of {sent} answered, where the traffic must be dropped"
         ));
     }
+    if t.expect.refused {
+        let refused = failures.iter().filter(|f| is_refusal(f)).count();
+        if answered > 0 || refused < failures.len() || failures.is_empty() {
+            let first = failures
+                .iter()
+                .find(|f| !is_refusal(f))
+                .map_or("", String::as_str);
+            problems.push(format!(
+                "{refused} of {sent} refused, {answered} answered{}",
+                if first.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (other failure: {first})")
+                }
+            ));
+        }
+    }
     if t.expect.same_backend && answers.len() > 1 {
         problems.push(format!(
             "answers from {} endpoints, where affinity keeps one",
@@ -369,7 +393,7 @@ fn traffic(ctx: &mut CheckCtx<'_>, t: &TrafficCheck, proto: Protocol) -> Result<
             ));
         }
     }
-    if answered == 0 && problems.is_empty() && !t.expect.none_answered {
+    if answered == 0 && problems.is_empty() && !t.expect.none_answered && !t.expect.refused {
         let first = failures.first().map_or("none", String::as_str);
         problems.push(format!("no answers at all (first failure: {first})"));
     }
@@ -379,6 +403,9 @@ fn traffic(ctx: &mut CheckCtx<'_>, t: &TrafficCheck, proto: Protocol) -> Result<
         host_port(ip, port)
     );
     summary.push_str(&tunnel_note);
+    if t.expect.refused && !failures.is_empty() {
+        summary.push_str(&format!("; {} refused ({})", failures.len(), failures[0]));
+    }
     if t.expect.client_ip_preserved && rewritten.is_empty() && answered > 0 {
         summary.push_str(&format!("; client {client_ip} preserved"));
     }

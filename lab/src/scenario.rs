@@ -564,6 +564,9 @@ pub struct TrafficExpect {
     pub none_answered: bool,
     /// Every answer comes from one endpoint (session affinity).
     pub same_backend: bool,
+    /// Every request is refused at once (TCP connection refused, ICMP port unreachable for
+    /// UDP): what a service without endpoints answers, rather than silence.
+    pub refused: bool,
     /// Only these pods may answer (and, with `all_backends_used`, all of them must); defaults
     /// to every endpoint of the service.
     pub backends: Vec<String>,
@@ -577,6 +580,7 @@ impl Default for TrafficExpect {
             client_ip_preserved: false,
             none_answered: false,
             same_backend: false,
+            refused: false,
             backends: Vec::new(),
         }
     }
@@ -993,9 +997,11 @@ impl Scenario {
                 return Err(bad("tunnel_replies needs the agent".into()));
             }
         }
-        if t.expect.none_answered && (t.expect.all_answered || t.expect.all_backends_used) {
+        if (t.expect.none_answered || t.expect.refused)
+            && (t.expect.all_answered || t.expect.all_backends_used)
+        {
             return Err(bad(
-                "none_answered contradicts all_answered (set it false) and all_backends_used"
+                "none_answered and refused contradict all_answered (set it false) and all_backends_used"
                     .into(),
             ));
         }

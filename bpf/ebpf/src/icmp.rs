@@ -11,7 +11,7 @@ use weir_common::{counter, ct_kind, Addr, CtKey, FAMILY_V4, PROTO_TCP, PROTO_UDP
 use crate::maps::CONNTRACK;
 use crate::packet::{
     addr_offsets, csum_add_bytes, csum_diff, csum_fold, load, store, Ip, Ipv4Header, Ipv6Header,
-    IPV4_CSUM_OFF, IPV4_MIN_HLEN, IPV6_HLEN, IP_OFF, TCP_CSUM, UDP_CSUM,
+    IPV4_CSUM_OFF, IPV4_MIN_HLEN, IPV6_HLEN, IP_OFF, TCP_CSUM, TCP_MIN_HLEN, UDP_CSUM,
 };
 use crate::Verdict;
 
@@ -243,25 +243,35 @@ fn icmp_error_inner(ctx: &TcContext, ip: &Ip) -> Result<Verdict, u32> {
 /// without endpoints (a TCP client sees "connection refused" at once).
 #[inline(always)]
 pub fn reject(ctx: &TcContext, ip: &Ip) -> Result<i32, u32> {
-    if ip.family == FAMILY_V4 {
-        reject_v4(ctx, ip)
-    } else {
-        reject_v6(ctx, ip)
+    match (ip.family == FAMILY_V4, ip.proto == PROTO_TCP) {
+        (true, true) => reject_v4::<V4_QUOTE_TCP, { ICMP_HLEN + V4_QUOTE_TCP }>(ctx, ip),
+        (true, false) => reject_v4::<V4_QUOTE_UDP, { ICMP_HLEN + V4_QUOTE_UDP }>(ctx, ip),
+        (false, true) => reject_v6::<V6_QUOTE_TCP, { ICMP_HLEN + V6_QUOTE_TCP }>(ctx, ip),
+        (false, false) => reject_v6::<V6_QUOTE_UDP, { ICMP_HLEN + V6_QUOTE_UDP }>(ctx, ip),
     }
 }
 
-const V4_QUOTE: usize = IPV4_MIN_HLEN + ICMP_QUOTED_L4;
-const V6_QUOTE: usize = IPV6_HLEN + ICMP_QUOTED_L4;
+/// L4 bytes a rejection quotes: the 8 RFC 792 asks for, but TCP's whole fixed header. A
+/// segment a pod has just sent can still be CHECKSUM_PARTIAL, and the kernel refuses to trim a
+/// packet short of the checksum field it has yet to fill (pskb_trim_rcsum), which sits 16
+/// bytes into the TCP header.
+const REJECT_QUOTED_UDP: usize = ICMP_QUOTED_L4;
+const REJECT_QUOTED_TCP: usize = TCP_MIN_HLEN;
+const V4_QUOTE_UDP: usize = IPV4_MIN_HLEN + REJECT_QUOTED_UDP;
+const V4_QUOTE_TCP: usize = IPV4_MIN_HLEN + REJECT_QUOTED_TCP;
+const V6_QUOTE_UDP: usize = IPV6_HLEN + REJECT_QUOTED_UDP;
+const V6_QUOTE_TCP: usize = IPV6_HLEN + REJECT_QUOTED_TCP;
 
+/// `QUOTE` bytes of the original packet from its IP header on; `MSG` = ICMP header + quote.
 #[inline(never)]
-fn reject_v4(ctx: &TcContext, ip: &Ip) -> Result<i32, u32> {
+fn reject_v4<const QUOTE: usize, const MSG: usize>(ctx: &TcContext, ip: &Ip) -> Result<i32, u32> {
     let failed = counter::DROP_REJECT_FAILED;
     // Quoting options would need a variable-length copy; such clients get a plain drop.
     if ip.l4_off != IP_OFF + IPV4_MIN_HLEN {
         return Err(failed);
     }
-    let quoted: [u8; V4_QUOTE] = load(ctx, IP_OFF)?;
-    let mut msg = [0u8; ICMP_HLEN + V4_QUOTE];
+    let quoted: [u8; QUOTE] = load(ctx, IP_OFF)?;
+    let mut msg = [0u8; MSG];
     msg[0] = ICMP_DEST_UNREACH;
     msg[1] = ICMP_PORT_UNREACH;
     msg[ICMP_HLEN..].copy_from_slice(&quoted);
@@ -269,7 +279,7 @@ fn reject_v4(ctx: &TcContext, ip: &Ip) -> Result<i32, u32> {
     msg[2..4].copy_from_slice(&csum.to_ne_bytes());
 
     let mut header = [0u8; IPV4_MIN_HLEN];
-    let total_len = (IPV4_MIN_HLEN + msg.len()) as u16;
+    let total_len = (IPV4_MIN_HLEN + MSG) as u16;
     header[0] = 0x45;
     header[2..4].copy_from_slice(&total_len.to_be_bytes());
     header[8] = 64;
@@ -280,28 +290,28 @@ fn reject_v4(ctx: &TcContext, ip: &Ip) -> Result<i32, u32> {
     header[10..12].copy_from_slice(&csum.to_ne_bytes());
 
     // Room for the new IP and ICMP headers in front of the old IP header, which becomes the
-    // quote; then cut the packet after the quoted 8 bytes of L4.
+    // quote; then cut the packet after the quoted bytes of L4.
     let grow = (IPV4_MIN_HLEN + ICMP_HLEN) as i32;
     ctx.adjust_room(grow, BPF_ADJ_ROOM_MAC, 0)
         .map_err(|_| failed)?;
-    resize(ctx, IP_OFF + IPV4_MIN_HLEN + msg.len())?;
+    resize(ctx, IP_OFF + IPV4_MIN_HLEN + MSG)?;
     store(ctx, IP_OFF, &header).map_err(|_| failed)?;
     store(ctx, IP_OFF + IPV4_MIN_HLEN, &msg).map_err(|_| failed)?;
     send_back(ctx)
 }
 
 #[inline(never)]
-fn reject_v6(ctx: &TcContext, ip: &Ip) -> Result<i32, u32> {
+fn reject_v6<const QUOTE: usize, const MSG: usize>(ctx: &TcContext, ip: &Ip) -> Result<i32, u32> {
     let failed = counter::DROP_REJECT_FAILED;
-    let quoted: [u8; V6_QUOTE] = load(ctx, IP_OFF)?;
-    let mut msg = [0u8; ICMP_HLEN + V6_QUOTE];
+    let quoted: [u8; QUOTE] = load(ctx, IP_OFF)?;
+    let mut msg = [0u8; MSG];
     msg[0] = ICMPV6_DEST_UNREACH;
     msg[1] = ICMPV6_PORT_UNREACH;
     msg[ICMP_HLEN..].copy_from_slice(&quoted);
     let mut pseudo = [0u8; 40];
     pseudo[..16].copy_from_slice(&ip.daddr.bytes);
     pseudo[16..32].copy_from_slice(&ip.saddr.bytes);
-    pseudo[32..36].copy_from_slice(&(msg.len() as u32).to_be_bytes());
+    pseudo[32..36].copy_from_slice(&(MSG as u32).to_be_bytes());
     pseudo[39] = weir_common::PROTO_ICMPV6;
     let sum = csum_add_bytes(&pseudo, 0)?;
     let csum = csum_fold(csum_add_bytes(&msg, sum)?);
@@ -309,7 +319,7 @@ fn reject_v6(ctx: &TcContext, ip: &Ip) -> Result<i32, u32> {
 
     let mut header = [0u8; IPV6_HLEN];
     header[0] = 0x60;
-    header[4..6].copy_from_slice(&(msg.len() as u16).to_be_bytes());
+    header[4..6].copy_from_slice(&(MSG as u16).to_be_bytes());
     header[6] = weir_common::PROTO_ICMPV6;
     header[7] = 64;
     header[8..24].copy_from_slice(&ip.daddr.bytes);
@@ -318,7 +328,7 @@ fn reject_v6(ctx: &TcContext, ip: &Ip) -> Result<i32, u32> {
     let grow = (IPV6_HLEN + ICMP_HLEN) as i32;
     ctx.adjust_room(grow, BPF_ADJ_ROOM_MAC, 0)
         .map_err(|_| failed)?;
-    resize(ctx, IP_OFF + IPV6_HLEN + msg.len())?;
+    resize(ctx, IP_OFF + IPV6_HLEN + MSG)?;
     store(ctx, IP_OFF, &header).map_err(|_| failed)?;
     store(ctx, IP_OFF + IPV6_HLEN, &msg).map_err(|_| failed)?;
     send_back(ctx)
