@@ -29,15 +29,26 @@ struct AgentConfig<'a> {
     conntrack: &'a ConntrackSpec,
     services: &'a ServicesSpec,
     tunnel: &'a TunnelSpec,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    host_services: Option<HostServices>,
+}
+
+/// The agent's `[host_services]` table.
+#[derive(Serialize)]
+struct HostServices {
+    enabled: bool,
+    cgroup: PathBuf,
 }
 
 /// `networks`: how many uplinks (eth0, eth1, ...) the node has; NodePorts answer on all.
+/// `cgroup`: where the node's processes run, for connect-time hooks (`spec.host_services`).
 pub fn config_toml(
     node_name: &str,
     pin_dir: &Path,
     state_path: &Path,
     spec: &AgentSpec,
     networks: u8,
+    cgroup: Option<&Path>,
 ) -> String {
     let config = AgentConfig {
         node_name,
@@ -49,6 +60,12 @@ pub fn config_toml(
         conntrack: &spec.conntrack,
         services: &spec.services,
         tunnel: &spec.tunnel,
+        host_services: cgroup
+            .filter(|_| spec.host_services)
+            .map(|cgroup| HostServices {
+                enabled: true,
+                cgroup: cgroup.to_owned(),
+            }),
     };
     // Paths are the lab's own (valid UTF-8) and every other field is a string or a table of them.
     toml::to_string(&config).expect("agent config serializes")
@@ -109,12 +126,22 @@ pub fn start(
             DUMP_TIMEOUT,
         )?;
         let config_path = run_dir.join(format!("agent-{}.toml", node.name));
+        let cgroup = lab.node_cgroup(node.index);
+        if scenario.agent.host_services && cgroup.is_none() {
+            return Err(BackendError::Io {
+                context: format!("{}: host services", node.name),
+                source: std::io::Error::other(
+                    "this backend gives nodes no cgroup of their own for connect-time hooks",
+                ),
+            });
+        }
         let config = config_toml(
             &node.name,
             &pin_dir,
             &state_path,
             &scenario.agent,
             plan.networks,
+            cgroup.as_deref(),
         );
         lab.write_file(node.id, &config_path, config.as_bytes())?;
         let log = run_dir.join(format!("agent-{}.log", node.name));
@@ -324,6 +351,7 @@ mod tests {
             Path::new("/run/cluster.yaml"),
             &spec,
             2,
+            Some(Path::new("/sys/fs/cgroup/weir-lab/x/node1")),
         );
         let v: toml::Table = toml::from_str(&text).unwrap();
         assert_eq!(v["node_name"].as_str(), Some("node1"));
@@ -337,6 +365,10 @@ mod tests {
             .collect();
         assert_eq!(uplinks, ["eth0", "eth1"]);
         assert!(!v.contains_key("services") || v["services"].as_table().unwrap().is_empty());
+        assert!(
+            !v.contains_key("host_services"),
+            "hooks only when the scenario asks"
+        );
         assert_eq!(v["pod_interface_prefix"].as_str(), Some("wp"));
         assert_eq!(v["poll_interval"].as_str(), Some("200ms"));
         let ct = v["conntrack"].as_table().unwrap();

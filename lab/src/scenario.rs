@@ -234,6 +234,10 @@ pub struct AgentSpec {
     /// The agent's `[tunnel]` table.
     #[serde(default)]
     pub tunnel: TunnelSpec,
+    /// Connect-time load balancing for the nodes' own processes: each agent attaches its
+    /// cgroup hooks to its node's cgroup (a backend that gives nodes one).
+    #[serde(default)]
+    pub host_services: bool,
 }
 
 impl Default for AgentSpec {
@@ -245,6 +249,7 @@ impl Default for AgentSpec {
             conntrack: ConntrackSpec::default(),
             services: ServicesSpec::default(),
             tunnel: TunnelSpec::default(),
+            host_services: false,
         }
     }
 }

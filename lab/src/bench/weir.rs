@@ -50,7 +50,7 @@ impl BenchAgent {
             EXEC_TIMEOUT,
         )?;
         let config_path = run_dir.join(format!("agent-{}.toml", node.name));
-        let config = agent::config_toml(&node.name, &pin_dir, &state_path, spec, 1);
+        let config = agent::config_toml(&node.name, &pin_dir, &state_path, spec, 1, None);
         lab.write_file(node.id, &config_path, config.as_bytes())?;
         let log = run_dir.join(format!("agent-{}.log", node.name));
         let cmd = Cmd::new(binary.display().to_string())
