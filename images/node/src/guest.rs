@@ -176,6 +176,10 @@ fn write_response(out: &mut impl Write, r: &Response) -> std::io::Result<()> {
 
 const GUEST_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
+/// The cgroup the node's own commands run in (those not in a pod's namespace), so connect-time
+/// hooks attached there serve the node and leave pods to the per-packet path. Made at boot.
+pub const NODE_CGROUP: &str = "/sys/fs/cgroup/weir-node";
+
 fn prepare(command: &Command) -> Result<std::process::Command, String> {
     let mut cmd = std::process::Command::new(&command.program);
     cmd.args(&command.args)
@@ -186,6 +190,11 @@ fn prepare(command: &Command) -> Result<std::process::Command, String> {
         let path = Path::new("/run/netns").join(ns);
         let file = File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
         sys::join_netns_before_exec(&mut cmd, file);
+    } else if let Ok(procs) = OpenOptions::new()
+        .write(true)
+        .open(Path::new(NODE_CGROUP).join("cgroup.procs"))
+    {
+        sys::join_cgroup_before_exec(&mut cmd, procs);
     }
     Ok(cmd)
 }

@@ -89,6 +89,23 @@ pub fn join_netns_before_exec(cmd: &mut std::process::Command, netns: std::fs::F
     }
 }
 
+/// Moves the child into the cgroup whose `cgroup.procs` is open as `procs` before it execs.
+pub fn join_cgroup_before_exec(cmd: &mut std::process::Command, procs: std::fs::File) {
+    use std::os::unix::process::CommandExt;
+    let fd = procs.as_raw_fd();
+    // SAFETY: the hook runs in the forked child and only calls write(2), which is
+    // async-signal-safe, on a buffer it does not allocate. The closure owns the file, so the
+    // fd stays open until the command is dropped, after the child has been spawned.
+    unsafe {
+        cmd.pre_exec(move || {
+            let _keep_open = &procs;
+            // "0" moves the writer: this child.
+            let zero = b"0";
+            check(libc::write(fd, zero.as_ptr().cast(), zero.len()) as libc::c_int)
+        });
+    }
+}
+
 /// Signals one process.
 pub fn kill(pid: u32, signal: libc::c_int) -> io::Result<()> {
     // SAFETY: kill(2) on a child we spawned and still track (not yet reaped, so the PID is

@@ -64,6 +64,8 @@ fn boot() -> Result<(), String> {
         sys::mount(src, target, fstype, None).map_err(|e| format!("mounting {target}: {e}"))?;
     }
     std::fs::create_dir_all("/run/netns").map_err(|e| format!("/run/netns: {e}"))?;
+    let node_cgroup = weir_node_image::guest::NODE_CGROUP;
+    std::fs::create_dir_all(node_cgroup).map_err(|e| format!("{node_cgroup}: {e}"))?;
     // 5.10 charges BPF maps to RLIMIT_MEMLOCK; children inherit these.
     sys::unlimit(libc::RLIMIT_MEMLOCK, libc::RLIM_INFINITY).map_err(|e| format!("memlock: {e}"))?;
     let _ = sys::unlimit(libc::RLIMIT_NOFILE, 65536);

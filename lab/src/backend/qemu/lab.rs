@@ -546,6 +546,12 @@ impl Lab for QemuLab {
         }
     }
 
+    /// Inside the guest, where the node's agent runs: the init puts every command that is not
+    /// a pod's into it.
+    fn node_cgroup(&self, _node: u8) -> Option<PathBuf> {
+        Some(PathBuf::from(weir_node_image::guest::NODE_CGROUP))
+    }
+
     fn signal(&mut self, proc: ProcId, signal: Signal) -> Result<(), BackendError> {
         match self
             .procs
