@@ -418,8 +418,8 @@ fn measure_all(
     let run_id = format!("throughput-{mtu}-{}", std::process::id());
     let ready = scenario.agent.ready_timeout * lab.slowdown();
 
-    // Rounds alternate plain routing and Weir in the same lab (stopping the agent detaches its
-    // programs; the next one adopts the pinned maps), so drift on a busy host hits both; the
+    // Rounds alternate plain routing and Weir in the same lab (after each Weir round the agents
+    // are stopped and Weir uninstalled from every node), so drift on a busy host hits both; the
     // median of each series is reported.
     let mut series: BTreeMap<(Route, Mode), Vec<Measurement>> = BTreeMap::new();
     let mut pin_root = None;
@@ -464,6 +464,10 @@ fn measure_all(
         for a in &agents.nodes {
             let _ = lab.stop(a.proc);
         }
+        // A stopped agent leaves its programs forwarding (on purpose, for restarts): take Weir
+        // off every node, or the next routing round and kube-proxy would still go through it.
+        let uninstalled = uninstall_weir(lab, &agents);
+        let measured = measured.and_then(|m| uninstalled.map(|()| m));
         for m in measured? {
             series.entry((m.route, m.mode)).or_default().push(m);
         }
@@ -580,6 +584,21 @@ fn remove_proxy(lab: &mut dyn Lab, installed: &ProxyInstalled) -> Result<(), Str
     } else {
         Err(format!("rules not removed: {}", problems.join("; ")))
     }
+}
+
+/// `weir-agent uninstall` on every node of `agents` (stopped): unpins its links, deletes its
+/// clsact filters, removes its maps.
+fn uninstall_weir(lab: &mut dyn Lab, agents: &agent::Agents) -> Result<(), String> {
+    let timeout = Duration::from_secs(60) * lab.slowdown();
+    for a in &agents.nodes {
+        let cmd = Cmd::new(agents.binary.display().to_string())
+            .arg("uninstall")
+            .arg("--pin-dir")
+            .arg(a.pin_dir.display().to_string());
+        lab.exec_ok(a.node, &cmd, timeout)
+            .map_err(|e| format!("taking Weir off {}: {e}", a.node))?;
+    }
+    Ok(())
 }
 
 /// The per-field median of a series of measurements of one route and mode.
