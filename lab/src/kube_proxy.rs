@@ -661,6 +661,68 @@ pub fn jump_rules_input() -> String {
     out
 }
 
+/// Restore input (for `--noflush`) that takes out again what the `applied` restore inputs put
+/// in, in the order they were applied: every jump they inserted into a base chain is deleted,
+/// and every chain they declared is flushed, then deleted. Base chains keep their policies and
+/// anything else in them. (The kernel keeps a table it has once instantiated, with its hooks,
+/// until the module goes; only the rules and chains go away.)
+pub fn removal_input(applied: &[&str]) -> String {
+    // Per table, in first-seen order: the chains declared (and not deleted again) and the
+    // rules on base chains.
+    let mut tables: Vec<(String, Vec<String>, Vec<String>)> = Vec::new();
+    let mut current: Option<usize> = None;
+    for line in applied.iter().flat_map(|text| text.lines()).map(str::trim) {
+        if let Some(table) = line.strip_prefix('*') {
+            current = Some(match tables.iter().position(|t| t.0 == table) {
+                Some(i) => i,
+                None => {
+                    tables.push((table.to_owned(), Vec::new(), Vec::new()));
+                    tables.len() - 1
+                }
+            });
+            continue;
+        }
+        let Some(i) = current else { continue };
+        let (_, chains, base_rules) = &mut tables[i];
+        if let Some(decl) = line.strip_prefix(':') {
+            // `:NAME - [0:0]` declares a user chain; base chains carry a policy instead of `-`.
+            let mut words = decl.split_whitespace();
+            if let (Some(name), Some("-")) = (words.next(), words.next()) {
+                if !chains.iter().any(|c| c == name) {
+                    chains.push(name.to_owned());
+                }
+            }
+        } else if let Some(name) = line.strip_prefix("-X ") {
+            chains.retain(|c| c != name.trim());
+        } else if let Some(rest) = line
+            .strip_prefix("-I ")
+            .or_else(|| line.strip_prefix("-A "))
+        {
+            let chain = rest.split_whitespace().next().unwrap_or("");
+            if !chains.iter().any(|c| c == chain) {
+                base_rules.push(rest.to_owned());
+            }
+        }
+    }
+    let mut out = String::new();
+    for (table, chains, base_rules) in &tables {
+        out.push_str(&format!("*{table}\n"));
+        let mut lines = Lines::default();
+        for chain in chains {
+            lines.chain(chain);
+        }
+        for rule in base_rules {
+            lines.rule(&["-D", rule]);
+        }
+        for chain in chains {
+            lines.rule(&["-X", chain]);
+        }
+        out.push_str(&lines.text);
+        out.push_str("COMMIT\n");
+    }
+    out
+}
+
 /// Builds restore input line by line; words are joined with single spaces, already quoted.
 #[derive(Default)]
 struct Lines {
@@ -1038,6 +1100,42 @@ mod tests {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
         }
         assert_eq!(text.matches("COMMIT\n").count(), 2);
+    }
+
+    #[test]
+    fn removal_undoes_jumps_and_chains() {
+        let mut proxier = Proxier::new(config());
+        let jumps = jump_rules_input();
+        let first = proxier.full_sync(&[svc1(&["198.19.1.11:8080", "198.19.2.11:8080"])]);
+        // A later sync dropped an endpoint: its chain was deleted then, not again now.
+        let second = proxier.full_sync(&[svc1(&["198.19.1.11:8080"])]);
+        let gone = svc1(&["198.19.2.11:8080"]).endpoint_chain("198.19.2.11:8080".parse().unwrap());
+        let text = removal_input(&[&jumps, &first.restore_input, &second.restore_input]);
+        assert_eq!(text.matches("COMMIT\n").count(), 2, "{text}");
+        // Every jump inserted into a base chain is deleted with the same spec.
+        for line in jumps.lines().filter(|l| l.starts_with("-I ")) {
+            let delete = format!("-D {}", &line[3..]);
+            assert!(
+                text.lines().any(|l| l == delete),
+                "missing {delete:?} in\n{text}"
+            );
+        }
+        // Every KUBE chain is flushed (declared) before deletion, and deleted once.
+        let declared = lines_of(&text, ":");
+        let deleted = lines_of(&text, "-X ");
+        assert_eq!(declared.len(), deleted.len(), "{text}");
+        assert!(text.contains(&format!("-X {}\n", KUBE_SERVICES)));
+        assert!(!text.contains(&gone), "{gone} was already deleted:\n{text}");
+        // Within each table, the flushing declarations come before any -D/-X line.
+        for table in text.split("COMMIT") {
+            if let (Some(d), Some(r)) = (table.rfind("\n:"), table.find("\n-")) {
+                assert!(d < r, "{text}");
+            }
+        }
+        // No base chain is declared (that would reset its policy) and no rule is appended.
+        assert!(declared.iter().all(|l| l.starts_with(":KUBE-")), "{text}");
+        assert!(!text.contains("-A "), "{text}");
+        assert!(!text.contains("\n-D KUBE-"), "{text}");
     }
 
     #[test]

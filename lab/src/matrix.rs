@@ -382,6 +382,9 @@ fn run_kernel(entry: &KernelEntry, files: &[ScenarioFile], opts: &MatrixOptions)
     if let Some(t) = &opts.throughput {
         let mut progress = |m: &str| say(&format!("kernel {}: {m}", entry.name));
         report.throughput = throughput::run(backend.as_ref(), t, &dir, &mut progress);
+        if let Some(modules) = &report.modules {
+            throughput::explain_kube_proxy_skips(&mut report.throughput, &modules.missing);
+        }
         report.ratios = throughput::ratios(&report.throughput);
     }
     report.wall_s = started.elapsed().as_secs_f64();
@@ -501,7 +504,7 @@ pub fn default_throughput(agent: PathBuf) -> ThroughputOptions {
         seconds: 5,
         rounds: 2,
         agent,
-        kube_proxy: throughput::kube_proxy_not_available,
+        kube_proxy: throughput::kube_proxy_iptables,
     }
 }
 
@@ -537,6 +540,13 @@ pub fn summary(report: &MatrixReport) -> String {
         out.push_str(&format!(
             "  {}\n",
             k.boot_s.map_or("-".into(), |b| format!("{b:.1}s"))
+        ));
+    }
+    for k in report.kernels.iter().filter(|k| !k.throughput.is_empty()) {
+        out.push_str(&format!(
+            "\nthroughput on {}:\n{}",
+            k.name,
+            throughput::table(&k.throughput, &k.ratios)
         ));
     }
     out.push_str(&format!(

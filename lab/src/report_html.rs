@@ -179,16 +179,11 @@ fn features_table(h: &mut String, r: &MatrixReport) {
 }
 
 fn label(m: &Measurement) -> String {
-    let route = match m.route {
-        Route::PodToPod => "pod-to-pod",
-        Route::ClusterIp => "clusterip",
-    };
     let mode = match m.mode {
-        Mode::Routing => "routing",
-        Mode::Weir => "weir",
         Mode::KubeProxyIptables => "kube-proxy",
+        other => other.label(),
     };
-    format!("{mode} {route} mtu {}", m.mtu)
+    format!("{mode} {} mtu {}", m.route.label(), m.mtu)
 }
 
 /// Three significant digits or so, without trailing noise.
@@ -253,20 +248,26 @@ fn throughput_section(h: &mut String, r: &MatrixReport) {
     if with.is_empty() {
         return;
     }
-    h.push_str("<h2>Throughput and latency</h2><p>qperf tcp_bw and tcp_lat, pod on node 1 to pod on node 2, directly and through a ClusterIP; plain routing (no agent) next to Weir in the same lab, in alternating rounds (medians shown). Under TCG the absolute numbers mean little: compare the ratios.</p>");
-    // Across kernels: Weir through a ClusterIP against plain routing pod to pod.
+    h.push_str("<h2>Throughput and latency</h2><p>qperf tcp_bw and tcp_lat, pod on node 1 to pod on node 2, directly and through a ClusterIP; plain routing (no agent) next to Weir in the same lab, in alternating rounds (medians shown), then kube-proxy's iptables rules (an emulation of its iptables mode, loaded with iptables-restore, no agent) through the same ClusterIP. Under TCG the absolute numbers mean little: compare the ratios.</p>");
+    // Across kernels: Weir and kube-proxy through a ClusterIP against plain routing pod to pod.
     let across: Vec<(String, f64)> = with
         .iter()
         .flat_map(|k| {
             k.ratios
                 .iter()
-                .filter(|r| r.route == Route::ClusterIp && r.mode == Mode::Weir)
-                .filter_map(move |r| Some((format!("weir {} mtu {}", k.name, r.mtu), r.bandwidth?)))
+                .filter(|r| r.route == Route::ClusterIp && r.mode != Mode::Routing)
+                .filter_map(move |r| {
+                    let who = match r.mode {
+                        Mode::KubeProxyIptables => "kube-proxy",
+                        other => other.label(),
+                    };
+                    Some((format!("{who} {} mtu {}", k.name, r.mtu), r.bandwidth?))
+                })
         })
         .collect();
     if !across.is_empty() {
         h.push_str(&bar_chart(
-            "Weir through a ClusterIP: bandwidth relative to plain routing (1.0 = as fast)",
+            "Through a ClusterIP: bandwidth relative to plain routing (1.0 = as fast)",
             "x",
             &across,
         ));
@@ -301,14 +302,11 @@ fn throughput_section(h: &mut String, r: &MatrixReport) {
             h.push_str("<table><tr><th>vs routing pod-to-pod</th><th>bandwidth</th><th>latency</th><th>CPU/GB</th></tr>");
             for ratio in &k.ratios {
                 let f = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.2}x"));
-                let route = match ratio.route {
-                    Route::PodToPod => "pod-to-pod",
-                    Route::ClusterIp => "clusterip",
-                };
                 let _ = write!(
                     h,
-                    "<tr><td>{:?} {route} mtu {}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-                    ratio.mode,
+                    "<tr><td>{} {} mtu {}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                    ratio.mode.label(),
+                    ratio.route.label(),
                     ratio.mtu,
                     f(ratio.bandwidth),
                     f(ratio.latency),
@@ -316,6 +314,11 @@ fn throughput_section(h: &mut String, r: &MatrixReport) {
                 );
             }
             h.push_str("</table>");
+        }
+        for m in k.throughput.iter().filter(|m| m.skipped.is_none()) {
+            if let Some(d) = &m.detail {
+                let _ = write!(h, "<p class=\"muted\">{}: {}</p>", esc(&label(m)), esc(d));
+            }
         }
         for m in k.throughput.iter().filter(|m| m.skipped.is_some()) {
             let _ = write!(
@@ -343,16 +346,26 @@ mod tests {
 
     #[test]
     fn renders_cells_reasons_and_charts() {
-        let m = |mode, bw| Measurement {
-            route: Route::PodToPod,
+        let m = |mode, route, bw| Measurement {
+            route,
             mode,
             mtu: 1440,
             bandwidth_gbps: Some(bw),
             latency_us: Some(100.0),
             cpu_s_per_gb: Some(3.0),
             skipped: None,
+            detail: (mode == Mode::KubeProxyIptables)
+                .then(|| "iptables-legacy, 21 rules + 7 jumps per node".into()),
         };
-        let throughput = vec![m(Mode::Routing, 2.0), m(Mode::Weir, 1.9)];
+        let mut skipped = m(Mode::KubeProxyIptables, Route::ClusterIp, 0.0);
+        skipped.mtu = 8940;
+        skipped.skipped = Some("iptables-legacy-restore on n1: no table <nat>".into());
+        let throughput = vec![
+            m(Mode::Routing, Route::PodToPod, 2.0),
+            m(Mode::Weir, Route::ClusterIp, 1.9),
+            m(Mode::KubeProxyIptables, Route::ClusterIp, 1.7),
+            skipped,
+        ];
         let k = KernelReport {
             name: "debian-6.1".into(),
             version: "6.1".into(),
@@ -411,6 +424,11 @@ mod tests {
         assert!(html.contains("kernel lacks module &lt;vxlan&gt;"));
         assert!(html.contains("<svg"));
         assert!(html.contains("0.95x"));
+        // kube-proxy in the ratio table, the charts, with its variant and its skip reason.
+        assert!(html.contains("<td>kube-proxy-iptables clusterip mtu 1440</td><td>0.85x</td>"));
+        assert!(html.contains("kube-proxy debian-6.1 mtu 1440"));
+        assert!(html.contains("iptables-legacy, 21 rules"));
+        assert!(html.contains("no table &lt;nat&gt;"));
         assert!(!html.contains("<script"));
     }
 }

@@ -6,8 +6,15 @@
 //! namespace backend, so other load on the machine counts too).
 //!
 //! Absolute numbers under TCG mean little; what the report shows are ratios of measurements
-//! taken in the same lab, one after the other: Weir against plain routing on the same path.
-//! An iptables kube-proxy emulation joins through [`ProxyHook`] once it lands.
+//! taken in the same lab, one after the other: Weir and kube-proxy against plain routing.
+//!
+//! kube-proxy is the iptables emulation of lab/src/kube_proxy.rs ([`kube_proxy_iptables`]):
+//! every node gets kube-proxy's jump rules and a full sync for the ClusterIP, loaded with
+//! iptables-legacy-restore (iptables-nft-restore where legacy fails), no agent running. It is
+//! measured after the routing/Weir rounds, not between them: once a netns has a nat table, the
+//! kernel keeps its hooks (and conntrack) for the netns' lifetime even after the rules are
+//! removed, which would tax every later routing and Weir round. The rules are removed after
+//! its rounds all the same, and the lab is torn down after each MTU.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -18,8 +25,10 @@ use serde::Serialize;
 use crate::agent;
 use crate::backend::{Backend, Cmd, Lab};
 use crate::k8s;
+use crate::kube_proxy::{self, Flavor, Proxier, ProxierConfig};
 use crate::scenario::Scenario;
 use crate::topology::{HostId, Plan};
+use weir_node_image::image::{ON_DEMAND_MODULES, ON_DEMAND_ORDER};
 
 pub const CLUSTER_IP: &str = "198.18.100.20";
 const CONTROL_PORT: u16 = 19765;
@@ -34,8 +43,28 @@ pub enum Mode {
     /// No agent: the pods' routes only (the ClusterIP path does not exist here).
     Routing,
     Weir,
-    /// An iptables kube-proxy emulation (see [`ProxyHook`]).
+    /// An iptables kube-proxy emulation (see [`kube_proxy_iptables`]).
     KubeProxyIptables,
+}
+
+impl Mode {
+    /// How reports name the mode (as in the JSON).
+    pub fn label(self) -> &'static str {
+        match self {
+            Mode::Routing => "routing",
+            Mode::Weir => "weir",
+            Mode::KubeProxyIptables => "kube-proxy-iptables",
+        }
+    }
+}
+
+impl Route {
+    pub fn label(self) -> &'static str {
+        match self {
+            Route::PodToPod => "pod-to-pod",
+            Route::ClusterIp => "clusterip",
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -57,22 +86,208 @@ pub struct Measurement {
     /// nodes' busy time where the backend cannot tell its own work apart.
     pub cpu_s_per_gb: Option<f64>,
     pub skipped: Option<String>,
+    /// What ran, where a mode has variants (kube-proxy: which iptables and how many rules).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
 }
 
-/// Installs an alternative service proxy on every node for the ClusterIP, or says why it
-/// cannot. The iptables kube-proxy emulation (lab/src/kube_proxy.rs, being written on the
-/// scale-bench branch) plugs in here: it gets the lab, the plan, the ClusterIP and the
-/// (port, endpoint ip, target port) triples.
-pub type ProxyHook = fn(&mut dyn Lab, &Plan, &str, &[(u16, String, u16)]) -> Result<(), String>;
+/// An alternative service proxy installed on a lab's nodes, and how to take it out again.
+#[derive(Clone, Debug)]
+pub struct ProxyInstalled {
+    /// What went in, for the report ("iptables-legacy, 29 rules per node").
+    pub detail: String,
+    /// Commands that undo it, per host, run once its measurements are done.
+    pub removal: Vec<(HostId, Cmd)>,
+    /// A command per host whose stdout must not contain [`ProxyInstalled::gone_unless`] once
+    /// the removal ran (the proof that it did).
+    pub verify: Vec<(HostId, Cmd)>,
+    pub gone_unless: String,
+}
 
-/// The hook until the emulation lands: every kube-proxy measurement is skipped with this.
-pub fn kube_proxy_not_available(
-    _: &mut dyn Lab,
-    _: &Plan,
-    _: &str,
-    _: &[(u16, String, u16)],
+/// Installs an alternative service proxy on every node for the scenario's services, or says
+/// exactly why it cannot (then that measurement is skipped with the reason).
+pub type ProxyHook = fn(&mut dyn Lab, &Scenario, &Plan) -> Result<ProxyInstalled, String>;
+
+/// kube-proxy's `--cluster-cidr` for the lab's pods (198.19.N.0/24 per node): pod-to-service
+/// traffic is not masqueraded, as on a real cluster.
+const CLUSTER_CIDR: (std::net::Ipv4Addr, u8) = (std::net::Ipv4Addr::new(198, 19, 0, 0), 16);
+
+/// The iptables kube-proxy emulation as a [`ProxyHook`]: kube-proxy's jump rules and a full
+/// sync of the scenario's services on every node, with `iptables-legacy-restore` and kube-proxy's
+/// flags; where legacy fails on any node (missing binary, table or extension), everything it
+/// put in is taken out and `iptables-nft-restore` gets its turn. The error names, per flavour,
+/// the node and iptables' own complaint.
+pub fn kube_proxy_iptables(
+    lab: &mut dyn Lab,
+    scenario: &Scenario,
+    plan: &Plan,
+) -> Result<ProxyInstalled, String> {
+    let ports = kube_proxy::from_scenario(scenario, plan);
+    if ports.is_empty() {
+        return Err("the scenario has no services for kube-proxy".into());
+    }
+    let mut proxier = Proxier::new(ProxierConfig {
+        cluster_cidr: Some(CLUSTER_CIDR),
+        ..ProxierConfig::default()
+    });
+    let sync = proxier.full_sync(&ports);
+    let jumps = kube_proxy::jump_rules_input();
+    let inputs = [jumps.as_str(), sync.restore_input.as_str()];
+    let jump_rules = jumps.lines().filter(|l| l.starts_with("-I ")).count();
+    let nodes: Vec<HostId> = plan.nodes.iter().map(|n| n.id).collect();
+    let timeout = Duration::from_secs(30) * lab.slowdown();
+    let mut module_trouble = Vec::new();
+    for node in &nodes {
+        if let Some(why) = load_on_demand_modules(lab, *node, timeout) {
+            module_trouble.push(format!("{node}: {why}"));
+        }
+    }
+    let mut failures = Vec::new();
+    for flavor in Flavor::ALL {
+        match install_flavor(lab, flavor, &nodes, &inputs, timeout) {
+            Ok(()) => {
+                let removal = kube_proxy::removal_input(&inputs);
+                return Ok(ProxyInstalled {
+                    detail: format!(
+                        "{flavor}, {} rules + {jump_rules} jumps per node",
+                        sync.rules
+                    ),
+                    removal: nodes
+                        .iter()
+                        .map(|n| (*n, restore_cmd(flavor, &removal)))
+                        .collect(),
+                    verify: nodes
+                        .iter()
+                        .map(|n| (*n, Cmd::new(flavor.save_binary())))
+                        .collect(),
+                    gone_unless: "KUBE-".into(),
+                });
+            }
+            Err(why) => failures.push(why),
+        }
+    }
+    if !module_trouble.is_empty() {
+        failures.push(format!("loading modules: {}", module_trouble.join("; ")));
+    }
+    Err(failures.join("; "))
+}
+
+/// On a VM node, loads the modules its image keeps for on demand ([`ON_DEMAND_ORDER`]), in
+/// order; ones already loaded are fine. Returns what failed, if anything. Elsewhere (the
+/// namespace backend, where nodes share the host's files and kernel) there is no such list and
+/// the kernel loads what iptables asks for itself.
+fn load_on_demand_modules(lab: &mut dyn Lab, node: HostId, timeout: Duration) -> Option<String> {
+    let script = format!(
+        "[ -f {ON_DEMAND_ORDER} ] || exit 0; while read -r m; do insmod \"$m\" 2>&1 | grep -v 'File exists' | sed \"s|^|$m: |\"; done < {ON_DEMAND_ORDER}"
+    );
+    match lab.exec(node, &Cmd::new("sh").arg("-c").arg(script), timeout) {
+        Ok(out) if out.stdout.trim().is_empty() => None,
+        Ok(out) => Some(crate::backend::tail(out.stdout.trim(), 4)),
+        Err(e) => Some(e.to_string()),
+    }
+}
+
+/// `iptables-*-restore` with kube-proxy's flags and `input` on stdin.
+fn restore_cmd(flavor: Flavor, input: &str) -> Cmd {
+    Cmd::new(flavor.restore_binary())
+        .args(Flavor::restore_args())
+        .stdin(input)
+}
+
+/// Applies `inputs` in order on every node with one flavour; on the first failure takes out
+/// again whatever went in (table by table, as restore commits them) and says why.
+fn install_flavor(
+    lab: &mut dyn Lab,
+    flavor: Flavor,
+    nodes: &[HostId],
+    inputs: &[&str],
+    timeout: Duration,
 ) -> Result<(), String> {
-    Err("the iptables kube-proxy emulation has not landed yet (branch scale-bench)".into())
+    for (i, node) in nodes.iter().enumerate() {
+        for (j, input) in inputs.iter().enumerate() {
+            let why = match lab.exec(*node, &restore_cmd(flavor, input), timeout) {
+                Ok(out) if out.success() => continue,
+                Ok(out) => restore_complaint(&out.stderr, &out.status()),
+                Err(e) => e.to_string(),
+            };
+            // This node may hold part of input j (restore commits table by table), the
+            // nodes before it all of them.
+            for (k, done) in nodes[..=i].iter().enumerate() {
+                let applied = if k == i { &inputs[..=j] } else { inputs };
+                remove_by_table(lab, flavor, *done, applied, timeout);
+            }
+            return Err(format!("{} on {node}: {why}", flavor.restore_binary()));
+        }
+    }
+    Ok(())
+}
+
+/// Best effort: each table's part of the removal on its own, so a table that never made it in
+/// does not keep the other's from going.
+fn remove_by_table(
+    lab: &mut dyn Lab,
+    flavor: Flavor,
+    host: HostId,
+    applied: &[&str],
+    timeout: Duration,
+) {
+    let removal = kube_proxy::removal_input(applied);
+    for table in split_tables(&removal) {
+        let _ = lab.exec(host, &restore_cmd(flavor, &table), timeout);
+    }
+}
+
+/// Restore input split into one input per table (`*table` ... `COMMIT`).
+fn split_tables(input: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for line in input.lines() {
+        if line.starts_with('*') {
+            out.push(String::new());
+        }
+        if let Some(t) = out.last_mut() {
+            t.push_str(line);
+            t.push('\n');
+        }
+    }
+    out
+}
+
+/// iptables-restore's complaint in one line: its error lines (it prints usage help after some),
+/// or the exit status when it said nothing.
+fn restore_complaint(stderr: &str, status: &str) -> String {
+    let lines: Vec<&str> = stderr
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .filter(|l| !l.starts_with("Try `") && !l.starts_with("Perhaps iptables"))
+        .take(3)
+        .collect();
+    if lines.is_empty() {
+        format!("{status} without a message")
+    } else {
+        format!("{status}: {}", lines.join(" / "))
+    }
+}
+
+/// Adds to a skipped kube-proxy measurement's reason the netfilter modules the node image could
+/// not carry because this kernel does not build them (`missing` from the image's module set).
+pub fn explain_kube_proxy_skips(ms: &mut [Measurement], missing_modules: &[String]) {
+    let lacking: Vec<&str> = missing_modules
+        .iter()
+        .map(String::as_str)
+        .filter(|m| ON_DEMAND_MODULES.contains(m))
+        .collect();
+    if lacking.is_empty() {
+        return;
+    }
+    for m in ms.iter_mut().filter(|m| m.mode == Mode::KubeProxyIptables) {
+        if let Some(why) = &mut m.skipped {
+            why.push_str(&format!(
+                " (this kernel has no module {})",
+                lacking.join(", ")
+            ));
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -146,6 +361,7 @@ fn skipped(route: Route, mode: Mode, mtu: u32, why: &str) -> Measurement {
         latency_us: None,
         cpu_s_per_gb: None,
         skipped: Some(why.to_owned()),
+        detail: None,
     }
 }
 
@@ -202,8 +418,8 @@ fn measure_all(
     let run_id = format!("throughput-{mtu}-{}", std::process::id());
     let ready = scenario.agent.ready_timeout * lab.slowdown();
 
-    // Rounds alternate plain routing and Weir in the same lab (stopping the agent detaches its
-    // programs; the next one adopts the pinned maps), so drift on a busy host hits both; the
+    // Rounds alternate plain routing and Weir in the same lab (after each Weir round the agents
+    // are stopped and Weir uninstalled from every node), so drift on a busy host hits both; the
     // median of each series is reported.
     let mut series: BTreeMap<(Route, Mode), Vec<Measurement>> = BTreeMap::new();
     let mut pin_root = None;
@@ -248,6 +464,10 @@ fn measure_all(
         for a in &agents.nodes {
             let _ = lab.stop(a.proc);
         }
+        // A stopped agent leaves its programs forwarding (on purpose, for restarts): take Weir
+        // off every node, or the next routing round and kube-proxy would still go through it.
+        let uninstalled = uninstall_weir(lab, &agents);
+        let measured = measured.and_then(|m| uninstalled.map(|()| m));
         for m in measured? {
             series.entry((m.route, m.mode)).or_default().push(m);
         }
@@ -265,33 +485,120 @@ fn measure_all(
         })
         .collect();
 
-    let triples = [
-        (CONTROL_PORT, server_ip.clone(), CONTROL_PORT),
-        (DATA_PORT, server_ip.clone(), DATA_PORT),
-    ];
-    match (opts.kube_proxy)(lab, plan, CLUSTER_IP, &triples) {
-        Ok(()) => {
-            let mut m = measure(
-                lab,
-                plan,
-                CLUSTER_IP,
-                progress,
-                "kube-proxy clusterip",
-                opts.seconds,
-            )?;
-            m.route = Route::ClusterIp;
-            m.mode = Mode::KubeProxyIptables;
-            m.mtu = mtu;
-            out.push(m);
-        }
-        Err(why) => out.push(skipped(
-            Route::ClusterIp,
-            Mode::KubeProxyIptables,
-            mtu,
-            &why,
-        )),
-    }
+    let kube_proxy = measure_kube_proxy(lab, scenario, plan, opts, mtu, progress);
+    out.push(kube_proxy);
     Ok(out)
+}
+
+/// kube-proxy's turn: install through the hook, `rounds` measurements through the ClusterIP,
+/// their median, then the removal and its proof. Anything going wrong skips this measurement
+/// with the reason and leaves the others standing.
+fn measure_kube_proxy(
+    lab: &mut dyn Lab,
+    scenario: &Scenario,
+    plan: &Plan,
+    opts: &ThroughputOptions,
+    mtu: u32,
+    progress: &mut dyn FnMut(&str),
+) -> Measurement {
+    let (route, mode) = (Route::ClusterIp, Mode::KubeProxyIptables);
+    let installed = match (opts.kube_proxy)(lab, scenario, plan) {
+        Ok(i) => i,
+        Err(why) => {
+            progress(&format!("kube-proxy mtu {mtu}: skipped: {why}"));
+            return skipped(route, mode, mtu, &why);
+        }
+    };
+    progress(&format!("kube-proxy mtu {mtu}: {}", installed.detail));
+    let rounds = opts.rounds.max(1);
+    let mut series = Vec::new();
+    let mut failed = None;
+    for round in 1..=rounds {
+        match measure(
+            lab,
+            plan,
+            CLUSTER_IP,
+            progress,
+            &format!("kube-proxy clusterip, round {round}/{rounds}"),
+            opts.seconds,
+        ) {
+            Ok(m) => series.push(m),
+            Err(why) => {
+                failed = Some(why);
+                break;
+            }
+        }
+    }
+    let removed = remove_proxy(lab, &installed);
+    if let Err(why) = &removed {
+        progress(&format!("kube-proxy mtu {mtu}: {why}"));
+    }
+    let mut m = match failed {
+        Some(why) => skipped(route, mode, mtu, &why),
+        None => median(&series),
+    };
+    m.route = route;
+    m.mode = mode;
+    m.mtu = mtu;
+    m.detail = Some(match removed {
+        Ok(()) => installed.detail,
+        Err(why) => format!("{}; {why}", installed.detail),
+    });
+    m
+}
+
+/// Runs the proxy's removal on every host and checks it left nothing behind.
+fn remove_proxy(lab: &mut dyn Lab, installed: &ProxyInstalled) -> Result<(), String> {
+    let timeout = Duration::from_secs(30) * lab.slowdown();
+    let mut problems = Vec::new();
+    for (host, cmd) in &installed.removal {
+        match lab.exec(*host, cmd, timeout) {
+            Ok(out) if out.success() => {}
+            Ok(out) => problems.push(format!(
+                "removal on {host}: {}",
+                restore_complaint(&out.stderr, &out.status())
+            )),
+            Err(e) => problems.push(format!("removal on {host}: {e}")),
+        }
+    }
+    for (host, cmd) in &installed.verify {
+        match lab.exec_ok(*host, cmd, timeout) {
+            Ok(out) => {
+                let left = out
+                    .stdout
+                    .lines()
+                    .filter(|l| l.contains(&installed.gone_unless))
+                    .count();
+                if left > 0 {
+                    problems.push(format!(
+                        "{left} line(s) with {} left on {host} after the removal",
+                        installed.gone_unless
+                    ));
+                }
+            }
+            Err(e) => problems.push(format!("checking the removal: {e}")),
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("rules not removed: {}", problems.join("; ")))
+    }
+}
+
+/// `weir-agent uninstall` on every node of `agents` (stopped): unpins its links, deletes its
+/// clsact filters, removes its maps.
+fn uninstall_weir(lab: &mut dyn Lab, agents: &agent::Agents) -> Result<(), String> {
+    let timeout = Duration::from_secs(60) * lab.slowdown();
+    for a in &agents.nodes {
+        let cmd = Cmd::new(agents.binary.display().to_string())
+            .arg("uninstall")
+            .arg("--pin-dir")
+            .arg(a.pin_dir.display().to_string());
+        lab.exec_ok(a.node, &cmd, timeout)
+            .map_err(|e| format!("taking Weir off {}: {e}", a.node))?;
+    }
+    Ok(())
 }
 
 /// The per-field median of a series of measurements of one route and mode.
@@ -425,6 +732,7 @@ fn measure(
         latency_us: lat.get("latency").map(|s| s * 1e6),
         cpu_s_per_gb,
         skipped: None,
+        detail: None,
     };
     progress(&format!(
         "{label} mtu {}: {:.2} Gb/s, {:.0} us, {:.1} CPU s/GB",
@@ -467,7 +775,8 @@ pub fn parse_qperf(text: &str) -> BTreeMap<String, f64> {
     out
 }
 
-/// Weir against plain routing (bandwidth and latency) for every path and MTU measured.
+/// Weir and kube-proxy against plain routing pod to pod (bandwidth, latency, CPU per GB) for
+/// every path and MTU measured.
 #[derive(Clone, Debug, Serialize)]
 pub struct Ratio {
     pub route: Route,
@@ -503,6 +812,64 @@ pub fn ratios(ms: &[Measurement]) -> Vec<Ratio> {
             })
         })
         .collect()
+}
+
+/// The measurements as a plain-text table, with each one's ratios against routing pod to pod
+/// at the same MTU (bandwidth, latency, CPU per GB), and the skipped ones with their reasons.
+pub fn table(ms: &[Measurement], ratios: &[Ratio]) -> String {
+    let f = |v: Option<f64>, digits: usize| v.map_or("-".to_owned(), |v| format!("{v:.digits$}"));
+    let x = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.2}x"));
+    let mut out = format!(
+        "{:<5} {:<20} {:<10} {:>8} {:>9} {:>8} {:>7} {:>7} {:>7}\n",
+        "mtu", "mode", "route", "Gb/s", "lat us", "CPU s/GB", "bw x", "lat x", "cpu x"
+    );
+    let mut sorted: Vec<&Measurement> = ms.iter().filter(|m| m.skipped.is_none()).collect();
+    sorted.sort_by_key(|m| (m.mtu, m.mode, m.route));
+    for m in sorted {
+        let r = ratios
+            .iter()
+            .find(|r| r.mtu == m.mtu && r.mode == m.mode && r.route == m.route);
+        out.push_str(&format!(
+            "{:<5} {:<20} {:<10} {:>8} {:>9} {:>8} {:>7} {:>7} {:>7}\n",
+            m.mtu,
+            m.mode.label(),
+            m.route.label(),
+            f(m.bandwidth_gbps, 2),
+            f(m.latency_us, 0),
+            f(m.cpu_s_per_gb, 1),
+            if m.mode == Mode::Routing {
+                "1.00x".to_owned()
+            } else {
+                x(r.and_then(|r| r.bandwidth))
+            },
+            if m.mode == Mode::Routing {
+                "1.00x".to_owned()
+            } else {
+                x(r.and_then(|r| r.latency))
+            },
+            if m.mode == Mode::Routing {
+                "1.00x".to_owned()
+            } else {
+                x(r.and_then(|r| r.cpu_per_gb))
+            },
+        ));
+    }
+    for m in ms {
+        if let Some(why) = &m.skipped {
+            out.push_str(&format!(
+                "{:<5} {:<20} {:<10} skipped: {why}\n",
+                m.mtu,
+                m.mode.label(),
+                m.route.label()
+            ));
+        }
+    }
+    for m in ms.iter().filter(|m| m.skipped.is_none()) {
+        if let Some(d) = &m.detail {
+            out.push_str(&format!("{:<5} {:<20} {d}\n", m.mtu, m.mode.label()));
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -545,12 +912,110 @@ mod tests {
             latency_us: None,
             cpu_s_per_gb: Some(bw * 2.0),
             skipped: None,
+            detail: None,
         };
         let med = median(&[m(3.0), m(1.0), m(2.0)]);
         assert_eq!(med.bandwidth_gbps, Some(2.0));
         assert_eq!(med.cpu_s_per_gb, Some(4.0));
         assert_eq!(med.latency_us, None);
         assert_eq!(median(&[m(1.0), m(2.0)]).bandwidth_gbps, Some(1.5));
+    }
+
+    fn measured(route: Route, mode: Mode, bw: f64, lat: f64) -> Measurement {
+        Measurement {
+            route,
+            mode,
+            mtu: 1440,
+            bandwidth_gbps: Some(bw),
+            latency_us: Some(lat),
+            cpu_s_per_gb: Some(2.0),
+            skipped: None,
+            detail: None,
+        }
+    }
+
+    #[test]
+    fn restore_input_splits_by_table() {
+        let text = kube_proxy::removal_input(&[&kube_proxy::jump_rules_input()]);
+        let tables = split_tables(&text);
+        assert_eq!(tables.len(), 2);
+        assert!(tables[0].starts_with("*filter\n") && tables[0].ends_with("COMMIT\n"));
+        assert!(tables[1].starts_with("*nat\n") && tables[1].ends_with("COMMIT\n"));
+        assert_eq!(tables.concat(), text);
+    }
+
+    #[test]
+    fn iptables_complaints_in_one_line() {
+        let stderr = "iptables-restore v1.8.9 (legacy): Couldn't load match `statistic':No such file or directory\n\nError occurred at line: 12\nTry `iptables-restore -h' or 'iptables-restore --help' for more information.\n";
+        assert_eq!(
+            restore_complaint(stderr, "exit 2"),
+            "exit 2: iptables-restore v1.8.9 (legacy): Couldn't load match `statistic':No such file or directory / Error occurred at line: 12"
+        );
+        assert_eq!(
+            restore_complaint("\n", "exit 1"),
+            "exit 1 without a message"
+        );
+    }
+
+    #[test]
+    fn kube_proxy_skips_name_the_missing_modules() {
+        let mut ms = vec![
+            skipped(
+                Route::ClusterIp,
+                Mode::KubeProxyIptables,
+                1440,
+                "iptables-legacy-restore on n1: exit 2",
+            ),
+            skipped(Route::ClusterIp, Mode::Weir, 1440, "lab down"),
+        ];
+        explain_kube_proxy_skips(&mut ms, &["vxlan".into(), "xt_statistic".into()]);
+        assert_eq!(
+            ms[0].skipped.as_deref(),
+            Some("iptables-legacy-restore on n1: exit 2 (this kernel has no module xt_statistic)")
+        );
+        assert_eq!(ms[1].skipped.as_deref(), Some("lab down"));
+        explain_kube_proxy_skips(&mut ms, &["vxlan".into()]);
+        assert!(!ms[0].skipped.as_deref().unwrap().contains("vxlan"));
+    }
+
+    #[test]
+    fn table_shows_kube_proxy_next_to_weir_with_ratios() {
+        let mut kp = measured(Route::ClusterIp, Mode::KubeProxyIptables, 1.5, 120.0);
+        kp.detail = Some("iptables-legacy, 21 rules + 7 jumps per node".into());
+        let ms = vec![
+            measured(Route::PodToPod, Mode::Routing, 2.0, 100.0),
+            measured(Route::ClusterIp, Mode::Weir, 1.8, 110.0),
+            kp,
+            skipped(Route::PodToPod, Mode::Weir, 8940, "no lab"),
+        ];
+        let text = table(&ms, &ratios(&ms));
+        let line = |what: &str| {
+            text.lines()
+                .find(|l| l.contains(what) && !l.contains("skipped") && !l.contains("rules"))
+                .unwrap_or_else(|| panic!("no {what} in\n{text}"))
+                .to_owned()
+        };
+        assert!(line("kube-proxy-iptables").contains("0.75x"), "{text}");
+        assert!(line("kube-proxy-iptables").contains("1.20x"), "{text}");
+        assert!(line("weir").contains("0.90x"), "{text}");
+        assert!(line("routing").contains("1.00x"), "{text}");
+        assert!(text.contains("skipped: no lab"), "{text}");
+        assert!(text.contains("iptables-legacy, 21 rules"), "{text}");
+        // Routing first, then Weir, then kube-proxy.
+        let pos = |w: &str| text.find(w).unwrap();
+        assert!(pos("routing") < pos("weir") && pos("weir") < pos("kube-proxy"));
+    }
+
+    #[test]
+    fn measurements_serialize_with_mode_names() {
+        let mut m = measured(Route::ClusterIp, Mode::KubeProxyIptables, 1.0, 1.0);
+        let v = serde_json::to_value(&m).unwrap();
+        assert_eq!(v["mode"], "kube-proxy-iptables");
+        assert_eq!(v["route"], "cluster-ip");
+        assert!(v.get("detail").is_none());
+        m.detail = Some("iptables-nft".into());
+        assert_eq!(serde_json::to_value(&m).unwrap()["detail"], "iptables-nft");
+        assert_eq!(Mode::KubeProxyIptables.label(), v["mode"]);
     }
 
     #[test]
@@ -563,6 +1028,7 @@ mod tests {
             latency_us: Some(lat),
             cpu_s_per_gb: Some(2.0),
             skipped: None,
+            detail: None,
         };
         let ms = vec![
             m(Route::PodToPod, Mode::Routing, 2.0, 100.0),

@@ -212,6 +212,21 @@ fn iptables_restore_accepts_kube_proxy_rules() {
         let nat = String::from_utf8_lossy(&nat.stdout).into_owned();
         assert!(!nat.contains(&old_chain), "{flavor}: stale chain left");
         assert_eq!(count_lines(&nat, ":KUBE-SEP-"), 1050);
+
+        // Taking it all out again (as the throughput measurement does after kube-proxy's turn)
+        // leaves no KUBE chain or jump, in either table, and the base chains in place.
+        let removal = weir_lab::kube_proxy::removal_input(&[
+            &jumps,
+            &full.restore_input,
+            &partial.restore_input,
+            &resync.restore_input,
+        ]);
+        assert_ok(&ns.run(&restore, &restore_args, &removal), "removal");
+        let all = ns.run(&save, &[], "");
+        assert_ok(&all, "save after removal");
+        let all = String::from_utf8_lossy(&all.stdout).into_owned();
+        assert!(!all.contains("KUBE-"), "{flavor}: left behind:\n{all}");
+        assert!(all.contains(":PREROUTING ACCEPT"), "{all}");
         eprintln!("{flavor}: ok");
     }
 }

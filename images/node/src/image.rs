@@ -21,6 +21,33 @@ use crate::ImageError;
 /// Where the init finds the modules to load and their order.
 pub const MODULE_DIR: &str = "/usr/lib/modules/weir";
 pub const MODULE_ORDER: &str = "/usr/lib/modules/weir/order";
+/// Modules of [`ON_DEMAND_MODULES`] (and what they need beyond the boot modules) in load order:
+/// the init leaves them alone, the lab loads them (`insmod`, busybox) when a measurement needs
+/// them.
+pub const ON_DEMAND_ORDER: &str = "/usr/lib/modules/weir/on-demand";
+
+/// Modules not loaded at boot: iptables' tables, their matches and targets, and nf_tables, for
+/// the kube-proxy baseline. Before 5.15 a table module registers its table, hooks and all, in
+/// the initial namespace (a VM node's own) the moment it loads, which would tax every packet of
+/// the routing and Weir measurements too.
+pub const ON_DEMAND_MODULES: &[&str] = &[
+    "ip_tables",
+    "iptable_filter",
+    "iptable_nat",
+    "nf_nat",
+    "xt_nat",
+    "xt_tcpudp",
+    "xt_statistic",
+    "xt_comment",
+    "xt_mark",
+    "xt_MASQUERADE",
+    "xt_addrtype",
+    "xt_conntrack",
+    "nf_tables",
+    "nft_compat",
+    "nft_chain_nat",
+    "nft_ct",
+];
 
 #[derive(Clone, Debug)]
 enum Entry {
@@ -141,19 +168,82 @@ impl ImageBuilder {
         Ok(guest)
     }
 
+    /// iptables for the kube-proxy baseline: each multi-call binary of [`IPTABLES`] installed
+    /// on this machine, linked in /usr/sbin under the argv[0] names the lab calls, and the IPv4
+    /// and protocol-independent extensions from [`XTABLES_DIR`] (dlopen'ed, so `ldd` on the
+    /// binary does not name them; symlinked aliases such as libxt_DNAT.so stay links). Returns
+    /// the binaries added; none is not an error (the kube-proxy measurement then says why).
+    pub fn iptables(&mut self) -> Result<Vec<String>, ImageError> {
+        let mut added = Vec::new();
+        for (multi, names) in IPTABLES {
+            let Ok(path) = which(multi) else {
+                debug!(binary = multi, "not installed: left out of the node image");
+                continue;
+            };
+            let guest = self.executable(&path)?;
+            for name in *names {
+                self.symlink(&format!("/usr/sbin/{name}"), &guest);
+            }
+            added.push(guest);
+        }
+        if added.is_empty() {
+            return Ok(added);
+        }
+        let dir = Path::new(XTABLES_DIR);
+        let entries = std::fs::read_dir(dir).map_err(|source| ImageError::Io {
+            context: format!("listing {XTABLES_DIR}"),
+            source,
+        })?;
+        let mut files: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(is_ipv4_extension)
+            })
+            .collect();
+        files.sort();
+        for file in files {
+            let guest = file.display().to_string();
+            match std::fs::read_link(&file) {
+                // An alias of another extension in the same directory.
+                Ok(target) => self.symlink(&guest, &target.display().to_string()),
+                Err(_) => {
+                    self.executable(&file)?;
+                }
+            }
+        }
+        Ok(added)
+    }
+
     /// The kernel's modules, decompressed, in load order, and the order file the init reads.
     pub fn modules(&mut self, set: &ModuleSet) -> Result<(), ImageError> {
+        self.module_files(&set.files, 0, MODULE_ORDER)
+    }
+
+    /// Modules the lab loads when it needs them, listed in [`ON_DEMAND_ORDER`]; `files` must
+    /// leave out what the boot modules already load. `first` numbers them on after those.
+    pub fn modules_on_demand(&mut self, files: &[PathBuf], first: usize) -> Result<(), ImageError> {
+        self.module_files(files, first, ON_DEMAND_ORDER)
+    }
+
+    fn module_files(
+        &mut self,
+        files: &[PathBuf],
+        first: usize,
+        order_file: &str,
+    ) -> Result<(), ImageError> {
         self.dir(MODULE_DIR);
         let mut order = String::new();
-        for (i, file) in set.files.iter().enumerate() {
+        for (i, file) in files.iter().enumerate() {
             let name = weir_kernels::modules::module_name(file);
             let data = decompress(file)?;
-            let guest = format!("{MODULE_DIR}/{i:02}-{name}.ko");
+            let guest = format!("{MODULE_DIR}/{:02}-{name}.ko", first + i);
             order.push_str(&guest);
             order.push('\n');
             self.bytes(&guest, 0o644, data);
         }
-        self.bytes(MODULE_ORDER, 0o644, order);
+        self.bytes(order_file, 0o644, order);
         Ok(())
     }
 
@@ -330,12 +420,38 @@ pub const WORKLOAD_PROGRAMS: &[&str] = &[
     "dash", "busybox",
 ];
 
+/// iptables' multi-call binaries and the names the lab runs them by (kube-proxy baseline).
+pub const IPTABLES: &[(&str, &[&str])] = &[
+    (
+        "xtables-legacy-multi",
+        &[
+            "iptables-legacy",
+            "iptables-legacy-restore",
+            "iptables-legacy-save",
+        ],
+    ),
+    (
+        "xtables-nft-multi",
+        &["iptables-nft", "iptables-nft-restore", "iptables-nft-save"],
+    ),
+];
+
+/// Where iptables looks for its extensions (Debian's build; `XTABLES_LIBDIR`).
+pub const XTABLES_DIR: &str = "/usr/lib/x86_64-linux-gnu/xtables";
+
+/// Extensions iptables (IPv4) loads: `libxt_*` serve every family, `libipt_*` IPv4 only;
+/// ip6tables', arptables' and ebtables' are left out.
+fn is_ipv4_extension(file: &str) -> bool {
+    file.ends_with(".so") && (file.starts_with("libxt_") || file.starts_with("libipt_"))
+}
+
 /// busybox applets linked in /usr/local/bin for the plain commands scenarios use; never `ip`
 /// or `sh`, which must be iproute2's and dash.
 pub const BUSYBOX_APPLETS: &[&str] = &[
     "mkdir", "cat", "ls", "rm", "echo", "sleep", "ps", "kill", "mount", "umount", "uname", "dmesg",
     "true", "false", "env", "timeout", "grep", "head", "tail", "wc", "poweroff", "sync", "free",
-    "uptime", "nproc", "date", "hostname", "touch", "cp", "mv", "ln", "chmod", "stat",
+    "uptime", "nproc", "date", "hostname", "touch", "cp", "mv", "ln", "chmod", "stat", "insmod",
+    "lsmod",
 ];
 
 const PASSWD: &str = "root:x:0:0:root:/root:/bin/sh\nwww-data:x:33:33:www-data:/var/www:/usr/sbin/nologin\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n";
@@ -360,13 +476,25 @@ pub fn build_node_image(
     out: &Path,
 ) -> Result<NodeImage, ImageError> {
     let started = Instant::now();
-    let modules = weir_kernels::resolve_modules(kernel, module_names)?;
+    let (on_demand, boot): (Vec<String>, Vec<String>) = module_names
+        .iter()
+        .cloned()
+        .partition(|m| ON_DEMAND_MODULES.contains(&m.as_str()));
+    let mut modules = weir_kernels::resolve_modules(kernel, &boot)?;
+    let extra = weir_kernels::resolve_modules(kernel, &on_demand)?;
+    let extra_files: Vec<PathBuf> = extra
+        .files
+        .iter()
+        .filter(|f| !modules.files.contains(f))
+        .cloned()
+        .collect();
     let mut b = ImageBuilder::new();
     let init_guest = b.executable(init)?;
     b.symlink("/init", &init_guest);
     for p in WORKLOAD_PROGRAMS {
         b.program(p)?;
     }
+    b.iptables()?;
     let dash = which("dash")?;
     let dash = std::fs::canonicalize(&dash).unwrap_or(dash);
     b.symlink("/usr/bin/sh", &dash.display().to_string());
@@ -388,7 +516,16 @@ pub fn build_node_image(
         "passwd: files\ngroup: files\nhosts: files\n",
     );
     b.bytes("/etc/hosts", 0o644, "127.0.0.1 localhost\n");
+    // iptables names protocols (`-p tcp`) through it, as iptables-save prints them.
+    if Path::new("/etc/protocols").is_file() {
+        b.host_file("/etc/protocols", Path::new("/etc/protocols"), 0o644);
+    }
     b.modules(&modules)?;
+    b.modules_on_demand(&extra_files, modules.files.len())?;
+    // The report lists every module the image carries, whenever it loads.
+    modules.files.extend(extra_files);
+    modules.builtin.extend(extra.builtin);
+    modules.missing.extend(extra.missing);
     b.dir("/var/www");
     if let Some(parent) = out.parent() {
         std::fs::create_dir_all(parent).map_err(|source| ImageError::Io {
@@ -438,6 +575,53 @@ mod tests {
             "/usr/lib/x86_64-linux-gnu/libc.so.6"
         );
         assert_eq!(merged(Path::new("/usr/lib/x")), "/usr/lib/x");
+    }
+
+    #[test]
+    fn extensions_for_iptables_not_the_other_tables() {
+        assert!(is_ipv4_extension("libxt_statistic.so"));
+        assert!(is_ipv4_extension("libipt_REJECT.so"));
+        assert!(!is_ipv4_extension("libip6t_REJECT.so"));
+        assert!(!is_ipv4_extension("libebt_ip.so"));
+        assert!(!is_ipv4_extension("libxt_x.so.1"));
+    }
+
+    #[test]
+    fn iptables_comes_with_its_names_and_extensions() {
+        let mut b = ImageBuilder::new();
+        let added = b.iptables().unwrap();
+        if which("xtables-legacy-multi").is_err() && which("xtables-nft-multi").is_err() {
+            eprintln!("SKIPPED: iptables is not installed on this machine");
+            assert!(added.is_empty());
+            return;
+        }
+        assert!(!added.is_empty());
+        let has = |p: &str| b.entries.contains_key(p);
+        if which("xtables-legacy-multi").is_ok() {
+            assert!(has("/usr/sbin/iptables-legacy-restore"));
+            assert!(has("/usr/sbin/iptables-legacy-save"));
+        }
+        // What kube-proxy's rules load, by the name iptables dlopens.
+        for ext in [
+            "statistic",
+            "comment",
+            "mark",
+            "addrtype",
+            "conntrack",
+            "MARK",
+            "DNAT",
+        ] {
+            let path = format!("{XTABLES_DIR}/libxt_{ext}.so");
+            assert!(has(&path), "{path} missing");
+        }
+        // DNAT is an alias of libxt_NAT.so: kept a link, its target carried.
+        assert!(matches!(
+            b.entries.get(&format!("{XTABLES_DIR}/libxt_DNAT.so")),
+            Some(Entry::Symlink(t)) if t == "libxt_NAT.so"
+        ));
+        assert!(has(&format!("{XTABLES_DIR}/libxt_NAT.so")));
+        assert!(!b.entries.keys().any(|k| k.contains("libip6t_")));
+        assert!(b.entries.keys().any(|k| k.contains("libxtables.so")));
     }
 
     #[test]
