@@ -55,6 +55,14 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         .node
         .set_config(&node::node_config(&config, tunnel_ifindex))
         .context("writing the node configuration")?;
+    if config.host_services.enabled {
+        dataplane
+            .attach_host_services(&config.host_services.cgroup)
+            .context("attaching host services ([host_services])")?;
+    } else {
+        // Hooks an earlier agent left while host services were on.
+        dataplane.detach_host_services();
+    }
 
     // A second handle on the counter map, read by the HTTP thread at scrape time.
     let counters = Counters::open_pinned(&pin_dir).context("opening the counter map")?;
@@ -152,6 +160,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         for interface in attached {
             dataplane.detach(&interface);
         }
+        dataplane.detach_host_services();
     } else {
         info!("stopping: programs stay attached and keep forwarding; the next agent adopts them");
     }

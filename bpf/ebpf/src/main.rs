@@ -23,6 +23,7 @@ mod icmp;
 mod lb;
 mod maps;
 mod packet;
+mod sock;
 mod tunnel;
 
 use aya_ebpf::{
