@@ -514,9 +514,16 @@ cgroup = "/sys/fs/cgroup/unified"
         );
         assert!(toml::from_str::<ConfigLayer>("metrics_listn = \"1.2.3.4:5\"").is_err());
         assert!(config.host_services.enabled);
-        assert_eq!(config.host_services.cgroup, Path::new("/sys/fs/cgroup/unified"));
-        let relative: ConfigLayer = toml::from_str(&FILE.replace("/sys/fs/cgroup/unified", "cg")).unwrap();
-        assert!(relative.finish().is_err(), "a relative cgroup path is refused");
+        assert_eq!(
+            config.host_services.cgroup,
+            Path::new("/sys/fs/cgroup/unified")
+        );
+        let relative: ConfigLayer =
+            toml::from_str(&FILE.replace("/sys/fs/cgroup/unified", "cg")).unwrap();
+        assert!(
+            relative.finish().is_err(),
+            "a relative cgroup path is refused"
+        );
     }
 
     /// Flag over environment over file over default, in one test because the environment is

@@ -736,7 +736,9 @@ impl Dataplane {
         let id = program
             .attach(cgroup_dir, CgroupAttachMode::Single)
             .map_err(|e| attach_err(e.to_string()))?;
-        let link = program.take_link(id).map_err(|e| attach_err(e.to_string()))?;
+        let link = program
+            .take_link(id)
+            .map_err(|e| attach_err(e.to_string()))?;
         let fd_link = FdLink::try_from(link).map_err(|e| attach_err(e.to_string()))?;
         // On failure the link is dropped, and with it the attachment.
         drop(fd_link.pin(&path).map_err(|e| attach_err(e.to_string()))?);
@@ -896,7 +898,10 @@ fn raise_memlock_limit() {
 /// One host-service hook.
 enum HostServiceLink {
     /// Tied to this process (no link pin directory, as in tests).
-    Owned(&'static str, aya::programs::cgroup_sock_addr::CgroupSockAddrLinkId),
+    Owned(
+        &'static str,
+        aya::programs::cgroup_sock_addr::CgroupSockAddrLinkId,
+    ),
     /// A cgroup link pinned at this path: lives until the pin is removed.
     Pinned(PathBuf),
 }
@@ -955,8 +960,8 @@ fn open_cgroup2(path: &Path) -> Result<std::fs::File, DataplaneError> {
 pub fn current_netns_cookie() -> u64 {
     use std::os::fd::AsRawFd as _;
     const SO_NETNS_COOKIE: libc::c_int = 71;
-    let Ok(socket) = std::net::UdpSocket::bind("0.0.0.0:0")
-        .or_else(|_| std::net::UdpSocket::bind("[::]:0"))
+    let Ok(socket) =
+        std::net::UdpSocket::bind("0.0.0.0:0").or_else(|_| std::net::UdpSocket::bind("[::]:0"))
     else {
         return 0;
     };
