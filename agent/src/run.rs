@@ -17,6 +17,7 @@ use crate::compile::CompileOptions;
 use crate::config::{AgentConfig, LoadBalancing, SourceKind, TunnelMode};
 use crate::conntrack::collect_garbage;
 use crate::dataplane::{Counters, Dataplane, LoadOptions};
+use crate::health_check::{self, HealthCheckServer};
 use crate::http::OpsServer;
 use crate::interfaces;
 use crate::kubernetes::{KubeSource, NodeIdentity};
@@ -79,6 +80,12 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         },
     )
     .with_context(|| format!("serving metrics on {}", config.metrics_listen))?;
+    let health_checks = HealthCheckServer::start(
+        health_check::default_bind_addresses(),
+        Some(metrics.clone()),
+        Some(health.clone()),
+    )
+    .context("starting the health-check server")?;
 
     let mut reconciler = Reconciler::new(
         Limits {
@@ -125,12 +132,14 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
                 interfaces.sync(&config, &mut dataplane, &health, &metrics);
                 if let Some(objects) = source.poll(retry, &config.node_name, &metrics) {
                     retry = apply(&mut reconciler, &mut dataplane, &objects, &health);
+                    health_checks.update(health_check::desired(reconciler.intent(), &config.node_name));
                 }
             }
             _ = source.changed() => {
                 health.beat();
                 if let Some(objects) = source.poll(true, &config.node_name, &metrics) {
                     retry = apply(&mut reconciler, &mut dataplane, &objects, &health);
+                    health_checks.update(health_check::desired(reconciler.intent(), &config.node_name));
                 }
             }
             _ = gc.tick() => {
