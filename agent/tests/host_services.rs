@@ -116,7 +116,6 @@ fn gettid() -> i32 {
 /// close) and UDP (echo) on the backend ports of both families until told to stop or for at
 /// most a minute.
 struct Pod {
-    netns: PathBuf,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -129,6 +128,8 @@ impl Pod {
         let stop_flag = stop.clone();
         let thread = std::thread::spawn(move || {
             nix::sched::unshare(CloneFlags::CLONE_NEWNET).expect("pod netns");
+            // /proc/sys/net is the opening thread's namespace's: this one's.
+            no_dad();
             tid_tx.send(gettid()).unwrap();
             if go_rx.recv().is_err() {
                 return;
@@ -137,58 +138,86 @@ impl Pod {
         });
         let tid = tid_rx.recv().expect("pod thread started");
         let netns = PathBuf::from(format!("/proc/{}/task/{tid}/ns/net", std::process::id()));
-        let pod = Pod {
-            netns,
+        // Should wiring fail, `go_tx` drops with the unwinding and the pod thread ends.
+        wire(&netns, tid);
+        go_tx.send(()).unwrap();
+        Pod {
             stop,
             thread: Some(thread),
-        };
-        pod.wire(tid);
-        go_tx.send(()).unwrap();
-        pod
-    }
-
-    fn in_pod(&self, args: &[&str]) {
-        let netns = format!("--net={}", self.netns.display());
-        let mut all = vec![netns.as_str()];
-        all.extend_from_slice(args);
-        run("nsenter", &all);
-    }
-
-    /// A veth `wh0` (node) / `wh1` (pod) with /32 and /128 addresses and routes both ways.
-    fn wire(&self, tid: i32) {
-        for conf in ["all", "default"] {
-            let key = format!("net.ipv6.conf.{conf}.accept_dad=0");
-            run("sysctl", &["-qw", &key]);
-            self.in_pod(&["sysctl", "-qw", &key]);
         }
-        run("ip", &["link", "set", "lo", "up"]);
-        run(
-            "ip",
-            &["link", "add", "wh0", "type", "veth", "peer", "name", "wh1"],
-        );
-        run("ip", &["link", "set", "wh1", "netns", &tid.to_string()]);
-        run("ip", &["addr", "add", &format!("{NODE4}/32"), "dev", "wh0"]);
-        run(
-            "ip",
-            &[
-                "-6",
-                "addr",
-                "add",
-                &format!("{NODE6}/128"),
-                "dev",
-                "wh0",
-                "nodad",
-            ],
-        );
-        run("ip", &["link", "set", "wh0", "up"]);
-        run("ip", &["route", "add", &format!("{POD4}/32"), "dev", "wh0"]);
-        run(
-            "ip",
-            &["-6", "route", "add", &format!("{POD6}/128"), "dev", "wh0"],
-        );
-        self.in_pod(&["ip", "link", "set", "lo", "up"]);
-        self.in_pod(&["ip", "addr", "add", &format!("{POD4}/32"), "dev", "wh1"]);
-        self.in_pod(&[
+    }
+}
+
+/// IPv6 addresses usable at once: no duplicate address detection in this thread's namespace.
+fn no_dad() {
+    for conf in ["all", "default"] {
+        std::fs::write(format!("/proc/sys/net/ipv6/conf/{conf}/accept_dad"), "0")
+            .expect("accept_dad");
+    }
+}
+
+/// Runs a command in the pod's network namespace (entered between fork and exec, so no
+/// nsenter is needed: VM images lack it).
+fn in_pod(netns: &Path, args: &[&str]) {
+    use std::os::fd::AsRawFd as _;
+    let ns = std::fs::File::open(netns).expect("pod netns file");
+    let fd = ns.as_raw_fd();
+    let mut command = Command::new(args[0]);
+    command.args(&args[1..]);
+    // SAFETY: setns is a plain system call, async-signal-safe; the descriptor stays open in
+    // the parent until the child has run.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = command.output().expect("run in pod");
+    assert!(
+        out.status.success(),
+        "{args:?} in the pod: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A veth `wh0` (node) / `wh1` (pod) with /32 and /128 addresses and routes both ways.
+fn wire(pod: &Path, tid: i32) {
+    no_dad();
+    run("ip", &["link", "set", "lo", "up"]);
+    run(
+        "ip",
+        &["link", "add", "wh0", "type", "veth", "peer", "name", "wh1"],
+    );
+    run("ip", &["link", "set", "wh1", "netns", &tid.to_string()]);
+    run("ip", &["addr", "add", &format!("{NODE4}/32"), "dev", "wh0"]);
+    run(
+        "ip",
+        &[
+            "-6",
+            "addr",
+            "add",
+            &format!("{NODE6}/128"),
+            "dev",
+            "wh0",
+            "nodad",
+        ],
+    );
+    run("ip", &["link", "set", "wh0", "up"]);
+    run("ip", &["route", "add", &format!("{POD4}/32"), "dev", "wh0"]);
+    run(
+        "ip",
+        &["-6", "route", "add", &format!("{POD6}/128"), "dev", "wh0"],
+    );
+    in_pod(pod, &["ip", "link", "set", "lo", "up"]);
+    in_pod(
+        pod,
+        &["ip", "addr", "add", &format!("{POD4}/32"), "dev", "wh1"],
+    );
+    in_pod(
+        pod,
+        &[
             "ip",
             "-6",
             "addr",
@@ -197,10 +226,16 @@ impl Pod {
             "dev",
             "wh1",
             "nodad",
-        ]);
-        self.in_pod(&["ip", "link", "set", "wh1", "up"]);
-        self.in_pod(&["ip", "route", "add", &format!("{NODE4}/32"), "dev", "wh1"]);
-        self.in_pod(&[
+        ],
+    );
+    in_pod(pod, &["ip", "link", "set", "wh1", "up"]);
+    in_pod(
+        pod,
+        &["ip", "route", "add", &format!("{NODE4}/32"), "dev", "wh1"],
+    );
+    in_pod(
+        pod,
+        &[
             "ip",
             "-6",
             "route",
@@ -208,8 +243,8 @@ impl Pod {
             &format!("{NODE6}/128"),
             "dev",
             "wh1",
-        ]);
-    }
+        ],
+    );
 }
 
 impl Drop for Pod {
