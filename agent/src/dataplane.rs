@@ -340,6 +340,7 @@ pub struct Dataplane {
     sock_netns: Array<MapData, u64>,
     /// The host-service programs' hooks, when attached (see [`Dataplane::attach_host_services`]).
     host_services: Vec<HostServiceLink>,
+    host_services_adopted: usize,
     /// Where links are pinned so they outlive the agent; `None` ties them to this process.
     link_pin_dir: Option<PathBuf>,
     mode: AttachMode,
@@ -445,6 +446,7 @@ impl Dataplane {
             ebpf,
             attached: BTreeMap::new(),
             host_services: Vec::new(),
+            host_services_adopted: 0,
             link_pin_dir: None,
             mode: AttachMode::for_running_kernel(),
         })
@@ -721,11 +723,12 @@ impl Dataplane {
             match update_pinned_link(&path, program_fd) {
                 Ok(()) => {
                     debug!(program = name, pin = %path.display(), "adopted pinned cgroup link; program replaced");
+                    self.host_services_adopted += 1;
                     return Ok(HostServiceLink::Pinned(path));
                 }
                 Err(e) => {
                     warn!(program = name, error = %e, "pinned cgroup link not adoptable; attaching anew");
-                    if let Err(e) = std::fs::remove_file(&path) {
+                    if let Err(e) = detach_pinned_link(&path) {
                         debug!(error = %e, "removing stale cgroup link pin");
                     }
                 }
@@ -743,6 +746,12 @@ impl Dataplane {
         // On failure the link is dropped, and with it the attachment.
         drop(fd_link.pin(&path).map_err(|e| attach_err(e.to_string()))?);
         Ok(HostServiceLink::Pinned(path))
+    }
+
+    /// How many host-service hooks a previous agent left were taken over in place (rather than
+    /// attached anew) by this one.
+    pub fn host_services_adopted(&self) -> usize {
+        self.host_services_adopted
     }
 
     /// Whether the host-service programs are attached by this agent.
@@ -775,7 +784,7 @@ impl Dataplane {
                 }
             }
             HostServiceLink::Pinned(path) if detach => {
-                if let Err(e) = std::fs::remove_file(&path) {
+                if let Err(e) = detach_pinned_link(&path) {
                     debug!(pin = %path.display(), error = %e, "unpinning host service link");
                 }
             }
@@ -856,7 +865,17 @@ pub fn uninstall(pin_dir: &Path, interfaces: &[String]) -> Result<UninstallRepor
     let links = crate::config::link_pin_dir(pin_dir);
     if let Ok(entries) = std::fs::read_dir(&links) {
         for entry in entries {
-            std::fs::remove_file(entry?.path())?;
+            let path = entry?.path();
+            let is_cgroup_link = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(HOST_SERVICE_PIN_PREFIX));
+            if is_cgroup_link {
+                // Host-service hooks act on every connect in the cgroup: off now, not soon.
+                detach_pinned_link(&path)?;
+            } else {
+                std::fs::remove_file(&path)?;
+            }
             report.links += 1;
         }
     }
@@ -929,7 +948,7 @@ fn release_host_service_pins(dir: &Path, keep_cgroup: Option<u64>) {
         {
             continue;
         }
-        match std::fs::remove_file(entry.path()) {
+        match detach_pinned_link(&entry.path()) {
             Ok(()) => info!(pin = name, "released a host service hook"),
             Err(e) => debug!(pin = name, error = %e, "releasing host service hook"),
         }
@@ -984,42 +1003,59 @@ pub fn current_netns_cookie() -> u64 {
     }
 }
 
-/// `BPF_LINK_UPDATE` on a pinned link: the kernel swaps its program in place. Raw calls because
-/// aya 0.14 keeps both the update and a link's descriptor private for cgroup links.
-fn update_pinned_link(path: &Path, program: &aya::programs::ProgramFd) -> std::io::Result<()> {
-    use std::os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd};
+/// bpf(2) commands used directly (numbers from include/uapi/linux/bpf.h, `enum bpf_cmd`): aya
+/// 0.14 keeps its wrappers private for cgroup links.
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_LINK_UPDATE: libc::c_long = 29;
+const BPF_LINK_DETACH: libc::c_long = 34;
+
+fn sys_bpf<T>(cmd: libc::c_long, attr: &T) -> std::io::Result<libc::c_long> {
+    // SAFETY: every caller passes a fully initialised prefix of union bpf_attr for `cmd` (the
+    // kernel zero-extends shorter attributes); pointers inside it outlive the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *const T,
+            std::mem::size_of::<T>() as u32,
+        )
+    };
+    if rc < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+/// A descriptor of the link pinned at `path`.
+fn open_pinned_link(path: &Path) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd as _;
     use std::os::unix::ffi::OsStrExt as _;
-    const BPF_OBJ_GET: libc::c_long = 7;
-    const BPF_LINK_UPDATE: libc::c_long = 20;
     let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-    // union bpf_attr's obj_get member: pathname (u64), bpf_fd, file_flags.
+    // union bpf_attr's obj_get member: pathname, bpf_fd, file_flags.
     #[repr(C)]
     struct ObjGet {
         pathname: u64,
         bpf_fd: u32,
         file_flags: u32,
     }
-    let get = ObjGet {
-        pathname: c_path.as_ptr() as u64,
-        bpf_fd: 0,
-        file_flags: 0,
-    };
-    // SAFETY: a valid, fully initialised prefix of union bpf_attr for this command (the kernel
-    // zero-extends shorter attributes); the path outlives the call.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET,
-            &get as *const ObjGet,
-            std::mem::size_of::<ObjGet>() as u32,
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    let fd = sys_bpf(
+        BPF_OBJ_GET,
+        &ObjGet {
+            pathname: c_path.as_ptr() as u64,
+            bpf_fd: 0,
+            file_flags: 0,
+        },
+    )?;
     // SAFETY: the kernel just returned this descriptor to us; nothing else owns it.
-    let link = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// `BPF_LINK_UPDATE` on a pinned link: the kernel swaps its program in place.
+fn update_pinned_link(path: &Path, program: &aya::programs::ProgramFd) -> std::io::Result<()> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    let link = open_pinned_link(path)?;
     // union bpf_attr's link_update member: link_fd, new_prog_fd, flags, old_prog_fd.
     let update: [u32; 4] = [
         link.as_raw_fd() as u32,
@@ -1027,18 +1063,22 @@ fn update_pinned_link(path: &Path, program: &aya::programs::ProgramFd) -> std::i
         0,
         0,
     ];
-    // SAFETY: as above; both descriptors live for the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_LINK_UPDATE,
-            update.as_ptr(),
-            std::mem::size_of_val(&update) as u32,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
+    sys_bpf(BPF_LINK_UPDATE, &update).map(drop)
+}
+
+/// Detaches the link pinned at `path` at once (`BPF_LINK_DETACH`), then removes the pin.
+/// Removing the pin alone would detach too, but only once the kernel frees the link, after an
+/// RCU grace period and a work item: callers that say "detached" mean now.
+pub fn detach_pinned_link(path: &Path) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    match open_pinned_link(path) {
+        Ok(link) => {
+            // union bpf_attr's link_detach member: link_fd.
+            if let Err(e) = sys_bpf(BPF_LINK_DETACH, &[link.as_raw_fd() as u32]) {
+                debug!(pin = %path.display(), error = %e, "BPF_LINK_DETACH; unpinning only");
+            }
+        }
+        Err(e) => debug!(pin = %path.display(), error = %e, "opening pinned link"),
     }
+    std::fs::remove_file(path)
 }

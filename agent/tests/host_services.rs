@@ -534,6 +534,11 @@ fn connections_survive_an_agent_restart_and_uninstall_detaches() {
     drop(dataplane);
     let dataplane = load(&pin_root, &cgroup);
     assert_eq!(host_service_pins(&pin_root), 8, "adopted, not stacked");
+    assert_eq!(
+        dataplane.host_services_adopted(),
+        8,
+        "every hook taken over in place (BPF_LINK_UPDATE)"
+    );
 
     held.stdin
         .take()
@@ -688,4 +693,169 @@ fn hold(addr: SocketAddr) -> std::io::Result<String> {
     std::io::stdin().read_line(&mut line)?;
     // Printed by the caller as the action's result.
     echo(&mut stream, &udp)
+}
+
+/// The agent binary itself stops (SIGTERM, by PID) and is waited for when the test ends.
+struct AgentProcess(Child);
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let _ = self.0.wait();
+    }
+}
+
+/// `GET /` on a loopback port: status and body, or None while nothing answers.
+fn http_get(port: u16) -> Option<(u16, String)> {
+    let mut stream =
+        TcpStream::connect_timeout(&SocketAddr::from(([127, 0, 0, 1], port)), CLIENT_TIMEOUT)
+            .ok()?;
+    stream.set_read_timeout(Some(CLIENT_TIMEOUT)).ok()?;
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n")
+        .ok()?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).ok()?;
+    let status = text.split(' ').nth(1)?.parse().ok()?;
+    Some((status, text.split_once("\r\n\r\n")?.1.to_owned()))
+}
+
+#[test]
+fn the_agent_serves_host_services_and_health_checks_until_uninstalled() {
+    require_root();
+    let bpffs = private_bpffs(CloneFlags::CLONE_NEWNET);
+    let pod = Pod::start();
+    let cgroup = TestCgroup::create("agent");
+    let files = tempfile::tempdir().expect("tempdir");
+    let pin_dir = bpffs.path().join("node1");
+    let health_port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let state = files.path().join("cluster.yaml");
+    std::fs::write(
+        &state,
+        format!(
+            r#"{}---
+apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: shop}}
+spec:
+  type: LoadBalancer
+  clusterIP: 198.18.100.22
+  externalTrafficPolicy: Local
+  healthCheckNodePort: {health_port}
+  ports:
+  - {{name: tcp, protocol: TCP, port: 80, targetPort: {TCP_TARGET}, nodePort: 30080}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-1
+  namespace: shop
+  labels: {{kubernetes.io/service-name: web}}
+addressType: IPv4
+ports:
+- {{name: tcp, protocol: TCP, port: {TCP_TARGET}}}
+endpoints:
+- addresses: ["{POD4}"]
+  nodeName: node1
+  conditions: {{ready: true}}
+"#,
+            cluster_yaml()
+        ),
+    )
+    .unwrap();
+    let config = files.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"node_name = "node1"
+pin_dir = "{}"
+state_path = "{}"
+metrics_listen = "127.0.0.1:0"
+poll_interval = "100ms"
+[tunnel]
+mode = "none"
+[host_services]
+enabled = true
+cgroup = "{}"
+"#,
+            pin_dir.display(),
+            state.display(),
+            cgroup.path.display()
+        ),
+    )
+    .unwrap();
+    let agent_binary = env!("CARGO_BIN_EXE_weir-agent");
+    let log = files.path().join("agent.log");
+    let agent = AgentProcess(
+        Command::new(agent_binary)
+            .args(["run", "--config"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start the agent"),
+    );
+
+    // The health check answers once the agent has read the state: 200, one local endpoint.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let answer = loop {
+        if let Some(answer) = http_get(health_port) {
+            break answer;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no health-check answer; agent log:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(
+        answer,
+        (
+            200,
+            r#"{"service":{"namespace":"shop","name":"web"},"localEndpoints":1,"serviceProxyHealthy":true}"#
+                .to_owned()
+        )
+    );
+    let both = format!("tcp {VIP4}:{TCP_PORT};tcp 198.18.100.22:80");
+    let served = [
+        format!("tcp {VIP4}:80 peer={VIP4}:80 echo=hello"),
+        "tcp 198.18.100.22:80 peer=198.18.100.22:80 echo=hello".to_owned(),
+    ];
+    assert_eq!(
+        client(&both, Some(&cgroup)),
+        served,
+        "through the running agent"
+    );
+
+    // The agent stops: its pinned hooks keep serving; its health-check port closes with it.
+    drop(agent);
+    assert_eq!(
+        client(&both, Some(&cgroup)),
+        served,
+        "with the agent stopped"
+    );
+    assert!(http_get(health_port).is_none());
+
+    let out = Command::new(agent_binary)
+        .args(["uninstall", "--pin-dir"])
+        .arg(&pin_dir)
+        .output()
+        .expect("uninstall");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        client(&format!("tcp {VIP4}:{TCP_PORT}"), Some(&cgroup)),
+        [format!("tcp {VIP4}:80 error=101")],
+        "uninstalled"
+    );
+    drop(pod);
 }
