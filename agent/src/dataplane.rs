@@ -676,7 +676,7 @@ impl Dataplane {
                     // All or nothing: a forward hook without its reverse would show sockets
                     // backend addresses.
                     for link in links.drain(..).rev() {
-                        self.drop_host_service_link(link, true);
+                        self.drop_host_service_link(link);
                     }
                     return Err(e);
                 }
@@ -763,14 +763,14 @@ impl Dataplane {
     /// pinned links) any a previous agent left, for when the configuration turned them off.
     pub fn detach_host_services(&mut self) {
         for link in std::mem::take(&mut self.host_services).into_iter().rev() {
-            self.drop_host_service_link(link, true);
+            self.drop_host_service_link(link);
         }
         if let Some(dir) = &self.link_pin_dir {
             release_host_service_pins(dir, None);
         }
     }
 
-    fn drop_host_service_link(&mut self, link: HostServiceLink, detach: bool) {
+    fn drop_host_service_link(&mut self, link: HostServiceLink) {
         match link {
             HostServiceLink::Owned(name, id) => {
                 let program: Result<&mut CgroupSockAddr, _> = match self.ebpf.program_mut(name) {
@@ -783,12 +783,11 @@ impl Dataplane {
                     }
                 }
             }
-            HostServiceLink::Pinned(path) if detach => {
+            HostServiceLink::Pinned(path) => {
                 if let Err(e) = detach_pinned_link(&path) {
                     debug!(pin = %path.display(), error = %e, "unpinning host service link");
                 }
             }
-            HostServiceLink::Pinned(_) => {}
         }
     }
 

@@ -6,7 +6,8 @@
 //! of translating packets, these programs rewrite the address a socket asks for: `connect` and
 //! unconnected `sendmsg` to a service frontend go to a backend chosen by the same maps and rules
 //! as the tc path (ready, else serving-terminating endpoints; `internalTrafficPolicy: Local`;
-//! session affinity, with the node as the one client). The socket then talks to the backend
+//! session affinity, with the node as the one client; random slots where external traffic
+//! would use Maglev, whose hash needs the client's port). The socket then talks to the backend
 //! directly, so the tc programs see a flow to a backend address, find no service and let it
 //! pass: nothing is translated twice, and no conntrack entry is needed, so such connections
 //! outlive any agent restart.
@@ -230,7 +231,11 @@ fn forward(ctx: &SockAddrContext, family: u8, connect: bool) -> i32 {
     // as kube-proxy does for traffic the node sends; `internalTrafficPolicy: Local` holds.
     let local_only = service.flags & service_flags::LOCAL_ONLY != 0
         && service.flags & service_flags::EXTERNAL == 0;
-    let backend_id = match select_backend(&ip, &flow, service, local_only) {
+    // Maglev hashes the client's address and port, which a connecting socket does not have
+    // yet: every host connection would hash alike and land on one backend. Random slots.
+    let mut service = *service;
+    service.flags &= !service_flags::MAGLEV;
+    let backend_id = match select_backend(&ip, &flow, &service, local_only) {
         Ok(id) => id,
         Err(_) => return REJECT,
     };
