@@ -85,6 +85,28 @@ pub struct AgentConfig {
     pub conntrack: ConntrackConfig,
     pub services: ServicesConfig,
     pub tunnel: TunnelConfig,
+    pub host_services: HostServicesConfig,
+}
+
+/// Connect-time load balancing for the node's own sockets (cgroup sock_addr hooks), so host
+/// processes (kubelet, hostNetwork pods, a shell on the node) reach ClusterIPs.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HostServicesConfig {
+    pub enabled: bool,
+    /// A cgroup v2 directory: processes in it and below are served. The root of the unified
+    /// hierarchy covers every process of the node.
+    pub cgroup: PathBuf,
+}
+
+impl Default for HostServicesConfig {
+    fn default() -> Self {
+        HostServicesConfig {
+            // Off until asked for: the hooks act on every process of the cgroup.
+            enabled: false,
+            cgroup: PathBuf::from("/sys/fs/cgroup"),
+        }
+    }
 }
 
 /// How external traffic (NodePort, load-balancer and external IPs) reaches a backend on
@@ -182,6 +204,7 @@ pub struct ConfigLayer {
     pub conntrack: Option<ConntrackConfig>,
     pub services: Option<ServicesConfig>,
     pub tunnel: Option<TunnelConfig>,
+    pub host_services: Option<HostServicesConfig>,
 }
 
 /// The flag and environment layer, as `weir-agent run` takes it.
@@ -247,6 +270,7 @@ impl ConfigArgs {
             conntrack: None,
             services: None,
             tunnel: None,
+            host_services: None,
         }
     }
 }
@@ -284,6 +308,7 @@ impl ConfigLayer {
             conntrack: self.conntrack.or(lower.conntrack),
             services: self.services.or(lower.services),
             tunnel: self.tunnel.or(lower.tunnel),
+            host_services: self.host_services.or(lower.host_services),
         }
     }
 
@@ -311,6 +336,7 @@ impl ConfigLayer {
             conntrack: self.conntrack.unwrap_or_default(),
             services: self.services.unwrap_or_default(),
             tunnel: self.tunnel.unwrap_or_default(),
+            host_services: self.host_services.unwrap_or_default(),
         };
         config.validate()?;
         Ok(config)
@@ -395,6 +421,11 @@ impl AgentConfig {
                 "source = \"file\" needs state_path (--state-path, WEIR_STATE_PATH)".into(),
             ));
         }
+        if self.host_services.enabled && !self.host_services.cgroup.is_absolute() {
+            return Err(ConfigError::Invalid(
+                "host_services.cgroup must be an absolute path (a cgroup v2 directory)".into(),
+            ));
+        }
         if self.max_endpoints_per_service == 0 {
             return Err(ConfigError::Invalid(
                 "max_endpoints_per_service must be positive".into(),
@@ -449,6 +480,9 @@ poll_interval = "2s"
 host_interfaces = ["eth0"]
 [conntrack]
 udp_timeout = "3s"
+[host_services]
+enabled = true
+cgroup = "/sys/fs/cgroup/unified"
 "#;
 
     #[test]
@@ -465,6 +499,7 @@ udp_timeout = "3s"
         assert_eq!(config.source, SourceKind::File);
         assert!(!config.detach_on_exit);
         assert_eq!(config.poll_interval, DEFAULT_POLL);
+        assert!(!config.host_services.enabled, "host services are opt-in");
     }
 
     #[test]
@@ -478,6 +513,17 @@ udp_timeout = "3s"
             ConntrackConfig::default().gc_interval
         );
         assert!(toml::from_str::<ConfigLayer>("metrics_listn = \"1.2.3.4:5\"").is_err());
+        assert!(config.host_services.enabled);
+        assert_eq!(
+            config.host_services.cgroup,
+            Path::new("/sys/fs/cgroup/unified")
+        );
+        let relative: ConfigLayer =
+            toml::from_str(&FILE.replace("/sys/fs/cgroup/unified", "cg")).unwrap();
+        assert!(
+            relative.finish().is_err(),
+            "a relative cgroup path is refused"
+        );
     }
 
     /// Flag over environment over file over default, in one test because the environment is

@@ -11,7 +11,7 @@ use aya::programs::tc::{
     self, NlOptions, SchedClassifierLink, SchedClassifierLinkId, TcAttachOptions, TcAttachType,
     TcHandle,
 };
-use aya::programs::{LinkOrder, SchedClassifier};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier};
 use aya::{Ebpf, EbpfLoader};
 use tracing::{debug, info, warn};
 use weir_common::{
@@ -56,6 +56,19 @@ pub enum DataplaneError {
     Attach {
         interface: String,
         source: aya::programs::ProgramError,
+    },
+    #[error("host services: {path} is not a cgroup v2 directory (check where cgroup2 is mounted)")]
+    NotCgroup2 { path: PathBuf },
+    #[error("host services: opening cgroup {path}: {source}")]
+    OpenCgroup {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("host services: attaching {program} to {path}: {message}")]
+    AttachCgroup {
+        program: &'static str,
+        path: PathBuf,
+        message: String,
     },
     #[error("pinning the link of {interface} at {path}: {message}")]
     PinLink {
@@ -324,6 +337,10 @@ pub struct Dataplane {
     pub conntrack: ConntrackMap,
     pub counters: Counters,
     attached: BTreeMap<String, Attachment>,
+    sock_netns: Array<MapData, u64>,
+    /// The host-service programs' hooks, when attached (see [`Dataplane::attach_host_services`]).
+    host_services: Vec<HostServiceLink>,
+    host_services_adopted: usize,
     /// Where links are pinned so they outlive the agent; `None` ties them to this process.
     link_pin_dir: Option<PathBuf>,
     mode: AttachMode,
@@ -425,8 +442,11 @@ impl Dataplane {
             counters: Counters {
                 map: take_map(&mut ebpf, map_names::COUNTERS)?,
             },
+            sock_netns: take_map(&mut ebpf, map_names::SOCK_NETNS)?,
             ebpf,
             attached: BTreeMap::new(),
+            host_services: Vec::new(),
+            host_services_adopted: 0,
             link_pin_dir: None,
             mode: AttachMode::for_running_kernel(),
         })
@@ -614,6 +634,163 @@ impl Dataplane {
         Ok(Attachment::Netlink)
     }
 
+    /// Host services: loads the cgroup sock_addr programs (connect-time load balancing for the
+    /// node's own sockets) and attaches them to the cgroup v2 directory `cgroup`, so every
+    /// process in it (or below) reaches services by their frontends. Only sockets of this
+    /// process's network namespace are translated (on kernels that name it, 5.14+; before, every
+    /// namespace's).
+    ///
+    /// With pinned links, hooks a previous agent left on the same cgroup are taken over in place
+    /// (`BPF_LINK_UPDATE`), so no connect goes untranslated during a restart; hooks on another
+    /// cgroup (the configuration changed) are released. On error nothing new stays attached.
+    pub fn attach_host_services(&mut self, cgroup: &Path) -> Result<(), DataplaneError> {
+        let cgroup_dir = open_cgroup2(cgroup)?;
+        let cgroup_id = {
+            use std::os::unix::fs::MetadataExt as _;
+            cgroup_dir
+                .metadata()
+                .map_err(|source| DataplaneError::OpenCgroup {
+                    path: cgroup.to_owned(),
+                    source,
+                })?
+                .ino()
+        };
+        let netns = current_netns_cookie();
+        if netns == 0 {
+            warn!("this kernel does not name network namespaces (SO_NETNS_COOKIE, 5.14+): host services translate sockets of every namespace in the cgroup");
+        }
+        self.sock_netns
+            .set(0, netns, 0)
+            .map_err(map_err(map_names::SOCK_NETNS))?;
+        if !self.host_services.is_empty() {
+            return Ok(());
+        }
+        if let Some(dir) = self.link_pin_dir.clone() {
+            release_host_service_pins(&dir, Some(cgroup_id));
+        }
+        let mut links = Vec::new();
+        for name in program_names::HOST_SERVICES {
+            match self.attach_host_service(name, cgroup, &cgroup_dir, cgroup_id) {
+                Ok(link) => links.push(link),
+                Err(e) => {
+                    // All or nothing: a forward hook without its reverse would show sockets
+                    // backend addresses.
+                    for link in links.drain(..).rev() {
+                        self.drop_host_service_link(link);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        info!(cgroup = %cgroup.display(), netns, programs = links.len(), "host services attached");
+        self.host_services = links;
+        Ok(())
+    }
+
+    fn attach_host_service(
+        &mut self,
+        name: &'static str,
+        cgroup: &Path,
+        cgroup_dir: &std::fs::File,
+        cgroup_id: u64,
+    ) -> Result<HostServiceLink, DataplaneError> {
+        let pin_dir = self.link_pin_dir.clone();
+        let program: &mut CgroupSockAddr = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(DataplaneError::MissingProgram(name))?
+            .try_into()
+            .map_err(|source| DataplaneError::Program { name, source })?;
+        if program.fd().is_err() {
+            program
+                .load()
+                .map_err(|source| DataplaneError::Program { name, source })?;
+        }
+        let attach_err = |message: String| DataplaneError::AttachCgroup {
+            program: name,
+            path: cgroup.to_owned(),
+            message,
+        };
+        let Some(dir) = pin_dir else {
+            let id = program
+                .attach(cgroup_dir, CgroupAttachMode::Single)
+                .map_err(|e| attach_err(e.to_string()))?;
+            return Ok(HostServiceLink::Owned(name, id));
+        };
+        let path = dir.join(host_service_pin_name(cgroup_id, name));
+        if path.exists() {
+            let program_fd = program.fd().map_err(|e| attach_err(e.to_string()))?;
+            match update_pinned_link(&path, program_fd) {
+                Ok(()) => {
+                    debug!(program = name, pin = %path.display(), "adopted pinned cgroup link; program replaced");
+                    self.host_services_adopted += 1;
+                    return Ok(HostServiceLink::Pinned(path));
+                }
+                Err(e) => {
+                    warn!(program = name, error = %e, "pinned cgroup link not adoptable; attaching anew");
+                    if let Err(e) = detach_pinned_link(&path) {
+                        debug!(error = %e, "removing stale cgroup link pin");
+                    }
+                }
+            }
+        }
+        // A link (5.7+) attaches alongside other programs of the cgroup; `Single` only names
+        // the legacy attach flags, which links do not take.
+        let id = program
+            .attach(cgroup_dir, CgroupAttachMode::Single)
+            .map_err(|e| attach_err(e.to_string()))?;
+        let link = program
+            .take_link(id)
+            .map_err(|e| attach_err(e.to_string()))?;
+        let fd_link = FdLink::try_from(link).map_err(|e| attach_err(e.to_string()))?;
+        // On failure the link is dropped, and with it the attachment.
+        drop(fd_link.pin(&path).map_err(|e| attach_err(e.to_string()))?);
+        Ok(HostServiceLink::Pinned(path))
+    }
+
+    /// How many host-service hooks a previous agent left were taken over in place (rather than
+    /// attached anew) by this one.
+    pub fn host_services_adopted(&self) -> usize {
+        self.host_services_adopted
+    }
+
+    /// Whether the host-service programs are attached by this agent.
+    pub fn host_services_attached(&self) -> bool {
+        !self.host_services.is_empty()
+    }
+
+    /// Takes the host-service programs off their cgroup: those this agent attached, and (with
+    /// pinned links) any a previous agent left, for when the configuration turned them off.
+    pub fn detach_host_services(&mut self) {
+        for link in std::mem::take(&mut self.host_services).into_iter().rev() {
+            self.drop_host_service_link(link);
+        }
+        if let Some(dir) = &self.link_pin_dir {
+            release_host_service_pins(dir, None);
+        }
+    }
+
+    fn drop_host_service_link(&mut self, link: HostServiceLink) {
+        match link {
+            HostServiceLink::Owned(name, id) => {
+                let program: Result<&mut CgroupSockAddr, _> = match self.ebpf.program_mut(name) {
+                    Some(p) => p.try_into(),
+                    None => return,
+                };
+                if let Ok(program) = program {
+                    if let Err(e) = program.detach(id) {
+                        debug!(program = name, error = %e, "detaching host service");
+                    }
+                }
+            }
+            HostServiceLink::Pinned(path) => {
+                if let Err(e) = detach_pinned_link(&path) {
+                    debug!(pin = %path.display(), error = %e, "unpinning host service link");
+                }
+            }
+        }
+    }
+
     /// Forgets an interface that disappeared (its attachment went with it) or detaches from one
     /// that is still there, pinned or not.
     pub fn detach(&mut self, interface: &str) {
@@ -687,7 +864,17 @@ pub fn uninstall(pin_dir: &Path, interfaces: &[String]) -> Result<UninstallRepor
     let links = crate::config::link_pin_dir(pin_dir);
     if let Ok(entries) = std::fs::read_dir(&links) {
         for entry in entries {
-            std::fs::remove_file(entry?.path())?;
+            let path = entry?.path();
+            let is_cgroup_link = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(HOST_SERVICE_PIN_PREFIX));
+            if is_cgroup_link {
+                // Host-service hooks act on every connect in the cgroup: off now, not soon.
+                detach_pinned_link(&path)?;
+            } else {
+                std::fs::remove_file(&path)?;
+            }
             report.links += 1;
         }
     }
@@ -724,4 +911,173 @@ fn raise_memlock_limit() {
     if let Err(e) = setrlimit(Resource::RLIMIT_MEMLOCK, RLIM_INFINITY, RLIM_INFINITY) {
         debug!(error = %e, "could not raise RLIMIT_MEMLOCK");
     }
+}
+
+/// One host-service hook.
+enum HostServiceLink {
+    /// Tied to this process (no link pin directory, as in tests).
+    Owned(
+        &'static str,
+        aya::programs::cgroup_sock_addr::CgroupSockAddrLinkId,
+    ),
+    /// A cgroup link pinned at this path: lives until the pin is removed.
+    Pinned(PathBuf),
+}
+
+const HOST_SERVICE_PIN_PREFIX: &str = "cgroup_";
+
+/// Pins name the cgroup (by its inode number, the kernel's cgroup id) so a restarted agent
+/// configured for another cgroup releases the old hooks instead of adopting them.
+fn host_service_pin_name(cgroup_id: u64, program: &str) -> String {
+    format!("{HOST_SERVICE_PIN_PREFIX}{cgroup_id}_{program}")
+}
+
+/// Removes host-service link pins in `dir` (detaching their programs), except those of
+/// `keep_cgroup`.
+fn release_host_service_pins(dir: &Path, keep_cgroup: Option<u64>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let keep = keep_cgroup.map(|id| format!("{HOST_SERVICE_PIN_PREFIX}{id}_"));
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if !name.starts_with(HOST_SERVICE_PIN_PREFIX)
+            || keep.as_deref().is_some_and(|k| name.starts_with(k))
+        {
+            continue;
+        }
+        match detach_pinned_link(&entry.path()) {
+            Ok(()) => info!(pin = name, "released a host service hook"),
+            Err(e) => debug!(pin = name, error = %e, "releasing host service hook"),
+        }
+    }
+}
+
+/// Opens a directory of a cgroup v2 hierarchy, refusing anything else (a v1 hierarchy or the
+/// tmpfs that holds them would take the attach call's error to a confusing place).
+fn open_cgroup2(path: &Path) -> Result<std::fs::File, DataplaneError> {
+    const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+    let stat = nix::sys::statfs::statfs(path).map_err(|e| DataplaneError::OpenCgroup {
+        path: path.to_owned(),
+        source: e.into(),
+    })?;
+    if stat.filesystem_type().0 as i64 != CGROUP2_SUPER_MAGIC {
+        return Err(DataplaneError::NotCgroup2 {
+            path: path.to_owned(),
+        });
+    }
+    std::fs::File::open(path).map_err(|source| DataplaneError::OpenCgroup {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// The kernel's cookie of this thread's network namespace, as `bpf_get_netns_cookie` returns
+/// it; 0 where the kernel cannot tell (before 5.14).
+pub fn current_netns_cookie() -> u64 {
+    use std::os::fd::AsRawFd as _;
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let Ok(socket) =
+        std::net::UdpSocket::bind("0.0.0.0:0").or_else(|_| std::net::UdpSocket::bind("[::]:0"))
+    else {
+        return 0;
+    };
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: `cookie` and `len` are valid for writes of the sizes given, for the call's length.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 {
+        cookie
+    } else {
+        0
+    }
+}
+
+/// bpf(2) commands used directly (numbers from include/uapi/linux/bpf.h, `enum bpf_cmd`): aya
+/// 0.14 keeps its wrappers private for cgroup links.
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_LINK_UPDATE: libc::c_long = 29;
+const BPF_LINK_DETACH: libc::c_long = 34;
+
+fn sys_bpf<T>(cmd: libc::c_long, attr: &T) -> std::io::Result<libc::c_long> {
+    // SAFETY: every caller passes a fully initialised prefix of union bpf_attr for `cmd` (the
+    // kernel zero-extends shorter attributes); pointers inside it outlive the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *const T,
+            std::mem::size_of::<T>() as u32,
+        )
+    };
+    if rc < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+/// A descriptor of the link pinned at `path`.
+fn open_pinned_link(path: &Path) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd as _;
+    use std::os::unix::ffi::OsStrExt as _;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    // union bpf_attr's obj_get member: pathname, bpf_fd, file_flags.
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    let fd = sys_bpf(
+        BPF_OBJ_GET,
+        &ObjGet {
+            pathname: c_path.as_ptr() as u64,
+            bpf_fd: 0,
+            file_flags: 0,
+        },
+    )?;
+    // SAFETY: the kernel just returned this descriptor to us; nothing else owns it.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// `BPF_LINK_UPDATE` on a pinned link: the kernel swaps its program in place.
+fn update_pinned_link(path: &Path, program: &aya::programs::ProgramFd) -> std::io::Result<()> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    let link = open_pinned_link(path)?;
+    // union bpf_attr's link_update member: link_fd, new_prog_fd, flags, old_prog_fd.
+    let update: [u32; 4] = [
+        link.as_raw_fd() as u32,
+        program.as_fd().as_raw_fd() as u32,
+        0,
+        0,
+    ];
+    sys_bpf(BPF_LINK_UPDATE, &update).map(drop)
+}
+
+/// Detaches the link pinned at `path` at once (`BPF_LINK_DETACH`), then removes the pin.
+/// Removing the pin alone would detach too, but only once the kernel frees the link, after an
+/// RCU grace period and a work item: callers that say "detached" mean now.
+pub fn detach_pinned_link(path: &Path) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    match open_pinned_link(path) {
+        Ok(link) => {
+            // union bpf_attr's link_detach member: link_fd.
+            if let Err(e) = sys_bpf(BPF_LINK_DETACH, &[link.as_raw_fd() as u32]) {
+                debug!(pin = %path.display(), error = %e, "BPF_LINK_DETACH; unpinning only");
+            }
+        }
+        Err(e) => debug!(pin = %path.display(), error = %e, "opening pinned link"),
+    }
+    std::fs::remove_file(path)
 }

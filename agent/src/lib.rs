@@ -9,6 +9,7 @@ pub mod config;
 pub mod conntrack;
 pub mod dataplane;
 pub mod dump;
+pub mod health_check;
 pub mod http;
 pub mod intent;
 pub mod interfaces;

@@ -50,6 +50,10 @@ pub struct Metrics {
     pub rejected_now: Family<RejectionLabels, Gauge>,
     /// Interfaces carrying the ingress program.
     pub attached_interfaces: Gauge,
+    /// healthCheckNodePort listeners open now.
+    pub health_check_listeners: Gauge,
+    /// healthCheckNodePort ports that could not be bound (each failed attempt).
+    pub health_check_bind_errors: Counter,
 }
 
 impl Metrics {
@@ -69,6 +73,8 @@ impl Metrics {
             rejected_total: Family::default(),
             rejected_now: Family::default(),
             attached_interfaces: Gauge::default(),
+            health_check_listeners: Gauge::default(),
+            health_check_bind_errors: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -125,6 +131,16 @@ impl Metrics {
             "weir_attached_interfaces",
             "Interfaces with the ingress program attached",
             metrics.attached_interfaces.clone(),
+        );
+        registry.register(
+            "weir_health_check_listeners",
+            "healthCheckNodePort listeners open (Services with externalTrafficPolicy Local)",
+            metrics.health_check_listeners.clone(),
+        );
+        registry.register(
+            "weir_health_check_bind_errors",
+            "Attempts to open a healthCheckNodePort listener that failed (retried)",
+            metrics.health_check_bind_errors.clone(),
         );
         Metrics {
             registry,

@@ -17,6 +17,7 @@ use crate::compile::CompileOptions;
 use crate::config::{AgentConfig, LoadBalancing, SourceKind, TunnelMode};
 use crate::conntrack::collect_garbage;
 use crate::dataplane::{Counters, Dataplane, LoadOptions};
+use crate::health_check::{self, HealthCheckServer};
 use crate::http::OpsServer;
 use crate::interfaces;
 use crate::kubernetes::{KubeSource, NodeIdentity};
@@ -55,6 +56,14 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         .node
         .set_config(&node::node_config(&config, tunnel_ifindex))
         .context("writing the node configuration")?;
+    if config.host_services.enabled {
+        dataplane
+            .attach_host_services(&config.host_services.cgroup)
+            .context("attaching host services ([host_services])")?;
+    } else {
+        // Hooks an earlier agent left while host services were on.
+        dataplane.detach_host_services();
+    }
 
     // A second handle on the counter map, read by the HTTP thread at scrape time.
     let counters = Counters::open_pinned(&pin_dir).context("opening the counter map")?;
@@ -71,6 +80,12 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         },
     )
     .with_context(|| format!("serving metrics on {}", config.metrics_listen))?;
+    let health_checks = HealthCheckServer::start(
+        health_check::default_bind_addresses(),
+        Some(metrics.clone()),
+        Some(health.clone()),
+    )
+    .context("starting the health-check server")?;
 
     let mut reconciler = Reconciler::new(
         Limits {
@@ -117,12 +132,14 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
                 interfaces.sync(&config, &mut dataplane, &health, &metrics);
                 if let Some(objects) = source.poll(retry, &config.node_name, &metrics) {
                     retry = apply(&mut reconciler, &mut dataplane, &objects, &health);
+                    health_checks.update(health_check::desired(reconciler.intent(), &config.node_name));
                 }
             }
             _ = source.changed() => {
                 health.beat();
                 if let Some(objects) = source.poll(true, &config.node_name, &metrics) {
                     retry = apply(&mut reconciler, &mut dataplane, &objects, &health);
+                    health_checks.update(health_check::desired(reconciler.intent(), &config.node_name));
                 }
             }
             _ = gc.tick() => {
@@ -152,6 +169,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         for interface in attached {
             dataplane.detach(&interface);
         }
+        dataplane.detach_host_services();
     } else {
         info!("stopping: programs stay attached and keep forwarding; the next agent adopts them");
     }

@@ -29,8 +29,12 @@ pub mod map_names {
     pub const CONNTRACK: &str = "WEIR_CONNTRACK";
     pub const AFFINITY: &str = "WEIR_AFFINITY";
     pub const COUNTERS: &str = "WEIR_COUNTERS";
+    /// Host services: the network namespace whose sockets are load-balanced at connect time.
+    pub const SOCK_NETNS: &str = "WEIR_SOCK_NETNS";
+    /// Host services: backend -> frontend per socket, so replies and peer names show the service.
+    pub const SOCK_REVERSE: &str = "WEIR_SOCK_REVERSE";
     /// Every map the agent pins, in the order it creates them.
-    pub const PINNED: [&str; 9] = [
+    pub const PINNED: [&str; 11] = [
         SERVICES,
         BACKEND_SLOTS,
         BACKENDS,
@@ -40,6 +44,8 @@ pub mod map_names {
         CONNTRACK,
         AFFINITY,
         COUNTERS,
+        SOCK_NETNS,
+        SOCK_REVERSE,
     ];
 }
 
@@ -49,6 +55,27 @@ pub mod program_names {
     pub const INGRESS: &str = "weir_ingress";
     /// Does nothing but pass: the baseline every per-packet figure is a ratio against.
     pub const PASS: &str = "weir_pass";
+    /// Host services (cgroup sock_addr hooks): connect-time load balancing for the node's own
+    /// sockets, in the order the agent attaches them (reverse translation before forward, so a
+    /// socket never sees a backend address it cannot map back).
+    pub const RECVMSG4: &str = "weir_recvmsg4";
+    pub const RECVMSG6: &str = "weir_recvmsg6";
+    pub const GETPEERNAME4: &str = "weir_getpeername4";
+    pub const GETPEERNAME6: &str = "weir_getpeername6";
+    pub const CONNECT4: &str = "weir_connect4";
+    pub const CONNECT6: &str = "weir_connect6";
+    pub const SENDMSG4: &str = "weir_sendmsg4";
+    pub const SENDMSG6: &str = "weir_sendmsg6";
+    pub const HOST_SERVICES: [&str; 8] = [
+        RECVMSG4,
+        RECVMSG6,
+        GETPEERNAME4,
+        GETPEERNAME6,
+        CONNECT4,
+        CONNECT6,
+        SENDMSG4,
+        SENDMSG6,
+    ];
 }
 
 /// Default capacities; the agent may override them at load time.
@@ -61,6 +88,8 @@ pub mod capacity {
     pub const HOST_ADDRS: u32 = 256;
     pub const CONNTRACK: u32 = 524_288;
     pub const AFFINITY: u32 = 65_536;
+    /// Translated host sockets remembered for reply and peer-name translation (LRU).
+    pub const SOCK_REVERSE: u32 = 65_536;
 }
 
 /// An IPv4 or IPv6 address as 16 raw bytes in network order.
@@ -376,6 +405,22 @@ pub struct CtValue {
     pub _pad: [u8; 6],
 }
 
+/// A host socket's translation, looked up by what the socket sees (the backend) to show it the
+/// service frontend instead: the source of a UDP reply (recvmsg) and the peer (getpeername).
+/// Socket cookies are never reused while the system runs, so a stale entry never misfires; the
+/// map is LRU, so stale entries cost nothing but their slot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SockReverseKey {
+    pub cookie: u64,
+    pub backend: Addr,
+    /// Network byte order.
+    pub port_be: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: u32,
+}
+
 /// How stale `last_seen_ns` may get before the fast path writes it again: expiry runs in seconds,
 /// and skipping the write keeps established flows from dirtying a shared cache line per packet.
 pub const CT_REFRESH_NS: u64 = 1_000_000_000;
@@ -465,6 +510,8 @@ mod pod {
     unsafe impl aya::Pod for AffinityKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for AffinityValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for SockReverseKey {}
 }
 
 // The layouts are part of the pinned-map ABI: fail the build, not the kernel, if they move.
@@ -480,4 +527,5 @@ const _: () = {
     assert!(core::mem::size_of::<AffinityValue>() == 16);
     assert!(core::mem::size_of::<CtKey>() == 40);
     assert!(core::mem::size_of::<CtValue>() == 64);
+    assert!(core::mem::size_of::<SockReverseKey>() == 32);
 };

@@ -24,6 +24,7 @@ mod lb;
 mod maps;
 mod packet;
 mod route;
+mod sock;
 mod tunnel;
 
 use aya_ebpf::{

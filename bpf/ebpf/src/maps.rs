@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use weir_common::{
     capacity, counter, AffinityKey, AffinityValue, BackendSlotKey, BackendValue, CtKey, CtValue,
-    FrontendKey, HostAddrKey, MaglevTable, NodeConfig, ServiceValue,
+    FrontendKey, HostAddrKey, MaglevTable, NodeConfig, ServiceValue, SockReverseKey,
 };
 
 const BPF_F_NO_PREALLOC: u32 = 1;
@@ -45,6 +45,15 @@ pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
 
 #[map(name = "WEIR_COUNTERS")]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+/// Host services: the cookie of the network namespace whose sockets are translated (0 = all).
+#[map(name = "WEIR_SOCK_NETNS")]
+pub static SOCK_NETNS: Array<u64> = Array::with_max_entries(1, 0);
+
+/// Host services: what each translated socket must see instead of its backend.
+#[map(name = "WEIR_SOCK_REVERSE")]
+pub static SOCK_REVERSE: LruHashMap<SockReverseKey, FrontendKey> =
+    LruHashMap::with_max_entries(capacity::SOCK_REVERSE, 0);
 
 /// Per-packet working memory that would not fit the verifier's stack budget; never pinned.
 #[map(name = "WEIR_SCRATCH")]

@@ -1,0 +1,455 @@
+//! healthCheckNodePort: for every Service with `externalTrafficPolicy: Local`, an HTTP listener
+//! on its health-check port that tells external load balancers whether this node has a local
+//! ready endpoint, answering as kube-proxy's health-check server does: 200 with one or more,
+//! 503 with none, and a JSON body with the count.
+//!
+//! The listeners follow the reconciler's intent through a `watch` channel: each update is
+//! diffed against the open listeners, so ports open and close as Services come, go or change
+//! their port, and a count change only changes answers. A port that cannot be bound (another
+//! process holds it) is logged, counted in `weir_health_check_bind_errors` and retried every
+//! few seconds; it never stops the agent or the other listeners.
+//!
+//! Like the operations endpoint, the server runs on a thread with its own runtime, so a long
+//! reconcile pass never leaves a load balancer's probe unanswered.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use crate::intent::{ClusterIntent, ObjectRef, TrafficPolicy};
+use crate::metrics::{Health, Metrics};
+
+/// How soon a port that could not be bound is tried again.
+const RETRY_BIND: Duration = Duration::from_secs(5);
+
+/// What one health-check port reports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceHealth {
+    pub service: ObjectRef,
+    /// Ready endpoints on this node (terminating ones do not count: a node with only those
+    /// should lose its traffic).
+    pub local_endpoints: usize,
+}
+
+/// Health-check ports and what each reports.
+pub type HealthChecks = BTreeMap<u16, ServiceHealth>;
+
+/// The listeners `intent` asks of node `node_name`: one per Service with
+/// `externalTrafficPolicy: Local` and a `healthCheckNodePort`. Two Services claiming one port
+/// (the API server prevents it) keep the first in name order.
+pub fn desired(intent: &ClusterIntent, node_name: &str) -> HealthChecks {
+    let mut out = HealthChecks::new();
+    for (id, service) in &intent.services {
+        let Some(port) = service.health_check_node_port else {
+            continue;
+        };
+        if service.external_traffic_policy != TrafficPolicy::Local || out.contains_key(&port) {
+            continue;
+        }
+        // Distinct addresses, so an endpoint listed in two slices counts once.
+        let mut local = std::collections::BTreeSet::new();
+        for slice in intent.slices_of(id) {
+            for endpoint in &slice.endpoints {
+                if endpoint.ready && endpoint.node_name.as_deref() == Some(node_name) {
+                    if let Some(address) = endpoint.addresses.first() {
+                        local.insert(*address);
+                    }
+                }
+            }
+        }
+        out.insert(
+            port,
+            ServiceHealth {
+                service: id.clone(),
+                local_endpoints: local.len(),
+            },
+        );
+    }
+    out
+}
+
+/// A health-check port's state, for logs and tests.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PortState {
+    Listening(Vec<SocketAddr>),
+    /// The last bind failed with this error; retried every few seconds.
+    Failed(String),
+}
+
+/// The running server; dropping it closes every listener and joins its thread.
+pub struct HealthCheckServer {
+    checks: watch::Sender<HealthChecks>,
+    status: watch::Receiver<BTreeMap<u16, PortState>>,
+    shutdown: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Where listeners bind: every address of the node, dual-stack where IPv6 exists.
+pub fn default_bind_addresses() -> Vec<IpAddr> {
+    vec![IpAddr::V6(Ipv6Addr::UNSPECIFIED)]
+}
+
+impl HealthCheckServer {
+    /// Starts the server thread with no listeners; [`HealthCheckServer::update`] opens them.
+    /// `bind` lists the addresses every port listens on (`::` is dual-stack, and falls back to
+    /// `0.0.0.0` where the node has no IPv6). `health` feeds `serviceProxyHealthy`.
+    pub fn start(
+        bind: Vec<IpAddr>,
+        metrics: Option<Arc<Metrics>>,
+        health: Option<Arc<Health>>,
+    ) -> std::io::Result<HealthCheckServer> {
+        let (checks, checks_rx) = watch::channel(HealthChecks::new());
+        let (status_tx, status) = watch::channel(BTreeMap::new());
+        let (shutdown, stop) = oneshot::channel();
+        let thread = std::thread::Builder::new()
+            .name("weir-health-check".into())
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(r) => r,
+                    Err(e) => {
+                        warn!(error = %e, "health-check server: no runtime");
+                        return;
+                    }
+                };
+                let server = Server {
+                    bind,
+                    checks: checks_rx,
+                    status: status_tx,
+                    metrics,
+                    health,
+                    listeners: BTreeMap::new(),
+                };
+                runtime.block_on(server.run(stop));
+            })?;
+        Ok(HealthCheckServer {
+            checks,
+            status,
+            shutdown: Some(shutdown),
+            thread: Some(thread),
+        })
+    }
+
+    /// Sets the ports and reports; unchanged input wakes nothing.
+    pub fn update(&self, checks: HealthChecks) {
+        self.checks.send_if_modified(|current| {
+            if *current == checks {
+                false
+            } else {
+                *current = checks;
+                true
+            }
+        });
+    }
+
+    /// Each wanted port's state, as of the server's last pass.
+    pub fn status(&self) -> BTreeMap<u16, PortState> {
+        self.status.borrow().clone()
+    }
+}
+
+impl Drop for HealthCheckServer {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+struct Server {
+    bind: Vec<IpAddr>,
+    checks: watch::Receiver<HealthChecks>,
+    status: watch::Sender<BTreeMap<u16, PortState>>,
+    metrics: Option<Arc<Metrics>>,
+    health: Option<Arc<Health>>,
+    /// Accept loops by port; aborting one closes its sockets.
+    listeners: BTreeMap<u16, Vec<JoinHandle<()>>>,
+}
+
+impl Server {
+    async fn run(mut self, mut stop: oneshot::Receiver<()>) {
+        let mut retry = tokio::time::interval(RETRY_BIND);
+        loop {
+            tokio::select! {
+                changed = self.checks.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    self.sync();
+                }
+                _ = retry.tick() => {
+                    if self.listeners.len() < self.checks.borrow().len() {
+                        self.sync();
+                    }
+                }
+                _ = &mut stop => break,
+            }
+        }
+        for (_, tasks) in std::mem::take(&mut self.listeners) {
+            tasks.iter().for_each(JoinHandle::abort);
+        }
+    }
+
+    /// Opens the wanted ports that are not open and closes the open ones no longer wanted.
+    fn sync(&mut self) {
+        let wanted = self.checks.borrow().clone();
+        let gone: Vec<u16> = self
+            .listeners
+            .keys()
+            .filter(|port| !wanted.contains_key(port))
+            .copied()
+            .collect();
+        for port in gone {
+            if let Some(tasks) = self.listeners.remove(&port) {
+                tasks.iter().for_each(JoinHandle::abort);
+                info!(port, "health-check listener closed");
+            }
+        }
+        let mut status = BTreeMap::new();
+        for (port, report) in &wanted {
+            if self.listeners.contains_key(port) {
+                let previous = self.status.borrow().get(port).cloned();
+                status.insert(*port, previous.unwrap_or(PortState::Listening(Vec::new())));
+                continue;
+            }
+            match bind_all(*port, &self.bind) {
+                Ok(listeners) => {
+                    let addrs: Vec<SocketAddr> = listeners
+                        .iter()
+                        .filter_map(|l| l.local_addr().ok())
+                        .collect();
+                    info!(port, service = %report.service, ?addrs, "health-check listener open");
+                    let tasks = listeners
+                        .into_iter()
+                        .map(|listener| {
+                            tokio::spawn(accept_loop(
+                                listener,
+                                *port,
+                                self.checks.clone(),
+                                self.health.clone(),
+                            ))
+                        })
+                        .collect();
+                    self.listeners.insert(*port, tasks);
+                    status.insert(*port, PortState::Listening(addrs));
+                }
+                Err(e) => {
+                    warn!(port, service = %report.service, error = %e, "cannot open health-check port; retrying");
+                    if let Some(metrics) = &self.metrics {
+                        metrics.health_check_bind_errors.inc();
+                    }
+                    status.insert(*port, PortState::Failed(e.to_string()));
+                }
+            }
+        }
+        if let Some(metrics) = &self.metrics {
+            metrics
+                .health_check_listeners
+                .set(self.listeners.len() as i64);
+        }
+        self.status.send_replace(status);
+    }
+}
+
+/// Binds `port` on every address, all or none. `::` that the node cannot bind (no IPv6) falls
+/// back to `0.0.0.0`.
+fn bind_all(port: u16, addrs: &[IpAddr]) -> std::io::Result<Vec<tokio::net::TcpListener>> {
+    let mut out = Vec::new();
+    for addr in addrs {
+        let listener = match std::net::TcpListener::bind(SocketAddr::new(*addr, port)) {
+            Ok(l) => l,
+            Err(e)
+                if *addr == IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+                    && matches!(
+                        e.raw_os_error(),
+                        Some(libc::EAFNOSUPPORT) | Some(libc::EADDRNOTAVAIL)
+                    ) =>
+            {
+                std::net::TcpListener::bind(SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port))?
+            }
+            Err(e) => return Err(e),
+        };
+        listener.set_nonblocking(true)?;
+        out.push(tokio::net::TcpListener::from_std(listener)?);
+    }
+    Ok(out)
+}
+
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    port: u16,
+    checks: watch::Receiver<HealthChecks>,
+    health: Option<Arc<Health>>,
+) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of descriptors and the like: keep serving once it passes.
+                debug!(port, error = %e, "health-check accept");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let checks = checks.clone();
+        let health = health.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |_req: Request<Incoming>| {
+                let report = checks.borrow().get(&port).cloned();
+                let proxy_healthy = health.as_ref().is_none_or(|h| h.liveness().ok);
+                async move { Ok::<_, Infallible>(answer(report.as_ref(), proxy_healthy)) }
+            });
+            if let Err(e) = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                debug!(%peer, error = %e, "health-check connection");
+            }
+        });
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Body<'a> {
+    service: &'a ObjectRef,
+    local_endpoints: usize,
+    service_proxy_healthy: bool,
+}
+
+/// kube-proxy's answer, for any path and method: 200 when the node has a local ready endpoint
+/// and the proxy is healthy, else 503.
+fn answer(report: Option<&ServiceHealth>, proxy_healthy: bool) -> Response<Full<Bytes>> {
+    let unknown = ObjectRef::default();
+    let (service, count) = match report {
+        Some(r) => (&r.service, r.local_endpoints),
+        // The port is closing: the Service is gone.
+        None => (&unknown, 0),
+    };
+    let body = serde_json::to_string(&Body {
+        service,
+        local_endpoints: count,
+        service_proxy_healthy: proxy_healthy,
+    })
+    .unwrap_or_default();
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = if count > 0 && proxy_healthy {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let headers = response.headers_mut();
+    headers.insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    headers.insert(
+        hyper::header::X_CONTENT_TYPE_OPTIONS,
+        hyper::header::HeaderValue::from_static("nosniff"),
+    );
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::intent::{Endpoint, EndpointSliceIntent, ServiceIntent};
+
+    fn endpoint(ip: &str, node: &str, ready: bool) -> Endpoint {
+        Endpoint {
+            addresses: vec![ip.parse().unwrap()],
+            ready,
+            serving: true,
+            terminating: !ready,
+            node_name: Some(node.into()),
+        }
+    }
+
+    #[test]
+    fn only_local_policy_services_with_a_port_get_a_listener_counting_local_ready_endpoints() {
+        let mut intent = ClusterIntent::default();
+        for (name, policy, port) in [
+            ("local", TrafficPolicy::Local, Some(31000)),
+            ("cluster", TrafficPolicy::Cluster, Some(31001)),
+            ("noport", TrafficPolicy::Local, None),
+        ] {
+            let id = ObjectRef {
+                namespace: "ns".into(),
+                name: name.into(),
+            };
+            intent.services.insert(
+                id.clone(),
+                ServiceIntent {
+                    id: id.clone(),
+                    external_traffic_policy: policy,
+                    health_check_node_port: port,
+                    ..Default::default()
+                },
+            );
+            let slice = ObjectRef {
+                namespace: "ns".into(),
+                name: format!("{name}-1"),
+            };
+            intent.slices.insert(
+                slice.clone(),
+                EndpointSliceIntent {
+                    id: slice,
+                    service: id,
+                    ports: vec![],
+                    endpoints: vec![
+                        endpoint("198.19.1.10", "node1", true),
+                        endpoint("198.19.1.11", "node1", false),
+                        endpoint("198.19.2.10", "node2", true),
+                    ],
+                },
+            );
+        }
+        let checks = desired(&intent, "node1");
+        assert_eq!(checks.keys().copied().collect::<Vec<_>>(), [31000]);
+        assert_eq!(checks[&31000].local_endpoints, 1);
+        assert_eq!(checks[&31000].service.name, "local");
+        assert_eq!(desired(&intent, "node3")[&31000].local_endpoints, 0);
+    }
+
+    #[test]
+    fn the_body_is_kube_proxys() {
+        let report = ServiceHealth {
+            service: ObjectRef {
+                namespace: "ns".into(),
+                name: "svc".into(),
+            },
+            local_endpoints: 2,
+        };
+        let response = answer(Some(&report), true);
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(answer(Some(&report), false).status(), 503);
+        let body = serde_json::to_string(&Body {
+            service: &report.service,
+            local_endpoints: 2,
+            service_proxy_healthy: true,
+        })
+        .unwrap();
+        assert_eq!(
+            body,
+            r#"{"service":{"namespace":"ns","name":"svc"},"localEndpoints":2,"serviceProxyHealthy":true}"#
+        );
+    }
+}
