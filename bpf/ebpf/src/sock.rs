@@ -29,9 +29,10 @@
 //! namespace): pods keep the tc path, which knows their own address (hairpin, affinity per pod).
 //!
 //! Verifier notes: the context's address fields are read and written one `u32` at a time with
-//! volatile accesses, since older kernels refuse wider or narrower accesses to them; the
-//! frontend's service value is borrowed from its map, and the only large locals (`Ip`, `Flow`)
-//! live in the entry function's frame for one call.
+//! volatile accesses, since older kernels refuse wider or narrower accesses to them. The
+//! frontend's service value is borrowed from its map, and choosing (`pick`, with the tc path's
+//! `select_backend` below it) and rewriting (`commit`) are calls of their own, so their locals
+//! never share the call chain: 5.10 and 6.1 count the chain's frames whole against 512 bytes.
 
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 
@@ -56,22 +57,22 @@ const REJECT: i32 = 0;
 
 #[cgroup_sock_addr(connect4)]
 pub fn weir_connect4(ctx: SockAddrContext) -> i32 {
-    forward(&ctx, FAMILY_V4, true)
+    forward::<FAMILY_V4>(&ctx, true)
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn weir_connect6(ctx: SockAddrContext) -> i32 {
-    forward(&ctx, FAMILY_V6, true)
+    forward::<FAMILY_V6>(&ctx, true)
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn weir_sendmsg4(ctx: SockAddrContext) -> i32 {
-    forward(&ctx, FAMILY_V4, false)
+    forward::<FAMILY_V4>(&ctx, false)
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn weir_sendmsg6(ctx: SockAddrContext) -> i32 {
-    forward(&ctx, FAMILY_V6, false)
+    forward::<FAMILY_V6>(&ctx, false)
 }
 
 #[cgroup_sock_addr(recvmsg4)]
@@ -194,7 +195,8 @@ fn in_served_netns(ctx: &SockAddrContext) -> bool {
 
 /// Translates a connect or sendmsg to a frontend; returns the program's verdict.
 #[inline(always)]
-fn forward(ctx: &SockAddrContext, family: u8, connect: bool) -> i32 {
+fn forward<const FAMILY: u8>(ctx: &SockAddrContext, connect: bool) -> i32 {
+    let family = FAMILY;
     let proto = protocol(ctx);
     // sendmsg hooks only see unconnected sends; only UDP has those worth translating.
     if proto == 0 || (!connect && proto != PROTO_UDP) || !in_served_netns(ctx) {
@@ -209,12 +211,31 @@ fn forward(ctx: &SockAddrContext, family: u8, connect: bool) -> i32 {
     let Some(service) = find_frontend(&frontend) else {
         return ALLOW;
     };
+    // External frontends with `Local` policy still reach every endpoint from the node itself,
+    // as kube-proxy does for traffic the node sends; `internalTrafficPolicy: Local` holds.
+    let local_only = service.flags & service_flags::LOCAL_ONLY != 0
+        && service.flags & service_flags::EXTERNAL == 0;
+    let backend_id = pick(&frontend, service, local_only);
+    if backend_id == PICK_FAILED || (backend_id == NO_BACKEND && !connect) {
+        return REJECT;
+    }
+    commit::<FAMILY>(ctx, &frontend, backend_id)
+}
+
+/// Returned by [`pick`] when no backend may be chosen (no local one, a missing slot).
+const PICK_FAILED: u32 = u32::MAX;
+
+/// Chooses a backend id for a connecting socket, or [`NO_BACKEND`] / [`PICK_FAILED`]. A call of
+/// its own so its locals and the selection's are never on the stack together with
+/// [`commit`]'s: kernels before 6.x count every frame of a call chain whole.
+#[inline(never)]
+fn pick(frontend: &FrontendKey, service: &ServiceValue, local_only: bool) -> u32 {
     let ip = Ip {
-        family,
+        family: frontend.family,
         // The node is the client: every host process shares its affinity.
         saddr: Addr::UNSPECIFIED,
         daddr: frontend.addr,
-        proto,
+        proto: frontend.proto,
         l4_off: 0,
         payload_len: 0,
     };
@@ -227,22 +248,21 @@ fn forward(ctx: &SockAddrContext, family: u8, connect: bool) -> i32 {
         remote: false,
         backend_id: 0,
     };
-    // External frontends with `Local` policy still reach every endpoint from the node itself,
-    // as kube-proxy does for traffic the node sends; `internalTrafficPolicy: Local` holds.
-    let local_only = service.flags & service_flags::LOCAL_ONLY != 0
-        && service.flags & service_flags::EXTERNAL == 0;
     // Maglev hashes the client's address and port, which a connecting socket does not have
     // yet: every host connection would hash alike and land on one backend. Random slots.
     let mut service = *service;
     service.flags &= !service_flags::MAGLEV;
-    let backend_id = match select_backend(&ip, &flow, &service, local_only) {
-        Ok(id) => id,
-        Err(_) => return REJECT,
-    };
+    select_backend(&ip, &flow, &service, local_only).unwrap_or(PICK_FAILED)
+}
+
+/// Points the socket at the backend (remembering the way back), or at loopback's port 0 when
+/// the service has no endpoint, so the connect is refused. Returns the program's verdict. One
+/// copy per family: the verifier must see which context fields a program writes, and a
+/// family read from memory would let it explore IPv6 stores in a connect4 program.
+#[inline(never)]
+fn commit<const FAMILY: u8>(ctx: &SockAddrContext, frontend: &FrontendKey, backend_id: u32) -> i32 {
+    let family = FAMILY;
     if backend_id == NO_BACKEND {
-        if !connect {
-            return REJECT;
-        }
         let loopback = if family == FAMILY_V4 {
             Addr::from_v4([127, 0, 0, 1])
         } else {
@@ -264,13 +284,13 @@ fn forward(ctx: &SockAddrContext, family: u8, connect: bool) -> i32 {
         cookie: cookie(ctx),
         backend: backend.addr,
         port_be: backend.port_be,
-        proto,
+        proto: frontend.proto,
         family,
         _pad: 0,
     };
     // Before the rewrite: a reply must never arrive before its way back is known. A full
     // table evicts the least used socket's entry (LRU), so this cannot fail for room.
-    let _ = SOCK_REVERSE.insert(&key, &frontend, 0);
+    let _ = SOCK_REVERSE.insert(&key, frontend, 0);
     set_user_addr(ctx, family, &backend.addr, backend.port_be);
     ALLOW
 }
