@@ -868,4 +868,126 @@ mod tests {
             errors[0]
         );
     }
+
+    fn slice_doc(service: &str, ip: &str) -> String {
+        format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {service}-1, namespace: default, labels: {{kubernetes.io/service-name: {service}}}}}\naddressType: IPv4\nendpoints: [{{addresses: [{ip}]}}]\n"
+        )
+    }
+
+    fn summary(events: &[ObjectEvent]) -> Vec<String> {
+        let mut out: Vec<String> = events
+            .iter()
+            .map(|e| match e {
+                ObjectEvent::Apply(o) => format!("apply {:?}", o.key().unwrap()),
+                ObjectEvent::Delete(k) => format!("delete {k:?}"),
+                ObjectEvent::Replace(kind, _) => format!("replace {kind:?}"),
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn a_directory_rereads_only_the_changed_file_and_document() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: &str| {
+            // As control planes and editors write: a temporary file renamed into place.
+            let tmp = dir.path().join(format!(".{name}.tmp"));
+            std::fs::write(&tmp, text).unwrap();
+            std::fs::rename(&tmp, dir.path().join(name)).unwrap();
+        };
+        write(
+            "a.yaml",
+            &format!("{SERVICE}---\n{}", slice_doc("a", "198.19.0.1")),
+        );
+        let b = SERVICE
+            .replace("name: a", "name: b")
+            .replace(".100.1", ".100.2");
+        write(
+            "b.yaml",
+            &format!("{b}---\n{}", slice_doc("b", "198.19.0.2")),
+        );
+        write("notes.txt", "not state");
+
+        let mut source = FileSource::new(dir.path());
+        assert!(source.watch_fd().is_some(), "inotify is available here");
+        let (events, errors) = source.scan();
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(events.len(), 4);
+        let (events, _) = source.changes();
+        assert!(
+            events.is_empty(),
+            "the first scan already saw these writes: {events:?}"
+        );
+
+        // b's slice changes; its Service document is the same text and is not even parsed.
+        write(
+            "b.yaml",
+            &format!("{b}---\n{}", slice_doc("b", "198.19.0.3")),
+        );
+        let (events, _) = source.changes();
+        assert_eq!(
+            summary(&events),
+            vec!["apply EndpointSlice(ObjectRef { namespace: \"default\", name: \"b-1\" })"]
+        );
+        // A broken file keeps what it had: no events, one error naming it.
+        write("a.yaml", "kind: Service\nspec: [not, a, map]\n");
+        let (events, errors) = source.changes();
+        assert!(events.is_empty());
+        assert!(errors[0].to_string().contains("a.yaml"), "{}", errors[0]);
+        // Removing a file deletes its objects.
+        std::fs::remove_file(dir.path().join("a.yaml")).unwrap();
+        let (events, _) = source.changes();
+        assert_eq!(
+            summary(&events),
+            vec![
+                "delete EndpointSlice(ObjectRef { namespace: \"default\", name: \"a-1\" })",
+                "delete Service(ObjectRef { namespace: \"default\", name: \"a\" })",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_single_file_is_watched_and_diffed_per_document() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cluster.yaml");
+        let b = SERVICE
+            .replace("name: a", "name: b")
+            .replace(".100.1", ".100.2");
+        std::fs::write(&path, format!("{SERVICE}---\n{b}")).unwrap();
+        std::fs::write(dir.path().join("other.yaml"), SERVICE).unwrap();
+        let mut source = FileSource::new(&path);
+        let (events, _) = source.scan();
+        assert_eq!(events.len(), 2, "only the configured file");
+        let b2 = b.replace("port: 80", "port: 81");
+        std::fs::write(&path, format!("{SERVICE}---\n{b2}")).unwrap();
+        std::fs::write(dir.path().join("other.yaml"), b2.as_str()).unwrap();
+        let (events, _) = source.changes();
+        assert_eq!(
+            summary(&events),
+            vec!["apply Service(ObjectRef { namespace: \"default\", name: \"b\" })"]
+        );
+    }
+
+    #[test]
+    fn the_store_marks_only_touched_services_and_ignores_repeats() {
+        let objects = parse(&format!("{SERVICE}---\n{}", slice_doc("a", "198.19.0.1"))).unwrap();
+        let mut store = IntentStore::default();
+        for e in objects.to_events() {
+            store.handle(&e);
+        }
+        assert_eq!(store.take_dirty().len(), 1);
+        for e in objects.to_events() {
+            store.handle(&e);
+        }
+        assert!(
+            store.take_dirty().is_empty(),
+            "the same objects again change nothing"
+        );
+        store.handle(&ObjectEvent::Replace(Kind::EndpointSlice, Vec::new()));
+        let dirty = store.take_dirty();
+        assert_eq!(dirty.len(), 1, "a list without the slice deletes it");
+        assert_eq!(store.slices_of(dirty.first().unwrap()).count(), 0);
+    }
 }
