@@ -33,65 +33,85 @@ impl Default for Limits {
     }
 }
 
+/// What to compile for a Service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Its current slices.
+    Admit,
+    /// Nothing new: its entries in the maps (its last good endpoints) stay as they are.
+    Keep,
+    /// No endpoints: even its last good version does not fit any more.
+    Empty,
+}
+
 /// Decides, service by service, which endpoints may be compiled: a Service that grows past a
-/// limit keeps serving with its last good endpoints instead of losing them all. Only the services
-/// a change touched are looked at; the slot table's fill is kept as a running total.
+/// limit keeps serving with its last good endpoints (the entries the maps hold for it, which are
+/// simply not recompiled) instead of losing them all. Only the services a change touched are
+/// looked at; the slot table's fill is kept as a running total. No endpoint is copied here.
 #[derive(Debug, Default)]
 pub struct Admission {
-    /// Per Service, the slices it was last admitted with: what the compiler uses.
-    admitted: BTreeMap<ObjectRef, Vec<EndpointSliceIntent>>,
-    /// Slots each admitted Service takes, and their sum.
+    /// Slots each Service takes in the maps, and their sum.
     estimates: BTreeMap<ObjectRef, usize>,
     total: usize,
-    /// Current refusals, by the Service they are about.
-    refused: BTreeMap<ObjectRef, Vec<Rejection>>,
+    /// Services not admitted as they are, and why.
+    refused: BTreeMap<ObjectRef, (Decision, Vec<Rejection>)>,
+    /// Orphan slices' rejections, by the (missing) Service they name.
+    orphans: BTreeMap<ObjectRef, Vec<Rejection>>,
 }
 
 impl Admission {
-    /// The slices compiled for a Service.
-    pub fn admitted(&self, service: &ObjectRef) -> &[EndpointSliceIntent] {
-        self.admitted.get(service).map_or(&[], Vec::as_slice)
+    pub fn decision(&self, service: &ObjectRef) -> Decision {
+        self.refused
+            .get(service)
+            .map_or(Decision::Admit, |(d, _)| *d)
     }
 
     /// Every current refusal.
     pub fn rejections(&self) -> impl Iterator<Item = &Rejection> {
-        self.refused.values().flatten()
+        self.refused
+            .values()
+            .flat_map(|(_, r)| r)
+            .chain(self.orphans.values().flatten())
     }
 
     /// Re-admits the `changed` Services against `limits`. Within one batch, smaller Services
     /// come first: one runaway Service gives way before many small ones do.
     pub fn admit(&mut self, store: &IntentStore, changed: &BTreeSet<ObjectRef>, limits: Limits) {
         let intent = store.intent();
-        let mut order: Vec<(usize, &ObjectRef, Vec<EndpointSliceIntent>)> = changed
+        let mut order: Vec<(usize, usize, &ObjectRef)> = changed
             .iter()
             .map(|id| {
-                let slices: Vec<EndpointSliceIntent> = store.slices_of(id).cloned().collect();
+                let endpoints = ready_endpoints(store.slices_of(id));
                 let size = intent
                     .services
                     .get(id)
-                    .map_or(0, |s| slot_estimate(s, &slices));
-                (size, id, slices)
+                    .map_or(0, |s| slot_estimate(s, endpoints));
+                (size, endpoints, id)
             })
             .collect();
-        order.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(b.1)));
-        for (size, id, candidate) in order {
-            let mut rejections = Vec::new();
-            for slice in store.orphan_slices_of(id) {
-                rejections.push(Rejection {
+        order.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.2.cmp(b.2)));
+        for (size, endpoints, id) in order {
+            let orphans: Vec<Rejection> = store
+                .orphan_slices_of(id)
+                .into_iter()
+                .map(|slice| Rejection {
                     kind: "EndpointSlice",
                     object: slice.to_string(),
                     reason: "unknown_service",
                     detail: format!("its service {id} does not exist; ignored"),
-                });
+                })
+                .collect();
+            if orphans.is_empty() {
+                self.orphans.remove(id);
+            } else {
+                self.orphans.insert(id.clone(), orphans);
             }
             let before = self.estimates.remove(id).unwrap_or(0);
             self.total -= before;
-            let Some(service) = intent.services.get(id) else {
-                self.admitted.remove(id);
-                self.store_refusals(id, rejections);
+            if !intent.services.contains_key(id) {
+                self.refused.remove(id);
                 continue;
-            };
-            let endpoints = ready_endpoints(&candidate);
+            }
             let refusal = if endpoints > limits.max_endpoints_per_service as usize {
                 Some((
                     "too_many_endpoints",
@@ -115,45 +135,34 @@ impl Admission {
             };
             let size = match refusal {
                 None => {
-                    self.admitted.insert(id.clone(), candidate);
+                    self.refused.remove(id);
                     size
                 }
                 Some((reason, detail)) => {
-                    rejections.push(Rejection {
+                    let rejection = Rejection {
                         kind: "Service",
                         object: id.to_string(),
                         reason,
                         detail,
-                    });
-                    let last = self.admitted(id);
-                    let last_size = slot_estimate(service, last);
-                    if self.total + last_size > limits.slot_capacity as usize {
-                        // Even its last good version does not fit any more: it goes without.
-                        self.admitted.remove(id);
-                        0
+                    };
+                    // What it has in the maps now is its last good version.
+                    let (decision, size) = if self.total + before > limits.slot_capacity as usize {
+                        (Decision::Empty, 0)
                     } else {
-                        last_size
-                    }
+                        (Decision::Keep, before)
+                    };
+                    self.refused.insert(id.clone(), (decision, vec![rejection]));
+                    size
                 }
             };
             self.total += size;
             self.estimates.insert(id.clone(), size);
-            self.store_refusals(id, rejections);
-        }
-    }
-
-    fn store_refusals(&mut self, id: &ObjectRef, rejections: Vec<Rejection>) {
-        if rejections.is_empty() {
-            self.refused.remove(id);
-        } else {
-            self.refused.insert(id.clone(), rejections);
         }
     }
 }
 
-fn ready_endpoints(slices: &[EndpointSliceIntent]) -> usize {
+fn ready_endpoints<'a>(slices: impl Iterator<Item = &'a EndpointSliceIntent>) -> usize {
     slices
-        .iter()
         .flat_map(|s| s.endpoints.iter())
         .filter(|e| e.ready)
         .flat_map(|e| e.addresses.iter())
@@ -162,6 +171,6 @@ fn ready_endpoints(slices: &[EndpointSliceIntent]) -> usize {
 }
 
 /// Slots a Service takes: one per (service port, ClusterIP, ready endpoint).
-fn slot_estimate(service: &ServiceIntent, slices: &[EndpointSliceIntent]) -> usize {
-    service.ports.len() * service.cluster_ips.len().max(1) * ready_endpoints(slices)
+fn slot_estimate(service: &ServiceIntent, ready_endpoints: usize) -> usize {
+    service.ports.len() * service.cluster_ips.len().max(1) * ready_endpoints
 }

@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use tracing::{debug, info, instrument, warn};
 
-use crate::admission::{Admission, Limits};
+use crate::admission::{Admission, Decision, Limits};
 use crate::compile::{summary, CompileOptions, Compiler, ServiceInput};
 use crate::dataplane::{DataplaneError, ServiceMaps};
 use crate::metrics::Metrics;
@@ -76,6 +76,13 @@ impl Reconciler {
         self.apply_events(maps, &objects.to_events())
     }
 
+    /// Takes one change into the intent without a pass: a source that produces many events
+    /// stages them as it reads (holding no more than one at a time) and then runs one pass with
+    /// [`Reconciler::apply_events`] and no further events.
+    pub fn stage(&mut self, event: &ObjectEvent) {
+        self.store.handle(event);
+    }
+
     /// Applies changes, recompiling only the services they touch.
     #[instrument(skip_all)]
     pub fn apply_events(
@@ -119,14 +126,22 @@ impl Reconciler {
         self.admission.admit(&self.store, &dirty, self.limits);
 
         let intent = self.store.intent();
-        let inputs: Vec<ServiceInput<'_>> = dirty
-            .iter()
-            .map(|id| ServiceInput {
+        let full = compiler.needs_full_pass();
+        let mut inputs: Vec<ServiceInput<'_>> = Vec::with_capacity(dirty.len());
+        for id in &dirty {
+            let slices = match self.admission.decision(id) {
+                Decision::Admit => self.store.slices_of(id).collect(),
+                // Its entries stay as they are; only a full pass over adopted maps must
+                // recompile it, and then without endpoints (they were never admitted here).
+                Decision::Keep if !full => continue,
+                Decision::Keep | Decision::Empty => Vec::new(),
+            };
+            inputs.push(ServiceInput {
                 id,
                 service: intent.services.get(id),
-                slices: self.admission.admitted(id).iter().collect(),
-            })
-            .collect();
+                slices,
+            });
+        }
         let plan = compiler.compile(&inputs, &intent.nodes, &self.options);
         drop(inputs);
         if !plan.is_empty() {

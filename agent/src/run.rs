@@ -144,14 +144,14 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             _ = poll.tick() => {
                 health.beat();
                 interfaces.sync(&config, &mut dataplane, &health, &metrics);
-                if let Some(events) = source.poll(retry, false, &config.node_name, &metrics) {
-                    retry = apply(&mut reconciler, &mut dataplane, &events, &health);
+                if source.poll(retry, false, &config.node_name, &metrics, &mut |e| reconciler.stage(&e)) {
+                    retry = apply(&mut reconciler, &mut dataplane, &health);
                 }
             }
             _ = source.changed() => {
                 health.beat();
-                if let Some(events) = source.poll(retry, true, &config.node_name, &metrics) {
-                    retry = apply(&mut reconciler, &mut dataplane, &events, &health);
+                if source.poll(retry, true, &config.node_name, &metrics, &mut |e| reconciler.stage(&e)) {
+                    retry = apply(&mut reconciler, &mut dataplane, &health);
                 }
             }
             _ = gc.tick() => {
@@ -235,40 +235,46 @@ impl DesiredState {
         }
     }
 
-    /// The events to reconcile now, if there is anything to do (an empty list when only a
-    /// failed pass is to be retried). `woken` says the source signalled news.
+    /// Hands what changed to `stage`, event by event; true when a pass is due (news, or a
+    /// failed pass to retry). `woken` says the source signalled news.
     fn poll(
         &mut self,
         retry: bool,
         woken: bool,
         node_name: &str,
         metrics: &Metrics,
-    ) -> Option<Vec<ObjectEvent>> {
+        stage: &mut dyn FnMut(ObjectEvent),
+    ) -> bool {
         match self {
             DesiredState::File {
                 watch,
                 source,
                 started,
             } => {
-                let (events, errors) = if !*started {
+                let mut news = false;
+                let mut sink = |e: ObjectEvent| {
+                    news = true;
+                    stage(e);
+                };
+                let errors = if !*started {
                     *started = true;
-                    source.scan()
+                    source.scan_into(&mut sink)
                 } else if woken || watch.is_none() {
-                    source.changes()
+                    source.changes_into(&mut sink)
                 } else {
-                    (Vec::new(), Vec::new())
+                    Vec::new()
                 };
                 for e in &errors {
                     // That file keeps what it contributed last: the rest applies.
                     warn!(error = %e, "state file unreadable; keeping its last good objects");
                     metrics.source_errors.inc();
                 }
-                (!events.is_empty() || retry).then_some(events)
+                news || retry
             }
             DesiredState::Kubernetes { source, node } => {
                 if !source.is_ready() {
                     debug!(waiting_for = ?source.unlisted(), "Kubernetes source not listed yet");
-                    return None;
+                    return false;
                 }
                 let identity = source.node_identity();
                 if identity != *node {
@@ -284,20 +290,18 @@ impl DesiredState {
                     *node = identity;
                 }
                 let events = source.take_events();
-                (!events.is_empty() || retry).then_some(events)
+                let news = !events.is_empty();
+                events.into_iter().for_each(stage);
+                news || retry
             }
         }
     }
 }
 
 /// One reconcile pass; returns whether the next tick should try again.
-fn apply(
-    reconciler: &mut Reconciler,
-    dataplane: &mut Dataplane,
-    events: &[ObjectEvent],
-    health: &Health,
-) -> bool {
-    match reconciler.apply_events(&mut dataplane.services, events) {
+fn apply(reconciler: &mut Reconciler, dataplane: &mut Dataplane, health: &Health) -> bool {
+    // The source staged its events already.
+    match reconciler.apply_events(&mut dataplane.services, &[]) {
         Ok(_) => {
             health.set_synced();
             false

@@ -4,7 +4,7 @@
 //! and an object that does not validate keeps its own previous version (or stays absent), while
 //! every other object applies.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
@@ -546,9 +546,36 @@ pub fn split_documents(text: &str) -> Vec<&str> {
     docs
 }
 
-/// The objects of one YAML document (several for a `kind: List`). The YAML value tree lives
-/// only while its document converts.
+/// The objects of one YAML document (several for a `kind: List`). The common kinds deserialize
+/// straight from the text into their typed form; only other documents (a `List`) go through a
+/// YAML value tree, which lives only while its document converts.
 fn parse_document(text: &str) -> Result<Vec<SourceObject>, String> {
+    // `kind:` at the start of a line is the top-level key (nested keys are indented).
+    let kind = text
+        .lines()
+        .find_map(|l| l.strip_prefix("kind:"))
+        .map(|k| k.trim().trim_matches(['"', '\'']));
+    let typed = match kind {
+        Some("Service") => Some(
+            serde_yaml::from_str(text)
+                .map(|s| SourceObject::Service(Box::new(s)))
+                .map_err(|e| format!("Service: {e}")),
+        ),
+        Some("EndpointSlice") => Some(
+            serde_yaml::from_str(text)
+                .map(|s| SourceObject::EndpointSlice(Box::new(s)))
+                .map_err(|e| format!("EndpointSlice: {e}")),
+        ),
+        Some("Node") => Some(
+            serde_yaml::from_str(text)
+                .map(|n| SourceObject::Node(Box::new(n)))
+                .map_err(|e| format!("Node: {e}")),
+        ),
+        _ => None,
+    };
+    if let Some(object) = typed {
+        return object.map(|o| vec![o]);
+    }
     let mut out = Vec::new();
     for document in serde_yaml::Deserializer::from_str(text) {
         let value = serde_yaml::Value::deserialize(document).map_err(|e| e.to_string())?;
@@ -572,8 +599,8 @@ fn text_hash(text: &str) -> u64 {
 #[derive(Debug, Default)]
 struct FileState {
     stamp: (Option<SystemTime>, u64),
-    /// Per document text hash, the objects it holds.
-    documents: HashMap<u64, Vec<ObjectKey>>,
+    /// Per document (by the hash of its text), the objects it holds. A file has a few.
+    documents: Vec<(u64, Vec<ObjectKey>)>,
 }
 
 /// Desired state from a YAML file or a directory of them, as per-object events.
@@ -674,27 +701,43 @@ impl FileSource {
         Ok(files)
     }
 
-    /// Files whose modification time or size changed, appeared or went: every file the first
-    /// time. What polling and an inotify queue overflow fall back to.
+    /// [`FileSource::scan_into`], collected.
     pub fn scan(&mut self) -> (Vec<ObjectEvent>, Vec<SourceError>) {
+        let mut events = Vec::new();
+        let errors = self.scan_into(&mut |e| events.push(e));
+        (events, errors)
+    }
+
+    /// [`FileSource::changes_into`], collected.
+    pub fn changes(&mut self) -> (Vec<ObjectEvent>, Vec<SourceError>) {
+        let mut events = Vec::new();
+        let errors = self.changes_into(&mut |e| events.push(e));
+        (events, errors)
+    }
+
+    /// Files whose modification time or size changed, appeared or went: every file the first
+    /// time. What polling and an inotify queue overflow fall back to. Events go to `sink` file by
+    /// file, so a directory of thousands of files is never held in memory as objects at once.
+    pub fn scan_into(&mut self, sink: &mut dyn FnMut(ObjectEvent)) -> Vec<SourceError> {
         let listing = match self.listing() {
             Ok(l) => l,
-            Err(e) => return (Vec::new(), vec![e]),
+            Err(e) => return vec![e],
         };
         let mut changed: Vec<PathBuf> = listing
             .iter()
             .filter(|f| self.files.get(*f).map(|s| s.stamp) != Some(stamp(f)))
             .cloned()
             .collect();
-        changed.extend(self.files.keys().filter(|f| !listing.contains(f)).cloned());
-        self.reread(changed)
+        let listed: BTreeSet<&PathBuf> = listing.iter().collect();
+        changed.extend(self.files.keys().filter(|f| !listed.contains(f)).cloned());
+        self.reread(changed, sink)
     }
 
     /// Events for what changed since the last call, as inotify reports it (or by polling).
-    pub fn changes(&mut self) -> (Vec<ObjectEvent>, Vec<SourceError>) {
+    pub fn changes_into(&mut self, sink: &mut dyn FnMut(ObjectEvent)) -> Vec<SourceError> {
         use nix::sys::inotify::AddWatchFlags;
         let Some(inotify) = &self.inotify else {
-            return self.scan();
+            return self.scan_into(sink);
         };
         let mut names = BTreeSet::new();
         let mut overflow = false;
@@ -719,81 +762,147 @@ impl FileSource {
             }
         }
         if overflow {
-            return self.scan();
+            return self.scan_into(sink);
         }
         let files: Vec<PathBuf> = names.into_iter().filter(|f| self.wanted(f)).collect();
-        self.reread(files)
+        self.reread(files, sink)
     }
 
-    fn reread(&mut self, files: Vec<PathBuf>) -> (Vec<ObjectEvent>, Vec<SourceError>) {
-        let mut events = Vec::new();
-        let mut errors = Vec::new();
-        for file in files {
-            if let Err(e) = self.reread_file(&file, &mut events) {
-                errors.push(e);
-            }
-        }
-        (events, errors)
-    }
-
-    /// Re-reads one file. A file that does not read or parse keeps what it contributed before.
-    fn reread_file(
+    /// Re-reads `files`, handing each file's events to `sink` as soon as that file is done.
+    /// Many files (a start, a control plane landing thousands of objects) are parsed on a few
+    /// threads: YAML parsing is most of a full sync's time.
+    fn reread(
         &mut self,
-        file: &Path,
-        events: &mut Vec<ObjectEvent>,
-    ) -> Result<(), SourceError> {
-        let stamp = stamp(file);
-        let text = match std::fs::read_to_string(file) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                if let Some(old) = self.files.remove(file) {
-                    let gone: BTreeSet<ObjectKey> = old.documents.into_values().flatten().collect();
-                    events.extend(gone.into_iter().map(ObjectEvent::Delete));
-                }
-                return Ok(());
+        files: Vec<PathBuf>,
+        sink: &mut dyn FnMut(ObjectEvent),
+    ) -> Vec<SourceError> {
+        const PARALLEL_FROM: usize = 32;
+        let mut errors = Vec::new();
+        let mut updates: Vec<(PathBuf, Option<FileState>)> = Vec::new();
+        let mut take = |file: PathBuf, result: Result<FileUpdate, SourceError>| match result {
+            Ok(update) => {
+                update.events.into_iter().for_each(&mut *sink);
+                updates.push((file, update.state));
             }
-            Err(source) => {
-                return Err(SourceError::Read {
-                    path: file.to_owned(),
-                    source,
-                })
-            }
+            Err(e) => errors.push(e),
         };
-        let empty = FileState::default();
-        let old = self.files.get(file).unwrap_or(&empty);
-        let mut documents: HashMap<u64, Vec<ObjectKey>> = HashMap::new();
-        let mut applied = Vec::new();
-        for (index, doc) in split_documents(&text).into_iter().enumerate() {
-            let hash = text_hash(doc);
-            if documents.contains_key(&hash) {
-                continue;
+        let workers = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(4);
+        if files.len() < PARALLEL_FROM || workers < 2 {
+            for file in files {
+                let result = read_file(self.files.get(&file), &file);
+                take(file, result);
             }
-            if let Some(keys) = old.documents.get(&hash) {
-                documents.insert(hash, keys.clone());
-                continue;
-            }
-            let objects = parse_document(doc).map_err(|message| SourceError::Document {
-                path: file.to_owned(),
-                index,
-                message,
-            })?;
-            documents.insert(hash, objects.iter().filter_map(SourceObject::key).collect());
-            applied.extend(objects);
+        } else {
+            let known = &self.files;
+            let next = std::sync::atomic::AtomicUsize::new(0);
+            let files = &files;
+            std::thread::scope(|scope| {
+                // Bounded: parsed objects wait here only until the sink takes them.
+                let (tx, rx) = std::sync::mpsc::sync_channel(workers * 4);
+                for _ in 0..workers {
+                    let tx = tx.clone();
+                    let next = &next;
+                    scope.spawn(move || loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(file) = files.get(i) else { break };
+                        let result = read_file(known.get(file), file);
+                        if tx.send((file.clone(), result)).is_err() {
+                            break;
+                        }
+                    });
+                }
+                drop(tx);
+                for (file, result) in rx {
+                    take(file, result);
+                }
+            });
         }
-        let now: BTreeSet<&ObjectKey> = documents.values().flatten().collect();
-        let gone: BTreeSet<ObjectKey> = old
-            .documents
-            .values()
-            .flatten()
-            .filter(|k| !now.contains(k))
-            .cloned()
-            .collect();
-        events.extend(gone.into_iter().map(ObjectEvent::Delete));
-        events.extend(applied.into_iter().map(ObjectEvent::Apply));
-        self.files
-            .insert(file.to_owned(), FileState { stamp, documents });
-        Ok(())
+        for (file, state) in updates {
+            match state {
+                Some(state) => {
+                    self.files.insert(file, state);
+                }
+                None => {
+                    self.files.remove(&file);
+                }
+            }
+        }
+        errors
     }
+}
+
+/// What re-reading one file found: its events, and its new state (None: the file is gone).
+struct FileUpdate {
+    events: Vec<ObjectEvent>,
+    state: Option<FileState>,
+}
+
+/// Re-reads one file against what it contributed before. A file that does not read or parse is
+/// an error, and keeps what it contributed.
+fn read_file(old: Option<&FileState>, file: &Path) -> Result<FileUpdate, SourceError> {
+    let stamp = stamp(file);
+    let text = match std::fs::read_to_string(file) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let gone: BTreeSet<ObjectKey> = old
+                .map(|o| {
+                    o.documents
+                        .iter()
+                        .flat_map(|(_, k)| k.iter().cloned())
+                        .collect()
+                })
+                .unwrap_or_default();
+            return Ok(FileUpdate {
+                events: gone.into_iter().map(ObjectEvent::Delete).collect(),
+                state: None,
+            });
+        }
+        Err(source) => {
+            return Err(SourceError::Read {
+                path: file.to_owned(),
+                source,
+            })
+        }
+    };
+    let previous = |hash: u64| {
+        old.and_then(|o| o.documents.iter().find(|(h, _)| *h == hash))
+            .map(|(_, keys)| keys)
+    };
+    let mut documents: Vec<(u64, Vec<ObjectKey>)> = Vec::new();
+    let mut applied = Vec::new();
+    for (index, doc) in split_documents(&text).into_iter().enumerate() {
+        let hash = text_hash(doc);
+        if documents.iter().any(|(h, _)| *h == hash) {
+            continue;
+        }
+        if let Some(keys) = previous(hash) {
+            documents.push((hash, keys.clone()));
+            continue;
+        }
+        let objects = parse_document(doc).map_err(|message| SourceError::Document {
+            path: file.to_owned(),
+            index,
+            message,
+        })?;
+        documents.push((hash, objects.iter().filter_map(SourceObject::key).collect()));
+        applied.extend(objects);
+    }
+    let now: BTreeSet<&ObjectKey> = documents.iter().flat_map(|(_, k)| k).collect();
+    let gone: BTreeSet<ObjectKey> = old
+        .into_iter()
+        .flat_map(|o| o.documents.iter().flat_map(|(_, k)| k))
+        .filter(|k| !now.contains(k))
+        .cloned()
+        .collect();
+    let mut events: Vec<ObjectEvent> = gone.into_iter().map(ObjectEvent::Delete).collect();
+    events.extend(applied.into_iter().map(ObjectEvent::Apply));
+    documents.shrink_to_fit();
+    Ok(FileUpdate {
+        events,
+        state: Some(FileState { stamp, documents }),
+    })
 }
 
 fn stamp(path: &Path) -> (Option<SystemTime>, u64) {

@@ -341,6 +341,7 @@ fn weir_side(
             return Ok(());
         }
         let churned = o.services / 2;
+        let phase_start = a.process(lab)?;
         for step in 1..=o.updates {
             std::thread::sleep(o.update_interval);
             churn(&mut scenario, churned, step);
@@ -351,8 +352,12 @@ fn weir_side(
                 .map(|(n, t)| (n.clone(), t.clone()))
                 .collect();
             side.updates
-                .push(weir_update(lab, a, &changed, o.services)?);
+                .push(weir_update(lab, a, dir, &changed, o.services)?);
             files = next;
+        }
+        let phase_cpu = a.process(lab)?.cpu_s - phase_start.cpu_s;
+        for update in side.updates.iter_mut() {
+            update.cpu_s = phase_cpu / o.updates.max(1) as f64;
         }
         a.wait_programmed(lab, &scenario, plan, APPLY_TIMEOUT)?;
         Ok(())
@@ -478,23 +483,38 @@ fn weir_full(
     measure_until_applied(lab, agent, seen, frontends, started, before)
 }
 
-/// One change to the Weir agent's desired state: the changed files written (each atomically),
-/// timed from the end of the write to the agent's log line of the pass that wrote the maps, with
-/// the agent's CPU seconds over that time and its peak RSS so far.
+/// One change to the Weir agent's desired state: the changed files staged beside the state
+/// directory and renamed into it, timed from just before the rename to the agent's log line of
+/// the pass that wrote the maps (event to map written), with its peak RSS so far. CPU seconds of
+/// one update are below /proc's 10 ms resolution: the caller replaces them by the agent's CPU
+/// over the whole update phase divided by the number of updates.
 pub fn weir_update(
     lab: &mut dyn Lab,
     agent: &BenchAgent,
+    run_dir: &Path,
     changed: &[(String, String)],
     frontends: usize,
 ) -> Result<Step, BenchError> {
     let node = agent.agents.nodes[0].node;
+    let staging = run_dir.join("staging");
+    for (name, text) in changed {
+        lab.write_file(node, &staging.join(name), text.as_bytes())?;
+    }
     let seen = applied_lines(&agent.log_text()).len();
     let before: ProcessFigures = agent.process(lab)?;
-    for (name, text) in changed {
-        lab.write_file(node, &agent.state_path.join(name), text.as_bytes())?;
+    // The event is the rename that lands the new file, as an atomic writer's last step.
+    let landed_at = SystemTime::now();
+    for (name, _) in changed {
+        let (from, to) = (staging.join(name), agent.state_path.join(name));
+        if std::fs::rename(&from, &to).is_err() {
+            // A lab whose hosts do not share this file system: move it there.
+            let mv = Cmd::new("mv")
+                .arg(from.display().to_string())
+                .arg(to.display().to_string());
+            lab.exec_ok(node, &mv, APPLY_TIMEOUT)?;
+        }
     }
-    let written_at = SystemTime::now();
-    measure_until_applied(lab, agent, seen, frontends, written_at, before)
+    measure_until_applied(lab, agent, seen, frontends, landed_at, before)
 }
 
 fn measure_until_applied(
