@@ -720,3 +720,24 @@ fn render(o: &SyncOptions, sides: &[SideResult]) -> String {
     }
     text
 }
+
+#[cfg(test)]
+mod tests {
+    use super::state_files;
+
+    #[test]
+    fn state_splits_into_one_file_per_service() {
+        let state =
+            "---\nkind: Service\nmetadata:\n  name: a\n---\nkind: EndpointSlice\nmetadata:\n  \
+                     name: a-x\n  labels:\n    kubernetes.io/service-name: a\n---\nkind: Service\n\
+                     metadata:\n  name: b\n---\nkind: Node\nmetadata:\n  name: node1\n";
+        let files = state_files(state).unwrap();
+        assert_eq!(
+            files.keys().collect::<Vec<_>>(),
+            ["cluster.yaml", "svc-a.yaml", "svc-b.yaml"]
+        );
+        assert!(files["svc-a.yaml"].contains("kind: EndpointSlice"));
+        assert_eq!(files["svc-a.yaml"].matches("---\n").count(), 2);
+        assert!(files["cluster.yaml"].contains("kind: Node"));
+    }
+}
