@@ -4,7 +4,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::intent::{ClusterIntent, EndpointSliceIntent, ObjectRef};
+use crate::intent::{EndpointSliceIntent, ObjectRef, ServiceIntent};
+use crate::source::IntentStore;
 
 /// A rejection found here: (kind, object, reason), like the validation errors of single objects.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -32,105 +33,136 @@ impl Default for Limits {
     }
 }
 
-/// Remembers, per Service, the slices it last had when admitted, so a Service that grows past a
-/// limit keeps serving with its last good endpoints instead of losing them all.
+/// What to compile for a Service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Its current slices.
+    Admit,
+    /// Nothing new: its entries in the maps (its last good endpoints) stay as they are.
+    Keep,
+    /// No endpoints: even its last good version does not fit any more.
+    Empty,
+}
+
+/// Decides, service by service, which endpoints may be compiled: a Service that grows past a
+/// limit keeps serving with its last good endpoints (the entries the maps hold for it, which are
+/// simply not recompiled) instead of losing them all. Only the services a change touched are
+/// looked at; the slot table's fill is kept as a running total. No endpoint is copied here.
 #[derive(Debug, Default)]
 pub struct Admission {
-    last_admitted: BTreeMap<ObjectRef, Vec<EndpointSliceIntent>>,
+    /// Slots each Service takes in the maps, and their sum.
+    estimates: BTreeMap<ObjectRef, usize>,
+    total: usize,
+    /// Services not admitted as they are, and why.
+    refused: BTreeMap<ObjectRef, (Decision, Vec<Rejection>)>,
+    /// Orphan slices' rejections, by the (missing) Service they name.
+    orphans: BTreeMap<ObjectRef, Vec<Rejection>>,
 }
 
 impl Admission {
-    /// Rewrites `intent` so it fits `limits`, and says what it had to refuse.
-    pub fn admit(&mut self, intent: &mut ClusterIntent, limits: Limits) -> Vec<Rejection> {
-        let mut rejections = Vec::new();
-        for slice in intent.slices.values() {
-            if !intent.services.contains_key(&slice.service) {
-                rejections.push(Rejection {
-                    kind: "EndpointSlice",
-                    object: slice.id.to_string(),
-                    reason: "unknown_service",
-                    detail: format!("its service {} does not exist; ignored", slice.service),
-                });
-            }
-        }
+    pub fn decision(&self, service: &ObjectRef) -> Decision {
+        self.refused
+            .get(service)
+            .map_or(Decision::Admit, |(d, _)| *d)
+    }
 
-        let mut refused: BTreeSet<ObjectRef> = BTreeSet::new();
-        for id in intent.services.keys() {
-            let endpoints = ready_endpoints(intent, id);
-            if endpoints > limits.max_endpoints_per_service as usize {
-                refused.insert(id.clone());
-                rejections.push(Rejection {
-                    kind: "Service",
-                    object: id.to_string(),
-                    reason: "too_many_endpoints",
-                    detail: format!(
+    /// Every current refusal.
+    pub fn rejections(&self) -> impl Iterator<Item = &Rejection> {
+        self.refused
+            .values()
+            .flat_map(|(_, r)| r)
+            .chain(self.orphans.values().flatten())
+    }
+
+    /// Re-admits the `changed` Services against `limits`. Within one batch, smaller Services
+    /// come first: one runaway Service gives way before many small ones do.
+    pub fn admit(&mut self, store: &IntentStore, changed: &BTreeSet<ObjectRef>, limits: Limits) {
+        let intent = store.intent();
+        let mut order: Vec<(usize, usize, &ObjectRef)> = changed
+            .iter()
+            .map(|id| {
+                let endpoints = ready_endpoints(store.slices_of(id));
+                let size = intent
+                    .services
+                    .get(id)
+                    .map_or(0, |s| slot_estimate(s, endpoints));
+                (size, endpoints, id)
+            })
+            .collect();
+        order.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.2.cmp(b.2)));
+        for (size, endpoints, id) in order {
+            let orphans: Vec<Rejection> = store
+                .orphan_slices_of(id)
+                .into_iter()
+                .map(|slice| Rejection {
+                    kind: "EndpointSlice",
+                    object: slice.to_string(),
+                    reason: "unknown_service",
+                    detail: format!("its service {id} does not exist; ignored"),
+                })
+                .collect();
+            if orphans.is_empty() {
+                self.orphans.remove(id);
+            } else {
+                self.orphans.insert(id.clone(), orphans);
+            }
+            let before = self.estimates.remove(id).unwrap_or(0);
+            self.total -= before;
+            if !intent.services.contains_key(id) {
+                self.refused.remove(id);
+                continue;
+            }
+            let refusal = if endpoints > limits.max_endpoints_per_service as usize {
+                Some((
+                    "too_many_endpoints",
+                    format!(
                         "{endpoints} ready endpoints, more than max_endpoints_per_service {}; \
                          keeping its last good endpoints",
                         limits.max_endpoints_per_service
                     ),
-                });
-            }
-        }
-        for id in &refused {
-            self.revert(intent, id);
-        }
-
-        // Largest first: one runaway Service gives way before many small ones do.
-        let mut total = slot_estimate_all(intent);
-        if total > limits.slot_capacity as usize {
-            let mut by_size: Vec<(usize, ObjectRef)> = intent
-                .services
-                .keys()
-                .filter(|id| !refused.contains(*id))
-                .map(|id| (slot_estimate(intent, id), id.clone()))
-                .collect();
-            by_size.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
-            for (size, id) in by_size {
-                if total <= limits.slot_capacity as usize || size == 0 {
-                    break;
-                }
-                self.revert(intent, &id);
-                rejections.push(Rejection {
-                    kind: "Service",
-                    object: id.to_string(),
-                    reason: "slot_capacity",
-                    detail: format!(
+                ))
+            } else if self.total + size > limits.slot_capacity as usize {
+                Some((
+                    "slot_capacity",
+                    format!(
                         "{size} slots would overflow the slot table ({} entries); keeping its \
                          last good endpoints",
                         limits.slot_capacity
                     ),
-                });
-                refused.insert(id);
-                total = slot_estimate_all(intent);
-            }
-            if total > limits.slot_capacity as usize {
-                // Even the last good versions do not fit together: refused Services go without.
-                for id in &refused {
-                    intent.slices.retain(|_, s| &s.service != id);
+                ))
+            } else {
+                None
+            };
+            let size = match refusal {
+                None => {
+                    self.refused.remove(id);
+                    size
                 }
-            }
-        }
-
-        self.last_admitted = intent
-            .services
-            .keys()
-            .map(|id| (id.clone(), intent.slices_of(id).cloned().collect()))
-            .collect();
-        rejections
-    }
-
-    /// Puts back the slices `service` had when last admitted (none if it never was).
-    fn revert(&self, intent: &mut ClusterIntent, service: &ObjectRef) {
-        intent.slices.retain(|_, s| &s.service != service);
-        for slice in self.last_admitted.get(service).into_iter().flatten() {
-            intent.slices.insert(slice.id.clone(), slice.clone());
+                Some((reason, detail)) => {
+                    let rejection = Rejection {
+                        kind: "Service",
+                        object: id.to_string(),
+                        reason,
+                        detail,
+                    };
+                    // What it has in the maps now is its last good version.
+                    let (decision, size) = if self.total + before > limits.slot_capacity as usize {
+                        (Decision::Empty, 0)
+                    } else {
+                        (Decision::Keep, before)
+                    };
+                    self.refused.insert(id.clone(), (decision, vec![rejection]));
+                    size
+                }
+            };
+            self.total += size;
+            self.estimates.insert(id.clone(), size);
         }
     }
 }
 
-fn ready_endpoints(intent: &ClusterIntent, service: &ObjectRef) -> usize {
-    intent
-        .slices_of(service)
+fn ready_endpoints<'a>(slices: impl Iterator<Item = &'a EndpointSliceIntent>) -> usize {
+    slices
         .flat_map(|s| s.endpoints.iter())
         .filter(|e| e.ready)
         .flat_map(|e| e.addresses.iter())
@@ -139,17 +171,6 @@ fn ready_endpoints(intent: &ClusterIntent, service: &ObjectRef) -> usize {
 }
 
 /// Slots a Service takes: one per (service port, ClusterIP, ready endpoint).
-fn slot_estimate(intent: &ClusterIntent, id: &ObjectRef) -> usize {
-    let Some(service) = intent.services.get(id) else {
-        return 0;
-    };
-    service.ports.len() * service.cluster_ips.len().max(1) * ready_endpoints(intent, id)
-}
-
-fn slot_estimate_all(intent: &ClusterIntent) -> usize {
-    intent
-        .services
-        .keys()
-        .map(|id| slot_estimate(intent, id))
-        .sum()
+fn slot_estimate(service: &ServiceIntent, ready_endpoints: usize) -> usize {
+    service.ports.len() * service.cluster_ips.len().max(1) * ready_endpoints
 }

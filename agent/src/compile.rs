@@ -5,8 +5,7 @@
 //! the same state and writes nothing. A slot list keeps surviving backends in place, so removing
 //! one backend rewrites one slot rather than shifting all of them.
 
-use std::collections::btree_map::Entry;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
 use tracing::warn;
@@ -15,9 +14,12 @@ use weir_common::{
     FAMILY_V4, FAMILY_V6, LOCAL_SLOT,
 };
 
-use crate::intent::{ClusterIntent, Endpoint, Protocol, ServiceIntent, ServicePort, TrafficPolicy};
+use crate::intent::{
+    ClusterIntent, Endpoint, EndpointSliceIntent, NodeIntent, ObjectRef, Protocol, ServiceIntent,
+    ServicePort, TrafficPolicy,
+};
 use crate::maglev;
-use crate::state::DataplaneState;
+use crate::state::{DataplaneState, Plan};
 
 pub fn addr_of(ip: IpAddr) -> (Addr, u8) {
     match ip {
@@ -47,27 +49,38 @@ fn identity(b: &BackendValue) -> BackendIdentity {
     (b.addr, b.port_be, b.proto, b.family)
 }
 
-/// Lowest-first id allocation that never hands out an id the current maps still use, so no packet
-/// can follow an old reference into a new object while a plan is being applied.
-struct IdAllocator {
-    taken: BTreeSet<u32>,
+/// Lowest-first id allocation that never hands out an id the maps still use: an id becomes free
+/// only once the plan that deletes its entries has been written, so no packet can follow an old
+/// reference into a new object while a plan is being applied. O(log n) per id, whatever the size
+/// of the table, so one update costs the same with 10 services as with 10,000.
+#[derive(Debug, Default)]
+struct IdPool {
+    /// Ids below `next` that nothing uses.
+    free: BTreeSet<u32>,
     next: u32,
 }
 
-impl IdAllocator {
-    fn new(taken: impl IntoIterator<Item = u32>) -> Self {
-        IdAllocator {
-            taken: taken.into_iter().collect(),
-            next: 1,
+impl IdPool {
+    fn with_taken(taken: impl IntoIterator<Item = u32>) -> IdPool {
+        let taken: BTreeSet<u32> = taken.into_iter().filter(|id| *id != 0).collect();
+        let next = taken.last().map_or(1, |max| max + 1);
+        IdPool {
+            free: (1..next).filter(|id| !taken.contains(id)).collect(),
+            next,
         }
     }
 
     fn allocate(&mut self) -> u32 {
-        while self.taken.contains(&self.next) {
+        self.free.pop_first().unwrap_or_else(|| {
             self.next += 1;
+            self.next - 1
+        })
+    }
+
+    fn release(&mut self, id: u32) {
+        if id != 0 && id < self.next {
+            self.free.insert(id);
         }
-        self.taken.insert(self.next);
-        self.next
     }
 }
 
@@ -80,34 +93,280 @@ pub struct CompileOptions {
     pub maglev: bool,
 }
 
-/// Compiles `intent`, reusing identifiers and slot positions from `current`.
-pub fn compile(
-    intent: &ClusterIntent,
-    current: &DataplaneState,
-    options: &CompileOptions,
-) -> DataplaneState {
-    let mut desired = DataplaneState::default();
+/// One service to recompile: its intent (None when it is gone) and the slices admitted for it.
+pub struct ServiceInput<'a> {
+    pub id: &'a ObjectRef,
+    pub service: Option<&'a ServiceIntent>,
+    pub slices: Vec<&'a EndpointSliceIntent>,
+}
 
-    let current_backend_ids: BTreeMap<BackendIdentity, u32> = current
-        .backends
-        .iter()
-        .map(|(id, b)| (identity(b), *id))
-        .collect();
-    let mut backend_ids = IdAllocator::new(current.backends.keys().copied());
-    let mut desired_backend_ids: BTreeMap<BackendIdentity, u32> = BTreeMap::new();
-    let mut service_ids = IdAllocator::new(current.services.values().map(|s| s.service_id));
-    let mut desired_service_ids = BTreeSet::new();
-    // Current slot lists per (service id, local set), in slot order.
-    let mut current_slots: BTreeMap<(u32, bool), Vec<u32>> = BTreeMap::new();
-    for (key, backend) in &current.slots {
-        let local = key.slot & LOCAL_SLOT != 0;
-        let slots = current_slots.entry((key.service_id, local)).or_default();
-        if slots.len() == (key.slot & !LOCAL_SLOT) as usize {
-            slots.push(*backend);
+/// The map entries one service owns, so recompiling it diffs only those.
+#[derive(Debug, Default, Clone)]
+struct Owned {
+    frontends: Vec<FrontendKey>,
+    service_ids: Vec<u32>,
+    /// Distinct backend ids its slots name: each counts once towards the backend's references.
+    backends: Vec<u32>,
+}
+
+/// The incremental compiler: the shadow of what the maps hold, which service owns which entries,
+/// and the id pools. Recompiling a service touches only its own frontends and slots and the
+/// backends it gains or loses; every other service keeps its ids and slot positions, so its
+/// established flows and in-flight first packets never see a change.
+///
+/// Identifiers are derived, not remembered across restarts: a frontend keeps the service id it
+/// has in the maps and a backend keeps its id, so a restarted agent that adopts pinned maps
+/// recompiles to the same state and writes nothing. A slot list keeps surviving backends in
+/// place, so removing one backend rewrites one slot rather than shifting all of them.
+#[derive(Debug, Default)]
+pub struct Compiler {
+    shadow: DataplaneState,
+    owned: BTreeMap<ObjectRef, Owned>,
+    frontend_owner: BTreeMap<FrontendKey, ObjectRef>,
+    service_id_owner: BTreeMap<u32, ObjectRef>,
+    backend_ids: HashMap<BackendIdentity, u32>,
+    /// Services using each backend id.
+    backend_refs: BTreeMap<u32, u32>,
+    service_pool: IdPool,
+    backend_pool: IdPool,
+    /// Services that lost a frontend to another: recompiled whenever anything changes, so they
+    /// get it when its holder lets go.
+    losers: BTreeSet<ObjectRef>,
+    /// The shadow was read from the maps: entries no service claims in the first full pass are
+    /// leftovers of an earlier state, deleted by [`Compiler::sweep`].
+    adopted: bool,
+    /// Service ids the last plan stops using, freed by [`Compiler::commit`].
+    releasing: Vec<u32>,
+}
+
+impl Compiler {
+    /// Starts from what the maps hold now (empty for fresh maps).
+    pub fn adopt(current: DataplaneState) -> Compiler {
+        let service_pool = IdPool::with_taken(
+            current
+                .services
+                .values()
+                .map(|s| s.service_id)
+                .chain(current.slots.keys().map(|k| k.service_id))
+                .chain(current.maglev.keys().copied()),
+        );
+        let backend_pool = IdPool::with_taken(current.backends.keys().copied());
+        let backend_ids = current
+            .backends
+            .iter()
+            .map(|(id, b)| (identity(b), *id))
+            .collect();
+        Compiler {
+            shadow: current,
+            service_pool,
+            backend_pool,
+            backend_ids,
+            adopted: true,
+            ..Compiler::default()
         }
     }
 
-    for service in intent.services.values() {
+    /// What the maps hold, as far as this compiler wrote or read them.
+    pub fn shadow(&self) -> &DataplaneState {
+        &self.shadow
+    }
+
+    /// Whether the next pass must consider every service (the shadow was just adopted).
+    pub fn needs_full_pass(&self) -> bool {
+        self.adopted
+    }
+
+    /// Services to recompile on top of the changed ones (see `losers`).
+    pub fn pending(&self) -> impl Iterator<Item = &ObjectRef> {
+        self.losers.iter()
+    }
+
+    /// Recompiles `changed` services and returns the writes that bring their entries (and only
+    /// theirs) to the new state. After a full pass over an adopted shadow, entries nobody claims
+    /// are deleted too. Call [`Compiler::commit`] once the plan is written; if writing fails,
+    /// drop the compiler and adopt the maps again.
+    pub fn compile(
+        &mut self,
+        changed: &[ServiceInput<'_>],
+        nodes: &BTreeMap<String, NodeIntent>,
+        options: &CompileOptions,
+    ) -> Plan {
+        let mut plan = Plan::default();
+        // Backend values wanted by the recompiled services (upserted when they differ).
+        let mut backend_values: BTreeMap<u32, BackendValue> = BTreeMap::new();
+        let mut touched_backends: BTreeSet<u32> = BTreeSet::new();
+        let mut released_frontends: Vec<FrontendKey> = Vec::new();
+
+        // Everything a changed service held is up for grabs first, so a frontend moving from one
+        // changed service to another lands where it should in one pass.
+        let mut old: BTreeMap<&ObjectRef, Owned> = BTreeMap::new();
+        for input in changed {
+            let owned = self.owned.remove(input.id).unwrap_or_default();
+            for f in &owned.frontends {
+                if self.frontend_owner.get(f) == Some(input.id) {
+                    self.frontend_owner.remove(f);
+                }
+            }
+            self.losers.remove(input.id);
+            old.insert(input.id, owned);
+        }
+
+        for input in changed {
+            let previous = old.remove(input.id).unwrap_or_default();
+            let owned = match input.service {
+                Some(service) => self.compile_service(
+                    service,
+                    &input.slices,
+                    nodes,
+                    options,
+                    &previous,
+                    &mut plan,
+                    &mut backend_values,
+                ),
+                None => Owned::default(),
+            };
+            // Frontends it no longer has; deleted below unless another service took them.
+            released_frontends.extend(
+                previous
+                    .frontends
+                    .iter()
+                    .filter(|f| !owned.frontends.contains(f)),
+            );
+            for id in previous
+                .service_ids
+                .iter()
+                .filter(|id| !owned.service_ids.contains(id))
+            {
+                if self.service_id_owner.get(id) == Some(input.id) {
+                    self.service_id_owner.remove(id);
+                }
+                self.delete_service_id(*id, &mut plan);
+                self.releasing.push(*id);
+            }
+            for id in &owned.backends {
+                *self.backend_refs.entry(*id).or_default() += 1;
+                touched_backends.insert(*id);
+            }
+            for id in &previous.backends {
+                if let Some(refs) = self.backend_refs.get_mut(id) {
+                    *refs = refs.saturating_sub(1);
+                }
+                touched_backends.insert(*id);
+            }
+            if !owned.frontends.is_empty() || !owned.service_ids.is_empty() {
+                self.owned.insert(input.id.clone(), owned);
+            }
+        }
+        for f in released_frontends {
+            if !self.frontend_owner.contains_key(&f) && self.shadow.services.contains_key(&f) {
+                plan.delete_services.push(f);
+            }
+        }
+        for (id, value) in backend_values {
+            if self.shadow.backends.get(&id) != Some(&value) {
+                plan.upsert_backends.push((id, value));
+            }
+        }
+        if self.adopted {
+            self.sweep(&mut plan);
+            touched_backends.extend(self.shadow.backends.keys().copied());
+        }
+        for id in touched_backends {
+            if self.backend_refs.get(&id).copied().unwrap_or(0) == 0 {
+                self.backend_refs.remove(&id);
+                if let Some(b) = self.shadow.backends.get(&id) {
+                    if self.backend_ids.get(&identity(b)) == Some(&id) {
+                        self.backend_ids.remove(&identity(b));
+                    }
+                    plan.delete_backends.push(id);
+                }
+                plan.upsert_backends.retain(|(b, _)| *b != id);
+            }
+        }
+        plan.delete_services.sort_unstable();
+        plan.delete_services.dedup();
+        plan.delete_slots.sort_unstable();
+        plan.delete_slots.dedup();
+        plan.delete_backends.sort_unstable();
+        plan.delete_backends.dedup();
+        plan.delete_maglev.sort_unstable();
+        plan.delete_maglev.dedup();
+        plan.upsert_backends.sort_unstable_by_key(|(id, _)| *id);
+        plan.upsert_backends.dedup_by_key(|(id, _)| *id);
+        plan
+    }
+
+    /// After a full pass over adopted maps: frontends, service ids and backends nobody claimed
+    /// are leftovers of a state that is gone.
+    fn sweep(&mut self, plan: &mut Plan) {
+        self.adopted = false;
+        for f in self.shadow.services.keys() {
+            if !self.frontend_owner.contains_key(f) {
+                plan.delete_services.push(*f);
+            }
+        }
+        let orphans: BTreeSet<u32> = self
+            .shadow
+            .services
+            .values()
+            .map(|s| s.service_id)
+            .chain(self.shadow.slots.keys().map(|k| k.service_id))
+            .chain(self.shadow.maglev.keys().copied())
+            .filter(|id| !self.service_id_owner.contains_key(id))
+            .collect();
+        for id in orphans {
+            self.delete_service_id(id, plan);
+            self.releasing.push(id);
+        }
+    }
+
+    /// Deletes the slots and Maglev table of a service id.
+    fn delete_service_id(&self, id: u32, plan: &mut Plan) {
+        plan.delete_slots.extend(self.slots_of(id).map(|(k, _)| *k));
+        if self.shadow.maglev.contains_key(&id) {
+            plan.delete_maglev.push(id);
+        }
+    }
+
+    fn slots_of(&self, id: u32) -> impl Iterator<Item = (&BackendSlotKey, &u32)> {
+        self.shadow.slots.range(
+            BackendSlotKey {
+                service_id: id,
+                slot: 0,
+            }..=BackendSlotKey {
+                service_id: id,
+                slot: u32::MAX,
+            },
+        )
+    }
+
+    /// The slot list (backend ids in slot order) of a service id's cluster or local set.
+    fn slot_list(&self, id: u32, local: bool) -> Vec<u32> {
+        let base = if local { LOCAL_SLOT } else { 0 };
+        (0..)
+            .map_while(|i| {
+                self.shadow.slots.get(&BackendSlotKey {
+                    service_id: id,
+                    slot: base | i,
+                })
+            })
+            .copied()
+            .collect()
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn compile_service(
+        &mut self,
+        service: &ServiceIntent,
+        slices: &[&EndpointSliceIntent],
+        nodes: &BTreeMap<String, NodeIntent>,
+        options: &CompileOptions,
+        previous: &Owned,
+        plan: &mut Plan,
+        backend_values: &mut BTreeMap<u32, BackendValue>,
+    ) -> Owned {
+        let mut owned = Owned::default();
+        let mut backends: BTreeSet<u32> = BTreeSet::new();
         for port in &service.ports {
             for family in [FAMILY_V4, FAMILY_V6] {
                 let frontend = |ip: &IpAddr| {
@@ -119,7 +378,7 @@ pub fn compile(
                         family,
                     })
                 };
-                let internal: Vec<FrontendKey> =
+                let mut internal: Vec<FrontendKey> =
                     service.cluster_ips.iter().filter_map(frontend).collect();
                 let mut external: Vec<FrontendKey> =
                     service.external_ips.iter().filter_map(frontend).collect();
@@ -132,52 +391,83 @@ pub fn compile(
                         family,
                     });
                 }
+                for frontends in [&mut internal, &mut external] {
+                    frontends.retain(|key| match self.frontend_owner.get(key) {
+                        None => {
+                            self.frontend_owner.insert(*key, service.id.clone());
+                            true
+                        }
+                        Some(holder) if *holder == service.id => true,
+                        Some(holder) => {
+                            warn!(
+                                service = %service.id,
+                                holder = %holder,
+                                frontend = %frontend_name(key),
+                                "frontend already taken by another service; keeping it there"
+                            );
+                            self.losers.insert(service.id.clone());
+                            false
+                        }
+                    });
+                }
                 if internal.is_empty() && external.is_empty() {
                     continue;
                 }
-                // A frontend that moved between services must not drag its old id into a second
-                // group: ids are unique within the desired state.
+                // The id one of these frontends has in the maps, unless another service (or
+                // another port of this one) uses it now: ids are unique among services.
                 let service_id = internal
                     .iter()
                     .chain(&external)
-                    .find_map(|f| current.services.get(f).map(|s| s.service_id))
-                    .filter(|id| !desired_service_ids.contains(id))
-                    .unwrap_or_else(|| service_ids.allocate());
-                desired_service_ids.insert(service_id);
+                    .filter_map(|f| self.shadow.services.get(f).map(|s| s.service_id))
+                    .find(|id| {
+                        !owned.service_ids.contains(id)
+                            && if self.adopted {
+                                // Adopted maps: the first service to claim an id keeps it.
+                                !self.service_id_owner.contains_key(id)
+                            } else {
+                                // Otherwise only its own: an id another service let go of in
+                                // this pass still has entries the plan deletes.
+                                previous.service_ids.contains(id)
+                            }
+                    })
+                    .unwrap_or_else(|| self.service_pool.allocate());
+                self.service_id_owner.insert(service_id, service.id.clone());
+                owned.service_ids.push(service_id);
 
-                let eligible = eligible_backends(intent, service, port, family, options);
+                let eligible = eligible_backends(slices, nodes, port, family, options);
                 let mut id_of = |backend: &BackendValue| -> u32 {
-                    let id = *desired_backend_ids
+                    let id = *self
+                        .backend_ids
                         .entry(identity(backend))
-                        .or_insert_with(|| {
-                            current_backend_ids
-                                .get(&identity(backend))
-                                .copied()
-                                .unwrap_or_else(|| backend_ids.allocate())
-                        });
-                    desired.backends.insert(id, *backend);
+                        .or_insert_with(|| self.backend_pool.allocate());
+                    backend_values.insert(id, *backend);
+                    backends.insert(id);
                     id
                 };
                 let cluster_ids: Vec<u32> = eligible.cluster.iter().map(&mut id_of).collect();
                 let local_ids: Vec<u32> = eligible.local.iter().map(&mut id_of).collect();
                 let mut counts = [0u32; 2];
                 for (local, wanted) in [(false, &cluster_ids), (true, &local_ids)] {
-                    let previous = current_slots
-                        .get(&(service_id, local))
-                        .map(Vec::as_slice)
-                        .unwrap_or(&[]);
-                    let slots = stable_slots(previous, wanted);
+                    let slots = stable_slots(&self.slot_list(service_id, local), wanted);
                     counts[local as usize] = slots.len() as u32;
                     let base = if local { LOCAL_SLOT } else { 0 };
                     for (slot, backend_id) in slots.iter().enumerate() {
-                        desired.slots.insert(
-                            BackendSlotKey {
-                                service_id,
-                                slot: base | slot as u32,
-                            },
-                            *backend_id,
-                        );
+                        let key = BackendSlotKey {
+                            service_id,
+                            slot: base | slot as u32,
+                        };
+                        if self.shadow.slots.get(&key) != Some(backend_id) {
+                            plan.upsert_slots.push((key, *backend_id));
+                        }
                     }
+                    // Whatever lies past the new end of the list (also past a gap) goes.
+                    let end = base | slots.len() as u32;
+                    let limit = if local { u32::MAX } else { LOCAL_SLOT - 1 };
+                    plan.delete_slots.extend(
+                        self.slots_of(service_id)
+                            .map(|(k, _)| *k)
+                            .filter(|k| k.slot >= end && k.slot <= limit),
+                    );
                 }
                 let affinity = service.affinity_timeout_s.unwrap_or(0);
                 // Affinity wins over Maglev: a client's connections stay on one backend.
@@ -192,7 +482,12 @@ pub fn compile(
                         .zip(&cluster_ids)
                         .map(|(b, id)| (socket_addr(&b.addr, b.family, b.port_be), *id))
                         .collect();
-                    desired.maglev.insert(service_id, maglev::table(&named));
+                    let table = maglev::table(&named);
+                    if self.shadow.maglev.get(&service_id) != Some(&table) {
+                        plan.upsert_maglev.push((service_id, table));
+                    }
+                } else if self.shadow.maglev.contains_key(&service_id) {
+                    plan.delete_maglev.push(service_id);
                 }
                 let value = |policy: TrafficPolicy, flags: u32| ServiceValue {
                     service_id,
@@ -213,22 +508,75 @@ pub fn compile(
                 let external_value = value(service.external_traffic_policy, external_flags);
                 for (frontends, value) in [(internal, internal_value), (external, external_value)] {
                     for key in frontends {
-                        match desired.services.entry(key) {
-                            Entry::Vacant(slot) => {
-                                slot.insert(value);
-                            }
-                            Entry::Occupied(_) => warn!(
-                                service = %service.id,
-                                frontend = %frontend_name(&key),
-                                "frontend already taken by another service; keeping the first"
-                            ),
+                        if self.shadow.services.get(&key) != Some(&value) {
+                            plan.upsert_services.push((key, value));
                         }
+                        owned.frontends.push(key);
                     }
                 }
             }
         }
+        owned.backends = backends.into_iter().collect();
+        owned
     }
-    desired
+
+    /// Records a written plan in the shadow and frees the ids it let go of.
+    pub fn commit(&mut self, plan: &Plan) {
+        let s = &mut self.shadow;
+        for (id, b) in &plan.upsert_backends {
+            s.backends.insert(*id, *b);
+        }
+        for (k, v) in &plan.upsert_slots {
+            s.slots.insert(*k, *v);
+        }
+        for (k, v) in &plan.upsert_maglev {
+            s.maglev.insert(*k, *v);
+        }
+        for (k, v) in &plan.upsert_services {
+            s.services.insert(*k, *v);
+        }
+        for k in &plan.delete_services {
+            s.services.remove(k);
+        }
+        for k in &plan.delete_maglev {
+            s.maglev.remove(k);
+        }
+        for k in &plan.delete_slots {
+            s.slots.remove(k);
+        }
+        for k in &plan.delete_backends {
+            s.backends.remove(k);
+            self.backend_pool.release(*k);
+        }
+        // A service id is free once nothing in the maps names it any more.
+        for id in std::mem::take(&mut self.releasing) {
+            if !self.service_id_owner.contains_key(&id) {
+                self.service_pool.release(id);
+            }
+        }
+    }
+}
+
+/// Compiles `intent` as a whole, reusing identifiers and slot positions from `current`: what a
+/// full resync computes, for tests and tools.
+pub fn compile(
+    intent: &ClusterIntent,
+    current: &DataplaneState,
+    options: &CompileOptions,
+) -> DataplaneState {
+    let mut compiler = Compiler::adopt(current.clone());
+    let inputs: Vec<ServiceInput<'_>> = intent
+        .services
+        .iter()
+        .map(|(id, service)| ServiceInput {
+            id,
+            service: Some(service),
+            slices: intent.slices_of(id).collect(),
+        })
+        .collect();
+    let plan = compiler.compile(&inputs, &intent.nodes, options);
+    compiler.commit(&plan);
+    compiler.shadow
 }
 
 /// `ip:port/proto`, or `nodeport:port/proto` for a NodePort, for logs and dumps.
@@ -258,14 +606,14 @@ struct Eligible {
 /// that are terminating take over so connections drain instead of failing. Cluster-wide and
 /// local sets fall back independently.
 fn eligible_backends(
-    intent: &ClusterIntent,
-    service: &ServiceIntent,
+    slices: &[&EndpointSliceIntent],
+    nodes: &BTreeMap<String, NodeIntent>,
     port: &ServicePort,
     family: u8,
     options: &CompileOptions,
 ) -> Eligible {
     let mut candidates: Vec<(BackendValue, &Endpoint)> = Vec::new();
-    for slice in intent.slices_of(&service.id) {
+    for slice in slices {
         // EndpointSlice ports carry the service port's name, already resolved to a number.
         let Some(target) = slice
             .ports
@@ -280,7 +628,7 @@ fn eligible_backends(
             let node = endpoint
                 .node_name
                 .as_ref()
-                .and_then(|n| intent.nodes.get(n))
+                .and_then(|n| nodes.get(n))
                 .and_then(|n| n.tunnel_address());
             let (node_addr, node_family) = match (local, node) {
                 (false, Some(ip)) => addr_of(ip),

@@ -230,6 +230,63 @@ pub fn collect_garbage(
     })
 }
 
+/// Entries the kernel's LRU evicted to make room, estimated: the LRU hash map does not report
+/// evictions, so they are derived from what is known.
+///
+/// Between two looks, `entries gained = created - removed`, and entries are removed only by the
+/// agent's garbage collection (counted as it deletes them) or by LRU eviction. So
+/// `evicted = created - reclaimed - (present now - present at the first look)`, counted from the
+/// agent's first look (the counters and the map outlive agents; what happened before is not
+/// attributed). `created` comes from the program's per-CPU outcome counters: a new local flow
+/// makes two entries (forward and reverse), a tunnelled one two as well, or one where the node
+/// only forwards DSR traffic, and a flow arriving through the tunnel one. A flow whose insert
+/// lost a race to another CPU counts as created without adding an entry, so the estimate errs
+/// high by such races (rare: two CPUs with the same flow's first packet at once). The counter
+/// never goes down: a look that computes less than already reported adds nothing.
+#[derive(Debug, Default)]
+pub struct EvictionEstimate {
+    /// (created, present) at the first look.
+    base: Option<(u64, u64)>,
+    reclaimed: u64,
+    reported: u64,
+}
+
+/// Entries created so far, from the data path's counters (`(name, value)` rows as
+/// [`crate::dataplane::Counters::read`] gives them), given whether tunnelled flows are DSR.
+pub fn entries_created(counters: &[(&str, u64)], dsr: bool) -> u64 {
+    let get = |name: &str| {
+        counters
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map_or(0, |(_, v)| *v)
+    };
+    let per_tunnel_flow = if dsr { 1 } else { 2 };
+    2 * get("ct_new_flow") + per_tunnel_flow * get("ct_new_tunnel") + get("ct_new_from_tunnel")
+}
+
+impl EvictionEstimate {
+    /// Records one look: entries created so far (read before the map was scanned), entries the
+    /// agent removed since the last look, and entries present after that. Returns the evictions
+    /// to add to the counter.
+    pub fn observe(&mut self, created: u64, reclaimed: u64, present: u64) -> u64 {
+        let Some((created_base, present_base)) = self.base else {
+            self.base = Some((created, present));
+            return 0;
+        };
+        self.reclaimed += reclaimed;
+        let evicted = (created.saturating_sub(created_base) + present_base)
+            .saturating_sub(self.reclaimed + present);
+        let new = evicted.saturating_sub(self.reported);
+        self.reported += new;
+        new
+    }
+
+    /// Evictions reported so far.
+    pub fn total(&self) -> u64 {
+        self.reported
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -326,5 +383,23 @@ mod tests {
         let udp = pair(PROTO_UDP, 0, 0, 0);
         assert!(expired(&udp, &config, 4 * s).is_empty());
         assert_eq!(expired(&udp, &config, 6 * s).len(), 2);
+    }
+
+    #[test]
+    fn evictions_are_what_creation_leaves_unexplained() {
+        let mut e = EvictionEstimate::default();
+        assert_eq!(e.observe(100, 0, 100), 0, "the first look sets the base");
+        // 50 more created, 10 reclaimed, and the map holds 120: 20 were evicted.
+        assert_eq!(e.observe(150, 10, 120), 20);
+        // Nothing new: nothing added, and a look that computes less never subtracts.
+        assert_eq!(e.observe(150, 0, 125), 0);
+        assert_eq!(e.total(), 20);
+        let rows = [
+            ("ct_new_flow", 3),
+            ("ct_new_tunnel", 2),
+            ("ct_new_from_tunnel", 1),
+        ];
+        assert_eq!(entries_created(&rows, false), 6 + 4 + 1);
+        assert_eq!(entries_created(&rows, true), 6 + 2 + 1);
     }
 }

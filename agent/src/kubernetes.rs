@@ -1,11 +1,14 @@
 //! Desired state from the Kubernetes API: one kube-rs watcher and reflector per resource kind,
 //! feeding the same [`Objects`] -> [`crate::source::IntentBuilder`] path as the file source.
 //!
-//! The watchers are thin on purpose. A reflector keeps each kind's objects in a store; every
-//! change wakes the main loop, which takes a snapshot of all stores and reconciles. Changes that
-//! arrive while a pass runs collapse into the next pass. A relist (after a 410 Gone, or when a
-//! watch cannot resume) replaces a store's contents in one step when the list is complete, so a
-//! relist never shows a half-empty cluster, and the reconcile after it writes only what changed.
+//! The watchers are thin on purpose. Every watch event of a kind the data plane uses (Services,
+//! EndpointSlices, Nodes) becomes an [`ObjectEvent`] in a queue and wakes the main loop, which
+//! takes the queued events and recompiles only the services they touch; events that arrive while
+//! a pass runs wait for the next pass. A list (the first, or a relist after a 410 Gone or when a
+//! watch cannot resume) is buffered until complete and then handed over as one
+//! [`ObjectEvent::Replace`], so a relist never shows a half-empty cluster, and the reconcile after
+//! it writes only what changed. Reflector stores are kept beside the queue, for the node's
+//! identity and for [`KubeSource::snapshot`].
 //!
 //! RBAC (cluster-wide `get`, `list`, `watch`): services, endpointslices (discovery.k8s.io),
 //! nodes, pods (this node's, by field selector), namespaces, networkpolicies (networking.k8s.io).
@@ -14,7 +17,7 @@ use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
@@ -29,7 +32,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-use crate::source::Objects;
+use crate::source::{Kind, ObjectEvent, Objects, SourceObject};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KubeSourceError {
@@ -113,7 +116,15 @@ pub struct KubeSource {
     namespaces: Watched<Namespace>,
     network_policies: Watched<NetworkPolicy>,
     changed: Arc<Notify>,
+    events: EventQueue,
 }
+
+/// Events not taken by the main loop yet.
+type EventQueue = Arc<Mutex<Vec<ObjectEvent>>>;
+
+/// How the watcher of one kind turns its objects into events; None for kinds the data plane
+/// does not use (yet).
+type Convert<K> = Option<(Kind, fn(&K) -> SourceObject)>;
 
 struct Watched<K: Resource<DynamicType = ()> + Clone + 'static> {
     kind: &'static str,
@@ -135,15 +146,25 @@ impl KubeSource {
         let changed = Arc::new(Notify::new());
         let config = watcher::Config::default();
         let pods_here = watcher::Config::default().fields(&format!("spec.nodeName={node_name}"));
+        let events = EventQueue::default();
+        let q = (&changed, &events);
+        let service: Convert<Service> = Some((Kind::Service, |s| {
+            SourceObject::Service(Box::new(s.clone()))
+        }));
+        let slice: Convert<EndpointSlice> = Some((Kind::EndpointSlice, |s| {
+            SourceObject::EndpointSlice(Box::new(s.clone()))
+        }));
+        let node: Convert<Node> = Some((Kind::Node, |n| SourceObject::Node(Box::new(n.clone()))));
         KubeSource {
             node_name: node_name.to_owned(),
-            services: watch(client.clone(), "Service", config.clone(), &changed),
-            slices: watch(client.clone(), "EndpointSlice", config.clone(), &changed),
-            nodes: watch(client.clone(), "Node", config.clone(), &changed),
-            pods: watch(client.clone(), "Pod", pods_here, &changed),
-            namespaces: watch(client.clone(), "Namespace", config.clone(), &changed),
-            network_policies: watch(client, "NetworkPolicy", config, &changed),
+            services: watch(client.clone(), "Service", config.clone(), q, service),
+            slices: watch(client.clone(), "EndpointSlice", config.clone(), q, slice),
+            nodes: watch(client.clone(), "Node", config.clone(), q, node),
+            pods: watch(client.clone(), "Pod", pods_here, q, None),
+            namespaces: watch(client.clone(), "Namespace", config.clone(), q, None),
+            network_policies: watch(client, "NetworkPolicy", config, q, None),
             changed,
+            events,
         }
     }
 
@@ -174,6 +195,14 @@ impl KubeSource {
     /// Several changes before the call resolve it once.
     pub async fn changed(&self) {
         self.changed.notified().await;
+    }
+
+    /// The events since the last call, in arrival order.
+    pub fn take_events(&self) -> Vec<ObjectEvent> {
+        self.events
+            .lock()
+            .map(|mut q| std::mem::take(&mut *q))
+            .unwrap_or_default()
     }
 
     /// Every object the stores hold now, in a stable order (namespace, then name).
@@ -210,12 +239,14 @@ fn sorted<K: Resource<DynamicType = ()> + Clone>(store: &Store<K>) -> Vec<K> {
     objects.into_values().collect()
 }
 
-/// A reflector on every object of kind `K` (cluster-wide), waking `changed` on every change.
+/// A reflector on every object of kind `K` (cluster-wide), queueing each change as an event
+/// (when `convert` says how) and waking `changed`.
 fn watch<K>(
     client: Client,
     kind: &'static str,
     config: watcher::Config,
-    changed: &Arc<Notify>,
+    (changed, events): (&Arc<Notify>, &EventQueue),
+    convert: Convert<K>,
 ) -> Watched<K>
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
@@ -228,13 +259,34 @@ where
     let task = tokio::spawn({
         let listed = listed.clone();
         let changed = changed.clone();
+        let events = events.clone();
+        let push = move |event: ObjectEvent| {
+            if let Ok(mut q) = events.lock() {
+                q.push(event);
+            }
+        };
         async move {
             let mut stream = std::pin::pin!(stream);
+            // A list in progress: handed over whole when it completes.
+            let mut listing: Vec<SourceObject> = Vec::new();
             while let Some(event) = stream.next().await {
                 match event {
-                    Ok(watcher::Event::Init) => debug!(kind, "listing"),
-                    Ok(watcher::Event::InitApply(_)) => {}
+                    Ok(watcher::Event::Init) => {
+                        debug!(kind, "listing");
+                        listing.clear();
+                    }
+                    Ok(watcher::Event::InitApply(object)) => {
+                        if let Some((_, to_source)) = convert {
+                            listing.push(to_source(&object));
+                        }
+                    }
                     Ok(watcher::Event::InitDone) => {
+                        if let Some((list_kind, _)) = convert {
+                            push(ObjectEvent::Replace(
+                                list_kind,
+                                std::mem::take(&mut listing),
+                            ));
+                        }
                         if !listed.swap(true, Ordering::AcqRel) {
                             info!(kind, "initial list complete");
                         } else {
@@ -242,7 +294,18 @@ where
                         }
                         changed.notify_one();
                     }
-                    Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => {
+                    Ok(watcher::Event::Apply(object)) => {
+                        if let Some((_, to_source)) = convert {
+                            push(ObjectEvent::Apply(to_source(&object)));
+                        }
+                        changed.notify_one();
+                    }
+                    Ok(watcher::Event::Delete(object)) => {
+                        if let Some(key) =
+                            convert.and_then(|(_, to_source)| to_source(&object).key())
+                        {
+                            push(ObjectEvent::Delete(key));
+                        }
                         changed.notify_one();
                     }
                     // The watcher itself recovers: a 410 Gone makes it relist, anything else is

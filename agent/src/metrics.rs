@@ -37,6 +37,8 @@ pub struct Metrics {
     /// Entries in the conntrack map, as counted by the last garbage collection.
     pub conntrack_entries: Gauge,
     pub conntrack_reclaimed: Counter,
+    /// Entries the LRU evicted, estimated (see [`crate::conntrack::EvictionEstimate`]).
+    pub conntrack_evictions: Counter,
     /// Wall time of one reconcile pass: objects to intent to plan to map writes.
     pub sync_duration: Histogram,
     pub map_writes: Counter,
@@ -64,6 +66,7 @@ impl Metrics {
             backends: Gauge::default(),
             conntrack_entries: Gauge::default(),
             conntrack_reclaimed: Counter::default(),
+            conntrack_evictions: Counter::default(),
             // 100 µs to ~3.3 s: an incremental update sits at the bottom, a full sync of tens of
             // thousands of entries near the top.
             sync_duration: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
@@ -96,6 +99,13 @@ impl Metrics {
             "weir_conntrack_reclaimed",
             "Expired connection tracking entries removed by garbage collection",
             metrics.conntrack_reclaimed.clone(),
+        );
+        registry.register(
+            "weir_conntrack_evictions",
+            "Connection tracking entries the kernel's LRU evicted to make room for new flows, \
+             derived from entries created minus reclaimed minus present (the LRU map does not \
+             report evictions)",
+            metrics.conntrack_evictions.clone(),
         );
         registry.register(
             "weir_sync_duration_seconds",

@@ -15,7 +15,7 @@ use tracing::{debug, error, info, warn};
 use crate::admission::Limits;
 use crate::compile::CompileOptions;
 use crate::config::{AgentConfig, LoadBalancing, SourceKind, TunnelMode};
-use crate::conntrack::collect_garbage;
+use crate::conntrack::{collect_garbage, entries_created, EvictionEstimate};
 use crate::dataplane::{Counters, Dataplane, LoadOptions};
 use crate::health_check::{self, HealthCheckServer};
 use crate::http::OpsServer;
@@ -24,7 +24,7 @@ use crate::kubernetes::{KubeSource, NodeIdentity};
 use crate::metrics::{Health, Metrics, Ops};
 use crate::node;
 use crate::reconcile::Reconciler;
-use crate::source::{read_objects, ChangeDetector, Objects};
+use crate::source::{FileSource, ObjectEvent};
 
 /// The loop counts as wedged after this many poll intervals without a turn (at least
 /// [`MIN_STALL`]): long enough for a full sync of a large cluster, short enough for a liveness
@@ -68,6 +68,10 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     // A second handle on the counter map, read by the HTTP thread at scrape time.
     let counters = Counters::open_pinned(&pin_dir).context("opening the counter map")?;
     let metrics = Arc::new(Metrics::new().with_datapath(counters));
+    // Another handle for the loop: conntrack evictions are derived from the creation counters.
+    let created_counters = Counters::open_pinned(&pin_dir).context("opening the counter map")?;
+    let dsr = config.services.external_return == crate::config::ExternalReturn::Dsr;
+    let mut evictions = EvictionEstimate::default();
     let health = Arc::new(Health::new(
         (config.poll_interval * STALL_POLLS).max(MIN_STALL),
     ));
@@ -99,13 +103,38 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         maglev: config.services.external_load_balancing == LoadBalancing::Maglev,
     });
     let mut source = match config.source {
-        SourceKind::File => DesiredState::File {
-            path: config
+        SourceKind::File => {
+            let path = config
                 .state_path
                 .clone()
-                .context("the file source needs state_path")?,
-            changes: ChangeDetector::default(),
-        },
+                .context("the file source needs state_path")?;
+            let source = FileSource::new(&path);
+            let watch = match source.watch_fd() {
+                Some(fd) => {
+                    use std::os::fd::AsRawFd;
+                    // SAFETY: the descriptor belongs to `source`'s inotify instance, which lives
+                    // in the same `DesiredState::File` and is dropped after `watch` (fields drop
+                    // in declaration order), so it stays open while registered.
+                    let registered = unsafe {
+                        tokio::io::unix::AsyncFd::register_with_interest(
+                            fd.as_raw_fd(),
+                            tokio::io::Interest::READABLE,
+                        )
+                    };
+                    Some(
+                        registered
+                            .map_err(std::io::Error::from)
+                            .context("registering the inotify descriptor")?,
+                    )
+                }
+                None => None,
+            };
+            DesiredState::File {
+                watch,
+                source,
+                started: false,
+            }
+        }
         SourceKind::Kubernetes => {
             let client = crate::kubernetes::client(config.kubeconfig.as_deref())
                 .await
@@ -130,22 +159,32 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             _ = poll.tick() => {
                 health.beat();
                 interfaces.sync(&config, &mut dataplane, &health, &metrics);
-                if let Some(objects) = source.poll(retry, &config.node_name, &metrics) {
-                    retry = apply(&mut reconciler, &mut dataplane, &objects, &health);
+                if source.poll(retry, false, &config.node_name, &metrics, &mut |e| reconciler.stage(&e)) {
+                    retry = apply(&mut reconciler, &mut dataplane, &health);
                     health_checks.update(health_check::desired(reconciler.intent(), &config.node_name));
                 }
             }
             _ = source.changed() => {
                 health.beat();
-                if let Some(objects) = source.poll(true, &config.node_name, &metrics) {
-                    retry = apply(&mut reconciler, &mut dataplane, &objects, &health);
+                if source.poll(retry, true, &config.node_name, &metrics, &mut |e| reconciler.stage(&e)) {
+                    retry = apply(&mut reconciler, &mut dataplane, &health);
                     health_checks.update(health_check::desired(reconciler.intent(), &config.node_name));
                 }
             }
             _ = gc.tick() => {
                 let started = Instant::now();
+                // Read before the scan: entries created during it can only make the estimate low.
+                let created = created_counters.read().map(|rows| entries_created(&rows, dsr));
                 match collect_garbage(&mut dataplane.conntrack, &config.conntrack) {
                     Ok(report) => {
+                        if let Ok(created) = created {
+                            let present = report.scanned.saturating_sub(report.reclaimed);
+                            metrics.conntrack_evictions.inc_by(evictions.observe(
+                                created,
+                                report.reclaimed as u64,
+                                present as u64,
+                            ));
+                        }
                         metrics
                             .conntrack_entries
                             .set(report.scanned.saturating_sub(report.reclaimed) as i64);
@@ -176,11 +215,16 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Where desired state comes from.
+/// Where desired state comes from: both sources hand over per-object events.
 enum DesiredState {
     File {
-        path: std::path::PathBuf,
-        changes: ChangeDetector,
+        /// The inotify descriptor of `source` in the reactor; None when the file source polls.
+        /// Declared before `source`: it must be dropped (deregistered) before the descriptor
+        /// closes.
+        watch: Option<tokio::io::unix::AsyncFd<std::os::fd::RawFd>>,
+        source: FileSource,
+        /// The first full read is done.
+        started: bool,
     },
     Kubernetes {
         source: Box<KubeSource>,
@@ -190,41 +234,65 @@ enum DesiredState {
 }
 
 impl DesiredState {
-    /// Resolves when the source has news; never for the polled file source.
+    /// Resolves when the source has news: inotify saw a write, or a watcher an event. Never
+    /// for a file source without inotify (the poll tick looks at it).
     async fn changed(&self) {
         match self {
+            DesiredState::File {
+                watch: Some(fd), ..
+            } => match fd.readable().await {
+                // The events are read (until the descriptor would block) by `poll`.
+                Ok(mut guard) => guard.clear_ready(),
+                Err(e) => {
+                    warn!(error = %e, "waiting on inotify");
+                    std::future::pending().await
+                }
+            },
             DesiredState::File { .. } => std::future::pending().await,
             DesiredState::Kubernetes { source, .. } => source.changed().await,
         }
     }
 
-    /// The objects to reconcile now, if there is anything to do: for the file, when it changed
-    /// or `again`; for the API, when `again` (after news or a failed pass) and once every kind
-    /// is listed.
-    fn poll(&mut self, again: bool, node_name: &str, metrics: &Metrics) -> Option<Objects> {
+    /// Hands what changed to `stage`, event by event; true when a pass is due (news, or a
+    /// failed pass to retry). `woken` says the source signalled news.
+    fn poll(
+        &mut self,
+        retry: bool,
+        woken: bool,
+        node_name: &str,
+        metrics: &Metrics,
+        stage: &mut dyn FnMut(ObjectEvent),
+    ) -> bool {
         match self {
-            DesiredState::File { path, changes } => {
-                if !changes.changed(path) && !again {
-                    return None;
+            DesiredState::File {
+                watch,
+                source,
+                started,
+            } => {
+                let mut news = false;
+                let mut sink = |e: ObjectEvent| {
+                    news = true;
+                    stage(e);
+                };
+                let errors = if !*started {
+                    *started = true;
+                    source.scan_into(&mut sink)
+                } else if woken || watch.is_none() {
+                    source.changes_into(&mut sink)
+                } else {
+                    Vec::new()
+                };
+                for e in &errors {
+                    // That file keeps what it contributed last: the rest applies.
+                    warn!(error = %e, "state file unreadable; keeping its last good objects");
+                    metrics.source_errors.inc();
                 }
-                match read_objects(path) {
-                    Ok(objects) => Some(objects),
-                    Err(e) => {
-                        // The whole source is unreadable: keep the last good state in the maps.
-                        warn!(error = %e, "state source unreadable; keeping last good state");
-                        metrics.source_errors.inc();
-                        None
-                    }
-                }
+                news || retry
             }
             DesiredState::Kubernetes { source, node } => {
-                // Changes wake the loop through `changed`; a tick only retries a failed pass.
-                if !again {
-                    return None;
-                }
                 if !source.is_ready() {
                     debug!(waiting_for = ?source.unlisted(), "Kubernetes source not listed yet");
-                    return None;
+                    return false;
                 }
                 let identity = source.node_identity();
                 if identity != *node {
@@ -239,20 +307,19 @@ impl DesiredState {
                     }
                     *node = identity;
                 }
-                Some(source.snapshot())
+                let events = source.take_events();
+                let news = !events.is_empty();
+                events.into_iter().for_each(stage);
+                news || retry
             }
         }
     }
 }
 
 /// One reconcile pass; returns whether the next tick should try again.
-fn apply(
-    reconciler: &mut Reconciler,
-    dataplane: &mut Dataplane,
-    objects: &Objects,
-    health: &Health,
-) -> bool {
-    match reconciler.reconcile(&mut dataplane.services, objects) {
+fn apply(reconciler: &mut Reconciler, dataplane: &mut Dataplane, health: &Health) -> bool {
+    // The source staged its events already.
+    match reconciler.apply_events(&mut dataplane.services, &[]) {
         Ok(_) => {
             health.set_synced();
             false

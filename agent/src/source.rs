@@ -4,10 +4,11 @@
 //! and an object that does not validate keeps its own previous version (or stays absent), while
 //! every other object applies.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::Deserialize;
 
@@ -85,22 +86,24 @@ pub fn read_objects(path: &Path) -> Result<Objects, SourceError> {
 
 /// Parses multi-document YAML; `kind: List` documents contribute their items.
 pub fn parse_documents(path: &Path, text: &str, objects: &mut Objects) -> Result<(), SourceError> {
-    for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let doc_err = |message: String| SourceError::Document {
+    for (index, document) in split_documents(text).into_iter().enumerate() {
+        let parsed = parse_document(document).map_err(|message| SourceError::Document {
             path: path.to_owned(),
             index,
             message,
-        };
-        let value = serde_yaml::Value::deserialize(document).map_err(|e| doc_err(e.to_string()))?;
-        if value.is_null() {
-            continue;
+        })?;
+        for object in parsed {
+            match object {
+                SourceObject::Service(s) => objects.services.push(*s),
+                SourceObject::EndpointSlice(s) => objects.slices.push(*s),
+                SourceObject::Node(n) => objects.nodes.push(*n),
+            }
         }
-        collect(value, objects).map_err(doc_err)?;
     }
     Ok(())
 }
 
-fn collect(value: serde_yaml::Value, objects: &mut Objects) -> Result<(), String> {
+fn collect(value: serde_yaml::Value, out: &mut Vec<SourceObject>) -> Result<(), String> {
     let kind = value
         .get("kind")
         .and_then(|k| k.as_str())
@@ -108,24 +111,25 @@ fn collect(value: serde_yaml::Value, objects: &mut Objects) -> Result<(), String
         .to_owned();
     match kind.as_str() {
         "List" => {
-            let items = value
-                .get("items")
-                .and_then(|i| i.as_sequence())
-                .cloned()
-                .unwrap_or_default();
-            for item in items {
-                collect(item, objects)?;
+            let items = match value {
+                serde_yaml::Value::Mapping(mut m) => m.remove("items"),
+                _ => None,
+            };
+            if let Some(serde_yaml::Value::Sequence(items)) = items {
+                for item in items {
+                    collect(item, out)?;
+                }
             }
         }
-        "Service" => objects
-            .services
-            .push(serde_yaml::from_value(value).map_err(|e| format!("Service: {e}"))?),
-        "EndpointSlice" => objects
-            .slices
-            .push(serde_yaml::from_value(value).map_err(|e| format!("EndpointSlice: {e}"))?),
-        "Node" => objects
-            .nodes
-            .push(serde_yaml::from_value(value).map_err(|e| format!("Node: {e}"))?),
+        "Service" => out.push(SourceObject::Service(Box::new(
+            serde_yaml::from_value(value).map_err(|e| format!("Service: {e}"))?,
+        ))),
+        "EndpointSlice" => out.push(SourceObject::EndpointSlice(Box::new(
+            serde_yaml::from_value(value).map_err(|e| format!("EndpointSlice: {e}"))?,
+        ))),
+        "Node" => out.push(SourceObject::Node(Box::new(
+            serde_yaml::from_value(value).map_err(|e| format!("Node: {e}"))?,
+        ))),
         // Other kinds (Pods, ...) may share the file; they are not service state.
         _ => {}
     }
@@ -213,39 +217,700 @@ fn object_error(kind: &'static str, id: Option<ObjectRef>, error: IntentError) -
     }
 }
 
-/// Tells whether a file or directory changed since last asked, by modification time and size of
-/// everything in it. Polling survives editors that replace files by rename, and the lab's atomic
-/// writes, without inotify bookkeeping.
-#[derive(Debug, Default)]
-pub struct ChangeDetector {
-    last: Option<Vec<(PathBuf, Option<SystemTime>, u64)>>,
+/// Which object an event is about.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ObjectKey {
+    Service(ObjectRef),
+    EndpointSlice(ObjectRef),
+    Node(String),
 }
 
-impl ChangeDetector {
-    pub fn changed(&mut self, path: &Path) -> bool {
-        let snapshot = snapshot(path);
-        let changed = self.last.as_ref() != Some(&snapshot);
-        self.last = Some(snapshot);
-        changed
+impl ObjectKey {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ObjectKey::Service(_) => "Service",
+            ObjectKey::EndpointSlice(_) => "EndpointSlice",
+            ObjectKey::Node(_) => "Node",
+        }
     }
 }
 
-fn snapshot(path: &Path) -> Vec<(PathBuf, Option<SystemTime>, u64)> {
-    let stat = |p: &Path| {
-        let meta = std::fs::metadata(p).ok();
-        (
-            p.to_owned(),
-            meta.as_ref().and_then(|m| m.modified().ok()),
-            meta.map_or(0, |m| m.len()),
+/// A source object of a kind the data plane uses.
+#[derive(Clone, Debug)]
+pub enum SourceObject {
+    Service(Box<Service>),
+    EndpointSlice(Box<EndpointSlice>),
+    Node(Box<Node>),
+}
+
+impl SourceObject {
+    /// Its identity, when it has a name.
+    pub fn key(&self) -> Option<ObjectKey> {
+        match self {
+            SourceObject::Service(s) => intent::service_ref(s).map(ObjectKey::Service),
+            SourceObject::EndpointSlice(s) => intent::slice_ref(s).map(ObjectKey::EndpointSlice),
+            SourceObject::Node(n) => intent::node_name(n).map(ObjectKey::Node),
+        }
+    }
+}
+
+/// The kinds a complete list ([`ObjectEvent::Replace`]) can cover.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Service,
+    EndpointSlice,
+    Node,
+}
+
+impl Kind {
+    fn covers(self, key: &ObjectKey) -> bool {
+        matches!(
+            (self, key),
+            (Kind::Service, ObjectKey::Service(_))
+                | (Kind::EndpointSlice, ObjectKey::EndpointSlice(_))
+                | (Kind::Node, ObjectKey::Node(_))
         )
-    };
-    let mut out = vec![stat(path)];
-    if let Ok(entries) = std::fs::read_dir(path) {
-        let mut files: Vec<_> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
-        files.sort();
-        out.extend(files.iter().map(|f| stat(f)));
     }
-    out
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Service => "Service",
+            Kind::EndpointSlice => "EndpointSlice",
+            Kind::Node => "Node",
+        }
+    }
+}
+
+/// One change from a source: what both the file source and the Kubernetes watchers produce.
+#[derive(Clone, Debug)]
+pub enum ObjectEvent {
+    Apply(SourceObject),
+    Delete(ObjectKey),
+    /// A complete list of one kind (a start or a relist): every object of that kind not in it is
+    /// gone. Objects that did not change cost a comparison, not a write.
+    Replace(Kind, Vec<SourceObject>),
+}
+
+impl Objects {
+    /// A snapshot as events: a complete list of every kind.
+    pub fn to_events(&self) -> Vec<ObjectEvent> {
+        vec![
+            ObjectEvent::Replace(
+                Kind::Node,
+                self.nodes
+                    .iter()
+                    .map(|n| SourceObject::Node(Box::new(n.clone())))
+                    .collect(),
+            ),
+            ObjectEvent::Replace(
+                Kind::Service,
+                self.services
+                    .iter()
+                    .map(|s| SourceObject::Service(Box::new(s.clone())))
+                    .collect(),
+            ),
+            ObjectEvent::Replace(
+                Kind::EndpointSlice,
+                self.slices
+                    .iter()
+                    .map(|s| SourceObject::EndpointSlice(Box::new(s.clone())))
+                    .collect(),
+            ),
+        ]
+    }
+}
+
+/// The validated intent, kept up to date object by object, and which services a change touched.
+///
+/// Each object is converted (validated) when it arrives and only its intent is kept, never the
+/// Kubernetes object itself; an object that fails validation keeps its last good version (or
+/// stays absent) and its error is remembered until the object is fixed or deleted. A change
+/// whose intent equals what is there already touches nothing.
+#[derive(Debug, Default)]
+pub struct IntentStore {
+    intent: ClusterIntent,
+    /// Slices by the service they belong to, so a service's slices are found without a scan.
+    slices_by_service: BTreeMap<ObjectRef, BTreeSet<ObjectRef>>,
+    /// Current validation errors, by object (unnamed objects under their kind alone).
+    errors: BTreeMap<(&'static str, String), ObjectError>,
+    dirty: BTreeSet<ObjectRef>,
+    all_dirty: bool,
+}
+
+impl IntentStore {
+    pub fn intent(&self) -> &ClusterIntent {
+        &self.intent
+    }
+
+    /// The slices of a service, in name order.
+    pub fn slices_of(&self, service: &ObjectRef) -> impl Iterator<Item = &EndpointSliceIntent> {
+        self.slices_by_service
+            .get(service)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.intent.slices.get(id))
+    }
+
+    /// Slices whose service does not exist.
+    pub fn orphan_slices_of(&self, service: &ObjectRef) -> Vec<&ObjectRef> {
+        if self.intent.services.contains_key(service) {
+            return Vec::new();
+        }
+        self.slices_by_service
+            .get(service)
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+
+    pub fn errors(&self) -> impl Iterator<Item = &ObjectError> {
+        self.errors.values()
+    }
+
+    /// Marks every service changed (after the maps were re-read).
+    pub fn mark_all_dirty(&mut self) {
+        self.all_dirty = true;
+    }
+
+    /// The services changed since the last call: every known one (with a slice or not) when a
+    /// node changed or [`IntentStore::mark_all_dirty`] was called.
+    pub fn take_dirty(&mut self) -> BTreeSet<ObjectRef> {
+        let mut dirty = std::mem::take(&mut self.dirty);
+        if std::mem::take(&mut self.all_dirty) {
+            dirty.extend(self.intent.services.keys().cloned());
+            dirty.extend(self.slices_by_service.keys().cloned());
+        }
+        dirty
+    }
+
+    pub fn handle(&mut self, event: &ObjectEvent) {
+        match event {
+            ObjectEvent::Apply(object) => self.apply(object),
+            ObjectEvent::Delete(key) => self.delete(key),
+            ObjectEvent::Replace(kind, objects) => self.replace(*kind, objects),
+        }
+    }
+
+    fn replace(&mut self, kind: Kind, objects: &[SourceObject]) {
+        self.errors.retain(|(k, _), _| *k != kind.name());
+        let mut listed = BTreeSet::new();
+        for object in objects {
+            listed.extend(object.key());
+            self.apply(object);
+        }
+        let present: Vec<ObjectKey> = match kind {
+            Kind::Service => self
+                .intent
+                .services
+                .keys()
+                .cloned()
+                .map(ObjectKey::Service)
+                .collect(),
+            Kind::EndpointSlice => self
+                .intent
+                .slices
+                .keys()
+                .cloned()
+                .map(ObjectKey::EndpointSlice)
+                .collect(),
+            Kind::Node => self
+                .intent
+                .nodes
+                .keys()
+                .cloned()
+                .map(ObjectKey::Node)
+                .collect(),
+        };
+        for key in present {
+            if kind.covers(&key) && !listed.contains(&key) {
+                self.delete(&key);
+            }
+        }
+    }
+
+    pub fn apply(&mut self, object: &SourceObject) {
+        match object {
+            SourceObject::Service(service) => {
+                let id = intent::service_ref(service);
+                match ServiceIntent::try_from(service.as_ref()) {
+                    Ok(s) => {
+                        self.errors.remove(&("Service", s.id.to_string()));
+                        if self.intent.services.get(&s.id) != Some(&s) {
+                            self.dirty.insert(s.id.clone());
+                            self.intent.services.insert(s.id.clone(), s);
+                        }
+                    }
+                    Err(error) => self.record("Service", id.map(|i| i.to_string()), error),
+                }
+            }
+            SourceObject::EndpointSlice(slice) => {
+                let id = intent::slice_ref(slice);
+                match EndpointSliceIntent::try_from(slice.as_ref()) {
+                    Ok(s) => {
+                        self.errors.remove(&("EndpointSlice", s.id.to_string()));
+                        if self.intent.slices.get(&s.id) != Some(&s) {
+                            if let Some(old) = self.intent.slices.get(&s.id) {
+                                let old_service = old.service.clone();
+                                self.unindex(&old_service, &s.id);
+                            }
+                            self.dirty.insert(s.service.clone());
+                            self.slices_by_service
+                                .entry(s.service.clone())
+                                .or_default()
+                                .insert(s.id.clone());
+                            self.intent.slices.insert(s.id.clone(), s);
+                        }
+                    }
+                    Err(error) => self.record("EndpointSlice", id.map(|i| i.to_string()), error),
+                }
+            }
+            SourceObject::Node(node) => match NodeIntent::try_from(node.as_ref()) {
+                Ok(n) => {
+                    self.errors.remove(&("Node", n.name.clone()));
+                    if self.intent.nodes.get(&n.name) != Some(&n) {
+                        // Backends name their node's tunnel address: any service may change.
+                        self.all_dirty = true;
+                        self.intent.nodes.insert(n.name.clone(), n);
+                    }
+                }
+                Err(error) => self.record("Node", intent::node_name(node), error),
+            },
+        }
+    }
+
+    pub fn delete(&mut self, key: &ObjectKey) {
+        match key {
+            ObjectKey::Service(id) => {
+                self.errors.remove(&("Service", id.to_string()));
+                if self.intent.services.remove(id).is_some() {
+                    self.dirty.insert(id.clone());
+                }
+            }
+            ObjectKey::EndpointSlice(id) => {
+                self.errors.remove(&("EndpointSlice", id.to_string()));
+                if let Some(old) = self.intent.slices.remove(id) {
+                    self.unindex(&old.service, id);
+                    self.dirty.insert(old.service);
+                }
+            }
+            ObjectKey::Node(name) => {
+                self.errors.remove(&("Node", name.clone()));
+                if self.intent.nodes.remove(name).is_some() {
+                    self.all_dirty = true;
+                }
+            }
+        }
+    }
+
+    fn unindex(&mut self, service: &ObjectRef, slice: &ObjectRef) {
+        if let Some(set) = self.slices_by_service.get_mut(service) {
+            set.remove(slice);
+            if set.is_empty() {
+                self.slices_by_service.remove(service);
+            }
+        }
+        self.dirty.insert(service.clone());
+    }
+
+    fn record(&mut self, kind: &'static str, object: Option<String>, error: IntentError) {
+        let object = object.unwrap_or_else(|| "<unnamed>".to_owned());
+        self.errors.insert(
+            (kind, object.clone()),
+            ObjectError {
+                kind,
+                object,
+                error,
+            },
+        );
+    }
+}
+
+/// Splits multi-document YAML at its `---` lines. A `---` at the start of a line is always a
+/// document marker (block scalars are indented), so no YAML parse is needed to find documents,
+/// and an unchanged document is recognised by its text alone.
+pub fn split_documents(text: &str) -> Vec<&str> {
+    let mut docs = Vec::new();
+    let mut start = 0;
+    let mut at = 0;
+    for line in text.split_inclusive('\n') {
+        let bare = line.trim_end_matches(['\n', '\r']);
+        if bare == "---" || bare.starts_with("--- ") || bare.starts_with("---\t") {
+            docs.push(&text[start..at]);
+            // A marker may carry content after it (`--- {a: 1}`): keep that.
+            start = at + 3;
+        }
+        at += line.len();
+    }
+    docs.push(&text[start..]);
+    docs.retain(|d| !d.trim().is_empty());
+    docs
+}
+
+/// The objects of one YAML document (several for a `kind: List`). The common kinds deserialize
+/// straight from the text into their typed form; only other documents (a `List`) go through a
+/// YAML value tree, which lives only while its document converts.
+fn parse_document(text: &str) -> Result<Vec<SourceObject>, String> {
+    // `kind:` at the start of a line is the top-level key (nested keys are indented).
+    let kind = text
+        .lines()
+        .find_map(|l| l.strip_prefix("kind:"))
+        .map(|k| k.trim().trim_matches(['"', '\'']));
+    let typed = match kind {
+        Some("Service") => Some(
+            serde_yaml::from_str(text)
+                .map(|s| SourceObject::Service(Box::new(s)))
+                .map_err(|e| format!("Service: {e}")),
+        ),
+        Some("EndpointSlice") => Some(
+            serde_yaml::from_str(text)
+                .map(|s| SourceObject::EndpointSlice(Box::new(s)))
+                .map_err(|e| format!("EndpointSlice: {e}")),
+        ),
+        Some("Node") => Some(
+            serde_yaml::from_str(text)
+                .map(|n| SourceObject::Node(Box::new(n)))
+                .map_err(|e| format!("Node: {e}")),
+        ),
+        _ => None,
+    };
+    if let Some(object) = typed {
+        return object.map(|o| vec![o]);
+    }
+    let mut out = Vec::new();
+    for document in serde_yaml::Deserializer::from_str(text) {
+        let value = serde_yaml::Value::deserialize(document).map_err(|e| e.to_string())?;
+        if value.is_null() {
+            continue;
+        }
+        collect(value, &mut out)?;
+    }
+    Ok(out)
+}
+
+/// A stable hash of a document's text: the same text is the same objects.
+fn text_hash(text: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    text.hash(&mut hasher);
+    hasher.finish()
+}
+
+/// What one file contributed last time it was read.
+#[derive(Debug, Default)]
+struct FileState {
+    stamp: (Option<SystemTime>, u64),
+    /// Per document (by the hash of its text), the objects it holds. A file has a few.
+    documents: Vec<(u64, Vec<ObjectKey>)>,
+}
+
+/// Desired state from a YAML file or a directory of them, as per-object events.
+///
+/// A changed file is re-read alone, and only its documents whose text changed are parsed, so a
+/// one-service change in a directory of thousands of files costs one small parse. Changes are
+/// seen through inotify on the directory (the file's own directory in the single-file form, so
+/// replacement by rename is seen); where inotify cannot be had, by polling each file's
+/// modification time and size.
+pub struct FileSource {
+    path: PathBuf,
+    files: BTreeMap<PathBuf, FileState>,
+    inotify: Option<nix::sys::inotify::Inotify>,
+}
+
+impl std::fmt::Debug for FileSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileSource")
+            .field("path", &self.path)
+            .field("files", &self.files.len())
+            .field("inotify", &self.inotify.is_some())
+            .finish()
+    }
+}
+
+impl FileSource {
+    /// Watches `path` (a file or a directory) with inotify if it can.
+    pub fn new(path: &Path) -> FileSource {
+        use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+        let dir = if path.is_dir() {
+            path.to_owned()
+        } else {
+            path.parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."))
+                .to_owned()
+        };
+        let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)
+            .and_then(|i| {
+                i.add_watch(
+                    &dir,
+                    AddWatchFlags::IN_CLOSE_WRITE
+                        | AddWatchFlags::IN_MOVED_TO
+                        | AddWatchFlags::IN_MOVED_FROM
+                        | AddWatchFlags::IN_DELETE,
+                )?;
+                Ok(i)
+            })
+            .map_err(|e| {
+                tracing::warn!(dir = %dir.display(), error = %e, "no inotify; polling the state files");
+            })
+            .ok();
+        FileSource {
+            path: path.to_owned(),
+            files: BTreeMap::new(),
+            inotify,
+        }
+    }
+
+    /// The inotify descriptor, for the event loop to wait on; None when polling.
+    pub fn watch_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        self.inotify.as_ref().map(|i| i.as_fd())
+    }
+
+    fn wanted(&self, file: &Path) -> bool {
+        if self.path.is_dir() {
+            file.parent() == Some(self.path.as_path())
+                && matches!(
+                    file.extension().and_then(|e| e.to_str()),
+                    Some("yaml" | "yml")
+                )
+        } else {
+            file == self.path
+        }
+    }
+
+    fn listing(&self) -> Result<Vec<PathBuf>, SourceError> {
+        let read_err = |source| SourceError::Read {
+            path: self.path.clone(),
+            source,
+        };
+        if !self.path.is_dir() {
+            return Ok(if self.path.exists() {
+                vec![self.path.clone()]
+            } else {
+                Vec::new()
+            });
+        }
+        let mut files = Vec::new();
+        for entry in std::fs::read_dir(&self.path).map_err(read_err)? {
+            let file = entry.map_err(read_err)?.path();
+            if self.wanted(&file) {
+                files.push(file);
+            }
+        }
+        files.sort();
+        Ok(files)
+    }
+
+    /// [`FileSource::scan_into`], collected.
+    pub fn scan(&mut self) -> (Vec<ObjectEvent>, Vec<SourceError>) {
+        let mut events = Vec::new();
+        let errors = self.scan_into(&mut |e| events.push(e));
+        (events, errors)
+    }
+
+    /// [`FileSource::changes_into`], collected.
+    pub fn changes(&mut self) -> (Vec<ObjectEvent>, Vec<SourceError>) {
+        let mut events = Vec::new();
+        let errors = self.changes_into(&mut |e| events.push(e));
+        (events, errors)
+    }
+
+    /// Files whose modification time or size changed, appeared or went: every file the first
+    /// time. What polling and an inotify queue overflow fall back to. Events go to `sink` file by
+    /// file, so a directory of thousands of files is never held in memory as objects at once.
+    pub fn scan_into(&mut self, sink: &mut dyn FnMut(ObjectEvent)) -> Vec<SourceError> {
+        let listing = match self.listing() {
+            Ok(l) => l,
+            Err(e) => return vec![e],
+        };
+        let mut changed: Vec<PathBuf> = listing
+            .iter()
+            .filter(|f| self.files.get(*f).map(|s| s.stamp) != Some(stamp(f)))
+            .cloned()
+            .collect();
+        let listed: BTreeSet<&PathBuf> = listing.iter().collect();
+        changed.extend(self.files.keys().filter(|f| !listed.contains(f)).cloned());
+        self.reread(changed, sink)
+    }
+
+    /// Events for what changed since the last call, as inotify reports it (or by polling).
+    pub fn changes_into(&mut self, sink: &mut dyn FnMut(ObjectEvent)) -> Vec<SourceError> {
+        use nix::sys::inotify::AddWatchFlags;
+        let Some(inotify) = &self.inotify else {
+            return self.scan_into(sink);
+        };
+        let mut names = BTreeSet::new();
+        let mut overflow = false;
+        let dir = if self.path.is_dir() {
+            self.path.clone()
+        } else {
+            self.path.parent().unwrap_or(Path::new(".")).to_owned()
+        };
+        loop {
+            match inotify.read_events() {
+                Ok(events) if !events.is_empty() => {
+                    for e in events {
+                        if e.mask.contains(AddWatchFlags::IN_Q_OVERFLOW) {
+                            overflow = true;
+                        }
+                        if let Some(name) = e.name {
+                            names.insert(dir.join(name));
+                        }
+                    }
+                }
+                _ => break,
+            }
+        }
+        if overflow {
+            return self.scan_into(sink);
+        }
+        let files: Vec<PathBuf> = names.into_iter().filter(|f| self.wanted(f)).collect();
+        self.reread(files, sink)
+    }
+
+    /// Re-reads `files`, handing each file's events to `sink` as soon as that file is done.
+    /// Many files (a start, a control plane landing thousands of objects) are parsed on a few
+    /// threads: YAML parsing is most of a full sync's time.
+    fn reread(
+        &mut self,
+        files: Vec<PathBuf>,
+        sink: &mut dyn FnMut(ObjectEvent),
+    ) -> Vec<SourceError> {
+        const PARALLEL_FROM: usize = 32;
+        let mut errors = Vec::new();
+        let mut updates: Vec<(PathBuf, Option<FileState>)> = Vec::new();
+        let mut take = |file: PathBuf, result: Result<FileUpdate, SourceError>| match result {
+            Ok(update) => {
+                update.events.into_iter().for_each(&mut *sink);
+                updates.push((file, update.state));
+            }
+            Err(e) => errors.push(e),
+        };
+        let workers = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(4);
+        if files.len() < PARALLEL_FROM || workers < 2 {
+            for file in files {
+                let result = read_file(self.files.get(&file), &file);
+                take(file, result);
+            }
+        } else {
+            let known = &self.files;
+            let next = std::sync::atomic::AtomicUsize::new(0);
+            let files = &files;
+            std::thread::scope(|scope| {
+                // Bounded: parsed objects wait here only until the sink takes them.
+                let (tx, rx) = std::sync::mpsc::sync_channel(workers * 4);
+                for _ in 0..workers {
+                    let tx = tx.clone();
+                    let next = &next;
+                    scope.spawn(move || loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(file) = files.get(i) else { break };
+                        let result = read_file(known.get(file), file);
+                        if tx.send((file.clone(), result)).is_err() {
+                            break;
+                        }
+                    });
+                }
+                drop(tx);
+                for (file, result) in rx {
+                    take(file, result);
+                }
+            });
+        }
+        for (file, state) in updates {
+            match state {
+                Some(state) => {
+                    self.files.insert(file, state);
+                }
+                None => {
+                    self.files.remove(&file);
+                }
+            }
+        }
+        errors
+    }
+}
+
+/// What re-reading one file found: its events, and its new state (None: the file is gone).
+struct FileUpdate {
+    events: Vec<ObjectEvent>,
+    state: Option<FileState>,
+}
+
+/// Re-reads one file against what it contributed before. A file that does not read or parse is
+/// an error, and keeps what it contributed.
+fn read_file(old: Option<&FileState>, file: &Path) -> Result<FileUpdate, SourceError> {
+    let stamp = stamp(file);
+    let text = match std::fs::read_to_string(file) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let gone: BTreeSet<ObjectKey> = old
+                .map(|o| {
+                    o.documents
+                        .iter()
+                        .flat_map(|(_, k)| k.iter().cloned())
+                        .collect()
+                })
+                .unwrap_or_default();
+            return Ok(FileUpdate {
+                events: gone.into_iter().map(ObjectEvent::Delete).collect(),
+                state: None,
+            });
+        }
+        Err(source) => {
+            return Err(SourceError::Read {
+                path: file.to_owned(),
+                source,
+            })
+        }
+    };
+    let previous = |hash: u64| {
+        old.and_then(|o| o.documents.iter().find(|(h, _)| *h == hash))
+            .map(|(_, keys)| keys)
+    };
+    let mut documents: Vec<(u64, Vec<ObjectKey>)> = Vec::new();
+    let mut applied = Vec::new();
+    for (index, doc) in split_documents(&text).into_iter().enumerate() {
+        let hash = text_hash(doc);
+        if documents.iter().any(|(h, _)| *h == hash) {
+            continue;
+        }
+        if let Some(keys) = previous(hash) {
+            documents.push((hash, keys.clone()));
+            continue;
+        }
+        let objects = parse_document(doc).map_err(|message| SourceError::Document {
+            path: file.to_owned(),
+            index,
+            message,
+        })?;
+        documents.push((hash, objects.iter().filter_map(SourceObject::key).collect()));
+        applied.extend(objects);
+    }
+    let now: BTreeSet<&ObjectKey> = documents.iter().flat_map(|(_, k)| k).collect();
+    let gone: BTreeSet<ObjectKey> = old
+        .into_iter()
+        .flat_map(|o| o.documents.iter().flat_map(|(_, k)| k))
+        .filter(|k| !now.contains(k))
+        .cloned()
+        .collect();
+    let mut events: Vec<ObjectEvent> = gone.into_iter().map(ObjectEvent::Delete).collect();
+    events.extend(applied.into_iter().map(ObjectEvent::Apply));
+    documents.shrink_to_fit();
+    Ok(FileUpdate {
+        events,
+        state: Some(FileState { stamp, documents }),
+    })
+}
+
+fn stamp(path: &Path) -> (Option<SystemTime>, u64) {
+    let meta = std::fs::metadata(path).ok();
+    (
+        meta.as_ref().and_then(|m| m.modified().ok()),
+        meta.map_or(0, |m| m.len()),
+    )
 }
 
 #[cfg(test)]
@@ -312,27 +977,126 @@ mod tests {
             errors[0]
         );
     }
-}
 
-#[cfg(test)]
-mod change_tests {
-    use super::ChangeDetector;
+    fn slice_doc(service: &str, ip: &str) -> String {
+        format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {service}-1, namespace: default, labels: {{kubernetes.io/service-name: {service}}}}}\naddressType: IPv4\nendpoints: [{{addresses: [{ip}]}}]\n"
+        )
+    }
+
+    fn summary(events: &[ObjectEvent]) -> Vec<String> {
+        let mut out: Vec<String> = events
+            .iter()
+            .map(|e| match e {
+                ObjectEvent::Apply(o) => format!("apply {:?}", o.key().unwrap()),
+                ObjectEvent::Delete(k) => format!("delete {k:?}"),
+                ObjectEvent::Replace(kind, _) => format!("replace {kind:?}"),
+            })
+            .collect();
+        out.sort();
+        out
+    }
 
     #[test]
-    fn notices_writes_and_atomic_replacements_only() {
+    fn a_directory_rereads_only_the_changed_file_and_document() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: &str| {
+            // As control planes and editors write: a temporary file renamed into place.
+            let tmp = dir.path().join(format!(".{name}.tmp"));
+            std::fs::write(&tmp, text).unwrap();
+            std::fs::rename(&tmp, dir.path().join(name)).unwrap();
+        };
+        write(
+            "a.yaml",
+            &format!("{SERVICE}---\n{}", slice_doc("a", "198.19.0.1")),
+        );
+        let b = SERVICE
+            .replace("name: a", "name: b")
+            .replace(".100.1", ".100.2");
+        write(
+            "b.yaml",
+            &format!("{b}---\n{}", slice_doc("b", "198.19.0.2")),
+        );
+        write("notes.txt", "not state");
+
+        let mut source = FileSource::new(dir.path());
+        assert!(source.watch_fd().is_some(), "inotify is available here");
+        let (events, errors) = source.scan();
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(events.len(), 4);
+        let (events, _) = source.changes();
+        assert!(
+            events.is_empty(),
+            "the first scan already saw these writes: {events:?}"
+        );
+
+        // b's slice changes; its Service document is the same text and is not even parsed.
+        write(
+            "b.yaml",
+            &format!("{b}---\n{}", slice_doc("b", "198.19.0.3")),
+        );
+        let (events, _) = source.changes();
+        assert_eq!(
+            summary(&events),
+            vec!["apply EndpointSlice(ObjectRef { namespace: \"default\", name: \"b-1\" })"]
+        );
+        // A broken file keeps what it had: no events, one error naming it.
+        write("a.yaml", "kind: Service\nspec: [not, a, map]\n");
+        let (events, errors) = source.changes();
+        assert!(events.is_empty());
+        assert!(errors[0].to_string().contains("a.yaml"), "{}", errors[0]);
+        // Removing a file deletes its objects.
+        std::fs::remove_file(dir.path().join("a.yaml")).unwrap();
+        let (events, _) = source.changes();
+        assert_eq!(
+            summary(&events),
+            vec![
+                "delete EndpointSlice(ObjectRef { namespace: \"default\", name: \"a-1\" })",
+                "delete Service(ObjectRef { namespace: \"default\", name: \"a\" })",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_single_file_is_watched_and_diffed_per_document() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("cluster.yaml");
-        std::fs::write(&path, "a").unwrap();
-        let mut detector = ChangeDetector::default();
-        assert!(detector.changed(&path), "the first look is a change");
-        assert!(!detector.changed(&path));
-        // Replaced by rename, as the lab and most editors write: a new size is seen.
-        let tmp = dir.path().join("tmp");
-        std::fs::write(&tmp, "abc").unwrap();
-        std::fs::rename(&tmp, &path).unwrap();
-        assert!(detector.changed(&path));
-        assert!(!detector.changed(&path));
-        std::fs::remove_file(&path).unwrap();
-        assert!(detector.changed(&path), "disappearing is a change too");
+        let b = SERVICE
+            .replace("name: a", "name: b")
+            .replace(".100.1", ".100.2");
+        std::fs::write(&path, format!("{SERVICE}---\n{b}")).unwrap();
+        std::fs::write(dir.path().join("other.yaml"), SERVICE).unwrap();
+        let mut source = FileSource::new(&path);
+        let (events, _) = source.scan();
+        assert_eq!(events.len(), 2, "only the configured file");
+        let b2 = b.replace("port: 80", "port: 81");
+        std::fs::write(&path, format!("{SERVICE}---\n{b2}")).unwrap();
+        std::fs::write(dir.path().join("other.yaml"), b2.as_str()).unwrap();
+        let (events, _) = source.changes();
+        assert_eq!(
+            summary(&events),
+            vec!["apply Service(ObjectRef { namespace: \"default\", name: \"b\" })"]
+        );
+    }
+
+    #[test]
+    fn the_store_marks_only_touched_services_and_ignores_repeats() {
+        let objects = parse(&format!("{SERVICE}---\n{}", slice_doc("a", "198.19.0.1"))).unwrap();
+        let mut store = IntentStore::default();
+        for e in objects.to_events() {
+            store.handle(&e);
+        }
+        assert_eq!(store.take_dirty().len(), 1);
+        for e in objects.to_events() {
+            store.handle(&e);
+        }
+        assert!(
+            store.take_dirty().is_empty(),
+            "the same objects again change nothing"
+        );
+        store.handle(&ObjectEvent::Replace(Kind::EndpointSlice, Vec::new()));
+        let dirty = store.take_dirty();
+        assert_eq!(dirty.len(), 1, "a list without the slice deletes it");
+        assert_eq!(store.slices_of(dirty.first().unwrap()).count(), 0);
     }
 }

@@ -18,7 +18,7 @@ use http_body_util::StreamBody;
 use hyper::body::Frame;
 use serde_json::{json, Value};
 use weir_agent::kubernetes::{KubeSource, NodeIdentity};
-use weir_agent::source::IntentBuilder;
+use weir_agent::source::{IntentBuilder, IntentStore};
 
 type Chunk = Result<Frame<Bytes>, std::io::Error>;
 type MockBody = StreamBody<mpsc::UnboundedReceiver<Chunk>>;
@@ -176,8 +176,25 @@ fn slice_names(source: &KubeSource) -> Vec<String> {
     intent.slices.keys().map(|k| k.name.clone()).collect()
 }
 
+/// The agent's own path: the watchers' events, applied one by one to an intent store, give the
+/// same intent as the reflector stores' snapshot.
+async fn events_match_snapshot(source: &KubeSource, store: &std::cell::RefCell<IntentStore>) {
+    eventually(source, "the events to match the stores", |s| {
+        let mut store = store.borrow_mut();
+        for event in s.take_events() {
+            store.handle(&event);
+        }
+        let (intent, _) = IntentBuilder::default().build(&s.snapshot());
+        store.intent().services == intent.services
+            && store.intent().slices == intent.slices
+            && store.intent().nodes == intent.nodes
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn watch_events_bookmarks_and_410_gone_reach_the_intent() {
+    let events = std::cell::RefCell::new(IntentStore::default());
     let (mock, handle) =
         tower_test::mock::pair::<Request<kube::client::Body>, Response<MockBody>>();
     let server = FakeApiServer::default();
@@ -211,6 +228,7 @@ async fn watch_events_bookmarks_and_410_gone_reach_the_intent() {
         BTreeMap::from([("a".into(), 80), ("b".into(), 80)])
     );
     assert_eq!(slice_names(&source), ["a-1"]);
+    events_match_snapshot(&source, &events).await;
     let snapshot = source.snapshot();
     assert_eq!(snapshot.nodes.len(), 2);
     assert_eq!(snapshot.namespaces.len(), 1);
@@ -253,6 +271,7 @@ async fn watch_events_bookmarks_and_410_gone_reach_the_intent() {
         service_ports(s) == BTreeMap::from([("a".into(), 8443)])
     })
     .await;
+    events_match_snapshot(&source, &events).await;
 
     // The API server ends the watch; the watcher resumes from the bookmark, without a relist.
     server.end_watch(SERVICES);
@@ -300,6 +319,18 @@ async fn watch_events_bookmarks_and_410_gone_reach_the_intent() {
         .filter(|r| r.starts_with(SLICES) && !r.contains("watch=true"))
         .count();
     assert_eq!(slice_lists, 2, "410 Gone forced exactly one relist");
+    // The relist arrives as one complete list: the store drops a-1 and takes a-2.
+    events_match_snapshot(&source, &events).await;
+    assert_eq!(
+        events
+            .borrow()
+            .intent()
+            .slices
+            .keys()
+            .map(|k| k.name.clone())
+            .collect::<Vec<_>>(),
+        ["a-2"]
+    );
     let (intent, _) = IntentBuilder::default().build(&source.snapshot());
     assert_eq!(intent.slices.values().next().unwrap().endpoints.len(), 3);
 }

@@ -8,11 +8,14 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use aya::programs::tc::{SchedClassifier, TcAttachType};
-use common::{private_bpffs, require_root};
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::tc::{SchedClassifier, SchedClassifierLink, TcAttachType};
+use common::{cluster_yaml, objects, private_bpffs, require_root, tcp, BACKEND, CLIENT, VIP};
 use nix::sched::CloneFlags;
 use weir_agent::config::{link_pin_dir, versioned_pin_dir};
-use weir_agent::dataplane::{uninstall, AttachMode, Dataplane, LoadOptions};
+use weir_agent::dataplane::{uninstall, AttachMode, Counters, Dataplane, LoadOptions};
+use weir_agent::reconcile::Reconciler;
+use weir_common::program_names;
 
 const IFACE: &str = "wl0";
 
@@ -168,4 +171,137 @@ fn a_clsact_filter_outlives_the_agent_and_is_replaced_not_stacked() {
     let report = uninstall(&pin_root, &[IFACE.to_owned()]).expect("uninstall");
     assert_eq!(report.filters, 1);
     assert!(weir_filters().is_empty());
+}
+
+/// (link id, program id) of a pinned TCX link.
+fn pinned_link(path: &Path) -> (u32, u32) {
+    let link = FdLink::from(PinnedLink::from_pin(path).expect("pinned link"));
+    let info = link.info().expect("link info");
+    (info.id(), info.program_id())
+}
+
+/// Tag (the kernel's hash of the instructions) of the one program on the interface's TCX ingress.
+fn attached_tag() -> u64 {
+    let (_, programs) = SchedClassifier::query_tcx(IFACE, TcAttachType::Ingress).expect("query");
+    assert_eq!(programs.len(), 1, "exactly one program, never two or none");
+    programs[0].tag()
+}
+
+/// Sends an Ethernet frame into the peer end, so it arrives at `wl0`'s ingress hook as traffic
+/// does (not through BPF_PROG_TEST_RUN): it runs whatever program the link holds right now.
+fn inject(frame: &[u8]) {
+    let peer = nix::net::if_::if_nametoindex("wl1").expect("wl1 index");
+    // SAFETY: plain socket calls on a descriptor this function owns and closes; the address is
+    // a zeroed sockaddr_ll filled in field by field, passed with its own size.
+    unsafe {
+        let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
+        assert!(fd >= 0, "AF_PACKET socket");
+        let mut addr: libc::sockaddr_ll = std::mem::zeroed();
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_ifindex = peer as i32;
+        addr.sll_halen = 6;
+        let sent = libc::sendto(
+            fd,
+            frame.as_ptr().cast(),
+            frame.len(),
+            0,
+            (&addr as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        );
+        libc::close(fd);
+        assert_eq!(sent, frame.len() as isize, "frame sent");
+    }
+}
+
+fn counter(counters: &Counters, name: &str) -> u64 {
+    counters
+        .read()
+        .expect("counters")
+        .into_iter()
+        .find(|(n, _)| *n == name)
+        .map_or(0, |(_, v)| v)
+}
+
+/// A new agent replaces the program of an older build in the pinned link (BPF_LINK_UPDATE: the
+/// same link, no moment without a program) and an established flow carries on, translated.
+///
+/// How "older build" is simulated: twice. First, the flow is established through the ingress
+/// program of a previous agent (same object, a different program instance; the kernel's tag is
+/// the same since the instructions are). Then the link is made to hold a program with a
+/// different body, and so a different tag: the object's pass-through program, standing in for an
+/// older build's code (as an older build would, it shares the pinned maps of the same layout
+/// version). Both times the new agent's `attach_ingress` swaps its own program into the same
+/// link, and the flow's next packet takes the conntrack fast path (a forward hit, no new flow):
+/// frames are injected into the veth peer, so the packets really pass through the link.
+#[test]
+fn a_program_of_an_older_build_is_replaced_in_the_link_without_dropping_a_flow() {
+    let bpffs = sandbox();
+    let pin_root = bpffs.path().join("node1");
+    if AttachMode::for_running_kernel() != AttachMode::Tcx {
+        eprintln!("SKIPPED: kernel before 6.6 has no TCX");
+        return;
+    }
+    let pin = link_pin_dir(&pin_root).join("tcx_ingress_wl0");
+    let counters = || Counters::open_pinned(&versioned_pin_dir(&pin_root)).expect("counters");
+
+    let mut old = load(&pin_root, AttachMode::Tcx);
+    Reconciler::default()
+        .reconcile(&mut old.services, &objects(&cluster_yaml(&[BACKEND])))
+        .expect("state");
+    old.attach_ingress(IFACE).expect("attach");
+    let ingress_tag = attached_tag();
+    let (link, old_program) = pinned_link(&pin);
+    inject(&tcp(CLIENT, 40500, VIP, 80, "S"));
+    assert_eq!(
+        counter(&counters(), "ct_new_flow"),
+        1,
+        "the flow is established"
+    );
+    drop(old);
+
+    // A new agent: same link, its own program, and the flow goes on from conntrack.
+    let mut new = load(&pin_root, AttachMode::Tcx);
+    new.attach_ingress(IFACE).expect("take over");
+    let (same_link, new_program) = pinned_link(&pin);
+    assert_eq!(same_link, link, "the link is updated, not replaced");
+    assert_ne!(new_program, old_program, "the new agent's program runs now");
+    inject(&tcp(CLIENT, 40500, VIP, 80, "A"));
+    assert_eq!(counter(&counters(), "ct_forward_hit"), 1);
+    assert_eq!(counter(&counters(), "ct_new_flow"), 1, "not a new flow");
+
+    // An older build with a different body holds the link.
+    {
+        let link = SchedClassifierLink::try_from(FdLink::from(
+            PinnedLink::from_pin(&pin).expect("pinned link"),
+        ))
+        .expect("a TCX link");
+        let older = new.program(program_names::PASS).expect("pass program");
+        let id = older.attach_to_link(link).expect("older body swapped in");
+        // As the agent does: the pin keeps the link, our descriptor goes.
+        let link = older.take_link(id).expect("link");
+        drop(FdLink::try_from(link).expect("an fd link"));
+    }
+    let older_tag = attached_tag();
+    assert_ne!(older_tag, ingress_tag, "a different build, a different tag");
+    drop(new);
+
+    let mut newest = load(&pin_root, AttachMode::Tcx);
+    newest
+        .attach_ingress(IFACE)
+        .expect("replace the older build");
+    assert_eq!(
+        attached_tag(),
+        ingress_tag,
+        "the current build's program runs"
+    );
+    assert_eq!(pinned_link(&pin).0, link, "still the same link");
+    inject(&tcp(CLIENT, 40500, VIP, 80, "A"));
+    assert_eq!(
+        counter(&counters(), "ct_forward_hit"),
+        2,
+        "the flow survived both swaps"
+    );
+    assert_eq!(counter(&counters(), "ct_new_flow"), 1);
+    drop(newest);
+    uninstall(&pin_root, &[IFACE.to_owned()]).expect("uninstall");
 }

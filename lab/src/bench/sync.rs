@@ -9,14 +9,19 @@
 //! runs under `weir-lab probe measure` on the node: wall time, CPU seconds and peak RSS of the
 //! iptables process itself (kube-proxy's own Go process comes on top and is not counted).
 //!
-//! The Weir side starts the real agent on an empty state file, then writes the N-service state
-//! file and times the write to the agent's "applied desired state" log line (written after the
-//! maps were updated; its timestamp is the agent's own), with the agent's CPU seconds over that
-//! window and its peak RSS (VmHWM). Updates churn one service's endpoints at a fixed interval
-//! and time each the same way. Today's agent re-reads and recompiles the whole state file on
-//! every change; [`weir_update`] is where the incremental path (and a Kubernetes watch event as
-//! the trigger) will plug in, with the same measurement around it.
+//! The Weir side starts the real agent on an empty state directory (one YAML file per service:
+//! its Service and EndpointSlice, as a GitOps tree or a control plane writing objects would lay
+//! them out; Nodes and the rest in one more file). The agent watches the directory with inotify
+//! and re-reads only a changed file. The full sync stages every file beside the directory, then
+//! moves them in with one `mv` and times from just before the move to the agent's "applied
+//! desired state" log line showing every frontend (written after the maps were updated; its
+//! timestamp is the agent's own). Updates churn one service's endpoints at a fixed interval:
+//! only that service's file is rewritten (atomically, by rename), and each is timed from the
+//! moment the write returned (the rename is its last step, so the event is at most that early)
+//! to the log line of the pass that wrote the maps: event to map written. Each step also reports
+//! the agent's CPU seconds over its window and its peak RSS (VmHWM).
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -29,6 +34,8 @@ use super::{
     churn, host_info, median, table, unix_now, write_json, BenchCommon, BenchEnv, BenchError,
     Synthetic,
 };
+use crate::agent::{Agents, NodeAgent, BPFFS};
+use crate::backend::Cmd;
 use crate::backend::Lab;
 use crate::kube_proxy::{self, Flavor, Proxier, ProxierConfig};
 use crate::scenario::Scenario;
@@ -55,7 +62,7 @@ pub struct SyncOptions {
     #[arg(long, default_value_t = 3)]
     pub repeats: u32,
     /// One-service updates per side (after the first full sync).
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 20)]
     pub updates: u32,
     /// Time between updates (issue 4's churn: once a second).
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
@@ -318,24 +325,39 @@ fn weir_side(
             ..scenario.agent.clone()
         };
         let run_id = format!("bench-sync-{}-{rep}", std::process::id());
-        let a = agent.insert(BenchAgent::start(lab, &env.agent, dir, &run_id, &spec, "")?);
+        let state_dir = dir.join("state.d");
+        let a = agent.insert(start_on_dir(
+            lab, &env.agent, dir, &state_dir, &run_id, &spec,
+        )?);
         wait_for_log(a, "data plane loaded", APPLY_TIMEOUT)?;
         // Let it attach to the pod interfaces and settle before the clock starts.
         std::thread::sleep(Duration::from_millis(500));
 
         let mut scenario = scenario.clone();
-        let state = crate::k8s::cluster_state(&scenario, plan);
-        side.full.push(weir_update(lab, a, &state, o.services)?);
+        let mut files = state_files(&crate::k8s::cluster_state(&scenario, plan))?;
+        side.full.push(weir_full(lab, a, dir, &files, o.services)?);
         a.wait_programmed(lab, &scenario, plan, APPLY_TIMEOUT)?;
         if !with_updates {
             return Ok(());
         }
         let churned = o.services / 2;
+        let phase_start = a.process(lab)?;
         for step in 1..=o.updates {
             std::thread::sleep(o.update_interval);
             churn(&mut scenario, churned, step);
-            let state = crate::k8s::cluster_state(&scenario, plan);
-            side.updates.push(weir_update(lab, a, &state, o.services)?);
+            let next = state_files(&crate::k8s::cluster_state(&scenario, plan))?;
+            let changed: Vec<(String, String)> = next
+                .iter()
+                .filter(|(name, text)| files.get(*name) != Some(*text))
+                .map(|(n, t)| (n.clone(), t.clone()))
+                .collect();
+            side.updates
+                .push(weir_update(lab, a, dir, &changed, o.services)?);
+            files = next;
+        }
+        let phase_cpu = a.process(lab)?.cpu_s - phase_start.cpu_s;
+        for update in side.updates.iter_mut() {
+            update.cpu_s = phase_cpu / o.updates.max(1) as f64;
         }
         a.wait_programmed(lab, &scenario, plan, APPLY_TIMEOUT)?;
         Ok(())
@@ -353,28 +375,161 @@ fn weir_side(
     Ok(teardown?)
 }
 
-/// One change to the Weir agent's desired state, from the moment the new state lands to the
-/// moment the agent reports its maps written: wall time, the agent's CPU seconds over that time
-/// and its peak RSS so far.
-///
-/// The hook for incremental sync (issue 4): today the change is a rewritten state file, which the
-/// agent notices on its next poll, re-reads and recompiles in full. When the agent compiles
-/// incrementally and watches the Kubernetes API, only the trigger changes (an API event instead
-/// of the file write); the end mark stays the "applied desired state" log line.
+/// [`BenchAgent::start`], with a state directory instead of a state file.
+fn start_on_dir(
+    lab: &mut dyn Lab,
+    binary: &Path,
+    run_dir: &Path,
+    state_dir: &Path,
+    run_id: &str,
+    spec: &crate::scenario::AgentSpec,
+) -> Result<BenchAgent, BenchError> {
+    if !binary.is_file() {
+        return Err(BenchError::Setup(format!(
+            "weir-agent not found at {} (build it with `cargo build --release -p weir-agent` or pass --agent)",
+            binary.display()
+        )));
+    }
+    let node = lab.plan().nodes[0].clone();
+    let pin_root = Path::new(BPFFS).join("weir-lab").join(run_id);
+    let pin_dir = pin_root.join(&node.name);
+    let mkdir = Cmd::new("mkdir")
+        .arg("-p")
+        .arg(pin_dir.display().to_string())
+        .arg(state_dir.display().to_string());
+    lab.exec_ok(node.id, &mkdir, Duration::from_secs(10))?;
+    let config_path = run_dir.join(format!("agent-{}.toml", node.name));
+    let config = crate::agent::config_toml(&node.name, &pin_dir, state_dir, spec);
+    lab.write_file(node.id, &config_path, config.as_bytes())?;
+    let log = run_dir.join(format!("agent-{}.log", node.name));
+    let cmd = Cmd::new(binary.display().to_string())
+        .arg("run")
+        .arg("--config")
+        .arg(config_path.display().to_string())
+        .env("NO_COLOR", "1");
+    let proc = lab.spawn(node.id, &cmd, &log)?;
+    Ok(BenchAgent {
+        agents: Agents {
+            binary: binary.to_owned(),
+            nodes: vec![NodeAgent {
+                node: node.id,
+                proc,
+                pin_dir,
+                log,
+                cmd,
+            }],
+            pin_root,
+            state_path: state_dir.to_owned(),
+        },
+        state_path: state_dir.to_owned(),
+    })
+}
+
+/// The cluster state as files: `svc-<name>.yaml` with a Service and its EndpointSlices, and
+/// `cluster.yaml` with everything else (Nodes, Pods).
+fn state_files(state: &str) -> Result<BTreeMap<String, String>, BenchError> {
+    let mut files: BTreeMap<String, String> = BTreeMap::new();
+    for doc in state
+        .split("\n---\n")
+        .map(|d| d.trim_start_matches("---\n"))
+    {
+        if doc.trim().is_empty() {
+            continue;
+        }
+        let value: serde_yaml::Value = serde_yaml::from_str(doc)
+            .map_err(|e| BenchError::Setup(format!("the lab's state does not parse: {e}")))?;
+        let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or("");
+        let meta = value.get("metadata");
+        let name = meta.and_then(|m| m.get("name")).and_then(|n| n.as_str());
+        let service = match kind {
+            "Service" => name,
+            "EndpointSlice" => meta
+                .and_then(|m| m.get("labels"))
+                .and_then(|l| l.get("kubernetes.io/service-name"))
+                .and_then(|n| n.as_str()),
+            _ => None,
+        };
+        let file = service.map_or_else(|| "cluster.yaml".to_owned(), |s| format!("svc-{s}.yaml"));
+        let text = files.entry(file).or_default();
+        text.push_str("---\n");
+        text.push_str(doc.trim_end_matches('\n'));
+        text.push('\n');
+    }
+    Ok(files)
+}
+
+/// The full sync: every file staged beside the state directory, then moved in at once.
+fn weir_full(
+    lab: &mut dyn Lab,
+    agent: &BenchAgent,
+    run_dir: &Path,
+    files: &BTreeMap<String, String>,
+    frontends: usize,
+) -> Result<Step, BenchError> {
+    let node = agent.agents.nodes[0].node;
+    let staging = run_dir.join("staging");
+    for (name, text) in files {
+        lab.write_file(node, &staging.join(name), text.as_bytes())?;
+    }
+    let seen = applied_lines(&agent.log_text()).len();
+    let before: ProcessFigures = agent.process(lab)?;
+    let started = SystemTime::now();
+    let mv = Cmd::new("sh").arg("-c").arg(format!(
+        "cd {} && mv -t {} -- *",
+        staging.display(),
+        agent.state_path.display()
+    ));
+    lab.exec_ok(node, &mv, APPLY_TIMEOUT)?;
+    measure_until_applied(lab, agent, seen, frontends, started, before)
+}
+
+/// One change to the Weir agent's desired state: the changed files staged beside the state
+/// directory and renamed into it, timed from just before the rename to the agent's log line of
+/// the pass that wrote the maps (event to map written), with its peak RSS so far. CPU seconds of
+/// one update are below /proc's 10 ms resolution: the caller replaces them by the agent's CPU
+/// over the whole update phase divided by the number of updates.
 pub fn weir_update(
     lab: &mut dyn Lab,
     agent: &BenchAgent,
-    state: &str,
+    run_dir: &Path,
+    changed: &[(String, String)],
     frontends: usize,
 ) -> Result<Step, BenchError> {
+    let node = agent.agents.nodes[0].node;
+    let staging = run_dir.join("staging");
+    for (name, text) in changed {
+        lab.write_file(node, &staging.join(name), text.as_bytes())?;
+    }
     let seen = applied_lines(&agent.log_text()).len();
     let before: ProcessFigures = agent.process(lab)?;
-    let written_at = agent.write_state(lab, state)?;
-    let line = wait_applied(agent, seen, frontends, written_at)?;
+    // The event is the rename that lands the new file, as an atomic writer's last step.
+    let landed_at = SystemTime::now();
+    for (name, _) in changed {
+        let (from, to) = (staging.join(name), agent.state_path.join(name));
+        if std::fs::rename(&from, &to).is_err() {
+            // A lab whose hosts do not share this file system: move it there.
+            let mv = Cmd::new("mv")
+                .arg(from.display().to_string())
+                .arg(to.display().to_string());
+            lab.exec_ok(node, &mv, APPLY_TIMEOUT)?;
+        }
+    }
+    measure_until_applied(lab, agent, seen, frontends, landed_at, before)
+}
+
+fn measure_until_applied(
+    lab: &mut dyn Lab,
+    agent: &BenchAgent,
+    seen: usize,
+    frontends: usize,
+    since: SystemTime,
+    before: ProcessFigures,
+) -> Result<Step, BenchError> {
+    let (line, writes) = wait_applied(agent, seen, frontends)?;
     let after = agent.process(lab)?;
     let wall = line
         .at
-        .duration_since(written_at)
+        .duration_since(since)
         .unwrap_or(Duration::ZERO)
         .as_secs_f64();
     Ok(Step {
@@ -382,25 +537,24 @@ pub fn weir_update(
         cpu_s: after.cpu_s - before.cpu_s,
         peak_rss_kib: after.hwm_kib,
         save_s: 0.0,
-        writes: line.writes,
+        writes,
     })
 }
 
+/// The first applied line after `seen` showing every frontend, and the writes of all applied
+/// lines up to it (a full sync lands in several passes as the files arrive).
 fn wait_applied(
     agent: &BenchAgent,
     seen: usize,
     frontends: usize,
-    since: SystemTime,
-) -> Result<super::weir::AppliedLine, BenchError> {
+) -> Result<(super::weir::AppliedLine, u64), BenchError> {
     let deadline = Instant::now() + APPLY_TIMEOUT;
     loop {
         let lines = applied_lines(&agent.log_text());
-        if let Some(line) = lines
-            .into_iter()
-            .skip(seen)
-            .find(|l| l.frontends as usize == frontends && l.at >= since)
-        {
-            return Ok(line);
+        let new: Vec<_> = lines.into_iter().skip(seen).collect();
+        if let Some(i) = new.iter().position(|l| l.frontends as usize == frontends) {
+            let writes = new[..=i].iter().map(|l| l.writes).sum();
+            return Ok((new[i].clone(), writes));
         }
         if Instant::now() > deadline {
             return Err(BenchError::Setup(format!(
@@ -475,10 +629,9 @@ fn render(o: &SyncOptions, sides: &[SideResult]) -> String {
     }
     let mut text = format!(
         "\nSync of {} services x {} endpoints (medians; iptables figures are the iptables \
-         processes', Weir's the agent's; Weir's times include up to {} of state-file polling)\n\n",
-        o.services,
-        o.endpoints,
-        humantime::format_duration(o.agent_poll)
+         processes', Weir's the agent's; Weir's updates are event (state file written) to maps \
+         written, seen through inotify)\n\n",
+        o.services, o.endpoints,
     );
     text.push_str(&table(
         &[
@@ -527,5 +680,64 @@ fn render(o: &SyncOptions, sides: &[SideResult]) -> String {
         text.push('\n');
         text.push_str(&table(&["ratio (medians)", "wall", "cpu"], &ratios));
     }
+    // Issue 4's targets, judged on this run's numbers.
+    if let Some(weir) = sides.iter().find(|s| s.side == "weir") {
+        let mut targets = Vec::new();
+        let verdict = |ok: bool| if ok { "met" } else { "MISSED" }.to_owned();
+        let weir_full = medians("weir", |s| &s.full);
+        for side in sides.iter().filter(|s| s.side != "weir") {
+            if let (Some(w), Some(i)) = (weir_full, medians(&side.side, |s| &s.full)) {
+                targets.push(vec![
+                    format!("full sync faster than {}", side.side),
+                    format!("{} ms vs {} ms", ms(w.0), ms(i.0)),
+                    verdict(w.0 < i.0),
+                ]);
+            }
+        }
+        if !weir.updates.is_empty() {
+            let wall: Vec<f64> = weir.updates.iter().map(|s| s.wall_s).collect();
+            let p = p99(&wall);
+            targets.push(vec![
+                "update p99 under 5 ms (event to map written)".to_owned(),
+                format!("{} ms", ms(p)),
+                verdict(p < 0.005),
+            ]);
+        }
+        let rss = weir
+            .full
+            .iter()
+            .chain(&weir.updates)
+            .map(|s| s.peak_rss_kib)
+            .max()
+            .unwrap_or(0);
+        targets.push(vec![
+            "peak RSS under 64 MiB".to_owned(),
+            format!("{:.1} MiB", rss as f64 / 1024.0),
+            verdict(rss < 64 * 1024),
+        ]);
+        text.push('\n');
+        text.push_str(&table(&["target (issue 4)", "this run", ""], &targets));
+    }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::state_files;
+
+    #[test]
+    fn state_splits_into_one_file_per_service() {
+        let state =
+            "---\nkind: Service\nmetadata:\n  name: a\n---\nkind: EndpointSlice\nmetadata:\n  \
+                     name: a-x\n  labels:\n    kubernetes.io/service-name: a\n---\nkind: Service\n\
+                     metadata:\n  name: b\n---\nkind: Node\nmetadata:\n  name: node1\n";
+        let files = state_files(state).unwrap();
+        assert_eq!(
+            files.keys().collect::<Vec<_>>(),
+            ["cluster.yaml", "svc-a.yaml", "svc-b.yaml"]
+        );
+        assert!(files["svc-a.yaml"].contains("kind: EndpointSlice"));
+        assert_eq!(files["svc-a.yaml"].matches("---\n").count(), 2);
+        assert!(files["cluster.yaml"].contains("kind: Node"));
+    }
 }
