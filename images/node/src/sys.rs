@@ -101,7 +101,10 @@ pub fn join_cgroup_before_exec(cmd: &mut std::process::Command, procs: std::fs::
             let _keep_open = &procs;
             // "0" moves the writer: this child.
             let zero = b"0";
-            check(libc::write(fd, zero.as_ptr().cast(), zero.len()) as libc::c_int)
+            if libc::write(fd, zero.as_ptr().cast(), zero.len()) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
         });
     }
 }

@@ -399,7 +399,7 @@ fn start_on_dir(
         .arg(state_dir.display().to_string());
     lab.exec_ok(node.id, &mkdir, Duration::from_secs(10))?;
     let config_path = run_dir.join(format!("agent-{}.toml", node.name));
-    let config = crate::agent::config_toml(&node.name, &pin_dir, state_dir, spec);
+    let config = crate::agent::config_toml(&node.name, &pin_dir, state_dir, spec, 1, None);
     lab.write_file(node.id, &config_path, config.as_bytes())?;
     let log = run_dir.join(format!("agent-{}.log", node.name));
     let cmd = Cmd::new(binary.display().to_string())
