@@ -31,6 +31,9 @@ use crate::source::{FileSource, ObjectEvent};
 /// probe to restart a stuck agent within a minute or two.
 const STALL_POLLS: u32 = 20;
 const MIN_STALL: Duration = Duration::from_secs(30);
+/// How often a file source watched by inotify also compares its files' stamps: changes made on
+/// the far side of a shared file system (a VM's virtiofs folder, NFS) raise no inotify event.
+const RESCAN_EVERY: Duration = Duration::from_secs(1);
 
 pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let pin_dir = config.versioned_pin_dir();
@@ -280,7 +283,7 @@ impl DesiredState {
                 } else if woken || watch.is_none() {
                     source.changes_into(&mut sink)
                 } else {
-                    Vec::new()
+                    source.rescan_if_due(RESCAN_EVERY, &mut sink)
                 };
                 for e in &errors {
                     // That file keeps what it contributed last: the rest applies.

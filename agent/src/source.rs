@@ -609,11 +609,14 @@ struct FileState {
 /// one-service change in a directory of thousands of files costs one small parse. Changes are
 /// seen through inotify on the directory (the file's own directory in the single-file form, so
 /// replacement by rename is seen); where inotify cannot be had, by polling each file's
-/// modification time and size.
+/// modification time and size. Even with inotify, the files' stamps are compared now and then
+/// ([`FileSource::rescan_if_due`]): on shared file systems (virtiofs, NFS) a change made on the
+/// other side raises no event here.
 pub struct FileSource {
     path: PathBuf,
     files: BTreeMap<PathBuf, FileState>,
     inotify: Option<nix::sys::inotify::Inotify>,
+    last_scan: std::time::Instant,
 }
 
 impl std::fmt::Debug for FileSource {
@@ -657,7 +660,21 @@ impl FileSource {
             path: path.to_owned(),
             files: BTreeMap::new(),
             inotify,
+            last_scan: std::time::Instant::now(),
         }
+    }
+
+    /// A stamp scan ([`FileSource::scan_into`]) when the last one is `every` old: the safety
+    /// net for changes inotify cannot see. Only files whose stamp changed are re-read.
+    pub fn rescan_if_due(
+        &mut self,
+        every: std::time::Duration,
+        sink: &mut dyn FnMut(ObjectEvent),
+    ) -> Vec<SourceError> {
+        if self.last_scan.elapsed() < every {
+            return Vec::new();
+        }
+        self.scan_into(sink)
     }
 
     /// The inotify descriptor, for the event loop to wait on; None when polling.
@@ -719,6 +736,7 @@ impl FileSource {
     /// time. What polling and an inotify queue overflow fall back to. Events go to `sink` file by
     /// file, so a directory of thousands of files is never held in memory as objects at once.
     pub fn scan_into(&mut self, sink: &mut dyn FnMut(ObjectEvent)) -> Vec<SourceError> {
+        self.last_scan = std::time::Instant::now();
         let listing = match self.listing() {
             Ok(l) => l,
             Err(e) => return vec![e],
