@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::{tail, BackendError, Cmd, Lab, ProcId};
 use crate::scenario::{AgentSpec, ConntrackSpec, Scenario, ServicesSpec, TunnelSpec};
-use crate::topology::{HostId, Plan, POD_INTERFACE_PREFIX};
+use crate::topology::{HostId, NodePlan, Plan, POD_INTERFACE_PREFIX};
 
 /// The lab's private bpffs; every run gets its own directory below it.
 pub const BPFFS: &str = "/sys/fs/bpf";
@@ -117,50 +117,76 @@ pub fn start(
         state_path: state_path.clone(),
     };
     for node in &plan.nodes {
-        let pin_dir = agents.pin_root.join(&node.name);
-        lab.exec_ok(
-            node.id,
-            &Cmd::new("mkdir")
-                .arg("-p")
-                .arg(pin_dir.display().to_string()),
-            DUMP_TIMEOUT,
-        )?;
-        let config_path = run_dir.join(format!("agent-{}.toml", node.name));
-        let cgroup = lab.node_cgroup(node.index);
-        if scenario.agent.host_services && cgroup.is_none() {
-            return Err(BackendError::Io {
-                context: format!("{}: host services", node.name),
-                source: std::io::Error::other(
-                    "this backend gives nodes no cgroup of their own for connect-time hooks",
-                ),
-            });
-        }
-        let config = config_toml(
-            &node.name,
-            &pin_dir,
+        let agent = start_node(
+            lab,
+            node,
+            binary,
+            run_dir,
+            &agents.pin_root,
             &state_path,
             &scenario.agent,
             plan.networks,
-            cgroup.as_deref(),
-        );
-        lab.write_file(node.id, &config_path, config.as_bytes())?;
-        let log = run_dir.join(format!("agent-{}.log", node.name));
-        let cmd = Cmd::new(binary.display().to_string())
-            .arg("run")
-            .arg("--config")
-            .arg(config_path.display().to_string())
-            // Its log is a file meant for people: no terminal colour codes in it.
-            .env("NO_COLOR", "1");
-        let proc = lab.spawn(node.id, &cmd, &log)?;
-        agents.nodes.push(NodeAgent {
-            node: node.id,
-            proc,
-            pin_dir,
-            log,
-            cmd,
-        });
+        )?;
+        agents.nodes.push(agent);
     }
     Ok(agents)
+}
+
+/// Writes one node's agent config below `run_dir` (pins below `pin_root`, desired state at
+/// `state_path`, a file or a directory) and starts the agent there.
+#[allow(clippy::too_many_arguments)]
+pub fn start_node(
+    lab: &mut dyn Lab,
+    node: &NodePlan,
+    binary: &Path,
+    run_dir: &Path,
+    pin_root: &Path,
+    state_path: &Path,
+    spec: &AgentSpec,
+    networks: u8,
+) -> Result<NodeAgent, BackendError> {
+    let pin_dir = pin_root.join(&node.name);
+    lab.exec_ok(
+        node.id,
+        &Cmd::new("mkdir")
+            .arg("-p")
+            .arg(pin_dir.display().to_string()),
+        DUMP_TIMEOUT,
+    )?;
+    let cgroup = lab.node_cgroup(node.index);
+    if spec.host_services && cgroup.is_none() {
+        return Err(BackendError::Io {
+            context: format!("{}: host services", node.name),
+            source: std::io::Error::other(
+                "this backend gives nodes no cgroup of their own for connect-time hooks",
+            ),
+        });
+    }
+    let config_path = run_dir.join(format!("agent-{}.toml", node.name));
+    let config = config_toml(
+        &node.name,
+        &pin_dir,
+        state_path,
+        spec,
+        networks,
+        cgroup.as_deref(),
+    );
+    lab.write_file(node.id, &config_path, config.as_bytes())?;
+    let log = run_dir.join(format!("agent-{}.log", node.name));
+    let cmd = Cmd::new(binary.display().to_string())
+        .arg("run")
+        .arg("--config")
+        .arg(config_path.display().to_string())
+        // Its log is a file meant for people: no terminal colour codes in it.
+        .env("NO_COLOR", "1");
+    let proc = lab.spawn(node.id, &cmd, &log)?;
+    Ok(NodeAgent {
+        node: node.id,
+        proc,
+        pin_dir,
+        log,
+        cmd,
+    })
 }
 
 /// Runs `weir-agent dump <what> --json` against one node's pinned maps.

@@ -34,7 +34,6 @@ use super::{
     churn, host_info, median, table, unix_now, write_json, BenchCommon, BenchEnv, BenchError,
     Synthetic,
 };
-use crate::agent::{Agents, NodeAgent, BPFFS};
 use crate::backend::Cmd;
 use crate::backend::Lab;
 use crate::kube_proxy::{self, Flavor, Proxier, ProxierConfig};
@@ -384,45 +383,12 @@ fn start_on_dir(
     run_id: &str,
     spec: &crate::scenario::AgentSpec,
 ) -> Result<BenchAgent, BenchError> {
-    if !binary.is_file() {
-        return Err(BenchError::Setup(format!(
-            "weir-agent not found at {} (build it with `cargo build --release -p weir-agent` or pass --agent)",
-            binary.display()
-        )));
-    }
-    let node = lab.plan().nodes[0].clone();
-    let pin_root = Path::new(BPFFS).join("weir-lab").join(run_id);
-    let pin_dir = pin_root.join(&node.name);
+    let node = lab.plan().nodes[0].id;
     let mkdir = Cmd::new("mkdir")
         .arg("-p")
-        .arg(pin_dir.display().to_string())
         .arg(state_dir.display().to_string());
-    lab.exec_ok(node.id, &mkdir, Duration::from_secs(10))?;
-    let config_path = run_dir.join(format!("agent-{}.toml", node.name));
-    let config = crate::agent::config_toml(&node.name, &pin_dir, state_dir, spec, 1, None);
-    lab.write_file(node.id, &config_path, config.as_bytes())?;
-    let log = run_dir.join(format!("agent-{}.log", node.name));
-    let cmd = Cmd::new(binary.display().to_string())
-        .arg("run")
-        .arg("--config")
-        .arg(config_path.display().to_string())
-        .env("NO_COLOR", "1");
-    let proc = lab.spawn(node.id, &cmd, &log)?;
-    Ok(BenchAgent {
-        agents: Agents {
-            binary: binary.to_owned(),
-            nodes: vec![NodeAgent {
-                node: node.id,
-                proc,
-                pin_dir,
-                log,
-                cmd,
-            }],
-            pin_root,
-            state_path: state_dir.to_owned(),
-        },
-        state_path: state_dir.to_owned(),
-    })
+    lab.exec_ok(node, &mkdir, Duration::from_secs(10))?;
+    BenchAgent::launch(lab, binary, run_dir, run_id, spec, state_dir.to_owned())
 }
 
 /// The cluster state as files: `svc-<name>.yaml` with a Service and its EndpointSlices, and

@@ -31,6 +31,22 @@ impl BenchAgent {
         spec: &AgentSpec,
         state: &str,
     ) -> Result<BenchAgent, BenchError> {
+        let state_path = run_dir.join("cluster.yaml");
+        let node = lab.plan().nodes[0].id;
+        lab.write_file(node, &state_path, state.as_bytes())?;
+        BenchAgent::launch(lab, binary, run_dir, run_id, spec, state_path)
+    }
+
+    /// Starts the agent on node 1 on the desired state already at `state_path` (a file or a
+    /// directory).
+    pub fn launch(
+        lab: &mut dyn Lab,
+        binary: &Path,
+        run_dir: &Path,
+        run_id: &str,
+        spec: &AgentSpec,
+        state_path: PathBuf,
+    ) -> Result<BenchAgent, BenchError> {
         if !binary.is_file() {
             return Err(BenchError::Setup(format!(
                 "weir-agent not found at {} (build it with `cargo build --release -p weir-agent` or pass --agent)",
@@ -38,37 +54,13 @@ impl BenchAgent {
             )));
         }
         let node = lab.plan().nodes[0].clone();
-        let state_path = run_dir.join("cluster.yaml");
-        lab.write_file(node.id, &state_path, state.as_bytes())?;
         let pin_root = Path::new(BPFFS).join("weir-lab").join(run_id);
-        let pin_dir = pin_root.join(&node.name);
-        lab.exec_ok(
-            node.id,
-            &Cmd::new("mkdir")
-                .arg("-p")
-                .arg(pin_dir.display().to_string()),
-            EXEC_TIMEOUT,
-        )?;
-        let config_path = run_dir.join(format!("agent-{}.toml", node.name));
-        let config = agent::config_toml(&node.name, &pin_dir, &state_path, spec, 1, None);
-        lab.write_file(node.id, &config_path, config.as_bytes())?;
-        let log = run_dir.join(format!("agent-{}.log", node.name));
-        let cmd = Cmd::new(binary.display().to_string())
-            .arg("run")
-            .arg("--config")
-            .arg(config_path.display().to_string())
-            .env("NO_COLOR", "1");
-        let proc = lab.spawn(node.id, &cmd, &log)?;
+        let agent =
+            agent::start_node(lab, &node, binary, run_dir, &pin_root, &state_path, spec, 1)?;
         Ok(BenchAgent {
             agents: Agents {
                 binary: binary.to_owned(),
-                nodes: vec![NodeAgent {
-                    node: node.id,
-                    proc,
-                    pin_dir,
-                    log,
-                    cmd,
-                }],
+                nodes: vec![agent],
                 pin_root,
                 state_path: state_path.clone(),
             },
