@@ -64,7 +64,7 @@ impl Backend for NetnsBackend {
             plan: plan.clone(),
             namespaces: Vec::new(),
             procs: BTreeMap::new(),
-            cgroups: Vec::new(),
+            cgroups: None,
             torn_down: false,
         };
         // On error `lab` is dropped here, which removes whatever was built so far.
@@ -85,11 +85,18 @@ pub struct NetnsLab {
     /// In creation order; removed in reverse.
     namespaces: Vec<String>,
     procs: BTreeMap<ProcId, Spawned>,
-    /// Each node's cgroup (v2), node 1 first, then their common parent; empty where the host
-    /// has no cgroup2 mount. Processes started on a node run in its cgroup, so connect-time
-    /// hooks the node's agent attaches there see them and nothing else.
-    cgroups: Vec<PathBuf>,
+    /// None where the host has no cgroup2 mount.
+    cgroups: Option<LabCgroups>,
     torn_down: bool,
+}
+
+/// Each node's cgroup (v2), below one directory of the lab's own. Processes started on a node
+/// run in its cgroup, so connect-time hooks the node's agent attaches there see them and
+/// nothing else.
+struct LabCgroups {
+    parent: PathBuf,
+    /// Node 1 first.
+    nodes: Vec<PathBuf>,
 }
 
 impl NetnsLab {
@@ -102,11 +109,11 @@ impl NetnsLab {
     }
 
     fn host_cgroup(&self, host: HostId) -> Option<PathBuf> {
-        match host {
-            HostId::Node(n) => self.cgroups.get(usize::from(n).checked_sub(1)?).cloned(),
-            _ => None,
-        }
-        .filter(|_| self.cgroups.len() > self.plan.nodes.len())
+        let HostId::Node(n) = host else {
+            return None;
+        };
+        let nodes = &self.cgroups.as_ref()?.nodes;
+        nodes.get(usize::from(n).checked_sub(1)?).cloned()
     }
 
     fn fabric(&self) -> String {
@@ -201,16 +208,20 @@ impl NetnsLab {
         let mtu = self.plan.mtu.to_string();
 
         if let Some(root) = cgroup2_mount() {
+            // Recorded before anything is made, so a failure half way is cleaned up too.
             let parent = root.join("weir-lab").join(&self.prefix);
+            let cgroups = self.cgroups.insert(LabCgroups {
+                parent: parent.clone(),
+                nodes: Vec::new(),
+            });
             for node in &self.plan.nodes {
                 let dir = parent.join(&node.name);
                 std::fs::create_dir_all(&dir).map_err(|source| BackendError::Io {
                     context: format!("creating cgroup {}", dir.display()),
                     source,
                 })?;
-                self.cgroups.push(dir);
+                cgroups.nodes.push(dir);
             }
-            self.cgroups.push(parent);
         }
 
         let fabric = self.fabric();
@@ -530,15 +541,16 @@ impl Lab for NetnsLab {
                 problems.push(e.to_string());
             }
         }
-        let cgroups = std::mem::take(&mut self.cgroups);
-        for cgroup in &cgroups {
-            if let Err(e) = remove_cgroup(cgroup) {
-                problems.push(format!("removing cgroup {}: {e}", cgroup.display()));
+        if let Some(cgroups) = self.cgroups.take() {
+            for cgroup in cgroups.nodes.iter().chain([&cgroups.parent]) {
+                if let Err(e) = remove_cgroup(cgroup) {
+                    problems.push(format!("removing cgroup {}: {e}", cgroup.display()));
+                }
             }
-        }
-        // The labs' common parent goes too, unless another lab still uses it.
-        if let Some(base) = cgroups.last().and_then(|parent| parent.parent()) {
-            let _ = std::fs::remove_dir(base);
+            // The labs' common parent goes too, unless another lab still uses it.
+            if let Some(base) = cgroups.parent.parent() {
+                let _ = std::fs::remove_dir(base);
+            }
         }
         self.torn_down = true;
         if problems.is_empty() {
