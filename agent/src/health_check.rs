@@ -114,19 +114,8 @@ impl HealthCheckServer {
         let (checks, checks_rx) = watch::channel(HealthChecks::new());
         let (status_tx, status) = watch::channel(BTreeMap::new());
         let (shutdown, stop) = oneshot::channel();
-        let thread = std::thread::Builder::new()
-            .name("weir-health-check".into())
-            .spawn(move || {
-                let runtime = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(r) => r,
-                    Err(e) => {
-                        warn!(error = %e, "health-check server: no runtime");
-                        return;
-                    }
-                };
+        let thread =
+            crate::http::serve_on_thread("weir-health-check", "health-check server", move || {
                 let server = Server {
                     bind,
                     checks: checks_rx,
@@ -135,7 +124,7 @@ impl HealthCheckServer {
                     health,
                     listeners: BTreeMap::new(),
                 };
-                runtime.block_on(server.run(stop));
+                server.run(stop)
             })?;
         Ok(HealthCheckServer {
             checks,

@@ -38,26 +38,12 @@ impl OpsServer {
         listener.set_nonblocking(true)?;
         let local_addr = listener.local_addr()?;
         let (shutdown, stop) = oneshot::channel();
-        let thread = std::thread::Builder::new()
-            .name("weir-ops-http".into())
-            .spawn(move || {
-                let runtime = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(r) => r,
-                    Err(e) => {
-                        warn!(error = %e, "operations endpoint: no runtime");
-                        return;
-                    }
-                };
-                runtime.block_on(async move {
-                    match tokio::net::TcpListener::from_std(listener) {
-                        Ok(listener) => serve(listener, ops, stop).await,
-                        Err(e) => warn!(error = %e, "operations endpoint: listener"),
-                    }
-                });
-            })?;
+        let thread = serve_on_thread("weir-ops-http", "operations endpoint", move || async move {
+            match tokio::net::TcpListener::from_std(listener) {
+                Ok(listener) => serve(listener, ops, stop).await,
+                Err(e) => warn!(error = %e, "operations endpoint: listener"),
+            }
+        })?;
         info!(%local_addr, "serving /metrics, /healthz and /readyz");
         Ok(OpsServer {
             local_addr,
@@ -65,6 +51,30 @@ impl OpsServer {
             thread: Some(thread),
         })
     }
+}
+
+/// Runs the future `make` builds on a thread of its own with a single-threaded runtime, so an
+/// HTTP server keeps answering however busy the agent's main loop is.
+pub(crate) fn serve_on_thread<F, Fut>(
+    thread_name: &str,
+    what: &'static str,
+    make: F,
+) -> std::io::Result<std::thread::JoinHandle<()>>
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()>,
+{
+    std::thread::Builder::new()
+        .name(thread_name.into())
+        .spawn(move || {
+            match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime.block_on(make()),
+                Err(e) => warn!(error = %e, "{what}: no runtime"),
+            }
+        })
 }
 
 impl Drop for OpsServer {
