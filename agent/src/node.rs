@@ -5,8 +5,9 @@ use std::collections::BTreeSet;
 use std::net::IpAddr;
 
 use futures::TryStreamExt as _;
+use netlink_packet_route::link::{InfoData, InfoKind, LinkAttribute, LinkInfo};
 use tracing::info;
-use weir_common::{node_flags, HostAddrKey, NodeConfig};
+use weir_common::{node_flags, tunnel_overhead, HostAddrKey, NodeConfig, FAMILY_V4};
 
 use crate::compile::addr_of;
 use crate::config::{AgentConfig, ExternalReturn, TunnelConfig, TunnelMode};
@@ -54,56 +55,124 @@ pub fn host_addresses(host_interfaces: &[String]) -> Result<BTreeSet<HostAddrKey
     Ok(out)
 }
 
+/// The tunnel device as the programs need it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tunnel {
+    pub ifindex: u32,
+    pub mode: TunnelMode,
+    /// The smallest MTU of the host interfaces; 0 when none could be read.
+    pub underlay_mtu: u32,
+}
+
 /// What the programs are told about this node.
-pub fn node_config(config: &AgentConfig, tunnel_ifindex: Option<u32>) -> NodeConfig {
+pub fn node_config(config: &AgentConfig, tunnel: Option<&Tunnel>) -> NodeConfig {
     let (hairpin_v4, _) = addr_of(config.services.hairpin_ipv4.into());
     let (hairpin_v6, _) = addr_of(config.services.hairpin_ipv6.into());
+    let mut flags = 0;
+    if config.services.external_return == ExternalReturn::Dsr {
+        flags |= node_flags::DSR;
+    }
+    if tunnel.is_some_and(|t| t.mode == TunnelMode::Ipip) {
+        flags |= node_flags::TUNNEL_IPIP;
+    }
     NodeConfig {
         hairpin_v4,
         hairpin_v6,
-        tunnel_ifindex: tunnel_ifindex.unwrap_or(0),
-        flags: if config.services.external_return == ExternalReturn::Dsr {
-            node_flags::DSR
-        } else {
-            0
-        },
+        tunnel_ifindex: tunnel.map_or(0, |t| t.ifindex),
+        flags,
+        underlay_mtu: tunnel.map_or(0, |t| t.underlay_mtu),
     }
 }
 
-/// Creates the collect-metadata VXLAN device unless it exists, brings it up, and returns its
-/// index. The programs choose each packet's remote end, so the device needs no peers, no
-/// learning and no VNI of its own.
-pub async fn ensure_tunnel(config: &TunnelConfig) -> Result<Option<u32>, NodeError> {
+/// IFLA_IPTUN_COLLECT_METADATA, a flag attribute the netlink crate has no builder for.
+const IFLA_IPTUN_COLLECT_METADATA: u16 = 19;
+
+/// Creates the collect-metadata tunnel device unless it exists, brings it up with an MTU that
+/// leaves room for the encapsulation, and returns it. The programs choose each packet's remote
+/// end, so the device needs no peers, no learning and no id of its own.
+pub async fn ensure_tunnel(
+    config: &TunnelConfig,
+    host_interfaces: &[String],
+) -> Result<Option<Tunnel>, NodeError> {
     if config.mode == TunnelMode::None {
         return Ok(None);
     }
     let (connection, handle, _) = rtnetlink::new_connection()?;
     let connection = tokio::spawn(connection);
     let result = async {
-        let index = match link_index(&handle, &config.interface).await? {
+        let name = config.device();
+        let index = match link_index(&handle, name).await? {
             Some(index) => index,
             None => {
-                handle
-                    .link()
-                    .add()
-                    .vxlan(config.interface.clone(), 0)
-                    .port(config.vxlan_port)
-                    .learning(false)
-                    .collect_metadata(true)
-                    .execute()
-                    .await?;
-                info!(interface = %config.interface, port = config.vxlan_port, "created tunnel device");
-                link_index(&handle, &config.interface)
+                let request = handle.link().add();
+                if config.mode == TunnelMode::Ipip {
+                    let mut request = request;
+                    let message = request.message_mut();
+                    message
+                        .attributes
+                        .push(LinkAttribute::IfName(name.to_owned()));
+                    let collect_metadata = [4, 0, IFLA_IPTUN_COLLECT_METADATA as u8, 0];
+                    message.attributes.push(LinkAttribute::LinkInfo(vec![
+                        LinkInfo::Kind(InfoKind::Other("ipip".to_owned())),
+                        LinkInfo::Data(InfoData::Other(collect_metadata.to_vec())),
+                    ]));
+                    request.execute().await?;
+                } else {
+                    request
+                        .vxlan(name.to_owned(), 0)
+                        .port(config.vxlan_port)
+                        .learning(false)
+                        .collect_metadata(true)
+                        .execute()
+                        .await?;
+                }
+                info!(interface = name, mode = ?config.mode, "created tunnel device");
+                link_index(&handle, name)
                     .await?
-                    .ok_or_else(|| NodeError::TunnelVanished(config.interface.clone()))?
+                    .ok_or_else(|| NodeError::TunnelVanished(name.to_owned()))?
             }
         };
-        handle.link().set(index).up().execute().await?;
-        Ok(Some(index))
+        let mut underlay_mtu = u32::MAX;
+        for interface in host_interfaces {
+            if let Some(mtu) = link_mtu(&handle, interface).await? {
+                underlay_mtu = underlay_mtu.min(mtu);
+            }
+        }
+        let underlay_mtu = if underlay_mtu == u32::MAX {
+            0
+        } else {
+            underlay_mtu
+        };
+        let mut set = handle.link().set(index).up();
+        if underlay_mtu != 0 {
+            // The node's own traffic through the device (none of Weir's needs it) gets the
+            // same room the programs allow, over an IPv4 underlay.
+            let ipip = config.mode == TunnelMode::Ipip;
+            set = set.mtu(underlay_mtu - tunnel_overhead(ipip, FAMILY_V4));
+        }
+        set.execute().await?;
+        Ok(Some(Tunnel {
+            ifindex: index,
+            mode: config.mode,
+            underlay_mtu,
+        }))
     }
     .await;
     connection.abort();
     result
+}
+
+async fn link_mtu(handle: &rtnetlink::Handle, name: &str) -> Result<Option<u32>, NodeError> {
+    let mut links = handle.link().get().match_name(name.to_owned()).execute();
+    match links.try_next().await {
+        Ok(Some(link)) => Ok(link.attributes.iter().find_map(|a| match a {
+            LinkAttribute::Mtu(mtu) => Some(*mtu),
+            _ => None,
+        })),
+        Ok(None) => Ok(None),
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
+        Err(e) => Err(e.into()),
+    }
 }
 
 async fn link_index(handle: &rtnetlink::Handle, name: &str) -> Result<Option<u32>, NodeError> {

@@ -52,12 +52,12 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         "data plane loaded"
     );
 
-    let tunnel_ifindex = node::ensure_tunnel(&config.tunnel)
+    let tunnel = node::ensure_tunnel(&config.tunnel, &config.host_interfaces)
         .await
         .context("setting up the tunnel device")?;
     dataplane
         .node
-        .set_config(&node::node_config(&config, tunnel_ifindex))
+        .set_config(&node::node_config(&config, tunnel.as_ref()))
         .context("writing the node configuration")?;
     if config.host_services.enabled {
         dataplane
@@ -359,7 +359,7 @@ impl InterfaceSync {
         }
         let mut attach_to = config.host_interfaces.clone();
         if config.tunnel.mode != TunnelMode::None {
-            attach_to.push(config.tunnel.interface.clone());
+            attach_to.push(config.tunnel.device().to_owned());
         }
         let wanted = match interfaces::wanted(&attach_to, &config.pod_interface_prefix) {
             Ok(w) => w,

@@ -70,10 +70,21 @@ endpoints:
 }
 
 fn node1(yaml: &str, flags: u32, tunnel_ifindex: u32, maglev: bool) -> Harness {
+    node1_with_mtu(yaml, flags, tunnel_ifindex, maglev, 0)
+}
+
+fn node1_with_mtu(
+    yaml: &str,
+    flags: u32,
+    tunnel_ifindex: u32,
+    maglev: bool,
+    underlay_mtu: u32,
+) -> Harness {
     let config = NodeConfig {
         hairpin_v4: addr_of(HAIRPIN.into()).0,
         tunnel_ifindex,
         flags,
+        underlay_mtu,
         ..NodeConfig::default()
     };
     Harness::for_node(
@@ -251,6 +262,115 @@ fn remote_backend_in_dsr_mode_gets_the_packet_untranslated() {
     // This node keeps no reverse entry: replies never pass through it.
     let entries = h.dataplane.conntrack.entries().unwrap();
     assert_eq!(entries.len(), 1, "one forwarding entry, no translation");
+}
+
+/// A full-sized TCP segment of `ip_len` bytes from the external client, with DF as asked.
+fn big_segment(dst: Ipv4Addr, dport: u16, ip_len: usize, dont_fragment: bool) -> Vec<u8> {
+    let mut out = Vec::new();
+    etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 0xa], [2, 0, 0, 0, 0, 0xb])
+        .ipv4(EXTERNAL_CLIENT.octets(), dst.octets(), 64)
+        .tcp(41900, dport, 1000, 64240)
+        .ack(2000)
+        .write(&mut out, &vec![0x5a; ip_len - 40])
+        .unwrap();
+    let flags = if dont_fragment { 0x40 } else { 0 };
+    out[14 + 6] = flags;
+    out[14 + 7] = 0;
+    fix_ip_checksum(&mut out);
+    out
+}
+
+/// Asserts `out` is an ICMP "fragmentation needed" from `from` to the client announcing
+/// `mtu`, quoting `sent` as the client sent it.
+fn assert_frag_needed(out: &[u8], sent: &[u8], from: Ipv4Addr, mtu: u16) {
+    use etherparse::{Icmpv4Type, NetSlice, SlicedPacket, TransportSlice};
+    let packet = SlicedPacket::from_ethernet(out).expect("a well-formed answer");
+    let Some(NetSlice::Ipv4(ip)) = &packet.net else {
+        panic!("IPv4 answer");
+    };
+    assert_eq!(
+        (ip.header().source_addr(), ip.header().destination_addr()),
+        (from, EXTERNAL_CLIENT),
+        "from the address the client used"
+    );
+    let Some(TransportSlice::Icmpv4(icmp)) = &packet.transport else {
+        panic!("ICMP answer");
+    };
+    assert_eq!(
+        icmp.icmp_type(),
+        Icmpv4Type::DestinationUnreachable(
+            etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: mtu }
+        )
+    );
+    assert_eq!(
+        icmp.checksum(),
+        icmp.icmp_type().calc_checksum(icmp.payload())
+    );
+    assert_eq!(
+        icmp.payload(),
+        &sent[14..14 + 40],
+        "the client's own header, untranslated"
+    );
+    assert_eq!(out[..6], sent[6..12], "back to where it came from");
+}
+
+#[test]
+fn packets_too_big_for_the_tunnel_get_fragmentation_needed_from_the_frontend() {
+    // VXLAN over IPv4 takes 50 bytes of a 1500-byte underlay.
+    let mut h = node1_with_mtu(
+        &web(&[(POD_N2, "node2")], ""),
+        0,
+        TUNNEL_IFINDEX,
+        false,
+        1500,
+    );
+    let (verdict, _) = h.run(&tcp(EXTERNAL_CLIENT, 41900, NODE1, NODE_PORT, "S"));
+    assert_eq!(verdict, TC_ACT_REDIRECT, "the handshake enters the tunnel");
+    let fits = big_segment(NODE1, NODE_PORT, 1450, true);
+    let (verdict, out) = h.run(&fits);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(
+        &out[30..34],
+        &POD_N2.octets(),
+        "1450 bytes fit: translated and tunnelled"
+    );
+
+    let too_big = big_segment(NODE1, NODE_PORT, 1451, true);
+    let (verdict, out) = h.run(&too_big);
+    assert_eq!(verdict, TC_ACT_REDIRECT, "sent back out");
+    assert_frag_needed(&out, &too_big, NODE1, 1450);
+    assert_eq!(h.counter("icmp_too_big"), 1);
+
+    // Without DF the packet may go: the encapsulated packet is fragmented on the way.
+    let (verdict, out) = h.run(&big_segment(NODE1, NODE_PORT, 1451, false));
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(&out[30..34], &POD_N2.octets());
+    assert_eq!(h.counter("icmp_too_big"), 1);
+}
+
+#[test]
+fn in_dsr_mode_too_big_packets_are_answered_by_the_ingress_node_too() {
+    // IPIP over IPv4 takes 20 bytes. Not loopback here: test runs enter on loopback, and on
+    // the IPIP device a packet starts with its IP header. Redirecting needs no real device.
+    let mut h = node1_with_mtu(
+        &web(&[(POD_N2, "node2")], ""),
+        node_flags::DSR | node_flags::TUNNEL_IPIP,
+        4242,
+        false,
+        1500,
+    );
+    let (verdict, _) = h.run(&tcp(EXTERNAL_CLIENT, 41900, LB_IP, 80, "S"));
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let (verdict, out) = h.run(&big_segment(LB_IP, 80, 1480, true));
+    assert_eq!(
+        (verdict, &out[30..34]),
+        (TC_ACT_REDIRECT, &LB_IP.octets()[..]),
+        "fits, untranslated"
+    );
+    let too_big = big_segment(LB_IP, 80, 1481, true);
+    let (verdict, out) = h.run(&too_big);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_frag_needed(&out, &too_big, LB_IP, 1480);
 }
 
 #[test]

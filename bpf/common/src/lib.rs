@@ -8,7 +8,7 @@
 
 /// Bumped whenever a pinned map's key or value layout changes: the agent pins under a directory
 /// named after it, so a new agent never reinterprets an older agent's bytes.
-pub const MAP_LAYOUT_VERSION: u32 = 2;
+pub const MAP_LAYOUT_VERSION: u32 = 3;
 
 pub const FAMILY_V4: u8 = 4;
 pub const FAMILY_V6: u8 = 6;
@@ -283,12 +283,29 @@ pub struct NodeConfig {
     /// The collect-metadata tunnel device (VXLAN or IPIP); 0 when there is none.
     pub tunnel_ifindex: u32,
     pub flags: u32,
+    /// The smallest MTU of the host interfaces the tunnel runs over: an inner packet may be this
+    /// less the encapsulation overhead. 0 skips the check.
+    pub underlay_mtu: u32,
 }
 
 pub mod node_flags {
     /// Remote backends of external traffic reply straight to the client (direct server return)
     /// instead of through the ingress node.
     pub const DSR: u32 = 1 << 0;
+    /// The tunnel device is IPIP: packets arriving on it carry no Ethernet header, no tunnel id
+    /// (the node's own DSR flag says how to treat them), and only IPv4 travels through it.
+    pub const TUNNEL_IPIP: u32 = 1 << 1;
+}
+
+/// Bytes the tunnel adds in front of an inner packet, by tunnel kind and underlay family.
+pub const fn tunnel_overhead(ipip: bool, underlay_family: u8) -> u32 {
+    let outer_ip = if underlay_family == FAMILY_V6 { 40 } else { 20 };
+    if ipip {
+        outer_ip
+    } else {
+        // UDP, VXLAN and the inner Ethernet header.
+        outer_ip + 8 + 8 + 14
+    }
 }
 
 /// Tunnel ids (the VXLAN VNI) say how the receiving node must treat a packet.
@@ -454,7 +471,10 @@ pub mod counter {
     pub const DROP_REWRITE_FAILED: u32 = 20;
     pub const DROP_TUNNEL_FAILED: u32 = 21;
     pub const DROP_REJECT_FAILED: u32 = 22;
-    pub const COUNT: u32 = 23;
+    /// A packet too big for the tunnel (with DF, or IPv6) was answered with ICMP
+    /// "fragmentation needed" / "packet too big" from the address the client used.
+    pub const ICMP_TOO_BIG: u32 = 23;
+    pub const COUNT: u32 = 24;
 
     /// Names for display, indexed by counter.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -481,6 +501,7 @@ pub mod counter {
         "drop_rewrite_failed",
         "drop_tunnel_failed",
         "drop_reject_failed",
+        "icmp_too_big",
     ];
 }
 
@@ -522,7 +543,7 @@ const _: () = {
     assert!(core::mem::size_of::<BackendValue>() == 40);
     assert!(core::mem::size_of::<HostAddrKey>() == 20);
     assert!(core::mem::size_of::<MaglevTable>() == 4 * MAGLEV_TABLE_SIZE + 4);
-    assert!(core::mem::size_of::<NodeConfig>() == 40);
+    assert!(core::mem::size_of::<NodeConfig>() == 44);
     assert!(core::mem::size_of::<AffinityKey>() == 24);
     assert!(core::mem::size_of::<AffinityValue>() == 16);
     assert!(core::mem::size_of::<CtKey>() == 40);

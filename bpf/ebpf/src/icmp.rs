@@ -1,5 +1,6 @@
-//! ICMP: errors about translated flows are translated back, and services without endpoints
-//! answer with "port unreachable" instead of swallowing packets.
+//! ICMP: errors about translated flows are translated back; services without endpoints answer
+//! with "port unreachable" instead of swallowing packets, and packets too big for the tunnel
+//! with "fragmentation needed" / "packet too big" from the address the client used.
 
 use aya_ebpf::{
     bindings::{bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, BPF_F_PSEUDO_HDR},
@@ -11,7 +12,7 @@ use weir_common::{counter, ct_kind, Addr, CtKey, FAMILY_V4, PROTO_TCP, PROTO_UDP
 use crate::maps::CONNTRACK;
 use crate::packet::{
     addr_offsets, csum_add_bytes, csum_diff, csum_fold, load, store, Ip, Ipv4Header, Ipv6Header,
-    IPV4_CSUM_OFF, IPV4_MIN_HLEN, IPV6_HLEN, IP_OFF, TCP_CSUM, TCP_MIN_HLEN, UDP_CSUM,
+    IPV4_MIN_HLEN, IPV6_HLEN, IP_OFF, TCP_CSUM, TCP_MIN_HLEN, UDP_CSUM,
 };
 use crate::Verdict;
 
@@ -22,6 +23,7 @@ const ICMP_CSUM: usize = 2;
 const ICMP_QUOTED_L4: usize = 8;
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_PORT_UNREACH: u8 = 3;
+const ICMP_FRAG_NEEDED: u8 = 4;
 const ICMP_TIME_EXCEEDED: u8 = 11;
 const ICMP_PARAMETERPROB: u8 = 12;
 const ICMPV6_DEST_UNREACH: u8 = 1;
@@ -135,12 +137,8 @@ fn icmp_error_inner(ctx: &TcContext, ip: &Ip) -> Result<Verdict, u32> {
     if entry.kind == ct_kind::ENCAP {
         return Ok(Verdict::pass(counter::PASS_ICMP_UNRELATED));
     }
-    let (q_saddr_off, q_daddr_off) = addr_offsets(ip.family);
-    let (q_saddr_off, q_daddr_off) = (
-        q.ip_off + q_saddr_off - IP_OFF,
-        q.ip_off + q_daddr_off - IP_OFF,
-    );
-    let (outer_saddr_off, outer_daddr_off) = addr_offsets(ip.family);
+    let (q_saddr_off, q_daddr_off) = addr_offsets(q.ip_off, ip.family);
+    let (outer_saddr_off, outer_daddr_off) = addr_offsets(ip.l3(), ip.family);
     // A reverse entry means the quote was sent to the backend: name the frontend instead. A
     // forward entry means the quote came from the frontend: name the backend.
     let (q_addr_off, q_port_off, old_addr, old_port, outer_off, outer_old) =
@@ -205,7 +203,7 @@ fn icmp_error_inner(ctx: &TcContext, ip: &Ip) -> Result<Verdict, u32> {
         // The outer address is the flow's own only when the error came from the endpoint
         // itself, not from a router on the way.
         if outer_old == old_addr {
-            ctx.l3_csum_replace(IPV4_CSUM_OFF, old as u64, new as u64, 4)
+            ctx.l3_csum_replace(ip.csum_off(), old as u64, new as u64, 4)
                 .map_err(|_| failed)?;
             store(ctx, outer_off, &new)?;
         }
@@ -238,20 +236,64 @@ fn icmp_error_inner(ctx: &TcContext, ip: &Ip) -> Result<Verdict, u32> {
     Ok(Verdict::pass(counter::ICMP_ERROR_NAT))
 }
 
-/// Turns the packet into an ICMP "port unreachable" from the frontend back to the client and
-/// sends it out of the interface it came in on, as kube-proxy's REJECT does for a service
-/// without endpoints (a TCP client sees "connection refused" at once).
-#[inline(always)]
-pub fn reject(ctx: &TcContext, ip: &Ip) -> Result<i32, u32> {
-    match (ip.family == FAMILY_V4, ip.proto == PROTO_TCP) {
-        (true, true) => reject_v4::<V4_QUOTE_TCP, { ICMP_HLEN + V4_QUOTE_TCP }>(ctx, ip),
-        (true, false) => reject_v4::<V4_QUOTE_UDP, { ICMP_HLEN + V4_QUOTE_UDP }>(ctx, ip),
-        (false, true) => reject_v6::<V6_QUOTE_TCP, { ICMP_HLEN + V6_QUOTE_TCP }>(ctx, ip),
-        (false, false) => reject_v6::<V6_QUOTE_UDP, { ICMP_HLEN + V6_QUOTE_UDP }>(ctx, ip),
+/// What an ICMP answer says: type and code, and the header's second word (the next-hop MTU of
+/// "fragmentation needed" and "packet too big", zero otherwise) as it goes on the wire.
+pub struct Answer {
+    kind: [u8; 2],
+    rest: [u8; 4],
+}
+
+impl Answer {
+    /// A service without endpoints, as kube-proxy's REJECT answers: a TCP client sees
+    /// "connection refused" at once.
+    #[inline(always)]
+    pub fn port_unreachable(family: u8) -> Answer {
+        Answer {
+            kind: if family == FAMILY_V4 {
+                [ICMP_DEST_UNREACH, ICMP_PORT_UNREACH]
+            } else {
+                [ICMPV6_DEST_UNREACH, ICMPV6_PORT_UNREACH]
+            },
+            rest: [0; 4],
+        }
+    }
+
+    /// The packet does not fit the path (the tunnel) and may not be fragmented.
+    #[inline(always)]
+    pub fn too_big(family: u8, mtu: u32) -> Answer {
+        if family == FAMILY_V4 {
+            let mtu = (mtu as u16).to_be_bytes();
+            Answer {
+                kind: [ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED],
+                rest: [0, 0, mtu[0], mtu[1]],
+            }
+        } else {
+            Answer {
+                kind: [ICMPV6_PKT_TOOBIG, 0],
+                rest: mtu.to_be_bytes(),
+            }
+        }
     }
 }
 
-/// L4 bytes a rejection quotes: the 8 RFC 792 asks for, but TCP's whole fixed header. A
+/// Turns the packet into the ICMP error `answer`, from the address the client sent it to back
+/// to the client, and sends it out of the interface it came in on.
+#[inline(always)]
+pub fn answer(ctx: &TcContext, ip: &Ip, answer: &Answer) -> Result<i32, u32> {
+    // Only Ethernet interfaces can take the answer straight back: a packet on the IPIP device
+    // came from another node, which has no use for it.
+    if ip.l3() != IP_OFF {
+        return Err(counter::DROP_REJECT_FAILED);
+    }
+    match (ip.family == FAMILY_V4, ip.proto == PROTO_TCP) {
+        (true, true) => answer_v4::<V4_QUOTE_TCP, { ICMP_HLEN + V4_QUOTE_TCP }>(ctx, ip, answer),
+        (true, false) => answer_v4::<V4_QUOTE_UDP, { ICMP_HLEN + V4_QUOTE_UDP }>(ctx, ip, answer),
+        (false, true) => answer_v6::<V6_QUOTE_TCP, { ICMP_HLEN + V6_QUOTE_TCP }>(ctx, ip, answer),
+        (false, false) => answer_v6::<V6_QUOTE_UDP, { ICMP_HLEN + V6_QUOTE_UDP }>(ctx, ip, answer),
+    }
+}
+
+/// L4 bytes an answer quotes: the 8 RFC 792 asks for, but TCP's whole fixed header. A
 /// segment a pod has just sent can still be CHECKSUM_PARTIAL, and the kernel refuses to trim a
 /// packet short of the checksum field it has yet to fill (pskb_trim_rcsum), which sits 16
 /// bytes into the TCP header.
@@ -264,7 +306,11 @@ const V6_QUOTE_TCP: usize = IPV6_HLEN + REJECT_QUOTED_TCP;
 
 /// `QUOTE` bytes of the original packet from its IP header on; `MSG` = ICMP header + quote.
 #[inline(never)]
-fn reject_v4<const QUOTE: usize, const MSG: usize>(ctx: &TcContext, ip: &Ip) -> Result<i32, u32> {
+fn answer_v4<const QUOTE: usize, const MSG: usize>(
+    ctx: &TcContext,
+    ip: &Ip,
+    answer: &Answer,
+) -> Result<i32, u32> {
     let failed = counter::DROP_REJECT_FAILED;
     // Quoting options would need a variable-length copy; such clients get a plain drop.
     if ip.l4_off != IP_OFF + IPV4_MIN_HLEN {
@@ -272,8 +318,8 @@ fn reject_v4<const QUOTE: usize, const MSG: usize>(ctx: &TcContext, ip: &Ip) -> 
     }
     let quoted: [u8; QUOTE] = load(ctx, IP_OFF)?;
     let mut msg = [0u8; MSG];
-    msg[0] = ICMP_DEST_UNREACH;
-    msg[1] = ICMP_PORT_UNREACH;
+    msg[..2].copy_from_slice(&answer.kind);
+    msg[4..ICMP_HLEN].copy_from_slice(&answer.rest);
     msg[ICMP_HLEN..].copy_from_slice(&quoted);
     let csum = csum_fold(csum_add_bytes(&msg, 0)?);
     msg[2..4].copy_from_slice(&csum.to_ne_bytes());
@@ -301,12 +347,16 @@ fn reject_v4<const QUOTE: usize, const MSG: usize>(ctx: &TcContext, ip: &Ip) -> 
 }
 
 #[inline(never)]
-fn reject_v6<const QUOTE: usize, const MSG: usize>(ctx: &TcContext, ip: &Ip) -> Result<i32, u32> {
+fn answer_v6<const QUOTE: usize, const MSG: usize>(
+    ctx: &TcContext,
+    ip: &Ip,
+    answer: &Answer,
+) -> Result<i32, u32> {
     let failed = counter::DROP_REJECT_FAILED;
     let quoted: [u8; QUOTE] = load(ctx, IP_OFF)?;
     let mut msg = [0u8; MSG];
-    msg[0] = ICMPV6_DEST_UNREACH;
-    msg[1] = ICMPV6_PORT_UNREACH;
+    msg[..2].copy_from_slice(&answer.kind);
+    msg[4..ICMP_HLEN].copy_from_slice(&answer.rest);
     msg[ICMP_HLEN..].copy_from_slice(&quoted);
     let mut pseudo = [0u8; 40];
     pseudo[..16].copy_from_slice(&ip.daddr.bytes);

@@ -2,25 +2,38 @@
 //! Only the id travels back, so the caller borrows the backend from its map instead of copying.
 
 use weir_common::{
-    counter, flow_hash, service_flags, AffinityKey, AffinityValue, BackendSlotKey, MaglevTable,
-    ServiceValue, LOCAL_SLOT,
+    backend_flags, counter, flow_hash, service_flags, AffinityKey, AffinityValue, BackendSlotKey,
+    MaglevTable, ServiceValue, LOCAL_SLOT,
 };
 
-use crate::maps::{AFFINITY, BACKEND_SLOTS, MAGLEV};
+use crate::maps::{AFFINITY, BACKENDS, BACKEND_SLOTS, MAGLEV};
 use crate::packet::{prandom, Ip};
 use crate::Flow;
 
 /// Returned when the service has no endpoint at all: the caller rejects. Backend ids start at 1.
 pub const NO_BACKEND: u32 = 0;
 
+/// Which backends a new flow may get.
+#[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Scope {
+    Any,
+    /// This node's own (externalTrafficPolicy: Local).
+    Local,
+    /// This node's own, and with Maglev the one the table names when it is local: a DSR packet
+    /// from another node, whose table picked that backend and sent the flow here for it.
+    LocalAsTable,
+}
+
 #[inline(never)]
 pub fn select_backend(
     ip: &Ip,
     flow: &Flow,
     service: &ServiceValue,
-    local_only: bool,
+    scope: Scope,
 ) -> Result<u32, u32> {
     let now = flow.now;
+    let local_only = scope != Scope::Any;
     if service.backend_count == 0 {
         return Ok(NO_BACKEND);
     }
@@ -61,14 +74,18 @@ pub fn select_backend(
         }
     }
 
-    if !local_only && service.flags & service_flags::MAGLEV != 0 && service.affinity_timeout_s == 0
+    if scope != Scope::Local
+        && service.flags & service_flags::MAGLEV != 0
+        && service.affinity_timeout_s == 0
     {
         if let Some(table) = MAGLEV.get_ptr(&service.service_id) {
             let hash = flow_hash(&ip.saddr, flow.sport_be, flow.dport_be, ip.proto);
             // SAFETY: the pointer comes from a successful lookup; the agent replaces tables whole.
             let table = unsafe { &*table };
-            if let Some(id) = table.backend_ids.get(MaglevTable::index(hash)) {
-                return Ok(*id);
+            if let Some(&id) = table.backend_ids.get(MaglevTable::index(hash)) {
+                if scope == Scope::Any || is_local(id) {
+                    return Ok(id);
+                }
             }
         }
     }
@@ -87,6 +104,14 @@ pub fn select_backend(
         remember(&affinity_key, id, slot, now);
     }
     Ok(id)
+}
+
+#[inline(always)]
+fn is_local(backend_id: u32) -> bool {
+    // SAFETY: the pointer comes from a successful lookup and is only read here.
+    BACKENDS
+        .get_ptr(&backend_id)
+        .is_some_and(|backend| unsafe { (*backend).flags } & backend_flags::LOCAL != 0)
 }
 
 #[inline(always)]

@@ -42,8 +42,8 @@ use weir_common::{
 use crate::lb::{select_backend, NO_BACKEND};
 use crate::maps::{count, node_config, BACKENDS, CONNTRACK, HOST_ADDRS, SCRATCH, SERVICES};
 use crate::packet::{
-    ct_key, ktime, load, parse, rewrite_l4, swap_macs, Ip, NotForUs, Side, TCP_FLAGS, TCP_MIN_HLEN,
-    UDP_HLEN,
+    ct_key, ktime, load, not_for_us, parse, rewrite_l4, swap_macs, Ip, NotForUs, Side, PARSED,
+    TCP_FLAGS, TCP_MIN_HLEN, UDP_HLEN,
 };
 use crate::tunnel::{arrival, encap, Arrival};
 
@@ -57,6 +57,9 @@ pub struct Verdict(u64);
 
 /// Not a tc action: asks the entry function to answer with "port unreachable".
 const ACTION_REJECT: i32 = -1000;
+/// Not a tc action: asks the entry function to answer "fragmentation needed" / "packet too
+/// big"; the counter half of the verdict carries the MTU to announce.
+const ACTION_TOO_BIG: i32 = -1001;
 
 impl Verdict {
     #[inline(always)]
@@ -105,6 +108,18 @@ impl Verdict {
     pub fn reject() -> Verdict {
         Verdict::new(counter::REJECT_NO_BACKEND, ACTION_REJECT)
     }
+
+    /// The packet does not fit the tunnel: answer with the MTU that does.
+    #[inline(always)]
+    pub fn too_big(mtu: u32) -> Verdict {
+        Verdict::new(mtu, ACTION_TOO_BIG)
+    }
+
+    /// An answer the entry function must build, rather than a tc action.
+    #[inline(always)]
+    fn is_answer(self) -> bool {
+        self.action() == ACTION_REJECT || self.action() == ACTION_TOO_BIG
+    }
 }
 
 #[classifier]
@@ -124,12 +139,15 @@ pub fn weir_pass(_ctx: TcContext) -> i32 {
 }
 
 fn process(ctx: &TcContext) -> Result<Verdict, u32> {
-    let mut ip = match parse(ctx) {
-        Ok(ip) => ip,
-        Err(NotForUs::Pass(c)) => return Ok(Verdict::pass(c)),
-        Err(NotForUs::Drop(c)) => return Err(c),
-    };
     let config = node_config();
+    let mut ip = Ip::EMPTY;
+    let parsed = parse(ctx, tunnel::is_bare_ip(ctx, config), &mut ip);
+    if parsed != PARSED {
+        return match not_for_us(parsed) {
+            NotForUs::Pass(c) => Ok(Verdict::pass(c)),
+            NotForUs::Drop(c) => Err(c),
+        };
+    }
     let from_tunnel = arrival(ctx, config);
     let verdict = match ip.proto {
         PROTO_TCP | PROTO_UDP => flow(ctx, &mut ip, config, &from_tunnel),
@@ -137,8 +155,14 @@ fn process(ctx: &TcContext) -> Result<Verdict, u32> {
     };
     // Answered here, not deeper down, to keep the call chain's stack within the verifier's limit.
     if verdict.action() == ACTION_REJECT {
-        let action = icmp::reject(ctx, &ip)?;
+        let answer = icmp::Answer::port_unreachable(ip.family);
+        let action = icmp::answer(ctx, &ip, &answer)?;
         return Ok(Verdict::redirect(counter::REJECT_NO_BACKEND, action));
+    }
+    if verdict.action() == ACTION_TOO_BIG {
+        let answer = icmp::Answer::too_big(ip.family, verdict.counter());
+        let action = icmp::answer(ctx, &ip, &answer)?;
+        return Ok(Verdict::redirect(counter::ICMP_TOO_BIG, action));
     }
     if from_tunnel.is_some() {
         tunnel::accept_inner(ctx);
@@ -247,9 +271,16 @@ fn flow_inner(
     let Some(service) = find_service(ip, dport_be, from_tunnel.is_some()) else {
         return Ok(Verdict::pass(counter::PASS_NO_SERVICE));
     };
-    // A DSR packet was sent here because this node has a backend: only local ones qualify.
-    let local_only = service.flags & service_flags::LOCAL_ONLY != 0 || from_tunnel.is_some();
-    let backend_id = select_backend(ip, flow, service, local_only)?;
+    // A DSR packet was sent here because this node has a backend: only local ones qualify, and
+    // with Maglev the one the ingress node's table named.
+    let scope = if from_tunnel.is_some() {
+        lb::Scope::LocalAsTable
+    } else if service.flags & service_flags::LOCAL_ONLY != 0 {
+        lb::Scope::Local
+    } else {
+        lb::Scope::Any
+    };
+    let backend_id = select_backend(ip, flow, service, scope)?;
     if backend_id == NO_BACKEND {
         return Ok(Verdict::reject());
     }
@@ -271,7 +302,7 @@ fn flow_inner(
     };
     // SAFETY: the pointer comes from a successful lookup and stays valid for this run.
     let translated = apply(ctx, ip, unsafe { &*entry }, config);
-    if translated.action() == TC_ACT_SHOT as i32 {
+    if translated.action() == TC_ACT_SHOT as i32 || translated.is_answer() {
         return Ok(translated);
     }
     Ok(Verdict::redirect(outcome, translated.action()))
@@ -397,6 +428,13 @@ fn apply_inner(
 ) -> Result<Verdict, u32> {
     match entry.kind {
         ct_kind::FORWARD => {
+            // Checked before the rewrite: the answer must quote the packet as the client sent it.
+            if entry.flags & ct_flags::TUNNEL != 0 {
+                let mtu = tunnel::exceeded_mtu(ctx, ip, entry.tunnel_family);
+                if mtu != 0 {
+                    return Ok(Verdict::too_big(mtu));
+                }
+            }
             rewrite_l4(
                 ctx,
                 ip,
@@ -442,6 +480,11 @@ fn apply_inner(
         }
         _ => {
             let id = if entry.flags & ct_flags::DSR != 0 {
+                // The client's own packets: the backend's replies take another way.
+                let mtu = tunnel::exceeded_mtu(ctx, ip, entry.tunnel_family);
+                if mtu != 0 {
+                    return Ok(Verdict::too_big(mtu));
+                }
                 tunnel_id::DSR
             } else {
                 tunnel_id::NAT_AT_INGRESS

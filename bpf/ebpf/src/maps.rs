@@ -73,6 +73,7 @@ static NO_CONFIG: NodeConfig = NodeConfig {
     hairpin_v6: weir_common::Addr::UNSPECIFIED,
     tunnel_ifindex: 0,
     flags: 0,
+    underlay_mtu: 0,
 };
 
 /// The node's configuration: all zeroes (no tunnel, no hairpin address) until the agent writes

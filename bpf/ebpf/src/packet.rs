@@ -1,4 +1,5 @@
-//! Parsing and rewriting IPv4 and IPv6 packets behind an Ethernet header.
+//! Parsing and rewriting IPv4 and IPv6 packets behind an Ethernet header, or bare ones (what an
+//! IPIP tunnel device delivers).
 //!
 //! Headers are read through `bpf_skb_load_bytes`, which copes with variable offsets (IP options)
 //! and paged skbs alike; reading past the end of the packet means it was truncated. Rewrites
@@ -16,9 +17,12 @@ use weir_common::{
 pub const ETH_HLEN: usize = 14;
 pub const ETH_P_IP: u16 = 0x0800;
 pub const ETH_P_IPV6: u16 = 0x86dd;
+/// Where the IP header starts behind an Ethernet header.
 pub const IP_OFF: usize = ETH_HLEN;
 pub const IPV4_MIN_HLEN: usize = 20;
-pub const IPV4_CSUM_OFF: usize = IP_OFF + 10;
+const IPV4_CSUM: usize = 10;
+const IPV4_FRAG: usize = 6;
+const IPV4_DF: u16 = 0x4000;
 pub const IPV6_HLEN: usize = 40;
 /// Fragment offset and More Fragments; DF alone is not a fragment.
 const IPV4_FRAG_MASK: u16 = 0x3fff;
@@ -61,6 +65,8 @@ pub struct Ipv6Header {
 /// What the program acts on of an IP packet of either family.
 pub struct Ip {
     pub family: u8,
+    /// Where the IP header starts: behind the Ethernet header, or at 0 on an IPIP device.
+    pub l3_off: u16,
     pub saddr: Addr,
     pub daddr: Addr,
     /// The upper-layer protocol (TCP, UDP, ICMP or ICMPv6).
@@ -87,21 +93,89 @@ pub fn store<T>(ctx: &TcContext, off: usize, value: &T) -> Result<(), u32> {
         .map_err(|_| counter::DROP_REWRITE_FAILED)
 }
 
-/// Parses the IP header behind the Ethernet header. Not inlined: the header copies would
-/// otherwise stay on the entry function's stack for the whole run.
+impl Ip {
+    pub const EMPTY: Ip = Ip {
+        family: 0,
+        l3_off: 0,
+        saddr: Addr::UNSPECIFIED,
+        daddr: Addr::UNSPECIFIED,
+        proto: 0,
+        l4_off: 0,
+        payload_len: 0,
+    };
+
+    #[inline(always)]
+    pub fn l3(&self) -> usize {
+        self.l3_off as usize
+    }
+
+    /// IPv4's header checksum.
+    #[inline(always)]
+    pub fn csum_off(&self) -> usize {
+        self.l3() + IPV4_CSUM
+    }
+
+    /// IPv4 "don't fragment"; IPv6 is never fragmented on the way.
+    #[inline(always)]
+    pub fn may_not_fragment(&self, ctx: &TcContext) -> Result<bool, u32> {
+        if self.family != FAMILY_V4 {
+            return Ok(true);
+        }
+        let frag_be: u16 = load(ctx, self.l3() + IPV4_FRAG)?;
+        Ok(u16::from_be(frag_be) & IPV4_DF != 0)
+    }
+}
+
+/// [`parse`] filled in the packet.
+pub const PARSED: u64 = u64::MAX;
+const NOT_FOR_US_DROP: u64 = 1 << 32;
+
+/// Parses the IP header into `ip`, behind the Ethernet header unless `bare` (a layer-3 device:
+/// the family then comes from the skb). Returns [`PARSED`] or why not, for [`not_for_us`]. Not
+/// inlined: the header copies would otherwise stay on the entry function's stack for the whole
+/// run. An out parameter and a plain integer, because a call may return one register only.
 #[inline(never)]
-pub fn parse(ctx: &TcContext) -> Result<Ip, NotForUs> {
-    let ethertype = u16::from_be(load::<u16>(ctx, 12).map_err(NotForUs::Drop)?);
+pub fn parse(ctx: &TcContext, bare: bool, ip: &mut Ip) -> u64 {
+    match parse_inner(ctx, bare) {
+        Ok(parsed) => {
+            *ip = parsed;
+            PARSED
+        }
+        Err(NotForUs::Pass(c)) => c as u64,
+        Err(NotForUs::Drop(c)) => NOT_FOR_US_DROP | c as u64,
+    }
+}
+
+/// What a result of [`parse`] other than [`PARSED`] means.
+#[inline(always)]
+pub fn not_for_us(parsed: u64) -> NotForUs {
+    if parsed & NOT_FOR_US_DROP != 0 {
+        NotForUs::Drop(parsed as u32)
+    } else {
+        NotForUs::Pass(parsed as u32)
+    }
+}
+
+#[inline(always)]
+fn parse_inner(ctx: &TcContext, bare: bool) -> Result<Ip, NotForUs> {
+    let (ethertype, l3_off) = if bare {
+        // SAFETY: reading a field of the program's own context.
+        let protocol = unsafe { (*ctx.skb.skb).protocol };
+        (u16::from_be(protocol as u16), 0)
+    } else {
+        let ethertype = load::<u16>(ctx, 12).map_err(NotForUs::Drop)?;
+        (u16::from_be(ethertype), IP_OFF)
+    };
     match ethertype {
-        ETH_P_IP => parse_ipv4(ctx),
-        ETH_P_IPV6 => parse_ipv6(ctx),
+        ETH_P_IP => parse_ipv4(ctx, l3_off),
+        ETH_P_IPV6 => parse_ipv6(ctx, l3_off),
         _ => Err(NotForUs::Pass(counter::PASS_NOT_IP)),
     }
 }
 
 #[inline(always)]
-fn parse_ipv4(ctx: &TcContext) -> Result<Ip, NotForUs> {
-    let header: Ipv4Header = load(ctx, IP_OFF).map_err(NotForUs::Drop)?;
+fn parse_ipv4(ctx: &TcContext, l3_off: usize) -> Result<Ip, NotForUs> {
+    let header: Ipv4Header = load(ctx, l3_off).map_err(NotForUs::Drop)?;
     let ihl = ((header.version_ihl & 0x0f) as usize) * 4;
     if header.version_ihl >> 4 != 4 || ihl < IPV4_MIN_HLEN {
         return Err(NotForUs::Drop(counter::DROP_MALFORMED));
@@ -110,7 +184,7 @@ fn parse_ipv4(ctx: &TcContext) -> Result<Ip, NotForUs> {
     if total_len < ihl {
         return Err(NotForUs::Drop(counter::DROP_MALFORMED));
     }
-    if (ctx.len() as usize) < IP_OFF + total_len {
+    if (ctx.len() as usize) < l3_off + total_len {
         return Err(NotForUs::Drop(counter::DROP_TRUNCATED));
     }
     if u16::from_be(header.frag_be) & IPV4_FRAG_MASK != 0 {
@@ -119,22 +193,23 @@ fn parse_ipv4(ctx: &TcContext) -> Result<Ip, NotForUs> {
     l4_protocol(header.proto, FAMILY_V4)?;
     Ok(Ip {
         family: FAMILY_V4,
+        l3_off: l3_off as u16,
         saddr: Addr::from_v4(header.saddr),
         daddr: Addr::from_v4(header.daddr),
         proto: header.proto,
-        l4_off: IP_OFF + ihl,
+        l4_off: l3_off + ihl,
         payload_len: total_len - ihl,
     })
 }
 
 #[inline(always)]
-fn parse_ipv6(ctx: &TcContext) -> Result<Ip, NotForUs> {
-    let header: Ipv6Header = load(ctx, IP_OFF).map_err(NotForUs::Drop)?;
+fn parse_ipv6(ctx: &TcContext, l3_off: usize) -> Result<Ip, NotForUs> {
+    let header: Ipv6Header = load(ctx, l3_off).map_err(NotForUs::Drop)?;
     if header.version_class_flow[0] >> 4 != 6 {
         return Err(NotForUs::Drop(counter::DROP_MALFORMED));
     }
     let payload_len = u16::from_be(header.payload_len_be) as usize;
-    if (ctx.len() as usize) < IP_OFF + IPV6_HLEN + payload_len {
+    if (ctx.len() as usize) < l3_off + IPV6_HLEN + payload_len {
         return Err(NotForUs::Drop(counter::DROP_TRUNCATED));
     }
     match header.next_header {
@@ -149,10 +224,11 @@ fn parse_ipv6(ctx: &TcContext) -> Result<Ip, NotForUs> {
     l4_protocol(header.next_header, FAMILY_V6)?;
     Ok(Ip {
         family: FAMILY_V6,
+        l3_off: l3_off as u16,
         saddr: Addr::from_v6(header.saddr),
         daddr: Addr::from_v6(header.daddr),
         proto: header.next_header,
-        l4_off: IP_OFF + IPV6_HLEN,
+        l4_off: l3_off + IPV6_HLEN,
         payload_len,
     })
 }
@@ -171,13 +247,13 @@ fn l4_protocol(proto: u8, family: u8) -> Result<(), NotForUs> {
     }
 }
 
-/// Offsets of the source and destination addresses in the IP header.
+/// Offsets of the source and destination addresses in an IP header starting at `l3_off`.
 #[inline(always)]
-pub fn addr_offsets(family: u8) -> (usize, usize) {
+pub fn addr_offsets(l3_off: usize, family: u8) -> (usize, usize) {
     if family == FAMILY_V4 {
-        (IP_OFF + 12, IP_OFF + 16)
+        (l3_off + 12, l3_off + 16)
     } else {
-        (IP_OFF + 8, IP_OFF + 24)
+        (l3_off + 8, l3_off + 24)
     }
 }
 
@@ -306,7 +382,7 @@ struct Rewrite {
 #[inline(never)]
 fn rewrite(ctx: &TcContext, ip: &mut Ip, to: &Rewrite) -> Result<(), u32> {
     let (side, new_addr, new_port_be) = (to.side, &to.addr, to.port_be);
-    let (saddr_off, daddr_off) = addr_offsets(ip.family);
+    let (saddr_off, daddr_off) = addr_offsets(ip.l3(), ip.family);
     let (addr_off, port_off, old_addr) = match side {
         Side::Source => (saddr_off, ip.l4_off, &ip.saddr),
         Side::Destination => (daddr_off, ip.l4_off + 2, &ip.daddr),
@@ -325,7 +401,7 @@ fn rewrite(ctx: &TcContext, ip: &mut Ip, to: &Rewrite) -> Result<(), u32> {
             ctx.l4_csum_replace(csum_off, old as u64, new as u64, flags)
                 .map_err(|_| failed)?;
         }
-        ctx.l3_csum_replace(IPV4_CSUM_OFF, old as u64, new as u64, 4)
+        ctx.l3_csum_replace(ip.csum_off(), old as u64, new as u64, 4)
             .map_err(|_| failed)?;
         store(ctx, addr_off, &new)?;
     } else {

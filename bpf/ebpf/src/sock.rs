@@ -46,7 +46,7 @@ use weir_common::{
     FAMILY_V6, PROTO_TCP, PROTO_UDP,
 };
 
-use crate::lb::{select_backend, NO_BACKEND};
+use crate::lb::{select_backend, Scope, NO_BACKEND};
 use crate::maps::{BACKENDS, HOST_ADDRS, SERVICES, SOCK_NETNS, SOCK_REVERSE};
 use crate::packet::{ktime, Ip};
 use crate::Flow;
@@ -232,6 +232,7 @@ const PICK_FAILED: u32 = u32::MAX;
 fn pick(frontend: &FrontendKey, service: &ServiceValue, local_only: bool) -> u32 {
     let ip = Ip {
         family: frontend.family,
+        l3_off: 0,
         // The node is the client: every host process shares its affinity.
         saddr: Addr::UNSPECIFIED,
         daddr: frontend.addr,
@@ -252,7 +253,8 @@ fn pick(frontend: &FrontendKey, service: &ServiceValue, local_only: bool) -> u32
     // yet: every host connection would hash alike and land on one backend. Random slots.
     let mut service = *service;
     service.flags &= !service_flags::MAGLEV;
-    select_backend(&ip, &flow, &service, local_only).unwrap_or(PICK_FAILED)
+    let scope = if local_only { Scope::Local } else { Scope::Any };
+    select_backend(&ip, &flow, &service, scope).unwrap_or(PICK_FAILED)
 }
 
 /// Points the socket at the backend (remembering the way back), or at loopback's port 0 when

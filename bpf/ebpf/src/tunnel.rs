@@ -2,15 +2,23 @@
 //! program sets the outer destination per packet and redirects into the device; on the other
 //! side the device decapsulates and the program, attached to the device's ingress, sees the
 //! inner packet with the outer source and the tunnel id as metadata.
+//!
+//! IPIP carries no tunnel id and no Ethernet header: its device delivers bare IPv4 packets, and
+//! the node's own return mode (DSR or not) says what they ask, so every node of a cluster must
+//! share it. It also carries IPv4 only, over IPv4; VXLAN carries both families.
 
 use aya_ebpf::{
     bindings::{bpf_tunnel_key, BPF_F_TUNINFO_IPV6, BPF_NOEXIST},
     helpers::{bpf_redirect, bpf_skb_get_tunnel_key, bpf_skb_set_tunnel_key},
     programs::TcContext,
 };
-use weir_common::{counter, ct_kind, Addr, CtKey, CtValue, NodeConfig, FAMILY_V4, FAMILY_V6};
+use weir_common::{
+    counter, ct_kind, node_flags, tunnel_overhead, Addr, CtKey, CtValue, NodeConfig, FAMILY_V4,
+    FAMILY_V6, PROTO_TCP,
+};
 
 use crate::maps::CONNTRACK;
+use crate::packet::{load, Ip, ETH_P_IP, UDP_HLEN};
 use crate::Verdict;
 
 /// The leading fields of `struct bpf_tunnel_key` every kernel since 4.x accepts: passing this
@@ -53,14 +61,35 @@ impl Arrival {
     }
 }
 
+#[inline(always)]
+fn on_tunnel_device(ctx: &TcContext, config: &NodeConfig) -> bool {
+    // SAFETY: reading a field of the program's own context.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    config.tunnel_ifindex != 0 && ifindex == config.tunnel_ifindex
+}
+
+#[inline(always)]
+fn is_ipip(config: &NodeConfig) -> bool {
+    config.flags & node_flags::TUNNEL_IPIP != 0
+}
+
+/// Packets on an IPIP device start with their IP header.
+#[inline(always)]
+pub fn is_bare_ip(ctx: &TcContext, config: &NodeConfig) -> bool {
+    is_ipip(config) && on_tunnel_device(ctx, config)
+}
+
 /// The tunnel metadata, for packets entering through the tunnel device.
 #[inline(never)]
 pub fn arrival(ctx: &TcContext, config: &NodeConfig) -> Arrival {
-    // SAFETY: reading a field of the program's own context.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    if config.tunnel_ifindex == 0 || ifindex != config.tunnel_ifindex {
+    if !on_tunnel_device(ctx, config) {
         return Arrival::default();
     }
+    let ipip_id = if config.flags & node_flags::DSR != 0 {
+        weir_common::tunnel_id::DSR
+    } else {
+        weir_common::tunnel_id::NAT_AT_INGRESS
+    };
     let mut key = TunnelKey::default();
     for (flags, family) in [(0u64, FAMILY_V4), (BPF_F_TUNINFO_IPV6 as u64, FAMILY_V6)] {
         // SAFETY: `key` is a stack buffer of TUNNEL_KEY_SIZE bytes the helper fills.
@@ -86,7 +115,9 @@ pub fn arrival(ctx: &TcContext, config: &NodeConfig) -> Arrival {
                 peer,
                 peer_family: family,
                 // A tunnel packet of an unknown kind is treated as translated elsewhere.
-                id: if key.tunnel_id == 0 {
+                id: if is_ipip(config) {
+                    ipip_id
+                } else if key.tunnel_id == 0 {
                     weir_common::tunnel_id::NAT_AT_INGRESS
                 } else {
                     key.tunnel_id
@@ -104,6 +135,13 @@ pub fn encap(ctx: &TcContext, peer: &Addr, peer_family: u8, id: u32) -> Result<i
     let failed = counter::DROP_TUNNEL_FAILED;
     if config.tunnel_ifindex == 0 {
         return Err(failed);
+    }
+    if is_ipip(config) {
+        // SAFETY: reading a field of the program's own context.
+        let protocol = unsafe { (*ctx.skb.skb).protocol };
+        if peer_family != FAMILY_V4 || u16::from_be(protocol as u16) != ETH_P_IP {
+            return Err(failed);
+        }
     }
     let mut key = TunnelKey {
         tunnel_id: id,
@@ -134,6 +172,43 @@ pub fn encap(ctx: &TcContext, peer: &Addr, peer_family: u8, id: u32) -> Result<i
     }
     // SAFETY: a helper taking plain integers.
     Ok(unsafe { bpf_redirect(config.tunnel_ifindex, 0) } as i32)
+}
+
+/// The MTU to announce when the packet, once encapsulated towards a peer of `peer_family`,
+/// would not fit the underlay and may not be fragmented; 0 when it may go. A segmentation
+/// offload packet is judged by the segments the kernel will cut from it.
+#[inline(never)]
+pub fn exceeded_mtu(ctx: &TcContext, ip: &Ip, peer_family: u8) -> u32 {
+    let config = crate::maps::node_config();
+    if config.underlay_mtu == 0 {
+        return 0;
+    }
+    let mtu = config
+        .underlay_mtu
+        .saturating_sub(tunnel_overhead(is_ipip(config), peer_family));
+    // SAFETY: reading a field of the program's own context.
+    let gso_size = unsafe { (*ctx.skb.skb).gso_size } as usize;
+    let len = if gso_size != 0 {
+        let l4_hlen = if ip.proto == PROTO_TCP {
+            match load::<u8>(ctx, ip.l4_off + 12) {
+                Ok(data_offset) => ((data_offset >> 4) as usize) * 4,
+                Err(_) => return 0,
+            }
+        } else {
+            UDP_HLEN
+        };
+        ip.l4_off - ip.l3() + l4_hlen + gso_size
+    } else {
+        ctx.len() as usize - ip.l3()
+    };
+    if len <= mtu as usize {
+        return 0;
+    }
+    // Without DF an IPv4 packet may still go: the encapsulated packet is fragmented instead.
+    match ip.may_not_fragment(ctx) {
+        Ok(true) => mtu,
+        _ => 0,
+    }
 }
 
 /// The decapsulated frame still carries the sending node's Ethernet addresses, which the IP
