@@ -16,6 +16,8 @@ use crate::topology::{HostId, Plan};
 
 /// Per request: generous for a namespace lab, and still bounded.
 const CLIENT_TIMEOUT_S: u32 = 3;
+/// An upload may first have to learn its path MTU.
+const UPLOAD_TIMEOUT_S: u32 = 6;
 const EXEC_TIMEOUT: Duration = Duration::from_secs(8);
 const RECLAIM_POLL: Duration = Duration::from_millis(500);
 /// Failures quoted in a report; the rest are counted.
@@ -77,9 +79,15 @@ fn host_port(ip: IpAddr, port: u16) -> String {
     std::net::SocketAddr::new(ip, port).to_string()
 }
 
-fn client_cmd(proto: Protocol, ip: IpAddr, port: u16) -> Cmd {
+fn client_cmd(proto: Protocol, ip: IpAddr, port: u16, upload_bytes: Option<u32>) -> Cmd {
     let target = host_port(ip, port);
     match proto {
+        // No "Expect: 100-continue": the body goes at once, in full-sized segments.
+        Protocol::Tcp if upload_bytes.is_some() => Cmd::new("sh").arg("-c").arg(format!(
+            "head -c {} /dev/zero | curl -sS -g --max-time {} -H Expect: --data-binary @- http://{target}/",
+            upload_bytes.unwrap_or(0),
+            UPLOAD_TIMEOUT_S,
+        )),
         Protocol::Tcp => Cmd::new("curl")
             .arg("-sS")
             .arg("-g")
@@ -105,11 +113,15 @@ fn request(
     lab: &mut dyn Lab,
     from: HostId,
     proto: Protocol,
-    ip: IpAddr,
-    port: u16,
+    (ip, port): (IpAddr, u16),
+    upload_bytes: Option<u32>,
 ) -> Result<(String, String), String> {
     let out = lab
-        .exec(from, &client_cmd(proto, ip, port), EXEC_TIMEOUT)
+        .exec(
+            from,
+            &client_cmd(proto, ip, port, upload_bytes),
+            EXEC_TIMEOUT,
+        )
         .map_err(|e| e.to_string())?;
     if !out.success() {
         return Err(format!("{}: {}", out.status(), tail(out.stderr.trim(), 1)));
@@ -216,7 +228,7 @@ fn target(ctx: &CheckCtx<'_>, t: &TrafficCheck, from: HostId) -> Result<Target, 
 }
 
 /// Packets node `node`'s tunnel device has received so far.
-fn tunnel_rx_packets(lab: &mut dyn Lab, node: HostId) -> Result<u64, String> {
+fn tunnel_rx_packets(lab: &mut dyn Lab, node: HostId, device: &str) -> Result<u64, String> {
     #[derive(Deserialize)]
     struct Link {
         stats64: Stats,
@@ -235,20 +247,133 @@ fn tunnel_rx_packets(lab: &mut dyn Lab, node: HostId) -> Result<u64, String> {
         .arg("link")
         .arg("show")
         .arg("dev")
-        .arg(TUNNEL_DEVICE);
+        .arg(device);
     let out = lab
         .exec_ok(node, &cmd, EXEC_TIMEOUT)
-        .map_err(|e| format!("reading {node}'s {TUNNEL_DEVICE} counters: {e}"))?;
+        .map_err(|e| format!("reading {node}'s {device} counters: {e}"))?;
     let links: Vec<Link> = serde_json::from_str(&out.stdout)
         .map_err(|e| format!("unreadable `{cmd}` output on {node}: {e}"))?;
     links
         .first()
         .map(|l| l.stats64.rx.packets)
-        .ok_or_else(|| format!("{node} has no {TUNNEL_DEVICE}"))
+        .ok_or_else(|| format!("{node} has no {device}"))
 }
 
-/// The agent's default tunnel device (its `[tunnel] interface`).
-const TUNNEL_DEVICE: &str = "weir-vxlan";
+/// The path MTU `host`'s kernel has learnt towards `ip` (a route exception), if any.
+fn route_mtu(lab: &mut dyn Lab, host: HostId, ip: IpAddr) -> Result<Option<u32>, String> {
+    let family = if ip.is_ipv6() { "-6" } else { "-4" };
+    let cmd = Cmd::new("ip")
+        .arg(family)
+        .arg("-o")
+        .arg("route")
+        .arg("get")
+        .arg(ip.to_string());
+    let out = lab
+        .exec_ok(host, &cmd, EXEC_TIMEOUT)
+        .map_err(|e| format!("reading {host}'s route to {ip}: {e}"))?;
+    Ok(parse_route_mtu(&out.stdout))
+}
+
+/// `ip -o route get` prints "... cache expires 598sec mtu 1450 ..." once a path MTU is known.
+fn parse_route_mtu(text: &str) -> Option<u32> {
+    let mut words = text.split_whitespace();
+    while let Some(word) = words.next() {
+        if word == "mtu" {
+            return words.next()?.parse().ok();
+        }
+    }
+    None
+}
+
+/// Requests over one keep-alive connection to a load-balancer (or external) IP, paced; half-way
+/// through, the client's route to the IP moves to another node. Every answer must come from one
+/// backend over that one connection: the new ingress node picked the backend the old one had.
+fn ingress_switch(
+    ctx: &mut CheckCtx<'_>,
+    t: &TrafficCheck,
+    from: HostId,
+    ip: IpAddr,
+    port: u16,
+    expected: &[String],
+) -> Result<String, String> {
+    const PACE_PER_S: u32 = 4;
+    let plan = ctx.plan;
+    let to_name = t
+        .switch_ingress_to
+        .as_deref()
+        .ok_or("no node to switch to")?;
+    let to = plan.host(to_name).ok_or("unknown node")?;
+    let via = if ip.is_ipv6() {
+        plan.ip6(to).map(IpAddr::V6)
+    } else {
+        plan.ip(to).map(IpAddr::V4)
+    }
+    .ok_or("node without an address of the family")?;
+    let url = format!("http://{}/", host_port(ip, port));
+    let urls = vec![url.as_str(); t.requests as usize].join(" ");
+    let prefix = if ip.is_ipv6() { "128" } else { "32" };
+    let family = if ip.is_ipv6() { "-6" } else { "-4" };
+    // curl writes one line per answer and then how it got it (0 connections: reused).
+    let half_s = f64::from(t.requests) / f64::from(PACE_PER_S) / 2.0;
+    let script = format!(
+        "curl -sS -g --max-time 30 --rate {PACE_PER_S}/s -w ' connects=%{{num_connects}}\n' {urls} &          sleep {half_s:.2}; ip {family} route replace {ip}/{prefix} via {via}; wait $!"
+    );
+    let out = ctx
+        .lab
+        .exec(
+            from,
+            &Cmd::new("sh").arg("-c").arg(script),
+            Duration::from_secs(40),
+        )
+        .map_err(|e| e.to_string())?;
+    let mut pods: BTreeMap<String, u32> = BTreeMap::new();
+    let mut connects = 0;
+    let mut answered = 0;
+    for line in out.stdout.lines() {
+        if let Some((pod, _)) = parse_answer(line) {
+            *pods.entry(pod).or_default() += 1;
+            answered += 1;
+        }
+        if let Some(n) = line
+            .rsplit("connects=")
+            .next()
+            .filter(|_| line.contains("connects="))
+        {
+            connects += n.trim().parse::<u32>().unwrap_or(0);
+        }
+    }
+    let spread = pods
+        .iter()
+        .map(|(pod, n)| format!("{pod}={n}"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let seen = format!(
+        "{answered}/{} answered over {connects} connection(s) to {url} with the route moved to {to} ({via}) half-way; {spread}",
+        t.requests
+    );
+    let mut problems = Vec::new();
+    if answered != t.requests as usize {
+        problems.push(format!(
+            "{} unanswered ({})",
+            t.requests as usize - answered,
+            tail(out.stderr.trim(), 1)
+        ));
+    }
+    if connects != 1 {
+        problems.push("the connection did not survive the move".to_owned());
+    }
+    if pods.len() > 1 {
+        problems.push("answers came from more than one backend".to_owned());
+    }
+    if let Some(stranger) = pods.keys().find(|p| !expected.contains(p)) {
+        problems.push(format!("{stranger} is not an endpoint"));
+    }
+    if problems.is_empty() {
+        Ok(seen)
+    } else {
+        Err(format!("{}; seen: {seen}", problems.join("; ")))
+    }
+}
 
 fn traffic(ctx: &mut CheckCtx<'_>, t: &TrafficCheck, proto: Protocol) -> Result<String, String> {
     let plan = ctx.plan;
@@ -260,12 +385,16 @@ fn traffic(ctx: &mut CheckCtx<'_>, t: &TrafficCheck, proto: Protocol) -> Result<
         client_ip,
         expected,
     } = target(ctx, t, from)?;
+    if t.switch_ingress_to.is_some() {
+        return ingress_switch(ctx, t, from, ip, port, &expected);
+    }
+    let device = ctx.scenario.agent.tunnel.device();
     let tunnel_node = match &t.tunnel_replies {
         Some(tr) => Some(plan.host(&tr.node).ok_or("unknown node")?),
         None => None,
     };
     let rx_before = match tunnel_node {
-        Some(node) => Some(tunnel_rx_packets(ctx.lab, node)?),
+        Some(node) => Some(tunnel_rx_packets(ctx.lab, node, device)?),
         None => None,
     };
 
@@ -286,7 +415,7 @@ fn traffic(ctx: &mut CheckCtx<'_>, t: &TrafficCheck, proto: Protocol) -> Result<
             break;
         }
         sent += 1;
-        match request(ctx.lab, from, proto, ip, port) {
+        match request(ctx.lab, from, proto, (ip, port), t.upload_bytes) {
             Ok((pod, seen)) => {
                 // A pod reaching itself through a service (hairpin) is masqueraded by kube-proxy
                 // too, so only answers from other pods have to show the client's address.
@@ -378,19 +507,32 @@ fn traffic(ctx: &mut CheckCtx<'_>, t: &TrafficCheck, proto: Protocol) -> Result<
     }
     let mut tunnel_note = String::new();
     if let (Some(node), Some(before), Some(tr)) = (tunnel_node, rx_before, &t.tunnel_replies) {
-        let received = tunnel_rx_packets(ctx.lab, node)?.saturating_sub(before);
-        tunnel_note = format!("; {node}'s {TUNNEL_DEVICE} received {received} packets");
+        let received = tunnel_rx_packets(ctx.lab, node, device)?.saturating_sub(before);
+        tunnel_note = format!("; {node}'s {device} received {received} packets");
         // Each answered exchange brings at least one reply packet back through the tunnel
         // when replies return through the ingress node.
         if tr.seen && received < answered as u64 {
             problems.push(format!(
-                "{node}'s {TUNNEL_DEVICE} received {received} packets for {answered} answers: the replies did not come back through it"
+                "{node}'s {device} received {received} packets for {answered} answers: the replies did not come back through it"
             ));
         }
         if !tr.seen && received > 0 {
             problems.push(format!(
-                "{node}'s {TUNNEL_DEVICE} received {received} packets: replies came back through the ingress node"
+                "{node}'s {device} received {received} packets: replies came back through the ingress node"
             ));
+        }
+    }
+    if let Some(want) = t.learned_mtu {
+        match route_mtu(ctx.lab, from, ip)? {
+            Some(mtu) if mtu == want => {
+                tunnel_note.push_str(&format!("; {from} learnt path MTU {mtu} towards {ip}"));
+            }
+            Some(mtu) => problems.push(format!(
+                "{from}'s route to {ip} has path MTU {mtu}, where {want} was to be learnt"
+            )),
+            None => problems.push(format!(
+                "{from}'s route to {ip} learnt no path MTU (no ICMP fragmentation needed / packet too big arrived; {want} expected)"
+            )),
         }
     }
     if answered == 0 && problems.is_empty() && !t.expect.none_answered && !t.expect.refused {
@@ -534,8 +676,8 @@ fn conntrack(ctx: &mut CheckCtx<'_>, c: &ConntrackCheck) -> Result<String, Strin
             ctx.lab,
             from,
             p.protocol,
-            IpAddr::V4(svc.cluster_ip),
-            p.port,
+            (IpAddr::V4(svc.cluster_ip), p.port),
+            None,
         )
         .map_err(|why| {
             format!(
@@ -658,6 +800,20 @@ fn health_check(ctx: &mut CheckCtx<'_>, h: &HealthCheckSpec) -> Result<String, S
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn route_mtu() {
+        assert_eq!(
+            parse_route_mtu(
+                "198.18.0.1 dev eth0 src 198.18.0.201 uid 0 \\    cache expires 598sec mtu 1450 "
+            ),
+            Some(1450)
+        );
+        assert_eq!(
+            parse_route_mtu("198.18.0.1 dev eth0 src 198.18.0.201 uid 0 \\    cache "),
+            None
+        );
+    }
 
     #[test]
     fn answers() {

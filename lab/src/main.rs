@@ -268,7 +268,10 @@ fn run(cli: Cli) -> Result<bool> {
                 };
             runner::run_all_with(&files, &opts, backend.as_ref(), &mut events)
         }
-        BackendKind::Netns => runner::run_all(&files, &opts, &mut events),
+        BackendKind::Netns => {
+            let files = runner::without_missing_host_modules(files);
+            runner::run_all(&files, &opts, &mut events)
+        }
     };
     events
         .finish()

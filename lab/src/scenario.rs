@@ -284,9 +284,19 @@ pub enum LoadBalancing {
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct TunnelSpec {
-    /// "vxlan" (the agent's default) or "none".
+    /// "vxlan" (the agent's default), "ipip" or "none".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mode: Option<TunnelModeSpec>,
+}
+
+impl TunnelSpec {
+    /// The device the agent creates for the mode (its default `[tunnel] interface`).
+    pub fn device(&self) -> &'static str {
+        match self.mode {
+            Some(TunnelModeSpec::Ipip) => "weir-ipip",
+            _ => "weir-vxlan",
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -294,6 +304,7 @@ pub struct TunnelSpec {
 pub enum TunnelModeSpec {
     None,
     Vxlan,
+    Ipip,
 }
 
 fn default_true() -> bool {
@@ -547,6 +558,20 @@ pub struct TrafficCheck {
     pub network: u8,
     #[serde(default)]
     pub tunnel_replies: Option<TunnelReplies>,
+    /// HTTP only: each request uploads this many bytes (a POST), so full-sized segments travel
+    /// from the client.
+    #[serde(default)]
+    pub upload_bytes: Option<u32>,
+    /// After the requests, the client's route to the target must carry this path MTU: it
+    /// learnt it from an ICMP "fragmentation needed" / "packet too big".
+    #[serde(default)]
+    pub learned_mtu: Option<u32>,
+    /// HTTP via a load-balancer or external IP only: the requests share one keep-alive
+    /// connection, paced, and half-way through the client's route to the IP moves from the node
+    /// of its `[[routes]]` entry to this one, as when an ECMP router reshuffles. The connection
+    /// must survive on the same backend: with Maglev every node picks the same one.
+    #[serde(default)]
+    pub switch_ingress_to: Option<String>,
     #[serde(default)]
     pub expect: TrafficExpect,
 }
@@ -975,6 +1000,7 @@ impl Scenario {
         t: &TrafficCheck,
         from: HostId,
         plan: &Plan,
+        http: bool,
     ) -> Result<(), ScenarioError> {
         let bad = |m: String| self.invalid(format!("check {title:?}: {m}"));
         if t.family == Family::Ipv6 && !self.topology.ipv6 {
@@ -993,6 +1019,24 @@ impl Scenario {
         }
         if t.network > 1 && matches!(from, HostId::Pod { .. }) {
             return Err(bad("pods are on network 1 only".into()));
+        }
+        if (t.upload_bytes.is_some() || t.switch_ingress_to.is_some()) && !http {
+            return Err(bad(
+                "upload_bytes and switch_ingress_to are for HTTP checks".into(),
+            ));
+        }
+        if let Some(node) = &t.switch_ingress_to {
+            if !matches!(plan.host(node), Some(HostId::Node(_))) {
+                return Err(bad(format!("switch_ingress_to: {node:?} is not a node")));
+            }
+            if !matches!(t.via, Via::LoadBalancer | Via::ExternalIp) {
+                return Err(bad(
+                    "switch_ingress_to moves the route to a load-balancer or external IP".into(),
+                ));
+            }
+            if !matches!(from, HostId::External(_)) {
+                return Err(bad("switch_ingress_to is for external clients".into()));
+            }
         }
         if let Some(tr) = &t.tunnel_replies {
             if !matches!(plan.host(&tr.node), Some(HostId::Node(_))) {
@@ -1081,7 +1125,7 @@ impl Scenario {
                     Protocol::Udp
                 };
                 let from = host(&t.from)?;
-                self.validate_traffic_target(&title, t, from, plan)?;
+                self.validate_traffic_target(&title, t, from, plan, proto == Protocol::Tcp)?;
                 if t.requests == 0 || t.requests > MAX_REQUESTS {
                     return Err(self.invalid(format!(
                         "check {title:?}: requests must be 1..={MAX_REQUESTS}"
