@@ -1,6 +1,6 @@
 //! The VM lab on one real kernel (debian-6.1 of kernels/matrix.toml, cached after the first
 //! download, which lab/setup.d/20-vm.sh does): the smoke scenario runs unchanged on QEMU VMs,
-//! and a guest that panics or hangs is detected, killed and reported within its deadline.
+//! and so does ipip-ingress, which the host kernel (no ipip module) cannot run; a guest that panics or hangs is detected, killed and reported within its deadline.
 //! Needs root (taps, namespaces, BPF in the guests); skipped otherwise.
 
 use std::path::{Path, PathBuf};
@@ -44,7 +44,7 @@ fn leftovers(marker: &str) -> Vec<String> {
 }
 
 #[test]
-fn smoke_passes_unchanged_on_vms() {
+fn smoke_and_ipip_pass_unchanged_on_vms() {
     if !root() {
         return;
     }
@@ -53,6 +53,7 @@ fn smoke_passes_unchanged_on_vms() {
     let out = Command::new(env!("CARGO_BIN_EXE_weir-lab"))
         .arg("run")
         .arg(workspace().join("scenarios/smoke.toml"))
+        .arg(workspace().join("scenarios/ipip-ingress.toml"))
         .arg("--backend")
         .arg("qemu")
         .arg("--report-dir")
@@ -63,11 +64,12 @@ fn smoke_passes_unchanged_on_vms() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     eprintln!(
-        "smoke on {KERNEL} VMs: {:.0} s",
+        "smoke and ipip-ingress on {KERNEL} VMs: {:.0} s",
         started.elapsed().as_secs_f64()
     );
     assert!(out.status.success(), "weir-lab failed:\n{stdout}\n{stderr}");
     assert!(stdout.contains("smoke passed"), "{stdout}");
+    assert!(stdout.contains("ipip-ingress passed"), "{stdout}");
     assert!(
         stderr.contains("node1: ready in"),
         "boot progress is shown: {stderr}"

@@ -4,16 +4,20 @@
 //! source. Handed to the stack, IPv4 drops it as a martian (a packet arriving from outside
 //! cannot come from a local address). So such packets are routed here: a FIB lookup for the
 //! client, the next hop's MAC addresses written, and a redirect to the egress interface. Where
-//! the neighbour is not resolved yet, `bpf_redirect_neigh` (5.10+) resolves it.
+//! the neighbour is not resolved yet, `bpf_redirect_neigh` (5.10+) resolves it; it also adds
+//! the neighbour of a packet from the IPIP device, which first gets the Ethernet header it
+//! lacks.
 
 use aya_ebpf::{
     bindings::{bpf_fib_lookup, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS},
-    helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
+    helpers::{
+        bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_skb_change_head,
+    },
     programs::TcContext,
 };
-use weir_common::{Addr, FAMILY_V4};
+use weir_common::{counter, Addr, FAMILY_V4};
 
-use crate::packet::{store, Ip};
+use crate::packet::{store, Ip, ETH_HLEN, ETH_P_IP, ETH_P_IPV6};
 use crate::Verdict;
 
 const AF_INET: u8 = 2;
@@ -46,6 +50,10 @@ pub fn forward(ctx: &TcContext, source: &Addr, ip: &Ip, outcome: u32) -> Verdict
             0,
         )
     };
+    let found = rc as u32 == BPF_FIB_LKUP_RET_SUCCESS || rc as u32 == BPF_FIB_LKUP_RET_NO_NEIGH;
+    if found && ip.l3() == 0 && push_ethernet(ctx, ip.family).is_err() {
+        return Verdict::drop(counter::DROP_REWRITE_FAILED);
+    }
     let action = match rc as u32 {
         BPF_FIB_LKUP_RET_SUCCESS => {
             if store(ctx, 0, &params.dmac).is_err() || store(ctx, 6, &params.smac).is_err() {
@@ -61,6 +69,24 @@ pub fn forward(ctx: &TcContext, source: &Addr, ip: &Ip, outcome: u32) -> Verdict
         _ => return Verdict::pass(outcome),
     };
     Verdict::redirect(outcome, action)
+}
+
+/// A bare packet (from the IPIP device) gets an Ethernet header to go out of an Ethernet
+/// interface: both redirect helpers refuse a packet without one. Its addresses are filled in
+/// after, by the caller or the neighbour layer.
+#[inline(always)]
+fn push_ethernet(ctx: &TcContext, family: u8) -> Result<(), u32> {
+    // SAFETY: the context pointer is the program's own skb; the helper validates the length.
+    let ret = unsafe { bpf_skb_change_head(ctx.skb.skb, ETH_HLEN as u32, 0) };
+    if ret != 0 {
+        return Err(counter::DROP_REWRITE_FAILED);
+    }
+    let ethertype = if family == FAMILY_V4 {
+        ETH_P_IP
+    } else {
+        ETH_P_IPV6
+    };
+    store(ctx, 12, &ethertype.to_be_bytes())
 }
 
 #[inline(always)]
