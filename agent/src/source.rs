@@ -609,13 +609,16 @@ struct FileState {
 /// one-service change in a directory of thousands of files costs one small parse. Changes are
 /// seen through inotify on the directory (the file's own directory in the single-file form, so
 /// replacement by rename is seen); where inotify cannot be had, by polling each file's
-/// modification time and size. Even with inotify, the files' stamps are compared now and then
-/// ([`FileSource::rescan_if_due`]): on shared file systems (virtiofs, NFS) a change made on the
-/// other side raises no event here.
+/// modification time and size. On shared file systems (virtiofs, NFS, 9p) a change made on the
+/// other side raises no inotify event here, so there the files' stamps are also compared now and
+/// then ([`FileSource::rescan_if_due`]); on local file systems that scan is skipped, since it
+/// stats every file and an update arriving meanwhile waits for it.
 pub struct FileSource {
     path: PathBuf,
     files: BTreeMap<PathBuf, FileState>,
     inotify: Option<nix::sys::inotify::Inotify>,
+    /// The directory lives on a file system whose remote changes inotify cannot see.
+    shared_fs: bool,
     last_scan: std::time::Instant,
 }
 
@@ -625,6 +628,7 @@ impl std::fmt::Debug for FileSource {
             .field("path", &self.path)
             .field("files", &self.files.len())
             .field("inotify", &self.inotify.is_some())
+            .field("shared_fs", &self.shared_fs)
             .finish()
     }
 }
@@ -656,25 +660,36 @@ impl FileSource {
                 tracing::warn!(dir = %dir.display(), error = %e, "no inotify; polling the state files");
             })
             .ok();
+        let shared_fs = is_shared_fs(&dir);
+        if shared_fs && inotify.is_some() {
+            tracing::info!(dir = %dir.display(), "shared file system: inotify backed by stamp rescans");
+        }
         FileSource {
             path: path.to_owned(),
             files: BTreeMap::new(),
             inotify,
+            shared_fs,
             last_scan: std::time::Instant::now(),
         }
     }
 
-    /// A stamp scan ([`FileSource::scan_into`]) when the last one is `every` old: the safety
-    /// net for changes inotify cannot see. Only files whose stamp changed are re-read.
+    /// A stamp scan ([`FileSource::scan_into`]) when the last one is `every` old, on a shared
+    /// file system only: the safety net for changes inotify cannot see. Only files whose stamp
+    /// changed are re-read.
     pub fn rescan_if_due(
         &mut self,
         every: std::time::Duration,
         sink: &mut dyn FnMut(ObjectEvent),
     ) -> Vec<SourceError> {
-        if self.last_scan.elapsed() < every {
+        if !self.shared_fs || self.last_scan.elapsed() < every {
             return Vec::new();
         }
         self.scan_into(sink)
+    }
+
+    /// Whether [`FileSource::rescan_if_due`] ever scans.
+    pub fn rescans(&self) -> bool {
+        self.shared_fs
     }
 
     /// The inotify descriptor, for the event loop to wait on; None when polling.
@@ -923,6 +938,34 @@ fn read_file(old: Option<&FileState>, file: &Path) -> Result<FileUpdate, SourceE
     })
 }
 
+/// File systems where a change made by another machine (or a VM's host) raises no inotify event
+/// on this one. statfs(2) magic numbers, from the kernel's include/uapi/linux/magic.h.
+const SHARED_FS_MAGIC: &[(i64, &str)] = &[
+    (0x6573_5546, "fuse (virtiofs, sshfs)"),
+    (0x6969, "nfs"),
+    (0x0102_1997, "9p"),
+    (0xFF53_4D42, "cifs"),
+    (0xFE53_4D42, "smb2"),
+    (0x00C3_6400, "ceph"),
+];
+
+/// Whether `dir` is on one of [`SHARED_FS_MAGIC`]. An unknown answer counts as shared: rescans
+/// cost time, missed changes cost correctness.
+fn is_shared_fs(dir: &Path) -> bool {
+    match nix::sys::statfs::statfs(dir) {
+        Ok(fs) => {
+            // The field's integer type differs between libc targets.
+            #[allow(clippy::unnecessary_cast)]
+            let magic = fs.filesystem_type().0 as i64;
+            SHARED_FS_MAGIC.iter().any(|(m, _)| *m == magic)
+        }
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), error = %e, "statfs failed; rescanning state files");
+            true
+        }
+    }
+}
+
 fn stamp(path: &Path) -> (Option<SystemTime>, u64) {
     let meta = std::fs::metadata(path).ok();
     (
@@ -1039,6 +1082,10 @@ mod tests {
 
         let mut source = FileSource::new(dir.path());
         assert!(source.watch_fd().is_some(), "inotify is available here");
+        assert!(
+            !source.rescans(),
+            "a local file system is trusted to inotify: no stamp rescans delaying updates"
+        );
         let (events, errors) = source.scan();
         assert!(errors.is_empty(), "{errors:?}");
         assert_eq!(events.len(), 4);
