@@ -10,7 +10,7 @@ use std::process::Command;
 
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::tc::{SchedClassifier, SchedClassifierLink, TcAttachType};
-use common::{cluster_yaml, objects, private_bpffs, require_root, tcp, BACKEND, CLIENT, VIP};
+use common::{cluster_yaml, ip, objects, private_bpffs, require_root, tcp, BACKEND, CLIENT, VIP};
 use nix::sched::CloneFlags;
 use weir_agent::config::{link_pin_dir, versioned_pin_dir};
 use weir_agent::dataplane::{uninstall, AttachMode, Counters, Dataplane, LoadOptions};
@@ -25,17 +25,6 @@ fn sandbox() -> tempfile::TempDir {
     let dir = private_bpffs(CloneFlags::CLONE_NEWNET);
     make_veth();
     dir
-}
-
-/// Commands forked from this thread run in its network namespace.
-fn ip(args: &[&str]) -> String {
-    let out = Command::new("ip").args(args).output().expect("run ip");
-    assert!(
-        out.status.success(),
-        "ip {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn make_veth() {

@@ -373,6 +373,94 @@ fn in_dsr_mode_too_big_packets_are_answered_by_the_ingress_node_too() {
     assert_frag_needed(&out, &too_big, LB_IP, 1480);
 }
 
+/// `inner` (an Ethernet frame) as an old kernel's IPIP device shows it: the outer Ethernet and
+/// IPv4 headers (protocol 4) still in front of the inner IPv4 packet.
+fn old_ipip_layout(inner: &[u8], outer_src: Ipv4Addr, outer_dst: Ipv4Addr) -> Vec<u8> {
+    let inner_ip = &inner[14..];
+    let mut outer = etherparse::Ipv4Header::new(
+        inner_ip.len() as u16,
+        64,
+        etherparse::IpNumber::IPV4,
+        outer_src.octets(),
+        outer_dst.octets(),
+    )
+    .unwrap();
+    outer.header_checksum = outer.calc_header_checksum();
+    let mut out = inner[..14].to_vec();
+    outer.write(&mut out).unwrap();
+    out.extend_from_slice(inner_ip);
+    out
+}
+
+#[test]
+fn an_old_kernels_ipip_layout_is_unwrapped_before_the_reply_is_forwarded() {
+    // Its own network namespace: a veth with the client as a known neighbour makes the FIB
+    // lookup of the reply succeed, whatever the host's routes. A FIB lookup also wants
+    // forwarding on, as on any node.
+    let _bpffs = private_bpffs(nix::sched::CloneFlags::CLONE_NEWNET);
+    let sysctl = std::process::Command::new("sysctl")
+        .args(["-qw", "net.ipv4.conf.all.forwarding=1"])
+        .status()
+        .expect("sysctl");
+    assert!(sysctl.success());
+    ip(&["link", "set", "lo", "up"]);
+    ip(&["link", "add", "wt0", "type", "veth", "peer", "name", "wt1"]);
+    ip(&["addr", "add", &format!("{NODE1}/24"), "dev", "wt0"]);
+    ip(&["link", "set", "wt0", "up"]);
+    ip(&["link", "set", "wt1", "up"]);
+    let client_mac = "02:00:00:00:00:c1";
+    ip(&[
+        "neigh",
+        "replace",
+        &EXTERNAL_CLIENT.to_string(),
+        "lladdr",
+        client_mac,
+        "dev",
+        "wt0",
+        "nud",
+        "permanent",
+    ]);
+
+    let mut h = node1(
+        &web(&[(POD_N2, "node2")], ""),
+        node_flags::TUNNEL_IPIP,
+        4242,
+        false,
+    );
+    let (verdict, _) = h.run(&tcp(EXTERNAL_CLIENT, 42000, NODE1, NODE_PORT, "S"));
+    assert_eq!(verdict, TC_ACT_REDIRECT, "into the tunnel, translated here");
+
+    // The reply comes back through the IPIP device: loopback in a test run.
+    let config = NodeConfig {
+        hairpin_v4: addr_of(HAIRPIN.into()).0,
+        tunnel_ifindex: 1,
+        flags: node_flags::TUNNEL_IPIP,
+        ..NodeConfig::default()
+    };
+    h.dataplane.node.set_config(&config).unwrap();
+    let reply = tcp(POD_N2, 8080, EXTERNAL_CLIENT, 42000, "SA");
+    let (verdict, out) = h.run(&old_ipip_layout(&reply, NODE2, NODE1));
+    assert_eq!(verdict, TC_ACT_REDIRECT, "forwarded to the client");
+    let expected = tcp(NODE1, NODE_PORT, EXTERNAL_CLIENT, 42000, "SA");
+    assert_eq!(
+        &out[12..],
+        &expected[12..],
+        "the outer IPv4 header is gone, the reply un-NATed"
+    );
+    assert_eq!(
+        &out[..6],
+        &[2, 0, 0, 0, 0, 0xc1],
+        "to the client's neighbour"
+    );
+
+    // A packet that is neither layout is dropped as malformed, not guessed at.
+    let mut garbled = old_ipip_layout(&reply, NODE2, NODE1);
+    garbled[34] = 0x65;
+    let (verdict, _) = h.run(&garbled);
+    assert_eq!(verdict, TC_ACT_SHOT);
+    assert_eq!(h.counter("drop_malformed"), 1);
+}
+
 #[test]
 fn maglev_makes_every_node_pick_the_same_backend() {
     let endpoints: Vec<(Ipv4Addr, &str)> = (0..6)

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 use crate::agent::{self, Agents};
-use crate::backend::{Backend, BackendError, BackendKind, Lab};
+use crate::backend::{Backend, BackendError, BackendKind, Cmd, Lab};
 use crate::checks::{self, CheckCtx};
 use crate::events::{Event, Events};
 use crate::k8s;
@@ -17,6 +17,8 @@ use crate::scenario::{Scenario, ScenarioError};
 use crate::workloads;
 
 const LISTEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Per diagnostic command after a failure; the guests of a TCG VM are slow.
+const DIAGNOSTIC_TIMEOUT: Duration = Duration::from_secs(20);
 
 #[derive(Clone, Debug)]
 pub struct RunOptions {
@@ -421,7 +423,56 @@ impl ScenarioRun<'_> {
             };
             self.events.emit(event);
         }
+        if self.failed > 0 {
+            self.save_diagnostics();
+        }
         Ok(())
+    }
+
+    /// After a failed check, what each node's data plane holds and counted, its links (with
+    /// packet counts) and routes, into `diag-nodeN.txt` beside the agent logs: a VM is gone once
+    /// the run ends, and these are what tells a dropped packet from one never sent.
+    fn save_diagnostics(&mut self) {
+        let (Some(lab), Some(agents)) = (self.lab.as_deref_mut(), self.agents.as_ref()) else {
+            return;
+        };
+        for node in &agents.nodes {
+            let mut text = String::new();
+            let pin_dir = node.pin_dir.display().to_string();
+            let dump = |what: &str| {
+                Cmd::new(agents.binary.display().to_string()).args([
+                    "dump",
+                    what,
+                    "--pin-dir",
+                    &pin_dir,
+                ])
+            };
+            let commands = [
+                dump("counters"),
+                dump("conntrack"),
+                Cmd::new("ip").args(["-s", "-d", "link", "show"]),
+                Cmd::new("ip").args(["addr", "show"]),
+                Cmd::new("ip").args(["route", "show", "table", "all"]),
+                Cmd::new("ip").args(["-6", "route", "show"]),
+            ];
+            for cmd in &commands {
+                text.push_str(&format!("$ {cmd}\n"));
+                match lab.exec(node.node, cmd, DIAGNOSTIC_TIMEOUT) {
+                    Ok(out) => {
+                        text.push_str(&out.stdout);
+                        if !out.success() {
+                            text.push_str(&format!("[{}] {}\n", out.status(), out.stderr));
+                        }
+                    }
+                    Err(e) => text.push_str(&format!("[not run: {e}]\n")),
+                }
+                text.push('\n');
+            }
+            let file = self.run_dir.join(format!("diag-{}.txt", node.node));
+            if let Err(e) = std::fs::write(&file, text) {
+                warn!("writing {}: {e}", file.display());
+            }
+        }
     }
 
     /// Stops agents and workloads, removes the hosts and this run's pinned maps.

@@ -102,6 +102,20 @@ pub fn private_bpffs(extra: nix::sched::CloneFlags) -> tempfile::TempDir {
     dir
 }
 
+/// Runs `ip`, which forked from this thread runs in its network namespace; panics on failure.
+pub fn ip(args: &[&str]) -> String {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .expect("run ip");
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 pub fn require_root() {
     assert!(
         nix::unistd::geteuid().is_root(),

@@ -1,5 +1,5 @@
 //! Parsing and rewriting IPv4 and IPv6 packets behind an Ethernet header, or bare ones (what an
-//! IPIP tunnel device delivers).
+//! IPIP tunnel device delivers; older kernels leave the outer headers in front of them).
 //!
 //! Headers are read through `bpf_skb_load_bytes`, which copes with variable offsets (IP options)
 //! and paged skbs alike; reading past the end of the packet means it was truncated. Rewrites
@@ -20,6 +20,8 @@ pub const ETH_P_IPV6: u16 = 0x86dd;
 /// Where the IP header starts behind an Ethernet header.
 pub const IP_OFF: usize = ETH_HLEN;
 pub const IPV4_MIN_HLEN: usize = 20;
+/// Where an old kernel's IPIP device shows the inner header (see `bare_ip_offset`).
+pub const OLD_IPIP_INNER_OFF: usize = ETH_HLEN + IPV4_MIN_HLEN;
 const IPV4_CSUM: usize = 10;
 const IPV4_FRAG: usize = 6;
 const IPV4_DF: u16 = 0x4000;
@@ -77,6 +79,7 @@ pub struct Ip {
 }
 
 /// Why a packet is not for the NAT path.
+#[derive(Clone, Copy)]
 pub enum NotForUs {
     Pass(u32),
     Drop(u32),
@@ -161,7 +164,7 @@ fn parse_inner(ctx: &TcContext, bare: bool) -> Result<Ip, NotForUs> {
     let (ethertype, l3_off) = if bare {
         // SAFETY: reading a field of the program's own context.
         let protocol = unsafe { (*ctx.skb.skb).protocol };
-        (u16::from_be(protocol as u16), 0)
+        (u16::from_be(protocol as u16), bare_ip_offset(ctx)?)
     } else {
         let ethertype = load::<u16>(ctx, 12).map_err(NotForUs::Drop)?;
         (u16::from_be(ethertype), IP_OFF)
@@ -171,6 +174,24 @@ fn parse_inner(ctx: &TcContext, bare: bool) -> Result<Ip, NotForUs> {
         ETH_P_IPV6 => parse_ipv6(ctx, l3_off),
         _ => Err(NotForUs::Pass(counter::PASS_NOT_IP)),
     }
+}
+
+/// Where an IPIP device's packet starts: at 0 on current kernels; behind the outer Ethernet and
+/// IPv4 headers ([`OLD_IPIP_INNER_OFF`]) on older ones (5.10 among them), which decapsulate
+/// without moving the MAC header, so tc sees `[outer Ethernet | outer IPv4 | inner IPv4]`.
+/// Told apart by which offset holds an IPv4 header as long as the rest of the packet.
+#[inline(always)]
+fn bare_ip_offset(ctx: &TcContext) -> Result<usize, NotForUs> {
+    let malformed = NotForUs::Drop(counter::DROP_MALFORMED);
+    let len = ctx.len() as usize;
+    for off in [0, OLD_IPIP_INNER_OFF] {
+        let first: u8 = load(ctx, off).map_err(|_| malformed)?;
+        let total_len_be: u16 = load(ctx, off + 2).map_err(|_| malformed)?;
+        if first >> 4 == 4 && off + u16::from_be(total_len_be) as usize == len {
+            return Ok(off);
+        }
+    }
+    Err(malformed)
 }
 
 #[inline(always)]

@@ -5,11 +5,13 @@
 //! cannot come from a local address). So such packets are routed here: a FIB lookup for the
 //! client, the next hop's MAC addresses written, and a redirect to the egress interface. Where
 //! the neighbour is not resolved yet, `bpf_redirect_neigh` (5.10+) resolves it; it also adds
-//! the neighbour of a packet from the IPIP device, which first gets the Ethernet header it
-//! lacks.
+//! the neighbour of a packet from the IPIP device, which first becomes an Ethernet frame.
 
 use aya_ebpf::{
-    bindings::{bpf_fib_lookup, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS},
+    bindings::{
+        bpf_adj_room_mode, bpf_fib_lookup, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
+        BPF_F_ADJ_ROOM_FIXED_GSO, BPF_F_RECOMPUTE_CSUM,
+    },
     helpers::{
         bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_skb_change_head,
     },
@@ -17,7 +19,9 @@ use aya_ebpf::{
 };
 use weir_common::{counter, Addr, FAMILY_V4};
 
-use crate::packet::{store, Ip, ETH_HLEN, ETH_P_IP, ETH_P_IPV6};
+use crate::packet::{
+    load, store, Ip, Ipv4Header, ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPV4_MIN_HLEN, OLD_IPIP_INNER_OFF,
+};
 use crate::Verdict;
 
 const AF_INET: u8 = 2;
@@ -51,7 +55,7 @@ pub fn forward(ctx: &TcContext, source: &Addr, ip: &Ip, outcome: u32) -> Verdict
         )
     };
     let found = rc as u32 == BPF_FIB_LKUP_RET_SUCCESS || rc as u32 == BPF_FIB_LKUP_RET_NO_NEIGH;
-    if found && ip.l3() == 0 && push_ethernet(ctx, ip.family).is_err() {
+    if found && ip.l3() != ETH_HLEN && to_ethernet_frame(ctx, ip).is_err() {
         return Verdict::drop(counter::DROP_REWRITE_FAILED);
     }
     let action = match rc as u32 {
@@ -71,22 +75,48 @@ pub fn forward(ctx: &TcContext, source: &Addr, ip: &Ip, outcome: u32) -> Verdict
     Verdict::redirect(outcome, action)
 }
 
-/// A bare packet (from the IPIP device) gets an Ethernet header to go out of an Ethernet
-/// interface: both redirect helpers refuse a packet without one. Its addresses are filled in
-/// after, by the caller or the neighbour layer.
+/// A packet from the IPIP device becomes an Ethernet frame to go out of an Ethernet interface:
+/// both redirect helpers refuse a packet without one. Its addresses are filled in after, by the
+/// caller or the neighbour layer.
 #[inline(always)]
-fn push_ethernet(ctx: &TcContext, family: u8) -> Result<(), u32> {
+fn to_ethernet_frame(ctx: &TcContext, ip: &Ip) -> Result<(), u32> {
+    if ip.l3() == OLD_IPIP_INNER_OFF {
+        return drop_outer_ipv4(ctx);
+    }
     // SAFETY: the context pointer is the program's own skb; the helper validates the length.
     let ret = unsafe { bpf_skb_change_head(ctx.skb.skb, ETH_HLEN as u32, 0) };
     if ret != 0 {
         return Err(counter::DROP_REWRITE_FAILED);
     }
-    let ethertype = if family == FAMILY_V4 {
+    let ethertype = if ip.family == FAMILY_V4 {
         ETH_P_IP
     } else {
         ETH_P_IPV6
     };
     store(ctx, 12, &ethertype.to_be_bytes())
+}
+
+/// An old kernel's `[outer Ethernet | outer IPv4 | inner IPv4]` becomes `[Ethernet | inner IPv4]`.
+/// The kernel takes its MAC header to be 34 bytes long here, so the 20 bytes `adjust_room`
+/// removes behind it are the inner header's: the inner header is saved first and then
+/// overwrites the outer one. Only its options would not fit; the ethertype is already IPv4.
+/// The stack's idea of the header offsets is stale afterwards, which a redirect does not mind.
+#[inline(always)]
+fn drop_outer_ipv4(ctx: &TcContext) -> Result<(), u32> {
+    let failed = counter::DROP_REWRITE_FAILED;
+    let inner: Ipv4Header = load(ctx, OLD_IPIP_INNER_OFF)?;
+    if inner.version_ihl != 0x45 {
+        return Err(failed);
+    }
+    // The segment size stays: only an encapsulation header goes.
+    ctx.adjust_room(
+        -(IPV4_MIN_HLEN as i32),
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+        BPF_F_ADJ_ROOM_FIXED_GSO as u64,
+    )
+    .map_err(|_| failed)?;
+    ctx.store(ETH_HLEN, &inner, BPF_F_RECOMPUTE_CSUM as u64)
+        .map_err(|_| failed)
 }
 
 #[inline(always)]
