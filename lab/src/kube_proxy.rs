@@ -58,13 +58,16 @@ impl fmt::Display for ServicePortName {
     }
 }
 
-/// One port of a ClusterIP service and its ready endpoints, which is what kube-proxy compiles.
+/// One port of a ClusterIP or NodePort service (externalTrafficPolicy Cluster) and its ready
+/// endpoints, which is what kube-proxy compiles.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProxiedServicePort {
     pub name: ServicePortName,
     pub protocol: Protocol,
     pub cluster_ip: Ipv4Addr,
     pub port: u16,
+    /// Served on every local address (kube-proxy's default `--nodeport-addresses`).
+    pub node_port: Option<u16>,
     pub endpoints: Vec<SocketAddrV4>,
 }
 
@@ -73,6 +76,14 @@ impl ProxiedServicePort {
     pub fn service_chain(&self) -> String {
         format!(
             "KUBE-SVC-{}",
+            chain_hash(&format!("{}{}", self.name, self.protocol.lower()))
+        )
+    }
+
+    /// `KUBE-EXT-<hash>`: where NodePort traffic is marked for masquerading.
+    pub fn external_chain(&self) -> String {
+        format!(
+            "KUBE-EXT-{}",
             chain_hash(&format!("{}{}", self.name, self.protocol.lower()))
         )
     }
@@ -87,7 +98,10 @@ impl ProxiedServicePort {
 
     fn chains(&self) -> impl Iterator<Item = String> + '_ {
         let svc = (!self.endpoints.is_empty()).then(|| self.service_chain());
+        let ext =
+            (!self.endpoints.is_empty() && self.node_port.is_some()).then(|| self.external_chain());
         svc.into_iter()
+            .chain(ext)
             .chain(self.endpoints.iter().map(|e| self.endpoint_chain(*e)))
     }
 }
@@ -109,6 +123,7 @@ pub fn from_scenario(scenario: &Scenario, plan: &Plan) -> Vec<ProxiedServicePort
                 protocol: p.protocol,
                 cluster_ip: svc.cluster_ip,
                 port: p.port,
+                node_port: p.node_port,
                 endpoints: pods
                     .iter()
                     .map(|pod| SocketAddrV4::new(pod.ip, p.target()))
@@ -337,6 +352,46 @@ impl Proxier {
                 "--dport",
                 &port,
             ];
+            let node_port = svc.node_port.map(|p| p.to_string());
+            if let Some(node_port) = &node_port {
+                let quoted = format!("\"{name}\"");
+                let dispatch = [
+                    "-m",
+                    "comment",
+                    "--comment",
+                    &quoted,
+                    "-m",
+                    proto,
+                    "-p",
+                    proto,
+                    "--dport",
+                    node_port,
+                ];
+                if svc.endpoints.is_empty() {
+                    let comment = format!("\"{name} has no endpoints\"");
+                    filter_rules.rule_parts(&[
+                        &[
+                            "-A",
+                            KUBE_EXTERNAL_SERVICES,
+                            "-m",
+                            "comment",
+                            "--comment",
+                            &comment,
+                        ],
+                        &["-m", "addrtype", "--dst-type", "LOCAL"],
+                        &[
+                            "-m", proto, "-p", proto, "--dport", node_port, "-j", "REJECT",
+                        ],
+                    ]);
+                } else {
+                    let ext_chain = svc.external_chain();
+                    nat_rules.rule_parts(&[
+                        &["-A", KUBE_NODEPORTS],
+                        &dispatch,
+                        &["-j", &ext_chain],
+                    ]);
+                }
+            }
             if svc.endpoints.is_empty() {
                 let comment = format!("\"{name} has no endpoints\"");
                 let mut m = matcher;
@@ -353,6 +408,24 @@ impl Proxier {
                 continue;
             }
 
+            if node_port.is_some() {
+                // externalTrafficPolicy Cluster: external clients are masqueraded, so replies
+                // come back through this node wherever the endpoint is.
+                let ext_chain = svc.external_chain();
+                nat_chains.chain(&ext_chain);
+                let comment = format!("\"masquerade traffic for {name} external destinations\"");
+                nat_rules.rule(&[
+                    "-A",
+                    &ext_chain,
+                    "-m",
+                    "comment",
+                    "--comment",
+                    &comment,
+                    "-j",
+                    KUBE_MARK_MASQ,
+                ]);
+                nat_rules.rule(&["-A", &ext_chain, "-j", &svc_chain]);
+            }
             nat_chains.chain(&svc_chain);
             let comment = format!("\"{name} cluster IP\"");
             let mut m = matcher;
@@ -837,6 +910,7 @@ mod tests {
             protocol: Protocol::Tcp,
             cluster_ip: Ipv4Addr::new(198, 18, 130, 41),
             port: 80,
+            node_port: None,
             endpoints: endpoints.iter().map(|e| e.parse().unwrap()).collect(),
         }
     }
@@ -1000,6 +1074,25 @@ mod tests {
         assert!(!sync.restore_input.contains("KUBE-SVC-"));
     }
 
+    #[test]
+    fn node_ports_go_through_an_external_chain_that_masquerades() {
+        let mut svc = svc1(&["198.19.180.1:80"]);
+        svc.node_port = Some(30080);
+        let sync = Proxier::new(config()).sync(std::slice::from_ref(&svc));
+        let ext = svc.external_chain();
+        let lines: Vec<&str> = sync.restore_input.lines().collect();
+        assert!(lines.contains(&format!(":{ext} - [0:0]").as_str()));
+        assert!(lines.contains(&format!("-A KUBE-NODEPORTS -m comment --comment \"ns1/svc1:p80\" -m tcp -p tcp --dport 30080 -j {ext}").as_str()));
+        assert!(lines.contains(&format!("-A {ext} -m comment --comment \"masquerade traffic for ns1/svc1:p80 external destinations\" -j KUBE-MARK-MASQ").as_str()));
+        assert!(lines.contains(&format!("-A {ext} -j {}", svc.service_chain()).as_str()));
+
+        svc.endpoints.clear();
+        let empty = Proxier::new(config()).sync(&[svc]);
+        assert!(empty.restore_input.lines().any(|l| l
+            == "-A KUBE-EXTERNAL-SERVICES -m comment --comment \"ns1/svc1:p80 has no endpoints\" -m addrtype --dst-type LOCAL -m tcp -p tcp --dport 30080 -j REJECT"));
+        assert!(!empty.restore_input.contains("KUBE-EXT-"));
+    }
+
     fn many(n: usize, endpoints: usize) -> Vec<ProxiedServicePort> {
         (0..n)
             .map(|i| ProxiedServicePort {
@@ -1007,6 +1100,7 @@ mod tests {
                 protocol: Protocol::Tcp,
                 cluster_ip: Ipv4Addr::from(u32::from(Ipv4Addr::new(172, 30, 0, 1)) + i as u32),
                 port: 80,
+                node_port: None,
                 endpoints: (0..endpoints)
                     .map(|e| SocketAddrV4::new(Ipv4Addr::new(10, 180, 0, e as u8 + 1), 8080))
                     .collect(),

@@ -248,29 +248,36 @@ fn throughput_section(h: &mut String, r: &MatrixReport) {
     if with.is_empty() {
         return;
     }
-    h.push_str("<h2>Throughput and latency</h2><p>qperf tcp_bw and tcp_lat, pod on node 1 to pod on node 2, directly and through a ClusterIP; plain routing (no agent) next to Weir in the same lab, in alternating rounds (medians shown), then kube-proxy's iptables rules (an emulation of its iptables mode, loaded with iptables-restore, no agent) through the same ClusterIP. Under TCG the absolute numbers mean little: compare the ratios.</p>");
-    // Across kernels: Weir and kube-proxy through a ClusterIP against plain routing pod to pod.
-    let across: Vec<(String, f64)> = with
-        .iter()
-        .flat_map(|k| {
-            k.ratios
-                .iter()
-                .filter(|r| r.route == Route::ClusterIp && r.mode != Mode::Routing)
-                .filter_map(move |r| {
-                    let who = match r.mode {
-                        Mode::KubeProxyIptables => "kube-proxy",
-                        other => other.label(),
-                    };
-                    Some((format!("{who} {} mtu {}", k.name, r.mtu), r.bandwidth?))
-                })
-        })
-        .collect();
-    if !across.is_empty() {
-        h.push_str(&bar_chart(
+    h.push_str("<h2>Throughput and latency</h2><p>qperf tcp_bw and tcp_lat to a pod on node 2: from a pod on node 1 directly and through a ClusterIP, and from an external client through node 1's NodePort (Weir: DNAT only, through the VXLAN tunnel, replies back through node 1; kube-proxy: DNAT and masquerade, routed). Plain routing (no agent) next to Weir in the same lab, in alternating rounds (medians shown), then kube-proxy's iptables rules (an emulation of its iptables mode, loaded with iptables-restore, no agent) on the same paths. Ratios are against plain routing pod to pod. Under TCG the absolute numbers mean little: compare the ratios.</p>");
+    // Across kernels: Weir and kube-proxy through each service path against plain routing.
+    for (route, title) in [
+        (
+            Route::ClusterIp,
             "Through a ClusterIP: bandwidth relative to plain routing (1.0 = as fast)",
-            "x",
-            &across,
-        ));
+        ),
+        (
+            Route::NodePort,
+            "Through a NodePort to a remote pod: bandwidth relative to plain routing pod to pod",
+        ),
+    ] {
+        let across: Vec<(String, f64)> = with
+            .iter()
+            .flat_map(|k| {
+                k.ratios
+                    .iter()
+                    .filter(move |r| r.route == route && r.mode != Mode::Routing)
+                    .filter_map(move |r| {
+                        let who = match r.mode {
+                            Mode::KubeProxyIptables => "kube-proxy",
+                            other => other.label(),
+                        };
+                        Some((format!("{who} {} mtu {}", k.name, r.mtu), r.bandwidth?))
+                    })
+            })
+            .collect();
+        if !across.is_empty() {
+            h.push_str(&bar_chart(title, "x", &across));
+        }
     }
     for k in with {
         let _ = write!(h, "<h3>{}</h3>", esc(&k.name));

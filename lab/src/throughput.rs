@@ -1,6 +1,10 @@
-//! The throughput scenario: qperf `tcp_bw` and `tcp_lat` from a pod on node 1 to a pod on
-//! node 2, directly (pod to pod) and through a ClusterIP, with plain routing (no agent) and with
-//! Weir, at each MTU asked for, on whatever backend the caller gives. CPU cost per GB sent is
+//! The throughput scenario: qperf `tcp_bw` and `tcp_lat` to a pod on node 2: from a pod on
+//! node 1 directly (pod to pod) and through a ClusterIP, and from an external client through
+//! node 1's NodePort (so the backend is remote: Weir carries the flow through its VXLAN tunnel
+//! and replies return through node 1; kube-proxy masquerades and routes), with plain routing
+//! (no agent) and with Weir, at each MTU asked for, on whatever backend the caller gives. The
+//! qperf ports are the same on every path (service port = target port = nodePort), so one qperf
+//! server serves them all. CPU cost per GB sent is
 //! what the lab's VMs cost the host (their QEMU processes' CPU time) where the backend can
 //! tell ([`Lab::cpu_time`]), else the nodes' busy time from /proc/stat (machine-wide on the
 //! namespace backend, so other load on the machine counts too).
@@ -9,7 +13,7 @@
 //! taken in the same lab, one after the other: Weir and kube-proxy against plain routing.
 //!
 //! kube-proxy is the iptables emulation of lab/src/kube_proxy.rs ([`kube_proxy_iptables`]):
-//! every node gets kube-proxy's jump rules and a full sync for the ClusterIP, loaded with
+//! every node gets kube-proxy's jump rules and a full sync for the service, loaded with
 //! iptables-legacy-restore (iptables-nft-restore where legacy fails), no agent running. It is
 //! measured after the routing/Weir rounds, not between them: once a netns has a nat table, the
 //! kernel keeps its hooks (and conntrack) for the netns' lifetime even after the rules are
@@ -31,9 +35,13 @@ use crate::topology::{HostId, Plan};
 use weir_node_image::image::{ON_DEMAND_MODULES, ON_DEMAND_ORDER};
 
 pub const CLUSTER_IP: &str = "198.18.100.20";
-const CONTROL_PORT: u16 = 19765;
-const DATA_PORT: u16 = 19766;
+/// qperf's control and data ports, inside the NodePort range: the service maps each to itself.
+const CONTROL_PORT: u16 = 30765;
+const DATA_PORT: u16 = 30766;
 const CLIENT: HostId = HostId::Pod { node: 1, index: 0 };
+const EXTERNAL_CLIENT: HostId = HostId::External(1);
+/// The node whose NodePort the external client uses; the server pod is on the other one.
+const INGRESS_NODE: HostId = HostId::Node(1);
 const SERVER: HostId = HostId::Pod { node: 2, index: 0 };
 
 /// How service traffic is handled in a measurement.
@@ -63,6 +71,7 @@ impl Route {
         match self {
             Route::PodToPod => "pod-to-pod",
             Route::ClusterIp => "clusterip",
+            Route::NodePort => "nodeport",
         }
     }
 }
@@ -72,6 +81,8 @@ impl Route {
 pub enum Route {
     PodToPod,
     ClusterIp,
+    /// From an external client to a node whose NodePort leads to the pod on the other node.
+    NodePort,
 }
 
 /// One measurement, or why it was skipped.
@@ -304,21 +315,26 @@ pub struct ThroughputOptions {
 fn scenario_text(mtu: u32) -> String {
     format!(
         r#"name = "throughput-{mtu}"
-description = "qperf pod to pod and through a ClusterIP"
+description = "qperf pod to pod, through a ClusterIP and through a NodePort"
 [topology]
 nodes = 2
 pods_per_node = 1
+externals = 1
 mtu = {mtu}
+[agent]
+services = {{ external_return = "ingress" }}
+tunnel = {{ mode = "vxlan" }}
 [[pods]]
 match = "n2p0"
 labels = {{ app = "qperf" }}
 [[services]]
 name = "qperf"
+type = "NodePort"
 cluster_ip = "{CLUSTER_IP}"
 selector = {{ app = "qperf" }}
 ports = [
-  {{ name = "control", protocol = "TCP", port = {CONTROL_PORT}, target_port = {CONTROL_PORT} }},
-  {{ name = "data", protocol = "TCP", port = {DATA_PORT}, target_port = {DATA_PORT} }},
+  {{ name = "control", protocol = "TCP", port = {CONTROL_PORT}, target_port = {CONTROL_PORT}, node_port = {CONTROL_PORT} }},
+  {{ name = "data", protocol = "TCP", port = {DATA_PORT}, target_port = {DATA_PORT}, node_port = {DATA_PORT} }},
 ]
 "#
     )
@@ -342,7 +358,9 @@ pub fn run(
                     (Route::PodToPod, Mode::Routing),
                     (Route::PodToPod, Mode::Weir),
                     (Route::ClusterIp, Mode::Weir),
+                    (Route::NodePort, Mode::Weir),
                     (Route::ClusterIp, Mode::KubeProxyIptables),
+                    (Route::NodePort, Mode::KubeProxyIptables),
                 ] {
                     out.push(skipped(route, mode, mtu, &why));
                 }
@@ -397,10 +415,15 @@ fn measure_all(
     progress: &mut dyn FnMut(&str),
 ) -> Result<Vec<Measurement>, String> {
     let server_ip = plan.ip(SERVER).ok_or("no server pod")?.to_string();
-    lab.spawn(SERVER, &Cmd::new("qperf"), &dir.join("qperf-server.log"))
-        .map_err(|e| e.to_string())?;
+    let node_port_ip = plan.ip(INGRESS_NODE).ok_or("no ingress node")?.to_string();
+    lab.spawn(
+        SERVER,
+        &Cmd::new("qperf").args(["-lp", &CONTROL_PORT.to_string()]),
+        &dir.join("qperf-server.log"),
+    )
+    .map_err(|e| e.to_string())?;
     // First contact resolves neighbours and wakes the server: not part of any measurement.
-    measure(lab, plan, &server_ip, &mut |_| {}, "warm-up", 1)?;
+    measure(lab, plan, CLIENT, &server_ip, &mut |_| {}, "warm-up", 1)?;
 
     let labels = k8s::pod_labels(scenario, plan);
     let endpoints: BTreeMap<String, Vec<String>> = scenario
@@ -428,6 +451,7 @@ fn measure_all(
         let mut m = measure(
             lab,
             plan,
+            CLIENT,
             &server_ip,
             progress,
             &format!("routing pod-to-pod, {tag}"),
@@ -443,13 +467,25 @@ fn measure_all(
         let measured = (|| {
             agent::wait_ready(lab, &agents, &expected, ready)?;
             let mut out = Vec::new();
-            for (route, target, label) in [
-                (Route::PodToPod, server_ip.as_str(), "weir pod-to-pod"),
-                (Route::ClusterIp, CLUSTER_IP, "weir clusterip"),
+            for (route, client, target, label) in [
+                (
+                    Route::PodToPod,
+                    CLIENT,
+                    server_ip.as_str(),
+                    "weir pod-to-pod",
+                ),
+                (Route::ClusterIp, CLIENT, CLUSTER_IP, "weir clusterip"),
+                (
+                    Route::NodePort,
+                    EXTERNAL_CLIENT,
+                    node_port_ip.as_str(),
+                    "weir nodeport",
+                ),
             ] {
                 let mut m = measure(
                     lab,
                     plan,
+                    client,
                     target,
                     progress,
                     &format!("{label}, {tag}"),
@@ -485,66 +521,85 @@ fn measure_all(
         })
         .collect();
 
-    let kube_proxy = measure_kube_proxy(lab, scenario, plan, opts, mtu, progress);
-    out.push(kube_proxy);
+    let targets = [
+        (Route::ClusterIp, CLIENT, CLUSTER_IP.to_owned()),
+        (Route::NodePort, EXTERNAL_CLIENT, node_port_ip),
+    ];
+    out.extend(measure_kube_proxy(
+        lab, scenario, plan, opts, mtu, &targets, progress,
+    ));
     Ok(out)
 }
 
-/// kube-proxy's turn: install through the hook, `rounds` measurements through the ClusterIP,
-/// their median, then the removal and its proof. Anything going wrong skips this measurement
-/// with the reason and leaves the others standing.
+/// kube-proxy's turn: install through the hook, `rounds` measurements of each of `targets`
+/// (route, client, address), their medians, then the removal and its proof. Anything going
+/// wrong skips the measurements concerned with the reason and leaves the others standing.
 fn measure_kube_proxy(
     lab: &mut dyn Lab,
     scenario: &Scenario,
     plan: &Plan,
     opts: &ThroughputOptions,
     mtu: u32,
+    targets: &[(Route, HostId, String)],
     progress: &mut dyn FnMut(&str),
-) -> Measurement {
-    let (route, mode) = (Route::ClusterIp, Mode::KubeProxyIptables);
+) -> Vec<Measurement> {
+    let mode = Mode::KubeProxyIptables;
     let installed = match (opts.kube_proxy)(lab, scenario, plan) {
         Ok(i) => i,
         Err(why) => {
             progress(&format!("kube-proxy mtu {mtu}: skipped: {why}"));
-            return skipped(route, mode, mtu, &why);
+            return targets
+                .iter()
+                .map(|(route, _, _)| skipped(*route, mode, mtu, &why))
+                .collect();
         }
     };
     progress(&format!("kube-proxy mtu {mtu}: {}", installed.detail));
     let rounds = opts.rounds.max(1);
-    let mut series = Vec::new();
-    let mut failed = None;
-    for round in 1..=rounds {
-        match measure(
-            lab,
-            plan,
-            CLUSTER_IP,
-            progress,
-            &format!("kube-proxy clusterip, round {round}/{rounds}"),
-            opts.seconds,
-        ) {
-            Ok(m) => series.push(m),
-            Err(why) => {
-                failed = Some(why);
-                break;
+    let mut results = Vec::new();
+    for (route, client, target) in targets {
+        let mut series = Vec::new();
+        let mut failed = None;
+        for round in 1..=rounds {
+            match measure(
+                lab,
+                plan,
+                *client,
+                target,
+                progress,
+                &format!("kube-proxy {}, round {round}/{rounds}", route.label()),
+                opts.seconds,
+            ) {
+                Ok(m) => series.push(m),
+                Err(why) => {
+                    failed = Some(why);
+                    break;
+                }
             }
         }
+        results.push((*route, failed, series));
     }
     let removed = remove_proxy(lab, &installed);
     if let Err(why) = &removed {
         progress(&format!("kube-proxy mtu {mtu}: {why}"));
     }
-    let mut m = match failed {
-        Some(why) => skipped(route, mode, mtu, &why),
-        None => median(&series),
-    };
-    m.route = route;
-    m.mode = mode;
-    m.mtu = mtu;
-    m.detail = Some(match removed {
-        Ok(()) => installed.detail,
-        Err(why) => format!("{}; {why}", installed.detail),
-    });
-    m
+    results
+        .into_iter()
+        .map(|(route, failed, series)| {
+            let mut m = match failed {
+                Some(why) => skipped(route, mode, mtu, &why),
+                None => median(&series),
+            };
+            m.route = route;
+            m.mode = mode;
+            m.mtu = mtu;
+            m.detail = Some(match &removed {
+                Ok(()) => installed.detail.clone(),
+                Err(why) => format!("{}; {why}", installed.detail),
+            });
+            m
+        })
+        .collect()
 }
 
 /// Runs the proxy's removal on every host and checks it left nothing behind.
@@ -647,6 +702,7 @@ fn parse_busy(stat: &str) -> Option<u64> {
 fn measure(
     lab: &mut dyn Lab,
     plan: &Plan,
+    client: HostId,
     target: &str,
     progress: &mut dyn FnMut(&str),
     label: &str,
@@ -660,6 +716,8 @@ fn measure(
             .arg(seconds.to_string())
             .arg("-to")
             .arg("30")
+            .arg("-lp")
+            .arg(CONTROL_PORT.to_string())
             .arg("-ip")
             .arg(DATA_PORT.to_string())
             .arg("-vvs")
@@ -676,7 +734,7 @@ fn measure(
     let bw_started = Instant::now();
     let bw_out = loop {
         let out = lab
-            .exec(CLIENT, &qperf("tcp_bw"), timeout)
+            .exec(client, &qperf("tcp_bw"), timeout)
             .map_err(|e| e.to_string())?;
         if out.success() && out.stdout.contains("bw") {
             break out;
@@ -697,7 +755,7 @@ fn measure(
     let wall_s = bw_started.elapsed().as_secs_f64();
     let host_after = lab.cpu_time();
     let lat_out = lab
-        .exec_ok(CLIENT, &qperf("tcp_lat"), timeout)
+        .exec_ok(client, &qperf("tcp_lat"), timeout)
         .map_err(|e| format!("{label}: qperf tcp_lat: {e}"))?;
     let report = parse_qperf(&bw_out.stdout);
     let lat = parse_qperf(&lat_out.stdout);
@@ -864,10 +922,14 @@ pub fn table(ms: &[Measurement], ratios: &[Ratio]) -> String {
             ));
         }
     }
-    for m in ms.iter().filter(|m| m.skipped.is_none()) {
-        if let Some(d) = &m.detail {
-            out.push_str(&format!("{:<5} {:<20} {d}\n", m.mtu, m.mode.label()));
-        }
+    // A mode's detail is the same for each of its routes: once per MTU and mode.
+    let details: std::collections::BTreeSet<(u32, Mode, &str)> = ms
+        .iter()
+        .filter(|m| m.skipped.is_none())
+        .filter_map(|m| Some((m.mtu, m.mode, m.detail.as_deref()?)))
+        .collect();
+    for (mtu, mode, d) in details {
+        out.push_str(&format!("{mtu:<5} {:<20} {d}\n", mode.label()));
     }
     out
 }

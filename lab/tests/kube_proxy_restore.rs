@@ -87,6 +87,8 @@ fn services(n: usize) -> Vec<ProxiedServicePort> {
             },
             cluster_ip: Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 128, 1)) + i as u32),
             port: 80,
+            // Every third service is a NodePort, so its KUBE-EXT chain is restored too.
+            node_port: (i % 3 == 0).then(|| 30000 + i as u16),
             endpoints: (0..5)
                 .map(|e| SocketAddrV4::new(Ipv4Addr::new(198, 19, 1, 11 + e), 20000 + i as u16))
                 .collect(),
@@ -102,6 +104,7 @@ fn services(n: usize) -> Vec<ProxiedServicePort> {
         protocol: Protocol::Tcp,
         cluster_ip: Ipv4Addr::new(198, 18, 127, 1),
         port: 443,
+        node_port: Some(32443),
         endpoints: Vec::new(),
     });
     out
