@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use common::{objects, private_bpffs, require_root};
+use common::{ip, objects, private_bpffs, require_root};
 use nix::sched::CloneFlags;
 use weir_agent::config::{link_pin_dir, versioned_pin_dir};
 use weir_agent::dataplane::{uninstall, Dataplane, LoadOptions};
@@ -92,19 +92,6 @@ spec:
   - {{name: udp, protocol: UDP, port: 82, targetPort: 8082}}
 "#
     )
-}
-
-/// Runs a command in this thread's network namespace (children inherit the thread's).
-fn run(program: &str, args: &[&str]) {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{program}: {e}"));
-    assert!(
-        out.status.success(),
-        "{program} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 fn gettid() -> i32 {
@@ -185,31 +172,22 @@ fn in_pod(netns: &Path, args: &[&str]) {
 /// A veth `wh0` (node) / `wh1` (pod) with /32 and /128 addresses and routes both ways.
 fn wire(pod: &Path, tid: i32) {
     no_dad();
-    run("ip", &["link", "set", "lo", "up"]);
-    run(
-        "ip",
-        &["link", "add", "wh0", "type", "veth", "peer", "name", "wh1"],
-    );
-    run("ip", &["link", "set", "wh1", "netns", &tid.to_string()]);
-    run("ip", &["addr", "add", &format!("{NODE4}/32"), "dev", "wh0"]);
-    run(
-        "ip",
-        &[
-            "-6",
-            "addr",
-            "add",
-            &format!("{NODE6}/128"),
-            "dev",
-            "wh0",
-            "nodad",
-        ],
-    );
-    run("ip", &["link", "set", "wh0", "up"]);
-    run("ip", &["route", "add", &format!("{POD4}/32"), "dev", "wh0"]);
-    run(
-        "ip",
-        &["-6", "route", "add", &format!("{POD6}/128"), "dev", "wh0"],
-    );
+    ip(&["link", "set", "lo", "up"]);
+    ip(&["link", "add", "wh0", "type", "veth", "peer", "name", "wh1"]);
+    ip(&["link", "set", "wh1", "netns", &tid.to_string()]);
+    ip(&["addr", "add", &format!("{NODE4}/32"), "dev", "wh0"]);
+    ip(&[
+        "-6",
+        "addr",
+        "add",
+        &format!("{NODE6}/128"),
+        "dev",
+        "wh0",
+        "nodad",
+    ]);
+    ip(&["link", "set", "wh0", "up"]);
+    ip(&["route", "add", &format!("{POD4}/32"), "dev", "wh0"]);
+    ip(&["-6", "route", "add", &format!("{POD6}/128"), "dev", "wh0"]);
     in_pod(pod, &["ip", "link", "set", "lo", "up"]);
     in_pod(
         pod,

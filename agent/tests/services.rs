@@ -398,11 +398,7 @@ fn an_old_kernels_ipip_layout_is_unwrapped_before_the_reply_is_forwarded() {
     // lookup of the reply succeed, whatever the host's routes. A FIB lookup also wants
     // forwarding on, as on any node.
     let _bpffs = private_bpffs(nix::sched::CloneFlags::CLONE_NEWNET);
-    let sysctl = std::process::Command::new("sysctl")
-        .args(["-qw", "net.ipv4.conf.all.forwarding=1"])
-        .status()
-        .expect("sysctl");
-    assert!(sysctl.success());
+    run_ok("sysctl", &["-qw", "net.ipv4.conf.all.forwarding=1"]);
     ip(&["link", "set", "lo", "up"]);
     ip(&["link", "add", "wt0", "type", "veth", "peer", "name", "wt1"]);
     ip(&["addr", "add", &format!("{NODE1}/24"), "dev", "wt0"]);

@@ -102,18 +102,23 @@ pub fn private_bpffs(extra: nix::sched::CloneFlags) -> tempfile::TempDir {
     dir
 }
 
-/// Runs `ip`, which forked from this thread runs in its network namespace; panics on failure.
-pub fn ip(args: &[&str]) -> String {
-    let out = std::process::Command::new("ip")
+/// Runs `program` to success and returns its output; panics otherwise. Forked from the calling
+/// thread, it runs in that thread's network namespace.
+pub fn run_ok(program: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new(program)
         .args(args)
         .output()
-        .expect("run ip");
+        .unwrap_or_else(|e| panic!("{program}: {e}"));
     assert!(
         out.status.success(),
-        "ip {args:?}: {}",
+        "{program} {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn ip(args: &[&str]) -> String {
+    run_ok("ip", args)
 }
 
 pub fn require_root() {
