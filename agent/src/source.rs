@@ -660,15 +660,15 @@ impl FileSource {
                 tracing::warn!(dir = %dir.display(), error = %e, "no inotify; polling the state files");
             })
             .ok();
-        let shared_fs = is_shared_fs(&dir);
-        if shared_fs && inotify.is_some() {
-            tracing::info!(dir = %dir.display(), "shared file system: inotify backed by stamp rescans");
+        let shared = shared_fs(&dir);
+        if let (Some(fs), Some(_)) = (shared, &inotify) {
+            tracing::info!(dir = %dir.display(), fs, "shared file system: inotify backed by stamp rescans");
         }
         FileSource {
             path: path.to_owned(),
             files: BTreeMap::new(),
             inotify,
-            shared_fs,
+            shared_fs: shared.is_some(),
             last_scan: std::time::Instant::now(),
         }
     }
@@ -949,19 +949,22 @@ const SHARED_FS_MAGIC: &[(i64, &str)] = &[
     (0x00C3_6400, "ceph"),
 ];
 
-/// Whether `dir` is on one of [`SHARED_FS_MAGIC`]. An unknown answer counts as shared: rescans
-/// cost time, missed changes cost correctness.
-fn is_shared_fs(dir: &Path) -> bool {
+/// Which of [`SHARED_FS_MAGIC`] `dir` is on, if any. An unknown answer counts as shared:
+/// rescans cost time, missed changes cost correctness.
+fn shared_fs(dir: &Path) -> Option<&'static str> {
     match nix::sys::statfs::statfs(dir) {
         Ok(fs) => {
             // The field's integer type differs between libc targets.
             #[allow(clippy::unnecessary_cast)]
             let magic = fs.filesystem_type().0 as i64;
-            SHARED_FS_MAGIC.iter().any(|(m, _)| *m == magic)
+            SHARED_FS_MAGIC
+                .iter()
+                .find(|(m, _)| *m == magic)
+                .map(|(_, name)| *name)
         }
         Err(e) => {
             tracing::warn!(dir = %dir.display(), error = %e, "statfs failed; rescanning state files");
-            true
+            Some("unknown")
         }
     }
 }
