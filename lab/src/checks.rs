@@ -334,11 +334,7 @@ fn ingress_switch(
             *pods.entry(pod).or_default() += 1;
             answered += 1;
         }
-        if let Some(n) = line
-            .rsplit("connects=")
-            .next()
-            .filter(|_| line.contains("connects="))
-        {
+        if let Some((_, n)) = line.rsplit_once("connects=") {
             connects += n.trim().parse::<u32>().unwrap_or(0);
         }
     }
