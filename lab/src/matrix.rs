@@ -322,11 +322,16 @@ fn run_kernel(entry: &KernelEntry, files: &[ScenarioFile], opts: &MatrixOptions)
     // Scenarios whose tunnel module this kernel lacks are skipped, the rest run.
     let mut runnable = Vec::new();
     let mut cells: Vec<Option<Cell>> = Vec::new();
+    // Without a probe's answer the host kernel is still asked directly; a VM's is not.
+    let lacks = |module: &str| match &report.features {
+        Some(features) => !features.has_module(module),
+        None => setup.is_none() && !runner::host_has_module(module),
+    };
     for f in files {
         let name = file_name(f);
         let lacking: Vec<&str> = required_modules(&name)
             .into_iter()
-            .filter(|m| report.features.as_ref().is_some_and(|ft| !ft.has_module(m)))
+            .filter(|m| lacks(m))
             .collect();
         let multi_homed = f.scenario.as_ref().is_ok_and(|sc| sc.topology.networks > 1);
         if setup.is_some() && multi_homed {

@@ -125,7 +125,7 @@ pub fn without_missing_host_modules(files: Vec<ScenarioFile>) -> Vec<ScenarioFil
 }
 
 /// Loaded or built in (/sys/module), or loadable.
-fn host_has_module(module: &str) -> bool {
+pub fn host_has_module(module: &str) -> bool {
     Path::new("/sys/module").join(module).exists()
         || std::process::Command::new("modprobe")
             .args(["--dry-run", "--quiet", module])
