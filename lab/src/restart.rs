@@ -13,6 +13,9 @@ use crate::topology::{HostId, Plan};
 
 const EXEC_TIMEOUT: Duration = Duration::from_secs(8);
 const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
+/// For a restarted agent to be ready or to have programmed its frontend: times the lab's
+/// slowdown, since a TCG guest verifies and loads the programs while the transfer keeps its
+/// vCPU busy.
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
 const POLL: Duration = Duration::from_millis(200);
 /// Fresh connections tried while the agent is down, each time.
@@ -225,7 +228,7 @@ fn wait_programmed(
     spec: &AgentRestartSpec,
 ) -> Result<(), String> {
     let frontend = format!("{}:{}", spec.cluster_ip, spec.port);
-    let deadline = Instant::now() + READY_TIMEOUT;
+    let deadline = Instant::now() + READY_TIMEOUT * lab.slowdown();
     loop {
         let json = agent::dump(lab, &agents.binary, &agents.nodes[index], "services")?;
         let programmed = serde_json::from_str::<Vec<DumpedService>>(&json)
@@ -277,7 +280,7 @@ fn wait_ready(lab: &mut dyn Lab, agents: &Agents, index: usize) -> Result<(), St
         .arg("--max-time")
         .arg("1")
         .arg(format!("http://{METRICS_ADDR}/readyz"));
-    let deadline = Instant::now() + READY_TIMEOUT;
+    let deadline = Instant::now() + READY_TIMEOUT * lab.slowdown();
     let mut last: String;
     loop {
         if let Some(how) = lab.exited(agent.proc).map_err(|e| e.to_string())? {
