@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use common::{ip, objects, private_bpffs, require_root};
+use common::{ip, load_pinned, objects, private_bpffs, require_root};
 use nix::sched::CloneFlags;
 use weir_agent::config::{link_pin_dir, versioned_pin_dir};
 use weir_agent::dataplane::{uninstall, Dataplane, LoadOptions};
@@ -376,14 +376,7 @@ fn results(stdout: &str) -> Vec<String> {
 }
 
 fn load(pin_root: &Path, cgroup: &TestCgroup) -> Dataplane {
-    let mut dataplane = Dataplane::load(&LoadOptions {
-        pin_dir: Some(versioned_pin_dir(pin_root)),
-        ..Default::default()
-    })
-    .expect("load");
-    dataplane
-        .pin_links_in(&link_pin_dir(pin_root))
-        .expect("link pin dir");
+    let mut dataplane = load_pinned(pin_root);
     dataplane
         .attach_host_services(&cgroup.path)
         .expect("host services attach");

@@ -10,10 +10,12 @@ use std::process::Command;
 
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::tc::{SchedClassifier, SchedClassifierLink, TcAttachType};
-use common::{cluster_yaml, ip, objects, private_bpffs, require_root, tcp, BACKEND, CLIENT, VIP};
+use common::{
+    cluster_yaml, ip, load_pinned, objects, private_bpffs, require_root, tcp, BACKEND, CLIENT, VIP,
+};
 use nix::sched::CloneFlags;
 use weir_agent::config::{link_pin_dir, versioned_pin_dir};
-use weir_agent::dataplane::{uninstall, AttachMode, Counters, Dataplane, LoadOptions};
+use weir_agent::dataplane::{uninstall, AttachMode, Counters, Dataplane};
 use weir_agent::reconcile::Reconciler;
 use weir_common::program_names;
 
@@ -34,14 +36,7 @@ fn make_veth() {
 }
 
 fn load(pin_root: &Path, mode: AttachMode) -> Dataplane {
-    let mut dataplane = Dataplane::load(&LoadOptions {
-        pin_dir: Some(versioned_pin_dir(pin_root)),
-        ..Default::default()
-    })
-    .expect("load");
-    dataplane
-        .pin_links_in(&link_pin_dir(pin_root))
-        .expect("link pin dir");
+    let mut dataplane = load_pinned(pin_root);
     dataplane.set_attach_mode(mode);
     dataplane
 }

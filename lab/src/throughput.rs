@@ -1082,19 +1082,9 @@ mod tests {
 
     #[test]
     fn ratios_against_routing() {
-        let m = |route, mode, bw, lat| Measurement {
-            route,
-            mode,
-            mtu: 1440,
-            bandwidth_gbps: Some(bw),
-            latency_us: Some(lat),
-            cpu_s_per_gb: Some(2.0),
-            skipped: None,
-            detail: None,
-        };
         let ms = vec![
-            m(Route::PodToPod, Mode::Routing, 2.0, 100.0),
-            m(Route::ClusterIp, Mode::Weir, 1.8, 110.0),
+            measured(Route::PodToPod, Mode::Routing, 2.0, 100.0),
+            measured(Route::ClusterIp, Mode::Weir, 1.8, 110.0),
         ];
         let r = ratios(&ms);
         assert_eq!(r.len(), 1);

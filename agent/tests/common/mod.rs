@@ -121,6 +121,20 @@ pub fn ip(args: &[&str]) -> String {
     run_ok("ip", args)
 }
 
+/// A data plane pinned as the agent pins it under `pin_root`: maps in the versioned directory,
+/// program links in the link directory.
+pub fn load_pinned(pin_root: &Path) -> Dataplane {
+    let mut dataplane = Dataplane::load(&LoadOptions {
+        pin_dir: Some(weir_agent::config::versioned_pin_dir(pin_root)),
+        ..Default::default()
+    })
+    .expect("load");
+    dataplane
+        .pin_links_in(&weir_agent::config::link_pin_dir(pin_root))
+        .expect("link pin dir");
+    dataplane
+}
+
 pub fn require_root() {
     assert!(
         nix::unistd::geteuid().is_root(),
