@@ -3,8 +3,10 @@
 //! would overflow the slot table. Each is bad input that must cost only its own object.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
 
-use crate::intent::{EndpointSliceIntent, ObjectRef, ServiceIntent};
+use crate::config::NodePortRange;
+use crate::intent::{ClusterIntent, EndpointSliceIntent, ObjectRef, ServiceIntent};
 use crate::source::IntentStore;
 
 /// A rejection found here: (kind, object, reason), like the validation errors of single objects.
@@ -22,6 +24,8 @@ pub struct Limits {
     pub max_endpoints_per_service: u32,
     /// Entries of the slot map: one per (frontend, backend) pair.
     pub slot_capacity: u32,
+    /// NodePorts must lie in it; so must every port of a frontend on a node's address.
+    pub node_port_range: NodePortRange,
 }
 
 impl Default for Limits {
@@ -29,6 +33,7 @@ impl Default for Limits {
         Limits {
             max_endpoints_per_service: crate::config::DEFAULT_MAX_ENDPOINTS_PER_SERVICE,
             slot_capacity: weir_common::capacity::BACKEND_SLOTS,
+            node_port_range: NodePortRange::default(),
         }
     }
 }
@@ -42,6 +47,10 @@ pub enum Decision {
     Keep,
     /// No endpoints: even its last good version does not fit any more.
     Empty,
+    /// Its frontends are the problem (they would capture the node): like `Keep` while the maps
+    /// hold its last good version; when they are rebuilt (a restart) it gets nothing at all,
+    /// since only the refused version is known then.
+    Withhold,
 }
 
 /// Decides, service by service, which endpoints may be compiled: a Service that grows past a
@@ -57,6 +66,8 @@ pub struct Admission {
     refused: BTreeMap<ObjectRef, (Decision, Vec<Rejection>)>,
     /// Orphan slices' rejections, by the (missing) Service they name.
     orphans: BTreeMap<ObjectRef, Vec<Rejection>>,
+    /// Admitted Services with ports left out (SCTP), reported all the same.
+    partial: BTreeMap<ObjectRef, Rejection>,
 }
 
 impl Admission {
@@ -72,12 +83,14 @@ impl Admission {
             .values()
             .flat_map(|(_, r)| r)
             .chain(self.orphans.values().flatten())
+            .chain(self.partial.values())
     }
 
     /// Re-admits the `changed` Services against `limits`. Within one batch, smaller Services
     /// come first: one runaway Service gives way before many small ones do.
     pub fn admit(&mut self, store: &IntentStore, changed: &BTreeSet<ObjectRef>, limits: Limits) {
         let intent = store.intent();
+        let node_addresses = node_addresses(intent);
         let mut order: Vec<(usize, usize, &ObjectRef)> = changed
             .iter()
             .map(|id| {
@@ -108,11 +121,17 @@ impl Admission {
             }
             let before = self.estimates.remove(id).unwrap_or(0);
             self.total -= before;
-            if !intent.services.contains_key(id) {
+            let Some(service) = intent.services.get(id) else {
                 self.refused.remove(id);
+                self.partial.remove(id);
                 continue;
-            }
-            let refusal = if endpoints > limits.max_endpoints_per_service as usize {
+            };
+            self.note_skipped_ports(service);
+            let capture = node_capture(service, &node_addresses, limits.node_port_range);
+            let withhold = capture.is_some();
+            let refusal = if capture.is_some() {
+                capture
+            } else if endpoints > limits.max_endpoints_per_service as usize {
                 Some((
                     "too_many_endpoints",
                     format!(
@@ -146,7 +165,9 @@ impl Admission {
                         detail,
                     };
                     // What it has in the maps now is its last good version.
-                    let (decision, size) = if self.total + before > limits.slot_capacity as usize {
+                    let (decision, size) = if withhold {
+                        (Decision::Withhold, before)
+                    } else if self.total + before > limits.slot_capacity as usize {
                         (Decision::Empty, 0)
                     } else {
                         (Decision::Keep, before)
@@ -159,6 +180,80 @@ impl Admission {
             self.estimates.insert(id.clone(), size);
         }
     }
+}
+
+impl Admission {
+    fn note_skipped_ports(&mut self, service: &ServiceIntent) {
+        if service.skipped_ports.is_empty() {
+            self.partial.remove(&service.id);
+            return;
+        }
+        let rejection = Rejection {
+            kind: "Service",
+            object: service.id.to_string(),
+            reason: "unsupported_protocol",
+            detail: format!(
+                "ports {} are not carried (SCTP); its TCP and UDP ports are served",
+                service.skipped_ports.join(", ")
+            ),
+        };
+        self.partial.insert(service.id.clone(), rejection);
+    }
+}
+
+/// Every address of every Node: frontends there are held to the node-port rules.
+fn node_addresses(intent: &ClusterIntent) -> BTreeSet<IpAddr> {
+    intent
+        .nodes
+        .values()
+        .flat_map(|n| n.addresses.iter().copied())
+        .collect()
+}
+
+/// Why the Service would capture a node's own traffic, if it would: a NodePort outside the
+/// node-port range, a ClusterIP that is a node's address, or an external or load-balancer IP
+/// that is a node's address with a port outside the range (where SSH, the kubelet and the
+/// agent itself listen). The Service keeps its last good version, as with any bad input.
+fn node_capture(
+    service: &ServiceIntent,
+    node_addresses: &BTreeSet<IpAddr>,
+    range: NodePortRange,
+) -> Option<(&'static str, String)> {
+    let range_text = String::from(range);
+    if let Some(port) = service
+        .ports
+        .iter()
+        .filter_map(|p| p.node_port)
+        .find(|n| !range.contains(*n))
+    {
+        return Some((
+            "node_port_out_of_range",
+            format!("nodePort {port} is outside the node-port range {range_text}"),
+        ));
+    }
+    if let Some(ip) = service
+        .cluster_ips
+        .iter()
+        .find(|ip| node_addresses.contains(ip))
+    {
+        return Some((
+            "node_address_capture",
+            format!("clusterIP {ip} is a node's address"),
+        ));
+    }
+    let on_node = service
+        .external_ips
+        .iter()
+        .find(|ip| node_addresses.contains(ip))?;
+    let port = service.ports.iter().find(|p| !range.contains(p.port))?;
+    Some((
+        "node_address_capture",
+        format!(
+            "external IP {on_node} is a node's address, and port {} is outside the node-port \
+             range {range_text}: it would capture the node's own service on that port",
+            port.port
+        ),
+    ))
 }
 
 fn ready_endpoints<'a>(slices: impl Iterator<Item = &'a EndpointSliceIntent>) -> usize {

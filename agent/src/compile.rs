@@ -171,6 +171,11 @@ impl Compiler {
         &self.shadow
     }
 
+    /// The frontends a service holds in the maps now.
+    pub fn frontends_of(&self, id: &ObjectRef) -> &[FrontendKey] {
+        self.owned.get(id).map_or(&[], |o| o.frontends.as_slice())
+    }
+
     /// Whether the next pass must consider every service (the shadow was just adopted).
     pub fn needs_full_pass(&self) -> bool {
         self.adopted

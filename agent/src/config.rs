@@ -140,6 +140,59 @@ pub struct ServicesConfig {
     /// an address nothing else uses, routed back through the node.
     pub hairpin_ipv4: Ipv4Addr,
     pub hairpin_ipv6: Ipv6Addr,
+    /// The API server's `--service-node-port-range`: NodePorts outside it are refused, and so
+    /// is any port outside it on an external or load-balancer IP that is a node's address, so
+    /// no Service can capture the node's own ports (SSH, the kubelet, the agent's listeners).
+    pub node_port_range: NodePortRange,
+}
+
+/// An inclusive port range, written `"30000-32767"` as the API server's flag takes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct NodePortRange {
+    pub first: u16,
+    pub last: u16,
+}
+
+impl NodePortRange {
+    pub fn contains(&self, port: u16) -> bool {
+        (self.first..=self.last).contains(&port)
+    }
+}
+
+impl Default for NodePortRange {
+    /// Kubernetes' default.
+    fn default() -> Self {
+        NodePortRange {
+            first: 30000,
+            last: 32767,
+        }
+    }
+}
+
+impl TryFrom<String> for NodePortRange {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, String> {
+        let parsed = text.split_once('-').and_then(|(first, last)| {
+            Some((
+                first.trim().parse::<u16>().ok()?,
+                last.trim().parse::<u16>().ok()?,
+            ))
+        });
+        match parsed {
+            Some((first, last)) if first >= 1 && first <= last => Ok(NodePortRange { first, last }),
+            _ => Err(format!(
+                "node_port_range {text:?}: expected FIRST-LAST, 1 <= FIRST <= LAST <= 65535"
+            )),
+        }
+    }
+}
+
+impl From<NodePortRange> for String {
+    fn from(range: NodePortRange) -> String {
+        format!("{}-{}", range.first, range.last)
+    }
 }
 
 impl Default for ServicesConfig {
@@ -150,6 +203,7 @@ impl Default for ServicesConfig {
             // Link-local, like Cilium's hairpin address: never a real peer's.
             hairpin_ipv4: Ipv4Addr::new(169, 254, 42, 1),
             hairpin_ipv6: Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0xa9fe, 0x2a, 1),
+            node_port_range: NodePortRange::default(),
         }
     }
 }

@@ -4,11 +4,11 @@
 //! The kernel never deletes entries (only LRU eviction does, under pressure); reclaiming expired
 //! flows is the agent's job, both directions together.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use serde::Serialize;
-use weir_common::{ct_flags, ct_kind, ct_seen, CtKey, CtValue, PROTO_TCP};
+use weir_common::{ct_flags, ct_kind, ct_seen, Addr, CtKey, CtValue, FrontendKey, PROTO_TCP};
 
 use crate::compile::{proto_name, socket_addr};
 use crate::config::ConntrackConfig;
@@ -228,6 +228,67 @@ pub fn collect_garbage(
         scanned: entries.len(),
         reclaimed: dead.len(),
     })
+}
+
+/// A backend as a flow's entries name it: address, port (network order), protocol, family.
+pub type BackendAddr = (Addr, u16, u8, u8);
+
+/// Endpoints that stopped serving a Service, with the frontends the Service had: flows from
+/// those frontends to those endpoints must end, so they are not stuck on an endpoint that is
+/// gone (a UDP sender that never goes idle would be, for ever).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Retired {
+    pub frontends: BTreeSet<FrontendKey>,
+    pub backends: BTreeSet<BackendAddr>,
+}
+
+/// Keys of the entries of flows that `retired` ends: the client's entry (its frontend is one of
+/// the Service's, or its NodePort on any node address) naming a retired backend, and the reply
+/// entry paired with it. Entries of hairpin flows are found the same way. ENCAP entries (DSR
+/// at the ingress node, returns at the backend's node) hold no backend address and expire by
+/// their timeouts.
+pub fn retired_flows(entries: &BTreeMap<CtKey, CtValue>, retired: &[Retired]) -> Vec<CtKey> {
+    let mut out = Vec::new();
+    for (key, value) in entries.iter().filter(|(_, v)| v.kind == ct_kind::FORWARD) {
+        let backend = (value.nat_addr, value.nat_port_be, key.proto, key.family);
+        let frontend = FrontendKey {
+            addr: key.daddr,
+            port_be: key.dport_be,
+            proto: key.proto,
+            family: key.family,
+        };
+        let node_port = FrontendKey {
+            addr: Addr::UNSPECIFIED,
+            ..frontend
+        };
+        let ends = retired.iter().any(|r| {
+            r.backends.contains(&backend)
+                && (r.frontends.contains(&frontend) || r.frontends.contains(&node_port))
+        });
+        if ends {
+            out.push(*key);
+            out.extend(partner_key(key, value).filter(|k| entries.contains_key(k)));
+        }
+    }
+    out
+}
+
+/// Ends the flows `retired` names. The next packet of such a flow is a new flow to a serving
+/// endpoint: a UDP flow moves there, a TCP one gets that endpoint's reset (it knows no such
+/// connection), so the client learns at once instead of at its own timeout.
+pub fn end_retired_flows(
+    map: &mut ConntrackMap,
+    retired: &[Retired],
+) -> Result<usize, DataplaneError> {
+    if retired.is_empty() {
+        return Ok(0);
+    }
+    let entries = map.entries()?;
+    let ended = retired_flows(&entries, retired);
+    for key in &ended {
+        map.remove(key)?;
+    }
+    Ok(ended.len())
 }
 
 /// Entries the kernel's LRU evicted to make room, estimated: the LRU hash map does not report

@@ -243,9 +243,11 @@ impl Counters {
 }
 
 /// What the programs need to know about the node itself: its addresses (where NodePorts
-/// answer) and its configuration (tunnel device, return mode, hairpin addresses).
+/// answer), its configuration (tunnel device, return mode, hairpin addresses), and the other
+/// nodes' addresses (the only senders its tunnel accepts).
 pub struct NodeMaps {
     host_addrs: HashMap<MapData, HostAddrKey, u32>,
+    tunnel_peers: HashMap<MapData, HostAddrKey, u32>,
     config: Array<MapData, NodeConfig>,
 }
 
@@ -253,6 +255,7 @@ impl NodeMaps {
     fn take(ebpf: &mut Ebpf) -> Result<Self, DataplaneError> {
         Ok(NodeMaps {
             host_addrs: take_map(ebpf, map_names::HOST_ADDRS)?,
+            tunnel_peers: take_map(ebpf, map_names::TUNNEL_PEERS)?,
             config: take_map(ebpf, map_names::NODE_CONFIG)?,
         })
     }
@@ -260,14 +263,13 @@ impl NodeMaps {
     pub fn open_pinned(dir: &Path) -> Result<Self, DataplaneError> {
         Ok(NodeMaps {
             host_addrs: open_pinned(dir, map_names::HOST_ADDRS)?,
+            tunnel_peers: open_pinned(dir, map_names::TUNNEL_PEERS)?,
             config: open_pinned(dir, map_names::NODE_CONFIG)?,
         })
     }
 
     pub fn host_addrs(&self) -> Result<BTreeSet<HostAddrKey>, DataplaneError> {
-        Ok(read_all(&self.host_addrs, map_names::HOST_ADDRS)?
-            .into_keys()
-            .collect())
+        address_set(&self.host_addrs, map_names::HOST_ADDRS)
     }
 
     /// Makes the map hold exactly `wanted`, writing only the difference. Returns the writes.
@@ -275,19 +277,19 @@ impl NodeMaps {
         &mut self,
         wanted: &BTreeSet<HostAddrKey>,
     ) -> Result<usize, DataplaneError> {
-        let current = self.host_addrs()?;
-        let mut writes = 0;
-        for key in wanted.difference(&current) {
-            self.host_addrs
-                .insert(key, 0, 0)
-                .map_err(map_err(map_names::HOST_ADDRS))?;
-            writes += 1;
-        }
-        for key in current.difference(wanted) {
-            remove_present(&mut self.host_addrs, key, map_names::HOST_ADDRS)?;
-            writes += 1;
-        }
-        Ok(writes)
+        set_address_set(&mut self.host_addrs, wanted, map_names::HOST_ADDRS)
+    }
+
+    pub fn tunnel_peers(&self) -> Result<BTreeSet<HostAddrKey>, DataplaneError> {
+        address_set(&self.tunnel_peers, map_names::TUNNEL_PEERS)
+    }
+
+    /// Makes the tunnel accept exactly the senders in `wanted`. Returns the writes.
+    pub fn set_tunnel_peers(
+        &mut self,
+        wanted: &BTreeSet<HostAddrKey>,
+    ) -> Result<usize, DataplaneError> {
+        set_address_set(&mut self.tunnel_peers, wanted, map_names::TUNNEL_PEERS)
     }
 
     pub fn config(&self) -> Result<NodeConfig, DataplaneError> {
@@ -304,6 +306,33 @@ impl NodeMaps {
             .set(0, config, 0)
             .map_err(map_err(map_names::NODE_CONFIG))
     }
+}
+
+fn address_set(
+    map: &HashMap<MapData, HostAddrKey, u32>,
+    name: &'static str,
+) -> Result<BTreeSet<HostAddrKey>, DataplaneError> {
+    Ok(read_all(map, name)?.into_keys().collect())
+}
+
+/// Brings a set of addresses to `wanted`: additions first, so a sender or address that stays
+/// is never missing in between.
+fn set_address_set(
+    map: &mut HashMap<MapData, HostAddrKey, u32>,
+    wanted: &BTreeSet<HostAddrKey>,
+    name: &'static str,
+) -> Result<usize, DataplaneError> {
+    let current = address_set(map, name)?;
+    let mut writes = 0;
+    for key in wanted.difference(&current) {
+        map.insert(key, 0, 0).map_err(map_err(name))?;
+        writes += 1;
+    }
+    for key in current.difference(wanted) {
+        remove_present(map, key, name)?;
+        writes += 1;
+    }
+    Ok(writes)
 }
 
 fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DataplaneError>

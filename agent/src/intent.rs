@@ -49,11 +49,14 @@ impl Protocol {
         }
     }
 
-    fn parse(field: &str, value: Option<&str>) -> Result<Self, IntentError> {
+    /// `Ok(None)` for SCTP, which Kubernetes allows and the data plane does not carry: such a
+    /// port is left out (and reported), never the whole object.
+    fn parse(field: &str, value: Option<&str>) -> Result<Option<Self>, IntentError> {
         // Kubernetes defaults an absent protocol to TCP.
         match value.unwrap_or("TCP") {
-            "TCP" => Ok(Protocol::Tcp),
-            "UDP" => Ok(Protocol::Udp),
+            "TCP" => Ok(Some(Protocol::Tcp)),
+            "UDP" => Ok(Some(Protocol::Udp)),
+            "SCTP" => Ok(None),
             other => Err(IntentError::Unsupported(format!(
                 "{field}: protocol {other}"
             ))),
@@ -80,6 +83,51 @@ pub enum IntentError {
     InvalidPort { field: String, value: i64 },
     #[error("not supported yet: {0}")]
     Unsupported(String),
+    /// An address no Service may use (see [`special_address`]).
+    #[error("{field}: {value} is {why}, which no Service may use")]
+    ReservedAddress {
+        field: String,
+        value: IpAddr,
+        why: &'static str,
+    },
+}
+
+impl IntentError {
+    /// A stable name for metrics and logs.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            IntentError::Missing(_) => "missing",
+            IntentError::InvalidAddress { .. } => "invalid_address",
+            IntentError::InvalidPort { .. } => "invalid_port",
+            IntentError::Unsupported(_) => "unsupported",
+            IntentError::ReservedAddress { .. } => "reserved_address",
+        }
+    }
+}
+
+/// Why `ip` may be neither a frontend nor an endpoint, if it may not. Kubernetes' own validation
+/// refuses unspecified, loopback and link-local addresses for endpoints and external IPs; Weir
+/// refuses them for every frontend too, with every multicast and broadcast address and IPv4
+/// written as IPv6 (`::ffff:a.b.c.d`): a frontend of `0.0.0.0` would match no real packet but
+/// reads as "every address", loopback ones would capture the node's own local connections
+/// through the host-services hooks, link-local ones include the cloud metadata address
+/// (169.254.169.254), and the data plane never sees the mapped form on the wire.
+pub fn special_address(ip: IpAddr) -> Option<&'static str> {
+    match ip {
+        IpAddr::V4(v4) if v4.is_unspecified() => Some("the unspecified address"),
+        IpAddr::V4(v4) if v4.is_loopback() => Some("a loopback address"),
+        IpAddr::V4(v4) if v4.is_link_local() => Some("a link-local address"),
+        IpAddr::V4(v4) if v4.is_multicast() => Some("a multicast address"),
+        IpAddr::V4(v4) if v4.is_broadcast() => Some("the broadcast address"),
+        IpAddr::V6(v6) if v6.is_unspecified() => Some("the unspecified address"),
+        IpAddr::V6(v6) if v6.is_loopback() => Some("a loopback address"),
+        IpAddr::V6(v6) if v6.is_unicast_link_local() => Some("a link-local address"),
+        IpAddr::V6(v6) if v6.is_multicast() => Some("a multicast address"),
+        IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some() => {
+            Some("an IPv4-mapped IPv6 address (write it as IPv4)")
+        }
+        _ => None,
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -118,6 +166,8 @@ pub struct ServiceIntent {
     pub health_check_node_port: Option<u16>,
     /// `sessionAffinity: ClientIP`: how long a client keeps its endpoint.
     pub affinity_timeout_s: Option<u32>,
+    /// Ports the data plane does not carry (SCTP), as `port/protocol`: left out, reported.
+    pub skipped_ports: Vec<String>,
 }
 
 impl ServiceIntent {
@@ -224,6 +274,32 @@ fn parse_ip(field: &str, value: &str) -> Result<IpAddr, IntentError> {
     })
 }
 
+/// An address a Service may use as a frontend or an endpoint: valid and not special.
+fn parse_usable_ip(field: &str, value: &str) -> Result<IpAddr, IntentError> {
+    let ip = parse_ip(field, value)?;
+    match special_address(ip) {
+        Some(why) => Err(IntentError::ReservedAddress {
+            field: field.to_owned(),
+            value: ip,
+            why,
+        }),
+        None => Ok(ip),
+    }
+}
+
+/// Labels that hand an object to another proxy, as kube-proxy reads them: it watches Services
+/// and EndpointSlices without either label, and so does Weir.
+const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
+
+/// Whether the object is another proxy's (or a headless service's): the data plane treats it as
+/// if it did not exist.
+fn not_for_this_proxy(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> bool {
+    meta.labels.as_ref().is_some_and(|labels| {
+        labels.contains_key(SERVICE_PROXY_NAME_LABEL) || labels.contains_key(HEADLESS_LABEL)
+    })
+}
+
 fn parse_port(field: &str, value: i32) -> Result<u16, IntentError> {
     u16::try_from(value)
         .ok()
@@ -252,6 +328,13 @@ impl TryFrom<&Service> for ServiceIntent {
 
     fn try_from(service: &Service) -> Result<Self, IntentError> {
         let id = object_ref(&service.metadata)?;
+        if not_for_this_proxy(&service.metadata) {
+            // Another proxy's: nothing for this data plane, as if it did not exist.
+            return Ok(ServiceIntent {
+                id,
+                ..ServiceIntent::default()
+            });
+        }
         let spec = service.spec.as_ref().ok_or(IntentError::Missing("spec"))?;
         let kind = spec.type_.as_deref().unwrap_or("ClusterIP");
         match kind {
@@ -279,11 +362,11 @@ impl TryFrom<&Service> for ServiceIntent {
             if raw == "None" || raw.is_empty() {
                 continue;
             }
-            cluster_ips.push(parse_ip("spec.clusterIPs", raw)?);
+            cluster_ips.push(parse_usable_ip("spec.clusterIPs", raw)?);
         }
         let mut external_ips = Vec::new();
         for raw in spec.external_ips.iter().flatten() {
-            external_ips.push(parse_ip("spec.externalIPs", raw)?);
+            external_ips.push(parse_usable_ip("spec.externalIPs", raw)?);
         }
         if kind == "LoadBalancer" {
             let ingress = service
@@ -292,9 +375,14 @@ impl TryFrom<&Service> for ServiceIntent {
                 .and_then(|s| s.load_balancer.as_ref())
                 .and_then(|lb| lb.ingress.as_ref());
             for point in ingress.into_iter().flatten() {
-                // Hostname-only ingress points are the cloud's business, not the node's.
+                // Hostname-only ingress points are the cloud's business, not the node's, and so
+                // is `ipMode: Proxy`: the load balancer terminates the traffic and sends it on
+                // to a NodePort, so the node must not capture packets addressed to its IP.
+                if point.ip_mode.as_deref() == Some("Proxy") {
+                    continue;
+                }
                 if let Some(raw) = &point.ip {
-                    let ip = parse_ip("status.loadBalancer.ingress[].ip", raw)?;
+                    let ip = parse_usable_ip("status.loadBalancer.ingress[].ip", raw)?;
                     if !external_ips.contains(&ip) {
                         external_ips.push(ip);
                     }
@@ -303,16 +391,22 @@ impl TryFrom<&Service> for ServiceIntent {
         }
         let exposes_node_ports = kind != "ClusterIP";
         let mut ports = Vec::new();
+        let mut skipped_ports = Vec::new();
         for (i, port) in spec.ports.iter().flatten().enumerate() {
             let field = format!("spec.ports[{i}]");
             let node_port = match port.node_port {
                 Some(n) if exposes_node_ports => Some(parse_port(&format!("{field}.nodePort"), n)?),
                 _ => None,
             };
+            let number = parse_port(&format!("{field}.port"), port.port)?;
+            let Some(protocol) = Protocol::parse(&field, port.protocol.as_deref())? else {
+                skipped_ports.push(format!("{number}/SCTP"));
+                continue;
+            };
             ports.push(ServicePort {
                 name: port.name.clone().unwrap_or_default(),
-                protocol: Protocol::parse(&field, port.protocol.as_deref())?,
-                port: parse_port(&format!("{field}.port"), port.port)?,
+                protocol,
+                port: number,
                 node_port,
             });
             // targetPort is resolved by the endpoints controller into EndpointSlice ports; the
@@ -370,6 +464,7 @@ impl TryFrom<&Service> for ServiceIntent {
             )?,
             health_check_node_port,
             affinity_timeout_s,
+            skipped_ports,
         })
     }
 }
@@ -416,22 +511,39 @@ impl TryFrom<&EndpointSlice> for EndpointSliceIntent {
             "IPv4" | "IPv6" => {}
             other => return Err(IntentError::Unsupported(format!("addressType {other}"))),
         }
+        let service = ObjectRef {
+            namespace: id.namespace.clone(),
+            name: service_name.clone(),
+        };
+        if not_for_this_proxy(&slice.metadata) {
+            // Another proxy's (or a headless service's): it contributes no endpoint.
+            return Ok(EndpointSliceIntent {
+                id,
+                service,
+                ports: Vec::new(),
+                endpoints: Vec::new(),
+            });
+        }
         let mut ports = Vec::new();
         for (i, port) in slice.ports.iter().flatten().enumerate() {
             let field = format!("ports[{i}]");
             let number = port.port.ok_or(IntentError::Missing("ports[].port"))?;
-            ports.push(EndpointPort {
-                name: port.name.clone().unwrap_or_default(),
-                protocol: Protocol::parse(&field, port.protocol.as_deref())?,
-                port: parse_port(&format!("{field}.port"), number)?,
-            });
+            let number = parse_port(&format!("{field}.port"), number)?;
+            // SCTP ports serve only SCTP service ports, which are left out.
+            if let Some(protocol) = Protocol::parse(&field, port.protocol.as_deref())? {
+                ports.push(EndpointPort {
+                    name: port.name.clone().unwrap_or_default(),
+                    protocol,
+                    port: number,
+                });
+            }
         }
         let mut endpoints = Vec::new();
         for (i, endpoint) in slice.endpoints.iter().enumerate() {
             let addresses = endpoint
                 .addresses
                 .iter()
-                .map(|a| parse_ip(&format!("endpoints[{i}].addresses"), a))
+                .map(|a| parse_usable_ip(&format!("endpoints[{i}].addresses"), a))
                 .collect::<Result<Vec<_>, _>>()?;
             let conditions = endpoint.conditions.as_ref();
             // Absent conditions mean ready and serving, per the EndpointSlice API.
@@ -445,10 +557,7 @@ impl TryFrom<&EndpointSlice> for EndpointSliceIntent {
             });
         }
         Ok(EndpointSliceIntent {
-            service: ObjectRef {
-                namespace: id.namespace.clone(),
-                name: service_name.clone(),
-            },
+            service,
             id,
             ports,
             endpoints,

@@ -11,6 +11,7 @@ use weir_common::{node_flags, tunnel_overhead, HostAddrKey, NodeConfig, FAMILY_V
 
 use crate::compile::addr_of;
 use crate::config::{AgentConfig, ExternalReturn, TunnelConfig, TunnelMode};
+use crate::intent::NodeIntent;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -53,6 +54,23 @@ pub fn host_addresses(host_interfaces: &[String]) -> Result<BTreeSet<HostAddrKey
         });
     }
     Ok(out)
+}
+
+/// The senders the tunnel accepts: every address of every Node object, so a packet from any
+/// other host that reaches the tunnel's port is dropped (`drop_tunnel_untrusted`).
+pub fn tunnel_peers<'a>(nodes: impl IntoIterator<Item = &'a NodeIntent>) -> BTreeSet<HostAddrKey> {
+    nodes
+        .into_iter()
+        .flat_map(|node| node.addresses.iter())
+        .map(|ip| {
+            let (addr, family) = addr_of(*ip);
+            HostAddrKey {
+                addr,
+                family,
+                _pad: [0; 3],
+            }
+        })
+        .collect()
 }
 
 /// The tunnel device as the programs need it.

@@ -7,15 +7,17 @@
 //! The shadow is dropped whenever a write fails, so the next pass reads what the maps really
 //! hold and recompiles every service against it (which writes only what differs).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Instant;
 
 use tracing::{debug, info, instrument, warn};
 
 use crate::admission::{Admission, Decision, Limits};
-use crate::compile::{summary, CompileOptions, Compiler, ServiceInput};
+use crate::compile::{addr_of, summary, CompileOptions, Compiler, ServiceInput};
+use crate::conntrack::{BackendAddr, Retired};
 use crate::dataplane::{DataplaneError, ServiceMaps};
+use crate::intent::{EndpointSliceIntent, ObjectRef};
 use crate::metrics::Metrics;
 use crate::source::{IntentStore, ObjectError, ObjectEvent, Objects};
 
@@ -43,6 +45,10 @@ pub struct Reconciler {
     /// What the previous pass rejected: a rejection is logged at warn level (and counted) when
     /// it is new, so a source that resends everything does not repeat itself.
     rejected: BTreeSet<RejectionKey>,
+    /// The serving endpoints each Service was last compiled with.
+    serving: BTreeMap<ObjectRef, BTreeSet<BackendAddr>>,
+    /// Endpoints that stopped serving since [`Reconciler::take_retired`] was last called.
+    retired: Vec<Retired>,
 }
 
 impl Reconciler {
@@ -58,6 +64,13 @@ impl Reconciler {
     pub fn with_compile_options(mut self, options: CompileOptions) -> Reconciler {
         self.options = options;
         self
+    }
+
+    /// Endpoints that stopped serving a Service (deleted, or neither ready nor serving) in the
+    /// passes since the last call, for [`crate::conntrack::end_retired_flows`]. An endpoint
+    /// that is terminating but still serving is not retired: its connections drain.
+    pub fn take_retired(&mut self) -> Vec<Retired> {
+        std::mem::take(&mut self.retired)
     }
 
     /// The validated intent, for consumers beside the maps (health-check servers).
@@ -128,13 +141,38 @@ impl Reconciler {
         let intent = self.store.intent();
         let full = compiler.needs_full_pass();
         let mut inputs: Vec<ServiceInput<'_>> = Vec::with_capacity(dirty.len());
+        // What compiling changes of each service's serving endpoints, and the frontends its
+        // flows came through (those it held before this pass).
+        let mut serving_now: Vec<(&ObjectRef, BTreeSet<BackendAddr>)> = Vec::new();
+        let mut frontends_before: BTreeMap<&ObjectRef, Vec<weir_common::FrontendKey>> =
+            BTreeMap::new();
         for id in &dirty {
-            let slices = match self.admission.decision(id) {
+            let decision = self.admission.decision(id);
+            // A kept service keeps its entries, and so its endpoints' flows.
+            if !matches!(decision, Decision::Keep | Decision::Withhold) {
+                let serving = match (decision, intent.services.get(id)) {
+                    (Decision::Admit, Some(_)) => serving_backends(self.store.slices_of(id)),
+                    _ => BTreeSet::new(),
+                };
+                if self.serving.contains_key(id) {
+                    frontends_before.insert(id, compiler.frontends_of(id).to_vec());
+                }
+                serving_now.push((id, serving));
+            }
+            let slices = match decision {
                 Decision::Admit => self.store.slices_of(id).collect(),
                 // Its entries stay as they are; only a full pass over adopted maps must
                 // recompile it, and then without endpoints (they were never admitted here).
-                Decision::Keep if !full => continue,
+                Decision::Keep | Decision::Withhold if !full => continue,
                 Decision::Keep | Decision::Empty => Vec::new(),
+                Decision::Withhold => {
+                    inputs.push(ServiceInput {
+                        id,
+                        service: None,
+                        slices: Vec::new(),
+                    });
+                    continue;
+                }
             };
             inputs.push(ServiceInput {
                 id,
@@ -152,6 +190,10 @@ impl Reconciler {
             }
         }
         compiler.commit(&plan);
+        for (id, serving) in serving_now {
+            let frontends = frontends_before.remove(id).unwrap_or_default();
+            note_serving(&mut self.serving, &mut self.retired, id, serving, frontends);
+        }
         let (services, backends) = summary(compiler.shadow());
         let rejected = self.note_rejections();
         let report = ReconcileReport {
@@ -184,7 +226,7 @@ impl Reconciler {
             error,
         } in invalid
         {
-            let key = (kind.to_string(), object.clone(), reason_of(error));
+            let key = (kind.to_string(), object.clone(), error.reason().to_owned());
             if self.rejected.contains(&key) {
                 debug!(kind, object, %error, "still rejected");
             } else {
@@ -210,49 +252,42 @@ impl Reconciler {
     }
 }
 
-/// A metric label for an error: its variant's name in snake case (`InvalidPort` ->
-/// `invalid_port`), so a new kind of validation error gets its own label without a change here.
-fn reason_of(error: &impl std::fmt::Debug) -> String {
-    let debug = format!("{error:?}");
-    let variant: String = debug
-        .chars()
-        .take_while(|c| c.is_ascii_alphanumeric())
-        .collect();
-    let mut out = String::new();
-    for (i, c) in variant.chars().enumerate() {
-        if c.is_ascii_uppercase() {
-            if i > 0 {
-                out.push('_');
+/// Every (address, port) a Service's serving endpoints are reached at, as flows name them.
+fn serving_backends<'a>(
+    slices: impl Iterator<Item = &'a EndpointSliceIntent>,
+) -> BTreeSet<BackendAddr> {
+    let mut out = BTreeSet::new();
+    for slice in slices {
+        for endpoint in slice.endpoints.iter().filter(|e| e.serving) {
+            for ip in &endpoint.addresses {
+                let (addr, family) = addr_of(*ip);
+                for port in &slice.ports {
+                    out.insert((addr, port.port.to_be(), port.protocol.number(), family));
+                }
             }
-            out.push(c.to_ascii_lowercase());
-        } else {
-            out.push(c);
         }
     }
-    if out.is_empty() {
-        "invalid".to_owned()
-    } else {
-        out
-    }
+    out
 }
 
-#[cfg(test)]
-mod tests {
-    use super::reason_of;
-    use crate::intent::IntentError;
-
-    #[test]
-    fn reasons_are_variant_names_in_snake_case() {
-        let port = IntentError::InvalidPort {
-            field: "spec.ports[0].port".into(),
-            value: 70000,
-        };
-        assert_eq!(reason_of(&port), "invalid_port");
-        assert_eq!(reason_of(&IntentError::Missing("spec")), "missing");
-        let addr = IntentError::InvalidAddress {
-            field: "x".into(),
-            value: "1.2.3.999".into(),
-        };
-        assert_eq!(reason_of(&addr), "invalid_address");
+/// Records a service's serving endpoints as compiled; those that stopped serving are retired
+/// with the frontends their flows came through.
+fn note_serving(
+    recorded: &mut BTreeMap<ObjectRef, BTreeSet<BackendAddr>>,
+    retired: &mut Vec<Retired>,
+    id: &ObjectRef,
+    serving: BTreeSet<BackendAddr>,
+    frontends: Vec<weir_common::FrontendKey>,
+) {
+    let before = recorded.remove(id).unwrap_or_default();
+    let gone: BTreeSet<BackendAddr> = before.difference(&serving).copied().collect();
+    if !gone.is_empty() {
+        retired.push(Retired {
+            frontends: frontends.into_iter().collect(),
+            backends: gone,
+        });
+    }
+    if !serving.is_empty() {
+        recorded.insert(id.clone(), serving);
     }
 }

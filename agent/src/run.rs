@@ -25,6 +25,7 @@ use crate::metrics::{Health, Metrics, Ops};
 use crate::node;
 use crate::reconcile::Reconciler;
 use crate::source::{FileSource, ObjectEvent};
+use weir_common::HostAddrKey;
 
 /// The loop counts as wedged after this many poll intervals without a turn (at least
 /// [`MIN_STALL`]): long enough for a full sync of a large cluster, short enough for a liveness
@@ -97,6 +98,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let mut reconciler = Reconciler::new(
         Limits {
             max_endpoints_per_service: config.max_endpoints_per_service,
+            node_port_range: config.services.node_port_range,
             ..Limits::default()
         },
         Some(metrics.clone()),
@@ -156,6 +158,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let mut terminate = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let mut interfaces = InterfaceSync::default();
+    let mut tunnel_peers = None;
 
     loop {
         tokio::select! {
@@ -163,14 +166,14 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
                 health.beat();
                 interfaces.sync(&config, &mut dataplane, &health, &metrics);
                 if source.poll(retry, false, &config.node_name, &metrics, &mut |e| reconciler.stage(&e)) {
-                    retry = apply(&mut reconciler, &mut dataplane, &health);
+                    retry = apply(&mut reconciler, &mut dataplane, &health, &mut tunnel_peers);
                     health_checks.update(health_check::desired(reconciler.intent(), &config.node_name));
                 }
             }
             _ = source.changed() => {
                 health.beat();
                 if source.poll(retry, true, &config.node_name, &metrics, &mut |e| reconciler.stage(&e)) {
-                    retry = apply(&mut reconciler, &mut dataplane, &health);
+                    retry = apply(&mut reconciler, &mut dataplane, &health, &mut tunnel_peers);
                     health_checks.update(health_check::desired(reconciler.intent(), &config.node_name));
                 }
             }
@@ -319,19 +322,53 @@ impl DesiredState {
     }
 }
 
-/// One reconcile pass; returns whether the next tick should try again.
-fn apply(reconciler: &mut Reconciler, dataplane: &mut Dataplane, health: &Health) -> bool {
+/// One reconcile pass; returns whether the next tick should try again. `peers` is the tunnel
+/// peer set last written (None until written), so the map is read and written only when the
+/// Nodes' addresses change.
+fn apply(
+    reconciler: &mut Reconciler,
+    dataplane: &mut Dataplane,
+    health: &Health,
+    peers: &mut Option<BTreeSet<HostAddrKey>>,
+) -> bool {
     // The source staged its events already.
-    match reconciler.apply_events(&mut dataplane.services, &[]) {
-        Ok(_) => {
-            health.set_synced();
-            false
-        }
+    let synced = match reconciler.apply_events(&mut dataplane.services, &[]) {
+        Ok(_) => true,
         Err(e) => {
             error!(error = %e, "applying desired state failed; will retry");
-            true
+            false
         }
+    };
+    // Flows stuck on endpoints that stopped serving end now, not at their own timeout.
+    let retired = reconciler.take_retired();
+    match crate::conntrack::end_retired_flows(&mut dataplane.conntrack, &retired) {
+        Ok(0) => {}
+        Ok(ended) => info!(
+            entries = ended,
+            "ended the flows of endpoints that stopped serving"
+        ),
+        Err(e) => warn!(error = %e, "ending the flows of retired endpoints failed"),
     }
+    // Node objects come and go with the same events: the tunnel follows them.
+    let wanted = node::tunnel_peers(reconciler.intent().nodes.values());
+    let peers_synced = peers.as_ref() == Some(&wanted)
+        || match dataplane.node.set_tunnel_peers(&wanted) {
+            Ok(writes) => {
+                if writes > 0 {
+                    info!(writes, peers = wanted.len(), "tunnel peers updated");
+                }
+                *peers = Some(wanted);
+                true
+            }
+            Err(e) => {
+                error!(error = %e, "updating tunnel peers failed; will retry");
+                false
+            }
+        };
+    if synced && peers_synced {
+        health.set_synced();
+    }
+    !(synced && peers_synced)
 }
 
 /// Keeps the program on the interfaces that should have it, as they come and go.

@@ -135,6 +135,7 @@ fn the_slot_table_is_never_overflowed() {
         Limits {
             max_endpoints_per_service: 10_000,
             slot_capacity: 50,
+            ..Limits::default()
         },
         Some(metrics.clone()),
     );

@@ -8,7 +8,7 @@
 
 /// Bumped whenever a pinned map's key or value layout changes: the agent pins under a directory
 /// named after it, so a new agent never reinterprets an older agent's bytes.
-pub const MAP_LAYOUT_VERSION: u32 = 3;
+pub const MAP_LAYOUT_VERSION: u32 = 4;
 
 pub const FAMILY_V4: u8 = 4;
 pub const FAMILY_V6: u8 = 6;
@@ -33,8 +33,10 @@ pub mod map_names {
     pub const SOCK_NETNS: &str = "WEIR_SOCK_NETNS";
     /// Host services: backend -> frontend per socket, so replies and peer names show the service.
     pub const SOCK_REVERSE: &str = "WEIR_SOCK_REVERSE";
+    /// Underlay addresses of the cluster's nodes: the only senders the tunnel device accepts.
+    pub const TUNNEL_PEERS: &str = "WEIR_TUNNEL_PEERS";
     /// Every map the agent pins, in the order it creates them.
-    pub const PINNED: [&str; 11] = [
+    pub const PINNED: [&str; 12] = [
         SERVICES,
         BACKEND_SLOTS,
         BACKENDS,
@@ -46,6 +48,7 @@ pub mod map_names {
         COUNTERS,
         SOCK_NETNS,
         SOCK_REVERSE,
+        TUNNEL_PEERS,
     ];
 }
 
@@ -90,6 +93,8 @@ pub mod capacity {
     pub const AFFINITY: u32 = 65_536;
     /// Translated host sockets remembered for reply and peer-name translation (LRU).
     pub const SOCK_REVERSE: u32 = 65_536;
+    /// Node addresses the tunnel accepts packets from (every address of every Node).
+    pub const TUNNEL_PEERS: u32 = 65_536;
 }
 
 /// An IPv4 or IPv6 address as 16 raw bytes in network order.
@@ -198,7 +203,8 @@ pub struct BackendValue {
     pub _pad: [u8; 2],
 }
 
-/// An address of this node; NodePorts answer on every one of them.
+/// An address of this node (NodePorts answer on every one of them), or, in the tunnel peer map,
+/// of a node the tunnel accepts packets from.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct HostAddrKey {
@@ -474,7 +480,10 @@ pub mod counter {
     /// A packet too big for the tunnel (with DF, or IPv6) was answered with ICMP
     /// "fragmentation needed" / "packet too big" from the address the client used.
     pub const ICMP_TOO_BIG: u32 = 23;
-    pub const COUNT: u32 = 24;
+    /// A packet arrived through the tunnel from an address that is no node's: dropped before
+    /// anything else looks at it, so no one outside the cluster can plant a flow.
+    pub const DROP_TUNNEL_UNTRUSTED: u32 = 24;
+    pub const COUNT: u32 = 25;
 
     /// Names for display, indexed by counter.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -502,6 +511,7 @@ pub mod counter {
         "drop_tunnel_failed",
         "drop_reject_failed",
         "icmp_too_big",
+        "drop_tunnel_untrusted",
     ];
 }
 

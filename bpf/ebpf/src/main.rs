@@ -140,6 +140,11 @@ pub fn weir_pass(_ctx: TcContext) -> i32 {
 
 fn process(ctx: &TcContext) -> Result<Verdict, u32> {
     let config = node_config();
+    // Before anything else reads the packet: an untrusted sender gets nothing, not even a parse.
+    let from_tunnel = arrival(ctx, config);
+    if from_tunnel.id == tunnel::UNTRUSTED {
+        return Err(counter::DROP_TUNNEL_UNTRUSTED);
+    }
     let mut ip = Ip::EMPTY;
     let parsed = parse(ctx, tunnel::is_bare_ip(ctx, config), &mut ip);
     if parsed != PARSED {
@@ -148,7 +153,6 @@ fn process(ctx: &TcContext) -> Result<Verdict, u32> {
             NotForUs::Drop(c) => Err(c),
         };
     }
-    let from_tunnel = arrival(ctx, config);
     let verdict = match ip.proto {
         PROTO_TCP | PROTO_UDP => flow(ctx, &mut ip, config, &from_tunnel),
         _ => icmp::icmp_error(ctx, &ip),

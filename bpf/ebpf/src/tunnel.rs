@@ -13,11 +13,11 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use weir_common::{
-    counter, ct_kind, node_flags, tunnel_overhead, Addr, CtKey, CtValue, NodeConfig, FAMILY_V4,
-    FAMILY_V6, PROTO_TCP,
+    counter, ct_kind, node_flags, tunnel_overhead, Addr, CtKey, CtValue, HostAddrKey, NodeConfig,
+    FAMILY_V4, FAMILY_V6, PROTO_TCP,
 };
 
-use crate::maps::CONNTRACK;
+use crate::maps::{CONNTRACK, TUNNEL_PEERS};
 use crate::packet::{load, Ip, ETH_P_IP, UDP_HLEN};
 use crate::Verdict;
 
@@ -45,9 +45,13 @@ const TUNNEL_TTL: u8 = 64;
 pub struct Arrival {
     pub peer: Addr,
     pub peer_family: u8,
-    /// A `tunnel_id` value; 0 when the packet did not come through the tunnel.
+    /// A `tunnel_id` value; 0 when the packet did not come through the tunnel, [`UNTRUSTED`]
+    /// when it came from an address that is no node's.
     pub id: u32,
 }
+
+/// Not a tunnel id on the wire: marks an arrival from a sender the tunnel must not accept.
+pub const UNTRUSTED: u32 = u32::MAX;
 
 impl Arrival {
     #[inline(always)]
@@ -79,7 +83,11 @@ pub fn is_bare_ip(ctx: &TcContext, config: &NodeConfig) -> bool {
     is_ipip(config) && on_tunnel_device(ctx, config)
 }
 
-/// The tunnel metadata, for packets entering through the tunnel device.
+/// The tunnel metadata, for packets entering through the tunnel device. A sender that is not in
+/// [`TUNNEL_PEERS`] gets [`UNTRUSTED`]: anyone who can reach the node's VXLAN port could
+/// otherwise plant conntrack entries (and so steal replies) or reach pods through the device.
+/// A packet on the device without metadata never came from the network (a collect-metadata
+/// device always attaches it), so it is treated as local, as test runs need.
 #[inline(never)]
 pub fn arrival(ctx: &TcContext, config: &NodeConfig) -> Arrival {
     if !on_tunnel_device(ctx, config) {
@@ -111,6 +119,18 @@ pub fn arrival(ctx: &TcContext, config: &NodeConfig) -> Arrival {
                 }
                 Addr::from_v6(bytes)
             };
+            let sender = HostAddrKey {
+                addr: peer,
+                family,
+                _pad: [0; 3],
+            };
+            if TUNNEL_PEERS.get_ptr(&sender).is_none() {
+                return Arrival {
+                    peer,
+                    peer_family: family,
+                    id: UNTRUSTED,
+                };
+            }
             return Arrival {
                 peer,
                 peer_family: family,

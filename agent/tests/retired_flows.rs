@@ -1,0 +1,143 @@
+//! Flows to endpoints that went away do not stay stuck on them: once an endpoint stops serving
+//! (deleted, or neither ready nor serving), its flows end, so a UDP sender's next datagram goes
+//! to a live endpoint and a TCP client's next segment meets one (whose reset ends the
+//! connection at once). Endpoints that are terminating but still serving keep their
+//! connections, as kube-proxy's do, and other Services using the same endpoint are untouched.
+
+mod common;
+
+use std::net::Ipv4Addr;
+
+use common::*;
+use weir_agent::conntrack::end_retired_flows;
+
+/// The backend a translated client packet was sent to.
+fn backend_of(out: &[u8]) -> Ipv4Addr {
+    let ip = l3(out);
+    Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19])
+}
+
+fn end_retired(h: &mut Harness) -> usize {
+    let retired = h.reconciler.take_retired();
+    end_retired_flows(&mut h.dataplane.conntrack, &retired).expect("conntrack")
+}
+
+/// `echo` with its endpoints given as (address, ready, serving, terminating).
+fn echo_with(endpoints: &[(Ipv4Addr, bool, bool, bool)]) -> String {
+    let mut yaml = cluster_yaml(&[]);
+    let listed: String = endpoints
+        .iter()
+        .map(|(ip, ready, serving, terminating)| {
+            format!(
+                "- addresses: [\"{ip}\"]\n  conditions: {{ready: {ready}, serving: {serving}, \
+                 terminating: {terminating}}}\n"
+            )
+        })
+        .collect();
+    yaml = yaml.replacen("endpoints:\n---", &format!("endpoints:\n{listed}---"), 1);
+    yaml
+}
+
+#[test]
+fn a_udp_flow_moves_when_its_endpoint_goes_and_a_tcp_flow_is_ended() {
+    let mut h = Harness::new(&[BACKEND, OTHER]);
+    // Find a client port of each protocol that lands on BACKEND.
+    let udp_port = (40000..40100)
+        .find(|p| {
+            let (_, out) = h.run(&udp(CLIENT, *p, VIP, 53));
+            backend_of(&out) == BACKEND
+        })
+        .expect("some flow picks BACKEND");
+    let tcp_port = (41000..41100)
+        .find(|p| {
+            let (_, out) = h.run(&tcp(CLIENT, *p, VIP, 80, "S"));
+            backend_of(&out) == BACKEND
+        })
+        .expect("some flow picks BACKEND");
+
+    // BACKEND leaves the Service.
+    h.apply(&cluster_yaml(&[OTHER]));
+    let ended = end_retired(&mut h);
+    assert!(ended >= 4, "both flows' two entries end: {ended}");
+
+    let (_, out) = h.run(&udp(CLIENT, udp_port, VIP, 53));
+    assert_eq!(
+        backend_of(&out),
+        OTHER,
+        "the UDP sender's next datagram goes to a live endpoint"
+    );
+    let new_flows = h.counter("ct_new_flow");
+    let (_, out) = h.run(&tcp(CLIENT, tcp_port, VIP, 80, "A"));
+    assert_eq!(
+        backend_of(&out),
+        OTHER,
+        "the TCP client's next segment meets a live endpoint, which resets it"
+    );
+    assert_eq!(h.counter("ct_new_flow"), new_flows + 1);
+
+    // Nothing retired: nothing more ends.
+    h.apply(&cluster_yaml(&[OTHER]));
+    assert_eq!(end_retired(&mut h), 0);
+}
+
+#[test]
+fn terminating_endpoints_that_still_serve_keep_their_connections() {
+    let mut h = Harness::new(&[]);
+    h.apply(&echo_with(&[
+        (BACKEND, true, true, false),
+        (OTHER, true, true, false),
+    ]));
+    let port = (42000..42100)
+        .find(|p| {
+            let (_, out) = h.run(&tcp(CLIENT, *p, VIP, 80, "S"));
+            backend_of(&out) == BACKEND
+        })
+        .expect("some flow picks BACKEND");
+
+    // Terminating, still serving: new flows go elsewhere, this one drains.
+    h.apply(&echo_with(&[
+        (BACKEND, false, true, true),
+        (OTHER, true, true, false),
+    ]));
+    assert_eq!(end_retired(&mut h), 0);
+    let (_, out) = h.run(&tcp(CLIENT, port, VIP, 80, "A"));
+    assert_eq!(backend_of(&out), BACKEND, "the draining connection stays");
+
+    // No longer serving: it ends.
+    h.apply(&echo_with(&[
+        (BACKEND, false, false, true),
+        (OTHER, true, true, false),
+    ]));
+    assert_eq!(end_retired(&mut h), 2);
+    let (_, out) = h.run(&tcp(CLIENT, port, VIP, 80, "A"));
+    assert_eq!(backend_of(&out), OTHER);
+}
+
+#[test]
+fn only_the_services_own_flows_end() {
+    // A second Service with the same endpoint.
+    let twin = format!(
+        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: twin, namespace: default}}\n\
+         spec: {{clusterIP: 198.18.100.12, ports: [{{name: http, port: 80, targetPort: 8080}}]}}\n\
+         ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata: {{name: twin-1, namespace: default, labels: {{kubernetes.io/service-name: twin}}}}\n\
+         addressType: IPv4\nports: [{{name: http, port: 8080}}]\n\
+         endpoints: [{{addresses: [\"{BACKEND}\"]}}]\n"
+    );
+    let mut h = Harness::new(&[]);
+    h.apply(&(cluster_yaml(&[BACKEND]) + &twin));
+    let twin_vip: Ipv4Addr = "198.18.100.12".parse().unwrap();
+    let (_, out) = h.run(&tcp(CLIENT, 43000, VIP, 80, "S"));
+    assert_eq!(backend_of(&out), BACKEND);
+    let (_, out) = h.run(&tcp(CLIENT, 43001, twin_vip, 80, "S"));
+    assert_eq!(backend_of(&out), BACKEND);
+
+    // echo is deleted; twin keeps the same endpoint.
+    h.apply(&twin);
+    assert_eq!(end_retired(&mut h), 2, "echo's flow ends with echo");
+    let entries = h.dataplane.conntrack.entries().unwrap();
+    assert_eq!(entries.len(), 2, "twin's flow stays: {entries:?}");
+    let (verdict, out) = h.run(&tcp(CLIENT, 43001, twin_vip, 80, "A"));
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(backend_of(&out), BACKEND);
+}

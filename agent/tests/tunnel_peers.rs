@@ -1,0 +1,137 @@
+//! The tunnel accepts packets from the cluster's nodes only. A real collect-metadata VXLAN device
+//! in a network namespace of the test's own, real VXLAN datagrams from two local addresses: one
+//! a Node's, one a forger's. The forger's packet, shaped as a reply of a flow another node
+//! translated, would otherwise plant a conntrack entry that sends that flow's packets to it.
+
+mod common;
+
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::time::{Duration, Instant};
+
+use common::*;
+use nix::sched::CloneFlags;
+use weir_agent::compile::CompileOptions;
+use weir_agent::node::tunnel_peers;
+use weir_common::NodeConfig;
+
+const THIS_NODE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+const OTHER_NODE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+const FORGER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 3);
+const POD: Ipv4Addr = Ipv4Addr::new(198, 19, 1, 10);
+const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 200);
+const VXLAN_PORT: u16 = 4789;
+
+fn nodes_yaml() -> String {
+    [("node1", THIS_NODE), ("node2", OTHER_NODE)]
+        .iter()
+        .map(|(name, ip)| {
+            format!(
+                "---\napiVersion: v1\nkind: Node\nmetadata: {{name: {name}}}\n\
+                 status: {{addresses: [{{type: InternalIP, address: \"{ip}\"}}]}}\n"
+            )
+        })
+        .collect()
+}
+
+/// A VXLAN datagram's payload: the header with `vni`, then the inner frame.
+fn vxlan(vni: u32, inner: &[u8]) -> Vec<u8> {
+    let mut out = vec![0x08, 0, 0, 0];
+    out.extend_from_slice(&(vni << 8).to_be_bytes());
+    out.extend_from_slice(inner);
+    out
+}
+
+fn send_from(source: Ipv4Addr, payload: &[u8]) {
+    let socket = UdpSocket::bind(SocketAddr::from((source, 0))).expect("bind the sender");
+    socket
+        .send_to(payload, SocketAddr::from((THIS_NODE, VXLAN_PORT)))
+        .expect("send the VXLAN datagram");
+}
+
+/// Waits (at most two seconds) for the counter to reach `at_least`; returns its value.
+fn await_counter(h: &Harness, name: &str, at_least: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let value = h.counter(name);
+        if value >= at_least || Instant::now() > deadline {
+            return value;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn only_the_clusters_nodes_can_use_the_tunnel() {
+    let _bpffs = private_bpffs(CloneFlags::CLONE_NEWNET);
+    ip(&["link", "set", "lo", "up"]);
+    // A veth, not a dummy device: the host kernel may lack the dummy module.
+    ip(&["link", "add", "wd0", "type", "veth", "peer", "name", "wd1"]);
+    for address in [THIS_NODE, OTHER_NODE, FORGER] {
+        ip(&["addr", "add", &format!("{address}/24"), "dev", "wd0"]);
+    }
+    ip(&["link", "set", "wd0", "up"]);
+    ip(&["link", "set", "wd1", "up"]);
+    ip(&[
+        "link",
+        "add",
+        "weir-vxlan",
+        "type",
+        "vxlan",
+        "external",
+        "dstport",
+        &VXLAN_PORT.to_string(),
+    ]);
+    ip(&["link", "set", "weir-vxlan", "up"]);
+    // Asked of this thread's namespace (sysfs still shows the host's).
+    let ifindex = nix::net::if_::if_nametoindex("weir-vxlan").expect("ifindex");
+
+    let mut h = Harness::for_node(
+        &nodes_yaml(),
+        CompileOptions {
+            node_name: "node1".into(),
+            maglev: false,
+        },
+        NodeConfig {
+            tunnel_ifindex: ifindex,
+            ..NodeConfig::default()
+        },
+        &[THIS_NODE.into()],
+    );
+    let peers = tunnel_peers(h.reconciler.intent().nodes.values());
+    assert_eq!(peers.len(), 2);
+    h.dataplane.node.set_tunnel_peers(&peers).expect("peers");
+    h.dataplane
+        .attach_ingress("weir-vxlan")
+        .expect("attach to the tunnel device");
+
+    // A pod's reply to a client, as a node that translated the client's flow would receive it
+    // (VNI 1: translated at ingress). Accepted, it would make this node send the flow's later
+    // packets back through the tunnel to whoever sent it.
+    let reply = vxlan(1, &tcp(POD, 8080, CLIENT, 40000, "SA"));
+    send_from(FORGER, &reply);
+    assert_eq!(await_counter(&h, "drop_tunnel_untrusted", 1), 1);
+    assert!(
+        h.dataplane
+            .conntrack
+            .entries()
+            .expect("conntrack")
+            .is_empty(),
+        "the forger planted nothing"
+    );
+
+    send_from(OTHER_NODE, &reply);
+    assert_eq!(
+        await_counter(&h, "ct_new_from_tunnel", 1),
+        1,
+        "a node's packet is taken"
+    );
+    assert_eq!(h.dataplane.conntrack.entries().expect("conntrack").len(), 1);
+
+    // A node that leaves the cluster loses the tunnel with its Node object.
+    h.apply("");
+    let peers = tunnel_peers(h.reconciler.intent().nodes.values());
+    assert!(peers.is_empty());
+    h.dataplane.node.set_tunnel_peers(&peers).expect("peers");
+    send_from(OTHER_NODE, &vxlan(1, &tcp(POD, 8080, CLIENT, 40001, "SA")));
+    assert_eq!(await_counter(&h, "drop_tunnel_untrusted", 2), 2);
+}
