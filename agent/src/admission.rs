@@ -1,10 +1,19 @@
 //! Checks on the intent as a whole, after each object validated on its own: an EndpointSlice
 //! whose Service does not exist, a Service with more endpoints than it may have, a cluster that
-//! would overflow the slot table. Each is bad input that must cost only its own object.
+//! would overflow one of the service maps, a Service that would capture the node. Each is bad
+//! input that must cost only its own object.
+//!
+//! Capacity is accounted before anything is written: every Service's footprint in each map
+//! (frontends, slots, backends, Maglev tables) is estimated from above and kept as a running
+//! total, so a Service that does not fit is refused and every other change still applies,
+//! instead of a map write failing half-way and blocking every later pass.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
+use weir_common::capacity;
+
+use crate::compile::CompileOptions;
 use crate::config::NodePortRange;
 use crate::intent::{ClusterIntent, EndpointSliceIntent, ObjectRef, ServiceIntent};
 use crate::source::IntentStore;
@@ -22,8 +31,8 @@ pub struct Rejection {
 pub struct Limits {
     /// Ready endpoints one Service may have.
     pub max_endpoints_per_service: u32,
-    /// Entries of the slot map: one per (frontend, backend) pair.
-    pub slot_capacity: u32,
+    /// What each service map holds.
+    pub capacity: Footprint,
     /// NodePorts must lie in it; so must every port of a frontend on a node's address.
     pub node_port_range: NodePortRange,
 }
@@ -32,9 +41,70 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_endpoints_per_service: crate::config::DEFAULT_MAX_ENDPOINTS_PER_SERVICE,
-            slot_capacity: weir_common::capacity::BACKEND_SLOTS,
+            capacity: Footprint::MAPS,
             node_port_range: NodePortRange::default(),
         }
+    }
+}
+
+/// Entries in each service map: what a Service takes (estimated from above), what all of them
+/// take, or what the maps hold.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Footprint {
+    /// `WEIR_SERVICES`: one per (address or NodePort, port).
+    pub frontends: usize,
+    /// `WEIR_BACKEND_SLOTS`: per (port, family), one per eligible endpoint, and again for this
+    /// node's own endpoints.
+    pub slots: usize,
+    /// `WEIR_BACKENDS`: one per (endpoint address, target port); shared between Services in
+    /// the maps, counted for each here, so the estimate errs high.
+    pub backends: usize,
+    /// `WEIR_MAGLEV`: one table per (port, family) with external frontends, when Maglev is on.
+    pub maglev: usize,
+}
+
+impl Footprint {
+    /// The capacities the maps are created with.
+    pub const MAPS: Footprint = Footprint {
+        frontends: capacity::SERVICES as usize,
+        slots: capacity::BACKEND_SLOTS as usize,
+        backends: capacity::BACKENDS as usize,
+        maglev: capacity::MAGLEV as usize,
+    };
+
+    fn plus(self, other: Footprint) -> Footprint {
+        Footprint {
+            frontends: self.frontends + other.frontends,
+            slots: self.slots + other.slots,
+            backends: self.backends + other.backends,
+            maglev: self.maglev + other.maglev,
+        }
+    }
+
+    fn minus(self, other: Footprint) -> Footprint {
+        Footprint {
+            frontends: self.frontends.saturating_sub(other.frontends),
+            slots: self.slots.saturating_sub(other.slots),
+            backends: self.backends.saturating_sub(other.backends),
+            maglev: self.maglev.saturating_sub(other.maglev),
+        }
+    }
+
+    /// All entries, to order Services by size.
+    fn entries(&self) -> usize {
+        self.frontends + self.slots + self.backends + self.maglev
+    }
+
+    /// The first map `self` would overflow: (map, entries wanted, capacity).
+    fn overflow(&self, capacity: &Footprint) -> Option<(&'static str, usize, usize)> {
+        [
+            ("frontend", self.frontends, capacity.frontends),
+            ("slot", self.slots, capacity.slots),
+            ("backend", self.backends, capacity.backends),
+            ("Maglev", self.maglev, capacity.maglev),
+        ]
+        .into_iter()
+        .find(|(_, wanted, cap)| wanted > cap)
     }
 }
 
@@ -59,9 +129,9 @@ pub enum Decision {
 /// looked at; the slot table's fill is kept as a running total. No endpoint is copied here.
 #[derive(Debug, Default)]
 pub struct Admission {
-    /// Slots each Service takes in the maps, and their sum.
-    estimates: BTreeMap<ObjectRef, usize>,
-    total: usize,
+    /// What each Service takes in the maps, and their sum.
+    estimates: BTreeMap<ObjectRef, Footprint>,
+    total: Footprint,
     /// Services not admitted as they are, and why.
     refused: BTreeMap<ObjectRef, (Decision, Vec<Rejection>)>,
     /// Orphan slices' rejections, by the (missing) Service they name.
@@ -88,21 +158,26 @@ impl Admission {
 
     /// Re-admits the `changed` Services against `limits`. Within one batch, smaller Services
     /// come first: one runaway Service gives way before many small ones do.
-    pub fn admit(&mut self, store: &IntentStore, changed: &BTreeSet<ObjectRef>, limits: Limits) {
+    pub fn admit(
+        &mut self,
+        store: &IntentStore,
+        changed: &BTreeSet<ObjectRef>,
+        limits: Limits,
+        options: &CompileOptions,
+    ) {
         let intent = store.intent();
         let node_addresses = node_addresses(intent);
-        let mut order: Vec<(usize, usize, &ObjectRef)> = changed
+        let mut order: Vec<(Footprint, usize, &ObjectRef)> = changed
             .iter()
             .map(|id| {
                 let endpoints = ready_endpoints(store.slices_of(id));
-                let size = intent
-                    .services
-                    .get(id)
-                    .map_or(0, |s| slot_estimate(s, endpoints));
+                let size = intent.services.get(id).map_or(Footprint::default(), |s| {
+                    footprint(s, store.slices_of(id), options)
+                });
                 (size, endpoints, id)
             })
             .collect();
-        order.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.2.cmp(b.2)));
+        order.sort_by(|a, b| a.0.entries().cmp(&b.0.entries()).then_with(|| a.2.cmp(b.2)));
         for (size, endpoints, id) in order {
             let orphans: Vec<Rejection> = store
                 .orphan_slices_of(id)
@@ -119,38 +194,37 @@ impl Admission {
             } else {
                 self.orphans.insert(id.clone(), orphans);
             }
-            let before = self.estimates.remove(id).unwrap_or(0);
-            self.total -= before;
+            let before = self.estimates.remove(id).unwrap_or_default();
+            self.total = self.total.minus(before);
             let Some(service) = intent.services.get(id) else {
                 self.refused.remove(id);
                 self.partial.remove(id);
                 continue;
             };
             self.note_skipped_ports(service);
-            let capture = node_capture(service, &node_addresses, limits.node_port_range);
-            let withhold = capture.is_some();
-            let refusal = if capture.is_some() {
-                capture
+            // Refusals whose frontends themselves must not be written (they would capture the
+            // node, or overflow a map) withhold the Service; too many endpoints keeps it.
+            let (refusal, withhold) = if let Some(capture) =
+                node_capture(service, &node_addresses, limits.node_port_range)
+            {
+                (Some(capture), true)
             } else if endpoints > limits.max_endpoints_per_service as usize {
-                Some((
-                    "too_many_endpoints",
-                    format!(
-                        "{endpoints} ready endpoints, more than max_endpoints_per_service {}; \
+                let detail = format!(
+                    "{endpoints} ready endpoints, more than max_endpoints_per_service {}; \
                          keeping its last good endpoints",
-                        limits.max_endpoints_per_service
-                    ),
-                ))
-            } else if self.total + size > limits.slot_capacity as usize {
-                Some((
-                    "slot_capacity",
-                    format!(
-                        "{size} slots would overflow the slot table ({} entries); keeping its \
-                         last good endpoints",
-                        limits.slot_capacity
-                    ),
-                ))
+                    limits.max_endpoints_per_service
+                );
+                (Some(("too_many_endpoints", detail)), false)
+            } else if let Some((map, wanted, cap)) =
+                self.total.plus(size).overflow(&limits.capacity)
+            {
+                let detail = format!(
+                    "it would bring the {map} map to {wanted} entries, over its {cap}; \
+                         keeping its last good version"
+                );
+                (Some(("map_capacity", detail)), true)
             } else {
-                None
+                (None, false)
             };
             let size = match refusal {
                 None => {
@@ -167,8 +241,8 @@ impl Admission {
                     // What it has in the maps now is its last good version.
                     let (decision, size) = if withhold {
                         (Decision::Withhold, before)
-                    } else if self.total + before > limits.slot_capacity as usize {
-                        (Decision::Empty, 0)
+                    } else if self.total.plus(before).overflow(&limits.capacity).is_some() {
+                        (Decision::Empty, Footprint::default())
                     } else {
                         (Decision::Keep, before)
                     };
@@ -176,7 +250,7 @@ impl Admission {
                     size
                 }
             };
-            self.total += size;
+            self.total = self.total.plus(size);
             self.estimates.insert(id.clone(), size);
         }
     }
@@ -265,7 +339,50 @@ fn ready_endpoints<'a>(slices: impl Iterator<Item = &'a EndpointSliceIntent>) ->
         .len()
 }
 
-/// Slots a Service takes: one per (service port, ClusterIP, ready endpoint).
-fn slot_estimate(service: &ServiceIntent, ready_endpoints: usize) -> usize {
-    service.ports.len() * service.cluster_ips.len().max(1) * ready_endpoints
+/// What a Service would take in each map, from above: every endpoint that is ready or serving
+/// counts as eligible for every port of its family.
+fn footprint<'a>(
+    service: &ServiceIntent,
+    slices: impl Iterator<Item = &'a EndpointSliceIntent>,
+    options: &CompileOptions,
+) -> Footprint {
+    // Endpoint addresses by family (IPv4, IPv6): all of them, and this node's.
+    let mut endpoints = [0usize; 2];
+    let mut local = [0usize; 2];
+    let mut backends = 0;
+    for slice in slices {
+        for endpoint in slice.endpoints.iter().filter(|e| e.ready || e.serving) {
+            let is_local = !options.node_name.is_empty()
+                && endpoint.node_name.as_deref() == Some(options.node_name.as_str());
+            for ip in &endpoint.addresses {
+                let family = ip.is_ipv6() as usize;
+                endpoints[family] += 1;
+                local[family] += is_local as usize;
+            }
+            backends += endpoint.addresses.len() * slice.ports.len();
+        }
+    }
+    let of_family = |ips: &[IpAddr], family: usize| {
+        ips.iter()
+            .filter(|ip| ip.is_ipv6() as usize == family)
+            .count()
+    };
+    let mut out = Footprint {
+        backends,
+        ..Footprint::default()
+    };
+    for port in &service.ports {
+        for family in 0..2 {
+            let internal = of_family(&service.cluster_ips, family);
+            let node_port = (port.node_port.is_some() && internal > 0) as usize;
+            let external = of_family(&service.external_ips, family) + node_port;
+            if internal + external == 0 {
+                continue;
+            }
+            out.frontends += internal + external;
+            out.slots += endpoints[family] + local[family];
+            out.maglev += (options.maglev && external > 0) as usize;
+        }
+    }
+    out
 }

@@ -136,7 +136,8 @@ impl Reconciler {
         };
         let mut dirty = self.store.take_dirty();
         dirty.extend(compiler.pending().cloned());
-        self.admission.admit(&self.store, &dirty, self.limits);
+        self.admission
+            .admit(&self.store, &dirty, self.limits, &self.options);
 
         let intent = self.store.intent();
         let full = compiler.needs_full_pass();

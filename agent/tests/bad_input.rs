@@ -8,7 +8,7 @@ use std::net::Ipv4Addr;
 use std::sync::Arc;
 
 use common::*;
-use weir_agent::admission::Limits;
+use weir_agent::admission::{Footprint, Limits};
 use weir_agent::metrics::Metrics;
 use weir_agent::reconcile::Reconciler;
 
@@ -134,7 +134,10 @@ fn the_slot_table_is_never_overflowed() {
     h.reconciler = Reconciler::new(
         Limits {
             max_endpoints_per_service: 10_000,
-            slot_capacity: 50,
+            capacity: Footprint {
+                slots: 50,
+                ..Footprint::MAPS
+            },
             ..Limits::default()
         },
         Some(metrics.clone()),
@@ -148,7 +151,68 @@ fn the_slot_table_is_never_overflowed() {
     .concat();
     let report = h.apply(&yaml);
     assert_eq!(report.rejected_objects, 1);
-    assert_eq!(rejected(&metrics, "Service", "slot_capacity"), Some(1.0));
+    assert_eq!(rejected(&metrics, "Service", "map_capacity"), Some(1.0));
     let state = h.dataplane.services.read().unwrap();
     assert_eq!(state.slots.len(), 5, "small applies, big waits");
+}
+
+/// A Service with `count` external IPs in 198.18.128.0/17 and no endpoints.
+fn service_with_external_ips(name: &str, ip: &str, count: u32) -> String {
+    let ips: Vec<String> = (0..count)
+        .map(|i| {
+            format!(
+                "\"{}\"",
+                Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 128, 0)) + i)
+            )
+        })
+        .collect();
+    format!(
+        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\n\
+         spec: {{clusterIP: \"{ip}\", externalIPs: [{}], ports: [{{name: http, port: 80}}]}}\n",
+        ips.join(", ")
+    )
+}
+
+#[test]
+fn a_service_that_would_overflow_a_map_is_refused_and_the_rest_applies() {
+    let mut h = Harness::new(&[]);
+    let metrics = Arc::new(Metrics::new());
+    h.reconciler = Reconciler::new(
+        Limits {
+            capacity: Footprint {
+                frontends: 100,
+                backends: 40,
+                ..Footprint::MAPS
+            },
+            ..Limits::default()
+        },
+        Some(metrics.clone()),
+    );
+    // 150 frontends: more than the frontend map holds. 60 backends: more than the backend map.
+    let flood = service_with_external_ips("flood", "198.18.100.50", 149);
+    let wide = service("wide", "198.18.100.51", "80") + &slice("wide-1", "wide", 60);
+    let fine = service("fine", "198.18.100.52", "80") + &slice("fine-1", "fine", 3);
+    let report = h.apply(&[flood.as_str(), &wide, &fine].concat());
+    assert_eq!(report.rejected_objects, 2, "{report:?}");
+    assert_eq!(rejected(&metrics, "Service", "map_capacity"), Some(2.0));
+    let state = h.dataplane.services.read().unwrap();
+    assert_eq!(
+        state.services.len(),
+        1,
+        "fine applies: {:?}",
+        state.services
+    );
+    assert_eq!(state.backends.len(), 3);
+
+    // A later change still applies, and deleting the refused Services frees their room: a
+    // Service of the same size as one of them now fits.
+    let smaller = service_with_external_ips("flood", "198.18.100.50", 49);
+    let report = h.apply(&[smaller.as_str(), &fine].concat());
+    assert_eq!(report.rejected_objects, 0, "{report:?}");
+    let state = h.dataplane.services.read().unwrap();
+    assert_eq!(
+        state.services.len(),
+        51,
+        "fine and the 50 frontends of flood"
+    );
 }
