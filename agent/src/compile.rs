@@ -781,6 +781,7 @@ mod tests {
                         serving: true,
                         terminating: false,
                         node_name: None,
+                        target: None,
                     })
                     .collect(),
             },
