@@ -786,6 +786,7 @@ mod tests {
                         serving: true,
                         terminating: false,
                         node_name: None,
+                        target: None,
                     })
                     .collect(),
             },

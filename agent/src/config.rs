@@ -47,7 +47,11 @@ pub enum LogFormat {
     Json,
 }
 
-pub const DEFAULT_METRICS_LISTEN: &str = "0.0.0.0:9464";
+/// Loopback, like kube-proxy's metrics: a scraper on the node (or a port-forward) reaches it, the
+/// network does not. The DaemonSet's probes ask for 127.0.0.1 (the pod is hostNetwork).
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
+/// kube-proxy's `healthzBindAddress`: cloud load balancers probe every node's port 10256.
+pub const DEFAULT_HEALTHZ_LISTEN: &str = "0.0.0.0:10256";
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/weir";
 
 /// The resolved configuration the agent runs with.
@@ -75,6 +79,9 @@ pub struct AgentConfig {
     pub poll_interval: Duration,
     /// `/metrics`, `/healthz` and `/readyz` are served here.
     pub metrics_listen: SocketAddr,
+    /// kube-proxy's healthz server: `/healthz` and `/livez` with kube-proxy's semantics, for
+    /// load balancers that probe it. A port that is taken (kube-proxy still running) is retried.
+    pub healthz_listen: SocketAddr,
     /// Detach the programs when stopped by SIGTERM/SIGINT. Off by default: the pinned links keep
     /// the data plane forwarding while the agent restarts or upgrades.
     pub detach_on_exit: bool,
@@ -86,6 +93,135 @@ pub struct AgentConfig {
     pub services: ServicesConfig,
     pub tunnel: TunnelConfig,
     pub host_services: HostServicesConfig,
+    pub http: HttpConfig,
+    pub health_check: HealthCheckConfig,
+}
+
+/// Limits every HTTP listener of the agent applies (the operations endpoint, healthz, and the
+/// healthCheckNodePorts, which share one budget), so idle or slow clients cannot hold its file
+/// descriptors. See `agent/src/fd_budget.rs` for how the caps fit the descriptor limit.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Connections one listener holds open at once. A new connection over the cap closes the
+    /// oldest one waiting for a request (or, when every one is mid-request, is closed itself).
+    pub max_connections: usize,
+    /// A client must send a complete request head within this, on a new connection and between
+    /// requests of a kept-alive one (slowloris, idle connections).
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// The longest a connection stays open, whatever it does (a client that never reads).
+    #[serde(with = "humantime_serde")]
+    pub connection_timeout: Duration,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            // Probes and scrapes open one connection at a time: 64 is plenty, and small next to
+            // any descriptor limit (three listeners use at most 192).
+            max_connections: 64,
+            // A kubelet probe's or a load balancer's request arrives within milliseconds.
+            header_timeout: Duration::from_secs(5),
+            connection_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// healthCheckNodePort listeners.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthCheckConfig {
+    /// Ports a Service's healthCheckNodePort may not take, because the node needs them: the
+    /// agent refuses them (logged, and counted in `weir_rejected_objects_total`). The agent's own
+    /// `metrics_listen` and `healthz_listen` ports are always refused too.
+    pub reserved_ports: Vec<PortRange>,
+}
+
+impl Default for HealthCheckConfig {
+    fn default() -> Self {
+        HealthCheckConfig {
+            reserved_ports: vec![
+                // sshd: losing it locks the operator out of the node.
+                PortRange::one(22),
+                // etcd's client and peer ports, on control-plane nodes.
+                PortRange::new(2379, 2380),
+                // The API server's secure port.
+                PortRange::one(6443),
+                // The kubelet (10248 healthz, 10250 API, 10255 read-only), kube-proxy (10249
+                // metrics, 10256 healthz), the scheduler (10259) and controller manager (10257).
+                PortRange::new(10248, 10259),
+            ],
+        }
+    }
+}
+
+/// An inclusive range of ports, written `22` or `"10248-10259"` in the file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "PortRangeText", into = "PortRangeText")]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
+}
+
+impl PortRange {
+    pub const fn one(port: u16) -> PortRange {
+        PortRange {
+            first: port,
+            last: port,
+        }
+    }
+
+    pub const fn new(first: u16, last: u16) -> PortRange {
+        PortRange { first, last }
+    }
+
+    pub fn contains(&self, port: u16) -> bool {
+        (self.first..=self.last).contains(&port)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0:?} is not a port or a range of ports like \"10248-10259\"")]
+pub struct PortRangeError(String);
+
+#[derive(Serialize, Deserialize)]
+#[serde(untagged)]
+enum PortRangeText {
+    One(u16),
+    Range(String),
+}
+
+impl TryFrom<PortRangeText> for PortRange {
+    type Error = PortRangeError;
+
+    fn try_from(text: PortRangeText) -> Result<Self, PortRangeError> {
+        let range = match text {
+            PortRangeText::One(port) => return Ok(PortRange::one(port)),
+            PortRangeText::Range(range) => range,
+        };
+        let bad = || PortRangeError(range.clone());
+        let (first, last) = match range.split_once('-') {
+            Some((first, last)) => (first.trim(), last.trim()),
+            None => (range.trim(), range.trim()),
+        };
+        let first: u16 = first.parse().map_err(|_| bad())?;
+        let last: u16 = last.parse().map_err(|_| bad())?;
+        if first > last {
+            return Err(bad());
+        }
+        Ok(PortRange { first, last })
+    }
+}
+
+impl From<PortRange> for PortRangeText {
+    fn from(range: PortRange) -> Self {
+        if range.first == range.last {
+            PortRangeText::One(range.first)
+        } else {
+            PortRangeText::Range(format!("{}-{}", range.first, range.last))
+        }
+    }
 }
 
 /// Connect-time load balancing for the node's own sockets (cgroup sock_addr hooks), so host
@@ -268,6 +404,7 @@ pub struct ConfigLayer {
     #[serde(default, with = "humantime_serde")]
     pub poll_interval: Option<Duration>,
     pub metrics_listen: Option<SocketAddr>,
+    pub healthz_listen: Option<SocketAddr>,
     pub detach_on_exit: Option<bool>,
     pub max_endpoints_per_service: Option<u32>,
     pub log_format: Option<LogFormat>,
@@ -275,6 +412,8 @@ pub struct ConfigLayer {
     pub services: Option<ServicesConfig>,
     pub tunnel: Option<TunnelConfig>,
     pub host_services: Option<HostServicesConfig>,
+    pub http: Option<HttpConfig>,
+    pub health_check: Option<HealthCheckConfig>,
 }
 
 /// The flag and environment layer, as `weir-agent run` takes it.
@@ -311,9 +450,13 @@ pub struct ConfigArgs {
     /// How often files and interfaces are checked, e.g. 500ms [default: 500ms].
     #[arg(long, env = "WEIR_POLL_INTERVAL", value_parser = humantime::parse_duration)]
     pub poll_interval: Option<Duration>,
-    /// Listen address of /metrics, /healthz and /readyz [default: 0.0.0.0:9464].
+    /// Listen address of /metrics, /healthz and /readyz [default: 127.0.0.1:9464].
     #[arg(long, env = "WEIR_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Listen address of kube-proxy's /healthz and /livez, for load balancers
+    /// [default: 0.0.0.0:10256].
+    #[arg(long, env = "WEIR_HEALTHZ_LISTEN")]
+    pub healthz_listen: Option<SocketAddr>,
     /// Detach the programs on SIGTERM/SIGINT instead of leaving them forwarding.
     #[arg(long, env = "WEIR_DETACH_ON_EXIT", num_args = 0..=1, default_missing_value = "true")]
     pub detach_on_exit: Option<bool>,
@@ -334,6 +477,7 @@ impl ConfigArgs {
             pod_interface_prefix: self.pod_interface_prefix.clone(),
             poll_interval: self.poll_interval,
             metrics_listen: self.metrics_listen,
+            healthz_listen: self.healthz_listen,
             detach_on_exit: self.detach_on_exit,
             max_endpoints_per_service: self.max_endpoints_per_service,
             log_format,
@@ -341,6 +485,8 @@ impl ConfigArgs {
             services: None,
             tunnel: None,
             host_services: None,
+            http: None,
+            health_check: None,
         }
     }
 }
@@ -370,6 +516,7 @@ impl ConfigLayer {
             pod_interface_prefix: self.pod_interface_prefix.or(lower.pod_interface_prefix),
             poll_interval: self.poll_interval.or(lower.poll_interval),
             metrics_listen: self.metrics_listen.or(lower.metrics_listen),
+            healthz_listen: self.healthz_listen.or(lower.healthz_listen),
             detach_on_exit: self.detach_on_exit.or(lower.detach_on_exit),
             max_endpoints_per_service: self
                 .max_endpoints_per_service
@@ -379,6 +526,8 @@ impl ConfigLayer {
             services: self.services.or(lower.services),
             tunnel: self.tunnel.or(lower.tunnel),
             host_services: self.host_services.or(lower.host_services),
+            http: self.http.or(lower.http),
+            health_check: self.health_check.or(lower.health_check),
         }
     }
 
@@ -398,6 +547,9 @@ impl ConfigLayer {
             metrics_listen: self
                 .metrics_listen
                 .unwrap_or_else(|| DEFAULT_METRICS_LISTEN.parse().expect("valid default")),
+            healthz_listen: self
+                .healthz_listen
+                .unwrap_or_else(|| DEFAULT_HEALTHZ_LISTEN.parse().expect("valid default")),
             detach_on_exit: self.detach_on_exit.unwrap_or(false),
             max_endpoints_per_service: self
                 .max_endpoints_per_service
@@ -407,6 +559,8 @@ impl ConfigLayer {
             services: self.services.unwrap_or_default(),
             tunnel: self.tunnel.unwrap_or_default(),
             host_services: self.host_services.unwrap_or_default(),
+            http: self.http.unwrap_or_default(),
+            health_check: self.health_check.unwrap_or_default(),
         };
         config.validate()?;
         Ok(config)
@@ -499,7 +653,35 @@ impl AgentConfig {
                 "max_endpoints_per_service must be positive".into(),
             ));
         }
+        if self.http.max_connections == 0
+            || self.http.header_timeout.is_zero()
+            || self.http.connection_timeout.is_zero()
+        {
+            return Err(ConfigError::Invalid(
+                "http.max_connections and the http timeouts must be positive".into(),
+            ));
+        }
+        if overlaps(self.metrics_listen, self.healthz_listen) {
+            return Err(ConfigError::Invalid(format!(
+                "metrics_listen {} and healthz_listen {} cannot both be bound",
+                self.metrics_listen, self.healthz_listen
+            )));
+        }
         Ok(())
+    }
+
+    /// Ports no healthCheckNodePort may take: the configured ones and the agent's own.
+    pub fn reserved_health_check_ports(&self) -> Vec<PortRange> {
+        let own = [self.metrics_listen.port(), self.healthz_listen.port()];
+        let mut reserved = self.health_check.reserved_ports.clone();
+        reserved.extend(own.into_iter().filter(|p| *p != 0).map(PortRange::one));
+        reserved
+    }
+
+    pub fn is_reserved_health_check_port(&self, port: u16) -> bool {
+        self.reserved_health_check_ports()
+            .iter()
+            .any(|r| r.contains(port))
     }
 
     /// Where this agent's maps live: `pin_dir/v<layout>`.
@@ -512,6 +694,14 @@ impl AgentConfig {
     pub fn link_pin_dir(&self) -> PathBuf {
         link_pin_dir(&self.pin_dir)
     }
+}
+
+/// Two listen addresses that would take the same socket (same port, and the same address or
+/// either unspecified).
+fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() != 0
+        && a.port() == b.port()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
 
 pub fn versioned_pin_dir(pin_dir: &Path) -> PathBuf {
@@ -568,6 +758,64 @@ cgroup = "/sys/fs/cgroup/unified"
         assert!(!config.detach_on_exit);
         assert_eq!(config.poll_interval, DEFAULT_POLL);
         assert!(!config.host_services.enabled, "host services are opt-in");
+        assert!(
+            config.metrics_listen.ip().is_loopback(),
+            "metrics stay on the node by default"
+        );
+        assert_eq!(config.healthz_listen.to_string(), DEFAULT_HEALTHZ_LISTEN);
+        assert_eq!(config.http, HttpConfig::default());
+        for port in [22, 2379, 2380, 6443, 10248, 10250, 10256, 10259, 9464] {
+            assert!(config.is_reserved_health_check_port(port), "{port}");
+        }
+        for port in [30000, 32767, 10247, 10260] {
+            assert!(!config.is_reserved_health_check_port(port), "{port}");
+        }
+    }
+
+    #[test]
+    fn reserved_ports_are_ports_or_ranges_and_listeners_must_not_collide() {
+        let layer: ConfigLayer = toml::from_str(
+            "node_name = \"n\"\nsource = \"kubernetes\"\n\
+             [health_check]\nreserved_ports = [22, \"30000-30002\"]\n\
+             [http]\nmax_connections = 8\nheader_timeout = \"1s\"\n",
+        )
+        .unwrap();
+        let config = layer.finish().unwrap();
+        assert!(config.is_reserved_health_check_port(30001));
+        assert!(
+            !config.is_reserved_health_check_port(10250),
+            "a list replaces the defaults"
+        );
+        assert_eq!(config.http.max_connections, 8);
+        assert_eq!(
+            config.http.connection_timeout,
+            HttpConfig::default().connection_timeout
+        );
+        for bad in ["[\"9-1\"]", "[\"x\"]", "[70000]"] {
+            let text = format!("[health_check]\nreserved_ports = {bad}\n");
+            assert!(toml::from_str::<ConfigLayer>(&text).is_err(), "{bad}");
+        }
+        let text = toml::to_string(&config.health_check).unwrap();
+        assert_eq!(text, "reserved_ports = [22, \"30000-30002\"]\n");
+
+        let clash = ConfigLayer {
+            node_name: Some("n".into()),
+            source: Some(SourceKind::Kubernetes),
+            metrics_listen: Some("127.0.0.1:10256".parse().unwrap()),
+            ..Default::default()
+        };
+        assert!(
+            clash.finish().is_err(),
+            "0.0.0.0:10256 covers 127.0.0.1:10256"
+        );
+        let zero = ConfigLayer {
+            node_name: Some("n".into()),
+            source: Some(SourceKind::Kubernetes),
+            metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
+            healthz_listen: Some("127.0.0.1:0".parse().unwrap()),
+            ..Default::default()
+        };
+        assert!(zero.finish().is_ok(), "two ephemeral ports never collide");
     }
 
     #[test]

@@ -7,30 +7,32 @@
 //! diffed against the open listeners, so ports open and close as Services come, go or change
 //! their port, and a count change only changes answers. A port that cannot be bound (another
 //! process holds it) is logged, counted in `weir_health_check_bind_errors` and retried every
-//! few seconds; it never stops the agent or the other listeners.
+//! few seconds; it never stops the agent or the other listeners. A port the node needs (the
+//! kubelet's, sshd's, the agent's own: `[health_check] reserved_ports`) is refused: logged once
+//! and counted in `weir_rejected_objects_total{kind="Service",reason="reserved_health_check_node_port"}`.
 //!
 //! Like the operations endpoint, the server runs on a thread with its own runtime, so a long
-//! reconcile pass never leaves a load balancer's probe unanswered.
+//! reconcile pass never leaves a load balancer's probe unanswered. Every port's connections
+//! share one set of slots ([`crate::http`]): how many Services ask for a port does not change
+//! how many descriptors the agent may spend on their clients.
 
-use std::collections::BTreeMap;
-use std::convert::Infallible;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use http_body_util::Full;
-use hyper::body::{Bytes, Incoming};
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper::body::Bytes;
+use hyper::{Response, StatusCode};
 use serde::Serialize;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
-use crate::intent::{ClusterIntent, ObjectRef, TrafficPolicy};
-use crate::metrics::{Health, Metrics};
+use crate::config::{HttpConfig, PortRange};
+use crate::http::{Handler, Slots};
+use crate::intent::{ClusterIntent, Endpoint, EndpointTarget, ObjectRef, TrafficPolicy};
+use crate::metrics::{rejection_labels, Health, Metrics};
 
 /// How soon a port that could not be bound is tried again.
 const RETRY_BIND: Duration = Duration::from_secs(5);
@@ -40,7 +42,7 @@ const RETRY_BIND: Duration = Duration::from_secs(5);
 pub struct ServiceHealth {
     pub service: ObjectRef,
     /// Ready endpoints on this node (terminating ones do not count: a node with only those
-    /// should lose its traffic).
+    /// should lose its traffic), each counted once whatever its addresses and families.
     pub local_endpoints: usize,
 }
 
@@ -59,17 +61,12 @@ pub fn desired(intent: &ClusterIntent, node_name: &str) -> HealthChecks {
         if service.external_traffic_policy != TrafficPolicy::Local || out.contains_key(&port) {
             continue;
         }
-        // Distinct addresses, so an endpoint listed in two slices counts once.
-        let mut local = std::collections::BTreeSet::new();
-        for slice in intent.slices_of(id) {
-            for endpoint in &slice.endpoints {
-                if endpoint.ready && endpoint.node_name.as_deref() == Some(node_name) {
-                    if let Some(address) = endpoint.addresses.first() {
-                        local.insert(*address);
-                    }
-                }
-            }
-        }
+        let local: BTreeSet<EndpointIdentity> = intent
+            .slices_of(id)
+            .flat_map(|slice| &slice.endpoints)
+            .filter(|e| e.ready && e.node_name.as_deref() == Some(node_name))
+            .filter_map(EndpointIdentity::of)
+            .collect();
         out.insert(
             port,
             ServiceHealth {
@@ -81,12 +78,58 @@ pub fn desired(intent: &ClusterIntent, node_name: &str) -> HealthChecks {
     out
 }
 
+/// What makes two endpoints one: the pod behind them (a dual-stack pod is in the IPv4 and the
+/// IPv6 slice, with the same `targetRef`), else, for endpoints without a `targetRef`, the
+/// address, as kube-proxy counts distinct addresses (a pod behind two ports is one endpoint).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum EndpointIdentity {
+    Target(EndpointTarget),
+    Address(IpAddr),
+}
+
+impl EndpointIdentity {
+    fn of(endpoint: &Endpoint) -> Option<EndpointIdentity> {
+        match &endpoint.target {
+            Some(target) => Some(EndpointIdentity::Target(target.clone())),
+            None => endpoint
+                .addresses
+                .first()
+                .copied()
+                .map(EndpointIdentity::Address),
+        }
+    }
+}
+
 /// A health-check port's state, for logs and tests.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PortState {
     Listening(Vec<SocketAddr>),
     /// The last bind failed with this error; retried every few seconds.
     Failed(String),
+    /// A port the node needs (`[health_check] reserved_ports`, the agent's own): never opened.
+    Refused,
+}
+
+/// Where and how the health-check listeners serve.
+#[derive(Clone, Debug)]
+pub struct HealthCheckOptions {
+    /// Addresses every port listens on (`::` is dual-stack, and falls back to `0.0.0.0` where
+    /// the node has no IPv6).
+    pub bind: Vec<IpAddr>,
+    /// Ports no Service may take.
+    pub reserved: Vec<PortRange>,
+    /// Shared by every port: `max_connections` is the budget of all of them together.
+    pub limits: HttpConfig,
+}
+
+impl Default for HealthCheckOptions {
+    fn default() -> Self {
+        HealthCheckOptions {
+            bind: default_bind_addresses(),
+            reserved: crate::config::HealthCheckConfig::default().reserved_ports,
+            limits: HttpConfig::default(),
+        }
+    }
 }
 
 /// The running server; dropping it closes every listener and joins its thread.
@@ -104,10 +147,9 @@ pub fn default_bind_addresses() -> Vec<IpAddr> {
 
 impl HealthCheckServer {
     /// Starts the server thread with no listeners; [`HealthCheckServer::update`] opens them.
-    /// `bind` lists the addresses every port listens on (`::` is dual-stack, and falls back to
-    /// `0.0.0.0` where the node has no IPv6). `health` feeds `serviceProxyHealthy`.
+    /// `health` feeds `serviceProxyHealthy`.
     pub fn start(
-        bind: Vec<IpAddr>,
+        options: HealthCheckOptions,
         metrics: Option<Arc<Metrics>>,
         health: Option<Arc<Health>>,
     ) -> std::io::Result<HealthCheckServer> {
@@ -117,7 +159,9 @@ impl HealthCheckServer {
         let thread =
             crate::http::serve_on_thread("weir-health-check", "health-check server", move || {
                 let server = Server {
-                    bind,
+                    slots: Slots::new("health_check", options.limits, metrics.clone()),
+                    bind: options.bind,
+                    reserved: options.reserved,
                     checks: checks_rx,
                     status: status_tx,
                     metrics,
@@ -165,6 +209,8 @@ impl Drop for HealthCheckServer {
 
 struct Server {
     bind: Vec<IpAddr>,
+    reserved: Vec<PortRange>,
+    slots: Arc<Slots>,
     checks: watch::Receiver<HealthChecks>,
     status: watch::Sender<BTreeMap<u16, PortState>>,
     metrics: Option<Arc<Metrics>>,
@@ -185,7 +231,8 @@ impl Server {
                     self.sync();
                 }
                 _ = retry.tick() => {
-                    if self.listeners.len() < self.checks.borrow().len() {
+                    let failed = self.status.borrow().values().any(|s| matches!(s, PortState::Failed(_)));
+                    if failed {
                         self.sync();
                     }
                 }
@@ -212,43 +259,10 @@ impl Server {
                 info!(port, "health-check listener closed");
             }
         }
-        let mut status = BTreeMap::new();
-        for (port, report) in &wanted {
-            if self.listeners.contains_key(port) {
-                let previous = self.status.borrow().get(port).cloned();
-                status.insert(*port, previous.unwrap_or(PortState::Listening(Vec::new())));
-                continue;
-            }
-            match bind_all(*port, &self.bind) {
-                Ok(listeners) => {
-                    let addrs: Vec<SocketAddr> = listeners
-                        .iter()
-                        .filter_map(|l| l.local_addr().ok())
-                        .collect();
-                    info!(port, service = %report.service, ?addrs, "health-check listener open");
-                    let tasks = listeners
-                        .into_iter()
-                        .map(|listener| {
-                            tokio::spawn(accept_loop(
-                                listener,
-                                *port,
-                                self.checks.clone(),
-                                self.health.clone(),
-                            ))
-                        })
-                        .collect();
-                    self.listeners.insert(*port, tasks);
-                    status.insert(*port, PortState::Listening(addrs));
-                }
-                Err(e) => {
-                    warn!(port, service = %report.service, error = %e, "cannot open health-check port; retrying");
-                    if let Some(metrics) = &self.metrics {
-                        metrics.health_check_bind_errors.inc();
-                    }
-                    status.insert(*port, PortState::Failed(e.to_string()));
-                }
-            }
-        }
+        let status = wanted
+            .iter()
+            .map(|(port, report)| (*port, self.open(*port, report)))
+            .collect();
         if let Some(metrics) = &self.metrics {
             metrics
                 .health_check_listeners
@@ -256,64 +270,106 @@ impl Server {
         }
         self.status.send_replace(status);
     }
-}
 
-/// Binds `port` on every address, all or none. `::` that the node cannot bind (no IPv6) falls
-/// back to `0.0.0.0`.
-fn bind_all(port: u16, addrs: &[IpAddr]) -> std::io::Result<Vec<tokio::net::TcpListener>> {
-    let mut out = Vec::new();
-    for addr in addrs {
-        let listener = match std::net::TcpListener::bind(SocketAddr::new(*addr, port)) {
-            Ok(l) => l,
-            Err(e)
-                if *addr == IpAddr::V6(Ipv6Addr::UNSPECIFIED)
-                    && matches!(
-                        e.raw_os_error(),
-                        Some(libc::EAFNOSUPPORT) | Some(libc::EADDRNOTAVAIL)
-                    ) =>
-            {
-                std::net::TcpListener::bind(SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port))?
+    /// Brings one wanted port to its state: refused, already open, newly open, or failed.
+    fn open(&mut self, port: u16, report: &ServiceHealth) -> PortState {
+        if self.reserved.iter().any(|r| r.contains(port)) {
+            self.refuse(port, report);
+            return PortState::Refused;
+        }
+        if self.listeners.contains_key(&port) {
+            let previous = self.status.borrow().get(&port).cloned();
+            return previous.unwrap_or(PortState::Listening(Vec::new()));
+        }
+        match bind_all(port, &self.bind) {
+            Ok(listeners) => {
+                let addrs: Vec<SocketAddr> = listeners
+                    .iter()
+                    .filter_map(|l| l.local_addr().ok())
+                    .collect();
+                info!(port, service = %report.service, ?addrs, "health-check listener open");
+                let handler = port_handler(port, self.checks.clone(), self.health.clone());
+                let tasks = listeners
+                    .into_iter()
+                    .map(|listener| {
+                        tokio::spawn(crate::http::serve(
+                            listener,
+                            self.slots.clone(),
+                            handler.clone(),
+                        ))
+                    })
+                    .collect();
+                self.listeners.insert(port, tasks);
+                PortState::Listening(addrs)
             }
-            Err(e) => return Err(e),
-        };
-        listener.set_nonblocking(true)?;
-        out.push(tokio::net::TcpListener::from_std(listener)?);
+            Err(e) => {
+                warn!(port, service = %report.service, error = %e, "cannot open health-check port; retrying");
+                if let Some(metrics) = &self.metrics {
+                    metrics.health_check_bind_errors.inc();
+                }
+                PortState::Failed(e.to_string())
+            }
+        }
     }
-    Ok(out)
+
+    /// Logs and counts a reserved port once, when it is first asked for.
+    fn refuse(&self, port: u16, report: &ServiceHealth) {
+        if self.status.borrow().get(&port) == Some(&PortState::Refused) {
+            return;
+        }
+        warn!(port, service = %report.service, "healthCheckNodePort is a port the node needs (health_check.reserved_ports): refused");
+        if let Some(metrics) = &self.metrics {
+            metrics
+                .rejected_total
+                .get_or_create(&rejection_labels(
+                    "Service",
+                    "reserved_health_check_node_port",
+                ))
+                .inc();
+        }
+    }
 }
 
-async fn accept_loop(
-    listener: tokio::net::TcpListener,
+/// Binds `port` on every address, all or none.
+fn bind_all(port: u16, addrs: &[IpAddr]) -> std::io::Result<Vec<tokio::net::TcpListener>> {
+    addrs
+        .iter()
+        .map(|addr| bind_listener(SocketAddr::new(*addr, port)))
+        .collect()
+}
+
+/// A non-blocking listener on `addr`; `::` that the node cannot bind (no IPv6) falls back to
+/// `0.0.0.0`.
+pub(crate) fn bind_listener(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let listener = match std::net::TcpListener::bind(addr) {
+        Ok(l) => l,
+        Err(e)
+            if addr.ip() == IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+                && matches!(
+                    e.raw_os_error(),
+                    Some(libc::EAFNOSUPPORT) | Some(libc::EADDRNOTAVAIL)
+                ) =>
+        {
+            std::net::TcpListener::bind(SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), addr.port()))?
+        }
+        Err(e) => return Err(e),
+    };
+    listener.set_nonblocking(true)?;
+    tokio::net::TcpListener::from_std(listener)
+}
+
+/// Answers every request on `port` from the latest report, as kube-proxy does whatever the
+/// path and method.
+fn port_handler(
     port: u16,
     checks: watch::Receiver<HealthChecks>,
     health: Option<Arc<Health>>,
-) {
-    loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(a) => a,
-            Err(e) => {
-                // Out of descriptors and the like: keep serving once it passes.
-                debug!(port, error = %e, "health-check accept");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let checks = checks.clone();
-        let health = health.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |_req: Request<Incoming>| {
-                let report = checks.borrow().get(&port).cloned();
-                let proxy_healthy = health.as_ref().is_none_or(|h| h.liveness().ok);
-                async move { Ok::<_, Infallible>(answer(report.as_ref(), proxy_healthy)) }
-            });
-            if let Err(e) = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                debug!(%peer, error = %e, "health-check connection");
-            }
-        });
-    }
+) -> Handler {
+    Arc::new(move |_req| {
+        let report = checks.borrow().get(&port).cloned();
+        let proxy_healthy = health.as_ref().is_none_or(|h| h.proxier().healthy);
+        answer(report.as_ref(), proxy_healthy)
+    })
 }
 
 #[derive(Serialize)]
@@ -325,7 +381,7 @@ struct Body<'a> {
 }
 
 /// kube-proxy's answer, for any path and method: 200 when the node has a local ready endpoint
-/// and the proxy is healthy, else 503.
+/// and the proxy is healthy ([`Health::proxier`], the node's eligibility aside), else 503.
 fn answer(report: Option<&ServiceHealth>, proxy_healthy: bool) -> Response<Full<Bytes>> {
     let unknown = ObjectRef::default();
     let (service, count) = match report {
@@ -339,22 +395,12 @@ fn answer(report: Option<&ServiceHealth>, proxy_healthy: bool) -> Response<Full<
         service_proxy_healthy: proxy_healthy,
     })
     .unwrap_or_default();
-    let mut response = Response::new(Full::new(Bytes::from(body)));
-    *response.status_mut() = if count > 0 && proxy_healthy {
+    let status = if count > 0 && proxy_healthy {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    let headers = response.headers_mut();
-    headers.insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("application/json"),
-    );
-    headers.insert(
-        hyper::header::X_CONTENT_TYPE_OPTIONS,
-        hyper::header::HeaderValue::from_static("nosniff"),
-    );
-    response
+    crate::http::json_reply(status, body)
 }
 
 #[cfg(test)]
@@ -369,7 +415,74 @@ mod tests {
             serving: true,
             terminating: !ready,
             node_name: Some(node.into()),
+            target: None,
         }
+    }
+
+    fn pod(name: &str) -> Option<EndpointTarget> {
+        Some(EndpointTarget {
+            kind: "Pod".into(),
+            namespace: "ns".into(),
+            name: name.into(),
+        })
+    }
+
+    #[test]
+    fn a_dual_stack_pod_is_one_local_endpoint() {
+        let mut intent = ClusterIntent::default();
+        let id = ObjectRef {
+            namespace: "ns".into(),
+            name: "dual".into(),
+        };
+        intent.services.insert(
+            id.clone(),
+            ServiceIntent {
+                id: id.clone(),
+                external_traffic_policy: TrafficPolicy::Local,
+                health_check_node_port: Some(31000),
+                ..Default::default()
+            },
+        );
+        let targeted = |ip: &str, name: &str| Endpoint {
+            target: pod(name),
+            ..endpoint(ip, "node1", true)
+        };
+        // One endpoint with an address of each family and no targetRef (hand-written).
+        let both_families = Endpoint {
+            addresses: vec!["198.18.1.30".parse().unwrap(), "fd00::1e".parse().unwrap()],
+            ..endpoint("198.18.1.30", "node1", true)
+        };
+        for (slice, endpoints) in [
+            (
+                "dual-ipv4",
+                vec![
+                    targeted("198.18.1.10", "a"),
+                    targeted("198.18.1.20", "b"),
+                    both_families,
+                ],
+            ),
+            // The same pod a in the IPv6 slice, and pod c only there.
+            (
+                "dual-ipv6",
+                vec![targeted("fd00::a", "a"), targeted("fd00::c", "c")],
+            ),
+        ] {
+            let slice = ObjectRef {
+                namespace: "ns".into(),
+                name: slice.into(),
+            };
+            intent.slices.insert(
+                slice.clone(),
+                EndpointSliceIntent {
+                    id: slice,
+                    service: id.clone(),
+                    ports: vec![],
+                    endpoints,
+                },
+            );
+        }
+        // a, b, c and the untargeted one.
+        assert_eq!(desired(&intent, "node1")[&31000].local_endpoints, 4);
     }
 
     #[test]

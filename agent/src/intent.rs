@@ -210,6 +210,17 @@ pub struct Endpoint {
     pub serving: bool,
     pub terminating: bool,
     pub node_name: Option<String>,
+    /// The object behind the endpoint (`targetRef`, a Pod as the EndpointSlice controller writes
+    /// it): a dual-stack pod listed in the IPv4 and the IPv6 slice is one endpoint.
+    pub target: Option<EndpointTarget>,
+}
+
+/// An endpoint's `targetRef`, namespaced (the slice's namespace when the reference has none).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct EndpointTarget {
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -494,6 +505,21 @@ impl TryFrom<&Node> for NodeIntent {
     }
 }
 
+fn endpoint_target(
+    target: Option<&k8s_openapi::api::core::v1::ObjectReference>,
+    slice_namespace: &str,
+) -> Option<EndpointTarget> {
+    let target = target?;
+    Some(EndpointTarget {
+        kind: target.kind.clone().unwrap_or_default(),
+        namespace: target
+            .namespace
+            .clone()
+            .unwrap_or_else(|| slice_namespace.to_owned()),
+        name: target.name.clone()?,
+    })
+}
+
 impl TryFrom<&EndpointSlice> for EndpointSliceIntent {
     type Error = IntentError;
 
@@ -554,6 +580,7 @@ impl TryFrom<&EndpointSlice> for EndpointSliceIntent {
                 serving: conditions.and_then(|c| c.serving).unwrap_or(ready),
                 terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
                 node_name: endpoint.node_name.clone(),
+                target: endpoint_target(endpoint.target_ref.as_ref(), &id.namespace),
             });
         }
         Ok(EndpointSliceIntent {

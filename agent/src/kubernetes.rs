@@ -80,7 +80,14 @@ pub struct NodeIdentity {
     pub addresses: Vec<(String, String)>,
     /// `spec.podCIDRs` (or the older `spec.podCIDR`).
     pub pod_cidrs: Vec<String>,
+    /// The Node has a deletionTimestamp, or the cluster autoscaler's
+    /// `ToBeDeletedByClusterAutoscaler` taint: load balancers should drain it (kube-proxy's
+    /// `/healthz` answers 503, and so does the agent's).
+    pub to_be_deleted: bool,
 }
+
+/// The taint the cluster autoscaler puts on a node it is about to delete.
+pub const TO_BE_DELETED_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
 
 impl NodeIdentity {
     pub fn of(node: &Node) -> NodeIdentity {
@@ -102,6 +109,10 @@ impl NodeIdentity {
                 })
                 .unwrap_or_default(),
             pod_cidrs,
+            to_be_deleted: node.metadata.deletion_timestamp.is_some()
+                || spec
+                    .and_then(|s| s.taints.as_ref())
+                    .is_some_and(|t| t.iter().any(|t| t.key == TO_BE_DELETED_TAINT)),
         }
     }
 }
@@ -320,5 +331,24 @@ where
         store,
         listed,
         task,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(yaml: &str) -> Node {
+        serde_yaml::from_str(yaml).unwrap()
+    }
+
+    #[test]
+    fn a_node_being_deleted_or_tainted_by_the_autoscaler_is_to_be_deleted() {
+        let plain = "metadata: {name: n1}\nspec: {taints: [{key: other, effect: NoSchedule}]}";
+        assert!(!NodeIdentity::of(&node(plain)).to_be_deleted);
+        let tainted = "metadata: {name: n1}\nspec:\n  taints:\n  - {key: ToBeDeletedByClusterAutoscaler, value: \"1700000000\", effect: NoSchedule}";
+        assert!(NodeIdentity::of(&node(tainted)).to_be_deleted);
+        let deleted = "metadata: {name: n1, deletionTimestamp: \"2024-01-01T00:00:00Z\"}";
+        assert!(NodeIdentity::of(&node(deleted)).to_be_deleted);
     }
 }

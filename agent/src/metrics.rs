@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
@@ -27,6 +27,12 @@ pub type RejectionLabels = [(&'static str, String); 2];
 pub fn rejection_labels(kind: &str, reason: &str) -> RejectionLabels {
     [("kind", kind.to_owned()), ("reason", reason.to_owned())]
 }
+
+/// Which of the agent's HTTP listeners: "metrics", "healthz" or "health_check".
+pub type ListenerLabel = [(&'static str, &'static str); 1];
+/// A listener and why it closed a connection early: "evicted" (the oldest idle connection, to
+/// make room), "over_limit" (a new one, every slot being mid-request) or "timeout".
+pub type ClosedConnectionLabels = [(&'static str, &'static str); 2];
 
 /// The agent's metrics. Cheap to share: every field is an atomic or a locked map.
 pub struct Metrics {
@@ -56,6 +62,10 @@ pub struct Metrics {
     pub health_check_listeners: Gauge,
     /// healthCheckNodePort ports that could not be bound (each failed attempt).
     pub health_check_bind_errors: Counter,
+    /// Connections open now, by listener.
+    pub http_connections: Family<ListenerLabel, Gauge>,
+    /// Connections the agent closed before the client did, by listener and reason.
+    pub http_connections_closed: Family<ClosedConnectionLabels, Counter>,
 }
 
 impl Metrics {
@@ -78,6 +88,8 @@ impl Metrics {
             attached_interfaces: Gauge::default(),
             health_check_listeners: Gauge::default(),
             health_check_bind_errors: Counter::default(),
+            http_connections: Family::default(),
+            http_connections_closed: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -151,6 +163,18 @@ impl Metrics {
             "weir_health_check_bind_errors",
             "Attempts to open a healthCheckNodePort listener that failed (retried)",
             metrics.health_check_bind_errors.clone(),
+        );
+        registry.register(
+            "weir_http_connections",
+            "Connections open on the agent's HTTP listeners (metrics, healthz, health_check)",
+            metrics.http_connections.clone(),
+        );
+        registry.register(
+            "weir_http_connections_closed",
+            "Connections the agent closed early: evicted (the oldest idle one, to make room \
+             under http.max_connections), over_limit (a new one, every slot mid-request), \
+             timeout (http.header_timeout or http.connection_timeout)",
+            metrics.http_connections_closed.clone(),
         );
         Metrics {
             registry,
@@ -254,7 +278,8 @@ impl Collector for DatapathCollector {
     }
 }
 
-/// What `/healthz` and `/readyz` report, updated by the main loop.
+/// What `/healthz` and `/readyz` report, updated by the main loop; also the state behind
+/// kube-proxy's healthz ([`Health::proxier`]).
 #[derive(Debug)]
 pub struct Health {
     started: Instant,
@@ -265,7 +290,35 @@ pub struct Health {
     synced: AtomicBool,
     /// Configured host interfaces without the program, for `/readyz` to name.
     unattached_host_interfaces: Mutex<Vec<String>>,
+    /// An update left unapplied for longer than this makes the proxier unhealthy.
+    sync_timeout: Duration,
+    sync: Mutex<SyncProgress>,
+    /// This node is neither being deleted nor tainted for deletion by the cluster autoscaler.
+    node_eligible: AtomicBool,
 }
+
+/// kube-proxy's sync bookkeeping (`pkg/proxy/healthcheck/proxier_health.go`).
+#[derive(Debug, Default)]
+struct SyncProgress {
+    /// The last pass that wrote the desired state.
+    last_updated: Option<SystemTime>,
+    /// The oldest change seen and not yet written; None when everything seen is written.
+    oldest_pending: Option<Instant>,
+}
+
+/// What kube-proxy's `/healthz` and `/livez` report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxierStatus {
+    /// No change has waited longer than the sync timeout, and the main loop turns.
+    pub healthy: bool,
+    /// The last successful pass; as kube-proxy does, `current_time` when healthy.
+    pub last_updated: Option<SystemTime>,
+    pub current_time: SystemTime,
+    pub node_eligible: bool,
+}
+
+/// kube-proxy's health timeout: twice its default 30 s `syncPeriod`.
+pub const DEFAULT_SYNC_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The answer to a health probe: good or not, and a line saying why.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -282,6 +335,62 @@ impl Health {
             stall_after,
             synced: AtomicBool::new(false),
             unattached_host_interfaces: Mutex::new(Vec::new()),
+            sync_timeout: DEFAULT_SYNC_TIMEOUT,
+            sync: Mutex::new(SyncProgress::default()),
+            // As kube-proxy: eligible until a Node object says otherwise.
+            node_eligible: AtomicBool::new(true),
+        }
+    }
+
+    /// How long a change may wait unapplied before the proxier counts as unhealthy.
+    pub fn with_sync_timeout(mut self, timeout: Duration) -> Health {
+        self.sync_timeout = timeout;
+        self
+    }
+
+    /// The loop has seen a change it has not written yet (kube-proxy's `QueuedUpdate`): only the
+    /// oldest pending change's time is kept.
+    pub fn queued_update(&self) {
+        if let Ok(mut sync) = self.sync.lock() {
+            sync.oldest_pending.get_or_insert_with(Instant::now);
+        }
+    }
+
+    /// A pass wrote everything seen so far (kube-proxy's `Updated`).
+    pub fn updated(&self) {
+        if let Ok(mut sync) = self.sync.lock() {
+            sync.oldest_pending = None;
+            sync.last_updated = Some(SystemTime::now());
+        }
+    }
+
+    /// From this node's Node object: false while it is being deleted or is tainted
+    /// `ToBeDeletedByClusterAutoscaler`, so load balancers drain it first.
+    pub fn set_node_eligible(&self, eligible: bool) {
+        self.node_eligible.store(eligible, Ordering::Relaxed);
+    }
+
+    /// kube-proxy's proxier health: healthy while starting, when fully synced, or when the
+    /// oldest unwritten change is younger than the sync timeout. A main loop that stopped
+    /// turning (it cannot even see changes then) is unhealthy too.
+    pub fn proxier(&self) -> ProxierStatus {
+        let current_time = SystemTime::now();
+        let (oldest_pending, last_updated) = self
+            .sync
+            .lock()
+            .map(|s| (s.oldest_pending, s.last_updated))
+            .unwrap_or((None, None));
+        let in_time = oldest_pending.is_none_or(|since| since.elapsed() < self.sync_timeout);
+        let healthy = in_time && self.liveness().ok;
+        ProxierStatus {
+            healthy,
+            last_updated: if healthy {
+                Some(current_time)
+            } else {
+                last_updated
+            },
+            current_time,
+            node_eligible: self.node_eligible.load(Ordering::Relaxed),
         }
     }
 
@@ -389,6 +498,30 @@ mod tests {
         assert!(!health.readiness().ok, "not ready when not alive");
         health.beat();
         assert!(health.liveness().ok);
+    }
+
+    #[test]
+    fn the_proxier_is_unhealthy_when_a_change_waits_longer_than_the_sync_timeout() {
+        let health =
+            Health::new(Duration::from_secs(60)).with_sync_timeout(Duration::from_millis(40));
+        health.beat();
+        let start = health.proxier();
+        assert!(start.healthy, "healthy while starting");
+        assert_eq!(start.last_updated, Some(start.current_time));
+        health.queued_update();
+        assert!(health.proxier().healthy, "a fresh change is not late");
+        std::thread::sleep(Duration::from_millis(30));
+        health.queued_update();
+        std::thread::sleep(Duration::from_millis(30));
+        health.beat();
+        let late = health.proxier();
+        assert!(!late.healthy, "the oldest change counts: {late:?}");
+        assert_eq!(late.last_updated, None, "never updated");
+        health.updated();
+        let synced = health.proxier();
+        assert!(synced.healthy && synced.node_eligible);
+        health.set_node_eligible(false);
+        assert!(health.proxier().healthy && !health.proxier().node_eligible);
     }
 
     #[test]

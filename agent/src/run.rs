@@ -14,10 +14,12 @@ use tracing::{debug, error, info, warn};
 
 use crate::admission::Limits;
 use crate::compile::CompileOptions;
-use crate::config::{AgentConfig, LoadBalancing, SourceKind, TunnelMode};
+use crate::config::{AgentConfig, HttpConfig, LoadBalancing, SourceKind, TunnelMode};
 use crate::conntrack::{collect_garbage, entries_created, EvictionEstimate};
 use crate::dataplane::{Counters, Dataplane, LoadOptions};
-use crate::health_check::{self, HealthCheckServer};
+use crate::fd_budget;
+use crate::health_check::{self, HealthCheckOptions, HealthCheckServer};
+use crate::healthz::HealthzServer;
 use crate::http::OpsServer;
 use crate::interfaces;
 use crate::kubernetes::{KubeSource, NodeIdentity};
@@ -37,6 +39,12 @@ const MIN_STALL: Duration = Duration::from_secs(30);
 const RESCAN_EVERY: Duration = Duration::from_secs(1);
 
 pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
+    // Before anything opens a descriptor; the HTTP caps are sized against the result.
+    let nofile = fd_budget::raise_nofile_limit();
+    let http_limits = HttpConfig {
+        max_connections: fd_budget::connection_cap(config.http.max_connections, nofile),
+        ..config.http
+    };
     let pin_dir = config.versioned_pin_dir();
     let mut dataplane = Dataplane::load(&LoadOptions {
         pin_dir: Some(pin_dir.clone()),
@@ -86,10 +94,22 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             metrics: metrics.clone(),
             health: health.clone(),
         },
+        http_limits,
     )
     .with_context(|| format!("serving metrics on {}", config.metrics_listen))?;
+    let _healthz = HealthzServer::start(
+        config.healthz_listen,
+        health.clone(),
+        http_limits,
+        Some(metrics.clone()),
+    )
+    .context("starting the healthz server")?;
     let health_checks = HealthCheckServer::start(
-        health_check::default_bind_addresses(),
+        HealthCheckOptions {
+            bind: health_check::default_bind_addresses(),
+            reserved: config.reserved_health_check_ports(),
+            limits: http_limits,
+        },
         Some(metrics.clone()),
         Some(health.clone()),
     )
@@ -165,14 +185,14 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             _ = poll.tick() => {
                 health.beat();
                 interfaces.sync(&config, &mut dataplane, &health, &metrics);
-                if source.poll(retry, false, &config.node_name, &metrics, &mut |e| reconciler.stage(&e)) {
+                if source.poll(retry, false, &config.node_name, &metrics, &health, &mut |e| reconciler.stage(&e)) {
                     retry = apply(&mut reconciler, &mut dataplane, &health, &mut tunnel_peers);
                     health_checks.update(health_check::desired(reconciler.intent(), &config.node_name));
                 }
             }
             _ = source.changed() => {
                 health.beat();
-                if source.poll(retry, true, &config.node_name, &metrics, &mut |e| reconciler.stage(&e)) {
+                if source.poll(retry, true, &config.node_name, &metrics, &health, &mut |e| reconciler.stage(&e)) {
                     retry = apply(&mut reconciler, &mut dataplane, &health, &mut tunnel_peers);
                     health_checks.update(health_check::desired(reconciler.intent(), &config.node_name));
                 }
@@ -260,13 +280,31 @@ impl DesiredState {
     }
 
     /// Hands what changed to `stage`, event by event; true when a pass is due (news, or a
-    /// failed pass to retry). `woken` says the source signalled news.
+    /// failed pass to retry), which `health` learns as a queued update. `woken` says the source
+    /// signalled news.
     fn poll(
         &mut self,
         retry: bool,
         woken: bool,
         node_name: &str,
         metrics: &Metrics,
+        health: &Health,
+        stage: &mut dyn FnMut(ObjectEvent),
+    ) -> bool {
+        let due = self.take_changes(retry, woken, node_name, metrics, health, stage);
+        if due {
+            health.queued_update();
+        }
+        due
+    }
+
+    fn take_changes(
+        &mut self,
+        retry: bool,
+        woken: bool,
+        node_name: &str,
+        metrics: &Metrics,
+        health: &Health,
         stage: &mut dyn FnMut(ObjectEvent),
     ) -> bool {
         match self {
@@ -303,12 +341,16 @@ impl DesiredState {
                 let identity = source.node_identity();
                 if identity != *node {
                     match &identity {
-                        Some(id) => info!(
-                            node = %id.name,
-                            addresses = ?id.addresses,
-                            pod_cidrs = ?id.pod_cidrs,
-                            "node identity from the Node object"
-                        ),
+                        Some(id) => {
+                            info!(
+                                node = %id.name,
+                                addresses = ?id.addresses,
+                                pod_cidrs = ?id.pod_cidrs,
+                                to_be_deleted = id.to_be_deleted,
+                                "node identity from the Node object"
+                            );
+                            health.set_node_eligible(!id.to_be_deleted);
+                        }
                         None => warn!(node = node_name, "no Node object with this node's name"),
                     }
                     *node = identity;
@@ -367,6 +409,7 @@ fn apply(
         };
     if synced && peers_synced {
         health.set_synced();
+        health.updated();
     }
     !(synced && peers_synced)
 }

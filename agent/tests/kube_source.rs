@@ -241,6 +241,7 @@ async fn watch_events_bookmarks_and_410_gone_reach_the_intent() {
                 ("Hostname".into(), "node1".into())
             ],
             pod_cidrs: vec!["198.19.1.0/24".into(), "fd00:1::/64".into()],
+            to_be_deleted: false,
         })
     );
     let requests = server.requests();

@@ -12,6 +12,7 @@ use common::*;
 use nix::mount::umount;
 use nix::sched::CloneFlags;
 use weir_agent::admission::Limits;
+use weir_agent::config::HttpConfig;
 use weir_agent::dataplane::Counters;
 use weir_agent::http::OpsServer;
 use weir_agent::metrics::{Health, Metrics, Ops};
@@ -60,6 +61,7 @@ fn probes_answer_200_when_good_and_503_when_not() {
             metrics: Arc::new(Metrics::new()),
             health: health.clone(),
         },
+        HttpConfig::default(),
     )
     .expect("bind 127.0.0.1:0");
     let addr = server.local_addr;
@@ -123,6 +125,7 @@ fn metrics_show_the_pipeline_and_the_data_path_counters() {
             metrics: metrics.clone(),
             health,
         },
+        HttpConfig::default(),
     )
     .unwrap();
     let (status, text) = get(server.local_addr, "/metrics");

@@ -306,7 +306,7 @@ fn daemon_set_mounts_bpffs_cgroup_and_its_config() {
 }
 
 #[test]
-fn probes_hit_healthz_and_readyz_on_the_metrics_port_of_the_config() {
+fn probes_hit_healthz_and_readyz_on_the_loopback_metrics_port_of_the_config() {
     let m = load();
     let container = agent_container(&m.daemon_set);
     let port = container
@@ -318,19 +318,25 @@ fn probes_hit_healthz_and_readyz_on_the_metrics_port_of_the_config() {
     assert_eq!(port.container_port, 9464);
     // With hostNetwork the host port is the container port.
     assert_eq!(port.host_port, Some(9464));
-    let path_and_port = |probe: &Option<k8s_openapi::api::core::v1::Probe>| {
+    // The kubelet probes from the node: on a hostNetwork pod, 127.0.0.1 is the agent's loopback.
+    let host_path_and_port = |probe: &Option<k8s_openapi::api::core::v1::Probe>| {
         let get = probe.as_ref().unwrap().http_get.as_ref().unwrap();
-        (get.path.clone().unwrap(), get.port.clone())
+        (
+            get.host.clone(),
+            get.path.clone().unwrap(),
+            get.port.clone(),
+        )
     };
     use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
     let metrics = IntOrString::String("metrics".into());
+    let loopback = Some("127.0.0.1".to_owned());
     assert_eq!(
-        path_and_port(&container.readiness_probe),
-        ("/readyz".to_owned(), metrics.clone())
+        host_path_and_port(&container.readiness_probe),
+        (loopback.clone(), "/readyz".to_owned(), metrics.clone())
     );
     assert_eq!(
-        path_and_port(&container.liveness_probe),
-        ("/healthz".to_owned(), metrics)
+        host_path_and_port(&container.liveness_probe),
+        (loopback, "/healthz".to_owned(), metrics)
     );
 
     let config = agent_config_toml(&m.config_map);
@@ -339,6 +345,22 @@ fn probes_hit_healthz_and_readyz_on_the_metrics_port_of_the_config() {
         listen.port(),
         9464,
         "the probes' port is the agent's metrics_listen"
+    );
+    assert!(
+        listen.ip().is_loopback() || listen.ip().is_unspecified(),
+        "the probes reach 127.0.0.1: metrics_listen {listen} must include it"
+    );
+    let healthz: std::net::SocketAddr = config["healthz_listen"].as_str().unwrap().parse().unwrap();
+    let declared = container
+        .ports
+        .iter()
+        .flatten()
+        .find(|p| p.name.as_deref() == Some("healthz"))
+        .expect("a port named healthz");
+    assert_eq!(
+        (declared.container_port, declared.host_port),
+        (i32::from(healthz.port()), Some(i32::from(healthz.port()))),
+        "the declared healthz port is the agent's healthz_listen"
     );
     assert!(
         config["pin_dir"]
@@ -370,6 +392,9 @@ fn config_map_is_a_valid_agent_config_once_the_node_name_is_added() {
     let config = from_environment.over(file).finish().unwrap();
     assert_eq!(config.source, SourceKind::Kubernetes);
     assert_eq!(config.metrics_listen.port(), 9464);
+    assert!(config.metrics_listen.ip().is_loopback());
+    assert_eq!(config.healthz_listen.port(), 10256);
+    assert!(config.is_reserved_health_check_port(10250));
     assert!(config.pin_dir.starts_with("/sys/fs/bpf"));
 }
 
