@@ -148,9 +148,24 @@ fn a_symlink_to_dev_zero_is_skipped_unread() {
     let dir = tempfile::tempdir().unwrap();
     write(dir.path(), "a.yaml", &service("a", "198.18.100.1"));
     std::os::unix::fs::symlink("/dev/zero", dir.path().join("zero.yaml")).unwrap();
+    let before = peak_rss_mib();
     let fed = scan_within(FileSource::new(dir.path()), Duration::from_secs(10));
+    let grown = peak_rss_mib() - before;
+    assert!(grown < 256, "the scan grew the peak RSS by {grown} MiB");
+    assert_eq!(fed.errors, 0, "skipped, not a failed read");
     assert!(fed.has("a", "198.18.100.1"), "{fed:?}");
     assert_eq!(fed.rejected(), vec![("File", "not_a_regular_file")]);
+}
+
+/// This process's peak resident memory.
+fn peak_rss_mib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM in /proc/self/status");
+    kib / 1024
 }
 
 #[test]
@@ -165,7 +180,7 @@ fn a_fifo_is_skipped_and_never_opened() {
     let mut fed = scan_within(FileSource::new(dir.path()), Duration::from_secs(10));
     assert!(fed.has("a", "198.18.100.1"), "{fed:?}");
     assert_eq!(fed.rejected(), vec![("File", "not_a_regular_file")]);
-    // Written to (by a process that opened it): still never read.
+    // The files next to it are still watched.
     write(dir.path(), "b.yaml", &service("b", "198.18.100.2"));
     fed.until("b is read past the FIFO", |f| f.has("b", "198.18.100.2"));
 }
@@ -272,6 +287,31 @@ fn the_first_file_in_name_order_wins_and_the_next_takes_over() {
     std::fs::remove_file(dir.path().join("0.yaml")).unwrap();
     std::fs::remove_file(dir.path().join("b.yaml")).unwrap();
     fed.until("x deleted", |f| f.cluster_ip("x").is_none());
+}
+
+#[test]
+fn precedence_holds_when_many_files_are_read_in_parallel() {
+    let dir = tempfile::tempdir().unwrap();
+    // Enough files for the parallel reader; every one also defines `dup`, the last written
+    // first.
+    for i in (0..40).rev() {
+        let text = format!(
+            "{}---\n{}",
+            service(&format!("s{i}"), &format!("198.18.101.{i}")),
+            service("dup", &format!("198.18.102.{i}"))
+        );
+        write(dir.path(), &format!("{i:02}.yaml"), &text);
+    }
+    let mut fed = Fed::new(FileSource::new(dir.path()));
+    assert!(fed.has("dup", "198.18.102.0") && fed.has("s39", "198.18.101.39"));
+
+    // Removing the first half hands `dup` to 20.yaml.
+    for i in 0..20 {
+        std::fs::remove_file(dir.path().join(format!("{i:02}.yaml"))).unwrap();
+    }
+    fed.until("dup handed to 20.yaml", |f| {
+        f.has("dup", "198.18.102.20") && f.cluster_ip("s0").is_none()
+    });
 }
 
 #[test]
