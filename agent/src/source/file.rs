@@ -21,7 +21,9 @@
 //!   watched again and read afresh.
 //! - **ConfigMap volumes.** The kubelet's atomic writer swaps a `..data` symlink: any event on
 //!   a `..` entry compares every file's stamp (device, inode, time, size through symlinks), so
-//!   the files whose target changed are read again.
+//!   the files whose target changed are read again. Other changes made through a path outside
+//!   the directory (a symlink's target, another name of a hard link) raise no event here: only
+//!   the stamp rescans of shared file systems, or a later event, see them.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsStr;
@@ -34,7 +36,9 @@ use std::os::unix::fs::MetadataExt as _;
 use crate::admission::Rejection;
 
 use super::event::{ObjectEvent, ObjectKey};
-use super::load::{file_rejection, load, FileLimits, FileRefusal, FileState, Outcome, Stamp};
+use super::load::{
+    file_rejection, load, FileLimits, FileRefusal, FileState, Loaded, Outcome, Stamp,
+};
 use super::SourceError;
 
 /// How long a file must stay away before its objects are deleted.
@@ -562,18 +566,7 @@ impl FileSource {
         self.gone_since.remove(&file);
         match outcome {
             Outcome::Gone if self.single_file || !self.dir_intact() => {
-                // The configured path itself is gone, not one file of it: keep what it had.
-                self.retries.remove(&file);
-                if let Some(old) = old {
-                    self.files.insert(file.clone(), old);
-                }
-                if !self.single_file {
-                    // Judged again once the directory is back.
-                    self.gone_since.insert(file, Instant::now());
-                } else if !self.file_vanished {
-                    self.file_vanished = true;
-                    tracing::warn!(file = %self.path.display(), "state file vanished; keeping the last good state until it reappears");
-                }
+                self.keep_vanished(file, old);
                 None
             }
             Outcome::Gone => {
@@ -585,60 +578,96 @@ impl FileSource {
                 self.report(&file, Vec::new(), sink);
                 None
             }
-            Outcome::Refused { stamp, refusal } => {
-                let mut state = old.unwrap_or_default();
-                state.stamp = stamp;
-                self.files.insert(file.clone(), state);
-                let rejection = file_rejection(&file, refusal.reason(), refusal.to_string());
-                self.report(&file, vec![rejection], sink);
-                // Only a failed read can go better without a change to the file.
-                let FileRefusal::Unreadable(source) = refusal else {
-                    self.retries.remove(&file);
-                    return None;
-                };
-                let delay = self
-                    .retries
-                    .get(&file)
-                    .map_or(FIRST_RETRY, |r| (r.delay * 2).min(MAX_RETRY));
-                let due = Instant::now() + delay;
-                self.retries.insert(file.clone(), Retry { due, delay });
-                Some(SourceError::Read { path: file, source })
-            }
+            Outcome::Refused { stamp, refusal } => self.refuse(file, old, stamp, refusal, sink),
             Outcome::Read(loaded) => {
-                self.retries.remove(&file);
-                self.file_vanished = false;
-                let before = old.map(|o| o.keys()).unwrap_or_default();
-                let now = loaded.state.keys();
-                for key in before.difference(&now) {
-                    self.release(key, &file, sink);
-                }
-                for key in now.difference(&before) {
-                    self.claims
-                        .entry(key.clone())
-                        .or_default()
-                        .insert(file.clone());
-                }
-                let owed = self.owed.entry(file.clone()).or_default();
-                owed.retain(|k| now.contains(k));
-                for object in loaded.apply {
-                    let key = object.key();
-                    if let Some(key) = &key {
-                        owed.remove(key);
-                        let owner = self.claims.get(key).and_then(|c| c.first());
-                        if owner != Some(&file) {
-                            continue; // An earlier file defines it.
-                        }
-                    }
-                    sink(ObjectEvent::Apply(object));
-                }
-                if owed.is_empty() {
-                    self.owed.remove(&file);
-                }
-                self.report(&file, loaded.rejections, sink);
-                self.files.insert(file, loaded.state);
+                self.take_read(file, old, loaded, sink);
                 None
             }
         }
+    }
+
+    /// The configured path itself is gone, not one file of it: the file keeps what it had.
+    fn keep_vanished(&mut self, file: PathBuf, old: Option<FileState>) {
+        self.retries.remove(&file);
+        if let Some(old) = old {
+            self.files.insert(file.clone(), old);
+        }
+        if !self.single_file {
+            // Judged again once the directory is back.
+            self.gone_since.insert(file, Instant::now());
+        } else if !self.file_vanished {
+            self.file_vanished = true;
+            tracing::warn!(file = %self.path.display(), "state file vanished; keeping the last good state until it reappears");
+        }
+    }
+
+    /// The whole file is refused: it keeps what it had; a failed read is tried again later.
+    fn refuse(
+        &mut self,
+        file: PathBuf,
+        old: Option<FileState>,
+        stamp: Option<Stamp>,
+        refusal: FileRefusal,
+        sink: &mut dyn FnMut(ObjectEvent),
+    ) -> Option<SourceError> {
+        let mut state = old.unwrap_or_default();
+        state.stamp = stamp;
+        self.files.insert(file.clone(), state);
+        let rejection = file_rejection(&file, refusal.reason(), refusal.to_string());
+        self.report(&file, vec![rejection], sink);
+        // Only a failed read can go better without a change to the file.
+        let FileRefusal::Unreadable(source) = refusal else {
+            self.retries.remove(&file);
+            return None;
+        };
+        let delay = self
+            .retries
+            .get(&file)
+            .map_or(FIRST_RETRY, |r| (r.delay * 2).min(MAX_RETRY));
+        let due = Instant::now() + delay;
+        self.retries.insert(file.clone(), Retry { due, delay });
+        Some(SourceError::Read { path: file, source })
+    }
+
+    /// The file read: its claims follow what it defines now, and its objects apply where it
+    /// is the first to define them.
+    fn take_read(
+        &mut self,
+        file: PathBuf,
+        old: Option<FileState>,
+        loaded: Loaded,
+        sink: &mut dyn FnMut(ObjectEvent),
+    ) {
+        self.retries.remove(&file);
+        self.file_vanished = false;
+        let before = old.map(|o| o.keys()).unwrap_or_default();
+        let now = loaded.state.keys();
+        for key in before.difference(&now) {
+            self.release(key, &file, sink);
+        }
+        for key in now.difference(&before) {
+            self.claims
+                .entry(key.clone())
+                .or_default()
+                .insert(file.clone());
+        }
+        let owed = self.owed.entry(file.clone()).or_default();
+        owed.retain(|k| now.contains(k));
+        for object in loaded.apply {
+            if let Some(key) = object.key() {
+                owed.remove(&key);
+                let owner = self.claims.get(&key).and_then(|c| c.first());
+                if owner != Some(&file) {
+                    continue; // An earlier file defines it.
+                }
+            }
+            sink(ObjectEvent::Apply(object));
+        }
+        if owed.is_empty() {
+            self.owed.remove(&file);
+        }
+        self.report(&file, loaded.rejections, sink);
+        self.files.insert(file, loaded.state);
     }
 
     /// Whether the watched directory is still there, the same one.
