@@ -219,7 +219,11 @@ impl Reconciler {
     /// Logs and counts this pass's rejections; returns how many there were.
     fn note_rejections(&mut self) -> usize {
         let invalid = self.store.errors();
-        let refused = self.admission.rejections();
+        // Refused by the admission checks, or by the source before they became objects.
+        let refused = self
+            .admission
+            .rejections()
+            .chain(self.store.source_rejections());
         let mut current = BTreeSet::new();
         for ObjectError {
             kind,

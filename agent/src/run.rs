@@ -156,7 +156,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             };
             DesiredState::File {
                 watch,
-                source,
+                source: Box::new(source),
                 started: false,
             }
         }
@@ -248,7 +248,7 @@ enum DesiredState {
         /// Declared before `source`: it must be dropped (deregistered) before the descriptor
         /// closes.
         watch: Option<tokio::io::unix::AsyncFd<std::os::fd::RawFd>>,
-        source: FileSource,
+        source: Box<FileSource>,
         /// The first full read is done.
         started: bool,
     },

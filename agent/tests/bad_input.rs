@@ -11,6 +11,7 @@ use common::*;
 use weir_agent::admission::{Footprint, Limits};
 use weir_agent::metrics::Metrics;
 use weir_agent::reconcile::Reconciler;
+use weir_agent::source::{FileLimits, FileSource};
 
 fn service(name: &str, ip: &str, port: &str) -> String {
     format!(
@@ -215,4 +216,48 @@ fn a_service_that_would_overflow_a_map_is_refused_and_the_rest_applies() {
         51,
         "fine and the 50 frontends of flood"
     );
+}
+
+#[test]
+fn a_state_file_over_its_limit_is_a_rejection_and_the_other_files_apply() {
+    let mut h = Harness::new(&[]);
+    let metrics = Arc::new(Metrics::new());
+    h.reconciler = Reconciler::new(Limits::default(), Some(metrics.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("fine.yaml"),
+        service("fine", "198.18.100.50", "80"),
+    )
+    .unwrap();
+    let padding = format!("# {}\n", "x".repeat(2000));
+    std::fs::write(
+        dir.path().join("big.yaml"),
+        service("big", "198.18.100.51", "80") + &padding,
+    )
+    .unwrap();
+    let mut source = FileSource::with_limits(
+        dir.path(),
+        FileLimits {
+            max_file_bytes: 1024,
+            ..FileLimits::default()
+        },
+    );
+    let reconciler = &mut h.reconciler;
+    let errors = source.scan_into(&mut |e| reconciler.stage(&e));
+    assert!(errors.is_empty(), "{errors:?}");
+    let report = h
+        .reconciler
+        .apply_events(&mut h.dataplane.services, &[])
+        .unwrap();
+
+    assert_eq!(report.rejected_objects, 1, "{report:?}");
+    assert_eq!(rejected(&metrics, "File", "too_large"), Some(1.0));
+    let frontends = h.dataplane.services.read().unwrap().services;
+    let has = |ip: &str| {
+        let (addr, family) = weir_agent::compile::addr_of(ip.parse().unwrap());
+        frontends
+            .keys()
+            .any(|k| k.addr == addr && k.family == family)
+    };
+    assert!(has("198.18.100.50") && !has("198.18.100.51"));
 }
