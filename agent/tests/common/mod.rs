@@ -2,6 +2,8 @@
 //! real pipeline, and crafted packets.
 #![allow(dead_code)]
 
+pub mod fuzz;
+
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::Path;
@@ -213,14 +215,25 @@ impl Harness {
     }
 
     pub fn run_program(&mut self, name: &'static str, packet: &[u8]) -> (u32, Vec<u8>) {
+        self.try_run_program(name, packet)
+            .expect("BPF_PROG_TEST_RUN")
+    }
+
+    /// Like [`Harness::run_program`], but the kernel's refusal to run a packet (it parses the
+    /// frame before the program sees it) is an error, not a panic.
+    pub fn try_run_program(
+        &mut self,
+        name: &'static str,
+        packet: &[u8],
+    ) -> Result<(u32, Vec<u8>), aya::programs::ProgramError> {
         let mut out = vec![0u8; packet.len() + 256];
         let program = self.dataplane.program(name).expect("program");
         let mut opts = TestRunOptions::new();
         opts.data_in = Some(packet);
         opts.data_out = Some(&mut out);
-        let result = program.test_run(opts).expect("BPF_PROG_TEST_RUN");
+        let result = program.test_run(opts)?;
         out.truncate(result.data_size_out as usize);
-        (result.return_value, out)
+        Ok((result.return_value, out))
     }
 
     pub fn counter(&self, name: &str) -> u64 {
@@ -233,10 +246,20 @@ impl Harness {
             .map(|(_, v)| v)
             .expect("known counter")
     }
+
+    /// Every counter, summed over CPUs, indexed as `weir_common::counter`.
+    pub fn counter_values(&self) -> [u64; weir_common::counter::COUNT as usize] {
+        let mut values = [0; weir_common::counter::COUNT as usize];
+        let read = self.dataplane.counters.read().expect("counters");
+        for (slot, (_, value)) in values.iter_mut().zip(read) {
+            *slot = value;
+        }
+        values
+    }
 }
 
-const MAC_A: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0a];
-const MAC_B: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0b];
+pub const MAC_A: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0a];
+pub const MAC_B: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0b];
 
 pub fn tcp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, flags: &str) -> Vec<u8> {
     let mut builder = PacketBuilder::ethernet2(MAC_A, MAC_B)
@@ -337,13 +360,23 @@ pub fn fix_ip_checksum(frame: &mut [u8]) {
     let ihl = ((frame[14] & 0x0f) as usize) * 4;
     frame[24] = 0;
     frame[25] = 0;
-    let mut sum = 0u32;
-    for chunk in frame[14..14 + ihl].chunks(2) {
-        sum += u32::from(u16::from_be_bytes([chunk[0], chunk[1]]));
-    }
+    let csum = !fold(ones_sum(&frame[14..14 + ihl]));
+    frame[24..26].copy_from_slice(&csum.to_be_bytes());
+}
+
+/// The Internet checksum's sum of `data` as big-endian 16-bit words (an odd last byte padded
+/// with zero), not yet folded; sums of pieces at even offsets add up.
+pub fn ones_sum(data: &[u8]) -> u64 {
+    data.chunks(2)
+        .map(|pair| u64::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)])))
+        .sum()
+}
+
+/// A sum folded to 16 bits with end-around carry: 0xffff over data that includes a valid
+/// checksum.
+pub fn fold(mut sum: u64) -> u16 {
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }
-    let csum = !(sum as u16);
-    frame[24..26].copy_from_slice(&csum.to_be_bytes());
+    sum as u16
 }
