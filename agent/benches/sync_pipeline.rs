@@ -71,7 +71,9 @@ impl Pipeline {
     /// Admits and compiles what the store marked changed; returns the services and the writes.
     fn pass(&mut self) -> (usize, usize) {
         let dirty: BTreeSet<ObjectRef> = self.store.take_dirty();
-        self.admission.admit(&self.store, &dirty, Limits::default());
+        let options = CompileOptions::default();
+        self.admission
+            .admit(&self.store, &dirty, Limits::default(), &options);
         let intent = self.store.intent();
         let inputs: Vec<ServiceInput<'_>> = dirty
             .iter()
@@ -81,9 +83,7 @@ impl Pipeline {
                 slices: self.store.slices_of(id).collect(),
             })
             .collect();
-        let plan = self
-            .compiler
-            .compile(&inputs, &intent.nodes, &CompileOptions::default());
+        let plan = self.compiler.compile(&inputs, &intent.nodes, &options);
         self.compiler.commit(&plan);
         (dirty.len(), plan.writes())
     }
