@@ -19,6 +19,7 @@ use weir_common::{
     HostAddrKey, MaglevTable, NodeConfig, ServiceValue,
 };
 
+use crate::pin_layout;
 use crate::state::{DataplaneState, Plan};
 
 /// The eBPF object built from `bpf/ebpf` by this crate's build script.
@@ -47,6 +48,8 @@ pub enum DataplaneError {
         path: PathBuf,
         source: aya::maps::MapError,
     },
+    #[error("checking the pinned maps before adopting them: {0}")]
+    PinLayout(#[from] crate::pin_layout::PinLayoutError),
     #[error("creating pin directory {path}: {source}")]
     PinDir {
         path: PathBuf,
@@ -440,6 +443,16 @@ impl Dataplane {
                 path: dir.clone(),
                 source,
             })?;
+            let shapes = pin_layout::declared_shapes(OBJECT, &options.max_entries)?;
+            for moved in pin_layout::set_aside_incompatible(dir, &shapes)? {
+                warn!(
+                    map = moved.name,
+                    reason = %moved.reason,
+                    moved_to = %moved.moved_to.display(),
+                    "pinned map does not match this agent's object: not adopted, set aside; a new \
+                     one starts empty"
+                );
+            }
             for name in map_names::PINNED {
                 let path = dir.join(name);
                 if path.exists() {

@@ -19,6 +19,7 @@ pub mod kubernetes;
 pub mod maglev;
 pub mod metrics;
 pub mod node;
+pub mod pin_layout;
 pub mod reconcile;
 pub mod run;
 pub mod source;

@@ -46,3 +46,41 @@ fn a_restarted_data_plane_adopts_pinned_maps() {
     drop((second, third));
     umount(bpffs.path()).expect("unmount bpffs");
 }
+
+#[test]
+fn a_pinned_map_of_another_shape_is_set_aside_not_adopted() {
+    use weir_common::map_names::{AFFINITY, CONNTRACK};
+    require_root();
+    let bpffs = private_bpffs(CloneFlags::empty());
+    let pin_dir = bpffs.path().join("node1/v1");
+    let backends = [BACKEND, OTHER];
+    {
+        let mut first = Harness::with_pin_dir(&backends, Some(pin_dir.clone()));
+        first.run(&tcp(CLIENT, 40200, VIP, 80, "S"));
+    }
+    // Another map (an LRU hash too, with other key and value sizes) where conntrack should be:
+    // what a stray `bpftool map create` or another build's pin looks like.
+    std::fs::remove_file(pin_dir.join(CONNTRACK)).unwrap();
+    std::fs::rename(pin_dir.join(AFFINITY), pin_dir.join(CONNTRACK)).unwrap();
+
+    let mut second = Harness::with_pin_dir(&backends, Some(pin_dir.clone()));
+    assert!(
+        pin_dir.join(format!("{CONNTRACK}.incompatible")).exists(),
+        "the stranger is kept aside for a human to look at"
+    );
+    assert!(
+        second.dataplane.conntrack.entries().unwrap().is_empty(),
+        "a conntrack map of the right shape, new"
+    );
+    let (verdict, out) = second.run(&tcp(CLIENT, 40201, VIP, 80, "S"));
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(&out[30..32], &[198, 19], "translated with the new map");
+    assert_eq!(second.dataplane.conntrack.entries().unwrap().len(), 2);
+
+    // The maps that matched were adopted as they were: the service state needs no writes.
+    second.reconciler = weir_agent::reconcile::Reconciler::default();
+    assert_eq!(second.apply(&cluster_yaml(&backends)).writes, 0);
+
+    drop(second);
+    umount(bpffs.path()).expect("unmount bpffs");
+}
