@@ -10,7 +10,8 @@ use std::net::IpAddr;
 
 use tracing::warn;
 use weir_common::{
-    backend_flags, service_flags, Addr, BackendSlotKey, BackendValue, FrontendKey, ServiceValue,
+    backend_flags, service_flags, Addr, BackendSlotKey, BackendValue, FrontendKey, HostAddrKey,
+    ServiceValue,
     FAMILY_V4, FAMILY_V6, LOCAL_SLOT,
 };
 
@@ -25,6 +26,16 @@ pub fn addr_of(ip: IpAddr) -> (Addr, u8) {
     match ip {
         IpAddr::V4(v4) => (Addr::from_v4(v4.octets()), FAMILY_V4),
         IpAddr::V6(v6) => (Addr::from_v6(v6.octets()), FAMILY_V6),
+    }
+}
+
+/// An address as the node-address and tunnel-peer maps key it.
+pub fn addr_key(ip: IpAddr) -> HostAddrKey {
+    let (addr, family) = addr_of(ip);
+    HostAddrKey {
+        addr,
+        family,
+        _pad: [0; 3],
     }
 }
 

@@ -9,7 +9,7 @@ use netlink_packet_route::link::{InfoData, InfoKind, LinkAttribute, LinkInfo};
 use tracing::info;
 use weir_common::{node_flags, tunnel_overhead, HostAddrKey, NodeConfig, FAMILY_V4};
 
-use crate::compile::addr_of;
+use crate::compile::{addr_key, addr_of};
 use crate::config::{AgentConfig, ExternalReturn, TunnelConfig, TunnelMode};
 use crate::intent::NodeIntent;
 
@@ -46,12 +46,7 @@ pub fn host_addresses(host_interfaces: &[String]) -> Result<BTreeSet<HostAddrKey
         } else {
             continue;
         };
-        let (addr, family) = addr_of(ip);
-        out.insert(HostAddrKey {
-            addr,
-            family,
-            _pad: [0; 3],
-        });
+        out.insert(addr_key(ip));
     }
     Ok(out)
 }
@@ -62,14 +57,7 @@ pub fn tunnel_peers<'a>(nodes: impl IntoIterator<Item = &'a NodeIntent>) -> BTre
     nodes
         .into_iter()
         .flat_map(|node| node.addresses.iter())
-        .map(|ip| {
-            let (addr, family) = addr_of(*ip);
-            HostAddrKey {
-                addr,
-                family,
-                _pad: [0; 3],
-            }
-        })
+        .map(|ip| addr_key(*ip))
         .collect()
 }
 

@@ -563,13 +563,8 @@ fn ipv6_service_without_endpoints_answers_port_unreachable() {
 fn node_port_follows_the_host_addresses_it_is_given() {
     let mut h = node1(&web(&[(POD_N1, "node1")], ""), 0, 0, false);
     let added: IpAddr = Ipv4Addr::new(198, 18, 2, 1).into();
-    let (addr, family) = addr_of(added);
     let mut addrs = h.dataplane.node.host_addrs().unwrap();
-    addrs.insert(weir_common::HostAddrKey {
-        addr,
-        family,
-        _pad: [0; 3],
-    });
+    addrs.insert(weir_agent::compile::addr_key(added));
     assert_eq!(
         h.dataplane.node.set_host_addrs(&addrs).unwrap(),
         1,

@@ -10,7 +10,7 @@ use std::path::Path;
 
 use aya::programs::{TestRun, TestRunOptions};
 use etherparse::PacketBuilder;
-use weir_agent::compile::{addr_of, CompileOptions};
+use weir_agent::compile::{addr_key, addr_of, CompileOptions};
 use weir_agent::dataplane::{Dataplane, LoadOptions};
 use weir_agent::reconcile::Reconciler;
 use weir_agent::source::{parse_documents, Objects};
@@ -182,14 +182,7 @@ impl Harness {
         dataplane.node.set_config(&node).expect("node config");
         let addrs: BTreeSet<HostAddrKey> = host_addrs
             .iter()
-            .map(|ip| {
-                let (addr, family) = addr_of(*ip);
-                HostAddrKey {
-                    addr,
-                    family,
-                    _pad: [0; 3],
-                }
-            })
+            .map(|ip| addr_key(*ip))
             .collect();
         dataplane
             .node
