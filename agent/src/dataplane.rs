@@ -251,6 +251,7 @@ impl Counters {
 pub struct NodeMaps {
     host_addrs: HashMap<MapData, HostAddrKey, u32>,
     tunnel_peers: HashMap<MapData, HostAddrKey, u32>,
+    pod_interfaces: HashMap<MapData, u32, u32>,
     config: Array<MapData, NodeConfig>,
 }
 
@@ -259,6 +260,7 @@ impl NodeMaps {
         Ok(NodeMaps {
             host_addrs: take_map(ebpf, map_names::HOST_ADDRS)?,
             tunnel_peers: take_map(ebpf, map_names::TUNNEL_PEERS)?,
+            pod_interfaces: take_map(ebpf, map_names::POD_INTERFACES)?,
             config: take_map(ebpf, map_names::NODE_CONFIG)?,
         })
     }
@@ -267,12 +269,13 @@ impl NodeMaps {
         Ok(NodeMaps {
             host_addrs: open_pinned(dir, map_names::HOST_ADDRS)?,
             tunnel_peers: open_pinned(dir, map_names::TUNNEL_PEERS)?,
+            pod_interfaces: open_pinned(dir, map_names::POD_INTERFACES)?,
             config: open_pinned(dir, map_names::NODE_CONFIG)?,
         })
     }
 
     pub fn host_addrs(&self) -> Result<BTreeSet<HostAddrKey>, DataplaneError> {
-        address_set(&self.host_addrs, map_names::HOST_ADDRS)
+        key_set(&self.host_addrs, map_names::HOST_ADDRS)
     }
 
     /// Makes the map hold exactly `wanted`, writing only the difference. Returns the writes.
@@ -280,11 +283,11 @@ impl NodeMaps {
         &mut self,
         wanted: &BTreeSet<HostAddrKey>,
     ) -> Result<usize, DataplaneError> {
-        set_address_set(&mut self.host_addrs, wanted, map_names::HOST_ADDRS)
+        set_key_set(&mut self.host_addrs, wanted, map_names::HOST_ADDRS)
     }
 
     pub fn tunnel_peers(&self) -> Result<BTreeSet<HostAddrKey>, DataplaneError> {
-        address_set(&self.tunnel_peers, map_names::TUNNEL_PEERS)
+        key_set(&self.tunnel_peers, map_names::TUNNEL_PEERS)
     }
 
     /// Makes the tunnel accept exactly the senders in `wanted`. Returns the writes.
@@ -292,7 +295,12 @@ impl NodeMaps {
         &mut self,
         wanted: &BTreeSet<HostAddrKey>,
     ) -> Result<usize, DataplaneError> {
-        set_address_set(&mut self.tunnel_peers, wanted, map_names::TUNNEL_PEERS)
+        set_key_set(&mut self.tunnel_peers, wanted, map_names::TUNNEL_PEERS)
+    }
+
+    /// Makes exactly the interfaces in `wanted` (ifindexes) count as pods'. Returns the writes.
+    pub fn set_pod_interfaces(&mut self, wanted: &BTreeSet<u32>) -> Result<usize, DataplaneError> {
+        set_key_set(&mut self.pod_interfaces, wanted, map_names::POD_INTERFACES)
     }
 
     pub fn config(&self) -> Result<NodeConfig, DataplaneError> {
@@ -311,21 +319,22 @@ impl NodeMaps {
     }
 }
 
-fn address_set(
-    map: &HashMap<MapData, HostAddrKey, u32>,
+/// The keys of a map used as a set.
+fn key_set<K: aya::Pod + Ord>(
+    map: &HashMap<MapData, K, u32>,
     name: &'static str,
-) -> Result<BTreeSet<HostAddrKey>, DataplaneError> {
+) -> Result<BTreeSet<K>, DataplaneError> {
     Ok(read_all(map, name)?.into_keys().collect())
 }
 
-/// Brings a set of addresses to `wanted`: additions first, so a sender or address that stays
-/// is never missing in between.
-fn set_address_set(
-    map: &mut HashMap<MapData, HostAddrKey, u32>,
-    wanted: &BTreeSet<HostAddrKey>,
+/// Brings a map used as a set to `wanted`: additions first, so a member that stays is never
+/// missing in between.
+fn set_key_set<K: aya::Pod + Ord>(
+    map: &mut HashMap<MapData, K, u32>,
+    wanted: &BTreeSet<K>,
     name: &'static str,
 ) -> Result<usize, DataplaneError> {
-    let current = address_set(map, name)?;
+    let current = key_set(map, name)?;
     let mut writes = 0;
     for key in wanted.difference(&current) {
         map.insert(key, 0, 0).map_err(map_err(name))?;

@@ -441,13 +441,19 @@ impl InterfaceSync {
         if config.tunnel.mode != TunnelMode::None {
             attach_to.push(config.tunnel.device().to_owned());
         }
-        let wanted = match interfaces::wanted(&attach_to, &config.pod_interface_prefix) {
-            Ok(w) => w,
-            Err(e) => {
-                warn!(error = %e, "listing interfaces failed");
-                return;
-            }
-        };
+        let interfaces::Present { wanted, pods } =
+            match interfaces::present(&attach_to, &config.pod_interface_prefix) {
+                Ok(present) => present,
+                Err(e) => {
+                    warn!(error = %e, "listing interfaces failed");
+                    return;
+                }
+            };
+        match dataplane.node.set_pod_interfaces(&pods) {
+            Ok(0) => {}
+            Ok(writes) => debug!(writes, pods = pods.len(), "pod interfaces updated"),
+            Err(e) => warn!(error = %e, "updating pod interfaces failed"),
+        }
         for host in &config.host_interfaces {
             if !wanted.contains(host) && self.missing_logged.insert(host.clone()) {
                 warn!(interface = %host, "configured host interface not present (yet)");

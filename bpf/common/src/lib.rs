@@ -35,8 +35,11 @@ pub mod map_names {
     pub const SOCK_REVERSE: &str = "WEIR_SOCK_REVERSE";
     /// Underlay addresses of the cluster's nodes: the only senders the tunnel device accepts.
     pub const TUNNEL_PEERS: &str = "WEIR_TUNNEL_PEERS";
+    /// Ifindexes of this node's pod interfaces: packets entering there come from inside the
+    /// cluster.
+    pub const POD_INTERFACES: &str = "WEIR_POD_INTERFACES";
     /// Every map the agent pins, in the order it creates them.
-    pub const PINNED: [&str; 12] = [
+    pub const PINNED: [&str; 13] = [
         SERVICES,
         BACKEND_SLOTS,
         BACKENDS,
@@ -49,6 +52,7 @@ pub mod map_names {
         SOCK_NETNS,
         SOCK_REVERSE,
         TUNNEL_PEERS,
+        POD_INTERFACES,
     ];
 }
 
@@ -95,6 +99,8 @@ pub mod capacity {
     pub const SOCK_REVERSE: u32 = 65_536;
     /// Node addresses the tunnel accepts packets from (every address of every Node).
     pub const TUNNEL_PEERS: u32 = 65_536;
+    /// Pod interfaces on one node.
+    pub const POD_INTERFACES: u32 = 4096;
 }
 
 /// An IPv4 or IPv6 address as 16 raw bytes in network order.
@@ -142,6 +148,8 @@ pub struct FrontendKey {
 pub mod service_flags {
     /// The frontend's traffic policy is Local: only slots of this node's endpoints apply, and a
     /// node without one drops (as kube-proxy does), while a service without any endpoint rejects.
+    /// On an external frontend (`externalTrafficPolicy`) it binds traffic from outside the
+    /// cluster only: this node's pods get every endpoint, as kube-proxy short-circuits them.
     pub const LOCAL_ONLY: u32 = 1 << 0;
     /// NodePort, load-balancer or external IP: reachable from outside the cluster, so a remote
     /// backend is reached through the tunnel (returning through this node or by DSR).

@@ -40,7 +40,9 @@ use weir_common::{
 };
 
 use crate::lb::{select_backend, NO_BACKEND};
-use crate::maps::{count, node_config, BACKENDS, CONNTRACK, HOST_ADDRS, SCRATCH, SERVICES};
+use crate::maps::{
+    count, node_config, BACKENDS, CONNTRACK, HOST_ADDRS, POD_INTERFACES, SCRATCH, SERVICES,
+};
 use crate::packet::{
     ct_key, ktime, load, not_for_us, parse, rewrite_l4, swap_macs, Ip, NotForUs, Side, PARSED,
     TCP_FLAGS, TCP_MIN_HLEN, UDP_HLEN,
@@ -279,7 +281,7 @@ fn flow_inner(
     // with Maglev the one the ingress node's table named.
     let scope = if from_tunnel.is_some() {
         lb::Scope::LocalAsTable
-    } else if service.flags & service_flags::LOCAL_ONLY != 0 {
+    } else if service.flags & service_flags::LOCAL_ONLY != 0 && !short_circuits(ctx, service) {
         lb::Scope::Local
     } else {
         lb::Scope::Any
@@ -310,6 +312,16 @@ fn flow_inner(
         return Ok(translated);
     }
     Ok(Verdict::redirect(outcome, translated.action()))
+}
+
+/// Whether a `Local` policy gives way: `externalTrafficPolicy: Local` restricts traffic from
+/// outside the cluster, and kube-proxy serves traffic from the node's own pods to the same
+/// external frontend with every endpoint. (`internalTrafficPolicy: Local` never gives way.)
+#[inline(always)]
+fn short_circuits(ctx: &TcContext, service: &ServiceValue) -> bool {
+    // SAFETY: reading a field of the program's own context.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    service.flags & service_flags::EXTERNAL != 0 && POD_INTERFACES.get_ptr(&ifindex).is_some()
 }
 
 /// Records a new flow in conntrack, in both directions where this node translates. Returns the

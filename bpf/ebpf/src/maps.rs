@@ -37,6 +37,11 @@ pub static HOST_ADDRS: HashMap<HostAddrKey, u32> =
 pub static TUNNEL_PEERS: HashMap<HostAddrKey, u32> =
     HashMap::with_max_entries(capacity::TUNNEL_PEERS, BPF_F_NO_PREALLOC);
 
+/// This node's pod interfaces (ifindex): what enters there is traffic from inside the cluster.
+#[map(name = "WEIR_POD_INTERFACES")]
+pub static POD_INTERFACES: HashMap<u32, u32> =
+    HashMap::with_max_entries(capacity::POD_INTERFACES, BPF_F_NO_PREALLOC);
+
 #[map(name = "WEIR_NODE_CONFIG")]
 pub static NODE_CONFIG: Array<NodeConfig> = Array::with_max_entries(1, 0);
 
