@@ -11,8 +11,7 @@ use std::net::IpAddr;
 use tracing::warn;
 use weir_common::{
     backend_flags, service_flags, Addr, BackendSlotKey, BackendValue, FrontendKey, HostAddrKey,
-    ServiceValue,
-    FAMILY_V4, FAMILY_V6, LOCAL_SLOT,
+    ServiceValue, FAMILY_V4, FAMILY_V6, LOCAL_SLOT,
 };
 
 use crate::intent::{

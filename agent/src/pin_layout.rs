@@ -3,7 +3,7 @@
 //! and flags. Anything else (a map of another build pinned in the same directory, a stray
 //! `bpftool map create`, a map a human renamed) would be handed to programs and to the agent's
 //! own typed map handles that read its values with the wrong size; the kernel's verifier catches
-//! only some of that. Such a pin is set aside (renamed `NAME.incompatible`, kept for a human to
+//! only some of that. Such a pin is set aside (renamed `NAME_INCOMPATIBLE`, kept for a human to
 //! look at) and the object's map is created anew: that map's contents start empty, which for
 //! service maps costs nothing (the agent recompiles them) and for conntrack loses the flows it
 //! held. Layout changes the agent makes itself bump `MAP_LAYOUT_VERSION` and pin elsewhere.
@@ -118,8 +118,9 @@ pub fn set_aside_incompatible(
         let Some(reason) = mismatch(&path, shape) else {
             continue;
         };
-        let moved_to = dir.join(format!("{name}.incompatible"));
-        // Only the latest one is kept: a crash loop must not fill bpffs.
+        let moved_to = dir.join(format!("{name}_INCOMPATIBLE"));
+        // bpffs refuses dots in names. Only the latest one is kept: a crash loop must not fill
+        // bpffs.
         let _ = std::fs::remove_file(&moved_to);
         std::fs::rename(&path, &moved_to).map_err(|source| PinLayoutError::SetAside {
             path: path.clone(),

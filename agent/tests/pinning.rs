@@ -65,7 +65,7 @@ fn a_pinned_map_of_another_shape_is_set_aside_not_adopted() {
 
     let mut second = Harness::with_pin_dir(&backends, Some(pin_dir.clone()));
     assert!(
-        pin_dir.join(format!("{CONNTRACK}.incompatible")).exists(),
+        pin_dir.join(format!("{CONNTRACK}_INCOMPATIBLE")).exists(),
         "the stranger is kept aside for a human to look at"
     );
     assert!(

@@ -161,7 +161,10 @@ fn this_nodes_pods_reach_an_external_traffic_policy_local_frontend_with_every_en
     // The same packets from outside the cluster, then from one of this node's pods: a test run
     // enters on loopback, which here stands for a pod interface.
     let from_outside = h.run(&tcp(CLIENT, 41250, LB_IP, 80, "S")).0;
-    assert_eq!(from_outside, TC_ACT_SHOT, "outside: no local endpoint, dropped");
+    assert_eq!(
+        from_outside, TC_ACT_SHOT,
+        "outside: no local endpoint, dropped"
+    );
     h.dataplane
         .node
         .set_pod_interfaces(&[1].into_iter().collect())
@@ -173,7 +176,11 @@ fn this_nodes_pods_reach_an_external_traffic_policy_local_frontend_with_every_en
         "a pod of this node: every endpoint, as kube-proxy short-circuits it"
     );
     let (_, out) = h.run(&tcp(CLIENT, 41252, NODE1, NODE_PORT, "S"));
-    assert_eq!(out, tcp(CLIENT, 41252, POD_N2, 8080, "S"), "its NodePort too");
+    assert_eq!(
+        out,
+        tcp(CLIENT, 41252, POD_N2, 8080, "S"),
+        "its NodePort too"
+    );
     // internalTrafficPolicy: Local binds pods as well: the ClusterIP has no local endpoint.
     let (verdict, _) = h.run(&tcp(CLIENT, 41253, VIP, 80, "S"));
     assert_eq!(verdict, TC_ACT_SHOT);

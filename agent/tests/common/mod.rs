@@ -180,10 +180,7 @@ impl Harness {
         })
         .expect("the eBPF object loads and passes the verifier");
         dataplane.node.set_config(&node).expect("node config");
-        let addrs: BTreeSet<HostAddrKey> = host_addrs
-            .iter()
-            .map(|ip| addr_key(*ip))
-            .collect();
+        let addrs: BTreeSet<HostAddrKey> = host_addrs.iter().map(|ip| addr_key(*ip)).collect();
         dataplane
             .node
             .set_host_addrs(&addrs)
