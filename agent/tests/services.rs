@@ -562,6 +562,48 @@ fn ipv6_cluster_ip_is_translated_both_ways() {
     assert_eq!(reply, udp6(VIP6, 53, CLIENT6, 43001));
 }
 
+/// The same IPv6 frame with options headers (hop-by-hop, then destination options, each 8 bytes
+/// of padding) between the fixed header and the upper layer.
+fn with_ipv6_options(frame: &[u8]) -> Vec<u8> {
+    const ETH: usize = 14;
+    let upper = frame[ETH + 6];
+    let mut out = frame[..ETH + 40].to_vec();
+    out[ETH + 6] = 0; // hop-by-hop
+    out.extend_from_slice(&[60, 0, 1, 4, 0, 0, 0, 0]); // then destination options; PadN
+    out.extend_from_slice(&[upper, 0, 1, 4, 0, 0, 0, 0]);
+    out.extend_from_slice(&frame[ETH + 40..]);
+    let payload = u16::from_be_bytes([frame[ETH + 4], frame[ETH + 5]]) + 16;
+    out[ETH + 4..ETH + 6].copy_from_slice(&payload.to_be_bytes());
+    out
+}
+
+#[test]
+fn ipv6_options_headers_are_stepped_over_to_the_upper_layer() {
+    let mut h = node1(&dual_stack(), 0, 0, false);
+    // The upper-layer checksum does not cover options headers: the frames stay valid.
+    let (verdict, out) = h.run(&with_ipv6_options(&udp6(CLIENT6, 43010, VIP6, 53)));
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(
+        out,
+        with_ipv6_options(&udp6(CLIENT6, 43010, BACKEND6, 5353))
+    );
+    let (_, reply) = h.run(&with_ipv6_options(&udp6(BACKEND6, 5353, CLIENT6, 43010)));
+    assert_eq!(reply, with_ipv6_options(&udp6(VIP6, 53, CLIENT6, 43010)));
+    let (_, out) = h.run(&with_ipv6_options(&tcp6(CLIENT6, 43011, VIP6, 80, "S")));
+    assert_eq!(
+        out,
+        with_ipv6_options(&tcp6(CLIENT6, 43011, BACKEND6, 8080, "S"))
+    );
+    assert_eq!(h.counter("pass_ipv6_extension"), 0);
+
+    // Options that claim more than the payload holds: truncated, dropped.
+    let mut lying = with_ipv6_options(&udp6(CLIENT6, 43012, VIP6, 53));
+    lying[14 + 40 + 1] = 200;
+    let (verdict, _) = h.run(&lying);
+    assert_eq!(verdict, TC_ACT_SHOT);
+    assert_eq!(h.counter("drop_truncated"), 1);
+}
+
 #[test]
 fn ipv6_service_without_endpoints_answers_port_unreachable() {
     use etherparse::{Icmpv6Type, NetSlice, SlicedPacket, TransportSlice};

@@ -353,6 +353,10 @@ fn answer_v6<const QUOTE: usize, const MSG: usize>(
     answer: &Answer,
 ) -> Result<i32, u32> {
     let failed = counter::DROP_REJECT_FAILED;
+    // As for IPv4 options: a quote cut inside options headers would name no socket.
+    if ip.l4_off != IP_OFF + IPV6_HLEN {
+        return Err(failed);
+    }
     let quoted: [u8; QUOTE] = load(ctx, IP_OFF)?;
     let mut msg = [0u8; MSG];
     msg[..2].copy_from_slice(&answer.kind);

@@ -223,6 +223,12 @@ fn parse_ipv4(ctx: &TcContext, l3_off: usize) -> Result<Ip, NotForUs> {
     })
 }
 
+/// Hop-by-hop and destination options headers walked in front of the upper layer; more is
+/// passed untranslated (`pass_ipv6_extension`).
+const MAX_IPV6_OPTION_HEADERS: usize = 4;
+const IPV6_HOP_BY_HOP: u8 = 0;
+const IPV6_DESTINATION_OPTIONS: u8 = 60;
+
 #[inline(always)]
 fn parse_ipv6(ctx: &TcContext, l3_off: usize) -> Result<Ip, NotForUs> {
     let header: Ipv6Header = load(ctx, l3_off).map_err(NotForUs::Drop)?;
@@ -233,24 +239,40 @@ fn parse_ipv6(ctx: &TcContext, l3_off: usize) -> Result<Ip, NotForUs> {
     if (ctx.len() as usize) < l3_off + IPV6_HLEN + payload_len {
         return Err(NotForUs::Drop(counter::DROP_TRUNCATED));
     }
-    match header.next_header {
+    // Options headers change nothing a service translation touches (the pseudo header takes
+    // the addresses of the fixed header): step over them to the upper layer.
+    let mut next_header = header.next_header;
+    let mut options_len = 0usize;
+    for _ in 0..MAX_IPV6_OPTION_HEADERS {
+        if next_header != IPV6_HOP_BY_HOP && next_header != IPV6_DESTINATION_OPTIONS {
+            break;
+        }
+        let [next, units]: [u8; 2] =
+            load(ctx, l3_off + IPV6_HLEN + options_len).map_err(NotForUs::Drop)?;
+        next_header = next;
+        options_len += (units as usize + 1) * 8;
+        if options_len > payload_len {
+            return Err(NotForUs::Drop(counter::DROP_TRUNCATED));
+        }
+    }
+    match next_header {
         IPV6_FRAGMENT => return Err(NotForUs::Pass(counter::PASS_FRAGMENT)),
-        // Hop-by-hop, routing, destination options, AH, ESP, mobility, HIP, shim6: services do
-        // not use them; walking them would cost every packet for nothing.
+        // Routing (its final destination is not the header's), AH, ESP, mobility, HIP, shim6,
+        // and options past the walked ones: services do not use them.
         0 | 43 | 60 | 51 | 50 | 135 | 139 | 140 => {
             return Err(NotForUs::Pass(counter::PASS_IPV6_EXTENSION))
         }
         _ => {}
     }
-    l4_protocol(header.next_header, FAMILY_V6)?;
+    l4_protocol(next_header, FAMILY_V6)?;
     Ok(Ip {
         family: FAMILY_V6,
         l3_off: l3_off as u16,
         saddr: Addr::from_v6(header.saddr),
         daddr: Addr::from_v6(header.daddr),
-        proto: header.next_header,
-        l4_off: l3_off + IPV6_HLEN,
-        payload_len,
+        proto: next_header,
+        l4_off: l3_off + IPV6_HLEN + options_len,
+        payload_len: payload_len - options_len,
     })
 }
 

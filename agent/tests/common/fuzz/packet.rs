@@ -178,19 +178,45 @@ pub fn parse_ip_header(data: &[u8], l3: usize) -> Option<IpView> {
             }
             src.copy_from_slice(&data[l3 + 8..l3 + 24]);
             dst.copy_from_slice(&data[l3 + 24..l3 + 40]);
+            let payload_len = usize::from(u16::from_be_bytes([data[l3 + 4], data[l3 + 5]]));
+            let (proto, options_len) = ipv6_options(data, l3, payload_len);
             Some(IpView {
                 family: 6,
                 l3,
-                header_len: IPV6_HLEN,
-                proto: data[l3 + 6],
+                header_len: IPV6_HLEN + options_len,
+                proto,
                 src,
                 dst,
-                l4: l3 + IPV6_HLEN,
-                l4_len: usize::from(u16::from_be_bytes([data[l3 + 4], data[l3 + 5]])),
+                l4: l3 + IPV6_HLEN + options_len,
+                l4_len: payload_len - options_len,
             })
         }
         _ => None,
     }
+}
+
+/// Steps over hop-by-hop and destination options headers as the program does (at most four,
+/// each whole within the payload): the upper-layer protocol and the options' length. Headers
+/// that do not fit are left in place, as the program then drops or passes the packet.
+fn ipv6_options(data: &[u8], l3: usize, payload_len: usize) -> (u8, usize) {
+    let mut next = data[l3 + 6];
+    let mut len = 0;
+    for _ in 0..4 {
+        if next != 0 && next != 60 {
+            break;
+        }
+        let at = l3 + IPV6_HLEN + len;
+        let (Some(&following), Some(&units)) = (data.get(at), data.get(at + 1)) else {
+            break;
+        };
+        let grown = len + (usize::from(units) + 1) * 8;
+        if grown > payload_len {
+            break;
+        }
+        next = following;
+        len = grown;
+    }
+    (next, len)
 }
 
 /// The IP packet at `l3`, when everything its header declares lies within `data`.
