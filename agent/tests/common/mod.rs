@@ -10,7 +10,7 @@ use std::path::Path;
 
 use aya::programs::{TestRun, TestRunOptions};
 use etherparse::PacketBuilder;
-use weir_agent::compile::{addr_key, addr_of, CompileOptions};
+use weir_agent::compile::{addr_key, CompileOptions};
 use weir_agent::dataplane::{Dataplane, LoadOptions};
 use weir_agent::reconcile::Reconciler;
 use weir_agent::source::{parse_documents, Objects};
