@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
-use tracing::warn;
+use tracing::debug;
 use weir_common::{
     backend_flags, service_flags, Addr, BackendSlotKey, BackendValue, FrontendKey, HostAddrKey,
     ServiceValue, FAMILY_V4, FAMILY_V6, LOCAL_SLOT,
@@ -110,6 +110,61 @@ pub struct ServiceInput<'a> {
     pub slices: Vec<&'a EndpointSliceIntent>,
 }
 
+/// The frontends of one port and family of a service: they share one service id, and so one
+/// backend list.
+struct FrontendGroup<'a> {
+    port: &'a ServicePort,
+    family: u8,
+    /// ClusterIPs.
+    internal: Vec<FrontendKey>,
+    /// External IPs, load-balancer IPs and the NodePort.
+    external: Vec<FrontendKey>,
+}
+
+impl FrontendGroup<'_> {
+    fn all(&self) -> impl Iterator<Item = FrontendKey> + '_ {
+        self.internal.iter().chain(&self.external).copied()
+    }
+}
+
+/// Every frontend a service claims, grouped by port and family.
+fn frontend_groups(service: &ServiceIntent) -> impl Iterator<Item = FrontendGroup<'_>> {
+    service.ports.iter().flat_map(move |port| {
+        [FAMILY_V4, FAMILY_V6]
+            .into_iter()
+            .filter_map(move |family| {
+                let frontend = |ip: &IpAddr| {
+                    let (addr, f) = addr_of(*ip);
+                    (f == family).then_some(FrontendKey {
+                        addr,
+                        port_be: port.port.to_be(),
+                        proto: port.protocol.number(),
+                        family,
+                    })
+                };
+                let internal: Vec<FrontendKey> =
+                    service.cluster_ips.iter().filter_map(frontend).collect();
+                let mut external: Vec<FrontendKey> =
+                    service.external_ips.iter().filter_map(frontend).collect();
+                // A NodePort exists per family the service has a ClusterIP of.
+                if let (Some(node_port), false) = (port.node_port, internal.is_empty()) {
+                    external.push(FrontendKey {
+                        addr: Addr::UNSPECIFIED,
+                        port_be: node_port.to_be(),
+                        proto: port.protocol.number(),
+                        family,
+                    });
+                }
+                (!internal.is_empty() || !external.is_empty()).then_some(FrontendGroup {
+                    port,
+                    family,
+                    internal,
+                    external,
+                })
+            })
+    })
+}
+
 /// The map entries one service owns, so recompiling it diffs only those.
 #[derive(Debug, Default, Clone)]
 struct Owned {
@@ -142,6 +197,8 @@ pub struct Compiler {
     /// Services that lost a frontend to another: recompiled whenever anything changes, so they
     /// get it when its holder lets go.
     losers: BTreeSet<ObjectRef>,
+    /// The frontends each loser claims and does not get, with the service holding them.
+    refused: BTreeMap<ObjectRef, Vec<(FrontendKey, ObjectRef)>>,
     /// The shadow was read from the maps: entries no service claims in the first full pass are
     /// leftovers of an earlier state, deleted by [`Compiler::sweep`].
     adopted: bool,
@@ -196,6 +253,60 @@ impl Compiler {
         self.losers.iter()
     }
 
+    /// Frontends a service claims and another holds: (claimant, frontend, holder).
+    pub fn refused_frontends(
+        &self,
+    ) -> impl Iterator<Item = (&ObjectRef, &FrontendKey, &ObjectRef)> {
+        self.refused.iter().flat_map(|(claimant, taken)| {
+            taken.iter().map(move |(f, holder)| (claimant, f, holder))
+        })
+    }
+
+    /// A frontend two services claim belongs to the one that claimed it first. While the agent
+    /// runs, that is the order claims arrive in; across a restart (a full pass over adopted
+    /// maps, where every service arrives at once) the maps themselves tell: a service's
+    /// frontends of one port and family share one service id, so the claimant whose other,
+    /// uncontested frontends carry the contested frontend's service id is the one that held it.
+    /// When no claimant or several qualify (a contested frontend with no sibling), the first in
+    /// namespace/name order takes it, as in a pass over fresh maps.
+    fn settle_adopted_claims(&mut self, changed: &[ServiceInput<'_>]) {
+        let mut claims: BTreeMap<FrontendKey, BTreeMap<&ObjectRef, Vec<FrontendKey>>> =
+            BTreeMap::new();
+        for input in changed {
+            let Some(service) = input.service else {
+                continue;
+            };
+            for group in frontend_groups(service) {
+                let siblings: Vec<FrontendKey> = group.all().collect();
+                for f in &siblings {
+                    claims
+                        .entry(*f)
+                        .or_default()
+                        .insert(input.id, siblings.clone());
+                }
+            }
+        }
+        for (frontend, claimants) in claims.iter().filter(|(_, c)| c.len() > 1) {
+            let Some(held) = self.shadow.services.get(frontend) else {
+                continue;
+            };
+            let uncontested_sibling_holds = |siblings: &Vec<FrontendKey>| {
+                siblings.iter().any(|g| {
+                    g != frontend
+                        && claims.get(g).is_some_and(|c| c.len() == 1)
+                        && self.shadow.services.get(g).map(|v| v.service_id)
+                            == Some(held.service_id)
+                })
+            };
+            let mut holders = claimants
+                .iter()
+                .filter(|(_, siblings)| uncontested_sibling_holds(siblings));
+            if let (Some((holder, _)), None) = (holders.next(), holders.next()) {
+                self.frontend_owner.insert(*frontend, (*holder).clone());
+            }
+        }
+    }
+
     /// Recompiles `changed` services and returns the writes that bring their entries (and only
     /// theirs) to the new state. After a full pass over an adopted shadow, entries nobody claims
     /// are deleted too. Call [`Compiler::commit`] once the plan is written; if writing fails,
@@ -223,7 +334,11 @@ impl Compiler {
                 }
             }
             self.losers.remove(input.id);
+            self.refused.remove(input.id);
             old.insert(input.id, owned);
+        }
+        if self.adopted {
+            self.settle_adopted_claims(changed);
         }
 
         for input in changed {
@@ -382,152 +497,137 @@ impl Compiler {
     ) -> Owned {
         let mut owned = Owned::default();
         let mut backends: BTreeSet<u32> = BTreeSet::new();
-        for port in &service.ports {
-            for family in [FAMILY_V4, FAMILY_V6] {
-                let frontend = |ip: &IpAddr| {
-                    let (addr, f) = addr_of(*ip);
-                    (f == family).then_some(FrontendKey {
-                        addr,
-                        port_be: port.port.to_be(),
-                        proto: port.protocol.number(),
-                        family,
-                    })
-                };
-                let mut internal: Vec<FrontendKey> =
-                    service.cluster_ips.iter().filter_map(frontend).collect();
-                let mut external: Vec<FrontendKey> =
-                    service.external_ips.iter().filter_map(frontend).collect();
-                // A NodePort exists per family the service has a ClusterIP of.
-                if let (Some(node_port), false) = (port.node_port, internal.is_empty()) {
-                    external.push(FrontendKey {
-                        addr: Addr::UNSPECIFIED,
-                        port_be: node_port.to_be(),
-                        proto: port.protocol.number(),
-                        family,
-                    });
-                }
-                for frontends in [&mut internal, &mut external] {
-                    frontends.retain(|key| match self.frontend_owner.get(key) {
-                        None => {
-                            self.frontend_owner.insert(*key, service.id.clone());
-                            true
-                        }
-                        Some(holder) if *holder == service.id => true,
-                        Some(holder) => {
-                            warn!(
-                                service = %service.id,
-                                holder = %holder,
-                                frontend = %frontend_name(key),
-                                "frontend already taken by another service; keeping it there"
-                            );
-                            self.losers.insert(service.id.clone());
-                            false
-                        }
-                    });
-                }
-                if internal.is_empty() && external.is_empty() {
-                    continue;
-                }
-                // The id one of these frontends has in the maps, unless another service (or
-                // another port of this one) uses it now: ids are unique among services.
-                let service_id = internal
-                    .iter()
-                    .chain(&external)
-                    .filter_map(|f| self.shadow.services.get(f).map(|s| s.service_id))
-                    .find(|id| {
-                        !owned.service_ids.contains(id)
-                            && if self.adopted {
-                                // Adopted maps: the first service to claim an id keeps it.
-                                !self.service_id_owner.contains_key(id)
-                            } else {
-                                // Otherwise only its own: an id another service let go of in
-                                // this pass still has entries the plan deletes.
-                                previous.service_ids.contains(id)
-                            }
-                    })
-                    .unwrap_or_else(|| self.service_pool.allocate());
-                self.service_id_owner.insert(service_id, service.id.clone());
-                owned.service_ids.push(service_id);
-
-                let eligible = eligible_backends(slices, nodes, port, family, options);
-                let mut id_of = |backend: &BackendValue| -> u32 {
-                    let id = *self
-                        .backend_ids
-                        .entry(identity(backend))
-                        .or_insert_with(|| self.backend_pool.allocate());
-                    backend_values.insert(id, *backend);
-                    backends.insert(id);
-                    id
-                };
-                let cluster_ids: Vec<u32> = eligible.cluster.iter().map(&mut id_of).collect();
-                let local_ids: Vec<u32> = eligible.local.iter().map(&mut id_of).collect();
-                let mut counts = [0u32; 2];
-                for (local, wanted) in [(false, &cluster_ids), (true, &local_ids)] {
-                    let slots = stable_slots(&self.slot_list(service_id, local), wanted);
-                    counts[local as usize] = slots.len() as u32;
-                    let base = if local { LOCAL_SLOT } else { 0 };
-                    for (slot, backend_id) in slots.iter().enumerate() {
-                        let key = BackendSlotKey {
-                            service_id,
-                            slot: base | slot as u32,
-                        };
-                        if self.shadow.slots.get(&key) != Some(backend_id) {
-                            plan.upsert_slots.push((key, *backend_id));
-                        }
+        for group in frontend_groups(service) {
+            let FrontendGroup {
+                port,
+                family,
+                mut internal,
+                mut external,
+            } = group;
+            for frontends in [&mut internal, &mut external] {
+                frontends.retain(|key| match self.frontend_owner.get(key) {
+                    None => {
+                        self.frontend_owner.insert(*key, service.id.clone());
+                        true
                     }
-                    // Whatever lies past the new end of the list (also past a gap) goes.
-                    let end = base | slots.len() as u32;
-                    let limit = if local { u32::MAX } else { LOCAL_SLOT - 1 };
-                    plan.delete_slots.extend(
-                        self.slots_of(service_id)
-                            .map(|(k, _)| *k)
-                            .filter(|k| k.slot >= end && k.slot <= limit),
-                    );
-                }
-                let affinity = service.affinity_timeout_s.unwrap_or(0);
-                // Affinity wins over Maglev: a client's connections stay on one backend.
-                let maglev = options.maglev
-                    && affinity == 0
-                    && !external.is_empty()
-                    && !cluster_ids.is_empty();
-                if maglev {
-                    let named: Vec<(String, u32)> = eligible
-                        .cluster
-                        .iter()
-                        .zip(&cluster_ids)
-                        .map(|(b, id)| (socket_addr(&b.addr, b.family, b.port_be), *id))
-                        .collect();
-                    let table = maglev::table(&named);
-                    if self.shadow.maglev.get(&service_id) != Some(&table) {
-                        plan.upsert_maglev.push((service_id, table));
+                    Some(holder) if *holder == service.id => true,
+                    Some(holder) => {
+                        // Reported (once, and counted) as a `frontend_taken` rejection.
+                        debug!(
+                            service = %service.id,
+                            holder = %holder,
+                            frontend = %frontend_name(key),
+                            "frontend already taken by another service; keeping it there"
+                        );
+                        self.losers.insert(service.id.clone());
+                        self.refused
+                            .entry(service.id.clone())
+                            .or_default()
+                            .push((*key, holder.clone()));
+                        false
                     }
-                } else if self.shadow.maglev.contains_key(&service_id) {
-                    plan.delete_maglev.push(service_id);
-                }
-                let value = |policy: TrafficPolicy, flags: u32| ServiceValue {
-                    service_id,
-                    backend_count: counts[0],
-                    local_backend_count: counts[1],
-                    flags: flags
-                        | if policy == TrafficPolicy::Local {
-                            service_flags::LOCAL_ONLY
+                });
+            }
+            if internal.is_empty() && external.is_empty() {
+                continue;
+            }
+            // The id one of these frontends has in the maps, unless another service (or
+            // another port of this one) uses it now: ids are unique among services.
+            let service_id = internal
+                .iter()
+                .chain(&external)
+                .filter_map(|f| self.shadow.services.get(f).map(|s| s.service_id))
+                .find(|id| {
+                    !owned.service_ids.contains(id)
+                        && if self.adopted {
+                            // Adopted maps: the first service to claim an id keeps it.
+                            !self.service_id_owner.contains_key(id)
                         } else {
-                            0
-                        },
-                    affinity_timeout_s: affinity,
-                    _reserved: 0,
-                };
-                let internal_value = value(service.internal_traffic_policy, 0);
-                let external_flags =
-                    service_flags::EXTERNAL | if maglev { service_flags::MAGLEV } else { 0 };
-                let external_value = value(service.external_traffic_policy, external_flags);
-                for (frontends, value) in [(internal, internal_value), (external, external_value)] {
-                    for key in frontends {
-                        if self.shadow.services.get(&key) != Some(&value) {
-                            plan.upsert_services.push((key, value));
+                            // Otherwise only its own: an id another service let go of in
+                            // this pass still has entries the plan deletes.
+                            previous.service_ids.contains(id)
                         }
-                        owned.frontends.push(key);
+                })
+                .unwrap_or_else(|| self.service_pool.allocate());
+            self.service_id_owner.insert(service_id, service.id.clone());
+            owned.service_ids.push(service_id);
+
+            let eligible = eligible_backends(slices, nodes, port, family, options);
+            let mut id_of = |backend: &BackendValue| -> u32 {
+                let id = *self
+                    .backend_ids
+                    .entry(identity(backend))
+                    .or_insert_with(|| self.backend_pool.allocate());
+                backend_values.insert(id, *backend);
+                backends.insert(id);
+                id
+            };
+            let cluster_ids: Vec<u32> = eligible.cluster.iter().map(&mut id_of).collect();
+            let local_ids: Vec<u32> = eligible.local.iter().map(&mut id_of).collect();
+            let mut counts = [0u32; 2];
+            for (local, wanted) in [(false, &cluster_ids), (true, &local_ids)] {
+                let slots = stable_slots(&self.slot_list(service_id, local), wanted);
+                counts[local as usize] = slots.len() as u32;
+                let base = if local { LOCAL_SLOT } else { 0 };
+                for (slot, backend_id) in slots.iter().enumerate() {
+                    let key = BackendSlotKey {
+                        service_id,
+                        slot: base | slot as u32,
+                    };
+                    if self.shadow.slots.get(&key) != Some(backend_id) {
+                        plan.upsert_slots.push((key, *backend_id));
                     }
+                }
+                // Whatever lies past the new end of the list (also past a gap) goes.
+                let end = base | slots.len() as u32;
+                let limit = if local { u32::MAX } else { LOCAL_SLOT - 1 };
+                plan.delete_slots.extend(
+                    self.slots_of(service_id)
+                        .map(|(k, _)| *k)
+                        .filter(|k| k.slot >= end && k.slot <= limit),
+                );
+            }
+            let affinity = service.affinity_timeout_s.unwrap_or(0);
+            // Affinity wins over Maglev: a client's connections stay on one backend.
+            let maglev =
+                options.maglev && affinity == 0 && !external.is_empty() && !cluster_ids.is_empty();
+            if maglev {
+                let named: Vec<(String, u32)> = eligible
+                    .cluster
+                    .iter()
+                    .zip(&cluster_ids)
+                    .map(|(b, id)| (socket_addr(&b.addr, b.family, b.port_be), *id))
+                    .collect();
+                let table = maglev::table(&named);
+                if self.shadow.maglev.get(&service_id) != Some(&table) {
+                    plan.upsert_maglev.push((service_id, table));
+                }
+            } else if self.shadow.maglev.contains_key(&service_id) {
+                plan.delete_maglev.push(service_id);
+            }
+            let value = |policy: TrafficPolicy, flags: u32| ServiceValue {
+                service_id,
+                backend_count: counts[0],
+                local_backend_count: counts[1],
+                flags: flags
+                    | if policy == TrafficPolicy::Local {
+                        service_flags::LOCAL_ONLY
+                    } else {
+                        0
+                    },
+                affinity_timeout_s: affinity,
+                _reserved: 0,
+            };
+            let internal_value = value(service.internal_traffic_policy, 0);
+            let external_flags =
+                service_flags::EXTERNAL | if maglev { service_flags::MAGLEV } else { 0 };
+            let external_value = value(service.external_traffic_policy, external_flags);
+            for (frontends, value) in [(internal, internal_value), (external, external_value)] {
+                for key in frontends {
+                    if self.shadow.services.get(&key) != Some(&value) {
+                        plan.upsert_services.push((key, value));
+                    }
+                    owned.frontends.push(key);
                 }
             }
         }

@@ -77,6 +77,10 @@ pub struct AgentConfig {
     /// How often the state file and the interface list are checked for changes.
     #[serde(with = "humantime_serde")]
     pub poll_interval: Duration,
+    /// How often the service maps are compared with what the agent wrote, and entries changed
+    /// outside it written back (on a thread of its own: the loop never waits for the scan).
+    #[serde(with = "humantime_serde")]
+    pub drift_check_interval: Duration,
     /// `/metrics`, `/healthz` and `/readyz` are served here.
     pub metrics_listen: SocketAddr,
     /// kube-proxy's healthz server: `/healthz` and `/livez` with kube-proxy's semantics, for
@@ -403,6 +407,8 @@ pub struct ConfigLayer {
     pub pod_interface_prefix: Option<String>,
     #[serde(default, with = "humantime_serde")]
     pub poll_interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub drift_check_interval: Option<Duration>,
     pub metrics_listen: Option<SocketAddr>,
     pub healthz_listen: Option<SocketAddr>,
     pub detach_on_exit: Option<bool>,
@@ -476,6 +482,7 @@ impl ConfigArgs {
             host_interfaces: self.host_interfaces.clone(),
             pod_interface_prefix: self.pod_interface_prefix.clone(),
             poll_interval: self.poll_interval,
+            drift_check_interval: None,
             metrics_listen: self.metrics_listen,
             healthz_listen: self.healthz_listen,
             detach_on_exit: self.detach_on_exit,
@@ -515,6 +522,7 @@ impl ConfigLayer {
             host_interfaces: self.host_interfaces.or(lower.host_interfaces),
             pod_interface_prefix: self.pod_interface_prefix.or(lower.pod_interface_prefix),
             poll_interval: self.poll_interval.or(lower.poll_interval),
+            drift_check_interval: self.drift_check_interval.or(lower.drift_check_interval),
             metrics_listen: self.metrics_listen.or(lower.metrics_listen),
             healthz_listen: self.healthz_listen.or(lower.healthz_listen),
             detach_on_exit: self.detach_on_exit.or(lower.detach_on_exit),
@@ -533,7 +541,14 @@ impl ConfigLayer {
 
     /// Fills defaults and validates.
     pub fn finish(self) -> Result<AgentConfig, ConfigError> {
-        let config = AgentConfig {
+        let config = self.with_defaults()?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Fills defaults; only a missing node name is an error.
+    fn with_defaults(self) -> Result<AgentConfig, ConfigError> {
+        Ok(AgentConfig {
             node_name: self
                 .node_name
                 .ok_or_else(|| ConfigError::Invalid("node_name is not set".into()))?,
@@ -544,6 +559,9 @@ impl ConfigLayer {
             host_interfaces: self.host_interfaces.unwrap_or_default(),
             pod_interface_prefix: self.pod_interface_prefix.unwrap_or_else(default_pod_prefix),
             poll_interval: self.poll_interval.unwrap_or(DEFAULT_POLL),
+            drift_check_interval: self
+                .drift_check_interval
+                .unwrap_or(DEFAULT_DRIFT_CHECK_INTERVAL),
             metrics_listen: self
                 .metrics_listen
                 .unwrap_or_else(|| DEFAULT_METRICS_LISTEN.parse().expect("valid default")),
@@ -561,9 +579,7 @@ impl ConfigLayer {
             host_services: self.host_services.unwrap_or_default(),
             http: self.http.unwrap_or_default(),
             health_check: self.health_check.unwrap_or_default(),
-        };
-        config.validate()?;
-        Ok(config)
+        })
     }
 }
 
@@ -603,6 +619,7 @@ fn default_pod_prefix() -> String {
 }
 
 const DEFAULT_POLL: Duration = Duration::from_millis(500);
+const DEFAULT_DRIFT_CHECK_INTERVAL: Duration = Duration::from_secs(30);
 pub const DEFAULT_MAX_ENDPOINTS_PER_SERVICE: u32 = 4096;
 
 impl AgentConfig {
@@ -621,6 +638,26 @@ impl AgentConfig {
         args.layer(log_format).over(file).finish()
     }
 
+    /// As [`AgentConfig::resolve`], for the tools that read a node's state (`status`, `dump`):
+    /// they need its pin directory and listen addresses, not its name, which defaults to the
+    /// host name.
+    pub fn resolve_for_tools(
+        args: &ConfigArgs,
+        log_format: Option<LogFormat>,
+    ) -> Result<Self, ConfigError> {
+        let file = match &args.config {
+            Some(path) => ConfigLayer::from_file(path)?,
+            None => ConfigLayer::default(),
+        };
+        let host_name = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|n| n.trim().to_owned())
+            .unwrap_or_else(|_| "unknown".into());
+        let mut layer = args.layer(log_format).over(file);
+        layer.node_name.get_or_insert(host_name);
+        // Not validated: a tool reading a node's pins needs none of what `run` checks.
+        layer.with_defaults()
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.node_name.is_empty() {
             return Err(ConfigError::Invalid("node_name is empty".into()));
@@ -635,7 +672,10 @@ impl AgentConfig {
                 "tunnel.interface must be at most 15 characters (a Linux interface name)".into(),
             ));
         }
-        if self.conntrack.gc_interval.is_zero() || self.poll_interval.is_zero() {
+        if self.conntrack.gc_interval.is_zero()
+            || self.poll_interval.is_zero()
+            || self.drift_check_interval.is_zero()
+        {
             return Err(ConfigError::Invalid("intervals must be positive".into()));
         }
         if self.source == SourceKind::File && self.state_path.is_none() {

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap, Map, MapData, MapInfo, PerCpuArray};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::tc::{
     self, NlOptions, SchedClassifierLink, SchedClassifierLinkId, TcAttachOptions, TcAttachType,
@@ -41,6 +41,8 @@ pub enum DataplaneError {
     },
     #[error("map {0} missing from the object")]
     MissingMap(&'static str),
+    #[error("starting a thread: {0}")]
+    Thread(std::io::Error),
     #[error("program {0} missing from the object")]
     MissingProgram(&'static str),
     #[error("opening pinned map {path}: {source}")]
@@ -347,6 +349,60 @@ fn set_key_set<K: aya::Pod + Ord>(
     Ok(writes)
 }
 
+/// The TCX ingress programs on `interface`, in the order they run: (program id, name).
+pub fn tcx_ingress_programs(
+    interface: &str,
+) -> Result<Vec<(u32, String)>, aya::programs::ProgramError> {
+    let (_, programs) = SchedClassifier::query_tcx(interface, TcAttachType::Ingress)?;
+    Ok(programs
+        .iter()
+        .map(|p| (p.id(), p.name_as_str().unwrap_or("").to_owned()))
+        .collect())
+}
+
+/// How full one pinned hash map is.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct MapFill {
+    pub name: &'static str,
+    pub entries: usize,
+    pub capacity: u32,
+}
+
+/// Entries and capacity of every pinned hash map in `dir` (arrays are always full), by
+/// walking their keys: what `weir-agent status` shows, also while no agent runs.
+pub fn fill_levels(dir: &Path) -> Vec<(&'static str, Result<MapFill, DataplaneError>)> {
+    use weir_common::{AffinityKey, AffinityValue, SockReverseKey};
+    fn fill<K: aya::Pod, V: aya::Pod>(
+        dir: &Path,
+        name: &'static str,
+    ) -> (&'static str, Result<MapFill, DataplaneError>) {
+        let result = (|| {
+            let map: HashMap<MapData, K, V> = open_pinned(dir, name)?;
+            let capacity = MapInfo::from_pin(dir.join(name))
+                .map_err(|source| DataplaneError::Map { name, source })?
+                .max_entries();
+            Ok(MapFill {
+                name,
+                entries: map.keys().filter(Result::is_ok).count(),
+                capacity,
+            })
+        })();
+        (name, result)
+    }
+    vec![
+        fill::<FrontendKey, ServiceValue>(dir, map_names::SERVICES),
+        fill::<BackendSlotKey, u32>(dir, map_names::BACKEND_SLOTS),
+        fill::<u32, BackendValue>(dir, map_names::BACKENDS),
+        fill::<u32, MaglevTable>(dir, map_names::MAGLEV),
+        fill::<CtKey, CtValue>(dir, map_names::CONNTRACK),
+        fill::<AffinityKey, AffinityValue>(dir, map_names::AFFINITY),
+        fill::<SockReverseKey, FrontendKey>(dir, map_names::SOCK_REVERSE),
+        fill::<HostAddrKey, u32>(dir, map_names::HOST_ADDRS),
+        fill::<HostAddrKey, u32>(dir, map_names::TUNNEL_PEERS),
+        fill::<u32, u32>(dir, map_names::POD_INTERFACES),
+    ]
+}
+
 fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DataplaneError>
 where
     T: TryFrom<Map, Error = aya::maps::MapError>,
@@ -387,6 +443,17 @@ pub struct Dataplane {
     mode: AttachMode,
 }
 
+/// A Weir program attached to an interface next to this agent's own (see
+/// [`Dataplane::foreign_programs`]).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ForeignProgram {
+    pub interface: String,
+    pub id: u32,
+    pub name: String,
+    /// It runs before this agent's program (or this agent's is missing there).
+    pub before_ours: bool,
+}
+
 /// How the ingress program is hooked to interfaces.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AttachMode {
@@ -424,7 +491,7 @@ enum Attachment {
 const NETLINK_PRIORITY: u16 = 0x5745;
 const NETLINK_HANDLE: u32 = 1;
 
-fn link_pin_name(interface: &str) -> String {
+pub fn link_pin_name(interface: &str) -> String {
     format!("tcx_ingress_{interface}")
 }
 
@@ -537,6 +604,45 @@ impl Dataplane {
 
     pub fn attached_interfaces(&self) -> impl Iterator<Item = &str> {
         self.attached.keys().map(String::as_str)
+    }
+
+    /// Weir programs on the interfaces this agent serves that are not its own: left by an agent
+    /// with another pin directory or layout version (whose links this one does not know), they
+    /// see packets next to ours, and before ours if they come first. Reported, not removed: a
+    /// link that is not ours may be another node's agent in the same network namespace. TCX
+    /// only: in clsact mode Weir's filter sits at a fixed priority and handle, so a later agent
+    /// replaces an earlier one's filter instead of stacking beside it.
+    pub fn foreign_programs(&mut self) -> Result<Vec<ForeignProgram>, DataplaneError> {
+        if self.mode != AttachMode::Tcx {
+            return Ok(Vec::new());
+        }
+        let name = program_names::INGRESS;
+        let ours = self
+            .program(name)?
+            .info()
+            .map_err(|source| DataplaneError::Program { name, source })?
+            .id();
+        let mut found = Vec::new();
+        for interface in self.attached.keys() {
+            let programs =
+                tcx_ingress_programs(interface).map_err(|source| DataplaneError::Attach {
+                    interface: interface.clone(),
+                    source,
+                })?;
+            let our_position = programs.iter().position(|(id, _)| *id == ours);
+            for (position, (id, name)) in programs.iter().enumerate() {
+                if *id == ours || !name.starts_with("weir_") {
+                    continue;
+                }
+                found.push(ForeignProgram {
+                    interface: interface.clone(),
+                    id: *id,
+                    name: name.clone(),
+                    before_ours: our_position.is_none_or(|ours| position < ours),
+                });
+            }
+        }
+        Ok(found)
     }
 
     /// Attaches the ingress program: through TCX where the kernel has it (6.6+), otherwise as a

@@ -11,7 +11,9 @@
 //! identity and for [`KubeSource::snapshot`].
 //!
 //! RBAC (cluster-wide `get`, `list`, `watch`): services, endpointslices (discovery.k8s.io),
-//! nodes, pods (this node's, by field selector), namespaces, networkpolicies (networking.k8s.io).
+//! nodes. Only kinds the data plane consumes are watched: a watcher of a kind nothing reads
+//! would gate readiness on its list and ask for permissions the agent does not need (Pods,
+//! Namespaces and NetworkPolicies come with the policy engine that reads them).
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
@@ -20,9 +22,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use futures::StreamExt as _;
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
+use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::watcher::{self, watcher};
 use kube::runtime::WatchStreamExt as _;
@@ -123,9 +124,6 @@ pub struct KubeSource {
     services: Watched<Service>,
     slices: Watched<EndpointSlice>,
     nodes: Watched<Node>,
-    pods: Watched<Pod>,
-    namespaces: Watched<Namespace>,
-    network_policies: Watched<NetworkPolicy>,
     changed: Arc<Notify>,
     events: EventQueue,
 }
@@ -133,9 +131,8 @@ pub struct KubeSource {
 /// Events not taken by the main loop yet.
 type EventQueue = Arc<Mutex<Vec<ObjectEvent>>>;
 
-/// How the watcher of one kind turns its objects into events; None for kinds the data plane
-/// does not use (yet).
-type Convert<K> = Option<(Kind, fn(&K) -> SourceObject)>;
+/// How the watcher of one kind turns its objects into events.
+type Convert<K> = (Kind, fn(&K) -> SourceObject);
 
 struct Watched<K: Resource<DynamicType = ()> + Clone + 'static> {
     kind: &'static str,
@@ -156,24 +153,20 @@ impl KubeSource {
     pub fn start(client: Client, node_name: &str) -> KubeSource {
         let changed = Arc::new(Notify::new());
         let config = watcher::Config::default();
-        let pods_here = watcher::Config::default().fields(&format!("spec.nodeName={node_name}"));
         let events = EventQueue::default();
         let q = (&changed, &events);
-        let service: Convert<Service> = Some((Kind::Service, |s| {
+        let service: Convert<Service> = (Kind::Service, |s| {
             SourceObject::Service(Box::new(s.clone()))
-        }));
-        let slice: Convert<EndpointSlice> = Some((Kind::EndpointSlice, |s| {
+        });
+        let slice: Convert<EndpointSlice> = (Kind::EndpointSlice, |s| {
             SourceObject::EndpointSlice(Box::new(s.clone()))
-        }));
-        let node: Convert<Node> = Some((Kind::Node, |n| SourceObject::Node(Box::new(n.clone()))));
+        });
+        let node: Convert<Node> = (Kind::Node, |n| SourceObject::Node(Box::new(n.clone())));
         KubeSource {
             node_name: node_name.to_owned(),
             services: watch(client.clone(), "Service", config.clone(), q, service),
             slices: watch(client.clone(), "EndpointSlice", config.clone(), q, slice),
-            nodes: watch(client.clone(), "Node", config.clone(), q, node),
-            pods: watch(client.clone(), "Pod", pods_here, q, None),
-            namespaces: watch(client.clone(), "Namespace", config.clone(), q, None),
-            network_policies: watch(client, "NetworkPolicy", config, q, None),
+            nodes: watch(client, "Node", config, q, node),
             changed,
             events,
         }
@@ -191,9 +184,6 @@ impl KubeSource {
             (self.services.kind, &self.services.listed),
             (self.slices.kind, &self.slices.listed),
             (self.nodes.kind, &self.nodes.listed),
-            (self.pods.kind, &self.pods.listed),
-            (self.namespaces.kind, &self.namespaces.listed),
-            (self.network_policies.kind, &self.network_policies.listed),
         ];
         listed
             .into_iter()
@@ -222,9 +212,7 @@ impl KubeSource {
             services: sorted(&self.services.store),
             slices: sorted(&self.slices.store),
             nodes: sorted(&self.nodes.store),
-            pods: sorted(&self.pods.store),
-            namespaces: sorted(&self.namespaces.store),
-            network_policies: sorted(&self.network_policies.store),
+            ..Objects::default()
         }
     }
 
@@ -251,13 +239,13 @@ fn sorted<K: Resource<DynamicType = ()> + Clone>(store: &Store<K>) -> Vec<K> {
 }
 
 /// A reflector on every object of kind `K` (cluster-wide), queueing each change as an event
-/// (when `convert` says how) and waking `changed`.
+/// and waking `changed`.
 fn watch<K>(
     client: Client,
     kind: &'static str,
     config: watcher::Config,
     (changed, events): (&Arc<Notify>, &EventQueue),
-    convert: Convert<K>,
+    (list_kind, to_source): Convert<K>,
 ) -> Watched<K>
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
@@ -287,17 +275,13 @@ where
                         listing.clear();
                     }
                     Ok(watcher::Event::InitApply(object)) => {
-                        if let Some((_, to_source)) = convert {
-                            listing.push(to_source(&object));
-                        }
+                        listing.push(to_source(&object));
                     }
                     Ok(watcher::Event::InitDone) => {
-                        if let Some((list_kind, _)) = convert {
-                            push(ObjectEvent::Replace(
-                                list_kind,
-                                std::mem::take(&mut listing),
-                            ));
-                        }
+                        push(ObjectEvent::Replace(
+                            list_kind,
+                            std::mem::take(&mut listing),
+                        ));
                         if !listed.swap(true, Ordering::AcqRel) {
                             info!(kind, "initial list complete");
                         } else {
@@ -306,15 +290,11 @@ where
                         changed.notify_one();
                     }
                     Ok(watcher::Event::Apply(object)) => {
-                        if let Some((_, to_source)) = convert {
-                            push(ObjectEvent::Apply(to_source(&object)));
-                        }
+                        push(ObjectEvent::Apply(to_source(&object)));
                         changed.notify_one();
                     }
                     Ok(watcher::Event::Delete(object)) => {
-                        if let Some(key) =
-                            convert.and_then(|(_, to_source)| to_source(&object).key())
-                        {
+                        if let Some(key) = to_source(&object).key() {
                             push(ObjectEvent::Delete(key));
                         }
                         changed.notify_one();

@@ -3,7 +3,7 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use weir_agent::config::{AgentConfig, ConfigArgs, LogFormat};
-use weir_agent::{config, dataplane, dump};
+use weir_agent::{config, dataplane, dump, status};
 
 /// Weir's node agent: eBPF service load balancing for a Kubernetes node.
 #[derive(Parser)]
@@ -34,15 +34,24 @@ enum Command {
         #[arg(long, env = "WEIR_PIN_DIR", default_value = config::DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
     },
-    /// Print what the pinned maps of a node hold.
+    /// Print what the pinned maps of a node hold. The pin directory comes from the agent's
+    /// configuration (--config, WEIR_CONFIG) or --pin-dir.
     Dump {
         #[arg(value_enum)]
         what: DumpWhat,
-        /// The node's pin directory, as in its config (`pin_dir`).
-        #[arg(long)]
-        pin_dir: PathBuf,
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        args: Box<ConfigArgs>,
+    },
+    /// One screen on this node's Weir: kernel features and fallbacks, programs per interface,
+    /// map fill levels, and the running agent's readiness, last sync and rejected objects. The
+    /// pin directory and metrics address come from the agent's configuration.
+    Status {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        args: Box<ConfigArgs>,
     },
 }
 
@@ -99,13 +108,21 @@ fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Dump {
-            what,
-            pin_dir,
-            json,
-        } => {
+        Command::Dump { what, json, args } => {
             init_tracing(cli.log_format);
-            print_dump(what, &config::versioned_pin_dir(&pin_dir), json)
+            let config = AgentConfig::resolve_for_tools(&args, cli.log_format)?;
+            print_dump(what, &config.versioned_pin_dir(), json)
+        }
+        Command::Status { json, args } => {
+            init_tracing(cli.log_format);
+            let config = AgentConfig::resolve_for_tools(&args, cli.log_format)?;
+            let status = status::gather(&config);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", status::render(&status));
+            }
+            Ok(())
         }
     }
 }

@@ -34,6 +34,9 @@ pub type ListenerLabel = [(&'static str, &'static str); 1];
 /// make room), "over_limit" (a new one, every slot being mid-request) or "timeout".
 pub type ClosedConnectionLabels = [(&'static str, &'static str); 2];
 
+/// One of the pinned maps, by name.
+pub type MapLabel = [(&'static str, &'static str); 1];
+
 /// The agent's metrics. Cheap to share: every field is an atomic or a locked map.
 pub struct Metrics {
     registry: Registry,
@@ -47,6 +50,9 @@ pub struct Metrics {
     pub conntrack_evictions: Counter,
     /// Wall time of one reconcile pass: objects to intent to plan to map writes.
     pub sync_duration: Histogram,
+    /// When the last pass that wrote its whole plan ended (Unix seconds), and how long it took.
+    pub last_sync_timestamp: Gauge<f64, AtomicU64>,
+    pub last_sync_duration: Gauge<f64, AtomicU64>,
     pub map_writes: Counter,
     /// Passes that could not write their plan (retried on the next tick).
     pub reconcile_errors: Counter,
@@ -66,6 +72,11 @@ pub struct Metrics {
     pub http_connections: Family<ListenerLabel, Gauge>,
     /// Connections the agent closed before the client did, by listener and reason.
     pub http_connections_closed: Family<ClosedConnectionLabels, Counter>,
+    /// Map entries found changed behind the agent's back and written back, by map.
+    pub drift_repaired: Family<MapLabel, Counter>,
+    /// Weir programs of another agent (another pin directory or version) attached to an
+    /// interface next to this agent's own.
+    pub foreign_programs: Gauge,
 }
 
 impl Metrics {
@@ -80,6 +91,8 @@ impl Metrics {
             // 100 µs to ~3.3 s: an incremental update sits at the bottom, a full sync of tens of
             // thousands of entries near the top.
             sync_duration: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            last_sync_timestamp: Gauge::default(),
+            last_sync_duration: Gauge::default(),
             map_writes: Counter::default(),
             reconcile_errors: Counter::default(),
             source_errors: Counter::default(),
@@ -90,6 +103,8 @@ impl Metrics {
             health_check_bind_errors: Counter::default(),
             http_connections: Family::default(),
             http_connections_closed: Family::default(),
+            drift_repaired: Family::default(),
+            foreign_programs: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -123,6 +138,16 @@ impl Metrics {
             "weir_sync_duration_seconds",
             "Wall time of one reconcile pass, from source objects to map writes",
             metrics.sync_duration.clone(),
+        );
+        registry.register(
+            "weir_last_sync_timestamp_seconds",
+            "When the last reconcile pass that wrote its whole plan ended (Unix time)",
+            metrics.last_sync_timestamp.clone(),
+        );
+        registry.register(
+            "weir_last_sync_duration_seconds",
+            "Wall time of the last reconcile pass that wrote its whole plan",
+            metrics.last_sync_duration.clone(),
         );
         registry.register(
             "weir_map_writes",
@@ -176,9 +201,30 @@ impl Metrics {
              timeout (http.header_timeout or http.connection_timeout)",
             metrics.http_connections_closed.clone(),
         );
+        registry.register(
+            "weir_drift_repaired",
+            "Map entries found changed outside the agent (compared with what it wrote) and \
+             written back, by map",
+            metrics.drift_repaired.clone(),
+        );
+        registry.register(
+            "weir_foreign_programs",
+            "Weir programs not belonging to this agent (a stale or other pin directory) \
+             attached to the interfaces it serves",
+            metrics.foreign_programs.clone(),
+        );
         Metrics {
             registry,
             ..metrics
+        }
+    }
+
+    /// Counts entries of `map` the drift check wrote back.
+    pub fn record_drift(&self, map: &'static str, entries: usize) {
+        if entries > 0 {
+            self.drift_repaired
+                .get_or_create(&[("map", map)])
+                .inc_by(entries as u64);
         }
     }
 

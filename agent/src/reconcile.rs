@@ -13,13 +13,15 @@ use std::time::Instant;
 
 use tracing::{debug, info, instrument, warn};
 
-use crate::admission::{Admission, Decision, Limits};
-use crate::compile::{addr_of, summary, CompileOptions, Compiler, ServiceInput};
+use crate::admission::{Admission, Decision, Limits, Rejection};
+use crate::compile::{addr_of, frontend_name, summary, CompileOptions, Compiler, ServiceInput};
 use crate::conntrack::{BackendAddr, Retired};
 use crate::dataplane::{DataplaneError, ServiceMaps};
+use crate::drift::DriftReport;
 use crate::intent::{EndpointSliceIntent, ObjectRef};
 use crate::metrics::Metrics;
 use crate::source::{IntentStore, ObjectError, ObjectEvent, Objects};
+use crate::state::{DataplaneState, Plan};
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct ReconcileReport {
@@ -114,6 +116,12 @@ impl Reconciler {
                 .observe(started.elapsed().as_secs_f64());
             match &result {
                 Ok(report) => {
+                    metrics
+                        .last_sync_duration
+                        .set(started.elapsed().as_secs_f64());
+                    if let Ok(now) = std::time::UNIX_EPOCH.elapsed() {
+                        metrics.last_sync_timestamp.set(now.as_secs_f64());
+                    }
                     metrics.map_writes.inc_by(report.writes as u64);
                     metrics.services.set(report.services as i64);
                     metrics.backends.set(report.backends as i64);
@@ -124,6 +132,35 @@ impl Reconciler {
             }
         }
         result
+    }
+
+    /// Writes back what the maps lost or gained behind the agent's back, given `actual`, what
+    /// they hold (read while the agent was not writing: see [`crate::drift`]). Nothing to compare
+    /// with before the first complete pass, or after a failed one (the next pass rereads the
+    /// maps anyway).
+    pub fn repair_drift(
+        &mut self,
+        maps: &mut ServiceMaps,
+        actual: &DataplaneState,
+    ) -> Result<DriftReport, DataplaneError> {
+        let Some(compiler) = self.compiler.as_ref().filter(|c| !c.needs_full_pass()) else {
+            return Ok(DriftReport::default());
+        };
+        let plan = Plan::between(actual, compiler.shadow());
+        let report = DriftReport::of(&plan);
+        if plan.is_empty() {
+            return Ok(report);
+        }
+        if let Err(e) = maps.apply(&plan) {
+            self.compiler = None;
+            return Err(e);
+        }
+        if let Some(metrics) = &self.metrics {
+            for (map, entries) in report.by_map() {
+                metrics.record_drift(map, entries);
+            }
+        }
+        Ok(report)
     }
 
     fn pass(&mut self, maps: &mut ServiceMaps) -> Result<ReconcileReport, DataplaneError> {
@@ -220,10 +257,23 @@ impl Reconciler {
     fn note_rejections(&mut self) -> usize {
         let invalid = self.store.errors();
         // Refused by the admission checks, or by the source before they became objects.
+        // A frontend another Service holds: refused while the holder keeps it.
+        let taken: Vec<Rejection> = self
+            .compiler
+            .iter()
+            .flat_map(|c| c.refused_frontends())
+            .map(|(claimant, frontend, holder)| Rejection {
+                kind: "Service",
+                object: claimant.to_string(),
+                reason: "frontend_taken",
+                detail: format!("{} is held by Service {holder}", frontend_name(frontend)),
+            })
+            .collect();
         let refused = self
             .admission
             .rejections()
-            .chain(self.store.source_rejections());
+            .chain(self.store.source_rejections())
+            .chain(&taken);
         let mut current = BTreeSet::new();
         for ObjectError {
             kind,

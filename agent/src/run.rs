@@ -17,6 +17,7 @@ use crate::compile::CompileOptions;
 use crate::config::{AgentConfig, HttpConfig, LoadBalancing, SourceKind, TunnelMode};
 use crate::conntrack::{collect_garbage, entries_created, EvictionEstimate};
 use crate::dataplane::{Counters, Dataplane, LoadOptions};
+use crate::drift::DriftWatch;
 use crate::fd_budget;
 use crate::health_check::{self, HealthCheckOptions, HealthCheckServer};
 use crate::healthz::HealthzServer;
@@ -64,9 +65,10 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let tunnel = node::ensure_tunnel(&config.tunnel, &config.host_interfaces)
         .await
         .context("setting up the tunnel device")?;
+    let node_config = node::node_config(&config, tunnel.as_ref());
     dataplane
         .node
-        .set_config(&node::node_config(&config, tunnel.as_ref()))
+        .set_config(&node_config)
         .context("writing the node configuration")?;
     if config.host_services.enabled {
         dataplane
@@ -171,6 +173,9 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             }
         }
     };
+    let mut drift = DriftWatch::start(&pin_dir, config.drift_check_interval)
+        .context("starting the drift check")?;
+    let mut foreign = BTreeSet::new();
     // Set when the last pass could not finish, so the next tick retries even without a change.
     let mut retry = true;
     let mut poll = tokio::time::interval(config.poll_interval);
@@ -186,6 +191,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
                 health.beat();
                 interfaces.sync(&config, &mut dataplane, &health, &metrics);
                 if source.poll(retry, false, &config.node_name, &metrics, &health, &mut |e| reconciler.stage(&e)) {
+                    drift.writing();
                     retry = apply(&mut reconciler, &mut dataplane, &health, &mut tunnel_peers);
                     health_checks.update(health_check::desired(reconciler.intent(), &config.node_name));
                 }
@@ -193,6 +199,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             _ = source.changed() => {
                 health.beat();
                 if source.poll(retry, true, &config.node_name, &metrics, &health, &mut |e| reconciler.stage(&e)) {
+                    drift.writing();
                     retry = apply(&mut reconciler, &mut dataplane, &health, &mut tunnel_peers);
                     health_checks.update(health_check::desired(reconciler.intent(), &config.node_name));
                 }
@@ -223,6 +230,11 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
                     }
                     Err(e) => warn!(error = %e, "conntrack gc failed"),
                 }
+            }
+            actual = drift.next() => {
+                drift.writing();
+                repair_drift(&mut reconciler, &mut dataplane, &actual, &node_config, &metrics);
+                report_foreign_programs(&mut dataplane, &mut foreign, &metrics);
             }
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
@@ -412,6 +424,80 @@ fn apply(
         health.updated();
     }
     !(synced && peers_synced)
+}
+
+/// Writes back what changed behind the agent's back: service map entries (against the
+/// compiler's shadow), tunnel peers and the node configuration.
+fn repair_drift(
+    reconciler: &mut Reconciler,
+    dataplane: &mut Dataplane,
+    actual: &crate::state::DataplaneState,
+    node_config: &weir_common::NodeConfig,
+    metrics: &Metrics,
+) {
+    match reconciler.repair_drift(&mut dataplane.services, actual) {
+        Ok(report) if report.total() > 0 => warn!(
+            services = report.services,
+            slots = report.slots,
+            backends = report.backends,
+            maglev = report.maglev,
+            "service map entries were changed outside the agent; written back"
+        ),
+        Ok(_) => {}
+        Err(e) => {
+            warn!(error = %e, "repairing drifted service map entries failed; the next pass rereads the maps")
+        }
+    }
+    let wanted = node::tunnel_peers(reconciler.intent().nodes.values());
+    match dataplane.node.set_tunnel_peers(&wanted) {
+        Ok(0) => {}
+        Ok(writes) => {
+            metrics.record_drift(weir_common::map_names::TUNNEL_PEERS, writes);
+            warn!(
+                writes,
+                "tunnel peers were changed outside the agent; written back"
+            );
+        }
+        Err(e) => warn!(error = %e, "checking tunnel peers failed"),
+    }
+    match dataplane.node.config() {
+        Ok(current) if current == *node_config => {}
+        Ok(_) => match dataplane.node.set_config(node_config) {
+            Ok(()) => {
+                metrics.record_drift(weir_common::map_names::NODE_CONFIG, 1);
+                warn!("the node configuration map was changed outside the agent; written back");
+            }
+            Err(e) => warn!(error = %e, "rewriting the node configuration failed"),
+        },
+        Err(e) => warn!(error = %e, "reading the node configuration failed"),
+    }
+}
+
+/// Logs each Weir program of another agent found on our interfaces once, and counts them.
+fn report_foreign_programs(
+    dataplane: &mut Dataplane,
+    known: &mut BTreeSet<crate::dataplane::ForeignProgram>,
+    metrics: &Metrics,
+) {
+    let found: BTreeSet<_> = match dataplane.foreign_programs() {
+        Ok(found) => found.into_iter().collect(),
+        Err(e) => {
+            debug!(error = %e, "listing the programs on our interfaces failed");
+            return;
+        }
+    };
+    for p in found.difference(known) {
+        warn!(
+            interface = %p.interface,
+            program_id = p.id,
+            name = %p.name,
+            before_ours = p.before_ours,
+            "a Weir program of another agent (another pin directory or version) is attached \
+             here; remove it (bpftool net, or `weir-agent uninstall --pin-dir` of its directory)"
+        );
+    }
+    metrics.foreign_programs.set(found.len() as i64);
+    *known = found;
 }
 
 /// Keeps the program on the interfaces that should have it, as they come and go.

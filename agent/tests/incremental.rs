@@ -264,3 +264,82 @@ fn a_full_conntrack_map_evicts_and_keeps_taking_new_flows() {
         "{text}"
     );
 }
+
+fn claimant_yaml(namespace: &str, cluster_ip: Ipv4Addr, external_ip: Ipv4Addr) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: {namespace}}}\n\
+         spec: {{clusterIP: {cluster_ip}, externalIPs: [{external_ip}], \
+         ports: [{{name: http, protocol: TCP, port: 80, targetPort: 8080}}]}}\n---\n"
+    )
+}
+
+/// The service id `ip:80` has in the maps.
+fn service_id_at(state: &DataplaneState, ip: Ipv4Addr) -> Option<u32> {
+    let (addr, family) = weir_agent::compile::addr_of(ip.into());
+    state
+        .services
+        .iter()
+        .find(|(k, _)| k.addr == addr && k.family == family && u16::from_be(k.port_be) == 80)
+        .map(|(_, v)| v.service_id)
+}
+
+/// Two Services claim one external IP: the first to claim it keeps it, the other is refused and
+/// counted, and a restarted agent (which sees both at once, in name order the other one first)
+/// gives it to the same Service and writes nothing. Deleting the holder hands it over.
+#[test]
+fn a_contested_frontend_stays_with_its_first_owner_across_restarts() {
+    let shared = Ipv4Addr::new(198, 18, 7, 7);
+    let (first_vip, second_vip) = (
+        Ipv4Addr::new(198, 18, 101, 1),
+        Ipv4Addr::new(198, 18, 101, 2),
+    );
+    // "zzz" sorts after "aaa": name order alone would hand the address to the second claimant.
+    let first = claimant_yaml("zzz", first_vip, shared);
+    let second = claimant_yaml("aaa", second_vip, shared);
+    let both = format!("{first}{second}");
+
+    let mut h = Harness::new(&[]);
+    h.reconciler = Reconciler::default();
+    h.reconciler
+        .reconcile(&mut h.dataplane.services, &objects(&first))
+        .expect("first claimant");
+    let report = h
+        .reconciler
+        .reconcile(&mut h.dataplane.services, &objects(&both))
+        .expect("second claimant");
+    assert_eq!(
+        report.rejected_objects, 1,
+        "the second claimant is refused: {report:?}"
+    );
+    let state = h.dataplane.services.read().unwrap();
+    let held_by_first = service_id_at(&state, first_vip);
+    assert!(held_by_first.is_some());
+    assert_eq!(service_id_at(&state, shared), held_by_first);
+    assert!(
+        service_id_at(&state, second_vip).is_some(),
+        "its ClusterIP is served"
+    );
+
+    // A new agent adopting the maps.
+    h.reconciler = Reconciler::default();
+    let report = h
+        .reconciler
+        .reconcile(&mut h.dataplane.services, &objects(&both))
+        .expect("adopting sync");
+    assert_eq!(report.writes, 0, "the holder is unchanged: {report:?}");
+    assert_eq!(report.rejected_objects, 1, "{report:?}");
+    assert_eq!(h.dataplane.services.read().unwrap(), state);
+
+    // The holder goes: the other claimant gets the address.
+    let report = h
+        .reconciler
+        .reconcile(&mut h.dataplane.services, &objects(&second))
+        .expect("holder deleted");
+    assert_eq!(report.rejected_objects, 0, "{report:?}");
+    let state = h.dataplane.services.read().unwrap();
+    assert_eq!(
+        service_id_at(&state, shared),
+        service_id_at(&state, second_vip)
+    );
+    assert_eq!(service_id_at(&state, first_vip), None);
+}

@@ -289,3 +289,36 @@ fn a_program_of_an_older_build_is_replaced_in_the_link_without_dropping_a_flow()
     drop(newest);
     uninstall(&pin_root, &[IFACE.to_owned()]).expect("uninstall");
 }
+
+/// An agent of another pin directory (a stale install, another version) left its program on an
+/// interface this agent serves: each agent reports the other's program, and whether it runs
+/// first. Its own program is never reported.
+#[test]
+fn a_weir_program_of_another_pin_directory_is_reported() {
+    if AttachMode::for_running_kernel() != AttachMode::Tcx {
+        eprintln!("skipped: foreign programs are found through TCX (kernel 6.6+)");
+        return;
+    }
+    let bpffs = sandbox();
+    let mut stale = load(&bpffs.path().join("old"), AttachMode::Tcx);
+    stale.attach_ingress(IFACE).expect("attach the stale agent");
+    let mut current = load(&bpffs.path().join("new"), AttachMode::Tcx);
+    current.attach_ingress(IFACE).expect("attach");
+    let stale_id = tcx_programs()[0];
+
+    let found = current.foreign_programs().expect("query");
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0].interface, IFACE);
+    assert_eq!(found[0].id, stale_id);
+    assert_eq!(found[0].name, program_names::INGRESS);
+    assert!(found[0].before_ours, "attached first, it runs first");
+
+    let seen_from_stale = stale.foreign_programs().expect("query");
+    assert_eq!(seen_from_stale.len(), 1);
+    assert!(!seen_from_stale[0].before_ours);
+
+    // Once the stale one is gone, nothing is reported.
+    drop(stale);
+    uninstall(&bpffs.path().join("old"), &[IFACE.to_owned()]).expect("uninstall");
+    assert_eq!(current.foreign_programs().expect("query"), Vec::new());
+}
