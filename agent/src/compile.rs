@@ -564,6 +564,21 @@ impl Compiler {
             };
             let cluster_ids: Vec<u32> = eligible.cluster.iter().map(&mut id_of).collect();
             let local_ids: Vec<u32> = eligible.local.iter().map(&mut id_of).collect();
+            let affinity = service.affinity_timeout_s.unwrap_or(0);
+            // Affinity wins over Maglev: a client's connections stay on one backend.
+            let maglev = options.maglev
+                && affinity == 0
+                && !external.is_empty()
+                && !eligible.everywhere.is_empty();
+            let maglev_members: Vec<(String, u32)> = if maglev {
+                eligible
+                    .everywhere
+                    .iter()
+                    .map(|b| (socket_addr(&b.addr, b.family, b.port_be), id_of(b)))
+                    .collect()
+            } else {
+                Vec::new()
+            };
             let mut counts = [0u32; 2];
             for (local, wanted) in [(false, &cluster_ids), (true, &local_ids)] {
                 let slots = stable_slots(&self.slot_list(service_id, local), wanted);
@@ -587,18 +602,8 @@ impl Compiler {
                         .filter(|k| k.slot >= end && k.slot <= limit),
                 );
             }
-            let affinity = service.affinity_timeout_s.unwrap_or(0);
-            // Affinity wins over Maglev: a client's connections stay on one backend.
-            let maglev =
-                options.maglev && affinity == 0 && !external.is_empty() && !cluster_ids.is_empty();
             if maglev {
-                let named: Vec<(String, u32)> = eligible
-                    .cluster
-                    .iter()
-                    .zip(&cluster_ids)
-                    .map(|(b, id)| (socket_addr(&b.addr, b.family, b.port_be), *id))
-                    .collect();
-                let table = maglev::table(&named);
+                let table = maglev::table(&maglev_members);
                 if self.shadow.maglev.get(&service_id) != Some(&table) {
                     plan.upsert_maglev.push((service_id, table));
                 }
@@ -713,7 +718,11 @@ pub fn frontend_name(key: &FrontendKey) -> String {
 
 /// The endpoints a service port may send traffic to, cluster-wide and on this node.
 struct Eligible {
+    /// Cluster-wide traffic's endpoints on this node, topology hints applied.
     cluster: BTreeSet<BackendValue>,
+    /// The same without topology: what a Maglev table is built from, since every node must
+    /// pick the same endpoint for a flow whichever zone it is in.
+    everywhere: BTreeSet<BackendValue>,
     local: BTreeSet<BackendValue>,
 }
 
@@ -768,16 +777,28 @@ fn eligible_backends(
             }
         }
     }
-    let pick = |only_local: bool| -> BTreeSet<BackendValue> {
-        let in_scope = |b: &BackendValue| !only_local || b.flags & backend_flags::LOCAL != 0;
+    let zone = nodes
+        .get(&options.node_name)
+        .and_then(|n| n.zone.as_deref());
+    let topology =
+        Topology::from_hints(candidates.iter().map(|(_, e)| *e), &options.node_name, zone);
+    let pick = |scope: Scope| -> BTreeSet<BackendValue> {
+        let in_scope = |b: &BackendValue, e: &Endpoint| match scope {
+            Scope::Local => b.flags & backend_flags::LOCAL != 0,
+            Scope::Cluster(topology) => topology.admits(e),
+        };
         let ready: BTreeSet<BackendValue> = candidates
             .iter()
-            .filter(|(b, e)| e.ready && in_scope(b))
+            .filter(|(b, e)| e.ready && in_scope(b, e))
             .map(|(b, _)| *b)
             .collect();
         if !ready.is_empty() {
             return ready;
         }
+        // Terminating endpoints are the fallback when nothing anywhere is ready: topology was
+        // already given up if no ready endpoint matched it.
+        let in_scope =
+            |b: &BackendValue| scope != Scope::Local || b.flags & backend_flags::LOCAL != 0;
         candidates
             .iter()
             .filter(|(b, e)| e.serving && e.terminating && in_scope(b))
@@ -785,8 +806,66 @@ fn eligible_backends(
             .collect()
     };
     Eligible {
-        cluster: pick(false),
-        local: pick(true),
+        cluster: pick(Scope::Cluster(topology)),
+        everywhere: pick(Scope::Cluster(Topology::Any)),
+        local: pick(Scope::Local),
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Scope<'a> {
+    Cluster(Topology<'a>),
+    Local,
+}
+
+/// Which endpoints cluster-wide traffic may use on this node, from the hints the EndpointSlice
+/// controller wrote, as kube-proxy decides (`pkg/proxy/topology.go`): node hints when every
+/// ready endpoint has one and one names this node; else zone hints when every ready endpoint
+/// has one and one names this node's zone; else every endpoint. Hints exist only when the
+/// Service asked for them (`trafficDistribution`, `service.kubernetes.io/topology-mode: Auto`),
+/// so the hints alone decide.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Topology<'a> {
+    Any,
+    SameNode(&'a str),
+    SameZone(&'a str),
+}
+
+impl<'a> Topology<'a> {
+    fn from_hints<'e>(
+        endpoints: impl Iterator<Item = &'e Endpoint> + Clone,
+        node_name: &'a str,
+        zone: Option<&'a str>,
+    ) -> Topology<'a> {
+        let ready = endpoints.filter(|e| e.ready);
+        if ready.clone().next().is_none() {
+            return Topology::Any;
+        }
+        let all_have =
+            |hints: fn(&Endpoint) -> &Vec<String>| ready.clone().all(|e| !hints(e).is_empty());
+        let any_names = |hints: fn(&Endpoint) -> &Vec<String>, name: &str| {
+            ready.clone().any(|e| hints(e).iter().any(|h| h == name))
+        };
+        if !node_name.is_empty()
+            && all_have(|e| &e.node_hints)
+            && any_names(|e| &e.node_hints, node_name)
+        {
+            return Topology::SameNode(node_name);
+        }
+        match zone {
+            Some(zone) if all_have(|e| &e.zone_hints) && any_names(|e| &e.zone_hints, zone) => {
+                Topology::SameZone(zone)
+            }
+            _ => Topology::Any,
+        }
+    }
+
+    fn admits(self, endpoint: &Endpoint) -> bool {
+        match self {
+            Topology::Any => true,
+            Topology::SameNode(node) => endpoint.node_hints.iter().any(|h| h == node),
+            Topology::SameZone(zone) => endpoint.zone_hints.iter().any(|h| h == zone),
+        }
     }
 }
 
@@ -895,8 +974,7 @@ mod tests {
                         ready: !ip.ends_with(".99"),
                         serving: true,
                         terminating: false,
-                        node_name: None,
-                        target: None,
+                        ..Endpoint::default()
                     })
                     .collect(),
             },

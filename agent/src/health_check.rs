@@ -415,7 +415,7 @@ mod tests {
             serving: true,
             terminating: !ready,
             node_name: Some(node.into()),
-            target: None,
+            ..Endpoint::default()
         }
     }
 

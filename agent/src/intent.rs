@@ -183,6 +183,8 @@ pub struct NodeIntent {
     pub name: String,
     /// InternalIP addresses first, then ExternalIP, in the order the Node lists them.
     pub addresses: Vec<IpAddr>,
+    /// `topology.kubernetes.io/zone`: which zone hints this node follows.
+    pub zone: Option<String>,
 }
 
 impl NodeIntent {
@@ -203,7 +205,7 @@ pub struct EndpointPort {
     pub port: u16,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Default, Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Endpoint {
     pub addresses: Vec<IpAddr>,
     pub ready: bool,
@@ -213,6 +215,10 @@ pub struct Endpoint {
     /// The object behind the endpoint (`targetRef`, a Pod as the EndpointSlice controller writes
     /// it): a dual-stack pod listed in the IPv4 and the IPv6 slice is one endpoint.
     pub target: Option<EndpointTarget>,
+    /// Topology hints the EndpointSlice controller wrote (for `trafficDistribution` and
+    /// `service.kubernetes.io/topology-mode: Auto`): the zones and nodes it should serve.
+    pub zone_hints: Vec<String>,
+    pub node_hints: Vec<String>,
 }
 
 /// An endpoint's `targetRef`, namespaced (the slice's namespace when the reference has none).
@@ -249,6 +255,8 @@ impl ClusterIntent {
 }
 
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// The Node label naming its zone, which zone hints refer to.
+const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 
 fn object_ref(
     meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
@@ -501,7 +509,17 @@ impl TryFrom<&Node> for NodeIntent {
                 addresses.push(parse_ip("status.addresses", &address.address)?);
             }
         }
-        Ok(NodeIntent { name, addresses })
+        let zone = node
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(ZONE_LABEL))
+            .cloned();
+        Ok(NodeIntent {
+            name,
+            addresses,
+            zone,
+        })
     }
 }
 
@@ -581,6 +599,18 @@ impl TryFrom<&EndpointSlice> for EndpointSliceIntent {
                 terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
                 node_name: endpoint.node_name.clone(),
                 target: endpoint_target(endpoint.target_ref.as_ref(), &id.namespace),
+                zone_hints: endpoint
+                    .hints
+                    .iter()
+                    .flat_map(|h| h.for_zones.iter().flatten())
+                    .map(|z| z.name.clone())
+                    .collect(),
+                node_hints: endpoint
+                    .hints
+                    .iter()
+                    .flat_map(|h| h.for_nodes.iter().flatten())
+                    .map(|n| n.name.clone())
+                    .collect(),
             });
         }
         Ok(EndpointSliceIntent {
