@@ -327,21 +327,36 @@ fn key_set<K: aya::Pod + Ord>(
     Ok(read_all(map, name)?.into_keys().collect())
 }
 
-/// Brings a map used as a set to `wanted`: additions first, so a member that stays is never
-/// missing in between.
+/// Brings a map used as a set to `wanted`: additions first, so that a member replaced by
+/// another (a Node's new address for its old one) overlaps it for a moment rather than leaving a
+/// gap. A map too full for that (`E2BIG`: at its `[maps]` capacity) takes the removals first and
+/// the remaining additions after, so a set that fits is always written.
 fn set_key_set<K: aya::Pod + Ord>(
     map: &mut HashMap<MapData, K, u32>,
     wanted: &BTreeSet<K>,
     name: &'static str,
 ) -> Result<usize, DataplaneError> {
     let current = key_set(map, name)?;
-    let mut writes = 0;
-    for key in wanted.difference(&current) {
-        map.insert(key, 0, 0).map_err(map_err(name))?;
-        writes += 1;
+    let additions: Vec<&K> = wanted.difference(&current).collect();
+    let mut added = 0;
+    for key in &additions {
+        match map.insert(*key, 0, 0) {
+            Ok(()) => added += 1,
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::E2BIG) =>
+            {
+                break
+            }
+            Err(source) => return Err(DataplaneError::Map { name, source }),
+        }
     }
+    let mut writes = added;
     for key in current.difference(wanted) {
         remove_present(map, key, name)?;
+        writes += 1;
+    }
+    for key in &additions[added..] {
+        map.insert(*key, 0, 0).map_err(map_err(name))?;
         writes += 1;
     }
     Ok(writes)

@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
@@ -12,6 +13,9 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use nix::sched::CloneFlags;
+use weir_agent::compile::addr_key;
+use weir_agent::dataplane::NodeMaps;
+use weir_common::HostAddrKey;
 
 struct AgentProcess(Child);
 
@@ -203,4 +207,35 @@ conntrack = 8192
         Some(0.0),
         "no host interfaces configured: {metrics}"
     );
+
+    // A node replaced by another at full capacity: the one leaving makes room first.
+    let replaced = nodes(&["198.18.0.1", "198.18.0.3"]);
+    write_state(
+        &state,
+        &format!("{}{replaced}", cluster_yaml(&[BACKEND, OTHER])),
+    );
+    let pin_dir = weir_agent::config::versioned_pin_dir(&bpffs.path().join("node1"));
+    let wanted: BTreeSet<HostAddrKey> = ["198.18.0.1", "198.18.0.3"]
+        .iter()
+        .map(|ip| addr_key(ip.parse().unwrap()))
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let peers = NodeMaps::open_pinned(&pin_dir)
+            .unwrap()
+            .tunnel_peers()
+            .unwrap();
+        if peers == wanted {
+            break;
+        }
+        assert!(Instant::now() < deadline, "tunnel peers stuck at {peers:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let metrics = wait_for(metrics_port, "/metrics", &log, |status, _| status == 200);
+    assert_eq!(
+        sample(&metrics, "weir_last_sync_success"),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert_eq!(get(metrics_port, "/readyz").map(|r| r.0), Some(200));
 }
