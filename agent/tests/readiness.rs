@@ -180,13 +180,29 @@ conntrack = 8192
         );
     }
 
-    // One node leaves: the cluster fits again, and the node is ready.
+    // One node leaves: the cluster fits again, and the node is ready. A Service refused as
+    // bad input (its NodePort would take the node's SSH port: withheld) does not change that.
     let two = nodes(&["198.18.0.1", "198.18.0.2"]);
-    write_state(&state, &format!("{}{two}", cluster_yaml(&[BACKEND, OTHER])));
+    let capture =
+        "---\napiVersion: v1\nkind: Service\nmetadata: {name: capture, namespace: default}\n\
+                   spec: {type: NodePort, clusterIP: 198.18.100.20, \
+                   ports: [{port: 80, targetPort: 8080, nodePort: 22}]}\n";
+    write_state(
+        &state,
+        &format!("{}{two}{capture}", cluster_yaml(&[BACKEND, OTHER])),
+    );
     wait_for(metrics_port, "/readyz", &log, |status, _| status == 200);
     let metrics = wait_for(metrics_port, "/metrics", &log, |status, _| status == 200);
     assert_eq!(
         sample(&metrics, "weir_last_sync_success"),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            "weir_rejected_objects_current{kind=\"Service\",reason=\"node_port_out_of_range\"}"
+        ),
         Some(1.0),
         "{metrics}"
     );
@@ -212,7 +228,7 @@ conntrack = 8192
     let replaced = nodes(&["198.18.0.1", "198.18.0.3"]);
     write_state(
         &state,
-        &format!("{}{replaced}", cluster_yaml(&[BACKEND, OTHER])),
+        &format!("{}{replaced}{capture}", cluster_yaml(&[BACKEND, OTHER])),
     );
     let pin_dir = weir_agent::config::versioned_pin_dir(&bpffs.path().join("node1"));
     let wanted: BTreeSet<HostAddrKey> = ["198.18.0.1", "198.18.0.3"]
