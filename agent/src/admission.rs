@@ -11,10 +11,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
-use weir_common::capacity;
+use weir_common::map_names;
 
 use crate::compile::CompileOptions;
-use crate::config::NodePortRange;
+use crate::config::{MapsConfig, NodePortRange};
 use crate::intent::{ClusterIntent, EndpointSliceIntent, ObjectRef, ServiceIntent};
 use crate::source::IntentStore;
 
@@ -31,7 +31,7 @@ pub struct Rejection {
 pub struct Limits {
     /// Ready endpoints one Service may have.
     pub max_endpoints_per_service: u32,
-    /// What each service map holds.
+    /// What each service map holds: [`Footprint::of`] the configured `[maps]`.
     pub capacity: Footprint,
     /// NodePorts must lie in it; so must every port of a frontend on a node's address.
     pub node_port_range: NodePortRange,
@@ -64,13 +64,29 @@ pub struct Footprint {
 }
 
 impl Footprint {
-    /// The capacities the maps are created with.
-    pub const MAPS: Footprint = Footprint {
-        frontends: capacity::SERVICES as usize,
-        slots: capacity::BACKEND_SLOTS as usize,
-        backends: capacity::BACKENDS as usize,
-        maglev: capacity::MAGLEV as usize,
-    };
+    /// The capacities the maps are created with by default.
+    pub const MAPS: Footprint = Footprint::of(&MapsConfig::DEFAULT);
+
+    /// The capacities of the service maps as configured, so admission accounts against the
+    /// maps the agent really created.
+    pub const fn of(maps: &MapsConfig) -> Footprint {
+        Footprint {
+            frontends: maps.services as usize,
+            slots: maps.backend_slots as usize,
+            backends: maps.backends as usize,
+            maglev: maps.maglev as usize,
+        }
+    }
+
+    /// Each count with the map it is of, by its pinned name.
+    pub fn by_map(&self) -> [(&'static str, usize); 4] {
+        [
+            (map_names::SERVICES, self.frontends),
+            (map_names::BACKEND_SLOTS, self.slots),
+            (map_names::BACKENDS, self.backends),
+            (map_names::MAGLEV, self.maglev),
+        ]
+    }
 
     fn plus(self, other: Footprint) -> Footprint {
         Footprint {

@@ -99,6 +99,178 @@ pub struct AgentConfig {
     pub host_services: HostServicesConfig,
     pub http: HttpConfig,
     pub health_check: HealthCheckConfig,
+    pub maps: MapsConfig,
+}
+
+/// How many entries each map whose size matters holds (`[maps]`). Maps are created with these
+/// capacities, and admission accounts every Service against the same numbers, so a Service
+/// that is admitted always fits. Changing one on a running node takes effect at the agent's
+/// next start: the pinned map of the old size is replaced (conntrack and affinity entries are
+/// carried over, see `agent/src/pin_layout.rs`; service and node maps are rewritten).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MapsConfig {
+    /// `WEIR_CONNTRACK`: two entries per translated flow (one per direction), one for a flow
+    /// that only passes through the tunnel. LRU: when full, the least recently used is evicted.
+    pub conntrack: u32,
+    /// `WEIR_AFFINITY`: one per (client, Service) under `sessionAffinity: ClientIP`. LRU.
+    pub affinity: u32,
+    /// `WEIR_SERVICES`: one per frontend (address or NodePort, port, protocol).
+    pub services: u32,
+    /// `WEIR_BACKEND_SLOTS`: per Service port and family, one per eligible endpoint (and again
+    /// for this node's own).
+    pub backend_slots: u32,
+    /// `WEIR_BACKENDS`: one per (endpoint address, target port).
+    pub backends: u32,
+    /// `WEIR_MAGLEV`: one 16 KiB table per Service port and family with external frontends,
+    /// when Maglev is on.
+    pub maglev: u32,
+    /// `WEIR_SOCK_REVERSE`: host sockets translated at connect time (host services). LRU.
+    pub sock_reverse: u32,
+    /// `WEIR_HOST_ADDRS`: this node's addresses (where NodePorts answer).
+    pub host_addrs: u32,
+    /// `WEIR_TUNNEL_PEERS`: every address of every Node (the tunnel's only accepted senders).
+    pub tunnel_peers: u32,
+    /// `WEIR_POD_INTERFACES`: pod interfaces on this node.
+    pub pod_interfaces: u32,
+}
+
+/// One configurable map: its key under `[maps]`, its name in the object (and pin), the entries
+/// configured and the most that may be asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapCapacity {
+    pub key: &'static str,
+    pub map: &'static str,
+    pub entries: u32,
+    pub max: u32,
+}
+
+/// The largest capacity any map may have: Cilium's limit for its own tables (2^24). A
+/// preallocated LRU map of conntrack entries that size takes about 2.5 GiB of kernel memory.
+const MAX_MAP_ENTRIES: u32 = 1 << 24;
+/// Maglev tables are 16 KiB each: 2^17 of them would be 2 GiB.
+const MAX_MAGLEV_TABLES: u32 = 1 << 17;
+
+impl MapsConfig {
+    /// The defaults, as the eBPF object declares them (`weir_common::capacity`).
+    pub const DEFAULT: MapsConfig = {
+        use weir_common::capacity;
+        MapsConfig {
+            conntrack: capacity::CONNTRACK,
+            affinity: capacity::AFFINITY,
+            services: capacity::SERVICES,
+            backend_slots: capacity::BACKEND_SLOTS,
+            backends: capacity::BACKENDS,
+            maglev: capacity::MAGLEV,
+            sock_reverse: capacity::SOCK_REVERSE,
+            host_addrs: capacity::HOST_ADDRS,
+            tunnel_peers: capacity::TUNNEL_PEERS,
+            pod_interfaces: capacity::POD_INTERFACES,
+        }
+    };
+
+    /// Every configurable map with its capacity: the one place that says which key sizes which
+    /// map. Loading, admission and the capacity metrics all read it.
+    pub fn capacities(&self) -> [MapCapacity; 10] {
+        use weir_common::map_names;
+        let row = |key, map, entries, max| MapCapacity {
+            key,
+            map,
+            entries,
+            max,
+        };
+        [
+            row(
+                "conntrack",
+                map_names::CONNTRACK,
+                self.conntrack,
+                MAX_MAP_ENTRIES,
+            ),
+            row(
+                "affinity",
+                map_names::AFFINITY,
+                self.affinity,
+                MAX_MAP_ENTRIES,
+            ),
+            row(
+                "services",
+                map_names::SERVICES,
+                self.services,
+                MAX_MAP_ENTRIES,
+            ),
+            row(
+                "backend_slots",
+                map_names::BACKEND_SLOTS,
+                self.backend_slots,
+                MAX_MAP_ENTRIES,
+            ),
+            row(
+                "backends",
+                map_names::BACKENDS,
+                self.backends,
+                MAX_MAP_ENTRIES,
+            ),
+            row("maglev", map_names::MAGLEV, self.maglev, MAX_MAGLEV_TABLES),
+            row(
+                "sock_reverse",
+                map_names::SOCK_REVERSE,
+                self.sock_reverse,
+                MAX_MAP_ENTRIES,
+            ),
+            row(
+                "host_addrs",
+                map_names::HOST_ADDRS,
+                self.host_addrs,
+                MAX_MAP_ENTRIES,
+            ),
+            row(
+                "tunnel_peers",
+                map_names::TUNNEL_PEERS,
+                self.tunnel_peers,
+                MAX_MAP_ENTRIES,
+            ),
+            row(
+                "pod_interfaces",
+                map_names::POD_INTERFACES,
+                self.pod_interfaces,
+                MAX_MAP_ENTRIES,
+            ),
+        ]
+    }
+
+    /// The capacity of map `name` (as pinned), if it is configurable.
+    pub fn capacity_of(&self, name: &str) -> Option<u32> {
+        self.capacities()
+            .into_iter()
+            .find(|c| c.map == name)
+            .map(|c| c.entries)
+    }
+
+    /// Capacities by map name, as [`crate::dataplane::LoadOptions::max_entries`] takes them.
+    pub fn max_entries(&self) -> Vec<(&'static str, u32)> {
+        self.capacities()
+            .into_iter()
+            .map(|c| (c.map, c.entries))
+            .collect()
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for c in self.capacities() {
+            if c.entries == 0 || c.entries > c.max {
+                return Err(ConfigError::Invalid(format!(
+                    "maps.{} = {}: must be between 1 and {} entries",
+                    c.key, c.entries, c.max
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Default for MapsConfig {
+    fn default() -> Self {
+        MapsConfig::DEFAULT
+    }
 }
 
 /// Limits every HTTP listener of the agent applies (the operations endpoint, healthz, and the
@@ -420,6 +592,7 @@ pub struct ConfigLayer {
     pub host_services: Option<HostServicesConfig>,
     pub http: Option<HttpConfig>,
     pub health_check: Option<HealthCheckConfig>,
+    pub maps: Option<MapsConfig>,
 }
 
 /// The flag and environment layer, as `weir-agent run` takes it.
@@ -494,6 +667,7 @@ impl ConfigArgs {
             host_services: None,
             http: None,
             health_check: None,
+            maps: None,
         }
     }
 }
@@ -536,6 +710,7 @@ impl ConfigLayer {
             host_services: self.host_services.or(lower.host_services),
             http: self.http.or(lower.http),
             health_check: self.health_check.or(lower.health_check),
+            maps: self.maps.or(lower.maps),
         }
     }
 
@@ -579,6 +754,7 @@ impl ConfigLayer {
             host_services: self.host_services.unwrap_or_default(),
             http: self.http.unwrap_or_default(),
             health_check: self.health_check.unwrap_or_default(),
+            maps: self.maps.unwrap_or_default(),
         })
     }
 }
@@ -701,6 +877,7 @@ impl AgentConfig {
                 "http.max_connections and the http timeouts must be positive".into(),
             ));
         }
+        self.maps.validate()?;
         if overlaps(self.metrics_listen, self.healthz_listen) {
             return Err(ConfigError::Invalid(format!(
                 "metrics_listen {} and healthz_listen {} cannot both be bound",
@@ -729,6 +906,11 @@ impl AgentConfig {
         versioned_pin_dir(&self.pin_dir)
     }
 
+    /// Older layouts' map directories beside [`AgentConfig::versioned_pin_dir`], newest first.
+    pub fn older_versioned_pin_dirs(&self) -> Vec<(u32, PathBuf)> {
+        older_versioned_pin_dirs(&self.pin_dir)
+    }
+
     /// Where the program links live: outside the versioned map directory, because a new agent
     /// with a new map layout still takes over the same links (replacing their programs).
     pub fn link_pin_dir(&self) -> PathBuf {
@@ -750,6 +932,26 @@ pub fn versioned_pin_dir(pin_dir: &Path) -> PathBuf {
 
 pub fn link_pin_dir(pin_dir: &Path) -> PathBuf {
     pin_dir.join("links")
+}
+
+/// The map directories older layouts left beside this one (`pin_dir/v<N>`, N below
+/// [`weir_common::MAP_LAYOUT_VERSION`]), newest first: where a new agent finds the flows an
+/// older one tracked. Newer layouts' directories (a downgrade) are not this agent's to touch.
+pub fn older_versioned_pin_dirs(pin_dir: &Path) -> Vec<(u32, PathBuf)> {
+    let Ok(entries) = std::fs::read_dir(pin_dir) else {
+        return Vec::new();
+    };
+    let mut older: Vec<(u32, PathBuf)> = entries
+        .flatten()
+        .filter_map(|entry| {
+            let name = entry.file_name();
+            let version: u32 = name.to_str()?.strip_prefix('v')?.parse().ok()?;
+            (version < weir_common::MAP_LAYOUT_VERSION && entry.path().is_dir())
+                .then(|| (version, entry.path()))
+        })
+        .collect();
+    older.sort_by_key(|(version, _)| std::cmp::Reverse(*version));
+    older
 }
 
 #[cfg(test)]
@@ -929,6 +1131,67 @@ cgroup = "/sys/fs/cgroup/unified"
         assert_eq!(from_flags.host_interfaces, ["eth9"]);
         assert_eq!(from_flags.poll_interval, Duration::from_millis(750));
         assert_eq!(from_flags.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn map_sizes_are_validated_by_key_and_feed_loading_by_map_name() {
+        let layer: ConfigLayer = toml::from_str(
+            "node_name = \"n\"\nsource = \"kubernetes\"\n[maps]\nconntrack = 1048576\n",
+        )
+        .unwrap();
+        let config = layer.finish().unwrap();
+        assert_eq!(config.maps.conntrack, 1 << 20);
+        assert_eq!(
+            config.maps.affinity,
+            weir_common::capacity::AFFINITY,
+            "unset keys keep the object's default"
+        );
+        let entries = config.maps.max_entries();
+        assert!(entries.contains(&(weir_common::map_names::CONNTRACK, 1 << 20)));
+        assert_eq!(
+            config.maps.capacity_of(weir_common::map_names::MAGLEV),
+            Some(weir_common::capacity::MAGLEV)
+        );
+        for (bad, key) in [
+            ("conntrack = 0", "maps.conntrack = 0"),
+            ("maglev = 1000000", "maps.maglev = 1000000"),
+            ("tunnel_peers = 4294967295", "maps.tunnel_peers"),
+        ] {
+            let text = format!("node_name = \"n\"\nsource = \"kubernetes\"\n[maps]\n{bad}\n");
+            let error = toml::from_str::<ConfigLayer>(&text)
+                .unwrap()
+                .finish()
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains(key), "{bad}: {error}");
+        }
+        assert!(
+            toml::from_str::<ConfigLayer>("[maps]\nconntrak = 5\n").is_err(),
+            "a misspelt map is an error, not a default"
+        );
+        assert!(toml::from_str::<ConfigLayer>("[maps]\nconntrack = -1\n").is_err());
+    }
+
+    #[test]
+    fn older_layouts_pin_directories_are_found_newest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let current = weir_common::MAP_LAYOUT_VERSION;
+        for name in [
+            "v1",
+            "v2",
+            "links",
+            "vx",
+            &format!("v{current}"),
+            &format!("v{}", current + 1),
+        ] {
+            std::fs::create_dir(dir.path().join(name)).unwrap();
+        }
+        std::fs::write(dir.path().join("v0"), "a file, not a directory").unwrap();
+        let older = older_versioned_pin_dirs(dir.path());
+        assert_eq!(
+            older,
+            [(2, dir.path().join("v2")), (1, dir.path().join("v1"))]
+        );
     }
 
     #[test]

@@ -329,21 +329,36 @@ fn key_set<K: aya::Pod + Ord>(
     Ok(read_all(map, name)?.into_keys().collect())
 }
 
-/// Brings a map used as a set to `wanted`: additions first, so a member that stays is never
-/// missing in between.
+/// Brings a map used as a set to `wanted`: additions first, so that a member replaced by
+/// another (a Node's new address for its old one) overlaps it for a moment rather than leaving a
+/// gap. A map too full for that (`E2BIG`: at its `[maps]` capacity) takes the removals first and
+/// the remaining additions after, so a set that fits is always written.
 fn set_key_set<K: aya::Pod + Ord>(
     map: &mut HashMap<MapData, K, u32>,
     wanted: &BTreeSet<K>,
     name: &'static str,
 ) -> Result<usize, DataplaneError> {
     let current = key_set(map, name)?;
-    let mut writes = 0;
-    for key in wanted.difference(&current) {
-        map.insert(key, 0, 0).map_err(map_err(name))?;
-        writes += 1;
+    let additions: Vec<&K> = wanted.difference(&current).collect();
+    let mut added = 0;
+    for key in &additions {
+        match map.insert(*key, 0, 0) {
+            Ok(()) => added += 1,
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::E2BIG) =>
+            {
+                break
+            }
+            Err(source) => return Err(DataplaneError::Map { name, source }),
+        }
     }
+    let mut writes = added;
     for key in current.difference(wanted) {
         remove_present(map, key, name)?;
+        writes += 1;
+    }
+    for key in &additions[added..] {
+        map.insert(*key, 0, 0).map_err(map_err(name))?;
         writes += 1;
     }
     Ok(writes)
@@ -441,6 +456,8 @@ pub struct Dataplane {
     /// Where links are pinned so they outlive the agent; `None` ties them to this process.
     link_pin_dir: Option<PathBuf>,
     mode: AttachMode,
+    /// Entries of replaced maps, copied at load and topped up once the links are swapped.
+    carry_over: pin_layout::CarryOver,
 }
 
 /// A Weir program attached to an interface next to this agent's own (see
@@ -506,29 +523,40 @@ pub struct LoadOptions {
     /// Pin (or adopt already pinned) maps in this bpffs directory. `None` keeps them private to
     /// this process, as packet tests want.
     pub pin_dir: Option<PathBuf>,
-    /// Overrides of map capacities, by map name.
+    /// Overrides of map capacities, by map name (`[maps]`, see
+    /// [`crate::config::MapsConfig::max_entries`]).
     pub max_entries: Vec<(&'static str, u32)>,
+    /// Older map layouts' directories beside `pin_dir` (`(version, directory)`, newest first):
+    /// conntrack and affinity entries are carried over from them, and they are unpinned by
+    /// [`Dataplane::finish_carry_over`] (see `pin_layout`).
+    pub older_pin_dirs: Vec<(u32, PathBuf)>,
 }
 
 impl Dataplane {
     pub fn load(options: &LoadOptions) -> Result<Self, DataplaneError> {
         raise_memlock_limit();
         let mut loader = EbpfLoader::new();
+        let mut carry_over = None;
         if let Some(dir) = &options.pin_dir {
             std::fs::create_dir_all(dir).map_err(|source| DataplaneError::PinDir {
                 path: dir.clone(),
                 source,
             })?;
             let shapes = pin_layout::declared_shapes(OBJECT, &options.max_entries)?;
-            for moved in pin_layout::set_aside_incompatible(dir, &shapes)? {
+            let set_aside = pin_layout::set_aside_incompatible(dir, &shapes)?;
+            for moved in &set_aside {
                 warn!(
                     map = moved.name,
                     reason = %moved.reason,
                     moved_to = %moved.moved_to.display(),
                     "pinned map does not match this agent's object: not adopted, set aside; a new \
-                     one starts empty"
+                     one is created (conntrack and affinity entries are carried over)"
                 );
             }
+            carry_over = Some((
+                pin_layout::CarryOver::plan(dir, &set_aside, &options.older_pin_dirs),
+                shapes,
+            ));
             for name in map_names::PINNED {
                 let path = dir.join(name);
                 if path.exists() {
@@ -541,6 +569,12 @@ impl Dataplane {
             loader.map_max_entries(name, *entries);
         }
         let mut ebpf = loader.load(OBJECT)?;
+        // The new maps are pinned now: the first copy into them.
+        let carry_over =
+            carry_over.map_or_else(pin_layout::CarryOver::default, |(mut c, shapes)| {
+                c.start(&shapes, crate::conntrack::monotonic_now_ns());
+                c
+            });
         for name in [program_names::INGRESS, program_names::PASS] {
             let program: &mut SchedClassifier = ebpf
                 .program_mut(name)
@@ -567,7 +601,15 @@ impl Dataplane {
             host_services_adopted: 0,
             link_pin_dir: None,
             mode: AttachMode::for_running_kernel(),
+            carry_over,
         })
+    }
+
+    /// Ends carrying maps over (see `pin_layout`), once the links point at this agent's
+    /// programs: copies what the old programs did since the maps were loaded, then unpins the
+    /// replaced maps that were copied and older layouts' directories. The report, once.
+    pub fn finish_carry_over(&mut self) -> pin_layout::CarryReport {
+        self.carry_over.finish()
     }
 
     /// Makes attachments outlive this process: TCX links are pinned in `dir` (and links already

@@ -34,7 +34,7 @@ pub type ListenerLabel = [(&'static str, &'static str); 1];
 /// make room), "over_limit" (a new one, every slot being mid-request) or "timeout".
 pub type ClosedConnectionLabels = [(&'static str, &'static str); 2];
 
-/// One of the pinned maps, by name.
+/// Which map: its name as pinned, e.g. `WEIR_CONNTRACK`.
 pub type MapLabel = [(&'static str, &'static str); 1];
 
 /// The agent's metrics. Cheap to share: every field is an atomic or a locked map.
@@ -54,8 +54,19 @@ pub struct Metrics {
     pub last_sync_timestamp: Gauge<f64, AtomicU64>,
     pub last_sync_duration: Gauge<f64, AtomicU64>,
     pub map_writes: Counter,
-    /// Passes that could not write their plan (retried on the next tick).
+    /// Passes that could not write everything (retried on the next tick): counted by
+    /// [`Metrics::record_pass`].
     pub reconcile_errors: Counter,
+    /// 1 when the last pass wrote everything, 0 when it failed.
+    pub last_sync_success: Gauge,
+    /// Entries each map holds, as last known without scanning it (see the README).
+    pub map_entries: Family<MapLabel, Gauge>,
+    /// Entries each map can hold (`[maps]`).
+    pub map_capacity: Family<MapLabel, Gauge>,
+    /// Entries copied at start from a conntrack (or affinity) map the agent replaced.
+    pub carried_over_entries: Family<MapLabel, Counter>,
+    /// Replaced maps whose entries could not be copied (other key or value size): set aside.
+    pub maps_not_carried_over: Family<MapLabel, Counter>,
     /// The desired-state source could not be read (the last good state stays).
     pub source_errors: Counter,
     /// Objects that newly failed validation, by kind and reason.
@@ -95,6 +106,11 @@ impl Metrics {
             last_sync_duration: Gauge::default(),
             map_writes: Counter::default(),
             reconcile_errors: Counter::default(),
+            last_sync_success: Gauge::default(),
+            map_entries: Family::default(),
+            map_capacity: Family::default(),
+            carried_over_entries: Family::default(),
+            maps_not_carried_over: Family::default(),
             source_errors: Counter::default(),
             rejected_total: Family::default(),
             rejected_now: Family::default(),
@@ -156,8 +172,37 @@ impl Metrics {
         );
         registry.register(
             "weir_reconcile_errors",
-            "Reconcile passes whose map writes failed (retried)",
+            "Reconcile passes that failed to write the desired state (a service or tunnel peer \
+             map write failed; retried, and the node is not ready until a pass succeeds)",
             metrics.reconcile_errors.clone(),
+        );
+        registry.register(
+            "weir_last_sync_success",
+            "1 when the last reconcile pass wrote the desired state, 0 when it failed",
+            metrics.last_sync_success.clone(),
+        );
+        registry.register(
+            "weir_map_entries",
+            "Entries in each map, as the agent last wrote or counted them (service and node \
+             maps after each pass, conntrack at each garbage collection)",
+            metrics.map_entries.clone(),
+        );
+        registry.register(
+            "weir_map_capacity",
+            "Entries each map can hold ([maps] in the configuration)",
+            metrics.map_capacity.clone(),
+        );
+        registry.register(
+            "weir_carried_over_entries",
+            "Entries copied at start from a map the agent replaced (a capacity change or a new \
+             map layout), by map",
+            metrics.carried_over_entries.clone(),
+        );
+        registry.register(
+            "weir_maps_not_carried_over",
+            "Maps replaced at start whose entries could not be copied (another key or value \
+             size): left set aside as NAME_INCOMPATIBLE",
+            metrics.maps_not_carried_over.clone(),
         );
         registry.register(
             "weir_source_errors",
@@ -233,6 +278,44 @@ impl Metrics {
         self.registry
             .register_collector(Box::new(DatapathCollector(Mutex::new(counters))));
         self
+    }
+
+    /// The entries `map` holds now.
+    pub fn set_map_entries(&self, map: &'static str, entries: usize) {
+        self.map_entries
+            .get_or_create(&[("map", map)])
+            .set(entries as i64);
+    }
+
+    /// What every configured map can hold, once at start.
+    pub fn set_map_capacities(&self, maps: &crate::config::MapsConfig) {
+        for c in maps.capacities() {
+            self.map_capacity
+                .get_or_create(&[("map", c.map)])
+                .set(i64::from(c.entries));
+        }
+    }
+
+    /// What carrying replaced maps over did (see `pin_layout`).
+    pub fn record_carry_over(&self, report: &crate::pin_layout::CarryReport) {
+        for (map, entries) in &report.copied {
+            self.carried_over_entries
+                .get_or_create(&[("map", *map)])
+                .inc_by(*entries as u64);
+        }
+        for (map, _) in &report.not_carried {
+            self.maps_not_carried_over
+                .get_or_create(&[("map", *map)])
+                .inc();
+        }
+    }
+
+    /// One reconcile pass's outcome: failures counted, the last one's success as a gauge.
+    pub fn record_pass(&self, ok: bool) {
+        if !ok {
+            self.reconcile_errors.inc();
+        }
+        self.last_sync_success.set(i64::from(ok));
     }
 
     /// The text exposition format, as `/metrics` serves it.
@@ -334,6 +417,9 @@ pub struct Health {
     /// The loop counts as wedged when it has not turned for this long.
     stall_after: Duration,
     synced: AtomicBool,
+    /// Why the last reconcile pass failed to write, until one succeeds: the node is not ready
+    /// while it cannot apply what it is told.
+    sync_failure: Mutex<Option<String>>,
     /// Configured host interfaces without the program, for `/readyz` to name.
     unattached_host_interfaces: Mutex<Vec<String>>,
     /// An update left unapplied for longer than this makes the proxier unhealthy.
@@ -380,6 +466,7 @@ impl Health {
             last_beat_ms: AtomicU64::new(0),
             stall_after,
             synced: AtomicBool::new(false),
+            sync_failure: Mutex::new(None),
             unattached_host_interfaces: Mutex::new(Vec::new()),
             sync_timeout: DEFAULT_SYNC_TIMEOUT,
             sync: Mutex::new(SyncProgress::default()),
@@ -451,6 +538,25 @@ impl Health {
         self.synced.store(true, Ordering::Relaxed);
     }
 
+    /// A reconcile pass wrote everything it was given: synced, updated, and a failure before
+    /// it forgotten.
+    pub fn sync_succeeded(&self) {
+        self.set_synced();
+        self.updated();
+        if let Ok(mut failure) = self.sync_failure.lock() {
+            *failure = None;
+        }
+    }
+
+    /// A reconcile pass failed to write (a map write error): not ready, saying why, until a
+    /// later pass succeeds. Objects refused as bad input are not failures: the pass wrote
+    /// everything else.
+    pub fn sync_failed(&self, reason: String) {
+        if let Ok(mut failure) = self.sync_failure.lock() {
+            *failure = Some(reason);
+        }
+    }
+
     pub fn set_unattached_host_interfaces(&self, missing: Vec<String>) {
         if let Ok(mut guard) = self.unattached_host_interfaces.lock() {
             *guard = missing;
@@ -478,11 +584,19 @@ impl Health {
         }
     }
 
-    /// Ready: alive, the first sync is done, and every host interface carries the program.
+    /// Ready: alive, the first sync is done, the last one did not fail, and every host
+    /// interface carries the program.
     pub fn readiness(&self) -> Probe {
         let live = self.liveness();
         if !live.ok {
             return live;
+        }
+        let failure = self.sync_failure.lock().ok().and_then(|f| f.clone());
+        if let Some(reason) = failure {
+            return Probe {
+                ok: false,
+                message: format!("the last sync failed to write: {reason}"),
+            };
         }
         if !self.synced.load(Ordering::Relaxed) {
             return Probe {
@@ -531,6 +645,32 @@ mod tests {
         let probe = health.readiness();
         assert!(!probe.ok && probe.message.contains("eth0"), "{probe:?}");
         health.set_unattached_host_interfaces(Vec::new());
+        assert!(health.readiness().ok);
+    }
+
+    #[test]
+    fn a_failed_pass_makes_the_node_unready_until_one_succeeds() {
+        let health = Health::new(Duration::from_secs(60));
+        health.beat();
+        health.sync_failed("map WEIR_TUNNEL_PEERS: full".into());
+        let probe = health.readiness();
+        assert!(
+            !probe.ok && probe.message.contains("WEIR_TUNNEL_PEERS"),
+            "{probe:?}"
+        );
+        health.sync_succeeded();
+        assert!(health.readiness().ok);
+        health.sync_failed("map WEIR_BACKENDS: full".into());
+        let probe = health.readiness();
+        assert!(
+            !probe.ok && probe.message.contains("WEIR_BACKENDS"),
+            "a node that synced once is not ready while later passes fail: {probe:?}"
+        );
+        assert!(
+            health.liveness().ok,
+            "still alive: the loop turns and retries"
+        );
+        health.sync_succeeded();
         assert!(health.readiness().ok);
     }
 

@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use tracing::{debug, info, instrument, warn};
 
-use crate::admission::{Admission, Decision, Limits, Rejection};
+use crate::admission::{Admission, Decision, Footprint, Limits, Rejection};
 use crate::compile::{addr_of, frontend_name, summary, CompileOptions, Compiler, ServiceInput};
 use crate::conntrack::{BackendAddr, Retired};
 use crate::dataplane::{DataplaneError, ServiceMaps};
@@ -31,6 +31,8 @@ pub struct ReconcileReport {
     pub rejected_objects: usize,
     /// Services recompiled in this pass.
     pub recompiled: usize,
+    /// Entries in each service map after the pass (from the shadow: no map is read for it).
+    pub entries: Footprint,
 }
 
 /// (kind, object, reason) of one rejected object.
@@ -114,20 +116,20 @@ impl Reconciler {
             metrics
                 .sync_duration
                 .observe(started.elapsed().as_secs_f64());
-            match &result {
-                Ok(report) => {
-                    metrics
-                        .last_sync_duration
-                        .set(started.elapsed().as_secs_f64());
-                    if let Ok(now) = std::time::UNIX_EPOCH.elapsed() {
-                        metrics.last_sync_timestamp.set(now.as_secs_f64());
-                    }
-                    metrics.map_writes.inc_by(report.writes as u64);
-                    metrics.services.set(report.services as i64);
-                    metrics.backends.set(report.backends as i64);
+            // A failed pass is counted by whoever runs the whole pass (the agent's loop), which
+            // writes other maps too.
+            if let Ok(report) = &result {
+                metrics
+                    .last_sync_duration
+                    .set(started.elapsed().as_secs_f64());
+                if let Ok(now) = std::time::UNIX_EPOCH.elapsed() {
+                    metrics.last_sync_timestamp.set(now.as_secs_f64());
                 }
-                Err(_) => {
-                    metrics.reconcile_errors.inc();
+                metrics.map_writes.inc_by(report.writes as u64);
+                metrics.services.set(report.services as i64);
+                metrics.backends.set(report.backends as i64);
+                for (map, entries) in report.entries.by_map() {
+                    metrics.set_map_entries(map, entries);
                 }
             }
         }
@@ -233,6 +235,13 @@ impl Reconciler {
             note_serving(&mut self.serving, &mut self.retired, id, serving, frontends);
         }
         let (services, backends) = summary(compiler.shadow());
+        let shadow = compiler.shadow();
+        let entries = Footprint {
+            frontends: shadow.services.len(),
+            slots: shadow.slots.len(),
+            backends: shadow.backends.len(),
+            maglev: shadow.maglev.len(),
+        };
         let rejected = self.note_rejections();
         let report = ReconcileReport {
             writes: plan.writes(),
@@ -240,6 +249,7 @@ impl Reconciler {
             backends,
             rejected_objects: rejected,
             recompiled: dirty.len(),
+            entries,
         };
         if report.writes > 0 {
             info!(

@@ -12,7 +12,7 @@ use anyhow::Context as _;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{debug, error, info, warn};
 
-use crate::admission::Limits;
+use crate::admission::{Footprint, Limits};
 use crate::compile::CompileOptions;
 use crate::config::{AgentConfig, HttpConfig, LoadBalancing, SourceKind, TunnelMode};
 use crate::conntrack::{collect_garbage, entries_created, EvictionEstimate};
@@ -28,7 +28,7 @@ use crate::metrics::{Health, Metrics, Ops};
 use crate::node;
 use crate::reconcile::Reconciler;
 use crate::source::{FileSource, ObjectEvent};
-use weir_common::HostAddrKey;
+use weir_common::{map_names, HostAddrKey};
 
 /// The loop counts as wedged after this many poll intervals without a turn (at least
 /// [`MIN_STALL`]): long enough for a full sync of a large cluster, short enough for a liveness
@@ -49,7 +49,8 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let pin_dir = config.versioned_pin_dir();
     let mut dataplane = Dataplane::load(&LoadOptions {
         pin_dir: Some(pin_dir.clone()),
-        ..Default::default()
+        max_entries: config.maps.max_entries(),
+        older_pin_dirs: config.older_versioned_pin_dirs(),
     })
     .context("loading the data plane")?;
     dataplane
@@ -82,6 +83,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     // A second handle on the counter map, read by the HTTP thread at scrape time.
     let counters = Counters::open_pinned(&pin_dir).context("opening the counter map")?;
     let metrics = Arc::new(Metrics::new().with_datapath(counters));
+    metrics.set_map_capacities(&config.maps);
     // Another handle for the loop: conntrack evictions are derived from the creation counters.
     let created_counters = Counters::open_pinned(&pin_dir).context("opening the counter map")?;
     let dsr = config.services.external_return == crate::config::ExternalReturn::Dsr;
@@ -121,7 +123,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         Limits {
             max_endpoints_per_service: config.max_endpoints_per_service,
             node_port_range: config.services.node_port_range,
-            ..Limits::default()
+            capacity: Footprint::of(&config.maps),
         },
         Some(metrics.clone()),
     )
@@ -192,7 +194,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
                 interfaces.sync(&config, &mut dataplane, &health, &metrics);
                 if source.poll(retry, false, &config.node_name, &metrics, &health, &mut |e| reconciler.stage(&e)) {
                     drift.writing();
-                    retry = apply(&mut reconciler, &mut dataplane, &health, &mut tunnel_peers);
+                    retry = apply(&mut reconciler, &mut dataplane, &health, &metrics, &mut tunnel_peers);
                     health_checks.update(health_check::desired(reconciler.intent(), &config.node_name));
                 }
             }
@@ -200,7 +202,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
                 health.beat();
                 if source.poll(retry, true, &config.node_name, &metrics, &health, &mut |e| reconciler.stage(&e)) {
                     drift.writing();
-                    retry = apply(&mut reconciler, &mut dataplane, &health, &mut tunnel_peers);
+                    retry = apply(&mut reconciler, &mut dataplane, &health, &metrics, &mut tunnel_peers);
                     health_checks.update(health_check::desired(reconciler.intent(), &config.node_name));
                 }
             }
@@ -222,6 +224,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
                             .conntrack_entries
                             .set(report.scanned.saturating_sub(report.reclaimed) as i64);
                         metrics.conntrack_reclaimed.inc_by(report.reclaimed as u64);
+                        metrics.set_map_entries(map_names::CONNTRACK, report.scanned.saturating_sub(report.reclaimed));
                         if report.reclaimed > 0 {
                             info!(scanned = report.scanned, reclaimed = report.reclaimed, took = ?started.elapsed(), "conntrack gc");
                         } else {
@@ -378,21 +381,23 @@ impl DesiredState {
 
 /// One reconcile pass; returns whether the next tick should try again. `peers` is the tunnel
 /// peer set last written (None until written), so the map is read and written only when the
-/// Nodes' addresses change.
+/// Nodes' addresses change. A pass that fails to write makes the node unready (saying why) until
+/// one succeeds.
 fn apply(
     reconciler: &mut Reconciler,
     dataplane: &mut Dataplane,
     health: &Health,
+    metrics: &Metrics,
     peers: &mut Option<BTreeSet<HostAddrKey>>,
 ) -> bool {
     // The source staged its events already.
-    let synced = match reconciler.apply_events(&mut dataplane.services, &[]) {
-        Ok(_) => true,
-        Err(e) => {
+    let services = reconciler
+        .apply_events(&mut dataplane.services, &[])
+        .map(drop)
+        .map_err(|e| {
             error!(error = %e, "applying desired state failed; will retry");
-            false
-        }
-    };
+            e.to_string()
+        });
     // Flows stuck on endpoints that stopped serving end now, not at their own timeout.
     let retired = reconciler.take_retired();
     match crate::conntrack::end_retired_flows(&mut dataplane.conntrack, &retired) {
@@ -405,25 +410,36 @@ fn apply(
     }
     // Node objects come and go with the same events: the tunnel follows them.
     let wanted = node::tunnel_peers(reconciler.intent().nodes.values());
-    let peers_synced = peers.as_ref() == Some(&wanted)
-        || match dataplane.node.set_tunnel_peers(&wanted) {
+    let tunnel = if peers.as_ref() == Some(&wanted) {
+        Ok(())
+    } else {
+        match dataplane.node.set_tunnel_peers(&wanted) {
             Ok(writes) => {
                 if writes > 0 {
                     info!(writes, peers = wanted.len(), "tunnel peers updated");
                 }
+                metrics.set_map_entries(map_names::TUNNEL_PEERS, wanted.len());
                 *peers = Some(wanted);
-                true
+                Ok(())
             }
             Err(e) => {
                 error!(error = %e, "updating tunnel peers failed; will retry");
-                false
+                Err(format!("tunnel peers: {e}"))
             }
-        };
-    if synced && peers_synced {
-        health.set_synced();
-        health.updated();
+        }
+    };
+    let outcome = services.and(tunnel);
+    metrics.record_pass(outcome.is_ok());
+    match outcome {
+        Ok(()) => {
+            health.sync_succeeded();
+            false
+        }
+        Err(reason) => {
+            health.sync_failed(reason);
+            true
+        }
     }
-    !(synced && peers_synced)
 }
 
 /// Writes back what changed behind the agent's back: service map entries (against the
@@ -517,10 +533,14 @@ impl InterfaceSync {
     ) {
         match node::host_addresses(&config.host_interfaces)
             .map_err(anyhow::Error::from)
-            .and_then(|addrs| Ok(dataplane.node.set_host_addrs(&addrs)?))
+            .and_then(|addrs| Ok((dataplane.node.set_host_addrs(&addrs)?, addrs.len())))
         {
-            Ok(0) => {}
-            Ok(writes) => info!(writes, "host addresses for NodePorts updated"),
+            Ok((writes, addrs)) => {
+                if writes > 0 {
+                    info!(writes, "host addresses for NodePorts updated");
+                }
+                metrics.set_map_entries(map_names::HOST_ADDRS, addrs);
+            }
             Err(e) => warn!(error = %e, "updating host addresses failed"),
         }
         let mut attach_to = config.host_interfaces.clone();
@@ -536,8 +556,12 @@ impl InterfaceSync {
                 }
             };
         match dataplane.node.set_pod_interfaces(&pods) {
-            Ok(0) => {}
-            Ok(writes) => debug!(writes, pods = pods.len(), "pod interfaces updated"),
+            Ok(writes) => {
+                if writes > 0 {
+                    debug!(writes, pods = pods.len(), "pod interfaces updated");
+                }
+                metrics.set_map_entries(map_names::POD_INTERFACES, pods.len());
+            }
             Err(e) => warn!(error = %e, "updating pod interfaces failed"),
         }
         for host in &config.host_interfaces {
@@ -545,7 +569,8 @@ impl InterfaceSync {
                 warn!(interface = %host, "configured host interface not present (yet)");
             }
         }
-        if !self.first_pass_done {
+        let first_pass = !self.first_pass_done;
+        if first_pass {
             // Links a previous agent pinned for interfaces that are gone now.
             dataplane.release_unwanted_links(&wanted);
             self.first_pass_done = true;
@@ -565,6 +590,10 @@ impl InterfaceSync {
                     warn!(%interface, error = %e, "attach failed");
                 }
             }
+        }
+        if first_pass {
+            // The links run this agent's programs now: maps it replaced are unused.
+            metrics.record_carry_over(&dataplane.finish_carry_over());
         }
         let unattached: Vec<String> = config
             .host_interfaces

@@ -98,8 +98,17 @@ fn eventually(within: Duration, mut check: impl FnMut() -> bool) -> bool {
     }
 }
 
+/// The descriptor count is per process: the tests of this file that open connections take
+/// turns, so one test's sockets never show up in another's count.
+static DESCRIPTORS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    DESCRIPTORS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 #[test]
 fn a_flood_of_idle_connections_neither_locks_probes_out_nor_exhausts_descriptors() {
+    let _turn = one_at_a_time();
     // The test holds both ends: the clients' descriptors plus the servers' must fit.
     let nofile = fd_budget::raise_nofile_limit();
     assert!(
@@ -226,6 +235,7 @@ fn slowloris(addr: SocketAddr, pace: Duration, give_up: Duration) -> Option<Dura
 
 #[test]
 fn slow_and_idle_clients_are_cut_off_at_the_timeouts() {
+    let _turn = one_at_a_time();
     let limits = HttpConfig {
         max_connections: 8,
         header_timeout: Duration::from_millis(500),
@@ -312,6 +322,7 @@ fn json(body: &str) -> serde_json::Value {
 
 #[test]
 fn kube_proxys_healthz_answers_503_when_a_change_is_stale_or_the_node_leaves() {
+    let _turn = one_at_a_time();
     let health = Arc::new(
         Health::new(Duration::from_secs(60)).with_sync_timeout(Duration::from_millis(300)),
     );
@@ -366,6 +377,7 @@ fn kube_proxys_healthz_answers_503_when_a_change_is_stale_or_the_node_leaves() {
 
 #[test]
 fn a_healthz_port_kube_proxy_still_holds_is_retried_until_free() {
+    let _turn = one_at_a_time();
     let blocker = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = blocker.local_addr().unwrap();
     let server = HealthzServer::start(addr, healthy(), HttpConfig::default(), None).unwrap();

@@ -216,6 +216,7 @@ fn a_full_conntrack_map_evicts_and_keeps_taking_new_flows() {
     let dataplane = Dataplane::load(&LoadOptions {
         pin_dir: None,
         max_entries: vec![(map_names::CONNTRACK, CAPACITY)],
+        ..Default::default()
     })
     .expect("load");
     let mut h = Harness {

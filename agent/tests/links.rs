@@ -320,5 +320,10 @@ fn a_weir_program_of_another_pin_directory_is_reported() {
     // Once the stale one is gone, nothing is reported.
     drop(stale);
     uninstall(&bpffs.path().join("old"), &[IFACE.to_owned()]).expect("uninstall");
-    assert_eq!(current.foreign_programs().expect("query"), Vec::new());
+    // An unpinned link is freed after an RCU grace period: wait for it, boundedly.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !current.foreign_programs().expect("query").is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the stale program stays");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }

@@ -68,6 +68,17 @@ fn a_pinned_map_of_another_shape_is_set_aside_not_adopted() {
         pin_dir.join(format!("{CONNTRACK}_INCOMPATIBLE")).exists(),
         "the stranger is kept aside for a human to look at"
     );
+    let report = second.dataplane.finish_carry_over();
+    assert!(report.copied.is_empty(), "{report:?}");
+    assert_eq!(report.not_carried.len(), 1, "{report:?}");
+    assert!(
+        report.not_carried[0].1.contains("key size"),
+        "other sizes are never copied: {report:?}"
+    );
+    assert!(
+        pin_dir.join(format!("{CONNTRACK}_INCOMPATIBLE")).exists(),
+        "and stay aside"
+    );
     assert!(
         second.dataplane.conntrack.entries().unwrap().is_empty(),
         "a conntrack map of the right shape, new"
@@ -82,5 +93,224 @@ fn a_pinned_map_of_another_shape_is_set_aside_not_adopted() {
     assert_eq!(second.apply(&cluster_yaml(&backends)).writes, 0);
 
     drop(second);
+    umount(bpffs.path()).expect("unmount bpffs");
+}
+
+/// A data plane pinned in `pin_dir` with `conntrack` entries of conntrack, carrying over from
+/// `older` (as the agent finds them beside its own directory), fed the usual cluster.
+fn load_sized(
+    pin_dir: &std::path::Path,
+    conntrack: u32,
+    older: Vec<(u32, std::path::PathBuf)>,
+    backends: &[std::net::Ipv4Addr],
+) -> Harness {
+    use weir_agent::dataplane::{Dataplane, LoadOptions};
+    let dataplane = Dataplane::load(&LoadOptions {
+        pin_dir: Some(pin_dir.to_owned()),
+        max_entries: vec![(weir_common::map_names::CONNTRACK, conntrack)],
+        older_pin_dirs: older,
+    })
+    .expect("load");
+    let mut harness = Harness {
+        dataplane,
+        reconciler: weir_agent::reconcile::Reconciler::default(),
+    };
+    harness.apply(&cluster_yaml(backends));
+    harness
+}
+
+/// Opens `n` flows from the client (ports from `first_port`) and returns the backend each
+/// got, by port.
+fn open_flows(harness: &mut Harness, first_port: u16, n: u16) -> Vec<(u16, Vec<u8>)> {
+    (first_port..first_port + n)
+        .map(|port| {
+            let (verdict, out) = harness.run(&tcp(CLIENT, port, VIP, 80, "S"));
+            assert_eq!(verdict, TC_ACT_OK);
+            (port, out[30..34].to_vec())
+        })
+        .collect()
+}
+
+/// Every flow still goes to the backend it had: a conntrack hit each, no new flow.
+fn assert_flows_kept(harness: &mut Harness, flows: &[(u16, Vec<u8>)]) {
+    let hits = harness.counter("ct_forward_hit");
+    let new = harness.counter("ct_new_flow");
+    for (port, backend) in flows {
+        let (_, out) = harness.run(&tcp(CLIENT, *port, VIP, 80, "A"));
+        assert_eq!(
+            &out[30..34],
+            &backend[..],
+            "flow from port {port} keeps its backend"
+        );
+    }
+    assert_eq!(harness.counter("ct_forward_hit") - hits, flows.len() as u64);
+    assert_eq!(harness.counter("ct_new_flow"), new, "no flow started anew");
+}
+
+fn max_entries_of(path: &std::path::Path) -> u32 {
+    aya::maps::MapInfo::from_pin(path)
+        .expect("map info")
+        .max_entries()
+}
+
+#[test]
+fn conntrack_entries_survive_a_capacity_change() {
+    use weir_common::map_names::CONNTRACK;
+    require_root();
+    let bpffs = private_bpffs(CloneFlags::empty());
+    let pin_dir = bpffs.path().join("node1/v1");
+    let backends = [BACKEND, OTHER];
+    let (flows, before) = {
+        let mut first = load_sized(&pin_dir, 4096, Vec::new(), &backends);
+        let flows = open_flows(&mut first, 41000, 10);
+        (flows, first.dataplane.conntrack.entries().unwrap())
+    };
+    assert_eq!(before.len(), 20, "two entries per flow");
+
+    // The operator raises `[maps] conntrack`: a new map of the new size, with every entry.
+    let mut second = load_sized(&pin_dir, 8192, Vec::new(), &backends);
+    assert_eq!(max_entries_of(&pin_dir.join(CONNTRACK)), 8192);
+    assert_eq!(second.dataplane.conntrack.entries().unwrap(), before);
+    let set_aside = pin_dir.join(format!("{CONNTRACK}_INCOMPATIBLE"));
+    assert!(
+        set_aside.exists(),
+        "the old map stays pinned until the links run the new programs"
+    );
+    let report = second.dataplane.finish_carry_over();
+    assert_eq!(report.copied, [(CONNTRACK, 20)]);
+    assert!(report.not_carried.is_empty(), "{report:?}");
+    assert!(!set_aside.exists(), "copied, so no longer kept");
+    assert_flows_kept(&mut second, &flows);
+    let now = second.dataplane.conntrack.entries().unwrap();
+    drop(second);
+
+    // Lowered below what it holds: the most recently seen entries are kept.
+    let capacity = 8;
+    let mut third = load_sized(&pin_dir, capacity, Vec::new(), &backends);
+    let kept = third.dataplane.conntrack.entries().unwrap();
+    let mut by_recency: Vec<_> = now.iter().collect();
+    by_recency.sort_by_key(|(_, v)| std::cmp::Reverse(v.last_seen_ns));
+    let newest: std::collections::BTreeSet<_> = by_recency
+        .iter()
+        .take(capacity as usize)
+        .map(|(k, _)| **k)
+        .collect();
+    assert!(
+        !kept.is_empty() && kept.len() <= capacity as usize,
+        "{}",
+        kept.len()
+    );
+    assert!(
+        kept.keys().all(|k| newest.contains(k)),
+        "only the most recently seen entries are kept"
+    );
+    assert!(
+        kept.contains_key(by_recency[0].0),
+        "the newest of all is kept"
+    );
+    assert_eq!(
+        third.dataplane.finish_carry_over().copied,
+        [(CONNTRACK, kept.len())]
+    );
+    drop(third);
+    umount(bpffs.path()).expect("unmount bpffs");
+}
+
+#[test]
+fn conntrack_entries_survive_a_layout_version_bump() {
+    use weir_agent::config::{older_versioned_pin_dirs, versioned_pin_dir};
+    use weir_agent::dataplane::ConntrackMap;
+    use weir_common::map_names::{CONNTRACK, SERVICES};
+    require_root();
+    let bpffs = private_bpffs(CloneFlags::empty());
+    let root = bpffs.path().join("node1");
+    // The previous layout's agent, simulated by this build pinned under the older name (its
+    // conntrack entries are the same bytes).
+    let old_dir = root.join(format!("v{}", weir_common::MAP_LAYOUT_VERSION - 1));
+    let backends = [BACKEND, OTHER];
+    let flows = {
+        let mut old = load_sized(&old_dir, 4096, Vec::new(), &backends);
+        open_flows(&mut old, 42000, 5)
+    };
+    let before = ConntrackMap::open_pinned(&old_dir)
+        .unwrap()
+        .entries()
+        .unwrap();
+    assert_eq!(before.len(), 10);
+
+    let new_dir = versioned_pin_dir(&root);
+    let older = older_versioned_pin_dirs(&root);
+    assert_eq!(
+        older,
+        [(weir_common::MAP_LAYOUT_VERSION - 1, old_dir.clone())]
+    );
+    let mut new = load_sized(&new_dir, 4096, older, &backends);
+    assert_eq!(new.dataplane.conntrack.entries().unwrap(), before);
+    assert_flows_kept(&mut new, &flows);
+
+    // Until the links are swapped the old programs still track flows in the old map: what they
+    // do meanwhile is carried over too.
+    let (late_key, late_value) = {
+        let (key, value) = before.iter().next().unwrap();
+        let mut key = *key;
+        key.sport_be = 42999u16.to_be();
+        let value = weir_common::CtValue {
+            last_seen_ns: weir_agent::conntrack::monotonic_now_ns(),
+            ..*value
+        };
+        (key, value)
+    };
+    ConntrackMap::open_pinned(&old_dir)
+        .unwrap()
+        .insert(&late_key, &late_value)
+        .unwrap();
+    let report = new.dataplane.finish_carry_over();
+    assert!(report.copied.contains(&(CONNTRACK, 11)), "{report:?}");
+    assert_eq!(
+        new.dataplane.conntrack.entries().unwrap().get(&late_key),
+        Some(&late_value)
+    );
+    assert!(!old_dir.exists(), "the older layout's maps are unpinned");
+    assert!(new_dir.join(SERVICES).exists());
+    assert_eq!(
+        new.dataplane.finish_carry_over(),
+        weir_agent::pin_layout::CarryReport::default(),
+        "once"
+    );
+    drop(new);
+    umount(bpffs.path()).expect("unmount bpffs");
+}
+
+#[test]
+fn a_conntrack_map_of_another_value_size_is_not_carried_and_the_agent_starts() {
+    use weir_agent::config::{older_versioned_pin_dirs, versioned_pin_dir};
+    use weir_common::map_names::{AFFINITY, CONNTRACK};
+    require_root();
+    let bpffs = private_bpffs(CloneFlags::empty());
+    let root = bpffs.path().join("node1");
+    let old_dir = root.join(format!("v{}", weir_common::MAP_LAYOUT_VERSION - 1));
+    let backends = [BACKEND, OTHER];
+    drop(load_sized(&old_dir, 4096, Vec::new(), &backends));
+    // An older layout whose conntrack entries had another size (an LRU hash of other key and
+    // value sizes stands in for it).
+    std::fs::remove_file(old_dir.join(CONNTRACK)).unwrap();
+    std::fs::rename(old_dir.join(AFFINITY), old_dir.join(CONNTRACK)).unwrap();
+
+    let new_dir = versioned_pin_dir(&root);
+    let mut new = load_sized(&new_dir, 4096, older_versioned_pin_dirs(&root), &backends);
+    assert!(new.dataplane.conntrack.entries().unwrap().is_empty());
+    let flows = open_flows(&mut new, 43000, 2);
+    assert_flows_kept(&mut new, &flows);
+    let report = new.dataplane.finish_carry_over();
+    assert!(report.copied.is_empty(), "{report:?}");
+    assert_eq!(report.not_carried.len(), 1, "{report:?}");
+    assert_eq!(report.not_carried[0].0, CONNTRACK);
+    assert!(report.not_carried[0].1.contains("value size"), "{report:?}");
+    assert!(
+        new_dir.join(format!("{CONNTRACK}_INCOMPATIBLE")).exists(),
+        "kept aside for a human to look at"
+    );
+    assert!(!old_dir.exists());
+    drop(new);
     umount(bpffs.path()).expect("unmount bpffs");
 }

@@ -155,6 +155,7 @@ impl Harness {
         let dataplane = Dataplane::load(&LoadOptions {
             pin_dir,
             max_entries: vec![(map_names::CONNTRACK, 4096)],
+            ..Default::default()
         })
         .expect("the eBPF object loads and passes the verifier");
         let mut harness = Harness {
@@ -177,6 +178,7 @@ impl Harness {
         let mut dataplane = Dataplane::load(&LoadOptions {
             pin_dir: None,
             max_entries: vec![(map_names::CONNTRACK, 4096)],
+            ..Default::default()
         })
         .expect("the eBPF object loads and passes the verifier");
         dataplane.node.set_config(&node).expect("node config");
