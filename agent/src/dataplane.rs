@@ -15,8 +15,8 @@ use aya::programs::{CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier
 use aya::{Ebpf, EbpfLoader};
 use tracing::{debug, info, warn};
 use weir_common::{
-    counter, map_names, program_names, BackendSlotKey, BackendValue, CtKey, CtValue, FrontendKey,
-    HostAddrKey, MaglevTable, NodeConfig, ServiceValue,
+    counter, map_names, program_names, Addr, BackendSlotKey, BackendValue, CtKey, CtValue,
+    FrontendKey, HostAddrKey, MaglevTable, NodeConfig, ServiceValue, SockReverseKey,
 };
 
 use crate::pin_layout;
@@ -43,6 +43,8 @@ pub enum DataplaneError {
     MissingMap(&'static str),
     #[error("starting a thread: {0}")]
     Thread(std::io::Error),
+    #[error("socket diagnostics (sock_diag): {0}")]
+    SockDiag(std::io::Error),
     #[error("program {0} missing from the object")]
     MissingProgram(&'static str),
     #[error("opening pinned map {path}: {source}")]
@@ -386,7 +388,7 @@ pub struct MapFill {
 /// Entries and capacity of every pinned hash map in `dir` (arrays are always full), by
 /// walking their keys: what `weir-agent status` shows, also while no agent runs.
 pub fn fill_levels(dir: &Path) -> Vec<(&'static str, Result<MapFill, DataplaneError>)> {
-    use weir_common::{AffinityKey, AffinityValue, SockReverseKey};
+    use weir_common::{AffinityKey, AffinityValue};
     fn fill<K: aya::Pod, V: aya::Pod>(
         dir: &Path,
         name: &'static str,
@@ -450,6 +452,8 @@ pub struct Dataplane {
     pub counters: Counters,
     attached: BTreeMap<String, Attachment>,
     sock_netns: Array<MapData, u64>,
+    /// Sockets host services translated: (cookie, backend) -> the frontend they asked for.
+    sock_reverse: HashMap<MapData, SockReverseKey, FrontendKey>,
     /// The host-service programs' hooks, when attached (see [`Dataplane::attach_host_services`]).
     host_services: Vec<HostServiceLink>,
     host_services_adopted: usize,
@@ -595,6 +599,7 @@ impl Dataplane {
                 map: take_map(&mut ebpf, map_names::COUNTERS)?,
             },
             sock_netns: take_map(&mut ebpf, map_names::SOCK_NETNS)?,
+            sock_reverse: take_map(&mut ebpf, map_names::SOCK_REVERSE)?,
             ebpf,
             attached: BTreeMap::new(),
             host_services: Vec::new(),
@@ -646,6 +651,51 @@ impl Dataplane {
 
     pub fn attached_interfaces(&self) -> impl Iterator<Item = &str> {
         self.attached.keys().map(String::as_str)
+    }
+
+    /// Aborts the connected UDP sockets of this network namespace that host services translated
+    /// to an endpoint in `retired` from one of that Service's frontends (see
+    /// [`crate::sock_diag`]); returns how many. Sockets that named the endpoint themselves are
+    /// left alone.
+    pub fn abort_retired_sockets(
+        &self,
+        retired: &[crate::conntrack::Retired],
+    ) -> Result<usize, DataplaneError> {
+        if retired.is_empty() {
+            return Ok(0);
+        }
+        let sockets =
+            crate::sock_diag::connected_udp_sockets().map_err(DataplaneError::SockDiag)?;
+        let mut aborted = 0;
+        for socket in sockets {
+            let (backend, family) = crate::compile::addr_of(socket.peer.ip());
+            let key = SockReverseKey {
+                cookie: socket.cookie,
+                backend,
+                port_be: socket.peer.port().to_be(),
+                proto: weir_common::PROTO_UDP,
+                family,
+                _pad: 0,
+            };
+            let Ok(frontend) = self.sock_reverse.get(&key, 0) else {
+                continue;
+            };
+            let endpoint = (backend, key.port_be, key.proto, family);
+            let retiring = retired.iter().any(|r| {
+                r.backends.contains(&endpoint)
+                    && r.frontends.iter().any(|f| {
+                        *f == frontend
+                            || (f.addr == Addr::UNSPECIFIED
+                                && (f.port_be, f.proto, f.family)
+                                    == (frontend.port_be, frontend.proto, frontend.family))
+                    })
+            });
+            if retiring {
+                crate::sock_diag::abort(&socket).map_err(DataplaneError::SockDiag)?;
+                aborted += 1;
+            }
+        }
+        Ok(aborted)
     }
 
     /// Weir programs on the interfaces this agent serves that are not its own: left by an agent

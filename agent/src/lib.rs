@@ -23,6 +23,7 @@ pub mod node;
 pub mod pin_layout;
 pub mod reconcile;
 pub mod run;
+pub mod sock_diag;
 pub mod source;
 pub mod state;
 pub mod status;

@@ -400,6 +400,17 @@ fn apply(
         });
     // Flows stuck on endpoints that stopped serving end now, not at their own timeout.
     let retired = reconciler.take_retired();
+    // Connected UDP sockets of host processes (host services) too: aborted, they reconnect.
+    match dataplane.abort_retired_sockets(&retired) {
+        Ok(0) => {}
+        Ok(aborted) => info!(
+            sockets = aborted,
+            "aborted host sockets connected to endpoints that stopped serving"
+        ),
+        Err(e) => {
+            warn!(error = %e, "aborting host sockets of retired endpoints failed; they recover when their applications reconnect")
+        }
+    }
     match crate::conntrack::end_retired_flows(&mut dataplane.conntrack, &retired) {
         Ok(0) => {}
         Ok(ended) => info!(

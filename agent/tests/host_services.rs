@@ -472,6 +472,89 @@ fn host_processes_reach_cluster_ips_through_the_socket_hooks() {
     drop(pod);
 }
 
+/// A connected UDP socket of a host process was translated once, at connect, to an endpoint:
+/// when that endpoint stops serving, the agent aborts the socket (sock_diag SOCK_DESTROY), so
+/// the application's next call fails and it reconnects, to a live endpoint.
+/// A socket connected to the endpoint's address directly is left alone.
+#[test]
+fn connected_udp_sockets_of_a_retired_endpoint_are_aborted() {
+    require_root();
+    let bpffs = private_bpffs(CloneFlags::CLONE_NEWNET);
+    let pod = Pod::start();
+    let cgroup = TestCgroup::create("retire");
+    let pin_root = bpffs.path().join("node");
+    let mut dataplane = load(&pin_root, &cgroup);
+    let mut reconciler = Reconciler::default();
+    reconciler
+        .reconcile(&mut dataplane.services, &objects(&cluster_yaml()))
+        .expect("reconcile");
+    reconciler.take_retired();
+
+    let mut through_service = spawn_client(&format!("udphold {VIP4}:{UDP_PORT}"), Some(&cgroup));
+    let mut direct = spawn_client(&format!("udphold {POD4}:{UDP_TARGET}"), Some(&cgroup));
+    let first_line = |child: &mut Child| {
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        for _ in 0..10 {
+            line.clear();
+            if stdout.read_line(&mut line).expect("first result") == 0 || line.contains("RESULT ") {
+                break;
+            }
+        }
+        (results(&line).concat(), stdout)
+    };
+    let (first, mut through_out) = first_line(&mut through_service);
+    assert_eq!(first, format!("udphold {VIP4}:53 from={VIP4}:53 echo=ping"));
+    let (first, mut direct_out) = first_line(&mut direct);
+    assert_eq!(
+        first,
+        format!("udphold {POD4}:5353 from={POD4}:5353 echo=ping")
+    );
+
+    // The IPv4 endpoint stops serving.
+    let without = cluster_yaml().replacen(
+        &format!("- addresses: [\"{POD4}\"]\n  conditions: {{ready: true}}\n"),
+        "",
+        1,
+    );
+    assert_ne!(without, cluster_yaml());
+    reconciler
+        .reconcile(&mut dataplane.services, &objects(&without))
+        .expect("retire");
+    let retired = reconciler.take_retired();
+    assert_eq!(
+        dataplane
+            .abort_retired_sockets(&retired)
+            .expect("sock_diag"),
+        1,
+        "the translated socket, not the direct one"
+    );
+
+    for child in [&mut through_service, &mut direct] {
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(b"go\n")
+            .expect("signal");
+    }
+    let mut rest = String::new();
+    through_out.read_to_string(&mut rest).expect("rest");
+    through_service.wait().expect("exit");
+    // The abort disconnects the socket: a send fails (EDESTADDRREQ; a receive would report
+    // ECONNABORTED), and the application connects again.
+    assert_eq!(
+        results(&rest),
+        [format!("udphold {VIP4}:53 error={}", libc::EDESTADDRREQ)]
+    );
+    let mut rest = String::new();
+    direct_out.read_to_string(&mut rest).expect("rest");
+    direct.wait().expect("exit");
+    assert_eq!(results(&rest), [format!("udphold {POD4}:5353 echo=ping")]);
+    drop(dataplane);
+    drop(pod);
+}
+
 #[test]
 fn connections_survive_an_agent_restart_and_uninstall_detaches() {
     require_root();
@@ -575,6 +658,7 @@ fn client_helper() {
             "udp" => udp_echo(addr),
             "udpc" => udp_connected(addr),
             "hold" => hold(addr),
+            "udphold" => udp_hold(addr),
             other => panic!("unknown action {other}"),
         };
         let line = match outcome {
@@ -664,6 +748,27 @@ fn hold(addr: SocketAddr) -> std::io::Result<String> {
     std::io::stdin().read_line(&mut line)?;
     // Printed by the caller as the action's result.
     echo(&mut stream, &udp)
+}
+
+/// Connects a UDP socket, echoes once and reports, waits for a line on stdin (its endpoint is
+/// retired meanwhile), then uses the same socket again: reports how that went.
+fn udp_hold(addr: SocketAddr) -> std::io::Result<String> {
+    let udp = unbound_udp(addr)?;
+    udp.connect(addr)?;
+    let mut buf = [0u8; 64];
+    udp.send(b"ping")?;
+    let (n, from) = udp.recv_from(&mut buf)?;
+    println!(
+        "RESULT udphold {addr} from={from} echo={}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    std::io::stdout().flush()?;
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line)?;
+    // The first call after the abort reports it, whichever it is.
+    udp.send(b"ping")?;
+    let (n, _) = udp.recv_from(&mut buf)?;
+    Ok(format!("echo={}", String::from_utf8_lossy(&buf[..n])))
 }
 
 /// The agent binary itself stops (SIGTERM, by PID) and is waited for when the test ends.

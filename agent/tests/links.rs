@@ -323,7 +323,10 @@ fn a_weir_program_of_another_pin_directory_is_reported() {
     // An unpinned link is freed after an RCU grace period: wait for it, boundedly.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     while !current.foreign_programs().expect("query").is_empty() {
-        assert!(std::time::Instant::now() < deadline, "the stale program stays");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stale program stays"
+        );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
