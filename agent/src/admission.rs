@@ -397,7 +397,11 @@ fn footprint<'a>(
             }
             out.frontends += internal + external;
             out.slots += endpoints[family] + local[family];
-            out.maglev += (options.maglev && external > 0) as usize;
+            if options.maglev && external > 0 {
+                // The chunks of a table sized for every endpoint of the family, from above.
+                let size = crate::maglev::table_size(endpoints[family], options.maglev_min_size);
+                out.maglev += crate::maglev::chunk_count(size);
+            }
         }
     }
     out

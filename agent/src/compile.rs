@@ -11,7 +11,7 @@ use std::net::IpAddr;
 use tracing::debug;
 use weir_common::{
     backend_flags, service_flags, Addr, BackendSlotKey, BackendValue, FrontendKey, HostAddrKey,
-    ServiceValue, FAMILY_V4, FAMILY_V6, LOCAL_SLOT,
+    MaglevKey, ServiceValue, FAMILY_V4, FAMILY_V6, LOCAL_SLOT,
 };
 
 use crate::intent::{
@@ -95,12 +95,27 @@ impl IdPool {
 }
 
 /// What compiling needs to know about the node it compiles for.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct CompileOptions {
     /// This node's name, as endpoints name their node: decides which endpoints are local.
     pub node_name: String,
     /// Pick external traffic's backends from a Maglev table, so every node picks the same one.
     pub maglev: bool,
+    /// The smallest Maglev table (one of `MAGLEV_SIZES`); larger services get larger ones.
+    pub maglev_min_size: u32,
+}
+
+/// Maglev tables of at least this many entries, unless configured otherwise.
+pub const DEFAULT_MAGLEV_MIN_SIZE: u32 = 4093;
+
+impl Default for CompileOptions {
+    fn default() -> Self {
+        CompileOptions {
+            node_name: String::new(),
+            maglev: false,
+            maglev_min_size: DEFAULT_MAGLEV_MIN_SIZE,
+        }
+    }
 }
 
 /// One service to recompile: its intent (None when it is gone) and the slices admitted for it.
@@ -215,7 +230,7 @@ impl Compiler {
                 .values()
                 .map(|s| s.service_id)
                 .chain(current.slots.keys().map(|k| k.service_id))
-                .chain(current.maglev.keys().copied()),
+                .chain(current.maglev.keys().map(|k| k.service_id)),
         );
         let backend_pool = IdPool::with_taken(current.backends.keys().copied());
         let backend_ids = current
@@ -441,7 +456,7 @@ impl Compiler {
             .values()
             .map(|s| s.service_id)
             .chain(self.shadow.slots.keys().map(|k| k.service_id))
-            .chain(self.shadow.maglev.keys().copied())
+            .chain(self.shadow.maglev.keys().map(|k| k.service_id))
             .filter(|id| !self.service_id_owner.contains_key(id))
             .collect();
         for id in orphans {
@@ -453,9 +468,23 @@ impl Compiler {
     /// Deletes the slots and Maglev table of a service id.
     fn delete_service_id(&self, id: u32, plan: &mut Plan) {
         plan.delete_slots.extend(self.slots_of(id).map(|(k, _)| *k));
-        if self.shadow.maglev.contains_key(&id) {
-            plan.delete_maglev.push(id);
-        }
+        plan.delete_maglev.extend(self.maglev_of(id));
+    }
+
+    /// The keys of a service id's Maglev chunks in the maps.
+    fn maglev_of(&self, id: u32) -> impl Iterator<Item = MaglevKey> + '_ {
+        self.shadow
+            .maglev
+            .range(
+                MaglevKey {
+                    service_id: id,
+                    chunk: 0,
+                }..=MaglevKey {
+                    service_id: id,
+                    chunk: u32::MAX,
+                },
+            )
+            .map(|(k, _)| *k)
     }
 
     fn slots_of(&self, id: u32) -> impl Iterator<Item = (&BackendSlotKey, &u32)> {
@@ -602,14 +631,26 @@ impl Compiler {
                         .filter(|k| k.slot >= end && k.slot <= limit),
                 );
             }
-            if maglev {
-                let table = maglev::table(&maglev_members);
-                if self.shadow.maglev.get(&service_id) != Some(&table) {
-                    plan.upsert_maglev.push((service_id, table));
+            let maglev_size = if maglev {
+                maglev::table_size(maglev_members.len(), options.maglev_min_size)
+            } else {
+                0
+            };
+            let chunks = if maglev {
+                maglev::chunks(service_id, &maglev::table(&maglev_members, maglev_size))
+            } else {
+                Vec::new()
+            };
+            for (key, chunk) in &chunks {
+                if self.shadow.maglev.get(key) != Some(chunk) {
+                    plan.upsert_maglev.push((*key, *chunk));
                 }
-            } else if self.shadow.maglev.contains_key(&service_id) {
-                plan.delete_maglev.push(service_id);
             }
+            // Chunks past the table's (new) end go.
+            plan.delete_maglev.extend(
+                self.maglev_of(service_id)
+                    .filter(|k| k.chunk as usize >= chunks.len()),
+            );
             let value = |policy: TrafficPolicy, flags: u32| ServiceValue {
                 service_id,
                 backend_count: counts[0],
@@ -621,7 +662,7 @@ impl Compiler {
                         0
                     },
                 affinity_timeout_s: affinity,
-                _reserved: 0,
+                maglev_size,
             };
             let internal_value = value(service.internal_traffic_policy, 0);
             let external_flags =

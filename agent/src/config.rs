@@ -122,8 +122,8 @@ pub struct MapsConfig {
     pub backend_slots: u32,
     /// `WEIR_BACKENDS`: one per (endpoint address, target port).
     pub backends: u32,
-    /// `WEIR_MAGLEV`: one 16 KiB table per Service port and family with external frontends,
-    /// when Maglev is on.
+    /// `WEIR_MAGLEV`: 16 KiB chunks of Maglev tables, per Service port and family with external
+    /// frontends when Maglev is on: one for a table of up to 4,093 entries, 32 for the largest.
     pub maglev: u32,
     /// `WEIR_SOCK_REVERSE`: host sockets translated at connect time (host services). LRU.
     pub sock_reverse: u32,
@@ -148,8 +148,8 @@ pub struct MapCapacity {
 /// The largest capacity any map may have: Cilium's limit for its own tables (2^24). A
 /// preallocated LRU map of conntrack entries that size takes about 2.5 GiB of kernel memory.
 const MAX_MAP_ENTRIES: u32 = 1 << 24;
-/// Maglev tables are 16 KiB each: 2^17 of them would be 2 GiB.
-const MAX_MAGLEV_TABLES: u32 = 1 << 17;
+/// Maglev chunks are 16 KiB each: 2^17 of them would be 2 GiB.
+const MAX_MAGLEV_CHUNKS: u32 = 1 << 17;
 
 impl MapsConfig {
     /// The defaults, as the eBPF object declares them (`weir_common::capacity`).
@@ -210,7 +210,7 @@ impl MapsConfig {
                 self.backends,
                 MAX_MAP_ENTRIES,
             ),
-            row("maglev", map_names::MAGLEV, self.maglev, MAX_MAGLEV_TABLES),
+            row("maglev", map_names::MAGLEV, self.maglev, MAX_MAGLEV_CHUNKS),
             row(
                 "sock_reverse",
                 map_names::SOCK_REVERSE,
@@ -456,6 +456,10 @@ pub struct ServicesConfig {
     /// is any port outside it on an external or load-balancer IP that is a node's address, so
     /// no Service can capture the node's own ports (SSH, the kubelet, the agent's listeners).
     pub node_port_range: NodePortRange,
+    /// The smallest Maglev table, in entries (one of 251, 509, 1021, 2039, 4093, 8191, 16381,
+    /// 32749, 65521, 131071): a service gets the smallest of these that is at least this and
+    /// gives each of its endpoints 100 entries.
+    pub maglev_table_size: u32,
 }
 
 /// An inclusive port range, written `"30000-32767"` as the API server's flag takes it.
@@ -516,6 +520,7 @@ impl Default for ServicesConfig {
             hairpin_ipv4: Ipv4Addr::new(169, 254, 42, 1),
             hairpin_ipv6: Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0xa9fe, 0x2a, 1),
             node_port_range: NodePortRange::default(),
+            maglev_table_size: crate::compile::DEFAULT_MAGLEV_MIN_SIZE,
         }
     }
 }
@@ -837,6 +842,13 @@ impl AgentConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.node_name.is_empty() {
             return Err(ConfigError::Invalid("node_name is empty".into()));
+        }
+        if !weir_common::MAGLEV_SIZES.contains(&self.services.maglev_table_size) {
+            return Err(ConfigError::Invalid(format!(
+                "services.maglev_table_size = {}: must be one of {:?}",
+                self.services.maglev_table_size,
+                weir_common::MAGLEV_SIZES
+            )));
         }
         if self.pod_interface_prefix.is_empty() {
             return Err(ConfigError::Invalid(

@@ -16,7 +16,7 @@ use aya::{Ebpf, EbpfLoader};
 use tracing::{debug, info, warn};
 use weir_common::{
     counter, map_names, program_names, Addr, BackendSlotKey, BackendValue, CtKey, CtValue,
-    FrontendKey, HostAddrKey, MaglevTable, NodeConfig, ServiceValue, SockReverseKey,
+    FrontendKey, HostAddrKey, MaglevChunk, MaglevKey, NodeConfig, ServiceValue, SockReverseKey,
 };
 
 use crate::pin_layout;
@@ -94,7 +94,7 @@ pub struct ServiceMaps {
     services: HashMap<MapData, FrontendKey, ServiceValue>,
     slots: HashMap<MapData, BackendSlotKey, u32>,
     backends: HashMap<MapData, u32, BackendValue>,
-    maglev: HashMap<MapData, u32, MaglevTable>,
+    maglev: HashMap<MapData, MaglevKey, MaglevChunk>,
 }
 
 impl ServiceMaps {
@@ -410,7 +410,7 @@ pub fn fill_levels(dir: &Path) -> Vec<(&'static str, Result<MapFill, DataplaneEr
         fill::<FrontendKey, ServiceValue>(dir, map_names::SERVICES),
         fill::<BackendSlotKey, u32>(dir, map_names::BACKEND_SLOTS),
         fill::<u32, BackendValue>(dir, map_names::BACKENDS),
-        fill::<u32, MaglevTable>(dir, map_names::MAGLEV),
+        fill::<MaglevKey, MaglevChunk>(dir, map_names::MAGLEV),
         fill::<CtKey, CtValue>(dir, map_names::CONNTRACK),
         fill::<AffinityKey, AffinityValue>(dir, map_names::AFFINITY),
         fill::<SockReverseKey, FrontendKey>(dir, map_names::SOCK_REVERSE),

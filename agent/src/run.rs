@@ -130,6 +130,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     .with_compile_options(CompileOptions {
         node_name: config.node_name.clone(),
         maglev: config.services.external_load_balancing == LoadBalancing::Maglev,
+        maglev_min_size: config.services.maglev_table_size,
     });
     let mut source = match config.source {
         SourceKind::File => {

@@ -3,7 +3,9 @@
 
 use std::collections::BTreeMap;
 
-use weir_common::{BackendSlotKey, BackendValue, FrontendKey, MaglevTable, ServiceValue};
+use weir_common::{
+    BackendSlotKey, BackendValue, FrontendKey, MaglevChunk, MaglevKey, ServiceValue,
+};
 
 /// The content of the service maps. Conntrack is not part of it: flows are the kernel's.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -11,8 +13,8 @@ pub struct DataplaneState {
     pub services: BTreeMap<FrontendKey, ServiceValue>,
     pub slots: BTreeMap<BackendSlotKey, u32>,
     pub backends: BTreeMap<u32, BackendValue>,
-    /// Maglev lookup tables by service id.
-    pub maglev: BTreeMap<u32, MaglevTable>,
+    /// Maglev lookup tables, chunk by chunk.
+    pub maglev: BTreeMap<MaglevKey, MaglevChunk>,
 }
 
 /// Map writes, in the order they must happen so that a packet never finds a reference to an
@@ -22,10 +24,10 @@ pub struct DataplaneState {
 pub struct Plan {
     pub upsert_backends: Vec<(u32, BackendValue)>,
     pub upsert_slots: Vec<(BackendSlotKey, u32)>,
-    pub upsert_maglev: Vec<(u32, MaglevTable)>,
+    pub upsert_maglev: Vec<(MaglevKey, MaglevChunk)>,
     pub upsert_services: Vec<(FrontendKey, ServiceValue)>,
     pub delete_services: Vec<FrontendKey>,
-    pub delete_maglev: Vec<u32>,
+    pub delete_maglev: Vec<MaglevKey>,
     pub delete_slots: Vec<BackendSlotKey>,
     pub delete_backends: Vec<u32>,
 }

@@ -49,6 +49,7 @@ fn harness(metrics: &Arc<Metrics>) -> Harness {
         CompileOptions {
             node_name: "node1".into(),
             maglev: false,
+            ..CompileOptions::default()
         },
         NodeConfig::default(),
         &[IpAddr::V4(NODE)],
@@ -57,6 +58,7 @@ fn harness(metrics: &Arc<Metrics>) -> Harness {
         CompileOptions {
             node_name: "node1".into(),
             maglev: false,
+            ..CompileOptions::default()
         },
     );
     h

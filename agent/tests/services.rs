@@ -92,6 +92,7 @@ fn node1_with_mtu(
         CompileOptions {
             node_name: "node1".into(),
             maglev,
+            ..CompileOptions::default()
         },
         config,
         &[NODE1.into(), NODE1_SECOND.into()],
@@ -506,6 +507,83 @@ fn maglev_makes_every_node_pick_the_same_backend() {
         let (_, via_b) = b.run(&tcp(client, 42000 + i, NODE1_SECOND, NODE_PORT, "S"));
         assert_eq!(via_a[30..34], via_b[30..34], "flow {i}");
     }
+}
+
+/// A service of 1,000 endpoints gets a Maglev table of 131,071 entries (32 chunks): two nodes
+/// with different histories (and so different backend ids) pick the same endpoint for every
+/// flow, and removing one endpoint moves the flows it had and under 1% of the others.
+#[test]
+fn maglev_at_a_thousand_backends_sizes_its_table_and_agrees_between_nodes() {
+    let endpoint = |i: u16| {
+        (
+            Ipv4Addr::new(198, 19, 4 + (i / 250) as u8, (i % 250) as u8 + 1),
+            "node1",
+        )
+    };
+    let all: Vec<(Ipv4Addr, &str)> = (0..1000).map(endpoint).collect();
+    let yaml = web(&all, "");
+    let mut a = node1(&yaml, 0, 0, true);
+    let mut b = node1(&web(&all[..500], ""), 0, 0, true);
+    b.apply(&yaml);
+    let state = a.dataplane.services.read().unwrap();
+    let node_port = state
+        .services
+        .iter()
+        .find(|(k, _)| {
+            k.addr == weir_common::Addr::UNSPECIFIED && u16::from_be(k.port_be) == NODE_PORT
+        })
+        .map(|(_, v)| *v)
+        .expect("NodePort frontend");
+    assert_eq!(node_port.maglev_size, 131_071);
+    let chunks = state
+        .maglev
+        .keys()
+        .filter(|k| k.service_id == node_port.service_id)
+        .count();
+    assert_eq!(chunks, 32);
+
+    let flows: Vec<(Ipv4Addr, u16)> = (0..2000u16)
+        .map(|i| {
+            (
+                Ipv4Addr::new(198, 18, 8 + (i / 250) as u8, (i % 250) as u8 + 1),
+                40000 + i,
+            )
+        })
+        .collect();
+    let pick = |h: &mut Harness, (client, sport): (Ipv4Addr, u16), via: Ipv4Addr| {
+        let (_, out) = h.run(&tcp(client, sport, via, NODE_PORT, "S"));
+        Ipv4Addr::new(out[30], out[31], out[32], out[33])
+    };
+    let before: Vec<Ipv4Addr> = flows.iter().map(|f| pick(&mut a, *f, NODE1)).collect();
+    for (flow, chosen) in flows.iter().zip(&before) {
+        assert_eq!(pick(&mut b, *flow, NODE1), *chosen, "flow {flow:?}");
+    }
+
+    // One endpoint goes. The same flows through the node's other address: the hash leaves the
+    // node address out, so they hash alike, while conntrack sees new flows and asks the table.
+    let removed = before[0];
+    let fewer: Vec<(Ipv4Addr, &str)> = all
+        .iter()
+        .copied()
+        .filter(|(ip, _)| *ip != removed)
+        .collect();
+    a.apply(&web(&fewer, ""));
+    let (mut own, mut others_moved) = (0, 0);
+    for ((client, sport), chosen) in flows.iter().zip(&before) {
+        let now = pick(&mut a, (*client, *sport), NODE1_SECOND);
+        if *chosen == removed {
+            own += 1;
+            assert_ne!(now, removed);
+        } else if now != *chosen {
+            others_moved += 1;
+        }
+    }
+    assert!(own >= 1);
+    assert!(
+        others_moved * 100 < flows.len(),
+        "{others_moved} of {} flows on other endpoints moved",
+        flows.len()
+    );
 }
 
 const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x19, 1, 0, 0, 0, 0, 0x10);

@@ -73,6 +73,7 @@ fn node1(yaml: &str) -> Harness {
         CompileOptions {
             node_name: "node1".into(),
             maglev: false,
+            ..CompileOptions::default()
         },
         NodeConfig::default(),
         &["198.18.0.1".parse().unwrap()],

@@ -90,6 +90,7 @@ fn only_the_clusters_nodes_can_use_the_tunnel() {
         CompileOptions {
             node_name: "node1".into(),
             maglev: false,
+            ..CompileOptions::default()
         },
         NodeConfig {
             tunnel_ifindex: ifindex,

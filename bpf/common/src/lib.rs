@@ -8,7 +8,7 @@
 
 /// Bumped whenever a pinned map's key or value layout changes: the agent pins under a directory
 /// named after it, so a new agent never reinterprets an older agent's bytes.
-pub const MAP_LAYOUT_VERSION: u32 = 4;
+pub const MAP_LAYOUT_VERSION: u32 = 5;
 
 pub const FAMILY_V4: u8 = 4;
 pub const FAMILY_V6: u8 = 6;
@@ -90,7 +90,8 @@ pub mod capacity {
     pub const SERVICES: u32 = 65_536;
     pub const BACKEND_SLOTS: u32 = 262_144;
     pub const BACKENDS: u32 = 262_144;
-    /// Services with a Maglev table (external frontends with Maglev on).
+    /// Maglev table chunks (16 KiB each): a table of up to 4,093 entries is one chunk, the
+    /// largest (131,071, for services of 1,000 backends and more) is 32.
     pub const MAGLEV: u32 = 16_384;
     pub const HOST_ADDRS: u32 = 256;
     pub const CONNTRACK: u32 = 524_288;
@@ -176,7 +177,8 @@ pub struct ServiceValue {
     /// `sessionAffinity: ClientIP`: seconds a client keeps its backend after its last new
     /// connection (0 = off).
     pub affinity_timeout_s: u32,
-    pub _reserved: u32,
+    /// Entries of its Maglev table (a prime), spread over chunks of [`MAGLEV_CHUNK`]; 0 without.
+    pub maglev_size: u32,
 }
 
 /// One backend choice of a service. Indirection through a slot keeps a backend's address in one
@@ -221,37 +223,61 @@ pub struct HostAddrKey {
     pub _pad: [u8; 3],
 }
 
-/// Entries of a service's Maglev lookup table. A prime, so every backend's permutation visits
-/// every entry; about 100 times the backends a service may have for an even spread.
-pub const MAGLEV_TABLE_SIZE: usize = 4093;
+/// Maglev table sizes: primes, so every backend's permutation visits every entry. A table of
+/// more than 100 entries per backend spreads flows evenly and moves little more than 1/N of them
+/// when one of N backends goes (Cilium's guidance); the agent picks the smallest size that
+/// gives that, from the smallest it is configured with, up to the largest here.
+pub const MAGLEV_SIZES: [u32; 10] = [
+    251, 509, 1021, 2039, 4093, 8191, 16381, 32749, 65521, 131071,
+];
 
-/// A service's Maglev lookup table: entry `i` names the backend that owns the `i`-th slice of the
-/// flow-hash space.
+/// A Maglev table is stored in chunks of this many entries, each one map value: a service's table
+/// grows with the service without a value size to match the largest.
+pub const MAGLEV_CHUNK: usize = 4096;
+/// log2 of [`MAGLEV_CHUNK`].
+pub const MAGLEV_CHUNK_SHIFT: u32 = 12;
+
+/// Which chunk of which service's Maglev table.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct MaglevTable {
-    pub backend_ids: [u32; MAGLEV_TABLE_SIZE],
-    /// Unused. The compiled index arithmetic leaves the verifier with a bound a few bytes past
-    /// the last entry; this word keeps that bound inside the value.
-    pub _spare: u32,
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MaglevKey {
+    pub service_id: u32,
+    pub chunk: u32,
 }
 
-impl Default for MaglevTable {
+/// Entries `chunk * MAGLEV_CHUNK ..` of a service's Maglev table: entry `i` names the backend
+/// that owns the `i`-th slice of the flow-hash space. Past the table's end, zeros.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MaglevChunk {
+    pub backend_ids: [u32; MAGLEV_CHUNK],
+}
+
+impl Default for MaglevChunk {
     fn default() -> Self {
-        MaglevTable {
-            backend_ids: [0; MAGLEV_TABLE_SIZE],
-            _spare: 0,
+        MaglevChunk {
+            backend_ids: [0; MAGLEV_CHUNK],
         }
     }
 }
 
-impl MaglevTable {
-    /// The table entry a flow hash falls on: a multiply-shift range reduction, which (unlike `%`)
-    /// the verifier can bound.
-    #[inline(always)]
-    pub fn index(hash: u32) -> usize {
-        ((hash as u64 * MAGLEV_TABLE_SIZE as u64) >> 32) as usize
-    }
+/// The table entry a flow hash falls on, in a table of `size` entries: a multiply-shift range
+/// reduction, which (unlike `%`) the verifier can bound.
+#[inline(always)]
+pub fn maglev_index(hash: u32, size: u32) -> u32 {
+    ((hash as u64 * size as u64) >> 32) as u32
+}
+
+/// Where entry `index` of a service's table lives: the chunk's key and the offset in it.
+#[inline(always)]
+pub fn maglev_slot(service_id: u32, index: u32) -> (MaglevKey, usize) {
+    (
+        MaglevKey {
+            service_id,
+            chunk: index >> MAGLEV_CHUNK_SHIFT,
+        },
+        (index as usize) & (MAGLEV_CHUNK - 1),
+    )
 }
 
 /// Hash of the parts of a flow every ingress node sees alike: the client's address and port and
@@ -542,7 +568,9 @@ mod pod {
     // SAFETY: as above.
     unsafe impl aya::Pod for HostAddrKey {}
     // SAFETY: as above.
-    unsafe impl aya::Pod for MaglevTable {}
+    unsafe impl aya::Pod for MaglevKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for MaglevChunk {}
     // SAFETY: as above.
     unsafe impl aya::Pod for NodeConfig {}
     // SAFETY: as above.
@@ -560,7 +588,9 @@ const _: () = {
     assert!(core::mem::size_of::<BackendSlotKey>() == 8);
     assert!(core::mem::size_of::<BackendValue>() == 40);
     assert!(core::mem::size_of::<HostAddrKey>() == 20);
-    assert!(core::mem::size_of::<MaglevTable>() == 4 * MAGLEV_TABLE_SIZE + 4);
+    assert!(core::mem::size_of::<MaglevKey>() == 8);
+    assert!(core::mem::size_of::<MaglevChunk>() == 4 * MAGLEV_CHUNK);
+    assert!(MAGLEV_CHUNK == 1 << MAGLEV_CHUNK_SHIFT);
     assert!(core::mem::size_of::<NodeConfig>() == 44);
     assert!(core::mem::size_of::<AffinityKey>() == 24);
     assert!(core::mem::size_of::<AffinityValue>() == 16);

@@ -2,8 +2,8 @@
 //! Only the id travels back, so the caller borrows the backend from its map instead of copying.
 
 use weir_common::{
-    backend_flags, counter, flow_hash, service_flags, AffinityKey, AffinityValue, BackendSlotKey,
-    MaglevTable, ServiceValue, LOCAL_SLOT,
+    backend_flags, counter, flow_hash, maglev_index, maglev_slot, service_flags, AffinityKey,
+    AffinityValue, BackendSlotKey, ServiceValue, LOCAL_SLOT,
 };
 
 use crate::maps::{AFFINITY, BACKENDS, BACKEND_SLOTS, MAGLEV};
@@ -78,11 +78,18 @@ pub fn select_backend(
         && service.flags & service_flags::MAGLEV != 0
         && service.affinity_timeout_s == 0
     {
-        if let Some(table) = MAGLEV.get_ptr(&service.service_id) {
-            let hash = flow_hash(&ip.saddr, flow.sport_be, flow.dport_be, ip.proto);
-            // SAFETY: the pointer comes from a successful lookup; the agent replaces tables whole.
-            let table = unsafe { &*table };
-            if let Some(&id) = table.backend_ids.get(MaglevTable::index(hash)) {
+        let hash = flow_hash(&ip.saddr, flow.sport_be, flow.dport_be, ip.proto);
+        let index = maglev_index(hash, service.maglev_size);
+        let (key, offset) = maglev_slot(service.service_id, index);
+        if let Some(chunk) = MAGLEV.get_ptr(&key) {
+            // SAFETY: the pointer comes from a successful lookup; the agent replaces chunks whole.
+            let chunk = unsafe { &*chunk };
+            // An entry past the table's end (a size change half written) reads 0: no backend.
+            if let Some(&id) = chunk
+                .backend_ids
+                .get(offset)
+                .filter(|id| **id != NO_BACKEND)
+            {
                 if scope == Scope::Any || is_local(id) {
                     return Ok(id);
                 }

@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use weir_common::{
     capacity, counter, AffinityKey, AffinityValue, BackendSlotKey, BackendValue, CtKey, CtValue,
-    FrontendKey, HostAddrKey, MaglevTable, NodeConfig, ServiceValue, SockReverseKey,
+    FrontendKey, HostAddrKey, MaglevChunk, MaglevKey, NodeConfig, ServiceValue, SockReverseKey,
 };
 
 const BPF_F_NO_PREALLOC: u32 = 1;
@@ -25,7 +25,7 @@ pub static BACKENDS: HashMap<u32, BackendValue> =
     HashMap::with_max_entries(capacity::BACKENDS, BPF_F_NO_PREALLOC);
 
 #[map(name = "WEIR_MAGLEV")]
-pub static MAGLEV: HashMap<u32, MaglevTable> =
+pub static MAGLEV: HashMap<MaglevKey, MaglevChunk> =
     HashMap::with_max_entries(capacity::MAGLEV, BPF_F_NO_PREALLOC);
 
 #[map(name = "WEIR_HOST_ADDRS")]

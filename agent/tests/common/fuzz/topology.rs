@@ -276,6 +276,7 @@ fn options(maglev: bool) -> CompileOptions {
     CompileOptions {
         node_name: "node1".into(),
         maglev,
+        ..CompileOptions::default()
     }
 }
 
