@@ -176,8 +176,8 @@ pub fn set_aside_path(dir: &Path, name: &str) -> PathBuf {
 
 /// How entries pinned by map layout `old_version` become this layout's. Entries of the same key
 /// and value sizes are taken byte for byte: this layout's own (a capacity change), and layouts 2
-/// and 3, whose conntrack and affinity entries are this layout's exactly (v3 added the IPIP
-/// tunnel, v4 the tunnel peer map; neither touched them).
+/// to 4, whose conntrack and affinity entries are this layout's exactly (v3 added the IPIP
+/// tunnel, v4 the tunnel peer map, v5 chunked Maglev tables; none touched them).
 ///
 /// This is the hook for a layout that changes a carried entry: bump `MAP_LAYOUT_VERSION`, add a
 /// [`Conversion`] and an arm here matched on the version converted from, and its copy in
