@@ -59,8 +59,11 @@ pub struct Footprint {
     /// `WEIR_BACKENDS`: one per (endpoint address, target port); shared between Services in
     /// the maps, counted for each here, so the estimate errs high.
     pub backends: usize,
-    /// `WEIR_MAGLEV`: one table per (port, family) with external frontends, when Maglev is on.
+    /// `WEIR_MAGLEV`: table chunks per (port, family) with external frontends, when Maglev is
+    /// on.
     pub maglev: usize,
+    /// `WEIR_SOURCE_RANGES`: per (port, family), one per `loadBalancerSourceRanges` entry.
+    pub source_ranges: usize,
 }
 
 impl Footprint {
@@ -75,16 +78,18 @@ impl Footprint {
             slots: maps.backend_slots as usize,
             backends: maps.backends as usize,
             maglev: maps.maglev as usize,
+            source_ranges: maps.source_ranges as usize,
         }
     }
 
     /// Each count with the map it is of, by its pinned name.
-    pub fn by_map(&self) -> [(&'static str, usize); 4] {
+    pub fn by_map(&self) -> [(&'static str, usize); 5] {
         [
             (map_names::SERVICES, self.frontends),
             (map_names::BACKEND_SLOTS, self.slots),
             (map_names::BACKENDS, self.backends),
             (map_names::MAGLEV, self.maglev),
+            (map_names::SOURCE_RANGES, self.source_ranges),
         ]
     }
 
@@ -94,6 +99,7 @@ impl Footprint {
             slots: self.slots + other.slots,
             backends: self.backends + other.backends,
             maglev: self.maglev + other.maglev,
+            source_ranges: self.source_ranges + other.source_ranges,
         }
     }
 
@@ -103,12 +109,13 @@ impl Footprint {
             slots: self.slots.saturating_sub(other.slots),
             backends: self.backends.saturating_sub(other.backends),
             maglev: self.maglev.saturating_sub(other.maglev),
+            source_ranges: self.source_ranges.saturating_sub(other.source_ranges),
         }
     }
 
     /// All entries, to order Services by size.
     fn entries(&self) -> usize {
-        self.frontends + self.slots + self.backends + self.maglev
+        self.frontends + self.slots + self.backends + self.maglev + self.source_ranges
     }
 
     /// The first map `self` would overflow: (map, entries wanted, capacity).
@@ -118,6 +125,7 @@ impl Footprint {
             ("slot", self.slots, capacity.slots),
             ("backend", self.backends, capacity.backends),
             ("Maglev", self.maglev, capacity.maglev),
+            ("source range", self.source_ranges, capacity.source_ranges),
         ]
         .into_iter()
         .find(|(_, wanted, cap)| wanted > cap)
@@ -396,6 +404,11 @@ fn footprint<'a>(
                 continue;
             }
             out.frontends += internal + external;
+            out.source_ranges += service
+                .source_ranges
+                .iter()
+                .filter(|c| c.addr.is_ipv6() as usize == family)
+                .count();
             out.slots += endpoints[family] + local[family];
             if options.maglev && external > 0 {
                 // The chunks of a table sized for every endpoint of the family, from above.

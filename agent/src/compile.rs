@@ -11,7 +11,8 @@ use std::net::IpAddr;
 use tracing::debug;
 use weir_common::{
     backend_flags, service_flags, Addr, BackendSlotKey, BackendValue, FrontendKey, HostAddrKey,
-    MaglevKey, ServiceValue, FAMILY_V4, FAMILY_V6, LOCAL_SLOT,
+    MaglevKey, ServiceValue, SourceRange, FAMILY_V4, FAMILY_V6, LOCAL_SLOT,
+    SOURCE_RANGE_FIXED_BITS,
 };
 
 use crate::intent::{
@@ -19,7 +20,7 @@ use crate::intent::{
     ServicePort, TrafficPolicy,
 };
 use crate::maglev;
-use crate::state::{DataplaneState, Plan};
+use crate::state::{DataplaneState, Plan, SourcePrefix};
 
 pub fn addr_of(ip: IpAddr) -> (Addr, u8) {
     match ip {
@@ -140,6 +141,26 @@ impl FrontendGroup<'_> {
     fn all(&self) -> impl Iterator<Item = FrontendKey> + '_ {
         self.internal.iter().chain(&self.external).copied()
     }
+}
+
+/// The `WEIR_SOURCE_RANGES` entries of a service's ranges of `family`, under `service_id`.
+fn source_ranges(service: &ServiceIntent, family: u8, service_id: u32) -> Vec<SourcePrefix> {
+    service
+        .source_ranges
+        .iter()
+        .filter_map(|cidr| {
+            let (addr, f) = addr_of(cidr.addr);
+            (f == family).then_some((
+                SOURCE_RANGE_FIXED_BITS + u32::from(cidr.len),
+                SourceRange {
+                    service_id_be: service_id.to_be(),
+                    family,
+                    _pad: [0; 3],
+                    addr,
+                },
+            ))
+        })
+        .collect()
 }
 
 /// Every frontend a service claims, grouped by port and family.
@@ -436,6 +457,8 @@ impl Compiler {
         plan.delete_backends.dedup();
         plan.delete_maglev.sort_unstable();
         plan.delete_maglev.dedup();
+        plan.delete_source_ranges.sort_unstable();
+        plan.delete_source_ranges.dedup();
         plan.upsert_backends.sort_unstable_by_key(|(id, _)| *id);
         plan.upsert_backends.dedup_by_key(|(id, _)| *id);
         plan
@@ -469,6 +492,16 @@ impl Compiler {
     fn delete_service_id(&self, id: u32, plan: &mut Plan) {
         plan.delete_slots.extend(self.slots_of(id).map(|(k, _)| *k));
         plan.delete_maglev.extend(self.maglev_of(id));
+        plan.delete_source_ranges.extend(self.source_ranges_of(id));
+    }
+
+    /// The `loadBalancerSourceRanges` entries of a service id in the maps.
+    fn source_ranges_of(&self, id: u32) -> impl Iterator<Item = SourcePrefix> + '_ {
+        self.shadow
+            .source_ranges
+            .keys()
+            .filter(move |(_, range)| u32::from_be(range.service_id_be) == id)
+            .copied()
     }
 
     /// The keys of a service id's Maglev chunks in the maps.
@@ -668,14 +701,54 @@ impl Compiler {
             let external_flags =
                 service_flags::EXTERNAL | if maglev { service_flags::MAGLEV } else { 0 };
             let external_value = value(service.external_traffic_policy, external_flags);
-            for (frontends, value) in [(internal, internal_value), (external, external_value)] {
-                for key in frontends {
-                    if self.shadow.services.get(&key) != Some(&value) {
-                        plan.upsert_services.push((key, value));
+            // loadBalancerSourceRanges bind the load-balancer IPs and NodePorts, as kube-proxy
+            // applies them: per family, and only when the family has ranges at all.
+            let ranges = source_ranges(service, family, service_id);
+            let restricted = |key: &FrontendKey| {
+                !ranges.is_empty()
+                    && (key.addr == Addr::UNSPECIFIED
+                        || service
+                            .load_balancer_ips
+                            .iter()
+                            .any(|ip| addr_of(*ip) == (key.addr, key.family)))
+            };
+            let restricted_value = ServiceValue {
+                flags: external_value.flags | service_flags::SOURCE_RANGES,
+                ..external_value
+            };
+            let mut any_restricted = false;
+            let values = internal
+                .into_iter()
+                .map(|key| (key, internal_value))
+                .chain(external.into_iter().map(|key| {
+                    if restricted(&key) {
+                        any_restricted = true;
+                        (key, restricted_value)
+                    } else {
+                        (key, external_value)
                     }
-                    owned.frontends.push(key);
+                }))
+                .collect::<Vec<_>>();
+            for (key, value) in values {
+                if self.shadow.services.get(&key) != Some(&value) {
+                    plan.upsert_services.push((key, value));
+                }
+                owned.frontends.push(key);
+            }
+            let wanted: BTreeSet<SourcePrefix> = if any_restricted {
+                ranges.into_iter().collect()
+            } else {
+                BTreeSet::new()
+            };
+            for prefix in &wanted {
+                if !self.shadow.source_ranges.contains_key(prefix) {
+                    plan.upsert_source_ranges.push((*prefix, 1));
                 }
             }
+            plan.delete_source_ranges.extend(
+                self.source_ranges_of(service_id)
+                    .filter(|prefix| !wanted.contains(prefix)),
+            );
         }
         owned.backends = backends.into_iter().collect();
         owned
@@ -693,6 +766,9 @@ impl Compiler {
         for (k, v) in &plan.upsert_maglev {
             s.maglev.insert(*k, *v);
         }
+        for (k, v) in &plan.upsert_source_ranges {
+            s.source_ranges.insert(*k, *v);
+        }
         for (k, v) in &plan.upsert_services {
             s.services.insert(*k, *v);
         }
@@ -701,6 +777,9 @@ impl Compiler {
         }
         for k in &plan.delete_maglev {
             s.maglev.remove(k);
+        }
+        for k in &plan.delete_source_ranges {
+            s.source_ranges.remove(k);
         }
         for k in &plan.delete_slots {
             s.slots.remove(k);

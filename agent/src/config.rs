@@ -125,6 +125,9 @@ pub struct MapsConfig {
     /// `WEIR_MAGLEV`: 16 KiB chunks of Maglev tables, per Service port and family with external
     /// frontends when Maglev is on: one for a table of up to 4,093 entries, 32 for the largest.
     pub maglev: u32,
+    /// `WEIR_SOURCE_RANGES`: `loadBalancerSourceRanges`, one per range per Service port and
+    /// family.
+    pub source_ranges: u32,
     /// `WEIR_SOCK_REVERSE`: host sockets translated at connect time (host services). LRU.
     pub sock_reverse: u32,
     /// `WEIR_HOST_ADDRS`: this node's addresses (where NodePorts answer).
@@ -162,6 +165,7 @@ impl MapsConfig {
             backend_slots: capacity::BACKEND_SLOTS,
             backends: capacity::BACKENDS,
             maglev: capacity::MAGLEV,
+            source_ranges: capacity::SOURCE_RANGES,
             sock_reverse: capacity::SOCK_REVERSE,
             host_addrs: capacity::HOST_ADDRS,
             tunnel_peers: capacity::TUNNEL_PEERS,
@@ -171,7 +175,7 @@ impl MapsConfig {
 
     /// Every configurable map with its capacity: the one place that says which key sizes which
     /// map. Loading, admission and the capacity metrics all read it.
-    pub fn capacities(&self) -> [MapCapacity; 10] {
+    pub fn capacities(&self) -> [MapCapacity; 11] {
         use weir_common::map_names;
         let row = |key, map, entries, max| MapCapacity {
             key,
@@ -211,6 +215,12 @@ impl MapsConfig {
                 MAX_MAP_ENTRIES,
             ),
             row("maglev", map_names::MAGLEV, self.maglev, MAX_MAGLEV_CHUNKS),
+            row(
+                "source_ranges",
+                map_names::SOURCE_RANGES,
+                self.source_ranges,
+                MAX_MAP_ENTRIES,
+            ),
             row(
                 "sock_reverse",
                 map_names::SOCK_REVERSE,

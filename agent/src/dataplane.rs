@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
+use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
 use aya::maps::{Array, HashMap, Map, MapData, MapInfo, PerCpuArray};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::tc::{
@@ -17,6 +18,7 @@ use tracing::{debug, info, warn};
 use weir_common::{
     counter, map_names, program_names, Addr, BackendSlotKey, BackendValue, CtKey, CtValue,
     FrontendKey, HostAddrKey, MaglevChunk, MaglevKey, NodeConfig, ServiceValue, SockReverseKey,
+    SourceRange,
 };
 
 use crate::pin_layout;
@@ -95,6 +97,7 @@ pub struct ServiceMaps {
     slots: HashMap<MapData, BackendSlotKey, u32>,
     backends: HashMap<MapData, u32, BackendValue>,
     maglev: HashMap<MapData, MaglevKey, MaglevChunk>,
+    source_ranges: LpmTrie<MapData, SourceRange, u8>,
 }
 
 impl ServiceMaps {
@@ -104,6 +107,7 @@ impl ServiceMaps {
             slots: take_map(ebpf, map_names::BACKEND_SLOTS)?,
             backends: take_map(ebpf, map_names::BACKENDS)?,
             maglev: take_map(ebpf, map_names::MAGLEV)?,
+            source_ranges: take_map(ebpf, map_names::SOURCE_RANGES)?,
         })
     }
 
@@ -113,6 +117,7 @@ impl ServiceMaps {
             slots: open_pinned(dir, map_names::BACKEND_SLOTS)?,
             backends: open_pinned(dir, map_names::BACKENDS)?,
             maglev: open_pinned(dir, map_names::MAGLEV)?,
+            source_ranges: open_pinned(dir, map_names::SOURCE_RANGES)?,
         })
     }
 
@@ -124,6 +129,7 @@ impl ServiceMaps {
             slots: read_all(&self.slots, map_names::BACKEND_SLOTS)?,
             backends: read_all(&self.backends, map_names::BACKENDS)?,
             maglev: read_all(&self.maglev, map_names::MAGLEV)?,
+            source_ranges: read_source_ranges(&self.source_ranges)?,
         })
     }
 
@@ -145,6 +151,11 @@ impl ServiceMaps {
                 .insert(id, table, 0)
                 .map_err(map_err(map_names::MAGLEV))?;
         }
+        for ((prefix_len, range), value) in &plan.upsert_source_ranges {
+            self.source_ranges
+                .insert(&LpmKey::new(*prefix_len, *range), value, 0)
+                .map_err(map_err(map_names::SOURCE_RANGES))?;
+        }
         for (key, service) in &plan.upsert_services {
             self.services
                 .insert(key, service, 0)
@@ -155,6 +166,19 @@ impl ServiceMaps {
         }
         for id in &plan.delete_maglev {
             remove_present(&mut self.maglev, id, map_names::MAGLEV)?;
+        }
+        for (prefix_len, range) in &plan.delete_source_ranges {
+            match self.source_ranges.remove(&LpmKey::new(*prefix_len, *range)) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(aya::maps::MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(source) => {
+                    return Err(DataplaneError::Map {
+                        name: map_names::SOURCE_RANGES,
+                        source,
+                    })
+                }
+            }
         }
         for key in &plan.delete_slots {
             remove_present(&mut self.slots, key, map_names::BACKEND_SLOTS)?;
@@ -181,6 +205,27 @@ fn remove_present<K: aya::Pod, V: aya::Pod>(
         }
         Err(source) => Err(DataplaneError::Map { name, source }),
     }
+}
+
+fn read_source_ranges(
+    trie: &LpmTrie<MapData, SourceRange, u8>,
+) -> Result<BTreeMap<crate::state::SourcePrefix, u8>, DataplaneError> {
+    let mut out = BTreeMap::new();
+    for entry in trie.iter() {
+        match entry {
+            Ok((key, value)) => {
+                out.insert((key.prefix_len(), key.data()), value);
+            }
+            Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(source) => {
+                return Err(DataplaneError::Map {
+                    name: map_names::SOURCE_RANGES,
+                    source,
+                })
+            }
+        }
+    }
+    Ok(out)
 }
 
 fn read_all<K: aya::Pod + Ord, V: aya::Pod>(
@@ -417,6 +462,21 @@ pub fn fill_levels(dir: &Path) -> Vec<(&'static str, Result<MapFill, DataplaneEr
         fill::<HostAddrKey, u32>(dir, map_names::HOST_ADDRS),
         fill::<HostAddrKey, u32>(dir, map_names::TUNNEL_PEERS),
         fill::<u32, u32>(dir, map_names::POD_INTERFACES),
+        (
+            map_names::SOURCE_RANGES,
+            (|| {
+                let name = map_names::SOURCE_RANGES;
+                let trie: LpmTrie<MapData, SourceRange, u8> = open_pinned(dir, name)?;
+                let capacity = MapInfo::from_pin(dir.join(name))
+                    .map_err(|source| DataplaneError::Map { name, source })?
+                    .max_entries();
+                Ok(MapFill {
+                    name,
+                    entries: trie.keys().filter(Result::is_ok).count(),
+                    capacity,
+                })
+            })(),
+        ),
     ]
 }
 

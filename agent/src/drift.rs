@@ -104,6 +104,7 @@ pub struct DriftReport {
     pub slots: usize,
     pub backends: usize,
     pub maglev: usize,
+    pub source_ranges: usize,
 }
 
 impl DriftReport {
@@ -113,21 +114,23 @@ impl DriftReport {
             slots: plan.upsert_slots.len() + plan.delete_slots.len(),
             backends: plan.upsert_backends.len() + plan.delete_backends.len(),
             maglev: plan.upsert_maglev.len() + plan.delete_maglev.len(),
+            source_ranges: plan.upsert_source_ranges.len() + plan.delete_source_ranges.len(),
         }
     }
 
     pub fn total(&self) -> usize {
-        self.services + self.slots + self.backends + self.maglev
+        self.services + self.slots + self.backends + self.maglev + self.source_ranges
     }
 
     /// (map, entries repaired) for metrics and logs.
-    pub fn by_map(&self) -> [(&'static str, usize); 4] {
+    pub fn by_map(&self) -> [(&'static str, usize); 5] {
         use weir_common::map_names;
         [
             (map_names::SERVICES, self.services),
             (map_names::BACKEND_SLOTS, self.slots),
             (map_names::BACKENDS, self.backends),
             (map_names::MAGLEV, self.maglev),
+            (map_names::SOURCE_RANGES, self.source_ranges),
         ]
     }
 }

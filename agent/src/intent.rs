@@ -79,6 +79,8 @@ pub enum IntentError {
     Missing(&'static str),
     #[error("{field}: invalid IP address {value:?}")]
     InvalidAddress { field: String, value: String },
+    #[error("{field}: invalid CIDR {value:?}")]
+    InvalidCidr { field: String, value: String },
     #[error("{field}: port {value} out of range 1-65535")]
     InvalidPort { field: String, value: i64 },
     #[error("not supported yet: {0}")]
@@ -98,6 +100,7 @@ impl IntentError {
         match self {
             IntentError::Missing(_) => "missing",
             IntentError::InvalidAddress { .. } => "invalid_address",
+            IntentError::InvalidCidr { .. } => "invalid_cidr",
             IntentError::InvalidPort { .. } => "invalid_port",
             IntentError::Unsupported(_) => "unsupported",
             IntentError::ReservedAddress { .. } => "reserved_address",
@@ -159,6 +162,11 @@ pub struct ServiceIntent {
     pub cluster_ips: Vec<IpAddr>,
     /// `spec.externalIPs` and the load balancer's ingress IPs: external frontends.
     pub external_ips: Vec<IpAddr>,
+    /// The load balancer's ingress IPs among `external_ips`: where `source_ranges` apply.
+    pub load_balancer_ips: Vec<IpAddr>,
+    /// `spec.loadBalancerSourceRanges` of a LoadBalancer Service (or, when empty, the legacy
+    /// annotation): only sources in these reach its load-balancer IPs and NodePorts. Empty: any.
+    pub source_ranges: Vec<Cidr>,
     pub ports: Vec<ServicePort>,
     pub external_traffic_policy: TrafficPolicy,
     pub internal_traffic_policy: TrafficPolicy,
@@ -293,6 +301,44 @@ fn parse_ip(field: &str, value: &str) -> Result<IpAddr, IntentError> {
     })
 }
 
+/// An address prefix, `addr/len`, with the bits past `len` cleared.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub len: u8,
+}
+
+impl Cidr {
+    /// Parses `addr/len` as the API server accepts it (host bits may be set; they are cleared).
+    pub fn parse(field: &str, text: &str) -> Result<Cidr, IntentError> {
+        let invalid = || IntentError::InvalidCidr {
+            field: field.to_owned(),
+            value: text.to_owned(),
+        };
+        let (addr, len) = text.trim().split_once('/').ok_or_else(invalid)?;
+        let addr: IpAddr = addr.parse().map_err(|_| invalid())?;
+        let len: u8 = len.parse().map_err(|_| invalid())?;
+        let bits = if addr.is_ipv4() { 32 } else { 128 };
+        if len > bits {
+            return Err(invalid());
+        }
+        let addr = match addr {
+            IpAddr::V4(v4) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+                IpAddr::V4((u32::from(v4) & mask).into())
+            }
+            IpAddr::V6(v6) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
+                IpAddr::V6((u128::from(v6) & mask).into())
+            }
+        };
+        Ok(Cidr { addr, len })
+    }
+}
+
+/// The legacy annotation kube-proxy reads when `spec.loadBalancerSourceRanges` is empty.
+const SOURCE_RANGES_ANNOTATION: &str = "service.beta.kubernetes.io/load-balancer-source-ranges";
+
 /// An address a Service may use as a frontend or an endpoint: valid and not special.
 fn parse_usable_ip(field: &str, value: &str) -> Result<IpAddr, IntentError> {
     let ip = parse_ip(field, value)?;
@@ -387,7 +433,24 @@ impl TryFrom<&Service> for ServiceIntent {
         for raw in spec.external_ips.iter().flatten() {
             external_ips.push(parse_usable_ip("spec.externalIPs", raw)?);
         }
+        let mut load_balancer_ips = Vec::new();
+        let mut source_ranges = Vec::new();
         if kind == "LoadBalancer" {
+            for raw in spec.load_balancer_source_ranges.iter().flatten() {
+                source_ranges.push(Cidr::parse("spec.loadBalancerSourceRanges", raw)?);
+            }
+            if source_ranges.is_empty() {
+                let annotation = service
+                    .metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(SOURCE_RANGES_ANNOTATION));
+                for raw in annotation.into_iter().flat_map(|a| a.split(',')) {
+                    if !raw.trim().is_empty() {
+                        source_ranges.push(Cidr::parse(SOURCE_RANGES_ANNOTATION, raw)?);
+                    }
+                }
+            }
             let ingress = service
                 .status
                 .as_ref()
@@ -404,6 +467,9 @@ impl TryFrom<&Service> for ServiceIntent {
                     let ip = parse_usable_ip("status.loadBalancer.ingress[].ip", raw)?;
                     if !external_ips.contains(&ip) {
                         external_ips.push(ip);
+                    }
+                    if !load_balancer_ips.contains(&ip) {
+                        load_balancer_ips.push(ip);
                     }
                 }
             }
@@ -472,6 +538,8 @@ impl TryFrom<&Service> for ServiceIntent {
             id,
             cluster_ips,
             external_ips,
+            load_balancer_ips,
+            source_ranges,
             ports,
             external_traffic_policy: traffic_policy(
                 "spec.externalTrafficPolicy",

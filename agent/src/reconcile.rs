@@ -241,6 +241,7 @@ impl Reconciler {
             slots: shadow.slots.len(),
             backends: shadow.backends.len(),
             maglev: shadow.maglev.len(),
+            source_ranges: shadow.source_ranges.len(),
         };
         let rejected = self.note_rejections();
         let report = ReconcileReport {

@@ -469,6 +469,7 @@ fn repair_drift(
             slots = report.slots,
             backends = report.backends,
             maglev = report.maglev,
+            source_ranges = report.source_ranges,
             "service map entries were changed outside the agent; written back"
         ),
         Ok(_) => {}

@@ -4,8 +4,11 @@
 use std::collections::BTreeMap;
 
 use weir_common::{
-    BackendSlotKey, BackendValue, FrontendKey, MaglevChunk, MaglevKey, ServiceValue,
+    BackendSlotKey, BackendValue, FrontendKey, MaglevChunk, MaglevKey, ServiceValue, SourceRange,
 };
+
+/// One `WEIR_SOURCE_RANGES` entry: the trie key's prefix length and data.
+pub type SourcePrefix = (u32, SourceRange);
 
 /// The content of the service maps. Conntrack is not part of it: flows are the kernel's.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -15,6 +18,8 @@ pub struct DataplaneState {
     pub backends: BTreeMap<u32, BackendValue>,
     /// Maglev lookup tables, chunk by chunk.
     pub maglev: BTreeMap<MaglevKey, MaglevChunk>,
+    /// `loadBalancerSourceRanges`, keyed as the trie keys them (the value is always 1).
+    pub source_ranges: BTreeMap<SourcePrefix, u8>,
 }
 
 /// Map writes, in the order they must happen so that a packet never finds a reference to an
@@ -25,9 +30,11 @@ pub struct Plan {
     pub upsert_backends: Vec<(u32, BackendValue)>,
     pub upsert_slots: Vec<(BackendSlotKey, u32)>,
     pub upsert_maglev: Vec<(MaglevKey, MaglevChunk)>,
+    pub upsert_source_ranges: Vec<(SourcePrefix, u8)>,
     pub upsert_services: Vec<(FrontendKey, ServiceValue)>,
     pub delete_services: Vec<FrontendKey>,
     pub delete_maglev: Vec<MaglevKey>,
+    pub delete_source_ranges: Vec<SourcePrefix>,
     pub delete_slots: Vec<BackendSlotKey>,
     pub delete_backends: Vec<u32>,
 }
@@ -38,9 +45,11 @@ impl Plan {
             upsert_backends: upserts(&current.backends, &desired.backends),
             upsert_slots: upserts(&current.slots, &desired.slots),
             upsert_maglev: upserts(&current.maglev, &desired.maglev),
+            upsert_source_ranges: upserts(&current.source_ranges, &desired.source_ranges),
             upsert_services: upserts(&current.services, &desired.services),
             delete_services: deletions(&current.services, &desired.services),
             delete_maglev: deletions(&current.maglev, &desired.maglev),
+            delete_source_ranges: deletions(&current.source_ranges, &desired.source_ranges),
             delete_slots: deletions(&current.slots, &desired.slots),
             delete_backends: deletions(&current.backends, &desired.backends),
         }
@@ -54,9 +63,11 @@ impl Plan {
         self.upsert_backends.len()
             + self.upsert_slots.len()
             + self.upsert_maglev.len()
+            + self.upsert_source_ranges.len()
             + self.upsert_services.len()
             + self.delete_services.len()
             + self.delete_maglev.len()
+            + self.delete_source_ranges.len()
             + self.delete_slots.len()
             + self.delete_backends.len()
     }

@@ -586,6 +586,70 @@ fn maglev_at_a_thousand_backends_sizes_its_table_and_agrees_between_nodes() {
     );
 }
 
+/// `loadBalancerSourceRanges`: only listed sources start flows at the load-balancer IP and the
+/// NodePort (counted in `drop_source_range` otherwise); the external IP and the ClusterIP are
+/// not bound by them, nor are established flows' packets. The legacy annotation works alike when
+/// the field is empty; removing the ranges lifts the restriction.
+#[test]
+fn load_balancer_source_ranges_admit_only_their_sources() {
+    let allowed = Ipv4Addr::new(198, 18, 0, 201); // EXTERNAL_CLIENT, in 198.18.0.128/25
+    let denied = Ipv4Addr::new(198, 18, 0, 20);
+    let ranges = "  loadBalancerSourceRanges: [\"198.18.0.128/25\", \"198.18.9.0/24\"]\n";
+    let mut h = node1(&web(&[(POD_N1, "node1")], ranges), 0, 0, false);
+    assert_eq!(EXTERNAL_CLIENT, allowed);
+    let mut sport = 44000;
+    let mut try_from = |h: &mut Harness, client: Ipv4Addr, frontend: Ipv4Addr, port: u16| {
+        sport += 1;
+        let (verdict, out) = h.run(&tcp(client, sport, frontend, port, "S"));
+        verdict != TC_ACT_SHOT && out == tcp(client, sport, POD_N1, 8080, "S")
+    };
+    assert!(try_from(&mut h, allowed, LB_IP, 80));
+    assert!(try_from(&mut h, allowed, NODE1, NODE_PORT));
+    assert!(!try_from(&mut h, denied, LB_IP, 80));
+    assert!(!try_from(&mut h, denied, NODE1, NODE_PORT));
+    assert_eq!(h.counter("drop_source_range"), 2);
+    // Not bound by the ranges, as kube-proxy applies them.
+    assert!(try_from(&mut h, denied, EXTERNAL_IP, 80));
+    assert!(try_from(&mut h, denied, VIP, 80));
+
+    // The legacy annotation, when the field is empty.
+    let annotated = web(&[(POD_N1, "node1")], "").replace(
+        "metadata: {name: web, namespace: default}",
+        "metadata: {name: web, namespace: default, annotations: \
+         {service.beta.kubernetes.io/load-balancer-source-ranges: \"198.18.0.128/25\"}}",
+    );
+    h.apply(&annotated);
+    assert!(!try_from(&mut h, denied, LB_IP, 80));
+    assert!(try_from(&mut h, allowed, LB_IP, 80));
+
+    // Without ranges, everyone again; the trie is emptied.
+    h.apply(&web(&[(POD_N1, "node1")], ""));
+    assert!(try_from(&mut h, denied, LB_IP, 80));
+    assert!(h
+        .dataplane
+        .services
+        .read()
+        .unwrap()
+        .source_ranges
+        .is_empty());
+}
+
+/// A range that is no CIDR makes the Service bad input: refused, last good version kept.
+#[test]
+fn an_invalid_source_range_is_refused_and_the_last_good_version_kept() {
+    let mut h = node1(&web(&[(POD_N1, "node1")], ""), 0, 0, false);
+    let report = h.apply(&web(
+        &[(POD_N1, "node1")],
+        "  loadBalancerSourceRanges: [\"198.18.0.0/33\"]\n",
+    ));
+    assert_eq!(report.rejected_objects, 1);
+    let (_, out) = h.run(&tcp(Ipv4Addr::new(198, 18, 0, 20), 44100, LB_IP, 80, "S"));
+    assert_eq!(
+        out,
+        tcp(Ipv4Addr::new(198, 18, 0, 20), 44100, POD_N1, 8080, "S")
+    );
+}
+
 const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x19, 1, 0, 0, 0, 0, 0x10);
 const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x18, 0x100, 0, 0, 0, 0, 0x10);
 const BACKEND6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x19, 2, 0, 0, 0, 0, 0x11);

@@ -24,6 +24,7 @@ pub mod map_names {
     pub const BACKEND_SLOTS: &str = "WEIR_BACKEND_SLOTS";
     pub const BACKENDS: &str = "WEIR_BACKENDS";
     pub const MAGLEV: &str = "WEIR_MAGLEV";
+    pub const SOURCE_RANGES: &str = "WEIR_SOURCE_RANGES";
     pub const HOST_ADDRS: &str = "WEIR_HOST_ADDRS";
     pub const NODE_CONFIG: &str = "WEIR_NODE_CONFIG";
     pub const CONNTRACK: &str = "WEIR_CONNTRACK";
@@ -39,11 +40,12 @@ pub mod map_names {
     /// cluster.
     pub const POD_INTERFACES: &str = "WEIR_POD_INTERFACES";
     /// Every map the agent pins, in the order it creates them.
-    pub const PINNED: [&str; 13] = [
+    pub const PINNED: [&str; 14] = [
         SERVICES,
         BACKEND_SLOTS,
         BACKENDS,
         MAGLEV,
+        SOURCE_RANGES,
         HOST_ADDRS,
         NODE_CONFIG,
         CONNTRACK,
@@ -93,6 +95,8 @@ pub mod capacity {
     /// Maglev table chunks (16 KiB each): a table of up to 4,093 entries is one chunk, the
     /// largest (131,071, for services of 1,000 backends and more) is 32.
     pub const MAGLEV: u32 = 16_384;
+    /// `loadBalancerSourceRanges` entries, per Service port and family.
+    pub const SOURCE_RANGES: u32 = 65_536;
     pub const HOST_ADDRS: u32 = 256;
     pub const CONNTRACK: u32 = 524_288;
     pub const AFFINITY: u32 = 65_536;
@@ -157,6 +161,9 @@ pub mod service_flags {
     pub const EXTERNAL: u32 = 1 << 1;
     /// Pick the backend from the service's Maglev table, so every node picks the same one.
     pub const MAGLEV: u32 = 1 << 2;
+    /// Only sources in `WEIR_SOURCE_RANGES` for this service id may start flows here (a
+    /// load-balancer IP or NodePort of a Service with `loadBalancerSourceRanges`).
+    pub const SOURCE_RANGES: u32 = 1 << 3;
 }
 
 /// Slots of a service's local endpoints live at `LOCAL_SLOT | index` beside the cluster-wide ones.
@@ -236,6 +243,23 @@ pub const MAGLEV_SIZES: [u32; 10] = [
 pub const MAGLEV_CHUNK: usize = 4096;
 /// log2 of [`MAGLEV_CHUNK`].
 pub const MAGLEV_CHUNK_SHIFT: u32 = 12;
+
+/// A source prefix allowed to reach a service id's restricted frontends, as the LPM trie
+/// `WEIR_SOURCE_RANGES` keys it: the prefix length counts `service_id` and `family` (64 bits)
+/// and then the address's own prefix, so a lookup with the full length matches within the
+/// service only.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SourceRange {
+    /// Network byte order, so the trie's bitwise match compares the id as a whole first.
+    pub service_id_be: u32,
+    pub family: u8,
+    pub _pad: [u8; 3],
+    pub addr: Addr,
+}
+
+/// Bits of [`SourceRange`] before the address: part of every prefix.
+pub const SOURCE_RANGE_FIXED_BITS: u32 = 64;
 
 /// Which chunk of which service's Maglev table.
 #[repr(C)]
@@ -517,7 +541,10 @@ pub mod counter {
     /// A packet arrived through the tunnel from an address that is no node's: dropped before
     /// anything else looks at it, so no one outside the cluster can plant a flow.
     pub const DROP_TUNNEL_UNTRUSTED: u32 = 24;
-    pub const COUNT: u32 = 25;
+    /// A new flow to a load-balancer IP or NodePort from a source outside the Service's
+    /// `loadBalancerSourceRanges`.
+    pub const DROP_SOURCE_RANGE: u32 = 25;
+    pub const COUNT: u32 = 26;
 
     /// Names for display, indexed by counter.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -546,6 +573,7 @@ pub mod counter {
         "drop_reject_failed",
         "icmp_too_big",
         "drop_tunnel_untrusted",
+        "drop_source_range",
     ];
 }
 
@@ -570,6 +598,8 @@ mod pod {
     // SAFETY: as above.
     unsafe impl aya::Pod for MaglevKey {}
     // SAFETY: as above.
+    unsafe impl aya::Pod for SourceRange {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for MaglevChunk {}
     // SAFETY: as above.
     unsafe impl aya::Pod for NodeConfig {}
@@ -589,6 +619,7 @@ const _: () = {
     assert!(core::mem::size_of::<BackendValue>() == 40);
     assert!(core::mem::size_of::<HostAddrKey>() == 20);
     assert!(core::mem::size_of::<MaglevKey>() == 8);
+    assert!(core::mem::size_of::<SourceRange>() == 24);
     assert!(core::mem::size_of::<MaglevChunk>() == 4 * MAGLEV_CHUNK);
     assert!(MAGLEV_CHUNK == 1 << MAGLEV_CHUNK_SHIFT);
     assert!(core::mem::size_of::<NodeConfig>() == 44);

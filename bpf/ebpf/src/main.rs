@@ -31,17 +31,19 @@ use aya_ebpf::{
     bindings::{BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT},
     helpers::bpf_redirect,
     macros::classifier,
+    maps::lpm_trie::Key,
     programs::TcContext,
 };
 use weir_common::{
     backend_flags, counter, ct_flags, ct_kind, ct_seen, service_flags, tunnel_id, Addr,
-    BackendValue, CtKey, CtValue, FrontendKey, HostAddrKey, NodeConfig, ServiceValue,
-    CT_REFRESH_NS, FAMILY_V4, PROTO_TCP, PROTO_UDP,
+    BackendValue, CtKey, CtValue, FrontendKey, HostAddrKey, NodeConfig, ServiceValue, SourceRange,
+    CT_REFRESH_NS, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, SOURCE_RANGE_FIXED_BITS,
 };
 
 use crate::lb::{select_backend, NO_BACKEND};
 use crate::maps::{
     count, node_config, BACKENDS, CONNTRACK, HOST_ADDRS, POD_INTERFACES, SCRATCH, SERVICES,
+    SOURCE_RANGES,
 };
 use crate::packet::{
     ct_key, ktime, load, not_for_us, parse, rewrite_l4, swap_macs, Ip, NotForUs, Side, PARSED,
@@ -277,6 +279,14 @@ fn flow_inner(
     let Some(service) = find_service(ip, dport_be, from_tunnel.is_some()) else {
         return Ok(Verdict::pass(counter::PASS_NO_SERVICE));
     };
+    // loadBalancerSourceRanges: only listed sources start flows at a restricted frontend. A
+    // packet from the tunnel was checked by the node it entered.
+    if service.flags & service_flags::SOURCE_RANGES != 0
+        && from_tunnel.is_none()
+        && !source_allowed(ip, service.service_id)
+    {
+        return Err(counter::DROP_SOURCE_RANGE);
+    }
     // A DSR packet was sent here because this node has a backend: only local ones qualify, and
     // with Maglev the one the ingress node's table named.
     let scope = if from_tunnel.is_some() {
@@ -537,6 +547,23 @@ fn hairpin_addr(config: &NodeConfig, family: u8) -> Addr {
 /// the destination is the address of the node the client used). Borrowed from the map; a call
 /// of its own so the keys do not sit on the flow path's stack.
 #[inline(never)]
+/// Whether `loadBalancerSourceRanges` of `service_id` hold the packet's source. Its own frame:
+/// the key is not on the flow path's stack.
+#[inline(never)]
+fn source_allowed(ip: &Ip, service_id: u32) -> bool {
+    let address_bits = if ip.family == FAMILY_V6 { 128 } else { 32 };
+    let key = Key::new(
+        SOURCE_RANGE_FIXED_BITS + address_bits,
+        SourceRange {
+            service_id_be: service_id.to_be(),
+            family: ip.family,
+            _pad: [0; 3],
+            addr: ip.saddr,
+        },
+    );
+    SOURCE_RANGES.get(&key).is_some()
+}
+
 fn find_service(ip: &Ip, dport_be: u16, from_tunnel: bool) -> Option<&'static ServiceValue> {
     let mut key = FrontendKey {
         addr: ip.daddr,

@@ -3,11 +3,12 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use weir_common::{
     capacity, counter, AffinityKey, AffinityValue, BackendSlotKey, BackendValue, CtKey, CtValue,
     FrontendKey, HostAddrKey, MaglevChunk, MaglevKey, NodeConfig, ServiceValue, SockReverseKey,
+    SourceRange,
 };
 
 const BPF_F_NO_PREALLOC: u32 = 1;
@@ -27,6 +28,11 @@ pub static BACKENDS: HashMap<u32, BackendValue> =
 #[map(name = "WEIR_MAGLEV")]
 pub static MAGLEV: HashMap<MaglevKey, MaglevChunk> =
     HashMap::with_max_entries(capacity::MAGLEV, BPF_F_NO_PREALLOC);
+
+/// `loadBalancerSourceRanges`, by service id: a longest-prefix match on (service, source).
+#[map(name = "WEIR_SOURCE_RANGES")]
+pub static SOURCE_RANGES: LpmTrie<SourceRange, u8> =
+    LpmTrie::with_max_entries(capacity::SOURCE_RANGES, BPF_F_NO_PREALLOC);
 
 #[map(name = "WEIR_HOST_ADDRS")]
 pub static HOST_ADDRS: HashMap<HostAddrKey, u32> =
