@@ -55,8 +55,13 @@ fn a_pinned_map_of_another_shape_is_set_aside_not_adopted() {
     let pin_dir = bpffs.path().join("node1/v1");
     let backends = [BACKEND, OTHER];
     {
+        // An established flow: its entries are in the established table.
         let mut first = Harness::with_pin_dir(&backends, Some(pin_dir.clone()));
-        first.run(&tcp(CLIENT, 40200, VIP, 80, "S"));
+        let (_, out) = first.run(&tcp(CLIENT, 40200, VIP, 80, "S"));
+        let chosen = std::net::Ipv4Addr::new(out[30], out[31], out[32], out[33]);
+        first.run(&tcp(chosen, 8080, CLIENT, 40200, "SA"));
+        first.run(&tcp(CLIENT, 40200, VIP, 80, "A"));
+        assert_eq!(first.counter("ct_promoted"), 1);
     }
     // Another map (an LRU hash too, with other key and value sizes) where conntrack should be:
     // what a stray `bpftool map create` or another build's pin looks like.

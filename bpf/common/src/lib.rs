@@ -8,7 +8,7 @@
 
 /// Bumped whenever a pinned map's key or value layout changes: the agent pins under a directory
 /// named after it, so a new agent never reinterprets an older agent's bytes.
-pub const MAP_LAYOUT_VERSION: u32 = 4;
+pub const MAP_LAYOUT_VERSION: u32 = 5;
 
 pub const FAMILY_V4: u8 = 4;
 pub const FAMILY_V6: u8 = 6;
@@ -26,7 +26,11 @@ pub mod map_names {
     pub const MAGLEV: &str = "WEIR_MAGLEV";
     pub const HOST_ADDRS: &str = "WEIR_HOST_ADDRS";
     pub const NODE_CONFIG: &str = "WEIR_NODE_CONFIG";
+    /// Conntrack of established flows: answered ones, promoted out of [`CT_NEW`].
     pub const CONNTRACK: &str = "WEIR_CONNTRACK";
+    /// Conntrack of new flows, until they are answered: a flood of new flows churns this table
+    /// only, never the established one.
+    pub const CT_NEW: &str = "WEIR_CT_NEW";
     pub const AFFINITY: &str = "WEIR_AFFINITY";
     pub const COUNTERS: &str = "WEIR_COUNTERS";
     /// Host services: the network namespace whose sockets are load-balanced at connect time.
@@ -39,7 +43,7 @@ pub mod map_names {
     /// cluster.
     pub const POD_INTERFACES: &str = "WEIR_POD_INTERFACES";
     /// Every map the agent pins, in the order it creates them.
-    pub const PINNED: [&str; 13] = [
+    pub const PINNED: [&str; 14] = [
         SERVICES,
         BACKEND_SLOTS,
         BACKENDS,
@@ -47,6 +51,7 @@ pub mod map_names {
         HOST_ADDRS,
         NODE_CONFIG,
         CONNTRACK,
+        CT_NEW,
         AFFINITY,
         COUNTERS,
         SOCK_NETNS,
@@ -93,7 +98,11 @@ pub mod capacity {
     /// Services with a Maglev table (external frontends with Maglev on).
     pub const MAGLEV: u32 = 16_384;
     pub const HOST_ADDRS: u32 = 256;
+    /// Established flows (answered, see `map_names::CT_NEW`).
     pub const CONNTRACK: u32 = 524_288;
+    /// Flows not answered yet: what a SYN flood fills. Holds a new flow for its handshake only,
+    /// so a quarter of the established table is room for a high connection rate.
+    pub const CT_NEW: u32 = 131_072;
     pub const AFFINITY: u32 = 65_536;
     /// Translated host sockets remembered for reply and peer-name translation (LRU).
     pub const SOCK_REVERSE: u32 = 65_536;
@@ -379,6 +388,43 @@ impl CtKey {
     }
 }
 
+/// The key of the entry paired with this one (forward with reverse); ENCAP entries stand alone.
+/// The data path follows it to promote a flow's two entries together, the agent to judge and
+/// reclaim a flow as a whole.
+#[inline(always)]
+pub fn partner_key(key: &CtKey, value: &CtValue) -> Option<CtKey> {
+    let hairpin = value.flags & ct_flags::HAIRPIN != 0;
+    match value.kind {
+        // Replies come from the backend to the client (or to the hairpin address, which a
+        // hairpin forward entry keeps in `tunnel_peer`).
+        ct_kind::FORWARD => Some(CtKey {
+            saddr: value.nat_addr,
+            daddr: if hairpin {
+                value.tunnel_peer
+            } else {
+                key.saddr
+            },
+            sport_be: value.nat_port_be,
+            dport_be: key.sport_be,
+            proto: key.proto,
+            family: key.family,
+            _pad: 0,
+        }),
+        // The client addressed the frontend the reply is rewritten to; under hairpin the client
+        // is the backend itself.
+        ct_kind::REVERSE => Some(CtKey {
+            saddr: if hairpin { key.saddr } else { key.daddr },
+            daddr: value.nat_addr,
+            sport_be: key.dport_be,
+            dport_be: value.nat_port_be,
+            proto: key.proto,
+            family: key.family,
+            _pad: 0,
+        }),
+        _ => None,
+    }
+}
+
 /// What a conntrack entry tells the program to do with a packet that matches its key.
 pub mod ct_kind {
     /// Client to service: rewrite the destination to `nat_addr:nat_port` (the backend).
@@ -457,7 +503,9 @@ pub struct SockReverseKey {
 pub const CT_REFRESH_NS: u64 = 1_000_000_000;
 
 /// Indexes of the per-CPU packet counters. Every packet the program sees counts exactly one
-/// outcome, so their sum is the packet count and no decision goes unaccounted.
+/// outcome (the indexes below [`counter::OUTCOMES`]), so their sum is the packet count and no
+/// decision goes unaccounted. Indexes from `OUTCOMES` on count events some packets cause besides
+/// their outcome.
 pub mod counter {
     pub const CT_FORWARD_HIT: u32 = 0;
     pub const CT_REVERSE_HIT: u32 = 1;
@@ -491,7 +539,12 @@ pub mod counter {
     /// A packet arrived through the tunnel from an address that is no node's: dropped before
     /// anything else looks at it, so no one outside the cluster can plant a flow.
     pub const DROP_TUNNEL_UNTRUSTED: u32 = 24;
-    pub const COUNT: u32 = 25;
+    /// Outcomes are the counters below this index: exactly one per packet.
+    pub const OUTCOMES: u32 = 25;
+    /// Event: a flow was answered, and its entries moved from the new-flow table to the
+    /// established one. New flows minus promotions is what a flood leaves unanswered.
+    pub const CT_PROMOTED: u32 = 25;
+    pub const COUNT: u32 = 26;
 
     /// Names for display, indexed by counter.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -520,6 +573,7 @@ pub mod counter {
         "drop_reject_failed",
         "icmp_too_big",
         "drop_tunnel_untrusted",
+        "ct_promoted",
     ];
 }
 

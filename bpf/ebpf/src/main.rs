@@ -4,7 +4,8 @@
 //! their veth), from the network (ingress of host interfaces) and from the tunnel device. A
 //! packet whose 5-tuple has a conntrack entry takes the fast path and never touches the service
 //! maps; the first packet of a flow to a service frontend picks a backend, records the flow in
-//! both directions and is DNATed. Replies are un-NATed by their reverse entry wherever they
+//! both directions and is DNATed. Conntrack is two tables (`ct.rs`): new flows are recorded in
+//! one, and move to the established one once answered, out of a flood's reach. Replies are un-NATed by their reverse entry wherever they
 //! enter the node, so no SNAT is ever applied and backends see the client's own address (the
 //! one exception is hairpin, where the client is its own backend).
 //!
@@ -19,6 +20,7 @@
 #![no_std]
 #![no_main]
 
+mod ct;
 mod icmp;
 mod lb;
 mod maps;
@@ -41,7 +43,7 @@ use weir_common::{
 
 use crate::lb::{select_backend, NO_BACKEND};
 use crate::maps::{
-    count, node_config, BACKENDS, CONNTRACK, HOST_ADDRS, POD_INTERFACES, SCRATCH, SERVICES,
+    count, node_config, BACKENDS, CONNTRACK, CT_NEW, HOST_ADDRS, POD_INTERFACES, SCRATCH, SERVICES,
 };
 use crate::packet::{
     ct_key, ktime, load, not_for_us, parse, rewrite_l4, swap_macs, Ip, NotForUs, Side, PARSED,
@@ -257,12 +259,24 @@ fn flow_inner(
         backend_id: 0,
     };
 
+    // Established flows first: their packets cost this one lookup.
     if let Some(entry) = CONNTRACK.get_ptr_mut(&flow.key) {
         // SAFETY: the pointer comes from a successful lookup and stays valid for this program
         // run; concurrent writers only touch last_seen/seen, where a lost update is harmless.
         let entry = unsafe { &mut *entry };
         refresh(entry, seen, flow.now);
         return Ok(apply(ctx, ip, entry, config));
+    }
+    if let Some(entry) = CT_NEW.get_ptr_mut(&flow.key) {
+        // SAFETY: as above; the entry is deleted (by promotion) only after its last use here.
+        let entry = unsafe { &mut *entry };
+        refresh(entry, seen, flow.now);
+        let answered = ct::answers(entry, ip.proto, seen);
+        let verdict = apply(ctx, ip, entry, config);
+        if answered {
+            ct::promote(&flow.key);
+        }
+        return Ok(verdict);
     }
 
     if from_tunnel.id == tunnel_id::NAT_AT_INGRESS {
@@ -303,7 +317,10 @@ fn flow_inner(
         && config.tunnel_ifindex != 0;
     let outcome = new_flow(ip, flow, backend)?;
     // The entry now exists (ours, or another CPU's that won the race): translate as it says.
-    let Some(entry) = CONNTRACK.get_ptr(&flow.key) else {
+    let Some(entry) = CT_NEW
+        .get_ptr(&flow.key)
+        .or_else(|| CONNTRACK.get_ptr(&flow.key))
+    else {
         return Err(counter::DROP_CT_FULL);
     };
     // SAFETY: the pointer comes from a successful lookup and stays valid for this run.
@@ -324,8 +341,8 @@ fn short_circuits(ctx: &TcContext, service: &ServiceValue) -> bool {
     service.flags & service_flags::EXTERNAL != 0 && POD_INTERFACES.get_ptr(&ifindex).is_some()
 }
 
-/// Records a new flow in conntrack, in both directions where this node translates. Returns the
-/// counter the flow's first packet accounts to.
+/// Records a new flow in the new-flow table, in both directions where this node translates.
+/// Returns the counter the flow's first packet accounts to.
 #[inline(never)]
 fn new_flow(ip: &Ip, flow: &Flow, backend: &BackendValue) -> Result<u32, u32> {
     let config = node_config();
@@ -344,7 +361,7 @@ fn new_flow(ip: &Ip, flow: &Flow, backend: &BackendValue) -> Result<u32, u32> {
             ..CtValue::default()
         };
         // Losing the race to another CPU is fine: its entry is followed.
-        let _ = CONNTRACK.insert(&flow.key, &forward, BPF_NOEXIST as u64);
+        let _ = CT_NEW.insert(&flow.key, &forward, BPF_NOEXIST as u64);
         return Ok(counter::CT_NEW_TUNNEL);
     }
 
@@ -387,10 +404,10 @@ fn new_flow(ip: &Ip, flow: &Flow, backend: &BackendValue) -> Result<u32, u32> {
         ..CtValue::default()
     };
     // The reverse entry first: a forward entry without it would leak the backend's address.
-    if CONNTRACK
+    if CT_NEW
         .insert(&reverse_key, &entry, BPF_NOEXIST as u64)
         .is_err()
-        && CONNTRACK.get_ptr(&reverse_key).is_none()
+        && CT_NEW.get_ptr(&reverse_key).is_none()
     {
         return Err(counter::DROP_CT_FULL);
     }
@@ -406,14 +423,14 @@ fn new_flow(ip: &Ip, flow: &Flow, backend: &BackendValue) -> Result<u32, u32> {
         0
     };
     // For hairpin the peer field holds the source the backend will see, so user space can
-    // pair the two entries.
+    // pair the two entries (`weir_common::partner_key`).
     (entry.tunnel_peer, entry.tunnel_family) = if hairpin {
         (hairpin_source, ip.family)
     } else {
         (backend.node_addr, backend.node_family)
     };
     // Losing the race to another CPU is fine: its entry is followed.
-    let _ = CONNTRACK.insert(&flow.key, &entry, BPF_NOEXIST as u64);
+    let _ = CT_NEW.insert(&flow.key, &entry, BPF_NOEXIST as u64);
     Ok(if flow.remote {
         counter::CT_NEW_TUNNEL
     } else {

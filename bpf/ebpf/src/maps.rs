@@ -1,5 +1,6 @@
 //! The maps, as the agent pins them. Service maps change only from user space, so they need no
 //! preallocation; conntrack and affinity are LRU so a full table evicts instead of refusing.
+//! Conntrack is two tables (see `ct.rs`): new flows, and established ones.
 
 use aya_ebpf::{
     macros::map,
@@ -45,9 +46,14 @@ pub static POD_INTERFACES: HashMap<u32, u32> =
 #[map(name = "WEIR_NODE_CONFIG")]
 pub static NODE_CONFIG: Array<NodeConfig> = Array::with_max_entries(1, 0);
 
+/// Established flows: only promotion from [`CT_NEW`] writes here.
 #[map(name = "WEIR_CONNTRACK")]
 pub static CONNTRACK: LruHashMap<CtKey, CtValue> =
     LruHashMap::with_max_entries(capacity::CONNTRACK, 0);
+
+/// New flows, until answered: every entry is created here.
+#[map(name = "WEIR_CT_NEW")]
+pub static CT_NEW: LruHashMap<CtKey, CtValue> = LruHashMap::with_max_entries(capacity::CT_NEW, 0);
 
 #[map(name = "WEIR_AFFINITY")]
 pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
