@@ -1,8 +1,9 @@
 //! What the agent tells Prometheus, and the health it reports to the kubelet.
 //!
-//! Most values are pushed by the loop as it works (sync durations, rejections, table sizes);
-//! the data path's per-CPU counters are read from their BPF map at scrape time, so a scrape
-//! always shows the kernel's current numbers, also while the loop is busy.
+//! Most values are pushed as the work happens (sync durations and rejections by the loop,
+//! conntrack table sizes by the collector's thread); the data path's per-CPU counters are read
+//! from their BPF map at scrape time, so a scrape always shows the kernel's current numbers, also
+//! while the loop is busy.
 
 use std::collections::BTreeSet;
 use std::fmt;
