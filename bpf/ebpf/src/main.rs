@@ -213,6 +213,19 @@ pub struct Flow {
     pub backend_id: u32,
 }
 
+/// The flow path's per-packet working memory, in a per-CPU slot (`maps::SCRATCH`).
+#[repr(C)]
+pub struct Scratch {
+    pub flow: Flow,
+    /// The conntrack entry the packet is translated by, copied out of whichever table holds
+    /// it. `apply` reads this copy, not the table: the verifier cannot take a state with a
+    /// pointer into one table for a state with a pointer into another, so with two tables it
+    /// would walk `apply` (the bulk of the program) once more per call site, more than doubling
+    /// the load time. Copying 64 bytes per packet costs far less. (It also lets promotion delete
+    /// the entry before the packet is translated.)
+    pub entry: CtValue,
+}
+
 /// Calls return at most a register: the verdict, never a `Result` (see [`Verdict`]).
 #[inline(never)]
 fn flow(ctx: &TcContext, ip: &mut Ip, config: &NodeConfig, from_tunnel: &Arrival) -> Verdict {
@@ -243,12 +256,12 @@ fn flow_inner(
     // The flow's facts live in a per-CPU scratch slot, not on the stack: older verifiers
     // (5.10, 6.1) count every frame of the call chain whole, and this one would push the chain
     // flow -> apply -> rewrite past 512 bytes.
-    let Some(flow) = SCRATCH.get_ptr_mut(0) else {
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         return Err(counter::DROP_CT_FULL);
     };
     // SAFETY: a per-CPU slot, used by one program run at a time on this CPU (tc programs do
     // not nest), and only within this run.
-    let flow = unsafe { &mut *flow };
+    let Scratch { flow, entry: copy } = unsafe { &mut *scratch };
     *flow = Flow {
         key: ct_key(ip, sport_be, dport_be),
         now: ktime(),
@@ -265,18 +278,19 @@ fn flow_inner(
         // run; concurrent writers only touch last_seen/seen, where a lost update is harmless.
         let entry = unsafe { &mut *entry };
         refresh(entry, seen, flow.now);
-        return Ok(apply(ctx, ip, entry, config));
+        *copy = *entry;
+        return Ok(apply(ctx, ip, copy, config));
     }
     if let Some(entry) = CT_NEW.get_ptr_mut(&flow.key) {
-        // SAFETY: as above; the entry is deleted (by promotion) only after its last use here.
+        // SAFETY: as above; promotion may delete the entry, but only after it is copied.
         let entry = unsafe { &mut *entry };
         refresh(entry, seen, flow.now);
-        let answered = ct::answers(entry, ip.proto, seen);
-        let verdict = apply(ctx, ip, entry, config);
-        if answered {
+        *copy = *entry;
+        if ct::answers(copy, ip.proto, seen) {
             ct::promote(&flow.key);
         }
-        return Ok(verdict);
+        // The same call as above, in the same state: the verifier walks it once for both.
+        return Ok(apply(ctx, ip, copy, config));
     }
 
     if from_tunnel.id == tunnel_id::NAT_AT_INGRESS {
@@ -317,14 +331,15 @@ fn flow_inner(
         && config.tunnel_ifindex != 0;
     let outcome = new_flow(ip, flow, backend)?;
     // The entry now exists (ours, or another CPU's that won the race): translate as it says.
-    let Some(entry) = CT_NEW
-        .get_ptr(&flow.key)
-        .or_else(|| CONNTRACK.get_ptr(&flow.key))
-    else {
+    // Only the new-flow table is looked at: promotion needs an answer, which cannot have come
+    // yet, and every further call site of `apply` with a pointer into another map is one more
+    // walk of it for the verifier.
+    let Some(entry) = CT_NEW.get_ptr(&flow.key) else {
         return Err(counter::DROP_CT_FULL);
     };
     // SAFETY: the pointer comes from a successful lookup and stays valid for this run.
-    let translated = apply(ctx, ip, unsafe { &*entry }, config);
+    *copy = unsafe { *entry };
+    let translated = apply(ctx, ip, copy, config);
     if translated.action() == TC_ACT_SHOT as i32 || translated.is_answer() {
         return Ok(translated);
     }

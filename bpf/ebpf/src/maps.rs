@@ -73,7 +73,7 @@ pub static SOCK_REVERSE: LruHashMap<SockReverseKey, FrontendKey> =
 
 /// Per-packet working memory that would not fit the verifier's stack budget; never pinned.
 #[map(name = "WEIR_SCRATCH")]
-pub static SCRATCH: PerCpuArray<crate::Flow> = PerCpuArray::with_max_entries(1, 0);
+pub static SCRATCH: PerCpuArray<crate::Scratch> = PerCpuArray::with_max_entries(1, 0);
 
 #[inline(always)]
 pub fn count(index: u32) {
