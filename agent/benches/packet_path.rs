@@ -80,9 +80,12 @@ fn main() {
     // `cargo bench` passes harness flags; this bench takes none.
     let mut h = Harness::new(&[BACKEND]);
 
-    // Established path: open the flow, then add the entry that maps the DNATed packet back.
+    // Established path: open the flow (the whole handshake, so it is in the established
+    // table), then add the entry that maps the DNATed packet back.
     let syn = tcp(CLIENT, 40000, VIP, 80, "S");
     let (_, dnated) = h.run(&syn);
+    h.run(&tcp(BACKEND, 8080, CLIENT, 40000, "SA"));
+    h.run(&tcp(CLIENT, 40000, VIP, 80, "A"));
     let rewritten_key = CtKey {
         saddr: Addr::from_v4(CLIENT.octets()),
         daddr: Addr::from_v4(BACKEND.octets()),

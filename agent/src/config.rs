@@ -113,6 +113,9 @@ pub struct MapsConfig {
     /// `WEIR_CONNTRACK`: two entries per translated flow (one per direction), one for a flow
     /// that only passes through the tunnel. LRU: when full, the least recently used is evicted.
     pub conntrack: u32,
+    /// `WEIR_CT_NEW`: conntrack entries of flows not answered yet (a SYN flood churns only
+    /// these). LRU.
+    pub ct_new: u32,
     /// `WEIR_AFFINITY`: one per (client, Service) under `sessionAffinity: ClientIP`. LRU.
     pub affinity: u32,
     /// `WEIR_SERVICES`: one per frontend (address or NodePort, port, protocol).
@@ -160,6 +163,7 @@ impl MapsConfig {
         use weir_common::capacity;
         MapsConfig {
             conntrack: capacity::CONNTRACK,
+            ct_new: capacity::CT_NEW,
             affinity: capacity::AFFINITY,
             services: capacity::SERVICES,
             backend_slots: capacity::BACKEND_SLOTS,
@@ -175,7 +179,7 @@ impl MapsConfig {
 
     /// Every configurable map with its capacity: the one place that says which key sizes which
     /// map. Loading, admission and the capacity metrics all read it.
-    pub fn capacities(&self) -> [MapCapacity; 11] {
+    pub fn capacities(&self) -> [MapCapacity; 12] {
         use weir_common::map_names;
         let row = |key, map, entries, max| MapCapacity {
             key,
@@ -190,6 +194,7 @@ impl MapsConfig {
                 self.conntrack,
                 MAX_MAP_ENTRIES,
             ),
+            row("ct_new", map_names::CT_NEW, self.ct_new, MAX_MAP_ENTRIES),
             row(
                 "affinity",
                 map_names::AFFINITY,

@@ -1,18 +1,24 @@
 //! Conntrack as user space sees it: flows assembled from their two entries, their state derived
 //! from the TCP flags each direction has seen, and expiry.
 //!
-//! The kernel never deletes entries (only LRU eviction does, under pressure); reclaiming expired
-//! flows is the agent's job, both directions together.
+//! The data path keeps two tables (see `bpf/ebpf/src/ct.rs`): new flows, and the established
+//! flows it promoted out of there once answered. The kernel never deletes entries otherwise
+//! (only LRU eviction does, under pressure); reclaiming expired flows is the agent's job, both
+//! directions together, in both tables, on a thread of its own ([`GcThread`]).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::Duration;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use weir_common::{ct_flags, ct_kind, ct_seen, Addr, CtKey, CtValue, FrontendKey, PROTO_TCP};
+use weir_common::{ct_kind, ct_seen, Addr, CtKey, CtValue, FrontendKey, PROTO_TCP};
 
 use crate::compile::{proto_name, socket_addr};
 use crate::config::ConntrackConfig;
-use crate::dataplane::{ConntrackMap, DataplaneError};
+use crate::dataplane::{ConntrackMap, CtTables, DataplaneError};
+
+/// The data path and the agent pair a flow's entries the same way.
+pub use weir_common::partner_key;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -76,39 +82,6 @@ pub fn timeout(config: &ConntrackConfig, state: FlowState) -> Duration {
     }
 }
 
-/// The key of the entry paired with this one; ENCAP entries stand alone.
-pub fn partner_key(key: &CtKey, value: &CtValue) -> Option<CtKey> {
-    let hairpin = value.flags & ct_flags::HAIRPIN != 0;
-    match value.kind {
-        // Replies come from the backend to the client (or to the hairpin address).
-        ct_kind::FORWARD => Some(CtKey {
-            saddr: value.nat_addr,
-            daddr: if hairpin {
-                value.tunnel_peer
-            } else {
-                key.saddr
-            },
-            sport_be: value.nat_port_be,
-            dport_be: key.sport_be,
-            proto: key.proto,
-            family: key.family,
-            _pad: 0,
-        }),
-        // The client addressed the frontend the reply is rewritten to; under hairpin the client
-        // is the backend itself.
-        ct_kind::REVERSE => Some(CtKey {
-            saddr: if hairpin { key.saddr } else { key.daddr },
-            daddr: value.nat_addr,
-            sport_be: key.dport_be,
-            dport_be: value.nat_port_be,
-            proto: key.proto,
-            family: key.family,
-            _pad: 0,
-        }),
-        _ => None,
-    }
-}
-
 pub fn kind_name(kind: u8) -> &'static str {
     match kind {
         ct_kind::FORWARD => "forward",
@@ -131,6 +104,8 @@ pub struct EntryView {
     pub state: &'static str,
     /// Whether the entry of the other direction is present.
     pub paired: bool,
+    /// `established`, or `new` for a flow not answered yet.
+    pub table: &'static str,
 }
 
 pub fn monotonic_now_ns() -> u64 {
@@ -139,43 +114,68 @@ pub fn monotonic_now_ns() -> u64 {
     now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64
 }
 
-/// Flow-level facts about one entry, given the whole table.
+/// Flow-level facts about one entry, given both tables.
 struct FlowFacts {
     state: FlowState,
     last_seen_ns: u64,
     paired: bool,
+    /// The flow is not answered yet: neither of its entries is in the established table.
+    new: bool,
 }
 
-fn facts(entries: &BTreeMap<CtKey, CtValue>, key: &CtKey, value: &CtValue) -> FlowFacts {
-    if value.kind == ct_kind::ENCAP {
+/// `entries` is `tables` merged (passed in so it is merged once per pass, not per entry).
+fn facts(
+    tables: &CtTables,
+    entries: &BTreeMap<CtKey, CtValue>,
+    key: &CtKey,
+    value: &CtValue,
+) -> FlowFacts {
+    let partner_key = partner_key(key, value);
+    let new =
+        tables.is_new(key) && partner_key.is_none_or(|k| !tables.established.contains_key(&k));
+    let facts = if value.kind == ct_kind::ENCAP {
         // One entry sees the flow: its own direction's flags in the low nibble, the other
         // direction's (where this node sees it) in the high one.
-        return FlowFacts {
+        FlowFacts {
             state: encap_state(key.proto, value.seen & 0x0f, value.seen >> 4),
             last_seen_ns: value.last_seen_ns,
             paired: true,
+            new,
+        }
+    } else {
+        let partner = partner_key.and_then(|k| entries.get(&k));
+        let (forward_seen, reverse_seen) = match (value.kind, partner) {
+            (ct_kind::FORWARD, p) => (value.seen, p.map_or(0, |p| p.seen)),
+            (_, p) => (p.map_or(0, |p| p.seen), value.seen),
         };
-    }
-    let partner = partner_key(key, value).and_then(|k| entries.get(&k));
-    let (forward_seen, reverse_seen) = match (value.kind, partner) {
-        (ct_kind::FORWARD, p) => (value.seen, p.map_or(0, |p| p.seen)),
-        (_, p) => (p.map_or(0, |p| p.seen), value.seen),
+        FlowFacts {
+            state: flow_state(key.proto, forward_seen, reverse_seen),
+            last_seen_ns: value
+                .last_seen_ns
+                .max(partner.map_or(0, |p| p.last_seen_ns)),
+            paired: partner.is_some(),
+            new,
+        }
     };
-    FlowFacts {
-        state: flow_state(key.proto, forward_seen, reverse_seen),
-        last_seen_ns: value
-            .last_seen_ns
-            .max(partner.map_or(0, |p| p.last_seen_ns)),
-        paired: partner.is_some(),
+    // A TCP flow still in the new-flow table has not finished its handshake (a SYN-ACK to a
+    // flood's spoofed source leaves it there): it expires as one that has not.
+    if facts.new && facts.state == FlowState::Established {
+        FlowFacts {
+            state: FlowState::SynSent,
+            ..facts
+        }
+    } else {
+        facts
     }
 }
 
-pub fn view(entries: &BTreeMap<CtKey, CtValue>, now_ns: u64) -> Vec<EntryView> {
+pub fn view(tables: &CtTables, now_ns: u64) -> Vec<EntryView> {
     let secs = |ns: u64| now_ns.saturating_sub(ns) as f64 / 1e9;
+    let entries = tables.merged();
     entries
         .iter()
         .map(|(key, value)| {
-            let f = facts(entries, key, value);
+            let f = facts(tables, &entries, key, value);
             EntryView {
                 kind: kind_name(value.kind),
                 proto: proto_name(key.proto),
@@ -186,48 +186,133 @@ pub fn view(entries: &BTreeMap<CtKey, CtValue>, now_ns: u64) -> Vec<EntryView> {
                 idle_s: secs(f.last_seen_ns),
                 state: f.state.name(),
                 paired: f.paired,
+                table: if f.new { "new" } else { "established" },
             }
         })
         .collect()
 }
 
-/// Keys of every expired entry. A flow expires as a whole, after its state's timeout since the
-/// last packet in either direction; an entry whose partner was evicted expires by its own.
-pub fn expired(
-    entries: &BTreeMap<CtKey, CtValue>,
-    config: &ConntrackConfig,
-    now_ns: u64,
-) -> Vec<CtKey> {
+/// Keys of every expired entry, in either table. A flow expires as a whole, after its state's
+/// timeout since the last packet in either direction; an entry whose partner was evicted
+/// expires by its own. A flow not answered yet expires by the SYN timeout at most (TCP).
+pub fn expired(tables: &CtTables, config: &ConntrackConfig, now_ns: u64) -> Vec<CtKey> {
+    let entries = tables.merged();
     entries
         .iter()
         .filter(|(key, value)| {
-            let f = facts(entries, key, value);
+            let f = facts(tables, &entries, key, value);
             now_ns.saturating_sub(f.last_seen_ns) > timeout(config, f.state).as_nanos() as u64
         })
         .map(|(key, _)| *key)
         .collect()
 }
 
+/// Entries per conntrack table.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct GcReport {
-    pub scanned: usize,
-    pub reclaimed: usize,
+pub struct TableCounts {
+    pub established: usize,
+    pub new: usize,
 }
 
-/// One garbage-collection pass over the conntrack map.
+impl TableCounts {
+    pub fn total(&self) -> usize {
+        self.established + self.new
+    }
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct GcReport {
+    /// Entries found in each table.
+    pub scanned: TableCounts,
+    /// Entries removed from each table.
+    pub reclaimed: TableCounts,
+}
+
+impl GcReport {
+    /// Entries left in each table after the pass (as far as the pass knows: the data path
+    /// kept working meanwhile).
+    pub fn present(&self) -> TableCounts {
+        TableCounts {
+            established: self.scanned.established - self.reclaimed.established,
+            new: self.scanned.new - self.reclaimed.new,
+        }
+    }
+}
+
+/// One garbage-collection pass over both conntrack tables.
 pub fn collect_garbage(
     map: &mut ConntrackMap,
     config: &ConntrackConfig,
 ) -> Result<GcReport, DataplaneError> {
-    let entries = map.entries()?;
-    let dead = expired(&entries, config, monotonic_now_ns());
+    let tables = map.tables()?;
+    let dead = expired(&tables, config, monotonic_now_ns());
     for key in &dead {
         map.remove(key)?;
     }
+    let removed_from = |table: &BTreeMap<CtKey, CtValue>| {
+        dead.iter().filter(|key| table.contains_key(key)).count()
+    };
     Ok(GcReport {
-        scanned: entries.len(),
-        reclaimed: dead.len(),
+        scanned: TableCounts {
+            established: tables.established.len(),
+            new: tables.new.len(),
+        },
+        reclaimed: TableCounts {
+            established: removed_from(&tables.established),
+            new: removed_from(&tables.new),
+        },
     })
+}
+
+/// Name of the garbage collector's thread.
+pub const GC_THREAD_NAME: &str = "weir-ct-gc";
+
+/// Garbage collection on a thread of its own, with its own handles on the maps: a pass over full
+/// tables takes seconds, and the agent's loop must keep turning meanwhile. A pass runs at once,
+/// then every `gc_interval`; each pass's result goes to `report`, on the collector's thread.
+/// The loop may delete entries at the same time (ending retired flows): deleting is idempotent,
+/// so neither can undo the other. Dropping the handle stops the thread after its current pass.
+pub struct GcThread {
+    stop: Option<mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// What one pass reports: its result and how long it took.
+pub type GcOutcome = (Result<GcReport, DataplaneError>, Duration);
+
+impl GcThread {
+    pub fn spawn(
+        mut map: ConntrackMap,
+        config: ConntrackConfig,
+        mut report: impl FnMut(GcOutcome) + Send + 'static,
+    ) -> std::io::Result<GcThread> {
+        let (stop, stopped) = mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name(GC_THREAD_NAME.to_owned())
+            .spawn(move || loop {
+                let started = Instant::now();
+                let result = collect_garbage(&mut map, &config);
+                report((result, started.elapsed()));
+                match stopped.recv_timeout(config.gc_interval) {
+                    Err(mpsc::RecvTimeoutError::Timeout) => {}
+                    // Asked to stop, or the handle is gone.
+                    _ => return,
+                }
+            })?;
+        Ok(GcThread {
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for GcThread {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 /// A backend as a flow's entries name it: address, port (network order), protocol, family.
@@ -295,7 +380,9 @@ pub fn end_retired_flows(
 /// evictions, so they are derived from what is known.
 ///
 /// Between two looks, `entries gained = created - removed`, and entries are removed only by the
-/// agent's garbage collection (counted as it deletes them) or by LRU eviction. So
+/// agent's garbage collection (counted as it deletes them) or by LRU eviction, in either table
+/// (`present` counts both; a promotion inserts in one and deletes in the other, which leaves the
+/// sum as it was). So
 /// `evicted = created - reclaimed - (present now - present at the first look)`, counted from the
 /// agent's first look (the counters and the map outlive agents; what happened before is not
 /// attributed). `created` comes from the program's per-CPU outcome counters: a new local flow
@@ -438,12 +525,59 @@ mod tests {
             ct_seen::SYN | ct_seen::ACK,
             0,
         );
-        assert!(expired(&established, &config, 50 * s).is_empty());
+        assert!(expired(&promoted(established), &config, 50 * s).is_empty());
         let closed = pair(PROTO_TCP, ct_seen::FIN, ct_seen::FIN, 0);
-        assert_eq!(expired(&closed, &config, 3 * s).len(), 2);
+        assert_eq!(expired(&promoted(closed), &config, 3 * s).len(), 2);
         let udp = pair(PROTO_UDP, 0, 0, 0);
-        assert!(expired(&udp, &config, 4 * s).is_empty());
-        assert_eq!(expired(&udp, &config, 6 * s).len(), 2);
+        assert!(expired(&promoted(udp.clone()), &config, 4 * s).is_empty());
+        assert_eq!(expired(&promoted(udp), &config, 6 * s).len(), 2);
+    }
+
+    fn promoted(entries: BTreeMap<CtKey, CtValue>) -> CtTables {
+        CtTables {
+            established: entries,
+            new: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn an_unanswered_flow_expires_by_the_syn_timeout_in_the_new_table() {
+        let config = ConntrackConfig {
+            tcp_syn_timeout: Duration::from_secs(60),
+            tcp_established_timeout: Duration::from_secs(1000),
+            ..Default::default()
+        };
+        let s = 1_000_000_000u64;
+        // A SYN and its SYN-ACK, never the client's ACK: what a flood from spoofed sources
+        // leaves against a listening backend.
+        let half_open = pair(PROTO_TCP, ct_seen::SYN, ct_seen::SYN | ct_seen::ACK, 0);
+        let new = CtTables {
+            established: BTreeMap::new(),
+            new: half_open.clone(),
+        };
+        assert_eq!(expired(&new, &config, 61 * s).len(), 2);
+        assert!(view(&new, 0)
+            .iter()
+            .all(|e| e.state == "syn_sent" && e.table == "new"));
+        assert!(expired(&promoted(half_open.clone()), &config, 61 * s).is_empty());
+        // Half promoted (another CPU in the middle of it): the flow counts as established.
+        let (first, rest) = half_open.into_iter().fold(
+            (BTreeMap::new(), BTreeMap::new()),
+            |(mut a, mut b), (k, v)| {
+                if a.is_empty() {
+                    a.insert(k, v);
+                } else {
+                    b.insert(k, v);
+                }
+                (a, b)
+            },
+        );
+        let split = CtTables {
+            established: first,
+            new: rest,
+        };
+        assert!(expired(&split, &config, 61 * s).is_empty());
+        assert!(view(&split, 0).iter().all(|e| e.table == "established"));
     }
 
     #[test]

@@ -47,6 +47,11 @@ pub enum DataplaneError {
     Thread(std::io::Error),
     #[error("socket diagnostics (sock_diag): {0}")]
     SockDiag(std::io::Error),
+    #[error("duplicating the descriptor of map {name}: {source}")]
+    DupMap {
+        name: &'static str,
+        source: std::io::Error,
+    },
     #[error("program {0} missing from the object")]
     MissingProgram(&'static str),
     #[error("opening pinned map {path}: {source}")]
@@ -246,30 +251,120 @@ fn read_all<K: aya::Pod + Ord, V: aya::Pod>(
     Ok(out)
 }
 
+/// Conntrack's two tables: established flows (`WEIR_CONNTRACK`) and new flows not answered yet
+/// (`WEIR_CT_NEW`), which the data path promotes to the first once answered. The agent reads
+/// and reclaims both alike.
 pub struct ConntrackMap {
-    map: HashMap<MapData, CtKey, CtValue>,
+    established: HashMap<MapData, CtKey, CtValue>,
+    new: HashMap<MapData, CtKey, CtValue>,
+}
+
+/// The contents of both conntrack tables, read one after the other. A flow promoted between the
+/// two reads may show in both (the established copy is the one that counts) or in neither.
+#[derive(Clone, Debug, Default)]
+pub struct CtTables {
+    pub established: BTreeMap<CtKey, CtValue>,
+    pub new: BTreeMap<CtKey, CtValue>,
+}
+
+impl CtTables {
+    /// Every entry, as the data path finds them: the established table wins.
+    pub fn merged(&self) -> BTreeMap<CtKey, CtValue> {
+        let mut all = self.new.clone();
+        all.extend(self.established.iter().map(|(k, v)| (*k, *v)));
+        all
+    }
+
+    /// Whether the entry the data path finds for `key` is an unanswered flow's.
+    pub fn is_new(&self, key: &CtKey) -> bool {
+        !self.established.contains_key(key) && self.new.contains_key(key)
+    }
+
+    /// Entries in the two tables together (an entry caught in both counts twice, as it takes
+    /// two slots).
+    pub fn len(&self) -> usize {
+        self.established.len() + self.new.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 impl ConntrackMap {
-    pub fn open_pinned(dir: &Path) -> Result<Self, DataplaneError> {
+    fn take(ebpf: &mut Ebpf) -> Result<Self, DataplaneError> {
         Ok(ConntrackMap {
-            map: open_pinned(dir, map_names::CONNTRACK)?,
+            established: take_map(ebpf, map_names::CONNTRACK)?,
+            new: take_map(ebpf, map_names::CT_NEW)?,
         })
     }
 
-    pub fn entries(&self) -> Result<BTreeMap<CtKey, CtValue>, DataplaneError> {
-        read_all(&self.map, map_names::CONNTRACK)
+    pub fn open_pinned(dir: &Path) -> Result<Self, DataplaneError> {
+        Ok(ConntrackMap {
+            established: open_pinned(dir, map_names::CONNTRACK)?,
+            new: open_pinned(dir, map_names::CT_NEW)?,
+        })
     }
 
+    /// A second handle on the same two maps (duplicated descriptors), for another thread.
+    pub fn try_clone(&self) -> Result<Self, DataplaneError> {
+        Ok(ConntrackMap {
+            established: clone_map(&self.established, map_names::CONNTRACK)?,
+            new: clone_map(&self.new, map_names::CT_NEW)?,
+        })
+    }
+
+    /// Both tables' entries.
+    pub fn tables(&self) -> Result<CtTables, DataplaneError> {
+        Ok(CtTables {
+            established: read_all(&self.established, map_names::CONNTRACK)?,
+            new: read_all(&self.new, map_names::CT_NEW)?,
+        })
+    }
+
+    /// Every entry, as the data path finds them (see [`CtTables::merged`]).
+    pub fn entries(&self) -> Result<BTreeMap<CtKey, CtValue>, DataplaneError> {
+        Ok(self.tables()?.merged())
+    }
+
+    /// Plants an entry in the established table, as the data path promotes an answered flow.
     pub fn insert(&mut self, key: &CtKey, value: &CtValue) -> Result<(), DataplaneError> {
-        self.map
+        self.established
             .insert(key, value, 0)
             .map_err(map_err(map_names::CONNTRACK))
     }
 
-    pub fn remove(&mut self, key: &CtKey) -> Result<(), DataplaneError> {
-        remove_present(&mut self.map, key, map_names::CONNTRACK)
+    /// Plants an entry in the new-flow table, as the data path records a new flow.
+    pub fn insert_new(&mut self, key: &CtKey, value: &CtValue) -> Result<(), DataplaneError> {
+        self.new
+            .insert(key, value, 0)
+            .map_err(map_err(map_names::CT_NEW))
     }
+
+    /// Removes the entry of `key` from both tables (the data path may be promoting it); absent
+    /// is removed. Idempotent, so the garbage collector and the loop may race on a key.
+    pub fn remove(&mut self, key: &CtKey) -> Result<(), DataplaneError> {
+        remove_present(&mut self.established, key, map_names::CONNTRACK)?;
+        remove_present(&mut self.new, key, map_names::CT_NEW)
+    }
+}
+
+/// Another handle on the map behind `map`, on a duplicate of its descriptor.
+fn clone_map<K: aya::Pod, V: aya::Pod>(
+    map: &HashMap<MapData, K, V>,
+    name: &'static str,
+) -> Result<HashMap<MapData, K, V>, DataplaneError> {
+    use aya::maps::IterableMap as _;
+    use std::os::fd::AsFd as _;
+    let fd = map
+        .map()
+        .fd()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|source| DataplaneError::DupMap { name, source })?;
+    let data = MapData::from_fd(fd).map_err(map_err(name))?;
+    let map = Map::from_map_data(data).map_err(map_err(name))?;
+    HashMap::try_from(map).map_err(map_err(name))
 }
 
 pub struct Counters {
@@ -457,6 +552,7 @@ pub fn fill_levels(dir: &Path) -> Vec<(&'static str, Result<MapFill, DataplaneEr
         fill::<u32, BackendValue>(dir, map_names::BACKENDS),
         fill::<MaglevKey, MaglevChunk>(dir, map_names::MAGLEV),
         fill::<CtKey, CtValue>(dir, map_names::CONNTRACK),
+        fill::<CtKey, CtValue>(dir, map_names::CT_NEW),
         fill::<AffinityKey, AffinityValue>(dir, map_names::AFFINITY),
         fill::<SockReverseKey, FrontendKey>(dir, map_names::SOCK_REVERSE),
         fill::<HostAddrKey, u32>(dir, map_names::HOST_ADDRS),
@@ -652,9 +748,7 @@ impl Dataplane {
         Ok(Dataplane {
             services: ServiceMaps::take(&mut ebpf)?,
             node: NodeMaps::take(&mut ebpf)?,
-            conntrack: ConntrackMap {
-                map: take_map(&mut ebpf, map_names::CONNTRACK)?,
-            },
+            conntrack: ConntrackMap::take(&mut ebpf)?,
             counters: Counters {
                 map: take_map(&mut ebpf, map_names::COUNTERS)?,
             },

@@ -90,8 +90,8 @@ pub fn backends(pin_dir: &Path) -> Result<Vec<BackendRow>, DataplaneError> {
 }
 
 pub fn conntrack(pin_dir: &Path) -> Result<Vec<crate::conntrack::EntryView>, DataplaneError> {
-    let entries = ConntrackMap::open_pinned(pin_dir)?.entries()?;
-    Ok(view(&entries, monotonic_now_ns()))
+    let tables = ConntrackMap::open_pinned(pin_dir)?.tables()?;
+    Ok(view(&tables, monotonic_now_ns()))
 }
 
 pub fn counters(pin_dir: &Path) -> Result<BTreeMap<&'static str, u64>, DataplaneError> {

@@ -192,11 +192,14 @@ fn print_dump(what: DumpWhat, dir: &std::path::Path, json: bool) -> anyhow::Resu
                             r.nat.clone(),
                             r.state.to_owned(),
                             format!("{:.1}s", r.idle_s),
+                            r.table.to_owned(),
                         ]
                     })
                     .collect();
                 dump::table(
-                    &["KIND", "PROTO", "SRC", "DST", "NAT", "STATE", "IDLE"],
+                    &[
+                        "KIND", "PROTO", "SRC", "DST", "NAT", "STATE", "IDLE", "TABLE",
+                    ],
                     &cells,
                 )
             }

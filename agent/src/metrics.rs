@@ -1,8 +1,9 @@
 //! What the agent tells Prometheus, and the health it reports to the kubelet.
 //!
-//! Most values are pushed by the loop as it works (sync durations, rejections, table sizes);
-//! the data path's per-CPU counters are read from their BPF map at scrape time, so a scrape
-//! always shows the kernel's current numbers, also while the loop is busy.
+//! Most values are pushed as the work happens (sync durations and rejections by the loop,
+//! conntrack table sizes by the collector's thread); the data path's per-CPU counters are read
+//! from their BPF map at scrape time, so a scrape always shows the kernel's current numbers, also
+//! while the loop is busy.
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -20,6 +21,7 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
 use crate::dataplane::Counters;
+use weir_common::counter;
 
 /// `kind` and `reason` of a rejected object, e.g. ("Service", "invalid_port").
 pub type RejectionLabels = [(&'static str, String); 2];
@@ -36,6 +38,8 @@ pub type ClosedConnectionLabels = [(&'static str, &'static str); 2];
 
 /// Which map: its name as pinned, e.g. `WEIR_CONNTRACK`.
 pub type MapLabel = [(&'static str, &'static str); 1];
+/// A conntrack table: "established" or "new" (flows not answered yet).
+pub type TableLabel = [(&'static str, &'static str); 1];
 
 /// The agent's metrics. Cheap to share: every field is an atomic or a locked map.
 pub struct Metrics {
@@ -43,8 +47,8 @@ pub struct Metrics {
     /// Frontends (address, port, protocol) in the service map after the last sync.
     pub services: Gauge,
     pub backends: Gauge,
-    /// Entries in the conntrack map, as counted by the last garbage collection.
-    pub conntrack_entries: Gauge,
+    /// Entries in each conntrack table, as counted by the last garbage collection.
+    pub conntrack_entries: Family<TableLabel, Gauge>,
     pub conntrack_reclaimed: Counter,
     /// Entries the LRU evicted, estimated (see [`crate::conntrack::EvictionEstimate`]).
     pub conntrack_evictions: Counter,
@@ -96,7 +100,7 @@ impl Metrics {
         let metrics = Metrics {
             services: Gauge::default(),
             backends: Gauge::default(),
-            conntrack_entries: Gauge::default(),
+            conntrack_entries: Family::default(),
             conntrack_reclaimed: Counter::default(),
             conntrack_evictions: Counter::default(),
             // 100 µs to ~3.3 s: an incremental update sits at the bottom, a full sync of tens of
@@ -135,7 +139,8 @@ impl Metrics {
         );
         registry.register(
             "weir_conntrack_entries",
-            "Connection tracking entries, as counted by the last garbage collection",
+            "Connection tracking entries by table (established; new: flows not answered yet, \
+             what a flood fills), as counted by the last garbage collection",
             metrics.conntrack_entries.clone(),
         );
         registry.register(
@@ -273,6 +278,13 @@ impl Metrics {
         }
     }
 
+    /// Sets the entries of conntrack table `table` ("established" or "new").
+    pub fn set_conntrack_entries(&self, table: &'static str, entries: usize) {
+        self.conntrack_entries
+            .get_or_create(&[("table", table)])
+            .set(entries as i64);
+    }
+
     /// Adds the data path's counters, read from `counters` at every scrape.
     pub fn with_datapath(mut self, counters: Counters) -> Metrics {
         self.registry
@@ -359,8 +371,9 @@ impl fmt::Debug for Metrics {
     }
 }
 
-/// Every per-CPU counter of the data path, summed over CPUs: one family with every outcome, and
-/// the drop outcomes again as drops by reason, which is what alerts are written against.
+/// Every per-CPU counter of the data path, summed over CPUs: one family with every outcome, the
+/// drop outcomes again as drops by reason, which is what alerts are written against, and the
+/// events that are no outcome (conntrack promotions).
 struct DatapathCollector(Mutex<Counters>);
 
 impl fmt::Debug for DatapathCollector {
@@ -387,7 +400,8 @@ impl Collector for DatapathCollector {
             None,
             MetricType::Counter,
         )?;
-        for (name, value) in &rows {
+        let (outcomes, events) = rows.split_at(counter::OUTCOMES as usize);
+        for (name, value) in outcomes {
             let labels = [("outcome", *name)];
             ConstCounter::new(*value).encode(packets.encode_family(&labels)?)?;
         }
@@ -397,12 +411,24 @@ impl Collector for DatapathCollector {
             None,
             MetricType::Counter,
         )?;
-        for (name, value) in &rows {
+        for (name, value) in outcomes {
             if let Some(reason) = name.strip_prefix("drop_") {
                 let labels = [("reason", reason)];
                 ConstCounter::new(*value).encode(drops.encode_family(&labels)?)?;
             }
         }
+        let promoted = events
+            .iter()
+            .find(|(name, _)| *name == counter::NAMES[counter::CT_PROMOTED as usize])
+            .map_or(0, |(_, value)| *value);
+        ConstCounter::new(promoted).encode(encoder.encode_descriptor(
+            "weir_conntrack_promotions",
+            "Flows the data path moved from the new-flow conntrack table to the established one \
+             once answered; new flows (weir_datapath_packets ct_new_*) less these are flows \
+             never answered, as a flood leaves them",
+            None,
+            MetricType::Counter,
+        )?)?;
         Ok(())
     }
 }

@@ -12,7 +12,7 @@
 //! knows, so their entries are carried over by the rule below. Layout changes the agent makes
 //! itself bump `MAP_LAYOUT_VERSION` and pin in a new directory beside the old one.
 //!
-//! **Carrying over** ([`CARRIED`]: `WEIR_CONNTRACK` and `WEIR_AFFINITY`), from either of:
+//! **Carrying over** ([`CARRIED`]: both conntrack tables and `WEIR_AFFINITY`), from either of:
 //! - the pin set aside in this directory (the operator changed `[maps] conntrack`, or the map's
 //!   type or flags differ), or
 //! - when this layout's directory has no pin of the map yet, the newest older layout's directory
@@ -58,7 +58,7 @@ pub struct SetAside {
 
 /// The maps whose entries a new map takes over from the one it replaces: what they hold is
 /// known nowhere else (open flows and their backends, clients' affinities).
-pub const CARRIED: [&str; 2] = [map_names::CONNTRACK, map_names::AFFINITY];
+pub const CARRIED: [&str; 3] = [map_names::CONNTRACK, map_names::CT_NEW, map_names::AFFINITY];
 
 #[derive(Debug, thiserror::Error)]
 pub enum PinLayoutError {
@@ -250,7 +250,7 @@ pub fn copy_map(
     since: Option<u64>,
 ) -> Result<Copied, CarryError> {
     match (name, conversion) {
-        (map_names::CONNTRACK, Conversion::Identity) => {
+        (map_names::CONNTRACK | map_names::CT_NEW, Conversion::Identity) => {
             copy_entries::<CtKey, CtValue>(name, from, into, capacity, since)
         }
         (map_names::AFFINITY, Conversion::Identity) => {

@@ -6,7 +6,7 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use tokio::signal::unix::{signal, SignalKind};
@@ -15,7 +15,7 @@ use tracing::{debug, error, info, warn};
 use crate::admission::{Footprint, Limits};
 use crate::compile::CompileOptions;
 use crate::config::{AgentConfig, HttpConfig, LoadBalancing, SourceKind, TunnelMode};
-use crate::conntrack::{collect_garbage, entries_created, EvictionEstimate};
+use crate::conntrack::{entries_created, EvictionEstimate, GcOutcome, GcThread};
 use crate::dataplane::{Counters, Dataplane, LoadOptions};
 use crate::drift::DriftWatch;
 use crate::fd_budget;
@@ -84,10 +84,22 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let counters = Counters::open_pinned(&pin_dir).context("opening the counter map")?;
     let metrics = Arc::new(Metrics::new().with_datapath(counters));
     metrics.set_map_capacities(&config.maps);
-    // Another handle for the loop: conntrack evictions are derived from the creation counters.
-    let created_counters = Counters::open_pinned(&pin_dir).context("opening the counter map")?;
-    let dsr = config.services.external_return == crate::config::ExternalReturn::Dsr;
-    let mut evictions = EvictionEstimate::default();
+    // Conntrack garbage collection runs on its own thread, with its own handles: a pass over
+    // full tables takes seconds the loop must not wait for.
+    let _gc = GcThread::spawn(
+        dataplane
+            .conntrack
+            .try_clone()
+            .context("opening the conntrack maps for garbage collection")?,
+        config.conntrack.clone(),
+        gc_reporter(
+            metrics.clone(),
+            // Conntrack evictions are derived from the creation counters.
+            Counters::open_pinned(&pin_dir).context("opening the counter map")?,
+            config.services.external_return == crate::config::ExternalReturn::Dsr,
+        ),
+    )
+    .context("starting the conntrack garbage collector")?;
     let health = Arc::new(Health::new(
         (config.poll_interval * STALL_POLLS).max(MIN_STALL),
     ));
@@ -182,7 +194,6 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     // Set when the last pass could not finish, so the next tick retries even without a change.
     let mut retry = true;
     let mut poll = tokio::time::interval(config.poll_interval);
-    let mut gc = tokio::time::interval(config.conntrack.gc_interval);
     let mut terminate = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let mut interfaces = InterfaceSync::default();
@@ -207,34 +218,6 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
                     health_checks.update(health_check::desired(reconciler.intent(), &config.node_name));
                 }
             }
-            _ = gc.tick() => {
-                let started = Instant::now();
-                // Read before the scan: entries created during it can only make the estimate low.
-                let created = created_counters.read().map(|rows| entries_created(&rows, dsr));
-                match collect_garbage(&mut dataplane.conntrack, &config.conntrack) {
-                    Ok(report) => {
-                        if let Ok(created) = created {
-                            let present = report.scanned.saturating_sub(report.reclaimed);
-                            metrics.conntrack_evictions.inc_by(evictions.observe(
-                                created,
-                                report.reclaimed as u64,
-                                present as u64,
-                            ));
-                        }
-                        metrics
-                            .conntrack_entries
-                            .set(report.scanned.saturating_sub(report.reclaimed) as i64);
-                        metrics.conntrack_reclaimed.inc_by(report.reclaimed as u64);
-                        metrics.set_map_entries(map_names::CONNTRACK, report.scanned.saturating_sub(report.reclaimed));
-                        if report.reclaimed > 0 {
-                            info!(scanned = report.scanned, reclaimed = report.reclaimed, took = ?started.elapsed(), "conntrack gc");
-                        } else {
-                            debug!(scanned = report.scanned, "conntrack gc");
-                        }
-                    }
-                    Err(e) => warn!(error = %e, "conntrack gc failed"),
-                }
-            }
             actual = drift.next() => {
                 drift.writing();
                 repair_drift(&mut reconciler, &mut dataplane, &actual, &node_config, &metrics);
@@ -255,6 +238,50 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         info!("stopping: programs stay attached and keep forwarding; the next agent adopts them");
     }
     Ok(())
+}
+
+/// What each conntrack garbage-collection pass reports, on the collector's thread: the tables'
+/// sizes, what was reclaimed, and the evictions estimated from both.
+fn gc_reporter(
+    metrics: Arc<Metrics>,
+    created_counters: Counters,
+    dsr: bool,
+) -> impl FnMut(GcOutcome) + Send + 'static {
+    let mut evictions = EvictionEstimate::default();
+    // Read before each scan: entries created during it can only make the estimate low.
+    let mut created = created_counters
+        .read()
+        .map(|rows| entries_created(&rows, dsr));
+    move |(result, took)| {
+        match result {
+            Ok(report) => {
+                let present = report.present();
+                if let Ok(created) = created {
+                    metrics.conntrack_evictions.inc_by(evictions.observe(
+                        created,
+                        report.reclaimed.total() as u64,
+                        present.total() as u64,
+                    ));
+                }
+                metrics.set_conntrack_entries("established", present.established);
+                metrics.set_conntrack_entries("new", present.new);
+                metrics.set_map_entries(map_names::CONNTRACK, present.established);
+                metrics.set_map_entries(map_names::CT_NEW, present.new);
+                metrics
+                    .conntrack_reclaimed
+                    .inc_by(report.reclaimed.total() as u64);
+                if report.reclaimed.total() > 0 {
+                    info!(scanned = ?report.scanned, reclaimed = ?report.reclaimed, ?took, "conntrack gc");
+                } else {
+                    debug!(scanned = ?report.scanned, ?took, "conntrack gc");
+                }
+            }
+            Err(e) => warn!(error = %e, "conntrack gc failed"),
+        }
+        created = created_counters
+            .read()
+            .map(|rows| entries_created(&rows, dsr));
+    }
 }
 
 /// Where desired state comes from: both sources hand over per-object events.

@@ -271,6 +271,9 @@ fn warnings(
         if m.capacity > 0 && m.entries as f64 >= NEARLY_FULL * f64::from(m.capacity) {
             let what = if m.name == map_names::CONNTRACK {
                 "conntrack near full: new flows evict old ones"
+            } else if m.name == map_names::CT_NEW {
+                "many unanswered flows (a SYN flood?): they evict each other, established ones \
+                 are not touched"
             } else {
                 "near full: objects that do not fit are refused"
             };

@@ -205,7 +205,7 @@ fn a_restarted_reconciler_adopts_the_maps_and_writes_nothing() {
     assert_eq!(h.dataplane.services.read().unwrap(), before);
 }
 
-/// A conntrack map of 64 entries and 200 new flows: the LRU makes room, every flow's first
+/// Conntrack tables of 64 entries and 200 new flows: the LRU makes room, every flow's first
 /// packet is still translated (none dropped for a full table), and the eviction estimate the
 /// agent exports accounts for exactly the entries that are gone.
 #[test]
@@ -215,7 +215,10 @@ fn a_full_conntrack_map_evicts_and_keeps_taking_new_flows() {
     const FLOWS: u16 = 200;
     let dataplane = Dataplane::load(&LoadOptions {
         pin_dir: None,
-        max_entries: vec![(map_names::CONNTRACK, CAPACITY)],
+        max_entries: vec![
+            (map_names::CONNTRACK, CAPACITY),
+            (map_names::CT_NEW, CAPACITY),
+        ],
         ..Default::default()
     })
     .expect("load");

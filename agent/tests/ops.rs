@@ -159,8 +159,10 @@ fn metrics_show_the_pipeline_and_the_data_path_counters() {
         Some(1.0),
         "{text}"
     );
-    // Every counter the program keeps is exported, drop counters a second time by reason.
-    for name in weir_common::counter::NAMES {
+    // Every outcome counter the program keeps is exported, drop counters a second time by
+    // reason; the events after them have metrics of their own.
+    let outcomes = weir_common::counter::OUTCOMES as usize;
+    for name in &weir_common::counter::NAMES[..outcomes] {
         let series = format!("weir_datapath_packets_total{{outcome=\"{name}\"}}");
         assert!(sample(&text, &series).is_some(), "{series} missing");
         if let Some(reason) = name.strip_prefix("drop_") {
@@ -168,6 +170,16 @@ fn metrics_show_the_pipeline_and_the_data_path_counters() {
             assert!(sample(&text, &series).is_some(), "{series} missing");
         }
     }
+    assert_eq!(
+        weir_common::counter::NAMES[outcomes..],
+        ["ct_promoted"],
+        "every event counter has its metric below"
+    );
+    assert_eq!(
+        sample(&text, "weir_conntrack_promotions_total"),
+        Some(0.0),
+        "{text}"
+    );
     drop((server, harness, metrics));
     umount(bpffs.path()).expect("unmount bpffs");
 }

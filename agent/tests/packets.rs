@@ -20,8 +20,8 @@ fn tcp_syn_to_service_is_dnated_with_valid_checksums() {
     assert_eq!(out, tcp(CLIENT, 40000, BACKEND, 8080, "S"));
     assert_eq!(h.counter("ct_new_flow"), 1);
 
-    let entries = h.dataplane.conntrack.entries().unwrap();
-    let flows = view(&entries, weir_agent::conntrack::monotonic_now_ns());
+    let tables = h.dataplane.conntrack.tables().unwrap();
+    let flows = view(&tables, weir_agent::conntrack::monotonic_now_ns());
     assert_eq!(flows.len(), 2, "forward and reverse entries: {flows:?}");
     assert!(flows.iter().all(|f| f.paired && f.state == "syn_sent"));
 }
@@ -64,11 +64,15 @@ fn replies_are_reverse_nated_and_tcp_state_is_tracked() {
     assert_eq!(h.counter("ct_reverse_hit"), 1);
 
     let state = |h: &Harness| {
-        let entries = h.dataplane.conntrack.entries().unwrap();
-        let flows = view(&entries, weir_agent::conntrack::monotonic_now_ns());
+        let tables = h.dataplane.conntrack.tables().unwrap();
+        let flows = view(&tables, weir_agent::conntrack::monotonic_now_ns());
         assert!(flows.iter().all(|f| f.state == flows[0].state));
         flows[0].state
     };
+    // Answered, not yet established: the client's ACK completes the handshake (as
+    // nf_conntrack's SYN_RECV); until then the flow is in the new-flow table.
+    assert_eq!(state(&h), "syn_sent");
+    h.run(&tcp(CLIENT, 40002, VIP, 80, "A"));
     assert_eq!(state(&h), "established");
     h.run(&tcp(CLIENT, 40002, VIP, 80, "FA"));
     assert_eq!(state(&h), "established", "half-closed is still established");
@@ -81,8 +85,8 @@ fn rst_closes_a_flow() {
     let mut h = Harness::new(&[BACKEND]);
     h.run(&tcp(CLIENT, 40003, VIP, 80, "S"));
     h.run(&tcp(BACKEND, 8080, CLIENT, 40003, "R"));
-    let entries = h.dataplane.conntrack.entries().unwrap();
-    let flows = view(&entries, weir_agent::conntrack::monotonic_now_ns());
+    let tables = h.dataplane.conntrack.tables().unwrap();
+    let flows = view(&tables, weir_agent::conntrack::monotonic_now_ns());
     assert!(flows.iter().all(|f| f.state == "closing"), "{flows:?}");
 }
 

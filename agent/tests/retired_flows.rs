@@ -54,6 +54,10 @@ fn a_udp_flow_moves_when_its_endpoint_goes_and_a_tcp_flow_is_ended() {
             backend_of(&out) == BACKEND
         })
         .expect("some flow picks BACKEND");
+    // The UDP flow is answered, so it is in the established table; the TCP flow is still in
+    // the new-flow table. Retirement finds both.
+    h.run(&udp(BACKEND, 5353, CLIENT, udp_port));
+    assert_eq!(h.counter("ct_promoted"), 1);
 
     // BACKEND leaves the Service.
     h.apply(&cluster_yaml(&[OTHER]));

@@ -253,6 +253,22 @@ fn hairpin_rewrites_the_source_so_the_pod_can_answer_itself() {
     );
 }
 
+/// The two halves of a hairpin flow pair up through the hairpin address, and move together.
+#[test]
+fn a_hairpin_flow_is_promoted_as_a_pair() {
+    let mut h = node1(&web(&[(POD_N1, "node1")], ""), 0, 0, false);
+    h.run(&tcp(POD_N1, 41610, VIP, 80, "S"));
+    h.run(&tcp(POD_N1, 8080, HAIRPIN, 41610, "SA"));
+    assert_eq!(h.counter("ct_promoted"), 0);
+    let (_, out) = h.run(&tcp(POD_N1, 41610, VIP, 80, "A"));
+    assert_eq!(out, swapped_macs(&tcp(HAIRPIN, 41610, POD_N1, 8080, "A")));
+    assert_eq!(h.counter("ct_promoted"), 1);
+    let tables = h.dataplane.conntrack.tables().unwrap();
+    assert_eq!((tables.established.len(), tables.new.len()), (2, 0));
+    let (_, reply) = h.run(&tcp(POD_N1, 8080, HAIRPIN, 41610, "A"));
+    assert_eq!(reply, swapped_macs(&tcp(VIP, 80, POD_N1, 41610, "A")));
+}
+
 /// The loopback device stands in for the tunnel device: BPF_PROG_TEST_RUN cannot transmit, so
 /// the test sees the redirect verdict and the packet as it would enter the tunnel.
 const TUNNEL_IFINDEX: u32 = 1;
@@ -296,6 +312,31 @@ fn remote_backend_in_dsr_mode_gets_the_packet_untranslated() {
     // This node keeps no reverse entry: replies never pass through it.
     let entries = h.dataplane.conntrack.entries().unwrap();
     assert_eq!(entries.len(), 1, "one forwarding entry, no translation");
+    // It sees the client's side only: the client's ACK says the handshake is done.
+    assert_eq!(h.counter("ct_promoted"), 1);
+    let tables = h.dataplane.conntrack.tables().unwrap();
+    assert_eq!((tables.established.len(), tables.new.len()), (1, 0));
+}
+
+#[test]
+fn a_dsr_forwarding_entry_waits_for_the_clients_ack() {
+    let mut h = node1(
+        &web(&[(POD_N2, "node2")], ""),
+        node_flags::DSR,
+        TUNNEL_IFINDEX,
+        false,
+    );
+    for _ in 0..3 {
+        h.run(&tcp(EXTERNAL_CLIENT, 41810, LB_IP, 80, "S"));
+    }
+    h.run(&tcp(EXTERNAL_CLIENT, 41810, LB_IP, 80, "RA"));
+    assert_eq!(
+        h.counter("ct_promoted"),
+        0,
+        "retried SYNs and a reset are no handshake"
+    );
+    let tables = h.dataplane.conntrack.tables().unwrap();
+    assert_eq!((tables.established.len(), tables.new.len()), (0, 1));
 }
 
 /// A full-sized TCP segment of `ip_len` bytes from the external client, with DF as asked.

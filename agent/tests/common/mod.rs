@@ -154,7 +154,7 @@ impl Harness {
         require_root();
         let dataplane = Dataplane::load(&LoadOptions {
             pin_dir,
-            max_entries: vec![(map_names::CONNTRACK, 4096)],
+            max_entries: vec![(map_names::CONNTRACK, 4096), (map_names::CT_NEW, 4096)],
             ..Default::default()
         })
         .expect("the eBPF object loads and passes the verifier");
@@ -177,7 +177,7 @@ impl Harness {
         require_root();
         let mut dataplane = Dataplane::load(&LoadOptions {
             pin_dir: None,
-            max_entries: vec![(map_names::CONNTRACK, 4096)],
+            max_entries: vec![(map_names::CONNTRACK, 4096), (map_names::CT_NEW, 4096)],
             ..Default::default()
         })
         .expect("the eBPF object loads and passes the verifier");
@@ -239,9 +239,9 @@ impl Harness {
             .expect("known counter")
     }
 
-    /// Every counter, summed over CPUs, indexed as `weir_common::counter`.
-    pub fn counter_values(&self) -> [u64; weir_common::counter::COUNT as usize] {
-        let mut values = [0; weir_common::counter::COUNT as usize];
+    /// Every outcome counter, summed over CPUs, indexed as `weir_common::counter`.
+    pub fn counter_values(&self) -> [u64; weir_common::counter::OUTCOMES as usize] {
+        let mut values = [0; weir_common::counter::OUTCOMES as usize];
         let read = self.dataplane.counters.read().expect("counters");
         for (slot, (_, value)) in values.iter_mut().zip(read) {
             *slot = value;

@@ -27,7 +27,11 @@ pub mod map_names {
     pub const SOURCE_RANGES: &str = "WEIR_SOURCE_RANGES";
     pub const HOST_ADDRS: &str = "WEIR_HOST_ADDRS";
     pub const NODE_CONFIG: &str = "WEIR_NODE_CONFIG";
+    /// Conntrack of established flows: answered ones, promoted out of [`CT_NEW`].
     pub const CONNTRACK: &str = "WEIR_CONNTRACK";
+    /// Conntrack of new flows, until they are answered: a flood of new flows churns this table
+    /// only, never the established one.
+    pub const CT_NEW: &str = "WEIR_CT_NEW";
     pub const AFFINITY: &str = "WEIR_AFFINITY";
     pub const COUNTERS: &str = "WEIR_COUNTERS";
     /// Host services: the network namespace whose sockets are load-balanced at connect time.
@@ -40,7 +44,7 @@ pub mod map_names {
     /// cluster.
     pub const POD_INTERFACES: &str = "WEIR_POD_INTERFACES";
     /// Every map the agent pins, in the order it creates them.
-    pub const PINNED: [&str; 14] = [
+    pub const PINNED: [&str; 15] = [
         SERVICES,
         BACKEND_SLOTS,
         BACKENDS,
@@ -49,6 +53,7 @@ pub mod map_names {
         HOST_ADDRS,
         NODE_CONFIG,
         CONNTRACK,
+        CT_NEW,
         AFFINITY,
         COUNTERS,
         SOCK_NETNS,
@@ -98,7 +103,11 @@ pub mod capacity {
     /// `loadBalancerSourceRanges` entries, per Service port and family.
     pub const SOURCE_RANGES: u32 = 65_536;
     pub const HOST_ADDRS: u32 = 256;
+    /// Established flows (answered, see `map_names::CT_NEW`).
     pub const CONNTRACK: u32 = 524_288;
+    /// Flows not answered yet: what a SYN flood fills. Holds a new flow for its handshake only,
+    /// so a quarter of the established table is room for a high connection rate.
+    pub const CT_NEW: u32 = 131_072;
     pub const AFFINITY: u32 = 65_536;
     /// Translated host sockets remembered for reply and peer-name translation (LRU).
     pub const SOCK_REVERSE: u32 = 65_536;
@@ -429,6 +438,43 @@ impl CtKey {
     }
 }
 
+/// The key of the entry paired with this one (forward with reverse); ENCAP entries stand alone.
+/// The data path follows it to promote a flow's two entries together, the agent to judge and
+/// reclaim a flow as a whole.
+#[inline(always)]
+pub fn partner_key(key: &CtKey, value: &CtValue) -> Option<CtKey> {
+    let hairpin = value.flags & ct_flags::HAIRPIN != 0;
+    match value.kind {
+        // Replies come from the backend to the client (or to the hairpin address, which a
+        // hairpin forward entry keeps in `tunnel_peer`).
+        ct_kind::FORWARD => Some(CtKey {
+            saddr: value.nat_addr,
+            daddr: if hairpin {
+                value.tunnel_peer
+            } else {
+                key.saddr
+            },
+            sport_be: value.nat_port_be,
+            dport_be: key.sport_be,
+            proto: key.proto,
+            family: key.family,
+            _pad: 0,
+        }),
+        // The client addressed the frontend the reply is rewritten to; under hairpin the client
+        // is the backend itself.
+        ct_kind::REVERSE => Some(CtKey {
+            saddr: if hairpin { key.saddr } else { key.daddr },
+            daddr: value.nat_addr,
+            sport_be: key.dport_be,
+            dport_be: value.nat_port_be,
+            proto: key.proto,
+            family: key.family,
+            _pad: 0,
+        }),
+        _ => None,
+    }
+}
+
 /// What a conntrack entry tells the program to do with a packet that matches its key.
 pub mod ct_kind {
     /// Client to service: rewrite the destination to `nat_addr:nat_port` (the backend).
@@ -507,7 +553,9 @@ pub struct SockReverseKey {
 pub const CT_REFRESH_NS: u64 = 1_000_000_000;
 
 /// Indexes of the per-CPU packet counters. Every packet the program sees counts exactly one
-/// outcome, so their sum is the packet count and no decision goes unaccounted.
+/// outcome (the indexes below [`counter::OUTCOMES`]), so their sum is the packet count and no
+/// decision goes unaccounted. Indexes from `OUTCOMES` on count events some packets cause besides
+/// their outcome.
 pub mod counter {
     pub const CT_FORWARD_HIT: u32 = 0;
     pub const CT_REVERSE_HIT: u32 = 1;
@@ -544,7 +592,12 @@ pub mod counter {
     /// A new flow to a load-balancer IP or NodePort from a source outside the Service's
     /// `loadBalancerSourceRanges`.
     pub const DROP_SOURCE_RANGE: u32 = 25;
-    pub const COUNT: u32 = 26;
+    /// Outcomes are the counters below this index: exactly one per packet.
+    pub const OUTCOMES: u32 = 26;
+    /// Event: a flow was answered, and its entries moved from the new-flow table to the
+    /// established one. New flows minus promotions is what a flood leaves unanswered.
+    pub const CT_PROMOTED: u32 = 26;
+    pub const COUNT: u32 = 27;
 
     /// Names for display, indexed by counter.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -574,6 +627,7 @@ pub mod counter {
         "icmp_too_big",
         "drop_tunnel_untrusted",
         "drop_source_range",
+        "ct_promoted",
     ];
 }
 

@@ -9,7 +9,6 @@ use aya_ebpf::{
 };
 use weir_common::{counter, ct_kind, Addr, CtKey, FAMILY_V4, PROTO_TCP, PROTO_UDP};
 
-use crate::maps::CONNTRACK;
 use crate::packet::{
     addr_offsets, csum_add_bytes, csum_diff, csum_fold, load, store, Ip, Ipv4Header, Ipv6Header,
     IPV4_MIN_HLEN, IPV6_HLEN, IP_OFF, TCP_CSUM, TCP_MIN_HLEN, UDP_CSUM,
@@ -129,7 +128,7 @@ fn icmp_error_inner(ctx: &TcContext, ip: &Ip) -> Result<Verdict, u32> {
         family: ip.family,
         _pad: 0,
     };
-    let Some(entry) = CONNTRACK.get_ptr(&key) else {
+    let Some(entry) = crate::ct::lookup(&key) else {
         return Ok(Verdict::pass(counter::PASS_ICMP_UNRELATED));
     };
     // SAFETY: the pointer comes from a successful lookup and stays valid for this run.

@@ -4,7 +4,8 @@
 //! their veth), from the network (ingress of host interfaces) and from the tunnel device. A
 //! packet whose 5-tuple has a conntrack entry takes the fast path and never touches the service
 //! maps; the first packet of a flow to a service frontend picks a backend, records the flow in
-//! both directions and is DNATed. Replies are un-NATed by their reverse entry wherever they
+//! both directions and is DNATed. Conntrack is two tables (`ct.rs`): new flows are recorded in
+//! one, and move to the established one once answered, out of a flood's reach. Replies are un-NATed by their reverse entry wherever they
 //! enter the node, so no SNAT is ever applied and backends see the client's own address (the
 //! one exception is hairpin, where the client is its own backend).
 //!
@@ -19,6 +20,7 @@
 #![no_std]
 #![no_main]
 
+mod ct;
 mod icmp;
 mod lb;
 mod maps;
@@ -42,7 +44,7 @@ use weir_common::{
 
 use crate::lb::{select_backend, NO_BACKEND};
 use crate::maps::{
-    count, node_config, BACKENDS, CONNTRACK, HOST_ADDRS, POD_INTERFACES, SCRATCH, SERVICES,
+    count, node_config, BACKENDS, CONNTRACK, CT_NEW, HOST_ADDRS, POD_INTERFACES, SCRATCH, SERVICES,
     SOURCE_RANGES,
 };
 use crate::packet::{
@@ -213,6 +215,19 @@ pub struct Flow {
     pub backend_id: u32,
 }
 
+/// The flow path's per-packet working memory, in a per-CPU slot (`maps::SCRATCH`).
+#[repr(C)]
+pub struct Scratch {
+    pub flow: Flow,
+    /// The conntrack entry the packet is translated by, copied out of whichever table holds
+    /// it. `apply` reads this copy, not the table: the verifier cannot take a state with a
+    /// pointer into one table for a state with a pointer into another, so with two tables it
+    /// would walk `apply` (the bulk of the program) once more per call site, more than doubling
+    /// the load time. Copying 64 bytes per packet costs far less. (It also lets promotion delete
+    /// the entry before the packet is translated.)
+    pub entry: CtValue,
+}
+
 /// Calls return at most a register: the verdict, never a `Result` (see [`Verdict`]).
 #[inline(never)]
 fn flow(ctx: &TcContext, ip: &mut Ip, config: &NodeConfig, from_tunnel: &Arrival) -> Verdict {
@@ -243,12 +258,12 @@ fn flow_inner(
     // The flow's facts live in a per-CPU scratch slot, not on the stack: older verifiers
     // (5.10, 6.1) count every frame of the call chain whole, and this one would push the chain
     // flow -> apply -> rewrite past 512 bytes.
-    let Some(flow) = SCRATCH.get_ptr_mut(0) else {
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         return Err(counter::DROP_CT_FULL);
     };
     // SAFETY: a per-CPU slot, used by one program run at a time on this CPU (tc programs do
     // not nest), and only within this run.
-    let flow = unsafe { &mut *flow };
+    let Scratch { flow, entry: copy } = unsafe { &mut *scratch };
     *flow = Flow {
         key: ct_key(ip, sport_be, dport_be),
         now: ktime(),
@@ -259,12 +274,25 @@ fn flow_inner(
         backend_id: 0,
     };
 
+    // Established flows first: their packets cost this one lookup.
     if let Some(entry) = CONNTRACK.get_ptr_mut(&flow.key) {
         // SAFETY: the pointer comes from a successful lookup and stays valid for this program
         // run; concurrent writers only touch last_seen/seen, where a lost update is harmless.
         let entry = unsafe { &mut *entry };
         refresh(entry, seen, flow.now);
-        return Ok(apply(ctx, ip, entry, config));
+        *copy = *entry;
+        return Ok(apply(ctx, ip, copy, config));
+    }
+    if let Some(entry) = CT_NEW.get_ptr_mut(&flow.key) {
+        // SAFETY: as above; promotion may delete the entry, but only after it is copied.
+        let entry = unsafe { &mut *entry };
+        refresh(entry, seen, flow.now);
+        *copy = *entry;
+        if ct::answers(copy, ip.proto, seen) {
+            ct::promote(&flow.key);
+        }
+        // The same call as above, in the same state: the verifier walks it once for both.
+        return Ok(apply(ctx, ip, copy, config));
     }
 
     if from_tunnel.id == tunnel_id::NAT_AT_INGRESS {
@@ -313,11 +341,15 @@ fn flow_inner(
         && config.tunnel_ifindex != 0;
     let outcome = new_flow(ip, flow, backend)?;
     // The entry now exists (ours, or another CPU's that won the race): translate as it says.
-    let Some(entry) = CONNTRACK.get_ptr(&flow.key) else {
+    // Only the new-flow table is looked at: promotion needs an answer, which cannot have come
+    // yet, and every further call site of `apply` with a pointer into another map is one more
+    // walk of it for the verifier.
+    let Some(entry) = CT_NEW.get_ptr(&flow.key) else {
         return Err(counter::DROP_CT_FULL);
     };
     // SAFETY: the pointer comes from a successful lookup and stays valid for this run.
-    let translated = apply(ctx, ip, unsafe { &*entry }, config);
+    *copy = unsafe { *entry };
+    let translated = apply(ctx, ip, copy, config);
     if translated.action() == TC_ACT_SHOT as i32 || translated.is_answer() {
         return Ok(translated);
     }
@@ -334,8 +366,8 @@ fn short_circuits(ctx: &TcContext, service: &ServiceValue) -> bool {
     service.flags & service_flags::EXTERNAL != 0 && POD_INTERFACES.get_ptr(&ifindex).is_some()
 }
 
-/// Records a new flow in conntrack, in both directions where this node translates. Returns the
-/// counter the flow's first packet accounts to.
+/// Records a new flow in the new-flow table, in both directions where this node translates.
+/// Returns the counter the flow's first packet accounts to.
 #[inline(never)]
 fn new_flow(ip: &Ip, flow: &Flow, backend: &BackendValue) -> Result<u32, u32> {
     let config = node_config();
@@ -354,7 +386,7 @@ fn new_flow(ip: &Ip, flow: &Flow, backend: &BackendValue) -> Result<u32, u32> {
             ..CtValue::default()
         };
         // Losing the race to another CPU is fine: its entry is followed.
-        let _ = CONNTRACK.insert(&flow.key, &forward, BPF_NOEXIST as u64);
+        let _ = CT_NEW.insert(&flow.key, &forward, BPF_NOEXIST as u64);
         return Ok(counter::CT_NEW_TUNNEL);
     }
 
@@ -397,10 +429,10 @@ fn new_flow(ip: &Ip, flow: &Flow, backend: &BackendValue) -> Result<u32, u32> {
         ..CtValue::default()
     };
     // The reverse entry first: a forward entry without it would leak the backend's address.
-    if CONNTRACK
+    if CT_NEW
         .insert(&reverse_key, &entry, BPF_NOEXIST as u64)
         .is_err()
-        && CONNTRACK.get_ptr(&reverse_key).is_none()
+        && CT_NEW.get_ptr(&reverse_key).is_none()
     {
         return Err(counter::DROP_CT_FULL);
     }
@@ -416,14 +448,14 @@ fn new_flow(ip: &Ip, flow: &Flow, backend: &BackendValue) -> Result<u32, u32> {
         0
     };
     // For hairpin the peer field holds the source the backend will see, so user space can
-    // pair the two entries.
+    // pair the two entries (`weir_common::partner_key`).
     (entry.tunnel_peer, entry.tunnel_family) = if hairpin {
         (hairpin_source, ip.family)
     } else {
         (backend.node_addr, backend.node_family)
     };
     // Losing the race to another CPU is fine: its entry is followed.
-    let _ = CONNTRACK.insert(&flow.key, &entry, BPF_NOEXIST as u64);
+    let _ = CT_NEW.insert(&flow.key, &entry, BPF_NOEXIST as u64);
     Ok(if flow.remote {
         counter::CT_NEW_TUNNEL
     } else {

@@ -1,5 +1,6 @@
 //! The maps, as the agent pins them. Service maps change only from user space, so they need no
 //! preallocation; conntrack and affinity are LRU so a full table evicts instead of refusing.
+//! Conntrack is two tables (see `ct.rs`): new flows, and established ones.
 
 use aya_ebpf::{
     macros::map,
@@ -51,9 +52,14 @@ pub static POD_INTERFACES: HashMap<u32, u32> =
 #[map(name = "WEIR_NODE_CONFIG")]
 pub static NODE_CONFIG: Array<NodeConfig> = Array::with_max_entries(1, 0);
 
+/// Established flows: only promotion from [`CT_NEW`] writes here.
 #[map(name = "WEIR_CONNTRACK")]
 pub static CONNTRACK: LruHashMap<CtKey, CtValue> =
     LruHashMap::with_max_entries(capacity::CONNTRACK, 0);
+
+/// New flows, until answered: every entry is created here.
+#[map(name = "WEIR_CT_NEW")]
+pub static CT_NEW: LruHashMap<CtKey, CtValue> = LruHashMap::with_max_entries(capacity::CT_NEW, 0);
 
 #[map(name = "WEIR_AFFINITY")]
 pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
@@ -73,7 +79,7 @@ pub static SOCK_REVERSE: LruHashMap<SockReverseKey, FrontendKey> =
 
 /// Per-packet working memory that would not fit the verifier's stack budget; never pinned.
 #[map(name = "WEIR_SCRATCH")]
-pub static SCRATCH: PerCpuArray<crate::Flow> = PerCpuArray::with_max_entries(1, 0);
+pub static SCRATCH: PerCpuArray<crate::Scratch> = PerCpuArray::with_max_entries(1, 0);
 
 #[inline(always)]
 pub fn count(index: u32) {

@@ -17,7 +17,7 @@ use weir_common::{
     FAMILY_V4, FAMILY_V6, PROTO_TCP,
 };
 
-use crate::maps::{CONNTRACK, TUNNEL_PEERS};
+use crate::maps::{CONNTRACK, CT_NEW, TUNNEL_PEERS};
 use crate::packet::{load, Ip, ETH_P_IP, UDP_HLEN};
 use crate::Verdict;
 
@@ -254,18 +254,27 @@ fn remember_return_inner(
     now: u64,
 ) -> Result<Verdict, u32> {
     let reply_key = key.reversed();
-    if let Some(entry) = CONNTRACK.get_ptr_mut(&reply_key) {
+    let established = CONNTRACK.get_ptr_mut(&reply_key);
+    let found = match established {
+        Some(entry) => Some(entry),
+        None => CT_NEW.get_ptr_mut(&reply_key),
+    };
+    if let Some(entry) = found {
         // SAFETY: the pointer comes from a successful lookup; racing updates of these two
-        // fields are harmless.
+        // fields are harmless. Promotion deletes the entry only after its last use here.
         let entry = unsafe { &mut *entry };
         // The other direction's flags go in the high nibble: user space needs both to tell
         // when the connection closed.
+        let client_seen = seen;
         let seen = seen << 4;
         if entry.seen | seen != entry.seen
             || now.wrapping_sub(entry.last_seen_ns) > weir_common::CT_REFRESH_NS
         {
             entry.seen |= seen;
             entry.last_seen_ns = now;
+        }
+        if established.is_none() && crate::ct::answers_return(entry, key.proto, client_seen) {
+            crate::ct::promote(&reply_key);
         }
         return Ok(Verdict::pass(counter::CT_FROM_TUNNEL_HIT));
     }
@@ -278,10 +287,10 @@ fn remember_return_inner(
         tunnel_family: arrival.peer_family,
         ..CtValue::default()
     };
-    if CONNTRACK
+    if CT_NEW
         .insert(&reply_key, &value, BPF_NOEXIST as u64)
         .is_err()
-        && CONNTRACK.get_ptr(&reply_key).is_none()
+        && CT_NEW.get_ptr(&reply_key).is_none()
     {
         return Err(counter::DROP_CT_FULL);
     }

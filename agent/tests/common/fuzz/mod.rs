@@ -20,7 +20,9 @@ use self::rng::Rng;
 use self::topology::{Frontend, Layout, Profile};
 use crate::common::{Harness, TC_ACT_SHOT};
 
-const COUNTERS: usize = counter::COUNT as usize;
+/// The outcome counters: exactly one moves per packet. (The event counters after them, such as
+/// conntrack promotions, move besides.)
+const COUNTERS: usize = counter::OUTCOMES as usize;
 /// Conntrack is emptied every this many packets (as expiry would), so a long run keeps making
 /// new flows instead of filling the table once and dropping from then on.
 const CONNTRACK_FLUSH_EVERY: u64 = 25_000;
