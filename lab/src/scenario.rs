@@ -311,8 +311,10 @@ fn default_true() -> bool {
     true
 }
 
+/// Long enough for the verifier on a TCG-emulated VM (times the backend's slowdown: two
+/// minutes there), where loading the data path alone takes 20 to 40 s on a busy machine.
 fn default_ready_timeout() -> Duration {
-    Duration::from_secs(15)
+    Duration::from_secs(30)
 }
 
 /// Mirrors the agent's `[conntrack]` table key for key; unknown keys are rejected here already
