@@ -17,6 +17,8 @@ pub const MAX_REQUESTS: u32 = 1000;
 pub const MAX_NODES: u8 = 50;
 pub const MAX_PODS_PER_NODE: u8 = 200;
 pub const MAX_EXTERNALS: u8 = 50;
+/// The largest UDP datagram a check or probe sends (the servers' buffer).
+pub const MAX_DATAGRAM: u32 = 65_000;
 /// Upper bound for every wait a scenario configures.
 pub const MAX_WAIT: Duration = Duration::from_secs(600);
 
@@ -61,6 +63,12 @@ pub struct Scenario {
     /// reach load-balancer and external IPs through a node of the scenario's choice.
     #[serde(default)]
     pub routes: Vec<RouteSpec>,
+    /// Traffic started before the steps, judged after them.
+    #[serde(default)]
+    pub probes: Vec<crate::timeline::ProbeSpec>,
+    /// Changes while the scenario runs, after the checks (and before agent restarts).
+    #[serde(default)]
+    pub steps: Vec<crate::timeline::StepSpec>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -373,13 +381,34 @@ pub struct ServiceSpec {
     pub name: String,
     #[serde(default, rename = "type")]
     pub kind: ServiceType,
-    pub cluster_ip: Ipv4Addr,
-    /// Makes the service dual-stack (IPv4 first), with IPv6 endpoint slices too.
-    #[serde(default)]
+    /// The IPv4 cluster IP; a Service with only `cluster_ip6` is IPv6-only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_ip: Option<Ipv4Addr>,
+    /// Makes the service dual-stack (IPv4 first, unless `ipv6_first`), with IPv6 endpoint
+    /// slices too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster_ip6: Option<Ipv6Addr>,
+    /// A dual-stack Service whose `ipFamilies` (and `clusterIPs`) list IPv6 first.
+    #[serde(default)]
+    pub ipv6_first: bool,
+    /// `clusterIP: None`: no frontend anywhere; its slices carry the headless label.
+    #[serde(default)]
+    pub headless: bool,
+    /// `type = "ExternalName"`: the name it aliases (DNS only; no frontend, no selector).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external_name: Option<String>,
+    /// `metadata.labels` (copied to its slices, as the controller does) and annotations.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
+    /// Endpoints per EndpointSlice before another is started (Kubernetes: 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_endpoints_per_slice: Option<usize>,
     /// Like Kubernetes, an empty selector selects nothing: such a service has no endpoints.
     #[serde(default)]
     pub selector: BTreeMap<String, String>,
+    #[serde(default)]
     pub ports: Vec<ServicePort>,
     /// `spec.externalIPs`.
     #[serde(default)]
@@ -392,10 +421,14 @@ pub struct ServiceSpec {
     #[serde(default)]
     pub internal_traffic_policy: TrafficPolicy,
     /// Kubernetes allocates one for LoadBalancer services with externalTrafficPolicy Local.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_check_node_port: Option<u16>,
     /// `sessionAffinity: ClientIP` with this timeout.
-    #[serde(default, with = "humantime_serde")]
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub affinity_timeout: Option<Duration>,
 }
 
@@ -405,6 +438,7 @@ pub enum ServiceType {
     ClusterIP,
     NodePort,
     LoadBalancer,
+    ExternalName,
 }
 
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -414,13 +448,53 @@ pub enum TrafficPolicy {
     Local,
 }
 
+/// The labels that hand a Service to another proxy, as kube-proxy (and Weir) read them.
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
+
 impl ServiceSpec {
     /// The service's address of one family: its cluster IP (or, for IPv6, its second one).
     pub fn cluster_ip_of(&self, family: Family) -> Option<IpAddr> {
         match family {
-            Family::Ipv4 => Some(IpAddr::V4(self.cluster_ip)),
+            Family::Ipv4 => self.cluster_ip.map(IpAddr::V4),
             Family::Ipv6 => self.cluster_ip6.map(IpAddr::V6),
         }
+    }
+
+    /// Its cluster IPs in `clusterIPs` order.
+    pub fn cluster_ips(&self) -> Vec<IpAddr> {
+        let mut ips: Vec<IpAddr> = self
+            .cluster_ip
+            .map(IpAddr::V4)
+            .into_iter()
+            .chain(self.cluster_ip6.map(IpAddr::V6))
+            .collect();
+        if self.ipv6_first {
+            ips.reverse();
+        }
+        ips
+    }
+
+    /// The address families its endpoint slices are written for, IPv4 first (slice order):
+    /// `true` for IPv6.
+    pub fn families_with_pods(&self) -> Vec<bool> {
+        match (
+            self.cluster_ip.is_some() || self.headless,
+            self.cluster_ip6.is_some(),
+        ) {
+            (_, false) => vec![false],
+            (false, true) => vec![true],
+            (true, true) => vec![false, true],
+        }
+    }
+
+    /// Whether Weir serves it: not another proxy's (the service-proxy-name label), not headless,
+    /// not an alias.
+    pub fn served(&self) -> bool {
+        !self.headless
+            && self.kind != ServiceType::ExternalName
+            && !self.labels.contains_key(SERVICE_PROXY_NAME_LABEL)
+            && !self.labels.contains_key(HEADLESS_LABEL)
     }
 }
 
@@ -482,6 +556,87 @@ pub enum CheckSpec {
     Conntrack(ConntrackCheck),
     /// A service's healthCheckNodePort on one node, as a cloud load balancer probes it.
     HealthCheck(HealthCheckSpec),
+    /// A frontend present on (or absent from) nodes' data planes, from `weir-agent dump
+    /// services`.
+    Frontend(FrontendCheck),
+    /// Objects the agents refused, by kind and reason, from `weir_rejected_objects_current`.
+    Rejected(RejectedCheck),
+    /// A data-path counter that moved since the checks (or the step) began.
+    Counter(CounterCheck),
+}
+
+fn default_within() -> Duration {
+    Duration::from_secs(5)
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FrontendCheck {
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Whose data plane; every node's by default.
+    #[serde(default)]
+    pub node: Option<String>,
+    /// The frontend's address: this service's cluster IP of `family`, or `address`; with
+    /// neither, any address on `port`.
+    #[serde(default)]
+    pub service: Option<String>,
+    #[serde(default)]
+    pub address: Option<IpAddr>,
+    #[serde(default)]
+    pub family: Family,
+    pub port: u16,
+    #[serde(default)]
+    pub protocol: Protocol,
+    pub present: bool,
+    /// With `present`: exactly this many backends.
+    #[serde(default)]
+    pub backends: Option<usize>,
+    /// The agents react asynchronously: the check polls until it holds, up to this long.
+    #[serde(default = "default_within", with = "humantime_serde")]
+    pub within: Duration,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RejectedCheck {
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Whose agent; every node's by default.
+    #[serde(default)]
+    pub node: Option<String>,
+    /// The `kind` label: "Service", "EndpointSlice", "File"...
+    pub object_kind: String,
+    pub reason: String,
+    /// How many objects are refused for it now (0: none is).
+    #[serde(default = "default_one")]
+    pub count: u64,
+    /// The agent's log must say this too (the refused object's name, say).
+    #[serde(default)]
+    pub log_contains: Option<String>,
+    #[serde(default = "default_within", with = "humantime_serde")]
+    pub within: Duration,
+}
+
+fn default_one() -> u64 {
+    1
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CounterCheck {
+    #[serde(default)]
+    pub name: Option<String>,
+    pub node: String,
+    /// A name `weir-agent dump counters` prints: "reject_no_backend", "ct_new_flow"...
+    pub counter: String,
+    /// Moved by at least this much since the top-level checks began, or since the step's
+    /// actions (for a step's checks); 0 with `unchanged`.
+    #[serde(default = "default_one")]
+    pub at_least: u64,
+    /// The counter must not have moved at all.
+    #[serde(default)]
+    pub unchanged: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -572,6 +727,9 @@ pub struct TrafficCheck {
     /// must survive on the same backend: with Maglev every node picks the same one.
     #[serde(default)]
     pub switch_ingress_to: Option<String>,
+    /// UDP only: each datagram is this many bytes.
+    #[serde(default)]
+    pub size: Option<u32>,
     #[serde(default)]
     pub expect: TrafficExpect,
 }
@@ -597,9 +755,19 @@ pub struct TrafficExpect {
     /// Every request is refused at once (TCP connection refused, ICMP port unreachable for
     /// UDP): what a service without endpoints answers, rather than silence.
     pub refused: bool,
+    /// Every request is refused, each within this time (implies `refused`).
+    #[serde(with = "humantime_serde")]
+    pub refused_within: Option<Duration>,
     /// Only these pods may answer (and, with `all_backends_used`, all of them must); defaults
     /// to every endpoint of the service.
     pub backends: Vec<String>,
+}
+
+impl TrafficExpect {
+    /// Every request must be refused.
+    pub fn refusal(&self) -> bool {
+        self.refused || self.refused_within.is_some()
+    }
 }
 
 impl Default for TrafficExpect {
@@ -611,6 +779,7 @@ impl Default for TrafficExpect {
             none_answered: false,
             same_backend: false,
             refused: false,
+            refused_within: None,
             backends: Vec::new(),
         }
     }
@@ -667,6 +836,30 @@ impl CheckSpec {
                     t.from, t.port, t.requests
                 )
             }
+            CheckSpec::Frontend(f) => f.name.clone().unwrap_or_else(|| {
+                let node = f.node.as_deref().unwrap_or("every node");
+                let what = match (&f.service, f.address) {
+                    (Some(svc), _) => format!("{svc}:{}", f.port),
+                    (None, Some(ip)) => std::net::SocketAddr::new(ip, f.port).to_string(),
+                    (None, None) => format!("any address:{}", f.port),
+                };
+                let state = if f.present { "present" } else { "absent" };
+                format!("frontend {what}/{} {state} on {node}", f.protocol.lower())
+            }),
+            CheckSpec::Rejected(r) => r.name.clone().unwrap_or_else(|| {
+                let node = r.node.as_deref().unwrap_or("every node");
+                format!(
+                    "{} {} rejected ({}) on {node}",
+                    r.count, r.object_kind, r.reason
+                )
+            }),
+            CheckSpec::Counter(c) => c.name.clone().unwrap_or_else(|| {
+                if c.unchanged {
+                    format!("counter {} unchanged on {}", c.counter, c.node)
+                } else {
+                    format!("counter {} +{} on {}", c.counter, c.at_least, c.node)
+                }
+            }),
             CheckSpec::HealthCheck(h) => h.name.clone().unwrap_or_else(|| {
                 format!(
                     "health check {} -> {} on {}: {} with {} local",
@@ -740,7 +933,7 @@ impl Scenario {
         self.services.iter().find(|s| s.name == name)
     }
 
-    fn invalid(&self, message: impl Into<String>) -> ScenarioError {
+    pub(crate) fn invalid(&self, message: impl Into<String>) -> ScenarioError {
         ScenarioError::Invalid {
             scenario: self.name.clone(),
             message: message.into(),
@@ -801,20 +994,54 @@ impl Scenario {
             }
         }
 
+        let frontends = self.validate_services(self.services.iter())?;
+        for route in &self.routes {
+            let prefix = route.prefix().map_err(|m| self.invalid(m))?;
+            if plan.host(&route.host).is_none() {
+                return Err(self.invalid(format!("route: no host named {:?}", route.host)));
+            }
+            if !matches!(plan.host(&route.via), Some(HostId::Node(_))) {
+                return Err(self.invalid(format!("route: {:?} is not a node", route.via)));
+            }
+            if prefix.0.is_ipv6() && !t.ipv6 {
+                return Err(
+                    self.invalid(format!("route to {}: IPv6 needs topology.ipv6", route.to))
+                );
+            }
+        }
+        for check in &self.checks {
+            self.validate_check(check, &plan)?;
+        }
+        for restart in &self.agent_restarts {
+            self.validate_restart(restart, &plan, &frontends)?;
+        }
+        self.validate_timeline(&plan)?;
+        Ok(())
+    }
+
+    /// Every Service of one point of the timeline, alone and together; returns the frontends
+    /// (cluster IP, port, protocol) they claim.
+    pub(crate) fn validate_services<'s>(
+        &self,
+        services: impl Iterator<Item = &'s ServiceSpec>,
+    ) -> Result<BTreeSet<(IpAddr, u16, Protocol)>, ScenarioError> {
         let mut names = BTreeSet::new();
         let mut frontends = BTreeSet::new();
         let mut node_ports = BTreeSet::new();
-        for svc in &self.services {
+        for svc in services {
             if !names.insert(svc.name.as_str()) {
                 return Err(self.invalid(format!("service {} defined twice", svc.name)));
             }
-            if !crate::topology::is_test_address(svc.cluster_ip) {
-                return Err(self.invalid(format!(
-                    "service {}: cluster_ip {} is outside 198.18.0.0/15, the only range lab traffic may use",
-                    svc.name, svc.cluster_ip
-                )));
+            self.validate_service_shape(svc)?;
+            if let Some(ip) = svc.cluster_ip {
+                if !crate::topology::is_test_address(ip) {
+                    return Err(self.invalid(format!(
+                        "service {}: cluster_ip {ip} is outside 198.18.0.0/15, the only range lab traffic may use",
+                        svc.name
+                    )));
+                }
             }
-            if svc.ports.is_empty() {
+            if svc.ports.is_empty() && svc.kind != ServiceType::ExternalName {
                 return Err(self.invalid(format!("service {} has no ports", svc.name)));
             }
             self.validate_service_addresses(svc)?;
@@ -838,10 +1065,12 @@ impl Scenario {
                         svc.name, p.name
                     )));
                 }
-                if p.node_port.is_some() && svc.kind == ServiceType::ClusterIP {
+                if p.node_port.is_some()
+                    && matches!(svc.kind, ServiceType::ClusterIP | ServiceType::ExternalName)
+                {
                     return Err(self.invalid(format!(
-                        "service {}: a ClusterIP service has no node ports",
-                        svc.name
+                        "service {}: a {:?} service has no node ports",
+                        svc.name, svc.kind
                     )));
                 }
                 if p.node_port == Some(0) {
@@ -864,37 +1093,55 @@ impl Scenario {
                         svc.name
                     )));
                 }
-                if !frontends.insert((svc.cluster_ip, p.port, p.protocol)) {
-                    return Err(self.invalid(format!(
-                        "service {}: {}:{}/{} is already another service's frontend",
-                        svc.name,
-                        svc.cluster_ip,
-                        p.port,
-                        p.protocol.lower()
-                    )));
+                for ip in svc.cluster_ips() {
+                    if !frontends.insert((ip, p.port, p.protocol)) {
+                        return Err(self.invalid(format!(
+                            "service {}: {} /{} is already another service's frontend",
+                            svc.name,
+                            std::net::SocketAddr::new(ip, p.port),
+                            p.protocol.lower()
+                        )));
+                    }
                 }
             }
         }
+        Ok(frontends)
+    }
 
-        for route in &self.routes {
-            let prefix = route.prefix().map_err(|m| self.invalid(m))?;
-            if plan.host(&route.host).is_none() {
-                return Err(self.invalid(format!("route: no host named {:?}", route.host)));
+    /// Headless, ExternalName, IPv6-only and IPv6-first Services and slice sizes.
+    fn validate_service_shape(&self, svc: &ServiceSpec) -> Result<(), ScenarioError> {
+        let bad = |m: &str| Err(self.invalid(format!("service {}: {m}", svc.name)));
+        let has_ip = svc.cluster_ip.is_some() || svc.cluster_ip6.is_some();
+        match (svc.kind, svc.headless) {
+            (ServiceType::ExternalName, _) => {
+                if svc.external_name.as_deref().is_none_or(str::is_empty) {
+                    return bad("type ExternalName needs external_name");
+                }
+                if has_ip || svc.headless || !svc.selector.is_empty() {
+                    return bad(
+                        "an ExternalName service has no cluster IP, headless flag or selector",
+                    );
+                }
             }
-            if !matches!(plan.host(&route.via), Some(HostId::Node(_))) {
-                return Err(self.invalid(format!("route: {:?} is not a node", route.via)));
+            (_, true) => {
+                if has_ip || svc.kind != ServiceType::ClusterIP {
+                    return bad("a headless service is a ClusterIP service without cluster IPs");
+                }
             }
-            if prefix.0.is_ipv6() && !t.ipv6 {
-                return Err(
-                    self.invalid(format!("route to {}: IPv6 needs topology.ipv6", route.to))
-                );
+            (_, false) => {
+                if !has_ip {
+                    return bad("give cluster_ip, cluster_ip6 or both (or headless = true)");
+                }
             }
         }
-        for check in &self.checks {
-            self.validate_check(check, &plan)?;
+        if svc.external_name.is_some() && svc.kind != ServiceType::ExternalName {
+            return bad("external_name needs type = \"ExternalName\"");
         }
-        for restart in &self.agent_restarts {
-            self.validate_restart(restart, &plan, &frontends)?;
+        if svc.ipv6_first && (svc.cluster_ip.is_none() || svc.cluster_ip6.is_none()) {
+            return bad("ipv6_first is for dual-stack services (cluster_ip and cluster_ip6)");
+        }
+        if svc.max_endpoints_per_slice == Some(0) || svc.max_endpoints_per_slice > Some(1000) {
+            return bad("max_endpoints_per_slice must be 1..=1000");
         }
         Ok(())
     }
@@ -946,7 +1193,7 @@ impl Scenario {
         &self,
         r: &AgentRestartSpec,
         plan: &Plan,
-        frontends: &BTreeSet<(Ipv4Addr, u16, Protocol)>,
+        frontends: &BTreeSet<(IpAddr, u16, Protocol)>,
     ) -> Result<(), ScenarioError> {
         let title = r.title();
         let bad = |m: String| self.invalid(format!("agent restart {title:?}: {m}"));
@@ -964,7 +1211,7 @@ impl Scenario {
         if !crate::topology::is_test_address(r.cluster_ip) {
             return Err(bad("cluster_ip must be in 198.18.0.0/15".into()));
         }
-        if r.port == 0 || frontends.contains(&(r.cluster_ip, r.port, Protocol::Tcp)) {
+        if r.port == 0 || frontends.contains(&(IpAddr::V4(r.cluster_ip), r.port, Protocol::Tcp)) {
             return Err(bad("port must be non-zero and not another service's".into()));
         }
         if r.signals.is_empty() {
@@ -989,6 +1236,9 @@ impl Scenario {
                 .any(|p| p.port == port && p.protocol == Protocol::Tcp)
             {
                 return Err(bad(format!("service {} has no TCP port {port}", svc.name)));
+            }
+            if svc.cluster_ip.is_none() {
+                return Err(bad(format!("service {} has no IPv4 cluster IP", svc.name)));
             }
         }
         Ok(())
@@ -1046,7 +1296,7 @@ impl Scenario {
                 return Err(bad("tunnel_replies needs the agent".into()));
             }
         }
-        if (t.expect.none_answered || t.expect.refused)
+        if (t.expect.none_answered || t.expect.refusal())
             && (t.expect.all_answered || t.expect.all_backends_used)
         {
             return Err(bad(
@@ -1111,7 +1361,73 @@ impl Scenario {
         Ok(())
     }
 
-    fn validate_check(&self, check: &CheckSpec, plan: &Plan) -> Result<(), ScenarioError> {
+    /// Checks on the agents' own state.
+    fn validate_agent_check(&self, check: &CheckSpec, plan: &Plan) -> Result<(), ScenarioError> {
+        let title = check.title();
+        let bad = |m: String| self.invalid(format!("check {title:?}: {m}"));
+        if !self.agent.enabled {
+            return Err(bad("needs the agent, which is disabled".into()));
+        }
+        let node_ok = |node: &Option<String>| match node {
+            Some(n) if !matches!(plan.host(n), Some(HostId::Node(_))) => {
+                Err(bad(format!("{n:?} is not a node")))
+            }
+            _ => Ok(()),
+        };
+        let within_ok = |w: Duration| {
+            if w > MAX_WAIT {
+                Err(bad("within must be at most 10m".into()))
+            } else {
+                Ok(())
+            }
+        };
+        match check {
+            CheckSpec::Frontend(f) => {
+                node_ok(&f.node)?;
+                within_ok(f.within)?;
+                if f.service.is_some() && f.address.is_some() {
+                    return Err(bad("give at most one of service and address".into()));
+                }
+                if let Some(name) = &f.service {
+                    let svc = self
+                        .service(name)
+                        .ok_or_else(|| bad(format!("no service {name:?}")))?;
+                    if svc.cluster_ip_of(f.family).is_none() {
+                        return Err(bad(format!(
+                            "service {name} has no cluster IP of the check's family (for a headless service, leave service out: no frontend may use the port)"
+                        )));
+                    }
+                }
+                if f.backends.is_some() && !f.present {
+                    return Err(bad("backends is for present frontends".into()));
+                }
+            }
+            CheckSpec::Rejected(r) => {
+                node_ok(&r.node)?;
+                within_ok(r.within)?;
+                if r.object_kind.is_empty() || r.reason.is_empty() {
+                    return Err(bad("object_kind and reason must not be empty".into()));
+                }
+            }
+            CheckSpec::Counter(c) => {
+                node_ok(&Some(c.node.clone()))?;
+                if c.unchanged && c.at_least != 1 {
+                    return Err(bad("unchanged contradicts at_least".into()));
+                }
+                if c.counter.is_empty() {
+                    return Err(bad("counter must not be empty".into()));
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    pub(crate) fn validate_check(
+        &self,
+        check: &CheckSpec,
+        plan: &Plan,
+    ) -> Result<(), ScenarioError> {
         let title = check.title();
         let host = |name: &str| -> Result<HostId, ScenarioError> {
             plan.host(name)
@@ -1126,6 +1442,19 @@ impl Scenario {
                 };
                 let from = host(&t.from)?;
                 self.validate_traffic_target(&title, t, from, plan, proto == Protocol::Tcp)?;
+                if t.size.is_some() && proto != Protocol::Udp {
+                    return Err(self.invalid(format!("check {title:?}: size is for UDP checks")));
+                }
+                if t.size.is_some_and(|n| !(8..=MAX_DATAGRAM).contains(&n)) {
+                    return Err(
+                        self.invalid(format!("check {title:?}: size must be 8..={MAX_DATAGRAM}"))
+                    );
+                }
+                if t.expect.refused_within.is_some_and(|w| w > MAX_WAIT) {
+                    return Err(self.invalid(format!(
+                        "check {title:?}: refused_within must be at most 10m"
+                    )));
+                }
                 if t.requests == 0 || t.requests > MAX_REQUESTS {
                     return Err(self.invalid(format!(
                         "check {title:?}: requests must be 1..={MAX_REQUESTS}"
@@ -1136,10 +1465,15 @@ impl Scenario {
                         let svc = self.service(svc).ok_or_else(|| {
                             self.invalid(format!("check {title:?}: no service {svc:?}"))
                         })?;
-                        if !svc
-                            .ports
-                            .iter()
-                            .any(|p| p.port == t.port && p.protocol == proto)
+                        // A port the service no longer has may be checked for silence or
+                        // refusal on its cluster IP (after a step dropped it).
+                        let gone_port_ok = (t.expect.none_answered || t.expect.refusal())
+                            && t.via == Via::ClusterIp;
+                        if !gone_port_ok
+                            && !svc
+                                .ports
+                                .iter()
+                                .any(|p| p.port == t.port && p.protocol == proto)
                         {
                             return Err(self.invalid(format!(
                                 "check {title:?}: service {} has no {} port {}",
@@ -1184,6 +1518,9 @@ impl Scenario {
                         "check {title:?}: needs the agent, which is disabled"
                     )));
                 }
+            }
+            CheckSpec::Frontend(_) | CheckSpec::Rejected(_) | CheckSpec::Counter(_) => {
+                self.validate_agent_check(check, plan)?;
             }
             CheckSpec::Conntrack(c) => {
                 if !self.agent.enabled {

@@ -1,0 +1,180 @@
+//! Running a scenario's timeline: probes started, steps applied to the cluster the agents read
+//! (and to the pods' servers), then the probes stopped and their logs read back.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::agent::Agents;
+use crate::backend::{Cmd, Lab, ProcId};
+use crate::probes::{self, ServingTimeline};
+use crate::scenario::{Protocol, Scenario};
+use crate::timeline::{ClusterModel, ProbeSpec, SideEffect, StepSpec};
+use crate::topology::Plan;
+use crate::workloads::{self, PodPorts, Workloads};
+
+const LISTEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time for a probe's first exchanges before the steps begin.
+const PROBE_WARMUP: Duration = Duration::from_millis(500);
+
+/// A probe's client, running in its pod.
+pub struct RunningProbe {
+    pub spec: ProbeSpec,
+    pub proc: ProcId,
+    pub log: PathBuf,
+    /// Who served its Service from when.
+    pub serving: ServingTimeline,
+}
+
+/// What the steps need of the run.
+pub struct TimelineCtx<'a> {
+    pub lab: &'a mut dyn Lab,
+    pub plan: &'a Plan,
+    pub agents: &'a Agents,
+    pub workloads: &'a mut Workloads,
+    pub ports: &'a BTreeMap<String, PodPorts>,
+    pub run_dir: &'a Path,
+    pub model: ClusterModel,
+    pub probes: Vec<RunningProbe>,
+}
+
+impl TimelineCtx<'_> {
+    /// Starts every probe's client (this very executable, `probe stream`) in its pod.
+    pub fn start_probes(&mut self, scenario: &Scenario) -> Result<(), String> {
+        let exe = std::env::current_exe().map_err(|e| format!("locating weir-lab: {e}"))?;
+        for (i, spec) in scenario.probes.iter().enumerate() {
+            let from = self.plan.host(&spec.from).ok_or("unknown probe client")?;
+            let svc = self
+                .model
+                .service(&spec.service)
+                .ok_or("unknown probe service")?;
+            let ip = svc
+                .cluster_ip_of(spec.family)
+                .ok_or("probe service without a cluster IP of the family")?;
+            let mut cmd = Cmd::new(exe.display().to_string())
+                .args(["probe", "stream"])
+                .arg(std::net::SocketAddr::new(ip, spec.port).to_string())
+                .arg("--interval")
+                .arg(humantime::format_duration(spec.interval).to_string());
+            if spec.kind == Protocol::Udp {
+                cmd = cmd.arg("--udp");
+            }
+            if let Some(size) = spec.size {
+                cmd = cmd.arg("--size").arg(size.to_string());
+            }
+            let log = self.run_dir.join(format!("probe-{}.log", i + 1));
+            let proc = self
+                .lab
+                .spawn(from, &cmd, &log)
+                .map_err(|e| format!("starting probe {}: {e}", spec.title()))?;
+            self.probes.push(RunningProbe {
+                spec: spec.clone(),
+                proc,
+                log,
+                serving: Vec::new(),
+            });
+        }
+        self.note_state();
+        std::thread::sleep(PROBE_WARMUP);
+        Ok(())
+    }
+
+    /// Records, for every probe, who serves its Service from now on.
+    fn note_state(&mut self) {
+        let now = probes::now_ms();
+        for probe in &mut self.probes {
+            let pods = self
+                .model
+                .service(&probe.spec.service)
+                .map(|svc| self.model.serving_pods(svc, self.plan))
+                .unwrap_or_default();
+            probe.serving.push((now, pods.into_iter().collect()));
+        }
+    }
+
+    /// Writes the cluster state as the model has it, where every agent reads it (atomically).
+    fn write_state(&mut self) -> Result<(), String> {
+        let yaml = crate::k8s::cluster_state_of(&self.model, self.plan);
+        let first = self.plan.nodes[0].id;
+        self.lab
+            .write_file(first, &self.agents.state_path, yaml.as_bytes())
+            .map_err(|e| format!("writing the cluster state: {e}"))?;
+        self.note_state();
+        Ok(())
+    }
+
+    /// Does one step's actions, in order, then its wait.
+    pub fn apply_step(&mut self, step: &StepSpec) -> Result<(), String> {
+        for action in &step.actions {
+            let effect = self.model.apply(action, self.plan)?;
+            match effect {
+                None => self.write_state()?,
+                Some(SideEffect::Sleep(d)) => std::thread::sleep(d),
+                Some(SideEffect::StopPods { pods, grace }) => {
+                    // The endpoints go first; the servers keep running through the grace
+                    // period, as a deleted pod's containers do.
+                    self.write_state()?;
+                    std::thread::sleep(grace);
+                    for pod in &pods {
+                        workloads::stop_pod(self.lab, pod, self.workloads)
+                            .map_err(|e| format!("stopping {pod}: {e}"))?;
+                    }
+                }
+                Some(SideEffect::StartPods(pods)) => {
+                    // Servers first, endpoints once they listen, as readiness would have it.
+                    for pod in &pods {
+                        workloads::start_pod(
+                            self.lab,
+                            self.plan,
+                            pod,
+                            self.ports,
+                            self.run_dir,
+                            self.workloads,
+                        )
+                        .map_err(|e| format!("starting {pod}: {e}"))?;
+                    }
+                    let ports: BTreeMap<String, PodPorts> = self
+                        .ports
+                        .iter()
+                        .filter(|(name, _)| pods.contains(name))
+                        .map(|(n, p)| (n.clone(), p.clone()))
+                        .collect();
+                    let timeout = LISTEN_TIMEOUT * self.lab.slowdown();
+                    workloads::wait_listening(self.lab, self.plan, &ports, timeout, self.run_dir)?;
+                    self.write_state()?;
+                }
+            }
+        }
+        if let Some(wait) = step.wait {
+            std::thread::sleep(wait);
+        }
+        Ok(())
+    }
+
+    /// Stops every probe and judges its log.
+    pub fn finish_probes(&mut self) -> Vec<(String, Result<String, String>)> {
+        let stopped = probes::now_ms();
+        let mut out = Vec::new();
+        for probe in std::mem::take(&mut self.probes) {
+            let exited = self.lab.exited(probe.proc).ok().flatten();
+            let _ = self.lab.stop(probe.proc);
+            let verdict = match std::fs::read_to_string(&probe.log) {
+                Err(e) => Err(format!("reading {}: {e}", probe.log.display())),
+                Ok(text) => {
+                    let events = probes::parse_log(&text);
+                    let verdict = probes::judge(&probe.spec, &events, &probe.serving, stopped);
+                    match (verdict, exited) {
+                        // A UDP probe runs until stopped; one that exited early failed.
+                        (Ok(_), Some(how)) if probe.spec.kind == Protocol::Udp => Err(format!(
+                            "the probe client {how} early; see {}",
+                            probe.log.display()
+                        )),
+                        (v, _) => v,
+                    }
+                }
+            };
+            out.push((probe.spec.title(), verdict));
+        }
+        out
+    }
+}
