@@ -278,6 +278,49 @@ fn serving_at(timeline: &ServingTimeline, at: u64) -> Option<&BTreeSet<String>> 
         .map(|(_, pods)| pods)
 }
 
+/// What a probe's log adds up to.
+#[derive(Debug, Default)]
+struct Tally {
+    /// seq -> when it was sent.
+    sent: BTreeMap<u64, u64>,
+    answered: BTreeSet<u64>,
+    /// pod -> (answers, when the last came).
+    by_pod: BTreeMap<String, (u32, u64)>,
+    /// Answers from endpoints removed more than the settle time before.
+    from_removed: Vec<String>,
+    /// (when, kind, text).
+    errors: Vec<(u64, String, String)>,
+}
+
+fn tally(events: &[ProbeEvent], timeline: &ServingTimeline, settle: u64) -> Tally {
+    let start = timeline.first().map_or(0, |(t, _)| *t);
+    let mut t = Tally::default();
+    for event in events {
+        match event {
+            ProbeEvent::Sent { at, seq } => {
+                t.sent.insert(*seq, *at);
+            }
+            ProbeEvent::Answer { at, seq, pod, port } => {
+                t.answered.extend(*seq);
+                let entry = t.by_pod.entry(pod.clone()).or_default();
+                entry.0 += 1;
+                entry.1 = *at;
+                // Removed long enough ago that the agents had time to react, and not back.
+                let gone = |at: u64| serving_at(timeline, at).is_some_and(|s| !s.contains(pod));
+                if gone(at.saturating_sub(settle)) && gone(*at) {
+                    let port = port.map_or(String::new(), |p| format!(":{p}"));
+                    t.from_removed
+                        .push(format!("{pod}{port} at +{} ms", at.saturating_sub(start)));
+                }
+            }
+            ProbeEvent::Error { at, kind, text } => {
+                t.errors.push((*at, kind.clone(), text.clone()))
+            }
+        }
+    }
+    t
+}
+
 /// The verdict on one probe's log; `stopped` is when the runner stopped it.
 pub fn judge(
     probe: &ProbeSpec,
@@ -286,60 +329,29 @@ pub fn judge(
     stopped: u64,
 ) -> Result<String, String> {
     let settle = probe.expect.settle.as_millis() as u64;
+    let start = timeline.first().map_or(0, |(t, _)| *t);
+    let t = tally(events, timeline, settle);
     // Requests sent just before the stop may have had no time for their answer.
     let judged_until = stopped.saturating_sub((probe.interval.as_millis() as u64 * 3).max(1000));
-    let mut sent: BTreeMap<u64, u64> = BTreeMap::new();
-    let mut answered: BTreeSet<u64> = BTreeSet::new();
-    let mut by_pod: BTreeMap<String, (u32, u64)> = BTreeMap::new();
-    let mut from_removed = Vec::new();
-    let mut errors = Vec::new();
-    for event in events {
-        match event {
-            ProbeEvent::Sent { at, seq } => {
-                sent.insert(*seq, *at);
-            }
-            ProbeEvent::Answer { at, seq, pod, port } => {
-                if let Some(seq) = seq {
-                    answered.insert(*seq);
-                }
-                let entry = by_pod.entry(pod.clone()).or_default();
-                entry.0 += 1;
-                entry.1 = *at;
-                // Removed long enough ago that the agents had time to react, and not back.
-                let settled = serving_at(timeline, at.saturating_sub(settle));
-                let now = serving_at(timeline, *at);
-                if settled.is_some_and(|s| !s.contains(pod))
-                    && now.is_some_and(|s| !s.contains(pod))
-                {
-                    let port = port.map_or(String::new(), |p| format!(":{p}"));
-                    from_removed.push(format!("{pod}{port} at +{} ms", at - timeline[0].0));
-                }
-            }
-            ProbeEvent::Error { at, kind, text } => errors.push((*at, kind.clone(), text.clone())),
-        }
-    }
-    let start = timeline.first().map_or(0, |(t, _)| *t);
-    let judged: Vec<u64> = sent
+    let ended_by_error = probe.kind == Protocol::Tcp && !t.errors.is_empty();
+    let last_sent = t.sent.keys().next_back().copied();
+    let lost: Vec<u64> = t
+        .sent
         .iter()
-        .filter(|(_, at)| **at <= judged_until)
+        .filter(|(seq, at)| **at <= judged_until && !t.answered.contains(seq))
+        // The request a TCP connection's reset ended is the reset's, not a loss.
+        .filter(|(seq, _)| !(ended_by_error && Some(**seq) == last_sent))
         .map(|(seq, _)| *seq)
         .collect();
-    let ended_by_error = probe.kind == Protocol::Tcp && !errors.is_empty();
-    // The request a TCP connection's reset ended is the reset's, not a loss.
-    let lost: Vec<u64> = judged
-        .iter()
-        .filter(|seq| !answered.contains(seq))
-        .filter(|seq| !(ended_by_error && Some(**seq) == sent.keys().next_back().copied()))
-        .copied()
-        .collect();
-    let spread: Vec<String> = by_pod
+    let spread: Vec<String> = t
+        .by_pod
         .iter()
         .map(|(pod, (n, last))| format!("{pod} x{n} (last +{} ms)", last.saturating_sub(start)))
         .collect();
     let mut summary = format!(
         "{} sent, {} answered, {} lost; {}",
-        sent.len(),
-        answered.len(),
+        t.sent.len(),
+        t.answered.len(),
         lost.len(),
         if spread.is_empty() {
             "no answers".to_owned()
@@ -357,87 +369,102 @@ pub fn judge(
             first.join(", ")
         ));
     }
-    if !from_removed.is_empty() {
+    if !t.from_removed.is_empty() {
+        let first: Vec<&str> = t.from_removed.iter().take(3).map(String::as_str).collect();
         problems.push(format!(
-            "answers from endpoints removed more than {} ms before: {}",
-            settle,
-            from_removed
-                .iter()
-                .take(3)
-                .cloned()
-                .collect::<Vec<_>>()
-                .join(", ")
+            "answers from endpoints removed more than {settle} ms before: {}",
+            first.join(", ")
         ));
     }
-    if answered.is_empty() {
+    if t.answered.is_empty() {
         problems.push("no answer at all".to_owned());
     }
-    if probe.kind == Protocol::Udp {
-        // Carrying on across the steps means answers after the last one.
-        let last_step = timeline.last().map_or(0, |(t, _)| *t);
-        let after = events
-            .iter()
-            .any(|e| matches!(e, ProbeEvent::Answer { at, .. } if *at > last_step + settle));
-        if timeline.len() > 1 && !after {
-            problems.push("no answer after the last step".to_owned());
-        }
-    }
-    if probe.kind == Protocol::Tcp {
-        let first_pod = events.iter().find_map(|e| match e {
-            ProbeEvent::Answer { pod, .. } => Some(pod.clone()),
-            _ => None,
-        });
-        let removed_at = first_pod.as_ref().and_then(|pod| {
-            timeline
-                .iter()
-                .find(|(_, pods)| !pods.contains(pod))
-                .map(|(t, _)| *t)
-        });
-        match (probe.expect.reset_within, errors.first(), removed_at) {
-            (None, None, _) => summary.push_str("; the connection lasted"),
-            (None, Some((at, kind, text)), _) => problems.push(format!(
-                "the connection ended at +{} ms ({kind}: {text}) where it must last",
-                at.saturating_sub(start)
-            )),
-            (Some(_), _, None) => {
-                problems.push("no step removed the connection's endpoint".to_owned())
-            }
-            (Some(_), None, Some(_)) => {
-                problems.push("the connection never ended, where a reset was due".to_owned())
-            }
-            (Some(within), Some((at, kind, text)), Some(removed)) => {
-                let after = at.saturating_sub(removed);
-                summary.push_str(&format!(
-                    "; {kind} {after} ms after its endpoint {} left",
-                    first_pod.as_deref().unwrap_or("?")
-                ));
-                if kind != "reset" && kind != "refused" {
-                    problems.push(format!("ended by {kind} ({text}), not by a reset"));
-                } else if *at < removed {
-                    problems.push(format!(
-                        "reset {} ms before its endpoint left",
-                        removed - at
-                    ));
-                } else if after > within.as_millis() as u64 {
-                    problems.push(format!(
-                        "reset after {after} ms, more than {}",
-                        humantime::format_duration(within)
-                    ));
-                }
-            }
-        }
-    } else if !errors.is_empty() {
-        summary.push_str(&format!(
-            "; {} error(s), first: {} {}",
-            errors.len(),
-            errors[0].1,
-            errors[0].2
-        ));
+    match probe.kind {
+        Protocol::Udp => udp_verdict(events, timeline, settle, &t, &mut summary, &mut problems),
+        Protocol::Tcp => tcp_verdict(probe, events, timeline, &t, &mut summary, &mut problems),
     }
     if problems.is_empty() {
         Ok(summary)
     } else {
         Err(format!("{}; seen: {summary}", problems.join("; ")))
+    }
+}
+
+/// A UDP flow carries on across the steps: answers after the last one.
+fn udp_verdict(
+    events: &[ProbeEvent],
+    timeline: &ServingTimeline,
+    settle: u64,
+    t: &Tally,
+    summary: &mut String,
+    problems: &mut Vec<String>,
+) {
+    let last_step = timeline.last().map_or(0, |(t, _)| *t);
+    let after = events
+        .iter()
+        .any(|e| matches!(e, ProbeEvent::Answer { at, .. } if *at > last_step + settle));
+    if timeline.len() > 1 && !after {
+        problems.push("no answer after the last step".to_owned());
+    }
+    if let Some((_, kind, text)) = t.errors.first() {
+        summary.push_str(&format!(
+            "; {} error(s), first: {kind} {text}",
+            t.errors.len()
+        ));
+    }
+}
+
+/// A TCP connection lasts to the end, or (with `reset_within`) is reset soon after the step that
+/// removed the endpoint it started on.
+fn tcp_verdict(
+    probe: &ProbeSpec,
+    events: &[ProbeEvent],
+    timeline: &ServingTimeline,
+    t: &Tally,
+    summary: &mut String,
+    problems: &mut Vec<String>,
+) {
+    let start = timeline.first().map_or(0, |(t, _)| *t);
+    let first_pod = events.iter().find_map(|e| match e {
+        ProbeEvent::Answer { pod, .. } => Some(pod.clone()),
+        _ => None,
+    });
+    let removed_at = first_pod.as_ref().and_then(|pod| {
+        timeline
+            .iter()
+            .find(|(_, pods)| !pods.contains(pod))
+            .map(|(t, _)| *t)
+    });
+    match (probe.expect.reset_within, t.errors.first(), removed_at) {
+        (None, None, _) => summary.push_str("; the connection lasted"),
+        (None, Some((at, kind, text)), _) => problems.push(format!(
+            "the connection ended at +{} ms ({kind}: {text}) where it must last",
+            at.saturating_sub(start)
+        )),
+        (Some(_), _, None) => problems.push("no step removed the connection's endpoint".to_owned()),
+        (Some(_), None, Some(_)) => {
+            problems.push("the connection never ended, where a reset was due".to_owned())
+        }
+        (Some(within), Some((at, kind, text)), Some(removed)) => {
+            let after = at.saturating_sub(removed);
+            summary.push_str(&format!(
+                "; {kind} {after} ms after its endpoint {} left",
+                first_pod.as_deref().unwrap_or("?")
+            ));
+            if kind != "reset" && kind != "refused" {
+                problems.push(format!("ended by {kind} ({text}), not by a reset"));
+            } else if *at < removed {
+                problems.push(format!(
+                    "reset {} ms before its endpoint left",
+                    removed - at
+                ));
+            } else if after > within.as_millis() as u64 {
+                problems.push(format!(
+                    "reset after {after} ms, more than {}",
+                    humantime::format_duration(within)
+                ));
+            }
+        }
     }
 }
 

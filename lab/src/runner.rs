@@ -353,7 +353,8 @@ impl ScenarioRun<'_> {
                 probes: Vec::new(),
             };
             let t = Instant::now();
-            tl.start_probes(scenario).map_err(RunError::Setup)?;
+            tl.start_probes(scenario)
+                .map_err(|e| RunError::Setup(e.to_string()))?;
             if !scenario.probes.is_empty() {
                 self.step(format!("{} probe(s) started", scenario.probes.len()), t);
             }
@@ -371,7 +372,7 @@ impl ScenarioRun<'_> {
                 };
                 if let Err(e) = tl.apply_step(step) {
                     // Later steps build on this one: the timeline stops here.
-                    self.record(title, Err(e), t);
+                    self.record(title, Err(e.to_string()), t);
                     break;
                 }
                 self.step(title.clone(), t);

@@ -1414,8 +1414,12 @@ impl Scenario {
                 if c.unchanged && c.at_least != 1 {
                     return Err(bad("unchanged contradicts at_least".into()));
                 }
-                if c.counter.is_empty() {
-                    return Err(bad("counter must not be empty".into()));
+                if !weir_common::counter::NAMES.contains(&c.counter.as_str()) {
+                    return Err(bad(format!(
+                        "no data-path counter {:?}; the counters are {}",
+                        c.counter,
+                        weir_common::counter::NAMES.join(", ")
+                    )));
                 }
             }
             _ => {}

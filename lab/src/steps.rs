@@ -6,16 +6,37 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::agent::Agents;
-use crate::backend::{Cmd, Lab, ProcId};
+use crate::backend::{BackendError, Cmd, Lab, ProcId};
 use crate::probes::{self, ServingTimeline};
 use crate::scenario::{Protocol, Scenario};
-use crate::timeline::{ClusterModel, ProbeSpec, SideEffect, StepSpec};
+use crate::timeline::{ActionError, ClusterModel, ProbeSpec, SideEffect, StepSpec};
 use crate::topology::Plan;
 use crate::workloads::{self, PodPorts, Workloads};
 
 const LISTEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time for a probe's first exchanges before the steps begin.
 const PROBE_WARMUP: Duration = Duration::from_millis(500);
+
+/// Why a step or a probe could not be carried out (not a check's verdict).
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    #[error(transparent)]
+    Action(#[from] ActionError),
+    #[error("{context}: {source}")]
+    Backend {
+        context: String,
+        source: BackendError,
+    },
+    #[error("{0}")]
+    NotListening(String),
+    #[error("probe {probe}: {why}")]
+    Probe { probe: String, why: &'static str },
+}
+
+fn backend(context: impl Into<String>) -> impl FnOnce(BackendError) -> StepError {
+    let context = context.into();
+    move |source| StepError::Backend { context, source }
+}
 
 /// A probe's client, running in its pod.
 pub struct RunningProbe {
@@ -40,17 +61,34 @@ pub struct TimelineCtx<'a> {
 
 impl TimelineCtx<'_> {
     /// Starts every probe's client (this very executable, `probe stream`) in its pod.
-    pub fn start_probes(&mut self, scenario: &Scenario) -> Result<(), String> {
-        let exe = std::env::current_exe().map_err(|e| format!("locating weir-lab: {e}"))?;
+    pub fn start_probes(&mut self, scenario: &Scenario) -> Result<(), StepError> {
+        if scenario.probes.is_empty() {
+            return Ok(());
+        }
+        let exe = std::env::current_exe().map_err(|source| StepError::Backend {
+            context: "locating weir-lab".into(),
+            source: BackendError::Io {
+                context: "current_exe".into(),
+                source,
+            },
+        })?;
         for (i, spec) in scenario.probes.iter().enumerate() {
-            let from = self.plan.host(&spec.from).ok_or("unknown probe client")?;
+            // Validation vetted the names; these only guard against a model out of step.
+            let bad = |why| StepError::Probe {
+                probe: spec.title(),
+                why,
+            };
+            let from = self
+                .plan
+                .host(&spec.from)
+                .ok_or_else(|| bad("unknown client"))?;
             let svc = self
                 .model
                 .service(&spec.service)
-                .ok_or("unknown probe service")?;
+                .ok_or_else(|| bad("unknown service"))?;
             let ip = svc
                 .cluster_ip_of(spec.family)
-                .ok_or("probe service without a cluster IP of the family")?;
+                .ok_or_else(|| bad("no cluster IP of the family"))?;
             let mut cmd = Cmd::new(exe.display().to_string())
                 .args(["probe", "stream"])
                 .arg(std::net::SocketAddr::new(ip, spec.port).to_string())
@@ -66,7 +104,7 @@ impl TimelineCtx<'_> {
             let proc = self
                 .lab
                 .spawn(from, &cmd, &log)
-                .map_err(|e| format!("starting probe {}: {e}", spec.title()))?;
+                .map_err(backend(format!("starting probe {}", spec.title())))?;
             self.probes.push(RunningProbe {
                 spec: spec.clone(),
                 proc,
@@ -93,18 +131,18 @@ impl TimelineCtx<'_> {
     }
 
     /// Writes the cluster state as the model has it, where every agent reads it (atomically).
-    fn write_state(&mut self) -> Result<(), String> {
+    fn write_state(&mut self) -> Result<(), StepError> {
         let yaml = crate::k8s::cluster_state_of(&self.model, self.plan);
         let first = self.plan.nodes[0].id;
         self.lab
             .write_file(first, &self.agents.state_path, yaml.as_bytes())
-            .map_err(|e| format!("writing the cluster state: {e}"))?;
+            .map_err(backend("writing the cluster state"))?;
         self.note_state();
         Ok(())
     }
 
     /// Does one step's actions, in order, then its wait.
-    pub fn apply_step(&mut self, step: &StepSpec) -> Result<(), String> {
+    pub fn apply_step(&mut self, step: &StepSpec) -> Result<(), StepError> {
         for action in &step.actions {
             let effect = self.model.apply(action, self.plan)?;
             match effect {
@@ -117,7 +155,7 @@ impl TimelineCtx<'_> {
                     std::thread::sleep(grace);
                     for pod in &pods {
                         workloads::stop_pod(self.lab, pod, self.workloads)
-                            .map_err(|e| format!("stopping {pod}: {e}"))?;
+                            .map_err(backend(format!("stopping {pod}")))?;
                     }
                 }
                 Some(SideEffect::StartPods(pods)) => {
@@ -131,7 +169,7 @@ impl TimelineCtx<'_> {
                             self.run_dir,
                             self.workloads,
                         )
-                        .map_err(|e| format!("starting {pod}: {e}"))?;
+                        .map_err(backend(format!("starting {pod}")))?;
                     }
                     let ports: BTreeMap<String, PodPorts> = self
                         .ports
@@ -140,7 +178,8 @@ impl TimelineCtx<'_> {
                         .map(|(n, p)| (n.clone(), p.clone()))
                         .collect();
                     let timeout = LISTEN_TIMEOUT * self.lab.slowdown();
-                    workloads::wait_listening(self.lab, self.plan, &ports, timeout, self.run_dir)?;
+                    workloads::wait_listening(self.lab, self.plan, &ports, timeout, self.run_dir)
+                        .map_err(StepError::NotListening)?;
                     self.write_state()?;
                 }
             }

@@ -234,6 +234,36 @@ pub struct ClusterModel {
     pub deleted_slices: BTreeSet<(String, usize)>,
 }
 
+/// Why an action cannot apply where it stands in the timeline.
+#[derive(Debug, thiserror::Error)]
+pub enum ActionError {
+    #[error("pods {0:?} match no pod")]
+    NoPodMatches(String),
+    #[error("no live service {0:?}")]
+    NoService(String),
+    #[error("pod {0} is already deleted")]
+    PodDeleted(String),
+    #[error("pod {0} was not deleted")]
+    PodNotDeleted(String),
+    #[error("{0:?} are no live service's endpoints")]
+    NotEndpoints(Vec<String>),
+    #[error("service {service} has {count} slice(s), no index {index}")]
+    NoSlice {
+        service: String,
+        count: usize,
+        index: usize,
+    },
+    #[error("slice {index} of {service} is already deleted")]
+    SliceDeleted { service: String, index: usize },
+    #[error("update_service {0}: a Service cannot be renamed")]
+    Rename(String),
+    #[error("update_service {service}: {source}")]
+    Update {
+        service: String,
+        source: Box<toml::de::Error>,
+    },
+}
+
 /// What applying one action asks of the world beyond the state file.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SideEffect {
@@ -322,7 +352,7 @@ impl ClusterModel {
             .collect()
     }
 
-    fn pods_matching(&self, pattern: &str, plan: &Plan) -> Result<Vec<String>, String> {
+    fn pods_matching(&self, pattern: &str, plan: &Plan) -> Result<Vec<String>, ActionError> {
         let pods: Vec<String> = plan
             .pods
             .iter()
@@ -330,42 +360,92 @@ impl ClusterModel {
             .map(|p| p.name.clone())
             .collect();
         if pods.is_empty() {
-            return Err(format!("pods {pattern:?} match no pod"));
+            return Err(ActionError::NoPodMatches(pattern.to_owned()));
         }
         Ok(pods)
     }
 
-    /// Applies one action; what it needs done outside the state file comes back.
-    pub fn apply(&mut self, action: &Action, plan: &Plan) -> Result<Option<SideEffect>, String> {
-        match action {
-            Action::UpdateService { service, set } => {
-                if set.contains_key("name") {
-                    return Err(format!(
-                        "update_service {service}: a Service cannot be renamed"
-                    ));
-                }
-                let entry = self
-                    .services
-                    .iter_mut()
-                    .find(|(s, _)| s.name == *service)
-                    .ok_or_else(|| format!("no service {service:?}"))?;
-                let mut table = toml::Table::try_from(&entry.0)
-                    .map_err(|e| format!("service {service}: {e}"))?;
-                for (k, v) in set {
-                    table.insert(k.clone(), v.clone());
-                }
-                let updated: ServiceSpec = table
-                    .try_into()
-                    .map_err(|e| format!("update_service {service}: {e}"))?;
-                *entry = (updated, true);
-                Ok(None)
+    /// The fields of `set` replace the Service's; a deleted Service comes back with them.
+    fn update_service(
+        &mut self,
+        service: &str,
+        set: &toml::Table,
+    ) -> Result<Option<SideEffect>, ActionError> {
+        if set.contains_key("name") {
+            return Err(ActionError::Rename(service.to_owned()));
+        }
+        let entry = self
+            .services
+            .iter_mut()
+            .find(|(s, _)| s.name == *service)
+            .ok_or_else(|| ActionError::NoService(service.to_owned()))?;
+        // A spec holds strings, numbers, durations and maps with string keys: it always
+        // serializes.
+        let mut table = toml::Table::try_from(&entry.0).expect("service spec serializes");
+        for (k, v) in set {
+            table.insert(k.clone(), v.clone());
+        }
+        let updated: ServiceSpec = table.try_into().map_err(|source| ActionError::Update {
+            service: service.to_owned(),
+            source: Box::new(source),
+        })?;
+        *entry = (updated, true);
+        Ok(None)
+    }
+
+    /// `[ready, serving, terminating]`, each set when given.
+    fn set_conditions(
+        &mut self,
+        pods: &[String],
+        service: Option<&str>,
+        [ready, serving, terminating]: [Option<bool>; 3],
+        plan: &Plan,
+    ) -> Result<Option<SideEffect>, ActionError> {
+        let services: Vec<ServiceSpec> = match service {
+            Some(name) => vec![self
+                .service(name)
+                .ok_or_else(|| ActionError::NoService(name.to_owned()))?
+                .clone()],
+            None => self.live_services().cloned().collect(),
+        };
+        let mut touched = 0;
+        for svc in &services {
+            let selected: Vec<String> = self
+                .endpoints(svc, plan)
+                .into_iter()
+                .map(|(p, _)| p.name.clone())
+                .collect();
+            for pod in pods.iter().filter(|p| selected.contains(*p)) {
+                let c = self
+                    .conditions
+                    .entry((svc.name.clone(), pod.clone()))
+                    .or_default();
+                c.ready = ready.unwrap_or(c.ready);
+                c.serving = serving.unwrap_or(c.serving);
+                c.terminating = terminating.unwrap_or(c.terminating);
+                touched += 1;
             }
+        }
+        if touched == 0 {
+            return Err(ActionError::NotEndpoints(pods.to_vec()));
+        }
+        Ok(None)
+    }
+
+    /// Applies one action; what it needs done outside the state file comes back.
+    pub fn apply(
+        &mut self,
+        action: &Action,
+        plan: &Plan,
+    ) -> Result<Option<SideEffect>, ActionError> {
+        match action {
+            Action::UpdateService { service, set } => self.update_service(service, set),
             Action::DeleteService { service } => {
                 let entry = self
                     .services
                     .iter_mut()
                     .find(|(s, live)| s.name == *service && *live)
-                    .ok_or_else(|| format!("no live service {service:?} to delete"))?;
+                    .ok_or_else(|| ActionError::NoService(service.clone()))?;
                 entry.1 = false;
                 // A Service created again gets fresh slices.
                 self.deleted_slices.retain(|(s, _)| s != service);
@@ -374,7 +454,7 @@ impl ClusterModel {
             Action::DeletePod { pods, grace } => {
                 let pods = self.pods_matching(pods, plan)?;
                 if let Some(gone) = pods.iter().find(|p| self.gone_pods.contains(*p)) {
-                    return Err(format!("pod {gone} is already deleted"));
+                    return Err(ActionError::PodDeleted(gone.clone()));
                 }
                 self.gone_pods.extend(pods.iter().cloned());
                 Ok(Some(SideEffect::StopPods {
@@ -385,7 +465,7 @@ impl ClusterModel {
             Action::RecreatePod { pods } => {
                 let pods = self.pods_matching(pods, plan)?;
                 if let Some(live) = pods.iter().find(|p| !self.gone_pods.contains(*p)) {
-                    return Err(format!("pod {live} was not deleted"));
+                    return Err(ActionError::PodNotDeleted(live.clone()));
                 }
                 for p in &pods {
                     self.gone_pods.remove(p);
@@ -400,48 +480,26 @@ impl ClusterModel {
                 terminating,
             } => {
                 let pods = self.pods_matching(pods, plan)?;
-                let services: Vec<ServiceSpec> = match service {
-                    Some(name) => vec![self
-                        .service(name)
-                        .ok_or_else(|| format!("no live service {name:?}"))?
-                        .clone()],
-                    None => self.live_services().cloned().collect(),
-                };
-                let mut touched = 0;
-                for svc in &services {
-                    let selected: Vec<String> = self
-                        .endpoints(svc, plan)
-                        .into_iter()
-                        .map(|(p, _)| p.name.clone())
-                        .collect();
-                    for pod in pods.iter().filter(|p| selected.contains(p)) {
-                        let c = self
-                            .conditions
-                            .entry((svc.name.clone(), pod.clone()))
-                            .or_default();
-                        c.ready = ready.unwrap_or(c.ready);
-                        c.serving = serving.unwrap_or(c.serving);
-                        c.terminating = terminating.unwrap_or(c.terminating);
-                        touched += 1;
-                    }
-                }
-                if touched == 0 {
-                    return Err(format!("{pods:?} are no live service's endpoints"));
-                }
-                Ok(None)
+                let set = [*ready, *serving, *terminating];
+                self.set_conditions(&pods, service.as_deref(), set, plan)
             }
             Action::DeleteSlice { service, index } => {
                 let svc = self
                     .service(service)
-                    .ok_or_else(|| format!("no live service {service:?}"))?;
+                    .ok_or_else(|| ActionError::NoService(service.clone()))?;
                 let count = crate::k8s::slice_count(self, svc, plan);
                 if *index >= count {
-                    return Err(format!(
-                        "service {service} has {count} slice(s), no index {index}"
-                    ));
+                    return Err(ActionError::NoSlice {
+                        service: service.clone(),
+                        count,
+                        index: *index,
+                    });
                 }
                 if !self.deleted_slices.insert((service.clone(), *index)) {
-                    return Err(format!("slice {index} of {service} is already deleted"));
+                    return Err(ActionError::SliceDeleted {
+                        service: service.clone(),
+                        index: *index,
+                    });
                 }
                 Ok(None)
             }
@@ -513,7 +571,7 @@ impl crate::scenario::Scenario {
             let bad = |m: String| self.invalid(format!("{title}: {m}"));
             for action in &step.actions {
                 if let Some(SideEffect::Sleep(d) | SideEffect::StopPods { grace: d, .. }) =
-                    model.apply(action, plan).map_err(&bad)?
+                    model.apply(action, plan).map_err(|e| bad(e.to_string()))?
                 {
                     total_wait += d;
                 }
