@@ -7,8 +7,8 @@ use std::net::IpAddr;
 
 use serde::Serialize;
 
-use crate::scenario::{glob_match, Scenario, ServiceSpec, ServiceType, TrafficPolicy};
-use crate::timeline::{ClusterModel, Conditions};
+use crate::scenario::{glob_match, Family, Scenario, ServiceSpec, ServiceType, TrafficPolicy};
+use crate::timeline::{ClusterModel, Conditions, ManualSlice};
 use crate::topology::{Plan, PodPlan};
 
 pub const NAMESPACE: &str = "default";
@@ -433,7 +433,76 @@ pub fn listed_endpoints(
             }
         }
     }
+    for slice in model.live_manual_slices().filter(|s| s.service == svc.name) {
+        for e in &slice.endpoints {
+            if !out.iter().any(|(p, _)| *p == e.pod) {
+                let c = Conditions {
+                    ready: e.ready,
+                    serving: e.serving,
+                    terminating: e.terminating,
+                };
+                out.push((e.pod.clone(), c));
+            }
+        }
+    }
     out
+}
+
+/// A `[[endpoint_slices]]` entry as the object it stands for.
+fn manual_slice_object(slice: &ManualSlice, plan: &Plan) -> EndpointSlice {
+    let v6 = slice.family == Family::Ipv6;
+    let endpoints = slice
+        .endpoints
+        .iter()
+        .filter_map(|e| {
+            let pod = plan.pod(&e.pod)?;
+            let address = if v6 {
+                IpAddr::V6(pod.ip6?)
+            } else {
+                IpAddr::V4(pod.ip)
+            };
+            Some(Endpoint {
+                addresses: vec![address],
+                conditions: ConditionsYaml {
+                    ready: e.ready,
+                    serving: e.serving,
+                    terminating: e.terminating,
+                },
+                node_name: format!("node{}", pod.node),
+                target_ref: TargetRef {
+                    kind: "Pod",
+                    name: pod.name.clone(),
+                    namespace: NAMESPACE.to_owned(),
+                },
+            })
+        })
+        .collect();
+    let mut labels = slice.labels.clone();
+    labels.insert(
+        "kubernetes.io/service-name".to_owned(),
+        slice.service.clone(),
+    );
+    EndpointSlice {
+        api_version: "discovery.k8s.io/v1",
+        kind: "EndpointSlice",
+        metadata: Metadata {
+            name: slice.name.clone(),
+            namespace: NAMESPACE.to_owned(),
+            labels,
+            annotations: BTreeMap::new(),
+        },
+        address_type: if v6 { "IPv6" } else { "IPv4" },
+        endpoints,
+        ports: slice
+            .ports
+            .iter()
+            .map(|p| EndpointPort {
+                name: p.name.clone(),
+                port: p.port,
+                protocol: protocol(p.protocol),
+            })
+            .collect(),
+    }
 }
 
 fn slice_object(svc: &ServiceSpec, slice: &SlicePlan<'_>) -> EndpointSlice {
@@ -544,7 +613,7 @@ fn node_object(node: &crate::topology::NodePlan) -> Node {
 /// The cluster state for every node's agent at the start: a multi-document YAML stream of
 /// Nodes, Services and their EndpointSlices.
 pub fn cluster_state(scenario: &Scenario, plan: &Plan) -> String {
-    let model = ClusterModel::new(&scenario.services, pod_labels(scenario, plan));
+    let model = ClusterModel::new(scenario, pod_labels(scenario, plan));
     cluster_state_of(&model, plan)
 }
 
@@ -566,6 +635,11 @@ pub fn cluster_state_of(model: &ClusterModel, plan: &Plan) -> String {
             }
             docs.push(serde_yaml::to_string(&slice_object(svc, &slice)).expect("slice serializes"));
         }
+    }
+    for slice in model.live_manual_slices() {
+        docs.push(
+            serde_yaml::to_string(&manual_slice_object(slice, plan)).expect("slice serializes"),
+        );
     }
     let mut out = String::new();
     for doc in docs {

@@ -334,7 +334,7 @@ impl ScenarioRun<'_> {
         ports: &BTreeMap<String, workloads::PodPorts>,
     ) -> Result<(), RunError> {
         let scenario = self.scenario;
-        let model = ClusterModel::new(&scenario.services, k8s::pod_labels(scenario, plan));
+        let model = ClusterModel::new(scenario, k8s::pod_labels(scenario, plan));
         let mut lab = self.lab.take().expect("lab built above");
         let agents = self
             .agents
@@ -446,18 +446,9 @@ impl ScenarioRun<'_> {
             t,
         );
 
-        let labels = k8s::pod_labels(scenario, &plan);
-        let endpoints: BTreeMap<String, Vec<String>> = scenario
-            .services
-            .iter()
-            .map(|s| {
-                let pods = k8s::endpoints(s, &plan, &labels);
-                (
-                    s.name.clone(),
-                    pods.iter().map(|p| p.name.clone()).collect(),
-                )
-            })
-            .collect();
+        // Who answers each Service: its ready endpoints, in generated and hand-written slices.
+        let endpoints: BTreeMap<String, Vec<String>> =
+            ClusterModel::new(scenario, k8s::pod_labels(scenario, &plan)).serving_map(&plan);
 
         if scenario.agent.enabled {
             let t = Instant::now();

@@ -63,6 +63,9 @@ pub struct Scenario {
     /// reach load-balancer and external IPs through a node of the scenario's choice.
     #[serde(default)]
     pub routes: Vec<RouteSpec>,
+    /// Hand-written EndpointSlices, written as given.
+    #[serde(default)]
+    pub endpoint_slices: Vec<crate::timeline::ManualSlice>,
     /// Traffic started before the steps, judged after them.
     #[serde(default)]
     pub probes: Vec<crate::timeline::ProbeSpec>,

@@ -86,12 +86,16 @@ pub enum Action {
         #[serde(default)]
         terminating: Option<bool>,
     },
-    /// One of a Service's slices (`index` in the order they are written: IPv4 ones first),
-    /// which stays deleted until the Service is deleted and comes back.
+    /// One of a Service's generated slices (`index` in the order they are written: IPv4 ones
+    /// first), which stays deleted until the Service is deleted and comes back; or the
+    /// hand-written slice `name`.
     DeleteSlice {
-        service: String,
+        #[serde(default)]
+        service: Option<String>,
         #[serde(default)]
         index: usize,
+        #[serde(default)]
+        name: Option<String>,
     },
     Wait {
         #[serde(with = "humantime_serde")]
@@ -128,7 +132,13 @@ impl Action {
                 }
                 format!("{pods} {}", set.join(" "))
             }
-            Action::DeleteSlice { service, index } => format!("delete slice {index} of {service}"),
+            Action::DeleteSlice {
+                name: Some(name), ..
+            } => format!("delete slice {name}"),
+            Action::DeleteSlice { service, index, .. } => format!(
+                "delete slice {index} of {}",
+                service.as_deref().unwrap_or("?")
+            ),
             Action::Wait { duration } => format!("wait {}", humantime::format_duration(*duration)),
         }
     }
@@ -232,6 +242,53 @@ pub struct ClusterModel {
     pub conditions: BTreeMap<(String, String), Conditions>,
     /// (service, slice index) deleted.
     pub deleted_slices: BTreeSet<(String, usize)>,
+    /// `[[endpoint_slices]]`, and whether each exists now.
+    pub manual_slices: Vec<(ManualSlice, bool)>,
+}
+
+/// A hand-written EndpointSlice (`[[endpoint_slices]]`), as for a Service without a selector:
+/// written as given, whatever the Service selects. Its pods are not deleted with `delete_pod`
+/// (nothing rewrites it), so a scenario says what it holds.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ManualSlice {
+    pub name: String,
+    /// Its `kubernetes.io/service-name` label.
+    pub service: String,
+    #[serde(default)]
+    pub family: Family,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    pub endpoints: Vec<ManualEndpoint>,
+    pub ports: Vec<ManualPort>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ManualEndpoint {
+    /// The pod whose address (of the slice's family) it lists.
+    pub pod: String,
+    #[serde(default = "yes")]
+    pub ready: bool,
+    #[serde(default = "yes")]
+    pub serving: bool,
+    #[serde(default)]
+    pub terminating: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ManualPort {
+    /// Matches the Service port of the same name.
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub protocol: Protocol,
+    pub port: u16,
 }
 
 /// Why an action cannot apply where it stands in the timeline.
@@ -255,6 +312,10 @@ pub enum ActionError {
     },
     #[error("slice {index} of {service} is already deleted")]
     SliceDeleted { service: String, index: usize },
+    #[error("no hand-written slice {0:?} to delete")]
+    NoManualSlice(String),
+    #[error("delete_slice: give a service (and an index) or the name of a hand-written slice")]
+    WhichSlice,
     #[error("update_service {0}: a Service cannot be renamed")]
     Rename(String),
     #[error("update_service {service}: {source}")]
@@ -273,17 +334,35 @@ pub enum SideEffect {
 }
 
 impl ClusterModel {
+    /// The cluster as the scenario starts it.
     pub fn new(
-        services: &[ServiceSpec],
+        scenario: &crate::scenario::Scenario,
         labels: BTreeMap<String, BTreeMap<String, String>>,
     ) -> ClusterModel {
         ClusterModel {
-            services: services.iter().map(|s| (s.clone(), true)).collect(),
+            services: scenario
+                .services
+                .iter()
+                .map(|s| (s.clone(), true))
+                .collect(),
+            manual_slices: scenario
+                .endpoint_slices
+                .iter()
+                .map(|s| (s.clone(), true))
+                .collect(),
             labels,
             gone_pods: BTreeSet::new(),
             conditions: BTreeMap::new(),
             deleted_slices: BTreeSet::new(),
         }
+    }
+
+    /// The hand-written slices that exist now.
+    pub fn live_manual_slices(&self) -> impl Iterator<Item = &ManualSlice> {
+        self.manual_slices
+            .iter()
+            .filter(|(_, live)| *live)
+            .map(|(s, _)| s)
     }
 
     /// The Services that exist now.
@@ -483,7 +562,22 @@ impl ClusterModel {
                 let set = [*ready, *serving, *terminating];
                 self.set_conditions(&pods, service.as_deref(), set, plan)
             }
-            Action::DeleteSlice { service, index } => {
+            Action::DeleteSlice {
+                name: Some(name), ..
+            } => {
+                let slice = self
+                    .manual_slices
+                    .iter_mut()
+                    .find(|(s, live)| s.name == *name && *live)
+                    .ok_or_else(|| ActionError::NoManualSlice(name.clone()))?;
+                slice.1 = false;
+                Ok(None)
+            }
+            Action::DeleteSlice {
+                service: Some(service),
+                index,
+                name: None,
+            } => {
                 let svc = self
                     .service(service)
                     .ok_or_else(|| ActionError::NoService(service.clone()))?;
@@ -503,6 +597,11 @@ impl ClusterModel {
                 }
                 Ok(None)
             }
+            Action::DeleteSlice {
+                service: None,
+                name: None,
+                ..
+            } => Err(ActionError::WhichSlice),
             Action::Wait { duration } => Ok(Some(SideEffect::Sleep(*duration))),
         }
     }
@@ -564,7 +663,8 @@ impl crate::scenario::Scenario {
                 return Err(bad("reset_within is for TCP probes".into()));
             }
         }
-        let mut model = ClusterModel::new(&self.services, crate::k8s::pod_labels(self, plan));
+        self.validate_manual_slices(plan)?;
+        let mut model = ClusterModel::new(self, crate::k8s::pod_labels(self, plan));
         let mut total_wait = Duration::ZERO;
         for (i, step) in self.steps.iter().enumerate() {
             let title = step.title(i);
@@ -602,11 +702,37 @@ impl crate::scenario::Scenario {
         }
     }
 
+    /// Hand-written slices: names unique, pods and the Service known, ports non-zero.
+    fn validate_manual_slices(&self, plan: &Plan) -> Result<(), crate::scenario::ScenarioError> {
+        let mut names = BTreeSet::new();
+        for slice in &self.endpoint_slices {
+            let bad = |m: String| self.invalid(format!("endpoint slice {}: {m}", slice.name));
+            if slice.name.is_empty() || !names.insert(slice.name.as_str()) {
+                return Err(bad("names must be non-empty and unique".into()));
+            }
+            if self.service(&slice.service).is_none() {
+                return Err(bad(format!("no service {:?}", slice.service)));
+            }
+            if slice.family == Family::Ipv6 && !self.topology.ipv6 {
+                return Err(bad("IPv6 needs topology.ipv6".into()));
+            }
+            for e in &slice.endpoints {
+                if plan.pod(&e.pod).is_none() {
+                    return Err(bad(format!("{:?} is not a pod", e.pod)));
+                }
+            }
+            if slice.ports.is_empty() || slice.ports.iter().any(|p| p.port == 0) {
+                return Err(bad("give ports, each non-zero".into()));
+            }
+        }
+        Ok(())
+    }
+
     /// Every version of every Service the timeline holds, for the pods to serve all their
     /// ports from the start.
     pub fn all_service_versions(&self, plan: &Plan) -> Vec<ServiceSpec> {
         let mut out = self.services.clone();
-        let mut model = ClusterModel::new(&self.services, crate::k8s::pod_labels(self, plan));
+        let mut model = ClusterModel::new(self, crate::k8s::pod_labels(self, plan));
         for step in &self.steps {
             for action in &step.actions {
                 if model.apply(action, plan).is_ok() {
@@ -703,7 +829,7 @@ expect = { all_answered = false, none_answered = true }
         assert_eq!(s.steps[0].actions.len(), 5);
         assert_eq!(s.check_count(), 3);
         let plan = s.plan();
-        let mut model = super::ClusterModel::new(&s.services, crate::k8s::pod_labels(&s, &plan));
+        let mut model = super::ClusterModel::new(&s, crate::k8s::pod_labels(&s, &plan));
         let echo = s.services[0].clone();
         assert_eq!(model.serving_pods(&echo, &plan), ["n2p0", "n2p1", "n2p2"]);
         for action in &s.steps[0].actions[..2] {
@@ -843,6 +969,47 @@ ports = [ { port = 83, target_port = 8080 } ]
         let v6 = of("Service", "v6only")[0];
         assert_eq!(v6["spec"]["ipFamilies"].as_sequence().unwrap().len(), 1);
         assert_eq!(of("EndpointSlice", "v6only")[0]["addressType"], "IPv6");
+    }
+
+    #[test]
+    fn hand_written_slices() {
+        let s = parse(
+            r#"
+[[services]]
+name = "manual"
+cluster_ip = "198.18.100.30"
+ports = [ { name = "web", port = 80, target_port = 9090 } ]
+[[endpoint_slices]]
+name = "manual-1"
+service = "manual"
+endpoints = [ { pod = "n1p1" }, { pod = "n1p2", ready = false } ]
+ports = [ { name = "web", port = 9090 } ]
+[[steps]]
+actions = [ { action = "delete_slice", name = "manual-1" } ]
+"#,
+        )
+        .unwrap();
+        let plan = s.plan();
+        let mut model = super::ClusterModel::new(&s, crate::k8s::pod_labels(&s, &plan));
+        let manual = s.service("manual").unwrap().clone();
+        assert_eq!(model.serving_pods(&manual, &plan), ["n1p1"]);
+        let yaml = crate::k8s::cluster_state_of(&model, &plan);
+        assert!(yaml.contains("name: manual-1"), "{yaml}");
+        assert!(yaml.contains("kubernetes.io/service-name: manual"));
+        // Its pods serve its ports.
+        let ports = crate::workloads::pod_ports(&s, &plan);
+        assert!(ports["n1p1"].tcp.contains(&9090));
+        model.apply(&s.steps[0].actions[0], &plan).unwrap();
+        assert!(model.serving_pods(&manual, &plan).is_empty());
+        assert!(!crate::k8s::cluster_state_of(&model, &plan).contains("manual-1"));
+
+        let message = invalid(
+            "[[endpoint_slices]]\nname = \"x\"\nservice = \"echo\"\nendpoints = [ { pod = \"n7p1\" } ]\nports = [ { port = 1 } ]\n",
+        );
+        assert!(message.contains("not a pod"), "{message}");
+        let message =
+            invalid("[[steps]]\nactions = [ { action = \"delete_slice\", name = \"nope\" } ]\n");
+        assert!(message.contains("no hand-written slice"), "{message}");
     }
 
     #[test]

@@ -28,7 +28,8 @@ impl PodPorts {
 }
 
 /// What each pod serves: the target ports of every service selecting it (in any version a step
-/// gives it), plus the ports its `[[pods]]` rules ask for.
+/// gives it), the ports of hand-written slices listing it, and those its `[[pods]]` rules ask
+/// for.
 pub fn pod_ports(scenario: &Scenario, plan: &Plan) -> BTreeMap<String, PodPorts> {
     let labels = k8s::pod_labels(scenario, plan);
     let mut ports: BTreeMap<String, PodPorts> = plan
@@ -43,6 +44,17 @@ pub fn pod_ports(scenario: &Scenario, plan: &Plan) -> BTreeMap<String, PodPorts>
                 match p.protocol {
                     Protocol::Tcp => entry.tcp.insert(p.target()),
                     Protocol::Udp => entry.udp.insert(p.target()),
+                };
+            }
+        }
+    }
+    for slice in &scenario.endpoint_slices {
+        for e in &slice.endpoints {
+            let entry = ports.entry(e.pod.clone()).or_default();
+            for p in &slice.ports {
+                match p.protocol {
+                    Protocol::Tcp => entry.tcp.insert(p.port),
+                    Protocol::Udp => entry.udp.insert(p.port),
                 };
             }
         }
