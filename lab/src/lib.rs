@@ -20,6 +20,7 @@ pub mod restart;
 pub mod runner;
 pub mod sandbox;
 pub mod scenario;
+pub mod state_checks;
 pub mod steps;
 pub mod throughput;
 pub mod timeline;

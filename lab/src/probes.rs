@@ -12,10 +12,16 @@
 //! ```
 //!
 //! A TCP client stops at its first error; a UDP one carries on.
+//!
+//! The runner marks each change of the cluster in the probe's own log: it sends the client
+//! SIGUSR1, whose handler notes the time, logged as `<time> mark <n>`. The verdict places the
+//! steps at those marks, so the client's clock is the only one it reads: a VM's clock may be
+//! off from the host's by more than the times being judged.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::scenario::Protocol;
@@ -30,6 +36,44 @@ pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The signal that marks a change of the cluster in a probe's log.
+pub const MARK_SIGNAL: nix::sys::signal::Signal = nix::sys::signal::Signal::SIGUSR1;
+const MAX_MARKS: usize = 256;
+static MARK_TIMES: [AtomicU64; MAX_MARKS] = [const { AtomicU64::new(0) }; MAX_MARKS];
+static MARKS_TAKEN: AtomicUsize = AtomicUsize::new(0);
+
+extern "C" fn on_mark(_: libc::c_int) {
+    // Only atomics and clock_gettime (async-signal-safe) in here.
+    let n = MARKS_TAKEN.fetch_add(1, Ordering::SeqCst);
+    if let Some(slot) = MARK_TIMES.get(n) {
+        slot.store(now_ms(), Ordering::SeqCst);
+    }
+}
+
+fn install_mark_handler() -> std::io::Result<()> {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet};
+    let action = SigAction::new(
+        SigHandler::Handler(on_mark),
+        SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
+    // SAFETY: `on_mark` only touches atomics and reads the clock, both async-signal-safe, and
+    // this process installs no other SIGUSR1 handler to be replaced.
+    unsafe { sigaction(MARK_SIGNAL, &action) }.map_err(std::io::Error::from)?;
+    Ok(())
+}
+
+/// Logs the marks taken since the last call, each with the time its signal arrived.
+fn log_marks(out: &mut impl Write, logged: &mut usize) {
+    let taken = MARKS_TAKEN.load(Ordering::SeqCst).min(MAX_MARKS);
+    while *logged < taken {
+        let at = MARK_TIMES[*logged].load(Ordering::SeqCst);
+        *logged += 1;
+        let _ = writeln!(out, "{at} mark {}", *logged);
+    }
+    let _ = out.flush();
 }
 
 fn log(out: &mut impl Write, line: std::fmt::Arguments<'_>) {
@@ -47,6 +91,8 @@ pub fn run_client(
     life: Duration,
     out: &mut impl Write,
 ) -> std::io::Result<()> {
+    install_mark_handler()?;
+    log(out, format_args!("start"));
     match kind {
         Protocol::Udp => udp_client(target, interval, size, life, out),
         Protocol::Tcp => tcp_client(target, interval, life, out),
@@ -71,7 +117,9 @@ fn udp_client(
     let started = Instant::now();
     let mut buf = vec![0u8; 65_536];
     let mut seq: u64 = 0;
+    let mut marks = 0;
     while started.elapsed() < life {
+        log_marks(out, &mut marks);
         seq += 1;
         let mut datagram = format!("seq-{seq} ").into_bytes();
         datagram.resize(size.unwrap_or(64).max(16) as usize - 1, b'x');
@@ -97,10 +145,13 @@ fn udp_client(
                         .unwrap_or("?");
                     log(out, format_args!("answer {answered} {line}"));
                 }
+                // A mark's signal interrupts the wait (sockets with a timeout are not restarted).
                 Err(e)
                     if matches!(
                         e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        std::io::ErrorKind::WouldBlock
+                            | std::io::ErrorKind::TimedOut
+                            | std::io::ErrorKind::Interrupted
                     ) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
                     log(out, format_args!("error refused {e}"));
@@ -131,7 +182,9 @@ fn tcp_client(
     let mut reader = BufReader::new(stream);
     let started = Instant::now();
     let mut seq: u64 = 0;
+    let mut marks = 0;
     while started.elapsed() < life {
+        log_marks(out, &mut marks);
         seq += 1;
         let next = Instant::now() + interval;
         let request = format!("GET /?seq={seq} HTTP/1.1\r\nHost: probe\r\n\r\n");
@@ -146,6 +199,7 @@ fn tcp_client(
                 log(out, format_args!("answer {seq} {line}"));
             }
             Err(e) => {
+                log_marks(out, &mut marks);
                 log(out, format_args!("error {} {e}", error_kind(&e)));
                 return Ok(());
             }
@@ -213,6 +267,11 @@ pub enum ProbeEvent {
         kind: String,
         text: String,
     },
+    /// The runner's `n`th change of the cluster (1-based) reached the client then.
+    Mark {
+        at: u64,
+        n: usize,
+    },
 }
 
 impl ProbeEvent {
@@ -220,7 +279,8 @@ impl ProbeEvent {
         match self {
             ProbeEvent::Sent { at, .. }
             | ProbeEvent::Answer { at, .. }
-            | ProbeEvent::Error { at, .. } => *at,
+            | ProbeEvent::Error { at, .. }
+            | ProbeEvent::Mark { at, .. } => *at,
         }
     }
 }
@@ -252,6 +312,10 @@ pub fn parse_log(text: &str) -> Vec<ProbeEvent> {
                         port: field("port=").and_then(|p| p.parse().ok()),
                     })
                 }
+                "mark" => Some(ProbeEvent::Mark {
+                    at,
+                    n: rest.trim().parse().ok()?,
+                }),
                 "error" => {
                     let (kind, text) = rest.split_once(' ').unwrap_or((rest, ""));
                     Some(ProbeEvent::Error {
@@ -316,12 +380,38 @@ fn tally(events: &[ProbeEvent], timeline: &ServingTimeline, settle: u64) -> Tall
             ProbeEvent::Error { at, kind, text } => {
                 t.errors.push((*at, kind.clone(), text.clone()))
             }
+            ProbeEvent::Mark { .. } => {}
         }
     }
     t
 }
 
-/// The verdict on one probe's log; `stopped` is when the runner stopped it.
+/// The serving timeline on the probe's own clock: the state at its first event, then each change
+/// at its mark. None when the marks do not match the changes (a signal lost): the caller keeps
+/// the runner's clock then.
+pub fn on_probe_clock(events: &[ProbeEvent], noted: &ServingTimeline) -> Option<ServingTimeline> {
+    let first = events.first()?.at();
+    let marks: Vec<u64> = events
+        .iter()
+        .filter_map(|e| match e {
+            ProbeEvent::Mark { at, .. } => Some(*at),
+            _ => None,
+        })
+        .collect();
+    if marks.len() + 1 != noted.len() {
+        return None;
+    }
+    let times = std::iter::once(first).chain(marks);
+    Some(
+        times
+            .zip(noted)
+            .map(|(at, (_, pods))| (at, pods.clone()))
+            .collect(),
+    )
+}
+
+/// The verdict on one probe's log; `stopped` is when the runner stopped it (on the timeline's
+/// clock).
 pub fn judge(
     probe: &ProbeSpec,
     events: &[ProbeEvent],
@@ -535,6 +625,24 @@ mod tests {
             });
         }
         events
+    }
+
+    #[test]
+    fn steps_on_the_probes_clock() {
+        let events = parse_log(
+            "5000 start\n5001 sent 1\n5002 answer 1 pod=a port=1 client=x\n5400 mark 1\n5500 sent 2\n",
+        );
+        assert_eq!(events[2], ProbeEvent::Mark { at: 5400, n: 1 });
+        // The runner's clock is 3 s ahead of the probe's.
+        let noted = vec![(8000, pods(&["a", "b"])), (8390, pods(&["b"]))];
+        let timeline = on_probe_clock(&events, &noted).unwrap();
+        assert_eq!(
+            timeline,
+            vec![(5001, pods(&["a", "b"])), (5400, pods(&["b"]))]
+        );
+        // A mark short: no timeline of its own.
+        let extra = vec![noted[0].clone(), noted[1].clone(), (9000, pods(&["a"]))];
+        assert!(on_probe_clock(&events, &extra).is_none());
     }
 
     #[test]

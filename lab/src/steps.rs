@@ -14,6 +14,7 @@ use crate::topology::Plan;
 use crate::workloads::{self, PodPorts, Workloads};
 
 const LISTEN_TIMEOUT: Duration = Duration::from_secs(10);
+const PROBE_START_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time for a probe's first exchanges before the steps begin.
 const PROBE_WARMUP: Duration = Duration::from_millis(500);
 
@@ -112,12 +113,36 @@ impl TimelineCtx<'_> {
                 serving: Vec::new(),
             });
         }
+        self.wait_started()?;
         self.note_state();
         std::thread::sleep(PROBE_WARMUP);
         Ok(())
     }
 
-    /// Records, for every probe, who serves its Service from now on.
+    /// Waits until every probe has logged its start: only then does it take the marks' signal
+    /// (before, the signal would end it).
+    fn wait_started(&mut self) -> Result<(), StepError> {
+        let deadline = std::time::Instant::now() + PROBE_START_TIMEOUT * self.lab.slowdown();
+        for probe in &self.probes {
+            loop {
+                let text = std::fs::read_to_string(&probe.log).unwrap_or_default();
+                if text.lines().any(|l| l.ends_with(" start")) {
+                    break;
+                }
+                if std::time::Instant::now() >= deadline {
+                    return Err(StepError::Probe {
+                        probe: probe.spec.title(),
+                        why: "its client did not start",
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Ok(())
+    }
+
+    /// Records, for every probe, who serves its Service from now on, and marks the moment in
+    /// the probe's own log (its first record is the state it starts with).
     fn note_state(&mut self) {
         let now = probes::now_ms();
         for probe in &mut self.probes {
@@ -126,6 +151,12 @@ impl TimelineCtx<'_> {
                 .service(&probe.spec.service)
                 .map(|svc| self.model.serving_pods(svc, self.plan))
                 .unwrap_or_default();
+            if !probe.serving.is_empty() {
+                // A lost mark only costs the verdict its own clock: see `finish_probes`.
+                if let Err(e) = self.lab.signal(probe.proc, probes::MARK_SIGNAL) {
+                    tracing::warn!("marking probe {}: {e}", probe.spec.title());
+                }
+            }
             probe.serving.push((now, pods.into_iter().collect()));
         }
     }
@@ -201,7 +232,15 @@ impl TimelineCtx<'_> {
                 Err(e) => Err(format!("reading {}: {e}", probe.log.display())),
                 Ok(text) => {
                     let events = probes::parse_log(&text);
-                    let verdict = probes::judge(&probe.spec, &events, &probe.serving, stopped);
+                    // The probe's own clock when its marks are all there; the runner's (the
+                    // same one on namespaces) otherwise.
+                    let verdict = match probes::on_probe_clock(&events, &probe.serving) {
+                        Some(timeline) => {
+                            let last = events.last().map_or(0, probes::ProbeEvent::at);
+                            probes::judge(&probe.spec, &events, &timeline, last)
+                        }
+                        None => probes::judge(&probe.spec, &events, &probe.serving, stopped),
+                    };
                     match (verdict, exited) {
                         // A UDP probe runs until stopped; one that exited early failed.
                         (Ok(_), Some(how)) if probe.spec.kind == Protocol::Udp => Err(format!(
