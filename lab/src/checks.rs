@@ -1070,6 +1070,26 @@ pub fn read_counters(lab: &mut dyn Lab, agents: &Agents) -> Result<CounterMarks,
     Ok(marks)
 }
 
+/// Every node's counters now, if one of `checks` compares against them: read when the checks
+/// (or a step) begin.
+pub fn counter_marks(
+    lab: &mut dyn Lab,
+    agents: Option<&Agents>,
+    checks: &[CheckSpec],
+) -> Option<CounterMarks> {
+    if !checks.iter().any(|c| matches!(c, CheckSpec::Counter(_))) {
+        return None;
+    }
+    match read_counters(lab, agents?) {
+        Ok(marks) => Some(marks),
+        Err(e) => {
+            // The counter checks then fail, saying no counters were read.
+            tracing::warn!("reading counters: {e}");
+            None
+        }
+    }
+}
+
 fn counter(ctx: &mut CheckCtx<'_>, c: &CounterCheck) -> Result<String, String> {
     let marks = ctx
         .counter_marks

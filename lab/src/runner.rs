@@ -10,10 +10,10 @@ use tracing::{info, warn};
 
 use crate::agent::{self, Agents};
 use crate::backend::{Backend, BackendError, BackendKind, Cmd, Lab};
-use crate::checks::{self, CheckCtx, CounterMarks};
+use crate::checks::{self, CheckCtx};
 use crate::events::{Event, Events};
 use crate::k8s;
-use crate::scenario::{CheckSpec, Scenario, ScenarioError};
+use crate::scenario::{Scenario, ScenarioError};
 use crate::steps::TimelineCtx;
 use crate::timeline::ClusterModel;
 use crate::topology::Plan;
@@ -311,21 +311,6 @@ impl ScenarioRun<'_> {
         self.events.emit(event);
     }
 
-    /// Every node's counters now, if one of `checks` compares against them.
-    fn counter_marks(&mut self, checks: &[CheckSpec]) -> Option<CounterMarks> {
-        if !checks.iter().any(|c| matches!(c, CheckSpec::Counter(_))) {
-            return None;
-        }
-        let (lab, agents) = (self.lab.as_deref_mut()?, self.agents.as_ref()?);
-        match checks::read_counters(lab, agents) {
-            Ok(marks) => Some(marks),
-            Err(e) => {
-                warn!("reading counters: {e}");
-                None
-            }
-        }
-    }
-
     /// Probes started, steps in order (each: actions, wait, checks), probes judged.
     fn run_timeline(
         &mut self,
@@ -361,15 +346,7 @@ impl ScenarioRun<'_> {
             for (i, step) in scenario.steps.iter().enumerate() {
                 let title = step.title(i);
                 let t = Instant::now();
-                let marks = if step
-                    .checks
-                    .iter()
-                    .any(|c| matches!(c, CheckSpec::Counter(_)))
-                {
-                    checks::read_counters(tl.lab, &agents).ok()
-                } else {
-                    None
-                };
+                let marks = checks::counter_marks(tl.lab, Some(&agents), &step.checks);
                 if let Err(e) = tl.apply_step(step) {
                     // Later steps build on this one: the timeline stops here.
                     self.record(title, Err(e.to_string()), t);
@@ -475,7 +452,11 @@ impl ScenarioRun<'_> {
             );
         }
 
-        let marks = self.counter_marks(&scenario.checks);
+        let marks = checks::counter_marks(
+            self.lab.as_deref_mut().expect("lab built above"),
+            self.agents.as_ref(),
+            &scenario.checks,
+        );
         for check in &scenario.checks {
             let t = Instant::now();
             let outcome = {
