@@ -235,14 +235,13 @@ pub fn expected_frontends(
     endpoints: &BTreeMap<String, Vec<String>>,
 ) -> BTreeMap<(String, &'static str), usize> {
     let mut out = BTreeMap::new();
-    for svc in &scenario.services {
+    // Another proxy's, headless and ExternalName Services have no frontend to wait for.
+    for svc in scenario.services.iter().filter(|s| s.served()) {
         let n = endpoints.get(&svc.name).map_or(0, Vec::len);
         if n == 0 {
             continue;
         }
-        let addresses = std::iter::once(std::net::IpAddr::V4(svc.cluster_ip))
-            .chain(svc.cluster_ip6.map(std::net::IpAddr::V6));
-        for ip in addresses {
+        for ip in svc.cluster_ips() {
             for p in &svc.ports {
                 let frontend = std::net::SocketAddr::new(ip, p.port).to_string();
                 out.insert((frontend, p.protocol.lower()), n);

@@ -10,7 +10,8 @@ use serde::Deserialize;
 use crate::agent::{self, Agents};
 use crate::backend::{tail, Cmd, Lab};
 use crate::scenario::{
-    CheckSpec, ConntrackCheck, Family, HealthCheckSpec, Protocol, Scenario, TrafficCheck, Via,
+    CheckSpec, ConntrackCheck, CounterCheck, Family, FrontendCheck, HealthCheckSpec, Protocol,
+    RejectedCheck, Scenario, TrafficCheck, Via,
 };
 use crate::topology::{HostId, Plan};
 
@@ -33,7 +34,13 @@ pub struct CheckCtx<'a> {
     /// Service name -> endpoint pod names.
     pub endpoints: &'a BTreeMap<String, Vec<String>>,
     pub agents: Option<&'a Agents>,
+    /// Every node's data-path counters when the current checks (or step) began, for counter
+    /// checks.
+    pub counter_marks: Option<&'a CounterMarks>,
 }
+
+/// Node -> counter name -> value.
+pub type CounterMarks = BTreeMap<HostId, BTreeMap<String, u64>>;
 
 pub fn run(ctx: &mut CheckCtx<'_>, check: &CheckSpec) -> Result<String, String> {
     match check {
@@ -41,6 +48,9 @@ pub fn run(ctx: &mut CheckCtx<'_>, check: &CheckSpec) -> Result<String, String> 
         CheckSpec::Udp(t) => traffic(ctx, t, Protocol::Udp),
         CheckSpec::Conntrack(c) => conntrack(ctx, c),
         CheckSpec::HealthCheck(h) => health_check(ctx, h),
+        CheckSpec::Frontend(f) => frontend(ctx, f),
+        CheckSpec::Rejected(r) => rejected(ctx, r),
+        CheckSpec::Counter(c) => counter(ctx, c),
     }
 }
 
@@ -79,7 +89,22 @@ fn host_port(ip: IpAddr, port: u16) -> String {
     std::net::SocketAddr::new(ip, port).to_string()
 }
 
-fn client_cmd(proto: Protocol, ip: IpAddr, port: u16, upload_bytes: Option<u32>) -> Cmd {
+/// A datagram of `size` bytes (at least "ping\n"), newline-terminated for the echo server.
+pub fn datagram(size: Option<u32>) -> Vec<u8> {
+    let size = size.unwrap_or(5).max(5) as usize;
+    let mut d = b"ping ".to_vec();
+    d.resize(size - 1, b'x');
+    d.push(b'\n');
+    d
+}
+
+fn client_cmd(
+    proto: Protocol,
+    ip: IpAddr,
+    port: u16,
+    upload_bytes: Option<u32>,
+    size: Option<u32>,
+) -> Cmd {
     let target = host_port(ip, port);
     match proto {
         // No "Expect: 100-continue": the body goes at once, in full-sized segments.
@@ -95,16 +120,18 @@ fn client_cmd(proto: Protocol, ip: IpAddr, port: u16, upload_bytes: Option<u32>)
             .arg(CLIENT_TIMEOUT_S.to_string())
             .arg(format!("http://{target}/")),
         // -t1: after sending, wait up to a second for the answer; UDP has no end-of-stream.
+        // -b: a datagram of any size the checks send goes out whole.
         Protocol::Udp => Cmd::new("socat")
             .arg(format!("-T{CLIENT_TIMEOUT_S}"))
             .arg("-t1")
+            .arg("-b65536")
             .arg("-")
             .arg(if ip.is_ipv6() {
                 format!("UDP6:{target}")
             } else {
                 format!("UDP4:{target}")
             })
-            .stdin("ping\n"),
+            .stdin(datagram(size)),
     }
 }
 
@@ -116,23 +143,57 @@ fn request(
     (ip, port): (IpAddr, u16),
     upload_bytes: Option<u32>,
 ) -> Result<(String, String), String> {
+    request_sized(lab, from, proto, (ip, port), upload_bytes, None).map(|(answer, _)| answer)
+}
+
+/// [`request`] with a datagram size; also says how long the client took.
+fn request_sized(
+    lab: &mut dyn Lab,
+    from: HostId,
+    proto: Protocol,
+    (ip, port): (IpAddr, u16),
+    upload_bytes: Option<u32>,
+    size: Option<u32>,
+) -> Result<((String, String), Duration), String> {
     let out = lab
         .exec(
             from,
-            &client_cmd(proto, ip, port, upload_bytes),
+            &client_cmd(proto, ip, port, upload_bytes, size),
             EXEC_TIMEOUT,
         )
         .map_err(|e| e.to_string())?;
+    let took = out.duration;
     if !out.success() {
-        return Err(format!("{}: {}", out.status(), tail(out.stderr.trim(), 1)));
+        return Err(format!(
+            "{}: {} (after {} ms)",
+            out.status(),
+            tail(out.stderr.trim(), 1),
+            took.as_millis()
+        ));
     }
-    parse_answer(&out.stdout).ok_or_else(|| {
+    let answer = parse_answer(&out.stdout).ok_or_else(|| {
         if out.stdout.trim().is_empty() {
             "no answer".to_owned()
         } else {
             format!("unexpected answer {:?}", tail(&out.stdout, 1))
         }
-    })
+    })?;
+    Ok((answer, took))
+}
+
+/// How long a failed request took: curl's own count ("... port 80 after 6 ms: ...") when it
+/// gives one, else the "(after N ms)" [`request_sized`] appends, which also holds the time to
+/// start the client (long on a VM).
+fn failure_ms(failure: &str) -> Option<u64> {
+    let ms_after = |text: &str| -> Option<u64> {
+        let (number, _) = text.split_once(" ms")?;
+        number.parse().ok()
+    };
+    let own = failure
+        .match_indices(" after ")
+        .filter(|(i, _)| !failure[..*i].ends_with('('))
+        .find_map(|(i, m)| ms_after(&failure[i + m.len()..]));
+    own.or_else(|| ms_after(failure.rsplit_once("(after ")?.1))
 }
 
 /// A request that failed at once because the other side refused it: curl's "couldn't
@@ -166,11 +227,8 @@ fn target(ctx: &CheckCtx<'_>, t: &TrafficCheck, from: HostId) -> Result<Target, 
             if !t.expect.backends.is_empty() {
                 expected.retain(|p| t.expect.backends.contains(p));
             }
-            let port = svc
-                .ports
-                .iter()
-                .find(|p| p.port == t.port)
-                .ok_or("no such service port")?;
+            // Absent when a step dropped it and the check expects silence there.
+            let port = svc.ports.iter().find(|p| p.port == t.port);
             let (ip, port) = match t.via {
                 Via::ClusterIp => (
                     svc.cluster_ip_of(t.family)
@@ -187,7 +245,7 @@ fn target(ctx: &CheckCtx<'_>, t: &TrafficCheck, from: HostId) -> Result<Target, 
                         plan.ip_on(node, t.network).map(IpAddr::V4)
                     }
                     .ok_or("node without an address of the family")?;
-                    (ip, port.node_port.ok_or("no node port")?)
+                    (ip, port.and_then(|p| p.node_port).ok_or("no node port")?)
                 }
                 Via::ExternalIp | Via::LoadBalancer => {
                     let ips = if t.via == Via::ExternalIp {
@@ -411,8 +469,8 @@ fn traffic(ctx: &mut CheckCtx<'_>, t: &TrafficCheck, proto: Protocol) -> Result<
             break;
         }
         sent += 1;
-        match request(ctx.lab, from, proto, (ip, port), t.upload_bytes) {
-            Ok((pod, seen)) => {
+        match request_sized(ctx.lab, from, proto, (ip, port), t.upload_bytes, t.size) {
+            Ok(((pod, seen), _)) => {
                 // A pod reaching itself through a service (hairpin) is masqueraded by kube-proxy
                 // too, so only answers from other pods have to show the client's address.
                 if pod != t.from && seen != client_ip.to_string() {
@@ -447,7 +505,23 @@ fn traffic(ctx: &mut CheckCtx<'_>, t: &TrafficCheck, proto: Protocol) -> Result<
             "{answered} of {sent} answered, where the traffic must be dropped"
         ));
     }
-    if t.expect.refused {
+    if let Some(within) = t.expect.refused_within {
+        let slow: Vec<&String> = failures
+            .iter()
+            .filter(|f| {
+                is_refusal(f) && failure_ms(f).is_none_or(|ms| ms > within.as_millis() as u64)
+            })
+            .collect();
+        if !slow.is_empty() {
+            problems.push(format!(
+                "{} refusal(s) slower than {} (first: {})",
+                slow.len(),
+                humantime::format_duration(within),
+                slow[0]
+            ));
+        }
+    }
+    if t.expect.refusal() {
         let refused = failures.iter().filter(|f| is_refusal(f)).count();
         if answered > 0 || refused < failures.len() || failures.is_empty() {
             let first = failures
@@ -531,7 +605,7 @@ fn traffic(ctx: &mut CheckCtx<'_>, t: &TrafficCheck, proto: Protocol) -> Result<
             )),
         }
     }
-    if answered == 0 && problems.is_empty() && !t.expect.none_answered && !t.expect.refused {
+    if answered == 0 && problems.is_empty() && !t.expect.none_answered && !t.expect.refusal() {
         let first = failures.first().map_or("none", String::as_str);
         problems.push(format!("no answers at all (first failure: {first})"));
     }
@@ -541,7 +615,7 @@ fn traffic(ctx: &mut CheckCtx<'_>, t: &TrafficCheck, proto: Protocol) -> Result<
         host_port(ip, port)
     );
     summary.push_str(&tunnel_note);
-    if t.expect.refused && !failures.is_empty() {
+    if t.expect.refusal() && !failures.is_empty() {
         summary.push_str(&format!("; {} refused ({})", failures.len(), failures[0]));
     }
     if t.expect.client_ip_preserved && rewritten.is_empty() && answered > 0 {
@@ -656,7 +730,8 @@ fn conntrack(ctx: &mut CheckCtx<'_>, c: &ConntrackCheck) -> Result<String, Strin
         None => HostId::Node(from.node().ok_or("client is on no node")?),
     };
     let svc = ctx.scenario.service(&c.service).ok_or("unknown service")?;
-    let mut service_side: BTreeSet<String> = BTreeSet::from([svc.cluster_ip.to_string()]);
+    let cluster_ip = svc.cluster_ip.ok_or("the service has no IPv4 cluster IP")?;
+    let mut service_side: BTreeSet<String> = BTreeSet::from([cluster_ip.to_string()]);
     for pod in ctx.endpoints.get(&svc.name).into_iter().flatten() {
         if let Some(p) = plan.pod(pod) {
             service_side.insert(p.ip.to_string());
@@ -672,14 +747,14 @@ fn conntrack(ctx: &mut CheckCtx<'_>, c: &ConntrackCheck) -> Result<String, Strin
             ctx.lab,
             from,
             p.protocol,
-            (IpAddr::V4(svc.cluster_ip), p.port),
+            (IpAddr::V4(cluster_ip), p.port),
             None,
         )
         .map_err(|why| {
             format!(
                 "could not open a {} flow to {}:{}: {why}",
                 p.protocol.lower(),
-                svc.cluster_ip,
+                cluster_ip,
                 p.port
             )
         })?;
@@ -793,6 +868,258 @@ fn health_check(ctx: &mut CheckCtx<'_>, h: &HealthCheckSpec) -> Result<String, S
     Ok(seen)
 }
 
+/// The agents a check reads: the one of `node`, or every node's.
+fn agents_of<'a>(
+    ctx: &CheckCtx<'a>,
+    node: Option<&str>,
+) -> Result<Vec<&'a crate::agent::NodeAgent>, String> {
+    let agents = ctx
+        .agents
+        .ok_or("the agent is not running in this scenario")?;
+    match node {
+        None => Ok(agents.nodes.iter().collect()),
+        Some(name) => {
+            let id = ctx.plan.host(name).ok_or("unknown node")?;
+            let agent = agents
+                .nodes
+                .iter()
+                .find(|a| a.node == id)
+                .ok_or_else(|| format!("no agent on {name}"))?;
+            Ok(vec![agent])
+        }
+    }
+}
+
+/// Polls `look` on every agent until it returns Ok for all of them, or `within` has passed:
+/// the agents react to a change in their own time.
+fn poll_agents(
+    ctx: &mut CheckCtx<'_>,
+    node: Option<&str>,
+    within: Duration,
+    mut look: impl FnMut(&mut dyn Lab, &Agents, &crate::agent::NodeAgent) -> Result<String, String>,
+) -> Result<String, String> {
+    let targets = agents_of(ctx, node)?;
+    let agents = ctx
+        .agents
+        .ok_or("the agent is not running in this scenario")?;
+    let started = Instant::now();
+    loop {
+        let mut seen = Vec::new();
+        let mut failed = None;
+        for agent in &targets {
+            match look(ctx.lab, agents, agent) {
+                Ok(s) => seen.push(format!("{}: {s}", agent.node)),
+                Err(why) => {
+                    failed = Some(format!("{}: {why}", agent.node));
+                    break;
+                }
+            }
+        }
+        match failed {
+            None => {
+                return Ok(format!(
+                    "{} (after {:.1}s)",
+                    seen.join("; "),
+                    started.elapsed().as_secs_f64()
+                ))
+            }
+            Some(why) if started.elapsed() >= within => {
+                return Err(format!(
+                    "{why} (still after {})",
+                    humantime::format_duration(within)
+                ))
+            }
+            Some(_) => std::thread::sleep(AGENT_POLL),
+        }
+    }
+}
+
+const AGENT_POLL: Duration = Duration::from_millis(250);
+
+fn frontend(ctx: &mut CheckCtx<'_>, f: &FrontendCheck) -> Result<String, String> {
+    let ip = match (&f.service, f.address) {
+        (Some(name), _) => {
+            let svc = ctx.scenario.service(name).ok_or("unknown service")?;
+            Some(
+                svc.cluster_ip_of(f.family)
+                    .ok_or("no cluster IP of the family")?,
+            )
+        }
+        (None, ip) => ip,
+    };
+    let port = f.port;
+    let proto = f.protocol.lower();
+    poll_agents(ctx, f.node.as_deref(), f.within, |lab, agents, agent| {
+        let json = agent::dump(lab, &agents.binary, agent, "services")?;
+        let dumped: Vec<agent::DumpedService> = serde_json::from_str(&json)
+            .map_err(|e| format!("unreadable `dump services` output: {e}"))?;
+        let matching: Vec<&agent::DumpedService> = dumped
+            .iter()
+            .filter(|d| d.proto == proto)
+            .filter(|d| match d.frontend.parse::<std::net::SocketAddr>() {
+                Ok(addr) => addr.port() == port && ip.is_none_or(|ip| addr.ip() == ip),
+                Err(_) => false,
+            })
+            .collect();
+        let shown: Vec<String> = matching
+            .iter()
+            .map(|d| {
+                format!(
+                    "{}/{} with {} backends",
+                    d.frontend,
+                    d.proto,
+                    d.backend_count.unwrap_or(d.backends.len())
+                )
+            })
+            .collect();
+        match (f.present, matching.first()) {
+            (false, None) => Ok("absent".to_owned()),
+            (false, Some(_)) => Err(format!("present: {}", shown.join(", "))),
+            (true, None) => Err(format!("absent ({} frontends programmed)", dumped.len())),
+            (true, Some(d)) => {
+                let count = d.backend_count.unwrap_or(d.backends.len());
+                match f.backends {
+                    Some(want) if want != count => {
+                        Err(format!("{}, want {want} backends", shown.join(", ")))
+                    }
+                    _ => Ok(shown.join(", ")),
+                }
+            }
+        }
+    })
+}
+
+/// `weir_rejected_objects_current{kind="K",reason="R"} N` rows of an agent's /metrics.
+pub fn rejected_objects(metrics: &str) -> BTreeMap<(String, String), u64> {
+    let mut out = BTreeMap::new();
+    for line in metrics.lines() {
+        let Some(rest) = line.strip_prefix("weir_rejected_objects_current{") else {
+            continue;
+        };
+        let Some((labels, value)) = rest.split_once('}') else {
+            continue;
+        };
+        let label = |name: &str| {
+            labels.split(',').find_map(|kv| {
+                let (k, v) = kv.split_once('=')?;
+                (k.trim() == name).then(|| v.trim().trim_matches('"').to_owned())
+            })
+        };
+        let (Some(kind), Some(reason)) = (label("kind"), label("reason")) else {
+            continue;
+        };
+        let value = value.trim().parse::<f64>().unwrap_or(0.0) as u64;
+        out.insert((kind, reason), value);
+    }
+    out
+}
+
+fn rejected(ctx: &mut CheckCtx<'_>, r: &RejectedCheck) -> Result<String, String> {
+    let key = (r.object_kind.clone(), r.reason.clone());
+    poll_agents(ctx, r.node.as_deref(), r.within, |lab, _, agent| {
+        let url = format!("http://{}/metrics", agent::METRICS_ADDR);
+        let out = lab
+            .exec(
+                agent.node,
+                &Cmd::new("curl")
+                    .arg("-sS")
+                    .arg("--max-time")
+                    .arg("3")
+                    .arg(&url),
+                EXEC_TIMEOUT,
+            )
+            .map_err(|e| e.to_string())?;
+        if !out.success() {
+            return Err(format!("{url}: {}", tail(out.stderr.trim(), 1)));
+        }
+        let count = rejected_objects(&out.stdout)
+            .get(&key)
+            .copied()
+            .unwrap_or(0);
+        if count != r.count {
+            return Err(format!(
+                "{count} {} rejected for {}, want {}",
+                r.object_kind, r.reason, r.count
+            ));
+        }
+        if let Some(text) = &r.log_contains {
+            let log = std::fs::read_to_string(&agent.log).unwrap_or_default();
+            if !log.contains(text.as_str()) {
+                return Err(format!(
+                    "its log {} does not say {text:?}",
+                    agent.log.display()
+                ));
+            }
+        }
+        Ok(format!(
+            "{count} {} rejected for {}",
+            r.object_kind, r.reason
+        ))
+    })
+}
+
+/// Every node's counters now.
+pub fn read_counters(lab: &mut dyn Lab, agents: &Agents) -> Result<CounterMarks, String> {
+    let mut marks = CounterMarks::new();
+    for agent in &agents.nodes {
+        let json = agent::dump(lab, &agents.binary, agent, "counters")?;
+        let values: BTreeMap<String, u64> = serde_json::from_str(&json)
+            .map_err(|e| format!("unreadable `dump counters` output: {e}"))?;
+        marks.insert(agent.node, values);
+    }
+    Ok(marks)
+}
+
+/// Every node's counters now, if one of `checks` compares against them: read when the checks
+/// (or a step) begin.
+pub fn counter_marks(
+    lab: &mut dyn Lab,
+    agents: Option<&Agents>,
+    checks: &[CheckSpec],
+) -> Option<CounterMarks> {
+    if !checks.iter().any(|c| matches!(c, CheckSpec::Counter(_))) {
+        return None;
+    }
+    match read_counters(lab, agents?) {
+        Ok(marks) => Some(marks),
+        Err(e) => {
+            // The counter checks then fail, saying no counters were read.
+            tracing::warn!("reading counters: {e}");
+            None
+        }
+    }
+}
+
+fn counter(ctx: &mut CheckCtx<'_>, c: &CounterCheck) -> Result<String, String> {
+    let marks = ctx
+        .counter_marks
+        .ok_or("no counters were read when the checks began")?;
+    let agents = ctx
+        .agents
+        .ok_or("the agent is not running in this scenario")?;
+    let node = ctx.plan.host(&c.node).ok_or("unknown node")?;
+    let before = marks
+        .get(&node)
+        .and_then(|m| m.get(&c.counter))
+        .copied()
+        .ok_or_else(|| format!("{node} has no counter {:?}", c.counter))?;
+    let now = read_counters(ctx.lab, agents)?;
+    let after = now
+        .get(&node)
+        .and_then(|m| m.get(&c.counter))
+        .copied()
+        .ok_or_else(|| format!("{node} has no counter {:?}", c.counter))?;
+    let moved = after.saturating_sub(before);
+    let seen = format!("{} on {node}: {before} -> {after} (+{moved})", c.counter);
+    if c.unchanged && moved > 0 {
+        return Err(format!("{seen}, where it must not move"));
+    }
+    if !c.unchanged && moved < c.at_least {
+        return Err(format!("{seen}, want at least +{}", c.at_least));
+    }
+    Ok(seen)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -831,6 +1158,37 @@ mod tests {
         );
         assert_eq!(parse_answer("<html>"), None);
         assert_eq!(parse_answer("pod=n1p1\n"), None);
+    }
+
+    #[test]
+    fn rejected_objects_from_metrics() {
+        let text = "# HELP weir_rejected_objects_current ...\n\
+                    weir_rejected_objects_current{kind=\"Service\",reason=\"node_port_out_of_range\"} 1\n\
+                    weir_rejected_objects_current{kind=\"File\",reason=\"unparsable\"} 0\n\
+                    weir_rejected_objects_total{kind=\"Service\",reason=\"x\"} 7\n";
+        let got = rejected_objects(text);
+        assert_eq!(got.len(), 2);
+        assert_eq!(
+            got[&("Service".to_owned(), "node_port_out_of_range".to_owned())],
+            1
+        );
+    }
+
+    #[test]
+    fn refusal_timing_and_datagrams() {
+        assert_eq!(
+            failure_ms("exit 7: curl: (7) Failed to connect (after 19 ms)"),
+            Some(19)
+        );
+        assert_eq!(failure_ms("no answer"), None);
+        assert_eq!(
+            failure_ms("exit 7: curl: (7) Failed to connect to 198.18.100.47 port 80 after 6 ms: Couldn't connect to server (after 1143 ms)"),
+            Some(6)
+        );
+        assert_eq!(datagram(None), b"ping\n");
+        let big = datagram(Some(1400));
+        assert_eq!(big.len(), 1400);
+        assert!(big.starts_with(b"ping ") && big.ends_with(b"x\n"));
     }
 
     #[test]

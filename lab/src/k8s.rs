@@ -7,7 +7,8 @@ use std::net::IpAddr;
 
 use serde::Serialize;
 
-use crate::scenario::{glob_match, Scenario, ServiceSpec, ServiceType, TrafficPolicy};
+use crate::scenario::{glob_match, Family, Scenario, ServiceSpec, ServiceType, TrafficPolicy};
+use crate::timeline::{ClusterModel, Conditions, ManualSlice};
 use crate::topology::{Plan, PodPlan};
 
 pub const NAMESPACE: &str = "default";
@@ -56,6 +57,8 @@ struct Metadata {
     namespace: String,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     labels: BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    annotations: BTreeMap<String, String>,
 }
 
 #[derive(Serialize)]
@@ -72,12 +75,16 @@ struct Service {
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 struct ServiceSpecYaml {
-    #[serde(rename = "clusterIP")]
-    cluster_ip: IpAddr,
-    #[serde(rename = "clusterIPs")]
-    cluster_ips: Vec<IpAddr>,
+    #[serde(rename = "clusterIP", skip_serializing_if = "Option::is_none")]
+    cluster_ip: Option<String>,
+    #[serde(rename = "clusterIPs", skip_serializing_if = "Vec::is_empty")]
+    cluster_ips: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     ip_families: Vec<&'static str>,
-    ip_family_policy: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ip_family_policy: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    external_name: Option<String>,
     ports: Vec<ServicePortYaml>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     selector: BTreeMap<String, String>,
@@ -197,13 +204,13 @@ struct EndpointSlice {
 #[serde(rename_all = "camelCase")]
 struct Endpoint {
     addresses: Vec<IpAddr>,
-    conditions: Conditions,
+    conditions: ConditionsYaml,
     node_name: String,
     target_ref: TargetRef,
 }
 
 #[derive(Serialize)]
-struct Conditions {
+struct ConditionsYaml {
     ready: bool,
     serving: bool,
     terminating: bool,
@@ -252,17 +259,31 @@ fn policy(p: TrafficPolicy) -> &'static str {
 }
 
 fn service_object(svc: &ServiceSpec) -> Service {
-    let mut cluster_ips = vec![IpAddr::V4(svc.cluster_ip)];
-    let mut families = vec!["IPv4"];
-    if let Some(ip6) = svc.cluster_ip6 {
-        cluster_ips.push(IpAddr::V6(ip6));
-        families.push("IPv6");
-    }
-    let dual = cluster_ips.len() > 1;
+    let ips = svc.cluster_ips();
+    let family = |ip: &IpAddr| if ip.is_ipv6() { "IPv6" } else { "IPv4" };
+    // A headless Service says "None" where the address would be, in the family Kubernetes
+    // defaults to; an ExternalName one has neither.
+    let (cluster_ip, cluster_ips, families) = if svc.kind == ServiceType::ExternalName {
+        (None, Vec::new(), Vec::new())
+    } else if svc.headless {
+        (
+            Some("None".to_owned()),
+            vec!["None".to_owned()],
+            vec!["IPv4"],
+        )
+    } else {
+        (
+            ips.first().map(IpAddr::to_string),
+            ips.iter().map(IpAddr::to_string).collect(),
+            ips.iter().map(family).collect(),
+        )
+    };
+    let dual = families.len() > 1;
     let type_ = match svc.kind {
         ServiceType::ClusterIP => "ClusterIP",
         ServiceType::NodePort => "NodePort",
         ServiceType::LoadBalancer => "LoadBalancer",
+        ServiceType::ExternalName => "ExternalName",
     };
     Service {
         api_version: "v1",
@@ -270,17 +291,19 @@ fn service_object(svc: &ServiceSpec) -> Service {
         metadata: Metadata {
             name: svc.name.clone(),
             namespace: NAMESPACE.to_owned(),
-            labels: BTreeMap::new(),
+            labels: svc.labels.clone(),
+            annotations: svc.annotations.clone(),
         },
         spec: ServiceSpecYaml {
-            cluster_ip: IpAddr::V4(svc.cluster_ip),
+            cluster_ip,
             cluster_ips,
             ip_families: families,
-            ip_family_policy: if dual {
+            ip_family_policy: (svc.kind != ServiceType::ExternalName).then_some(if dual {
                 "RequireDualStack"
             } else {
                 "SingleStack"
-            },
+            }),
+            external_name: svc.external_name.clone(),
             ports: svc
                 .ports
                 .iter()
@@ -308,8 +331,10 @@ fn service_object(svc: &ServiceSpec) -> Service {
             }),
             type_,
             external_ips: svc.external_ips.clone(),
-            external_traffic_policy: (svc.kind != ServiceType::ClusterIP
-                || !svc.external_ips.is_empty())
+            external_traffic_policy: (matches!(
+                svc.kind,
+                ServiceType::NodePort | ServiceType::LoadBalancer
+            ) || !svc.external_ips.is_empty())
             .then(|| policy(svc.external_traffic_policy)),
             internal_traffic_policy: policy(svc.internal_traffic_policy),
             health_check_node_port: svc.health_check_node_port,
@@ -326,17 +351,111 @@ fn service_object(svc: &ServiceSpec) -> Service {
     }
 }
 
-/// One endpoint slice of `svc` for one address family, as the endpoint slice controller writes
-/// it; `None` when the family has no pod addresses.
-fn slice_object(
+/// One EndpointSlice the endpoint slice controller would write for a Service: a chunk of its
+/// endpoints of one family.
+pub struct SlicePlan<'p> {
+    /// Its place in the Service's slices: IPv4 ones first, then IPv6.
+    pub index: usize,
+    pub v6: bool,
+    pub endpoints: Vec<(&'p PodPlan, Conditions)>,
+}
+
+/// Kubernetes' `--max-endpoints-per-slice` default.
+pub const MAX_ENDPOINTS_PER_SLICE: usize = 100;
+
+/// Every slice a Service has in `model`, deleted ones included (their index stays theirs): its
+/// endpoints in chunks of `max_endpoints_per_slice`, one IPv4 slice even when it has none (as the
+/// controller keeps one), IPv6 ones for a dual-stack Service's pods with IPv6 addresses. None for a
+/// Service without a selector, which the controller leaves alone.
+pub fn slice_plans<'p>(
+    model: &ClusterModel,
+    svc: &ServiceSpec,
+    plan: &'p Plan,
+) -> Vec<SlicePlan<'p>> {
+    if svc.selector.is_empty() {
+        return Vec::new();
+    }
+    let per_slice = svc
+        .max_endpoints_per_slice
+        .unwrap_or(MAX_ENDPOINTS_PER_SLICE)
+        .max(1);
+    let all = model.endpoints(svc, plan);
+    let mut slices = Vec::new();
+    for v6 in svc.families_with_pods() {
+        let eps: Vec<(&PodPlan, Conditions)> = all
+            .iter()
+            .filter(|(pod, _)| !v6 || pod.ip6.is_some())
+            .copied()
+            .collect();
+        if eps.is_empty() {
+            if !v6 {
+                slices.push(SlicePlan {
+                    index: slices.len(),
+                    v6,
+                    endpoints: Vec::new(),
+                });
+            }
+            continue;
+        }
+        for chunk in eps.chunks(per_slice) {
+            slices.push(SlicePlan {
+                index: slices.len(),
+                v6,
+                endpoints: chunk.to_vec(),
+            });
+        }
+    }
+    slices
+}
+
+/// How many slices a Service has, deleted ones included.
+pub fn slice_count(model: &ClusterModel, svc: &ServiceSpec, plan: &Plan) -> usize {
+    slice_plans(model, svc, plan).len()
+}
+
+/// The endpoints listed in a Service's slices that exist, with their conditions, by pod name.
+pub fn listed_endpoints(
+    model: &ClusterModel,
     svc: &ServiceSpec,
     plan: &Plan,
-    labels: &BTreeMap<String, BTreeMap<String, String>>,
-    v6: bool,
-) -> Option<EndpointSlice> {
-    let endpoints: Vec<Endpoint> = endpoints(svc, plan, labels)
-        .into_iter()
-        .filter_map(|pod| {
+) -> Vec<(String, Conditions)> {
+    let mut out: Vec<(String, Conditions)> = Vec::new();
+    for slice in slice_plans(model, svc, plan) {
+        if model
+            .deleted_slices
+            .contains(&(svc.name.clone(), slice.index))
+        {
+            continue;
+        }
+        for (pod, c) in slice.endpoints {
+            if !out.iter().any(|(p, _)| *p == pod.name) {
+                out.push((pod.name.clone(), c));
+            }
+        }
+    }
+    for slice in model.live_manual_slices().filter(|s| s.service == svc.name) {
+        for e in &slice.endpoints {
+            if !out.iter().any(|(p, _)| *p == e.pod) {
+                let c = Conditions {
+                    ready: e.ready,
+                    serving: e.serving,
+                    terminating: e.terminating,
+                };
+                out.push((e.pod.clone(), c));
+            }
+        }
+    }
+    out
+}
+
+/// A `[[endpoint_slices]]` entry as the object it stands for.
+fn manual_slice_object(slice: &ManualSlice, plan: &Plan) -> EndpointSlice {
+    let v6 = slice.family == Family::Ipv6;
+    let endpoints = slice
+        .endpoints
+        .iter()
+        .filter_map(|e| {
+            let pod = plan.pod(&e.pod)?;
             let address = if v6 {
                 IpAddr::V6(pod.ip6?)
             } else {
@@ -344,10 +463,10 @@ fn slice_object(
             };
             Some(Endpoint {
                 addresses: vec![address],
-                conditions: Conditions {
-                    ready: true,
-                    serving: true,
-                    terminating: false,
+                conditions: ConditionsYaml {
+                    ready: e.ready,
+                    serving: e.serving,
+                    terminating: e.terminating,
                 },
                 node_name: format!("node{}", pod.node),
                 target_ref: TargetRef {
@@ -358,30 +477,91 @@ fn slice_object(
             })
         })
         .collect();
-    if v6 && endpoints.is_empty() {
-        return None;
+    let mut labels = slice.labels.clone();
+    labels.insert(
+        "kubernetes.io/service-name".to_owned(),
+        slice.service.clone(),
+    );
+    EndpointSlice {
+        api_version: "discovery.k8s.io/v1",
+        kind: "EndpointSlice",
+        metadata: Metadata {
+            name: slice.name.clone(),
+            namespace: NAMESPACE.to_owned(),
+            labels,
+            annotations: BTreeMap::new(),
+        },
+        address_type: if v6 { "IPv6" } else { "IPv4" },
+        endpoints,
+        ports: slice
+            .ports
+            .iter()
+            .map(|p| EndpointPort {
+                name: p.name.clone(),
+                port: p.port,
+                protocol: protocol(p.protocol),
+            })
+            .collect(),
     }
-    let name = if v6 {
-        slice_name(&format!("{}/ipv6", svc.name))
-    } else {
-        slice_name(&svc.name)
+}
+
+fn slice_object(svc: &ServiceSpec, slice: &SlicePlan<'_>) -> EndpointSlice {
+    let endpoints: Vec<Endpoint> = slice
+        .endpoints
+        .iter()
+        .filter_map(|(pod, c)| {
+            let address = if slice.v6 {
+                IpAddr::V6(pod.ip6?)
+            } else {
+                IpAddr::V4(pod.ip)
+            };
+            Some(Endpoint {
+                addresses: vec![address],
+                conditions: ConditionsYaml {
+                    ready: c.ready,
+                    serving: c.serving,
+                    terminating: c.terminating,
+                },
+                node_name: format!("node{}", pod.node),
+                target_ref: TargetRef {
+                    kind: "Pod",
+                    name: pod.name.clone(),
+                    namespace: NAMESPACE.to_owned(),
+                },
+            })
+        })
+        .collect();
+    // The first slice of each family keeps the name earlier versions of the lab gave it.
+    let seed = match (slice.v6, slice.index) {
+        (false, 0) => svc.name.clone(),
+        (true, _) if slice.endpoints.is_empty() => format!("{}/ipv6", svc.name),
+        (true, i) => format!("{}/ipv6/{i}", svc.name),
+        (false, i) => format!("{}/{i}", svc.name),
     };
-    Some(EndpointSlice {
+    let name = slice_name(&seed);
+    let mut labels = BTreeMap::from([
+        (
+            "endpointslice.kubernetes.io/managed-by".to_owned(),
+            "weir-lab".to_owned(),
+        ),
+        ("kubernetes.io/service-name".to_owned(), svc.name.clone()),
+    ]);
+    // The controller copies the Service's labels, and marks a headless Service's slices.
+    labels.extend(svc.labels.clone());
+    if svc.headless {
+        labels.insert("service.kubernetes.io/headless".to_owned(), String::new());
+    }
+    EndpointSlice {
         api_version: "discovery.k8s.io/v1",
         kind: "EndpointSlice",
         metadata: Metadata {
             // Named after the service, whatever the hash was fed.
             name: format!("{}-{}", svc.name, &name[name.len() - 5..]),
             namespace: NAMESPACE.to_owned(),
-            labels: BTreeMap::from([
-                (
-                    "endpointslice.kubernetes.io/managed-by".to_owned(),
-                    "weir-lab".to_owned(),
-                ),
-                ("kubernetes.io/service-name".to_owned(), svc.name.clone()),
-            ]),
+            labels,
+            annotations: BTreeMap::new(),
         },
-        address_type: if v6 { "IPv6" } else { "IPv4" },
+        address_type: if slice.v6 { "IPv6" } else { "IPv4" },
         endpoints,
         ports: svc
             .ports
@@ -392,7 +572,7 @@ fn slice_object(
                 protocol: protocol(p.protocol),
             })
             .collect(),
-    })
+    }
 }
 
 fn node_object(node: &crate::topology::NodePlan) -> Node {
@@ -430,31 +610,36 @@ fn node_object(node: &crate::topology::NodePlan) -> Node {
     }
 }
 
-/// The cluster state for every node's agent: a multi-document YAML stream of Nodes, Services
-/// and their EndpointSlices.
+/// The cluster state for every node's agent at the start: a multi-document YAML stream of
+/// Nodes, Services and their EndpointSlices.
 pub fn cluster_state(scenario: &Scenario, plan: &Plan) -> String {
-    let labels = pod_labels(scenario, plan);
+    let model = ClusterModel::new(scenario, pod_labels(scenario, plan));
+    cluster_state_of(&model, plan)
+}
+
+/// The cluster state as `model` has it (a point of the timeline).
+pub fn cluster_state_of(model: &ClusterModel, plan: &Plan) -> String {
     let mut docs = Vec::new();
     // These types only hold strings, numbers and maps with string keys: they always serialize.
     for node in &plan.nodes {
         docs.push(serde_yaml::to_string(&node_object(node)).expect("node serializes"));
     }
-    for svc in &scenario.services {
+    for svc in model.live_services() {
         docs.push(serde_yaml::to_string(&service_object(svc)).expect("service serializes"));
-        // Kubernetes' endpoints controller only manages slices of services with a selector.
-        if svc.selector.is_empty() {
-            continue;
-        }
-        let families: &[bool] = if svc.cluster_ip6.is_some() {
-            &[false, true]
-        } else {
-            &[false]
-        };
-        for v6 in families {
-            if let Some(slice) = slice_object(svc, plan, &labels, *v6) {
-                docs.push(serde_yaml::to_string(&slice).expect("slice serializes"));
+        for slice in slice_plans(model, svc, plan) {
+            if model
+                .deleted_slices
+                .contains(&(svc.name.clone(), slice.index))
+            {
+                continue;
             }
+            docs.push(serde_yaml::to_string(&slice_object(svc, &slice)).expect("slice serializes"));
         }
+    }
+    for slice in model.live_manual_slices() {
+        docs.push(
+            serde_yaml::to_string(&manual_slice_object(slice, plan)).expect("slice serializes"),
+        );
     }
     let mut out = String::new();
     for doc in docs {

@@ -111,7 +111,12 @@ impl ProxiedServicePort {
 pub fn from_scenario(scenario: &Scenario, plan: &Plan) -> Vec<ProxiedServicePort> {
     let labels = k8s::pod_labels(scenario, plan);
     let mut out = Vec::new();
-    for svc in &scenario.services {
+    // kube-proxy's IPv4 rules: Services without an IPv4 cluster IP (IPv6-only, headless,
+    // ExternalName) and other proxies' have none.
+    for svc in scenario.services.iter().filter(|s| s.served()) {
+        let Some(cluster_ip) = svc.cluster_ip else {
+            continue;
+        };
         let pods = k8s::endpoints(svc, plan, &labels);
         for p in &svc.ports {
             out.push(ProxiedServicePort {
@@ -121,7 +126,7 @@ pub fn from_scenario(scenario: &Scenario, plan: &Plan) -> Vec<ProxiedServicePort
                     port: p.name.clone(),
                 },
                 protocol: p.protocol,
-                cluster_ip: svc.cluster_ip,
+                cluster_ip,
                 port: p.port,
                 node_port: p.node_port,
                 endpoints: pods

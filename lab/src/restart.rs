@@ -66,7 +66,8 @@ pub fn run(
             scenario
                 .service(service)
                 .ok_or("unknown probe service")?
-                .cluster_ip,
+                .cluster_ip
+                .ok_or("the probe service has no IPv4 cluster IP")?,
             port,
         )),
         _ => None,

@@ -14,6 +14,9 @@ use crate::checks::{self, CheckCtx};
 use crate::events::{Event, Events};
 use crate::k8s;
 use crate::scenario::{Scenario, ScenarioError};
+use crate::steps::TimelineCtx;
+use crate::timeline::ClusterModel;
+use crate::topology::Plan;
 use crate::workloads;
 
 const LISTEN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -201,7 +204,7 @@ fn run_file(
         scenario: name.clone(),
         file: file.path.clone(),
         description: scenario.description.clone(),
-        checks: scenario.checks.len() + scenario.agent_restarts.len(),
+        checks: scenario.check_count(),
     });
 
     let run_id = format!(
@@ -232,7 +235,7 @@ fn run_file(
     drop(run);
 
     let passed = error.is_none() && failed_checks == 0;
-    let not_run = (scenario.checks.len() + scenario.agent_restarts.len()).saturating_sub(ran);
+    let not_run = (scenario.check_count()).saturating_sub(ran);
     tally.checks_passed += passed_checks;
     tally.checks_failed += failed_checks;
     tally.checks_not_run += not_run;
@@ -282,6 +285,103 @@ impl ScenarioRun<'_> {
         });
     }
 
+    /// Counts a check's outcome and tells the reporters.
+    fn record(&mut self, check: String, outcome: Result<String, String>, since: Instant) {
+        let scenario = self.scenario.name.clone();
+        let event = match outcome {
+            Ok(detail) => {
+                self.passed += 1;
+                Event::CheckPassed {
+                    scenario,
+                    check,
+                    detail,
+                    duration: since.elapsed(),
+                }
+            }
+            Err(reason) => {
+                self.failed += 1;
+                Event::CheckFailed {
+                    scenario,
+                    check,
+                    reason,
+                    duration: since.elapsed(),
+                }
+            }
+        };
+        self.events.emit(event);
+    }
+
+    /// Probes started, steps in order (each: actions, wait, checks), probes judged.
+    fn run_timeline(
+        &mut self,
+        plan: &Plan,
+        pod_servers: &mut workloads::Workloads,
+        ports: &BTreeMap<String, workloads::PodPorts>,
+    ) -> Result<(), RunError> {
+        let scenario = self.scenario;
+        let model = ClusterModel::new(scenario, k8s::pod_labels(scenario, plan));
+        let mut lab = self.lab.take().expect("lab built above");
+        let agents = self
+            .agents
+            .take()
+            .ok_or_else(|| RunError::Setup("steps and probes need the agents".into()))?;
+        let run_dir = self.run_dir.clone();
+        let result = (|| {
+            let mut tl = TimelineCtx {
+                lab: lab.as_mut(),
+                plan,
+                agents: &agents,
+                workloads: pod_servers,
+                ports,
+                run_dir: &run_dir,
+                model,
+                probes: Vec::new(),
+            };
+            let t = Instant::now();
+            tl.start_probes(scenario)
+                .map_err(|e| RunError::Setup(e.to_string()))?;
+            if !scenario.probes.is_empty() {
+                self.step(format!("{} probe(s) started", scenario.probes.len()), t);
+            }
+            for (i, step) in scenario.steps.iter().enumerate() {
+                let title = step.title(i);
+                let t = Instant::now();
+                let marks = checks::counter_marks(tl.lab, Some(&agents), &step.checks);
+                if let Err(e) = tl.apply_step(step) {
+                    // Later steps build on this one: the timeline stops here.
+                    self.record(title, Err(e.to_string()), t);
+                    break;
+                }
+                self.step(title.clone(), t);
+                let at_step = scenario.at(&tl.model);
+                let endpoints = tl.model.serving_map(plan);
+                for check in &step.checks {
+                    let t = Instant::now();
+                    let outcome = {
+                        let mut ctx = CheckCtx {
+                            lab: &mut *tl.lab,
+                            plan,
+                            scenario: &at_step,
+                            endpoints: &endpoints,
+                            agents: Some(&agents),
+                            counter_marks: marks.as_ref(),
+                        };
+                        checks::run(&mut ctx, check)
+                    };
+                    self.record(format!("{title}: {}", check.title()), outcome, t);
+                }
+            }
+            let t = Instant::now();
+            for (title, verdict) in tl.finish_probes() {
+                self.record(title, verdict, t);
+            }
+            Ok(())
+        })();
+        self.lab = Some(lab);
+        self.agents = Some(agents);
+        result
+    }
+
     fn execute(&mut self) -> Result<(), RunError> {
         let scenario = self.scenario;
         let plan = scenario.plan();
@@ -313,7 +413,8 @@ impl ScenarioRun<'_> {
         let t = Instant::now();
         let ports = workloads::pod_ports(scenario, &plan);
         let lab = self.lab.as_deref_mut().expect("lab built above");
-        let (nginx, udp) = workloads::start(lab, &plan, &ports, &self.run_dir)?;
+        let mut pod_servers = workloads::start(lab, &plan, &ports, &self.run_dir)?;
+        let (nginx, udp) = (pod_servers.nginx, pod_servers.udp);
         let listen_timeout = LISTEN_TIMEOUT * lab.slowdown();
         workloads::wait_listening(lab, &plan, &ports, listen_timeout, &self.run_dir)
             .map_err(RunError::Setup)?;
@@ -322,18 +423,9 @@ impl ScenarioRun<'_> {
             t,
         );
 
-        let labels = k8s::pod_labels(scenario, &plan);
-        let endpoints: BTreeMap<String, Vec<String>> = scenario
-            .services
-            .iter()
-            .map(|s| {
-                let pods = k8s::endpoints(s, &plan, &labels);
-                (
-                    s.name.clone(),
-                    pods.iter().map(|p| p.name.clone()).collect(),
-                )
-            })
-            .collect();
+        // Who answers each Service: its ready endpoints, in generated and hand-written slices.
+        let endpoints: BTreeMap<String, Vec<String>> =
+            ClusterModel::new(scenario, k8s::pod_labels(scenario, &plan)).serving_map(&plan);
 
         if scenario.agent.enabled {
             let t = Instant::now();
@@ -360,38 +452,29 @@ impl ScenarioRun<'_> {
             );
         }
 
+        let marks = checks::counter_marks(
+            self.lab.as_deref_mut().expect("lab built above"),
+            self.agents.as_ref(),
+            &scenario.checks,
+        );
         for check in &scenario.checks {
             let t = Instant::now();
-            let title = check.title();
-            let mut ctx = CheckCtx {
-                lab: self.lab.as_deref_mut().expect("lab built above"),
-                plan: &plan,
-                scenario,
-                endpoints: &endpoints,
-                agents: self.agents.as_ref(),
+            let outcome = {
+                let mut ctx = CheckCtx {
+                    lab: self.lab.as_deref_mut().expect("lab built above"),
+                    plan: &plan,
+                    scenario,
+                    endpoints: &endpoints,
+                    agents: self.agents.as_ref(),
+                    counter_marks: marks.as_ref(),
+                };
+                checks::run(&mut ctx, check)
             };
-            let outcome = checks::run(&mut ctx, check);
-            let event = match outcome {
-                Ok(detail) => {
-                    self.passed += 1;
-                    Event::CheckPassed {
-                        scenario: scenario.name.clone(),
-                        check: title,
-                        detail,
-                        duration: t.elapsed(),
-                    }
-                }
-                Err(reason) => {
-                    self.failed += 1;
-                    Event::CheckFailed {
-                        scenario: scenario.name.clone(),
-                        check: title,
-                        reason,
-                        duration: t.elapsed(),
-                    }
-                }
-            };
-            self.events.emit(event);
+            self.record(check.title(), outcome, t);
+        }
+
+        if !scenario.steps.is_empty() || !scenario.probes.is_empty() {
+            self.run_timeline(&plan, &mut pod_servers, &ports)?;
         }
 
         for restart in &scenario.agent_restarts {

@@ -12,11 +12,15 @@ use serde::{Deserialize, Serialize};
 
 use crate::topology::{HostId, Plan};
 
+pub use crate::state_checks::{CounterCheck, FrontendCheck, RejectedCheck};
+
 /// Loops in checks are bounded by this, so a typo cannot make a run last for hours.
 pub const MAX_REQUESTS: u32 = 1000;
 pub const MAX_NODES: u8 = 50;
 pub const MAX_PODS_PER_NODE: u8 = 200;
 pub const MAX_EXTERNALS: u8 = 50;
+/// The largest UDP datagram a check or probe sends (the servers' buffer).
+pub const MAX_DATAGRAM: u32 = 65_000;
 /// Upper bound for every wait a scenario configures.
 pub const MAX_WAIT: Duration = Duration::from_secs(600);
 
@@ -61,6 +65,15 @@ pub struct Scenario {
     /// reach load-balancer and external IPs through a node of the scenario's choice.
     #[serde(default)]
     pub routes: Vec<RouteSpec>,
+    /// Hand-written EndpointSlices, written as given.
+    #[serde(default)]
+    pub endpoint_slices: Vec<crate::timeline::ManualSlice>,
+    /// Traffic started before the steps, judged after them.
+    #[serde(default)]
+    pub probes: Vec<crate::timeline::ProbeSpec>,
+    /// Changes while the scenario runs, after the checks (and before agent restarts).
+    #[serde(default)]
+    pub steps: Vec<crate::timeline::StepSpec>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -375,13 +388,34 @@ pub struct ServiceSpec {
     pub name: String,
     #[serde(default, rename = "type")]
     pub kind: ServiceType,
-    pub cluster_ip: Ipv4Addr,
-    /// Makes the service dual-stack (IPv4 first), with IPv6 endpoint slices too.
-    #[serde(default)]
+    /// The IPv4 cluster IP; a Service with only `cluster_ip6` is IPv6-only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_ip: Option<Ipv4Addr>,
+    /// Makes the service dual-stack (IPv4 first, unless `ipv6_first`), with IPv6 endpoint
+    /// slices too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster_ip6: Option<Ipv6Addr>,
+    /// A dual-stack Service whose `ipFamilies` (and `clusterIPs`) list IPv6 first.
+    #[serde(default)]
+    pub ipv6_first: bool,
+    /// `clusterIP: None`: no frontend anywhere; its slices carry the headless label.
+    #[serde(default)]
+    pub headless: bool,
+    /// `type = "ExternalName"`: the name it aliases (DNS only; no frontend, no selector).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external_name: Option<String>,
+    /// `metadata.labels` (copied to its slices, as the controller does) and annotations.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
+    /// Endpoints per EndpointSlice before another is started (Kubernetes: 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_endpoints_per_slice: Option<usize>,
     /// Like Kubernetes, an empty selector selects nothing: such a service has no endpoints.
     #[serde(default)]
     pub selector: BTreeMap<String, String>,
+    #[serde(default)]
     pub ports: Vec<ServicePort>,
     /// `spec.externalIPs`.
     #[serde(default)]
@@ -394,10 +428,14 @@ pub struct ServiceSpec {
     #[serde(default)]
     pub internal_traffic_policy: TrafficPolicy,
     /// Kubernetes allocates one for LoadBalancer services with externalTrafficPolicy Local.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_check_node_port: Option<u16>,
     /// `sessionAffinity: ClientIP` with this timeout.
-    #[serde(default, with = "humantime_serde")]
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub affinity_timeout: Option<Duration>,
 }
 
@@ -407,6 +445,7 @@ pub enum ServiceType {
     ClusterIP,
     NodePort,
     LoadBalancer,
+    ExternalName,
 }
 
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -416,13 +455,53 @@ pub enum TrafficPolicy {
     Local,
 }
 
+/// The labels that hand a Service to another proxy, as kube-proxy (and Weir) read them.
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
+
 impl ServiceSpec {
     /// The service's address of one family: its cluster IP (or, for IPv6, its second one).
     pub fn cluster_ip_of(&self, family: Family) -> Option<IpAddr> {
         match family {
-            Family::Ipv4 => Some(IpAddr::V4(self.cluster_ip)),
+            Family::Ipv4 => self.cluster_ip.map(IpAddr::V4),
             Family::Ipv6 => self.cluster_ip6.map(IpAddr::V6),
         }
+    }
+
+    /// Its cluster IPs in `clusterIPs` order.
+    pub fn cluster_ips(&self) -> Vec<IpAddr> {
+        let mut ips: Vec<IpAddr> = self
+            .cluster_ip
+            .map(IpAddr::V4)
+            .into_iter()
+            .chain(self.cluster_ip6.map(IpAddr::V6))
+            .collect();
+        if self.ipv6_first {
+            ips.reverse();
+        }
+        ips
+    }
+
+    /// The address families its endpoint slices are written for, IPv4 first (slice order):
+    /// `true` for IPv6.
+    pub fn families_with_pods(&self) -> Vec<bool> {
+        match (
+            self.cluster_ip.is_some() || self.headless,
+            self.cluster_ip6.is_some(),
+        ) {
+            (_, false) => vec![false],
+            (false, true) => vec![true],
+            (true, true) => vec![false, true],
+        }
+    }
+
+    /// Whether Weir serves it: not another proxy's (the service-proxy-name label), not headless,
+    /// not an alias.
+    pub fn served(&self) -> bool {
+        !self.headless
+            && self.kind != ServiceType::ExternalName
+            && !self.labels.contains_key(SERVICE_PROXY_NAME_LABEL)
+            && !self.labels.contains_key(HEADLESS_LABEL)
     }
 }
 
@@ -484,6 +563,13 @@ pub enum CheckSpec {
     Conntrack(ConntrackCheck),
     /// A service's healthCheckNodePort on one node, as a cloud load balancer probes it.
     HealthCheck(HealthCheckSpec),
+    /// A frontend present on (or absent from) nodes' data planes, from `weir-agent dump
+    /// services`.
+    Frontend(FrontendCheck),
+    /// Objects the agents refused, by kind and reason, from `weir_rejected_objects_current`.
+    Rejected(RejectedCheck),
+    /// A data-path counter that moved since the checks (or the step) began.
+    Counter(CounterCheck),
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -574,6 +660,9 @@ pub struct TrafficCheck {
     /// must survive on the same backend: with Maglev every node picks the same one.
     #[serde(default)]
     pub switch_ingress_to: Option<String>,
+    /// UDP only: each datagram is this many bytes.
+    #[serde(default)]
+    pub size: Option<u32>,
     #[serde(default)]
     pub expect: TrafficExpect,
 }
@@ -599,9 +688,19 @@ pub struct TrafficExpect {
     /// Every request is refused at once (TCP connection refused, ICMP port unreachable for
     /// UDP): what a service without endpoints answers, rather than silence.
     pub refused: bool,
+    /// Every request is refused, each within this time (implies `refused`).
+    #[serde(with = "humantime_serde")]
+    pub refused_within: Option<Duration>,
     /// Only these pods may answer (and, with `all_backends_used`, all of them must); defaults
     /// to every endpoint of the service.
     pub backends: Vec<String>,
+}
+
+impl TrafficExpect {
+    /// Every request must be refused.
+    pub fn refusal(&self) -> bool {
+        self.refused || self.refused_within.is_some()
+    }
 }
 
 impl Default for TrafficExpect {
@@ -613,6 +712,7 @@ impl Default for TrafficExpect {
             none_answered: false,
             same_backend: false,
             refused: false,
+            refused_within: None,
             backends: Vec::new(),
         }
     }
@@ -669,6 +769,30 @@ impl CheckSpec {
                     t.from, t.port, t.requests
                 )
             }
+            CheckSpec::Frontend(f) => f.name.clone().unwrap_or_else(|| {
+                let node = f.node.as_deref().unwrap_or("every node");
+                let what = match (&f.service, f.address) {
+                    (Some(svc), _) => format!("{svc}:{}", f.port),
+                    (None, Some(ip)) => std::net::SocketAddr::new(ip, f.port).to_string(),
+                    (None, None) => format!("any address:{}", f.port),
+                };
+                let state = if f.present { "present" } else { "absent" };
+                format!("frontend {what}/{} {state} on {node}", f.protocol.lower())
+            }),
+            CheckSpec::Rejected(r) => r.name.clone().unwrap_or_else(|| {
+                let node = r.node.as_deref().unwrap_or("every node");
+                format!(
+                    "{} {} rejected ({}) on {node}",
+                    r.count, r.object_kind, r.reason
+                )
+            }),
+            CheckSpec::Counter(c) => c.name.clone().unwrap_or_else(|| {
+                if c.unchanged {
+                    format!("counter {} unchanged on {}", c.counter, c.node)
+                } else {
+                    format!("counter {} +{} on {}", c.counter, c.at_least, c.node)
+                }
+            }),
             CheckSpec::HealthCheck(h) => h.name.clone().unwrap_or_else(|| {
                 format!(
                     "health check {} -> {} on {}: {} with {} local",
@@ -742,7 +866,7 @@ impl Scenario {
         self.services.iter().find(|s| s.name == name)
     }
 
-    fn invalid(&self, message: impl Into<String>) -> ScenarioError {
+    pub(crate) fn invalid(&self, message: impl Into<String>) -> ScenarioError {
         ScenarioError::Invalid {
             scenario: self.name.clone(),
             message: message.into(),
@@ -803,20 +927,54 @@ impl Scenario {
             }
         }
 
+        let frontends = self.validate_services(self.services.iter())?;
+        for route in &self.routes {
+            let prefix = route.prefix().map_err(|m| self.invalid(m))?;
+            if plan.host(&route.host).is_none() {
+                return Err(self.invalid(format!("route: no host named {:?}", route.host)));
+            }
+            if !matches!(plan.host(&route.via), Some(HostId::Node(_))) {
+                return Err(self.invalid(format!("route: {:?} is not a node", route.via)));
+            }
+            if prefix.0.is_ipv6() && !t.ipv6 {
+                return Err(
+                    self.invalid(format!("route to {}: IPv6 needs topology.ipv6", route.to))
+                );
+            }
+        }
+        for check in &self.checks {
+            self.validate_check(check, &plan)?;
+        }
+        for restart in &self.agent_restarts {
+            self.validate_restart(restart, &plan, &frontends)?;
+        }
+        self.validate_timeline(&plan)?;
+        Ok(())
+    }
+
+    /// Every Service of one point of the timeline, alone and together; returns the frontends
+    /// (cluster IP, port, protocol) they claim.
+    pub(crate) fn validate_services<'s>(
+        &self,
+        services: impl Iterator<Item = &'s ServiceSpec>,
+    ) -> Result<BTreeSet<(IpAddr, u16, Protocol)>, ScenarioError> {
         let mut names = BTreeSet::new();
         let mut frontends = BTreeSet::new();
         let mut node_ports = BTreeSet::new();
-        for svc in &self.services {
+        for svc in services {
             if !names.insert(svc.name.as_str()) {
                 return Err(self.invalid(format!("service {} defined twice", svc.name)));
             }
-            if !crate::topology::is_test_address(svc.cluster_ip) {
-                return Err(self.invalid(format!(
-                    "service {}: cluster_ip {} is outside 198.18.0.0/15, the only range lab traffic may use",
-                    svc.name, svc.cluster_ip
-                )));
+            self.validate_service_shape(svc)?;
+            if let Some(ip) = svc.cluster_ip {
+                if !crate::topology::is_test_address(ip) {
+                    return Err(self.invalid(format!(
+                        "service {}: cluster_ip {ip} is outside 198.18.0.0/15, the only range lab traffic may use",
+                        svc.name
+                    )));
+                }
             }
-            if svc.ports.is_empty() {
+            if svc.ports.is_empty() && svc.kind != ServiceType::ExternalName {
                 return Err(self.invalid(format!("service {} has no ports", svc.name)));
             }
             self.validate_service_addresses(svc)?;
@@ -840,10 +998,12 @@ impl Scenario {
                         svc.name, p.name
                     )));
                 }
-                if p.node_port.is_some() && svc.kind == ServiceType::ClusterIP {
+                if p.node_port.is_some()
+                    && matches!(svc.kind, ServiceType::ClusterIP | ServiceType::ExternalName)
+                {
                     return Err(self.invalid(format!(
-                        "service {}: a ClusterIP service has no node ports",
-                        svc.name
+                        "service {}: a {:?} service has no node ports",
+                        svc.name, svc.kind
                     )));
                 }
                 if p.node_port == Some(0) {
@@ -866,37 +1026,55 @@ impl Scenario {
                         svc.name
                     )));
                 }
-                if !frontends.insert((svc.cluster_ip, p.port, p.protocol)) {
-                    return Err(self.invalid(format!(
-                        "service {}: {}:{}/{} is already another service's frontend",
-                        svc.name,
-                        svc.cluster_ip,
-                        p.port,
-                        p.protocol.lower()
-                    )));
+                for ip in svc.cluster_ips() {
+                    if !frontends.insert((ip, p.port, p.protocol)) {
+                        return Err(self.invalid(format!(
+                            "service {}: {} /{} is already another service's frontend",
+                            svc.name,
+                            std::net::SocketAddr::new(ip, p.port),
+                            p.protocol.lower()
+                        )));
+                    }
                 }
             }
         }
+        Ok(frontends)
+    }
 
-        for route in &self.routes {
-            let prefix = route.prefix().map_err(|m| self.invalid(m))?;
-            if plan.host(&route.host).is_none() {
-                return Err(self.invalid(format!("route: no host named {:?}", route.host)));
+    /// Headless, ExternalName, IPv6-only and IPv6-first Services and slice sizes.
+    fn validate_service_shape(&self, svc: &ServiceSpec) -> Result<(), ScenarioError> {
+        let bad = |m: &str| Err(self.invalid(format!("service {}: {m}", svc.name)));
+        let has_ip = svc.cluster_ip.is_some() || svc.cluster_ip6.is_some();
+        match (svc.kind, svc.headless) {
+            (ServiceType::ExternalName, _) => {
+                if svc.external_name.as_deref().is_none_or(str::is_empty) {
+                    return bad("type ExternalName needs external_name");
+                }
+                if has_ip || svc.headless || !svc.selector.is_empty() {
+                    return bad(
+                        "an ExternalName service has no cluster IP, headless flag or selector",
+                    );
+                }
             }
-            if !matches!(plan.host(&route.via), Some(HostId::Node(_))) {
-                return Err(self.invalid(format!("route: {:?} is not a node", route.via)));
+            (_, true) => {
+                if has_ip || svc.kind != ServiceType::ClusterIP {
+                    return bad("a headless service is a ClusterIP service without cluster IPs");
+                }
             }
-            if prefix.0.is_ipv6() && !t.ipv6 {
-                return Err(
-                    self.invalid(format!("route to {}: IPv6 needs topology.ipv6", route.to))
-                );
+            (_, false) => {
+                if !has_ip {
+                    return bad("give cluster_ip, cluster_ip6 or both (or headless = true)");
+                }
             }
         }
-        for check in &self.checks {
-            self.validate_check(check, &plan)?;
+        if svc.external_name.is_some() && svc.kind != ServiceType::ExternalName {
+            return bad("external_name needs type = \"ExternalName\"");
         }
-        for restart in &self.agent_restarts {
-            self.validate_restart(restart, &plan, &frontends)?;
+        if svc.ipv6_first && (svc.cluster_ip.is_none() || svc.cluster_ip6.is_none()) {
+            return bad("ipv6_first is for dual-stack services (cluster_ip and cluster_ip6)");
+        }
+        if svc.max_endpoints_per_slice == Some(0) || svc.max_endpoints_per_slice > Some(1000) {
+            return bad("max_endpoints_per_slice must be 1..=1000");
         }
         Ok(())
     }
@@ -948,7 +1126,7 @@ impl Scenario {
         &self,
         r: &AgentRestartSpec,
         plan: &Plan,
-        frontends: &BTreeSet<(Ipv4Addr, u16, Protocol)>,
+        frontends: &BTreeSet<(IpAddr, u16, Protocol)>,
     ) -> Result<(), ScenarioError> {
         let title = r.title();
         let bad = |m: String| self.invalid(format!("agent restart {title:?}: {m}"));
@@ -966,7 +1144,7 @@ impl Scenario {
         if !crate::topology::is_test_address(r.cluster_ip) {
             return Err(bad("cluster_ip must be in 198.18.0.0/15".into()));
         }
-        if r.port == 0 || frontends.contains(&(r.cluster_ip, r.port, Protocol::Tcp)) {
+        if r.port == 0 || frontends.contains(&(IpAddr::V4(r.cluster_ip), r.port, Protocol::Tcp)) {
             return Err(bad("port must be non-zero and not another service's".into()));
         }
         if r.signals.is_empty() {
@@ -991,6 +1169,9 @@ impl Scenario {
                 .any(|p| p.port == port && p.protocol == Protocol::Tcp)
             {
                 return Err(bad(format!("service {} has no TCP port {port}", svc.name)));
+            }
+            if svc.cluster_ip.is_none() {
+                return Err(bad(format!("service {} has no IPv4 cluster IP", svc.name)));
             }
         }
         Ok(())
@@ -1048,7 +1229,7 @@ impl Scenario {
                 return Err(bad("tunnel_replies needs the agent".into()));
             }
         }
-        if (t.expect.none_answered || t.expect.refused)
+        if (t.expect.none_answered || t.expect.refusal())
             && (t.expect.all_answered || t.expect.all_backends_used)
         {
             return Err(bad(
@@ -1070,7 +1251,10 @@ impl Scenario {
         match t.via {
             Via::ClusterIp => {
                 if svc.cluster_ip_of(t.family).is_none() {
-                    return Err(bad(format!("service {} has no IPv6 cluster IP", svc.name)));
+                    return Err(bad(format!(
+                        "service {} has no cluster IP of the check's family",
+                        svc.name
+                    )));
                 }
                 if t.node.is_some() {
                     return Err(bad("node is for via = \"node_port\"".into()));
@@ -1113,7 +1297,11 @@ impl Scenario {
         Ok(())
     }
 
-    fn validate_check(&self, check: &CheckSpec, plan: &Plan) -> Result<(), ScenarioError> {
+    pub(crate) fn validate_check(
+        &self,
+        check: &CheckSpec,
+        plan: &Plan,
+    ) -> Result<(), ScenarioError> {
         let title = check.title();
         let host = |name: &str| -> Result<HostId, ScenarioError> {
             plan.host(name)
@@ -1128,6 +1316,19 @@ impl Scenario {
                 };
                 let from = host(&t.from)?;
                 self.validate_traffic_target(&title, t, from, plan, proto == Protocol::Tcp)?;
+                if t.size.is_some() && proto != Protocol::Udp {
+                    return Err(self.invalid(format!("check {title:?}: size is for UDP checks")));
+                }
+                if t.size.is_some_and(|n| !(8..=MAX_DATAGRAM).contains(&n)) {
+                    return Err(
+                        self.invalid(format!("check {title:?}: size must be 8..={MAX_DATAGRAM}"))
+                    );
+                }
+                if t.expect.refused_within.is_some_and(|w| w > MAX_WAIT) {
+                    return Err(self.invalid(format!(
+                        "check {title:?}: refused_within must be at most 10m"
+                    )));
+                }
                 if t.requests == 0 || t.requests > MAX_REQUESTS {
                     return Err(self.invalid(format!(
                         "check {title:?}: requests must be 1..={MAX_REQUESTS}"
@@ -1138,10 +1339,15 @@ impl Scenario {
                         let svc = self.service(svc).ok_or_else(|| {
                             self.invalid(format!("check {title:?}: no service {svc:?}"))
                         })?;
-                        if !svc
-                            .ports
-                            .iter()
-                            .any(|p| p.port == t.port && p.protocol == proto)
+                        // A port the service no longer has may be checked for silence or
+                        // refusal on its cluster IP (after a step dropped it).
+                        let gone_port_ok = (t.expect.none_answered || t.expect.refusal())
+                            && t.via == Via::ClusterIp;
+                        if !gone_port_ok
+                            && !svc
+                                .ports
+                                .iter()
+                                .any(|p| p.port == t.port && p.protocol == proto)
                         {
                             return Err(self.invalid(format!(
                                 "check {title:?}: service {} has no {} port {}",
@@ -1186,6 +1392,9 @@ impl Scenario {
                         "check {title:?}: needs the agent, which is disabled"
                     )));
                 }
+            }
+            CheckSpec::Frontend(_) | CheckSpec::Rejected(_) | CheckSpec::Counter(_) => {
+                self.validate_agent_check(check, plan)?;
             }
             CheckSpec::Conntrack(c) => {
                 if !self.agent.enabled {

@@ -1,11 +1,12 @@
-//! Real servers in the pods: nginx for TCP, a socat echo for UDP. Both answer with the pod's name
-//! and the client address they saw, which is what the traffic checks assert on.
+//! Real servers in the pods: nginx for TCP, a socat echo for UDP. Both answer with the pod's name,
+//! the port that took the request and the client address they saw, which is what the traffic
+//! checks assert on.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::backend::{BackendError, Cmd, Lab};
+use crate::backend::{BackendError, Cmd, Lab, ProcId};
 use crate::k8s;
 use crate::scenario::{glob_match, Protocol, Scenario};
 use crate::topology::{HostId, Plan};
@@ -26,8 +27,9 @@ impl PodPorts {
     }
 }
 
-/// What each pod serves: the target ports of every service selecting it, plus the ports its
-/// `[[pods]]` rules ask for.
+/// What each pod serves: the target ports of every service selecting it (in any version a step
+/// gives it), the ports of hand-written slices listing it, and those its `[[pods]]` rules ask
+/// for.
 pub fn pod_ports(scenario: &Scenario, plan: &Plan) -> BTreeMap<String, PodPorts> {
     let labels = k8s::pod_labels(scenario, plan);
     let mut ports: BTreeMap<String, PodPorts> = plan
@@ -35,13 +37,24 @@ pub fn pod_ports(scenario: &Scenario, plan: &Plan) -> BTreeMap<String, PodPorts>
         .iter()
         .map(|p| (p.name.clone(), PodPorts::default()))
         .collect();
-    for svc in &scenario.services {
+    for svc in &scenario.all_service_versions(plan) {
         for pod in k8s::endpoints(svc, plan, &labels) {
             let entry = ports.entry(pod.name.clone()).or_default();
             for p in &svc.ports {
                 match p.protocol {
                     Protocol::Tcp => entry.tcp.insert(p.target()),
                     Protocol::Udp => entry.udp.insert(p.target()),
+                };
+            }
+        }
+    }
+    for slice in &scenario.endpoint_slices {
+        for e in &slice.endpoints {
+            let entry = ports.entry(e.pod.clone()).or_default();
+            for p in &slice.ports {
+                match p.protocol {
+                    Protocol::Tcp => entry.tcp.insert(p.port),
+                    Protocol::Udp => entry.udp.insert(p.port),
                 };
             }
         }
@@ -71,7 +84,7 @@ pub fn nginx_conf(dir: &Path, pod: &str, ports: &BTreeSet<u16>, ipv6: bool) -> S
             String::new()
         };
         servers.push_str(&format!(
-            "    server {{\n        listen {port};\n{listen6}        location / {{ return 200 \"pod={pod} client=$remote_addr\\n\"; }}\n    }}\n"
+            "    server {{\n        listen {port};\n{listen6}        location / {{ return 200 \"pod={pod} port=$server_port client=$remote_addr\\n\"; }}\n    }}\n"
         ));
     }
     format!(
@@ -94,70 +107,111 @@ pub fn nginx_conf(dir: &Path, pod: &str, ports: &BTreeSet<u16>, ipv6: bool) -> S
 }
 
 pub fn udp_echo_cmd(pod: &str, port: u16) -> Cmd {
-    udp_echo(pod, &format!("UDP4-RECVFROM:{port},fork"))
+    udp_echo(pod, port, &format!("UDP4-RECVFROM:{port},fork"))
 }
 
 /// The IPv6 twin of [`udp_echo_cmd`]: a socket of its own (ipv6only), so each family's peers
 /// are reported in their own form.
 pub fn udp6_echo_cmd(pod: &str, port: u16) -> Cmd {
-    udp_echo(pod, &format!("UDP6-RECVFROM:{port},fork,ipv6only=1"))
+    udp_echo(pod, port, &format!("UDP6-RECVFROM:{port},fork,ipv6only=1"))
 }
 
-fn udp_echo(pod: &str, listen: &str) -> Cmd {
+fn udp_echo(pod: &str, port: u16, listen: &str) -> Cmd {
     // socat forks a child per datagram and hands it the peer in SOCAT_PEERADDR; -T2 ends
-    // children that hear nothing more. The shell reads the datagram first: if it exited
-    // before socat had written it, socat would fail on EPIPE and drop the answer.
-    Cmd::new("socat").arg("-T2").arg(listen).arg(format!(
-        "SYSTEM:read -r request; echo pod={pod} client=$SOCAT_PEERADDR"
-    ))
+    // children that hear nothing more; -b takes datagrams of any size the checks send. The
+    // shell reads the datagram first: if it exited before socat had written it, socat would
+    // fail on EPIPE and drop the answer. The answer quotes the request's first word, so a
+    // probe can tell which of its datagrams it answers.
+    Cmd::new("socat")
+        .arg("-T2")
+        .arg("-b65536")
+        .arg(listen)
+        .arg(format!(
+            "SYSTEM:read -r request; echo pod={pod} port={port} client=$SOCAT_PEERADDR req=${{request%% *}}"
+        ))
 }
 
-/// Starts every pod's servers; returns (nginx count, udp echo count).
+/// The servers running in the pods.
+#[derive(Debug, Default)]
+pub struct Workloads {
+    /// Each pod's server processes, to stop when a step deletes the pod.
+    pub procs: BTreeMap<String, Vec<ProcId>>,
+    pub nginx: usize,
+    pub udp: usize,
+}
+
+/// Starts every pod's servers.
 pub fn start(
     lab: &mut dyn Lab,
     plan: &Plan,
     ports: &BTreeMap<String, PodPorts>,
     run_dir: &Path,
-) -> Result<(usize, usize), BackendError> {
-    let (mut nginx, mut udp) = (0, 0);
+) -> Result<Workloads, BackendError> {
+    let mut workloads = Workloads::default();
     for pod in &plan.pods {
-        let Some(p) = ports.get(&pod.name).filter(|p| !p.is_empty()) else {
-            continue;
-        };
-        let dir = run_dir.join("pods").join(&pod.name);
-        std::fs::create_dir_all(&dir).map_err(|source| BackendError::Io {
-            context: format!("creating {}", dir.display()),
-            source,
-        })?;
-        if !p.tcp.is_empty() {
-            let conf = dir.join("nginx.conf");
-            lab.write_file(
-                pod.id,
-                &conf,
-                nginx_conf(&dir, &pod.name, &p.tcp, pod.ip6.is_some()).as_bytes(),
-            )?;
-            let cmd = Cmd::new(NGINX)
-                .arg("-p")
-                .arg(dir.display().to_string())
-                .arg("-c")
-                .arg(conf.display().to_string())
-                .arg("-e")
-                .arg(dir.join("error.log").display().to_string());
-            lab.spawn(pod.id, &cmd, &dir.join("nginx.out"))?;
-            nginx += 1;
-        }
-        for port in &p.udp {
-            let log = dir.join(format!("udp-echo-{port}.out"));
-            lab.spawn(pod.id, &udp_echo_cmd(&pod.name, *port), &log)?;
-            udp += 1;
-            if pod.ip6.is_some() {
-                let log = dir.join(format!("udp6-echo-{port}.out"));
-                lab.spawn(pod.id, &udp6_echo_cmd(&pod.name, *port), &log)?;
-                udp += 1;
-            }
+        start_pod(lab, plan, &pod.name, ports, run_dir, &mut workloads)?;
+    }
+    Ok(workloads)
+}
+
+/// Starts one pod's servers (again, after a step deleted it).
+pub fn start_pod(
+    lab: &mut dyn Lab,
+    plan: &Plan,
+    name: &str,
+    ports: &BTreeMap<String, PodPorts>,
+    run_dir: &Path,
+    workloads: &mut Workloads,
+) -> Result<(), BackendError> {
+    let (Some(pod), Some(p)) = (plan.pod(name), ports.get(name).filter(|p| !p.is_empty())) else {
+        return Ok(());
+    };
+    let dir = run_dir.join("pods").join(&pod.name);
+    std::fs::create_dir_all(&dir).map_err(|source| BackendError::Io {
+        context: format!("creating {}", dir.display()),
+        source,
+    })?;
+    let procs = workloads.procs.entry(pod.name.clone()).or_default();
+    if !p.tcp.is_empty() {
+        let conf = dir.join("nginx.conf");
+        lab.write_file(
+            pod.id,
+            &conf,
+            nginx_conf(&dir, &pod.name, &p.tcp, pod.ip6.is_some()).as_bytes(),
+        )?;
+        let cmd = Cmd::new(NGINX)
+            .arg("-p")
+            .arg(dir.display().to_string())
+            .arg("-c")
+            .arg(conf.display().to_string())
+            .arg("-e")
+            .arg(dir.join("error.log").display().to_string());
+        procs.push(lab.spawn(pod.id, &cmd, &dir.join("nginx.out"))?);
+        workloads.nginx += 1;
+    }
+    for port in &p.udp {
+        let log = dir.join(format!("udp-echo-{port}.out"));
+        procs.push(lab.spawn(pod.id, &udp_echo_cmd(&pod.name, *port), &log)?);
+        workloads.udp += 1;
+        if pod.ip6.is_some() {
+            let log = dir.join(format!("udp6-echo-{port}.out"));
+            procs.push(lab.spawn(pod.id, &udp6_echo_cmd(&pod.name, *port), &log)?);
+            workloads.udp += 1;
         }
     }
-    Ok((nginx, udp))
+    Ok(())
+}
+
+/// Stops one pod's servers (a step deleted it).
+pub fn stop_pod(
+    lab: &mut dyn Lab,
+    name: &str,
+    workloads: &mut Workloads,
+) -> Result<(), BackendError> {
+    for proc in workloads.procs.remove(name).unwrap_or_default() {
+        lab.stop(proc)?;
+    }
+    Ok(())
 }
 
 /// Local ports with a listening socket, from `ss`.
@@ -276,7 +330,7 @@ ports = [ { name = "a", port = 80, target_port = 8080 }, { name = "b", protocol 
         assert!(conf.contains("listen [::]:9000 ipv6only=on;"));
         assert!(conf.contains("listen 8080;"));
         assert!(conf.contains("listen 9000;"));
-        assert!(conf.contains("return 200 \"pod=n1p0 client=$remote_addr\\n\";"));
+        assert!(conf.contains("return 200 \"pod=n1p0 port=$server_port client=$remote_addr\\n\";"));
         assert!(conf.contains("pid /r/pods/n1p0/nginx.pid;"));
         for path in conf
             .split_whitespace()

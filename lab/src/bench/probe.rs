@@ -34,6 +34,24 @@ pub enum ProbeCommand {
     Listen(ListenArgs),
     /// Run a command; report wall time, CPU seconds and peak RSS.
     Measure(MeasureArgs),
+    /// Keep one flow to TARGET, a request every interval, logging each send, answer and error
+    /// (a scenario's `[[probes]]`); runs until stopped or `--life` has passed.
+    Stream(StreamArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct StreamArgs {
+    pub target: std::net::SocketAddr,
+    /// "udp" or "tcp".
+    #[arg(long)]
+    pub udp: bool,
+    #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
+    pub interval: Duration,
+    /// UDP datagram size in bytes.
+    #[arg(long)]
+    pub size: Option<u32>,
+    #[arg(long, default_value = "15m", value_parser = humantime::parse_duration)]
+    pub life: Duration,
 }
 
 #[derive(Debug, clap::Args)]
@@ -139,6 +157,17 @@ pub fn run(cmd: &ProbeCommand) -> Result<(), ProbeError> {
             }
         }
         ProbeCommand::Measure(a) => serde_json::to_string(&measure(a)?),
+        ProbeCommand::Stream(a) => {
+            let kind = if a.udp {
+                crate::scenario::Protocol::Udp
+            } else {
+                crate::scenario::Protocol::Tcp
+            };
+            let life = a.life.min(crate::probes::MAX_PROBE_LIFE);
+            let mut out = std::io::stdout().lock();
+            return crate::probes::run_client(kind, a.target, a.interval, a.size, life, &mut out)
+                .map_err(io(format!("stream to {}", a.target)));
+        }
     };
     // Reports are plain data: they always serialize.
     println!("{}", json.expect("report serializes"));
