@@ -148,8 +148,15 @@ fn facts(
             (ct_kind::FORWARD, p) => (value.seen, p.map_or(0, |p| p.seen)),
             (_, p) => (p.map_or(0, |p| p.seen), value.seen),
         };
+        // A reply entry whose client entry is gone (its endpoint retired) only waits for
+        // answers in flight: it goes as a closing connection does.
+        let orphaned_reply = value.kind == ct_kind::REVERSE && partner.is_none();
         FlowFacts {
-            state: flow_state(key.proto, forward_seen, reverse_seen),
+            state: match flow_state(key.proto, forward_seen, reverse_seen) {
+                FlowState::Udp => FlowState::Udp,
+                _ if orphaned_reply => FlowState::Closing,
+                state => state,
+            },
             last_seen_ns: value
                 .last_seen_ns
                 .max(partner.map_or(0, |p| p.last_seen_ns)),
@@ -328,8 +335,8 @@ pub struct Retired {
 }
 
 /// Keys of the entries of flows that `retired` ends: the client's entry (its frontend is one of
-/// the Service's, or its NodePort on any node address) naming a retired backend, and the reply
-/// entry paired with it. Entries of hairpin flows are found the same way. ENCAP entries (DSR
+/// the Service's, or its NodePort on any node address) naming a retired backend; the reply
+/// entry paired with it stays (see [`end_retired_flows`]). Hairpin flows are found the same way. ENCAP entries (DSR
 /// at the ingress node, returns at the backend's node) hold no backend address and expire by
 /// their timeouts.
 pub fn retired_flows(entries: &BTreeMap<CtKey, CtValue>, retired: &[Retired]) -> Vec<CtKey> {
@@ -352,7 +359,6 @@ pub fn retired_flows(entries: &BTreeMap<CtKey, CtValue>, retired: &[Retired]) ->
         });
         if ends {
             out.push(*key);
-            out.extend(partner_key(key, value).filter(|k| entries.contains_key(k)));
         }
     }
     out
@@ -360,7 +366,10 @@ pub fn retired_flows(entries: &BTreeMap<CtKey, CtValue>, retired: &[Retired]) ->
 
 /// Ends the flows `retired` names. The next packet of such a flow is a new flow to a serving
 /// endpoint: a UDP flow moves there, a TCP one gets that endpoint's reset (it knows no such
-/// connection), so the client learns at once instead of at its own timeout.
+/// connection), so the client learns at once instead of at its own timeout. Only the client's
+/// entries go: an answer the old endpoint has in flight is still translated back by its reply
+/// entry, which then expires as an unpaired entry does (the new flow's reply entry names the
+/// new endpoint, so the two never meet).
 pub fn end_retired_flows(
     map: &mut ConntrackMap,
     retired: &[Retired],
