@@ -156,3 +156,77 @@ fn only_the_services_own_flows_end() {
     assert_eq!(verdict, TC_ACT_OK);
     assert_eq!(backend_of(&out), BACKEND);
 }
+
+/// A TCP connection whose Service loses its last endpoint: the agent ends the flow, and the
+/// client's next segment, now of no flow and to a frontend without endpoints, is answered with
+/// a reset from the frontend whose sequence number is what the client expects (an ICMP error
+/// would be a soft error the established socket ignores until its own timeout). A SYN still
+/// gets "port unreachable".
+#[test]
+fn a_connection_that_lost_its_last_endpoint_is_reset() {
+    use etherparse::PacketBuilder;
+    let mut h = Harness::new(&[BACKEND]);
+    let port = 44000;
+    h.run(&tcp(CLIENT, port, VIP, 80, "S"));
+    h.run(&tcp(BACKEND, 8080, CLIENT, port, "SA"));
+    h.run(&tcp(CLIENT, port, VIP, 80, "A"));
+    h.apply(&cluster_yaml(&[]));
+    assert_eq!(end_retired(&mut h), 1);
+
+    let (verdict, out) = h.run(&tcp(CLIENT, port, VIP, 80, "A"));
+    assert_eq!(verdict, TC_ACT_REDIRECT, "sent back out of the interface");
+    let mut reset = Vec::new();
+    PacketBuilder::ethernet2(MAC_B, MAC_A)
+        .ipv4(VIP.octets(), CLIENT.octets(), 64)
+        // The client's segment acknowledged 2000: the reset carries that sequence number.
+        .tcp(80, port, 2000, 0)
+        .rst()
+        .write(&mut reset, &[])
+        .unwrap();
+    assert_eq!(out, reset);
+    assert_eq!(h.counter("reset_no_backend"), 1);
+
+    // A new connection is refused as before.
+    let (_, out) = h.run(&tcp(CLIENT, port + 1, VIP, 80, "S"));
+    assert_eq!(out[23], weir_common::PROTO_ICMP, "port unreachable");
+    assert_eq!(h.counter("reject_no_backend"), 1);
+}
+
+#[test]
+fn an_ipv6_connection_that_lost_its_last_endpoint_is_reset() {
+    use etherparse::PacketBuilder;
+    use std::net::Ipv6Addr;
+    let vip6: Ipv6Addr = "fd00:18:100::10".parse().unwrap();
+    let backend6: Ipv6Addr = "fd00:19:2::11".parse().unwrap();
+    let client6: Ipv6Addr = "fd00:19:1::10".parse().unwrap();
+    let six = |endpoints: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: six, namespace: default}}\n\
+             spec: {{clusterIPs: [\"{vip6}\"], ipFamilies: [IPv6], \
+             ports: [{{name: http, protocol: TCP, port: 80, targetPort: 8080}}]}}\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+             metadata: {{name: six-1, namespace: default, labels: {{kubernetes.io/service-name: six}}}}\n\
+             addressType: IPv6\nports: [{{name: http, protocol: TCP, port: 8080}}]\n\
+             endpoints: [{endpoints}]\n"
+        )
+    };
+    let mut h = Harness::new(&[]);
+    h.apply(&six(&format!("{{addresses: [\"{backend6}\"]}}")));
+    let port = 44100;
+    let (_, out) = h.run(&tcp6(client6, port, vip6, 80, "S"));
+    assert_eq!(out, tcp6(client6, port, backend6, 8080, "S"));
+    h.apply(&six(""));
+    assert_eq!(end_retired(&mut h), 1);
+
+    let (verdict, out) = h.run(&tcp6(client6, port, vip6, 80, "A"));
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let mut reset = Vec::new();
+    PacketBuilder::ethernet2(MAC_B, MAC_A)
+        .ipv6(vip6.octets(), client6.octets(), 64)
+        .tcp(80, port, 2000, 0)
+        .rst()
+        .write(&mut reset, &[])
+        .unwrap();
+    assert_eq!(out, reset);
+    assert_eq!(h.counter("reset_no_backend"), 1);
+}

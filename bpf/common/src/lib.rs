@@ -592,12 +592,15 @@ pub mod counter {
     /// A new flow to a load-balancer IP or NodePort from a source outside the Service's
     /// `loadBalancerSourceRanges`.
     pub const DROP_SOURCE_RANGE: u32 = 25;
+    /// A TCP segment (ACK, no SYN) of no known flow to a frontend without endpoints: its
+    /// connection ended with its last endpoint; answered with a reset from the frontend.
+    pub const RESET_NO_BACKEND: u32 = 26;
     /// Outcomes are the counters below this index: exactly one per packet.
-    pub const OUTCOMES: u32 = 26;
+    pub const OUTCOMES: u32 = 27;
     /// Event: a flow was answered, and its entries moved from the new-flow table to the
     /// established one. New flows minus promotions is what a flood leaves unanswered.
-    pub const CT_PROMOTED: u32 = 26;
-    pub const COUNT: u32 = 27;
+    pub const CT_PROMOTED: u32 = 27;
+    pub const COUNT: u32 = 28;
 
     /// Names for display, indexed by counter.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -627,6 +630,7 @@ pub mod counter {
         "icmp_too_big",
         "drop_tunnel_untrusted",
         "drop_source_range",
+        "reset_no_backend",
         "ct_promoted",
     ];
 }

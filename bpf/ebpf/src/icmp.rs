@@ -1,6 +1,7 @@
 //! ICMP: errors about translated flows are translated back; services without endpoints answer
-//! with "port unreachable" instead of swallowing packets, and packets too big for the tunnel
-//! with "fragmentation needed" / "packet too big" from the address the client used.
+//! with "port unreachable" instead of swallowing packets (or, to a segment of a connection that
+//! lost its last endpoint, with a TCP reset), and packets too big for the tunnel with
+//! "fragmentation needed" / "packet too big" from the address the client used.
 
 use aya_ebpf::{
     bindings::{bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, BPF_F_PSEUDO_HDR},
@@ -406,4 +407,83 @@ fn send_back(ctx: &TcContext) -> Result<i32, u32> {
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     // SAFETY: a helper taking plain integers.
     Ok(unsafe { bpf_redirect(ifindex, 0) } as i32)
+}
+
+/// A TCP segment with ACK set, to a frontend without endpoints and of no flow Weir knows: its
+/// connection was ended (its last endpoint went, or the agent ended its flow). Answered with a
+/// reset from the frontend, sequence number the segment's acknowledgement (what the client
+/// expects next, so it is accepted at once): an ICMP error would be a soft error an established
+/// connection ignores until its own timeout.
+#[inline(always)]
+pub fn resets(ctx: &TcContext, ip: &Ip) -> bool {
+    const SYN: u8 = 0x02;
+    const ACK: u8 = 0x10;
+    ip.proto == PROTO_TCP
+        && ip.l3() == IP_OFF
+        && load::<u8>(ctx, ip.l4_off + 13).is_ok_and(|flags| flags & (SYN | ACK) == ACK)
+}
+
+/// Turns the packet into that reset (see [`resets`]) and sends it back out of the interface.
+#[inline(never)]
+pub fn reset(ctx: &TcContext, ip: &Ip) -> Result<i32, u32> {
+    let failed = counter::DROP_REJECT_FAILED;
+    let ip_len = if ip.family == FAMILY_V4 {
+        IPV4_MIN_HLEN
+    } else {
+        IPV6_HLEN
+    };
+    // As for ICMP answers: no IP options or extension headers to carry over.
+    if ip.l4_off != IP_OFF + ip_len {
+        return Err(failed);
+    }
+    let incoming: [u8; TCP_MIN_HLEN] = load(ctx, ip.l4_off)?;
+    let mut tcp = [0u8; TCP_MIN_HLEN];
+    tcp[0..2].copy_from_slice(&incoming[2..4]);
+    tcp[2..4].copy_from_slice(&incoming[0..2]);
+    tcp[4..8].copy_from_slice(&incoming[8..12]);
+    tcp[12] = (TCP_MIN_HLEN as u8 / 4) << 4;
+    tcp[13] = 0x04; // RST
+    let sum = if ip.family == FAMILY_V4 {
+        let mut pseudo = [0u8; 12];
+        pseudo[0..4].copy_from_slice(&ip.daddr.v4_octets());
+        pseudo[4..8].copy_from_slice(&ip.saddr.v4_octets());
+        pseudo[9] = PROTO_TCP;
+        pseudo[10..12].copy_from_slice(&(TCP_MIN_HLEN as u16).to_be_bytes());
+        csum_add_bytes(&pseudo, 0)?
+    } else {
+        let mut pseudo = [0u8; 40];
+        pseudo[..16].copy_from_slice(&ip.daddr.bytes);
+        pseudo[16..32].copy_from_slice(&ip.saddr.bytes);
+        pseudo[32..36].copy_from_slice(&(TCP_MIN_HLEN as u32).to_be_bytes());
+        pseudo[39] = PROTO_TCP;
+        csum_add_bytes(&pseudo, 0)?
+    };
+    let csum = csum_fold(csum_add_bytes(&tcp, sum)?);
+    tcp[TCP_CSUM..TCP_CSUM + 2].copy_from_slice(&csum.to_ne_bytes());
+
+    resize(ctx, IP_OFF + ip_len + TCP_MIN_HLEN)?;
+    if ip.family == FAMILY_V4 {
+        let mut header = [0u8; IPV4_MIN_HLEN];
+        header[0] = 0x45;
+        header[2..4].copy_from_slice(&((IPV4_MIN_HLEN + TCP_MIN_HLEN) as u16).to_be_bytes());
+        header[6] = 0x40; // DF, as Linux's own resets
+        header[8] = 64;
+        header[9] = PROTO_TCP;
+        header[12..16].copy_from_slice(&ip.daddr.v4_octets());
+        header[16..20].copy_from_slice(&ip.saddr.v4_octets());
+        let csum = csum_fold(csum_add_bytes(&header, 0)?);
+        header[10..12].copy_from_slice(&csum.to_ne_bytes());
+        store(ctx, IP_OFF, &header).map_err(|_| failed)?;
+    } else {
+        let mut header = [0u8; IPV6_HLEN];
+        header[0] = 0x60;
+        header[4..6].copy_from_slice(&(TCP_MIN_HLEN as u16).to_be_bytes());
+        header[6] = PROTO_TCP;
+        header[7] = 64;
+        header[8..24].copy_from_slice(&ip.daddr.bytes);
+        header[24..40].copy_from_slice(&ip.saddr.bytes);
+        store(ctx, IP_OFF, &header).map_err(|_| failed)?;
+    }
+    store(ctx, IP_OFF + ip_len, &tcp).map_err(|_| failed)?;
+    send_back(ctx)
 }

@@ -164,6 +164,10 @@ fn process(ctx: &TcContext) -> Result<Verdict, u32> {
         _ => icmp::icmp_error(ctx, &ip),
     };
     // Answered here, not deeper down, to keep the call chain's stack within the verifier's limit.
+    if verdict.action() == ACTION_REJECT && icmp::resets(ctx, &ip) {
+        let action = icmp::reset(ctx, &ip)?;
+        return Ok(Verdict::redirect(counter::RESET_NO_BACKEND, action));
+    }
     if verdict.action() == ACTION_REJECT {
         let answer = icmp::Answer::port_unreachable(ip.family);
         let action = icmp::answer(ctx, &ip, &answer)?;
@@ -574,11 +578,6 @@ fn hairpin_addr(config: &NodeConfig, family: u8) -> Addr {
     }
 }
 
-/// The service a packet addresses: by its exact destination, or the NodePort of its port when
-/// it is addressed to one of this node's addresses (or arrived through the tunnel for DSR, when
-/// the destination is the address of the node the client used). Borrowed from the map; a call
-/// of its own so the keys do not sit on the flow path's stack.
-#[inline(never)]
 /// Whether `loadBalancerSourceRanges` of `service_id` hold the packet's source. Its own frame:
 /// the key is not on the flow path's stack.
 #[inline(never)]
@@ -596,6 +595,11 @@ fn source_allowed(ip: &Ip, service_id: u32) -> bool {
     SOURCE_RANGES.get(&key).is_some()
 }
 
+/// The service a packet addresses: by its exact destination, or the NodePort of its port when
+/// it is addressed to one of this node's addresses (or arrived through the tunnel for DSR, when
+/// the destination is the address of the node the client used). Borrowed from the map; a call
+/// of its own so the keys do not sit on the flow path's stack.
+#[inline(never)]
 fn find_service(ip: &Ip, dport_be: u16, from_tunnel: bool) -> Option<&'static ServiceValue> {
     let mut key = FrontendKey {
         addr: ip.daddr,

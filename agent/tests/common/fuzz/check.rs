@@ -108,6 +108,9 @@ pub fn rewrite(
     if let Some(after) = answer(&before, output) {
         return check_answer(input, &before, output, &after);
     }
+    if let Some(after) = reset(&before, output) {
+        return check_reset(input, &before, output, &after);
+    }
     if output.len() != input.len() {
         return broken(format!(
             "length {} -> {}, and no ICMP answer",
@@ -153,6 +156,49 @@ fn answer(before: &IpView, output: &[u8]) -> Option<IpView> {
     }
     parse_ip(output, ETH_HLEN)
         .filter(|after| after.proto == PROTO_ICMP || after.proto == PROTO_ICMPV6)
+}
+
+/// A TCP reset built in place of a TCP segment (a connection that lost its last endpoint).
+fn reset(before: &IpView, output: &[u8]) -> Option<IpView> {
+    if before.l3 != ETH_HLEN || before.proto != PROTO_TCP {
+        return None;
+    }
+    parse_ip(output, ETH_HLEN).filter(|after| {
+        after.proto == PROTO_TCP
+            && after.l4_len == 20
+            && output.get(after.l4 + 13) == Some(&0x04)
+            && (after.src, after.dst) == (before.dst, before.src)
+    })
+}
+
+/// The reset goes from the address the client used back to the client, port for port, with
+/// valid checksums, nothing behind it, and the sequence number the client acknowledged.
+fn check_reset(
+    input: &[u8],
+    before: &IpView,
+    output: &[u8],
+    after: &IpView,
+) -> Result<(), Violation> {
+    if after.end() != output.len() {
+        return broken("bytes behind the TCP reset");
+    }
+    if after.family == 4 && ipv4_header_residual(output, after) != 0xffff {
+        return broken("TCP reset: bad IPv4 header checksum");
+    }
+    if l4_residual(after, &output[after.l4..after.end()]) != 0xffff {
+        return broken("TCP reset: bad TCP checksum");
+    }
+    let ports_in = input.get(before.l4..before.l4 + 4);
+    let ports_out = &output[after.l4..after.l4 + 4];
+    if ports_in.map(|p| [p[2], p[3], p[0], p[1]])
+        != Some([ports_out[0], ports_out[1], ports_out[2], ports_out[3]])
+    {
+        return broken("TCP reset: ports not the segment's, swapped");
+    }
+    if input.get(before.l4 + 8..before.l4 + 12) != Some(&output[after.l4 + 4..after.l4 + 8]) {
+        return broken("TCP reset: sequence number not the segment's acknowledgement");
+    }
+    Ok(())
 }
 
 fn check_answer(
