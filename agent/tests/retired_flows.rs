@@ -175,14 +175,10 @@ fn a_connection_that_lost_its_last_endpoint_is_reset() {
 
     let (verdict, out) = h.run(&tcp(CLIENT, port, VIP, 80, "A"));
     assert_eq!(verdict, TC_ACT_REDIRECT, "sent back out of the interface");
-    let mut reset = Vec::new();
-    PacketBuilder::ethernet2(MAC_B, MAC_A)
-        .ipv4(VIP.octets(), CLIENT.octets(), 64)
-        // The client's segment acknowledged 2000: the reset carries that sequence number.
-        .tcp(80, port, 2000, 0)
-        .rst()
-        .write(&mut reset, &[])
-        .unwrap();
+    let reset = reset_from(
+        PacketBuilder::ethernet2(MAC_B, MAC_A).ipv4(VIP.octets(), CLIENT.octets(), 64),
+        port,
+    );
     assert_eq!(out, reset);
     assert_eq!(h.counter("reset_no_backend"), 1);
 
@@ -220,13 +216,21 @@ fn an_ipv6_connection_that_lost_its_last_endpoint_is_reset() {
 
     let (verdict, out) = h.run(&tcp6(client6, port, vip6, 80, "A"));
     assert_eq!(verdict, TC_ACT_REDIRECT);
+    let reset = reset_from(
+        PacketBuilder::ethernet2(MAC_B, MAC_A).ipv6(vip6.octets(), client6.octets(), 64),
+        port,
+    );
+    assert_eq!(out, reset);
+    assert_eq!(h.counter("reset_no_backend"), 1);
+}
+
+/// The reset port 80 of the frontend sends the client's `port`: the client's segment
+/// acknowledged 2000, and the reset carries that sequence number.
+fn reset_from(ip: etherparse::PacketBuilderStep<etherparse::IpHeaders>, port: u16) -> Vec<u8> {
     let mut reset = Vec::new();
-    PacketBuilder::ethernet2(MAC_B, MAC_A)
-        .ipv6(vip6.octets(), client6.octets(), 64)
-        .tcp(80, port, 2000, 0)
+    ip.tcp(80, port, 2000, 0)
         .rst()
         .write(&mut reset, &[])
         .unwrap();
-    assert_eq!(out, reset);
-    assert_eq!(h.counter("reset_no_backend"), 1);
+    reset
 }

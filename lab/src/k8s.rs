@@ -448,6 +448,25 @@ pub fn listed_endpoints(
     out
 }
 
+/// A pod as an endpoint of a slice of one family (None: the pod has no address of it).
+fn pod_endpoint(pod: &PodPlan, v6: bool, conditions: ConditionsYaml) -> Option<Endpoint> {
+    let address = if v6 {
+        IpAddr::V6(pod.ip6?)
+    } else {
+        IpAddr::V4(pod.ip)
+    };
+    Some(Endpoint {
+        addresses: vec![address],
+        conditions,
+        node_name: format!("node{}", pod.node),
+        target_ref: TargetRef {
+            kind: "Pod",
+            name: pod.name.clone(),
+            namespace: NAMESPACE.to_owned(),
+        },
+    })
+}
+
 /// A `[[endpoint_slices]]` entry as the object it stands for.
 fn manual_slice_object(slice: &ManualSlice, plan: &Plan) -> EndpointSlice {
     let v6 = slice.family == Family::Ipv6;
@@ -455,26 +474,12 @@ fn manual_slice_object(slice: &ManualSlice, plan: &Plan) -> EndpointSlice {
         .endpoints
         .iter()
         .filter_map(|e| {
-            let pod = plan.pod(&e.pod)?;
-            let address = if v6 {
-                IpAddr::V6(pod.ip6?)
-            } else {
-                IpAddr::V4(pod.ip)
+            let conditions = ConditionsYaml {
+                ready: e.ready,
+                serving: e.serving,
+                terminating: e.terminating,
             };
-            Some(Endpoint {
-                addresses: vec![address],
-                conditions: ConditionsYaml {
-                    ready: e.ready,
-                    serving: e.serving,
-                    terminating: e.terminating,
-                },
-                node_name: format!("node{}", pod.node),
-                target_ref: TargetRef {
-                    kind: "Pod",
-                    name: pod.name.clone(),
-                    namespace: NAMESPACE.to_owned(),
-                },
-            })
+            pod_endpoint(plan.pod(&e.pod)?, v6, conditions)
         })
         .collect();
     let mut labels = slice.labels.clone();
@@ -510,25 +515,12 @@ fn slice_object(svc: &ServiceSpec, slice: &SlicePlan<'_>) -> EndpointSlice {
         .endpoints
         .iter()
         .filter_map(|(pod, c)| {
-            let address = if slice.v6 {
-                IpAddr::V6(pod.ip6?)
-            } else {
-                IpAddr::V4(pod.ip)
+            let conditions = ConditionsYaml {
+                ready: c.ready,
+                serving: c.serving,
+                terminating: c.terminating,
             };
-            Some(Endpoint {
-                addresses: vec![address],
-                conditions: ConditionsYaml {
-                    ready: c.ready,
-                    serving: c.serving,
-                    terminating: c.terminating,
-                },
-                node_name: format!("node{}", pod.node),
-                target_ref: TargetRef {
-                    kind: "Pod",
-                    name: pod.name.clone(),
-                    namespace: NAMESPACE.to_owned(),
-                },
-            })
+            pod_endpoint(pod, slice.v6, conditions)
         })
         .collect();
     // The first slice of each family keeps the name earlier versions of the lab gave it.

@@ -374,22 +374,8 @@ fn probes_hit_healthz_and_readyz_on_the_loopback_metrics_port_of_the_config() {
 
 #[test]
 fn config_map_is_a_valid_agent_config_once_the_node_name_is_added() {
-    use weir_agent::config::{ConfigLayer, SourceKind};
-    let m = load();
-    let text = m
-        .config_map
-        .data
-        .as_ref()
-        .and_then(|d| d.get("config.toml"))
-        .unwrap();
-    // The agent's own parser: unknown keys are errors there too.
-    let file: ConfigLayer = toml::from_str(text).unwrap_or_else(|e| panic!("config.toml: {e}"));
-    // What WEIR_NODE_NAME adds in the pod (the downward API).
-    let from_environment = ConfigLayer {
-        node_name: Some("node-1".into()),
-        ..Default::default()
-    };
-    let config = from_environment.over(file).finish().unwrap();
+    use weir_agent::config::SourceKind;
+    let config = shipped_agent_config(&load());
     assert_eq!(config.source, SourceKind::Kubernetes);
     assert_eq!(config.metrics_listen.port(), 9464);
     assert!(config.metrics_listen.ip().is_loopback());
@@ -402,22 +388,8 @@ fn config_map_is_a_valid_agent_config_once_the_node_name_is_added() {
 /// shipped configuration turns them on, on the cgroup v2 root the DaemonSet mounts from the host.
 #[test]
 fn host_network_processes_reach_cluster_ips_by_default() {
-    use weir_agent::config::ConfigLayer;
     let m = load();
-    let text = m
-        .config_map
-        .data
-        .as_ref()
-        .and_then(|d| d.get("config.toml"))
-        .unwrap();
-    let file: ConfigLayer = toml::from_str(text).unwrap();
-    let config = ConfigLayer {
-        node_name: Some("node-1".into()),
-        ..Default::default()
-    }
-    .over(file)
-    .finish()
-    .unwrap();
+    let config = shipped_agent_config(&m);
     assert!(config.host_services.enabled, "host services on by default");
     let pod = m
         .daemon_set
@@ -447,6 +419,24 @@ fn host_network_processes_reach_cluster_ips_by_default() {
         Some("/sys/fs/cgroup"),
         "the host's cgroup v2 root"
     );
+}
+
+/// The ConfigMap's config.toml as the agent resolves it in a pod, where WEIR_NODE_NAME (the
+/// downward API) adds the node name; read by the agent's own parser, so unknown keys fail here.
+fn shipped_agent_config(m: &Manifests) -> weir_agent::config::AgentConfig {
+    use weir_agent::config::ConfigLayer;
+    let text = m
+        .config_map
+        .data
+        .as_ref()
+        .and_then(|d| d.get("config.toml"))
+        .unwrap();
+    let file: ConfigLayer = toml::from_str(text).unwrap_or_else(|e| panic!("config.toml: {e}"));
+    let from_environment = ConfigLayer {
+        node_name: Some("node-1".into()),
+        ..Default::default()
+    };
+    from_environment.over(file).finish().unwrap()
 }
 
 fn agent_config_toml(config_map: &ConfigMap) -> toml::Table {
