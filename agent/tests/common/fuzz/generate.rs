@@ -334,7 +334,8 @@ fn lie_about_length(rng: &mut Rng, frame: &mut [u8], l3: usize) {
 }
 
 fn ipv4_options(rng: &mut Rng, frame: &mut Vec<u8>, l3: usize) {
-    let Some(ip) = parse_ip_header(frame, l3).filter(|ip| ip.family == 4) else {
+    let Some(ip) = parse_ip_header(frame, l3).filter(|ip| ip.family == 4 && ip.l4 <= frame.len())
+    else {
         return;
     };
     let words = 1 + rng.below(10);
@@ -358,7 +359,9 @@ fn ipv4_options(rng: &mut Rng, frame: &mut Vec<u8>, l3: usize) {
 
 /// A chain of IPv6 extension headers: any order, loops of one type, lengths that overrun.
 fn ipv6_extension_chain(rng: &mut Rng, frame: &mut Vec<u8>, l3: usize) {
-    let Some(ip) = parse_ip_header(frame, l3).filter(|ip| ip.family == 6) else {
+    // A frame an earlier mutation cut inside the header has nowhere to put the chain.
+    let Some(ip) = parse_ip_header(frame, l3).filter(|ip| ip.family == 6 && ip.l4 <= frame.len())
+    else {
         return;
     };
     let looping = rng.percent(20);
@@ -400,7 +403,7 @@ fn ipv6_extension_chain(rng: &mut Rng, frame: &mut Vec<u8>, l3: usize) {
 
 /// IPv4 More Fragments and offsets, or an IPv6 fragment header.
 fn fragment(rng: &mut Rng, frame: &mut Vec<u8>, l3: usize) {
-    let Some(ip) = parse_ip_header(frame, l3) else {
+    let Some(ip) = parse_ip_header(frame, l3).filter(|ip| ip.l4 <= frame.len()) else {
         return;
     };
     let offset = rng.below(0x2000) as u16;
