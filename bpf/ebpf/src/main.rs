@@ -152,21 +152,9 @@ fn process(ctx: &TcContext) -> Result<Verdict, u32> {
         return Err(counter::DROP_TUNNEL_UNTRUSTED);
     }
     let mut ip = Ip::EMPTY;
-    let bare = tunnel::is_bare_ip(ctx, config);
-    let parsed = parse(ctx, bare, &mut ip);
+    let parsed = parse(ctx, tunnel::is_bare_ip(ctx, config), &mut ip);
     if parsed != PARSED {
         return match not_for_us(parsed) {
-            // Not taken whole, but addressed to a service: never passed on untranslated.
-            NotForUs::Pass(c)
-                if matches!(
-                    c,
-                    counter::PASS_FRAGMENT
-                        | counter::PASS_OTHER_PROTO
-                        | counter::PASS_IPV6_EXTENSION
-                ) && packet::destination(ctx, bare).is_some_and(|d| is_service_key(&d)) =>
-            {
-                Err(counter::DROP_UNTRANSLATED)
-            }
             NotForUs::Pass(c) => Ok(Verdict::pass(c)),
             NotForUs::Drop(c) => Err(c),
         };
@@ -607,18 +595,14 @@ fn untranslated(ip: &Ip, pass: u32) -> Verdict {
     }
 }
 
-#[inline(always)]
+#[inline(never)]
 fn is_service_address(ip: &Ip) -> bool {
-    is_service_key(&HostAddrKey {
+    let key = HostAddrKey {
         addr: ip.daddr,
         family: ip.family,
         _pad: [0; 3],
-    })
-}
-
-#[inline(never)]
-fn is_service_key(key: &HostAddrKey) -> bool {
-    SERVICE_ADDRS.get_ptr(key).is_some()
+    };
+    SERVICE_ADDRS.get_ptr(&key).is_some()
 }
 
 /// Whether `loadBalancerSourceRanges` of `service_id` hold the packet's source. Its own frame:

@@ -11,8 +11,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use weir_common::{
-    counter, Addr, CtKey, HostAddrKey, FAMILY_V4, FAMILY_V6, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP,
-    PROTO_UDP,
+    counter, Addr, CtKey, FAMILY_V4, FAMILY_V6, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
 };
 
 pub const ETH_HLEN: usize = 14;
@@ -148,33 +147,6 @@ pub fn parse(ctx: &TcContext, bare: bool, ip: &mut Ip) -> u64 {
         Err(NotForUs::Pass(c)) => c as u64,
         Err(NotForUs::Drop(c)) => NOT_FOR_US_DROP | c as u64,
     }
-}
-
-/// The destination of a packet [`parse`] did not take whole (a fragment, another protocol, an
-/// IPv6 extension it does not walk): enough to tell whether it is addressed to a service.
-#[inline(never)]
-pub fn destination(ctx: &TcContext, bare: bool) -> Option<HostAddrKey> {
-    let (family, off) = if bare {
-        (FAMILY_V4, bare_ip_offset(ctx).ok()?)
-    } else {
-        match u16::from_be(load::<u16>(ctx, 12).ok()?) {
-            ETH_P_IP => (FAMILY_V4, IP_OFF),
-            ETH_P_IPV6 => (FAMILY_V6, IP_OFF),
-            _ => return None,
-        }
-    };
-    let addr = if family == FAMILY_V4 {
-        Addr::from_v4(load::<[u8; 4]>(ctx, off + 16).ok()?)
-    } else {
-        Addr {
-            bytes: load::<[u8; 16]>(ctx, off + 24).ok()?,
-        }
-    };
-    Some(HostAddrKey {
-        addr,
-        family,
-        _pad: [0; 3],
-    })
 }
 
 /// What a result of [`parse`] other than [`PARSED`] means.
