@@ -137,9 +137,6 @@ pub struct MapsConfig {
     pub host_addrs: u32,
     /// `WEIR_TUNNEL_PEERS`: every address of every Node (the tunnel's only accepted senders).
     pub tunnel_peers: u32,
-    /// `WEIR_SERVICE_ADDRS`: ClusterIPs, external and load-balancer IPs that are no node's
-    /// (their untranslated packets are dropped).
-    pub service_addrs: u32,
     /// `WEIR_POD_INTERFACES`: pod interfaces on this node.
     pub pod_interfaces: u32,
 }
@@ -176,14 +173,13 @@ impl MapsConfig {
             sock_reverse: capacity::SOCK_REVERSE,
             host_addrs: capacity::HOST_ADDRS,
             tunnel_peers: capacity::TUNNEL_PEERS,
-            service_addrs: capacity::SERVICE_ADDRS,
             pod_interfaces: capacity::POD_INTERFACES,
         }
     };
 
     /// Every configurable map with its capacity: the one place that says which key sizes which
     /// map. Loading, admission and the capacity metrics all read it.
-    pub fn capacities(&self) -> [MapCapacity; 13] {
+    pub fn capacities(&self) -> [MapCapacity; 12] {
         use weir_common::map_names;
         let row = |key, map, entries, max| MapCapacity {
             key,
@@ -240,12 +236,6 @@ impl MapsConfig {
                 "host_addrs",
                 map_names::HOST_ADDRS,
                 self.host_addrs,
-                MAX_MAP_ENTRIES,
-            ),
-            row(
-                "service_addrs",
-                map_names::SERVICE_ADDRS,
-                self.service_addrs,
                 MAX_MAP_ENTRIES,
             ),
             row(

@@ -396,7 +396,6 @@ pub struct NodeMaps {
     host_addrs: HashMap<MapData, HostAddrKey, u32>,
     tunnel_peers: HashMap<MapData, HostAddrKey, u32>,
     pod_interfaces: HashMap<MapData, u32, u32>,
-    service_addrs: HashMap<MapData, HostAddrKey, u32>,
     config: Array<MapData, NodeConfig>,
 }
 
@@ -406,7 +405,6 @@ impl NodeMaps {
             host_addrs: take_map(ebpf, map_names::HOST_ADDRS)?,
             tunnel_peers: take_map(ebpf, map_names::TUNNEL_PEERS)?,
             pod_interfaces: take_map(ebpf, map_names::POD_INTERFACES)?,
-            service_addrs: take_map(ebpf, map_names::SERVICE_ADDRS)?,
             config: take_map(ebpf, map_names::NODE_CONFIG)?,
         })
     }
@@ -416,7 +414,6 @@ impl NodeMaps {
             host_addrs: open_pinned(dir, map_names::HOST_ADDRS)?,
             tunnel_peers: open_pinned(dir, map_names::TUNNEL_PEERS)?,
             pod_interfaces: open_pinned(dir, map_names::POD_INTERFACES)?,
-            service_addrs: open_pinned(dir, map_names::SERVICE_ADDRS)?,
             config: open_pinned(dir, map_names::NODE_CONFIG)?,
         })
     }
@@ -443,15 +440,6 @@ impl NodeMaps {
         wanted: &BTreeSet<HostAddrKey>,
     ) -> Result<usize, DataplaneError> {
         set_key_set(&mut self.tunnel_peers, wanted, map_names::TUNNEL_PEERS)
-    }
-
-    /// Makes exactly `wanted` the service addresses whose untranslated packets are dropped.
-    /// Returns the writes.
-    pub fn set_service_addrs(
-        &mut self,
-        wanted: &BTreeSet<HostAddrKey>,
-    ) -> Result<usize, DataplaneError> {
-        set_key_set(&mut self.service_addrs, wanted, map_names::SERVICE_ADDRS)
     }
 
     /// Makes exactly the interfaces in `wanted` (ifindexes) count as pods'. Returns the writes.
@@ -570,7 +558,6 @@ pub fn fill_levels(dir: &Path) -> Vec<(&'static str, Result<MapFill, DataplaneEr
         fill::<HostAddrKey, u32>(dir, map_names::HOST_ADDRS),
         fill::<HostAddrKey, u32>(dir, map_names::TUNNEL_PEERS),
         fill::<u32, u32>(dir, map_names::POD_INTERFACES),
-        fill::<HostAddrKey, u32>(dir, map_names::SERVICE_ADDRS),
         (
             map_names::SOURCE_RANGES,
             (|| {

@@ -61,20 +61,6 @@ pub fn tunnel_peers<'a>(nodes: impl IntoIterator<Item = &'a NodeIntent>) -> BTre
         .collect()
 }
 
-/// The addresses whose untranslated packets the data path drops: every ClusterIP, external IP
-/// and load-balancer IP of the Services, except any Node's address (an external IP may be a
-/// node's, and that node's other ports are the node's own business).
-pub fn service_addresses(intent: &crate::intent::ClusterIntent) -> BTreeSet<HostAddrKey> {
-    let nodes = tunnel_peers(intent.nodes.values());
-    intent
-        .services
-        .values()
-        .flat_map(|s| s.cluster_ips.iter().chain(&s.external_ips))
-        .map(|ip| addr_key(*ip))
-        .filter(|key| !nodes.contains(key))
-        .collect()
-}
-
 /// The tunnel device as the programs need it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Tunnel {

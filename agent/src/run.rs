@@ -197,7 +197,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let mut terminate = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let mut interfaces = InterfaceSync::default();
-    let mut written = NodeSets::default();
+    let mut tunnel_peers = None;
 
     loop {
         tokio::select! {
@@ -206,7 +206,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
                 interfaces.sync(&config, &mut dataplane, &health, &metrics);
                 if source.poll(retry, false, &config.node_name, &metrics, &health, &mut |e| reconciler.stage(&e)) {
                     drift.writing();
-                    retry = apply(&mut reconciler, &mut dataplane, &health, &metrics, &mut written);
+                    retry = apply(&mut reconciler, &mut dataplane, &health, &metrics, &mut tunnel_peers);
                     health_checks.update(health_check::desired(reconciler.intent(), &config.node_name));
                 }
             }
@@ -214,7 +214,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
                 health.beat();
                 if source.poll(retry, true, &config.node_name, &metrics, &health, &mut |e| reconciler.stage(&e)) {
                     drift.writing();
-                    retry = apply(&mut reconciler, &mut dataplane, &health, &metrics, &mut written);
+                    retry = apply(&mut reconciler, &mut dataplane, &health, &metrics, &mut tunnel_peers);
                     health_checks.update(health_check::desired(reconciler.intent(), &config.node_name));
                 }
             }
@@ -416,7 +416,7 @@ fn apply(
     dataplane: &mut Dataplane,
     health: &Health,
     metrics: &Metrics,
-    written: &mut NodeSets,
+    peers: &mut Option<BTreeSet<HostAddrKey>>,
 ) -> bool {
     // The source staged its events already.
     let services = reconciler
@@ -447,23 +447,27 @@ fn apply(
         ),
         Err(e) => warn!(error = %e, "ending the flows of retired endpoints failed"),
     }
-    // Node objects come and go with the same events: the tunnel follows them, and the service
-    // addresses (which exclude nodes') follow both.
-    let tunnel = sync_set(
-        &mut written.tunnel_peers,
-        node::tunnel_peers(reconciler.intent().nodes.values()),
-        |wanted| dataplane.node.set_tunnel_peers(wanted),
-        map_names::TUNNEL_PEERS,
-        metrics,
-    );
-    let addresses = sync_set(
-        &mut written.service_addrs,
-        node::service_addresses(reconciler.intent()),
-        |wanted| dataplane.node.set_service_addrs(wanted),
-        map_names::SERVICE_ADDRS,
-        metrics,
-    );
-    let outcome = services.and(tunnel).and(addresses);
+    // Node objects come and go with the same events: the tunnel follows them.
+    let wanted = node::tunnel_peers(reconciler.intent().nodes.values());
+    let tunnel = if peers.as_ref() == Some(&wanted) {
+        Ok(())
+    } else {
+        match dataplane.node.set_tunnel_peers(&wanted) {
+            Ok(writes) => {
+                if writes > 0 {
+                    info!(writes, peers = wanted.len(), "tunnel peers updated");
+                }
+                metrics.set_map_entries(map_names::TUNNEL_PEERS, wanted.len());
+                *peers = Some(wanted);
+                Ok(())
+            }
+            Err(e) => {
+                error!(error = %e, "updating tunnel peers failed; will retry");
+                Err(format!("tunnel peers: {e}"))
+            }
+        }
+    };
+    let outcome = services.and(tunnel);
     metrics.record_pass(outcome.is_ok());
     match outcome {
         Ok(()) => {
@@ -473,41 +477,6 @@ fn apply(
         Err(reason) => {
             health.sync_failed(reason);
             true
-        }
-    }
-}
-
-/// The node-wide key sets a pass writes, as last written (None until written), so such a map is
-/// read and written only when its set changes.
-#[derive(Default)]
-struct NodeSets {
-    tunnel_peers: Option<BTreeSet<HostAddrKey>>,
-    service_addrs: Option<BTreeSet<HostAddrKey>>,
-}
-
-/// Brings one node-wide key set to `wanted` unless it is what was last written.
-fn sync_set(
-    last: &mut Option<BTreeSet<HostAddrKey>>,
-    wanted: BTreeSet<HostAddrKey>,
-    write: impl FnOnce(&BTreeSet<HostAddrKey>) -> Result<usize, crate::dataplane::DataplaneError>,
-    map: &'static str,
-    metrics: &Metrics,
-) -> Result<(), String> {
-    if last.as_ref() == Some(&wanted) {
-        return Ok(());
-    }
-    match write(&wanted) {
-        Ok(writes) => {
-            if writes > 0 {
-                info!(writes, entries = wanted.len(), map, "node map updated");
-            }
-            metrics.set_map_entries(map, wanted.len());
-            *last = Some(wanted);
-            Ok(())
-        }
-        Err(e) => {
-            error!(error = %e, map, "updating a node map failed; will retry");
-            Err(format!("{map}: {e}"))
         }
     }
 }
@@ -535,31 +504,17 @@ fn repair_drift(
             warn!(error = %e, "repairing drifted service map entries failed; the next pass rereads the maps")
         }
     }
-    let intent = reconciler.intent();
-    let sets = [
-        (
-            map_names::TUNNEL_PEERS,
-            node::tunnel_peers(intent.nodes.values()),
-        ),
-        (map_names::SERVICE_ADDRS, node::service_addresses(intent)),
-    ];
-    for (map, wanted) in sets {
-        let written = if map == map_names::TUNNEL_PEERS {
-            dataplane.node.set_tunnel_peers(&wanted)
-        } else {
-            dataplane.node.set_service_addrs(&wanted)
-        };
-        match written {
-            Ok(0) => {}
-            Ok(writes) => {
-                metrics.record_drift(map, writes);
-                warn!(
-                    writes,
-                    map, "a node map was changed outside the agent; written back"
-                );
-            }
-            Err(e) => warn!(error = %e, map, "checking a node map failed"),
+    let wanted = node::tunnel_peers(reconciler.intent().nodes.values());
+    match dataplane.node.set_tunnel_peers(&wanted) {
+        Ok(0) => {}
+        Ok(writes) => {
+            metrics.record_drift(weir_common::map_names::TUNNEL_PEERS, writes);
+            warn!(
+                writes,
+                "tunnel peers were changed outside the agent; written back"
+            );
         }
+        Err(e) => warn!(error = %e, "checking tunnel peers failed"),
     }
     match dataplane.node.config() {
         Ok(current) if current == *node_config => {}

@@ -691,51 +691,6 @@ fn an_invalid_source_range_is_refused_and_the_last_good_version_kept() {
     );
 }
 
-/// A packet to a service address that no frontend takes (a port the Service does not have, an
-/// echo request) is dropped and counted, never passed on to leave by the default route; a node
-/// address used as an external IP keeps its other ports, and other addresses pass as before.
-#[test]
-fn untranslated_packets_to_service_addresses_are_dropped() {
-    // A second Service uses node2's address as an external IP, on a port in the NodePort range
-    // (the only ports a Service may claim on a node's address).
-    let yaml = format!(
-        "{}---\napiVersion: v1\nkind: Service\nmetadata: {{name: edge, namespace: default}}\n\
-         spec: {{clusterIP: 198.18.100.40, externalIPs: [\"{NODE2}\"], \
-         ports: [{{name: web, protocol: TCP, port: 30500, targetPort: 8080}}]}}\n",
-        web(&[(POD_N1, "node1")], "")
-    );
-    let mut h = node1(&yaml, 0, 0, false);
-    assert_eq!(h.apply(&yaml).rejected_objects, 0);
-    let addrs = weir_agent::node::service_addresses(h.reconciler.intent());
-    h.dataplane
-        .node
-        .set_service_addrs(&addrs)
-        .expect("service addresses");
-    for frontend in [VIP, EXTERNAL_IP, LB_IP] {
-        let wrong_port = tcp(EXTERNAL_CLIENT, 45000, frontend, 81, "S");
-        assert_eq!(h.run(&wrong_port).0, TC_ACT_SHOT, "{frontend}:81");
-        let wrong_proto = udp(EXTERNAL_CLIENT, 45001, frontend, 80);
-        assert_eq!(h.run(&wrong_proto).0, TC_ACT_SHOT, "{frontend} UDP 80");
-    }
-    assert_eq!(h.run(&icmp_echo(EXTERNAL_CLIENT, VIP)).0, TC_ACT_SHOT);
-    assert_eq!(h.counter("drop_untranslated"), 7);
-    // The frontends themselves still translate.
-    let (_, out) = h.run(&tcp(EXTERNAL_CLIENT, 45002, VIP, 80, "S"));
-    assert_eq!(out, tcp(EXTERNAL_CLIENT, 45002, POD_N1, 8080, "S"));
-    // A node's address is no service address: its other ports are the node's.
-    let ssh = tcp(EXTERNAL_CLIENT, 45003, NODE2, 22, "S");
-    assert_eq!(h.run(&ssh), (TC_ACT_OK, ssh));
-    let elsewhere = tcp(
-        EXTERNAL_CLIENT,
-        45004,
-        Ipv4Addr::new(198, 18, 250, 1),
-        81,
-        "S",
-    );
-    assert_eq!(h.run(&elsewhere), (TC_ACT_OK, elsewhere));
-    assert_eq!(h.counter("drop_untranslated"), 7);
-}
-
 const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x19, 1, 0, 0, 0, 0, 0x10);
 const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x18, 0x100, 0, 0, 0, 0, 0x10);
 const BACKEND6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x19, 2, 0, 0, 0, 0, 0x11);

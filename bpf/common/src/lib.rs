@@ -40,14 +40,11 @@ pub mod map_names {
     pub const SOCK_REVERSE: &str = "WEIR_SOCK_REVERSE";
     /// Underlay addresses of the cluster's nodes: the only senders the tunnel device accepts.
     pub const TUNNEL_PEERS: &str = "WEIR_TUNNEL_PEERS";
-    /// Addresses of frontends that are no node's (ClusterIPs, external and load-balancer IPs):
-    /// a packet to one that no frontend takes is dropped, not forwarded.
-    pub const SERVICE_ADDRS: &str = "WEIR_SERVICE_ADDRS";
     /// Ifindexes of this node's pod interfaces: packets entering there come from inside the
     /// cluster.
     pub const POD_INTERFACES: &str = "WEIR_POD_INTERFACES";
     /// Every map the agent pins, in the order it creates them.
-    pub const PINNED: [&str; 16] = [
+    pub const PINNED: [&str; 15] = [
         SERVICES,
         BACKEND_SLOTS,
         BACKENDS,
@@ -63,7 +60,6 @@ pub mod map_names {
         SOCK_REVERSE,
         TUNNEL_PEERS,
         POD_INTERFACES,
-        SERVICE_ADDRS,
     ];
 }
 
@@ -117,8 +113,6 @@ pub mod capacity {
     pub const SOCK_REVERSE: u32 = 65_536;
     /// Node addresses the tunnel accepts packets from (every address of every Node).
     pub const TUNNEL_PEERS: u32 = 65_536;
-    /// Service addresses that are no node's.
-    pub const SERVICE_ADDRS: u32 = 65_536;
     /// Pod interfaces on one node.
     pub const POD_INTERFACES: u32 = 4096;
 }
@@ -601,15 +595,12 @@ pub mod counter {
     /// A TCP segment (ACK, no SYN) of no known flow to a frontend without endpoints: its
     /// connection ended with its last endpoint; answered with a reset from the frontend.
     pub const RESET_NO_BACKEND: u32 = 26;
-    /// A packet to a service address that no frontend takes (another port or protocol, an echo
-    /// request): dropped, where passing it on would send it out by the default route.
-    pub const DROP_UNTRANSLATED: u32 = 27;
     /// Outcomes are the counters below this index: exactly one per packet.
-    pub const OUTCOMES: u32 = 28;
+    pub const OUTCOMES: u32 = 27;
     /// Event: a flow was answered, and its entries moved from the new-flow table to the
     /// established one. New flows minus promotions is what a flood leaves unanswered.
-    pub const CT_PROMOTED: u32 = 28;
-    pub const COUNT: u32 = 29;
+    pub const CT_PROMOTED: u32 = 27;
+    pub const COUNT: u32 = 28;
 
     /// Names for display, indexed by counter.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -640,7 +631,6 @@ pub mod counter {
         "drop_tunnel_untrusted",
         "drop_source_range",
         "reset_no_backend",
-        "drop_untranslated",
         "ct_promoted",
     ];
 }

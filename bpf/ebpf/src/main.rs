@@ -45,7 +45,7 @@ use weir_common::{
 use crate::lb::{select_backend, NO_BACKEND};
 use crate::maps::{
     count, node_config, BACKENDS, CONNTRACK, CT_NEW, HOST_ADDRS, POD_INTERFACES, SCRATCH, SERVICES,
-    SERVICE_ADDRS, SOURCE_RANGES,
+    SOURCE_RANGES,
 };
 use crate::packet::{
     ct_key, ktime, load, not_for_us, parse, rewrite_l4, swap_macs, Ip, NotForUs, Side, PARSED,
@@ -161,12 +161,7 @@ fn process(ctx: &TcContext) -> Result<Verdict, u32> {
     }
     let verdict = match ip.proto {
         PROTO_TCP | PROTO_UDP => flow(ctx, &mut ip, config, &from_tunnel),
-        _ => match icmp::icmp_error(ctx, &ip) {
-            v if v.counter() == counter::PASS_ICMP_UNRELATED => {
-                untranslated(&ip, counter::PASS_ICMP_UNRELATED)
-            }
-            v => v,
-        },
+        _ => icmp::icmp_error(ctx, &ip),
     };
     // Answered here, not deeper down, to keep the call chain's stack within the verifier's limit.
     if verdict.action() == ACTION_REJECT && icmp::resets(ctx, &ip) {
@@ -314,7 +309,7 @@ fn flow_inner(
     }
 
     let Some(service) = find_service(ip, dport_be, from_tunnel.is_some()) else {
-        return Ok(untranslated(ip, counter::PASS_NO_SERVICE));
+        return Ok(Verdict::pass(counter::PASS_NO_SERVICE));
     };
     // loadBalancerSourceRanges: only listed sources start flows at a restricted frontend. A
     // packet from the tunnel was checked by the node it entered.
@@ -581,28 +576,6 @@ fn hairpin_addr(config: &NodeConfig, family: u8) -> Addr {
     } else {
         config.hairpin_v6
     }
-}
-
-/// A packet no frontend takes: passed on, unless it is addressed to a service address (a
-/// ClusterIP, an external or load-balancer IP that is no node's), where it would leave by the
-/// default route onto the underlay: then dropped and counted.
-#[inline(always)]
-fn untranslated(ip: &Ip, pass: u32) -> Verdict {
-    if is_service_address(ip) {
-        Verdict::drop(counter::DROP_UNTRANSLATED)
-    } else {
-        Verdict::pass(pass)
-    }
-}
-
-#[inline(never)]
-fn is_service_address(ip: &Ip) -> bool {
-    let key = HostAddrKey {
-        addr: ip.daddr,
-        family: ip.family,
-        _pad: [0; 3],
-    };
-    SERVICE_ADDRS.get_ptr(&key).is_some()
 }
 
 /// Whether `loadBalancerSourceRanges` of `service_id` hold the packet's source. Its own frame:

@@ -40,10 +40,6 @@ pub static HOST_ADDRS: HashMap<HostAddrKey, u32> =
     HashMap::with_max_entries(capacity::HOST_ADDRS, BPF_F_NO_PREALLOC);
 
 /// Every address of every Node: the tunnel device takes packets from these senders only.
-#[map(name = "WEIR_SERVICE_ADDRS")]
-pub static SERVICE_ADDRS: HashMap<HostAddrKey, u32> =
-    HashMap::with_max_entries(capacity::SERVICE_ADDRS, BPF_F_NO_PREALLOC);
-
 #[map(name = "WEIR_TUNNEL_PEERS")]
 pub static TUNNEL_PEERS: HashMap<HostAddrKey, u32> =
     HashMap::with_max_entries(capacity::TUNNEL_PEERS, BPF_F_NO_PREALLOC);
