@@ -149,13 +149,14 @@ fn facts(
             (_, p) => (p.map_or(0, |p| p.seen), value.seen),
         };
         // A reply entry whose client entry is gone (its endpoint retired) only waits for
-        // answers in flight: it goes as a closing connection does.
+        // answers in flight: it goes as a closing connection does, UDP's too, so it does not
+        // outlive the flow by a whole UDP timeout.
         let orphaned_reply = value.kind == ct_kind::REVERSE && partner.is_none();
         FlowFacts {
-            state: match flow_state(key.proto, forward_seen, reverse_seen) {
-                FlowState::Udp => FlowState::Udp,
-                _ if orphaned_reply => FlowState::Closing,
-                state => state,
+            state: if orphaned_reply {
+                FlowState::Closing
+            } else {
+                flow_state(key.proto, forward_seen, reverse_seen)
             },
             last_seen_ns: value
                 .last_seen_ns
@@ -540,6 +541,25 @@ mod tests {
         let udp = pair(PROTO_UDP, 0, 0, 0);
         assert!(expired(&promoted(udp.clone()), &config, 4 * s).is_empty());
         assert_eq!(expired(&promoted(udp), &config, 6 * s).len(), 2);
+    }
+
+    /// A retired flow's reply entry (its client entry ended) waits for answers in flight only:
+    /// it expires at the closing timeout, for TCP and UDP alike.
+    #[test]
+    fn an_orphaned_reply_entry_expires_as_a_closing_connection() {
+        let config = ConntrackConfig {
+            tcp_established_timeout: Duration::from_secs(100),
+            tcp_closing_timeout: Duration::from_secs(2),
+            udp_timeout: Duration::from_secs(50),
+            ..Default::default()
+        };
+        let s = 1_000_000_000u64;
+        for proto in [PROTO_TCP, PROTO_UDP] {
+            let mut flow = pair(proto, ct_seen::ACK, ct_seen::ACK, 0);
+            flow.retain(|_, v| v.kind == ct_kind::REVERSE);
+            assert!(expired(&promoted(flow.clone()), &config, s).is_empty());
+            assert_eq!(expired(&promoted(flow), &config, 3 * s).len(), 1, "{proto}");
+        }
     }
 
     fn promoted(entries: BTreeMap<CtKey, CtValue>) -> CtTables {

@@ -815,7 +815,8 @@ impl Dataplane {
         &self,
         retired: &[crate::conntrack::Retired],
     ) -> Result<usize, DataplaneError> {
-        if retired.is_empty() {
+        // Without host services no socket was translated: nothing to list.
+        if retired.is_empty() || !self.host_services_attached() {
             return Ok(0);
         }
         let sockets =
