@@ -6,8 +6,9 @@
 //! maps; the first packet of a flow to a service frontend picks a backend, records the flow in
 //! both directions and is DNATed. Conntrack is two tables (`ct.rs`): new flows are recorded in
 //! one, and move to the established one once answered, out of a flood's reach. Replies are
-//! un-NATed by their reverse entry wherever they enter the node, so no SNAT is ever applied and backends see the client's own address (the
-//! one exception is hairpin, where the client is its own backend).
+//! un-NATed by their reverse entry wherever they enter the node, so no SNAT is ever applied and
+//! backends see the client's own address (the one exception is hairpin, where the client is its
+//! own backend).
 //!
 //! External traffic (NodePort, load-balancer and external IPs) whose backend runs on another
 //! node travels there through a collect-metadata tunnel device. Either the ingress node
