@@ -151,13 +151,13 @@ fn source_ranges(service: &ServiceIntent, family: u8, service_id: u32) -> Vec<So
         .filter_map(|cidr| {
             let (addr, f) = addr_of(cidr.addr);
             (f == family).then_some((
-                SOURCE_RANGE_FIXED_BITS + u32::from(cidr.len),
                 SourceRange {
                     service_id_be: service_id.to_be(),
                     family,
                     _pad: [0; 3],
                     addr,
                 },
+                SOURCE_RANGE_FIXED_BITS + u32::from(cidr.len),
             ))
         })
         .collect()
@@ -497,11 +497,22 @@ impl Compiler {
 
     /// The `loadBalancerSourceRanges` entries of a service id in the maps.
     fn source_ranges_of(&self, id: u32) -> impl Iterator<Item = SourcePrefix> + '_ {
+        let first = SourceRange {
+            service_id_be: id.to_be(),
+            ..SourceRange::default()
+        };
+        let last = SourceRange {
+            service_id_be: id.to_be(),
+            family: u8::MAX,
+            _pad: [u8::MAX; 3],
+            addr: Addr {
+                bytes: [u8::MAX; 16],
+            },
+        };
         self.shadow
             .source_ranges
-            .keys()
-            .filter(move |(_, range)| u32::from_be(range.service_id_be) == id)
-            .copied()
+            .range((first, 0)..=(last, u32::MAX))
+            .map(|(k, _)| *k)
     }
 
     /// The keys of a service id's Maglev chunks in the maps.

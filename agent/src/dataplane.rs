@@ -156,7 +156,7 @@ impl ServiceMaps {
                 .insert(id, table, 0)
                 .map_err(map_err(map_names::MAGLEV))?;
         }
-        for ((prefix_len, range), value) in &plan.upsert_source_ranges {
+        for ((range, prefix_len), value) in &plan.upsert_source_ranges {
             self.source_ranges
                 .insert(&LpmKey::new(*prefix_len, *range), value, 0)
                 .map_err(map_err(map_names::SOURCE_RANGES))?;
@@ -172,7 +172,7 @@ impl ServiceMaps {
         for id in &plan.delete_maglev {
             remove_present(&mut self.maglev, id, map_names::MAGLEV)?;
         }
-        for (prefix_len, range) in &plan.delete_source_ranges {
+        for (range, prefix_len) in &plan.delete_source_ranges {
             match self.source_ranges.remove(&LpmKey::new(*prefix_len, *range)) {
                 Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
                 Err(aya::maps::MapError::SyscallError(e))
@@ -219,7 +219,7 @@ fn read_source_ranges(
     for entry in trie.iter() {
         match entry {
             Ok((key, value)) => {
-                out.insert((key.prefix_len(), key.data()), value);
+                out.insert((key.data(), key.prefix_len()), value);
             }
             Err(aya::maps::MapError::KeyNotFound) => {}
             Err(source) => {

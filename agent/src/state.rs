@@ -7,8 +7,9 @@ use weir_common::{
     BackendSlotKey, BackendValue, FrontendKey, MaglevChunk, MaglevKey, ServiceValue, SourceRange,
 };
 
-/// One `WEIR_SOURCE_RANGES` entry: the trie key's prefix length and data.
-pub type SourcePrefix = (u32, SourceRange);
+/// One `WEIR_SOURCE_RANGES` entry: the trie key's data and prefix length (in that order, so a
+/// service id's entries sort together).
+pub type SourcePrefix = (SourceRange, u32);
 
 /// The content of the service maps. Conntrack is not part of it: flows are the kernel's.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

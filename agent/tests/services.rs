@@ -653,6 +653,16 @@ fn load_balancer_source_ranges_admit_only_their_sources() {
     assert!(try_from(&mut h, denied, EXTERNAL_IP, 80));
     assert!(try_from(&mut h, denied, VIP, 80));
 
+    // A restarted agent reads the ranges back from the trie and has nothing to write.
+    h.reconciler =
+        weir_agent::reconcile::Reconciler::default().with_compile_options(CompileOptions {
+            node_name: "node1".into(),
+            ..CompileOptions::default()
+        });
+    let report = h.apply(&web(&[(POD_N1, "node1")], ranges));
+    assert_eq!(report.writes, 0, "{report:?}");
+    assert!(!try_from(&mut h, denied, LB_IP, 80));
+
     // The legacy annotation, when the field is empty.
     let annotated = web(&[(POD_N1, "node1")], "").replace(
         "metadata: {name: web, namespace: default}",
