@@ -155,3 +155,30 @@ fn a_node_without_a_zone_uses_every_endpoint() {
     let h = node1(&yaml);
     assert_eq!(cluster_endpoints(&h), BTreeSet::from([IN_ZONE, OTHER_ZONE]));
 }
+
+/// Node hints (`trafficDistribution: PreferSameNode`) come before zone hints: when every ready
+/// endpoint has one and one names this node, cluster traffic stays on it.
+#[test]
+fn node_hints_keep_cluster_traffic_on_the_node() {
+    let yaml = cluster(&[
+        (IN_ZONE, "node1", "b", true),
+        (OTHER_ZONE, "node2", "b", true),
+    ]);
+    // Zone hints alone name no endpoint for node1's zone (a): every endpoint.
+    assert_eq!(
+        cluster_endpoints(&node1(&yaml)),
+        BTreeSet::from([IN_ZONE, OTHER_ZONE])
+    );
+    let with_nodes = yaml
+        .replacen(
+            "hints: {forZones: [{name: b}]}",
+            "hints: {forZones: [{name: b}], forNodes: [{name: node1}]}",
+            1,
+        )
+        .replacen(
+            "hints: {forZones: [{name: b}]}\n",
+            "hints: {forZones: [{name: b}], forNodes: [{name: node2}]}\n",
+            1,
+        );
+    assert_eq!(cluster_endpoints(&node1(&with_nodes)), BTreeSet::from([IN_ZONE]));
+}
