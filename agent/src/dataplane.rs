@@ -173,17 +173,10 @@ impl ServiceMaps {
             remove_present(&mut self.maglev, id, map_names::MAGLEV)?;
         }
         for (range, prefix_len) in &plan.delete_source_ranges {
-            match self.source_ranges.remove(&LpmKey::new(*prefix_len, *range)) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(aya::maps::MapError::SyscallError(e))
-                    if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
-                Err(source) => {
-                    return Err(DataplaneError::Map {
-                        name: map_names::SOURCE_RANGES,
-                        source,
-                    })
-                }
-            }
+            absent(
+                self.source_ranges.remove(&LpmKey::new(*prefix_len, *range)),
+                map_names::SOURCE_RANGES,
+            )?;
         }
         for key in &plan.delete_slots {
             remove_present(&mut self.slots, key, map_names::BACKEND_SLOTS)?;
@@ -201,7 +194,15 @@ fn remove_present<K: aya::Pod, V: aya::Pod>(
     key: &K,
     name: &'static str,
 ) -> Result<(), DataplaneError> {
-    match map.remove(key) {
+    absent(map.remove(key), name)
+}
+
+/// A removal's result, where the key being gone already counts as success.
+fn absent(
+    removed: Result<(), aya::maps::MapError>,
+    name: &'static str,
+) -> Result<(), DataplaneError> {
+    match removed {
         Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
         Err(aya::maps::MapError::SyscallError(e))
             if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
@@ -215,30 +216,27 @@ fn remove_present<K: aya::Pod, V: aya::Pod>(
 fn read_source_ranges(
     trie: &LpmTrie<MapData, SourceRange, u8>,
 ) -> Result<BTreeMap<crate::state::SourcePrefix, u8>, DataplaneError> {
-    let mut out = BTreeMap::new();
-    for entry in trie.iter() {
-        match entry {
-            Ok((key, value)) => {
-                out.insert((key.data(), key.prefix_len()), value);
-            }
-            Err(aya::maps::MapError::KeyNotFound) => {}
-            Err(source) => {
-                return Err(DataplaneError::Map {
-                    name: map_names::SOURCE_RANGES,
-                    source,
-                })
-            }
-        }
-    }
-    Ok(out)
+    collect_entries(
+        trie.iter()
+            .map(|entry| entry.map(|(key, value)| ((key.data(), key.prefix_len()), value))),
+        map_names::SOURCE_RANGES,
+    )
 }
 
 fn read_all<K: aya::Pod + Ord, V: aya::Pod>(
     map: &HashMap<MapData, K, V>,
     name: &'static str,
 ) -> Result<BTreeMap<K, V>, DataplaneError> {
+    collect_entries(map.iter(), name)
+}
+
+/// A map's entries as its iterator yields them.
+fn collect_entries<K: Ord, V>(
+    entries: impl Iterator<Item = Result<(K, V), aya::maps::MapError>>,
+    name: &'static str,
+) -> Result<BTreeMap<K, V>, DataplaneError> {
     let mut out = BTreeMap::new();
-    for entry in map.iter() {
+    for entry in entries {
         match entry {
             Ok((k, v)) => {
                 out.insert(k, v);
@@ -529,22 +527,32 @@ pub struct MapFill {
 /// walking their keys: what `weir-agent status` shows, also while no agent runs.
 pub fn fill_levels(dir: &Path) -> Vec<(&'static str, Result<MapFill, DataplaneError>)> {
     use weir_common::{AffinityKey, AffinityValue};
-    fn fill<K: aya::Pod, V: aya::Pod>(
+    /// Capacity from the pin's map info, entries as `count` finds them.
+    fn fill_with(
         dir: &Path,
         name: &'static str,
+        count: impl FnOnce() -> Result<usize, DataplaneError>,
     ) -> (&'static str, Result<MapFill, DataplaneError>) {
-        let result = (|| {
-            let map: HashMap<MapData, K, V> = open_pinned(dir, name)?;
+        let result = count().and_then(|entries| {
             let capacity = MapInfo::from_pin(dir.join(name))
                 .map_err(|source| DataplaneError::Map { name, source })?
                 .max_entries();
             Ok(MapFill {
                 name,
-                entries: map.keys().filter(Result::is_ok).count(),
+                entries,
                 capacity,
             })
-        })();
+        });
         (name, result)
+    }
+    fn fill<K: aya::Pod, V: aya::Pod>(
+        dir: &Path,
+        name: &'static str,
+    ) -> (&'static str, Result<MapFill, DataplaneError>) {
+        fill_with(dir, name, || {
+            let map: HashMap<MapData, K, V> = open_pinned(dir, name)?;
+            Ok(map.keys().filter(Result::is_ok).count())
+        })
     }
     vec![
         fill::<FrontendKey, ServiceValue>(dir, map_names::SERVICES),
@@ -558,21 +566,11 @@ pub fn fill_levels(dir: &Path) -> Vec<(&'static str, Result<MapFill, DataplaneEr
         fill::<HostAddrKey, u32>(dir, map_names::HOST_ADDRS),
         fill::<HostAddrKey, u32>(dir, map_names::TUNNEL_PEERS),
         fill::<u32, u32>(dir, map_names::POD_INTERFACES),
-        (
-            map_names::SOURCE_RANGES,
-            (|| {
-                let name = map_names::SOURCE_RANGES;
-                let trie: LpmTrie<MapData, SourceRange, u8> = open_pinned(dir, name)?;
-                let capacity = MapInfo::from_pin(dir.join(name))
-                    .map_err(|source| DataplaneError::Map { name, source })?
-                    .max_entries();
-                Ok(MapFill {
-                    name,
-                    entries: trie.keys().filter(Result::is_ok).count(),
-                    capacity,
-                })
-            })(),
-        ),
+        fill_with(dir, map_names::SOURCE_RANGES, || {
+            let trie: LpmTrie<MapData, SourceRange, u8> =
+                open_pinned(dir, map_names::SOURCE_RANGES)?;
+            Ok(trie.keys().filter(Result::is_ok).count())
+        }),
     ]
 }
 

@@ -180,5 +180,8 @@ fn node_hints_keep_cluster_traffic_on_the_node() {
             "hints: {forZones: [{name: b}], forNodes: [{name: node2}]}\n",
             1,
         );
-    assert_eq!(cluster_endpoints(&node1(&with_nodes)), BTreeSet::from([IN_ZONE]));
+    assert_eq!(
+        cluster_endpoints(&node1(&with_nodes)),
+        BTreeSet::from([IN_ZONE])
+    );
 }
