@@ -113,8 +113,19 @@ impl Footprint {
         }
     }
 
-    /// All entries, to order Services by size.
-    fn entries(&self) -> usize {
+    /// The entries a plan writes or deletes in each map (what a drift repair wrote back).
+    pub fn of_plan(plan: &crate::state::Plan) -> Footprint {
+        Footprint {
+            frontends: plan.upsert_services.len() + plan.delete_services.len(),
+            slots: plan.upsert_slots.len() + plan.delete_slots.len(),
+            backends: plan.upsert_backends.len() + plan.delete_backends.len(),
+            maglev: plan.upsert_maglev.len() + plan.delete_maglev.len(),
+            source_ranges: plan.upsert_source_ranges.len() + plan.delete_source_ranges.len(),
+        }
+    }
+
+    /// All entries (to order Services by size).
+    pub fn total(&self) -> usize {
         self.frontends + self.slots + self.backends + self.maglev + self.source_ranges
     }
 
@@ -201,7 +212,7 @@ impl Admission {
                 (size, endpoints, id)
             })
             .collect();
-        order.sort_by(|a, b| a.0.entries().cmp(&b.0.entries()).then_with(|| a.2.cmp(b.2)));
+        order.sort_by(|a, b| a.0.total().cmp(&b.0.total()).then_with(|| a.2.cmp(b.2)));
         for (size, endpoints, id) in order {
             let orphans: Vec<Rejection> = store
                 .orphan_slices_of(id)

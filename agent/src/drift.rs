@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use tracing::warn;
 
 use crate::dataplane::{DataplaneError, ServiceMaps};
-use crate::state::{DataplaneState, Plan};
+use crate::state::DataplaneState;
 
 /// The maps as the watcher read them, while the agent's writes stood still.
 pub struct Snapshot {
@@ -94,43 +94,5 @@ fn watch(
             generation: before,
             state,
         });
-    }
-}
-
-/// What a repair wrote back, per map.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct DriftReport {
-    pub services: usize,
-    pub slots: usize,
-    pub backends: usize,
-    pub maglev: usize,
-    pub source_ranges: usize,
-}
-
-impl DriftReport {
-    pub fn of(plan: &Plan) -> DriftReport {
-        DriftReport {
-            services: plan.upsert_services.len() + plan.delete_services.len(),
-            slots: plan.upsert_slots.len() + plan.delete_slots.len(),
-            backends: plan.upsert_backends.len() + plan.delete_backends.len(),
-            maglev: plan.upsert_maglev.len() + plan.delete_maglev.len(),
-            source_ranges: plan.upsert_source_ranges.len() + plan.delete_source_ranges.len(),
-        }
-    }
-
-    pub fn total(&self) -> usize {
-        self.services + self.slots + self.backends + self.maglev + self.source_ranges
-    }
-
-    /// (map, entries repaired) for metrics and logs.
-    pub fn by_map(&self) -> [(&'static str, usize); 5] {
-        use weir_common::map_names;
-        [
-            (map_names::SERVICES, self.services),
-            (map_names::BACKEND_SLOTS, self.slots),
-            (map_names::BACKENDS, self.backends),
-            (map_names::MAGLEV, self.maglev),
-            (map_names::SOURCE_RANGES, self.source_ranges),
-        ]
     }
 }

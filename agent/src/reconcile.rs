@@ -17,7 +17,6 @@ use crate::admission::{Admission, Decision, Footprint, Limits, Rejection};
 use crate::compile::{addr_of, frontend_name, summary, CompileOptions, Compiler, ServiceInput};
 use crate::conntrack::{BackendAddr, Retired};
 use crate::dataplane::{DataplaneError, ServiceMaps};
-use crate::drift::DriftReport;
 use crate::intent::{EndpointSliceIntent, ObjectRef};
 use crate::metrics::Metrics;
 use crate::source::{IntentStore, ObjectError, ObjectEvent, Objects};
@@ -137,19 +136,19 @@ impl Reconciler {
     }
 
     /// Writes back what the maps lost or gained behind the agent's back, given `actual`, what
-    /// they hold (read while the agent was not writing: see [`crate::drift`]). Nothing to compare
-    /// with before the first complete pass, or after a failed one (the next pass rereads the
-    /// maps anyway).
+    /// they hold (read while the agent was not writing: see [`crate::drift`]); returns the
+    /// entries written back per map. Nothing to compare with before the first complete pass, or
+    /// after a failed one (the next pass rereads the maps anyway).
     pub fn repair_drift(
         &mut self,
         maps: &mut ServiceMaps,
         actual: &DataplaneState,
-    ) -> Result<DriftReport, DataplaneError> {
+    ) -> Result<Footprint, DataplaneError> {
         let Some(compiler) = self.compiler.as_ref().filter(|c| !c.needs_full_pass()) else {
-            return Ok(DriftReport::default());
+            return Ok(Footprint::default());
         };
         let plan = Plan::between(actual, compiler.shadow());
-        let report = DriftReport::of(&plan);
+        let report = Footprint::of_plan(&plan);
         if plan.is_empty() {
             return Ok(report);
         }

@@ -492,7 +492,7 @@ fn repair_drift(
 ) {
     match reconciler.repair_drift(&mut dataplane.services, actual) {
         Ok(report) if report.total() > 0 => warn!(
-            services = report.services,
+            frontends = report.frontends,
             slots = report.slots,
             backends = report.backends,
             maglev = report.maglev,

@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use common::*;
 use nix::sched::CloneFlags;
-use weir_agent::drift::{DriftReport, DriftWatch};
+use weir_agent::admission::Footprint;
+use weir_agent::drift::DriftWatch;
 use weir_agent::state::Plan;
 use weir_common::{Addr, BackendSlotKey, FrontendKey, ServiceValue, FAMILY_V4, PROTO_TCP};
 
@@ -74,10 +75,10 @@ fn entries_changed_outside_the_agent_are_written_back() {
         .expect("repair");
     assert_eq!(
         report,
-        DriftReport {
-            services: 2,
+        Footprint {
+            frontends: 2,
             slots: 1,
-            ..DriftReport::default()
+            ..Footprint::default()
         }
     );
     assert_eq!(h.dataplane.services.read().unwrap(), written);
