@@ -250,14 +250,6 @@ fn daemon_set_mounts_bpffs_cgroup_and_its_config() {
         .as_ref()
         .unwrap();
     let container = agent_container(&m.daemon_set);
-    let host_path_of = |volume_name: &str| {
-        pod.volumes
-            .iter()
-            .flatten()
-            .find(|v| v.name == volume_name)
-            .and_then(|v| v.host_path.as_ref())
-            .map(|h| h.path.clone())
-    };
     let mount = |path: &str| {
         container
             .volume_mounts
@@ -267,11 +259,11 @@ fn daemon_set_mounts_bpffs_cgroup_and_its_config() {
             .unwrap_or_else(|| panic!("nothing mounted at {path}"))
     };
     assert_eq!(
-        host_path_of(&mount("/sys/fs/bpf").name).as_deref(),
+        host_path_mounted_at(&m.daemon_set, "/sys/fs/bpf").as_deref(),
         Some("/sys/fs/bpf")
     );
     assert_eq!(
-        host_path_of(&mount("/run/weir/cgroupv2").name).as_deref(),
+        host_path_mounted_at(&m.daemon_set, "/run/weir/cgroupv2").as_deref(),
         Some("/sys/fs/cgroup")
     );
     let config_volume = pod
@@ -391,31 +383,9 @@ fn host_network_processes_reach_cluster_ips_by_default() {
     let m = load();
     let config = shipped_agent_config(&m);
     assert!(config.host_services.enabled, "host services on by default");
-    let pod = m
-        .daemon_set
-        .spec
-        .as_ref()
-        .unwrap()
-        .template
-        .spec
-        .as_ref()
-        .unwrap();
-    let container = agent_container(&m.daemon_set);
-    let mount = container
-        .volume_mounts
-        .iter()
-        .flatten()
-        .find(|v| std::path::Path::new(&v.mount_path) == config.host_services.cgroup)
-        .expect("the configured cgroup is a mount of the agent container");
-    let host_path = pod
-        .volumes
-        .iter()
-        .flatten()
-        .find(|v| v.name == mount.name)
-        .and_then(|v| v.host_path.as_ref())
-        .map(|h| h.path.as_str());
+    let cgroup = config.host_services.cgroup.to_str().unwrap();
     assert_eq!(
-        host_path,
+        host_path_mounted_at(&m.daemon_set, cgroup).as_deref(),
         Some("/sys/fs/cgroup"),
         "the host's cgroup v2 root"
     );
@@ -437,6 +407,22 @@ fn shipped_agent_config(m: &Manifests) -> weir_agent::config::AgentConfig {
         ..Default::default()
     };
     from_environment.over(file).finish().unwrap()
+}
+
+/// The host path of the volume the agent container mounts at `path`, if it is a hostPath one.
+fn host_path_mounted_at(daemon_set: &DaemonSet, path: &str) -> Option<String> {
+    let pod = daemon_set.spec.as_ref()?.template.spec.as_ref()?;
+    let mount = agent_container(daemon_set)
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.mount_path == path)?;
+    pod.volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == mount.name)
+        .and_then(|v| v.host_path.as_ref())
+        .map(|h| h.path.clone())
 }
 
 fn agent_config_toml(config_map: &ConfigMap) -> toml::Table {
