@@ -46,7 +46,7 @@ use weir_common::{
 use crate::lb::{select_backend, NO_BACKEND};
 use crate::maps::{
     count, node_config, BACKENDS, CONNTRACK, CT_NEW, HOST_ADDRS, POD_INTERFACES, SCRATCH, SERVICES,
-    SOURCE_RANGES,
+    SOURCE_RANGES, TUNNEL_PEERS,
 };
 use crate::packet::{
     ct_key, ktime, load, not_for_us, parse, rewrite_l4, swap_macs, Ip, NotForUs, Side, PARSED,
@@ -309,7 +309,7 @@ fn flow_inner(
         ));
     }
 
-    let Some(service) = find_service(ip, dport_be, from_tunnel.is_some()) else {
+    let Some(service) = find_service(ctx, ip, dport_be, from_tunnel.is_some()) else {
         return Ok(Verdict::pass(counter::PASS_NO_SERVICE));
     };
     // loadBalancerSourceRanges: only listed sources start flows at a restricted frontend. A
@@ -366,9 +366,15 @@ fn flow_inner(
 /// external frontend with every endpoint. (`internalTrafficPolicy: Local` never gives way.)
 #[inline(always)]
 fn short_circuits(ctx: &TcContext, service: &ServiceValue) -> bool {
+    service.flags & service_flags::EXTERNAL != 0 && from_local_pod(ctx)
+}
+
+/// Whether the packet entered from one of this node's pods.
+#[inline(always)]
+fn from_local_pod(ctx: &TcContext) -> bool {
     // SAFETY: reading a field of the program's own context.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    service.flags & service_flags::EXTERNAL != 0 && POD_INTERFACES.get_ptr(&ifindex).is_some()
+    POD_INTERFACES.get_ptr(&ifindex).is_some()
 }
 
 /// Records a new flow in the new-flow table, in both directions where this node translates.
@@ -598,10 +604,19 @@ fn source_allowed(ip: &Ip, service_id: u32) -> bool {
 
 /// The service a packet addresses: by its exact destination, or the NodePort of its port when
 /// it is addressed to one of this node's addresses (or arrived through the tunnel for DSR, when
-/// the destination is the address of the node the client used). Borrowed from the map; a call
-/// of its own so the keys do not sit on the flow path's stack.
+/// the destination is the address of the node the client used). A local pod's packet to
+/// another Node's address is translated here too, at its source: traffic from inside the
+/// cluster reaches a NodePort of any node with every endpoint (kube-proxy serves it so where it
+/// lands), and translating it here spares the detour through that node and back, which a
+/// reply to a pod of this very node, or to the pod itself, could not take. Borrowed from the
+/// map; a call of its own so the keys do not sit on the flow path's stack.
 #[inline(never)]
-fn find_service(ip: &Ip, dport_be: u16, from_tunnel: bool) -> Option<&'static ServiceValue> {
+fn find_service(
+    ctx: &TcContext,
+    ip: &Ip,
+    dport_be: u16,
+    from_tunnel: bool,
+) -> Option<&'static ServiceValue> {
     let mut key = FrontendKey {
         addr: ip.daddr,
         port_be: dport_be,
@@ -615,7 +630,10 @@ fn find_service(ip: &Ip, dport_be: u16, from_tunnel: bool) -> Option<&'static Se
             family: ip.family,
             _pad: [0; 3],
         };
-        if from_tunnel || HOST_ADDRS.get_ptr(&host).is_some() {
+        if from_tunnel
+            || HOST_ADDRS.get_ptr(&host).is_some()
+            || (TUNNEL_PEERS.get_ptr(&host).is_some() && from_local_pod(ctx))
+        {
             key.addr = Addr::UNSPECIFIED;
             found = SERVICES.get_ptr(&key);
         }

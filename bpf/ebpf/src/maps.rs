@@ -39,7 +39,8 @@ pub static SOURCE_RANGES: LpmTrie<SourceRange, u8> =
 pub static HOST_ADDRS: HashMap<HostAddrKey, u32> =
     HashMap::with_max_entries(capacity::HOST_ADDRS, BPF_F_NO_PREALLOC);
 
-/// Every address of every Node: the tunnel device takes packets from these senders only.
+/// Every address of every Node: the tunnel device takes packets from these senders only, and
+/// in-cluster clients reach NodePorts on these addresses.
 #[map(name = "WEIR_TUNNEL_PEERS")]
 pub static TUNNEL_PEERS: HashMap<HostAddrKey, u32> =
     HashMap::with_max_entries(capacity::TUNNEL_PEERS, BPF_F_NO_PREALLOC);

@@ -47,7 +47,7 @@ use weir_common::{
 };
 
 use crate::lb::{select_backend, Scope, NO_BACKEND};
-use crate::maps::{BACKENDS, HOST_ADDRS, SERVICES, SOCK_NETNS, SOCK_REVERSE};
+use crate::maps::{BACKENDS, HOST_ADDRS, SERVICES, SOCK_NETNS, SOCK_REVERSE, TUNNEL_PEERS};
 use crate::packet::{ktime, Ip};
 use crate::Flow;
 
@@ -297,7 +297,10 @@ fn commit<const FAMILY: u8>(ctx: &SockAddrContext, frontend: &FrontendKey, backe
     ALLOW
 }
 
-/// The frontend's service: by exact address, else the NodePort of one of the node's addresses.
+/// The frontend's service: by exact address, else the NodePort of one of the node's addresses
+/// or of another Node's: the node's own traffic is in-cluster traffic, served with every
+/// endpoint wherever it is addressed, and translated here rather than on the way back into
+/// this node from the other (where a packet from this node's own address would be a martian).
 #[inline(always)]
 fn find_frontend(frontend: &FrontendKey) -> Option<&'static ServiceValue> {
     let mut found = SERVICES.get_ptr(frontend);
@@ -307,7 +310,7 @@ fn find_frontend(frontend: &FrontendKey) -> Option<&'static ServiceValue> {
             family: frontend.family,
             _pad: [0; 3],
         };
-        if HOST_ADDRS.get_ptr(&host).is_some() {
+        if HOST_ADDRS.get_ptr(&host).is_some() || TUNNEL_PEERS.get_ptr(&host).is_some() {
             let node_port = FrontendKey {
                 addr: Addr::UNSPECIFIED,
                 ..*frontend
