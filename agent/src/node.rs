@@ -23,6 +23,11 @@ pub enum NodeError {
     Addresses(#[from] nix::Error),
     #[error("tunnel device {0} vanished right after it was created")]
     TunnelVanished(String),
+    #[error("setting {path}: {source}")]
+    Sysctl {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 /// Every address of the host interfaces except IPv6 link-local ones, which a client on another
@@ -157,6 +162,7 @@ pub async fn ensure_tunnel(
             set = set.mtu(underlay_mtu - tunnel_overhead(ipip, FAMILY_V4));
         }
         set.execute().await?;
+        accept_own_addresses(name)?;
         Ok(Some(Tunnel {
             ifindex: index,
             mode: config.mode,
@@ -166,6 +172,21 @@ pub async fn ensure_tunnel(
     .await;
     connection.abort();
     result
+}
+
+/// A node's own process reaching another node's NodePort without host services leaves this
+/// node untranslated; when the endpoint chosen there is one of this node's pods, the packet
+/// comes back through the tunnel with this node's own address as its source, which IPv4 drops
+/// as a martian unless the device accepts local sources. (kube-proxy masquerades such traffic
+/// instead; Weir keeps the client's address.) Only the tunnel device is changed: it takes packets
+/// from the cluster's Nodes only (`WEIR_TUNNEL_PEERS`). The reverse-path filter is the larger of
+/// the device's and `all`'s, so a node with `all.rp_filter = 1` still drops them.
+fn accept_own_addresses(device: &str) -> Result<(), NodeError> {
+    for (key, value) in [("accept_local", "1"), ("rp_filter", "0")] {
+        let path = format!("/proc/sys/net/ipv4/conf/{device}/{key}");
+        std::fs::write(&path, value).map_err(|source| NodeError::Sysctl { path, source })?;
+    }
+    Ok(())
 }
 
 async fn link_mtu(handle: &rtnetlink::Handle, name: &str) -> Result<Option<u32>, NodeError> {

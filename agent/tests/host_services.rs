@@ -424,7 +424,7 @@ fn host_processes_reach_cluster_ips_through_the_socket_hooks() {
             format!("udpc {VIP4}:53 peer={VIP4}:53 from={VIP4}:53 echo=ping"),
             format!("tcp [{VIP6}]:80 peer=[{VIP6}]:80 echo=hello"),
             format!("udp [{VIP6}]:53 from=[{VIP6}]:53 echo=ping"),
-            // No endpoint: refused, as the tc path's ICMP port unreachable refuses pods.
+            // No endpoint: refused, as the tc path refuses pods (a reset for TCP).
             format!("tcp {EMPTY4}:81 error=111"),
             format!("udpc {EMPTY4}:82 error=111"),
             // Unconnected UDP to a service without endpoints: the send itself fails (EPERM).

@@ -241,15 +241,32 @@ fn broken_packets_are_dropped() {
 }
 
 #[test]
-fn service_without_endpoints_answers_port_unreachable() {
+fn service_without_endpoints_refuses_a_syn_with_a_reset() {
+    use etherparse::PacketBuilder;
+    let mut h = Harness::new(&[BACKEND]);
+    let empty: Ipv4Addr = "198.18.100.11".parse().unwrap();
+    let (verdict, out) = h.run(&tcp(CLIENT, 40008, empty, 81, "S"));
+    assert_eq!(verdict, TC_ACT_REDIRECT, "sent back out of the interface");
+    let ip = PacketBuilder::ethernet2(MAC_B, MAC_A).ipv4(empty.octets(), CLIENT.octets(), 64);
+    assert_eq!(out, refusal(ip, 81, 40008), "RST+ACK from the frontend");
+    assert_eq!(h.counter("reject_no_backend"), 1, "counted as a refusal");
+    assert_eq!(h.counter("reset_no_backend"), 0);
+    // A reset gets no answer at all.
+    let (verdict, _) = h.run(&tcp(CLIENT, 40008, empty, 81, "RA"));
+    assert_eq!(verdict, TC_ACT_SHOT, "a reset is not answered");
+    assert_eq!(h.counter("reject_no_backend"), 2);
+}
+
+#[test]
+fn service_without_endpoints_answers_a_datagram_with_port_unreachable() {
     use etherparse::{Icmpv4Type, NetSlice, SlicedPacket, TransportSlice};
     let mut h = Harness::new(&[BACKEND]);
     let empty: Ipv4Addr = "198.18.100.11".parse().unwrap();
-    let syn = tcp(CLIENT, 40009, empty, 81, "S");
-    let (verdict, out) = h.run(&syn);
+    let datagram = udp(CLIENT, 40009, empty, 81);
+    let (verdict, out) = h.run(&datagram);
     assert_eq!(verdict, TC_ACT_REDIRECT, "sent back out of the interface");
     assert_eq!(h.counter("reject_no_backend"), 1);
-    assert_eq!(&out[..6], &syn[6..12], "back to the client's MAC");
+    assert_eq!(&out[..6], &datagram[6..12], "back to the client's MAC");
     let packet = SlicedPacket::from_ethernet(&out).expect("a well-formed reply");
     let Some(NetSlice::Ipv4(ip)) = &packet.net else {
         panic!("IPv4 reply");
@@ -272,13 +289,10 @@ fn service_without_endpoints_answers_port_unreachable() {
         icmp.icmp_type().calc_checksum(icmp.payload()),
         "ICMP checksum"
     );
-    // TCP's whole fixed header, not just 8 bytes: a pod's SYN can be CHECKSUM_PARTIAL, and
-    // the kernel refuses to trim it short of its TCP checksum field (the lab's
-    // services-external scenario shows curl refused at once).
     assert_eq!(
         icmp.payload(),
-        &l3(&syn)[..40],
-        "quotes the IP header and the TCP header's fixed 20 bytes"
+        &l3(&datagram)[..28],
+        "quotes the IP header and the UDP header"
     );
 }
 

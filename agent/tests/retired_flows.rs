@@ -160,8 +160,8 @@ fn only_the_services_own_flows_end() {
 /// A TCP connection whose Service loses its last endpoint: the agent ends the flow, and the
 /// client's next segment, now of no flow and to a frontend without endpoints, is answered with
 /// a reset from the frontend whose sequence number is what the client expects (an ICMP error
-/// would be a soft error the established socket ignores until its own timeout). A SYN still
-/// gets "port unreachable".
+/// would be a soft error the established socket ignores until its own timeout). A SYN is
+/// refused, with a reset too.
 #[test]
 fn a_connection_that_lost_its_last_endpoint_is_reset() {
     use etherparse::PacketBuilder;
@@ -182,9 +182,10 @@ fn a_connection_that_lost_its_last_endpoint_is_reset() {
     assert_eq!(out, reset);
     assert_eq!(h.counter("reset_no_backend"), 1);
 
-    // A new connection is refused as before.
+    // A new connection is refused, and counted so.
     let (_, out) = h.run(&tcp(CLIENT, port + 1, VIP, 80, "S"));
-    assert_eq!(out[23], weir_common::PROTO_ICMP, "port unreachable");
+    let ip = PacketBuilder::ethernet2(MAC_B, MAC_A).ipv4(VIP.octets(), CLIENT.octets(), 64);
+    assert_eq!(out, refusal(ip, 80, port + 1));
     assert_eq!(h.counter("reject_no_backend"), 1);
 }
 

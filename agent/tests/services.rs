@@ -9,6 +9,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use common::*;
 use weir_agent::compile::{addr_of, CompileOptions};
+use weir_agent::node::tunnel_peers;
 use weir_common::{node_flags, NodeConfig};
 
 const NODE1: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
@@ -186,6 +187,65 @@ fn this_nodes_pods_reach_an_external_traffic_policy_local_frontend_with_every_en
     let (verdict, _) = h.run(&tcp(CLIENT, 41253, VIP, 80, "S"));
     assert_eq!(verdict, TC_ACT_SHOT);
     assert_eq!(h.counter("drop_no_local_backend"), 2);
+}
+
+/// Makes the harness know the cluster's Nodes (as the agent does after each pass).
+fn learn_nodes(h: &mut Harness) {
+    let peers = tunnel_peers(h.reconciler.intent().nodes.values());
+    h.dataplane.node.set_tunnel_peers(&peers).expect("peers");
+}
+
+#[test]
+fn a_pod_reaching_another_nodes_node_port_is_translated_at_its_own_node() {
+    for flags in [0, node_flags::DSR] {
+        let mut h = node1(&web(&[(POD_N2, "node2")], ""), flags, TUNNEL_IFINDEX, false);
+        learn_nodes(&mut h);
+        // Traffic from outside the cluster to another node is that node's business.
+        let syn = tcp(EXTERNAL_CLIENT, 42000, NODE2, NODE_PORT, "S");
+        assert_eq!(h.run(&syn), (TC_ACT_OK, syn.clone()), "untouched");
+        assert_eq!(h.counter("pass_no_service"), 1);
+
+        // A pod of this node (loopback stands for its interface): translated here, and routed
+        // like a ClusterIP flow, not tunnelled, in either return mode.
+        h.dataplane
+            .node
+            .set_pod_interfaces(&[1].into_iter().collect())
+            .unwrap();
+        for (sport, frontend) in [(42001, NODE2), (42002, NODE1)] {
+            let (verdict, out) = h.run(&tcp(CLIENT, sport, frontend, NODE_PORT, "S"));
+            assert_eq!(verdict, TC_ACT_OK, "routed, flags {flags}");
+            assert_eq!(out, tcp(CLIENT, sport, POD_N2, 8080, "S"));
+            let (_, reply) = h.run(&tcp(POD_N2, 8080, CLIENT, sport, "A"));
+            assert_eq!(
+                reply,
+                tcp(frontend, NODE_PORT, CLIENT, sport, "A"),
+                "the reply comes from the NodePort the pod used"
+            );
+        }
+        assert_eq!(h.counter("ct_new_tunnel"), 0);
+    }
+}
+
+#[test]
+fn a_cluster_nodes_traffic_to_an_external_traffic_policy_local_frontend_gets_every_endpoint() {
+    let local = "  externalTrafficPolicy: Local\n";
+    let mut h = node1(&web(&[(POD_N2, "node2")], local), 0, 0, false);
+    let (verdict, _) = h.run(&tcp(NODE2, 42100, NODE1, NODE_PORT, "S"));
+    assert_eq!(
+        verdict, TC_ACT_SHOT,
+        "a source not known as a Node is from outside: no local endpoint, dropped"
+    );
+    learn_nodes(&mut h);
+    let (_, out) = h.run(&tcp(NODE2, 42101, NODE1, NODE_PORT, "S"));
+    assert_eq!(
+        out,
+        tcp(NODE2, 42101, POD_N2, 8080, "S"),
+        "node2's own process is inside the cluster: every endpoint"
+    );
+    let (_, out) = h.run(&tcp(NODE2, 42102, LB_IP, 80, "S"));
+    assert_eq!(out, tcp(NODE2, 42102, POD_N2, 8080, "S"), "its LB IP too");
+    let (verdict, _) = h.run(&tcp(EXTERNAL_CLIENT, 42103, NODE1, NODE_PORT, "S"));
+    assert_eq!(verdict, TC_ACT_SHOT, "outside is still restricted");
 }
 
 #[test]
@@ -798,33 +858,19 @@ fn ipv6_options_headers_are_stepped_over_to_the_upper_layer() {
 }
 
 #[test]
-fn ipv6_service_without_endpoints_answers_port_unreachable() {
-    use etherparse::{Icmpv6Type, NetSlice, SlicedPacket, TransportSlice};
+fn ipv6_service_without_endpoints_refuses_a_syn_with_a_reset() {
+    use etherparse::PacketBuilder;
     let mut h = node1(&dual_stack(), 0, 0, false);
     let none6: Ipv6Addr = "fd00:18:100::11".parse().unwrap();
-    let syn = tcp6(CLIENT6, 43100, none6, 81, "S");
-    let (verdict, out) = h.run(&syn);
+    let (verdict, out) = h.run(&tcp6(CLIENT6, 43100, none6, 81, "S"));
     assert_eq!(verdict, TC_ACT_REDIRECT);
-    let packet = SlicedPacket::from_ethernet(&out).expect("a well-formed reply");
-    let Some(NetSlice::Ipv6(ip)) = &packet.net else {
-        panic!("IPv6 reply");
-    };
-    let (src, dst) = (ip.header().source_addr(), ip.header().destination_addr());
-    assert_eq!((src, dst), (none6, CLIENT6));
-    let Some(TransportSlice::Icmpv6(icmp)) = &packet.transport else {
-        panic!("ICMPv6 reply");
-    };
+    let ip = PacketBuilder::ethernet2(MAC_B, MAC_A).ipv6(none6.octets(), CLIENT6.octets(), 64);
     assert_eq!(
-        icmp.icmp_type(),
-        Icmpv6Type::DestinationUnreachable(etherparse::icmpv6::DestUnreachableCode::Port)
+        out,
+        refusal(ip, 81, 43100),
+        "RST+ACK from the frontend: refused as promptly as over IPv4"
     );
-    let expected = icmp
-        .icmp_type()
-        .calc_checksum(src.octets(), dst.octets(), icmp.payload())
-        .unwrap();
-    assert_eq!(icmp.checksum(), expected, "ICMPv6 checksum");
-    // The IPv6 header and TCP's fixed 20 bytes (see the IPv4 test in packets.rs for why).
-    assert_eq!(icmp.payload(), &syn[14..14 + 60]);
+    assert_eq!(h.counter("reject_no_backend"), 1);
 }
 
 #[test]

@@ -63,6 +63,7 @@ spec:
   clusterIP: 198.18.100.11
   ports:
   - {{name: http, protocol: TCP, port: 81, targetPort: 8081}}
+  - {{name: dns, protocol: UDP, port: 81, targetPort: 8081}}
 "#
     )
 }
@@ -269,6 +270,23 @@ pub fn tcp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, flags: &str) ->
     let payload = b"GET / HTTP/1.1\r\n\r\n";
     let mut out = Vec::new();
     builder.write(&mut out, payload).unwrap();
+    out
+}
+
+/// The reset that refuses a SYN built by [`tcp`] / [`tcp6`] (sequence 1000, carrying their
+/// 18-byte payload) from `client_port` to a frontend's `frontend_port`, as the data path sends
+/// it back: RST and ACK, sequence 0, acknowledging the SYN and its data.
+pub fn refusal(
+    ip: etherparse::PacketBuilderStep<etherparse::IpHeaders>,
+    frontend_port: u16,
+    client_port: u16,
+) -> Vec<u8> {
+    let mut out = Vec::new();
+    ip.tcp(frontend_port, client_port, 0, 0)
+        .rst()
+        .ack(1000 + 1 + 18)
+        .write(&mut out, &[])
+        .unwrap();
     out
 }
 

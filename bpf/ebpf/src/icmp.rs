@@ -409,23 +409,46 @@ fn send_back(ctx: &TcContext) -> Result<i32, u32> {
     Ok(unsafe { bpf_redirect(ifindex, 0) } as i32)
 }
 
-/// A TCP segment with ACK set, to a frontend without endpoints and of no flow Weir knows: its
-/// connection was ended (its last endpoint went, or the agent ended its flow). Answered with a
-/// reset from the frontend, sequence number the segment's acknowledgement (what the client
-/// expects next, so it is accepted at once): an ICMP error would be a soft error an established
-/// connection ignores until its own timeout.
+/// Whether a TCP segment to a frontend without endpoints (and of no flow Weir knows) is answered
+/// with a reset from the frontend rather than ICMP "port unreachable":
+/// - a SYN: a reset (with ACK) refuses the connection as a closed port does. ICMP refuses it
+///   too, but the lab measured an IPv6 pod's connect refused only after its SYN's retransmission
+///   (1 s; IPv4 at once), and a reset in 7 ms. The likely cause: Linux takes an ICMP error for a
+///   socket whose owner holds its lock as a soft error, and a connecting socket's owner does
+///   while a pod's SYN crosses veth and is answered within the sender's own softirq; a reset is
+///   queued to the socket's backlog instead and handled when the lock is released.
+/// - a segment with ACK: its connection was ended (its last endpoint went, or the agent ended
+///   its flow); the reset's sequence number is the segment's acknowledgement (what the client
+///   expects next, so it is accepted at once): an ICMP error would be a soft error an
+///   established connection ignores until its own timeout.
+/// Never a reset for a reset, nor for a SYN-ACK (not a client's segment).
 #[inline(always)]
 pub fn resets(ctx: &TcContext, ip: &Ip) -> bool {
-    const SYN: u8 = 0x02;
-    const ACK: u8 = 0x10;
     ip.proto == PROTO_TCP
         && ip.l3() == IP_OFF
-        && load::<u8>(ctx, ip.l4_off + 13).is_ok_and(|flags| flags & (SYN | ACK) == ACK)
+        && load::<u8>(ctx, ip.l4_off + 13).is_ok_and(|flags| {
+            flags & TCP_RST == 0 && matches!(flags & (TCP_SYN | TCP_ACK), TCP_SYN | TCP_ACK_ONLY)
+        })
 }
 
+/// A TCP reset to a frontend without endpoints: answered with nothing at all (RFC 9293), as a
+/// closed port's host does.
+#[inline(always)]
+pub fn is_reset(ctx: &TcContext, ip: &Ip) -> bool {
+    ip.proto == PROTO_TCP && load::<u8>(ctx, ip.l4_off + 13).is_ok_and(|f| f & TCP_RST != 0)
+}
+
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
+/// A pattern for `flags & (SYN | ACK)`: ACK without SYN.
+const TCP_ACK_ONLY: u8 = TCP_ACK;
+
 /// Turns the packet into that reset (see [`resets`]) and sends it back out of the interface.
+/// Counted as a refusal (`reject_no_backend`) for a SYN, as an ended connection
+/// (`reset_no_backend`) otherwise.
 #[inline(never)]
-pub fn reset(ctx: &TcContext, ip: &Ip) -> Result<i32, u32> {
+pub fn reset(ctx: &TcContext, ip: &Ip) -> Result<Verdict, u32> {
     let failed = counter::DROP_REJECT_FAILED;
     let ip_len = if ip.family == FAMILY_V4 {
         IPV4_MIN_HLEN
@@ -437,12 +460,27 @@ pub fn reset(ctx: &TcContext, ip: &Ip) -> Result<i32, u32> {
         return Err(failed);
     }
     let incoming: [u8; TCP_MIN_HLEN] = load(ctx, ip.l4_off)?;
+    let outcome = if incoming[13] & TCP_SYN != 0 {
+        counter::REJECT_NO_BACKEND
+    } else {
+        counter::RESET_NO_BACKEND
+    };
     let mut tcp = [0u8; TCP_MIN_HLEN];
     tcp[0..2].copy_from_slice(&incoming[2..4]);
     tcp[2..4].copy_from_slice(&incoming[0..2]);
-    tcp[4..8].copy_from_slice(&incoming[8..12]);
+    if incoming[13] & TCP_SYN != 0 {
+        // RST with ACK, sequence 0, acknowledging the SYN and any data it carried (RFC 9293).
+        let seq = u32::from_be_bytes([incoming[4], incoming[5], incoming[6], incoming[7]]);
+        let data_len = (ip.payload_len as u32).saturating_sub(u32::from(incoming[12] >> 4) * 4);
+        let ack = seq.wrapping_add(1).wrapping_add(data_len);
+        tcp[8..12].copy_from_slice(&ack.to_be_bytes());
+        tcp[13] = TCP_RST | TCP_ACK;
+    } else {
+        // RST, sequence number the segment's acknowledgement.
+        tcp[4..8].copy_from_slice(&incoming[8..12]);
+        tcp[13] = TCP_RST;
+    }
     tcp[12] = (TCP_MIN_HLEN as u8 / 4) << 4;
-    tcp[13] = 0x04; // RST
     let sum = if ip.family == FAMILY_V4 {
         let mut pseudo = [0u8; 12];
         pseudo[0..4].copy_from_slice(&ip.daddr.v4_octets());
@@ -485,5 +523,5 @@ pub fn reset(ctx: &TcContext, ip: &Ip) -> Result<i32, u32> {
         store(ctx, IP_OFF, &header).map_err(|_| failed)?;
     }
     store(ctx, IP_OFF + ip_len, &tcp).map_err(|_| failed)?;
-    send_back(ctx)
+    Ok(Verdict::redirect(outcome, send_back(ctx)?))
 }

@@ -166,8 +166,10 @@ fn process(ctx: &TcContext) -> Result<Verdict, u32> {
     };
     // Answered here, not deeper down, to keep the call chain's stack within the verifier's limit.
     if verdict.action() == ACTION_REJECT && icmp::resets(ctx, &ip) {
-        let action = icmp::reset(ctx, &ip)?;
-        return Ok(Verdict::redirect(counter::RESET_NO_BACKEND, action));
+        return icmp::reset(ctx, &ip);
+    }
+    if verdict.action() == ACTION_REJECT && icmp::is_reset(ctx, &ip) {
+        return Err(counter::REJECT_NO_BACKEND);
     }
     if verdict.action() == ACTION_REJECT {
         let answer = icmp::Answer::port_unreachable(ip.family);
@@ -324,7 +326,7 @@ fn flow_inner(
     // with Maglev the one the ingress node's table named.
     let scope = if from_tunnel.is_some() {
         lb::Scope::LocalAsTable
-    } else if service.flags & service_flags::LOCAL_ONLY != 0 && !short_circuits(ctx, service) {
+    } else if service.flags & service_flags::LOCAL_ONLY != 0 && !short_circuits(ctx, ip, service) {
         lb::Scope::Local
     } else {
         lb::Scope::Any
@@ -339,11 +341,17 @@ fn flow_inner(
     // SAFETY: as above.
     let backend = unsafe { &*backend };
     flow.backend_id = backend_id;
+    // External traffic to a remote backend takes the tunnel, so that replies come back to the
+    // node that translated it (or, DSR, are translated where the backend is). A local pod's
+    // does not: like a ClusterIP flow, it goes by the pods' own routes and its replies are
+    // routed back to its node, which un-NATs them (a DSR reply instead would arrive from this
+    // node's own address, which IPv4 drops as a martian).
     flow.remote = service.flags & service_flags::EXTERNAL != 0
         && from_tunnel.is_none()
         && backend.flags & backend_flags::LOCAL == 0
         && backend.node_family != 0
-        && config.tunnel_ifindex != 0;
+        && config.tunnel_ifindex != 0
+        && !from_local_pod(ctx);
     let outcome = new_flow(ip, flow, backend)?;
     // The entry now exists (ours, or another CPU's that won the race): translate as it says.
     // Only the new-flow table is looked at: promotion needs an answer, which cannot have come
@@ -362,11 +370,25 @@ fn flow_inner(
 }
 
 /// Whether a `Local` policy gives way: `externalTrafficPolicy: Local` restricts traffic from
-/// outside the cluster, and kube-proxy serves traffic from the node's own pods to the same
-/// external frontend with every endpoint. (`internalTrafficPolicy: Local` never gives way.)
+/// outside the cluster, and kube-proxy serves traffic from inside (the node's own pods, the
+/// cluster's nodes) to the same external frontend with every endpoint. Another node's pods
+/// never get here: their node translated at the source. (`internalTrafficPolicy: Local` never
+/// gives way.)
 #[inline(always)]
-fn short_circuits(ctx: &TcContext, service: &ServiceValue) -> bool {
-    service.flags & service_flags::EXTERNAL != 0 && from_local_pod(ctx)
+fn short_circuits(ctx: &TcContext, ip: &Ip, service: &ServiceValue) -> bool {
+    service.flags & service_flags::EXTERNAL != 0 && (from_local_pod(ctx) || from_cluster_node(ip))
+}
+
+/// Whether the packet's source is an address of one of the cluster's Nodes. Its own frame: the
+/// key is not on the flow path's stack.
+#[inline(never)]
+fn from_cluster_node(ip: &Ip) -> bool {
+    let source = HostAddrKey {
+        addr: ip.saddr,
+        family: ip.family,
+        _pad: [0; 3],
+    };
+    TUNNEL_PEERS.get_ptr(&source).is_some()
 }
 
 /// Whether the packet entered from one of this node's pods.
