@@ -69,6 +69,11 @@ pub struct SyncOptions {
     /// How often the agent looks at its state file: a change waits up to this long to be seen.
     #[arg(long, default_value = "50ms", value_parser = humantime::parse_duration)]
     pub agent_poll: Duration,
+    /// After the updates, how long the agent is left alone with every service programmed and
+    /// its CPU measured (conntrack GC and drift checks included: at least two drift intervals,
+    /// 30 s each, to be fair). 0 skips it.
+    #[arg(long, default_value = "65s", value_parser = humantime::parse_duration)]
+    pub idle: Duration,
     #[command(flatten)]
     pub common: BenchCommon,
 }
@@ -106,6 +111,8 @@ pub struct SideResult {
     pub updates: Vec<Step>,
     /// iptables only: full resyncs with every rule already loaded.
     pub resync: Vec<Step>,
+    /// Weir only: the agent left alone after the updates (`--idle`).
+    pub idle: Option<Step>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -167,6 +174,7 @@ pub fn run(o: &SyncOptions, env: &BenchEnv) -> Result<SyncResults, BenchError> {
             full: Vec::new(),
             updates: Vec::new(),
             resync: Vec::new(),
+            idle: None,
         };
         for rep in 0..o.repeats {
             let dir = run_root.join(format!("{}-{rep}", flavor.name()));
@@ -198,6 +206,7 @@ pub fn run(o: &SyncOptions, env: &BenchEnv) -> Result<SyncResults, BenchError> {
             full: Vec::new(),
             updates: Vec::new(),
             resync: Vec::new(),
+            idle: None,
         };
         for rep in 0..o.repeats {
             let dir = run_root.join(format!("weir-{rep}"));
@@ -359,6 +368,18 @@ fn weir_side(
             update.cpu_s = phase_cpu / o.updates.max(1) as f64;
         }
         a.wait_programmed(lab, &scenario, plan, APPLY_TIMEOUT)?;
+        if !o.idle.is_zero() {
+            let before = a.process(lab)?;
+            std::thread::sleep(o.idle);
+            let after = a.process(lab)?;
+            side.idle = Some(Step {
+                wall_s: o.idle.as_secs_f64(),
+                cpu_s: after.cpu_s - before.cpu_s,
+                peak_rss_kib: after.hwm_kib,
+                save_s: 0.0,
+                writes: 0,
+            });
+        }
         Ok(())
     })();
     if let Some(a) = &agent {
@@ -669,10 +690,22 @@ fn render(o: &SyncOptions, sides: &[SideResult]) -> String {
                 verdict(p < 0.005),
             ]);
         }
+        if let Some(idle) = &weir.idle {
+            let share = idle.cpu_s / idle.wall_s;
+            targets.push(vec![
+                format!(
+                    "idle under 0.5% of a core ({:.0} s, GC and drift checks included)",
+                    idle.wall_s
+                ),
+                format!("{:.3}% ({:.3} cpu s)", share * 100.0, idle.cpu_s),
+                verdict(share < 0.005),
+            ]);
+        }
         let rss = weir
             .full
             .iter()
             .chain(&weir.updates)
+            .chain(&weir.idle)
             .map(|s| s.peak_rss_kib)
             .max()
             .unwrap_or(0);
