@@ -563,6 +563,11 @@ pub struct TunnelConfig {
     /// empty for the mode's own name (`weir-vxlan`, `weir-ipip`).
     pub interface: String,
     pub vxlan_port: u16,
+    /// Where the node's `/proc/sys/net` can be written: the tunnel device's sysctls go there.
+    /// A container's own `/proc/sys` is read-only; the DaemonSet mounts the host's at
+    /// `/host/proc/sys/net` (what is read and written there is the network namespace of the
+    /// process that writes, the node's for a hostNetwork pod).
+    pub proc_sys_net: PathBuf,
 }
 
 impl TunnelConfig {
@@ -581,6 +586,7 @@ impl Default for TunnelConfig {
             mode: TunnelMode::Vxlan,
             interface: String::new(),
             vxlan_port: 4789,
+            proc_sys_net: PathBuf::from("/proc/sys/net"),
         }
     }
 }

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
+use std::path::Path;
 
 use futures::TryStreamExt as _;
 use netlink_packet_route::link::{InfoData, InfoKind, LinkAttribute, LinkInfo};
@@ -23,9 +24,13 @@ pub enum NodeError {
     Addresses(#[from] nix::Error),
     #[error("tunnel device {0} vanished right after it was created")]
     TunnelVanished(String),
-    #[error("setting {path}: {source}")]
+    #[error(
+        "setting {}: {source} (a container's /proc/sys is read-only: mount the host's \
+         /proc/sys/net and name it in [tunnel] proc_sys_net)",
+        path.display()
+    )]
     Sysctl {
-        path: String,
+        path: std::path::PathBuf,
         source: std::io::Error,
     },
 }
@@ -162,7 +167,7 @@ pub async fn ensure_tunnel(
             set = set.mtu(underlay_mtu - tunnel_overhead(ipip, FAMILY_V4));
         }
         set.execute().await?;
-        accept_own_addresses(name)?;
+        accept_own_addresses(&config.proc_sys_net, name)?;
         Ok(Some(Tunnel {
             ifindex: index,
             mode: config.mode,
@@ -181,9 +186,9 @@ pub async fn ensure_tunnel(
 /// instead; Weir keeps the client's address.) Only the tunnel device is changed: it takes packets
 /// from the cluster's Nodes only (`WEIR_TUNNEL_PEERS`). The reverse-path filter is the larger of
 /// the device's and `all`'s, so a node with `all.rp_filter = 1` still drops them.
-fn accept_own_addresses(device: &str) -> Result<(), NodeError> {
+fn accept_own_addresses(proc_sys_net: &Path, device: &str) -> Result<(), NodeError> {
     for (key, value) in [("accept_local", "1"), ("rp_filter", "0")] {
-        let path = format!("/proc/sys/net/ipv4/conf/{device}/{key}");
+        let path = proc_sys_net.join(format!("ipv4/conf/{device}/{key}"));
         std::fs::write(&path, value).map_err(|source| NodeError::Sysctl { path, source })?;
     }
     Ok(())

@@ -80,9 +80,9 @@ fn each_kind_of_bad_input_is_rejected_alone() {
         rejected(&metrics, "Service", "too_many_endpoints"),
         Some(1.0)
     );
-    // echo (TCP 80, UDP 53), empty (81), fine (80), and huge without endpoints.
+    // echo (TCP 80, UDP 53), empty (TCP and UDP 81), fine (80), and huge without endpoints.
     let frontends = h.dataplane.services.read().unwrap().services;
-    assert_eq!(frontends.len(), 5, "{frontends:?}");
+    assert_eq!(frontends.len(), 6, "{frontends:?}");
     let (verdict, out) = h.run(&tcp(
         CLIENT,
         40300,

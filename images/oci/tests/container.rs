@@ -117,6 +117,8 @@ async fn run_agent_container(engine: &PrivateDockerd, work: &Path) -> Result<(),
             engine.bpffs.display().to_string(),
             "/sys/fs/bpf",
         ))
+        // The DaemonSet's writable /proc/sys/net: the container's own /proc/sys is read-only.
+        .with_mount(Mount::bind_mount("/proc/sys/net", "/host/proc/sys/net"))
         .with_mount(
             Mount::bind_mount(config_dir.display().to_string(), "/etc/weir")
                 .with_access_mode(AccessMode::ReadOnly),
@@ -224,7 +226,8 @@ fn write_agent_config(dir: &Path) -> Result<(), Failed> {
         dir.join("config.toml"),
         format!(
             "source = \"file\"\npin_dir = \"/sys/fs/bpf/weir\"\nstate_path = \"/etc/weir/state.yaml\"\n\
-             host_interfaces = [\"eth0\"]\nmetrics_listen = \"0.0.0.0:{METRICS_PORT}\"\n"
+             host_interfaces = [\"eth0\"]\nmetrics_listen = \"0.0.0.0:{METRICS_PORT}\"\n\
+             [tunnel]\nproc_sys_net = \"/host/proc/sys/net\"\n"
         ),
     )
     .map_err(|e| e.to_string())?;

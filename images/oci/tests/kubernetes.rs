@@ -391,6 +391,26 @@ fn host_network_processes_reach_cluster_ips_by_default() {
     );
 }
 
+/// The tunnel device's sysctls are written through the host's /proc/sys/net, mounted writable:
+/// the container's own /proc/sys is read-only, and the agent would not start.
+#[test]
+fn tunnel_sysctls_go_through_a_writable_mount_of_the_hosts_proc_sys_net() {
+    let m = load();
+    let config = shipped_agent_config(&m);
+    let dir = config.tunnel.proc_sys_net.to_str().unwrap();
+    assert_eq!(
+        host_path_mounted_at(&m.daemon_set, dir).as_deref(),
+        Some("/proc/sys/net")
+    );
+    let mount = agent_container(&m.daemon_set)
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|v| v.mount_path == dir)
+        .unwrap();
+    assert_ne!(mount.read_only, Some(true), "written, not only read");
+}
+
 /// The ConfigMap's config.toml as the agent resolves it in a pod, where WEIR_NODE_NAME (the
 /// downward API) adds the node name; read by the agent's own parser, so unknown keys fail here.
 fn shipped_agent_config(m: &Manifests) -> weir_agent::config::AgentConfig {
