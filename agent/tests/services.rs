@@ -379,6 +379,43 @@ fn remote_backend_in_dsr_mode_gets_the_packet_untranslated() {
 }
 
 #[test]
+fn an_icmp_error_about_a_dsr_reply_goes_into_the_tunnel_to_the_backends_node() {
+    let mut h = node1(
+        &web(&[(POD_N2, "node2")], ""),
+        node_flags::DSR,
+        TUNNEL_IFINDEX,
+        false,
+    );
+    h.run(&tcp(EXTERNAL_CLIENT, 41820, LB_IP, 80, "S"));
+    // node2 replied straight to the client from the LB IP; a router on the way could not pass
+    // the reply on, and its error comes to the LB IP, which routes to this node.
+    let router = Ipv4Addr::new(198, 18, 0, 254);
+    let reply = tcp(LB_IP, 80, EXTERNAL_CLIENT, 41820, "SA");
+    let error = icmp_error(router, LB_IP, 3, 4, &l3(&reply)[..28]);
+    let (verdict, out) = h.run(&error);
+    assert_eq!(
+        (verdict, out),
+        (TC_ACT_REDIRECT, error),
+        "unchanged, into the tunnel: node2 translates the flow"
+    );
+    assert_eq!(h.counter("icmp_error_tunnelled"), 1);
+}
+
+#[test]
+fn a_local_backends_icmp_error_about_a_node_port_flow_names_the_node_port() {
+    let mut h = node1(&web(&[(POD_N1, "node1")], ""), 0, 0, false);
+    let syn = tcp(EXTERNAL_CLIENT, 41830, NODE1_SECOND, NODE_PORT, "S");
+    let (_, forwarded) = h.run(&syn);
+    let (_, out) = h.run(&icmp_error(POD_N1, EXTERNAL_CLIENT, 3, 3, l3(&forwarded)));
+    assert_eq!(
+        out,
+        icmp_error(NODE1_SECOND, EXTERNAL_CLIENT, 3, 3, l3(&syn)),
+        "from the node address the client used, quoting its own packet"
+    );
+    assert_eq!(h.counter("icmp_error_nat"), 1);
+}
+
+#[test]
 fn a_dsr_forwarding_entry_waits_for_the_clients_ack() {
     let mut h = node1(
         &web(&[(POD_N2, "node2")], ""),

@@ -1,7 +1,8 @@
-//! The tunnel accepts packets from the cluster's nodes only. A real collect-metadata VXLAN device
-//! in a network namespace of the test's own, real VXLAN datagrams from two local addresses: one
-//! a Node's, one a forger's. The forger's packet, shaped as a reply of a flow another node
-//! translated, would otherwise plant a conntrack entry that sends that flow's packets to it.
+//! The tunnel accepts packets from the cluster's nodes only, and takes back the ICMP errors about
+//! the flows it brought. A real collect-metadata VXLAN device in a network namespace of the
+//! test's own, real VXLAN datagrams from two local addresses: one a Node's, one a forger's. The
+//! forger's packet, shaped as a reply of a flow another node translated, would otherwise plant a
+//! conntrack entry that sends that flow's packets to it.
 
 mod common;
 
@@ -127,6 +128,20 @@ fn only_the_clusters_nodes_can_use_the_tunnel() {
         "a node's packet is taken"
     );
     assert_eq!(h.dataplane.conntrack.entries().expect("conntrack").len(), 1);
+
+    // This node as a backend's: a client's packet another node translated arrives, and the pod
+    // answers it with an ICMP error (say, nothing listens on that port). The error goes back
+    // through the tunnel to the translating node, which alone can name the frontend in it.
+    let request = tcp(CLIENT, 40002, POD, 8080, "S");
+    send_from(OTHER_NODE, &vxlan(1, &request));
+    assert_eq!(await_counter(&h, "ct_new_from_tunnel", 2), 2);
+    let error = icmp_error(POD, CLIENT, 3, 3, l3(&request));
+    assert_eq!(
+        h.run(&error),
+        (TC_ACT_REDIRECT, error),
+        "unchanged, into the tunnel"
+    );
+    assert_eq!(h.counter("icmp_error_tunnelled"), 1);
 
     // A node that leaves the cluster loses the tunnel with its Node object.
     h.apply("");

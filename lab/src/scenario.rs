@@ -380,6 +380,10 @@ pub struct PodRule {
     pub http_ports: Vec<u16>,
     #[serde(default)]
     pub udp_ports: Vec<u16>,
+    /// UDP ports the matched pods do not serve even though a Service targets them: their
+    /// kernel answers "port unreachable", an ICMP error about the flow (the tunnel scenarios).
+    #[serde(default)]
+    pub closed_udp_ports: Vec<u16>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -921,6 +925,7 @@ impl Scenario {
                 .http_ports
                 .iter()
                 .chain(&rule.udp_ports)
+                .chain(&rule.closed_udp_ports)
                 .any(|p| *p == 0)
             {
                 return Err(self.invalid("[[pods]] ports must be non-zero"));

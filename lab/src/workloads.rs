@@ -29,7 +29,7 @@ impl PodPorts {
 
 /// What each pod serves: the target ports of every service selecting it (in any version a step
 /// gives it), the ports of hand-written slices listing it, and those its `[[pods]]` rules ask
-/// for.
+/// for, less the UDP ports they close.
 pub fn pod_ports(scenario: &Scenario, plan: &Plan) -> BTreeMap<String, PodPorts> {
     let labels = k8s::pod_labels(scenario, plan);
     let mut ports: BTreeMap<String, PodPorts> = plan
@@ -68,6 +68,14 @@ pub fn pod_ports(scenario: &Scenario, plan: &Plan) -> BTreeMap<String, PodPorts>
             let entry = ports.entry(pod.name.clone()).or_default();
             entry.tcp.extend(&rule.http_ports);
             entry.udp.extend(&rule.udp_ports);
+        }
+    }
+    // Closed last, whatever opened them.
+    for rule in &scenario.pods {
+        for (name, entry) in ports.iter_mut() {
+            if glob_match(&rule.pattern, name) {
+                entry.udp.retain(|p| !rule.closed_udp_ports.contains(p));
+            }
         }
     }
     ports

@@ -595,12 +595,16 @@ pub mod counter {
     /// A TCP segment (ACK, no SYN) of no known flow to a frontend without endpoints: its
     /// connection ended with its last endpoint; answered with a reset from the frontend.
     pub const RESET_NO_BACKEND: u32 = 26;
+    /// An ICMP error about a flow that crossed the tunnel (a backend's error at its node in
+    /// ingress-return mode, a router's error about a DSR reply at the ingress node) went back
+    /// into the tunnel to the node that translates the flow.
+    pub const ICMP_ERROR_TUNNELLED: u32 = 27;
     /// Outcomes are the counters below this index: exactly one per packet.
-    pub const OUTCOMES: u32 = 27;
+    pub const OUTCOMES: u32 = 28;
     /// Event: a flow was answered, and its entries moved from the new-flow table to the
     /// established one. New flows minus promotions is what a flood leaves unanswered.
-    pub const CT_PROMOTED: u32 = 27;
-    pub const COUNT: u32 = 28;
+    pub const CT_PROMOTED: u32 = 28;
+    pub const COUNT: u32 = 29;
 
     /// Names for display, indexed by counter.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -631,6 +635,7 @@ pub mod counter {
         "drop_tunnel_untrusted",
         "drop_source_range",
         "reset_no_backend",
+        "icmp_error_tunnelled",
         "ct_promoted",
     ];
 }

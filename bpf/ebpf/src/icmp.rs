@@ -8,7 +8,7 @@ use aya_ebpf::{
     helpers::{bpf_redirect, bpf_skb_change_tail},
     programs::TcContext,
 };
-use weir_common::{counter, ct_kind, Addr, CtKey, FAMILY_V4, PROTO_TCP, PROTO_UDP};
+use weir_common::{counter, ct_flags, ct_kind, Addr, CtKey, FAMILY_V4, PROTO_TCP, PROTO_UDP};
 
 use crate::packet::{
     addr_offsets, csum_add_bytes, csum_diff, csum_fold, load, store, Ip, Ipv4Header, Ipv6Header,
@@ -134,8 +134,13 @@ fn icmp_error_inner(ctx: &TcContext, ip: &Ip) -> Result<Verdict, u32> {
     };
     // SAFETY: the pointer comes from a successful lookup and stays valid for this run.
     let entry = unsafe { &*entry };
+    // The flow is translated on another node (this one only carries it through the tunnel):
+    // so is the error, unchanged. Routed from here it would reach the client naming the
+    // backend, or the backend naming the frontend, and match no socket.
     if entry.kind == ct_kind::ENCAP {
-        return Ok(Verdict::pass(counter::PASS_ICMP_UNRELATED));
+        let id = crate::tunnel::encap_id(entry);
+        let action = crate::tunnel::encap(ctx, &entry.tunnel_peer, entry.tunnel_family, id)?;
+        return Ok(Verdict::redirect(counter::ICMP_ERROR_TUNNELLED, action));
     }
     let (q_saddr_off, q_daddr_off) = addr_offsets(q.ip_off, ip.family);
     let (outer_saddr_off, outer_daddr_off) = addr_offsets(ip.l3(), ip.family);
@@ -232,6 +237,19 @@ fn icmp_error_inner(ctx: &TcContext, ip: &Ip) -> Result<Verdict, u32> {
                 .map_err(|_| failed)?;
             store(ctx, outer_off, &new_addr.bytes)?;
         }
+    }
+    // A backend's own error about a NodePort flow now comes from one of this node's addresses,
+    // which the input path drops as a martian: route it here, as the flow's replies are.
+    if entry.kind == ct_kind::REVERSE
+        && entry.flags & ct_flags::HOST_FRONTEND != 0
+        && outer_old == old_addr
+    {
+        return Ok(crate::route::forward(
+            ctx,
+            &new_addr,
+            ip,
+            counter::ICMP_ERROR_NAT,
+        ));
     }
     Ok(Verdict::pass(counter::ICMP_ERROR_NAT))
 }

@@ -570,16 +570,14 @@ fn apply_inner(
             Ok(Verdict::pass(counter::CT_REVERSE_HIT))
         }
         _ => {
-            let id = if entry.flags & ct_flags::DSR != 0 {
+            if entry.flags & ct_flags::DSR != 0 {
                 // The client's own packets: the backend's replies take another way.
                 let mtu = tunnel::exceeded_mtu(ctx, ip, entry.tunnel_family);
                 if mtu != 0 {
                     return Ok(Verdict::too_big(mtu));
                 }
-                tunnel_id::DSR
-            } else {
-                tunnel_id::NAT_AT_INGRESS
-            };
+            }
+            let id = tunnel::encap_id(entry);
             let action = encap(ctx, &entry.tunnel_peer, entry.tunnel_family, id)?;
             Ok(Verdict::redirect(counter::CT_ENCAP_HIT, action))
         }

@@ -13,7 +13,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use weir_common::{
-    counter, ct_kind, node_flags, tunnel_overhead, Addr, CtKey, CtValue, HostAddrKey, NodeConfig,
+    counter, ct_flags, ct_kind, node_flags, tunnel_overhead, Addr, CtKey, CtValue, HostAddrKey, NodeConfig,
     FAMILY_V4, FAMILY_V6, PROTO_TCP,
 };
 
@@ -146,6 +146,18 @@ pub fn arrival(ctx: &TcContext, config: &NodeConfig) -> Arrival {
         }
     }
     Arrival::default()
+}
+
+/// The tunnel id a packet following an ENCAP entry carries: DSR traffic is translated at the
+/// other end, everything else (replies, and errors about them) was translated here or at the
+/// ingress node.
+#[inline(always)]
+pub fn encap_id(entry: &CtValue) -> u32 {
+    if entry.flags & ct_flags::DSR != 0 {
+        weir_common::tunnel_id::DSR
+    } else {
+        weir_common::tunnel_id::NAT_AT_INGRESS
+    }
 }
 
 /// Sets the outer destination and sends the packet into the tunnel device.
