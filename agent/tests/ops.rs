@@ -130,8 +130,9 @@ fn metrics_show_the_pipeline_and_the_data_path_counters() {
     .unwrap();
     let (status, text) = get(server.local_addr, "/metrics");
     assert_eq!(status, 200);
-    // echo has TCP 80 and UDP 53, empty has TCP 81: three frontends, two backends x two ports.
-    assert_eq!(sample(&text, "weir_services"), Some(3.0), "{text}");
+    // echo has TCP 80 and UDP 53, empty TCP and UDP 81: four frontends, two backends x two
+    // ports.
+    assert_eq!(sample(&text, "weir_services"), Some(4.0), "{text}");
     assert_eq!(sample(&text, "weir_backends"), Some(4.0), "{text}");
     assert_eq!(
         sample(

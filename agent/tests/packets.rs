@@ -254,7 +254,7 @@ fn service_without_endpoints_refuses_a_syn_with_a_reset() {
     // A reset gets no answer at all.
     let (verdict, _) = h.run(&tcp(CLIENT, 40008, empty, 81, "RA"));
     assert_eq!(verdict, TC_ACT_SHOT, "a reset is not answered");
-    assert_eq!(h.counter("reject_no_backend"), 2);
+    assert_eq!(h.counter("drop_reset_no_backend"), 1);
 }
 
 #[test]

@@ -165,7 +165,7 @@ conntrack = 8192
     // The services were written all the same: the failure was the tunnel's.
     assert_eq!(
         sample(&metrics, "weir_map_entries{map=\"WEIR_SERVICES\"}"),
-        Some(3.0),
+        Some(4.0),
         "{metrics}"
     );
     for (map, capacity) in [

@@ -82,7 +82,7 @@ fn status_names_hooks_fill_levels_and_what_the_agent_reports() {
         .iter()
         .find(|m| m.name == map_names::SERVICES)
         .expect("service map read");
-    assert_eq!(services.entries, 3, "echo's two ports and empty's one");
+    assert_eq!(services.entries, 4, "echo's two ports and empty's two");
     assert!(services.capacity > 0);
     assert!(
         status.unreadable_maps.is_empty(),

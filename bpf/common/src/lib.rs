@@ -599,12 +599,15 @@ pub mod counter {
     /// ingress-return mode, a router's error about a DSR reply at the ingress node) went back
     /// into the tunnel to the node that translates the flow.
     pub const ICMP_ERROR_TUNNELLED: u32 = 27;
+    /// A TCP reset to a frontend without endpoints: nothing to reset, and a reset is never
+    /// answered.
+    pub const DROP_RESET_NO_BACKEND: u32 = 28;
     /// Outcomes are the counters below this index: exactly one per packet.
-    pub const OUTCOMES: u32 = 28;
+    pub const OUTCOMES: u32 = 29;
     /// Event: a flow was answered, and its entries moved from the new-flow table to the
     /// established one. New flows minus promotions is what a flood leaves unanswered.
-    pub const CT_PROMOTED: u32 = 28;
-    pub const COUNT: u32 = 29;
+    pub const CT_PROMOTED: u32 = 29;
+    pub const COUNT: u32 = 30;
 
     /// Names for display, indexed by counter.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -636,6 +639,7 @@ pub mod counter {
         "drop_source_range",
         "reset_no_backend",
         "icmp_error_tunnelled",
+        "drop_reset_no_backend",
         "ct_promoted",
     ];
 }

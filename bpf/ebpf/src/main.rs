@@ -169,7 +169,7 @@ fn process(ctx: &TcContext) -> Result<Verdict, u32> {
         return icmp::reset(ctx, &ip);
     }
     if verdict.action() == ACTION_REJECT && icmp::is_reset(ctx, &ip) {
-        return Err(counter::REJECT_NO_BACKEND);
+        return Err(counter::DROP_RESET_NO_BACKEND);
     }
     if verdict.action() == ACTION_REJECT {
         let answer = icmp::Answer::port_unreachable(ip.family);

@@ -13,8 +13,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use weir_common::{
-    counter, ct_flags, ct_kind, node_flags, tunnel_overhead, Addr, CtKey, CtValue, HostAddrKey, NodeConfig,
-    FAMILY_V4, FAMILY_V6, PROTO_TCP,
+    counter, ct_flags, ct_kind, node_flags, tunnel_overhead, Addr, CtKey, CtValue, HostAddrKey,
+    NodeConfig, FAMILY_V4, FAMILY_V6, PROTO_TCP,
 };
 
 use crate::maps::{CONNTRACK, CT_NEW, TUNNEL_PEERS};

@@ -328,8 +328,19 @@ mod tests {
         server.handle(op)
     }
 
+    /// A server reaps every child of the process that is not its own spawn, as PID 1 must: two
+    /// at once in one test process would reap each other's commands.
+    static ONE_SERVER_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    fn one_server_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+        ONE_SERVER_AT_A_TIME
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     #[test]
     fn exec_captures_and_times_out() {
+        let _serial = one_server_at_a_time();
         let mut s = Server::new();
         let r = ask(
             &mut s,
@@ -387,6 +398,7 @@ mod tests {
     fn spawn_status_stop() {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("log");
+        let _serial = one_server_at_a_time();
         let mut s = Server::new();
         let Reply::Spawned { pid } = ask(
             &mut s,
@@ -435,6 +447,7 @@ mod tests {
         let input =
             "{\"id\":1,\"op\":\"ping\"}\nnot json\n{\"id\":2,\"op\":\"status\",\"pid\":1}\n";
         let mut out = Vec::new();
+        let _serial = one_server_at_a_time();
         Server::new()
             .serve(input.as_bytes(), &mut out, true)
             .unwrap();

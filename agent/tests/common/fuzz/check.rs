@@ -166,13 +166,18 @@ fn reset(before: &IpView, output: &[u8]) -> Option<IpView> {
     parse_ip(output, ETH_HLEN).filter(|after| {
         after.proto == PROTO_TCP
             && after.l4_len == 20
-            && output.get(after.l4 + 13) == Some(&0x04)
+            && matches!(output.get(after.l4 + 13), Some(&(TCP_RST | TCP_RST_ACK)))
             && (after.src, after.dst) == (before.dst, before.src)
     })
 }
 
+const TCP_RST: u8 = 0x04;
+const TCP_RST_ACK: u8 = 0x14;
+
 /// The reset goes from the address the client used back to the client, port for port, with
-/// valid checksums, nothing behind it, and the sequence number the client acknowledged.
+/// valid checksums and nothing behind it. A reset of a segment carries the sequence number the
+/// client acknowledged; the refusal of a SYN (RST+ACK, RFC 9293 3.10.7.1) sequence number 0 and
+/// acknowledges the SYN and its data.
 fn check_reset(
     input: &[u8],
     before: &IpView,
@@ -194,6 +199,16 @@ fn check_reset(
         != Some([ports_out[0], ports_out[1], ports_out[2], ports_out[3]])
     {
         return broken("TCP reset: ports not the segment's, swapped");
+    }
+    if output[after.l4 + 13] == TCP_RST_ACK {
+        let seq = u32::from_be_bytes(input[before.l4 + 4..before.l4 + 8].try_into().unwrap());
+        let data_offset = usize::from(input[before.l4 + 12] >> 4) * 4;
+        let data = before.l4_len.saturating_sub(data_offset) as u32;
+        let ack = seq.wrapping_add(1).wrapping_add(data);
+        if output[after.l4 + 4..after.l4 + 12] != [[0; 4], ack.to_be_bytes()].concat()[..] {
+            return broken("TCP refusal: not sequence 0 acknowledging the SYN and its data");
+        }
+        return Ok(());
     }
     if input.get(before.l4 + 8..before.l4 + 12) != Some(&output[after.l4 + 4..after.l4 + 8]) {
         return broken("TCP reset: sequence number not the segment's acknowledgement");
