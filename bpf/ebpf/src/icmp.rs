@@ -14,7 +14,7 @@ use crate::packet::{
     addr_offsets, csum_add_bytes, csum_diff, csum_fold, load, store, Ip, Ipv4Header, Ipv6Header,
     IPV4_MIN_HLEN, IPV6_HLEN, IP_OFF, TCP_CSUM, TCP_MIN_HLEN, UDP_CSUM,
 };
-use crate::Verdict;
+use crate::{Verdict, ACTION_ICMP_ROUTE, ACTION_ICMP_TUNNEL};
 
 const ICMP_HLEN: usize = 8;
 const ICMP_CSUM: usize = 2;
@@ -138,9 +138,7 @@ fn icmp_error_inner(ctx: &TcContext, ip: &Ip) -> Result<Verdict, u32> {
     // so is the error, unchanged. Routed from here it would reach the client naming the
     // backend, or the backend naming the frontend, and match no socket.
     if entry.kind == ct_kind::ENCAP {
-        let id = crate::tunnel::encap_id(entry);
-        let action = crate::tunnel::encap(ctx, &entry.tunnel_peer, entry.tunnel_family, id)?;
-        return Ok(Verdict::redirect(counter::ICMP_ERROR_TUNNELLED, action));
+        return Ok(Verdict::send_as_entry(entry, ACTION_ICMP_TUNNEL));
     }
     let (q_saddr_off, q_daddr_off) = addr_offsets(q.ip_off, ip.family);
     let (outer_saddr_off, outer_daddr_off) = addr_offsets(ip.l3(), ip.family);
@@ -244,12 +242,7 @@ fn icmp_error_inner(ctx: &TcContext, ip: &Ip) -> Result<Verdict, u32> {
         && entry.flags & ct_flags::HOST_FRONTEND != 0
         && outer_old == old_addr
     {
-        return Ok(crate::route::forward(
-            ctx,
-            &new_addr,
-            ip,
-            counter::ICMP_ERROR_NAT,
-        ));
+        return Ok(Verdict::send_as_entry(entry, ACTION_ICMP_ROUTE));
     }
     Ok(Verdict::pass(counter::ICMP_ERROR_NAT))
 }

@@ -67,6 +67,12 @@ const ACTION_REJECT: i32 = -1000;
 /// Not a tc action: asks the entry function to answer "fragmentation needed" / "packet too
 /// big"; the counter half of the verdict carries the MTU to announce.
 const ACTION_TOO_BIG: i32 = -1001;
+/// Not a tc action: asks the entry function to send the (ICMP error) packet into the tunnel as
+/// the conntrack entry copied to the scratch slot says.
+pub const ACTION_ICMP_TUNNEL: i32 = -1002;
+/// Not a tc action: asks the entry function to route the translated (ICMP error) packet from
+/// the scratch entry's `nat_addr`, one of the node's own addresses.
+pub const ACTION_ICMP_ROUTE: i32 = -1003;
 
 impl Verdict {
     #[inline(always)]
@@ -122,6 +128,22 @@ impl Verdict {
         Verdict::new(mtu, ACTION_TOO_BIG)
     }
 
+    /// The packet goes where `entry` says, `action` telling how: sent by the entry function,
+    /// whose frame is the shallowest of the call chain (the ICMP path's frames and the
+    /// tunnel's or the FIB lookup's together pass the 512 bytes older verifiers allow).
+    #[inline(always)]
+    pub fn send_as_entry(entry: &CtValue, action: i32) -> Verdict {
+        match SCRATCH.get_ptr_mut(0) {
+            Some(scratch) => {
+                // SAFETY: the per-CPU slot of this run (see `process`); its entry field is not
+                // borrowed on the ICMP path.
+                unsafe { (*scratch).entry = *entry };
+                Verdict::new(0, action)
+            }
+            None => Verdict::drop(counter::DROP_CT_FULL),
+        }
+    }
+
     /// An answer the entry function must build, rather than a tc action.
     #[inline(always)]
     fn is_answer(self) -> bool {
@@ -152,8 +174,18 @@ fn process(ctx: &TcContext) -> Result<Verdict, u32> {
     if from_tunnel.id == tunnel::UNTRUSTED {
         return Err(counter::DROP_TUNNEL_UNTRUSTED);
     }
-    let mut ip = Ip::EMPTY;
-    let parsed = parse(ctx, tunnel::is_bare_ip(ctx, config), &mut ip);
+    // The parsed header lives in the per-CPU scratch slot, not on the stack. What the verifier
+    // reads back from a map value is an unknown number, so the ways through `parse` (IPv4,
+    // IPv6 with zero to four options headers, the IPIP offsets) meet again at its return
+    // instead of each carrying its own exact offsets through the rest of the program: on 5.10
+    // they multiplied the walk past the limit of a million instructions.
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return Err(counter::DROP_CT_FULL);
+    };
+    // SAFETY: a per-CPU slot, used by one program run at a time on this CPU (tc programs do
+    // not nest), and only within this run; the flow path borrows its other fields only.
+    let ip = unsafe { &mut (*scratch).ip };
+    let parsed = parse(ctx, tunnel::is_bare_ip(ctx, config), ip);
     if parsed != PARSED {
         return match not_for_us(parsed) {
             NotForUs::Pass(c) => Ok(Verdict::pass(c)),
@@ -161,25 +193,40 @@ fn process(ctx: &TcContext) -> Result<Verdict, u32> {
         };
     }
     let verdict = match ip.proto {
-        PROTO_TCP | PROTO_UDP => flow(ctx, &mut ip, config, &from_tunnel),
-        _ => icmp::icmp_error(ctx, &ip),
+        PROTO_TCP | PROTO_UDP => flow(ctx, ip, config, &from_tunnel),
+        _ => icmp::icmp_error(ctx, ip),
     };
     // Answered here, not deeper down, to keep the call chain's stack within the verifier's limit.
-    if verdict.action() == ACTION_REJECT && icmp::resets(ctx, &ip) {
-        return icmp::reset(ctx, &ip);
+    if verdict.action() == ACTION_REJECT && icmp::resets(ctx, ip) {
+        return icmp::reset(ctx, ip);
     }
-    if verdict.action() == ACTION_REJECT && icmp::is_reset(ctx, &ip) {
+    if verdict.action() == ACTION_REJECT && icmp::is_reset(ctx, ip) {
         return Err(counter::DROP_RESET_NO_BACKEND);
     }
     if verdict.action() == ACTION_REJECT {
         let answer = icmp::Answer::port_unreachable(ip.family);
-        let action = icmp::answer(ctx, &ip, &answer)?;
+        let action = icmp::answer(ctx, ip, &answer)?;
         return Ok(Verdict::redirect(counter::REJECT_NO_BACKEND, action));
     }
     if verdict.action() == ACTION_TOO_BIG {
         let answer = icmp::Answer::too_big(ip.family, verdict.counter());
-        let action = icmp::answer(ctx, &ip, &answer)?;
+        let action = icmp::answer(ctx, ip, &answer)?;
         return Ok(Verdict::redirect(counter::ICMP_TOO_BIG, action));
+    }
+    if verdict.action() == ACTION_ICMP_TUNNEL || verdict.action() == ACTION_ICMP_ROUTE {
+        // SAFETY: as above; `send_as_entry` filled the entry field.
+        let entry = unsafe { &(*scratch).entry };
+        if verdict.action() == ACTION_ICMP_TUNNEL {
+            let id = tunnel::encap_id(entry);
+            let action = encap(ctx, &entry.tunnel_peer, entry.tunnel_family, id)?;
+            return Ok(Verdict::redirect(counter::ICMP_ERROR_TUNNELLED, action));
+        }
+        return Ok(route::forward(
+            ctx,
+            &entry.nat_addr,
+            ip,
+            counter::ICMP_ERROR_NAT,
+        ));
     }
     if from_tunnel.is_some() {
         tunnel::accept_inner(ctx);
@@ -225,6 +272,8 @@ pub struct Flow {
 /// The flow path's per-packet working memory, in a per-CPU slot (`maps::SCRATCH`).
 #[repr(C)]
 pub struct Scratch {
+    /// The packet's IP header as parsed (see `process` for why it is here).
+    pub ip: Ip,
     pub flow: Flow,
     /// The conntrack entry the packet is translated by, copied out of whichever table holds
     /// it. `apply` reads this copy, not the table: the verifier cannot take a state with a
@@ -269,8 +318,9 @@ fn flow_inner(
         return Err(counter::DROP_CT_FULL);
     };
     // SAFETY: a per-CPU slot, used by one program run at a time on this CPU (tc programs do
-    // not nest), and only within this run.
-    let Scratch { flow, entry: copy } = unsafe { &mut *scratch };
+    // not nest), and only within this run. `ip` is the same slot's: only the other fields are
+    // borrowed here.
+    let (flow, copy) = unsafe { (&mut (*scratch).flow, &mut (*scratch).entry) };
     *flow = Flow {
         key: ct_key(ip, sport_be, dport_be),
         now: ktime(),

@@ -97,16 +97,6 @@ pub fn store<T>(ctx: &TcContext, off: usize, value: &T) -> Result<(), u32> {
 }
 
 impl Ip {
-    pub const EMPTY: Ip = Ip {
-        family: 0,
-        l3_off: 0,
-        saddr: Addr::UNSPECIFIED,
-        daddr: Addr::UNSPECIFIED,
-        proto: 0,
-        l4_off: 0,
-        payload_len: 0,
-    };
-
     #[inline(always)]
     pub fn l3(&self) -> usize {
         self.l3_off as usize
