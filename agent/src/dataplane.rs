@@ -162,10 +162,7 @@ impl ServiceMaps {
             Some(written) if written == wanted => 0,
             Some(written) => {
                 for key in wanted.difference(&written) {
-                    frontends
-                        .map
-                        .insert(key, 0, 0)
-                        .map_err(map_err(name))?;
+                    frontends.map.insert(key, 0, 0).map_err(map_err(name))?;
                 }
                 for key in written.difference(&wanted) {
                     remove_present(&mut frontends.map, key, name)?;

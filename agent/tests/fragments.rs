@@ -235,7 +235,11 @@ fn ipv4_fragments_are_translated_like_their_flow_both_ways() {
         TC_ACT_OK,
         "request",
     );
-    assert_eq!(h.counter("ct_new_flow"), 1, "the first fragment starts the flow");
+    assert_eq!(
+        h.counter("ct_new_flow"),
+        1,
+        "the first fragment starts the flow"
+    );
     assert_eq!(h.counter("ct_forward_hit"), 2, "later ones follow it");
     // A 3,000-byte reply is fragmented by the backend itself.
     let reply = fragments4(&udp4(BACKEND, 5353, CLIENT, 33000), 0x9876, &CUTS);
@@ -252,7 +256,11 @@ fn ipv4_fragments_are_translated_like_their_flow_both_ways() {
 fn ipv6_fragments_are_translated_like_their_flow_both_ways() {
     let mut h = node1(0);
     let request = fragments6(&udp6_big(CLIENT6, 33100, VIP6, 53), 0xdead_beef, &CUTS);
-    let translated = fragments6(&udp6_big(CLIENT6, 33100, BACKEND6, 5353), 0xdead_beef, &CUTS);
+    let translated = fragments6(
+        &udp6_big(CLIENT6, 33100, BACKEND6, 5353),
+        0xdead_beef,
+        &CUTS,
+    );
     run_all(
         &mut h,
         &reordered(&request),
@@ -402,8 +410,14 @@ fn gre(src: Ipv4Addr, dst: Ipv4Addr) -> Vec<u8> {
 fn untranslated_traffic_to_a_frontend_is_dropped_and_the_nodes_own_passes() {
     let mut h = node1(0);
     let dropped = [
-        ("tcp to a port the service lacks", tcp(CLIENT, 33500, VIP, 81, "S")),
-        ("udp to a port the service lacks", udp(CLIENT, 33501, VIP, 54)),
+        (
+            "tcp to a port the service lacks",
+            tcp(CLIENT, 33500, VIP, 81, "S"),
+        ),
+        (
+            "udp to a port the service lacks",
+            udp(CLIENT, 33501, VIP, 54),
+        ),
         ("icmp echo to the cluster ip", icmp_echo(CLIENT, VIP)),
         ("gre to the cluster ip", gre(CLIENT, VIP)),
         ("icmpv6 echo to the cluster ip", icmp6_echo(CLIENT6, VIP6)),

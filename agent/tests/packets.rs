@@ -373,7 +373,8 @@ fn ipv6_udp() -> Vec<u8> {
 }
 
 fn other_proto() -> Vec<u8> {
-    let mut p = udp(CLIENT, 1, VIP, 53);
+    // To a pod: to a frontend it would be dropped (`fragments.rs`).
+    let mut p = udp(CLIENT, 1, OTHER, 53);
     p[23] = 47;
     fix_ip_checksum(&mut p);
     p

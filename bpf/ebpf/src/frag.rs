@@ -10,8 +10,29 @@
 
 use weir_common::{CtKey, FragKey, FragPorts};
 
-use crate::maps::FRAGMENTS;
+use crate::maps::{FRAGMENTS, SCRATCH};
 use crate::packet::Ip;
+
+/// Notes the id of the datagram the packet being parsed is a fragment of (IPv4 id, IPv6
+/// fragment header id), for [`later_ports`] and [`remember`] in the same run.
+#[inline(always)]
+pub fn note_id(id: u32) {
+    if let Some(scratch) = SCRATCH.get_ptr_mut(0) {
+        // SAFETY: a per-CPU slot, used by one program run at a time on this CPU (tc programs
+        // do not nest); the id is read only later in this run.
+        unsafe { (*scratch).frag_id = id };
+    }
+}
+
+/// The id [`note_id`] noted in this run.
+#[inline(always)]
+fn noted_id() -> u32 {
+    match SCRATCH.get_ptr(0) {
+        // SAFETY: as in `note_id`; read at once.
+        Some(scratch) => unsafe { (*scratch).frag_id },
+        None => 0,
+    }
+}
 
 /// What [`later_ports`] returns when the datagram's first fragment was not translated here.
 pub const UNKNOWN: u64 = 1 << 32;
@@ -23,7 +44,7 @@ pub fn later_ports(ip: &Ip) -> u64 {
     let key = FragKey {
         saddr: ip.saddr,
         daddr: ip.daddr,
-        id: ip.frag_id,
+        id: noted_id(),
         proto: ip.proto,
         family: ip.family,
         _pad: 0,
@@ -38,11 +59,11 @@ pub fn later_ports(ip: &Ip) -> u64 {
 /// Remembers the ports of a first fragment of the flow `key` (as the packet arrived, before any
 /// translation), for the datagram's later fragments.
 #[inline(never)]
-pub fn remember(key: &CtKey, id: u32) {
+pub fn remember(key: &CtKey) {
     let frag = FragKey {
         saddr: key.saddr,
         daddr: key.daddr,
-        id,
+        id: noted_id(),
         proto: key.proto,
         family: key.family,
         _pad: 0,

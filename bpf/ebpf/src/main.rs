@@ -271,8 +271,11 @@ pub struct Scratch {
     /// the load time. Copying 64 bytes per packet costs far less. (It also lets promotion delete
     /// the entry before the packet is translated.)
     pub entry: CtValue,
-    /// `Ip::fragment` and `Ip::frag_id` on their way through map memory (see `flow_inner`).
-    pub fragment: [u32; 2],
+    /// The packet's shape (`Ip::l4_off`, `payload_len`, `fragment`) on its way through map
+    /// memory (see `packet::parse`).
+    pub shape: [u32; 3],
+    /// The id of the datagram the packet is a fragment of (see `frag::note_id`).
+    pub frag_id: u32,
 }
 
 /// Calls return at most a register: the verdict, never a `Result` (see [`Verdict`]).
@@ -288,22 +291,6 @@ fn flow_inner(
     config: &NodeConfig,
     from_tunnel: &Arrival,
 ) -> Result<Verdict, u32> {
-    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
-        return Err(counter::DROP_CT_FULL);
-    };
-    // The parser writes the fragment kind as a constant per branch, and the verifier follows
-    // every constant separately: through the whole flow path, that tripled the instructions it
-    // walks (past the 1M limit). Read back from map memory, the kind is a value it does not
-    // know, and the three walks become one. Volatile, so the compiler keeps the round trip.
-    // SAFETY: a per-CPU slot, used by one program run at a time on this CPU (tc programs do
-    // not nest), and only within this run.
-    unsafe {
-        let fragment = core::ptr::addr_of_mut!((*scratch).fragment);
-        fragment.write_volatile([ip.fragment as u32, ip.frag_id]);
-        let [kind, id] = fragment.read_volatile();
-        ip.fragment = kind as u8;
-        ip.frag_id = id;
-    }
     let (sport_be, dport_be, seen) = if ip.fragment == LATER_FRAGMENT {
         // Its ports are the first fragment's; it never starts a flow (see `frag.rs`).
         let ports = frag::later_ports(ip);
@@ -331,7 +318,11 @@ fn flow_inner(
     // The flow's facts live in a per-CPU scratch slot, not on the stack: older verifiers
     // (5.10, 6.1) count every frame of the call chain whole, and this one would push the chain
     // flow -> apply -> rewrite past 512 bytes.
-    // SAFETY: as above.
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return Err(counter::DROP_CT_FULL);
+    };
+    // SAFETY: a per-CPU slot, used by one program run at a time on this CPU (tc programs do
+    // not nest), and only within this run.
     let Scratch {
         flow, entry: copy, ..
     } = unsafe { &mut *scratch };
@@ -353,7 +344,7 @@ fn flow_inner(
         refresh(entry, seen, flow.now);
         *copy = *entry;
         if ip.fragment == FIRST_FRAGMENT {
-            frag::remember(&flow.key, ip.frag_id);
+            frag::remember(&flow.key);
         }
         return Ok(apply(ctx, ip, copy, config));
     }
@@ -366,7 +357,7 @@ fn flow_inner(
             ct::promote(&flow.key);
         }
         if ip.fragment == FIRST_FRAGMENT {
-            frag::remember(&flow.key, ip.frag_id);
+            frag::remember(&flow.key);
         }
         // The same call as above, in the same state: the verifier walks it once for both.
         return Ok(apply(ctx, ip, copy, config));
@@ -437,7 +428,7 @@ fn flow_inner(
     // SAFETY: the pointer comes from a successful lookup and stays valid for this run.
     *copy = unsafe { *entry };
     if ip.fragment == FIRST_FRAGMENT {
-        frag::remember(&flow.key, ip.frag_id);
+        frag::remember(&flow.key);
     }
     let translated = apply(ctx, ip, copy, config);
     if translated.action() == TC_ACT_SHOT as i32 || translated.is_answer() {

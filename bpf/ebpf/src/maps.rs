@@ -8,8 +8,8 @@ use aya_ebpf::{
 };
 use weir_common::{
     capacity, counter, AffinityKey, AffinityValue, BackendSlotKey, BackendValue, CtKey, CtValue,
-    FragKey, FragPorts, FrontendKey, HostAddrKey, MaglevChunk, MaglevKey, NodeConfig, ServiceValue, SockReverseKey,
-    SourceRange,
+    FragKey, FragPorts, FrontendKey, HostAddrKey, MaglevChunk, MaglevKey, NodeConfig, ServiceValue,
+    SockReverseKey, SourceRange,
 };
 
 const BPF_F_NO_PREALLOC: u32 = 1;
