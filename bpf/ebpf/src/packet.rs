@@ -274,7 +274,7 @@ const MAX_IPV6_EXTENSION_HEADERS: usize = 6;
 const IPV6_HOP_BY_HOP: u8 = 0;
 const IPV6_ROUTING: u8 = 43;
 const IPV6_DESTINATION_OPTIONS: u8 = 60;
-const IPV6_FRAGMENT_HLEN: usize = 8;
+pub const IPV6_FRAGMENT_HLEN: usize = 8;
 
 #[inline(always)]
 fn parse_ipv6(ctx: &TcContext, l3_off: usize, ip: &mut Ip) -> Result<(), NotForUs> {
