@@ -831,6 +831,21 @@ pub fn compile(
 }
 
 /// `ip:port/proto`, or `nodeport:port/proto` for a NodePort, for logs and dumps.
+/// The addresses of ClusterIPs, external IPs and load-balancer IPs in `state` (NodePorts have
+/// none of their own): traffic to them that the data path does not translate is dropped.
+pub fn frontend_addresses(state: &DataplaneState) -> BTreeSet<HostAddrKey> {
+    state
+        .services
+        .keys()
+        .filter(|key| key.addr != Addr::UNSPECIFIED)
+        .map(|key| HostAddrKey {
+            addr: key.addr,
+            family: key.family,
+            _pad: [0; 3],
+        })
+        .collect()
+}
+
 pub fn frontend_name(key: &FrontendKey) -> String {
     if key.addr == Addr::UNSPECIFIED {
         format!(

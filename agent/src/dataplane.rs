@@ -103,6 +103,15 @@ pub struct ServiceMaps {
     backends: HashMap<MapData, u32, BackendValue>,
     maglev: HashMap<MapData, MaglevKey, MaglevChunk>,
     source_ranges: LpmTrie<MapData, SourceRange, u8>,
+    /// `WEIR_FRONTEND_ADDRS`, derived from the frontends (see [`ServiceMaps::set_frontend_addrs`]).
+    /// The loaded program's own, unpinned: absent when the maps are opened from their pins.
+    frontend_addrs: Option<FrontendAddrs>,
+}
+
+struct FrontendAddrs {
+    map: HashMap<MapData, HostAddrKey, u32>,
+    /// What the map holds, as last written; `None` after a failed write (the map is read then).
+    written: Option<BTreeSet<HostAddrKey>>,
 }
 
 impl ServiceMaps {
@@ -113,6 +122,10 @@ impl ServiceMaps {
             backends: take_map(ebpf, map_names::BACKENDS)?,
             maglev: take_map(ebpf, map_names::MAGLEV)?,
             source_ranges: take_map(ebpf, map_names::SOURCE_RANGES)?,
+            frontend_addrs: Some(FrontendAddrs {
+                map: take_map(ebpf, map_names::FRONTEND_ADDRS)?,
+                written: None,
+            }),
         })
     }
 
@@ -123,7 +136,43 @@ impl ServiceMaps {
             backends: open_pinned(dir, map_names::BACKENDS)?,
             maglev: open_pinned(dir, map_names::MAGLEV)?,
             source_ranges: open_pinned(dir, map_names::SOURCE_RANGES)?,
+            frontend_addrs: None,
         })
+    }
+
+    /// Whether [`ServiceMaps::set_frontend_addrs`] must run even if no frontend changed: the
+    /// map was never written, or its last write failed.
+    pub fn frontend_addrs_unsettled(&self) -> bool {
+        self.frontend_addrs
+            .as_ref()
+            .is_some_and(|f| f.written.is_none())
+    }
+
+    /// Brings `WEIR_FRONTEND_ADDRS` to `wanted` (the addresses of ClusterIPs, external and
+    /// load-balancer IPs), writing only what differs from the last write. Returns the writes.
+    pub fn set_frontend_addrs(
+        &mut self,
+        wanted: BTreeSet<HostAddrKey>,
+    ) -> Result<usize, DataplaneError> {
+        let Some(frontends) = self.frontend_addrs.as_mut() else {
+            return Ok(0);
+        };
+        let name = map_names::FRONTEND_ADDRS;
+        let writes = match frontends.written.take() {
+            Some(written) if written == wanted => 0,
+            Some(written) => {
+                for key in wanted.difference(&written) {
+                    frontends.map.insert(key, 0, 0).map_err(map_err(name))?;
+                }
+                for key in written.difference(&wanted) {
+                    remove_present(&mut frontends.map, key, name)?;
+                }
+                wanted.symmetric_difference(&written).count()
+            }
+            None => set_key_set(&mut frontends.map, &wanted, name)?,
+        };
+        frontends.written = Some(wanted);
+        Ok(writes)
     }
 
     /// Reads what the maps hold now: the starting point of every diff after a start or a failed

@@ -14,7 +14,9 @@ use std::time::Instant;
 use tracing::{debug, info, instrument, warn};
 
 use crate::admission::{Admission, Decision, Footprint, Limits, Rejection};
-use crate::compile::{addr_of, frontend_name, summary, CompileOptions, Compiler, ServiceInput};
+use crate::compile::{
+    addr_of, frontend_addresses, frontend_name, summary, CompileOptions, Compiler, ServiceInput,
+};
 use crate::conntrack::{BackendAddr, Retired};
 use crate::dataplane::{DataplaneError, ServiceMaps};
 use crate::intent::{EndpointSliceIntent, ObjectRef};
@@ -229,6 +231,12 @@ impl Reconciler {
             }
         }
         compiler.commit(&plan);
+        if !plan.upsert_services.is_empty()
+            || !plan.delete_services.is_empty()
+            || maps.frontend_addrs_unsettled()
+        {
+            maps.set_frontend_addrs(frontend_addresses(compiler.shadow()))?;
+        }
         for (id, serving) in serving_now {
             let frontends = frontends_before.remove(id).unwrap_or_default();
             note_serving(&mut self.serving, &mut self.retired, id, serving, frontends);

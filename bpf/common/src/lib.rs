@@ -43,6 +43,13 @@ pub mod map_names {
     /// Ifindexes of this node's pod interfaces: packets entering there come from inside the
     /// cluster.
     pub const POD_INTERFACES: &str = "WEIR_POD_INTERFACES";
+    /// Addresses of ClusterIPs, external IPs and load-balancer IPs: traffic to them that is not
+    /// translated is dropped, never routed on. Not pinned: the agent refills it from its first
+    /// pass.
+    pub const FRONTEND_ADDRS: &str = "WEIR_FRONTEND_ADDRS";
+    /// The ports of fragmented datagrams being translated, by their first fragment (LRU). Not
+    /// pinned: an agent's restart loses the datagrams in flight at most.
+    pub const FRAGMENTS: &str = "WEIR_FRAGMENTS";
     /// Every map the agent pins, in the order it creates them.
     pub const PINNED: [&str; 15] = [
         SERVICES,
@@ -115,6 +122,11 @@ pub mod capacity {
     pub const TUNNEL_PEERS: u32 = 65_536;
     /// Pod interfaces on one node.
     pub const POD_INTERFACES: u32 = 4096;
+    /// Distinct frontend addresses (ClusterIPs, external and load-balancer IPs).
+    pub const FRONTEND_ADDRS: u32 = 65_536;
+    /// Fragmented datagrams in flight whose first fragment was translated (LRU, about 1 MiB):
+    /// Cilium's default too. A later fragment whose entry was evicted is lost with its datagram.
+    pub const FRAGMENTS: u32 = 8_192;
 }
 
 /// An IPv4 or IPv6 address as 16 raw bytes in network order.
@@ -237,6 +249,27 @@ pub struct HostAddrKey {
     pub addr: Addr,
     pub family: u8,
     pub _pad: [u8; 3],
+}
+
+/// A fragmented datagram, as all its fragments carry it: addresses, IP id (IPv4) or fragment
+/// header id (IPv6, in the low 32 bits either way; network order) and upper-layer protocol.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FragKey {
+    pub saddr: Addr,
+    pub daddr: Addr,
+    pub id: u32,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: u16,
+}
+
+/// The ports of a fragmented datagram, from its first fragment (later ones do not carry them).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragPorts {
+    pub sport_be: u16,
+    pub dport_be: u16,
 }
 
 /// Maglev table sizes: primes, so every backend's permutation visits every entry. A table of
@@ -602,12 +635,19 @@ pub mod counter {
     /// A TCP reset to a frontend without endpoints: nothing to reset, and a reset is never
     /// answered.
     pub const DROP_RESET_NO_BACKEND: u32 = 28;
+    /// A later fragment to a frontend address whose first fragment was not translated here
+    /// (not seen yet, lost, or its entry evicted): it cannot be translated without the ports.
+    pub const DROP_FRAGMENT_UNKNOWN: u32 = 29;
+    /// A packet to a ClusterIP, external IP or load-balancer IP that nothing translates (a port
+    /// the Service does not have, ICMP echo, another protocol, an extension header Weir does not
+    /// walk): dropped rather than routed on towards the underlay.
+    pub const DROP_FRONTEND_UNTRANSLATED: u32 = 30;
     /// Outcomes are the counters below this index: exactly one per packet.
-    pub const OUTCOMES: u32 = 29;
+    pub const OUTCOMES: u32 = 31;
     /// Event: a flow was answered, and its entries moved from the new-flow table to the
     /// established one. New flows minus promotions is what a flood leaves unanswered.
-    pub const CT_PROMOTED: u32 = 29;
-    pub const COUNT: u32 = 30;
+    pub const CT_PROMOTED: u32 = 31;
+    pub const COUNT: u32 = 32;
 
     /// Names for display, indexed by counter.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -640,6 +680,8 @@ pub mod counter {
         "reset_no_backend",
         "icmp_error_tunnelled",
         "drop_reset_no_backend",
+        "drop_fragment_unknown",
+        "drop_frontend_untranslated",
         "ct_promoted",
     ];
 }
@@ -676,6 +718,10 @@ mod pod {
     unsafe impl aya::Pod for AffinityValue {}
     // SAFETY: as above.
     unsafe impl aya::Pod for SockReverseKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for FragKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for FragPorts {}
 }
 
 // The layouts are part of the pinned-map ABI: fail the build, not the kernel, if they move.
@@ -695,4 +741,6 @@ const _: () = {
     assert!(core::mem::size_of::<CtKey>() == 40);
     assert!(core::mem::size_of::<CtValue>() == 64);
     assert!(core::mem::size_of::<SockReverseKey>() == 32);
+    assert!(core::mem::size_of::<FragKey>() == 40);
+    assert!(core::mem::size_of::<FragPorts>() == 4);
 };

@@ -12,7 +12,7 @@ use weir_common::{counter, ct_flags, ct_kind, Addr, CtKey, FAMILY_V4, PROTO_TCP,
 
 use crate::packet::{
     addr_offsets, csum_add_bytes, csum_diff, csum_fold, load, store, Ip, Ipv4Header, Ipv6Header,
-    IPV4_MIN_HLEN, IPV6_HLEN, IP_OFF, TCP_CSUM, TCP_MIN_HLEN, UDP_CSUM,
+    IPV4_MIN_HLEN, IPV6_FRAGMENT_HLEN, IPV6_HLEN, IP_OFF, TCP_CSUM, TCP_MIN_HLEN, UDP_CSUM,
 };
 use crate::{Verdict, ACTION_ICMP_ROUTE, ACTION_ICMP_TUNNEL};
 
@@ -299,8 +299,21 @@ pub fn answer(ctx: &TcContext, ip: &Ip, answer: &Answer) -> Result<i32, u32> {
     match (ip.family == FAMILY_V4, ip.proto == PROTO_TCP) {
         (true, true) => answer_v4::<V4_QUOTE_TCP, { ICMP_HLEN + V4_QUOTE_TCP }>(ctx, ip, answer),
         (true, false) => answer_v4::<V4_QUOTE_UDP, { ICMP_HLEN + V4_QUOTE_UDP }>(ctx, ip, answer),
-        (false, true) => answer_v6::<V6_QUOTE_TCP, { ICMP_HLEN + V6_QUOTE_TCP }>(ctx, ip, answer),
-        (false, false) => answer_v6::<V6_QUOTE_UDP, { ICMP_HLEN + V6_QUOTE_UDP }>(ctx, ip, answer),
+        // As for IPv4 options: a quote cut inside extension headers would name no socket.
+        (false, true) if ip.l4_off == IP_OFF + IPV6_HLEN => {
+            answer_v6::<V6_QUOTE_TCP, { ICMP_HLEN + V6_QUOTE_TCP }>(ctx, ip, answer)
+        }
+        (false, false) if ip.l4_off == IP_OFF + IPV6_HLEN => {
+            answer_v6::<V6_QUOTE_UDP, { ICMP_HLEN + V6_QUOTE_UDP }>(ctx, ip, answer)
+        }
+        // The first fragment of a datagram too big for the tunnel: its fragment header quoted
+        // too, so that the "packet too big" still names the socket and the sender learns.
+        (false, false) if ip.l4_off == IP_OFF + IPV6_HLEN + IPV6_FRAGMENT_HLEN => {
+            answer_v6::<V6_QUOTE_UDP_FRAGMENT, { ICMP_HLEN + V6_QUOTE_UDP_FRAGMENT }>(
+                ctx, ip, answer,
+            )
+        }
+        (false, _) => Err(counter::DROP_REJECT_FAILED),
     }
 }
 
@@ -314,6 +327,7 @@ const V4_QUOTE_UDP: usize = IPV4_MIN_HLEN + REJECT_QUOTED_UDP;
 const V4_QUOTE_TCP: usize = IPV4_MIN_HLEN + REJECT_QUOTED_TCP;
 const V6_QUOTE_UDP: usize = IPV6_HLEN + REJECT_QUOTED_UDP;
 const V6_QUOTE_TCP: usize = IPV6_HLEN + REJECT_QUOTED_TCP;
+const V6_QUOTE_UDP_FRAGMENT: usize = IPV6_HLEN + IPV6_FRAGMENT_HLEN + REJECT_QUOTED_UDP;
 
 /// `QUOTE` bytes of the original packet from its IP header on; `MSG` = ICMP header + quote.
 #[inline(never)]
@@ -364,10 +378,6 @@ fn answer_v6<const QUOTE: usize, const MSG: usize>(
     answer: &Answer,
 ) -> Result<i32, u32> {
     let failed = counter::DROP_REJECT_FAILED;
-    // As for IPv4 options: a quote cut inside options headers would name no socket.
-    if ip.l4_off != IP_OFF + IPV6_HLEN {
-        return Err(failed);
-    }
     let quoted: [u8; QUOTE] = load(ctx, IP_OFF)?;
     let mut msg = [0u8; MSG];
     msg[..2].copy_from_slice(&answer.kind);

@@ -22,6 +22,7 @@
 #![no_main]
 
 mod ct;
+mod frag;
 mod icmp;
 mod lb;
 mod maps;
@@ -45,12 +46,12 @@ use weir_common::{
 
 use crate::lb::{select_backend, NO_BACKEND};
 use crate::maps::{
-    count, node_config, BACKENDS, CONNTRACK, CT_NEW, HOST_ADDRS, POD_INTERFACES, SCRATCH, SERVICES,
-    SOURCE_RANGES, TUNNEL_PEERS,
+    count, node_config, BACKENDS, CONNTRACK, CT_NEW, FRONTEND_ADDRS, HOST_ADDRS, POD_INTERFACES,
+    SCRATCH, SERVICES, SOURCE_RANGES, TUNNEL_PEERS,
 };
 use crate::packet::{
-    ct_key, ktime, load, not_for_us, parse, rewrite_l4, swap_macs, Ip, NotForUs, Side, PARSED,
-    TCP_FLAGS, TCP_MIN_HLEN, UDP_HLEN,
+    ct_key, ktime, load, not_for_us, parse, rewrite_l4, swap_macs, Ip, NotForUs, Side,
+    FIRST_FRAGMENT, LATER_FRAGMENT, NOT_FRAGMENT, PARSED, TCP_FLAGS, TCP_MIN_HLEN, UDP_HLEN,
 };
 use crate::tunnel::{arrival, encap, Arrival};
 
@@ -185,16 +186,29 @@ fn process(ctx: &TcContext) -> Result<Verdict, u32> {
     // SAFETY: a per-CPU slot, used by one program run at a time on this CPU (tc programs do
     // not nest), and only within this run; the flow path borrows its other fields only.
     let ip = unsafe { &mut (*scratch).ip };
+    // The last packet's header is still there: parse fills what it finds, the rest must read
+    // as absent (a packet passed before its addresses are parsed has family 0).
+    *ip = Ip::EMPTY;
     let parsed = parse(ctx, tunnel::is_bare_ip(ctx, config), ip);
     if parsed != PARSED {
         return match not_for_us(parsed) {
-            NotForUs::Pass(c) => Ok(Verdict::pass(c)),
+            NotForUs::Pass(c) => Ok(unless_frontend(ip, c)),
             NotForUs::Drop(c) => Err(c),
         };
     }
     let verdict = match ip.proto {
         PROTO_TCP | PROTO_UDP => flow(ctx, ip, config, &from_tunnel),
+        // ICMP errors are never fragmented (a quote fits the minimum MTU).
+        _ if ip.fragment != NOT_FRAGMENT => Verdict::pass(counter::PASS_ICMP_UNRELATED),
         _ => icmp::icmp_error(ctx, ip),
+    };
+    let untranslated = verdict.counter() == counter::PASS_NO_SERVICE
+        || verdict.counter() == counter::PASS_ICMP_UNRELATED
+        || verdict.counter() == counter::PASS_FRAGMENT;
+    let verdict = if untranslated && verdict.action() == TC_ACT_OK as i32 {
+        unless_frontend(ip, verdict.counter())
+    } else {
+        verdict
     };
     // Answered here, not deeper down, to keep the call chain's stack within the verifier's limit.
     if verdict.action() == ACTION_REJECT && icmp::resets(ctx, ip) {
@@ -232,6 +246,33 @@ fn process(ctx: &TcContext) -> Result<Verdict, u32> {
         tunnel::accept_inner(ctx);
     }
     Ok(verdict)
+}
+
+/// A packet Weir does not translate passes (`counter`), unless it is addressed to a ClusterIP,
+/// external IP or load-balancer IP: nothing on the node answers there, and routed on it would
+/// leave by the default route, onto the underlay. Such a packet is dropped. A frontend address
+/// that is also a Node's (an external IP on a node) is the node's own traffic: it passes.
+#[inline(never)]
+fn unless_frontend(ip: &Ip, counter: u32) -> Verdict {
+    if ip.family == 0 {
+        return Verdict::pass(counter);
+    }
+    let destination = HostAddrKey {
+        addr: ip.daddr,
+        family: ip.family,
+        _pad: [0; 3],
+    };
+    if FRONTEND_ADDRS.get_ptr(&destination).is_none()
+        || HOST_ADDRS.get_ptr(&destination).is_some()
+        || TUNNEL_PEERS.get_ptr(&destination).is_some()
+    {
+        return Verdict::pass(counter);
+    }
+    Verdict::drop(if counter == counter::PASS_FRAGMENT {
+        counter::DROP_FRAGMENT_UNKNOWN
+    } else {
+        counter::DROP_FRONTEND_UNTRANSLATED
+    })
 }
 
 #[inline(always)]
@@ -282,6 +323,8 @@ pub struct Scratch {
     /// the load time. Copying 64 bytes per packet costs far less. (It also lets promotion delete
     /// the entry before the packet is translated.)
     pub entry: CtValue,
+    /// The id of the datagram the packet is a fragment of (see `frag::note_id`).
+    pub frag_id: u32,
 }
 
 /// Calls return at most a register: the verdict, never a `Result` (see [`Verdict`]).
@@ -297,19 +340,29 @@ fn flow_inner(
     config: &NodeConfig,
     from_tunnel: &Arrival,
 ) -> Result<Verdict, u32> {
-    let l4_min = if ip.proto == PROTO_TCP {
-        TCP_MIN_HLEN
+    let (sport_be, dport_be, seen) = if ip.fragment == LATER_FRAGMENT {
+        // Its ports are the first fragment's; it never starts a flow (see `frag.rs`).
+        let ports = frag::later_ports(ip);
+        if ports == frag::UNKNOWN {
+            return Ok(Verdict::pass(counter::PASS_FRAGMENT));
+        }
+        (ports as u16, (ports >> 16) as u16, 0)
     } else {
-        UDP_HLEN
-    };
-    if ip.payload_len < l4_min {
-        return Err(counter::DROP_TRUNCATED);
-    }
-    let [sport_be, dport_be]: [u16; 2] = load(ctx, ip.l4_off)?;
-    let seen = if ip.proto == PROTO_TCP {
-        tcp_seen_bits(load(ctx, ip.l4_off + TCP_FLAGS)?)
-    } else {
-        0
+        let l4_min = if ip.proto == PROTO_TCP {
+            TCP_MIN_HLEN
+        } else {
+            UDP_HLEN
+        };
+        if ip.payload_len < l4_min {
+            return Err(counter::DROP_TRUNCATED);
+        }
+        let [sport_be, dport_be]: [u16; 2] = load(ctx, ip.l4_off)?;
+        let seen = if ip.proto == PROTO_TCP {
+            tcp_seen_bits(load(ctx, ip.l4_off + TCP_FLAGS)?)
+        } else {
+            0
+        };
+        (sport_be, dport_be, seen)
     };
     // The flow's facts live in a per-CPU scratch slot, not on the stack: older verifiers
     // (5.10, 6.1) count every frame of the call chain whole, and this one would push the chain
@@ -338,6 +391,9 @@ fn flow_inner(
         let entry = unsafe { &mut *entry };
         refresh(entry, seen, flow.now);
         *copy = *entry;
+        if ip.fragment == FIRST_FRAGMENT {
+            frag::remember(&flow.key);
+        }
         return Ok(apply(ctx, ip, copy, config));
     }
     if let Some(entry) = CT_NEW.get_ptr_mut(&flow.key) {
@@ -348,10 +404,17 @@ fn flow_inner(
         if ct::answers(copy, ip.proto, seen) {
             ct::promote(&flow.key);
         }
+        if ip.fragment == FIRST_FRAGMENT {
+            frag::remember(&flow.key);
+        }
         // The same call as above, in the same state: the verifier walks it once for both.
         return Ok(apply(ctx, ip, copy, config));
     }
 
+    if ip.fragment == LATER_FRAGMENT {
+        // Its flow ended between the first fragment and this one.
+        return Ok(Verdict::pass(counter::PASS_FRAGMENT));
+    }
     if from_tunnel.id == tunnel_id::NAT_AT_INGRESS {
         return Ok(tunnel::remember_return(
             &flow.key,
@@ -412,6 +475,9 @@ fn flow_inner(
     };
     // SAFETY: the pointer comes from a successful lookup and stays valid for this run.
     *copy = unsafe { *entry };
+    if ip.fragment == FIRST_FRAGMENT {
+        frag::remember(&flow.key);
+    }
     let translated = apply(ctx, ip, copy, config);
     if translated.action() == TC_ACT_SHOT as i32 || translated.is_answer() {
         return Ok(translated);
@@ -584,7 +650,12 @@ fn apply_inner(
                 entry.nat_port_be,
             )?;
             if entry.flags & ct_flags::HAIRPIN != 0 {
-                let sport_be: u16 = load(ctx, ip.l4_off)?;
+                // (A later fragment has no ports: `rewrite_l4` leaves them alone.)
+                let sport_be: u16 = if ip.fragment == LATER_FRAGMENT {
+                    0
+                } else {
+                    load(ctx, ip.l4_off)?
+                };
                 let source = hairpin_addr(config, ip.family);
                 rewrite_l4(ctx, ip, Side::Source, &source, sport_be)?;
                 return send_back(ctx, counter::CT_FORWARD_HIT);
@@ -602,7 +673,11 @@ fn apply_inner(
         }
         ct_kind::REVERSE => {
             if entry.flags & ct_flags::HAIRPIN != 0 {
-                let [_, dport_be]: [u16; 2] = load(ctx, ip.l4_off)?;
+                let dport_be: u16 = if ip.fragment == LATER_FRAGMENT {
+                    0
+                } else {
+                    load(ctx, ip.l4_off + 2)?
+                };
                 let client = ip.saddr;
                 rewrite_l4(ctx, ip, Side::Destination, &client, dport_be)?;
                 rewrite_l4(ctx, ip, Side::Source, &entry.nat_addr, entry.nat_port_be)?;

@@ -8,8 +8,8 @@ use aya_ebpf::{
 };
 use weir_common::{
     capacity, counter, AffinityKey, AffinityValue, BackendSlotKey, BackendValue, CtKey, CtValue,
-    FrontendKey, HostAddrKey, MaglevChunk, MaglevKey, NodeConfig, ServiceValue, SockReverseKey,
-    SourceRange,
+    FragKey, FragPorts, FrontendKey, HostAddrKey, MaglevChunk, MaglevKey, NodeConfig, ServiceValue,
+    SockReverseKey, SourceRange,
 };
 
 const BPF_F_NO_PREALLOC: u32 = 1;
@@ -49,6 +49,16 @@ pub static TUNNEL_PEERS: HashMap<HostAddrKey, u32> =
 #[map(name = "WEIR_POD_INTERFACES")]
 pub static POD_INTERFACES: HashMap<u32, u32> =
     HashMap::with_max_entries(capacity::POD_INTERFACES, BPF_F_NO_PREALLOC);
+
+/// Addresses of ClusterIPs, external and load-balancer IPs (the NodePort's are the node's own).
+#[map(name = "WEIR_FRONTEND_ADDRS")]
+pub static FRONTEND_ADDRS: HashMap<HostAddrKey, u32> =
+    HashMap::with_max_entries(capacity::FRONTEND_ADDRS, BPF_F_NO_PREALLOC);
+
+/// The ports of fragmented datagrams whose first fragment was translated (see `frag.rs`).
+#[map(name = "WEIR_FRAGMENTS")]
+pub static FRAGMENTS: LruHashMap<FragKey, FragPorts> =
+    LruHashMap::with_max_entries(capacity::FRAGMENTS, 0);
 
 #[map(name = "WEIR_NODE_CONFIG")]
 pub static NODE_CONFIG: Array<NodeConfig> = Array::with_max_entries(1, 0);

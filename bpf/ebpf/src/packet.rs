@@ -28,6 +28,7 @@ const IPV4_DF: u16 = 0x4000;
 pub const IPV6_HLEN: usize = 40;
 /// Fragment offset and More Fragments; DF alone is not a fragment.
 const IPV4_FRAG_MASK: u16 = 0x3fff;
+const IPV4_OFFSET_MASK: u16 = 0x1fff;
 const IPV6_FRAGMENT: u8 = 44;
 
 pub const TCP_MIN_HLEN: usize = 20;
@@ -76,7 +77,18 @@ pub struct Ip {
     pub l4_off: usize,
     /// Bytes of L3 payload according to the header, which bounds what L4 may claim.
     pub payload_len: usize,
+    /// [`NOT_FRAGMENT`], [`FIRST_FRAGMENT`] (carries the L4 header) or [`LATER_FRAGMENT`]
+    /// (`l4_off` is where its share of the payload starts: no ports there).
+    pub fragment: u8,
+    // The datagram's id is kept apart (`frag::note_id`): 8 more bytes here put the deepest
+    // call chain (ingress -> icmp_error -> route::forward) past the verifier's 512-byte stack.
 }
+
+pub const NOT_FRAGMENT: u8 = 0;
+/// Offset 0, more fragments follow: the L4 header is here.
+pub const FIRST_FRAGMENT: u8 = 1;
+/// Offset beyond 0: the ports are in the first fragment only.
+pub const LATER_FRAGMENT: u8 = 2;
 
 /// Why a packet is not for the NAT path.
 #[derive(Clone, Copy)]
@@ -97,6 +109,17 @@ pub fn store<T>(ctx: &TcContext, off: usize, value: &T) -> Result<(), u32> {
 }
 
 impl Ip {
+    pub const EMPTY: Ip = Ip {
+        family: 0,
+        l3_off: 0,
+        saddr: Addr::UNSPECIFIED,
+        daddr: Addr::UNSPECIFIED,
+        proto: 0,
+        l4_off: 0,
+        payload_len: 0,
+        fragment: NOT_FRAGMENT,
+    };
+
     #[inline(always)]
     pub fn l3(&self) -> usize {
         self.l3_off as usize
@@ -129,11 +152,8 @@ const NOT_FOR_US_DROP: u64 = 1 << 32;
 /// run. An out parameter and a plain integer, because a call may return one register only.
 #[inline(never)]
 pub fn parse(ctx: &TcContext, bare: bool, ip: &mut Ip) -> u64 {
-    match parse_inner(ctx, bare) {
-        Ok(parsed) => {
-            *ip = parsed;
-            PARSED
-        }
+    match parse_inner(ctx, bare, ip) {
+        Ok(()) => PARSED,
         Err(NotForUs::Pass(c)) => c as u64,
         Err(NotForUs::Drop(c)) => NOT_FOR_US_DROP | c as u64,
     }
@@ -150,7 +170,7 @@ pub fn not_for_us(parsed: u64) -> NotForUs {
 }
 
 #[inline(always)]
-fn parse_inner(ctx: &TcContext, bare: bool) -> Result<Ip, NotForUs> {
+fn parse_inner(ctx: &TcContext, bare: bool, ip: &mut Ip) -> Result<(), NotForUs> {
     let (ethertype, l3_off) = if bare {
         // SAFETY: reading a field of the program's own context.
         let protocol = unsafe { (*ctx.skb.skb).protocol };
@@ -160,8 +180,8 @@ fn parse_inner(ctx: &TcContext, bare: bool) -> Result<Ip, NotForUs> {
         (u16::from_be(ethertype), IP_OFF)
     };
     match ethertype {
-        ETH_P_IP => parse_ipv4(ctx, l3_off),
-        ETH_P_IPV6 => parse_ipv6(ctx, l3_off),
+        ETH_P_IP => parse_ipv4(ctx, l3_off, ip),
+        ETH_P_IPV6 => parse_ipv6(ctx, l3_off, ip),
         _ => Err(NotForUs::Pass(counter::PASS_NOT_IP)),
     }
 }
@@ -184,8 +204,10 @@ fn bare_ip_offset(ctx: &TcContext) -> Result<usize, NotForUs> {
     Err(malformed)
 }
 
+/// Fills `ip` as it goes, addresses first: a packet passed for its protocol or an extension
+/// header is still dropped when it is addressed to a frontend (see `main.rs`).
 #[inline(always)]
-fn parse_ipv4(ctx: &TcContext, l3_off: usize) -> Result<Ip, NotForUs> {
+fn parse_ipv4(ctx: &TcContext, l3_off: usize, ip: &mut Ip) -> Result<(), NotForUs> {
     let header: Ipv4Header = load(ctx, l3_off).map_err(NotForUs::Drop)?;
     let ihl = ((header.version_ihl & 0x0f) as usize) * 4;
     if header.version_ihl >> 4 != 4 || ihl < IPV4_MIN_HLEN {
@@ -198,29 +220,37 @@ fn parse_ipv4(ctx: &TcContext, l3_off: usize) -> Result<Ip, NotForUs> {
     if (ctx.len() as usize) < l3_off + total_len {
         return Err(NotForUs::Drop(counter::DROP_TRUNCATED));
     }
-    if u16::from_be(header.frag_be) & IPV4_FRAG_MASK != 0 {
-        return Err(NotForUs::Pass(counter::PASS_FRAGMENT));
+    ip.family = FAMILY_V4;
+    ip.l3_off = l3_off as u16;
+    ip.saddr = Addr::from_v4(header.saddr);
+    ip.daddr = Addr::from_v4(header.daddr);
+    let frag = u16::from_be(header.frag_be);
+    if frag & IPV4_FRAG_MASK != 0 {
+        ip.fragment = if frag & IPV4_OFFSET_MASK != 0 {
+            LATER_FRAGMENT
+        } else {
+            FIRST_FRAGMENT
+        };
+        crate::frag::note_id(header.id_be as u32);
     }
     l4_protocol(header.proto, FAMILY_V4)?;
-    Ok(Ip {
-        family: FAMILY_V4,
-        l3_off: l3_off as u16,
-        saddr: Addr::from_v4(header.saddr),
-        daddr: Addr::from_v4(header.daddr),
-        proto: header.proto,
-        l4_off: l3_off + ihl,
-        payload_len: total_len - ihl,
-    })
+    ip.proto = header.proto;
+    ip.l4_off = l3_off + ihl;
+    ip.payload_len = total_len - ihl;
+    Ok(())
 }
 
-/// Hop-by-hop and destination options headers walked in front of the upper layer; more is
-/// passed untranslated (`pass_ipv6_extension`).
-const MAX_IPV6_OPTION_HEADERS: usize = 4;
+/// Extension headers walked in front of the upper layer (hop-by-hop, destination options, a
+/// routing header with no segments left, a fragment header); more are passed untranslated
+/// (`pass_ipv6_extension`).
+const MAX_IPV6_EXTENSION_HEADERS: usize = 6;
 const IPV6_HOP_BY_HOP: u8 = 0;
+const IPV6_ROUTING: u8 = 43;
 const IPV6_DESTINATION_OPTIONS: u8 = 60;
+pub const IPV6_FRAGMENT_HLEN: usize = 8;
 
 #[inline(always)]
-fn parse_ipv6(ctx: &TcContext, l3_off: usize) -> Result<Ip, NotForUs> {
+fn parse_ipv6(ctx: &TcContext, l3_off: usize, ip: &mut Ip) -> Result<(), NotForUs> {
     let header: Ipv6Header = load(ctx, l3_off).map_err(NotForUs::Drop)?;
     if header.version_class_flow[0] >> 4 != 6 {
         return Err(NotForUs::Drop(counter::DROP_MALFORMED));
@@ -229,41 +259,70 @@ fn parse_ipv6(ctx: &TcContext, l3_off: usize) -> Result<Ip, NotForUs> {
     if (ctx.len() as usize) < l3_off + IPV6_HLEN + payload_len {
         return Err(NotForUs::Drop(counter::DROP_TRUNCATED));
     }
+    ip.family = FAMILY_V6;
+    ip.l3_off = l3_off as u16;
+    ip.saddr = Addr::from_v6(header.saddr);
+    ip.daddr = Addr::from_v6(header.daddr);
     // Options headers change nothing a service translation touches (the pseudo header takes
-    // the addresses of the fixed header): step over them to the upper layer.
+    // the addresses of the fixed header), nor does a routing header whose route is done (its
+    // last segment is the fixed header's destination): step over them to the upper layer. With
+    // segments left, the fixed header's destination is a waypoint, not the final one: passed.
     let mut next_header = header.next_header;
-    let mut options_len = 0usize;
-    for _ in 0..MAX_IPV6_OPTION_HEADERS {
-        if next_header != IPV6_HOP_BY_HOP && next_header != IPV6_DESTINATION_OPTIONS {
+    let mut ext_len = 0usize;
+    for _ in 0..MAX_IPV6_EXTENSION_HEADERS {
+        if next_header != IPV6_HOP_BY_HOP
+            && next_header != IPV6_DESTINATION_OPTIONS
+            && next_header != IPV6_ROUTING
+            && next_header != IPV6_FRAGMENT
+        {
             break;
         }
-        let [next, units]: [u8; 2] =
-            load(ctx, l3_off + IPV6_HLEN + options_len).map_err(NotForUs::Drop)?;
-        next_header = next;
-        options_len += (units as usize + 1) * 8;
-        if options_len > payload_len {
+        // Every extension header is at least 8 bytes.
+        let ext: [u8; 8] = load(ctx, l3_off + IPV6_HLEN + ext_len).map_err(NotForUs::Drop)?;
+        if next_header == IPV6_FRAGMENT {
+            // Offset (13 bits), 2 reserved bits, More Fragments.
+            let frag = u16::from_be_bytes([ext[2], ext[3]]);
+            if frag >> 3 != 0 {
+                ip.fragment = LATER_FRAGMENT;
+            } else if frag & 1 != 0 {
+                ip.fragment = FIRST_FRAGMENT;
+            }
+            // (Neither: an atomic fragment, RFC 6946, a whole datagram.)
+            crate::frag::note_id(u32::from_ne_bytes([ext[4], ext[5], ext[6], ext[7]]));
+            ext_len += IPV6_FRAGMENT_HLEN;
+        } else if next_header == IPV6_ROUTING && ext[3] != 0 {
+            return Err(NotForUs::Pass(counter::PASS_IPV6_EXTENSION));
+        } else {
+            ext_len += (ext[1] as usize + 1) * 8;
+        }
+        next_header = ext[0];
+        if ext_len > payload_len {
             return Err(NotForUs::Drop(counter::DROP_TRUNCATED));
+        }
+        // What follows a later fragment's header is payload, whatever it would parse as.
+        if ip.fragment == LATER_FRAGMENT {
+            break;
         }
     }
     match next_header {
-        IPV6_FRAGMENT => return Err(NotForUs::Pass(counter::PASS_FRAGMENT)),
-        // Routing (its final destination is not the header's), AH, ESP, mobility, HIP, shim6,
-        // and options past the walked ones: services do not use them.
-        0 | 43 | 60 | 51 | 50 | 135 | 139 | 140 => {
-            return Err(NotForUs::Pass(counter::PASS_IPV6_EXTENSION))
-        }
+        // AH, ESP, mobility, HIP, shim6, and headers past the walked ones: services do not use
+        // them.
+        IPV6_HOP_BY_HOP
+        | IPV6_ROUTING
+        | IPV6_DESTINATION_OPTIONS
+        | IPV6_FRAGMENT
+        | 51
+        | 50
+        | 135
+        | 139
+        | 140 => return Err(NotForUs::Pass(counter::PASS_IPV6_EXTENSION)),
         _ => {}
     }
     l4_protocol(next_header, FAMILY_V6)?;
-    Ok(Ip {
-        family: FAMILY_V6,
-        l3_off: l3_off as u16,
-        saddr: Addr::from_v6(header.saddr),
-        daddr: Addr::from_v6(header.daddr),
-        proto: next_header,
-        l4_off: l3_off + IPV6_HLEN + options_len,
-        payload_len: payload_len - options_len,
-    })
+    ip.proto = next_header;
+    ip.l4_off = l3_off + IPV6_HLEN + ext_len;
+    ip.payload_len = payload_len - ext_len;
+    Ok(())
 }
 
 #[inline(always)]
@@ -420,10 +479,18 @@ fn rewrite(ctx: &TcContext, ip: &mut Ip, to: &Rewrite) -> Result<(), u32> {
         Side::Source => (saddr_off, ip.l4_off, &ip.saddr),
         Side::Destination => (daddr_off, ip.l4_off + 2, &ip.daddr),
     };
-    let old_port: u16 = load(ctx, port_off)?;
+    // A later fragment carries neither ports nor the L4 checksum (the first fragment's
+    // rewrite accounted for the whole datagram): its addresses alone change.
+    let later_fragment = ip.fragment == LATER_FRAGMENT;
+    let old_port: u16 = if later_fragment {
+        new_port_be
+    } else {
+        load(ctx, port_off)?
+    };
     let (csum_off, mangled) = l4_csum(ip);
     // A zero UDP checksum means "none" (IPv4 only): leave it so, rather than invent one.
-    let has_l4_csum = ip.proto == PROTO_TCP || load::<u16>(ctx, csum_off)? != 0;
+    let has_l4_csum =
+        !later_fragment && (ip.proto == PROTO_TCP || load::<u16>(ctx, csum_off)? != 0);
     let failed = counter::DROP_REWRITE_FAILED;
     if ip.family == FAMILY_V4 {
         let old = u32::from_ne_bytes(old_addr.v4_octets());

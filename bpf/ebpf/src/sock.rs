@@ -237,8 +237,7 @@ fn pick(frontend: &FrontendKey, service: &ServiceValue, local_only: bool) -> u32
         saddr: Addr::UNSPECIFIED,
         daddr: frontend.addr,
         proto: frontend.proto,
-        l4_off: 0,
-        payload_len: 0,
+        ..Ip::EMPTY
     };
     let flow = Flow {
         key: CtKey::default(),

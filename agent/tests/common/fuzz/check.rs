@@ -140,6 +140,8 @@ pub fn rewrite(
     }
     addresses(allowed, &before, &after, "")?;
     match before.proto {
+        // Its addresses alone change; the checksum it does not carry was the first fragment's.
+        PROTO_TCP | PROTO_UDP if before.later_fragment => Ok(()),
         PROTO_TCP | PROTO_UDP => transport_checksum(input, &before, output, &after, ""),
         PROTO_ICMP | PROTO_ICMPV6 => icmp_error(allowed, input, &before, output, &after),
         proto => broken(format!("rewrote a packet of protocol {proto}")),

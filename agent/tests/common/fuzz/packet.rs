@@ -119,6 +119,8 @@ pub struct IpView {
     /// Where the upper layer starts and how many bytes the header says it has.
     pub l4: usize,
     pub l4_len: usize,
+    /// A fragment past the first: what lies at `l4` is payload, not the upper layer's header.
+    pub later_fragment: bool,
 }
 
 impl IpView {
@@ -157,6 +159,7 @@ pub fn parse_ip_header(data: &[u8], l3: usize) -> Option<IpView> {
                 return None;
             }
             let total = usize::from(u16::from_be_bytes([data[l3 + 2], data[l3 + 3]]));
+            let fragment_offset = u16::from_be_bytes([data[l3 + 6], data[l3 + 7]]) & 0x1fff;
             src[..4].copy_from_slice(&data[l3 + 12..l3 + 16]);
             dst[..4].copy_from_slice(&data[l3 + 16..l3 + 20]);
             Some(IpView {
@@ -170,6 +173,7 @@ pub fn parse_ip_header(data: &[u8], l3: usize) -> Option<IpView> {
                 // A total length below the header's own is malformed; as a quote it is still
                 // read (the program does not look at a quote's lengths).
                 l4_len: total.saturating_sub(header_len),
+                later_fragment: fragment_offset != 0,
             })
         }
         6 => {
@@ -179,7 +183,7 @@ pub fn parse_ip_header(data: &[u8], l3: usize) -> Option<IpView> {
             src.copy_from_slice(&data[l3 + 8..l3 + 24]);
             dst.copy_from_slice(&data[l3 + 24..l3 + 40]);
             let payload_len = usize::from(u16::from_be_bytes([data[l3 + 4], data[l3 + 5]]));
-            let (proto, options_len) = ipv6_options(data, l3, payload_len);
+            let (proto, options_len, later_fragment) = ipv6_extensions(data, l3, payload_len);
             Some(IpView {
                 family: 6,
                 l3,
@@ -189,34 +193,49 @@ pub fn parse_ip_header(data: &[u8], l3: usize) -> Option<IpView> {
                 dst,
                 l4: l3 + IPV6_HLEN + options_len,
                 l4_len: payload_len - options_len,
+                later_fragment,
             })
         }
         _ => None,
     }
 }
 
-/// Steps over hop-by-hop and destination options headers as the program does (at most four,
-/// each whole within the payload): the upper-layer protocol and the options' length. Headers
-/// that do not fit are left in place, as the program then drops or passes the packet.
-fn ipv6_options(data: &[u8], l3: usize, payload_len: usize) -> (u8, usize) {
+/// Steps over extension headers as the program does (at most six, each whole within the
+/// payload: hop-by-hop and destination options, a routing header without segments left, a
+/// fragment header, after which a later fragment holds payload): the upper-layer protocol, the
+/// headers' length, and whether it is a later fragment. Headers that do not fit are left in
+/// place, as the program then drops or passes the packet.
+fn ipv6_extensions(data: &[u8], l3: usize, payload_len: usize) -> (u8, usize, bool) {
     let mut next = data[l3 + 6];
     let mut len = 0;
-    for _ in 0..4 {
-        if next != 0 && next != 60 {
+    for _ in 0..6 {
+        if next != 0 && next != 60 && next != 43 && next != 44 {
             break;
         }
         let at = l3 + IPV6_HLEN + len;
-        let (Some(&following), Some(&units)) = (data.get(at), data.get(at + 1)) else {
+        let Some(header) = data.get(at..at + 8) else {
             break;
         };
-        let grown = len + (usize::from(units) + 1) * 8;
+        if next == 43 && header[3] != 0 {
+            break;
+        }
+        let grown = len
+            + if next == 44 {
+                8
+            } else {
+                (usize::from(header[1]) + 1) * 8
+            };
         if grown > payload_len {
             break;
         }
-        next = following;
+        let later = next == 44 && u16::from_be_bytes([header[2], header[3]]) >> 3 != 0;
+        next = header[0];
         len = grown;
+        if later {
+            return (next, len, true);
+        }
     }
-    (next, len)
+    (next, len, false)
 }
 
 /// The IP packet at `l3`, when everything its header declares lies within `data`.
