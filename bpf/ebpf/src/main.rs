@@ -49,8 +49,8 @@ use crate::maps::{
     SOURCE_RANGES, TUNNEL_PEERS,
 };
 use crate::packet::{
-    ct_key, ktime, load, not_for_us, parse, rewrite_l4, swap_macs, Ip, NotForUs, Side, PARSED,
-    TCP_FLAGS, TCP_MIN_HLEN, UDP_HLEN,
+    ct_key, ktime, load, not_for_us, parse, rewrite_l4, rewrite_port, swap_macs, Ip, NotForUs,
+    Side, PARSED, TCP_FLAGS, TCP_MIN_HLEN, UDP_HLEN,
 };
 use crate::tunnel::{arrival, encap, Arrival};
 
@@ -233,6 +233,16 @@ pub struct Scratch {
     /// the load time. Copying 64 bytes per packet costs far less. (It also lets promotion delete
     /// the entry before the packet is translated.)
     pub entry: CtValue,
+    /// A new flow's entries as they are built: off the stack, since claiming the reply key
+    /// (`ct::claim_reply_key`) is one more frame below `new_flow`.
+    pub new: NewEntry,
+}
+
+/// A conntrack entry being made: its key and value.
+#[repr(C)]
+pub struct NewEntry {
+    pub key: CtKey,
+    pub value: CtValue,
 }
 
 /// Calls return at most a register: the verdict, never a `Result` (see [`Verdict`]).
@@ -270,7 +280,11 @@ fn flow_inner(
     };
     // SAFETY: a per-CPU slot, used by one program run at a time on this CPU (tc programs do
     // not nest), and only within this run.
-    let Scratch { flow, entry: copy } = unsafe { &mut *scratch };
+    let Scratch {
+        flow,
+        entry: copy,
+        new,
+    } = unsafe { &mut *scratch };
     *flow = Flow {
         key: ct_key(ip, sport_be, dport_be),
         now: ktime(),
@@ -352,7 +366,7 @@ fn flow_inner(
         && backend.node_family != 0
         && config.tunnel_ifindex != 0
         && !from_local_pod(ctx);
-    let outcome = new_flow(ip, flow, backend)?;
+    let outcome = new_flow(ip, flow, backend, new)?;
     // The entry now exists (ours, or another CPU's that won the race): translate as it says.
     // Only the new-flow table is looked at: promotion needs an answer, which cannot have come
     // yet, and every further call site of `apply` with a pointer into another map is one more
@@ -400,14 +414,14 @@ fn from_local_pod(ctx: &TcContext) -> bool {
 }
 
 /// Records a new flow in the new-flow table, in both directions where this node translates.
-/// Returns the counter the flow's first packet accounts to.
+/// Returns the counter the flow's first packet accounts to. The entries are built in `new`.
 #[inline(never)]
-fn new_flow(ip: &Ip, flow: &Flow, backend: &BackendValue) -> Result<u32, u32> {
+fn new_flow(ip: &Ip, flow: &Flow, backend: &BackendValue, new: &mut NewEntry) -> Result<u32, u32> {
     let config = node_config();
     let now = flow.now;
     if flow.remote && config.flags & weir_common::node_flags::DSR != 0 {
         // The backend's node translates: this node only remembers where the flow goes.
-        let forward = CtValue {
+        new.value = CtValue {
             created_ns: now,
             last_seen_ns: now,
             backend_id: flow.backend_id,
@@ -419,7 +433,7 @@ fn new_flow(ip: &Ip, flow: &Flow, backend: &BackendValue) -> Result<u32, u32> {
             ..CtValue::default()
         };
         // Losing the race to another CPU is fine: its entry is followed.
-        let _ = CT_NEW.insert(&flow.key, &forward, BPF_NOEXIST as u64);
+        let _ = CT_NEW.insert(&flow.key, &new.value, BPF_NOEXIST as u64);
         return Ok(counter::CT_NEW_TUNNEL);
     }
 
@@ -429,7 +443,7 @@ fn new_flow(ip: &Ip, flow: &Flow, backend: &BackendValue) -> Result<u32, u32> {
         && backend.addr == ip.saddr
         && hairpin_source != Addr::UNSPECIFIED;
     // Replies come from the backend to the client, or to the hairpin address.
-    let reverse_key = CtKey {
+    new.key = CtKey {
         saddr: backend.addr,
         daddr: if hairpin { hairpin_source } else { ip.saddr },
         sport_be: backend.port_be,
@@ -445,7 +459,7 @@ fn new_flow(ip: &Ip, flow: &Flow, backend: &BackendValue) -> Result<u32, u32> {
             _pad: [0; 3],
         })
         .is_some();
-    let mut entry = CtValue {
+    new.value = CtValue {
         created_ns: now,
         last_seen_ns: now,
         nat_addr: ip.daddr,
@@ -462,13 +476,12 @@ fn new_flow(ip: &Ip, flow: &Flow, backend: &BackendValue) -> Result<u32, u32> {
         ..CtValue::default()
     };
     // The reverse entry first: a forward entry without it would leak the backend's address.
-    if CT_NEW
-        .insert(&reverse_key, &entry, BPF_NOEXIST as u64)
-        .is_err()
-        && CT_NEW.get_ptr(&reverse_key).is_none()
-    {
-        return Err(counter::DROP_CT_FULL);
+    let moved = ct::claim_reply_key(&flow.key, new)?;
+    if moved {
+        count(counter::CT_COLLISION_RESOLVED);
     }
+    let entry = &mut new.value;
+    entry.client_port_be = if moved { new.key.dport_be } else { 0 };
     entry.kind = ct_kind::FORWARD;
     entry.nat_addr = backend.addr;
     entry.nat_port_be = backend.port_be;
@@ -488,7 +501,7 @@ fn new_flow(ip: &Ip, flow: &Flow, backend: &BackendValue) -> Result<u32, u32> {
         (backend.node_addr, backend.node_family)
     };
     // Losing the race to another CPU is fine: its entry is followed.
-    let _ = CT_NEW.insert(&flow.key, &entry, BPF_NOEXIST as u64);
+    let _ = CT_NEW.insert(&flow.key, entry, BPF_NOEXIST as u64);
     Ok(if flow.remote {
         counter::CT_NEW_TUNNEL
     } else {
@@ -534,10 +547,18 @@ fn apply_inner(
                 entry.nat_port_be,
             )?;
             if entry.flags & ct_flags::HAIRPIN != 0 {
-                let sport_be: u16 = load(ctx, ip.l4_off)?;
+                let sport_be = if entry.client_port_be != 0 {
+                    entry.client_port_be
+                } else {
+                    load(ctx, ip.l4_off)?
+                };
                 let source = hairpin_addr(config, ip.family);
                 rewrite_l4(ctx, ip, Side::Source, &source, sport_be)?;
                 return send_back(ctx, counter::CT_FORWARD_HIT);
+            }
+            // A tuple collision moved the client's port as the backend sees it.
+            if entry.client_port_be != 0 {
+                rewrite_port(ctx, ip, Side::Source, entry.client_port_be)?;
             }
             if entry.flags & ct_flags::TUNNEL != 0 {
                 let action = encap(
@@ -552,13 +573,21 @@ fn apply_inner(
         }
         ct_kind::REVERSE => {
             if entry.flags & ct_flags::HAIRPIN != 0 {
-                let [_, dport_be]: [u16; 2] = load(ctx, ip.l4_off)?;
+                let dport_be = if entry.client_port_be != 0 {
+                    entry.client_port_be
+                } else {
+                    load::<[u16; 2]>(ctx, ip.l4_off)?[1]
+                };
                 let client = ip.saddr;
                 rewrite_l4(ctx, ip, Side::Destination, &client, dport_be)?;
                 rewrite_l4(ctx, ip, Side::Source, &entry.nat_addr, entry.nat_port_be)?;
                 return send_back(ctx, counter::CT_REVERSE_HIT);
             }
             rewrite_l4(ctx, ip, Side::Source, &entry.nat_addr, entry.nat_port_be)?;
+            // The client gets its own port back (a tuple collision moved it).
+            if entry.client_port_be != 0 {
+                rewrite_port(ctx, ip, Side::Destination, entry.client_port_be)?;
+            }
             if entry.flags & ct_flags::HOST_FRONTEND != 0 {
                 return Ok(crate::route::forward(
                     ctx,
