@@ -180,11 +180,12 @@ fn moved_port_be(forward: &CtKey, attempt: u32) -> u16 {
 
 /// Whether the entry holding a reply key translates replies as `entry` would: to the same
 /// frontend, the same client port, the same way.
+/// Non-short-circuit `&`: fewer branches for the verifier to walk in every state.
 #[inline(always)]
 fn same_translation(holder: &CtValue, entry: &CtValue) -> bool {
-    holder.kind == ct_kind::REVERSE
-        && holder.nat_port_be == entry.nat_port_be
-        && holder.client_port_be == entry.client_port_be
-        && holder.flags == entry.flags
-        && holder.nat_addr == entry.nat_addr
+    (holder.kind == ct_kind::REVERSE)
+        & (holder.nat_port_be == entry.nat_port_be)
+        & (holder.client_port_be == entry.client_port_be)
+        & (holder.flags == entry.flags)
+        & (holder.nat_addr == entry.nat_addr)
 }
