@@ -494,7 +494,7 @@ pub mod collision {
     /// that backend from it, one of [`PORT_COUNT`]: one moved port is plenty. Each try costs
     /// the data path two lookups, and the verifier a walk of the try in every state it reaches
     /// a new flow in: on 6.18, 16,000 to 22,000 instructions each (2 tries verify 267K, 4 tries
-    /// 314K, 8 tries 380K; 141K without collision handling), and 5.10 refuses 4 tries (1M).
+    /// 314K, 8 tries 380K; 141K without collision handling).
     pub const TRIES: u32 = 2;
     /// Where a moved port lies: Linux's default ephemeral range (`ip_local_port_range`), ports
     /// the client's own stack could have picked.
