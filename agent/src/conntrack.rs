@@ -99,6 +99,9 @@ pub struct EntryView {
     pub src: String,
     pub dst: String,
     pub nat: String,
+    /// When a tuple collision moved the flow's client port: the port on the other side of the
+    /// translation (forward: the one the backend sees; reverse: the client's own).
+    pub client_port: Option<u16>,
     pub age_s: f64,
     pub idle_s: f64,
     pub state: &'static str,
@@ -190,6 +193,8 @@ pub fn view(tables: &CtTables, now_ns: u64) -> Vec<EntryView> {
                 src: socket_addr(&key.saddr, key.family, key.sport_be),
                 dst: socket_addr(&key.daddr, key.family, key.dport_be),
                 nat: socket_addr(&value.nat_addr, key.family, value.nat_port_be),
+                client_port: (value.client_port_be != 0)
+                    .then(|| u16::from_be(value.client_port_be)),
                 age_s: secs(value.created_ns),
                 idle_s: secs(f.last_seen_ns),
                 state: f.state.name(),
@@ -497,6 +502,37 @@ mod tests {
         let m = pair(PROTO_TCP, 0, 0, 0);
         for (k, v) in &m {
             assert!(m.contains_key(&partner_key(k, v).unwrap()));
+        }
+    }
+
+    #[test]
+    fn partners_of_a_flow_whose_client_port_moved_find_each_other() {
+        let client = [198, 19, 1, 10];
+        let vip = [198, 18, 100, 10];
+        let backend = [198, 19, 2, 11];
+        let mut m = BTreeMap::new();
+        m.insert(
+            key(client, 40000, vip, 80, PROTO_TCP),
+            CtValue {
+                nat_addr: Addr::from_v4(backend),
+                nat_port_be: 8080u16.to_be(),
+                kind: ct_kind::FORWARD,
+                client_port_be: 50000u16.to_be(),
+                ..Default::default()
+            },
+        );
+        m.insert(
+            key(backend, 8080, client, 50000, PROTO_TCP),
+            CtValue {
+                nat_addr: Addr::from_v4(vip),
+                nat_port_be: 80u16.to_be(),
+                kind: ct_kind::REVERSE,
+                client_port_be: 40000u16.to_be(),
+                ..Default::default()
+            },
+        );
+        for (k, v) in &m {
+            assert!(m.contains_key(&partner_key(k, v).unwrap()), "{k:?}");
         }
     }
 

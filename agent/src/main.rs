@@ -189,7 +189,10 @@ fn print_dump(what: DumpWhat, dir: &std::path::Path, json: bool) -> anyhow::Resu
                             r.proto.clone(),
                             r.src.clone(),
                             r.dst.clone(),
-                            r.nat.clone(),
+                            match r.client_port {
+                                Some(port) => format!("{} client port {port}", r.nat),
+                                None => r.nat.clone(),
+                            },
                             r.state.to_owned(),
                             format!("{:.1}s", r.idle_s),
                             r.table.to_owned(),

@@ -417,10 +417,13 @@ impl Collector for DatapathCollector {
                 ConstCounter::new(*value).encode(drops.encode_family(&labels)?)?;
             }
         }
-        let promoted = events
-            .iter()
-            .find(|(name, _)| *name == counter::NAMES[counter::CT_PROMOTED as usize])
-            .map_or(0, |(_, value)| *value);
+        let event = |index: u32| {
+            events
+                .iter()
+                .find(|(name, _)| *name == counter::NAMES[index as usize])
+                .map_or(0, |(_, value)| *value)
+        };
+        let promoted = event(counter::CT_PROMOTED);
         ConstCounter::new(promoted).encode(encoder.encode_descriptor(
             "weir_conntrack_promotions",
             "Flows the data path moved from the new-flow conntrack table to the established one \
@@ -429,6 +432,17 @@ impl Collector for DatapathCollector {
             None,
             MetricType::Counter,
         )?)?;
+        ConstCounter::new(event(counter::CT_COLLISION_RESOLVED)).encode(
+            encoder.encode_descriptor(
+                "weir_conntrack_collisions_resolved",
+                "New flows whose reply key another flow held (one client address and port \
+                 reaching one backend through two frontends), given another source port towards \
+                 the backend; those that found none are dropped (weir_datapath_drops \
+                 ct_collision)",
+                None,
+                MetricType::Counter,
+            )?,
+        )?;
         Ok(())
     }
 }

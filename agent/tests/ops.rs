@@ -173,11 +173,16 @@ fn metrics_show_the_pipeline_and_the_data_path_counters() {
     }
     assert_eq!(
         weir_common::counter::NAMES[outcomes..],
-        ["ct_promoted"],
+        ["ct_promoted", "ct_collision_resolved"],
         "every event counter has its metric below"
     );
     assert_eq!(
         sample(&text, "weir_conntrack_promotions_total"),
+        Some(0.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "weir_conntrack_collisions_resolved_total"),
         Some(0.0),
         "{text}"
     );

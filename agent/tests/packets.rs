@@ -5,8 +5,10 @@
 mod common;
 
 use common::*;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
+use weir_agent::compile::addr_of;
 use weir_agent::conntrack::view;
+use weir_common::{collision, ct_kind, CtKey, CtValue};
 
 fn backend_of(out: &[u8]) -> std::net::Ipv4Addr {
     std::net::Ipv4Addr::new(out[30], out[31], out[32], out[33])
@@ -386,4 +388,301 @@ fn later_fragment(mut p: Vec<u8>) -> Vec<u8> {
     p[21] = 0x01;
     fix_ip_checksum(&mut p);
     p
+}
+
+// Tuple collisions: one client address and port reaching one backend through two frontends (a
+// load balancer in front of the cluster reuses its source port across Services and nodes).
+
+const PAIR_VIP6: &str = "fd00:18:100::20";
+const PAIR_EXTERNAL: Ipv4Addr = Ipv4Addr::new(198, 18, 200, 20);
+const PAIR_EXTERNAL6: &str = "fd00:18:200::20";
+const PAIR_BACKEND6: &str = "fd00:19:2::11";
+const PAIR_VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 20);
+const CLIENT6: &str = "fd00:19:1::10";
+
+/// A dual-stack Service `pair` (TCP 80 -> 8080, UDP 53 -> 5353) with two frontends per family,
+/// its ClusterIP and an external IP, and one endpoint per family: two frontends, one backend.
+fn pair_yaml() -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: pair, namespace: default}}
+spec:
+  clusterIPs: ["{PAIR_VIP}", "{PAIR_VIP6}"]
+  ipFamilies: [IPv4, IPv6]
+  externalIPs: ["{PAIR_EXTERNAL}", "{PAIR_EXTERNAL6}"]
+  ports:
+  - {{name: http, protocol: TCP, port: 80, targetPort: 8080}}
+  - {{name: dns, protocol: UDP, port: 53, targetPort: 5353}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: pair-v4
+  namespace: default
+  labels: {{kubernetes.io/service-name: pair}}
+addressType: IPv4
+ports:
+- {{name: http, protocol: TCP, port: 8080}}
+- {{name: dns, protocol: UDP, port: 5353}}
+endpoints:
+- addresses: ["{BACKEND}"]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: pair-v6
+  namespace: default
+  labels: {{kubernetes.io/service-name: pair}}
+addressType: IPv6
+ports:
+- {{name: http, protocol: TCP, port: 8080}}
+- {{name: dns, protocol: UDP, port: 5353}}
+endpoints:
+- addresses: ["{PAIR_BACKEND6}"]
+"#
+    )
+}
+
+fn pair_harness() -> Harness {
+    let mut h = Harness::new(&[BACKEND]);
+    h.apply(&pair_yaml());
+    h
+}
+
+/// One family's addresses of the colliding pair.
+struct Pair {
+    client: IpAddr,
+    cluster_ip: IpAddr,
+    external_ip: IpAddr,
+    backend: IpAddr,
+}
+
+fn pairs() -> [Pair; 2] {
+    let v6 = |s: &str| IpAddr::V6(s.parse().unwrap());
+    [
+        Pair {
+            client: CLIENT.into(),
+            cluster_ip: PAIR_VIP.into(),
+            external_ip: PAIR_EXTERNAL.into(),
+            backend: BACKEND.into(),
+        },
+        Pair {
+            client: v6(CLIENT6),
+            cluster_ip: v6(PAIR_VIP6),
+            external_ip: v6(PAIR_EXTERNAL6),
+            backend: v6(PAIR_BACKEND6),
+        },
+    ]
+}
+
+/// A TCP segment (`proto` 6) or UDP datagram (17) of either family, as [`tcp`] / [`udp`] and
+/// their IPv6 twins build them.
+fn segment(proto: u8, src: IpAddr, sport: u16, dst: IpAddr, dport: u16, flags: &str) -> Vec<u8> {
+    match (src, dst, proto) {
+        (IpAddr::V4(s), IpAddr::V4(d), 6) => tcp(s, sport, d, dport, flags),
+        (IpAddr::V4(s), IpAddr::V4(d), _) => udp(s, sport, d, dport),
+        (IpAddr::V6(s), IpAddr::V6(d), 6) => tcp6(s, sport, d, dport, flags),
+        (IpAddr::V6(s), IpAddr::V6(d), _) => udp6(s, sport, d, dport),
+        _ => panic!("mixed families"),
+    }
+}
+
+/// Port unreachable from `src` to `dst` quoting `quoted` (an IP packet without Ethernet).
+fn port_unreachable(src: IpAddr, dst: IpAddr, quoted: &[u8]) -> Vec<u8> {
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => icmp_error(s, d, 3, 3, quoted),
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            let mut out = Vec::new();
+            etherparse::PacketBuilder::ethernet2(MAC_A, MAC_B)
+                .ipv6(s.octets(), d.octets(), 64)
+                .icmpv6_raw(1, 4, [0; 4])
+                .write(&mut out, quoted)
+                .unwrap();
+            out
+        }
+        _ => panic!("mixed families"),
+    }
+}
+
+/// The client's key of a flow, as the data path keys it.
+fn forward_key(proto: u8, client: IpAddr, sport: u16, frontend: IpAddr, dport: u16) -> CtKey {
+    let (saddr, family) = addr_of(client);
+    CtKey {
+        saddr,
+        daddr: addr_of(frontend).0,
+        sport_be: sport.to_be(),
+        dport_be: dport.to_be(),
+        proto,
+        family,
+        _pad: 0,
+    }
+}
+
+/// The source port of a TCP or UDP packet in an Ethernet frame.
+fn source_port(frame: &[u8]) -> u16 {
+    let l4 = if frame[12..14] == [0x86, 0xdd] {
+        54
+    } else {
+        34
+    };
+    u16::from_be_bytes([frame[l4], frame[l4 + 1]])
+}
+
+#[test]
+fn colliding_flows_reach_the_backend_from_distinct_ports_and_get_their_own_replies() {
+    let mut h = pair_harness();
+    for (i, p) in pairs().iter().enumerate() {
+        for (proto, fport, bport) in [(6u8, 80u16, 8080u16), (17, 53, 5353)] {
+            let what = format!("{} {}", p.client, if proto == 6 { "tcp" } else { "udp" });
+            let sport = 40100 + i as u16;
+            let resolved = h.counter("ct_collision_resolved");
+            let seg = |src, sport, dst, dport, flags| segment(proto, src, sport, dst, dport, flags);
+
+            // First flow, through the ClusterIP: the client's own port.
+            let (verdict, out) = h.run(&seg(p.client, sport, p.cluster_ip, fport, "S"));
+            assert_eq!(verdict, TC_ACT_OK, "{what}");
+            assert_eq!(out, seg(p.client, sport, p.backend, bport, "S"), "{what}");
+
+            // Second flow, same client address and port, through the external IP: its reply
+            // key is taken, so the backend sees it from another port.
+            let (verdict, out) = h.run(&seg(p.client, sport, p.external_ip, fport, "S"));
+            assert_eq!(verdict, TC_ACT_OK, "{what}");
+            let moved = source_port(&out);
+            let key = forward_key(proto, p.client, sport, p.external_ip, fport);
+            assert_eq!(
+                moved.to_be(),
+                collision::moved_port_be(&key, 1),
+                "{what}: the flow's first moved port"
+            );
+            assert_ne!(moved, sport, "{what}");
+            assert_eq!(out, seg(p.client, moved, p.backend, bport, "S"), "{what}");
+            assert_eq!(h.counter("ct_collision_resolved"), resolved + 1, "{what}");
+
+            // Each flow's replies go back from its own frontend to the client's own port,
+            // before and after the handshake moves the flows to the established table.
+            for round in ["new", "established"] {
+                let (_, reply) = h.run(&seg(p.backend, bport, p.client, sport, "SA"));
+                assert_eq!(
+                    reply,
+                    seg(p.cluster_ip, fport, p.client, sport, "SA"),
+                    "{what}, {round}: the first flow's reply"
+                );
+                let (_, reply) = h.run(&seg(p.backend, bport, p.client, moved, "SA"));
+                assert_eq!(
+                    reply,
+                    seg(p.external_ip, fport, p.client, sport, "SA"),
+                    "{what}, {round}: the second flow's reply"
+                );
+                let (_, out) = h.run(&seg(p.client, sport, p.external_ip, fport, "A"));
+                assert_eq!(out, seg(p.client, moved, p.backend, bport, "A"), "{what}");
+                let (_, out) = h.run(&seg(p.client, sport, p.cluster_ip, fport, "A"));
+                assert_eq!(out, seg(p.client, sport, p.backend, bport, "A"), "{what}");
+            }
+
+            // The backend's port unreachable about the second flow names its frontend and the
+            // client's own port, as the client sent it.
+            let (_, forwarded) = h.run(&seg(p.client, sport, p.external_ip, fport, "A"));
+            let error = port_unreachable(p.backend, p.client, l3(&forwarded));
+            let (verdict, out) = h.run(&error);
+            assert_eq!(verdict, TC_ACT_OK, "{what}");
+            let sent = seg(p.client, sport, p.external_ip, fport, "A");
+            assert_eq!(
+                out,
+                port_unreachable(p.external_ip, p.client, l3(&sent)),
+                "{what}: the ICMP error translated back"
+            );
+        }
+    }
+    assert_eq!(h.counter("drop_ct_collision"), 0);
+    // Every flow was answered and moved to the established table as a pair.
+    let tables = h.dataplane.conntrack.tables().unwrap();
+    let flows = view(&tables, weir_agent::conntrack::monotonic_now_ns());
+    assert_eq!(
+        flows.len(),
+        16,
+        "2 families x 2 protocols x 2 flows x 2 entries"
+    );
+    assert!(
+        flows.iter().all(|f| f.paired && f.table == "established"),
+        "{flows:?}"
+    );
+}
+
+#[test]
+fn an_icmp_error_from_the_client_about_a_moved_flows_reply_reaches_the_backend() {
+    let mut h = pair_harness();
+    h.run(&udp(CLIENT, 40200, PAIR_VIP, 53));
+    let (_, out) = h.run(&udp(CLIENT, 40200, PAIR_EXTERNAL, 53));
+    let moved = source_port(&out);
+    // The client refuses the second flow's reply (its socket is gone): the error quotes the
+    // reply as it arrived, from the frontend to the client's own port.
+    let (_, reply) = h.run(&udp(BACKEND, 5353, CLIENT, moved));
+    assert_eq!(reply, udp(PAIR_EXTERNAL, 53, CLIENT, 40200));
+    let (verdict, out) = h.run(&icmp_error(CLIENT, PAIR_EXTERNAL, 3, 3, l3(&reply)));
+    assert_eq!(verdict, TC_ACT_OK);
+    let as_sent = udp(BACKEND, 5353, CLIENT, moved);
+    assert_eq!(
+        out,
+        icmp_error(CLIENT, BACKEND, 3, 3, l3(&as_sent)),
+        "the backend gets it about its own datagram"
+    );
+}
+
+#[test]
+fn a_collision_without_a_free_port_is_dropped_not_misrouted() {
+    let mut h = pair_harness();
+    h.run(&tcp(CLIENT, 40300, PAIR_VIP, 80, "S"));
+    // Every port the second flow would move to is held by another flow.
+    let key = forward_key(6, CLIENT.into(), 40300, PAIR_EXTERNAL.into(), 80);
+    for attempt in 1..collision::TRIES {
+        let reply_key = CtKey {
+            saddr: addr_of(BACKEND.into()).0,
+            daddr: key.saddr,
+            sport_be: 8080u16.to_be(),
+            dport_be: collision::moved_port_be(&key, attempt),
+            proto: 6,
+            family: key.family,
+            _pad: 0,
+        };
+        let other_flow = CtValue {
+            kind: ct_kind::REVERSE,
+            nat_addr: addr_of(PAIR_VIP.into()).0,
+            nat_port_be: 80u16.to_be(),
+            ..CtValue::default()
+        };
+        h.dataplane
+            .conntrack
+            .insert_new(&reply_key, &other_flow)
+            .unwrap();
+    }
+    let before = h.dataplane.conntrack.entries().unwrap().len();
+    let (verdict, _) = h.run(&tcp(CLIENT, 40300, PAIR_EXTERNAL, 80, "S"));
+    assert_eq!(verdict, TC_ACT_SHOT);
+    assert_eq!(h.counter("drop_ct_collision"), 1);
+    assert_eq!(h.counter("ct_collision_resolved"), 0);
+    assert_eq!(
+        h.dataplane.conntrack.entries().unwrap().len(),
+        before,
+        "nothing created"
+    );
+}
+
+#[test]
+fn a_retransmitted_syn_whose_entries_exist_is_no_collision() {
+    let mut h = pair_harness();
+    h.run(&tcp(CLIENT, 40400, PAIR_VIP, 80, "S"));
+    let (_, first) = h.run(&tcp(CLIENT, 40400, PAIR_EXTERNAL, 80, "S"));
+    let (_, again) = h.run(&tcp(CLIENT, 40400, PAIR_EXTERNAL, 80, "S"));
+    assert_eq!(first, again, "the same moved port");
+    // The flow's client entry gone (an endpoint retired, eviction): its reply entry is its own.
+    let key = forward_key(6, CLIENT.into(), 40400, PAIR_EXTERNAL.into(), 80);
+    h.dataplane.conntrack.remove(&key).unwrap();
+    let (_, recreated) = h.run(&tcp(CLIENT, 40400, PAIR_EXTERNAL, 80, "S"));
+    assert_eq!(
+        recreated, first,
+        "the same port again, its own entry followed"
+    );
+    assert_eq!(h.counter("ct_collision_resolved"), 2);
+    assert_eq!(h.counter("drop_ct_collision"), 0);
 }

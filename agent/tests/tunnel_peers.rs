@@ -3,6 +3,8 @@
 //! test's own, real VXLAN datagrams from two local addresses: one a Node's, one a forger's. The
 //! forger's packet, shaped as a reply of a flow another node translated, would otherwise plant a
 //! conntrack entry that sends that flow's packets to it.
+//! On the same device: two ingress nodes sending one translated tuple (a tuple collision at the
+//! backend's node).
 
 mod common;
 
@@ -18,12 +20,17 @@ use weir_common::NodeConfig;
 const THIS_NODE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 const OTHER_NODE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 const FORGER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 3);
+const THIRD_NODE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 4);
 const POD: Ipv4Addr = Ipv4Addr::new(198, 19, 1, 10);
 const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 200);
 const VXLAN_PORT: u16 = 4789;
 
 fn nodes_yaml() -> String {
-    [("node1", THIS_NODE), ("node2", OTHER_NODE)]
+    nodes_yaml_of(&[("node1", THIS_NODE), ("node2", OTHER_NODE)])
+}
+
+fn nodes_yaml_of(nodes: &[(&str, Ipv4Addr)]) -> String {
+    nodes
         .iter()
         .map(|(name, ip)| {
             format!(
@@ -61,13 +68,13 @@ fn await_counter(h: &Harness, name: &str, at_least: u64) -> u64 {
     }
 }
 
-#[test]
-fn only_the_clusters_nodes_can_use_the_tunnel() {
-    let _bpffs = private_bpffs(CloneFlags::CLONE_NEWNET);
+/// This node (node1) with a collect-metadata VXLAN device in the test's own network namespace,
+/// the program attached to it, and every address in `senders` on a veth to send from.
+fn tunnel_node(yaml: &str, senders: &[Ipv4Addr]) -> Harness {
     ip(&["link", "set", "lo", "up"]);
     // A veth, not a dummy device: the host kernel may lack the dummy module.
     ip(&["link", "add", "wd0", "type", "veth", "peer", "name", "wd1"]);
-    for address in [THIS_NODE, OTHER_NODE, FORGER] {
+    for address in [THIS_NODE].iter().chain(senders) {
         ip(&["addr", "add", &format!("{address}/24"), "dev", "wd0"]);
     }
     ip(&["link", "set", "wd0", "up"]);
@@ -85,9 +92,8 @@ fn only_the_clusters_nodes_can_use_the_tunnel() {
     ip(&["link", "set", "weir-vxlan", "up"]);
     // Asked of this thread's namespace (sysfs still shows the host's).
     let ifindex = nix::net::if_::if_nametoindex("weir-vxlan").expect("ifindex");
-
     let mut h = Harness::for_node(
-        &nodes_yaml(),
+        yaml,
         CompileOptions {
             node_name: "node1".into(),
             maglev: false,
@@ -100,11 +106,52 @@ fn only_the_clusters_nodes_can_use_the_tunnel() {
         &[THIS_NODE.into()],
     );
     let peers = tunnel_peers(h.reconciler.intent().nodes.values());
-    assert_eq!(peers.len(), 2);
     h.dataplane.node.set_tunnel_peers(&peers).expect("peers");
     h.dataplane
         .attach_ingress("weir-vxlan")
         .expect("attach to the tunnel device");
+    h
+}
+
+#[test]
+fn a_tuple_two_ingress_nodes_send_is_kept_by_the_first_and_dropped_for_the_second() {
+    let _bpffs = private_bpffs(CloneFlags::CLONE_NEWNET);
+    let yaml = nodes_yaml_of(&[
+        ("node1", THIS_NODE),
+        ("node2", OTHER_NODE),
+        ("node3", THIRD_NODE),
+    ]);
+    let h = tunnel_node(&yaml, &[OTHER_NODE, THIRD_NODE]);
+    // A load balancer sent one client address and port to the NodePorts of node2 and node3;
+    // both translated to this node's pod (VNI 1: translated at ingress).
+    let syn = vxlan(1, &tcp(CLIENT, 40000, POD, 8080, "S"));
+    send_from(OTHER_NODE, &syn);
+    assert_eq!(await_counter(&h, "ct_new_from_tunnel", 1), 1);
+    send_from(THIRD_NODE, &syn);
+    assert_eq!(
+        await_counter(&h, "drop_ct_collision", 1),
+        1,
+        "node3's connection would get node2's replies: dropped"
+    );
+    let entries = h.dataplane.conntrack.entries().expect("conntrack");
+    assert_eq!(entries.len(), 1);
+    assert!(
+        entries
+            .values()
+            .all(|e| e.tunnel_peer == weir_common::Addr::from_v4(OTHER_NODE.octets())),
+        "replies still go to the first ingress node: {entries:?}"
+    );
+    // The first connection goes on.
+    send_from(OTHER_NODE, &vxlan(1, &tcp(CLIENT, 40000, POD, 8080, "A")));
+    assert_eq!(await_counter(&h, "ct_from_tunnel_hit", 1), 1);
+    assert_eq!(h.counter("drop_ct_collision"), 1);
+}
+
+#[test]
+fn only_the_clusters_nodes_can_use_the_tunnel() {
+    let _bpffs = private_bpffs(CloneFlags::CLONE_NEWNET);
+    let mut h = tunnel_node(&nodes_yaml(), &[OTHER_NODE, FORGER]);
+    assert_eq!(tunnel_peers(h.reconciler.intent().nodes.values()).len(), 2);
 
     // A pod's reply to a client, as a node that translated the client's flow would receive it
     // (VNI 1: translated at ingress). Accepted, it would make this node send the flow's later

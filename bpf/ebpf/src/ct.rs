@@ -13,10 +13,20 @@
 //! the handshake. Where this node sees the client's side only (DSR at the ingress node), the
 //! client's ACK for TCP, and the client's second packet for UDP.
 
+//!
+//! A flow's reply key can be taken by another flow: one client address and port reaching one
+//! backend through two frontends (a load balancer in front of the cluster reuses its source
+//! port across NodePorts and Services) would share the reply key, and replies of one would be
+//! un-NATed to the other's frontend. [`claim_reply_key`] detects it when the flow is created
+//! and moves the second flow's client port, as the backend sees it, to a free one.
+
 use aya_ebpf::bindings::BPF_NOEXIST;
-use weir_common::{counter, ct_flags, ct_kind, ct_seen, partner_key, CtKey, CtValue, PROTO_TCP};
+use weir_common::{
+    collision, counter, ct_flags, ct_kind, ct_seen, partner_key, CtKey, CtValue, PROTO_TCP,
+};
 
 use crate::maps::{count, CONNTRACK, CT_NEW};
+use crate::NewEntry;
 
 /// `-EEXIST`, as map updates with `BPF_NOEXIST` return it.
 const EEXIST: i32 = -17;
@@ -119,4 +129,63 @@ fn move_entry(key: &CtKey, value: &CtValue) -> bool {
         let _ = CT_NEW.remove(key);
     }
     held
+}
+
+/// Records the new flow's REVERSE entry `new` under its reply key, unless another flow holds
+/// that key in either table: then the client's port as the backend sees it moves
+/// (`new.key.dport_be`; `client_port_be` keeps the client's own), up to `collision::TRIES`
+/// times. `forward` is the client's key. An entry of the same translation (this flow's, made
+/// by another CPU or left by an earlier packet) is no collision: it is followed. Returns
+/// whether the port moved. A call of its own, with a small frame: old verifiers count the
+/// chain's frames whole.
+#[inline(never)]
+pub fn claim_reply_key(forward: &CtKey, new: &mut NewEntry) -> Result<bool, u32> {
+    for attempt in 0..collision::TRIES {
+        if attempt > 0 {
+            new.key.dport_be = moved_port_be(forward, attempt);
+            new.value.client_port_be = forward.sport_be;
+        }
+        if let Some(holder) = CONNTRACK.get_ptr(&new.key) {
+            // SAFETY: the pointer comes from a successful lookup and the element stays
+            // allocated for this program run (RCU); only read.
+            if !same_translation(unsafe { &*holder }, &new.value) {
+                continue;
+            }
+        }
+        if CT_NEW
+            .insert(&new.key, &new.value, BPF_NOEXIST as u64)
+            .is_ok()
+        {
+            return Ok(attempt > 0);
+        }
+        match CT_NEW.get_ptr(&new.key) {
+            // SAFETY: as above.
+            Some(holder) if same_translation(unsafe { &*holder }, &new.value) => {
+                return Ok(attempt > 0)
+            }
+            Some(_) => {}
+            None => return Err(counter::DROP_CT_FULL),
+        }
+    }
+    Err(counter::DROP_CT_COLLISION)
+}
+
+/// Not inlined: in the loop above, the compiler would keep every word of the key it hashes in
+/// registers across the iterations, and spill them, growing the frame past the verifier's
+/// budget for the call chain.
+#[inline(never)]
+fn moved_port_be(forward: &CtKey, attempt: u32) -> u16 {
+    collision::moved_port_be(forward, attempt)
+}
+
+/// Whether the entry holding a reply key translates replies as `entry` would: to the same
+/// frontend, the same client port, the same way.
+/// Non-short-circuit `&`: fewer branches for the verifier to walk in every state.
+#[inline(always)]
+fn same_translation(holder: &CtValue, entry: &CtValue) -> bool {
+    (holder.kind == ct_kind::REVERSE)
+        & (holder.nat_port_be == entry.nat_port_be)
+        & (holder.client_port_be == entry.client_port_be)
+        & (holder.flags == entry.flags)
+        & (holder.nat_addr == entry.nat_addr)
 }

@@ -236,6 +236,26 @@ fn icmp_error_inner(ctx: &TcContext, ip: &Ip) -> Result<Verdict, u32> {
             store(ctx, outer_off, &new_addr.bytes)?;
         }
     }
+    // A tuple collision moved the client's port as the backend sees it: the quote's client
+    // port (its source when the quote went to the backend, else its destination) is the
+    // client's own again, or the client's stack would not know the flow.
+    if entry.client_port_be != 0 {
+        let client_port_off = if entry.kind == ct_kind::REVERSE {
+            q.l4_off
+        } else {
+            q.l4_off + 2
+        };
+        // A UDP checksum of zero over IPv4 is none, and stays so.
+        let fix_quoted_csum = quoted_csum
+            && (q.proto == PROTO_TCP || ip.family != FAMILY_V4 || load::<u16>(ctx, q_csum)? != 0);
+        let port = QuotedPort {
+            icmp_csum,
+            q_csum: if fix_quoted_csum { q_csum } else { 0 },
+            port_off: client_port_off,
+            new_port_be: entry.client_port_be,
+        };
+        restore_quoted_port(ctx, &port)?;
+    }
     // A backend's own error about a NodePort flow now comes from one of this node's addresses,
     // which the input path drops as a martian: route it here, as the flow's replies are.
     if entry.kind == ct_kind::REVERSE
@@ -245,6 +265,42 @@ fn icmp_error_inner(ctx: &TcContext, ip: &Ip) -> Result<Verdict, u32> {
         return Ok(Verdict::send_as_entry(entry, ACTION_ICMP_ROUTE));
     }
     Ok(Verdict::pass(counter::ICMP_ERROR_NAT))
+}
+
+/// A port to rewrite in an ICMP error's quote: BPF calls take five arguments at most, counting
+/// the hidden one a `Result` returns through.
+#[derive(Clone, Copy)]
+struct QuotedPort {
+    /// Offset of the ICMP checksum, which covers the quote byte for byte.
+    icmp_csum: usize,
+    /// Offset of the quote's L4 checksum; 0 when the quote has none or does not reach it.
+    q_csum: usize,
+    port_off: usize,
+    new_port_be: u16,
+}
+
+/// Writes the port in the quote, and follows it in both checksums.
+#[inline(never)]
+fn restore_quoted_port(ctx: &TcContext, port: &QuotedPort) -> Result<(), u32> {
+    let QuotedPort {
+        icmp_csum,
+        q_csum,
+        port_off,
+        new_port_be,
+    } = *port;
+    let failed = counter::DROP_REWRITE_FAILED;
+    let old_port_be: u16 = load(ctx, port_off)?;
+    if q_csum != 0 {
+        let old_csum: u16 = load(ctx, q_csum)?;
+        ctx.l4_csum_replace(q_csum, old_port_be as u64, new_port_be as u64, 2)
+            .map_err(|_| failed)?;
+        let new_csum: u16 = load(ctx, q_csum)?;
+        ctx.l4_csum_replace(icmp_csum, old_csum as u64, new_csum as u64, 2)
+            .map_err(|_| failed)?;
+    }
+    ctx.l4_csum_replace(icmp_csum, old_port_be as u64, new_port_be as u64, 2)
+        .map_err(|_| failed)?;
+    store(ctx, port_off, &new_port_be)
 }
 
 /// What an ICMP answer says: type and code, and the header's second word (the next-hop MTU of

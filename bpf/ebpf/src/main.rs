@@ -50,8 +50,8 @@ use crate::maps::{
     SCRATCH, SERVICES, SOURCE_RANGES, TUNNEL_PEERS,
 };
 use crate::packet::{
-    ct_key, ktime, load, not_for_us, parse, rewrite_l4, swap_macs, Ip, NotForUs, Side,
-    FIRST_FRAGMENT, LATER_FRAGMENT, NOT_FRAGMENT, PARSED, TCP_FLAGS, TCP_MIN_HLEN, UDP_HLEN,
+    ct_key, ktime, load, not_for_us, parse, rewrite_l4, rewrite_port, swap_macs, Ip, NotForUs,
+    Side, FIRST_FRAGMENT, LATER_FRAGMENT, NOT_FRAGMENT, PARSED, TCP_FLAGS, TCP_MIN_HLEN, UDP_HLEN,
 };
 use crate::tunnel::{arrival, encap, Arrival};
 
@@ -325,6 +325,16 @@ pub struct Scratch {
     pub entry: CtValue,
     /// The id of the datagram the packet is a fragment of (see `frag::note_id`).
     pub frag_id: u32,
+    /// A new flow's entries as they are built: off the stack, since claiming the reply key
+    /// (`ct::claim_reply_key`) is one more frame below `new_flow`.
+    pub new: NewEntry,
+}
+
+/// A conntrack entry being made: its key and value.
+#[repr(C)]
+pub struct NewEntry {
+    pub key: CtKey,
+    pub value: CtValue,
 }
 
 /// Calls return at most a register: the verdict, never a `Result` (see [`Verdict`]).
@@ -373,7 +383,13 @@ fn flow_inner(
     // SAFETY: a per-CPU slot, used by one program run at a time on this CPU (tc programs do
     // not nest), and only within this run. `ip` is the same slot's: only the other fields are
     // borrowed here.
-    let (flow, copy) = unsafe { (&mut (*scratch).flow, &mut (*scratch).entry) };
+    let (flow, copy, new) = unsafe {
+        (
+            &mut (*scratch).flow,
+            &mut (*scratch).entry,
+            &mut (*scratch).new,
+        )
+    };
     *flow = Flow {
         key: ct_key(ip, sport_be, dport_be),
         now: ktime(),
@@ -465,7 +481,7 @@ fn flow_inner(
         && backend.node_family != 0
         && config.tunnel_ifindex != 0
         && !from_local_pod(ctx);
-    let outcome = new_flow(ip, flow, backend)?;
+    let outcome = new_flow(ip, flow, backend, new)?;
     // The entry now exists (ours, or another CPU's that won the race): translate as it says.
     // Only the new-flow table is looked at: promotion needs an answer, which cannot have come
     // yet, and every further call site of `apply` with a pointer into another map is one more
@@ -516,14 +532,14 @@ fn from_local_pod(ctx: &TcContext) -> bool {
 }
 
 /// Records a new flow in the new-flow table, in both directions where this node translates.
-/// Returns the counter the flow's first packet accounts to.
+/// Returns the counter the flow's first packet accounts to. The entries are built in `new`.
 #[inline(never)]
-fn new_flow(ip: &Ip, flow: &Flow, backend: &BackendValue) -> Result<u32, u32> {
+fn new_flow(ip: &Ip, flow: &Flow, backend: &BackendValue, new: &mut NewEntry) -> Result<u32, u32> {
     let config = node_config();
     let now = flow.now;
     if flow.remote && config.flags & weir_common::node_flags::DSR != 0 {
         // The backend's node translates: this node only remembers where the flow goes.
-        let forward = CtValue {
+        new.value = CtValue {
             created_ns: now,
             last_seen_ns: now,
             backend_id: flow.backend_id,
@@ -535,7 +551,7 @@ fn new_flow(ip: &Ip, flow: &Flow, backend: &BackendValue) -> Result<u32, u32> {
             ..CtValue::default()
         };
         // Losing the race to another CPU is fine: its entry is followed.
-        let _ = CT_NEW.insert(&flow.key, &forward, BPF_NOEXIST as u64);
+        let _ = CT_NEW.insert(&flow.key, &new.value, BPF_NOEXIST as u64);
         return Ok(counter::CT_NEW_TUNNEL);
     }
 
@@ -545,7 +561,7 @@ fn new_flow(ip: &Ip, flow: &Flow, backend: &BackendValue) -> Result<u32, u32> {
         && backend.addr == ip.saddr
         && hairpin_source != Addr::UNSPECIFIED;
     // Replies come from the backend to the client, or to the hairpin address.
-    let reverse_key = CtKey {
+    new.key = CtKey {
         saddr: backend.addr,
         daddr: if hairpin { hairpin_source } else { ip.saddr },
         sport_be: backend.port_be,
@@ -561,7 +577,7 @@ fn new_flow(ip: &Ip, flow: &Flow, backend: &BackendValue) -> Result<u32, u32> {
             _pad: [0; 3],
         })
         .is_some();
-    let mut entry = CtValue {
+    new.value = CtValue {
         created_ns: now,
         last_seen_ns: now,
         nat_addr: ip.daddr,
@@ -578,13 +594,12 @@ fn new_flow(ip: &Ip, flow: &Flow, backend: &BackendValue) -> Result<u32, u32> {
         ..CtValue::default()
     };
     // The reverse entry first: a forward entry without it would leak the backend's address.
-    if CT_NEW
-        .insert(&reverse_key, &entry, BPF_NOEXIST as u64)
-        .is_err()
-        && CT_NEW.get_ptr(&reverse_key).is_none()
-    {
-        return Err(counter::DROP_CT_FULL);
+    let moved = ct::claim_reply_key(&flow.key, new)?;
+    if moved {
+        count(counter::CT_COLLISION_RESOLVED);
     }
+    let entry = &mut new.value;
+    entry.client_port_be = if moved { new.key.dport_be } else { 0 };
     entry.kind = ct_kind::FORWARD;
     entry.nat_addr = backend.addr;
     entry.nat_port_be = backend.port_be;
@@ -604,7 +619,7 @@ fn new_flow(ip: &Ip, flow: &Flow, backend: &BackendValue) -> Result<u32, u32> {
         (backend.node_addr, backend.node_family)
     };
     // Losing the race to another CPU is fine: its entry is followed.
-    let _ = CT_NEW.insert(&flow.key, &entry, BPF_NOEXIST as u64);
+    let _ = CT_NEW.insert(&flow.key, entry, BPF_NOEXIST as u64);
     Ok(if flow.remote {
         counter::CT_NEW_TUNNEL
     } else {
@@ -653,12 +668,18 @@ fn apply_inner(
                 // (A later fragment has no ports: `rewrite_l4` leaves them alone.)
                 let sport_be: u16 = if ip.fragment == LATER_FRAGMENT {
                     0
+                } else if entry.client_port_be != 0 {
+                    entry.client_port_be
                 } else {
                     load(ctx, ip.l4_off)?
                 };
                 let source = hairpin_addr(config, ip.family);
                 rewrite_l4(ctx, ip, Side::Source, &source, sport_be)?;
                 return send_back(ctx, counter::CT_FORWARD_HIT);
+            }
+            // A tuple collision moved the client's port as the backend sees it.
+            if entry.client_port_be != 0 {
+                rewrite_port(ctx, ip, Side::Source, entry.client_port_be)?;
             }
             if entry.flags & ct_flags::TUNNEL != 0 {
                 let action = encap(
@@ -675,6 +696,8 @@ fn apply_inner(
             if entry.flags & ct_flags::HAIRPIN != 0 {
                 let dport_be: u16 = if ip.fragment == LATER_FRAGMENT {
                     0
+                } else if entry.client_port_be != 0 {
+                    entry.client_port_be
                 } else {
                     load(ctx, ip.l4_off + 2)?
                 };
@@ -684,6 +707,10 @@ fn apply_inner(
                 return send_back(ctx, counter::CT_REVERSE_HIT);
             }
             rewrite_l4(ctx, ip, Side::Source, &entry.nat_addr, entry.nat_port_be)?;
+            // The client gets its own port back (a tuple collision moved it).
+            if entry.client_port_be != 0 {
+                rewrite_port(ctx, ip, Side::Destination, entry.client_port_be)?;
+            }
             if entry.flags & ct_flags::HOST_FRONTEND != 0 {
                 return Ok(crate::route::forward(
                     ctx,

@@ -513,18 +513,69 @@ fn rewrite(ctx: &TcContext, ip: &mut Ip, to: &Rewrite) -> Result<(), u32> {
         }
         store(ctx, addr_off, &new_addr.bytes)?;
     }
-    if old_port != new_port_be {
-        if has_l4_csum {
-            ctx.l4_csum_replace(csum_off, old_port as u64, new_port_be as u64, mangled | 2)
-                .map_err(|_| failed)?;
-        }
-        store(ctx, port_off, &new_port_be)?;
-    }
+    replace_port(
+        ctx,
+        port_off,
+        old_port,
+        new_port_be,
+        has_l4_csum,
+        (csum_off, mangled),
+    )?;
     match side {
         Side::Source => ip.saddr = *new_addr,
         Side::Destination => ip.daddr = *new_addr,
     }
     Ok(())
+}
+
+/// Rewrites one side's port alone, with an incremental checksum update: the client's port of
+/// a flow that moved to another one to escape a tuple collision.
+#[inline(never)]
+pub fn rewrite_port(ctx: &TcContext, ip: &Ip, side: Side, new_port_be: u16) -> Result<(), u32> {
+    // A later fragment carries no ports: its first fragment's were rewritten.
+    if ip.fragment == LATER_FRAGMENT {
+        return Ok(());
+    }
+    let port_off = match side {
+        Side::Source => ip.l4_off,
+        Side::Destination => ip.l4_off + 2,
+    };
+    let old_port: u16 = load(ctx, port_off)?;
+    let (csum_off, mangled) = l4_csum(ip);
+    let has_l4_csum = ip.proto == PROTO_TCP || load::<u16>(ctx, csum_off)? != 0;
+    replace_port(
+        ctx,
+        port_off,
+        old_port,
+        new_port_be,
+        has_l4_csum,
+        (csum_off, mangled),
+    )
+}
+
+/// The port half of a rewrite: the checksum (when the packet has one) covers the port directly.
+#[inline(always)]
+fn replace_port(
+    ctx: &TcContext,
+    port_off: usize,
+    old_port_be: u16,
+    new_port_be: u16,
+    has_l4_csum: bool,
+    (csum_off, mangled): (usize, u64),
+) -> Result<(), u32> {
+    if old_port_be == new_port_be {
+        return Ok(());
+    }
+    if has_l4_csum {
+        ctx.l4_csum_replace(
+            csum_off,
+            old_port_be as u64,
+            new_port_be as u64,
+            mangled | 2,
+        )
+        .map_err(|_| counter::DROP_REWRITE_FAILED)?;
+    }
+    store(ctx, port_off, &new_port_be)
 }
 
 /// Swaps the Ethernet addresses, for a packet that goes back out of the interface it came in.
