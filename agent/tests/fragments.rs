@@ -28,17 +28,9 @@ const TUNNEL_IFINDEX: u32 = 1;
 /// one local endpoint per family; `remote`: a NodePort service (UDP 30054) whose endpoint runs
 /// on node2.
 fn cluster() -> String {
+    let nodes = node_objects(&[("node1", NODE1.into()), ("node2", NODE2.into())]);
     format!(
-        r#"apiVersion: v1
-kind: Node
-metadata: {{name: node1}}
-status: {{addresses: [{{type: InternalIP, address: "{NODE1}"}}]}}
----
-apiVersion: v1
-kind: Node
-metadata: {{name: node2}}
-status: {{addresses: [{{type: InternalIP, address: "{NODE2}"}}]}}
----
+        r#"{nodes}---
 apiVersion: v1
 kind: Service
 metadata: {{name: echo, namespace: default}}

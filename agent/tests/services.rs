@@ -33,17 +33,9 @@ fn web(endpoints: &[(Ipv4Addr, &str)], extra_spec: &str) -> String {
             format!("- addresses: [\"{ip}\"]\n  nodeName: {node}\n  conditions: {{ready: true}}\n")
         })
         .collect();
+    let nodes = node_objects(&[("node1", NODE1.into()), ("node2", NODE2.into())]);
     format!(
-        r#"apiVersion: v1
-kind: Node
-metadata: {{name: node1}}
-status: {{addresses: [{{type: InternalIP, address: "{NODE1}"}}]}}
----
-apiVersion: v1
-kind: Node
-metadata: {{name: node2}}
-status: {{addresses: [{{type: InternalIP, address: "{NODE2}"}}]}}
----
+        r#"{nodes}---
 apiVersion: v1
 kind: Service
 metadata: {{name: web, namespace: default}}

@@ -26,19 +26,7 @@ const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 200);
 const VXLAN_PORT: u16 = 4789;
 
 fn nodes_yaml() -> String {
-    nodes_yaml_of(&[("node1", THIS_NODE), ("node2", OTHER_NODE)])
-}
-
-fn nodes_yaml_of(nodes: &[(&str, Ipv4Addr)]) -> String {
-    nodes
-        .iter()
-        .map(|(name, ip)| {
-            format!(
-                "---\napiVersion: v1\nkind: Node\nmetadata: {{name: {name}}}\n\
-                 status: {{addresses: [{{type: InternalIP, address: \"{ip}\"}}]}}\n"
-            )
-        })
-        .collect()
+    node_objects(&[("node1", THIS_NODE.into()), ("node2", OTHER_NODE.into())])
 }
 
 /// A VXLAN datagram's payload: the header with `vni`, then the inner frame.
@@ -116,10 +104,10 @@ fn tunnel_node(yaml: &str, senders: &[Ipv4Addr]) -> Harness {
 #[test]
 fn a_tuple_two_ingress_nodes_send_is_kept_by_the_first_and_dropped_for_the_second() {
     let _bpffs = private_bpffs(CloneFlags::CLONE_NEWNET);
-    let yaml = nodes_yaml_of(&[
-        ("node1", THIS_NODE),
-        ("node2", OTHER_NODE),
-        ("node3", THIRD_NODE),
+    let yaml = node_objects(&[
+        ("node1", THIS_NODE.into()),
+        ("node2", OTHER_NODE.into()),
+        ("node3", THIRD_NODE.into()),
     ]);
     let h = tunnel_node(&yaml, &[OTHER_NODE, THIRD_NODE]);
     // A load balancer sent one client address and port to the NodePorts of node2 and node3;

@@ -27,6 +27,19 @@ pub const OTHER: Ipv4Addr = Ipv4Addr::new(198, 19, 2, 12);
 
 /// A service `echo` (TCP 80 -> 8080, UDP 53 -> 5353) with the given ready backends, and a
 /// service `empty` (TCP 81) with none.
+/// Node objects, one InternalIP each, as YAML documents (each opened by `---`).
+pub fn node_objects(nodes: &[(&str, IpAddr)]) -> String {
+    nodes
+        .iter()
+        .map(|(name, ip)| {
+            format!(
+                "---\napiVersion: v1\nkind: Node\nmetadata: {{name: {name}}}\n\
+                 status: {{addresses: [{{type: InternalIP, address: \"{ip}\"}}]}}\n"
+            )
+        })
+        .collect()
+}
+
 pub fn cluster_yaml(backends: &[Ipv4Addr]) -> String {
     let endpoints: String = backends
         .iter()
