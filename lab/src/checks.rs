@@ -98,14 +98,26 @@ pub fn datagram(size: Option<u32>) -> Vec<u8> {
     d
 }
 
-fn client_cmd(
-    proto: Protocol,
-    ip: IpAddr,
-    port: u16,
+/// How a client request is shaped beyond its target.
+#[derive(Clone, Copy, Debug, Default)]
+struct ClientOptions {
+    /// HTTP: a POST of this many bytes.
     upload_bytes: Option<u32>,
+    /// UDP: the datagram's size.
     size: Option<u32>,
-) -> Cmd {
+    /// UDP: the client's source port (every request from the same one).
+    source_port: Option<u16>,
+}
+
+fn client_cmd(proto: Protocol, ip: IpAddr, port: u16, options: ClientOptions) -> Cmd {
+    let ClientOptions {
+        upload_bytes,
+        size,
+        source_port,
+    } = options;
     let target = host_port(ip, port);
+    // socat's address options: a fixed source port is rebound by every request.
+    let bind = source_port.map_or(String::new(), |p| format!(",sourceport={p},reuseaddr"));
     match proto {
         // No "Expect: 100-continue": the body goes at once, in full-sized segments.
         Protocol::Tcp if upload_bytes.is_some() => Cmd::new("sh").arg("-c").arg(format!(
@@ -127,9 +139,9 @@ fn client_cmd(
             .arg("-b65536")
             .arg("-")
             .arg(if ip.is_ipv6() {
-                format!("UDP6:{target}")
+                format!("UDP6:{target}{bind}")
             } else {
-                format!("UDP4:{target}")
+                format!("UDP4:{target}{bind}")
             })
             .stdin(datagram(size)),
     }
@@ -143,24 +155,23 @@ fn request(
     (ip, port): (IpAddr, u16),
     upload_bytes: Option<u32>,
 ) -> Result<(String, String), String> {
-    request_sized(lab, from, proto, (ip, port), upload_bytes, None).map(|(answer, _)| answer)
+    let options = ClientOptions {
+        upload_bytes,
+        ..ClientOptions::default()
+    };
+    request_sized(lab, from, proto, (ip, port), options).map(|(answer, _)| answer)
 }
 
-/// [`request`] with a datagram size; also says how long the client took.
+/// [`request`] shaped by `options`; also says how long the client took.
 fn request_sized(
     lab: &mut dyn Lab,
     from: HostId,
     proto: Protocol,
     (ip, port): (IpAddr, u16),
-    upload_bytes: Option<u32>,
-    size: Option<u32>,
+    options: ClientOptions,
 ) -> Result<((String, String), Duration), String> {
     let out = lab
-        .exec(
-            from,
-            &client_cmd(proto, ip, port, upload_bytes, size),
-            EXEC_TIMEOUT,
-        )
+        .exec(from, &client_cmd(proto, ip, port, options), EXEC_TIMEOUT)
         .map_err(|e| e.to_string())?;
     let took = out.duration;
     if !out.success() {
@@ -469,7 +480,12 @@ fn traffic(ctx: &mut CheckCtx<'_>, t: &TrafficCheck, proto: Protocol) -> Result<
             break;
         }
         sent += 1;
-        match request_sized(ctx.lab, from, proto, (ip, port), t.upload_bytes, t.size) {
+        let options = ClientOptions {
+            upload_bytes: t.upload_bytes,
+            size: t.size,
+            source_port: t.source_port,
+        };
+        match request_sized(ctx.lab, from, proto, (ip, port), options) {
             Ok(((pod, seen), _)) => {
                 // A pod reaching itself through a service (hairpin) is masqueraded by kube-proxy
                 // too, so only answers from other pods have to show the client's address.

@@ -667,6 +667,10 @@ pub struct TrafficCheck {
     /// UDP only: each datagram is this many bytes.
     #[serde(default)]
     pub size: Option<u32>,
+    /// UDP only: every request leaves from this client port (a load balancer in front of the
+    /// cluster reusing one port towards several frontends).
+    #[serde(default)]
+    pub source_port: Option<u16>,
     #[serde(default)]
     pub expect: TrafficExpect,
 }
@@ -1323,6 +1327,16 @@ impl Scenario {
                 self.validate_traffic_target(&title, t, from, plan, proto == Protocol::Tcp)?;
                 if t.size.is_some() && proto != Protocol::Udp {
                     return Err(self.invalid(format!("check {title:?}: size is for UDP checks")));
+                }
+                if t.source_port.is_some() && proto != Protocol::Udp {
+                    return Err(
+                        self.invalid(format!("check {title:?}: source_port is for UDP checks"))
+                    );
+                }
+                if t.source_port == Some(0) {
+                    return Err(
+                        self.invalid(format!("check {title:?}: source_port must be non-zero"))
+                    );
                 }
                 if t.size.is_some_and(|n| !(8..=MAX_DATAGRAM).contains(&n)) {
                     return Err(
