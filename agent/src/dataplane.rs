@@ -788,9 +788,7 @@ impl Dataplane {
                 .ok_or(DataplaneError::MissingProgram(name))?
                 .try_into()
                 .map_err(|source| DataplaneError::Program { name, source })?;
-            program
-                .load()
-                .map_err(|source| DataplaneError::Program { name, source })?;
+            retry_interrupted(name, || program.load())?;
             log_verified(name, program.info());
         }
         Ok(Dataplane {
@@ -1154,9 +1152,7 @@ impl Dataplane {
             .try_into()
             .map_err(|source| DataplaneError::Program { name, source })?;
         if program.fd().is_err() {
-            program
-                .load()
-                .map_err(|source| DataplaneError::Program { name, source })?;
+            retry_interrupted(name, || program.load())?;
             log_verified(name, program.info());
         }
         let attach_err = |message: String| DataplaneError::AttachCgroup {
@@ -1538,6 +1534,26 @@ pub fn detach_pinned_link(path: &Path) -> std::io::Result<()> {
 /// How much of the verifier's budget (1,000,000 instructions processed) a program took: the
 /// figure to watch when the per-packet path grows, since older kernels verify the same object
 /// with more states. Known from 5.16 on (`verified_insns`); older kernels report nothing.
+/// Loads a program, again when the verifier gave up because a signal was pending for this thread
+/// (EAGAIN after one instruction: a child process ending, say). libbpf retries such loads too.
+fn retry_interrupted(
+    name: &'static str,
+    mut load: impl FnMut() -> Result<(), aya::programs::ProgramError>,
+) -> Result<(), DataplaneError> {
+    const ATTEMPTS: u32 = 5;
+    let mut attempt = 1;
+    loop {
+        match load() {
+            Err(aya::programs::ProgramError::LoadError { io_error, .. })
+                if io_error.raw_os_error() == Some(libc::EAGAIN) && attempt < ATTEMPTS =>
+            {
+                attempt += 1;
+            }
+            result => return result.map_err(|source| DataplaneError::Program { name, source }),
+        }
+    }
+}
+
 fn log_verified(name: &str, info: Result<aya::programs::ProgramInfo, aya::programs::ProgramError>) {
     match info.ok().and_then(|i| i.verified_instruction_count()) {
         Some(count) => info!(program = name, verified_insns = count, "program loaded"),
