@@ -148,7 +148,7 @@ pub fn claim_reply_key(forward: &CtKey, new: &mut NewEntry) -> Result<bool, u32>
         if let Some(holder) = CONNTRACK.get_ptr(&new.key) {
             // SAFETY: the pointer comes from a successful lookup and the element stays
             // allocated for this program run (RCU); only read.
-            if !same_translation(unsafe { &*holder }, &new.value) {
+            if !follows(unsafe { &*holder }, &new.value) {
                 continue;
             }
         }
@@ -160,9 +160,7 @@ pub fn claim_reply_key(forward: &CtKey, new: &mut NewEntry) -> Result<bool, u32>
         }
         match CT_NEW.get_ptr(&new.key) {
             // SAFETY: as above.
-            Some(holder) if same_translation(unsafe { &*holder }, &new.value) => {
-                return Ok(attempt > 0)
-            }
+            Some(holder) if follows(unsafe { &*holder }, &new.value) => return Ok(attempt > 0),
             Some(_) => {}
             None => return Err(counter::DROP_CT_FULL),
         }
@@ -176,6 +174,17 @@ pub fn claim_reply_key(forward: &CtKey, new: &mut NewEntry) -> Result<bool, u32>
 #[inline(never)]
 fn moved_port_be(forward: &CtKey, attempt: u32) -> u16 {
     collision::moved_port_be(forward, attempt)
+}
+
+/// Whether the flow may keep the reply key another entry holds: that entry translates replies
+/// as `entry` would (the same frontend, client port and way), or sends them back through the
+/// tunnel to the node that translated the connection (a return entry). This node cannot tell
+/// that connection, now reaching it directly (an ECMP router moved the client's route, as the
+/// `maglev` scenario does), from another one of the same client port: it takes it for the
+/// same, so that a moved connection keeps its backend and its replies keep their way.
+#[inline(always)]
+fn follows(holder: &CtValue, entry: &CtValue) -> bool {
+    holder.kind == ct_kind::ENCAP || same_translation(holder, entry)
 }
 
 /// Whether the entry holding a reply key translates replies as `entry` would: to the same

@@ -275,16 +275,9 @@ fn remember_return_inner(
         // SAFETY: the pointer comes from a successful lookup; racing updates of these two
         // fields are harmless. Promotion deletes the entry only after its last use here.
         let entry = unsafe { &mut *entry };
-        // Another connection holds the reply key: the same client address and port reaching
-        // this backend through another node (a load balancer in front of two nodes' NodePorts),
-        // or through a frontend of this node. Taken for this flow, its replies would go to the
-        // other's node, and the backend would see two connections as one: dropped, counted.
-        if entry.kind != ct_kind::ENCAP
-            || entry.tunnel_family != arrival.peer_family
-            || entry.tunnel_peer != arrival.peer
-        {
-            return Err(counter::DROP_CT_COLLISION);
-        }
+        // The entry may be another node's (a return entry) or this node's own translation:
+        // the connection moved its ingress (an ECMP router's reshuffle, see `ct::follows`),
+        // and its replies keep the way they had, through a node that still holds the flow.
         // The other direction's flags go in the high nibble: user space needs both to tell
         // when the connection closed.
         let client_seen = seen;
