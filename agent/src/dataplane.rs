@@ -553,11 +553,12 @@ fn set_key_set<K: aya::Pod + Ord>(
     Ok(writes)
 }
 
-/// The TCX ingress programs on `interface`, in the order they run: (program id, name).
-pub fn tcx_ingress_programs(
+/// The TCX programs on `interface` at `hook`, in the order they run: (program id, name).
+pub fn tcx_programs(
     interface: &str,
+    hook: Hook,
 ) -> Result<Vec<(u32, String)>, aya::programs::ProgramError> {
-    let (_, programs) = SchedClassifier::query_tcx(interface, TcAttachType::Ingress)?;
+    let (_, programs) = SchedClassifier::query_tcx(interface, hook.attach_type())?;
     Ok(programs
         .iter()
         .map(|p| (p.id(), p.name_as_str().unwrap_or("").to_owned()))
@@ -653,7 +654,7 @@ pub struct Dataplane {
     pub node: NodeMaps,
     pub conntrack: ConntrackMap,
     pub counters: Counters,
-    attached: BTreeMap<String, Attachment>,
+    attached: BTreeMap<(String, Hook), Attachment>,
     sock_netns: Array<MapData, u64>,
     /// Sockets host services translated: (cookie, backend) -> the frontend they asked for.
     sock_reverse: HashMap<MapData, SockReverseKey, FrontendKey>,
@@ -678,7 +679,50 @@ pub struct ForeignProgram {
     pub before_ours: bool,
 }
 
-/// How the ingress program is hooked to interfaces.
+/// Where on an interface a program runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Hook {
+    /// `weir_ingress`: every packet entering the node.
+    Ingress,
+    /// `weir_egress`: the ICMP errors the node's own stack sends about translated flows. Not on
+    /// the tunnel device: what enters it is already on its way to the node that holds the flow.
+    Egress,
+}
+
+impl Hook {
+    pub const ALL: [Hook; 2] = [Hook::Ingress, Hook::Egress];
+
+    pub fn program(self) -> &'static str {
+        match self {
+            Hook::Ingress => program_names::INGRESS,
+            Hook::Egress => program_names::EGRESS,
+        }
+    }
+
+    fn attach_type(self) -> TcAttachType {
+        match self {
+            Hook::Ingress => TcAttachType::Ingress,
+            Hook::Egress => TcAttachType::Egress,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Hook::Ingress => "ingress",
+            Hook::Egress => "egress",
+        }
+    }
+
+    /// The prefix of its link pins, followed by the interface name.
+    fn pin_prefix(self) -> &'static str {
+        match self {
+            Hook::Ingress => "tcx_ingress_",
+            Hook::Egress => "tcx_egress_",
+        }
+    }
+}
+
+/// How the programs are hooked to interfaces.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AttachMode {
     /// A TCX link (kernel 6.6+): pinnable, replaced atomically with `BPF_LINK_UPDATE`.
@@ -715,13 +759,15 @@ enum Attachment {
 const NETLINK_PRIORITY: u16 = 0x5745;
 const NETLINK_HANDLE: u32 = 1;
 
-pub fn link_pin_name(interface: &str) -> String {
-    format!("tcx_ingress_{interface}")
+pub fn link_pin_name(interface: &str, hook: Hook) -> String {
+    format!("{}{interface}", hook.pin_prefix())
 }
 
-/// The interface a link pin file belongs to, if it is one of ours.
-fn interface_of_pin(file_name: &str) -> Option<&str> {
-    file_name.strip_prefix("tcx_ingress_")
+/// The interface and hook a link pin file belongs to, if it is one of ours.
+fn hook_of_pin(file_name: &str) -> Option<(&str, Hook)> {
+    Hook::ALL
+        .iter()
+        .find_map(|hook| Some((file_name.strip_prefix(hook.pin_prefix())?, *hook)))
 }
 
 /// Options for [`Dataplane::load`].
@@ -782,7 +828,11 @@ impl Dataplane {
                 c.start(&shapes, crate::conntrack::monotonic_now_ns());
                 c
             });
-        for name in [program_names::INGRESS, program_names::PASS] {
+        for name in [
+            program_names::INGRESS,
+            program_names::EGRESS,
+            program_names::PASS,
+        ] {
             let program: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .ok_or(DataplaneError::MissingProgram(name))?
@@ -845,12 +895,16 @@ impl Dataplane {
             .map_err(|source| DataplaneError::Program { name, source })
     }
 
-    pub fn is_attached(&self, interface: &str) -> bool {
-        self.attached.contains_key(interface)
+    pub fn is_attached(&self, interface: &str, hook: Hook) -> bool {
+        self.attached.contains_key(&(interface.to_owned(), hook))
     }
 
+    /// The interfaces the ingress program is attached to (every one this agent serves).
     pub fn attached_interfaces(&self) -> impl Iterator<Item = &str> {
-        self.attached.keys().map(String::as_str)
+        self.attached
+            .keys()
+            .filter(|(_, hook)| *hook == Hook::Ingress)
+            .map(|(interface, _)| interface.as_str())
     }
 
     /// Aborts the connected UDP sockets of this network namespace that host services translated
@@ -916,19 +970,20 @@ impl Dataplane {
             .map_err(|source| DataplaneError::Program { name, source })?
             .id();
         let mut found = Vec::new();
-        for interface in self.attached.keys() {
-            let programs =
-                tcx_ingress_programs(interface).map_err(|source| DataplaneError::Attach {
-                    interface: interface.clone(),
+        for interface in self.attached_interfaces() {
+            let programs = tcx_programs(interface, Hook::Ingress).map_err(|source| {
+                DataplaneError::Attach {
+                    interface: interface.to_owned(),
                     source,
-                })?;
+                }
+            })?;
             let our_position = programs.iter().position(|(id, _)| *id == ours);
             for (position, (id, name)) in programs.iter().enumerate() {
                 if *id == ours || !name.starts_with("weir_") {
                     continue;
                 }
                 found.push(ForeignProgram {
-                    interface: interface.clone(),
+                    interface: interface.to_owned(),
                     id: *id,
                     name: name.clone(),
                     before_ours: our_position.is_none_or(|ours| position < ours),
@@ -938,18 +993,18 @@ impl Dataplane {
         Ok(found)
     }
 
-    /// Attaches the ingress program: through TCX where the kernel has it (6.6+), otherwise as a
-    /// direct-action filter on a clsact qdisc. With pinned links, a hook a previous agent left
+    /// Attaches the program of `hook`: through TCX where the kernel has it (6.6+), otherwise as
+    /// a direct-action filter on a clsact qdisc. With pinned links, a hook a previous agent left
     /// on this interface is taken over: its program is replaced by ours in one step, so no
     /// packet goes unhandled and established flows keep their conntrack entries.
-    pub fn attach_ingress(&mut self, interface: &str) -> Result<(), DataplaneError> {
+    pub fn attach(&mut self, interface: &str, hook: Hook) -> Result<(), DataplaneError> {
         let attach_err = |source| DataplaneError::Attach {
             interface: interface.to_owned(),
             source,
         };
         let attachment = match (self.mode, self.link_pin_dir.clone()) {
-            (AttachMode::Tcx, Some(dir)) => self.attach_pinned_tcx(interface, &dir)?,
-            (AttachMode::Netlink, Some(_)) => self.attach_persistent_netlink(interface)?,
+            (AttachMode::Tcx, Some(dir)) => self.attach_pinned_tcx(interface, hook, &dir)?,
+            (AttachMode::Netlink, Some(_)) => self.attach_persistent_netlink(interface, hook)?,
             (mode, None) => {
                 let options = match mode {
                     AttachMode::Tcx => TcAttachOptions::TcxOrder(LinkOrder::default()),
@@ -959,31 +1014,33 @@ impl Dataplane {
                     }
                 };
                 let link = self
-                    .program(program_names::INGRESS)?
-                    .attach_with_options(interface, TcAttachType::Ingress, options)
+                    .program(hook.program())?
+                    .attach_with_options(interface, hook.attach_type(), options)
                     .map_err(attach_err)?;
-                info!(interface, "attached ingress program");
+                info!(interface, hook = hook.name(), "attached program");
                 Attachment::Owned(link)
             }
         };
-        self.attached.insert(interface.to_owned(), attachment);
+        self.attached
+            .insert((interface.to_owned(), hook), attachment);
         Ok(())
     }
 
     fn attach_pinned_tcx(
         &mut self,
         interface: &str,
+        hook: Hook,
         dir: &Path,
     ) -> Result<Attachment, DataplaneError> {
-        let path = dir.join(link_pin_name(interface));
+        let path = dir.join(link_pin_name(interface, hook));
         let attach_err = |source| DataplaneError::Attach {
             interface: interface.to_owned(),
             source,
         };
         if path.exists() {
-            match self.replace_pinned(&path) {
+            match self.replace_pinned(&path, hook) {
                 Ok(()) => {
-                    info!(interface, pin = %path.display(), "adopted pinned link; program replaced");
+                    info!(interface, hook = hook.name(), pin = %path.display(), "adopted pinned link; program replaced");
                     return Ok(Attachment::PinnedTcx(path));
                 }
                 Err(e) => {
@@ -996,11 +1053,11 @@ impl Dataplane {
                 }
             }
         }
-        let program = self.program(program_names::INGRESS)?;
+        let program = self.program(hook.program())?;
         let id = program
             .attach_with_options(
                 interface,
-                TcAttachType::Ingress,
+                hook.attach_type(),
                 TcAttachOptions::TcxOrder(LinkOrder::default()),
             )
             .map_err(attach_err)?;
@@ -1015,18 +1072,16 @@ impl Dataplane {
         let pinned = fd_link.pin(&path).map_err(|e| pin_err(e.to_string()))?;
         // Closing our descriptor leaves the link to its pin.
         drop(pinned);
-        info!(interface, pin = %path.display(), "attached ingress program (pinned TCX link)");
+        info!(interface, hook = hook.name(), pin = %path.display(), "attached program (pinned TCX link)");
         Ok(Attachment::PinnedTcx(path))
     }
 
     /// `BPF_LINK_UPDATE` on a pinned link: the kernel swaps the program in place.
-    fn replace_pinned(&mut self, path: &Path) -> Result<(), String> {
+    fn replace_pinned(&mut self, path: &Path, hook: Hook) -> Result<(), String> {
         let pinned = PinnedLink::from_pin(path).map_err(|e| e.to_string())?;
         let link =
             SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(|e| e.to_string())?;
-        let program = self
-            .program(program_names::INGRESS)
-            .map_err(|e| e.to_string())?;
+        let program = self.program(hook.program()).map_err(|e| e.to_string())?;
         let id = program.attach_to_link(link).map_err(|e| e.to_string())?;
         // The pin keeps the link; our descriptor is not needed.
         let link = program.take_link(id).map_err(|e| e.to_string())?;
@@ -1034,18 +1089,22 @@ impl Dataplane {
         Ok(())
     }
 
-    fn attach_persistent_netlink(&mut self, interface: &str) -> Result<Attachment, DataplaneError> {
+    fn attach_persistent_netlink(
+        &mut self,
+        interface: &str,
+        hook: Hook,
+    ) -> Result<Attachment, DataplaneError> {
         add_clsact(interface);
         let attach_err = |source| DataplaneError::Attach {
             interface: interface.to_owned(),
             source,
         };
         let handle = TcHandle::from(NETLINK_HANDLE);
-        let program = self.program(program_names::INGRESS)?;
+        let program = self.program(hook.program())?;
         // Replace Weir's filter if a previous agent left one; otherwise create it.
         let replaced = SchedClassifierLink::attached(
             interface,
-            TcAttachType::Ingress,
+            hook.attach_type(),
             NETLINK_PRIORITY,
             handle,
             None,
@@ -1056,6 +1115,7 @@ impl Dataplane {
             Ok(id) => {
                 info!(
                     interface,
+                    hook = hook.name(),
                     "replaced the program of the existing clsact filter"
                 );
                 id
@@ -1065,7 +1125,7 @@ impl Dataplane {
                 let id = program
                     .attach_with_options(
                         interface,
-                        TcAttachType::Ingress,
+                        hook.attach_type(),
                         TcAttachOptions::Netlink(NlOptions {
                             priority: NETLINK_PRIORITY,
                             handle,
@@ -1073,7 +1133,11 @@ impl Dataplane {
                         }),
                     )
                     .map_err(attach_err)?;
-                info!(interface, "attached ingress program (clsact filter)");
+                info!(
+                    interface,
+                    hook = hook.name(),
+                    "attached program (clsact filter)"
+                );
                 id
             }
         };
@@ -1240,27 +1304,34 @@ impl Dataplane {
         }
     }
 
-    /// Forgets an interface that disappeared (its attachment went with it) or detaches from one
-    /// that is still there, pinned or not.
+    /// Forgets an interface that disappeared (its attachments went with it) or detaches from
+    /// one that is still there, pinned or not: every hook.
     pub fn detach(&mut self, interface: &str) {
-        let Some(attachment) = self.attached.remove(interface) else {
-            return;
-        };
-        match attachment {
-            Attachment::Owned(link) => {
-                match self.program(program_names::INGRESS).map(|p| p.detach(link)) {
-                    Ok(Ok(())) => info!(interface, "detached ingress program"),
-                    // The usual case for a deleted pod interface: nothing left to detach.
-                    Ok(Err(e)) => debug!(interface, error = %e, "detach"),
-                    Err(e) => warn!(interface, error = %e, "detach"),
+        for hook in Hook::ALL {
+            let Some(attachment) = self.attached.remove(&(interface.to_owned(), hook)) else {
+                continue;
+            };
+            let hook_name = hook.name();
+            match attachment {
+                Attachment::Owned(link) => {
+                    match self.program(hook.program()).map(|p| p.detach(link)) {
+                        Ok(Ok(())) => info!(interface, hook = hook_name, "detached program"),
+                        // The usual case for a deleted pod interface: nothing left to detach.
+                        Ok(Err(e)) => debug!(interface, hook = hook_name, error = %e, "detach"),
+                        Err(e) => warn!(interface, hook = hook_name, error = %e, "detach"),
+                    }
                 }
+                // Removing the last reference to a link detaches it.
+                Attachment::PinnedTcx(path) => match std::fs::remove_file(&path) {
+                    Ok(()) => info!(
+                        interface,
+                        hook = hook_name,
+                        "detached program (unpinned its link)"
+                    ),
+                    Err(e) => debug!(interface, error = %e, "unpinning link"),
+                },
+                Attachment::Netlink => detach_netlink(interface, hook),
             }
-            // Removing the last reference to a link detaches it.
-            Attachment::PinnedTcx(path) => match std::fs::remove_file(&path) {
-                Ok(()) => info!(interface, "detached ingress program (unpinned its link)"),
-                Err(e) => debug!(interface, error = %e, "unpinning link"),
-            },
-            Attachment::Netlink => detach_netlink(interface),
         }
     }
 
@@ -1275,10 +1346,11 @@ impl Dataplane {
         };
         for entry in entries.flatten() {
             let name = entry.file_name();
-            let Some(interface) = name.to_str().and_then(interface_of_pin) else {
+            let Some((interface, hook)) = name.to_str().and_then(hook_of_pin) else {
                 continue;
             };
-            if !wanted.contains(interface) && !self.attached.contains_key(interface) {
+            let attached = self.attached.contains_key(&(interface.to_owned(), hook));
+            if !wanted.contains(interface) && !attached {
                 match std::fs::remove_file(entry.path()) {
                     Ok(()) => info!(
                         interface,
@@ -1298,9 +1370,13 @@ fn add_clsact(interface: &str) {
     }
 }
 
-fn detach_netlink(interface: &str) {
-    match tc::qdisc_detach_program(interface, TcAttachType::Ingress, program_names::INGRESS) {
-        Ok(()) => info!(interface, "detached ingress program (clsact filter)"),
+fn detach_netlink(interface: &str, hook: Hook) {
+    match tc::qdisc_detach_program(interface, hook.attach_type(), hook.program()) {
+        Ok(()) => info!(
+            interface,
+            hook = hook.name(),
+            "detached program (clsact filter)"
+        ),
         Err(e) => debug!(interface, error = %e, "detaching clsact filter"),
     }
 }
@@ -1328,10 +1404,10 @@ pub fn uninstall(pin_dir: &Path, interfaces: &[String]) -> Result<UninstallRepor
         }
     }
     for interface in interfaces {
-        if tc::qdisc_detach_program(interface, TcAttachType::Ingress, program_names::INGRESS)
-            .is_ok()
-        {
-            report.filters += 1;
+        for hook in Hook::ALL {
+            if tc::qdisc_detach_program(interface, hook.attach_type(), hook.program()).is_ok() {
+                report.filters += 1;
+            }
         }
     }
     if pin_dir.exists() {

@@ -16,7 +16,7 @@ use crate::admission::{Footprint, Limits};
 use crate::compile::CompileOptions;
 use crate::config::{AgentConfig, HttpConfig, LoadBalancing, SourceKind, TunnelMode};
 use crate::conntrack::{entries_created, EvictionEstimate, GcOutcome, GcThread};
-use crate::dataplane::{Counters, Dataplane, LoadOptions};
+use crate::dataplane::{Counters, Dataplane, Hook, LoadOptions};
 use crate::drift::DriftWatch;
 use crate::fd_budget;
 use crate::health_check::{self, HealthCheckOptions, HealthCheckServer};
@@ -623,11 +623,18 @@ impl InterfaceSync {
         for interface in gone {
             dataplane.detach(&interface);
         }
+        let tunnel_device =
+            (config.tunnel.mode != TunnelMode::None).then(|| config.tunnel.device());
         for interface in &wanted {
-            if !dataplane.is_attached(interface) {
-                if let Err(e) = dataplane.attach_ingress(interface) {
+            for hook in Hook::ALL {
+                let wanted_here =
+                    hook == Hook::Ingress || Some(interface.as_str()) != tunnel_device;
+                if !wanted_here || dataplane.is_attached(interface, hook) {
+                    continue;
+                }
+                if let Err(e) = dataplane.attach(interface, hook) {
                     // Pod interfaces can vanish between listing and attaching; the next tick retries.
-                    warn!(%interface, error = %e, "attach failed");
+                    warn!(%interface, hook = hook.name(), error = %e, "attach failed");
                 }
             }
         }
@@ -638,7 +645,7 @@ impl InterfaceSync {
         let unattached: Vec<String> = config
             .host_interfaces
             .iter()
-            .filter(|h| !dataplane.is_attached(h))
+            .filter(|h| !dataplane.is_attached(h, Hook::Ingress))
             .cloned()
             .collect();
         health.set_unattached_host_interfaces(unattached);

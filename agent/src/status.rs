@@ -12,7 +12,7 @@ use serde::Serialize;
 use weir_common::map_names;
 
 use crate::config::AgentConfig;
-use crate::dataplane::{self, AttachMode, MapFill};
+use crate::dataplane::{self, AttachMode, Hook, MapFill};
 
 /// A map this full is a warning: new flows (or objects) are about to be refused or evicted.
 const NEARLY_FULL: f64 = 0.9;
@@ -50,8 +50,11 @@ pub struct InterfaceHooks {
     pub interface: String,
     /// Weir programs on its TCX ingress, in the order they run: (id, name).
     pub tcx_programs: Vec<(u32, String)>,
-    /// A link pinned by an agent with this pin directory.
+    /// An ingress link pinned by an agent with this pin directory.
     pub pinned_link: bool,
+    /// Weir programs on its TCX egress (`weir_egress`; none on the tunnel device).
+    pub tcx_egress_programs: Vec<(u32, String)>,
+    pub pinned_egress_link: bool,
 }
 
 /// What the running agent reports on its metrics port.
@@ -138,16 +141,28 @@ fn interfaces(link_dir: &Path) -> Vec<InterfaceHooks> {
     names
         .into_iter()
         .filter_map(|interface| {
-            let tcx_programs: Vec<(u32, String)> = dataplane::tcx_ingress_programs(&interface)
-                .unwrap_or_default()
-                .into_iter()
-                .filter(|(_, name)| name.starts_with("weir_"))
-                .collect();
-            let pinned_link = link_dir.join(dataplane::link_pin_name(&interface)).exists();
+            let weir_programs = |hook| -> Vec<(u32, String)> {
+                dataplane::tcx_programs(&interface, hook)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|(_, name)| name.starts_with("weir_"))
+                    .collect()
+            };
+            let pinned = |hook| {
+                link_dir
+                    .join(dataplane::link_pin_name(&interface, hook))
+                    .exists()
+            };
+            let tcx_programs = weir_programs(Hook::Ingress);
+            let pinned_link = pinned(Hook::Ingress);
+            let tcx_egress_programs = weir_programs(Hook::Egress);
+            let pinned_egress_link = pinned(Hook::Egress);
             (!tcx_programs.is_empty() || pinned_link).then_some(InterfaceHooks {
                 interface,
                 tcx_programs,
                 pinned_link,
+                tcx_egress_programs,
+                pinned_egress_link,
             })
         })
         .collect()
@@ -390,23 +405,29 @@ pub fn render(status: &Status) -> String {
     if status.interfaces.is_empty() {
         line(&mut out, "  (none carries a Weir program)".into());
     }
-    for i in &status.interfaces {
-        let programs: Vec<String> = i
-            .tcx_programs
+    let hooked = |programs: &[(u32, String)], pinned: bool| {
+        let names: Vec<String> = programs
             .iter()
             .map(|(id, name)| format!("{name}#{id}"))
             .collect();
+        format!(
+            "{}{}",
+            if names.is_empty() {
+                "-".into()
+            } else {
+                names.join(" then ")
+            },
+            if pinned { " (pinned link)" } else { "" }
+        )
+    };
+    for i in &status.interfaces {
         line(
             &mut out,
             format!(
-                "  {:<16} tcx: {}{}",
+                "  {:<16} tcx ingress: {}, egress: {}",
                 i.interface,
-                if programs.is_empty() {
-                    "-".into()
-                } else {
-                    programs.join(" then ")
-                },
-                if i.pinned_link { " (pinned link)" } else { "" }
+                hooked(&i.tcx_programs, i.pinned_link),
+                hooked(&i.tcx_egress_programs, i.pinned_egress_link),
             ),
         );
     }

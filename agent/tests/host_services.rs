@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use common::{ip, load_pinned, objects, private_bpffs, require_root};
 use nix::sched::CloneFlags;
 use weir_agent::config::{link_pin_dir, versioned_pin_dir};
-use weir_agent::dataplane::{uninstall, Dataplane, LoadOptions};
+use weir_agent::dataplane::{uninstall, Dataplane, Hook, LoadOptions};
 use weir_agent::reconcile::Reconciler;
 
 const NODE4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
@@ -403,7 +403,7 @@ fn host_processes_reach_cluster_ips_through_the_socket_hooks() {
 
     let mut dataplane = load(&pin_root, &cgroup);
     // The tc program on the pod's interface sees the backend's replies: they must pass.
-    dataplane.attach_ingress("wh0").expect("tc attach");
+    dataplane.attach("wh0", Hook::Ingress).expect("tc attach");
     let mut reconciler = Reconciler::default();
     reconciler
         .reconcile(&mut dataplane.services, &objects(&cluster_yaml()))

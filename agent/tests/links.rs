@@ -15,7 +15,7 @@ use common::{
 };
 use nix::sched::CloneFlags;
 use weir_agent::config::{link_pin_dir, versioned_pin_dir};
-use weir_agent::dataplane::{uninstall, AttachMode, Counters, Dataplane};
+use weir_agent::dataplane::{uninstall, AttachMode, Counters, Dataplane, Hook};
 use weir_agent::reconcile::Reconciler;
 use weir_common::program_names;
 
@@ -47,6 +47,12 @@ fn tcx_programs() -> Vec<u32> {
     programs.iter().map(|p| p.id()).collect()
 }
 
+/// Ids of the TCX programs on the interface's egress.
+fn tcx_egress_programs() -> Vec<u32> {
+    let (_, programs) = SchedClassifier::query_tcx(IFACE, TcAttachType::Egress).expect("query");
+    programs.iter().map(|p| p.id()).collect()
+}
+
 /// `(priority, program id)` of every clsact ingress filter named weir_ingress.
 fn weir_filters() -> Vec<String> {
     let out = Command::new("tc")
@@ -74,26 +80,37 @@ fn a_pinned_tcx_link_outlives_the_agent_and_is_taken_over_in_place() {
     }
 
     let mut first = load(&pin_root, AttachMode::Tcx);
-    first.attach_ingress(IFACE).expect("attach");
+    for hook in Hook::ALL {
+        first.attach(IFACE, hook).expect("attach");
+    }
     let before = tcx_programs();
-    assert_eq!(before.len(), 1);
+    let egress_before = tcx_egress_programs();
+    assert_eq!((before.len(), egress_before.len()), (1, 1));
     // The agent goes away without detaching: what SIGTERM does now, and all SIGKILL can do.
     drop(first);
     assert_eq!(tcx_programs(), before, "the program stays attached");
+    assert_eq!(tcx_egress_programs(), egress_before);
     assert!(link_pin_dir(&pin_root).join("tcx_ingress_wl0").exists());
+    assert!(link_pin_dir(&pin_root).join("tcx_egress_wl0").exists());
 
     let mut second = load(&pin_root, AttachMode::Tcx);
-    second.attach_ingress(IFACE).expect("adopt");
+    for hook in Hook::ALL {
+        second.attach(IFACE, hook).expect("adopt");
+    }
     let after = tcx_programs();
     assert_eq!(after.len(), 1, "replaced in place, not stacked: {after:?}");
     assert_ne!(after, before, "the new agent's program runs now");
+    let egress_after = tcx_egress_programs();
+    assert_eq!(egress_after.len(), 1, "{egress_after:?}");
+    assert_ne!(egress_after, egress_before);
     drop(second);
     assert_eq!(tcx_programs(), after);
 
     let report = uninstall(&pin_root, &[IFACE.to_owned()]).expect("uninstall");
-    assert_eq!(report.links, 1);
+    assert_eq!(report.links, 2);
     assert!(report.removed_pin_dir);
     assert!(tcx_programs().is_empty(), "uninstall detaches");
+    assert!(tcx_egress_programs().is_empty());
 }
 
 #[test]
@@ -105,7 +122,7 @@ fn a_link_of_a_deleted_interface_is_replaced_and_stale_pins_released() {
         return;
     }
     let mut first = load(&pin_root, AttachMode::Tcx);
-    first.attach_ingress(IFACE).expect("attach");
+    first.attach(IFACE, Hook::Ingress).expect("attach");
     drop(first);
 
     // The pod interface goes and comes back under the same name while no agent runs.
@@ -118,7 +135,7 @@ fn a_link_of_a_deleted_interface_is_replaced_and_stale_pins_released() {
 
     let mut second = load(&pin_root, AttachMode::Tcx);
     second
-        .attach_ingress(IFACE)
+        .attach(IFACE, Hook::Ingress)
         .expect("attach anew over a defunct pin");
     assert_eq!(tcx_programs().len(), 1);
 
@@ -139,14 +156,14 @@ fn a_clsact_filter_outlives_the_agent_and_is_replaced_not_stacked() {
     let pin_root = bpffs.path().join("node1");
 
     let mut first = load(&pin_root, AttachMode::Netlink);
-    first.attach_ingress(IFACE).expect("attach");
+    first.attach(IFACE, Hook::Ingress).expect("attach");
     drop(first);
     let before = weir_filters();
     assert_eq!(before.len(), 1, "{before:?}");
     assert!(before[0].starts_with("pref 22341 "), "{before:?}");
 
     let mut second = load(&pin_root, AttachMode::Netlink);
-    second.attach_ingress(IFACE).expect("replace");
+    second.attach(IFACE, Hook::Ingress).expect("replace");
     drop(second);
     let after = weir_filters();
     assert_eq!(after.len(), 1, "one filter, not two: {after:?}");
@@ -232,7 +249,7 @@ fn a_program_of_an_older_build_is_replaced_in_the_link_without_dropping_a_flow()
     Reconciler::default()
         .reconcile(&mut old.services, &objects(&cluster_yaml(&[BACKEND])))
         .expect("state");
-    old.attach_ingress(IFACE).expect("attach");
+    old.attach(IFACE, Hook::Ingress).expect("attach");
     let ingress_tag = attached_tag();
     let (link, old_program) = pinned_link(&pin);
     inject(&tcp(CLIENT, 40500, VIP, 80, "S"));
@@ -245,7 +262,7 @@ fn a_program_of_an_older_build_is_replaced_in_the_link_without_dropping_a_flow()
 
     // A new agent: same link, its own program, and the flow goes on from conntrack.
     let mut new = load(&pin_root, AttachMode::Tcx);
-    new.attach_ingress(IFACE).expect("take over");
+    new.attach(IFACE, Hook::Ingress).expect("take over");
     let (same_link, new_program) = pinned_link(&pin);
     assert_eq!(same_link, link, "the link is updated, not replaced");
     assert_ne!(new_program, old_program, "the new agent's program runs now");
@@ -271,7 +288,7 @@ fn a_program_of_an_older_build_is_replaced_in_the_link_without_dropping_a_flow()
 
     let mut newest = load(&pin_root, AttachMode::Tcx);
     newest
-        .attach_ingress(IFACE)
+        .attach(IFACE, Hook::Ingress)
         .expect("replace the older build");
     assert_eq!(
         attached_tag(),
@@ -301,9 +318,11 @@ fn a_weir_program_of_another_pin_directory_is_reported() {
     }
     let bpffs = sandbox();
     let mut stale = load(&bpffs.path().join("old"), AttachMode::Tcx);
-    stale.attach_ingress(IFACE).expect("attach the stale agent");
+    stale
+        .attach(IFACE, Hook::Ingress)
+        .expect("attach the stale agent");
     let mut current = load(&bpffs.path().join("new"), AttachMode::Tcx);
-    current.attach_ingress(IFACE).expect("attach");
+    current.attach(IFACE, Hook::Ingress).expect("attach");
     let stale_id = tcx_programs()[0];
 
     let found = current.foreign_programs().expect("query");

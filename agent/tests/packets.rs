@@ -8,7 +8,7 @@ use common::*;
 use std::net::{IpAddr, Ipv4Addr};
 use weir_agent::compile::addr_of;
 use weir_agent::conntrack::view;
-use weir_common::{collision, ct_kind, CtKey, CtValue};
+use weir_common::{collision, ct_kind, program_names, CtKey, CtValue};
 
 fn backend_of(out: &[u8]) -> std::net::Ipv4Addr {
     std::net::Ipv4Addr::new(out[30], out[31], out[32], out[33])
@@ -156,6 +156,45 @@ fn icmp_error_from_a_router_keeps_its_source() {
     assert_eq!(verdict, TC_ACT_OK);
     let original = tcp(CLIENT, 40005, VIP, 80, "S");
     assert_eq!(out, icmp_error(router, CLIENT, 3, 4, &l3(&original)[..28]));
+}
+
+/// The node's own stack cannot forward the translated segment (the backend's link is smaller)
+/// and answers the client itself, quoting the segment as translated: the egress program names
+/// the frontend in the quote, so the client's socket learns its path MTU.
+#[test]
+fn the_nodes_own_fragmentation_needed_is_un_nated_on_its_way_out() {
+    let mut h = Harness::new(&[BACKEND]);
+    let (_, forwarded) = h.run(&tcp(CLIENT, 40015, VIP, 80, "S"));
+    let node = std::net::Ipv4Addr::new(198, 18, 0, 1);
+    let error = icmp_error(node, CLIENT, 3, 4, &l3(&forwarded)[..28]);
+    let (verdict, out) = h.run_program(program_names::EGRESS, &error);
+    assert_eq!(verdict, TC_ACT_OK);
+    let original = tcp(CLIENT, 40015, VIP, 80, "S");
+    assert_eq!(out, icmp_error(node, CLIENT, 3, 4, &l3(&original)[..28]));
+    assert_eq!(h.counter("icmp_error_nat"), 1);
+}
+
+/// Everything else leaving the node passes the egress program untouched and uncounted: the
+/// counters account for packets entering the node.
+#[test]
+fn the_egress_program_passes_everything_else_byte_for_byte() {
+    let mut h = Harness::new(&[BACKEND]);
+    let (_, forwarded) = h.run(&tcp(CLIENT, 40016, VIP, 80, "S"));
+    let before = h.counter_values();
+    let unknown_flow = tcp(CLIENT, 40017, BACKEND, 8080, "S");
+    let cases = [
+        forwarded.clone(),
+        udp(CLIENT, 33020, VIP, 53),
+        icmp_echo(CLIENT, VIP),
+        // An error about a flow Weir does not know.
+        icmp_error(BACKEND, CLIENT, 3, 4, &l3(&unknown_flow)[..28]),
+    ];
+    for packet in cases {
+        let (verdict, out) = h.run_program(program_names::EGRESS, &packet);
+        assert_eq!(verdict, TC_ACT_OK);
+        assert_eq!(out, packet);
+    }
+    assert_eq!(h.counter_values(), before);
 }
 
 #[test]

@@ -12,7 +12,7 @@ use common::*;
 use nix::sched::CloneFlags;
 use weir_agent::admission::Limits;
 use weir_agent::config::{ConfigLayer, HttpConfig};
-use weir_agent::dataplane::AttachMode;
+use weir_agent::dataplane::{AttachMode, Hook};
 use weir_agent::http::OpsServer;
 use weir_agent::metrics::{Health, Metrics, Ops};
 use weir_agent::reconcile::Reconciler;
@@ -28,7 +28,7 @@ fn status_names_hooks_fill_levels_and_what_the_agent_reports() {
     ip(&["link", "set", "ws0", "up"]);
     let pin_root = bpffs.path().join("node1");
     let mut dataplane = load_pinned(&pin_root);
-    dataplane.attach_ingress("ws0").expect("attach");
+    dataplane.attach("ws0", Hook::Ingress).expect("attach");
 
     let metrics = Arc::new(Metrics::new());
     let mut reconciler = Reconciler::new(Limits::default(), Some(metrics.clone()));

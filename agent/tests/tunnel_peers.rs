@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use nix::sched::CloneFlags;
 use weir_agent::compile::CompileOptions;
+use weir_agent::dataplane::Hook;
 use weir_agent::node::tunnel_peers;
 use weir_common::NodeConfig;
 
@@ -96,7 +97,7 @@ fn tunnel_node(yaml: &str, senders: &[Ipv4Addr]) -> Harness {
     let peers = tunnel_peers(h.reconciler.intent().nodes.values());
     h.dataplane.node.set_tunnel_peers(&peers).expect("peers");
     h.dataplane
-        .attach_ingress("weir-vxlan")
+        .attach("weir-vxlan", Hook::Ingress)
         .expect("attach to the tunnel device");
     h
 }

@@ -413,6 +413,7 @@ impl ScenarioRun<'_> {
         let t = Instant::now();
         let ports = workloads::pod_ports(scenario, &plan);
         let lab = self.lab.as_deref_mut().expect("lab built above");
+        workloads::set_node_side_mtus(lab, scenario, &plan)?;
         let mut pod_servers = workloads::start(lab, &plan, &ports, &self.run_dir)?;
         let (nginx, udp) = (pod_servers.nginx, pod_servers.udp);
         let listen_timeout = LISTEN_TIMEOUT * lab.slowdown();

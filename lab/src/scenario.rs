@@ -224,6 +224,9 @@ fn default_networks() -> u8 {
     1
 }
 
+/// The smallest link MTU IPv6 allows (RFC 8200), and so the smallest a dual-stack pod may have.
+const MIN_IPV6_MTU: u32 = 1280;
+
 fn default_mtu() -> u32 {
     1500
 }
@@ -384,6 +387,13 @@ pub struct PodRule {
     /// kernel answers "port unreachable", an ICMP error about the flow (the tunnel scenarios).
     #[serde(default)]
     pub closed_udp_ports: Vec<u16>,
+    /// The MTU of the node's end of the matched pods' veth, below the network's: the pods
+    /// keep the network's MTU (and so their TCP MSS), but the node cannot forward a
+    /// full-sized packet into them and answers "fragmentation needed" / "packet too big"
+    /// itself, an ICMP error of the node's own about a translated flow. A stand-in for any
+    /// smaller link on a backend's path. (The pods' own packets must fit it too.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_side_mtu: Option<u32>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -933,6 +943,15 @@ impl Scenario {
                 .any(|p| *p == 0)
             {
                 return Err(self.invalid("[[pods]] ports must be non-zero"));
+            }
+            if rule
+                .node_side_mtu
+                .is_some_and(|mtu| !(MIN_IPV6_MTU..=self.topology.mtu).contains(&mtu))
+            {
+                return Err(self.invalid(format!(
+                    "[[pods]] node_side_mtu must be {MIN_IPV6_MTU}..={} (the topology's)",
+                    self.topology.mtu
+                )));
             }
         }
 

@@ -14,6 +14,8 @@ use crate::topology::{HostId, Plan};
 pub const NGINX: &str = "/usr/sbin/nginx";
 const LISTEN_POLL: Duration = Duration::from_millis(100);
 const SS_TIMEOUT: Duration = Duration::from_secs(5);
+/// One `ip` command in a host (a VM under TCG included).
+const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PodPorts {
@@ -79,6 +81,29 @@ pub fn pod_ports(scenario: &Scenario, plan: &Plan) -> BTreeMap<String, PodPorts>
         }
     }
     ports
+}
+
+/// Gives the node's ends of the pods' veths the MTU `[[pods]] node_side_mtu` asks for.
+pub fn set_node_side_mtus(
+    lab: &mut dyn Lab,
+    scenario: &Scenario,
+    plan: &Plan,
+) -> Result<(), BackendError> {
+    for rule in &scenario.pods {
+        let Some(mtu) = rule.node_side_mtu else {
+            continue;
+        };
+        let mtu = mtu.to_string();
+        for pod in plan
+            .pods
+            .iter()
+            .filter(|p| glob_match(&rule.pattern, &p.name))
+        {
+            let set = Cmd::new("ip").args(["link", "set", "dev", &pod.host_interface, "mtu", &mtu]);
+            lab.exec_ok(HostId::Node(pod.node), &set, SETUP_TIMEOUT)?;
+        }
+    }
+    Ok(())
 }
 
 /// A self-contained nginx: everything it writes (pid, logs, temp files) stays in `dir`.

@@ -74,6 +74,9 @@ pub mod map_names {
 pub mod program_names {
     /// Service NAT and conntrack on packets entering the node from any interface.
     pub const INGRESS: &str = "weir_ingress";
+    /// Translates the ICMP errors the node's own stack sends about translated flows, on their
+    /// way out of the node.
+    pub const EGRESS: &str = "weir_egress";
     /// Does nothing but pass: the baseline every per-packet figure is a ratio against.
     pub const PASS: &str = "weir_pass";
     /// Host services (cgroup sock_addr hooks): connect-time load balancing for the node's own

@@ -22,6 +22,7 @@
 #![no_main]
 
 mod ct;
+mod egress;
 mod frag;
 mod icmp;
 mod lb;
@@ -230,22 +231,35 @@ fn process(ctx: &TcContext) -> Result<Verdict, u32> {
     if verdict.action() == ACTION_ICMP_TUNNEL || verdict.action() == ACTION_ICMP_ROUTE {
         // SAFETY: as above; `send_as_entry` filled the entry field.
         let entry = unsafe { &(*scratch).entry };
-        if verdict.action() == ACTION_ICMP_TUNNEL {
-            let id = tunnel::encap_id(entry);
-            let action = encap(ctx, &entry.tunnel_peer, entry.tunnel_family, id)?;
-            return Ok(Verdict::redirect(counter::ICMP_ERROR_TUNNELLED, action));
-        }
-        return Ok(route::forward(
-            ctx,
-            &entry.nat_addr,
-            ip,
-            counter::ICMP_ERROR_NAT,
-        ));
+        return send_icmp_as_entry(ctx, ip, entry, verdict);
     }
     if from_tunnel.is_some() {
         tunnel::accept_inner(ctx);
     }
     Ok(verdict)
+}
+
+/// Sends a translated ICMP error as `send_as_entry` asked: into the tunnel to the node that
+/// holds its flow, or routed from the node's own address. Inlined into each entry function,
+/// whose frame is the shallowest of the chain.
+#[inline(always)]
+pub fn send_icmp_as_entry(
+    ctx: &TcContext,
+    ip: &Ip,
+    entry: &CtValue,
+    verdict: Verdict,
+) -> Result<Verdict, u32> {
+    if verdict.action() == ACTION_ICMP_TUNNEL {
+        let id = tunnel::encap_id(entry);
+        let action = encap(ctx, &entry.tunnel_peer, entry.tunnel_family, id)?;
+        return Ok(Verdict::redirect(counter::ICMP_ERROR_TUNNELLED, action));
+    }
+    Ok(route::forward(
+        ctx,
+        &entry.nat_addr,
+        ip,
+        counter::ICMP_ERROR_NAT,
+    ))
 }
 
 /// A packet Weir does not translate passes (`counter`), unless it is addressed to a ClusterIP,
