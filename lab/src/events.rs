@@ -1,10 +1,13 @@
 //! What happens during a run, as a stream of typed events. The runner only emits; reporters
 //! (terminal, JSON file, later perhaps JUnit) decide what to make of it.
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Serialize, Serializer};
+
+use crate::features::Feature;
 
 #[derive(Clone, Debug, Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
@@ -29,6 +32,8 @@ pub enum Event {
     CheckPassed {
         scenario: String,
         check: String,
+        /// The Weir features the check proves (see `features.rs`).
+        features: BTreeSet<Feature>,
         detail: String,
         #[serde(serialize_with = "secs")]
         duration: Duration,
@@ -36,6 +41,7 @@ pub enum Event {
     CheckFailed {
         scenario: String,
         check: String,
+        features: BTreeSet<Feature>,
         reason: String,
         #[serde(serialize_with = "secs")]
         duration: Duration,

@@ -10,6 +10,7 @@ pub mod backend;
 pub mod bench;
 pub mod checks;
 pub mod events;
+pub mod features;
 pub mod k8s;
 pub mod kube_proxy;
 pub mod matrix;

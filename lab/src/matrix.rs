@@ -5,6 +5,7 @@
 //! namespaces), and measure throughput. The result is one [`MatrixReport`], written as
 //! report.json and as a self-contained HTML page (see [`crate::report_html`]).
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -17,6 +18,7 @@ use crate::backend::netns::NetnsBackend;
 use crate::backend::qemu::{self, QemuBackend, VmOptions, VmSetup};
 use crate::backend::{Backend, BackendKind};
 use crate::events::{Event, Events, Recorder};
+use crate::features::{self, Feature};
 use crate::report::{JsonReporter, TerminalReporter};
 use crate::runner::{self, RunOptions, ScenarioFile};
 use crate::throughput::{self, Measurement, Ratio, ThroughputOptions};
@@ -54,8 +56,44 @@ pub struct Cell {
     pub checks_passed: usize,
     pub checks_failed: usize,
     pub checks_not_run: usize,
-    /// Each check's title, whether it passed, and what was seen or why it failed.
-    pub checks: Vec<(String, bool, String)>,
+    pub checks: Vec<CheckResult>,
+}
+
+/// One check of a cell.
+#[derive(Clone, Debug, Serialize)]
+pub struct CheckResult {
+    pub title: String,
+    pub passed: bool,
+    /// What was seen, or why it failed.
+    pub detail: String,
+    /// The Weir features it proves.
+    pub features: BTreeSet<Feature>,
+}
+
+/// Whether a Weir feature works on one kernel, by the checks that prove it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FeatureStatus {
+    /// Every check proving it that ran passed.
+    Works,
+    /// A check proving it failed.
+    Fails,
+    /// No check proving it ran here (its scenarios were skipped, or the kernel was
+    /// unavailable).
+    NotShown,
+}
+
+/// One Weir feature on one kernel, with the evidence.
+#[derive(Clone, Debug, Serialize)]
+pub struct FeatureResult {
+    pub feature: Feature,
+    pub status: FeatureStatus,
+    /// Checks that passed proving it, as `scenario: check`.
+    pub passed: Vec<String>,
+    /// Checks that failed proving it, with why.
+    pub failed: Vec<String>,
+    /// Why the scenarios that would have shown it did not run here.
+    pub skipped: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -84,6 +122,8 @@ pub struct KernelReport {
     pub missing_features: Vec<String>,
     pub modules: Option<ModuleSet>,
     pub cells: Vec<Cell>,
+    /// Every Weir feature: works, fails or not shown on this kernel (from `cells`).
+    pub weir_features: Vec<FeatureResult>,
     pub throughput: Vec<Measurement>,
     pub ratios: Vec<Ratio>,
 }
@@ -98,23 +138,9 @@ pub struct MatrixReport {
     pub suite: String,
     pub scenarios: Vec<String>,
     pub kernels: Vec<KernelReport>,
-}
-
-/// Modules a scenario needs, by the naming convention of the scenario files: a scenario whose
-/// name mentions a tunnel runs only where the kernel has its module, and is skipped (with that
-/// reason) elsewhere.
-pub fn required_modules(scenario: &str) -> Vec<&'static str> {
-    let mut m = Vec::new();
-    if scenario.contains("vxlan") {
-        m.push("vxlan");
-    }
-    if scenario.contains("ipip") {
-        m.push("ipip");
-    }
-    if scenario.contains("ip6tnl") || scenario.contains("ip6-tunnel") {
-        m.push("ip6_tunnel");
-    }
-    m
+    /// Per Weir feature, the lowest kernel release it was shown to work on (and on every
+    /// newer kernel that showed it), if any.
+    pub lowest_kernel: Vec<(Feature, Option<String>)>,
 }
 
 fn file_name(f: &ScenarioFile) -> String {
@@ -182,6 +208,7 @@ pub fn run(
     let passed = kernels
         .iter()
         .all(|k| k.cells.iter().all(|c| c.status != Status::Fail));
+    let lowest_kernel = lowest_kernels(&kernels);
     Ok(MatrixReport {
         weir_lab_version: env!("CARGO_PKG_VERSION"),
         started_unix_s: SystemTime::now()
@@ -194,6 +221,7 @@ pub fn run(
         suite: suite.to_owned(),
         scenarios: names,
         kernels,
+        lowest_kernel,
     })
 }
 
@@ -227,6 +255,7 @@ fn empty_report(entry: &KernelEntry) -> KernelReport {
         missing_features: Vec::new(),
         modules: None,
         cells: Vec::new(),
+        weir_features: Vec::new(),
         throughput: Vec::new(),
         ratios: Vec::new(),
     }
@@ -279,6 +308,7 @@ fn run_kernel(entry: &KernelEntry, files: &[ScenarioFile], opts: &MatrixOptions)
                     report.status = "unavailable".into();
                     report.reason = Some(e.to_string());
                     report.cells = skip_all(files, &format!("kernel unavailable: {e}"));
+                    report.weir_features = feature_results(&report.cells, files);
                     report.wall_s = started.elapsed().as_secs_f64();
                     return report;
                 }
@@ -328,11 +358,12 @@ fn run_kernel(entry: &KernelEntry, files: &[ScenarioFile], opts: &MatrixOptions)
         None => setup.is_none() && !runner::host_has_module(module),
     };
     for f in files {
-        let name = file_name(f);
-        let lacking: Vec<&str> = required_modules(&name)
-            .into_iter()
-            .filter(|m| lacks(m))
-            .collect();
+        let needed = f
+            .scenario
+            .as_ref()
+            .map(features::required_modules)
+            .unwrap_or_default();
+        let lacking: Vec<&str> = needed.into_iter().filter(|m| lacks(m)).collect();
         let multi_homed = f.scenario.as_ref().is_ok_and(|sc| sc.topology.networks > 1);
         if setup.is_some() && multi_homed {
             cells.push(
@@ -383,6 +414,7 @@ fn run_kernel(entry: &KernelEntry, files: &[ScenarioFile], opts: &MatrixOptions)
         .map(|c| c.or_else(|| ran.next()))
         .collect::<Option<Vec<_>>>()
         .unwrap_or_default();
+    report.weir_features = feature_results(&report.cells, files);
 
     if let Some(t) = &opts.throughput {
         let mut progress = |m: &str| say(&format!("kernel {}: {m}", entry.name));
@@ -451,16 +483,32 @@ fn probe_host(init: &Path) -> Result<Features, String> {
 /// One cell per finished scenario, in run order.
 fn cells_from_events(events: &[Event]) -> Vec<Cell> {
     let mut cells = Vec::new();
-    let mut checks: Vec<(String, bool, String)> = Vec::new();
+    let mut checks: Vec<CheckResult> = Vec::new();
     for e in events {
         match e {
             Event::ScenarioStarted { .. } => checks.clear(),
-            Event::CheckPassed { check, detail, .. } => {
-                checks.push((check.clone(), true, detail.clone()))
-            }
-            Event::CheckFailed { check, reason, .. } => {
-                checks.push((check.clone(), false, reason.clone()))
-            }
+            Event::CheckPassed {
+                check,
+                detail,
+                features,
+                ..
+            } => checks.push(CheckResult {
+                title: check.clone(),
+                passed: true,
+                detail: detail.clone(),
+                features: features.clone(),
+            }),
+            Event::CheckFailed {
+                check,
+                reason,
+                features,
+                ..
+            } => checks.push(CheckResult {
+                title: check.clone(),
+                passed: false,
+                detail: reason.clone(),
+                features: features.clone(),
+            }),
             Event::ScenarioFinished {
                 scenario,
                 passed,
@@ -469,16 +517,16 @@ fn cells_from_events(events: &[Event]) -> Vec<Cell> {
                 duration,
                 ..
             } => {
-                let failed: Vec<&(String, bool, String)> = checks.iter().filter(|c| !c.1).collect();
+                let failed: Vec<&CheckResult> = checks.iter().filter(|c| !c.passed).collect();
                 let reason = error
                     .clone()
-                    .or_else(|| failed.first().map(|(t, _, why)| format!("{t}: {why}")));
+                    .or_else(|| failed.first().map(|c| format!("{}: {}", c.title, c.detail)));
                 cells.push(Cell {
                     scenario: scenario.clone(),
                     status: if *passed { Status::Pass } else { Status::Fail },
                     reason,
                     duration_s: duration.as_secs_f64(),
-                    checks_passed: checks.iter().filter(|c| c.1).count(),
+                    checks_passed: checks.iter().filter(|c| c.passed).count(),
                     checks_failed: failed.len(),
                     checks_not_run: *not_run,
                     checks: std::mem::take(&mut checks),
@@ -488,6 +536,102 @@ fn cells_from_events(events: &[Event]) -> Vec<Cell> {
         }
     }
     cells
+}
+
+/// Every Weir feature on one kernel, from its cells. A skipped scenario's checks would have
+/// shown the features they prove: their skip reason is the evidence of "not shown".
+fn feature_results(cells: &[Cell], files: &[ScenarioFile]) -> Vec<FeatureResult> {
+    Feature::ALL
+        .iter()
+        .map(|&feature| {
+            let mut result = FeatureResult {
+                feature,
+                status: FeatureStatus::NotShown,
+                passed: Vec::new(),
+                failed: Vec::new(),
+                skipped: Vec::new(),
+            };
+            for cell in cells {
+                for check in cell.checks.iter().filter(|c| c.features.contains(&feature)) {
+                    let title = format!("{}: {}", cell.scenario, check.title);
+                    if check.passed {
+                        result.passed.push(title);
+                    } else {
+                        result.failed.push(format!("{title}: {}", check.detail));
+                    }
+                }
+                let would_show = files
+                    .iter()
+                    .filter(|f| file_name(f) == cell.scenario)
+                    .filter_map(|f| f.scenario.as_ref().ok())
+                    .any(|s| scenario_proves(s, feature));
+                if cell.status == Status::Skip && would_show {
+                    let why = cell.reason.as_deref().unwrap_or("skipped");
+                    result.skipped.push(format!("{}: {why}", cell.scenario));
+                }
+            }
+            result.status = if !result.failed.is_empty() {
+                FeatureStatus::Fails
+            } else if !result.passed.is_empty() {
+                FeatureStatus::Works
+            } else {
+                FeatureStatus::NotShown
+            };
+            result
+        })
+        .collect()
+}
+
+/// Whether any check of `scenario` proves `feature`.
+fn scenario_proves(scenario: &crate::scenario::Scenario, feature: Feature) -> bool {
+    let top = scenario
+        .checks
+        .iter()
+        .any(|c| features::proven_by(scenario, c, false).contains(&feature));
+    let in_steps = scenario
+        .steps
+        .iter()
+        .flat_map(|step| &step.checks)
+        .any(|c| features::proven_by(scenario, c, true).contains(&feature));
+    let restart = feature == Feature::AgentRestart && !scenario.agent_restarts.is_empty();
+    top || in_steps || restart
+}
+
+/// Per feature, the lowest kernel release it works on, counting only kernels from which on it
+/// never failed.
+fn lowest_kernels(kernels: &[KernelReport]) -> Vec<(Feature, Option<String>)> {
+    let mut by_version: Vec<&KernelReport> = kernels.iter().collect();
+    by_version.sort_by_key(|k| version_key(k.release.as_deref().unwrap_or(&k.version)));
+    Feature::ALL
+        .iter()
+        .map(|&feature| {
+            let status = |k: &KernelReport| {
+                k.weir_features
+                    .iter()
+                    .find(|r| r.feature == feature)
+                    .map_or(FeatureStatus::NotShown, |r| r.status)
+            };
+            // The newest failure bounds it from below.
+            let after_failures = by_version
+                .iter()
+                .rposition(|k| status(k) == FeatureStatus::Fails)
+                .map_or(0, |i| i + 1);
+            let lowest = by_version[after_failures..]
+                .iter()
+                .find(|k| status(k) == FeatureStatus::Works)
+                .map(|k| k.release.clone().unwrap_or_else(|| k.version.clone()));
+            (feature, lowest)
+        })
+        .collect()
+}
+
+/// A kernel release's leading numbers, for ordering ("6.1.0-31-amd64" -> [6, 1, 0]).
+fn version_key(release: &str) -> Vec<u32> {
+    release
+        .split(|c: char| !c.is_ascii_digit())
+        .take(3)
+        .map(|part| part.parse().unwrap_or(0))
+        .collect()
 }
 
 /// Writes report.json and report.html into `dir`; returns their paths.
@@ -514,6 +658,28 @@ pub fn default_throughput(agent: PathBuf) -> ThroughputOptions {
 }
 
 /// A terminal summary: one line per kernel, one column per scenario.
+/// Weir features x kernels, with each feature's lowest kernel proven: the report's first read.
+pub fn feature_table(report: &MatrixReport) -> String {
+    let mut out = format!("\n{:<28}", "feature");
+    for k in &report.kernels {
+        out.push_str(&format!(" {:>12}", k.name));
+    }
+    out.push_str("  lowest proven\n");
+    for (feature, lowest) in &report.lowest_kernel {
+        out.push_str(&format!("{:<28}", feature.name()));
+        for k in &report.kernels {
+            let word = match k.weir_features.iter().find(|r| r.feature == *feature) {
+                Some(r) if r.status == FeatureStatus::Works => "works",
+                Some(r) if r.status == FeatureStatus::Fails => "FAILS",
+                _ => "-",
+            };
+            out.push_str(&format!(" {word:>12}"));
+        }
+        out.push_str(&format!("  {}\n", lowest.as_deref().unwrap_or("-")));
+    }
+    out
+}
+
 pub fn summary(report: &MatrixReport) -> String {
     let mut out = String::new();
     let width = report
@@ -547,6 +713,7 @@ pub fn summary(report: &MatrixReport) -> String {
             k.boot_s.map_or("-".into(), |b| format!("{b:.1}s"))
         ));
     }
+    out.push_str(&feature_table(report));
     for k in report.kernels.iter().filter(|k| !k.throughput.is_empty()) {
         out.push_str(&format!(
             "\nthroughput on {}:\n{}",
@@ -568,10 +735,10 @@ mod tests {
     use std::time::Duration;
 
     #[test]
-    fn tunnel_scenarios_need_their_modules() {
-        assert_eq!(required_modules("smoke"), Vec::<&str>::new());
-        assert_eq!(required_modules("smoke-vxlan"), ["vxlan"]);
-        assert_eq!(required_modules("dsr-ipip"), ["ipip"]);
+    fn kernels_order_by_release_numbers() {
+        assert!(version_key("5.10.0-35-amd64") < version_key("6.1.0-31-amd64"));
+        assert!(version_key("6.1.0") < version_key("6.12.1"));
+        assert!(version_key("6.12.1") < version_key("6.18.0"));
     }
 
     #[test]
@@ -586,12 +753,14 @@ mod tests {
             Event::CheckPassed {
                 scenario: "a".into(),
                 check: "c1".into(),
+                features: BTreeSet::from([Feature::ClusterIpTcp]),
                 detail: "ok".into(),
                 duration: Duration::ZERO,
             },
             Event::CheckFailed {
                 scenario: "a".into(),
                 check: "c2".into(),
+                features: BTreeSet::from([Feature::ClusterIpUdp]),
                 reason: "bad".into(),
                 duration: Duration::ZERO,
             },
@@ -609,5 +778,10 @@ mod tests {
         assert_eq!(cells[0].status, Status::Fail);
         assert_eq!(cells[0].reason.as_deref(), Some("c2: bad"));
         assert_eq!(cells[0].checks_passed, 1);
+        let results = feature_results(&cells, &[]);
+        let status = |f| results.iter().find(|r| r.feature == f).unwrap().status;
+        assert_eq!(status(Feature::ClusterIpTcp), FeatureStatus::Works);
+        assert_eq!(status(Feature::ClusterIpUdp), FeatureStatus::Fails);
+        assert_eq!(status(Feature::NodePort), FeatureStatus::NotShown);
     }
 }

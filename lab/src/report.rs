@@ -341,12 +341,14 @@ mod tests {
         events.emit(Event::CheckPassed {
             scenario: "s".into(),
             check: "a".into(),
+            features: Default::default(),
             detail: "fine".into(),
             duration: d,
         });
         events.emit(Event::CheckFailed {
             scenario: "s".into(),
             check: "b".into(),
+            features: Default::default(),
             reason: "broken".into(),
             duration: d,
         });

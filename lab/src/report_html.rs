@@ -4,7 +4,7 @@
 
 use std::fmt::Write as _;
 
-use crate::matrix::{KernelReport, MatrixReport, Status};
+use crate::matrix::{FeatureStatus, KernelReport, MatrixReport, Status};
 use crate::throughput::{Measurement, Mode, Route};
 
 /// Escapes text for HTML element content and attribute values.
@@ -45,12 +45,60 @@ pub fn render(r: &MatrixReport) -> String {
         r.duration_s,
         esc(r.weir_lab_version)
     );
+    weir_features_table(&mut h, r);
     matrix_table(&mut h, r);
     kernel_table(&mut h, r);
     features_table(&mut h, r);
     throughput_section(&mut h, r);
     h.push_str("</body></html>\n");
     h
+}
+
+/// Weir features x kernels, each cell with its evidence (the checks that showed it, or why
+/// none ran), and each feature's lowest kernel proven.
+fn weir_features_table(h: &mut String, r: &MatrixReport) {
+    h.push_str("<h2>Weir features</h2><table><tr><th>feature</th>");
+    for k in &r.kernels {
+        let _ = write!(
+            h,
+            "<th>{}<br><span class=\"muted\">{}</span></th>",
+            esc(&k.name),
+            esc(k.release.as_deref().unwrap_or(&k.version))
+        );
+    }
+    h.push_str("<th>lowest kernel proven</th></tr>");
+    for (feature, lowest) in &r.lowest_kernel {
+        let _ = write!(h, "<tr><th>{}</th>", esc(feature.name()));
+        for k in &r.kernels {
+            match k.weir_features.iter().find(|f| f.feature == *feature) {
+                Some(f) if f.status == FeatureStatus::Works => {
+                    let _ = write!(
+                        h,
+                        "<td class=\"pass\" title=\"{}\">works <span class=\"muted\">{} check(s)</span></td>",
+                        esc(&f.passed.join("\n")),
+                        f.passed.len()
+                    );
+                }
+                Some(f) if f.status == FeatureStatus::Fails => {
+                    let _ = write!(
+                        h,
+                        "<td class=\"fail\"><b>FAILS</b><div class=\"reason\">{}</div></td>",
+                        esc(&f.failed.join("; "))
+                    );
+                }
+                Some(f) if !f.skipped.is_empty() => {
+                    let _ = write!(
+                        h,
+                        "<td class=\"skip\">not shown<div class=\"reason\">{}</div></td>",
+                        esc(&f.skipped.join("; "))
+                    );
+                }
+                _ => h.push_str("<td class=\"skip\">-</td>"),
+            }
+        }
+        let _ = write!(h, "<td>{}</td></tr>", esc(lowest.as_deref().unwrap_or("-")));
+    }
+    h.push_str("</table>");
 }
 
 fn matrix_table(h: &mut String, r: &MatrixReport) {
@@ -136,7 +184,7 @@ fn features_table(h: &mut String, r: &MatrixReport) {
     if probed.is_empty() {
         return;
     }
-    h.push_str("<h2>Features</h2><table><tr><th>feature</th>");
+    h.push_str("<h2>Kernel capabilities</h2><table><tr><th>capability</th>");
     for k in &probed {
         let _ = write!(h, "<th>{}</th>", esc(&k.name));
     }
@@ -146,6 +194,7 @@ fn features_table(h: &mut String, r: &MatrixReport) {
         first.btf.name.clone(),
         first.jit.name.clone(),
         first.tc_program.name.clone(),
+        first.sock_addr_program.name.clone(),
         first.tcx.name.clone(),
     ];
     names.extend(first.helpers.iter().map(|f| f.name.clone()));
@@ -155,7 +204,7 @@ fn features_table(h: &mut String, r: &MatrixReport) {
         let _ = write!(h, "<tr><td>{}</td>", esc(&name));
         for k in &probed {
             let f = k.features.as_ref().expect("filtered");
-            let all = [&f.btf, &f.jit, &f.tc_program, &f.tcx]
+            let all = [&f.btf, &f.jit, &f.tc_program, &f.sock_addr_program, &f.tcx]
                 .into_iter()
                 .chain(&f.helpers)
                 .map(|x| (x.name.clone(), x))
@@ -341,6 +390,7 @@ fn throughput_section(h: &mut String, r: &MatrixReport) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::features::Feature;
     use crate::matrix::Cell;
 
     #[test]
@@ -414,6 +464,13 @@ mod tests {
                     checks: vec![],
                 },
             ],
+            weir_features: vec![crate::matrix::FeatureResult {
+                feature: Feature::NodePort,
+                status: FeatureStatus::NotShown,
+                passed: vec![],
+                failed: vec![],
+                skipped: vec!["vxlan: kernel lacks module <vxlan>".into()],
+            }],
             ratios: crate::throughput::ratios(&throughput),
             throughput,
         };
@@ -425,8 +482,11 @@ mod tests {
             suite: "default".into(),
             scenarios: vec!["smoke".into(), "vxlan".into()],
             kernels: vec![k],
+            lowest_kernel: vec![(Feature::NodePort, None)],
         };
         let html = render(&r);
+        assert!(html.contains("Weir features"));
+        assert!(html.contains("not shown"));
         assert!(html.contains("class=\"pass\""));
         assert!(html.contains("kernel lacks module &lt;vxlan&gt;"));
         assert!(html.contains("<svg"));

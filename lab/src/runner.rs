@@ -1,7 +1,7 @@
 //! Runs scenarios: build the lab, start workloads and agents, run the checks, tear down, and
 //! tell the reporters about each step.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -12,6 +12,7 @@ use crate::agent::{self, Agents};
 use crate::backend::{Backend, BackendError, BackendKind, Cmd, Lab};
 use crate::checks::{self, CheckCtx};
 use crate::events::{Event, Events};
+use crate::features::{self, Feature};
 use crate::k8s;
 use crate::scenario::{Scenario, ScenarioError};
 use crate::steps::TimelineCtx;
@@ -111,7 +112,7 @@ pub fn without_missing_host_modules(files: Vec<ScenarioFile>) -> Vec<ScenarioFil
             let Ok(scenario) = &file.scenario else {
                 return true;
             };
-            let missing: Vec<&str> = crate::matrix::required_modules(&scenario.name)
+            let missing: Vec<&str> = features::required_modules(scenario)
                 .into_iter()
                 .filter(|m| !host_has_module(m))
                 .collect();
@@ -286,7 +287,13 @@ impl ScenarioRun<'_> {
     }
 
     /// Counts a check's outcome and tells the reporters.
-    fn record(&mut self, check: String, outcome: Result<String, String>, since: Instant) {
+    fn record(
+        &mut self,
+        check: String,
+        features: BTreeSet<Feature>,
+        outcome: Result<String, String>,
+        since: Instant,
+    ) {
         let scenario = self.scenario.name.clone();
         let event = match outcome {
             Ok(detail) => {
@@ -294,6 +301,7 @@ impl ScenarioRun<'_> {
                 Event::CheckPassed {
                     scenario,
                     check,
+                    features,
                     detail,
                     duration: since.elapsed(),
                 }
@@ -303,6 +311,7 @@ impl ScenarioRun<'_> {
                 Event::CheckFailed {
                     scenario,
                     check,
+                    features,
                     reason,
                     duration: since.elapsed(),
                 }
@@ -349,7 +358,7 @@ impl ScenarioRun<'_> {
                 let marks = checks::counter_marks(tl.lab, Some(&agents), &step.checks);
                 if let Err(e) = tl.apply_step(step) {
                     // Later steps build on this one: the timeline stops here.
-                    self.record(title, Err(e.to_string()), t);
+                    self.record(title, BTreeSet::new(), Err(e.to_string()), t);
                     break;
                 }
                 self.step(title.clone(), t);
@@ -368,12 +377,13 @@ impl ScenarioRun<'_> {
                         };
                         checks::run(&mut ctx, check)
                     };
-                    self.record(format!("{title}: {}", check.title()), outcome, t);
+                    let features = features::proven_by(scenario, check, true);
+                    self.record(format!("{title}: {}", check.title()), features, outcome, t);
                 }
             }
             let t = Instant::now();
             for (title, verdict) in tl.finish_probes() {
-                self.record(title, verdict, t);
+                self.record(title, BTreeSet::new(), verdict, t);
             }
             Ok(())
         })();
@@ -471,7 +481,8 @@ impl ScenarioRun<'_> {
                 };
                 checks::run(&mut ctx, check)
             };
-            self.record(check.title(), outcome, t);
+            let features = features::proven_by(scenario, check, false);
+            self.record(check.title(), features, outcome, t);
         }
 
         if !scenario.steps.is_empty() || !scenario.probes.is_empty() {
@@ -491,6 +502,7 @@ impl ScenarioRun<'_> {
                     Event::CheckPassed {
                         scenario: scenario.name.clone(),
                         check: restart.title(),
+                        features: features::proven_by_restart(),
                         detail,
                         duration: t.elapsed(),
                     }
@@ -500,6 +512,7 @@ impl ScenarioRun<'_> {
                     Event::CheckFailed {
                         scenario: scenario.name.clone(),
                         check: restart.title(),
+                        features: features::proven_by_restart(),
                         reason,
                         duration: t.elapsed(),
                     }

@@ -6,27 +6,54 @@ use crate::proto::{Feature, Features};
 use crate::sys::{self, BpfInsn};
 
 const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
+const BPF_PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
+const BPF_CGROUP_INET4_CONNECT: u32 = 10;
 const BPF_TCX_INGRESS: u32 = 46;
 const LOOPBACK_IFINDEX: u32 = 1;
 
-/// The helpers `bpf/ebpf` calls (ids from include/uapi/linux/bpf.h).
-pub const WEIR_HELPERS: &[(&str, i32)] = &[
-    ("map_lookup_elem", 1),
-    ("map_update_elem", 2),
-    ("map_delete_elem", 3),
-    ("ktime_get_ns", 5),
-    ("get_prandom_u32", 7),
-    ("skb_store_bytes", 9),
-    ("l3_csum_replace", 10),
-    ("l4_csum_replace", 11),
-    ("skb_load_bytes", 26),
+/// The program type a helper is probed with: the one Weir calls it from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CalledFrom {
+    /// tc programs (`weir_ingress`, `weir_egress`).
+    Tc,
+    /// Host services' cgroup sock_addr programs.
+    SockAddr,
+}
+
+/// The helpers `bpf/ebpf` calls (ids from include/uapi/linux/bpf.h). The agent's tests check
+/// this list against the helper calls of the built object, so none goes unprobed.
+pub const WEIR_HELPERS: &[(&str, i32, CalledFrom)] = &[
+    ("map_lookup_elem", 1, CalledFrom::Tc),
+    ("map_update_elem", 2, CalledFrom::Tc),
+    ("map_delete_elem", 3, CalledFrom::Tc),
+    ("ktime_get_ns", 5, CalledFrom::Tc),
+    ("get_prandom_u32", 7, CalledFrom::Tc),
+    ("skb_store_bytes", 9, CalledFrom::Tc),
+    ("l3_csum_replace", 10, CalledFrom::Tc),
+    ("l4_csum_replace", 11, CalledFrom::Tc),
+    ("skb_get_tunnel_key", 20, CalledFrom::Tc),
+    ("skb_set_tunnel_key", 21, CalledFrom::Tc),
+    ("redirect", 23, CalledFrom::Tc),
+    ("skb_load_bytes", 26, CalledFrom::Tc),
+    ("csum_diff", 28, CalledFrom::Tc),
+    ("skb_change_type", 32, CalledFrom::Tc),
+    ("skb_change_tail", 38, CalledFrom::Tc),
+    ("skb_change_head", 43, CalledFrom::Tc),
+    ("get_socket_cookie", 46, CalledFrom::SockAddr),
+    ("skb_adjust_room", 50, CalledFrom::Tc),
+    ("fib_lookup", 69, CalledFrom::Tc),
+    ("get_netns_cookie", 122, CalledFrom::SockAddr),
+    ("redirect_neigh", 152, CalledFrom::Tc),
 ];
 
-/// The map types (and flags) Weir's maps use: (name, type, key, value, flags).
-const WEIR_MAPS: &[(&str, u32, u32, u32, u32)] = &[
+/// The map types (and flags) Weir's maps use: (name, type, key, value, flags). The agent's
+/// tests check the types against the built object's maps.
+pub const WEIR_MAPS: &[(&str, u32, u32, u32, u32)] = &[
     ("hash (BPF_F_NO_PREALLOC)", 1, 8, 8, 1),
+    ("array", 2, 4, 8, 0),
     ("percpu_array", 6, 4, 8, 0),
     ("lru_hash", 9, 16, 16, 0),
+    ("lpm_trie (BPF_F_NO_PREALLOC)", 11, 8, 8, 1),
 ];
 
 /// What the tunnels and the qdisc need, proven by making one (a module that is built in has
@@ -113,11 +140,21 @@ fn feature(name: &str, result: Result<(), String>) -> Feature {
     }
 }
 
-/// A helper is missing when the verifier does not know it or forbids it to tc programs; other
-/// verifier complaints (our probe passes no arguments) mean it exists.
-fn probe_helper(id: i32) -> Result<(), String> {
+/// The program type and expected attach type a probe for `from` loads.
+fn program_type(from: CalledFrom) -> (u32, u32) {
+    match from {
+        CalledFrom::Tc => (BPF_PROG_TYPE_SCHED_CLS, 0),
+        CalledFrom::SockAddr => (BPF_PROG_TYPE_CGROUP_SOCK_ADDR, BPF_CGROUP_INET4_CONNECT),
+    }
+}
+
+/// A helper is missing when the verifier does not know it or forbids it to the program type
+/// Weir calls it from; other verifier complaints (our probe passes no arguments) mean it
+/// exists.
+fn probe_helper(id: i32, from: CalledFrom) -> Result<(), String> {
     let prog = [insn(CALL, 0, id), insn(MOV64_IMM, 0, 0), insn(EXIT, 0, 0)];
-    match sys::bpf_prog_load(BPF_PROG_TYPE_SCHED_CLS, 0, &prog) {
+    let (prog_type, attach_type) = program_type(from);
+    match sys::bpf_prog_load(prog_type, attach_type, &prog) {
         Ok(_) => Ok(()),
         Err((e, log)) => {
             let missing = ["invalid func", "unknown func", "cannot use helper"];
@@ -185,9 +222,10 @@ pub fn probe() -> Features {
         Ok(_) => Err("bpf_jit_enable is 0".into()),
         Err(e) => Err(format!("bpf_jit_enable: {e}")),
     };
-    let tc_prog = {
+    let trivial_program = |from| {
         let prog = [insn(MOV64_IMM, 0, 0), insn(EXIT, 0, 0)];
-        sys::bpf_prog_load(BPF_PROG_TYPE_SCHED_CLS, 0, &prog)
+        let (prog_type, attach_type) = program_type(from);
+        sys::bpf_prog_load(prog_type, attach_type, &prog)
             .map(drop)
             .map_err(|(e, log)| format!("{e}: {}", log.trim()))
     };
@@ -195,11 +233,15 @@ pub fn probe() -> Features {
         release,
         btf: feature("BTF (/sys/kernel/btf/vmlinux)", btf),
         jit: feature("BPF JIT", jit),
-        tc_program: feature("sched_cls programs", tc_prog),
+        tc_program: feature("sched_cls programs", trivial_program(CalledFrom::Tc)),
+        sock_addr_program: feature(
+            "cgroup sock_addr programs (host services)",
+            trivial_program(CalledFrom::SockAddr),
+        ),
         tcx: feature("TCX links (6.6+)", probe_tcx()),
         helpers: WEIR_HELPERS
             .iter()
-            .map(|(name, id)| feature(&format!("bpf_{name}"), probe_helper(*id)))
+            .map(|(name, id, from)| feature(&format!("bpf_{name}"), probe_helper(*id, *from)))
             .collect(),
         maps: WEIR_MAPS
             .iter()
@@ -235,8 +277,14 @@ mod tests {
         if !root() {
             return;
         }
-        assert_eq!(probe_helper(1), Ok(()), "bpf_map_lookup_elem exists");
-        let e = probe_helper(100_000).unwrap_err();
+        for (name, id, from) in WEIR_HELPERS {
+            assert_eq!(
+                probe_helper(*id, *from),
+                Ok(()),
+                "bpf_{name} on the host kernel"
+            );
+        }
+        let e = probe_helper(100_000, CalledFrom::Tc).unwrap_err();
         assert!(
             e.contains("invalid func") || e.contains("unknown func"),
             "{e}"

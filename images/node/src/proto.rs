@@ -67,6 +67,8 @@ pub struct Features {
     pub btf: Feature,
     pub jit: Feature,
     pub tc_program: Feature,
+    /// Host services' program type; without it host services cannot attach.
+    pub sock_addr_program: Feature,
     /// TCX links; without them the agent attaches through a clsact qdisc.
     pub tcx: Feature,
     pub helpers: Vec<Feature>,
