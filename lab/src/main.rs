@@ -419,7 +419,11 @@ fn run_matrix(args: MatrixArgs, cwd: &Path, exe: &Path, root: Option<&Path>) -> 
         offloads: args.offloads,
         keep: args.keep,
     };
-    let report = matrix::run(&matrix, &files, &args.suite, &opts).map_err(anyhow::Error::msg)?;
+    // Read before this run overwrites it: the comparison is the nightly reader's first minute.
+    let previous = std::fs::read_to_string(report_dir.join("report.json")).ok();
+    let mut report =
+        matrix::run(&matrix, &files, &args.suite, &opts).map_err(anyhow::Error::msg)?;
+    matrix::compare_with_previous(&mut report, previous.as_deref());
     let (json, html) = matrix::write(&report, &report_dir)?;
     println!("{}", matrix::summary(&report));
     println!("report: {}\nreport: {}", json.display(), html.display());

@@ -141,6 +141,19 @@ pub struct MatrixReport {
     /// Per Weir feature, the lowest kernel release it was shown to work on (and on every
     /// newer kernel that showed it), if any.
     pub lowest_kernel: Vec<(Feature, Option<String>)>,
+    /// Against the previous report in the same directory (see [`compare_with_previous`]).
+    pub since_last_run: SinceLastRun,
+}
+
+/// What changed since the previous matrix run: the nightly reader's first minute.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct SinceLastRun {
+    /// When the previous report started (unix seconds); `None` when there was none to read.
+    pub previous_started_unix_s: Option<u64>,
+    /// "kernel: feature works -> FAILS" (or "-> not shown"), "kernel: scenario pass -> FAIL".
+    pub regressions: Vec<String>,
+    /// "kernel: feature not shown -> works", "kernel: scenario FAIL -> pass".
+    pub improvements: Vec<String>,
 }
 
 fn file_name(f: &ScenarioFile) -> String {
@@ -222,6 +235,7 @@ pub fn run(
         scenarios: names,
         kernels,
         lowest_kernel,
+        since_last_run: SinceLastRun::default(),
     })
 }
 
@@ -634,6 +648,85 @@ fn version_key(release: &str) -> Vec<u32> {
         .collect()
 }
 
+/// Compares `report` with the previous run's report.json text (read before this run
+/// overwrites it): a feature or scenario that worked on a kernel and no longer does is a
+/// regression, the reverse an improvement. Kernels or features the previous report did not
+/// have are new, not changes. An unreadable previous report is said, not fatal.
+pub fn compare_with_previous(report: &mut MatrixReport, previous: Option<&str>) {
+    let Some(text) = previous else {
+        return;
+    };
+    let previous: serde_json::Value = match serde_json::from_str(text) {
+        Ok(v) => v,
+        Err(e) => {
+            say(&format!(
+                "the previous report does not parse ({e}): not compared"
+            ));
+            return;
+        }
+    };
+    let mut since = SinceLastRun {
+        previous_started_unix_s: previous["started_unix_s"].as_u64(),
+        ..SinceLastRun::default()
+    };
+    let empty = Vec::new();
+    for kernel in &report.kernels {
+        let Some(before) = previous["kernels"]
+            .as_array()
+            .unwrap_or(&empty)
+            .iter()
+            .find(|k| k["name"].as_str() == Some(kernel.name.as_str()))
+        else {
+            continue;
+        };
+        for now in &kernel.weir_features {
+            let key = serde_json::to_value(now.feature).unwrap_or_default();
+            let was = before["weir_features"]
+                .as_array()
+                .unwrap_or(&empty)
+                .iter()
+                .find(|f| f["feature"] == key)
+                .and_then(|f| f["status"].as_str());
+            let now_word = serde_json::to_value(now.status).unwrap_or_default();
+            let now_word = now_word.as_str().unwrap_or("");
+            let line = format!(
+                "{}: {} {} -> {now_word}",
+                kernel.name,
+                now.feature.name(),
+                was.unwrap_or("")
+            );
+            match (was, now.status) {
+                (Some("works"), FeatureStatus::Works) | (None, _) => {}
+                (Some("works"), _) => since.regressions.push(line),
+                (Some(_), FeatureStatus::Works) => since.improvements.push(line),
+                _ => {}
+            }
+        }
+        for cell in &kernel.cells {
+            let was = before["cells"]
+                .as_array()
+                .unwrap_or(&empty)
+                .iter()
+                .find(|c| c["scenario"].as_str() == Some(cell.scenario.as_str()))
+                .and_then(|c| c["status"].as_str());
+            let line = |now: &str| {
+                format!(
+                    "{}: scenario {} {} -> {now}",
+                    kernel.name,
+                    cell.scenario,
+                    was.unwrap_or("")
+                )
+            };
+            match (was, cell.status) {
+                (Some("pass"), Status::Fail) => since.regressions.push(line("fail")),
+                (Some("fail"), Status::Pass) => since.improvements.push(line("pass")),
+                _ => {}
+            }
+        }
+    }
+    report.since_last_run = since;
+}
+
 /// Writes report.json and report.html into `dir`; returns their paths.
 pub fn write(report: &MatrixReport, dir: &Path) -> std::io::Result<(PathBuf, PathBuf)> {
     std::fs::create_dir_all(dir)?;
@@ -682,6 +775,20 @@ pub fn feature_table(report: &MatrixReport) -> String {
 
 pub fn summary(report: &MatrixReport) -> String {
     let mut out = String::new();
+    let since = &report.since_last_run;
+    if since.previous_started_unix_s.is_some() {
+        out.push_str(&format!(
+            "since the last run: {} regression(s), {} improvement(s)\n",
+            since.regressions.len(),
+            since.improvements.len()
+        ));
+        for line in &since.regressions {
+            out.push_str(&format!("  REGRESSION {line}\n"));
+        }
+        for line in &since.improvements {
+            out.push_str(&format!("  improved   {line}\n"));
+        }
+    }
     let width = report
         .kernels
         .iter()
@@ -733,6 +840,66 @@ pub fn summary(report: &MatrixReport) -> String {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn a_feature_that_stopped_working_is_a_regression() {
+        let cell = |status| Cell {
+            scenario: "smoke".into(),
+            status,
+            reason: None,
+            duration_s: 1.0,
+            checks_passed: 1,
+            checks_failed: 0,
+            checks_not_run: 0,
+            checks: vec![CheckResult {
+                title: "http".into(),
+                passed: status == Status::Pass,
+                detail: String::new(),
+                features: BTreeSet::from([Feature::ClusterIpTcp]),
+            }],
+        };
+        let report = |status| {
+            let mut kernel = empty_report(&KernelEntry {
+                name: "debian-6.1".into(),
+                version: "6.1".into(),
+                source: Source::Host,
+                modules: vec![],
+                requires: vec![],
+                default: true,
+            });
+            kernel.cells = vec![cell(status)];
+            kernel.weir_features = feature_results(&kernel.cells, &[]);
+            MatrixReport {
+                weir_lab_version: "0",
+                started_unix_s: 7,
+                duration_s: 1.0,
+                passed: true,
+                suite: "default".into(),
+                scenarios: vec!["smoke".into()],
+                lowest_kernel: lowest_kernels(std::slice::from_ref(&kernel)),
+                kernels: vec![kernel],
+                since_last_run: SinceLastRun::default(),
+            }
+        };
+        let before = serde_json::to_string(&report(Status::Pass)).unwrap();
+        let mut now = report(Status::Fail);
+        compare_with_previous(&mut now, Some(&before));
+        let since = &now.since_last_run;
+        assert_eq!(since.previous_started_unix_s, Some(7));
+        assert!(
+            since
+                .regressions
+                .contains(&"debian-6.1: ClusterIP TCP works -> fails".to_owned()),
+            "{since:?}"
+        );
+        assert!(since
+            .regressions
+            .contains(&"debian-6.1: scenario smoke pass -> fail".to_owned()));
+        let mut again = report(Status::Pass);
+        compare_with_previous(&mut again, Some(&serde_json::to_string(&now).unwrap()));
+        assert_eq!(again.since_last_run.improvements.len(), 2);
+        assert!(again.since_last_run.regressions.is_empty());
+    }
 
     #[test]
     fn kernels_order_by_release_numbers() {

@@ -45,6 +45,7 @@ pub fn render(r: &MatrixReport) -> String {
         r.duration_s,
         esc(r.weir_lab_version)
     );
+    since_last_run(&mut h, r);
     weir_features_table(&mut h, r);
     matrix_table(&mut h, r);
     kernel_table(&mut h, r);
@@ -52,6 +53,28 @@ pub fn render(r: &MatrixReport) -> String {
     throughput_section(&mut h, r);
     h.push_str("</body></html>\n");
     h
+}
+
+/// Regressions and improvements against the previous run, first: what a nightly reader
+/// looks for.
+fn since_last_run(h: &mut String, r: &MatrixReport) {
+    let since = &r.since_last_run;
+    if since.previous_started_unix_s.is_none() {
+        return;
+    }
+    let _ = write!(
+        h,
+        "<h2>Since the last run</h2><p>{} regression(s), {} improvement(s)</p><ul>",
+        since.regressions.len(),
+        since.improvements.len()
+    );
+    for line in &since.regressions {
+        let _ = write!(h, "<li class=\"no\">regression: {}</li>", esc(line));
+    }
+    for line in &since.improvements {
+        let _ = write!(h, "<li class=\"ok\">improved: {}</li>", esc(line));
+    }
+    h.push_str("</ul>");
 }
 
 /// Weir features x kernels, each cell with its evidence (the checks that showed it, or why
@@ -483,9 +506,15 @@ mod tests {
             scenarios: vec!["smoke".into(), "vxlan".into()],
             kernels: vec![k],
             lowest_kernel: vec![(Feature::NodePort, None)],
+            since_last_run: crate::matrix::SinceLastRun {
+                previous_started_unix_s: Some(1),
+                regressions: vec!["debian-6.1: NodePort works -> not_shown".into()],
+                improvements: vec![],
+            },
         };
         let html = render(&r);
         assert!(html.contains("Weir features"));
+        assert!(html.contains("NodePort works -&gt; not_shown"));
         assert!(html.contains("not shown"));
         assert!(html.contains("class=\"pass\""));
         assert!(html.contains("kernel lacks module &lt;vxlan&gt;"));
