@@ -210,6 +210,7 @@ fn run(cli: Cli) -> Result<bool> {
             let common = match &bench {
                 BenchCommand::Connect(o) => &o.common,
                 BenchCommand::SyncBaseline(o) => &o.common,
+                BenchCommand::Churn(o) => &o.common,
             };
             let report_dir = match &common.report_dir {
                 Some(d) => d.clone(),
@@ -405,6 +406,15 @@ fn run_matrix(args: MatrixArgs, cwd: &Path, exe: &Path, root: Option<&Path>) -> 
             agent.display()
         );
     }
+    // The node images' init runs every probe and every VM: without it nothing below can work.
+    let init = exe.with_file_name("weir-node-init");
+    if !init.is_file() {
+        bail!(
+            "weir-node-init not found at {}: build it with `cargo build --release -p weir-node-image` \
+             (the README's build command builds it with the agent and the lab)",
+            init.display()
+        );
+    }
     let mut throughput = matrix::default_throughput(agent.clone());
     throughput.mtus = args.mtu;
     throughput.seconds = args.qperf_seconds;
@@ -413,7 +423,7 @@ fn run_matrix(args: MatrixArgs, cwd: &Path, exe: &Path, root: Option<&Path>) -> 
         kernels: args.kernels,
         report_dir: report_dir.clone(),
         agent,
-        init: exe.with_file_name("weir-node-init"),
+        init,
         cache: Fetcher::default_cache_dir(),
         throughput: (!args.no_throughput).then_some(throughput),
         offloads: args.offloads,

@@ -6,12 +6,15 @@
 //! - [`sync`]: how long programming 5,000 services x 5 endpoints takes: `iptables-restore` of
 //!   kube-proxy's rules (full sync and a one-service update), and the Weir agent from state file
 //!   to maps.
+//! - [`churn`]: the seeds' experiment, the CPU of keeping 5,000 services in sync second by
+//!   second through quiet, one service churned, and quiet again.
 //!
 //! Both build their labs through the [`Backend`](crate::backend::Backend) trait and run their
 //! measuring tools ([`probe`]) on the lab's hosts, so they can move to another backend. They
 //! print a table and write JSON next to the lab report. Numbers are reported as ratios against a
 //! baseline measured in the same run; nothing here asserts on timing.
 
+pub mod churn;
 pub mod connect;
 pub mod probe;
 pub mod sync;
@@ -32,6 +35,9 @@ pub enum BenchCommand {
     /// Programming N services x M endpoints: iptables-restore of kube-proxy's rules (full sync,
     /// one-service update) and the Weir agent (state file to maps).
     SyncBaseline(sync::SyncOptions),
+    /// The seeds' experiment: N services x M endpoints, quiet, one service churned, quiet, with
+    /// the CPU of the agent and of kube-proxy's (emulated) iptables syncs sampled every second.
+    Churn(churn::ChurnOptions),
 }
 
 /// Options every bench takes.
@@ -87,6 +93,7 @@ pub fn run(cmd: &BenchCommand, env: &BenchEnv) -> Result<(), BenchError> {
     match cmd {
         BenchCommand::Connect(o) => connect::run(o, env).map(|_| ()),
         BenchCommand::SyncBaseline(o) => sync::run(o, env).map(|_| ()),
+        BenchCommand::Churn(o) => churn::run(o, env).map(|_| ()),
     }
 }
 

@@ -245,7 +245,7 @@ pub fn run(o: &SyncOptions, env: &BenchEnv) -> Result<SyncResults, BenchError> {
 }
 
 /// A node on its own: the iptables side needs no pods, the rules only name their addresses.
-fn node_only_plan() -> Plan {
+pub(super) fn node_only_plan() -> Plan {
     Plan::new(1, 0, 0, 1500)
 }
 
@@ -396,7 +396,7 @@ fn weir_side(
 }
 
 /// [`BenchAgent::start`], with a state directory instead of a state file.
-fn start_on_dir(
+pub(super) fn start_on_dir(
     lab: &mut dyn Lab,
     binary: &Path,
     run_dir: &Path,
@@ -414,7 +414,7 @@ fn start_on_dir(
 
 /// The cluster state as files: `svc-<name>.yaml` with a Service and its EndpointSlices, and
 /// `cluster.yaml` with everything else (Nodes, Pods).
-fn state_files(state: &str) -> Result<BTreeMap<String, String>, BenchError> {
+pub(super) fn state_files(state: &str) -> Result<BTreeMap<String, String>, BenchError> {
     let mut files: BTreeMap<String, String> = BTreeMap::new();
     for doc in state
         .split("\n---\n")
@@ -446,7 +446,7 @@ fn state_files(state: &str) -> Result<BTreeMap<String, String>, BenchError> {
 }
 
 /// The full sync: every file staged beside the state directory, then moved in at once.
-fn weir_full(
+pub(super) fn weir_full(
     lab: &mut dyn Lab,
     agent: &BenchAgent,
     run_dir: &Path,
@@ -554,7 +554,11 @@ fn wait_applied(
     }
 }
 
-fn wait_for_log(agent: &BenchAgent, needle: &str, timeout: Duration) -> Result<(), BenchError> {
+pub(super) fn wait_for_log(
+    agent: &BenchAgent,
+    needle: &str,
+    timeout: Duration,
+) -> Result<(), BenchError> {
     let deadline = Instant::now() + timeout;
     while !agent.log_text().contains(needle) {
         if Instant::now() > deadline {
