@@ -237,6 +237,13 @@ fn one_client_port_through_two_ingress_nodes_gets_two_ports_at_the_backend() {
             SocketAddr::from((CLIENT, udp_moved))
         ]
     );
+
+    // The pod's ICMP error about the moved flow (say, nothing listens): into the tunnel, its
+    // quote naming the client's own port, the one node3's translation knows.
+    let error = icmp_error(POD, CLIENT, 3, 3, l3(&udp(CLIENT, udp_moved, POD, 8080)));
+    let restored = icmp_error(POD, CLIENT, 3, 3, l3(&udp(CLIENT, 40001, POD, 8080)));
+    assert_eq!(h.run(&error), (TC_ACT_REDIRECT, restored));
+    assert_eq!(h.counter("icmp_error_tunnelled"), 1);
     assert_eq!(h.counter("drop_ct_collision"), 0);
 }
 
