@@ -645,6 +645,7 @@ pub fn fill_levels(dir: &Path) -> Vec<(&'static str, Result<MapFill, DataplaneEr
         fill::<CtKey, CtValue>(dir, map_names::CT_NEW),
         fill::<AffinityKey, AffinityValue>(dir, map_names::AFFINITY),
         fill::<SockReverseKey, FrontendKey>(dir, map_names::SOCK_REVERSE),
+        fill::<MovedArrivalKey, u16>(dir, map_names::CT_MOVED_ARRIVALS),
         fill::<HostAddrKey, u32>(dir, map_names::HOST_ADDRS),
         fill::<HostAddrKey, u32>(dir, map_names::TUNNEL_PEERS),
         fill::<u32, u32>(dir, map_names::POD_INTERFACES),
