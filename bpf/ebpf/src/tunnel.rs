@@ -306,25 +306,24 @@ fn remember_return_inner(
         Some(entry) => Some(entry),
         None => CT_NEW.get_ptr_mut(reply_key),
     };
+    // SAFETY: the pointer comes from a successful lookup; only read here.
+    let holder = found.map(|entry| returns_to(unsafe { &*entry }, arrival, 0));
+    // One call site: the verifier walks an inlined body once per site. Without a holder, a
+    // moved flow keeps its port when the flow it collided with is gone.
+    if holder != Some(true) {
+        let moved = arrive_moved(ctx, ip, flow, arrival, holder.is_some());
+        if moved.counter() != NOT_MOVED {
+            return Ok(moved);
+        }
+    }
     if let Some(entry) = found {
         // SAFETY: the pointer comes from a successful lookup; racing updates of these two
         // fields are harmless. Promotion deletes the entry only after its last use here.
         let entry = unsafe { &mut *entry };
-        if !returns_to(entry, arrival, 0) {
-            let moved = arrive_moved(ctx, ip, flow, arrival, true);
-            if moved.counter() != NOT_MOVED {
-                return Ok(moved);
-            }
-        }
         // SAFETY: as above; `arrive_moved` left the slot alone.
         let reply_key = unsafe { &(*scratch).new.key };
         touch_return(entry, reply_key, established.is_none(), seen, now);
         return Ok(Verdict::pass(counter::CT_FROM_TUNNEL_HIT));
-    }
-    // A moved flow keeps its port when the flow it collided with is gone.
-    let moved = arrive_moved(ctx, ip, flow, arrival, false);
-    if moved.counter() != NOT_MOVED {
-        return Ok(moved);
     }
     // SAFETY: as above.
     let new = unsafe { &mut (*scratch).new };
