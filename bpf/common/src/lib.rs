@@ -731,7 +731,9 @@ pub mod counter {
     /// established one. New flows minus promotions is what a flood leaves unanswered.
     pub const CT_PROMOTED: u32 = 32;
     /// Event: a new flow's reply key was taken by another flow, and the flow got another source
-    /// port towards its backend (restored on its replies and ICMP errors).
+    /// port towards its backend (restored on its replies and ICMP errors): at the node that
+    /// translates it, or at the backend's node for a flow another node translated (see
+    /// `MovedArrivalKey`).
     pub const CT_COLLISION_RESOLVED: u32 = 33;
     pub const COUNT: u32 = 34;
 
