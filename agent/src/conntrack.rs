@@ -11,7 +11,9 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use weir_common::{ct_kind, ct_seen, Addr, CtKey, CtValue, FrontendKey, PROTO_TCP};
+use weir_common::{
+    ct_kind, ct_seen, Addr, CtKey, CtValue, FrontendKey, MovedArrivalKey, PROTO_TCP,
+};
 
 use crate::compile::{proto_name, socket_addr};
 use crate::config::ConntrackConfig;
@@ -252,15 +254,44 @@ impl GcReport {
     }
 }
 
-/// One garbage-collection pass over both conntrack tables.
+/// Moved client ports (at a backend's node, see [`MovedArrivalKey`]) whose return entry is in
+/// neither table, or is among `dead`: the flow ended, and its next packet through that node, if
+/// any, is judged afresh.
+pub fn ended_moves(
+    moves: &BTreeMap<MovedArrivalKey, u16>,
+    tables: &CtTables,
+    dead: &[CtKey],
+) -> Vec<MovedArrivalKey> {
+    if moves.is_empty() {
+        return Vec::new();
+    }
+    let dead: BTreeSet<&CtKey> = dead.iter().collect();
+    moves
+        .iter()
+        .filter(|(key, port_be)| {
+            let entry = key.moved_reply_key(**port_be);
+            !(tables.established.contains_key(&entry) || tables.new.contains_key(&entry))
+                || dead.contains(&entry)
+        })
+        .map(|(key, _)| *key)
+        .collect()
+}
+
+/// One garbage-collection pass over both conntrack tables, then over the moved client ports.
 pub fn collect_garbage(
     map: &mut ConntrackMap,
     config: &ConntrackConfig,
 ) -> Result<GcReport, DataplaneError> {
+    // Moves first: the data path records a move after its return entry, so every move read
+    // here has its entry in the tables read next, unless that entry is gone.
+    let moves = map.moved_arrivals()?;
     let tables = map.tables()?;
     let dead = expired(&tables, config, monotonic_now_ns());
     for key in &dead {
         map.remove(key)?;
+    }
+    for key in ended_moves(&moves, &tables, &dead) {
+        map.remove_moved_arrival(&key)?;
     }
     let removed_from = |table: &BTreeMap<CtKey, CtValue>| {
         dead.iter().filter(|key| table.contains_key(key)).count()
@@ -465,6 +496,39 @@ mod tests {
             family: FAMILY_V4,
             _pad: 0,
         }
+    }
+
+    #[test]
+    fn a_moved_port_is_forgotten_with_its_return_entry() {
+        let client = [198, 18, 0, 200];
+        let pod = [198, 19, 1, 10];
+        let moved_from = |peer: [u8; 4]| MovedArrivalKey {
+            flow: key(client, 40000, pod, 8080, PROTO_TCP),
+            peer: Addr::from_v4(peer),
+            peer_family: FAMILY_V4,
+            _pad: [0; 3],
+        };
+        let (live, ending, gone) = (
+            moved_from([198, 18, 0, 2]),
+            moved_from([198, 18, 0, 3]),
+            moved_from([198, 18, 0, 4]),
+        );
+        let moves = BTreeMap::from([
+            (live, 33000u16.to_be()),
+            (ending, 34000u16.to_be()),
+            (gone, 35000u16.to_be()),
+        ]);
+        let entry = CtValue {
+            kind: ct_kind::ENCAP,
+            client_port_be: 40000u16.to_be(),
+            ..Default::default()
+        };
+        let tables = CtTables {
+            established: BTreeMap::from([(key(pod, 8080, client, 33000, PROTO_TCP), entry)]),
+            new: BTreeMap::from([(key(pod, 8080, client, 34000, PROTO_TCP), entry)]),
+        };
+        let dead = [key(pod, 8080, client, 34000, PROTO_TCP)];
+        assert_eq!(ended_moves(&moves, &tables, &dead), vec![ending, gone]);
     }
 
     fn pair(proto: u8, fwd_seen: u8, rev_seen: u8, last_seen: u64) -> BTreeMap<CtKey, CtValue> {

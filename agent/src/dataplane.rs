@@ -17,8 +17,8 @@ use aya::{Ebpf, EbpfLoader};
 use tracing::{debug, info, warn};
 use weir_common::{
     counter, map_names, program_names, Addr, BackendSlotKey, BackendValue, CtKey, CtValue,
-    FrontendKey, HostAddrKey, MaglevChunk, MaglevKey, NodeConfig, ServiceValue, SockReverseKey,
-    SourceRange,
+    FrontendKey, HostAddrKey, MaglevChunk, MaglevKey, MovedArrivalKey, NodeConfig, ServiceValue,
+    SockReverseKey, SourceRange,
 };
 
 use crate::pin_layout;
@@ -300,10 +300,13 @@ fn collect_entries<K: Ord, V>(
 
 /// Conntrack's two tables: established flows (`WEIR_CONNTRACK`) and new flows not answered yet
 /// (`WEIR_CT_NEW`), which the data path promotes to the first once answered. The agent reads
-/// and reclaims both alike.
+/// and reclaims both alike. With them, the client ports moved for flows arriving through the
+/// tunnel (`WEIR_CT_MOVED_ARRIVALS`), which live as long as the return entries they made; absent
+/// from pin directories older agents left.
 pub struct ConntrackMap {
     established: HashMap<MapData, CtKey, CtValue>,
     new: HashMap<MapData, CtKey, CtValue>,
+    moved_arrivals: Option<HashMap<MapData, MovedArrivalKey, u16>>,
 }
 
 /// The contents of both conntrack tables, read one after the other. A flow promoted between the
@@ -343,13 +346,20 @@ impl ConntrackMap {
         Ok(ConntrackMap {
             established: take_map(ebpf, map_names::CONNTRACK)?,
             new: take_map(ebpf, map_names::CT_NEW)?,
+            moved_arrivals: Some(take_map(ebpf, map_names::CT_MOVED_ARRIVALS)?),
         })
     }
 
     pub fn open_pinned(dir: &Path) -> Result<Self, DataplaneError> {
+        let moved_arrivals = if dir.join(map_names::CT_MOVED_ARRIVALS).exists() {
+            Some(open_pinned(dir, map_names::CT_MOVED_ARRIVALS)?)
+        } else {
+            None
+        };
         Ok(ConntrackMap {
             established: open_pinned(dir, map_names::CONNTRACK)?,
             new: open_pinned(dir, map_names::CT_NEW)?,
+            moved_arrivals,
         })
     }
 
@@ -358,7 +368,30 @@ impl ConntrackMap {
         Ok(ConntrackMap {
             established: clone_map(&self.established, map_names::CONNTRACK)?,
             new: clone_map(&self.new, map_names::CT_NEW)?,
+            moved_arrivals: self
+                .moved_arrivals
+                .as_ref()
+                .map(|map| clone_map(map, map_names::CT_MOVED_ARRIVALS))
+                .transpose()?,
         })
+    }
+
+    /// The client ports moved for flows arriving through the tunnel (see
+    /// [`MovedArrivalKey`]).
+    pub fn moved_arrivals(&self) -> Result<BTreeMap<MovedArrivalKey, u16>, DataplaneError> {
+        self.moved_arrivals
+            .as_ref()
+            .map_or(Ok(BTreeMap::new()), |map| {
+                read_all(map, map_names::CT_MOVED_ARRIVALS)
+            })
+    }
+
+    /// Forgets a moved client port; absent is removed.
+    pub fn remove_moved_arrival(&mut self, key: &MovedArrivalKey) -> Result<(), DataplaneError> {
+        match &mut self.moved_arrivals {
+            Some(map) => remove_present(map, key, map_names::CT_MOVED_ARRIVALS),
+            None => Ok(()),
+        }
     }
 
     /// Both tables' entries.
@@ -613,6 +646,7 @@ pub fn fill_levels(dir: &Path) -> Vec<(&'static str, Result<MapFill, DataplaneEr
         fill::<CtKey, CtValue>(dir, map_names::CT_NEW),
         fill::<AffinityKey, AffinityValue>(dir, map_names::AFFINITY),
         fill::<SockReverseKey, FrontendKey>(dir, map_names::SOCK_REVERSE),
+        fill::<MovedArrivalKey, u16>(dir, map_names::CT_MOVED_ARRIVALS),
         fill::<HostAddrKey, u32>(dir, map_names::HOST_ADDRS),
         fill::<HostAddrKey, u32>(dir, map_names::TUNNEL_PEERS),
         fill::<u32, u32>(dir, map_names::POD_INTERFACES),

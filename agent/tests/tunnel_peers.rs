@@ -4,7 +4,7 @@
 //! forger's packet, shaped as a reply of a flow another node translated, would otherwise plant a
 //! conntrack entry that sends that flow's packets to it.
 //! On the same device: two ingress nodes sending one translated tuple (a tuple collision at the
-//! backend's node).
+//! backend's node): a connection whose ingress moved follows, a second connection moves.
 
 mod common;
 
@@ -16,7 +16,7 @@ use nix::sched::CloneFlags;
 use weir_agent::compile::CompileOptions;
 use weir_agent::dataplane::Hook;
 use weir_agent::node::tunnel_peers;
-use weir_common::NodeConfig;
+use weir_common::{ct_kind, Addr, CtKey, CtValue, NodeConfig, FAMILY_V4, PROTO_TCP, PROTO_UDP};
 
 const THIS_NODE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 const OTHER_NODE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
@@ -116,9 +116,8 @@ fn a_connection_whose_ingress_node_changes_keeps_its_way_back() {
     assert_eq!(await_counter(&h, "ct_new_from_tunnel", 1), 1);
     // ...now reaches node3 (an ECMP router moved the client's route), which picks the same
     // backend (Maglev) and sends it on. Its replies keep going back through node2, which still
-    // holds the translation: the connection survives. (This node cannot tell it from another
-    // connection of the same client port through node3: a load balancer reusing its port
-    // towards two nodes' NodePorts is not resolved here, see README.)
+    // holds the translation: the connection survives. (A segment without SYN belongs to an open
+    // connection; a SYN would open another, see the next test.)
     send_from(THIRD_NODE, &vxlan(1, &tcp(CLIENT, 40000, POD, 8080, "A")));
     assert_eq!(await_counter(&h, "ct_from_tunnel_hit", 1), 1);
     let entries = h.dataplane.conntrack.entries().expect("conntrack");
@@ -129,6 +128,123 @@ fn a_connection_whose_ingress_node_changes_keeps_its_way_back() {
             .all(|e| e.tunnel_peer == weir_common::Addr::from_v4(OTHER_NODE.octets())),
         "replies still go to the first ingress node: {entries:?}"
     );
+    assert_eq!(h.counter("drop_ct_collision"), 0);
+}
+
+/// The entry of `key` (either table).
+fn entry(h: &Harness, key: &CtKey) -> Option<CtValue> {
+    h.dataplane
+        .conntrack
+        .entries()
+        .expect("conntrack")
+        .get(key)
+        .copied()
+}
+
+fn v4_key(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, proto: u8) -> CtKey {
+    CtKey {
+        saddr: Addr::from_v4(src.octets()),
+        daddr: Addr::from_v4(dst.octets()),
+        sport_be: sport.to_be(),
+        dport_be: dport.to_be(),
+        proto,
+        family: FAMILY_V4,
+        _pad: 0,
+    }
+}
+
+#[test]
+fn one_client_port_through_two_ingress_nodes_gets_two_ports_at_the_backend() {
+    let _bpffs = private_bpffs(CloneFlags::CLONE_NEWNET);
+    let yaml = node_objects(&[
+        ("node1", THIS_NODE.into()),
+        ("node2", OTHER_NODE.into()),
+        ("node3", THIRD_NODE.into()),
+    ]);
+    let mut h = tunnel_node(&yaml, &[OTHER_NODE, THIRD_NODE]);
+    // The pod is this node's: the inner packets are delivered here, to a socket of the test.
+    ip(&["addr", "add", &format!("{POD}/32"), "dev", "wd0"]);
+    let other = Addr::from_v4(OTHER_NODE.octets());
+    let third = Addr::from_v4(THIRD_NODE.octets());
+
+    // A load balancer's connection from port 40000 through node2's NodePort, then another one
+    // from the same port through node3's NodePort of a Service sharing the pod.
+    send_from(OTHER_NODE, &vxlan(1, &tcp(CLIENT, 40000, POD, 8080, "S")));
+    assert_eq!(await_counter(&h, "ct_new_from_tunnel", 1), 1);
+    send_from(THIRD_NODE, &vxlan(1, &tcp(CLIENT, 40000, POD, 8080, "S")));
+    assert_eq!(await_counter(&h, "ct_collision_resolved", 1), 1);
+    assert_eq!(h.counter("ct_new_from_tunnel"), 2);
+    let moves = h.dataplane.conntrack.moved_arrivals().expect("moves");
+    assert_eq!(moves.len(), 1, "{moves:?}");
+    let (moved_from, &moved_be) = moves.iter().next().expect("one move");
+    assert_eq!(
+        (moved_from.flow, moved_from.peer),
+        (v4_key(CLIENT, 40000, POD, 8080, PROTO_TCP), third)
+    );
+    let moved = u16::from_be(moved_be);
+    assert_ne!(moved, 40000);
+    let first = entry(&h, &v4_key(POD, 8080, CLIENT, 40000, PROTO_TCP)).expect("first");
+    assert_eq!((first.tunnel_peer, first.client_port_be), (other, 0));
+    let second = entry(&h, &v4_key(POD, 8080, CLIENT, moved, PROTO_TCP)).expect("second");
+    assert_eq!((second.kind, second.tunnel_peer), (ct_kind::ENCAP, third));
+    assert_eq!(second.client_port_be, 40000u16.to_be());
+
+    // Replies: each into the tunnel (to its own node, as its entry says), the second with the
+    // client's own port back.
+    let reply = tcp(POD, 8080, CLIENT, 40000, "SA");
+    assert_eq!(h.run(&reply), (TC_ACT_REDIRECT, reply.clone()));
+    let moved_reply = tcp(POD, 8080, CLIENT, moved, "SA");
+    assert_eq!(h.run(&moved_reply), (TC_ACT_REDIRECT, reply));
+    assert_eq!(h.counter("ct_encap_hit"), 2);
+
+    // node3's connection goes on (its SYN retried, then its ACK): the same moved port; node2's
+    // keeps its own.
+    send_from(THIRD_NODE, &vxlan(1, &tcp(CLIENT, 40000, POD, 8080, "S")));
+    send_from(THIRD_NODE, &vxlan(1, &tcp(CLIENT, 40000, POD, 8080, "A")));
+    send_from(OTHER_NODE, &vxlan(1, &tcp(CLIENT, 40000, POD, 8080, "A")));
+    assert_eq!(await_counter(&h, "ct_from_tunnel_hit", 3), 3);
+    assert_eq!(h.counter("ct_collision_resolved"), 1);
+    assert_eq!(h.dataplane.conntrack.entries().expect("conntrack").len(), 2);
+    assert_eq!(
+        h.dataplane.conntrack.moved_arrivals().expect("moves").len(),
+        1
+    );
+    // Both answered: promoted, still under their own keys.
+    assert_eq!(h.counter("ct_promoted"), 2);
+
+    // UDP as the pod's socket sees it: one client port through two nodes is two peers.
+    let pod = UdpSocket::bind(SocketAddr::from((POD, 8080))).expect("bind the pod");
+    pod.set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
+    send_from(OTHER_NODE, &vxlan(1, &udp(CLIENT, 40001, POD, 8080)));
+    send_from(THIRD_NODE, &vxlan(1, &udp(CLIENT, 40001, POD, 8080)));
+    let mut sources = Vec::new();
+    for _ in 0..2 {
+        let mut buf = [0u8; 64];
+        let (_, from) = pod.recv_from(&mut buf).expect("a datagram at the pod");
+        sources.push(from);
+    }
+    assert_eq!(h.counter("ct_collision_resolved"), 2);
+    let moves = h.dataplane.conntrack.moved_arrivals().expect("moves");
+    let udp_moved = moves
+        .iter()
+        .find(|(k, _)| k.flow.proto == PROTO_UDP)
+        .map(|(_, port)| u16::from_be(*port))
+        .expect("the UDP flow through node3 moved");
+    assert_eq!(
+        sources,
+        vec![
+            SocketAddr::from((CLIENT, 40001)),
+            SocketAddr::from((CLIENT, udp_moved))
+        ]
+    );
+
+    // The pod's ICMP error about the moved flow (say, nothing listens): into the tunnel, its
+    // quote naming the client's own port, the one node3's translation knows.
+    let error = icmp_error(POD, CLIENT, 3, 3, l3(&udp(CLIENT, udp_moved, POD, 8080)));
+    let restored = icmp_error(POD, CLIENT, 3, 3, l3(&udp(CLIENT, 40001, POD, 8080)));
+    assert_eq!(h.run(&error), (TC_ACT_REDIRECT, restored));
+    assert_eq!(h.counter("icmp_error_tunnelled"), 1);
     assert_eq!(h.counter("drop_ct_collision"), 0);
 }
 

@@ -105,7 +105,7 @@ struct ClientOptions {
     upload_bytes: Option<u32>,
     /// UDP: the datagram's size.
     size: Option<u32>,
-    /// UDP: the client's source port (every request from the same one).
+    /// The client's source port (every request from the same one).
     source_port: Option<u16>,
 }
 
@@ -125,6 +125,17 @@ fn client_cmd(proto: Protocol, ip: IpAddr, port: u16, options: ClientOptions) ->
             upload_bytes.unwrap_or(0),
             UPLOAD_TIMEOUT_S,
         )),
+        // A fixed source port: socat, which rebinds it for every request (curl would not), and
+        // HTTP/1.0, so the server closes first and keeps the TIME_WAIT, not the client.
+        Protocol::Tcp if source_port.is_some() => Cmd::new("socat")
+            .arg(format!("-T{CLIENT_TIMEOUT_S}"))
+            .arg("-")
+            .arg(if ip.is_ipv6() {
+                format!("TCP6:{target}{bind}")
+            } else {
+                format!("TCP4:{target}{bind}")
+            })
+            .stdin(b"GET / HTTP/1.0\r\n\r\n".to_vec()),
         Protocol::Tcp => Cmd::new("curl")
             .arg("-sS")
             .arg("-g")

@@ -677,8 +677,8 @@ pub struct TrafficCheck {
     /// UDP only: each datagram is this many bytes.
     #[serde(default)]
     pub size: Option<u32>,
-    /// UDP only: every request leaves from this client port (a load balancer in front of the
-    /// cluster reusing one port towards several frontends).
+    /// Every request leaves from this client port (a load balancer in front of the cluster
+    /// reusing one port towards several frontends); TCP requests are then HTTP/1.0 by socat.
     #[serde(default)]
     pub source_port: Option<u16>,
     #[serde(default)]
@@ -1346,11 +1346,6 @@ impl Scenario {
                 self.validate_traffic_target(&title, t, from, plan, proto == Protocol::Tcp)?;
                 if t.size.is_some() && proto != Protocol::Udp {
                     return Err(self.invalid(format!("check {title:?}: size is for UDP checks")));
-                }
-                if t.source_port.is_some() && proto != Protocol::Udp {
-                    return Err(
-                        self.invalid(format!("check {title:?}: source_port is for UDP checks"))
-                    );
                 }
                 if t.source_port == Some(0) {
                     return Err(

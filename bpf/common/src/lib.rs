@@ -50,8 +50,11 @@ pub mod map_names {
     /// The ports of fragmented datagrams being translated, by their first fragment (LRU). Not
     /// pinned: an agent's restart loses the datagrams in flight at most.
     pub const FRAGMENTS: &str = "WEIR_FRAGMENTS";
+    /// The client ports the backend's node moved for flows that arrived through the tunnel
+    /// while another node's flow held their reply key, by client tuple and ingress node (LRU).
+    pub const CT_MOVED_ARRIVALS: &str = "WEIR_CT_MOVED_ARRIVALS";
     /// Every map the agent pins, in the order it creates them.
-    pub const PINNED: [&str; 15] = [
+    pub const PINNED: [&str; 16] = [
         SERVICES,
         BACKEND_SLOTS,
         BACKENDS,
@@ -67,6 +70,7 @@ pub mod map_names {
         SOCK_REVERSE,
         TUNNEL_PEERS,
         POD_INTERFACES,
+        CT_MOVED_ARRIVALS,
     ];
 }
 
@@ -130,6 +134,10 @@ pub mod capacity {
     /// Fragmented datagrams in flight whose first fragment was translated (LRU, about 1 MiB):
     /// Cilium's default too. A later fragment whose entry was evicted is lost with its datagram.
     pub const FRAGMENTS: u32 = 8_192;
+    /// Flows arriving through the tunnel whose client port the backend's node moved (LRU): one
+    /// per connection of a client port reused through two ingress nodes towards one backend,
+    /// as a quarter of the new-flow table.
+    pub const CT_MOVED_ARRIVALS: u32 = 32_768;
 }
 
 /// An IPv4 or IPv6 address as 16 raw bytes in network order.
@@ -553,14 +561,36 @@ pub mod collision {
     }
 }
 
+/// A flow as it arrived through the tunnel: the client's key (as the ingress node translated
+/// it) and the ingress node that sent it. The backend's node keeps, under it, the client port it
+/// moved the flow to when another node's flow of the same tuple held the reply key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MovedArrivalKey {
+    pub flow: CtKey,
+    pub peer: Addr,
+    pub peer_family: u8,
+    pub _pad: [u8; 3],
+}
+
+impl MovedArrivalKey {
+    /// The reply key of the moved flow, holding `moved_port_be` (the port the backend sees).
+    pub const fn moved_reply_key(&self, moved_port_be: u16) -> CtKey {
+        let mut key = self.flow.reversed();
+        key.dport_be = moved_port_be;
+        key
+    }
+}
+
 /// What a conntrack entry tells the program to do with a packet that matches its key.
 pub mod ct_kind {
     /// Client to service: rewrite the destination to `nat_addr:nat_port` (the backend).
     pub const FORWARD: u8 = 1;
     /// Backend to client: rewrite the source to `nat_addr:nat_port` (the service frontend).
     pub const REVERSE: u8 = 2;
-    /// Send the packet unchanged into the tunnel towards `tunnel_peer`: DSR traffic at the
-    /// ingress node, and replies at a backend's node that return through the ingress node.
+    /// Send the packet into the tunnel towards `tunnel_peer`: DSR traffic at the ingress node,
+    /// and replies at a backend's node that return through the ingress node (unchanged, or with
+    /// the client's own port back when the backend's node moved it, `client_port_be`).
     pub const ENCAP: u8 = 3;
 }
 
@@ -611,7 +641,8 @@ pub struct CtValue {
     /// flow's reply key was taken by another flow (a tuple collision, see [`partner_key`]): the
     /// client's port as the other side of the translation must see it. FORWARD: the source port
     /// the backend sees instead of the client's own; REVERSE: the client's own port, given back
-    /// to replies as their destination.
+    /// to replies as their destination; ENCAP (a return entry at the backend's node, keyed by
+    /// the moved port, see [`MovedArrivalKey`]): the client's own port, as for REVERSE.
     pub client_port_be: u16,
     pub _pad: [u8; 4],
 }
@@ -703,7 +734,9 @@ pub mod counter {
     /// established one. New flows minus promotions is what a flood leaves unanswered.
     pub const CT_PROMOTED: u32 = 32;
     /// Event: a new flow's reply key was taken by another flow, and the flow got another source
-    /// port towards its backend (restored on its replies and ICMP errors).
+    /// port towards its backend (restored on its replies and ICMP errors): at the node that
+    /// translates it, or at the backend's node for a flow another node translated (see
+    /// `MovedArrivalKey`).
     pub const CT_COLLISION_RESOLVED: u32 = 33;
     pub const COUNT: u32 = 34;
 
@@ -782,6 +815,8 @@ mod pod {
     unsafe impl aya::Pod for FragKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for FragPorts {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for MovedArrivalKey {}
 }
 
 // The layouts are part of the pinned-map ABI: fail the build, not the kernel, if they move.
@@ -803,4 +838,5 @@ const _: () = {
     assert!(core::mem::size_of::<SockReverseKey>() == 32);
     assert!(core::mem::size_of::<FragKey>() == 40);
     assert!(core::mem::size_of::<FragPorts>() == 4);
+    assert!(core::mem::size_of::<MovedArrivalKey>() == 60);
 };

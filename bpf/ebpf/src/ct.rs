@@ -181,7 +181,9 @@ fn moved_port_be(forward: &CtKey, attempt: u32) -> u16 {
 /// tunnel to the node that translated the connection (a return entry). This node cannot tell
 /// that connection, now reaching it directly (an ECMP router moved the client's route, as the
 /// `maglev` scenario does), from another one of the same client port: it takes it for the
-/// same, so that a moved connection keeps its backend and its replies keep their way.
+/// same, so that a moved connection keeps its backend and its replies keep their way. (A
+/// backend's node judges flows arriving through the tunnel by their TCP flags instead, and
+/// moves a second connection's port: see `tunnel::remember_return`.)
 #[inline(always)]
 fn follows(holder: &CtValue, entry: &CtValue) -> bool {
     holder.kind == ct_kind::ENCAP || same_translation(holder, entry)

@@ -138,6 +138,13 @@ fn icmp_error_inner(ctx: &TcContext, ip: &Ip) -> Result<Verdict, u32> {
     // so is the error, unchanged. Routed from here it would reach the client naming the
     // backend, or the backend naming the frontend, and match no socket.
     if entry.kind == ct_kind::ENCAP {
+        // A return entry of a flow whose client port this (the backend's) node moved: the
+        // quote, sent to the backend, names the moved port as its source; the ingress node
+        // knows the client's own (see `tunnel::remember_return`).
+        if entry.client_port_be != 0 {
+            let port = quoted_port(ctx, ip, &q, q.l4_off, entry.client_port_be)?;
+            restore_quoted_port(ctx, &port)?;
+        }
         return Ok(Verdict::send_as_entry(entry, ACTION_ICMP_TUNNEL));
     }
     let (q_saddr_off, q_daddr_off) = addr_offsets(q.ip_off, ip.family);
@@ -245,15 +252,7 @@ fn icmp_error_inner(ctx: &TcContext, ip: &Ip) -> Result<Verdict, u32> {
         } else {
             q.l4_off + 2
         };
-        // A UDP checksum of zero over IPv4 is none, and stays so.
-        let fix_quoted_csum = quoted_csum
-            && (q.proto == PROTO_TCP || ip.family != FAMILY_V4 || load::<u16>(ctx, q_csum)? != 0);
-        let port = QuotedPort {
-            icmp_csum,
-            q_csum: if fix_quoted_csum { q_csum } else { 0 },
-            port_off: client_port_off,
-            new_port_be: entry.client_port_be,
-        };
+        let port = quoted_port(ctx, ip, &q, client_port_off, entry.client_port_be)?;
         restore_quoted_port(ctx, &port)?;
     }
     // A backend's own error about a NodePort flow now comes from one of this node's addresses,
@@ -277,6 +276,33 @@ struct QuotedPort {
     q_csum: usize,
     port_off: usize,
     new_port_be: u16,
+}
+
+/// The quote's port at `port_off` to become `new_port_be`, with the checksums that follow it.
+#[inline(always)]
+fn quoted_port(
+    ctx: &TcContext,
+    ip: &Ip,
+    q: &Quote,
+    port_off: usize,
+    new_port_be: u16,
+) -> Result<QuotedPort, u32> {
+    let q_csum = q.l4_off
+        + if q.proto == PROTO_TCP {
+            TCP_CSUM
+        } else {
+            UDP_CSUM
+        };
+    let quoted_csum = ip.payload_len >= q_csum - ip.l4_off + 2;
+    // A UDP checksum of zero over IPv4 is none, and stays so.
+    let fix_quoted_csum = quoted_csum
+        && (q.proto == PROTO_TCP || ip.family != FAMILY_V4 || load::<u16>(ctx, q_csum)? != 0);
+    Ok(QuotedPort {
+        icmp_csum: ip.l4_off + ICMP_CSUM,
+        q_csum: if fix_quoted_csum { q_csum } else { 0 },
+        port_off,
+        new_port_be,
+    })
 }
 
 /// Writes the port in the quote, and follows it in both checksums.

@@ -342,6 +342,9 @@ pub struct Scratch {
     /// A new flow's entries as they are built: off the stack, since claiming the reply key
     /// (`ct::claim_reply_key`) is one more frame below `new_flow`.
     pub new: NewEntry,
+    /// A tunnel arrival's key among the moved client ports (`tunnel::remember_return`): off
+    /// the stack, for the same reason.
+    pub moves: weir_common::MovedArrivalKey,
 }
 
 /// A conntrack entry being made: its key and value.
@@ -446,12 +449,7 @@ fn flow_inner(
         return Ok(Verdict::pass(counter::PASS_FRAGMENT));
     }
     if from_tunnel.id == tunnel_id::NAT_AT_INGRESS {
-        return Ok(tunnel::remember_return(
-            &flow.key,
-            from_tunnel,
-            seen,
-            flow.now,
-        ));
+        return Ok(tunnel::remember_return(ctx, ip, flow, from_tunnel));
     }
 
     let Some(service) = find_service(ctx, ip, dport_be, from_tunnel.is_some()) else {
@@ -742,6 +740,11 @@ fn apply_inner(
                 if mtu != 0 {
                     return Ok(Verdict::too_big(mtu));
                 }
+            }
+            // A reply to a client port this (the backend's) node moved: the client's own port
+            // back, as the ingress node's translation knows it (see `tunnel::remember_return`).
+            if entry.client_port_be != 0 {
+                rewrite_port(ctx, ip, Side::Destination, entry.client_port_be)?;
             }
             let id = tunnel::encap_id(entry);
             let action = encap(ctx, &entry.tunnel_peer, entry.tunnel_family, id)?;

@@ -8,8 +8,8 @@ use aya_ebpf::{
 };
 use weir_common::{
     capacity, counter, AffinityKey, AffinityValue, BackendSlotKey, BackendValue, CtKey, CtValue,
-    FragKey, FragPorts, FrontendKey, HostAddrKey, MaglevChunk, MaglevKey, NodeConfig, ServiceValue,
-    SockReverseKey, SourceRange,
+    FragKey, FragPorts, FrontendKey, HostAddrKey, MaglevChunk, MaglevKey, MovedArrivalKey,
+    NodeConfig, ServiceValue, SockReverseKey, SourceRange,
 };
 
 const BPF_F_NO_PREALLOC: u32 = 1;
@@ -71,6 +71,13 @@ pub static CONNTRACK: LruHashMap<CtKey, CtValue> =
 /// New flows, until answered: every entry is created here.
 #[map(name = "WEIR_CT_NEW")]
 pub static CT_NEW: LruHashMap<CtKey, CtValue> = LruHashMap::with_max_entries(capacity::CT_NEW, 0);
+
+/// The client port a flow arriving through the tunnel was moved to at this (the backend's)
+/// node, by client tuple and ingress node (see `tunnel::remember_return`). Looked up only when
+/// another node's flow holds the arrival's reply key.
+#[map(name = "WEIR_CT_MOVED_ARRIVALS")]
+pub static CT_MOVED_ARRIVALS: LruHashMap<MovedArrivalKey, u16> =
+    LruHashMap::with_max_entries(capacity::CT_MOVED_ARRIVALS, 0);
 
 #[map(name = "WEIR_AFFINITY")]
 pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =

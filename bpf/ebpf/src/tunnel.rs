@@ -13,13 +13,13 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use weir_common::{
-    counter, ct_flags, ct_kind, node_flags, tunnel_overhead, Addr, CtKey, CtValue, HostAddrKey,
-    NodeConfig, FAMILY_V4, FAMILY_V6, PROTO_TCP,
+    counter, ct_flags, ct_kind, ct_seen, node_flags, tunnel_overhead, Addr, CtKey, CtValue,
+    HostAddrKey, MovedArrivalKey, NodeConfig, FAMILY_V4, FAMILY_V6, PROTO_TCP,
 };
 
-use crate::maps::{CONNTRACK, CT_NEW, TUNNEL_PEERS};
-use crate::packet::{load, Ip, ETH_P_IP, UDP_HLEN};
-use crate::Verdict;
+use crate::maps::{count, CONNTRACK, CT_MOVED_ARRIVALS, CT_NEW, SCRATCH, TUNNEL_PEERS};
+use crate::packet::{load, rewrite_port, Ip, Side, ETH_P_IP, UDP_HLEN};
+use crate::{Flow, Verdict};
 
 /// The leading fields of `struct bpf_tunnel_key` every kernel since 4.x accepts: passing this
 /// size keeps the helpers working on kernels that predate the later fields.
@@ -253,47 +253,81 @@ pub fn accept_inner(ctx: &TcContext) {
 /// A flow the ingress node already translated: remember that its replies must go back through
 /// the tunnel to that node, which holds the translation. A call of its own, to keep the entry
 /// it builds off the flow path's stack.
+///
+/// The reply key (backend -> client) may be held already, by an entry that does not send
+/// replies back to this arrival's node: another ingress node's connection of the same client
+/// address and port (a load balancer reuses its source port towards two nodes' NodePorts of
+/// Services sharing this backend), or this very connection, whose ingress moved (an ECMP
+/// router's reshuffle, the `maglev` scenario). This node cannot tell the two apart from the
+/// tuple; the TCP flags can:
+/// - a SYN without ACK opens a connection (a SYN retried through another node during a move
+///   simply becomes a fresh one), and a UDP datagram may always take another port, since its
+///   replies then go to the node it came through: the flow's client port, as the backend sees
+///   it, moves (as `ct::claim_reply_key` moves it at an ingress node), its return entry is kept
+///   under the moved reply key with the client's own port, and the move is recorded by client
+///   tuple and ingress node ([`CT_MOVED_ARRIVALS`]) for the connection's later packets;
+/// - any other TCP segment belongs to an open connection: unless that node's connection was
+///   moved, it follows the holder, so a connection whose ingress moved keeps its backend and
+///   its way back.
+///
+/// Misrouting is so excluded for every connection opened through two nodes; the one left is a
+/// connection that opened through one node and continues through another while a second one
+/// of its tuple runs (both ingress changes and a reused port at once). The moves map is read
+/// only when the holder does not send back to the arrival's node, or when there is no holder
+/// (a new flow, or a moved one that outlived the flow it collided with): an established flow's
+/// packets pay nothing for it.
 #[inline(never)]
-pub fn remember_return(key: &CtKey, arrival: &Arrival, seen: u8, now: u64) -> Verdict {
-    Verdict::from_result(remember_return_inner(key, arrival, seen, now))
+pub fn remember_return(ctx: &TcContext, ip: &Ip, flow: &Flow, arrival: &Arrival) -> Verdict {
+    Verdict::from_result(remember_return_inner(ctx, ip, flow, arrival))
 }
 
 #[inline(always)]
 fn remember_return_inner(
-    key: &CtKey,
+    ctx: &TcContext,
+    ip: &Ip,
+    flow: &Flow,
     arrival: &Arrival,
-    seen: u8,
-    now: u64,
 ) -> Result<Verdict, u32> {
-    let reply_key = key.reversed();
-    let established = CONNTRACK.get_ptr_mut(&reply_key);
+    let (key, seen, now) = (&flow.key, flow.seen, flow.now);
+    // The entry is built in the per-CPU scratch slot's new-flow entry, off the stack (old
+    // verifiers count the call chain's frames whole): a tunnel arrival makes no new flow of
+    // its own. `arrive_moved` writes that entry only when it answers for the packet, and then
+    // nothing here reads it again.
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return Err(counter::DROP_CT_FULL);
+    };
+    // SAFETY: the per-CPU slot of this run (see `process`); the reference ends before
+    // `arrive_moved` takes its own.
+    let reply_key = unsafe { &mut (*scratch).new.key };
+    *reply_key = key.reversed();
+    let reply_key: &CtKey = reply_key;
+    let established = CONNTRACK.get_ptr_mut(reply_key);
     let found = match established {
         Some(entry) => Some(entry),
-        None => CT_NEW.get_ptr_mut(&reply_key),
+        None => CT_NEW.get_ptr_mut(reply_key),
     };
+    // SAFETY: the pointer comes from a successful lookup; only read here.
+    let holder = found.map(|entry| returns_to(unsafe { &*entry }, arrival, 0));
+    // One call site: the verifier walks an inlined body once per site. Without a holder, a
+    // moved flow keeps its port when the flow it collided with is gone.
+    if holder != Some(true) {
+        let moved = arrive_moved(ctx, ip, flow, arrival, holder.is_some());
+        if moved.counter() != NOT_MOVED {
+            return Ok(moved);
+        }
+    }
     if let Some(entry) = found {
         // SAFETY: the pointer comes from a successful lookup; racing updates of these two
         // fields are harmless. Promotion deletes the entry only after its last use here.
         let entry = unsafe { &mut *entry };
-        // The entry may be another node's (a return entry) or this node's own translation:
-        // the connection moved its ingress (an ECMP router's reshuffle, see `ct::follows`),
-        // and its replies keep the way they had, through a node that still holds the flow.
-        // The other direction's flags go in the high nibble: user space needs both to tell
-        // when the connection closed.
-        let client_seen = seen;
-        let seen = seen << 4;
-        if entry.seen | seen != entry.seen
-            || now.wrapping_sub(entry.last_seen_ns) > weir_common::CT_REFRESH_NS
-        {
-            entry.seen |= seen;
-            entry.last_seen_ns = now;
-        }
-        if established.is_none() && crate::ct::answers_return(entry, key.proto, client_seen) {
-            crate::ct::promote(&reply_key);
-        }
+        // SAFETY: as above; `arrive_moved` left the slot alone.
+        let reply_key = unsafe { &(*scratch).new.key };
+        touch_return(entry, reply_key, established.is_none(), seen, now);
         return Ok(Verdict::pass(counter::CT_FROM_TUNNEL_HIT));
     }
-    let value = CtValue {
+    // SAFETY: as above.
+    let new = unsafe { &mut (*scratch).new };
+    new.value = CtValue {
         created_ns: now,
         last_seen_ns: now,
         kind: ct_kind::ENCAP,
@@ -303,11 +337,165 @@ fn remember_return_inner(
         ..CtValue::default()
     };
     if CT_NEW
-        .insert(&reply_key, &value, BPF_NOEXIST as u64)
+        .insert(&new.key, &new.value, BPF_NOEXIST as u64)
         .is_err()
-        && CT_NEW.get_ptr(&reply_key).is_none()
+        && CT_NEW.get_ptr(&new.key).is_none()
     {
         return Err(counter::DROP_CT_FULL);
     }
     Ok(Verdict::pass(counter::CT_NEW_FROM_TUNNEL))
+}
+
+/// Not an outcome: [`arrive_moved`] left the packet alone, the caller goes on.
+const NOT_MOVED: u32 = u32::MAX;
+
+/// Whether `entry`, found under a reply key, sends replies back to the arrival's node with the
+/// client port `client_port_be` restored (0: the port was not moved).
+#[inline(always)]
+fn returns_to(entry: &CtValue, arrival: &Arrival, client_port_be: u16) -> bool {
+    (entry.kind == ct_kind::ENCAP)
+        & (entry.tunnel_family == arrival.peer_family)
+        & (entry.client_port_be == client_port_be)
+        & (entry.tunnel_peer == arrival.peer)
+}
+
+/// A client's packet through the tunnel refreshes the return entry it matched (under the
+/// reply's key, `in_new_table` when found in the new-flow table), and may promote it.
+#[inline(always)]
+fn touch_return(entry: &mut CtValue, reply_key: &CtKey, in_new_table: bool, seen: u8, now: u64) {
+    // The other direction's flags go in the high nibble: user space needs both to tell when
+    // the connection closed.
+    let client_seen = seen;
+    let seen = seen << 4;
+    if entry.seen | seen != entry.seen
+        || now.wrapping_sub(entry.last_seen_ns) > weir_common::CT_REFRESH_NS
+    {
+        entry.seen |= seen;
+        entry.last_seen_ns = now;
+    }
+    if in_new_table && crate::ct::answers_return(entry, reply_key.proto, client_seen) {
+        crate::ct::promote(reply_key);
+    }
+}
+
+/// Moves the arrival's client port, as the backend sees it, when its node's flow was moved
+/// before, or (`may_move`) when it opens a flow whose reply key another flow holds; see
+/// [`remember_return`]. Returns a verdict counted [`NOT_MOVED`] when the packet keeps its port,
+/// and then has not touched the scratch slot. The new-flow scratch entry (unused on the tunnel
+/// arrival path) holds the moved return entry, off the stack. Inlined: as a frame of its own it
+/// took the call chain (entry, `flow`, `remember_return`, this, `promote`) past the 512 bytes
+/// old verifiers allow.
+#[inline(always)]
+fn arrive_moved(
+    ctx: &TcContext,
+    ip: &Ip,
+    flow: &Flow,
+    arrival: &Arrival,
+    may_move: bool,
+) -> Verdict {
+    Verdict::from_result(arrive_moved_inner(ctx, ip, flow, arrival, may_move))
+}
+
+#[inline(always)]
+fn arrive_moved_inner(
+    ctx: &TcContext,
+    ip: &Ip,
+    flow: &Flow,
+    arrival: &Arrival,
+    may_move: bool,
+) -> Result<Verdict, u32> {
+    let (key, seen, now) = (&flow.key, flow.seen, flow.now);
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return Err(counter::DROP_CT_FULL);
+    };
+    // SAFETY: the per-CPU slot of this run (see `process`); nothing else on the tunnel arrival
+    // path uses this field.
+    let moves = unsafe { &mut (*scratch).moves };
+    *moves = MovedArrivalKey {
+        flow: *key,
+        peer: arrival.peer,
+        peer_family: arrival.peer_family,
+        _pad: [0; 3],
+    };
+    let moves: &MovedArrivalKey = moves;
+    // SAFETY: copied out at once; a racing writer stores the same port (a function of the key).
+    let recorded = CT_MOVED_ARRIVALS
+        .get_ptr(moves)
+        .map(|port| unsafe { *port });
+    let opens = key.proto != PROTO_TCP || seen & (ct_seen::SYN | ct_seen::ACK) == ct_seen::SYN;
+    let port_be = match recorded {
+        Some(port_be) => port_be,
+        None if may_move && opens => moved_port_be(moves),
+        None => return Ok(Verdict::pass(NOT_MOVED)),
+    };
+    // SAFETY: as above; a tunnel arrival makes no new flow of its own, and `remember_return`
+    // holds no reference into its new-flow entry across this call.
+    let new = unsafe { &mut (*scratch).new };
+    new.key = moves.moved_reply_key(port_be);
+    new.value = CtValue {
+        created_ns: now,
+        last_seen_ns: now,
+        kind: ct_kind::ENCAP,
+        seen: seen << 4,
+        tunnel_peer: arrival.peer,
+        tunnel_family: arrival.peer_family,
+        client_port_be: key.sport_be,
+        ..CtValue::default()
+    };
+    let established = CONNTRACK.get_ptr_mut(&new.key);
+    let found = match established {
+        Some(entry) => Some(entry),
+        None => CT_NEW.get_ptr_mut(&new.key),
+    };
+    let outcome = if let Some(entry) = found {
+        // SAFETY: as in `remember_return`.
+        let entry = unsafe { &mut *entry };
+        // The moved port is some other flow's: dropped rather than misrouted.
+        if !returns_to(entry, arrival, key.sport_be) {
+            return Err(counter::DROP_CT_COLLISION);
+        }
+        touch_return(entry, &new.key, established.is_none(), seen, now);
+        counter::CT_FROM_TUNNEL_HIT
+    } else {
+        if CT_NEW
+            .insert(&new.key, &new.value, BPF_NOEXIST as u64)
+            .is_err()
+        {
+            // Another CPU's packet of the same flow made it, or another flow took the port.
+            match CT_NEW.get_ptr(&new.key) {
+                // SAFETY: as above; only read.
+                Some(entry) if returns_to(unsafe { &*entry }, arrival, key.sport_be) => {}
+                Some(_) => return Err(counter::DROP_CT_COLLISION),
+                None => return Err(counter::DROP_CT_FULL),
+            }
+        }
+        counter::CT_NEW_FROM_TUNNEL
+    };
+    if recorded.is_none() {
+        // A lost race stored the same port: fine. Evicted, the connection's later packets
+        // follow the holder (a TCP segment without SYN): sized so that only a flood of
+        // colliding flows evicts.
+        if CT_MOVED_ARRIVALS.insert(moves, &port_be, 0).is_err() {
+            return Err(counter::DROP_CT_FULL);
+        }
+        count(counter::CT_COLLISION_RESOLVED);
+    }
+    rewrite_port(ctx, ip, Side::Source, port_be)?;
+    Ok(Verdict::pass(outcome))
+}
+
+/// The port a flow arriving from `moves.peer` moves to: a function of the flow and of the
+/// ingress node, so that CPUs racing its first packets meet at one entry, and flows of one
+/// client tuple through several ingress nodes move to different ports. Inlined: a frame of its
+/// own would be the fifth of the call chain.
+#[inline(always)]
+fn moved_port_be(moves: &MovedArrivalKey) -> u16 {
+    let word = |i: usize| {
+        let b = &moves.peer.bytes[i * 4..i * 4 + 4];
+        u32::from_ne_bytes([b[0], b[1], b[2], b[3]])
+    };
+    let peer = word(0) ^ word(1) ^ word(2) ^ word(3);
+    // Never 0: the ingress node's own claim tries the port it was given at 0.
+    let attempt = (peer ^ (peer >> 16)) | 1;
+    weir_common::collision::moved_port_be(&moves.flow, attempt)
 }
