@@ -196,7 +196,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let mut poll = tokio::time::interval(config.poll_interval);
     let mut terminate = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("SIGINT handler")?;
-    let mut interfaces = InterfaceSync::default();
+    let mut interfaces = InterfaceSync::subscribed();
     let mut tunnel_peers = None;
 
     loop {
@@ -561,9 +561,45 @@ fn report_foreign_programs(
 struct InterfaceSync {
     missing_logged: BTreeSet<String>,
     first_pass_done: bool,
+    /// Link and address notifications; without them (the subscription failed) every tick
+    /// syncs.
+    events: Option<interfaces::LinkEvents>,
+    /// The last pass left something to retry (an attach failed, a configured interface is
+    /// missing): the next tick syncs whatever the notifications say.
+    retry: bool,
+    last_pass: Option<std::time::Instant>,
 }
 
+/// A full interface pass at least this often, notifications or not: a lost one (the socket's
+/// buffer overflowed without telling) costs at most this long.
+const INTERFACE_RESYNC: Duration = Duration::from_secs(10);
+
 impl InterfaceSync {
+    fn subscribed() -> InterfaceSync {
+        let events = match interfaces::LinkEvents::subscribe() {
+            Ok(events) => Some(events),
+            Err(e) => {
+                warn!(error = %e, "no link notifications: interfaces are listed on every tick");
+                None
+            }
+        };
+        InterfaceSync {
+            events,
+            ..InterfaceSync::default()
+        }
+    }
+
+    /// Whether this tick must look at the interfaces: the first pass, a retry, a notification,
+    /// no notifications at all, or the periodic pass.
+    fn due(&mut self) -> bool {
+        // Read on every tick, so the notifications do not pile up.
+        let notified = self.events.as_ref().is_none_or(|e| e.changed());
+        let stale = self
+            .last_pass
+            .is_none_or(|at| at.elapsed() >= INTERFACE_RESYNC);
+        notified || stale || self.retry || !self.first_pass_done
+    }
+
     fn sync(
         &mut self,
         config: &AgentConfig,
@@ -571,6 +607,11 @@ impl InterfaceSync {
         health: &Health,
         metrics: &Metrics,
     ) {
+        if !self.due() {
+            return;
+        }
+        self.last_pass = Some(std::time::Instant::now());
+        self.retry = false;
         match node::host_addresses(&config.host_interfaces)
             .map_err(anyhow::Error::from)
             .and_then(|addrs| Ok((dataplane.node.set_host_addrs(&addrs)?, addrs.len())))
@@ -581,7 +622,10 @@ impl InterfaceSync {
                 }
                 metrics.set_map_entries(map_names::HOST_ADDRS, addrs);
             }
-            Err(e) => warn!(error = %e, "updating host addresses failed"),
+            Err(e) => {
+                warn!(error = %e, "updating host addresses failed");
+                self.retry = true;
+            }
         }
         let mut attach_to = config.host_interfaces.clone();
         if config.tunnel.mode != TunnelMode::None {
@@ -592,6 +636,7 @@ impl InterfaceSync {
                 Ok(present) => present,
                 Err(e) => {
                     warn!(error = %e, "listing interfaces failed");
+                    self.retry = true;
                     return;
                 }
             };
@@ -602,7 +647,10 @@ impl InterfaceSync {
                 }
                 metrics.set_map_entries(map_names::POD_INTERFACES, pods.len());
             }
-            Err(e) => warn!(error = %e, "updating pod interfaces failed"),
+            Err(e) => {
+                warn!(error = %e, "updating pod interfaces failed");
+                self.retry = true;
+            }
         }
         for host in &config.host_interfaces {
             if !wanted.contains(host) && self.missing_logged.insert(host.clone()) {
@@ -635,6 +683,7 @@ impl InterfaceSync {
                 if let Err(e) = dataplane.attach(interface, hook) {
                     // Pod interfaces can vanish between listing and attaching; the next tick retries.
                     warn!(%interface, hook = hook.name(), error = %e, "attach failed");
+                    self.retry = true;
                 }
             }
         }

@@ -521,10 +521,16 @@ impl FileSource {
             })
             .collect();
         let limits = self.limits;
-        let workers = std::thread::available_parallelism()
-            .map_or(1, |n| n.get())
-            .min(4);
-        if jobs.len() < PARALLEL_FROM || workers < 2 {
+        // Asked only for a large batch: the answer reads the process's cgroup files, which on
+        // every tick of an idle agent was a tenth of its CPU.
+        let workers = if jobs.len() < PARALLEL_FROM {
+            1
+        } else {
+            std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .min(4)
+        };
+        if workers < 2 {
             for job in jobs {
                 let outcome = load(&job.file, job.old.as_ref(), &job.force, &limits);
                 errors.extend(self.commit(job.file, job.old, outcome, sink));
