@@ -196,7 +196,15 @@ fn process(ctx: &TcContext) -> Result<Verdict, u32> {
             NotForUs::Drop(c) => Err(c),
         };
     }
+    // Fragments held or replayed (see `frag.rs`) did not come through the tunnel and have L2.
+    let replayable = from_tunnel.is_none() && ip.l3_off != 0;
     let verdict = match ip.proto {
+        // Later fragments of its datagram held: it and they go round again.
+        PROTO_TCP | PROTO_UDP
+            if replayable && ip.fragment == FIRST_FRAGMENT && frag::replay(ctx, ip) =>
+        {
+            Verdict::drop(counter::FRAGMENT_REPLAYED)
+        }
         PROTO_TCP | PROTO_UDP => flow(ctx, ip, config, &from_tunnel),
         // ICMP errors are never fragmented (a quote fits the minimum MTU).
         _ if ip.fragment != NOT_FRAGMENT => Verdict::pass(counter::PASS_ICMP_UNRELATED),
@@ -207,6 +215,12 @@ fn process(ctx: &TcContext) -> Result<Verdict, u32> {
         || verdict.counter() == counter::PASS_FRAGMENT;
     let verdict = if untranslated && verdict.action() == TC_ACT_OK as i32 {
         unless_frontend(ip, verdict.counter())
+    } else {
+        verdict
+    };
+    // A later fragment before its first, to a frontend: held for its first.
+    let verdict = if replayable && verdict.counter() == counter::DROP_FRAGMENT_UNKNOWN {
+        Verdict::drop(frag::hold(ctx, ip))
     } else {
         verdict
     };
