@@ -343,6 +343,27 @@ fn a_later_fragment_before_its_first_is_held_at_a_frontend_and_replayed_behind_i
     assert_eq!(h.counter("pass_fragment"), 4, "later fragments of no flow");
     assert_eq!(h.counter("pass_no_service"), 2, "their first fragments");
     assert_eq!(h.counter("fragment_held"), 3);
+    // To a Node's address (a NodePort's, which a later fragment cannot show): held too.
+    let node_port = fragments4(&udp4(EXTERNAL_CLIENT, 33202, NODE1, NODE_PORT), 11, &CUTS);
+    assert_eq!(h.run(&node_port[2]).0, TC_ACT_SHOT);
+    assert_eq!(h.counter("fragment_held"), 4);
+    assert_eq!(h.run(&node_port[0]).0, TC_ACT_SHOT);
+    assert_eq!(h.counter("fragment_replayed"), 3);
+    let translated = fragments4(&udp4(EXTERNAL_CLIENT, 33202, BACKEND, 5353), 11, &CUTS);
+    run_all(
+        &mut h,
+        &node_port,
+        &translated,
+        TC_ACT_OK,
+        "NodePort replayed",
+    );
+    // In order to a port of the node no Service has (VXLAN's, its outer packets fragmented):
+    // the first passes and leaves its datagram known, so the later ones pass, not held.
+    let host = fragments4(&udp4(NODE2, 33203, NODE1, 4789), 12, &CUTS);
+    for packet in &host {
+        assert_eq!(h.run(packet), (TC_ACT_OK, packet.clone()));
+    }
+    assert_eq!(h.counter("fragment_held"), 4);
 }
 
 #[test]

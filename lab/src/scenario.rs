@@ -671,6 +671,11 @@ pub struct TrafficCheck {
     /// cluster reusing one port towards several frontends).
     #[serde(default)]
     pub source_port: Option<u16>,
+    /// UDP only, with a `size` beyond the path MTU: the client sends each datagram's fragments
+    /// itself, the first one last (`weir-lab probe first-fragment-last`), as a network that
+    /// reorders them delivers them.
+    #[serde(default)]
+    pub first_fragment_last: bool,
     #[serde(default)]
     pub expect: TrafficExpect,
 }
@@ -1332,6 +1337,16 @@ impl Scenario {
                     return Err(
                         self.invalid(format!("check {title:?}: source_port is for UDP checks"))
                     );
+                }
+                if t.first_fragment_last && (proto != Protocol::Udp || t.size.is_none()) {
+                    return Err(self.invalid(format!(
+                        "check {title:?}: first_fragment_last is for UDP checks with a size"
+                    )));
+                }
+                if t.first_fragment_last && t.source_port.is_some() {
+                    return Err(self.invalid(format!(
+                        "check {title:?}: first_fragment_last picks its own source port"
+                    )));
                 }
                 if t.source_port == Some(0) {
                     return Err(

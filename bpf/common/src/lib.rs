@@ -728,6 +728,7 @@ pub mod counter {
     pub const DROP_RESET_NO_BACKEND: u32 = 28;
     /// A later fragment to a frontend address whose first fragment was not translated here
     /// (not seen yet, lost, or its entry evicted): it cannot be translated without the ports.
+    /// Only through the tunnel: elsewhere such a fragment is held ([`FRAGMENT_HELD`]).
     pub const DROP_FRAGMENT_UNKNOWN: u32 = 29;
     /// A packet to a ClusterIP, external IP or load-balancer IP that nothing translates (a port
     /// the Service does not have, ICMP echo, another protocol, an extension header Weir does not
@@ -737,8 +738,8 @@ pub mod counter {
     /// and port reaching one backend through two frontends) found no free source port towards
     /// the backend within its bounded tries: dropped rather than misrouted.
     pub const DROP_CT_COLLISION: u32 = 31;
-    /// A later fragment to a frontend address arrived before its first (see
-    /// [`DROP_FRAGMENT_UNKNOWN`]), not through the tunnel: its frame is held
+    /// A later fragment to a frontend address or a Node's (a NodePort's) arrived before its
+    /// first, not through the tunnel: its frame is held
     /// ([`super::map_names::HELD_FRAGMENTS`]) and replayed behind its first.
     pub const FRAGMENT_HELD: u32 = 32;
     /// A first fragment found later ones of its datagram held: it and they were sent into the

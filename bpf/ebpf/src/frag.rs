@@ -5,9 +5,11 @@
 //! looks them up, finds its flow's conntrack entry with them and takes the same translation,
 //! addresses only. The map is LRU, so memory stays bounded whatever a sender fragments.
 //!
-//! A later fragment that arrives before its first finds nothing. Addressed elsewhere than a
-//! frontend it passes (most fragmented traffic through a node is no service's). Addressed to a
-//! frontend, it is held, not dropped as Cilium drops it: [`hold`] copies its whole frame into
+//! A later fragment that arrives before its first finds nothing. Addressed to a pod or beyond
+//! the node it passes (most fragmented traffic through a node is no service's). Addressed to a
+//! frontend, or to a Node's address (a NodePort's, which it cannot show, or the node's own
+//! traffic, which loses nothing by waiting for its first fragment), it is held, not dropped as
+//! Cilium drops it: [`hold`] copies its whole frame into
 //! [`HELD_FRAGMENTS`] (a slot per fragment, [`FRAGMENT_HOLD_SLOTS`] per datagram, LRU) and marks
 //! its datagram in [`FRAGMENTS_HELD`]. When the first fragment arrives and finds the mark,
 //! [`replay`] sends it, untouched, back into the ingress of the interface it came in on
@@ -39,11 +41,14 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use weir_common::{
-    counter, CtKey, FragKey, FragPorts, HeldFragment, HeldFragmentKey, FRAGMENT_HOLD_NS,
-    FRAGMENT_HOLD_SLOTS, HELD_FRAME_BYTES,
+    counter, CtKey, FragKey, FragPorts, HeldFragment, HeldFragmentKey, HostAddrKey,
+    FRAGMENT_HOLD_NS, FRAGMENT_HOLD_SLOTS, HELD_FRAME_BYTES,
 };
 
-use crate::maps::{count, FRAGMENTS, FRAGMENTS_HELD, HELD_FRAGMENTS, HOLD_SCRATCH, SCRATCH};
+use crate::maps::{
+    count, FRAGMENTS, FRAGMENTS_HELD, HELD_FRAGMENTS, HOLD_SCRATCH, HOST_ADDRS, SCRATCH,
+    TUNNEL_PEERS,
+};
 use crate::packet::{ktime, Ip};
 
 /// Notes the id of the datagram the packet being parsed is a fragment of (IPv4 id, IPv6
@@ -114,6 +119,25 @@ pub fn remember(key: &CtKey) {
     // A full map evicts its least recently used datagram (LRU): a failure here leaves the
     // later fragments unknown, which they would be anyway.
     let _ = FRAGMENTS.insert(&frag, &ports, 0);
+}
+
+/// Whether the later fragment `ip` of no known datagram is held for its first: addressed to a
+/// frontend (`untranslated`, what `unless_frontend` made of it, is a drop) or to a Node.
+#[inline(always)]
+pub fn may_hold(untranslated: crate::Verdict, ip: &Ip) -> bool {
+    untranslated.counter() == counter::DROP_FRAGMENT_UNKNOWN || to_a_node(ip)
+}
+
+/// Whether `ip` is addressed to a Node (this one or another): the address of a NodePort,
+/// which its later fragments do not show. Its own frame: the key is not on the caller's stack.
+#[inline(never)]
+pub fn to_a_node(ip: &Ip) -> bool {
+    let destination = HostAddrKey {
+        addr: ip.daddr,
+        family: ip.family,
+        _pad: [0; 3],
+    };
+    HOST_ADDRS.get_ptr(&destination).is_some() || TUNNEL_PEERS.get_ptr(&destination).is_some()
 }
 
 /// A frame length as the verifier can bound it: `len` (checked to be 1 to [`HELD_FRAME_BYTES`]
@@ -212,24 +236,26 @@ pub fn replay(ctx: &TcContext, ip: &Ip) -> bool {
     true
 }
 
-/// Ethernet and a minimal IPv4 header: shorter than any fragment, longer than the least the
-/// skb allows (its network header's offset).
-const VESSEL_EMPTY_LEN: u32 = 14 + 20;
+/// The least a frame held or replayed can be: Ethernet, IPv4 and 8 bytes of payload.
+const MIN_FRAME_LEN: u32 = 14 + 20 + 8;
 
 /// Turns the packet into the frame `held` and clones it into the ingress of `ifindex`.
 #[inline(always)]
 fn send_again(ctx: &TcContext, held: &HeldFragment, ifindex: u32) -> bool {
     let len = held.len;
-    if len <= VESSEL_EMPTY_LEN || len > HELD_FRAME_BYTES as u32 {
+    if len < MIN_FRAME_LEN || len > HELD_FRAME_BYTES as u32 {
         return false;
     }
     let skb = ctx.skb.skb;
-    // Shrunk, then grown to the frame's length: a length change turns a checksum the driver
-    // computed over the packet (CHECKSUM_COMPLETE) into none, which the frame's own bytes
-    // would contradict; the first fragment and a middle one are often of one length.
-    // SAFETY: the context pointer is the program's own skb; the helper checks the length.
-    if unsafe { bpf_skb_change_tail(skb, VESSEL_EMPTY_LEN, 0) } < 0 {
-        return false;
+    // A length change turns a checksum the driver computed over the packet (CHECKSUM_COMPLETE)
+    // into none, which the frame's own bytes would contradict: a frame as long as the packet
+    // (a middle fragment after the first) is cut by a byte first. Not shorter: the helper
+    // refuses to cut into the headers as the skb has them (its transport offset).
+    if ctx.len() == len {
+        // SAFETY: the context pointer is the program's own skb; the helper checks the length.
+        if unsafe { bpf_skb_change_tail(skb, len - 1, 0) } < 0 {
+            return false;
+        }
     }
     // SAFETY: as above.
     if unsafe { bpf_skb_change_tail(skb, len, 0) } < 0 {

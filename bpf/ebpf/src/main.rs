@@ -74,6 +74,9 @@ pub const ACTION_ICMP_TUNNEL: i32 = -1002;
 /// Not a tc action: asks the entry function to route the translated (ICMP error) packet from
 /// the scratch entry's `nat_addr`, one of the node's own addresses.
 pub const ACTION_ICMP_ROUTE: i32 = -1003;
+/// Not a tc action: a later fragment of no datagram known here; the entry function holds it for
+/// its first fragment or passes it (see `frag.rs`).
+const ACTION_HOLD: i32 = -1004;
 
 impl Verdict {
     #[inline(always)]
@@ -210,17 +213,20 @@ fn process(ctx: &TcContext) -> Result<Verdict, u32> {
         _ if ip.fragment != NOT_FRAGMENT => Verdict::pass(counter::PASS_ICMP_UNRELATED),
         _ => icmp::icmp_error(ctx, ip),
     };
+    // A later fragment of no datagram known here, to a frontend or to a Node's address (a
+    // NodePort's, or the node's own traffic), is held for its first; any other passes.
+    let verdict = if verdict.action() != ACTION_HOLD {
+        verdict
+    } else if replayable && frag::may_hold(unless_frontend(ip, counter::PASS_FRAGMENT), ip) {
+        Verdict::drop(frag::hold(ctx, ip))
+    } else {
+        Verdict::pass(counter::PASS_FRAGMENT)
+    };
     let untranslated = verdict.counter() == counter::PASS_NO_SERVICE
         || verdict.counter() == counter::PASS_ICMP_UNRELATED
         || verdict.counter() == counter::PASS_FRAGMENT;
     let verdict = if untranslated && verdict.action() == TC_ACT_OK as i32 {
         unless_frontend(ip, verdict.counter())
-    } else {
-        verdict
-    };
-    // A later fragment before its first, to a frontend: held for its first.
-    let verdict = if replayable && verdict.counter() == counter::DROP_FRAGMENT_UNKNOWN {
-        Verdict::drop(frag::hold(ctx, ip))
     } else {
         verdict
     };
@@ -368,7 +374,8 @@ fn flow_inner(
         // Its ports are the first fragment's; it never starts a flow (see `frag.rs`).
         let ports = frag::later_ports(ip);
         if ports == frag::UNKNOWN {
-            return Ok(Verdict::pass(counter::PASS_FRAGMENT));
+            // Before its first, or of untranslated traffic: the entry function decides.
+            return Ok(Verdict::new(counter::PASS_FRAGMENT, ACTION_HOLD));
         }
         (ports as u16, (ports >> 16) as u16, 0)
     } else {
@@ -455,6 +462,10 @@ fn flow_inner(
     }
 
     let Some(service) = find_service(ctx, ip, dport_be, from_tunnel.is_some()) else {
+        // Its later fragments pass too, not held for a first fragment already gone by.
+        if ip.fragment == FIRST_FRAGMENT && frag::to_a_node(ip) {
+            frag::remember(&flow.key);
+        }
         return Ok(Verdict::pass(counter::PASS_NO_SERVICE));
     };
     // loadBalancerSourceRanges: only listed sources start flows at a restricted frontend. A
