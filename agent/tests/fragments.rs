@@ -269,9 +269,11 @@ fn ipv6_fragments_are_translated_like_their_flow_both_ways() {
     assert_eq!(h.counter("pass_ipv6_extension"), 0);
 }
 
-/// The held fragments of the data plane, as (datagram id, slot) -> frame, and the datagrams
-/// marked as holding some.
-fn held(h: &Harness) -> (Vec<((u32, u32), Vec<u8>)>, Vec<u32>) {
+/// Held frames as ((datagram id, slot), frame).
+type HeldFrames = Vec<((u32, u32), Vec<u8>)>;
+
+/// The held fragments of the data plane, and the ids of the datagrams marked as holding some.
+fn held(h: &Harness) -> (HeldFrames, Vec<u32>) {
     let frames: aya::maps::HashMap<_, HeldFragmentKey, HeldFragment> =
         aya::maps::HashMap::try_from(h.dataplane.map(map_names::HELD_FRAGMENTS).unwrap()).unwrap();
     let mut frames: Vec<_> = frames
