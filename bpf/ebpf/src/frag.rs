@@ -26,7 +26,10 @@
 //! a FIFO. What does not survive is tunnel metadata: the forward scrubs the skb and drops its
 //! dst, where a collect-metadata tunnel keeps it. So fragments from the tunnel device are not
 //! held (those reordered inside the tunnel stay dropped, `drop_fragment_unknown`), and neither
-//! are frames without an L2 header (an IPIP device's), which the ingress redirect cannot take.
+//! are frames without an L2 header (an IPIP device's): a vessel and its frames must share one.
+//! An untranslated first fragment to a Node's address leaves its datagram in [`FRAGMENTS`]
+//! too (see `flow_inner`), so that its later fragments pass rather than wait for a replay that
+//! will not come.
 //!
 //! Slots are claimed by inserting with `BPF_NOEXIST`, which one CPU wins: 5.10 has no atomic
 //! fetch-and-add to count with. The mark is removed before anything is replayed, so a replayed
