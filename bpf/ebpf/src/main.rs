@@ -202,9 +202,7 @@ fn process(ctx: &TcContext) -> Result<Verdict, u32> {
     let verdict = match ip.proto {
         // Later fragments of its datagram held: it and they go round again.
         PROTO_TCP | PROTO_UDP
-            if ip.fragment == FIRST_FRAGMENT
-                && replayable(ip, &from_tunnel)
-                && frag::replay(ctx, ip) =>
+            if ip.fragment == FIRST_FRAGMENT && frag::replay(ctx, ip, from_tunnel.id) =>
         {
             Verdict::drop(counter::FRAGMENT_REPLAYED)
         }
@@ -217,12 +215,12 @@ fn process(ctx: &TcContext) -> Result<Verdict, u32> {
     // NodePort's, or the node's own traffic), is held for its first; any other passes.
     let verdict = if verdict.action() != ACTION_HOLD {
         verdict
-    } else if replayable(ip, &from_tunnel)
-        && frag::may_hold(unless_frontend(ip, counter::PASS_FRAGMENT), ip)
-    {
-        Verdict::drop(frag::hold(ctx, ip))
     } else {
-        Verdict::pass(counter::PASS_FRAGMENT)
+        let untranslated = unless_frontend(ip, counter::PASS_FRAGMENT);
+        match frag::hold_if_due(ctx, ip, from_tunnel.id, untranslated) {
+            frag::NOT_HELD => Verdict::pass(counter::PASS_FRAGMENT),
+            outcome => Verdict::drop(outcome),
+        }
     };
     let untranslated = verdict.counter() == counter::PASS_NO_SERVICE
         || verdict.counter() == counter::PASS_ICMP_UNRELATED
@@ -268,14 +266,6 @@ fn process(ctx: &TcContext) -> Result<Verdict, u32> {
         tunnel::accept_inner(ctx);
     }
     Ok(verdict)
-}
-
-/// Whether the packet's fragments may be held and replayed (see `frag.rs`): not come through the
-/// tunnel, and with an L2 header. Evaluated where it is used, never kept across the flow path:
-/// the verifier would walk that path once for each of its values.
-#[inline(always)]
-fn replayable(ip: &Ip, from_tunnel: &Arrival) -> bool {
-    from_tunnel.is_none() && ip.l3_off != 0
 }
 
 /// A packet Weir does not translate passes (`counter`), unless it is addressed to a ClusterIP,
