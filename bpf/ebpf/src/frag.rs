@@ -127,7 +127,7 @@ pub fn remember(key: &CtKey) {
 /// Whether a packet's fragments may be held and replayed: not come through the tunnel
 /// (`tunnel_id` 0), and with an L2 header. Checked in the callee, not the entry function: a
 /// branch there on the tunnel id would split its state, and the verifier would walk the whole
-/// flow path once per side (on 6.1, 85% more instructions).
+/// flow path once per side (on 6.1: 563,523 instructions verified instead of 332,404).
 #[inline(always)]
 fn replayable(ip: &Ip, tunnel_id: u32) -> bool {
     tunnel_id == 0 && ip.l3_off != 0
