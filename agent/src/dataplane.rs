@@ -929,6 +929,11 @@ impl Dataplane {
             .map_err(|source| DataplaneError::Program { name, source })
     }
 
+    /// A map no handle here owns (the fragment maps), for tests and tools to read.
+    pub fn map(&self, name: &str) -> Option<&aya::maps::Map> {
+        self.ebpf.map(name)
+    }
+
     pub fn is_attached(&self, interface: &str, hook: Hook) -> bool {
         self.attached.contains_key(&(interface.to_owned(), hook))
     }

@@ -443,6 +443,16 @@ impl Collector for DatapathCollector {
                 MetricType::Counter,
             )?,
         )?;
+        ConstCounter::new(event(counter::FRAGMENT_REPLAY_FAILED)).encode(
+            encoder.encode_descriptor(
+                "weir_fragments_replay_failed",
+                "Later fragments held for their first fragment (weir_datapath_packets \
+                 fragment_held) but not replayed behind it: held over a second, or a helper \
+                 failed; their datagrams are lost",
+                None,
+                MetricType::Counter,
+            )?,
+        )?;
         Ok(())
     }
 }

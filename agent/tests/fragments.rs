@@ -9,7 +9,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 
 use common::*;
 use weir_agent::compile::CompileOptions;
-use weir_common::{node_flags, NodeConfig};
+use weir_common::{map_names, node_flags, FragKey, HeldFragment, HeldFragmentKey, NodeConfig};
 
 const NODE1: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 const NODE2: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
@@ -269,19 +269,73 @@ fn ipv6_fragments_are_translated_like_their_flow_both_ways() {
     assert_eq!(h.counter("pass_ipv6_extension"), 0);
 }
 
+/// Held frames as ((datagram id, slot), frame).
+type HeldFrames = Vec<((u32, u32), Vec<u8>)>;
+
+/// The held fragments of the data plane, and the ids of the datagrams marked as holding some.
+fn held(h: &Harness) -> (HeldFrames, Vec<u32>) {
+    let frames: aya::maps::HashMap<_, HeldFragmentKey, HeldFragment> =
+        aya::maps::HashMap::try_from(h.dataplane.map(map_names::HELD_FRAGMENTS).unwrap()).unwrap();
+    let mut frames: Vec<_> = frames
+        .iter()
+        .map(|entry| {
+            let (key, value) = entry.unwrap();
+            let frame = value.frame[..value.len as usize].to_vec();
+            ((key.datagram.id, key.slot), frame)
+        })
+        .collect();
+    frames.sort();
+    let marks: aya::maps::HashMap<_, FragKey, u32> =
+        aya::maps::HashMap::try_from(h.dataplane.map(map_names::FRAGMENTS_HELD).unwrap()).unwrap();
+    let mut marks: Vec<u32> = marks.keys().map(|key| key.unwrap().id).collect();
+    marks.sort();
+    (frames, marks)
+}
+
+/// The id as `FragKey` holds it: IPv4's 16 bits in network order in the low bytes.
+fn id4(id: u16) -> u32 {
+    u32::from_ne_bytes([(id >> 8) as u8, id as u8, 0, 0])
+}
+
 #[test]
-fn a_later_fragment_before_its_first_is_dropped_at_a_frontend_and_passes_elsewhere() {
+fn a_later_fragment_before_its_first_is_held_at_a_frontend_and_replayed_behind_it() {
     let mut h = node1(0);
     let v4 = fragments4(&udp4(CLIENT, 33200, VIP, 53), 99, &CUTS);
     let v6 = fragments6(&udp6_big(CLIENT6, 33200, VIP6, 53), 99, &CUTS);
-    for early in [&v4[1], &v6[2]] {
+    for early in [&v4[2], &v4[1], &v6[2]] {
         assert_eq!(h.run(early).0, TC_ACT_SHOT);
     }
-    assert_eq!(h.counter("drop_fragment_unknown"), 2);
-    // The first fragment still starts its flow; the fragments after it are translated.
+    assert_eq!(h.counter("fragment_held"), 3);
+    assert_eq!(h.counter("drop_fragment_unknown"), 0);
+    // Whole frames, in the order they came, one slot each; the datagrams marked.
+    let (frames, marks) = held(&h);
+    assert_eq!(
+        frames,
+        vec![
+            ((id4(99), 0), v4[2].clone()),
+            ((id4(99), 1), v4[1].clone()),
+            ((99u32.to_be(), 0), v6[2].clone()),
+        ]
+    );
+    assert_eq!(marks, {
+        let mut m = vec![id4(99), 99u32.to_be()];
+        m.sort();
+        m
+    });
+    // The first fragment finds them: it and they are sent into the ingress again (here the
+    // loopback device's, where nothing runs), and it is dropped, their vessel.
+    assert_eq!(h.run(&v4[0]).0, TC_ACT_SHOT);
+    assert_eq!(h.counter("fragment_replayed"), 1);
+    assert_eq!(h.counter("fragment_replay_failed"), 0);
+    let (frames, marks) = held(&h);
+    assert_eq!(frames.len(), 1, "the IPv6 datagram's stays: {frames:?}");
+    assert_eq!(marks, vec![99u32.to_be()]);
+    // Its copy comes back unmarked: translated, and so are the later ones behind it.
     let translated = fragments4(&udp4(CLIENT, 33200, BACKEND, 5353), 99, &CUTS);
-    run_all(&mut h, &v4[..1], &translated[..1], TC_ACT_OK, "first");
-    run_all(&mut h, &v4[2..], &translated[2..], TC_ACT_OK, "last");
+    run_all(&mut h, &v4, &translated, TC_ACT_OK, "replayed");
+    assert_eq!(h.run(&v6[0]).0, TC_ACT_SHOT);
+    assert_eq!(h.counter("fragment_replayed"), 2);
+    assert_eq!(held(&h), (vec![], vec![]));
     // Fragments of traffic that is no service's pass untouched, in any order.
     let pod_to_pod = fragments4(&udp4(CLIENT, 33201, OTHER, 53), 5, &CUTS);
     let pod_to_pod6 = fragments6(&udp6_big(CLIENT6, 33201, OTHER6, 53), 5, &CUTS);
@@ -290,6 +344,58 @@ fn a_later_fragment_before_its_first_is_dropped_at_a_frontend_and_passes_elsewhe
     }
     assert_eq!(h.counter("pass_fragment"), 4, "later fragments of no flow");
     assert_eq!(h.counter("pass_no_service"), 2, "their first fragments");
+    assert_eq!(h.counter("fragment_held"), 3);
+    // To a Node's address (a NodePort's, which a later fragment cannot show): held too.
+    let node_port = fragments4(&udp4(EXTERNAL_CLIENT, 33202, NODE1, NODE_PORT), 11, &CUTS);
+    assert_eq!(h.run(&node_port[2]).0, TC_ACT_SHOT);
+    assert_eq!(h.counter("fragment_held"), 4);
+    assert_eq!(h.run(&node_port[0]).0, TC_ACT_SHOT);
+    assert_eq!(h.counter("fragment_replayed"), 3);
+    let translated = fragments4(&udp4(EXTERNAL_CLIENT, 33202, BACKEND, 5353), 11, &CUTS);
+    run_all(
+        &mut h,
+        &node_port,
+        &translated,
+        TC_ACT_OK,
+        "NodePort replayed",
+    );
+    // In order to a port of the node no Service has (VXLAN's, its outer packets fragmented):
+    // the first passes and leaves its datagram known, so the later ones pass, not held.
+    let host = fragments4(&udp4(NODE2, 33203, NODE1, 4789), 12, &CUTS);
+    for packet in &host {
+        assert_eq!(h.run(packet), (TC_ACT_OK, packet.clone()));
+    }
+    assert_eq!(h.counter("fragment_held"), 4);
+}
+
+#[test]
+fn held_fragments_are_bounded_per_datagram_and_in_size() {
+    let mut h = node1(0);
+    // 8 slots per datagram: a ninth later fragment is dropped, and counted.
+    let cuts: Vec<usize> = (1..=9).map(|i| i * 8).collect();
+    let many = fragments4(&udp4(CLIENT, 33210, VIP, 53), 7, &cuts);
+    for later in &many[1..] {
+        assert_eq!(h.run(later).0, TC_ACT_SHOT);
+    }
+    assert_eq!(h.counter("fragment_held"), 8);
+    assert_eq!(h.counter("drop_fragment_not_held"), 1);
+    // A frame larger than a slot holds is dropped, and counted.
+    let mut big = udp4(CLIENT, 33211, VIP, 53);
+    big.extend_from_slice(&[0xab; 2100]);
+    let total_len = (big.len() - 14) as u16;
+    big[16..18].copy_from_slice(&total_len.to_be_bytes());
+    fix_ip_checksum(&mut big);
+    let big = fragments4(&big, 8, &[16]);
+    assert!(big[1].len() > weir_common::HELD_FRAME_BYTES);
+    assert_eq!(h.run(&big[1]).0, TC_ACT_SHOT);
+    assert_eq!(h.counter("drop_fragment_not_held"), 2);
+    assert_eq!(h.counter("fragment_held"), 8);
+    // The first replays the eight it has and is dropped; its copy is translated as usual.
+    assert_eq!(h.run(&many[0]).0, TC_ACT_SHOT);
+    assert_eq!(h.counter("fragment_replayed"), 1);
+    assert_eq!(held(&h), (vec![], vec![]));
+    assert_eq!(h.run(&many[0]).0, TC_ACT_OK);
+    assert_eq!(h.counter("ct_new_flow"), 1);
 }
 
 #[test]

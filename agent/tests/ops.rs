@@ -173,7 +173,11 @@ fn metrics_show_the_pipeline_and_the_data_path_counters() {
     }
     assert_eq!(
         weir_common::counter::NAMES[outcomes..],
-        ["ct_promoted", "ct_collision_resolved"],
+        [
+            "ct_promoted",
+            "ct_collision_resolved",
+            "fragment_replay_failed"
+        ],
         "every event counter has its metric below"
     );
     assert_eq!(
@@ -183,6 +187,11 @@ fn metrics_show_the_pipeline_and_the_data_path_counters() {
     );
     assert_eq!(
         sample(&text, "weir_conntrack_collisions_resolved_total"),
+        Some(0.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "weir_fragments_replay_failed_total"),
         Some(0.0),
         "{text}"
     );

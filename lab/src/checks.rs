@@ -107,6 +107,8 @@ struct ClientOptions {
     size: Option<u32>,
     /// The client's source port (every request from the same one).
     source_port: Option<u16>,
+    /// UDP: the datagram's fragments are sent first fragment last.
+    first_fragment_last: bool,
 }
 
 fn client_cmd(proto: Protocol, ip: IpAddr, port: u16, options: ClientOptions) -> Cmd {
@@ -114,6 +116,7 @@ fn client_cmd(proto: Protocol, ip: IpAddr, port: u16, options: ClientOptions) ->
         upload_bytes,
         size,
         source_port,
+        first_fragment_last,
     } = options;
     let target = host_port(ip, port);
     // socat's address options: a fixed source port is rebound by every request.
@@ -144,6 +147,17 @@ fn client_cmd(proto: Protocol, ip: IpAddr, port: u16, options: ClientOptions) ->
             .arg(format!("http://{target}/")),
         // -t1: after sending, wait up to a second for the answer; UDP has no end-of-stream.
         // -b: a datagram of any size the checks send goes out whole.
+        // This very executable, as the probes run it: on a VM it shares the host's path.
+        Protocol::Udp if first_fragment_last => Cmd::new(
+            std::env::current_exe()
+                .map_or_else(|_| "weir-lab".into(), |p| p.display().to_string()),
+        )
+        .args(["probe", "first-fragment-last"])
+        .arg(target)
+        .arg("--size")
+        .arg(size.unwrap_or(0).to_string())
+        .arg("--timeout")
+        .arg(format!("{CLIENT_TIMEOUT_S}s")),
         Protocol::Udp => Cmd::new("socat")
             .arg(format!("-T{CLIENT_TIMEOUT_S}"))
             .arg("-t1")
@@ -495,6 +509,7 @@ fn traffic(ctx: &mut CheckCtx<'_>, t: &TrafficCheck, proto: Protocol) -> Result<
             upload_bytes: t.upload_bytes,
             size: t.size,
             source_port: t.source_port,
+            first_fragment_last: t.first_fragment_last,
         };
         match request_sized(ctx.lab, from, proto, (ip, port), options) {
             Ok(((pod, seen), _)) => {

@@ -15,6 +15,7 @@ pub mod k8s;
 pub mod kube_proxy;
 pub mod matrix;
 pub mod probes;
+pub mod reorder;
 pub mod report;
 pub mod report_html;
 pub mod restart;

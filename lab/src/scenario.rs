@@ -681,6 +681,11 @@ pub struct TrafficCheck {
     /// reusing one port towards several frontends); TCP requests are then HTTP/1.0 by socat.
     #[serde(default)]
     pub source_port: Option<u16>,
+    /// UDP only, with a `size` beyond the path MTU: the client sends each datagram's fragments
+    /// itself, the first one last (`weir-lab probe first-fragment-last`), as a network that
+    /// reorders them delivers them.
+    #[serde(default)]
+    pub first_fragment_last: bool,
     #[serde(default)]
     pub expect: TrafficExpect,
 }
@@ -1346,6 +1351,16 @@ impl Scenario {
                 self.validate_traffic_target(&title, t, from, plan, proto == Protocol::Tcp)?;
                 if t.size.is_some() && proto != Protocol::Udp {
                     return Err(self.invalid(format!("check {title:?}: size is for UDP checks")));
+                }
+                if t.first_fragment_last && (proto != Protocol::Udp || t.size.is_none()) {
+                    return Err(self.invalid(format!(
+                        "check {title:?}: first_fragment_last is for UDP checks with a size"
+                    )));
+                }
+                if t.first_fragment_last && t.source_port.is_some() {
+                    return Err(self.invalid(format!(
+                        "check {title:?}: first_fragment_last picks its own source port"
+                    )));
                 }
                 if t.source_port == Some(0) {
                     return Err(

@@ -53,6 +53,12 @@ pub mod map_names {
     /// The client ports the backend's node moved for flows that arrived through the tunnel
     /// while another node's flow held their reply key, by client tuple and ingress node (LRU).
     pub const CT_MOVED_ARRIVALS: &str = "WEIR_CT_MOVED_ARRIVALS";
+    /// Datagrams with later fragments held until their first arrives (see [`HELD_FRAGMENTS`]).
+    /// Not pinned, as [`FRAGMENTS`].
+    pub const FRAGMENTS_HELD: &str = "WEIR_FRAGMENTS_HELD";
+    /// Later fragments that arrived before their first, whole frames, by datagram and slot (LRU).
+    /// Not pinned, as [`FRAGMENTS`].
+    pub const HELD_FRAGMENTS: &str = "WEIR_HELD_FRAGMENTS";
     /// Every map the agent pins, in the order it creates them.
     pub const PINNED: [&str; 16] = [
         SERVICES,
@@ -138,6 +144,11 @@ pub mod capacity {
     /// per connection of a client port reused through two ingress nodes towards one backend,
     /// as a quarter of the new-flow table.
     pub const CT_MOVED_ARRIVALS: u32 = 32_768;
+    /// Datagrams whose later fragments wait for their first (LRU): the marker the first looks for.
+    pub const FRAGMENTS_HELD: u32 = 1_024;
+    /// Later fragments waiting for their first (LRU, [`super::HeldFragment`] frames of about
+    /// 2 KiB: about 2 MiB), at most [`super::FRAGMENT_HOLD_SLOTS`] per datagram.
+    pub const HELD_FRAGMENTS: u32 = 1_024;
 }
 
 /// An IPv4 or IPv6 address as 16 raw bytes in network order.
@@ -282,6 +293,38 @@ pub struct FragPorts {
     pub sport_be: u16,
     pub dport_be: u16,
 }
+
+/// Later fragments of one datagram held at most, waiting for its first: 8 fragments of 1,500
+/// bytes are a 12 KB datagram, more than UDP services (DNS, QUIC, tunnels) send through an MTU.
+pub const FRAGMENT_HOLD_SLOTS: u32 = 8;
+
+/// The largest frame a held fragment may be (L2 header included): an MTU of 2,034 bytes.
+pub const HELD_FRAME_BYTES: usize = 2048;
+
+/// A held later fragment: its datagram and the slot it claimed (below [`FRAGMENT_HOLD_SLOTS`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct HeldFragmentKey {
+    pub datagram: FragKey,
+    pub slot: u32,
+}
+
+/// A later fragment held until its datagram's first fragment arrives: the whole frame as it
+/// arrived, replayed into the interface's ingress behind the first.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct HeldFragment {
+    /// When it was held (`bpf_ktime_get_ns`): older than [`FRAGMENT_HOLD_NS`] it is not replayed.
+    pub held_ns: u64,
+    /// Bytes of `frame` that are the frame.
+    pub len: u32,
+    pub _pad: u32,
+    pub frame: [u8; HELD_FRAME_BYTES],
+}
+
+/// How long a held fragment waits for its first: a reordering is a matter of milliseconds, and
+/// an IPv4 id may come round again (after 65,536 datagrams between two addresses).
+pub const FRAGMENT_HOLD_NS: u64 = 1_000_000_000;
 
 /// Maglev table sizes: primes, so every backend's permutation visits every entry. A table of
 /// more than 100 entries per backend spreads flows evenly and moves little more than 1/N of them
@@ -719,6 +762,7 @@ pub mod counter {
     pub const DROP_RESET_NO_BACKEND: u32 = 28;
     /// A later fragment to a frontend address whose first fragment was not translated here
     /// (not seen yet, lost, or its entry evicted): it cannot be translated without the ports.
+    /// Only through the tunnel: elsewhere such a fragment is held ([`FRAGMENT_HELD`]).
     pub const DROP_FRAGMENT_UNKNOWN: u32 = 29;
     /// A packet to a ClusterIP, external IP or load-balancer IP that nothing translates (a port
     /// the Service does not have, ICMP echo, another protocol, an extension header Weir does not
@@ -728,17 +772,30 @@ pub mod counter {
     /// and port reaching one backend through two frontends) found no free source port towards
     /// the backend within its bounded tries: dropped rather than misrouted.
     pub const DROP_CT_COLLISION: u32 = 31;
+    /// A later fragment to a frontend address or a Node's (a NodePort's) arrived before its
+    /// first, not through the tunnel: its frame is held
+    /// ([`super::map_names::HELD_FRAGMENTS`]) and replayed behind its first.
+    pub const FRAGMENT_HELD: u32 = 32;
+    /// A first fragment found later ones of its datagram held: it and they were sent into the
+    /// ingress of its interface again, in that order (each counts its own outcome there); the
+    /// packet itself, their vessel, is dropped.
+    pub const FRAGMENT_REPLAYED: u32 = 33;
+    /// A later fragment that would be held, but its frame is larger than
+    /// [`super::HELD_FRAME_BYTES`], or its datagram holds [`super::FRAGMENT_HOLD_SLOTS`] already.
+    pub const DROP_FRAGMENT_NOT_HELD: u32 = 34;
     /// Outcomes are the counters below this index: exactly one per packet.
-    pub const OUTCOMES: u32 = 32;
+    pub const OUTCOMES: u32 = 35;
     /// Event: a flow was answered, and its entries moved from the new-flow table to the
     /// established one. New flows minus promotions is what a flood leaves unanswered.
-    pub const CT_PROMOTED: u32 = 32;
+    pub const CT_PROMOTED: u32 = 35;
     /// Event: a new flow's reply key was taken by another flow, and the flow got another source
     /// port towards its backend (restored on its replies and ICMP errors): at the node that
     /// translates it, or at the backend's node for a flow another node translated (see
     /// `MovedArrivalKey`).
-    pub const CT_COLLISION_RESOLVED: u32 = 33;
-    pub const COUNT: u32 = 34;
+    pub const CT_COLLISION_RESOLVED: u32 = 36;
+    /// Event: a held fragment was not replayed (held too long ago, or a helper failed): lost.
+    pub const FRAGMENT_REPLAY_FAILED: u32 = 37;
+    pub const COUNT: u32 = 38;
 
     /// Names for display, indexed by counter.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -774,8 +831,12 @@ pub mod counter {
         "drop_fragment_unknown",
         "drop_frontend_untranslated",
         "drop_ct_collision",
+        "fragment_held",
+        "fragment_replayed",
+        "drop_fragment_not_held",
         "ct_promoted",
         "ct_collision_resolved",
+        "fragment_replay_failed",
     ];
 }
 
@@ -817,6 +878,10 @@ mod pod {
     unsafe impl aya::Pod for FragPorts {}
     // SAFETY: as above.
     unsafe impl aya::Pod for MovedArrivalKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for HeldFragmentKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for HeldFragment {}
 }
 
 // The layouts are part of the pinned-map ABI: fail the build, not the kernel, if they move.
@@ -839,4 +904,6 @@ const _: () = {
     assert!(core::mem::size_of::<FragKey>() == 40);
     assert!(core::mem::size_of::<FragPorts>() == 4);
     assert!(core::mem::size_of::<MovedArrivalKey>() == 60);
+    assert!(core::mem::size_of::<HeldFragmentKey>() == 44);
+    assert!(core::mem::size_of::<HeldFragment>() == 16 + HELD_FRAME_BYTES);
 };

@@ -75,6 +75,9 @@ pub const ACTION_ICMP_TUNNEL: i32 = -1002;
 /// Not a tc action: asks the entry function to route the translated (ICMP error) packet from
 /// the scratch entry's `nat_addr`, one of the node's own addresses.
 pub const ACTION_ICMP_ROUTE: i32 = -1003;
+/// Not a tc action: a later fragment of no datagram known here; the entry function holds it for
+/// its first fragment or passes it (see `frag.rs`).
+const ACTION_HOLD: i32 = -1004;
 
 impl Verdict {
     #[inline(always)]
@@ -198,10 +201,27 @@ fn process(ctx: &TcContext) -> Result<Verdict, u32> {
         };
     }
     let verdict = match ip.proto {
+        // Later fragments of its datagram held: it and they go round again.
+        PROTO_TCP | PROTO_UDP
+            if ip.fragment == FIRST_FRAGMENT && frag::replay(ctx, ip, from_tunnel.id) =>
+        {
+            Verdict::drop(counter::FRAGMENT_REPLAYED)
+        }
         PROTO_TCP | PROTO_UDP => flow(ctx, ip, config, &from_tunnel),
         // ICMP errors are never fragmented (a quote fits the minimum MTU).
         _ if ip.fragment != NOT_FRAGMENT => Verdict::pass(counter::PASS_ICMP_UNRELATED),
         _ => icmp::icmp_error(ctx, ip),
+    };
+    // A later fragment of no datagram known here, to a frontend or to a Node's address (a
+    // NodePort's, or the node's own traffic), is held for its first; any other passes.
+    let verdict = if verdict.action() != ACTION_HOLD {
+        verdict
+    } else {
+        let untranslated = unless_frontend(ip, counter::PASS_FRAGMENT);
+        match frag::hold_if_due(ctx, ip, from_tunnel.id, untranslated) {
+            frag::NOT_HELD => Verdict::pass(counter::PASS_FRAGMENT),
+            outcome => Verdict::drop(outcome),
+        }
     };
     let untranslated = verdict.counter() == counter::PASS_NO_SERVICE
         || verdict.counter() == counter::PASS_ICMP_UNRELATED
@@ -371,7 +391,8 @@ fn flow_inner(
         // Its ports are the first fragment's; it never starts a flow (see `frag.rs`).
         let ports = frag::later_ports(ip);
         if ports == frag::UNKNOWN {
-            return Ok(Verdict::pass(counter::PASS_FRAGMENT));
+            // Before its first, or of untranslated traffic: the entry function decides.
+            return Ok(Verdict::new(counter::PASS_FRAGMENT, ACTION_HOLD));
         }
         (ports as u16, (ports >> 16) as u16, 0)
     } else {
@@ -453,6 +474,10 @@ fn flow_inner(
     }
 
     let Some(service) = find_service(ctx, ip, dport_be, from_tunnel.is_some()) else {
+        // Its later fragments pass too, not held for a first fragment already gone by.
+        if ip.fragment == FIRST_FRAGMENT && frag::to_a_node(ip) {
+            frag::remember(&flow.key);
+        }
         return Ok(Verdict::pass(counter::PASS_NO_SERVICE));
     };
     // loadBalancerSourceRanges: only listed sources start flows at a restricted frontend. A

@@ -8,8 +8,8 @@ use aya_ebpf::{
 };
 use weir_common::{
     capacity, counter, AffinityKey, AffinityValue, BackendSlotKey, BackendValue, CtKey, CtValue,
-    FragKey, FragPorts, FrontendKey, HostAddrKey, MaglevChunk, MaglevKey, MovedArrivalKey,
-    NodeConfig, ServiceValue, SockReverseKey, SourceRange,
+    FragKey, FragPorts, FrontendKey, HeldFragment, HeldFragmentKey, HostAddrKey, MaglevChunk,
+    MaglevKey, MovedArrivalKey, NodeConfig, ServiceValue, SockReverseKey, SourceRange,
 };
 
 const BPF_F_NO_PREALLOC: u32 = 1;
@@ -59,6 +59,21 @@ pub static FRONTEND_ADDRS: HashMap<HostAddrKey, u32> =
 #[map(name = "WEIR_FRAGMENTS")]
 pub static FRAGMENTS: LruHashMap<FragKey, FragPorts> =
     LruHashMap::with_max_entries(capacity::FRAGMENTS, 0);
+
+/// Datagrams with later fragments held until their first arrives (see `frag.rs`).
+#[map(name = "WEIR_FRAGMENTS_HELD")]
+pub static FRAGMENTS_HELD: LruHashMap<FragKey, u32> =
+    LruHashMap::with_max_entries(capacity::FRAGMENTS_HELD, 0);
+
+/// The held later fragments themselves, whole frames (see `frag.rs`).
+#[map(name = "WEIR_HELD_FRAGMENTS")]
+pub static HELD_FRAGMENTS: LruHashMap<HeldFragmentKey, HeldFragment> =
+    LruHashMap::with_max_entries(capacity::HELD_FRAGMENTS, 0);
+
+/// A frame being held is copied here first: a map value is built in memory, and 2 KiB do not
+/// fit the stack. Never pinned.
+#[map(name = "WEIR_HOLD_SCRATCH")]
+pub static HOLD_SCRATCH: PerCpuArray<HeldFragment> = PerCpuArray::with_max_entries(1, 0);
 
 #[map(name = "WEIR_NODE_CONFIG")]
 pub static NODE_CONFIG: Array<NodeConfig> = Array::with_max_entries(1, 0);

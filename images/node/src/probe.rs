@@ -31,6 +31,7 @@ pub const WEIR_HELPERS: &[(&str, i32, CalledFrom)] = &[
     ("skb_store_bytes", 9, CalledFrom::Tc),
     ("l3_csum_replace", 10, CalledFrom::Tc),
     ("l4_csum_replace", 11, CalledFrom::Tc),
+    ("clone_redirect", 13, CalledFrom::Tc),
     ("skb_get_tunnel_key", 20, CalledFrom::Tc),
     ("skb_set_tunnel_key", 21, CalledFrom::Tc),
     ("redirect", 23, CalledFrom::Tc),

@@ -37,6 +37,19 @@ pub enum ProbeCommand {
     /// Keep one flow to TARGET, a request every interval, logging each send, answer and error
     /// (a scenario's `[[probes]]`); runs until stopped or `--life` has passed.
     Stream(StreamArgs),
+    /// One UDP datagram to TARGET whose fragments are sent first fragment last; prints the
+    /// answer (a UDP check's `first_fragment_last`).
+    FirstFragmentLast(FirstFragmentLastArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct FirstFragmentLastArgs {
+    pub target: std::net::SocketAddr,
+    /// The datagram's size in bytes: more than the path MTU.
+    #[arg(long)]
+    pub size: u32,
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
 }
 
 #[derive(Debug, clap::Args)]
@@ -93,6 +106,8 @@ pub enum ProbeError {
         what: String,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Reorder(#[from] crate::reorder::ReorderError),
 }
 
 fn sys(what: impl Into<String>) -> impl FnOnce(nix::Error) -> ProbeError {
@@ -167,6 +182,9 @@ pub fn run(cmd: &ProbeCommand) -> Result<(), ProbeError> {
             let mut out = std::io::stdout().lock();
             return crate::probes::run_client(kind, a.target, a.interval, a.size, life, &mut out)
                 .map_err(io(format!("stream to {}", a.target)));
+        }
+        ProbeCommand::FirstFragmentLast(a) => {
+            return Ok(crate::reorder::run(a.target, a.size, a.timeout)?);
         }
     };
     // Reports are plain data: they always serialize.

@@ -1,0 +1,351 @@
+//! A UDP client whose datagram arrives first fragment last (`weir-lab probe first-fragment-last`,
+//! a UDP check's `first_fragment_last`): the order a node must cope with when a network
+//! reorders fragments, made deterministic. The kernel fragments a datagram itself and sends the
+//! first fragment first, and a qdisc that delays first fragments (prio + netem) is not in every
+//! kernel the lab runs on; so the client cuts the datagram itself, to the route's path MTU, and
+//! sends the fragments through a raw socket, later ones first. The answer comes back to an
+//! ordinary UDP socket bound to the datagram's source, and is printed as socat prints it.
+
+use std::io::Write;
+use std::mem::size_of;
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::time::Duration;
+
+/// IPv4 header without options, and IPv6 fixed header plus fragment header.
+const IPV4_HLEN: usize = 20;
+const IPV6_HLEN: usize = 40;
+const IPV6_FRAG_HLEN: usize = 8;
+const UDP_HLEN: usize = 8;
+const PROTO_UDP: u8 = 17;
+const IPV6_NEXT_FRAGMENT: u8 = 44;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReorderError {
+    #[error("{what}: {source}")]
+    Io {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("a {size}-byte datagram fits a path MTU of {mtu}: nothing to reorder")]
+    NotFragmented { size: usize, mtu: usize },
+}
+
+fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> ReorderError {
+    move |source| ReorderError::Io { what, source }
+}
+
+/// Sends `payload` to `target` in fragments, the first one last, and returns the answer.
+pub fn request(
+    target: SocketAddr,
+    payload: &[u8],
+    timeout: Duration,
+) -> Result<Vec<u8>, ReorderError> {
+    let bind: SocketAddr = if target.is_ipv6() {
+        "[::]:0".parse().expect("literal address")
+    } else {
+        "0.0.0.0:0".parse().expect("literal address")
+    };
+    let socket = UdpSocket::bind(bind).map_err(io("binding the UDP socket"))?;
+    // Connected: the kernel picks the source address and knows the path MTU.
+    socket
+        .connect(target)
+        .map_err(io("connecting the UDP socket"))?;
+    socket
+        .set_read_timeout(Some(timeout))
+        .map_err(io("setting the receive timeout"))?;
+    let source = socket
+        .local_addr()
+        .map_err(io("reading the source address"))?;
+    let mtu = path_mtu(&socket, target.is_ipv6())?;
+    let datagram = udp_datagram(source, target, payload);
+    let fragments = match (source.ip(), target.ip()) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => fragments4(s.octets(), d.octets(), &datagram, mtu),
+        (IpAddr::V6(s), IpAddr::V6(d)) => fragments6(s.octets(), d.octets(), &datagram, mtu),
+        _ => unreachable!("a socket connected to one family has a source of it"),
+    };
+    if fragments.len() < 2 {
+        return Err(ReorderError::NotFragmented {
+            size: datagram.len(),
+            mtu,
+        });
+    }
+    let raw = raw_socket(target.is_ipv6())?;
+    // Later ones first, in order, then the first.
+    for fragment in fragments[1..].iter().chain(&fragments[..1]) {
+        send_raw(&raw, target, fragment)?;
+    }
+    let mut answer = vec![0u8; 65_536];
+    let n = socket
+        .recv(&mut answer)
+        .map_err(io("waiting for the answer"))?;
+    answer.truncate(n);
+    Ok(answer)
+}
+
+/// The probe's entry: the answer on stdout, as socat prints it.
+pub fn run(target: SocketAddr, size: u32, timeout: Duration) -> Result<(), ReorderError> {
+    let answer = request(target, &crate::checks::datagram(Some(size)), timeout)?;
+    let mut out = std::io::stdout().lock();
+    out.write_all(&answer)
+        .and_then(|()| out.flush())
+        .map_err(io("writing the answer"))
+}
+
+/// The path MTU the kernel holds for the connected socket's route (a learnt one included).
+fn path_mtu(socket: &UdpSocket, v6: bool) -> Result<usize, ReorderError> {
+    let (level, name) = if v6 {
+        (libc::IPPROTO_IPV6, libc::IPV6_MTU)
+    } else {
+        (libc::IPPROTO_IP, libc::IP_MTU)
+    };
+    let mut mtu: libc::c_int = 0;
+    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: the descriptor is the socket's own, and `mtu`/`len` are a c_int and its size, as
+    // IP_MTU / IPV6_MTU return.
+    let ret = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            level,
+            name,
+            (&mut mtu as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if ret != 0 {
+        return Err(ReorderError::Io {
+            what: "reading the path MTU",
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(mtu as usize)
+}
+
+/// The UDP header and payload, its checksum over the pseudo-header of `source` -> `target`.
+fn udp_datagram(source: SocketAddr, target: SocketAddr, payload: &[u8]) -> Vec<u8> {
+    let len = (UDP_HLEN + payload.len()) as u16;
+    let mut datagram = Vec::with_capacity(len as usize);
+    datagram.extend_from_slice(&source.port().to_be_bytes());
+    datagram.extend_from_slice(&target.port().to_be_bytes());
+    datagram.extend_from_slice(&len.to_be_bytes());
+    datagram.extend_from_slice(&[0, 0]);
+    datagram.extend_from_slice(payload);
+    let mut pseudo = Vec::new();
+    match (source.ip(), target.ip()) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            pseudo.extend_from_slice(&s.octets());
+            pseudo.extend_from_slice(&d.octets());
+            pseudo.extend_from_slice(&[0, PROTO_UDP]);
+            pseudo.extend_from_slice(&len.to_be_bytes());
+        }
+        (s, d) => {
+            pseudo.extend_from_slice(&ip6_octets(s));
+            pseudo.extend_from_slice(&ip6_octets(d));
+            pseudo.extend_from_slice(&u32::from(len).to_be_bytes());
+            pseudo.extend_from_slice(&[0, 0, 0, PROTO_UDP]);
+        }
+    }
+    let sum = checksum(&[&pseudo, &datagram]);
+    // A computed 0 is sent as all ones: 0 means "no checksum" (and is not allowed over IPv6).
+    let sum = if sum == 0 { 0xffff } else { sum };
+    datagram[6..8].copy_from_slice(&sum.to_be_bytes());
+    datagram
+}
+
+fn ip6_octets(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V6(v6) => v6.octets(),
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+    }
+}
+
+/// The Internet checksum (RFC 1071) of the concatenated parts, each of even length but the last.
+fn checksum(parts: &[&[u8]]) -> u16 {
+    let mut sum: u32 = 0;
+    for part in parts {
+        for pair in part.chunks(2) {
+            let word = u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]);
+            sum += u32::from(word);
+        }
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// A datagram id for the fragments: what the kernel would not be using for the same pair
+/// right now is unknowable, so one from the clock.
+fn fragment_id() -> u32 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.subsec_nanos());
+    nanos | 1
+}
+
+/// The payload's share of each fragment: as much as fits `room`, a multiple of 8 bytes.
+fn cuts(len: usize, room: usize) -> Vec<(usize, usize)> {
+    let step = room & !7;
+    (0..len)
+        .step_by(step)
+        .map(|start| (start, (start + step).min(len)))
+        .collect()
+}
+
+/// IPv4 fragments (header checksum 0: the kernel fills it in on a raw socket).
+fn fragments4(source: [u8; 4], target: [u8; 4], datagram: &[u8], mtu: usize) -> Vec<Vec<u8>> {
+    let id = fragment_id() as u16;
+    cuts(datagram.len(), mtu - IPV4_HLEN)
+        .into_iter()
+        .map(|(start, end)| {
+            let more = if end < datagram.len() { 0x2000 } else { 0 };
+            let flags_offset = more | (start / 8) as u16;
+            let mut packet = Vec::with_capacity(IPV4_HLEN + end - start);
+            packet.extend_from_slice(&[0x45, 0]);
+            packet.extend_from_slice(&((IPV4_HLEN + end - start) as u16).to_be_bytes());
+            packet.extend_from_slice(&id.to_be_bytes());
+            packet.extend_from_slice(&flags_offset.to_be_bytes());
+            packet.extend_from_slice(&[64, PROTO_UDP, 0, 0]);
+            packet.extend_from_slice(&source);
+            packet.extend_from_slice(&target);
+            let sum = checksum(&[&packet]);
+            packet[10..12].copy_from_slice(&sum.to_be_bytes());
+            packet.extend_from_slice(&datagram[start..end]);
+            packet
+        })
+        .collect()
+}
+
+/// IPv6 fragments, each with a fragment header.
+fn fragments6(source: [u8; 16], target: [u8; 16], datagram: &[u8], mtu: usize) -> Vec<Vec<u8>> {
+    let id = fragment_id();
+    cuts(datagram.len(), mtu - IPV6_HLEN - IPV6_FRAG_HLEN)
+        .into_iter()
+        .map(|(start, end)| {
+            let more = u16::from(end < datagram.len());
+            let payload_len = (IPV6_FRAG_HLEN + end - start) as u16;
+            let mut packet = Vec::with_capacity(IPV6_HLEN + payload_len as usize);
+            packet.extend_from_slice(&[0x60, 0, 0, 0]);
+            packet.extend_from_slice(&payload_len.to_be_bytes());
+            packet.extend_from_slice(&[IPV6_NEXT_FRAGMENT, 64]);
+            packet.extend_from_slice(&source);
+            packet.extend_from_slice(&target);
+            packet.extend_from_slice(&[PROTO_UDP, 0]);
+            packet.extend_from_slice(&((start as u16) | more).to_be_bytes());
+            packet.extend_from_slice(&id.to_be_bytes());
+            packet.extend_from_slice(&datagram[start..end]);
+            packet
+        })
+        .collect()
+}
+
+/// A raw socket that sends whole IP packets as given (IPPROTO_RAW implies the header is ours).
+fn raw_socket(v6: bool) -> Result<OwnedFd, ReorderError> {
+    let family = if v6 { libc::AF_INET6 } else { libc::AF_INET };
+    // SAFETY: plain integer arguments; the result is checked before use.
+    let fd = unsafe {
+        libc::socket(
+            family,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::IPPROTO_RAW,
+        )
+    };
+    if fd < 0 {
+        return Err(ReorderError::Io {
+            what: "opening a raw socket",
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    // SAFETY: `fd` is a descriptor just opened and owned by nothing else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn send_raw(raw: &OwnedFd, target: SocketAddr, packet: &[u8]) -> Result<(), ReorderError> {
+    // The port stays 0: on an IPPROTO_RAW socket it would name a protocol.
+    let target = SocketAddr::new(target.ip(), 0);
+    let sent = match target {
+        SocketAddr::V4(v4) => {
+            let addr = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: 0,
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(v4.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: the buffer and the address are valid for the lengths given.
+            unsafe {
+                libc::sendto(
+                    raw.as_raw_fd(),
+                    packet.as_ptr().cast(),
+                    packet.len(),
+                    0,
+                    (&addr as *const libc::sockaddr_in).cast(),
+                    size_of::<libc::sockaddr_in>() as libc::socklen_t,
+                )
+            }
+        }
+        SocketAddr::V6(v6) => {
+            let addr = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: 0,
+                sin6_flowinfo: 0,
+                sin6_addr: libc::in6_addr {
+                    s6_addr: v6.ip().octets(),
+                },
+                sin6_scope_id: 0,
+            };
+            // SAFETY: as above.
+            unsafe {
+                libc::sendto(
+                    raw.as_raw_fd(),
+                    packet.as_ptr().cast(),
+                    packet.len(),
+                    0,
+                    (&addr as *const libc::sockaddr_in6).cast(),
+                    size_of::<libc::sockaddr_in6>() as libc::socklen_t,
+                )
+            }
+        }
+    };
+    if sent < 0 {
+        return Err(ReorderError::Io {
+            what: "sending a fragment",
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_datagram_is_cut_in_multiples_of_eight_and_checksummed() {
+        let source: SocketAddr = "198.18.0.201:40000".parse().unwrap();
+        let target: SocketAddr = "198.18.0.1:30093".parse().unwrap();
+        let datagram = udp_datagram(source, target, &[7u8; 3992]);
+        assert_eq!(datagram.len(), 4000);
+        let [IpAddr::V4(s), IpAddr::V4(d)] = [source.ip(), target.ip()] else {
+            unreachable!()
+        };
+        let fragments = fragments4(s.octets(), d.octets(), &datagram, 1500);
+        let sizes: Vec<usize> = fragments.iter().map(Vec::len).collect();
+        assert_eq!(sizes, vec![1500, 1500, 1060]);
+        // More fragments on all but the last; offsets in 8-byte units.
+        let flags: Vec<u16> = fragments
+            .iter()
+            .map(|f| u16::from_be_bytes([f[6], f[7]]))
+            .collect();
+        assert_eq!(flags, vec![0x2000, 0x2000 | 185, 370]);
+        // Verifying a checksum over the pseudo-header and the whole datagram gives 0.
+        let mut pseudo = s.octets().to_vec();
+        pseudo.extend_from_slice(&d.octets());
+        pseudo.extend_from_slice(&[0, PROTO_UDP, 0x0f, 0xa0]);
+        assert_eq!(checksum(&[&pseudo, &datagram]), 0);
+        let six = fragments6([0xfd; 16], [0xfe; 16], &datagram, 1450);
+        let sizes: Vec<usize> = six.iter().map(Vec::len).collect();
+        assert_eq!(sizes, vec![1448, 1448, 1248]);
+    }
+}
