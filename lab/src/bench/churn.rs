@@ -21,7 +21,11 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::sync::{node_only_plan, start_on_dir, state_files, wait_for_log, weir_full};
-use super::{churn, host_info, table, unix_now, write_json, BenchCommon, BenchEnv, BenchError};
+use super::weir::stop_and_tear_down;
+use super::{
+    churn, host_info, iptables_restore, iptables_save, table, unix_now, write_json, BenchCommon,
+    BenchEnv, BenchError, RunRoot,
+};
 use super::{connect, Synthetic};
 use crate::backend::{BackendKind, Cmd, Lab};
 use crate::kube_proxy::{self, Flavor, Proxier, ProxierConfig};
@@ -181,27 +185,16 @@ pub fn run(o: &ChurnOptions, env: &BenchEnv) -> Result<ChurnResults, BenchError>
         ));
     }
     let started_unix = unix_now();
-    let run_root = env
-        .report_dir
-        .join("bench")
-        .join(format!("churn-{}", std::process::id()));
-    std::fs::create_dir_all(&run_root)
-        .map_err(BenchError::io(format!("creating {}", run_root.display())))?;
+    let run_root = RunRoot::create(env, "churn")?;
     let scenario = synth.scenario("bench-churn")?;
     let plan = synth.plan();
     let churned = services / 2;
 
     let mut sides = Vec::new();
     if !o.no_iptables {
-        let restore = o.iptables.find_restore().ok_or_else(|| {
-            BenchError::Setup(format!(
-                "{} not found: install iptables or pass --no-iptables",
-                o.iptables.restore_binary()
-            ))
-        })?;
-        let save = kube_proxy::find_program(&o.iptables.save_binary())
-            .ok_or_else(|| BenchError::Setup(format!("{} not found", o.iptables.save_binary())))?;
-        let dir = run_root.join(o.iptables.name());
+        let restore = iptables_restore(o.iptables)?;
+        let save = iptables_save(o.iptables)?;
+        let dir = run_root.0.join(o.iptables.name());
         println!(
             "bench churn: kube-proxy ({}), {services} services x {}, {:.0} s",
             o.iptables.name(),
@@ -214,7 +207,7 @@ pub fn run(o: &ChurnOptions, env: &BenchEnv) -> Result<ChurnResults, BenchError>
         )?);
     }
     if !o.no_weir {
-        let dir = run_root.join("weir");
+        let dir = run_root.0.join("weir");
         println!(
             "bench churn: weir, {services} services x {}, {:.0} s",
             o.endpoints,
@@ -222,10 +215,7 @@ pub fn run(o: &ChurnOptions, env: &BenchEnv) -> Result<ChurnResults, BenchError>
         );
         sides.push(weir_side(o, env, &scenario, &plan, &dir, &phases, churned)?);
     }
-    let _ = std::fs::remove_dir_all(&run_root);
-    if let Some(parent) = run_root.parent() {
-        let _ = std::fs::remove_dir(parent);
-    }
+    run_root.finish();
     let results = ChurnResults {
         bench: "churn",
         started_unix,
@@ -523,15 +513,7 @@ fn weir_side(
             samples,
         })
     })();
-    if let Some(a) = &agent {
-        if let Err(e) = a.stop(lab.as_mut()) {
-            tracing::warn!("stopping the agent: {e}");
-        }
-    }
-    let teardown = lab.teardown();
-    if let Some(a) = &agent {
-        a.remove_pins();
-    }
+    let teardown = stop_and_tear_down(agent.as_ref(), lab.as_mut());
     let side = result?;
     teardown?;
     Ok(side)

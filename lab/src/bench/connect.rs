@@ -191,13 +191,7 @@ pub fn run(o: &ConnectOptions, env: &BenchEnv) -> Result<ConnectResults, BenchEr
     };
     let mut restore_bins = Vec::new();
     for f in &flavors {
-        let bin = f.find_restore().ok_or_else(|| {
-            BenchError::Setup(format!(
-                "{} not found: install iptables or pass --no-iptables",
-                f.restore_binary()
-            ))
-        })?;
-        restore_bins.push((*f, bin));
+        restore_bins.push((*f, super::iptables_restore(*f)?));
     }
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let cpu = o.cpu.unwrap_or(cpus - 1);
@@ -208,12 +202,7 @@ pub fn run(o: &ConnectOptions, env: &BenchEnv) -> Result<ConnectResults, BenchEr
     }
 
     let started_unix = unix_now();
-    let run_root = env
-        .report_dir
-        .join("bench")
-        .join(format!("connect-{}", std::process::id()));
-    std::fs::create_dir_all(&run_root)
-        .map_err(BenchError::io(format!("creating {}", run_root.display())))?;
+    let run_root = super::RunRoot::create(env, "connect")?;
 
     let mut wanted = vec![(Kind::Direct, 1)];
     for &size in &sizes {
@@ -226,7 +215,15 @@ pub fn run(o: &ConnectOptions, env: &BenchEnv) -> Result<ConnectResults, BenchEr
     let outcome = (|| -> Result<ConnectResults, BenchError> {
         for (kind, size) in wanted {
             let t = Instant::now();
-            let path = build_path(kind, size, o.endpoints, cpu, env, &run_root, &restore_bins)?;
+            let path = build_path(
+                kind,
+                size,
+                o.endpoints,
+                cpu,
+                env,
+                &run_root.0,
+                &restore_bins,
+            )?;
             println!(
                 "bench connect: {} ready in {:.1}s (installing took {:.2}s)",
                 path.name(),
@@ -278,11 +275,7 @@ pub fn run(o: &ConnectOptions, env: &BenchEnv) -> Result<ConnectResults, BenchEr
     if let Some(e) = teardown_error {
         return Err(e);
     }
-    // Run files are kept only when something failed; `bench/` goes too if nothing else is in it.
-    let _ = std::fs::remove_dir_all(&run_root);
-    if let Some(parent) = run_root.parent() {
-        let _ = std::fs::remove_dir(parent);
-    }
+    run_root.finish();
 
     print!("{}", results.table);
     let json = env.report_dir.join("bench-connect.json");

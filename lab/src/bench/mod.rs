@@ -286,6 +286,46 @@ pub(crate) fn unix_now() -> f64 {
         .map_or(0.0, |d| d.as_secs_f64())
 }
 
+/// A bench run's scratch directory below the report directory, `bench/NAME-PID`: its labs'
+/// files, kept only when something failed (see [`RunRoot::finish`]).
+pub(crate) struct RunRoot(pub PathBuf);
+
+impl RunRoot {
+    pub(crate) fn create(env: &BenchEnv, name: &str) -> Result<RunRoot, BenchError> {
+        let dir = env
+            .report_dir
+            .join("bench")
+            .join(format!("{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)
+            .map_err(BenchError::io(format!("creating {}", dir.display())))?;
+        Ok(RunRoot(dir))
+    }
+
+    /// The run went well: its files go, and `bench/` too if nothing else is in it.
+    pub(crate) fn finish(self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+        if let Some(parent) = self.0.parent() {
+            let _ = std::fs::remove_dir(parent);
+        }
+    }
+}
+
+/// The `iptables-restore` of `flavor`, or what to do without it.
+pub(crate) fn iptables_restore(flavor: crate::kube_proxy::Flavor) -> Result<PathBuf, BenchError> {
+    flavor.find_restore().ok_or_else(|| {
+        BenchError::Setup(format!(
+            "{} not found: install iptables or pass --no-iptables",
+            flavor.restore_binary()
+        ))
+    })
+}
+
+/// The `iptables-save` of `flavor`.
+pub(crate) fn iptables_save(flavor: crate::kube_proxy::Flavor) -> Result<PathBuf, BenchError> {
+    crate::kube_proxy::find_program(&flavor.save_binary())
+        .ok_or_else(|| BenchError::Setup(format!("{} not found", flavor.save_binary())))
+}
+
 pub(crate) fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<(), BenchError> {
     let text = serde_json::to_string_pretty(value).expect("bench results serialize");
     std::fs::write(path, text + "\n").map_err(BenchError::io(format!("writing {}", path.display())))

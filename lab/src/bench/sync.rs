@@ -29,10 +29,10 @@ use serde::Serialize;
 
 use super::connect::{measured, restore_measured, CLUSTER_CIDR};
 use super::probe::MeasureReport;
-use super::weir::{applied_lines, BenchAgent, ProcessFigures};
+use super::weir::{applied_lines, stop_and_tear_down, BenchAgent, ProcessFigures};
 use super::{
-    churn, host_info, median, table, unix_now, write_json, BenchCommon, BenchEnv, BenchError,
-    Synthetic,
+    churn, host_info, iptables_restore, iptables_save, median, table, unix_now, write_json,
+    BenchCommon, BenchEnv, BenchError, RunRoot, Synthetic,
 };
 use crate::backend::Cmd;
 use crate::backend::Lab;
@@ -146,24 +146,11 @@ pub fn run(o: &SyncOptions, env: &BenchEnv) -> Result<SyncResults, BenchError> {
         flavors.sort_unstable();
         flavors.dedup();
         for f in flavors {
-            let restore = f.find_restore().ok_or_else(|| {
-                BenchError::Setup(format!(
-                    "{} not found: install iptables or pass --no-iptables",
-                    f.restore_binary()
-                ))
-            })?;
-            let save = kube_proxy::find_program(&f.save_binary())
-                .ok_or_else(|| BenchError::Setup(format!("{} not found", f.save_binary())))?;
-            restore_bins.push((f, restore, save));
+            restore_bins.push((f, iptables_restore(f)?, iptables_save(f)?));
         }
     }
     let started_unix = unix_now();
-    let run_root = env
-        .report_dir
-        .join("bench")
-        .join(format!("sync-{}", std::process::id()));
-    std::fs::create_dir_all(&run_root)
-        .map_err(BenchError::io(format!("creating {}", run_root.display())))?;
+    let run_root = RunRoot::create(env, "sync")?;
     let scenario = synth.scenario("bench-sync")?;
     let plan = synth.plan();
 
@@ -177,7 +164,7 @@ pub fn run(o: &SyncOptions, env: &BenchEnv) -> Result<SyncResults, BenchError> {
             idle: None,
         };
         for rep in 0..o.repeats {
-            let dir = run_root.join(format!("{}-{rep}", flavor.name()));
+            let dir = run_root.0.join(format!("{}-{rep}", flavor.name()));
             let with_updates = rep == 0;
             iptables_side(
                 o,
@@ -209,7 +196,7 @@ pub fn run(o: &SyncOptions, env: &BenchEnv) -> Result<SyncResults, BenchError> {
             idle: None,
         };
         for rep in 0..o.repeats {
-            let dir = run_root.join(format!("weir-{rep}"));
+            let dir = run_root.0.join(format!("weir-{rep}"));
             weir_side(o, env, &scenario, &plan, &dir, rep, rep == 0, &mut side)?;
             println!(
                 "bench sync-baseline: weir full sync {}/{}: {:.2}s",
@@ -220,11 +207,7 @@ pub fn run(o: &SyncOptions, env: &BenchEnv) -> Result<SyncResults, BenchError> {
         }
         sides.push(side);
     }
-    // Run files are kept only when something failed; `bench/` goes too if nothing else is in it.
-    let _ = std::fs::remove_dir_all(&run_root);
-    if let Some(parent) = run_root.parent() {
-        let _ = std::fs::remove_dir(parent);
-    }
+    run_root.finish();
 
     let results = SyncResults {
         bench: "sync-baseline",
@@ -382,17 +365,9 @@ fn weir_side(
         }
         Ok(())
     })();
-    if let Some(a) = &agent {
-        if let Err(e) = a.stop(lab.as_mut()) {
-            tracing::warn!("stopping the agent: {e}");
-        }
-    }
-    let teardown = lab.teardown();
-    if let Some(a) = &agent {
-        a.remove_pins();
-    }
+    let teardown = stop_and_tear_down(agent.as_ref(), lab.as_mut());
     result?;
-    Ok(teardown?)
+    teardown
 }
 
 /// [`BenchAgent::start`], with a state directory instead of a state file.

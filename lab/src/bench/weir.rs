@@ -240,6 +240,21 @@ pub fn parse_rfc3339_utc(s: &str) -> Option<SystemTime> {
     Some(UNIX_EPOCH + Duration::new(u64::try_from(secs).ok()?, nanos))
 }
 
+/// Ends a bench lab that ran an agent: the agent stopped (a failure to stop is only warned
+/// about), the lab torn down, then the agent's pins removed; the teardown's result.
+pub fn stop_and_tear_down(agent: Option<&BenchAgent>, lab: &mut dyn Lab) -> Result<(), BenchError> {
+    if let Some(a) = agent {
+        if let Err(e) = a.stop(lab) {
+            tracing::warn!("stopping the agent: {e}");
+        }
+    }
+    let teardown = lab.teardown();
+    if let Some(a) = agent {
+        a.remove_pins();
+    }
+    Ok(teardown?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
