@@ -145,30 +145,29 @@ fn client_cmd(proto: Protocol, ip: IpAddr, port: u16, options: ClientOptions) ->
             .arg("--max-time")
             .arg(CLIENT_TIMEOUT_S.to_string())
             .arg(format!("http://{target}/")),
-        // -t1: after sending, wait up to a second for the answer; UDP has no end-of-stream.
-        // -b: a datagram of any size the checks send goes out whole.
         // This very executable, as the probes run it: on a VM it shares the host's path.
-        Protocol::Udp if first_fragment_last => Cmd::new(
-            std::env::current_exe()
-                .map_or_else(|_| "weir-lab".into(), |p| p.display().to_string()),
-        )
-        .args(["probe", "first-fragment-last"])
-        .arg(target)
-        .arg("--size")
-        .arg(size.unwrap_or(0).to_string())
-        .arg("--timeout")
-        .arg(format!("{CLIENT_TIMEOUT_S}s")),
-        Protocol::Udp => Cmd::new("socat")
-            .arg(format!("-T{CLIENT_TIMEOUT_S}"))
-            .arg("-t1")
-            .arg("-b65536")
-            .arg("-")
-            .arg(if ip.is_ipv6() {
-                format!("UDP6:{target}{bind}")
+        Protocol::Udp => {
+            let lab = std::env::current_exe()
+                .map_or_else(|_| "weir-lab".into(), |p| p.display().to_string());
+            let cmd = if first_fragment_last {
+                Cmd::new(lab)
+                    .args(["probe", "first-fragment-last"])
+                    .arg(target)
+                    .arg("--size")
+                    .arg(size.unwrap_or(0).to_string())
             } else {
-                format!("UDP4:{target}{bind}")
-            })
-            .stdin(datagram(size)),
+                let cmd = Cmd::new(lab).args(["probe", "udp"]).arg(target);
+                let cmd = match size {
+                    Some(size) => cmd.arg("--size").arg(size.to_string()),
+                    None => cmd,
+                };
+                match source_port {
+                    Some(port) => cmd.arg("--source-port").arg(port.to_string()),
+                    None => cmd,
+                }
+            };
+            cmd.arg("--timeout").arg(format!("{CLIENT_TIMEOUT_S}s"))
+        }
     }
 }
 

@@ -86,8 +86,47 @@ pub fn request(
 /// The probe's entry: the answer on stdout, as socat prints it.
 pub fn run(target: SocketAddr, size: u32, timeout: Duration) -> Result<(), ReorderError> {
     let answer = request(target, &crate::checks::datagram(Some(size)), timeout)?;
+    print_answer(&answer)
+}
+
+/// One datagram to `target` the ordinary way (`weir-lab probe udp`, every other UDP check),
+/// from `source_port` if given, and its answer on stdout. Unlike socat, which waits out its
+/// linger time after every answer (a second per datagram, UDP having no end of stream), it
+/// returns as soon as the answer is in. A "port unreachable" arrives as a refused receive:
+/// the error says "Connection refused", as socat's does.
+pub fn run_plain(
+    target: SocketAddr,
+    size: Option<u32>,
+    source_port: Option<u16>,
+    timeout: Duration,
+) -> Result<(), ReorderError> {
+    let port = source_port.unwrap_or(0);
+    let bind: SocketAddr = if target.is_ipv6() {
+        (std::net::Ipv6Addr::UNSPECIFIED, port).into()
+    } else {
+        (std::net::Ipv4Addr::UNSPECIFIED, port).into()
+    };
+    let socket = UdpSocket::bind(bind).map_err(io("binding the UDP socket"))?;
+    socket
+        .connect(target)
+        .map_err(io("connecting the UDP socket"))?;
+    socket
+        .set_read_timeout(Some(timeout))
+        .map_err(io("setting the receive timeout"))?;
+    socket
+        .send(&crate::checks::datagram(size))
+        .map_err(io("sending the datagram"))?;
+    let mut answer = vec![0u8; 65_536];
+    let n = socket
+        .recv(&mut answer)
+        .map_err(io("waiting for the answer"))?;
+    answer.truncate(n);
+    print_answer(&answer)
+}
+
+fn print_answer(answer: &[u8]) -> Result<(), ReorderError> {
     let mut out = std::io::stdout().lock();
-    out.write_all(&answer)
+    out.write_all(answer)
         .and_then(|()| out.flush())
         .map_err(io("writing the answer"))
 }

@@ -40,6 +40,21 @@ pub enum ProbeCommand {
     /// One UDP datagram to TARGET whose fragments are sent first fragment last; prints the
     /// answer (a UDP check's `first_fragment_last`).
     FirstFragmentLast(FirstFragmentLastArgs),
+    /// One UDP datagram to TARGET; prints the answer as soon as it is in (a UDP check).
+    Udp(UdpArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct UdpArgs {
+    pub target: std::net::SocketAddr,
+    /// The datagram's size in bytes.
+    #[arg(long)]
+    pub size: Option<u32>,
+    /// The client's port.
+    #[arg(long)]
+    pub source_port: Option<u16>,
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
 }
 
 #[derive(Debug, clap::Args)]
@@ -185,6 +200,14 @@ pub fn run(cmd: &ProbeCommand) -> Result<(), ProbeError> {
         }
         ProbeCommand::FirstFragmentLast(a) => {
             return Ok(crate::reorder::run(a.target, a.size, a.timeout)?);
+        }
+        ProbeCommand::Udp(a) => {
+            return Ok(crate::reorder::run_plain(
+                a.target,
+                a.size,
+                a.source_port,
+                a.timeout,
+            )?);
         }
     };
     // Reports are plain data: they always serialize.
