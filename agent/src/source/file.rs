@@ -2,7 +2,7 @@
 //! inotify, as per-object events.
 //!
 //! # Rules
-//! - **Which files.** In a directory: the entries ending in `.yaml` or `.yml` whose name does
+//! - **Which files.** In a directory: the entries ending in `.yaml`, `.yml` or `.json` whose name does
 //!   not start with a dot, through symlinks and hard links. Hidden entries (editors' temporary
 //!   files, a ConfigMap volume's `..data` and `..<timestamp>` entries) are never read as state.
 //!   A FIFO, device, socket or directory is skipped without being opened, and refused.
@@ -141,7 +141,7 @@ impl FileSource {
             // Not there yet: a directory to come, unless it is named like a state file.
             Err(_) => matches!(
                 path.extension().and_then(|e| e.to_str()),
-                Some("yaml" | "yml")
+                Some("yaml" | "yml" | "json")
             ),
         };
         let dir = if single_file {
@@ -399,7 +399,7 @@ impl FileSource {
             && name.is_some_and(|n| !n.starts_with('.'))
             && matches!(
                 file.extension().and_then(|e| e.to_str()),
-                Some("yaml" | "yml")
+                Some("yaml" | "yml" | "json")
             )
     }
 

@@ -20,7 +20,9 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::sync::{node_only_plan, start_on_dir, state_files, wait_for_log, weir_full};
+use super::sync::{
+    node_only_plan, start_on_dir, state_files, wait_for_log, weir_full, StateFormat,
+};
 use super::weir::stop_and_tear_down;
 use super::{
     churn, host_info, iptables_restore, iptables_save, table, unix_now, write_json, BenchCommon,
@@ -71,6 +73,9 @@ pub struct ChurnOptions {
     pub no_iptables: bool,
     #[arg(long)]
     pub no_weir: bool,
+    /// How the agent's state files hold the objects.
+    #[arg(long, value_enum, default_value_t = StateFormat::Json)]
+    pub state_format: StateFormat,
     #[command(flatten)]
     pub common: BenchCommon,
 }
@@ -478,7 +483,7 @@ fn weir_side(
             local: env.backend == BackendKind::Netns,
         };
         let mut scenario = scenario.clone();
-        let mut files = state_files(&crate::k8s::cluster_state(&scenario, plan))?;
+        let mut files = state_files(&crate::k8s::cluster_state(&scenario, plan), o.state_format)?;
         let initial = weir_full(lab, a, dir, &files, scenario.services.len())?;
         a.wait_programmed(lab, &scenario, plan, APPLY_TIMEOUT)?;
         let staging = dir.join("staging");
@@ -493,7 +498,8 @@ fn weir_side(
                     return Ok(0);
                 };
                 churn(&mut scenario, churned, step);
-                let next = state_files(&crate::k8s::cluster_state(&scenario, plan))?;
+                let next =
+                    state_files(&crate::k8s::cluster_state(&scenario, plan), o.state_format)?;
                 // The changed file lands by rename, as an atomic writer's would.
                 for (name, text) in next.iter().filter(|(n, t)| files.get(*n) != Some(*t)) {
                     lab.write_file(node, &staging.join(name), text.as_bytes())?;

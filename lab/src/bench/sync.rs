@@ -74,6 +74,9 @@ pub struct SyncOptions {
     /// 30 s each, to be fair). 0 skips it.
     #[arg(long, default_value = "65s", value_parser = humantime::parse_duration)]
     pub idle: Duration,
+    /// How the agent's state files hold the objects.
+    #[arg(long, value_enum, default_value_t = StateFormat::Json)]
+    pub state_format: StateFormat,
     #[command(flatten)]
     pub common: BenchCommon,
 }
@@ -325,7 +328,7 @@ fn weir_side(
         std::thread::sleep(Duration::from_millis(500));
 
         let mut scenario = scenario.clone();
-        let mut files = state_files(&crate::k8s::cluster_state(&scenario, plan))?;
+        let mut files = state_files(&crate::k8s::cluster_state(&scenario, plan), o.state_format)?;
         side.full.push(weir_full(lab, a, dir, &files, o.services)?);
         a.wait_programmed(lab, &scenario, plan, APPLY_TIMEOUT)?;
         if !with_updates {
@@ -336,7 +339,7 @@ fn weir_side(
         for step in 1..=o.updates {
             std::thread::sleep(o.update_interval);
             churn(&mut scenario, churned, step);
-            let next = state_files(&crate::k8s::cluster_state(&scenario, plan))?;
+            let next = state_files(&crate::k8s::cluster_state(&scenario, plan), o.state_format)?;
             let changed: Vec<(String, String)> = next
                 .iter()
                 .filter(|(name, text)| files.get(*name) != Some(*text))
@@ -387,10 +390,29 @@ pub(super) fn start_on_dir(
     BenchAgent::launch(lab, binary, run_dir, run_id, spec, state_dir.to_owned())
 }
 
-/// The cluster state as files: `svc-<name>.yaml` with a Service and its EndpointSlices, and
-/// `cluster.yaml` with everything else (Nodes, Pods).
-pub(super) fn state_files(state: &str) -> Result<BTreeMap<String, String>, BenchError> {
-    let mut files: BTreeMap<String, String> = BTreeMap::new();
+/// How the bench lays the objects out for the agent's file source.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StateFormat {
+    /// A `kind: List` of JSON per file, as the API server sends objects (and `kubectl get -o
+    /// json` prints them): what an agent watching Kubernetes decodes.
+    #[default]
+    Json,
+    /// Multi-document YAML per file, as a GitOps tree holds them.
+    Yaml,
+}
+
+/// The cluster state as files: `svc-<name>.<ext>` with a Service and its EndpointSlices, and
+/// `cluster.<ext>` with everything else (Nodes, Pods), in `format`.
+pub(super) fn state_files(
+    state: &str,
+    format: StateFormat,
+) -> Result<BTreeMap<String, String>, BenchError> {
+    let ext = match format {
+        StateFormat::Json => "json",
+        StateFormat::Yaml => "yaml",
+    };
+    let mut files: BTreeMap<String, Vec<&str>> = BTreeMap::new();
     for doc in state
         .split("\n---\n")
         .map(|d| d.trim_start_matches("---\n"))
@@ -411,13 +433,32 @@ pub(super) fn state_files(state: &str) -> Result<BTreeMap<String, String>, Bench
                 .and_then(|n| n.as_str()),
             _ => None,
         };
-        let file = service.map_or_else(|| "cluster.yaml".to_owned(), |s| format!("svc-{s}.yaml"));
-        let text = files.entry(file).or_default();
-        text.push_str("---\n");
-        text.push_str(doc.trim_end_matches('\n'));
-        text.push('\n');
+        let file = service.map_or_else(|| format!("cluster.{ext}"), |s| format!("svc-{s}.{ext}"));
+        files.entry(file).or_default().push(doc);
     }
-    Ok(files)
+    files
+        .into_iter()
+        .map(|(file, docs)| {
+            let text = match format {
+                StateFormat::Yaml => docs
+                    .iter()
+                    .map(|doc| format!("---\n{}\n", doc.trim_end_matches('\n')))
+                    .collect(),
+                StateFormat::Json => {
+                    let items = docs
+                        .iter()
+                        .map(|doc| serde_yaml::from_str::<serde_json::Value>(doc))
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(|e| {
+                            BenchError::Setup(format!("the lab's state does not convert: {e}"))
+                        })?;
+                    serde_json::json!({"apiVersion": "v1", "kind": "List", "items": items})
+                        .to_string()
+                }
+            };
+            Ok((file, text))
+        })
+        .collect()
 }
 
 /// The full sync: every file staged beside the state directory, then moved in at once.
@@ -701,7 +742,7 @@ fn render(o: &SyncOptions, sides: &[SideResult]) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::state_files;
+    use super::{state_files, StateFormat};
 
     #[test]
     fn state_splits_into_one_file_per_service() {
@@ -709,7 +750,7 @@ mod tests {
             "---\nkind: Service\nmetadata:\n  name: a\n---\nkind: EndpointSlice\nmetadata:\n  \
                      name: a-x\n  labels:\n    kubernetes.io/service-name: a\n---\nkind: Service\n\
                      metadata:\n  name: b\n---\nkind: Node\nmetadata:\n  name: node1\n";
-        let files = state_files(state).unwrap();
+        let files = state_files(state, StateFormat::Yaml).unwrap();
         assert_eq!(
             files.keys().collect::<Vec<_>>(),
             ["cluster.yaml", "svc-a.yaml", "svc-b.yaml"]
@@ -717,5 +758,14 @@ mod tests {
         assert!(files["svc-a.yaml"].contains("kind: EndpointSlice"));
         assert_eq!(files["svc-a.yaml"].matches("---\n").count(), 2);
         assert!(files["cluster.yaml"].contains("kind: Node"));
+
+        let json = state_files(state, StateFormat::Json).unwrap();
+        assert_eq!(
+            json.keys().collect::<Vec<_>>(),
+            ["cluster.json", "svc-a.json", "svc-b.json"]
+        );
+        let list: serde_json::Value = serde_json::from_str(&json["svc-a.json"]).unwrap();
+        assert_eq!(list["kind"], "List");
+        assert_eq!(list["items"][1]["kind"], "EndpointSlice");
     }
 }
