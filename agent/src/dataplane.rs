@@ -1056,7 +1056,7 @@ impl Dataplane {
                     .program(hook.program())?
                     .attach_with_options(interface, hook.attach_type(), options)
                     .map_err(attach_err)?;
-                info!(interface, hook = hook.name(), "attached program");
+                info!(interface, "attached {} program", hook.name());
                 Attachment::Owned(link)
             }
         };
@@ -1111,7 +1111,7 @@ impl Dataplane {
         let pinned = fd_link.pin(&path).map_err(|e| pin_err(e.to_string()))?;
         // Closing our descriptor leaves the link to its pin.
         drop(pinned);
-        info!(interface, hook = hook.name(), pin = %path.display(), "attached program (pinned TCX link)");
+        info!(interface, pin = %path.display(), "attached {} program (pinned TCX link)", hook.name());
         Ok(Attachment::PinnedTcx(path))
     }
 
@@ -1174,8 +1174,8 @@ impl Dataplane {
                     .map_err(attach_err)?;
                 info!(
                     interface,
-                    hook = hook.name(),
-                    "attached program (clsact filter)"
+                    "attached {} program (clsact filter)",
+                    hook.name()
                 );
                 id
             }
@@ -1354,7 +1354,7 @@ impl Dataplane {
             match attachment {
                 Attachment::Owned(link) => {
                     match self.program(hook.program()).map(|p| p.detach(link)) {
-                        Ok(Ok(())) => info!(interface, hook = hook_name, "detached program"),
+                        Ok(Ok(())) => info!(interface, "detached {hook_name} program"),
                         // The usual case for a deleted pod interface: nothing left to detach.
                         Ok(Err(e)) => debug!(interface, hook = hook_name, error = %e, "detach"),
                         Err(e) => warn!(interface, hook = hook_name, error = %e, "detach"),
@@ -1364,8 +1364,7 @@ impl Dataplane {
                 Attachment::PinnedTcx(path) => match std::fs::remove_file(&path) {
                     Ok(()) => info!(
                         interface,
-                        hook = hook_name,
-                        "detached program (unpinned its link)"
+                        "detached {hook_name} program (unpinned its link)"
                     ),
                     Err(e) => debug!(interface, error = %e, "unpinning link"),
                 },
@@ -1413,8 +1412,8 @@ fn detach_netlink(interface: &str, hook: Hook) {
     match tc::qdisc_detach_program(interface, hook.attach_type(), hook.program()) {
         Ok(()) => info!(
             interface,
-            hook = hook.name(),
-            "detached program (clsact filter)"
+            "detached {} program (clsact filter)",
+            hook.name()
         ),
         Err(e) => debug!(interface, error = %e, "detaching clsact filter"),
     }
