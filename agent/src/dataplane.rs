@@ -707,6 +707,7 @@ pub struct Dataplane {
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct ForeignProgram {
     pub interface: String,
+    pub hook: Hook,
     pub id: u32,
     pub name: String,
     /// It runs before this agent's program (or this agent's is missing there).
@@ -1002,31 +1003,39 @@ impl Dataplane {
         if self.mode != AttachMode::Tcx {
             return Ok(Vec::new());
         }
-        let name = program_names::INGRESS;
-        let ours = self
-            .program(name)?
-            .info()
-            .map_err(|source| DataplaneError::Program { name, source })?
-            .id();
         let mut found = Vec::new();
-        for interface in self.attached_interfaces() {
-            let programs = tcx_programs(interface, Hook::Ingress).map_err(|source| {
-                DataplaneError::Attach {
-                    interface: interface.to_owned(),
-                    source,
+        for hook in Hook::ALL {
+            let name = hook.program();
+            let ours = self
+                .program(name)?
+                .info()
+                .map_err(|source| DataplaneError::Program { name, source })?
+                .id();
+            let interfaces: Vec<String> = self
+                .attached
+                .keys()
+                .filter(|(_, h)| *h == hook)
+                .map(|(interface, _)| interface.clone())
+                .collect();
+            for interface in interfaces {
+                let programs =
+                    tcx_programs(&interface, hook).map_err(|source| DataplaneError::Attach {
+                        interface: interface.clone(),
+                        source,
+                    })?;
+                let our_position = programs.iter().position(|(id, _)| *id == ours);
+                for (position, (id, name)) in programs.iter().enumerate() {
+                    if *id == ours || !name.starts_with("weir_") {
+                        continue;
+                    }
+                    found.push(ForeignProgram {
+                        interface: interface.clone(),
+                        hook,
+                        id: *id,
+                        name: name.clone(),
+                        before_ours: our_position.is_none_or(|ours| position < ours),
+                    });
                 }
-            })?;
-            let our_position = programs.iter().position(|(id, _)| *id == ours);
-            for (position, (id, name)) in programs.iter().enumerate() {
-                if *id == ours || !name.starts_with("weir_") {
-                    continue;
-                }
-                found.push(ForeignProgram {
-                    interface: interface.to_owned(),
-                    id: *id,
-                    name: name.clone(),
-                    before_ours: our_position.is_none_or(|ours| position < ours),
-                });
             }
         }
         Ok(found)

@@ -545,6 +545,7 @@ fn report_foreign_programs(
     for p in found.difference(known) {
         warn!(
             interface = %p.interface,
+            hook = p.hook.name(),
             program_id = p.id,
             name = %p.name,
             before_ours = p.before_ours,

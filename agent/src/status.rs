@@ -313,12 +313,19 @@ fn warnings(
             out.push(format!("host interface {host} carries no Weir program"));
         }
     }
-    for i in interfaces.iter().filter(|i| i.tcx_programs.len() > 1) {
-        out.push(format!(
-            "{} carries {} Weir programs: one is another agent's (stale pin directory?)",
-            i.interface,
-            i.tcx_programs.len()
-        ));
+    for i in interfaces {
+        for (hook, programs) in [
+            ("ingress", &i.tcx_programs),
+            ("egress", &i.tcx_egress_programs),
+        ] {
+            if programs.len() > 1 {
+                out.push(format!(
+                    "{} carries {} Weir programs at {hook}: one is another agent's (stale pin directory?)",
+                    i.interface,
+                    programs.len()
+                ));
+            }
+        }
     }
     if let Ok(a) = agent {
         if a.foreign_programs > 0.0 {

@@ -338,22 +338,28 @@ fn a_weir_program_of_another_pin_directory_is_reported() {
     }
     let bpffs = sandbox();
     let mut stale = load(&bpffs.path().join("old"), AttachMode::Tcx);
-    stale
-        .attach(IFACE, Hook::Ingress)
-        .expect("attach the stale agent");
     let mut current = load(&bpffs.path().join("new"), AttachMode::Tcx);
-    current.attach(IFACE, Hook::Ingress).expect("attach");
+    for hook in Hook::ALL {
+        stale.attach(IFACE, hook).expect("attach the stale agent");
+        current.attach(IFACE, hook).expect("attach");
+    }
     let stale_id = tcx_programs()[0];
+    let stale_egress_id = tcx_egress_programs()[0];
 
     let found = current.foreign_programs().expect("query");
-    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found.len(), 2, "one per hook: {found:?}");
     assert_eq!(found[0].interface, IFACE);
-    assert_eq!(found[0].id, stale_id);
+    assert_eq!((found[0].hook, found[0].id), (Hook::Ingress, stale_id));
     assert_eq!(found[0].name, program_names::INGRESS);
     assert!(found[0].before_ours, "attached first, it runs first");
+    assert_eq!(
+        (found[1].hook, found[1].id),
+        (Hook::Egress, stale_egress_id)
+    );
+    assert_eq!(found[1].name, program_names::EGRESS);
 
     let seen_from_stale = stale.foreign_programs().expect("query");
-    assert_eq!(seen_from_stale.len(), 1);
+    assert_eq!(seen_from_stale.len(), 2);
     assert!(!seen_from_stale[0].before_ours);
 
     // Once the stale one is gone, nothing is reported.
