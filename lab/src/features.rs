@@ -131,6 +131,12 @@ pub fn proven_by(scenario: &Scenario, check: &CheckSpec, in_step: bool) -> BTree
     proven
 }
 
+/// What a probe proves: traffic that kept flowing (or ended as it should) across a scenario's
+/// steps.
+pub fn proven_by_probe() -> BTreeSet<Feature> {
+    BTreeSet::from([Feature::EndpointChurn])
+}
+
 /// What an agent restart proves.
 pub fn proven_by_restart() -> BTreeSet<Feature> {
     BTreeSet::from([Feature::AgentRestart])

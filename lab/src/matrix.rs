@@ -608,7 +608,8 @@ fn scenario_proves(scenario: &crate::scenario::Scenario, feature: Feature) -> bo
         .flat_map(|step| &step.checks)
         .any(|c| features::proven_by(scenario, c, true).contains(&feature));
     let restart = feature == Feature::AgentRestart && !scenario.agent_restarts.is_empty();
-    top || in_steps || restart
+    let probes = feature == Feature::EndpointChurn && !scenario.probes.is_empty();
+    top || in_steps || restart || probes
 }
 
 /// Per feature, the lowest kernel release it works on, counting only kernels from which on it

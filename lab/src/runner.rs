@@ -383,7 +383,7 @@ impl ScenarioRun<'_> {
             }
             let t = Instant::now();
             for (title, verdict) in tl.finish_probes() {
-                self.record(title, BTreeSet::new(), verdict, t);
+                self.record(title, features::proven_by_probe(), verdict, t);
             }
             Ok(())
         })();
