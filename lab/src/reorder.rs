@@ -41,19 +41,8 @@ pub fn request(
     payload: &[u8],
     timeout: Duration,
 ) -> Result<Vec<u8>, ReorderError> {
-    let bind: SocketAddr = if target.is_ipv6() {
-        "[::]:0".parse().expect("literal address")
-    } else {
-        "0.0.0.0:0".parse().expect("literal address")
-    };
-    let socket = UdpSocket::bind(bind).map_err(io("binding the UDP socket"))?;
     // Connected: the kernel picks the source address and knows the path MTU.
-    socket
-        .connect(target)
-        .map_err(io("connecting the UDP socket"))?;
-    socket
-        .set_read_timeout(Some(timeout))
-        .map_err(io("setting the receive timeout"))?;
+    let socket = connected(target, 0, timeout)?;
     let source = socket
         .local_addr()
         .map_err(io("reading the source address"))?;
@@ -100,7 +89,21 @@ pub fn run_plain(
     source_port: Option<u16>,
     timeout: Duration,
 ) -> Result<(), ReorderError> {
-    let port = source_port.unwrap_or(0);
+    let socket = connected(target, source_port.unwrap_or(0), timeout)?;
+    socket
+        .send(&crate::checks::datagram(size))
+        .map_err(io("sending the datagram"))?;
+    let mut answer = vec![0u8; 65_536];
+    let n = socket
+        .recv(&mut answer)
+        .map_err(io("waiting for the answer"))?;
+    answer.truncate(n);
+    print_answer(&answer)
+}
+
+/// A UDP socket bound to `port` of the target's family (0: the kernel picks one), connected to
+/// `target`, its receives bounded by `timeout`.
+fn connected(target: SocketAddr, port: u16, timeout: Duration) -> Result<UdpSocket, ReorderError> {
     let bind: SocketAddr = if target.is_ipv6() {
         (std::net::Ipv6Addr::UNSPECIFIED, port).into()
     } else {
@@ -113,15 +116,7 @@ pub fn run_plain(
     socket
         .set_read_timeout(Some(timeout))
         .map_err(io("setting the receive timeout"))?;
-    socket
-        .send(&crate::checks::datagram(size))
-        .map_err(io("sending the datagram"))?;
-    let mut answer = vec![0u8; 65_536];
-    let n = socket
-        .recv(&mut answer)
-        .map_err(io("waiting for the answer"))?;
-    answer.truncate(n);
-    print_answer(&answer)
+    Ok(socket)
 }
 
 fn print_answer(answer: &[u8]) -> Result<(), ReorderError> {
