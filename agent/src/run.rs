@@ -565,8 +565,9 @@ struct InterfaceSync {
     /// Link and address notifications; without them (the subscription failed) every tick
     /// syncs.
     events: Option<interfaces::LinkEvents>,
-    /// The last pass left something to retry (an attach failed, a configured interface is
-    /// missing): the next tick syncs whatever the notifications say.
+    /// The last pass left something to retry (an attach or a map write failed, or listing
+    /// the interfaces did): the next tick syncs whatever the notifications say. A configured
+    /// interface that is missing needs no retry: its creation is notified.
     retry: bool,
     last_pass: Option<std::time::Instant>,
 }
