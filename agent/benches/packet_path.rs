@@ -64,26 +64,14 @@ fn first_packets(h: &mut Harness, program: &'static str, round: usize) -> f64 {
     total.as_nanos() as f64 / f64::from(SINGLE_RUNS)
 }
 
-fn many_services_yaml(n: usize) -> String {
-    let mut yaml = cluster_yaml(&[BACKEND]);
-    for i in 0..n {
-        let ip = format!("198.18.{}.{}", 128 + i / 250, 1 + i % 250);
-        yaml.push_str(&format!(
-            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: bench}}\nspec:\n  clusterIP: {ip}\n  ports:\n  - {{name: http, protocol: TCP, port: 80}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: s{i}-1, namespace: bench, labels: {{kubernetes.io/service-name: s{i}}}}}\naddressType: IPv4\nports: [{{name: http, protocol: TCP, port: 8080}}]\nendpoints: [{{addresses: [\"198.19.3.{}\"]}}]\n",
-            1 + i % 250
-        ));
-    }
-    yaml
-}
-
-fn main() {
-    // `cargo bench` passes harness flags; this bench takes none.
-    let mut h = Harness::new(&[BACKEND]);
-
-    // Established path: open the flow (the whole handshake, so it is in the established
-    // table), then add the entry that maps the DNATed packet back.
+/// Opens a flow (the whole handshake, so it is in the established table) and adds the entry
+/// that maps the DNATed packet back, so that every repetition takes the established path.
+/// Returns the client's packet. Again before each round: measuring first packets clears the
+/// tables.
+fn open_established_flow(h: &mut Harness) -> Vec<u8> {
     let syn = tcp(CLIENT, 40000, VIP, 80, "S");
     let (_, dnated) = h.run(&syn);
+    assert_ne!(dnated, syn);
     h.run(&tcp(BACKEND, 8080, CLIENT, 40000, "SA"));
     h.run(&tcp(CLIENT, 40000, VIP, 80, "A"));
     let rewritten_key = CtKey {
@@ -107,8 +95,24 @@ fn main() {
             },
         )
         .unwrap();
-    let ack = tcp(CLIENT, 40000, VIP, 80, "A");
-    assert_ne!(dnated, syn);
+    tcp(CLIENT, 40000, VIP, 80, "A")
+}
+
+fn many_services_yaml(n: usize) -> String {
+    let mut yaml = cluster_yaml(&[BACKEND]);
+    for i in 0..n {
+        let ip = format!("198.18.{}.{}", 128 + i / 250, 1 + i % 250);
+        yaml.push_str(&format!(
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: bench}}\nspec:\n  clusterIP: {ip}\n  ports:\n  - {{name: http, protocol: TCP, port: 80}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: s{i}-1, namespace: bench, labels: {{kubernetes.io/service-name: s{i}}}}}\naddressType: IPv4\nports: [{{name: http, protocol: TCP, port: 8080}}]\nendpoints: [{{addresses: [\"198.19.3.{}\"]}}]\n",
+            1 + i % 250
+        ));
+    }
+    yaml
+}
+
+fn main() {
+    // `cargo bench` passes harness flags; this bench takes none.
+    let mut h = Harness::new(&[BACKEND]);
 
     let services = 10_000;
     let few = cluster_yaml(&[BACKEND]);
@@ -123,6 +127,12 @@ fn main() {
     // Both table sizes in every round, so machine drift between rounds hits both alike.
     for round in 0..ROUNDS {
         h.apply(&few);
+        let ack = open_established_flow(&mut h);
+        assert_eq!(
+            h.dataplane.conntrack.tables().unwrap().established.len(),
+            3,
+            "the flow's two entries and the one mapping it back"
+        );
         pass_repeat.push(run_repeated(&mut h, program_names::PASS, &ack, REPEAT).as_nanos() as f64);
         established
             .push(run_repeated(&mut h, program_names::INGRESS, &ack, REPEAT).as_nanos() as f64);

@@ -725,3 +725,57 @@ fn a_retransmitted_syn_whose_entries_exist_is_no_collision() {
     assert_eq!(h.counter("ct_collision_resolved"), 2);
     assert_eq!(h.counter("drop_ct_collision"), 0);
 }
+
+/// An established flow's packets are read and rewritten in place (bpf/ebpf/src/fast.rs), not
+/// by the full path's helpers: both must leave the same bytes. Every family and protocol, both
+/// directions, a UDP datagram without checksum, and the same flow's packets again once the
+/// entries are in the established table.
+#[test]
+fn established_flows_are_translated_in_place_as_on_the_full_path() {
+    let mut h = pair_harness();
+    for p in pairs() {
+        for (proto, fport, bport) in [(6u8, 80u16, 8080u16), (17, 53, 5353)] {
+            let sport = 41000;
+            let from_client = |flags| segment(proto, p.client, sport, p.cluster_ip, fport, flags);
+            let to_backend = |flags| segment(proto, p.client, sport, p.backend, bport, flags);
+            let from_backend = |flags| segment(proto, p.backend, bport, p.client, sport, flags);
+            let to_client = |flags| segment(proto, p.cluster_ip, fport, p.client, sport, flags);
+            // Opened and answered: the full path.
+            assert_eq!(h.run(&from_client("S")).1, to_backend("S"));
+            assert_eq!(h.run(&from_backend("SA")).1, to_client("SA"));
+            assert_eq!(h.run(&from_client("A")).1, to_backend("A"));
+            let key = forward_key(proto, p.client, sport, p.cluster_ip, fport);
+            let tables = h.dataplane.conntrack.tables().unwrap();
+            assert!(
+                tables.established.contains_key(&key),
+                "{proto} {:?}: established",
+                p.client
+            );
+            // Established: the fast path.
+            for flags in ["A", "PA", "FA"] {
+                let (verdict, out) = h.run(&from_client(flags));
+                assert_eq!(
+                    (verdict, out),
+                    (TC_ACT_OK, to_backend(flags)),
+                    "{proto} {flags}"
+                );
+                let (verdict, out) = h.run(&from_backend(flags));
+                assert_eq!(
+                    (verdict, out),
+                    (TC_ACT_OK, to_client(flags)),
+                    "{proto} {flags}"
+                );
+            }
+        }
+    }
+    // IPv4 UDP without a checksum keeps it zero.
+    let zero_csum = |mut p: Vec<u8>| {
+        p[40] = 0;
+        p[41] = 0;
+        p
+    };
+    let (_, out) = h.run(&zero_csum(udp(CLIENT, 41000, PAIR_VIP, 53)));
+    assert_eq!(out, zero_csum(udp(CLIENT, 41000, BACKEND, 5353)));
+    let (_, out) = h.run(&zero_csum(udp(BACKEND, 5353, CLIENT, 41000)));
+    assert_eq!(out, zero_csum(udp(PAIR_VIP, 53, CLIENT, 41000)));
+}

@@ -601,11 +601,11 @@ fn an_old_kernels_ipip_layout_is_unwrapped_before_the_reply_is_forwarded() {
     let reply = tcp(POD_N2, 8080, EXTERNAL_CLIENT, 42000, "SA");
     let (verdict, out) = h.run(&old_ipip_layout(&reply, NODE2, NODE1));
     assert_eq!(verdict, TC_ACT_REDIRECT, "forwarded to the client");
-    let expected = tcp(NODE1, NODE_PORT, EXTERNAL_CLIENT, 42000, "SA");
+    let expected = forwarded(&tcp(NODE1, NODE_PORT, EXTERNAL_CLIENT, 42000, "SA"));
     assert_eq!(
         &out[12..],
         &expected[12..],
-        "the outer IPv4 header is gone, the reply un-NATed"
+        "the outer IPv4 header is gone, the reply un-NATed (and its TTL one less: forwarded)"
     );
     assert_eq!(
         &out[..6],

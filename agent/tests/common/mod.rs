@@ -273,15 +273,7 @@ pub fn tcp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, flags: &str) ->
     let mut builder = PacketBuilder::ethernet2(MAC_A, MAC_B)
         .ipv4(src.octets(), dst.octets(), 64)
         .tcp(sport, dport, 1000, 64240);
-    for f in flags.chars() {
-        builder = match f {
-            'S' => builder.syn(),
-            'A' => builder.ack(2000),
-            'F' => builder.fin(),
-            'R' => builder.rst(),
-            _ => panic!("flag {f}"),
-        };
-    }
+    builder = with_flags(builder, flags);
     let payload = b"GET / HTTP/1.1\r\n\r\n";
     let mut out = Vec::new();
     builder.write(&mut out, payload).unwrap();
@@ -305,17 +297,29 @@ pub fn refusal(
     out
 }
 
-pub fn tcp6(src: Ipv6Addr, sport: u16, dst: Ipv6Addr, dport: u16, flags: &str) -> Vec<u8> {
-    let mut builder = PacketBuilder::ethernet2(MAC_A, MAC_B)
-        .ipv6(src.octets(), dst.octets(), 64)
-        .tcp(sport, dport, 1000, 64240);
+/// TCP flags by letter: S(YN), A(CK, acknowledging 2000), F(IN), R(ST), P(SH).
+fn with_flags(
+    mut builder: etherparse::PacketBuilderStep<etherparse::TcpHeader>,
+    flags: &str,
+) -> etherparse::PacketBuilderStep<etherparse::TcpHeader> {
     for f in flags.chars() {
         builder = match f {
             'S' => builder.syn(),
             'A' => builder.ack(2000),
+            'F' => builder.fin(),
+            'R' => builder.rst(),
+            'P' => builder.psh(),
             _ => panic!("flag {f}"),
         };
     }
+    builder
+}
+
+pub fn tcp6(src: Ipv6Addr, sport: u16, dst: Ipv6Addr, dport: u16, flags: &str) -> Vec<u8> {
+    let mut builder = PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv6(src.octets(), dst.octets(), 64)
+        .tcp(sport, dport, 1000, 64240);
+    builder = with_flags(builder, flags);
     let mut out = Vec::new();
     builder.write(&mut out, b"GET / HTTP/1.1\r\n\r\n").unwrap();
     out
@@ -387,6 +391,14 @@ pub fn fix_ip_checksum(frame: &mut [u8]) {
     frame[25] = 0;
     let csum = !fold(ones_sum(&frame[14..14 + ihl]));
     frame[24..26].copy_from_slice(&csum.to_be_bytes());
+}
+
+/// `frame` as a router forwards it: its IPv4 TTL one less, the header checksum in step.
+pub fn forwarded(frame: &[u8]) -> Vec<u8> {
+    let mut out = frame.to_vec();
+    out[22] -= 1;
+    fix_ip_checksum(&mut out);
+    out
 }
 
 /// The Internet checksum's sum of `data` as big-endian 16-bit words (an odd last byte padded

@@ -455,6 +455,9 @@ pub mod node_flags {
     /// The tunnel device is IPIP: packets arriving on it carry no Ethernet header, no tunnel id
     /// (the node's own DSR flag says how to treat them), and only IPv4 travels through it.
     pub const TUNNEL_IPIP: u32 = 1 << 1;
+    /// Weir forwards translated packets itself (FIB lookup and redirect) instead of handing
+    /// them back to the stack's routing (`datapath.forwarding`).
+    pub const FORWARD: u32 = 1 << 2;
 }
 
 /// Bytes the tunnel adds in front of an inner packet, by tunnel kind and underlay family.
@@ -795,7 +798,14 @@ pub mod counter {
     pub const CT_COLLISION_RESOLVED: u32 = 36;
     /// Event: a held fragment was not replayed (held too long ago, or a helper failed): lost.
     pub const FRAGMENT_REPLAY_FAILED: u32 = 37;
-    pub const COUNT: u32 = 38;
+    /// Event: Weir sent a translated packet to its next hop itself (FIB lookup and redirect:
+    /// into a local pod's namespace, or out of a host interface), skipping the stack's routing.
+    pub const FORWARDED: u32 = 38;
+    /// Event: a translated packet Weir would forward went to the stack instead: the FIB had no
+    /// forwarding answer (no route, a local destination, forwarding disabled, bigger than the
+    /// route's MTU) or its TTL was about to expire. The stack answers those as it always did.
+    pub const FORWARD_TO_STACK: u32 = 39;
+    pub const COUNT: u32 = 40;
 
     /// Names for display, indexed by counter.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -837,6 +847,8 @@ pub mod counter {
         "ct_promoted",
         "ct_collision_resolved",
         "fragment_replay_failed",
+        "forwarded",
+        "forward_to_stack",
     ];
 }
 

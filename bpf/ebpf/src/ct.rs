@@ -20,13 +20,54 @@
 //! un-NATed to the other's frontend. [`claim_reply_key`] detects it when the flow is created
 //! and moves the second flow's client port, as the backend sees it, to a free one.
 
-use aya_ebpf::bindings::BPF_NOEXIST;
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_jiffies64};
 use weir_common::{
-    collision, counter, ct_flags, ct_kind, ct_seen, partner_key, CtKey, CtValue, PROTO_TCP,
+    collision, counter, ct_flags, ct_kind, ct_seen, partner_key, CtKey, CtValue, CT_REFRESH_NS,
+    PROTO_TCP,
 };
 
-use crate::maps::{count, CONNTRACK, CT_NEW};
+use crate::maps::{count, CLOCK, CONNTRACK, CT_NEW};
+use crate::packet::ktime;
 use crate::NewEntry;
+
+/// This CPU's reading of the monotonic clock at the last jiffy it saw: what an established
+/// packet stamps its entry with. Reading the clock costs about a third of that packet's whole
+/// path on these machines (a paravirtual clock source); `bpf_jiffies64` is a memory load the
+/// verifier writes in place of the call. At most a jiffy behind `bpf_ktime_get_ns`, which
+/// matters to no timeout.
+#[repr(C)]
+pub struct Clock {
+    jiffies: u64,
+    ns: u64,
+}
+
+#[inline(always)]
+pub fn coarse_now() -> u64 {
+    // SAFETY: a helper without arguments or side effects.
+    let jiffies = unsafe { bpf_jiffies64() };
+    let Some(clock) = CLOCK.get_ptr_mut(0) else {
+        return ktime();
+    };
+    // SAFETY: a per-CPU slot, used by one program run at a time on this CPU.
+    let clock = unsafe { &mut *clock };
+    if clock.jiffies != jiffies {
+        clock.jiffies = jiffies;
+        clock.ns = ktime();
+    }
+    clock.ns
+}
+
+/// Notes a packet of the entry's flow: the TCP flags it showed, and the time, written at most
+/// once per [`CT_REFRESH_NS`] (a write per packet would bounce the entry between CPUs) or when a
+/// flag shows for the first time. `now` may lag the entry's own stamp (a coarse reading against
+/// an exact one): the entry is then fresh enough.
+#[inline(always)]
+pub fn refresh(entry: &mut CtValue, seen: u8, now: u64) {
+    if entry.seen | seen != entry.seen || now.saturating_sub(entry.last_seen_ns) > CT_REFRESH_NS {
+        entry.seen |= seen;
+        entry.last_seen_ns = now.max(entry.last_seen_ns);
+    }
+}
 
 /// `-EEXIST`, as map updates with `BPF_NOEXIST` return it.
 const EEXIST: i32 = -17;

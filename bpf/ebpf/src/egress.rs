@@ -72,7 +72,7 @@ fn process(ctx: &TcContext) -> Result<Verdict, u32> {
     if verdict.action() == ACTION_ICMP_TUNNEL || verdict.action() == ACTION_ICMP_ROUTE {
         // SAFETY: as above; `send_as_entry` filled the entry field.
         let entry = unsafe { &(*scratch).entry };
-        return send_icmp_as_entry(ctx, ip, entry, verdict);
+        return send_icmp_as_entry(ctx, ip, entry, verdict, false);
     }
     Ok(verdict)
 }

@@ -23,6 +23,7 @@
 
 mod ct;
 mod egress;
+mod fast;
 mod frag;
 mod icmp;
 mod lb;
@@ -40,9 +41,9 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use weir_common::{
-    backend_flags, counter, ct_flags, ct_kind, ct_seen, service_flags, tunnel_id, Addr,
+    backend_flags, counter, ct_flags, ct_kind, node_flags, service_flags, tunnel_id, Addr,
     BackendValue, CtKey, CtValue, FrontendKey, HostAddrKey, NodeConfig, ServiceValue, SourceRange,
-    CT_REFRESH_NS, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, SOURCE_RANGE_FIXED_BITS,
+    FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, SOURCE_RANGE_FIXED_BITS,
 };
 
 use crate::lb::{select_backend, NO_BACKEND};
@@ -51,8 +52,9 @@ use crate::maps::{
     SCRATCH, SERVICES, SOURCE_RANGES, TUNNEL_PEERS,
 };
 use crate::packet::{
-    ct_key, ktime, load, not_for_us, parse, rewrite_l4, rewrite_port, swap_macs, Ip, NotForUs,
-    Side, FIRST_FRAGMENT, LATER_FRAGMENT, NOT_FRAGMENT, PARSED, TCP_FLAGS, TCP_MIN_HLEN, UDP_HLEN,
+    ct_key, load, not_for_us, parse, rewrite_l4, rewrite_port, swap_macs, tcp_seen_bits, Ip,
+    NotForUs, Side, ETH_HLEN, FIRST_FRAGMENT, LATER_FRAGMENT, NOT_FRAGMENT, PARSED, TCP_FLAGS,
+    TCP_MIN_HLEN, UDP_HLEN,
 };
 use crate::tunnel::{arrival, encap, Arrival};
 
@@ -158,6 +160,10 @@ impl Verdict {
 
 #[classifier]
 pub fn weir_ingress(ctx: TcContext) -> i32 {
+    let action = fast::established(&ctx);
+    if action != fast::NOT_HANDLED {
+        return action;
+    }
     let verdict = match process(&ctx) {
         Ok(verdict) => verdict,
         Err(c) => Verdict::drop(c),
@@ -251,23 +257,42 @@ fn process(ctx: &TcContext) -> Result<Verdict, u32> {
     if verdict.action() == ACTION_ICMP_TUNNEL || verdict.action() == ACTION_ICMP_ROUTE {
         // SAFETY: as above; `send_as_entry` filled the entry field.
         let entry = unsafe { &(*scratch).entry };
-        return send_icmp_as_entry(ctx, ip, entry, verdict);
+        return send_icmp_as_entry(ctx, ip, entry, verdict, true);
     }
     if from_tunnel.is_some() {
         tunnel::accept_inner(ctx);
+        return Ok(verdict);
+    }
+    // A translated packet the stack would route: Weir forwards it itself (see `route.rs`).
+    if config.flags & node_flags::FORWARD != 0
+        && verdict.action() == TC_ACT_OK as i32
+        && ip.l3() == ETH_HLEN
+        && (verdict.counter() == counter::CT_FORWARD_HIT
+            || verdict.counter() == counter::CT_REVERSE_HIT
+            || verdict.counter() == counter::CT_NEW_FLOW)
+    {
+        return Ok(route::forward(
+            ctx,
+            ip.family,
+            ip.l3(),
+            verdict.counter(),
+            true,
+        ));
     }
     Ok(verdict)
 }
 
 /// Sends a translated ICMP error as `send_as_entry` asked: into the tunnel to the node that
-/// holds its flow, or routed from the node's own address. Inlined into each entry function,
-/// whose frame is the shallowest of the chain.
+/// holds its flow, or routed from the node's own address (`forwarding`: the error entered the
+/// node, rather than leaving it; see `route::forward`). Inlined into each entry function, whose
+/// frame is the shallowest of the chain.
 #[inline(always)]
 pub fn send_icmp_as_entry(
     ctx: &TcContext,
     ip: &Ip,
     entry: &CtValue,
     verdict: Verdict,
+    forwarding: bool,
 ) -> Result<Verdict, u32> {
     if verdict.action() == ACTION_ICMP_TUNNEL {
         let id = tunnel::encap_id(entry);
@@ -276,9 +301,10 @@ pub fn send_icmp_as_entry(
     }
     Ok(route::forward(
         ctx,
-        &entry.nat_addr,
-        ip,
+        ip.family,
+        ip.l3(),
         counter::ICMP_ERROR_NAT,
+        forwarding,
     ))
 }
 
@@ -307,28 +333,6 @@ fn unless_frontend(ip: &Ip, counter: u32) -> Verdict {
     } else {
         counter::DROP_FRONTEND_UNTRANSLATED
     })
-}
-
-#[inline(always)]
-fn tcp_seen_bits(flags: u8) -> u8 {
-    const FIN: u8 = 0x01;
-    const SYN: u8 = 0x02;
-    const RST: u8 = 0x04;
-    const ACK: u8 = 0x10;
-    let mut seen = 0;
-    if flags & SYN != 0 {
-        seen |= ct_seen::SYN;
-    }
-    if flags & ACK != 0 {
-        seen |= ct_seen::ACK;
-    }
-    if flags & FIN != 0 {
-        seen |= ct_seen::FIN;
-    }
-    if flags & RST != 0 {
-        seen |= ct_seen::RST;
-    }
-    seen
 }
 
 /// The facts of a TCP or UDP packet the flow path needs beyond its IP header.
@@ -430,7 +434,7 @@ fn flow_inner(
     };
     *flow = Flow {
         key: ct_key(ip, sport_be, dport_be),
-        now: ktime(),
+        now: ct::coarse_now(),
         sport_be,
         dport_be,
         seen,
@@ -443,7 +447,7 @@ fn flow_inner(
         // SAFETY: the pointer comes from a successful lookup and stays valid for this program
         // run; concurrent writers only touch last_seen/seen, where a lost update is harmless.
         let entry = unsafe { &mut *entry };
-        refresh(entry, seen, flow.now);
+        ct::refresh(entry, seen, flow.now);
         *copy = *entry;
         if ip.fragment == FIRST_FRAGMENT {
             frag::remember(&flow.key);
@@ -453,7 +457,7 @@ fn flow_inner(
     if let Some(entry) = CT_NEW.get_ptr_mut(&flow.key) {
         // SAFETY: as above; promotion may delete the entry, but only after it is copied.
         let entry = unsafe { &mut *entry };
-        refresh(entry, seen, flow.now);
+        ct::refresh(entry, seen, flow.now);
         *copy = *entry;
         if ct::answers(copy, ip.proto, seen) {
             ct::promote(&flow.key);
@@ -664,14 +668,6 @@ fn new_flow(ip: &Ip, flow: &Flow, backend: &BackendValue, new: &mut NewEntry) ->
     })
 }
 
-#[inline(always)]
-fn refresh(entry: &mut CtValue, seen: u8, now: u64) {
-    if entry.seen | seen != entry.seen || now.wrapping_sub(entry.last_seen_ns) > CT_REFRESH_NS {
-        entry.seen |= seen;
-        entry.last_seen_ns = now;
-    }
-}
-
 /// Does to the packet what its conntrack entry says.
 #[inline(never)]
 fn apply(ctx: &TcContext, ip: &mut Ip, entry: &CtValue, config: &NodeConfig) -> Verdict {
@@ -751,9 +747,10 @@ fn apply_inner(
             if entry.flags & ct_flags::HOST_FRONTEND != 0 {
                 return Ok(crate::route::forward(
                     ctx,
-                    &entry.nat_addr,
-                    ip,
+                    ip.family,
+                    ip.l3(),
                     counter::CT_REVERSE_HIT,
+                    true,
                 ));
             }
             Ok(Verdict::pass(counter::CT_REVERSE_HIT))

@@ -110,6 +110,10 @@ pub static SOCK_NETNS: Array<u64> = Array::with_max_entries(1, 0);
 pub static SOCK_REVERSE: LruHashMap<SockReverseKey, FrontendKey> =
     LruHashMap::with_max_entries(capacity::SOCK_REVERSE, 0);
 
+/// Per-CPU clock readings (`ct::coarse_now`); never pinned.
+#[map(name = "WEIR_CLOCK")]
+pub static CLOCK: PerCpuArray<crate::ct::Clock> = PerCpuArray::with_max_entries(1, 0);
+
 /// Per-packet working memory that would not fit the verifier's stack budget; never pinned.
 #[map(name = "WEIR_SCRATCH")]
 pub static SCRATCH: PerCpuArray<crate::Scratch> = PerCpuArray::with_max_entries(1, 0);

@@ -11,7 +11,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use weir_common::{
-    counter, Addr, CtKey, FAMILY_V4, FAMILY_V6, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
+    counter, ct_seen, Addr, CtKey, FAMILY_V4, FAMILY_V6, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP,
+    PROTO_UDP,
 };
 
 pub const ETH_HLEN: usize = 14;
@@ -360,6 +361,28 @@ pub fn ct_key(ip: &Ip, sport_be: u16, dport_be: u16) -> CtKey {
         family: ip.family,
         _pad: 0,
     }
+}
+
+#[inline(always)]
+pub fn tcp_seen_bits(flags: u8) -> u8 {
+    const FIN: u8 = 0x01;
+    const SYN: u8 = 0x02;
+    const RST: u8 = 0x04;
+    const ACK: u8 = 0x10;
+    let mut seen = 0;
+    if flags & SYN != 0 {
+        seen |= ct_seen::SYN;
+    }
+    if flags & ACK != 0 {
+        seen |= ct_seen::ACK;
+    }
+    if flags & FIN != 0 {
+        seen |= ct_seen::FIN;
+    }
+    if flags & RST != 0 {
+        seen |= ct_seen::RST;
+    }
+    seen
 }
 
 #[inline(always)]

@@ -43,8 +43,10 @@ pub const WEIR_HELPERS: &[(&str, i32, CalledFrom)] = &[
     ("get_socket_cookie", 46, CalledFrom::SockAddr),
     ("skb_adjust_room", 50, CalledFrom::Tc),
     ("fib_lookup", 69, CalledFrom::Tc),
+    ("jiffies64", 118, CalledFrom::Tc),
     ("get_netns_cookie", 122, CalledFrom::SockAddr),
     ("redirect_neigh", 152, CalledFrom::Tc),
+    ("redirect_peer", 155, CalledFrom::Tc),
 ];
 
 /// The map types (and flags) Weir's maps use: (name, type, key, value, flags). The agent's
