@@ -448,6 +448,18 @@ pub enum ExternalReturn {
     Dsr,
 }
 
+/// Who sends a translated packet on its way to its next hop.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Forwarding {
+    /// Weir itself: a FIB lookup, then a redirect straight into a local pod's namespace or out
+    /// of a host interface. What the FIB cannot answer goes to the stack.
+    #[default]
+    Redirect,
+    /// The kernel's routing stack, netfilter's FORWARD hooks included, as kube-proxy leaves it.
+    Stack,
+}
+
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LoadBalancing {
@@ -461,6 +473,8 @@ pub enum LoadBalancing {
 #[serde(deny_unknown_fields, default)]
 pub struct ServicesConfig {
     pub external_return: ExternalReturn,
+    /// Who forwards translated packets: Weir (`redirect`) or the stack.
+    pub forwarding: Forwarding,
     /// Backend choice for external traffic (ClusterIP traffic always picks at random).
     pub external_load_balancing: LoadBalancing,
     /// Source address a pod sees when its own service sends it its own connection (hairpin):
@@ -530,6 +544,7 @@ impl Default for ServicesConfig {
     fn default() -> Self {
         ServicesConfig {
             external_return: ExternalReturn::Ingress,
+            forwarding: Forwarding::Redirect,
             external_load_balancing: LoadBalancing::Random,
             // Link-local, like Cilium's hairpin address: never a real peer's.
             hairpin_ipv4: Ipv4Addr::new(169, 254, 42, 1),

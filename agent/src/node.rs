@@ -11,7 +11,7 @@ use tracing::info;
 use weir_common::{node_flags, tunnel_overhead, HostAddrKey, NodeConfig, FAMILY_V4};
 
 use crate::compile::{addr_key, addr_of};
-use crate::config::{AgentConfig, ExternalReturn, TunnelConfig, TunnelMode};
+use crate::config::{AgentConfig, ExternalReturn, Forwarding, TunnelConfig, TunnelMode};
 use crate::intent::NodeIntent;
 
 #[derive(Debug, thiserror::Error)]
@@ -87,6 +87,9 @@ pub fn node_config(config: &AgentConfig, tunnel: Option<&Tunnel>) -> NodeConfig 
     let mut flags = 0;
     if config.services.external_return == ExternalReturn::Dsr {
         flags |= node_flags::DSR;
+    }
+    if config.services.forwarding == Forwarding::Redirect {
+        flags |= node_flags::FORWARD;
     }
     if tunnel.is_some_and(|t| t.mode == TunnelMode::Ipip) {
         flags |= node_flags::TUNNEL_IPIP;

@@ -56,10 +56,13 @@ pub enum Feature {
     EndpointChurn,
     /// The agent restarted (or upgraded) without dropping flows.
     AgentRestart,
+    /// Weir forwarded translated packets itself (FIB lookup, redirect into a pod or out of the
+    /// node): shown by its `forwarded` counter moving while the scenario's traffic passed.
+    Forwarding,
 }
 
 impl Feature {
-    pub const ALL: [Feature; 23] = [
+    pub const ALL: [Feature; 24] = [
         Feature::ClusterIpTcp,
         Feature::ClusterIpUdp,
         Feature::NodePort,
@@ -83,6 +86,7 @@ impl Feature {
         Feature::HealthCheckNodePort,
         Feature::EndpointChurn,
         Feature::AgentRestart,
+        Feature::Forwarding,
     ];
 
     /// How the report names it.
@@ -111,6 +115,7 @@ impl Feature {
             Feature::HealthCheckNodePort => "healthCheckNodePort",
             Feature::EndpointChurn => "endpoint churn",
             Feature::AgentRestart => "agent restart",
+            Feature::Forwarding => "Weir's own forwarding",
         }
     }
 }
@@ -123,6 +128,9 @@ pub fn proven_by(scenario: &Scenario, check: &CheckSpec, in_step: bool) -> BTree
         CheckSpec::Udp(t) => traffic(scenario, t, false),
         CheckSpec::Conntrack(_) => BTreeSet::from([Feature::Conntrack]),
         CheckSpec::HealthCheck(_) => BTreeSet::from([Feature::HealthCheckNodePort]),
+        CheckSpec::Counter(c) if c.counter == "forwarded" && !c.unchanged => {
+            BTreeSet::from([Feature::Forwarding])
+        }
         CheckSpec::Frontend(_) | CheckSpec::Rejected(_) | CheckSpec::Counter(_) => BTreeSet::new(),
     };
     if in_step && !proven.is_empty() {
@@ -266,6 +274,7 @@ mod tests {
         assert!(smoke.contains(&Feature::ClusterIpUdp));
         assert!(smoke.contains(&Feature::Conntrack));
         assert!(!smoke.contains(&Feature::NodePort));
+        assert!(smoke.contains(&Feature::Forwarding));
 
         let dsr = union(&scenario("vxlan-dsr.toml"));
         assert!(dsr.contains(&Feature::VxlanDsr), "{dsr:?}");

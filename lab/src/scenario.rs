@@ -280,6 +280,16 @@ pub struct ServicesSpec {
     /// "random" or "maglev".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub external_load_balancing: Option<LoadBalancing>,
+    /// "redirect": Weir forwards translated packets itself; "stack": the kernel routes them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forwarding: Option<Forwarding>,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Forwarding {
+    Redirect,
+    Stack,
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
