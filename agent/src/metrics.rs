@@ -453,6 +453,20 @@ impl Collector for DatapathCollector {
                 MetricType::Counter,
             )?,
         )?;
+        let mut forwarding = encoder.encode_descriptor(
+            "weir_datapath_forwarded",
+            "Translated packets by who sent them to their next hop: weir (a FIB lookup and a \
+             redirect into a local pod or out of a host interface) or stack (the FIB had no \
+             forwarding answer, or the TTL was about to expire)",
+            None,
+            MetricType::Counter,
+        )?;
+        for (by, index) in [
+            ("weir", counter::FORWARDED),
+            ("stack", counter::FORWARD_TO_STACK),
+        ] {
+            ConstCounter::new(event(index)).encode(forwarding.encode_family(&[("by", by)])?)?;
+        }
         Ok(())
     }
 }

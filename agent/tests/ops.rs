@@ -176,7 +176,9 @@ fn metrics_show_the_pipeline_and_the_data_path_counters() {
         [
             "ct_promoted",
             "ct_collision_resolved",
-            "fragment_replay_failed"
+            "fragment_replay_failed",
+            "forwarded",
+            "forward_to_stack"
         ],
         "every event counter has its metric below"
     );
@@ -195,6 +197,10 @@ fn metrics_show_the_pipeline_and_the_data_path_counters() {
         Some(0.0),
         "{text}"
     );
+    for by in ["weir", "stack"] {
+        let series = format!("weir_datapath_forwarded_total{{by=\"{by}\"}}");
+        assert!(sample(&text, &series).is_some(), "{series} missing");
+    }
     drop((server, harness, metrics));
     umount(bpffs.path()).expect("unmount bpffs");
 }

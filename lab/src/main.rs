@@ -114,6 +114,10 @@ struct MatrixArgs {
     /// frames are of the MTU under test rather than 64 KB segments).
     #[arg(long)]
     offloads: bool,
+    /// Turn segmentation offloads (TSO, GSO, GRO) off on the namespace lab's veths for the
+    /// throughput measurements (on by default, as veths come).
+    #[arg(long)]
+    no_veth_offloads: bool,
     /// The weir-agent binary [default: weir-agent next to this executable].
     #[arg(long)]
     agent: Option<PathBuf>,
@@ -419,6 +423,7 @@ fn run_matrix(args: MatrixArgs, cwd: &Path, exe: &Path, root: Option<&Path>) -> 
     throughput.mtus = args.mtu;
     throughput.seconds = args.qperf_seconds;
     throughput.rounds = args.rounds;
+    throughput.veth_offloads = !args.no_veth_offloads;
     let opts = MatrixOptions {
         kernels: args.kernels,
         report_dir: report_dir.clone(),

@@ -748,6 +748,7 @@ pub fn default_throughput(agent: PathBuf) -> ThroughputOptions {
         rounds: 2,
         agent,
         kube_proxy: throughput::kube_proxy_iptables,
+        veth_offloads: true,
     }
 }
 

@@ -218,10 +218,19 @@ pub struct TopologySpec {
     /// Dual stack: IPv6 addresses (fd00::/8) on nodes, pods and external clients too.
     #[serde(default)]
     pub ipv6: bool,
+    /// Segmentation offloads (TSO, GSO, GRO) on the lab's veths. Off, every packet is one of
+    /// the MTU under test, the per-packet regime of many real NICs, rather than a 64 KB
+    /// segment. The namespace lab only: a VM's NICs follow the matrix's `--offloads`.
+    #[serde(default = "default_offloads")]
+    pub offloads: bool,
 }
 
 fn default_networks() -> u8 {
     1
+}
+
+fn default_offloads() -> bool {
+    true
 }
 
 /// The smallest link MTU IPv6 allows (RFC 8200), and so the smallest a dual-stack pod may have.
@@ -874,6 +883,7 @@ impl Scenario {
             self.topology.mtu,
         )
         .with_networks(self.topology.networks);
+        plan.offloads = self.topology.offloads;
         if self.topology.ipv6 {
             plan = plan.with_ipv6();
         }

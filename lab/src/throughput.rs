@@ -310,9 +310,11 @@ pub struct ThroughputOptions {
     pub rounds: u32,
     pub agent: std::path::PathBuf,
     pub kube_proxy: ProxyHook,
+    /// Segmentation offloads on the namespace lab's veths (`TopologySpec::offloads`).
+    pub veth_offloads: bool,
 }
 
-fn scenario_text(mtu: u32) -> String {
+fn scenario_text(mtu: u32, veth_offloads: bool) -> String {
     format!(
         r#"name = "throughput-{mtu}"
 description = "qperf pod to pod, through a ClusterIP and through a NodePort"
@@ -321,6 +323,7 @@ nodes = 2
 pods_per_node = 1
 externals = 1
 mtu = {mtu}
+offloads = {veth_offloads}
 [agent]
 services = {{ external_return = "ingress" }}
 tunnel = {{ mode = "vxlan" }}
@@ -390,8 +393,11 @@ fn run_mtu(
     dir: &Path,
     progress: &mut dyn FnMut(&str),
 ) -> Result<Vec<Measurement>, String> {
-    let scenario = Scenario::parse(&scenario_text(mtu), Path::new("throughput.toml"))
-        .map_err(|e| e.to_string())?;
+    let scenario = Scenario::parse(
+        &scenario_text(mtu, opts.veth_offloads),
+        Path::new("throughput.toml"),
+    )
+    .map_err(|e| e.to_string())?;
     let plan = scenario.plan();
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let started = Instant::now();
@@ -959,7 +965,7 @@ mod tests {
 
     #[test]
     fn the_throughput_scenario_is_valid() {
-        let s = Scenario::parse(&scenario_text(1440), Path::new("t.toml")).unwrap();
+        let s = Scenario::parse(&scenario_text(1440, false), Path::new("t.toml")).unwrap();
         assert_eq!(s.plan().mtu, 1440);
         assert_eq!(s.services.len(), 1);
     }

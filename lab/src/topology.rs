@@ -182,6 +182,8 @@ pub struct Plan {
     pub networks: u8,
     pub ipv6: bool,
     pub routes: Vec<RoutePlan>,
+    /// Segmentation offloads on the veths (see `TopologySpec::offloads`).
+    pub offloads: bool,
 }
 
 impl Plan {
@@ -234,6 +236,7 @@ impl Plan {
             networks: 1,
             ipv6: false,
             routes: Vec::new(),
+            offloads: true,
         }
     }
 

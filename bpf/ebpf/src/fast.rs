@@ -23,18 +23,24 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use weir_common::{
-    counter, ct_flags, ct_kind, node_flags, Addr, CtKey, CtValue, FAMILY_V4, FAMILY_V6, PROTO_TCP,
+    counter, ct_flags, ct_kind, node_flags, CtKey, CtValue, FAMILY_V4, FAMILY_V6, PROTO_TCP,
     PROTO_UDP,
 };
 
-use crate::maps::{count, node_config, CONNTRACK};
+use crate::maps::{node_config, CONNTRACK};
 use crate::packet::{
-    tcp_seen_bits, ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPV4_MIN_HLEN, IPV6_HLEN, TCP_CSUM, TCP_FLAGS,
-    TCP_MIN_HLEN, UDP_CSUM, UDP_HLEN,
+    read_words_16, tcp_seen_bits, write_words_16, zero_words, ETH_HLEN, ETH_P_IP, ETH_P_IPV6,
+    IPV4_MIN_HLEN, IPV6_HLEN, TCP_CSUM, TCP_FLAGS, TCP_MIN_HLEN, UDP_CSUM, UDP_HLEN,
 };
+use crate::Verdict;
 
 /// Not a tc action: the packet is for the full path.
 pub const NOT_HANDLED: i32 = i32::MIN;
+/// Not a tc action: the packet is translated; the entry function forwards it (`route::forward`)
+/// as IPv4 or IPv6. Asked of the entry function rather than done here, so that the chain of
+/// frames stays within what old verifiers allow (entry -> this -> forward would not).
+pub const FORWARD_V4: i32 = i32::MIN + 1;
+pub const FORWARD_V6: i32 = i32::MIN + 2;
 
 const IPV4_PROTO_OFF: usize = 9;
 const IPV4_CSUM_OFF: usize = 10;
@@ -50,44 +56,48 @@ const IPV4_FRAG_MASK_BE: u16 = 0x3fffu16.to_be();
 #[repr(C, align(8))]
 struct AlignedKey(CtKey);
 
-/// Where the translated side of the packet sits, and the entry that says what it becomes.
+/// What the key's parse learnt beyond the key. Offsets are not carried: each family's are
+/// constants in its own instance of [`rewrite`], because a verifier that reloads an offset
+/// spilled to the stack (5.10) no longer knows it.
 struct Site {
-    l3: usize,
-    l4: usize,
     family: u8,
     proto: u8,
+    /// The `ct_seen` bits of a TCP segment's flags; 0 for UDP.
+    seen: u8,
 }
 
+const V4_L4: usize = ETH_HLEN + IPV4_MIN_HLEN;
+const V6_L4: usize = ETH_HLEN + IPV6_HLEN;
+
 /// Translates the packet in place if it belongs to an established, plainly translated flow,
-/// and returns the tc action; [`NOT_HANDLED`] otherwise. A call of its own: every way out
+/// and returns what to do with it: a tc action, or [`FORWARD_V4`] / [`FORWARD_V6`], with the
+/// outcome to count; [`NOT_HANDLED`] otherwise. A call of its own: every way to the full path
 /// returns the same constant, so the verifier meets the full path after it in one state.
 #[inline(never)]
-pub fn established(ctx: &TcContext) -> i32 {
+pub fn established(ctx: &TcContext) -> Verdict {
     let config = node_config();
     // SAFETY: reading fields of the program's own context.
     let (ifindex, protocol) = unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).protocol) };
     if ifindex == config.tunnel_ifindex {
-        return NOT_HANDLED;
+        return Verdict::new(0, NOT_HANDLED);
     }
     let data = ctx.data();
     let end = ctx.data_end();
     if data + ETH_HLEN > end {
-        return NOT_HANDLED;
+        return Verdict::new(0, NOT_HANDLED);
     }
     // SAFETY: bounds checked above; unaligned reads, as packet data has no alignment.
     let ethertype = unsafe { read_unaligned((data + 12) as *const u16) };
     if ethertype as u32 != protocol {
-        return NOT_HANDLED;
+        return Verdict::new(0, NOT_HANDLED);
     }
-    let mut key = AlignedKey(CtKey {
-        saddr: Addr::UNSPECIFIED,
-        daddr: Addr::UNSPECIFIED,
-        sport_be: 0,
-        dport_be: 0,
-        proto: 0,
-        family: 0,
-        _pad: 0,
-    });
+    let mut key = core::mem::MaybeUninit::<AlignedKey>::uninit();
+    // SAFETY: the slot is ours to write; CtKey is plain data, valid all-zero. Borrowed in
+    // place, not moved out (a 40-byte move is a `memmove` call).
+    let key = unsafe {
+        zero_words(key.as_mut_ptr());
+        key.assume_init_mut()
+    };
     let Some(site) = (if ethertype == ETH_P_IP.to_be() {
         key_v4(data, end, &mut key.0)
     } else if ethertype == ETH_P_IPV6.to_be() {
@@ -95,10 +105,10 @@ pub fn established(ctx: &TcContext) -> i32 {
     } else {
         None
     }) else {
-        return NOT_HANDLED;
+        return Verdict::new(0, NOT_HANDLED);
     };
     let Some(entry) = CONNTRACK.get_ptr_mut(&key.0) else {
-        return NOT_HANDLED;
+        return Verdict::new(0, NOT_HANDLED);
     };
     // SAFETY: the pointer comes from a successful lookup and stays valid for this program run;
     // concurrent writers only touch last_seen/seen, where a lost update is harmless.
@@ -108,52 +118,41 @@ pub fn established(ctx: &TcContext) -> i32 {
         || entry.client_port_be != 0
         || (entry.kind != ct_kind::FORWARD && entry.kind != ct_kind::REVERSE)
     {
-        return NOT_HANDLED;
+        return Verdict::new(0, NOT_HANDLED);
     }
-    let seen = if site.proto == PROTO_TCP {
-        // SAFETY: `key_v*` checked that the TCP header is within the packet.
-        tcp_seen_bits(unsafe { *((data + site.l4 + TCP_FLAGS) as *const u8) })
-    } else {
-        0
+    crate::ct::refresh(entry, site.seen, crate::ct::coarse_now());
+    let forward = entry.kind == ct_kind::FORWARD;
+    let translated = match (site.family == FAMILY_V6, forward) {
+        (false, true) => rewrite::<false, true>(ctx, site.proto, entry),
+        (false, false) => rewrite::<false, false>(ctx, site.proto, entry),
+        (true, true) => rewrite::<true, true>(ctx, site.proto, entry),
+        (true, false) => rewrite::<true, false>(ctx, site.proto, entry),
     };
-    crate::ct::refresh(entry, seen, crate::ct::coarse_now());
-    let (outcome, translated) = if entry.kind == ct_kind::FORWARD {
-        (
-            counter::CT_FORWARD_HIT,
-            rewrite(ctx, &site, entry, Side::Destination),
-        )
+    let outcome = if forward {
+        counter::CT_FORWARD_HIT
     } else {
-        (
-            counter::CT_REVERSE_HIT,
-            rewrite(ctx, &site, entry, Side::Source),
-        )
+        counter::CT_REVERSE_HIT
     };
     if !translated {
-        count(counter::DROP_REWRITE_FAILED);
-        return aya_ebpf::bindings::TC_ACT_SHOT as i32;
+        return Verdict::drop(counter::DROP_REWRITE_FAILED);
     }
     // A reply from a NodePort leaves from one of the node's own addresses, which the stack's
-    // input path drops as a martian: it is always forwarded here.
-    let verdict = if config.flags & node_flags::FORWARD != 0 || host_frontend {
-        crate::route::forward(ctx, site.family, site.l3, outcome, true)
+    // input path drops as a martian: it is always forwarded.
+    if config.flags & node_flags::FORWARD == 0 && !host_frontend {
+        return Verdict::pass(outcome);
+    }
+    if site.family == FAMILY_V6 {
+        Verdict::new(outcome, FORWARD_V6)
     } else {
-        crate::Verdict::pass(outcome)
-    };
-    count(verdict.counter());
-    verdict.action()
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Side {
-    Source,
-    Destination,
+        Verdict::new(outcome, FORWARD_V4)
+    }
 }
 
 /// The key of an IPv4 packet without options and not a fragment, whose L4 header is linear.
 #[inline(always)]
 fn key_v4(data: usize, end: usize, key: &mut CtKey) -> Option<Site> {
     let l3 = ETH_HLEN;
-    let l4 = l3 + IPV4_MIN_HLEN;
+    let l4 = V4_L4;
     if data + l4 + UDP_HLEN > end {
         return None;
     }
@@ -169,9 +168,7 @@ fn key_v4(data: usize, end: usize, key: &mut CtKey) -> Option<Site> {
     if version_ihl != 0x45 || frag_be & IPV4_FRAG_MASK_BE != 0 {
         return None;
     }
-    if !l4_linear(data, end, l4, proto) {
-        return None;
-    }
+    let seen = l4_seen(data, end, l4, proto)?;
     // SAFETY: the key's addresses start on its 8-byte boundary (`AlignedKey`), so 4-byte
     // writes there are aligned; the ports were checked to be within the packet.
     unsafe {
@@ -184,10 +181,9 @@ fn key_v4(data: usize, end: usize, key: &mut CtKey) -> Option<Site> {
     key.proto = proto;
     key.family = FAMILY_V4;
     Some(Site {
-        l3,
-        l4,
         family: FAMILY_V4,
         proto,
+        seen,
     })
 }
 
@@ -195,19 +191,20 @@ fn key_v4(data: usize, end: usize, key: &mut CtKey) -> Option<Site> {
 #[inline(always)]
 fn key_v6(data: usize, end: usize, key: &mut CtKey) -> Option<Site> {
     let l3 = ETH_HLEN;
-    let l4 = l3 + IPV6_HLEN;
+    let l4 = V6_L4;
     if data + l4 + UDP_HLEN > end {
         return None;
     }
     // SAFETY: the IPv6 header and 8 bytes behind it are within the packet (checked above).
     let proto = unsafe { *((data + l3 + IPV6_NEXT_OFF) as *const u8) };
-    if !l4_linear(data, end, l4, proto) {
-        return None;
-    }
+    let seen = l4_seen(data, end, l4, proto)?;
     // SAFETY: as above; both addresses are within the header.
     unsafe {
-        key.saddr.bytes = read_unaligned((data + l3 + IPV6_SADDR_OFF) as *const [u8; 16]);
-        key.daddr.bytes = read_unaligned((data + l3 + IPV6_SADDR_OFF + 16) as *const [u8; 16]);
+        let saddr = read_words_16(data + l3 + IPV6_SADDR_OFF);
+        let daddr = read_words_16(data + l3 + IPV6_SADDR_OFF + 16);
+        // The key's addresses start on 8-byte boundaries of `AlignedKey` (offsets 0 and 16).
+        write_words_16(key.saddr.bytes.as_mut_ptr() as usize, saddr);
+        write_words_16(key.daddr.bytes.as_mut_ptr() as usize, daddr);
         let ports = read_unaligned((data + l4) as *const [u16; 2]);
         key.sport_be = ports[0];
         key.dport_be = ports[1];
@@ -215,82 +212,92 @@ fn key_v6(data: usize, end: usize, key: &mut CtKey) -> Option<Site> {
     key.proto = proto;
     key.family = FAMILY_V6;
     Some(Site {
-        l3,
-        l4,
         family: FAMILY_V6,
         proto,
+        seen,
     })
 }
 
-/// Whether `proto` is TCP or UDP and its header lies within the linear packet data.
+/// For TCP or UDP whose header lies within the linear packet data, the `ct_seen` bits of its
+/// flags (0 for UDP); None for anything else. The flags are read here, behind the very check
+/// that makes them readable: older verifiers lose the range on another copy of the pointer.
 #[inline(always)]
-fn l4_linear(data: usize, end: usize, l4: usize, proto: u8) -> bool {
+fn l4_seen(data: usize, end: usize, l4: usize, proto: u8) -> Option<u8> {
     match proto {
-        PROTO_TCP => data + l4 + TCP_MIN_HLEN <= end,
-        PROTO_UDP => data + l4 + UDP_HLEN <= end,
-        _ => false,
+        PROTO_TCP => {
+            if data + l4 + TCP_MIN_HLEN > end {
+                return None;
+            }
+            // SAFETY: the TCP header's fixed part is within the packet (checked above).
+            Some(tcp_seen_bits(unsafe {
+                *((data + l4 + TCP_FLAGS) as *const u8)
+            }))
+        }
+        PROTO_UDP => Some(0),
+        _ => None,
     }
 }
 
-/// Writes the entry's address and port over one side of the packet, with the checksums.
-/// False when a checksum helper refused (the packet is then half-rewritten and must be dropped).
+/// Writes the entry's address and port over one side of the packet (`DEST`: the destination,
+/// a client's packet to its backend; else the source, a reply to its frontend), with the
+/// checksums. False when the packet turned out too short or a checksum helper refused (the
+/// packet is then half-rewritten and must be dropped).
 #[inline(always)]
-fn rewrite(ctx: &TcContext, site: &Site, entry: &CtValue, side: Side) -> bool {
+fn rewrite<const V6: bool, const DEST: bool>(ctx: &TcContext, proto: u8, entry: &CtValue) -> bool {
+    let l3 = ETH_HLEN;
+    let l4 = if V6 { V6_L4 } else { V4_L4 };
+    let addr_off = match (V6, DEST) {
+        (false, false) => l3 + IPV4_SADDR_OFF,
+        (false, true) => l3 + IPV4_SADDR_OFF + 4,
+        (true, false) => l3 + IPV6_SADDR_OFF,
+        (true, true) => l3 + IPV6_SADDR_OFF + 16,
+    };
+    let port_off = if DEST { l4 + 2 } else { l4 };
     let data = ctx.data();
     let end = ctx.data_end();
-    let (csum_off, mangled) = if site.proto == PROTO_TCP {
-        (site.l4 + TCP_CSUM, 0)
+    // Each pointer is made behind the check that covers it (see `l4_seen`).
+    let (csum, csum_off, mangled) = if proto == PROTO_TCP {
+        if data + l4 + TCP_MIN_HLEN > end {
+            return false;
+        }
+        ((data + l4 + TCP_CSUM) as *mut u16, l4 + TCP_CSUM, 0)
     } else {
-        (site.l4 + UDP_CSUM, BPF_F_MARK_MANGLED_0 as u64)
+        if data + l4 + UDP_HLEN > end {
+            return false;
+        }
+        (
+            (data + l4 + UDP_CSUM) as *mut u16,
+            l4 + UDP_CSUM,
+            BPF_F_MARK_MANGLED_0 as u64,
+        )
     };
-    let addr_off = match (side, site.family) {
-        (Side::Source, FAMILY_V4) => site.l3 + IPV4_SADDR_OFF,
-        (Side::Destination, FAMILY_V4) => site.l3 + IPV4_SADDR_OFF + 4,
-        (Side::Source, _) => site.l3 + IPV6_SADDR_OFF,
-        (Side::Destination, _) => site.l3 + IPV6_SADDR_OFF + 16,
-    };
-    let port_off = match side {
-        Side::Source => site.l4,
-        Side::Destination => site.l4 + 2,
-    };
-    // The L4 header's checksum field lies within what `key_v*` checked (TCP: 20 bytes, UDP: 8).
-    if data + site.l4 + UDP_HLEN > end || data + csum_off + 2 > end {
-        return false;
-    }
-    // SAFETY: every offset below was checked against the packet's end by `key_v*` or above.
+    // SAFETY: within the L4 header's fixed part, checked above; unaligned accesses.
     let (old_port, l4_csum) = unsafe {
         (
             read_unaligned((data + port_off) as *const u16),
-            read_unaligned((data + csum_off) as *const u16),
+            read_unaligned(csum),
         )
     };
     // A zero UDP checksum (IPv4) means "none": it stays so, and no helper is needed.
-    let has_l4_csum = site.proto == PROTO_TCP || l4_csum != 0;
-    let pseudo_diff = if site.family == FAMILY_V4 {
-        if data + site.l3 + IPV4_MIN_HLEN > end {
-            return false;
+    let has_l4_csum = proto == PROTO_TCP || l4_csum != 0;
+    let pseudo_diff = if V6 {
+        // SAFETY: the IPv6 header lies before the L4 header, checked above.
+        unsafe {
+            let old = read_words_16(data + addr_off);
+            let new = read_words_16(entry.nat_addr.bytes.as_ptr() as usize);
+            write_words_16(data + addr_off, new);
+            diff_words(&old, &new)
         }
-        // SAFETY: the IPv4 header is within the packet (checked above).
+    } else {
+        // SAFETY: the IPv4 header lies before the L4 header, checked above.
         unsafe {
             let addr = (data + addr_off) as *mut u32;
             let old = read_unaligned(addr);
             let new = read_unaligned(entry.nat_addr.bytes.as_ptr() as *const u32);
             write_unaligned(addr, new);
-            let csum = (data + site.l3 + IPV4_CSUM_OFF) as *mut u16;
-            write_unaligned(csum, csum_replace4(read_unaligned(csum), old, new));
+            let ip_csum = (data + l3 + IPV4_CSUM_OFF) as *mut u16;
+            write_unaligned(ip_csum, csum_replace4(read_unaligned(ip_csum), old, new));
             diff_words(&[old], &[new])
-        }
-    } else {
-        if data + site.l3 + IPV6_HLEN > end {
-            return false;
-        }
-        // SAFETY: the IPv6 header is within the packet (checked above).
-        unsafe {
-            let addr = (data + addr_off) as *mut [u32; 4];
-            let old = read_unaligned(addr);
-            let new = read_unaligned(entry.nat_addr.bytes.as_ptr() as *const [u32; 4]);
-            write_unaligned(addr, new);
-            diff_words(&old, &new)
         }
     };
     let new_port = entry.nat_port_be;

@@ -160,9 +160,15 @@ impl Verdict {
 
 #[classifier]
 pub fn weir_ingress(ctx: TcContext) -> i32 {
-    let action = fast::established(&ctx);
-    if action != fast::NOT_HANDLED {
-        return action;
+    let fast = fast::established(&ctx);
+    if fast.action() != fast::NOT_HANDLED {
+        let verdict = match fast.action() {
+            fast::FORWARD_V4 => route::forward(&ctx, FAMILY_V4, ETH_HLEN, fast.counter(), true),
+            fast::FORWARD_V6 => route::forward(&ctx, FAMILY_V6, ETH_HLEN, fast.counter(), true),
+            _ => fast,
+        };
+        count(verdict.counter());
+        return verdict.action();
     }
     let verdict = match process(&ctx) {
         Ok(verdict) => verdict,
@@ -369,6 +375,9 @@ pub struct Scratch {
     /// A tunnel arrival's key among the moved client ports (`tunnel::remember_return`): off
     /// the stack, for the same reason.
     pub moves: weir_common::MovedArrivalKey,
+    /// The FIB lookup's parameters (`route::forward`): off the stack, since forwarding is the
+    /// deepest frame of the chain weir_ingress -> flow -> apply -> forward.
+    pub fib: route::FibParams,
 }
 
 /// A conntrack entry being made: its key and value.

@@ -29,10 +29,10 @@ use aya_ebpf::{
 };
 use weir_common::{counter, FAMILY_V4, PROTO_TCP, PROTO_UDP};
 
-use crate::maps::{count, POD_INTERFACES};
+use crate::maps::{count, POD_INTERFACES, SCRATCH};
 use crate::packet::{
-    load, store, Ipv4Header, Ipv6Header, ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPV4_MIN_HLEN, IPV6_HLEN,
-    OLD_IPIP_INNER_OFF, TCP_MIN_HLEN, UDP_HLEN,
+    load, read_words_16, store, zero_words, Ipv4Header, Ipv6Header, ETH_HLEN, ETH_P_IP, ETH_P_IPV6,
+    IPV4_MIN_HLEN, IPV6_HLEN, OLD_IPIP_INNER_OFF, TCP_MIN_HLEN, UDP_HLEN,
 };
 use crate::Verdict;
 
@@ -42,9 +42,10 @@ const IPV4_TTL_OFF: usize = 8;
 const IPV4_CSUM_OFF: usize = 10;
 const IPV6_HOP_LIMIT_OFF: usize = 7;
 
-/// `bpf_fib_lookup`'s parameters on an 8-byte boundary: zeroing them costs word stores.
+/// `bpf_fib_lookup`'s parameters on an 8-byte boundary (zeroing them costs word stores), kept
+/// in the per-CPU scratch slot (`Scratch::fib`).
 #[repr(C, align(8))]
-struct Params(bpf_fib_lookup);
+pub struct FibParams(bpf_fib_lookup);
 
 /// Sends the translated packet, whose IP header starts at `l3`, out of the interface the FIB
 /// picks for its destination; hands it to the stack when the FIB has no forwarding answer.
@@ -53,9 +54,16 @@ struct Params(bpf_fib_lookup);
 /// own (tc egress) keeps its TTL and is only redirected.
 #[inline(never)]
 pub fn forward(ctx: &TcContext, family: u8, l3: usize, outcome: u32, forwarding: bool) -> Verdict {
-    // SAFETY: bpf_fib_lookup is plain data; all-zero is its "no hints" state.
-    let mut params = Params(unsafe { core::mem::zeroed() });
-    let params = &mut params.0;
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return to_stack(outcome);
+    };
+    // SAFETY: a per-CPU slot, used by one program run at a time on this CPU; its `fib` field is
+    // only ever borrowed here. bpf_fib_lookup is plain data; all-zero is its "no hints" state.
+    let params = unsafe {
+        let fib = &mut (*scratch).fib;
+        zero_words(fib as *mut FibParams);
+        &mut fib.0
+    };
     if !describe(ctx, family, l3, forwarding, params) {
         return to_stack(outcome);
     }
@@ -187,10 +195,8 @@ fn describe(
         };
         // SAFETY: as above; the addresses are 16 bytes each within the header.
         unsafe {
-            params.__bindgen_anon_3.ipv6_src =
-                read_unaligned(addr_of!((*h).saddr) as *const [u32; 4]);
-            params.__bindgen_anon_4.ipv6_dst =
-                read_unaligned(addr_of!((*h).daddr) as *const [u32; 4]);
+            params.__bindgen_anon_3.ipv6_src = read_words_16(addr_of!((*h).saddr) as usize);
+            params.__bindgen_anon_4.ipv6_dst = read_words_16(addr_of!((*h).daddr) as usize);
         }
     }
     true
@@ -256,10 +262,20 @@ fn write_macs(ctx: &TcContext, params: &bpf_fib_lookup) -> bool {
     if data + ETH_HLEN > ctx.data_end() {
         return false;
     }
-    // SAFETY: the Ethernet header is within the packet (checked above).
+    let (d, m) = (&params.dmac, &params.smac);
+    // SAFETY: the Ethernet header is within the packet (checked above). Word writes: a 6-byte
+    // copy compiles to a `memmove` call.
     unsafe {
-        write_unaligned(data as *mut [u8; 6], params.dmac);
-        write_unaligned((data + 6) as *mut [u8; 6], params.smac);
+        write_unaligned(
+            data as *mut u32,
+            u32::from_ne_bytes([d[0], d[1], d[2], d[3]]),
+        );
+        write_unaligned((data + 4) as *mut u16, u16::from_ne_bytes([d[4], d[5]]));
+        write_unaligned(
+            (data + 6) as *mut u32,
+            u32::from_ne_bytes([m[0], m[1], m[2], m[3]]),
+        );
+        write_unaligned((data + 10) as *mut u16, u16::from_ne_bytes([m[4], m[5]]));
     }
     true
 }

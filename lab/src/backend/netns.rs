@@ -144,6 +144,19 @@ impl NetnsLab {
         Ok(())
     }
 
+    /// Turns off segmentation offloads on `ifname` in namespace `ns` when the plan asks
+    /// (`Plan::offloads`): TSO and GSO on sending, GRO on receiving.
+    fn apply_offloads(&self, ns: &str, ifname: &str) -> Result<(), BackendError> {
+        if self.plan.offloads {
+            return Ok(());
+        }
+        let cmd =
+            Cmd::new("ethtool").args(["-K", ifname, "tso", "off", "gso", "off", "gro", "off"]);
+        let path = Path::new(NETNS_DIR).join(ns);
+        run(ns, Some(&path), &cmd, PLUMBING_TIMEOUT, true)?;
+        Ok(())
+    }
+
     /// Gives namespace `ns` an interface `ifname` on node network `network`'s bridge (through
     /// the bridge port `port`) with address `ip`: nodes and external clients join the same way.
     #[allow(clippy::too_many_arguments)]
@@ -166,7 +179,9 @@ impl NetnsLab {
         let addr = format!("{ip}/{NODE_PREFIX_LEN}");
         self.ip(&["-n", ns, "link", "set", "lo", "up"])?;
         self.ip(&["-n", ns, "addr", "add", &addr, "dev", ifname])?;
-        self.ip(&["-n", ns, "link", "set", ifname, "up"])
+        self.ip(&["-n", ns, "link", "set", ifname, "up"])?;
+        self.apply_offloads(fabric, port)?;
+        self.apply_offloads(ns, ifname)
     }
 
     /// Joins `ns` to every node network (eth0, eth1, ...) and, in a dual-stack lab, gives its
@@ -311,6 +326,8 @@ impl NetnsLab {
                 "-n", &node_ns, "link", "add", hif, "mtu", &mtu, "type", "veth", "peer", "name",
                 "eth0", "netns", &ns, "mtu", &mtu,
             ])?;
+            self.apply_offloads(&node_ns, hif)?;
+            self.apply_offloads(&ns, "eth0")?;
             let addr = format!("{}/32", pod.ip);
             let pod_gw = POD_GATEWAY.to_string();
             self.ip(&["-n", &ns, "link", "set", "lo", "up"])?;
