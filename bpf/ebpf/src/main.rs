@@ -52,7 +52,7 @@ use crate::maps::{
     SCRATCH, SERVICES, SOURCE_RANGES, TUNNEL_PEERS,
 };
 use crate::packet::{
-    ct_key, load, not_for_us, parse, rewrite_l4, rewrite_port, swap_macs, tcp_seen_bits, Ip,
+    ct_key, ktime, load, not_for_us, parse, rewrite_l4, rewrite_port, swap_macs, tcp_seen_bits, Ip,
     NotForUs, Side, ETH_HLEN, FIRST_FRAGMENT, LATER_FRAGMENT, NOT_FRAGMENT, PARSED, TCP_FLAGS,
     TCP_MIN_HLEN, UDP_HLEN,
 };
@@ -443,7 +443,7 @@ fn flow_inner(
     };
     *flow = Flow {
         key: ct_key(ip, sport_be, dport_be),
-        now: ct::coarse_now(),
+        now: ktime(),
         sport_be,
         dport_be,
         seen,
