@@ -64,6 +64,7 @@ impl Backend for NetnsBackend {
             plan: plan.clone(),
             namespaces: Vec::new(),
             procs: BTreeMap::new(),
+            delayers: BTreeMap::new(),
             cgroups: None,
             torn_down: false,
         };
@@ -85,6 +86,9 @@ pub struct NetnsLab {
     /// In creation order; removed in reverse.
     namespaces: Vec<String>,
     procs: BTreeMap<ProcId, Spawned>,
+    /// Per node, the process delaying its tunnelled first fragments on the fabric
+    /// ([`Lab::delay_first_fragments`]).
+    delayers: BTreeMap<u8, ProcId>,
     /// None where the host has no cgroup2 mount.
     cgroups: Option<LabCgroups>,
     torn_down: bool,
@@ -426,52 +430,91 @@ impl Lab for NetnsLab {
 
     fn spawn(&mut self, host: HostId, cmd: &Cmd, log: &Path) -> Result<ProcId, BackendError> {
         let path = self.ns_path(host)?;
-        let spawn_err = |source| BackendError::Spawn {
-            host: host.to_string(),
-            command: cmd.to_string(),
+        let cgroup = self.host_cgroup(host);
+        self.spawn_at(host, &path, cgroup, cmd, log)
+    }
+
+    fn delay_first_fragments(
+        &mut self,
+        node: u8,
+        vxlan_port: u16,
+        log: &Path,
+    ) -> Result<(), BackendError> {
+        let fabric = self.fabric();
+        let port = fabric_port(node);
+        let (into, out_of) = delay_pair(node);
+        self.ip(&[
+            "-n", &fabric, "link", "add", &into, "type", "veth", "peer", "name", &out_of,
+        ])?;
+        for end in [&into, &out_of] {
+            self.ip(&["-n", &fabric, "link", "set", end, "up"])?;
+        }
+        tc(&fabric, &["qdisc", "add", "dev", &port, "clsact"])?;
+        for matches in crate::frame_delay::first_fragment_matches(vxlan_port) {
+            let mut args = vec!["filter", "add", "dev", &port, "egress", "protocol", "ip"];
+            args.push("u32");
+            args.extend(matches.iter().map(String::as_str));
+            args.extend(["action", "mirred", "egress", "redirect", "dev", &into]);
+            tc(&fabric, &args)?;
+        }
+        let lab = std::env::current_exe().map_err(|source| BackendError::Io {
+            context: "finding this executable".into(),
             source,
+        })?;
+        let delayer = Cmd::new(lab.display().to_string()).args([
+            "probe",
+            "delay-frames",
+            "--from",
+            &out_of,
+            "--to",
+            &port,
+        ]);
+        let path = Path::new(NETNS_DIR).join(&fabric);
+        // The log is appended to: an earlier delayer's line does not count.
+        let ready_lines = |text: &str| {
+            text.lines()
+                .filter(|l| l.starts_with(crate::frame_delay::READY))
+                .count()
         };
-        let netns = File::open(&path).map_err(spawn_err)?;
-        let log_file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .map_err(|source| BackendError::Io {
-                context: format!("opening {}", log.display()),
-                source,
-            })?;
-        let mut command = Command::new(&cmd.program);
-        command
-            .args(&cmd.args)
-            .envs(cmd.env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .stdout(log_file.try_clone().map_err(spawn_err)?)
-            .stderr(log_file)
-            .process_group(0);
-        let procs_file = self
-            .host_cgroup(host)
-            .map(|c| OpenOptions::new().write(true).open(c.join("cgroup.procs")))
-            .transpose()
-            .map_err(spawn_err)?;
-        prepare_child_in(
-            &mut command,
-            Some(netns.as_raw_fd()),
-            procs_file.as_ref().map(|f| f.as_raw_fd()),
-        );
-        let child = command.spawn().map_err(spawn_err)?;
-        drop(netns);
-        drop(procs_file);
-        let id = ProcId(child.id());
-        debug!(%host, pid = id.0, command = %cmd, log = %log.display(), "spawned");
-        self.procs.insert(
-            id,
-            Spawned {
-                child,
-                host,
-                command: cmd.to_string(),
-            },
-        );
-        Ok(id)
+        let ready_before = ready_lines(&std::fs::read_to_string(log).unwrap_or_default());
+        let proc = self.spawn_at(HostId::Node(node), &path, None, &delayer, log)?;
+        self.delayers.insert(node, proc);
+        let started = Instant::now();
+        loop {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            if ready_lines(&text) > ready_before {
+                return Ok(());
+            }
+            if let Some(how) = self.exited(proc)? {
+                return Err(BackendError::Failed {
+                    host: fabric,
+                    command: delayer.to_string(),
+                    status: how,
+                    stderr: tail(&text, 5),
+                });
+            }
+            if started.elapsed() > crate::frame_delay::READY_WAIT {
+                return Err(BackendError::Timeout {
+                    host: fabric,
+                    command: delayer.to_string(),
+                    after: crate::frame_delay::READY_WAIT,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn restore_fragment_order(&mut self, node: u8) -> Result<(), BackendError> {
+        let Some(proc) = self.delayers.remove(&node) else {
+            return Ok(());
+        };
+        self.stop(proc)?;
+        let fabric = self.fabric();
+        tc(
+            &fabric,
+            &["qdisc", "del", "dev", &fabric_port(node), "clsact"],
+        )?;
+        self.ip(&["-n", &fabric, "link", "del", &delay_pair(node).0])
     }
 
     fn exited(&mut self, proc: ProcId) -> Result<Option<String>, BackendError> {
@@ -536,6 +579,8 @@ impl Lab for NetnsLab {
                 problems.push(e.to_string());
             }
         }
+        // Their processes are stopped above, their devices go with the fabric.
+        self.delayers.clear();
         while let Some(ns) = self.namespaces.pop() {
             if let Err(e) = self.ip(&["netns", "del", &ns]) {
                 problems.push(e.to_string());
@@ -559,6 +604,82 @@ impl Lab for NetnsLab {
         } else {
             Err(BackendError::Teardown(problems.join("; ")))
         }
+    }
+}
+
+/// The fabric's port towards node `node` (its first network's).
+fn fabric_port(node: u8) -> String {
+    format!("n{node}")
+}
+
+/// The veth pair on the fabric that node `node`'s delayed frames take: redirected into the
+/// first, read from the second.
+fn delay_pair(node: u8) -> (String, String) {
+    (format!("n{node}dly0"), format!("n{node}dly1"))
+}
+
+/// `tc` in the network namespace `ns`.
+fn tc(ns: &str, args: &[&str]) -> Result<(), BackendError> {
+    let cmd = Cmd::new("tc").args(["-n", ns]).args(args.iter().copied());
+    run("lab", None, &cmd, PLUMBING_TIMEOUT, true)?;
+    Ok(())
+}
+
+impl NetnsLab {
+    /// Starts `cmd` in the network namespace at `path` (and `cgroup`), recorded as `host`'s.
+    fn spawn_at(
+        &mut self,
+        host: HostId,
+        path: &Path,
+        cgroup: Option<PathBuf>,
+        cmd: &Cmd,
+        log: &Path,
+    ) -> Result<ProcId, BackendError> {
+        let spawn_err = |source| BackendError::Spawn {
+            host: host.to_string(),
+            command: cmd.to_string(),
+            source,
+        };
+        let netns = File::open(path).map_err(spawn_err)?;
+        let log_file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .map_err(|source| BackendError::Io {
+                context: format!("opening {}", log.display()),
+                source,
+            })?;
+        let mut command = Command::new(&cmd.program);
+        command
+            .args(&cmd.args)
+            .envs(cmd.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().map_err(spawn_err)?)
+            .stderr(log_file)
+            .process_group(0);
+        let procs_file = cgroup
+            .map(|c| OpenOptions::new().write(true).open(c.join("cgroup.procs")))
+            .transpose()
+            .map_err(spawn_err)?;
+        prepare_child_in(
+            &mut command,
+            Some(netns.as_raw_fd()),
+            procs_file.as_ref().map(|f| f.as_raw_fd()),
+        );
+        let child = command.spawn().map_err(spawn_err)?;
+        drop(netns);
+        drop(procs_file);
+        let id = ProcId(child.id());
+        debug!(%host, pid = id.0, command = %cmd, log = %log.display(), "spawned");
+        self.procs.insert(
+            id,
+            Spawned {
+                child,
+                host,
+                command: cmd.to_string(),
+            },
+        );
+        Ok(id)
     }
 }
 
