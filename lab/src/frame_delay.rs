@@ -232,7 +232,7 @@ fn receive(socket: &OwnedFd, frame: &mut [u8]) -> Result<Option<usize>, DelayErr
             }),
         };
     }
-    if from.sll_pkttype == libc::PACKET_OUTGOING as u8 {
+    if from.sll_pkttype == libc::PACKET_OUTGOING {
         return Ok(None);
     }
     Ok(Some(len as usize))
