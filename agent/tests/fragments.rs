@@ -153,28 +153,6 @@ fn udp6_big(src: Ipv6Addr, sport: u16, dst: Ipv6Addr, dport: u16) -> Vec<u8> {
     out
 }
 
-/// The fragments of an IPv4 frame, its payload cut at `cuts` (multiples of 8), all with `id`.
-fn fragments4(frame: &[u8], id: u16, cuts: &[usize]) -> Vec<Vec<u8>> {
-    const L4: usize = 14 + 20;
-    let payload = &frame[L4..];
-    let mut bounds = vec![0];
-    bounds.extend_from_slice(cuts);
-    bounds.push(payload.len());
-    bounds
-        .windows(2)
-        .map(|w| {
-            let mut out = frame[..L4].to_vec();
-            out.extend_from_slice(&payload[w[0]..w[1]]);
-            out[16..18].copy_from_slice(&((20 + w[1] - w[0]) as u16).to_be_bytes());
-            out[18..20].copy_from_slice(&id.to_be_bytes());
-            let more = if w[1] < payload.len() { 0x2000 } else { 0 };
-            out[20..22].copy_from_slice(&(more | (w[0] / 8) as u16).to_be_bytes());
-            fix_ip_checksum(&mut out);
-            out
-        })
-        .collect()
-}
-
 /// The fragments of an IPv6 frame (no extension headers), each with a fragment header.
 fn fragments6(frame: &[u8], id: u32, cuts: &[usize]) -> Vec<Vec<u8>> {
     const FIXED: usize = 14 + 40;
@@ -473,7 +451,8 @@ fn held_arrivals(h: &Harness) -> Vec<(u32, u32)> {
 
 // A test run attaches no tunnel metadata, so a live tunnel arrival cannot be made here (without
 // metadata the loopback device, standing in for the tunnel device, delivers local packets); a
-// replayed one, which carries the mark instead, can.
+// replayed one, which carries the mark instead, can. Live arrivals through a real VXLAN device:
+// `tunnel_peers.rs`.
 #[test]
 fn dsr_fragments_replayed_on_the_tunnel_device_are_translated_as_tunnel_arrivals() {
     let mut h = node2_dsr();

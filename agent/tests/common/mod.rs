@@ -379,6 +379,28 @@ pub fn udp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
     out
 }
 
+/// The fragments of an IPv4 frame, its payload cut at `cuts` (multiples of 8), all with `id`.
+pub fn fragments4(frame: &[u8], id: u16, cuts: &[usize]) -> Vec<Vec<u8>> {
+    const L4: usize = 14 + 20;
+    let payload = &frame[L4..];
+    let mut bounds = vec![0];
+    bounds.extend_from_slice(cuts);
+    bounds.push(payload.len());
+    bounds
+        .windows(2)
+        .map(|w| {
+            let mut out = frame[..L4].to_vec();
+            out.extend_from_slice(&payload[w[0]..w[1]]);
+            out[16..18].copy_from_slice(&((20 + w[1] - w[0]) as u16).to_be_bytes());
+            out[18..20].copy_from_slice(&id.to_be_bytes());
+            let more = if w[1] < payload.len() { 0x2000 } else { 0 };
+            out[20..22].copy_from_slice(&(more | (w[0] / 8) as u16).to_be_bytes());
+            fix_ip_checksum(&mut out);
+            out
+        })
+        .collect()
+}
+
 /// An ICMP error from `src` to `dst` quoting `quoted` (an IPv4 packet without Ethernet).
 pub fn icmp_error(src: Ipv4Addr, dst: Ipv4Addr, type_u8: u8, code: u8, quoted: &[u8]) -> Vec<u8> {
     use etherparse::Icmpv4Type;
