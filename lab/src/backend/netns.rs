@@ -86,9 +86,9 @@ pub struct NetnsLab {
     /// In creation order; removed in reverse.
     namespaces: Vec<String>,
     procs: BTreeMap<ProcId, Spawned>,
-    /// Per node, the process delaying its tunnelled first fragments on the fabric
+    /// Per node, the delay of its tunnelled first fragments on the fabric
     /// ([`Lab::delay_first_fragments`]).
-    delayers: BTreeMap<u8, ProcId>,
+    delayers: BTreeMap<u8, FabricDelay>,
     /// None where the host has no cgroup2 mount.
     cgroups: Option<LabCgroups>,
     torn_down: bool,
@@ -440,81 +440,16 @@ impl Lab for NetnsLab {
         vxlan_port: u16,
         log: &Path,
     ) -> Result<(), BackendError> {
-        let fabric = self.fabric();
-        let port = fabric_port(node);
-        let (into, out_of) = delay_pair(node);
-        self.ip(&[
-            "-n", &fabric, "link", "add", &into, "type", "veth", "peer", "name", &out_of,
-        ])?;
-        for end in [&into, &out_of] {
-            self.ip(&["-n", &fabric, "link", "set", end, "up"])?;
-        }
-        tc(&fabric, &["qdisc", "add", "dev", &port, "clsact"])?;
-        for matches in crate::frame_delay::first_fragment_matches(vxlan_port) {
-            let mut args = vec!["filter", "add", "dev", &port, "egress", "protocol", "ip"];
-            args.push("u32");
-            args.extend(matches.iter().map(String::as_str));
-            args.extend(["action", "mirred", "egress", "redirect", "dev", &into]);
-            tc(&fabric, &args)?;
-        }
-        let lab = std::env::current_exe().map_err(|source| BackendError::Io {
-            context: "finding this executable".into(),
-            source,
-        })?;
-        let delayer = Cmd::new(lab.display().to_string()).args([
-            "probe",
-            "delay-frames",
-            "--from",
-            &out_of,
-            "--to",
-            &port,
-        ]);
-        let path = Path::new(NETNS_DIR).join(&fabric);
-        // The log is appended to: an earlier delayer's line does not count.
-        let ready_lines = |text: &str| {
-            text.lines()
-                .filter(|l| l.starts_with(crate::frame_delay::READY))
-                .count()
-        };
-        let ready_before = ready_lines(&std::fs::read_to_string(log).unwrap_or_default());
-        let proc = self.spawn_at(HostId::Node(node), &path, None, &delayer, log)?;
-        self.delayers.insert(node, proc);
-        let started = Instant::now();
-        loop {
-            let text = std::fs::read_to_string(log).unwrap_or_default();
-            if ready_lines(&text) > ready_before {
-                return Ok(());
-            }
-            if let Some(how) = self.exited(proc)? {
-                return Err(BackendError::Failed {
-                    host: fabric,
-                    command: delayer.to_string(),
-                    status: how,
-                    stderr: tail(&text, 5),
-                });
-            }
-            if started.elapsed() > crate::frame_delay::READY_WAIT {
-                return Err(BackendError::Timeout {
-                    host: fabric,
-                    command: delayer.to_string(),
-                    after: crate::frame_delay::READY_WAIT,
-                });
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let delay = FabricDelay::start(&self.fabric(), &fabric_port(node), vxlan_port, log)?;
+        self.delayers.insert(node, delay);
+        Ok(())
     }
 
     fn restore_fragment_order(&mut self, node: u8) -> Result<(), BackendError> {
-        let Some(proc) = self.delayers.remove(&node) else {
-            return Ok(());
-        };
-        self.stop(proc)?;
-        let fabric = self.fabric();
-        tc(
-            &fabric,
-            &["qdisc", "del", "dev", &fabric_port(node), "clsact"],
-        )?;
-        self.ip(&["-n", &fabric, "link", "del", &delay_pair(node).0])
+        match self.delayers.remove(&node) {
+            Some(delay) => delay.stop(),
+            None => Ok(()),
+        }
     }
 
     fn exited(&mut self, proc: ProcId) -> Result<Option<String>, BackendError> {
@@ -579,8 +514,12 @@ impl Lab for NetnsLab {
                 problems.push(e.to_string());
             }
         }
-        // Their processes are stopped above, their devices go with the fabric.
-        self.delayers.clear();
+        // Before the fabric goes: their devices are in it.
+        for (_, delay) in std::mem::take(&mut self.delayers) {
+            if let Err(e) = delay.stop() {
+                problems.push(e.to_string());
+            }
+        }
         while let Some(ns) = self.namespaces.pop() {
             if let Err(e) = self.ip(&["netns", "del", &ns]) {
                 problems.push(e.to_string());
@@ -612,17 +551,126 @@ fn fabric_port(node: u8) -> String {
     format!("n{node}")
 }
 
-/// The veth pair on the fabric that node `node`'s delayed frames take: redirected into the
-/// first, read from the second.
-fn delay_pair(node: u8) -> (String, String) {
-    (format!("n{node}dly0"), format!("n{node}dly1"))
+/// Tunnelled first fragments delayed on a lab's fabric, on their way out of its port towards
+/// one node (see `crate::frame_delay`): the port's filters, the veth pair they redirect into,
+/// and the delayer reading its other end. Both backends' fabrics are namespaces on the machine
+/// the lab runs on.
+pub(crate) struct FabricDelay {
+    fabric: String,
+    port: String,
+    /// Redirected into; the delayer reads the pair's other end.
+    into: String,
+    delayer: Child,
 }
 
-/// `tc` in the network namespace `ns`.
-fn tc(ns: &str, args: &[&str]) -> Result<(), BackendError> {
-    let cmd = Cmd::new("tc").args(["-n", ns]).args(args.iter().copied());
-    run("lab", None, &cmd, PLUMBING_TIMEOUT, true)?;
-    Ok(())
+impl FabricDelay {
+    /// Sets the delay up on `port` of the namespace `fabric` and starts the delayer (this
+    /// executable), its output appended to `log`; returns once it reads.
+    pub(crate) fn start(
+        fabric: &str,
+        port: &str,
+        vxlan_port: u16,
+        log: &Path,
+    ) -> Result<FabricDelay, BackendError> {
+        let (into, out_of) = (format!("{port}d0"), format!("{port}d1"));
+        let ip = |args: &[&str]| {
+            let cmd = Cmd::new("ip").args(["-n", fabric]).args(args.iter().copied());
+            run("lab", None, &cmd, PLUMBING_TIMEOUT, true).map(drop)
+        };
+        let tc = |args: &[&str]| {
+            let cmd = Cmd::new("tc").args(["-n", fabric]).args(args.iter().copied());
+            run("lab", None, &cmd, PLUMBING_TIMEOUT, true).map(drop)
+        };
+        ip(&["link", "add", &into, "type", "veth", "peer", "name", &out_of])?;
+        ip(&["link", "set", &into, "up"])?;
+        ip(&["link", "set", &out_of, "up"])?;
+        tc(&["qdisc", "add", "dev", port, "clsact"])?;
+        for matches in crate::frame_delay::first_fragment_matches(vxlan_port) {
+            let mut args = vec!["filter", "add", "dev", port, "egress", "protocol", "ip", "u32"];
+            args.extend(matches.iter().map(String::as_str));
+            args.extend(["action", "mirred", "egress", "redirect", "dev", &into]);
+            tc(&args)?;
+        }
+        let lab = std::env::current_exe().map_err(|source| BackendError::Io {
+            context: "finding this executable".into(),
+            source,
+        })?;
+        let cmd = Cmd::new(lab.display().to_string())
+            .args(["probe", "delay-frames", "--from", &out_of, "--to", port]);
+        let spawn_err = |source| BackendError::Spawn {
+            host: fabric.to_owned(),
+            command: cmd.to_string(),
+            source,
+        };
+        // The log is appended to: an earlier delayer's line does not count.
+        let ready_lines = || {
+            std::fs::read_to_string(log)
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| l.starts_with(crate::frame_delay::READY))
+                .count()
+        };
+        let ready_before = ready_lines();
+        let netns = File::open(Path::new(NETNS_DIR).join(fabric)).map_err(spawn_err)?;
+        let log_file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .map_err(spawn_err)?;
+        let mut command = Command::new(&cmd.program);
+        command
+            .args(&cmd.args)
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().map_err(spawn_err)?)
+            .stderr(log_file)
+            .process_group(0);
+        prepare_child(&mut command, Some(netns.as_raw_fd()));
+        let delayer = command.spawn().map_err(spawn_err)?;
+        let mut delay = FabricDelay {
+            fabric: fabric.to_owned(),
+            port: port.to_owned(),
+            into,
+            delayer,
+        };
+        let started = Instant::now();
+        while ready_lines() <= ready_before {
+            let exited = delay.delayer.try_wait().map_err(spawn_err)?;
+            if exited.is_some() || started.elapsed() > crate::frame_delay::READY_WAIT {
+                let why = exited.map_or_else(
+                    || format!("not reading after {:?}", crate::frame_delay::READY_WAIT),
+                    describe,
+                );
+                let text = std::fs::read_to_string(log).unwrap_or_default();
+                let _ = delay.stop();
+                return Err(BackendError::Failed {
+                    host: fabric.to_owned(),
+                    command: cmd.to_string(),
+                    status: why,
+                    stderr: tail(&text, 5),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(delay)
+    }
+
+    /// Stops the delayer and removes the filters and the veth pair.
+    pub(crate) fn stop(mut self) -> Result<(), BackendError> {
+        stop_group(&mut self.delayer, STOP_GRACE).map_err(|source| BackendError::Io {
+            context: format!("stopping the delayer on {}", self.fabric),
+            source,
+        })?;
+        for (program, args) in [
+            ("tc", vec!["qdisc", "del", "dev", &self.port, "clsact"]),
+            ("ip", vec!["link", "del", &self.into]),
+        ] {
+            let cmd = Cmd::new(program)
+                .args(["-n", self.fabric.as_str()])
+                .args(args);
+            run("lab", None, &cmd, PLUMBING_TIMEOUT, true)?;
+        }
+        Ok(())
+    }
 }
 
 impl NetnsLab {
