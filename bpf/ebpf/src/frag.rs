@@ -250,7 +250,7 @@ pub fn replay(ctx: &TcContext, ip: &Ip, tunnel_id: u32) -> bool {
     }
     // SAFETY: the context pointer is the program's own skb; the helper clones it and leaves
     // this one writable.
-    if unsafe { bpf_clone_redirect(ctx.skb.skb, ifindex, BPF_F_INGRESS as u64) } < 0 {
+    if !delivered(unsafe { bpf_clone_redirect(ctx.skb.skb, ifindex, BPF_F_INGRESS as u64) }) {
         // The first fragment is translated here instead; the held ones are lost to the LRU.
         count(counter::FRAGMENT_REPLAY_FAILED);
         return false;
@@ -274,6 +274,15 @@ pub fn replay(ctx: &TcContext, ip: &Ip, tunnel_id: u32) -> bool {
         }
     }
     true
+}
+
+/// Whether `bpf_clone_redirect` into an ingress put the copy on the backlog: 0. A negative
+/// value is the helper's error, a positive one the forward's `NET_RX_DROP`: the backlog was
+/// full, or (before 5.12, whose forward checks the MTU) the frame is larger than the device's
+/// MTU allows, as an IPv4 fragment cut for the underlay is for the tunnel device.
+#[inline(always)]
+fn delivered(ret: i64) -> bool {
+    ret == 0
 }
 
 /// The least a frame held or replayed can be: Ethernet, IPv4 and 8 bytes of payload.
@@ -305,5 +314,5 @@ fn send_again(ctx: &TcContext, held: &HeldFragment, ifindex: u32) -> bool {
     let stored =
         unsafe { bpf_skb_store_bytes(skb, 0, held.frame.as_ptr() as *const _, bounded(len), 0) };
     // SAFETY: as for the first fragment's clone in `replay`.
-    stored >= 0 && unsafe { bpf_clone_redirect(skb, ifindex, BPF_F_INGRESS as u64) } >= 0
+    stored >= 0 && delivered(unsafe { bpf_clone_redirect(skb, ifindex, BPF_F_INGRESS as u64) })
 }
