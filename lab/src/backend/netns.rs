@@ -574,19 +574,27 @@ impl FabricDelay {
     ) -> Result<FabricDelay, BackendError> {
         let (into, out_of) = (format!("{port}d0"), format!("{port}d1"));
         let ip = |args: &[&str]| {
-            let cmd = Cmd::new("ip").args(["-n", fabric]).args(args.iter().copied());
+            let cmd = Cmd::new("ip")
+                .args(["-n", fabric])
+                .args(args.iter().copied());
             run("lab", None, &cmd, PLUMBING_TIMEOUT, true).map(drop)
         };
         let tc = |args: &[&str]| {
-            let cmd = Cmd::new("tc").args(["-n", fabric]).args(args.iter().copied());
+            let cmd = Cmd::new("tc")
+                .args(["-n", fabric])
+                .args(args.iter().copied());
             run("lab", None, &cmd, PLUMBING_TIMEOUT, true).map(drop)
         };
-        ip(&["link", "add", &into, "type", "veth", "peer", "name", &out_of])?;
+        ip(&[
+            "link", "add", &into, "type", "veth", "peer", "name", &out_of,
+        ])?;
         ip(&["link", "set", &into, "up"])?;
         ip(&["link", "set", &out_of, "up"])?;
         tc(&["qdisc", "add", "dev", port, "clsact"])?;
         for matches in crate::frame_delay::first_fragment_matches(vxlan_port) {
-            let mut args = vec!["filter", "add", "dev", port, "egress", "protocol", "ip", "u32"];
+            let mut args = vec![
+                "filter", "add", "dev", port, "egress", "protocol", "ip", "u32",
+            ];
             args.extend(matches.iter().map(String::as_str));
             args.extend(["action", "mirred", "egress", "redirect", "dev", &into]);
             tc(&args)?;
@@ -595,8 +603,14 @@ impl FabricDelay {
             context: "finding this executable".into(),
             source,
         })?;
-        let cmd = Cmd::new(lab.display().to_string())
-            .args(["probe", "delay-frames", "--from", &out_of, "--to", port]);
+        let cmd = Cmd::new(lab.display().to_string()).args([
+            "probe",
+            "delay-frames",
+            "--from",
+            &out_of,
+            "--to",
+            port,
+        ]);
         let spawn_err = |source| BackendError::Spawn {
             host: fabric.to_owned(),
             command: cmd.to_string(),
