@@ -245,13 +245,17 @@ pub fn replay(ctx: &TcContext, ip: &Ip, tunnel_id: u32) -> bool {
     // SAFETY: reading a field of the program's own context.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     // Every clone below (of this packet, then of each held frame it carries) takes the mark.
+    // SAFETY: reading a field of the program's own context.
+    let mut mark_before = unsafe { (*ctx.skb.skb).mark };
     if tunnel_id != 0 {
-        crate::tunnel::tag_replay(ctx);
+        mark_before = crate::tunnel::tag_replay(ctx);
     }
     // SAFETY: the context pointer is the program's own skb; the helper clones it and leaves
     // this one writable.
     if !delivered(unsafe { bpf_clone_redirect(ctx.skb.skb, ifindex, BPF_F_INGRESS as u64) }) {
-        // The first fragment is translated here instead; the held ones are lost to the LRU.
+        // The first fragment is translated here instead, without the mark; the held ones are
+        // lost to the LRU.
+        ctx.set_mark(mark_before);
         count(counter::FRAGMENT_REPLAY_FAILED);
         return false;
     }

@@ -155,12 +155,14 @@ pub fn arrival(ctx: &TcContext, config: &NodeConfig) -> Arrival {
 /// ingress, which only the replay makes (a pod's packets enter at its own interface, and
 /// leaving its namespace clears their mark; a host process's packets to the device leave
 /// through it, they do not enter). So no sender can pass for a tunnel peer with it, and the
-/// bit never reaches the stack or another user of marks.
+/// bit never reaches the stack or another user of marks. Returns the mark before, for a packet
+/// that goes on after all (`frag::replay` failed) to leave with.
 #[inline(always)]
-pub fn tag_replay(ctx: &TcContext) {
+pub fn tag_replay(ctx: &TcContext) -> u32 {
     // SAFETY: reading a field of the program's own context.
     let mark = unsafe { (*ctx.skb.skb).mark };
     ctx.set_mark(mark | weir_common::REPLAY_MARK);
+    mark
 }
 
 /// The arrival of a packet on the tunnel device without metadata: a DSR arrival replayed
