@@ -116,6 +116,11 @@ pub struct MapsConfig {
     /// `WEIR_CT_NEW`: conntrack entries of flows not answered yet (a SYN flood churns only
     /// these). LRU.
     pub ct_new: u32,
+    /// `WEIR_CT_MOVED_ARRIVALS`: one per flow arriving through the tunnel whose client port
+    /// this (the backend's) node moved, since another node's flow of the same tuple held its
+    /// reply key. LRU: an evicted move leaves the connection's later segments to the holder
+    /// (and a resize starts it empty, as if every move was evicted).
+    pub ct_moved_arrivals: u32,
     /// `WEIR_AFFINITY`: one per (client, Service) under `sessionAffinity: ClientIP`. LRU.
     pub affinity: u32,
     /// `WEIR_SERVICES`: one per frontend (address or NodePort, port, protocol).
@@ -164,6 +169,7 @@ impl MapsConfig {
         MapsConfig {
             conntrack: capacity::CONNTRACK,
             ct_new: capacity::CT_NEW,
+            ct_moved_arrivals: capacity::CT_MOVED_ARRIVALS,
             affinity: capacity::AFFINITY,
             services: capacity::SERVICES,
             backend_slots: capacity::BACKEND_SLOTS,
@@ -179,7 +185,7 @@ impl MapsConfig {
 
     /// Every configurable map with its capacity: the one place that says which key sizes which
     /// map. Loading, admission and the capacity metrics all read it.
-    pub fn capacities(&self) -> [MapCapacity; 12] {
+    pub fn capacities(&self) -> [MapCapacity; 13] {
         use weir_common::map_names;
         let row = |key, map, entries, max| MapCapacity {
             key,
@@ -195,6 +201,12 @@ impl MapsConfig {
                 MAX_MAP_ENTRIES,
             ),
             row("ct_new", map_names::CT_NEW, self.ct_new, MAX_MAP_ENTRIES),
+            row(
+                "ct_moved_arrivals",
+                map_names::CT_MOVED_ARRIVALS,
+                self.ct_moved_arrivals,
+                MAX_MAP_ENTRIES,
+            ),
             row(
                 "affinity",
                 map_names::AFFINITY,
@@ -1184,11 +1196,17 @@ cgroup = "/sys/fs/cgroup/unified"
     #[test]
     fn map_sizes_are_validated_by_key_and_feed_loading_by_map_name() {
         let layer: ConfigLayer = toml::from_str(
-            "node_name = \"n\"\nsource = \"kubernetes\"\n[maps]\nconntrack = 1048576\n",
+            "node_name = \"n\"\nsource = \"kubernetes\"\n[maps]\nconntrack = 1048576\nct_moved_arrivals = 4096\n",
         )
         .unwrap();
         let config = layer.finish().unwrap();
         assert_eq!(config.maps.conntrack, 1 << 20);
+        assert_eq!(
+            config
+                .maps
+                .capacity_of(weir_common::map_names::CT_MOVED_ARRIVALS),
+            Some(4096)
+        );
         assert_eq!(
             config.maps.affinity,
             weir_common::capacity::AFFINITY,

@@ -94,6 +94,35 @@ pub fn conntrack(pin_dir: &Path) -> Result<Vec<crate::conntrack::EntryView>, Dat
     Ok(view(&tables, monotonic_now_ns()))
 }
 
+/// A client port the backend's node moved for a flow arriving through the tunnel, since
+/// another node's flow of the same tuple held its reply key (`WEIR_CT_MOVED_ARRIVALS`).
+#[derive(Serialize)]
+pub struct MovedArrivalRow {
+    pub proto: String,
+    /// The flow as it arrived, translated at its ingress node: the client...
+    pub src: String,
+    /// ...and the backend.
+    pub dst: String,
+    /// The node it came through.
+    pub ingress_node: String,
+    /// The client port the backend sees instead of `src`'s.
+    pub moved_port: u16,
+}
+
+pub fn moved_arrivals(pin_dir: &Path) -> Result<Vec<MovedArrivalRow>, DataplaneError> {
+    let moves = ConntrackMap::open_pinned(pin_dir)?.moved_arrivals()?;
+    Ok(moves
+        .iter()
+        .map(|(key, port_be)| MovedArrivalRow {
+            proto: proto_name(key.flow.proto),
+            src: socket_addr(&key.flow.saddr, key.flow.family, key.flow.sport_be),
+            dst: socket_addr(&key.flow.daddr, key.flow.family, key.flow.dport_be),
+            ingress_node: ip_of(&key.peer, key.peer_family).to_string(),
+            moved_port: u16::from_be(*port_be),
+        })
+        .collect())
+}
+
 pub fn counters(pin_dir: &Path) -> Result<BTreeMap<&'static str, u64>, DataplaneError> {
     Ok(Counters::open_pinned(pin_dir)?
         .read()?

@@ -199,12 +199,34 @@ fn print_dump(what: DumpWhat, dir: &std::path::Path, json: bool) -> anyhow::Resu
                         ]
                     })
                     .collect();
-                dump::table(
+                let mut out = dump::table(
                     &[
                         "KIND", "PROTO", "SRC", "DST", "NAT", "STATE", "IDLE", "TABLE",
                     ],
                     &cells,
-                )
+                );
+                // Below the entries, and only in the table: the JSON stays one row per entry.
+                let moves = dump::moved_arrivals(dir)?;
+                if !moves.is_empty() {
+                    let cells: Vec<Vec<String>> = moves
+                        .iter()
+                        .map(|m| {
+                            vec![
+                                m.proto.clone(),
+                                m.src.clone(),
+                                m.dst.clone(),
+                                m.ingress_node.clone(),
+                                m.moved_port.to_string(),
+                            ]
+                        })
+                        .collect();
+                    out.push_str("\nclient ports moved for tunnel arrivals:\n");
+                    out.push_str(&dump::table(
+                        &["PROTO", "CLIENT", "BACKEND", "INGRESS NODE", "MOVED TO"],
+                        &cells,
+                    ));
+                }
+                out
             }
         }
         DumpWhat::Counters => {

@@ -9,7 +9,10 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 
 use common::*;
 use weir_agent::compile::CompileOptions;
-use weir_common::{map_names, node_flags, FragKey, HeldFragment, HeldFragmentKey, NodeConfig};
+use weir_common::{
+    map_names, node_flags, tunnel_id, FragKey, HeldFragment, HeldFragmentKey, NodeConfig,
+    REPLAY_MARK,
+};
 
 const NODE1: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 const NODE2: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
@@ -148,28 +151,6 @@ fn udp6_big(src: Ipv6Addr, sport: u16, dst: Ipv6Addr, dport: u16) -> Vec<u8> {
         .write(&mut out, &PAYLOAD)
         .unwrap();
     out
-}
-
-/// The fragments of an IPv4 frame, its payload cut at `cuts` (multiples of 8), all with `id`.
-fn fragments4(frame: &[u8], id: u16, cuts: &[usize]) -> Vec<Vec<u8>> {
-    const L4: usize = 14 + 20;
-    let payload = &frame[L4..];
-    let mut bounds = vec![0];
-    bounds.extend_from_slice(cuts);
-    bounds.push(payload.len());
-    bounds
-        .windows(2)
-        .map(|w| {
-            let mut out = frame[..L4].to_vec();
-            out.extend_from_slice(&payload[w[0]..w[1]]);
-            out[16..18].copy_from_slice(&((20 + w[1] - w[0]) as u16).to_be_bytes());
-            out[18..20].copy_from_slice(&id.to_be_bytes());
-            let more = if w[1] < payload.len() { 0x2000 } else { 0 };
-            out[20..22].copy_from_slice(&(more | (w[0] / 8) as u16).to_be_bytes());
-            fix_ip_checksum(&mut out);
-            out
-        })
-        .collect()
 }
 
 /// The fragments of an IPv6 frame (no extension headers), each with a fragment header.
@@ -423,6 +404,123 @@ fn fragments_to_a_remote_backend_enter_the_tunnel_like_their_flow() {
         let hits = h.counter("ct_forward_hit") + h.counter("ct_encap_hit");
         assert_eq!(hits, 2, "{mode}: every later fragment into the tunnel");
     }
+}
+
+/// node2 of [`cluster`] in DSR mode: the node of the `remote` service's endpoint, which
+/// translates what node1 sends it untranslated through the tunnel.
+fn node2_dsr() -> Harness {
+    let config = NodeConfig {
+        tunnel_ifindex: TUNNEL_IFINDEX,
+        flags: node_flags::DSR,
+        ..NodeConfig::default()
+    };
+    let mut h = Harness::for_node(
+        &cluster(),
+        CompileOptions {
+            node_name: "node2".into(),
+            ..CompileOptions::default()
+        },
+        config,
+        &[NODE2.into()],
+    );
+    let peers = [NODE1, NODE2]
+        .iter()
+        .map(|n| weir_agent::compile::addr_key((*n).into()))
+        .collect();
+    h.dataplane.node.set_tunnel_peers(&peers).unwrap();
+    h
+}
+
+/// A mark some other software set, which Weir's must leave alone.
+const OTHER_MARK: u32 = 0x4000;
+
+/// The arrival kinds of the held frames, by slot.
+fn held_arrivals(h: &Harness) -> Vec<(u32, u32)> {
+    let frames: aya::maps::HashMap<_, HeldFragmentKey, HeldFragment> =
+        aya::maps::HashMap::try_from(h.dataplane.map(map_names::HELD_FRAGMENTS).unwrap()).unwrap();
+    let mut arrivals: Vec<_> = frames
+        .iter()
+        .map(|entry| {
+            let (key, value) = entry.unwrap();
+            (key.slot, value.arrival_id)
+        })
+        .collect();
+    arrivals.sort();
+    arrivals
+}
+
+// A test run attaches no tunnel metadata, so a live tunnel arrival cannot be made here (without
+// metadata the loopback device, standing in for the tunnel device, delivers local packets); a
+// replayed one, which carries the mark instead, can. Live arrivals through a real VXLAN device:
+// `tunnel_peers.rs`.
+#[test]
+fn dsr_fragments_replayed_on_the_tunnel_device_are_translated_as_tunnel_arrivals() {
+    let mut h = node2_dsr();
+    let request = fragments4(
+        &udp4(EXTERNAL_CLIENT, 33600, NODE1, REMOTE_NODE_PORT),
+        21,
+        &CUTS,
+    );
+    let translated = fragments4(&udp4(EXTERNAL_CLIENT, 33600, POD_N2, 5353), 21, &CUTS);
+    // As `frag::replay` sends them round, first fragment first: each is taken for a DSR
+    // arrival and translated to the local endpoint; the bit is cleared, other marks kept.
+    for (i, (sent, want)) in request.iter().zip(&translated).enumerate() {
+        let (verdict, out, mark) = h.run_marked(sent, REPLAY_MARK | OTHER_MARK);
+        assert_eq!((verdict, mark), (TC_ACT_OK, OTHER_MARK), "fragment {i}");
+        assert_eq!(&out, want, "fragment {i}");
+    }
+    assert_eq!(h.counter("ct_new_flow"), 1);
+    assert_eq!(h.counter("ct_forward_hit"), 2);
+    // Without the mark, a packet on the tunnel device without metadata is no tunnel arrival:
+    // another node's address has no NodePort here, and it passes untouched.
+    let local = udp4(EXTERNAL_CLIENT, 33601, NODE1, REMOTE_NODE_PORT);
+    assert_eq!(
+        h.run_marked(&local, OTHER_MARK),
+        (TC_ACT_OK, local.clone(), OTHER_MARK)
+    );
+    // The mark counts only on the tunnel device: elsewhere it is left as it is, and the packet
+    // is no tunnel arrival.
+    h.dataplane
+        .node
+        .set_config(&NodeConfig {
+            tunnel_ifindex: TUNNEL_IFINDEX + 100,
+            flags: node_flags::DSR,
+            ..NodeConfig::default()
+        })
+        .unwrap();
+    let forged = udp4(EXTERNAL_CLIENT, 33602, NODE1, REMOTE_NODE_PORT);
+    assert_eq!(
+        h.run_marked(&forged, REPLAY_MARK),
+        (TC_ACT_OK, forged.clone(), REPLAY_MARK)
+    );
+    assert_eq!(h.counter("pass_no_service"), 2);
+    assert_eq!(h.counter("ct_new_flow"), 1);
+}
+
+#[test]
+fn a_dsr_tunnel_arrivals_held_fragments_are_replayed_only_behind_a_first_that_came_so() {
+    let mut h = node2_dsr();
+    let request = fragments4(
+        &udp4(EXTERNAL_CLIENT, 33610, NODE1, REMOTE_NODE_PORT),
+        22,
+        &CUTS,
+    );
+    // A later fragment replayed from the tunnel before its first (another replay's, or its
+    // first lost): held again, as a DSR arrival. One of the same datagram that arrived
+    // otherwise is held too, as a local one.
+    assert_eq!(h.run_marked(&request[2], REPLAY_MARK).0, TC_ACT_SHOT);
+    assert_eq!(h.run_marked(&request[1], 0).0, TC_ACT_SHOT);
+    assert_eq!(h.counter("fragment_held"), 2);
+    assert_eq!(held_arrivals(&h), vec![(0, tunnel_id::DSR), (1, 0)]);
+    // A first fragment arriving as DSR through the tunnel replays the frame that came the same
+    // way, marked as it is (the mark stays on the vessel, whose clones carry it), and not the
+    // other: a frame from elsewhere must not pass for a tunnel arrival.
+    let (verdict, _, mark) = h.run_marked(&request[0], REPLAY_MARK | OTHER_MARK);
+    assert_eq!(verdict, TC_ACT_SHOT);
+    assert_eq!(mark, REPLAY_MARK | OTHER_MARK);
+    assert_eq!(h.counter("fragment_replayed"), 1);
+    assert_eq!(h.counter("fragment_replay_failed"), 1);
+    assert_eq!(held_arrivals(&h), vec![]);
 }
 
 /// The same IPv6 frame with extension headers `headers` (each a (next-header value, bytes)

@@ -4,7 +4,8 @@
 //! forger's packet, shaped as a reply of a flow another node translated, would otherwise plant a
 //! conntrack entry that sends that flow's packets to it.
 //! On the same device: two ingress nodes sending one translated tuple (a tuple collision at the
-//! backend's node): a connection whose ingress moved follows, a second connection moves.
+//! backend's node): a connection whose ingress moved follows, a second connection moves. And a
+//! DSR datagram whose first fragment the underlay delivers last: held, replayed, translated.
 
 mod common;
 
@@ -298,4 +299,71 @@ fn only_the_clusters_nodes_can_use_the_tunnel() {
     h.dataplane.node.set_tunnel_peers(&peers).expect("peers");
     send_from(OTHER_NODE, &vxlan(1, &tcp(POD, 8080, CLIENT, 40001, "SA")));
     assert_eq!(await_counter(&h, "drop_tunnel_untrusted", 2), 2);
+}
+
+/// A NodePort Service (UDP 30054 -> 5353) whose endpoint is this node's pod.
+fn node_port_yaml() -> String {
+    format!(
+        r#"{}---
+apiVersion: v1
+kind: Service
+metadata: {{name: dns, namespace: default}}
+spec:
+  type: NodePort
+  clusterIP: 198.18.100.20
+  ports:
+  - {{name: dns, protocol: UDP, port: 53, targetPort: 5353, nodePort: 30054}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: dns-1
+  namespace: default
+  labels: {{kubernetes.io/service-name: dns}}
+addressType: IPv4
+ports:
+- {{name: dns, protocol: UDP, port: 5353}}
+endpoints:
+- addresses: ["{POD}"]
+  nodeName: node1
+"#,
+        nodes_yaml()
+    )
+}
+
+#[test]
+fn dsr_fragments_reordered_inside_the_tunnel_are_held_and_translated_as_tunnel_arrivals() {
+    let _bpffs = private_bpffs(CloneFlags::CLONE_NEWNET);
+    let h = tunnel_node(&node_port_yaml(), &[OTHER_NODE]);
+    // The pod is this node's: the translated datagram is reassembled and delivered here.
+    ip(&["addr", "add", &format!("{POD}/32"), "dev", "wd0"]);
+    let pod = UdpSocket::bind(SocketAddr::from((POD, 5353))).expect("bind the pod's socket");
+    pod.set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
+    // node2 forwards a client's datagram to its NodePort untranslated (VNI 2: DSR), and the
+    // underlay delivers its first fragment last.
+    let mut datagram = Vec::new();
+    etherparse::PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv4(CLIENT.octets(), OTHER_NODE.octets(), 64)
+        .udp(40000, 30054)
+        .write(&mut datagram, &[7u8; 100])
+        .unwrap();
+    let fragments = fragments4(&datagram, 0x5151, &[16, 64]);
+    for later in &fragments[1..] {
+        send_from(OTHER_NODE, &vxlan(2, later));
+    }
+    assert_eq!(await_counter(&h, "fragment_held", 2), 2);
+    send_from(OTHER_NODE, &vxlan(2, &fragments[0]));
+    assert_eq!(await_counter(&h, "fragment_replayed", 1), 1);
+    // Replayed without tunnel metadata, marked: the first starts the DSR flow to the local
+    // endpoint, the later ones follow it, and the pod gets the whole datagram from the client.
+    let mut buf = [0u8; 200];
+    let (len, from) = pod
+        .recv_from(&mut buf)
+        .expect("the datagram reaches the pod");
+    assert_eq!((len, from), (100, SocketAddr::from((CLIENT, 40000))));
+    assert_eq!(h.counter("ct_new_flow"), 1);
+    assert_eq!(h.counter("ct_forward_hit"), 2);
+    assert_eq!(h.counter("fragment_replay_failed"), 0);
+    assert_eq!(h.counter("drop_tunnel_untrusted"), 0);
 }

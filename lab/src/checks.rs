@@ -320,6 +320,26 @@ fn target(ctx: &CheckCtx<'_>, t: &TrafficCheck, from: HostId) -> Result<Target, 
     }
 }
 
+/// Makes the underlay deliver datagrams tunnelled to `node` first fragment last (see
+/// `frame_delay`); returns the node's number. The delayer logs beside the node's agent.
+fn delay_first_fragments(ctx: &mut CheckCtx<'_>, node: &str) -> Result<u8, String> {
+    let Some(host @ HostId::Node(index)) = ctx.plan.host(node) else {
+        return Err(format!(
+            "tunnel_first_fragment_last: {node:?} is not a node"
+        ));
+    };
+    let agent_log = ctx
+        .agents
+        .and_then(|agents| agents.nodes.iter().find(|a| a.node == host))
+        .map(|agent| agent.log.clone())
+        .ok_or("tunnel_first_fragment_last needs the agent")?;
+    let log = agent_log.with_file_name(format!("delay-frames-{node}.log"));
+    ctx.lab
+        .delay_first_fragments(index, crate::frame_delay::VXLAN_PORT, &log)
+        .map_err(|e| format!("delaying first fragments towards {node}: {e}"))?;
+    Ok(index)
+}
+
 /// Packets node `node`'s tunnel device has received so far.
 fn tunnel_rx_packets(lab: &mut dyn Lab, node: HostId, device: &str) -> Result<u64, String> {
     #[derive(Deserialize)]
@@ -486,6 +506,10 @@ fn traffic(ctx: &mut CheckCtx<'_>, t: &TrafficCheck, proto: Protocol) -> Result<
         Some(node) => Some(tunnel_rx_packets(ctx.lab, node, device)?),
         None => None,
     };
+    let reordered_at = match &t.tunnel_first_fragment_last {
+        Some(node) => Some(delay_first_fragments(ctx, node)?),
+        None => None,
+    };
 
     let mut answers: BTreeMap<String, u32> = BTreeMap::new();
     let mut failures: Vec<String> = Vec::new();
@@ -523,6 +547,11 @@ fn traffic(ctx: &mut CheckCtx<'_>, t: &TrafficCheck, proto: Protocol) -> Result<
         }
     }
 
+    if let Some(node) = reordered_at {
+        ctx.lab
+            .restore_fragment_order(node)
+            .map_err(|e| format!("restoring the underlay's order: {e}"))?;
+    }
     let answered: usize = answers.values().map(|n| *n as usize).sum();
     let spread = if answers.is_empty() {
         "no answers".to_owned()

@@ -11,6 +11,7 @@ pub mod bench;
 pub mod checks;
 pub mod events;
 pub mod features;
+pub mod frame_delay;
 pub mod k8s;
 pub mod kube_proxy;
 pub mod matrix;

@@ -705,6 +705,13 @@ pub struct TrafficCheck {
     /// reorders them delivers them.
     #[serde(default)]
     pub first_fragment_last: bool,
+    /// UDP only, with a `size` beyond the path MTU, through the VXLAN tunnel: the underlay
+    /// delivers each datagram tunnelled to this node first fragment last (the lab delays first
+    /// fragments on its fabric, see `frame_delay`), as a multipath underlay may. The client's
+    /// own reordering (`first_fragment_last`) does not get that far: the ingress node restores
+    /// the order before the tunnel.
+    #[serde(default)]
+    pub tunnel_first_fragment_last: Option<String>,
     #[serde(default)]
     pub expect: TrafficExpect,
 }
@@ -1376,6 +1383,29 @@ impl Scenario {
                     return Err(self.invalid(format!(
                         "check {title:?}: first_fragment_last is for UDP checks with a size"
                     )));
+                }
+                if let Some(node) = &t.tunnel_first_fragment_last {
+                    if proto != Protocol::Udp || t.size.is_none() {
+                        return Err(self.invalid(format!(
+                            "check {title:?}: tunnel_first_fragment_last is for UDP checks with a size"
+                        )));
+                    }
+                    if !matches!(plan.host(node), Some(HostId::Node(_))) {
+                        return Err(self.invalid(format!(
+                            "check {title:?}: tunnel_first_fragment_last: {node:?} is not a node"
+                        )));
+                    }
+                    if !self.agent.enabled
+                        || self
+                            .agent
+                            .tunnel
+                            .mode
+                            .is_some_and(|m| m != TunnelModeSpec::Vxlan)
+                    {
+                        return Err(self.invalid(format!(
+                            "check {title:?}: tunnel_first_fragment_last needs the agent's VXLAN tunnel"
+                        )));
+                    }
                 }
                 if t.first_fragment_last && t.source_port.is_some() {
                     return Err(self.invalid(format!(

@@ -244,6 +244,36 @@ impl Harness {
         Ok((result.return_value, out))
     }
 
+    /// Runs the ingress program once on a packet whose `skb->mark` is `mark`; returns its
+    /// verdict, the packet and the mark as it left.
+    pub fn run_marked(&mut self, packet: &[u8], mark: u32) -> (u32, Vec<u8>, u32) {
+        /// Larger than `struct __sk_buff` on every kernel run here: the kernel zero-fills and
+        /// copies back the whole of it. The mark is its third `u32`.
+        const SK_BUFF_BYTES: usize = 256;
+        const MARK_OFFSET: usize = 8;
+        let mut ctx_in = [0u8; SK_BUFF_BYTES];
+        ctx_in[MARK_OFFSET..MARK_OFFSET + 4].copy_from_slice(&mark.to_ne_bytes());
+        let mut ctx_out = [0u8; SK_BUFF_BYTES];
+        let mut out = vec![0u8; packet.len().max(weir_common::HELD_FRAME_BYTES) + 256];
+        let program = self
+            .dataplane
+            .program(program_names::INGRESS)
+            .expect("program");
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(packet);
+        opts.data_out = Some(&mut out);
+        opts.ctx_in = Some(&ctx_in);
+        opts.ctx_out = Some(&mut ctx_out);
+        let result = program.test_run(opts).expect("BPF_PROG_TEST_RUN");
+        out.truncate(result.data_size_out as usize);
+        let mark_out = u32::from_ne_bytes(
+            ctx_out[MARK_OFFSET..MARK_OFFSET + 4]
+                .try_into()
+                .expect("four bytes"),
+        );
+        (result.return_value, out, mark_out)
+    }
+
     pub fn counter(&self, name: &str) -> u64 {
         self.dataplane
             .counters
@@ -351,6 +381,28 @@ pub fn udp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
         .write(&mut out, b"ping")
         .unwrap();
     out
+}
+
+/// The fragments of an IPv4 frame, its payload cut at `cuts` (multiples of 8), all with `id`.
+pub fn fragments4(frame: &[u8], id: u16, cuts: &[usize]) -> Vec<Vec<u8>> {
+    const L4: usize = 14 + 20;
+    let payload = &frame[L4..];
+    let mut bounds = vec![0];
+    bounds.extend_from_slice(cuts);
+    bounds.push(payload.len());
+    bounds
+        .windows(2)
+        .map(|w| {
+            let mut out = frame[..L4].to_vec();
+            out.extend_from_slice(&payload[w[0]..w[1]]);
+            out[16..18].copy_from_slice(&((20 + w[1] - w[0]) as u16).to_be_bytes());
+            out[18..20].copy_from_slice(&id.to_be_bytes());
+            let more = if w[1] < payload.len() { 0x2000 } else { 0 };
+            out[20..22].copy_from_slice(&(more | (w[0] / 8) as u16).to_be_bytes());
+            fix_ip_checksum(&mut out);
+            out
+        })
+        .collect()
 }
 
 /// An ICMP error from `src` to `dst` quoting `quoted` (an IPv4 packet without Ethernet).

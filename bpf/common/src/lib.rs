@@ -318,7 +318,9 @@ pub struct HeldFragment {
     pub held_ns: u64,
     /// Bytes of `frame` that are the frame.
     pub len: u32,
-    pub _pad: u32,
+    /// How it arrived: 0 (not through the tunnel) or [`tunnel_id::DSR`] (through it, to be
+    /// translated here). Replayed only behind a first fragment that arrived the same way.
+    pub arrival_id: u32,
     pub frame: [u8; HELD_FRAME_BYTES],
 }
 
@@ -478,6 +480,12 @@ pub mod tunnel_id {
     /// Untranslated: the receiving node picks a local backend, translates, and replies directly.
     pub const DSR: u32 = 2;
 }
+
+/// The `skb->mark` bit of a fragment that arrived through the tunnel untranslated (DSR) and is
+/// sent round again behind its first fragment (`frag::replay` in the eBPF crate): the replay's
+/// redirect drops the tunnel metadata with the skb's dst, but keeps the mark within the network
+/// namespace, so the replayed fragment is recognised as a DSR arrival by it.
+pub const REPLAY_MARK: u32 = 1 << 21;
 
 /// A client's backend under `sessionAffinity: ClientIP`.
 #[repr(C)]
@@ -765,7 +773,8 @@ pub mod counter {
     pub const DROP_RESET_NO_BACKEND: u32 = 28;
     /// A later fragment to a frontend address whose first fragment was not translated here
     /// (not seen yet, lost, or its entry evicted): it cannot be translated without the ports.
-    /// Only through the tunnel: elsewhere such a fragment is held ([`FRAGMENT_HELD`]).
+    /// Only what cannot be held: through the tunnel translated by the ingress node, or without
+    /// an L2 header (IPIP); elsewhere such a fragment is held ([`FRAGMENT_HELD`]).
     pub const DROP_FRAGMENT_UNKNOWN: u32 = 29;
     /// A packet to a ClusterIP, external IP or load-balancer IP that nothing translates (a port
     /// the Service does not have, ICMP echo, another protocol, an extension header Weir does not
@@ -776,7 +785,7 @@ pub mod counter {
     /// the backend within its bounded tries: dropped rather than misrouted.
     pub const DROP_CT_COLLISION: u32 = 31;
     /// A later fragment to a frontend address or a Node's (a NodePort's) arrived before its
-    /// first, not through the tunnel: its frame is held
+    /// first (not through the tunnel, or through it untranslated, DSR): its frame is held
     /// ([`super::map_names::HELD_FRAGMENTS`]) and replayed behind its first.
     pub const FRAGMENT_HELD: u32 = 32;
     /// A first fragment found later ones of its datagram held: it and they were sent into the
@@ -796,7 +805,8 @@ pub mod counter {
     /// translates it, or at the backend's node for a flow another node translated (see
     /// `MovedArrivalKey`).
     pub const CT_COLLISION_RESOLVED: u32 = 36;
-    /// Event: a held fragment was not replayed (held too long ago, or a helper failed): lost.
+    /// Event: a held fragment was not replayed (held too long ago, arrived another way than its
+    /// first fragment, or a helper failed): lost.
     pub const FRAGMENT_REPLAY_FAILED: u32 = 37;
     /// Event: Weir sent a translated packet to its next hop itself (FIB lookup and redirect:
     /// into a local pod's namespace, or out of a host interface), skipping the stack's routing.

@@ -24,9 +24,14 @@
 //! order holds: `__bpf_rx_skb` (`dev_forward_skb` on 5.10) puts each clone on the backlog of
 //! this CPU (or of the one RPS picks by the skb hash, which the clones share) with `netif_rx`,
 //! a FIFO. What does not survive is tunnel metadata: the forward scrubs the skb and drops its
-//! dst, where a collect-metadata tunnel keeps it. So fragments from the tunnel device are not
-//! held (those reordered inside the tunnel stay dropped, `drop_fragment_unknown`), and neither
-//! are frames without an L2 header (an IPIP device's): a vessel and its frames must share one.
+//! dst, where a collect-metadata tunnel keeps it. A fragment that came through the tunnel
+//! untranslated (DSR: this, the backend's node, translates it) is held with its arrival's kind,
+//! and its replay is marked instead (`tunnel::tag_replay`), so that it is taken for a DSR
+//! arrival again; a held frame is replayed only behind a first fragment that arrived the same
+//! way (through the tunnel or not). Fragments the ingress node translated already (ingress
+//! return) are not held: the later ones are addressed to the endpoint and pass as they come.
+//! Nor are frames without an L2 header (an IPIP device's): a vessel and its frames must share
+//! one.
 //! An untranslated first fragment to a Node's address leaves its datagram in [`FRAGMENTS`]
 //! too (see `flow_inner`), so that its later fragments pass rather than wait for a replay that
 //! will not come.
@@ -125,12 +130,13 @@ pub fn remember(key: &CtKey) {
 }
 
 /// Whether a packet's fragments may be held and replayed: not come through the tunnel
-/// (`tunnel_id` 0), and with an L2 header. Checked in the callee, not the entry function: a
-/// branch there on the tunnel id would split its state, and the verifier would walk the whole
-/// flow path once per side (on 6.1: 563,523 instructions verified instead of 332,404).
+/// (`tunnel_id` 0) or come through it untranslated (DSR, which a replay's mark restores), and
+/// with an L2 header. Checked in the callee, not the entry function: a branch there on the
+/// tunnel id would split its state, and the verifier would walk the whole flow path once per
+/// side (on 6.1: 563,523 instructions verified instead of 332,404).
 #[inline(always)]
 fn replayable(ip: &Ip, tunnel_id: u32) -> bool {
-    tunnel_id == 0 && ip.l3_off != 0
+    (tunnel_id == 0 || tunnel_id == weir_common::tunnel_id::DSR) && ip.l3_off != 0
 }
 
 /// What [`hold_if_due`] returns for a fragment it does not hold.
@@ -147,7 +153,7 @@ pub fn hold_if_due(ctx: &TcContext, ip: &Ip, tunnel_id: u32, untranslated: crate
     if untranslated.counter() != counter::DROP_FRAGMENT_UNKNOWN && !to_a_node(ip) {
         return NOT_HELD;
     }
-    hold(ctx, ip)
+    hold(ctx, ip, tunnel_id)
 }
 
 /// Whether `ip` is addressed to a Node (this one or another): the address of a NodePort,
@@ -169,10 +175,11 @@ fn bounded(len: u32) -> u32 {
     ((len - 1) & (HELD_FRAME_BYTES as u32 - 1)) + 1
 }
 
-/// Holds the later fragment `ip` (of no known datagram, to a frontend, not from the tunnel)
-/// until its first arrives. Returns the packet's outcome: it is dropped either way.
+/// Holds the later fragment `ip` (of no known datagram, to a frontend or a Node, replayable,
+/// arrived as `tunnel_id` says) until its first arrives. Returns the packet's outcome: it is
+/// dropped either way.
 #[inline(never)]
-fn hold(ctx: &TcContext, ip: &Ip) -> u32 {
+fn hold(ctx: &TcContext, ip: &Ip, tunnel_id: u32) -> u32 {
     let len = ctx.len();
     if len == 0 || len > HELD_FRAME_BYTES as u32 {
         return counter::DROP_FRAGMENT_NOT_HELD;
@@ -185,6 +192,7 @@ fn hold(ctx: &TcContext, ip: &Ip) -> u32 {
     let frame = unsafe { &mut *frame };
     frame.held_ns = ktime();
     frame.len = len;
+    frame.arrival_id = tunnel_id;
     // SAFETY: the context pointer is the program's own skb; the destination is the slot's
     // frame, at least `bounded(len)` bytes long.
     let loaded = unsafe {
@@ -236,10 +244,18 @@ pub fn replay(ctx: &TcContext, ip: &Ip, tunnel_id: u32) -> bool {
     }
     // SAFETY: reading a field of the program's own context.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // Every clone below (of this packet, then of each held frame it carries) takes the mark.
+    // SAFETY: reading a field of the program's own context.
+    let mut mark_before = unsafe { (*ctx.skb.skb).mark };
+    if tunnel_id != 0 {
+        mark_before = crate::tunnel::tag_replay(ctx);
+    }
     // SAFETY: the context pointer is the program's own skb; the helper clones it and leaves
     // this one writable.
-    if unsafe { bpf_clone_redirect(ctx.skb.skb, ifindex, BPF_F_INGRESS as u64) } < 0 {
-        // The first fragment is translated here instead; the held ones are lost to the LRU.
+    if !delivered(unsafe { bpf_clone_redirect(ctx.skb.skb, ifindex, BPF_F_INGRESS as u64) }) {
+        // The first fragment is translated here instead, without the mark; the held ones are
+        // lost to the LRU.
+        ctx.set_mark(mark_before);
         count(counter::FRAGMENT_REPLAY_FAILED);
         return false;
     }
@@ -252,13 +268,25 @@ pub fn replay(ctx: &TcContext, ip: &Ip, tunnel_id: u32) -> bool {
             // below, once its bytes are in the packet.
             let held = unsafe { &*held };
             let fresh = now.wrapping_sub(held.held_ns) <= FRAGMENT_HOLD_NS;
-            if !fresh || !send_again(ctx, held, ifindex) {
+            // Replayed as its first fragment arrived: a frame held from elsewhere must not
+            // pass for a tunnel arrival, nor a tunnel arrival for a local packet.
+            let same_way = held.arrival_id == tunnel_id;
+            if !fresh || !same_way || !send_again(ctx, held, ifindex) {
                 count(counter::FRAGMENT_REPLAY_FAILED);
             }
             let _ = HELD_FRAGMENTS.remove(&key);
         }
     }
     true
+}
+
+/// Whether `bpf_clone_redirect` into an ingress put the copy on the backlog: 0. A negative
+/// value is the helper's error, a positive one the forward's `NET_RX_DROP`: the backlog was
+/// full, or (before 5.12, whose forward checks the MTU) the frame is larger than the device's
+/// MTU allows, as an IPv4 fragment cut for the underlay is for the tunnel device.
+#[inline(always)]
+fn delivered(ret: i64) -> bool {
+    ret == 0
 }
 
 /// The least a frame held or replayed can be: Ethernet, IPv4 and 8 bytes of payload.
@@ -290,5 +318,5 @@ fn send_again(ctx: &TcContext, held: &HeldFragment, ifindex: u32) -> bool {
     let stored =
         unsafe { bpf_skb_store_bytes(skb, 0, held.frame.as_ptr() as *const _, bounded(len), 0) };
     // SAFETY: as for the first fragment's clone in `replay`.
-    stored >= 0 && unsafe { bpf_clone_redirect(skb, ifindex, BPF_F_INGRESS as u64) } >= 0
+    stored >= 0 && delivered(unsafe { bpf_clone_redirect(skb, ifindex, BPF_F_INGRESS as u64) })
 }

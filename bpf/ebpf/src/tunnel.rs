@@ -87,7 +87,8 @@ pub fn is_bare_ip(ctx: &TcContext, config: &NodeConfig) -> bool {
 /// [`TUNNEL_PEERS`] gets [`UNTRUSTED`]: anyone who can reach the node's VXLAN port could
 /// otherwise plant conntrack entries (and so steal replies) or reach pods through the device.
 /// A packet on the device without metadata never came from the network (a collect-metadata
-/// device always attaches it), so it is treated as local, as test runs need.
+/// device always attaches it): a fragment [`tag_replay`] marked is a DSR arrival sent round
+/// again (see [`replayed`]); any other is treated as local, as test runs need.
 #[inline(never)]
 pub fn arrival(ctx: &TcContext, config: &NodeConfig) -> Arrival {
     if !on_tunnel_device(ctx, config) {
@@ -145,7 +146,41 @@ pub fn arrival(ctx: &TcContext, config: &NodeConfig) -> Arrival {
             };
         }
     }
-    Arrival::default()
+    replayed(ctx)
+}
+
+/// Marks the packet (before it is cloned for a replay) as a DSR tunnel arrival for [`arrival`]
+/// ([`weir_common::REPLAY_MARK`]). Honoured only on the tunnel device and only without
+/// metadata, and cleared there: such a packet can only come from a redirect into the device's
+/// ingress, which only the replay makes (a pod's packets enter at its own interface, and
+/// leaving its namespace clears their mark; a host process's packets to the device leave
+/// through it, they do not enter). So no sender can pass for a tunnel peer with it, and the
+/// bit never reaches the stack or another user of marks. Returns the mark before, for a packet
+/// that goes on after all (`frag::replay` failed) to leave with.
+#[inline(always)]
+pub fn tag_replay(ctx: &TcContext) -> u32 {
+    // SAFETY: reading a field of the program's own context.
+    let mark = unsafe { (*ctx.skb.skb).mark };
+    ctx.set_mark(mark | weir_common::REPLAY_MARK);
+    mark
+}
+
+/// The arrival of a packet on the tunnel device without metadata: a DSR arrival replayed
+/// (marked by [`tag_replay`], and the mark cleared), or none. Its peer is not known and not
+/// needed: a DSR arrival is translated here and answered straight to the client, and its
+/// sender passed the peer check when it first arrived.
+#[inline(always)]
+fn replayed(ctx: &TcContext) -> Arrival {
+    // SAFETY: reading a field of the program's own context.
+    let mark = unsafe { (*ctx.skb.skb).mark };
+    if mark & weir_common::REPLAY_MARK == 0 {
+        return Arrival::default();
+    }
+    ctx.set_mark(mark & !weir_common::REPLAY_MARK);
+    Arrival {
+        id: weir_common::tunnel_id::DSR,
+        ..Arrival::default()
+    }
 }
 
 /// The tunnel id a packet following an ENCAP entry carries: DSR traffic is translated at the

@@ -47,6 +47,8 @@ pub enum BackendError {
     NoSuchProcess(ProcId),
     #[error("teardown left things behind: {0}")]
     Teardown(String),
+    #[error("this backend cannot {0}")]
+    Unsupported(&'static str),
 }
 
 /// A command to run on a host: a program and its arguments, never a shell line, so arguments
@@ -167,6 +169,27 @@ pub trait Lab {
     /// connect-time hooks.
     fn node_cgroup(&self, _node: u8) -> Option<std::path::PathBuf> {
         None
+    }
+
+    /// Makes the underlay deliver each datagram tunnelled to node `node` (VXLAN over IPv4 to
+    /// `vxlan_port`) first fragment last, until [`Lab::restore_fragment_order`]: see
+    /// [`crate::frame_delay`]. The delayer's output goes to `log`.
+    fn delay_first_fragments(
+        &mut self,
+        node: u8,
+        vxlan_port: u16,
+        log: &Path,
+    ) -> Result<(), BackendError> {
+        let _ = (node, vxlan_port, log);
+        Err(BackendError::Unsupported(
+            "delay first fragments on the underlay",
+        ))
+    }
+
+    /// Undoes [`Lab::delay_first_fragments`] for node `node`; nothing if it was not done.
+    fn restore_fragment_order(&mut self, node: u8) -> Result<(), BackendError> {
+        let _ = node;
+        Ok(())
     }
 
     /// Stops every process and removes every host. Idempotent.

@@ -64,6 +64,7 @@ impl Backend for NetnsBackend {
             plan: plan.clone(),
             namespaces: Vec::new(),
             procs: BTreeMap::new(),
+            delayers: BTreeMap::new(),
             cgroups: None,
             torn_down: false,
         };
@@ -85,6 +86,9 @@ pub struct NetnsLab {
     /// In creation order; removed in reverse.
     namespaces: Vec<String>,
     procs: BTreeMap<ProcId, Spawned>,
+    /// Per node, the delay of its tunnelled first fragments on the fabric
+    /// ([`Lab::delay_first_fragments`]).
+    delayers: BTreeMap<u8, FabricDelay>,
     /// None where the host has no cgroup2 mount.
     cgroups: Option<LabCgroups>,
     torn_down: bool,
@@ -443,52 +447,26 @@ impl Lab for NetnsLab {
 
     fn spawn(&mut self, host: HostId, cmd: &Cmd, log: &Path) -> Result<ProcId, BackendError> {
         let path = self.ns_path(host)?;
-        let spawn_err = |source| BackendError::Spawn {
-            host: host.to_string(),
-            command: cmd.to_string(),
-            source,
-        };
-        let netns = File::open(&path).map_err(spawn_err)?;
-        let log_file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .map_err(|source| BackendError::Io {
-                context: format!("opening {}", log.display()),
-                source,
-            })?;
-        let mut command = Command::new(&cmd.program);
-        command
-            .args(&cmd.args)
-            .envs(cmd.env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .stdout(log_file.try_clone().map_err(spawn_err)?)
-            .stderr(log_file)
-            .process_group(0);
-        let procs_file = self
-            .host_cgroup(host)
-            .map(|c| OpenOptions::new().write(true).open(c.join("cgroup.procs")))
-            .transpose()
-            .map_err(spawn_err)?;
-        prepare_child_in(
-            &mut command,
-            Some(netns.as_raw_fd()),
-            procs_file.as_ref().map(|f| f.as_raw_fd()),
-        );
-        let child = command.spawn().map_err(spawn_err)?;
-        drop(netns);
-        drop(procs_file);
-        let id = ProcId(child.id());
-        debug!(%host, pid = id.0, command = %cmd, log = %log.display(), "spawned");
-        self.procs.insert(
-            id,
-            Spawned {
-                child,
-                host,
-                command: cmd.to_string(),
-            },
-        );
-        Ok(id)
+        let cgroup = self.host_cgroup(host);
+        self.spawn_at(host, &path, cgroup, cmd, log)
+    }
+
+    fn delay_first_fragments(
+        &mut self,
+        node: u8,
+        vxlan_port: u16,
+        log: &Path,
+    ) -> Result<(), BackendError> {
+        let delay = FabricDelay::start(&self.fabric(), &fabric_port(node), vxlan_port, log)?;
+        self.delayers.insert(node, delay);
+        Ok(())
+    }
+
+    fn restore_fragment_order(&mut self, node: u8) -> Result<(), BackendError> {
+        match self.delayers.remove(&node) {
+            Some(delay) => delay.stop(),
+            None => Ok(()),
+        }
     }
 
     fn exited(&mut self, proc: ProcId) -> Result<Option<String>, BackendError> {
@@ -553,6 +531,12 @@ impl Lab for NetnsLab {
                 problems.push(e.to_string());
             }
         }
+        // Before the fabric goes: their devices are in it.
+        for (_, delay) in std::mem::take(&mut self.delayers) {
+            if let Err(e) = delay.stop() {
+                problems.push(e.to_string());
+            }
+        }
         while let Some(ns) = self.namespaces.pop() {
             if let Err(e) = self.ip(&["netns", "del", &ns]) {
                 problems.push(e.to_string());
@@ -576,6 +560,205 @@ impl Lab for NetnsLab {
         } else {
             Err(BackendError::Teardown(problems.join("; ")))
         }
+    }
+}
+
+/// The fabric's port towards node `node` (its first network's).
+fn fabric_port(node: u8) -> String {
+    format!("n{node}")
+}
+
+/// Tunnelled first fragments delayed on a lab's fabric, on their way out of its port towards
+/// one node (see `crate::frame_delay`): the port's filters, the veth pair they redirect into,
+/// and the delayer reading its other end. Both backends' fabrics are namespaces on the machine
+/// the lab runs on.
+pub(crate) struct FabricDelay {
+    fabric: String,
+    port: String,
+    /// Redirected into; the delayer reads the pair's other end.
+    into: String,
+    delayer: Child,
+}
+
+impl FabricDelay {
+    /// Sets the delay up on `port` of the namespace `fabric` and starts the delayer (this
+    /// executable), its output appended to `log`; returns once it reads.
+    pub(crate) fn start(
+        fabric: &str,
+        port: &str,
+        vxlan_port: u16,
+        log: &Path,
+    ) -> Result<FabricDelay, BackendError> {
+        let (into, out_of) = (format!("{port}d0"), format!("{port}d1"));
+        let ip = |args: &[&str]| {
+            let cmd = Cmd::new("ip")
+                .args(["-n", fabric])
+                .args(args.iter().copied());
+            run("lab", None, &cmd, PLUMBING_TIMEOUT, true).map(drop)
+        };
+        let tc = |args: &[&str]| {
+            let cmd = Cmd::new("tc")
+                .args(["-n", fabric])
+                .args(args.iter().copied());
+            run("lab", None, &cmd, PLUMBING_TIMEOUT, true).map(drop)
+        };
+        ip(&[
+            "link", "add", &into, "type", "veth", "peer", "name", &out_of,
+        ])?;
+        ip(&["link", "set", &into, "up"])?;
+        ip(&["link", "set", &out_of, "up"])?;
+        tc(&["qdisc", "add", "dev", port, "clsact"])?;
+        for matches in crate::frame_delay::first_fragment_matches(vxlan_port) {
+            let mut args = vec![
+                "filter", "add", "dev", port, "egress", "protocol", "ip", "u32",
+            ];
+            args.extend(matches.iter().map(String::as_str));
+            args.extend(["action", "mirred", "egress", "redirect", "dev", &into]);
+            tc(&args)?;
+        }
+        let lab = std::env::current_exe().map_err(|source| BackendError::Io {
+            context: "finding this executable".into(),
+            source,
+        })?;
+        let cmd = Cmd::new(lab.display().to_string()).args([
+            "probe",
+            "delay-frames",
+            "--from",
+            &out_of,
+            "--to",
+            port,
+        ]);
+        let spawn_err = |source| BackendError::Spawn {
+            host: fabric.to_owned(),
+            command: cmd.to_string(),
+            source,
+        };
+        // The log is appended to: an earlier delayer's line does not count.
+        let ready_lines = || {
+            std::fs::read_to_string(log)
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| l.starts_with(crate::frame_delay::READY))
+                .count()
+        };
+        let ready_before = ready_lines();
+        let netns = File::open(Path::new(NETNS_DIR).join(fabric)).map_err(spawn_err)?;
+        let log_file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .map_err(spawn_err)?;
+        let mut command = Command::new(&cmd.program);
+        command
+            .args(&cmd.args)
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().map_err(spawn_err)?)
+            .stderr(log_file)
+            .process_group(0);
+        prepare_child(&mut command, Some(netns.as_raw_fd()));
+        let delayer = command.spawn().map_err(spawn_err)?;
+        let mut delay = FabricDelay {
+            fabric: fabric.to_owned(),
+            port: port.to_owned(),
+            into,
+            delayer,
+        };
+        let started = Instant::now();
+        while ready_lines() <= ready_before {
+            let exited = delay.delayer.try_wait().map_err(spawn_err)?;
+            if exited.is_some() || started.elapsed() > crate::frame_delay::READY_WAIT {
+                let why = exited.map_or_else(
+                    || format!("not reading after {:?}", crate::frame_delay::READY_WAIT),
+                    describe,
+                );
+                let text = std::fs::read_to_string(log).unwrap_or_default();
+                let _ = delay.stop();
+                return Err(BackendError::Failed {
+                    host: fabric.to_owned(),
+                    command: cmd.to_string(),
+                    status: why,
+                    stderr: tail(&text, 5),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(delay)
+    }
+
+    /// Stops the delayer and removes the filters and the veth pair.
+    pub(crate) fn stop(mut self) -> Result<(), BackendError> {
+        stop_group(&mut self.delayer, STOP_GRACE).map_err(|source| BackendError::Io {
+            context: format!("stopping the delayer on {}", self.fabric),
+            source,
+        })?;
+        for (program, args) in [
+            ("tc", vec!["qdisc", "del", "dev", &self.port, "clsact"]),
+            ("ip", vec!["link", "del", &self.into]),
+        ] {
+            let cmd = Cmd::new(program)
+                .args(["-n", self.fabric.as_str()])
+                .args(args);
+            run("lab", None, &cmd, PLUMBING_TIMEOUT, true)?;
+        }
+        Ok(())
+    }
+}
+
+impl NetnsLab {
+    /// Starts `cmd` in the network namespace at `path` (and `cgroup`), recorded as `host`'s.
+    fn spawn_at(
+        &mut self,
+        host: HostId,
+        path: &Path,
+        cgroup: Option<PathBuf>,
+        cmd: &Cmd,
+        log: &Path,
+    ) -> Result<ProcId, BackendError> {
+        let spawn_err = |source| BackendError::Spawn {
+            host: host.to_string(),
+            command: cmd.to_string(),
+            source,
+        };
+        let netns = File::open(path).map_err(spawn_err)?;
+        let log_file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .map_err(|source| BackendError::Io {
+                context: format!("opening {}", log.display()),
+                source,
+            })?;
+        let mut command = Command::new(&cmd.program);
+        command
+            .args(&cmd.args)
+            .envs(cmd.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().map_err(spawn_err)?)
+            .stderr(log_file)
+            .process_group(0);
+        let procs_file = cgroup
+            .map(|c| OpenOptions::new().write(true).open(c.join("cgroup.procs")))
+            .transpose()
+            .map_err(spawn_err)?;
+        prepare_child_in(
+            &mut command,
+            Some(netns.as_raw_fd()),
+            procs_file.as_ref().map(|f| f.as_raw_fd()),
+        );
+        let child = command.spawn().map_err(spawn_err)?;
+        drop(netns);
+        drop(procs_file);
+        let id = ProcId(child.id());
+        debug!(%host, pid = id.0, command = %cmd, log = %log.display(), "spawned");
+        self.procs.insert(
+            id,
+            Spawned {
+                child,
+                host,
+                command: cmd.to_string(),
+            },
+        );
+        Ok(id)
     }
 }
 

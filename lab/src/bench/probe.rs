@@ -42,6 +42,24 @@ pub enum ProbeCommand {
     FirstFragmentLast(FirstFragmentLastArgs),
     /// One UDP datagram to TARGET; prints the answer as soon as it is in (a UDP check).
     Udp(UdpArgs),
+    /// Sends the IPv4 frames arriving on one interface out of another, each `delay` later
+    /// (a UDP check's `tunnel_first_fragment_last`, on the lab's fabric); runs until stopped
+    /// or `--life` has passed.
+    DelayFrames(DelayFramesArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DelayFramesArgs {
+    /// Where the frames to delay arrive.
+    #[arg(long)]
+    pub from: String,
+    /// Where they leave, past its qdisc and tc filters.
+    #[arg(long)]
+    pub to: String,
+    #[arg(long, default_value = "50ms", value_parser = humantime::parse_duration)]
+    pub delay: Duration,
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    pub life: Duration,
 }
 
 #[derive(Debug, clap::Args)]
@@ -123,6 +141,8 @@ pub enum ProbeError {
     },
     #[error(transparent)]
     Reorder(#[from] crate::reorder::ReorderError),
+    #[error(transparent)]
+    Delay(#[from] crate::frame_delay::DelayError),
 }
 
 fn sys(what: impl Into<String>) -> impl FnOnce(nix::Error) -> ProbeError {
@@ -200,6 +220,9 @@ pub fn run(cmd: &ProbeCommand) -> Result<(), ProbeError> {
         }
         ProbeCommand::FirstFragmentLast(a) => {
             return Ok(crate::reorder::run(a.target, a.size, a.timeout)?);
+        }
+        ProbeCommand::DelayFrames(a) => {
+            return Ok(crate::frame_delay::run(&a.from, &a.to, a.delay, a.life)?);
         }
         ProbeCommand::Udp(a) => {
             return Ok(crate::reorder::run_plain(

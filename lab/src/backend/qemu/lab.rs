@@ -19,7 +19,7 @@ use weir_node_image::proto::{self, Op, Reply};
 use super::vm::{Share, Vm, VmError, VmSpec};
 use super::VmSetup;
 use crate::backend::netns::{
-    describe, prepare_child, run, send_signal, stop_group, write_atomically,
+    describe, prepare_child, run, send_signal, stop_group, write_atomically, FabricDelay,
 };
 use crate::backend::{BackendError, Cmd, Lab, Output, ProcId, Signal};
 use crate::topology::{
@@ -54,6 +54,9 @@ pub struct QemuLab {
     procs: BTreeMap<ProcId, Proc>,
     next_proc: u32,
     shares: Vec<PathBuf>,
+    /// Per node, the delay of its tunnelled first fragments on the fabric, at its tap
+    /// ([`Lab::delay_first_fragments`]).
+    delayers: BTreeMap<u8, FabricDelay>,
     torn_down: bool,
     /// Boot wall times, for the report.
     pub boot_times: BTreeMap<u8, Duration>,
@@ -77,6 +80,7 @@ impl QemuLab {
             procs: BTreeMap::new(),
             next_proc: 1,
             shares,
+            delayers: BTreeMap::new(),
             torn_down: false,
             boot_times: BTreeMap::new(),
         };
@@ -656,6 +660,26 @@ impl Lab for QemuLab {
         }
     }
 
+    fn delay_first_fragments(
+        &mut self,
+        node: u8,
+        vxlan_port: u16,
+        log: &Path,
+    ) -> Result<(), BackendError> {
+        // The bridge's way out towards the node's VM.
+        let tap = format!("tap{node}");
+        let delay = FabricDelay::start(&self.fabric(), &tap, vxlan_port, log)?;
+        self.delayers.insert(node, delay);
+        Ok(())
+    }
+
+    fn restore_fragment_order(&mut self, node: u8) -> Result<(), BackendError> {
+        match self.delayers.remove(&node) {
+            Some(delay) => delay.stop(),
+            None => Ok(()),
+        }
+    }
+
     fn teardown(&mut self) -> Result<(), BackendError> {
         if self.torn_down {
             return Ok(());
@@ -670,6 +694,12 @@ impl Lab for QemuLab {
                 continue;
             }
             if let Err(e) = self.stop(p) {
+                problems.push(e.to_string());
+            }
+        }
+        // Before the fabric goes: their devices are in it.
+        for (_, delay) in std::mem::take(&mut self.delayers) {
+            if let Err(e) = delay.stop() {
                 problems.push(e.to_string());
             }
         }
