@@ -337,6 +337,32 @@ mod tests {
     }
 
     #[test]
+    fn list_items_read_alike_whatever_the_order_of_their_fields() {
+        let service: serde_json::Value = serde_yaml::from_str(SERVICE).unwrap();
+        // `serde_json::Value` writes keys sorted: `apiVersion`, `kind` first (the direct path).
+        let kind_first = service.to_string();
+        // The same object with `kind` last: buffered, then typed.
+        let object = service.as_object().unwrap();
+        let mut fields: Vec<String> = object
+            .iter()
+            .filter(|(k, _)| *k != "kind")
+            .map(|(k, v)| format!("{}:{v}", serde_json::Value::from(k.as_str())))
+            .collect();
+        fields.push(format!("\"kind\":{}", object["kind"]));
+        let kind_last = format!("{{{}}}", fields.join(","));
+        let list = format!(
+            "{{\"kind\":\"List\",\"items\":[{kind_first},{kind_last},{{\"kind\":\"Pod\",\"spec\":{{\"x\":[1]}}}}]}}"
+        );
+        let parsed = parse(&list).unwrap();
+        assert_eq!(parsed.services.len(), 2);
+        assert_eq!(parsed.services[0], parsed.services[1]);
+        assert_eq!(parsed.services[0], parse(SERVICE).unwrap().services[0]);
+        let broken = parse("{\"kind\":\"List\",\"items\":[{\"kind\":\"Service\",\"spec\":[1]}]}")
+            .unwrap_err();
+        assert!(broken.to_string().contains("Service"), "{broken}");
+    }
+
+    #[test]
     fn a_broken_document_is_an_error_naming_it() {
         let err = parse(&format!(
             "{SERVICE}---\nkind: Service\nspec: [not, a, map]\n"
