@@ -51,6 +51,9 @@ unsafe impl<K: Pod, V: Pod> BatchTarget for LpmTrie<MapData, K, V> {
     }
 }
 
+/// A map's entries as read: keys and values of a [`BatchTarget`].
+pub type Entries<M> = Vec<(<M as BatchTarget>::Key, <M as BatchTarget>::Value)>;
+
 /// How to talk to the kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Strategy {
@@ -221,7 +224,7 @@ const READ_CHUNK_BYTES: usize = 256 * 1024;
 pub fn read<M: BatchTarget>(
     map: &M,
     strategy: Strategy,
-) -> Result<Vec<(M::Key, M::Value)>, BatchError> {
+) -> Result<Entries<M>, BatchError> {
     let fd = map.map_fd();
     if strategy == Strategy::PerEntry {
         return read_each(fd);
