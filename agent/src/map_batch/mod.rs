@@ -221,10 +221,7 @@ const READ_CHUNK_BYTES: usize = 256 * 1024;
 
 /// Every entry of the map, in the kernel's order. Entries written or deleted meanwhile may or
 /// may not show, as with any walk of a live map; none shows twice.
-pub fn read<M: BatchTarget>(
-    map: &M,
-    strategy: Strategy,
-) -> Result<Entries<M>, BatchError> {
+pub fn read<M: BatchTarget>(map: &M, strategy: Strategy) -> Result<Entries<M>, BatchError> {
     let fd = map.map_fd();
     if strategy == Strategy::PerEntry {
         return read_each(fd);
