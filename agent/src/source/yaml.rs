@@ -157,10 +157,11 @@ fn parse_json_document(text: &str) -> Result<Vec<SourceObject>, String> {
     })
 }
 
-/// One item of a JSON `List`, typed as its `kind` says. The API server writes `apiVersion` and
-/// `kind` first: the item is then parsed straight into its type, with those two fields replayed
-/// ([`Replayed`]). An item with other fields before its `kind` is buffered as a
-/// `serde_json::Value` first (what every item cost before: about a third of a full sync's parse).
+/// One item of a JSON `List`, typed as its `kind` says, in one pass over its text: the fields
+/// before `kind` (the API server writes `apiVersion` and `kind` first; sorted keys put
+/// `addressType` there too) are kept as `serde_json::Value`s and replayed ahead of the rest
+/// ([`Replayed`]), which is parsed straight into the type. Buffering every item as a `Value`
+/// first was about a third of a full sync's parse.
 struct ListItem(Option<SourceObject>);
 
 impl<'de> Deserialize<'de> for ListItem {
@@ -181,34 +182,16 @@ impl<'de> serde::de::Visitor<'de> for ListItemVisitor {
     fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<ListItem, A::Error> {
         use serde::de::value::MapAccessDeserializer;
         use serde::de::{Error as _, IgnoredAny};
-        let mut head: Vec<(String, String)> = Vec::with_capacity(2);
+        let mut head: Vec<(String, serde_json::Value)> = Vec::with_capacity(2);
         let kind = loop {
             let Some(key) = map.next_key::<String>()? else {
                 break None;
             };
-            match key.as_str() {
-                "kind" | "apiVersion" => {
-                    let value: String = map.next_value()?;
-                    let is_kind = key == "kind";
-                    head.push((key, value.clone()));
-                    if is_kind {
-                        break Some(value);
-                    }
-                }
-                _ => {
-                    // `kind` comes later: buffer the whole object, decide after.
-                    let mut object = serde_json::Map::new();
-                    for (k, v) in head {
-                        object.insert(k, serde_json::Value::String(v));
-                    }
-                    object.insert(key, map.next_value()?);
-                    while let Some((k, v)) = map.next_entry::<String, serde_json::Value>()? {
-                        object.insert(k, v);
-                    }
-                    return json_item(serde_json::Value::Object(object))
-                        .map(ListItem)
-                        .map_err(A::Error::custom);
-                }
+            let value: serde_json::Value = map.next_value()?;
+            let kind = (key == "kind").then(|| value.as_str().unwrap_or("").to_owned());
+            head.push((key, value));
+            if kind.is_some() {
+                break kind;
             }
         };
         let replayed = MapAccessDeserializer::new(Replayed {
@@ -228,6 +211,7 @@ impl<'de> serde::de::Visitor<'de> for ListItemVisitor {
             "Node" => Some(SourceObject::Node(Box::new(
                 Deserialize::deserialize(replayed).map_err(typed)?,
             ))),
+            // Other kinds (and objects without one) are not service state.
             _ => {
                 IgnoredAny::deserialize(replayed)?;
                 None
@@ -240,9 +224,9 @@ impl<'de> serde::de::Visitor<'de> for ListItemVisitor {
 /// A map whose first entries (`head`, already read off `rest`) are handed out again before the
 /// rest of `rest`'s.
 struct Replayed<'a, A> {
-    head: std::vec::IntoIter<(String, String)>,
+    head: std::vec::IntoIter<(String, serde_json::Value)>,
     /// The value of the head key just handed out.
-    value: Option<String>,
+    value: Option<serde_json::Value>,
     rest: &'a mut A,
 }
 
@@ -267,34 +251,12 @@ impl<'de, A: serde::de::MapAccess<'de>> serde::de::MapAccess<'de> for Replayed<'
         &mut self,
         seed: V,
     ) -> Result<V::Value, A::Error> {
-        use serde::de::IntoDeserializer as _;
+        use serde::de::Error as _;
         match self.value.take() {
-            Some(value) => seed.deserialize(value.into_deserializer()),
+            Some(value) => seed.deserialize(value).map_err(A::Error::custom),
             None => self.rest.next_value_seed(seed),
         }
     }
-}
-
-/// One item of a JSON `List`, already parsed.
-fn json_item(item: serde_json::Value) -> Result<Option<SourceObject>, String> {
-    let kind = item
-        .get("kind")
-        .and_then(|k| k.as_str())
-        .unwrap_or("")
-        .to_owned();
-    let typed = |e: serde_json::Error| format!("{kind}: {e}");
-    Ok(match kind.as_str() {
-        "Service" => Some(SourceObject::Service(Box::new(
-            serde_json::from_value(item).map_err(typed)?,
-        ))),
-        "EndpointSlice" => Some(SourceObject::EndpointSlice(Box::new(
-            serde_json::from_value(item).map_err(typed)?,
-        ))),
-        "Node" => Some(SourceObject::Node(Box::new(
-            serde_json::from_value(item).map_err(typed)?,
-        ))),
-        _ => None,
-    })
 }
 
 /// A stable hash of a document's text: the same text is the same objects.
@@ -341,7 +303,7 @@ mod tests {
         let service: serde_json::Value = serde_yaml::from_str(SERVICE).unwrap();
         // `serde_json::Value` writes keys sorted: `apiVersion`, `kind` first (the direct path).
         let kind_first = service.to_string();
-        // The same object with `kind` last: buffered, then typed.
+        // The same object with `kind` last: every field before it buffered, then replayed.
         let object = service.as_object().unwrap();
         let mut fields: Vec<String> = object
             .iter()
