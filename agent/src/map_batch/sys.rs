@@ -77,13 +77,44 @@ unsafe fn batch(cmd: libc::c_long, mut attr: BatchAttr) -> BatchOutcome {
     // SAFETY: the pointers in `attr` are this function's precondition.
     let result = unsafe { bpf(cmd, &mut attr) };
     BatchOutcome {
-        // A kernel that refused the command outright may leave `count` as it was.
-        processed: if result.is_ok() {
-            attr.count
-        } else {
-            attr.count.min(room)
-        },
+        processed: processed(room, attr.count, &result),
         result,
+    }
+}
+
+/// How many elements a batch command processed, from `count` as it is after the call. A kernel
+/// that fails a command before its loop (no batch operation for the map type: `ENOTSUPP` on 5.10
+/// for the LPM trie; bad flags) never writes `count`, which then still holds `room`. A failure
+/// inside the loop stops before the failing element, so it reports fewer than `room`; the only
+/// failure with every element processed is a lookup's `ENOENT` at the end of the map, whose
+/// count the kernel does write.
+fn processed(room: u32, count: u32, result: &std::io::Result<()>) -> u32 {
+    match result {
+        Ok(()) => count,
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => count.min(room),
+        Err(_) if count >= room => 0,
+        Err(_) => count,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::processed;
+
+    fn failed(errno: i32) -> std::io::Result<()> {
+        Err(std::io::Error::from_raw_os_error(errno))
+    }
+
+    #[test]
+    fn a_count_the_kernel_never_wrote_is_nothing_processed() {
+        // 5.10, LPM trie: ENOTSUPP (524) before the loop, count as the caller set it.
+        assert_eq!(processed(4096, 4096, &failed(524)), 0);
+        assert_eq!(processed(12, 12, &failed(libc::EINVAL)), 0);
+        // A failure at element 8 of 12 (E2BIG: the map is full).
+        assert_eq!(processed(12, 8, &failed(libc::E2BIG)), 8);
+        // The end of a walk that filled the buffer exactly.
+        assert_eq!(processed(16, 16, &failed(libc::ENOENT)), 16);
+        assert_eq!(processed(16, 16, &Ok(())), 16);
     }
 }
 
