@@ -97,27 +97,6 @@ fn processed(room: u32, count: u32, result: &std::io::Result<()>) -> u32 {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::processed;
-
-    fn failed(errno: i32) -> std::io::Result<()> {
-        Err(std::io::Error::from_raw_os_error(errno))
-    }
-
-    #[test]
-    fn a_count_the_kernel_never_wrote_is_nothing_processed() {
-        // 5.10, LPM trie: ENOTSUPP (524) before the loop, count as the caller set it.
-        assert_eq!(processed(4096, 4096, &failed(524)), 0);
-        assert_eq!(processed(12, 12, &failed(libc::EINVAL)), 0);
-        // A failure at element 8 of 12 (E2BIG: the map is full).
-        assert_eq!(processed(12, 8, &failed(libc::E2BIG)), 8);
-        // The end of a walk that filled the buffer exactly.
-        assert_eq!(processed(16, 16, &failed(libc::ENOENT)), 16);
-        assert_eq!(processed(16, 16, &Ok(())), 16);
-    }
-}
-
 /// `BPF_MAP_UPDATE_BATCH`: `count` keys from `keys` with their values from `values`, in order;
 /// the kernel stops at the first element it cannot write.
 ///
@@ -283,5 +262,26 @@ pub unsafe fn get_next_key(
                 ..Default::default()
             },
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::processed;
+
+    fn failed(errno: i32) -> std::io::Result<()> {
+        Err(std::io::Error::from_raw_os_error(errno))
+    }
+
+    #[test]
+    fn a_count_the_kernel_never_wrote_is_nothing_processed() {
+        // 5.10, LPM trie: ENOTSUPP (524) before the loop, count as the caller set it.
+        assert_eq!(processed(4096, 4096, &failed(524)), 0);
+        assert_eq!(processed(12, 12, &failed(libc::EINVAL)), 0);
+        // A failure at element 8 of 12 (E2BIG: the map is full).
+        assert_eq!(processed(12, 8, &failed(libc::E2BIG)), 8);
+        // The end of a walk that filled the buffer exactly.
+        assert_eq!(processed(16, 16, &failed(libc::ENOENT)), 16);
+        assert_eq!(processed(16, 16, &Ok(())), 16);
     }
 }
