@@ -287,9 +287,7 @@ pub fn collect_garbage(
     let moves = map.moved_arrivals()?;
     let tables = map.tables()?;
     let dead = expired(&tables, config, monotonic_now_ns());
-    for key in &dead {
-        map.remove(key)?;
-    }
+    map.remove_all(&dead)?;
     for key in ended_moves(&moves, &tables, &dead) {
         map.remove_moved_arrival(&key)?;
     }

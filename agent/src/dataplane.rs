@@ -21,6 +21,7 @@ use weir_common::{
     SockReverseKey, SourceRange,
 };
 
+use crate::map_batch::{self, BatchError, BatchTarget, Strategy};
 use crate::pin_layout;
 use crate::state::{DataplaneState, Plan};
 
@@ -40,6 +41,11 @@ pub enum DataplaneError {
     Map {
         name: &'static str,
         source: aya::maps::MapError,
+    },
+    #[error("map {name}: {source}")]
+    Batch {
+        name: &'static str,
+        source: BatchError,
     },
     #[error("map {0} missing from the object")]
     MissingMap(&'static str),
@@ -94,6 +100,28 @@ pub enum DataplaneError {
 
 fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> DataplaneError {
     move |source| DataplaneError::Map { name, source }
+}
+
+fn batch_err(name: &'static str) -> impl Fn(BatchError) -> DataplaneError {
+    move |source| DataplaneError::Batch { name, source }
+}
+
+/// Writes `entries` in order, batched where the kernel can (see [`map_batch`]).
+fn write_entries<M: BatchTarget>(
+    map: &M,
+    entries: &[(M::Key, M::Value)],
+    name: &'static str,
+) -> Result<(), DataplaneError> {
+    map_batch::update(map, entries, Strategy::Batched).map_err(batch_err(name))
+}
+
+/// Deletes `keys` in order; absent keys count as deleted.
+fn delete_keys<M: BatchTarget>(
+    map: &M,
+    keys: &[M::Key],
+    name: &'static str,
+) -> Result<(), DataplaneError> {
+    map_batch::delete(map, keys, Strategy::Batched).map_err(batch_err(name))
 }
 
 /// The maps that hold compiled service state.
@@ -161,13 +189,11 @@ impl ServiceMaps {
         let writes = match frontends.written.take() {
             Some(written) if written == wanted => 0,
             Some(written) => {
-                for key in wanted.difference(&written) {
-                    frontends.map.insert(key, 0, 0).map_err(map_err(name))?;
-                }
-                for key in written.difference(&wanted) {
-                    remove_present(&mut frontends.map, key, name)?;
-                }
-                wanted.symmetric_difference(&written).count()
+                let added: Vec<_> = wanted.difference(&written).map(|k| (*k, 0)).collect();
+                let removed: Vec<_> = written.difference(&wanted).copied().collect();
+                write_entries(&frontends.map, &added, name)?;
+                delete_keys(&frontends.map, &removed, name)?;
+                added.len() + removed.len()
             }
             None => set_key_set(&mut frontends.map, &wanted, name)?,
         };
@@ -190,51 +216,26 @@ impl ServiceMaps {
     /// Applies a plan in its safe order. On error the maps hold a prefix of the plan, which is
     /// itself consistent (see [`Plan`]); the caller rereads and retries.
     pub fn apply(&mut self, plan: &Plan) -> Result<(), DataplaneError> {
-        for (id, backend) in &plan.upsert_backends {
-            self.backends
-                .insert(id, backend, 0)
-                .map_err(map_err(map_names::BACKENDS))?;
-        }
-        for (key, id) in &plan.upsert_slots {
-            self.slots
-                .insert(key, id, 0)
-                .map_err(map_err(map_names::BACKEND_SLOTS))?;
-        }
-        for (id, table) in &plan.upsert_maglev {
-            self.maglev
-                .insert(id, table, 0)
-                .map_err(map_err(map_names::MAGLEV))?;
-        }
-        for ((range, prefix_len), value) in &plan.upsert_source_ranges {
-            self.source_ranges
-                .insert(&LpmKey::new(*prefix_len, *range), value, 0)
-                .map_err(map_err(map_names::SOURCE_RANGES))?;
-        }
-        for (key, service) in &plan.upsert_services {
-            self.services
-                .insert(key, service, 0)
-                .map_err(map_err(map_names::SERVICES))?;
-        }
-        for key in &plan.delete_services {
-            remove_present(&mut self.services, key, map_names::SERVICES)?;
-        }
-        for id in &plan.delete_maglev {
-            remove_present(&mut self.maglev, id, map_names::MAGLEV)?;
-        }
-        for (range, prefix_len) in &plan.delete_source_ranges {
-            absent(
-                self.source_ranges.remove(&LpmKey::new(*prefix_len, *range)),
-                map_names::SOURCE_RANGES,
-            )?;
-        }
-        for key in &plan.delete_slots {
-            remove_present(&mut self.slots, key, map_names::BACKEND_SLOTS)?;
-        }
-        for id in &plan.delete_backends {
-            remove_present(&mut self.backends, id, map_names::BACKENDS)?;
-        }
-        Ok(())
+        use map_names::{BACKENDS, BACKEND_SLOTS, MAGLEV, SERVICES, SOURCE_RANGES};
+        write_entries(&self.backends, &plan.upsert_backends, BACKENDS)?;
+        write_entries(&self.slots, &plan.upsert_slots, BACKEND_SLOTS)?;
+        write_entries(&self.maglev, &plan.upsert_maglev, MAGLEV)?;
+        let source_ranges: Vec<_> = (plan.upsert_source_ranges.iter())
+            .map(|(prefix, value)| (trie_key(prefix), *value))
+            .collect();
+        write_entries(&self.source_ranges, &source_ranges, SOURCE_RANGES)?;
+        write_entries(&self.services, &plan.upsert_services, SERVICES)?;
+        delete_keys(&self.services, &plan.delete_services, SERVICES)?;
+        delete_keys(&self.maglev, &plan.delete_maglev, MAGLEV)?;
+        let source_ranges: Vec<_> = plan.delete_source_ranges.iter().map(trie_key).collect();
+        delete_keys(&self.source_ranges, &source_ranges, SOURCE_RANGES)?;
+        delete_keys(&self.slots, &plan.delete_slots, BACKEND_SLOTS)?;
+        delete_keys(&self.backends, &plan.delete_backends, BACKENDS)
     }
+}
+
+fn trie_key(&(range, prefix_len): &crate::state::SourcePrefix) -> LpmKey<SourceRange> {
+    LpmKey::new(prefix_len, range)
 }
 
 /// Deleting what is already gone is success: the goal is absence.
@@ -265,37 +266,21 @@ fn absent(
 fn read_source_ranges(
     trie: &LpmTrie<MapData, SourceRange, u8>,
 ) -> Result<BTreeMap<crate::state::SourcePrefix, u8>, DataplaneError> {
-    collect_entries(
-        trie.iter()
-            .map(|entry| entry.map(|(key, value)| ((key.data(), key.prefix_len()), value))),
-        map_names::SOURCE_RANGES,
-    )
+    let entries =
+        map_batch::read(trie, Strategy::Batched).map_err(batch_err(map_names::SOURCE_RANGES))?;
+    Ok(entries
+        .into_iter()
+        .map(|(key, value)| ((key.data(), key.prefix_len()), value))
+        .collect())
 }
 
+/// A hash map's entries, batched where the kernel can (see [`map_batch`]).
 fn read_all<K: aya::Pod + Ord, V: aya::Pod>(
     map: &HashMap<MapData, K, V>,
     name: &'static str,
 ) -> Result<BTreeMap<K, V>, DataplaneError> {
-    collect_entries(map.iter(), name)
-}
-
-/// A map's entries as its iterator yields them.
-fn collect_entries<K: Ord, V>(
-    entries: impl Iterator<Item = Result<(K, V), aya::maps::MapError>>,
-    name: &'static str,
-) -> Result<BTreeMap<K, V>, DataplaneError> {
-    let mut out = BTreeMap::new();
-    for entry in entries {
-        match entry {
-            Ok((k, v)) => {
-                out.insert(k, v);
-            }
-            // An entry deleted between listing its key and reading it: it is gone either way.
-            Err(aya::maps::MapError::KeyNotFound) => {}
-            Err(source) => return Err(DataplaneError::Map { name, source }),
-        }
-    }
-    Ok(out)
+    let entries = map_batch::read(map, Strategy::Batched).map_err(batch_err(name))?;
+    Ok(entries.into_iter().collect())
 }
 
 /// Conntrack's two tables: established flows (`WEIR_CONNTRACK`) and new flows not answered yet
@@ -426,6 +411,13 @@ impl ConntrackMap {
     pub fn remove(&mut self, key: &CtKey) -> Result<(), DataplaneError> {
         remove_present(&mut self.established, key, map_names::CONNTRACK)?;
         remove_present(&mut self.new, key, map_names::CT_NEW)
+    }
+
+    /// Removes the entries of `keys` from both tables, as [`ConntrackMap::remove`] each, in two
+    /// batched deletions.
+    pub fn remove_all(&mut self, keys: &[CtKey]) -> Result<(), DataplaneError> {
+        delete_keys(&self.established, keys, map_names::CONNTRACK)?;
+        delete_keys(&self.new, keys, map_names::CT_NEW)
     }
 }
 
@@ -561,29 +553,16 @@ fn set_key_set<K: aya::Pod + Ord>(
     name: &'static str,
 ) -> Result<usize, DataplaneError> {
     let current = key_set(map, name)?;
-    let additions: Vec<&K> = wanted.difference(&current).collect();
-    let mut added = 0;
-    for key in &additions {
-        match map.insert(*key, 0, 0) {
-            Ok(()) => added += 1,
-            Err(aya::maps::MapError::SyscallError(e))
-                if e.io_error.raw_os_error() == Some(libc::E2BIG) =>
-            {
-                break
-            }
-            Err(source) => return Err(DataplaneError::Map { name, source }),
-        }
-    }
-    let mut writes = added;
-    for key in current.difference(wanted) {
-        remove_present(map, key, name)?;
-        writes += 1;
-    }
-    for key in &additions[added..] {
-        map.insert(*key, 0, 0).map_err(map_err(name))?;
-        writes += 1;
-    }
-    Ok(writes)
+    let additions: Vec<(K, u32)> = wanted.difference(&current).map(|k| (*k, 0)).collect();
+    let removals: Vec<K> = current.difference(wanted).copied().collect();
+    let added = match map_batch::update(map, &additions, Strategy::Batched) {
+        Ok(()) => additions.len(),
+        Err(full) if full.source.raw_os_error() == Some(libc::E2BIG) => full.done,
+        Err(source) => return Err(DataplaneError::Batch { name, source }),
+    };
+    delete_keys(map, &removals, name)?;
+    write_entries(map, &additions[added..], name)?;
+    Ok(additions.len() + removals.len())
 }
 
 /// The TCX programs on `interface` at `hook`, in the order they run: (program id, name).

@@ -18,6 +18,7 @@ pub mod intent;
 pub mod interfaces;
 pub mod kubernetes;
 pub mod maglev;
+pub mod map_batch;
 pub mod metrics;
 pub mod node;
 pub mod pin_layout;

@@ -364,7 +364,7 @@ impl DesiredState {
                 let errors = if !*started {
                     *started = true;
                     source.scan_into(&mut sink)
-                } else if woken || watch.is_none() {
+                } else if woken || watch.is_none() || source.events_pending() {
                     source.changes_into(&mut sink)
                 } else {
                     source.rescan_if_due(RESCAN_EVERY, &mut sink)

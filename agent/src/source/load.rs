@@ -209,13 +209,13 @@ enum ReadFailure {
 /// agent and a device (`/dev/zero`) never ends, so neither is ever opened.
 fn read_bounded(file: &Path, limit: u64) -> Result<(Stamp, Vec<u8>), ReadFailure> {
     let unreadable = |e| ReadFailure::Refused(None, FileRefusal::Unreadable(e));
-    match std::fs::symlink_metadata(file) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(ReadFailure::Gone),
-        Err(e) => return Err(unreadable(e)),
-        Ok(_) => {}
-    }
-    // Through symlinks: a dangling one is an unreadable file (retried), not a removed one.
-    let meta = std::fs::metadata(file).map_err(unreadable)?;
+    // Through symlinks: a dangling one is an unreadable file (retried), not a removed one. The
+    // link itself is only looked at when the target cannot be: one stat per file read.
+    let meta = std::fs::metadata(file).map_err(|e| match std::fs::symlink_metadata(file) {
+        Err(link) if link.kind() == std::io::ErrorKind::NotFound => ReadFailure::Gone,
+        Err(link) => unreadable(link),
+        Ok(_) => unreadable(e),
+    })?;
     check_regular(&meta, limit)?;
     // Opened non-blocking: should a FIFO take the file's place after the check above, opening
     // it must not wait for a writer. The descriptor is checked again below.
