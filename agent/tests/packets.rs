@@ -778,4 +778,12 @@ fn established_flows_are_translated_in_place_as_on_the_full_path() {
     assert_eq!(out, zero_csum(udp(CLIENT, 41000, BACKEND, 5353)));
     let (_, out) = h.run(&zero_csum(udp(BACKEND, 5353, CLIENT, 41000)));
     assert_eq!(out, zero_csum(udp(PAIR_VIP, 53, CLIENT, 41000)));
+    // A packet of the same flow whose IP length claims more than the frame holds is the full
+    // path's to judge (the fuzzer found the in-place path translating one): dropped as truncated.
+    let mut cut = udp(CLIENT, 41000, PAIR_VIP, 53);
+    cut.truncate(cut.len() - 3);
+    let dropped = h.counter("drop_truncated");
+    let (verdict, out) = h.run(&cut);
+    assert_eq!((verdict, out), (TC_ACT_SHOT, cut));
+    assert_eq!(h.counter("drop_truncated"), dropped + 1);
 }

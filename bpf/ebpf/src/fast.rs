@@ -45,7 +45,9 @@ pub const FORWARD_V6: i32 = i32::MIN + 2;
 const IPV4_PROTO_OFF: usize = 9;
 const IPV4_CSUM_OFF: usize = 10;
 const IPV4_SADDR_OFF: usize = 12;
+const IPV4_TOTAL_LEN_OFF: usize = 2;
 const IPV4_FRAG_OFF: usize = 6;
+const IPV6_PAYLOAD_LEN_OFF: usize = 4;
 const IPV6_NEXT_OFF: usize = 6;
 const IPV6_SADDR_OFF: usize = 8;
 /// Fragment offset and More Fragments; DF alone is not a fragment.
@@ -98,10 +100,12 @@ pub fn established(ctx: &TcContext) -> Verdict {
         zero_words(key.as_mut_ptr());
         key.assume_init_mut()
     };
+    // SAFETY: reading a field of the program's own context.
+    let skb_len = unsafe { (*ctx.skb.skb).len } as usize;
     let Some(site) = (if ethertype == ETH_P_IP.to_be() {
-        key_v4(data, end, &mut key.0)
+        key_v4(data, end, skb_len, &mut key.0)
     } else if ethertype == ETH_P_IPV6.to_be() {
-        key_v6(data, end, &mut key.0)
+        key_v6(data, end, skb_len, &mut key.0)
     } else {
         None
     }) else {
@@ -148,18 +152,20 @@ pub fn established(ctx: &TcContext) -> Verdict {
     }
 }
 
-/// The key of an IPv4 packet without options and not a fragment, whose L4 header is linear.
+/// The key of an IPv4 packet without options and not a fragment, whose L4 header is linear
+/// and whose length agrees with the frame's (`skb_len`: the whole packet, linear or not).
 #[inline(always)]
-fn key_v4(data: usize, end: usize, key: &mut CtKey) -> Option<Site> {
+fn key_v4(data: usize, end: usize, skb_len: usize, key: &mut CtKey) -> Option<Site> {
     let l3 = ETH_HLEN;
     let l4 = V4_L4;
     if data + l4 + UDP_HLEN > end {
         return None;
     }
     // SAFETY: the IPv4 header and 8 bytes behind it are within the packet (checked above).
-    let (version_ihl, frag_be, proto, addrs) = unsafe {
+    let (version_ihl, total_len_be, frag_be, proto, addrs) = unsafe {
         (
             *((data + l3) as *const u8),
+            read_unaligned((data + l3 + IPV4_TOTAL_LEN_OFF) as *const u16),
             read_unaligned((data + l3 + IPV4_FRAG_OFF) as *const u16),
             *((data + l3 + IPV4_PROTO_OFF) as *const u8),
             read_unaligned((data + l3 + IPV4_SADDR_OFF) as *const [u32; 2]),
@@ -168,36 +174,41 @@ fn key_v4(data: usize, end: usize, key: &mut CtKey) -> Option<Site> {
     if version_ihl != 0x45 || frag_be & IPV4_FRAG_MASK_BE != 0 {
         return None;
     }
-    let seen = l4_seen(data, end, l4, proto)?;
+    let total_len = u16::from_be(total_len_be) as usize;
+    if total_len < IPV4_MIN_HLEN || l3 + total_len > skb_len {
+        return None;
+    }
+    let seen = l4_seen(data, end, l4, proto, total_len - IPV4_MIN_HLEN)?;
     // SAFETY: the key's addresses start on its 8-byte boundary (`AlignedKey`), so 4-byte
-    // writes there are aligned; the ports were checked to be within the packet.
+    // writes there are aligned.
     unsafe {
         write_unaligned(key.saddr.bytes.as_mut_ptr() as *mut u32, addrs[0]);
         write_unaligned(key.daddr.bytes.as_mut_ptr() as *mut u32, addrs[1]);
-        let ports = read_unaligned((data + l4) as *const [u16; 2]);
-        key.sport_be = ports[0];
-        key.dport_be = ports[1];
     }
-    key.proto = proto;
-    key.family = FAMILY_V4;
-    Some(Site {
-        family: FAMILY_V4,
-        proto,
-        seen,
-    })
+    Some(finish_key(data, l4, proto, FAMILY_V4, seen, key))
 }
 
-/// The key of an IPv6 packet whose next header is TCP or UDP, with its L4 header linear.
+/// The key of an IPv6 packet whose next header is TCP or UDP, with its L4 header linear and a
+/// payload length that agrees with the frame's.
 #[inline(always)]
-fn key_v6(data: usize, end: usize, key: &mut CtKey) -> Option<Site> {
+fn key_v6(data: usize, end: usize, skb_len: usize, key: &mut CtKey) -> Option<Site> {
     let l3 = ETH_HLEN;
     let l4 = V6_L4;
     if data + l4 + UDP_HLEN > end {
         return None;
     }
     // SAFETY: the IPv6 header and 8 bytes behind it are within the packet (checked above).
-    let proto = unsafe { *((data + l3 + IPV6_NEXT_OFF) as *const u8) };
-    let seen = l4_seen(data, end, l4, proto)?;
+    let (proto, payload_len_be) = unsafe {
+        (
+            *((data + l3 + IPV6_NEXT_OFF) as *const u8),
+            read_unaligned((data + l3 + IPV6_PAYLOAD_LEN_OFF) as *const u16),
+        )
+    };
+    let payload_len = u16::from_be(payload_len_be) as usize;
+    if l4 + payload_len > skb_len {
+        return None;
+    }
+    let seen = l4_seen(data, end, l4, proto, payload_len)?;
     // SAFETY: as above; both addresses are within the header.
     unsafe {
         let saddr = read_words_16(data + l3 + IPV6_SADDR_OFF);
@@ -205,27 +216,35 @@ fn key_v6(data: usize, end: usize, key: &mut CtKey) -> Option<Site> {
         // The key's addresses start on 8-byte boundaries of `AlignedKey` (offsets 0 and 16).
         write_words_16(key.saddr.bytes.as_mut_ptr() as usize, saddr);
         write_words_16(key.daddr.bytes.as_mut_ptr() as usize, daddr);
-        let ports = read_unaligned((data + l4) as *const [u16; 2]);
-        key.sport_be = ports[0];
-        key.dport_be = ports[1];
     }
-    key.proto = proto;
-    key.family = FAMILY_V6;
-    Some(Site {
-        family: FAMILY_V6,
-        proto,
-        seen,
-    })
+    Some(finish_key(data, l4, proto, FAMILY_V6, seen, key))
 }
 
-/// For TCP or UDP whose header lies within the linear packet data, the `ct_seen` bits of its
-/// flags (0 for UDP); None for anything else. The flags are read here, behind the very check
-/// that makes them readable: older verifiers lose the range on another copy of the pointer.
+/// The key's ports, protocol and family, the same for both families.
 #[inline(always)]
-fn l4_seen(data: usize, end: usize, l4: usize, proto: u8) -> Option<u8> {
+fn finish_key(data: usize, l4: usize, proto: u8, family: u8, seen: u8, key: &mut CtKey) -> Site {
+    // SAFETY: `key_v*` checked that the ports are within the packet.
+    let ports = unsafe { read_unaligned((data + l4) as *const [u16; 2]) };
+    key.sport_be = ports[0];
+    key.dport_be = ports[1];
+    key.proto = proto;
+    key.family = family;
+    Site {
+        family,
+        proto,
+        seen,
+    }
+}
+
+/// For TCP or UDP whose header lies within the linear packet data and within the `l4_len` bytes
+/// the IP header gives it, the `ct_seen` bits of its flags (0 for UDP); None for anything else
+/// (the full path drops what is cut short). The flags are read here, behind the very check that
+/// makes them readable: older verifiers lose the range on another copy of the pointer.
+#[inline(always)]
+fn l4_seen(data: usize, end: usize, l4: usize, proto: u8, l4_len: usize) -> Option<u8> {
     match proto {
         PROTO_TCP => {
-            if data + l4 + TCP_MIN_HLEN > end {
+            if l4_len < TCP_MIN_HLEN || data + l4 + TCP_MIN_HLEN > end {
                 return None;
             }
             // SAFETY: the TCP header's fixed part is within the packet (checked above).
@@ -233,7 +252,7 @@ fn l4_seen(data: usize, end: usize, l4: usize, proto: u8) -> Option<u8> {
                 *((data + l4 + TCP_FLAGS) as *const u8)
             }))
         }
-        PROTO_UDP => Some(0),
+        PROTO_UDP if l4_len >= UDP_HLEN => Some(0),
         _ => None,
     }
 }

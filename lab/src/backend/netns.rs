@@ -64,7 +64,7 @@ impl Backend for NetnsBackend {
             plan: plan.clone(),
             namespaces: Vec::new(),
             procs: BTreeMap::new(),
-            delayers: BTreeMap::new(),
+            delayers: FabricDelays::default(),
             cgroups: None,
             torn_down: false,
         };
@@ -88,7 +88,7 @@ pub struct NetnsLab {
     procs: BTreeMap<ProcId, Spawned>,
     /// Per node, the delay of its tunnelled first fragments on the fabric
     /// ([`Lab::delay_first_fragments`]).
-    delayers: BTreeMap<u8, FabricDelay>,
+    delayers: FabricDelays,
     /// None where the host has no cgroup2 mount.
     cgroups: Option<LabCgroups>,
     torn_down: bool,
@@ -457,16 +457,13 @@ impl Lab for NetnsLab {
         vxlan_port: u16,
         log: &Path,
     ) -> Result<(), BackendError> {
-        let delay = FabricDelay::start(&self.fabric(), &fabric_port(node), vxlan_port, log)?;
-        self.delayers.insert(node, delay);
-        Ok(())
+        let fabric = self.fabric();
+        self.delayers
+            .start(node, &fabric, &fabric_port(node), vxlan_port, log)
     }
 
     fn restore_fragment_order(&mut self, node: u8) -> Result<(), BackendError> {
-        match self.delayers.remove(&node) {
-            Some(delay) => delay.stop(),
-            None => Ok(()),
-        }
+        self.delayers.stop(node)
     }
 
     fn exited(&mut self, proc: ProcId) -> Result<Option<String>, BackendError> {
@@ -531,12 +528,7 @@ impl Lab for NetnsLab {
                 problems.push(e.to_string());
             }
         }
-        // Before the fabric goes: their devices are in it.
-        for (_, delay) in std::mem::take(&mut self.delayers) {
-            if let Err(e) = delay.stop() {
-                problems.push(e.to_string());
-            }
-        }
+        problems.extend(self.delayers.stop_all());
         while let Some(ns) = self.namespaces.pop() {
             if let Err(e) = self.ip(&["netns", "del", &ns]) {
                 problems.push(e.to_string());
@@ -566,6 +558,44 @@ impl Lab for NetnsLab {
 /// The fabric's port towards node `node` (its first network's).
 fn fabric_port(node: u8) -> String {
     format!("n{node}")
+}
+
+/// The delays running on a lab's fabric, one per node at most: what both backends keep for
+/// `Lab::delay_first_fragments` and `Lab::restore_fragment_order`.
+#[derive(Default)]
+pub(crate) struct FabricDelays(BTreeMap<u8, FabricDelay>);
+
+impl FabricDelays {
+    /// Delays the first fragments tunnelled to node `node`, on `port` of the namespace `fabric`.
+    pub(crate) fn start(
+        &mut self,
+        node: u8,
+        fabric: &str,
+        port: &str,
+        vxlan_port: u16,
+        log: &Path,
+    ) -> Result<(), BackendError> {
+        let delay = FabricDelay::start(fabric, port, vxlan_port, log)?;
+        self.0.insert(node, delay);
+        Ok(())
+    }
+
+    /// Ends node `node`'s delay, if it has one.
+    pub(crate) fn stop(&mut self, node: u8) -> Result<(), BackendError> {
+        match self.0.remove(&node) {
+            Some(delay) => delay.stop(),
+            None => Ok(()),
+        }
+    }
+
+    /// Ends every delay (at teardown, before the fabric goes: their devices are in it); returns
+    /// what went wrong.
+    pub(crate) fn stop_all(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.0)
+            .into_values()
+            .filter_map(|delay| delay.stop().err().map(|e| e.to_string()))
+            .collect()
+    }
 }
 
 /// Tunnelled first fragments delayed on a lab's fabric, on their way out of its port towards

@@ -19,7 +19,7 @@ use weir_node_image::proto::{self, Op, Reply};
 use super::vm::{Share, Vm, VmError, VmSpec};
 use super::VmSetup;
 use crate::backend::netns::{
-    describe, prepare_child, run, send_signal, stop_group, write_atomically, FabricDelay,
+    describe, prepare_child, run, send_signal, stop_group, write_atomically, FabricDelays,
 };
 use crate::backend::{BackendError, Cmd, Lab, Output, ProcId, Signal};
 use crate::topology::{
@@ -56,7 +56,7 @@ pub struct QemuLab {
     shares: Vec<PathBuf>,
     /// Per node, the delay of its tunnelled first fragments on the fabric, at its tap
     /// ([`Lab::delay_first_fragments`]).
-    delayers: BTreeMap<u8, FabricDelay>,
+    delayers: FabricDelays,
     torn_down: bool,
     /// Boot wall times, for the report.
     pub boot_times: BTreeMap<u8, Duration>,
@@ -80,7 +80,7 @@ impl QemuLab {
             procs: BTreeMap::new(),
             next_proc: 1,
             shares,
-            delayers: BTreeMap::new(),
+            delayers: FabricDelays::default(),
             torn_down: false,
             boot_times: BTreeMap::new(),
         };
@@ -668,16 +668,12 @@ impl Lab for QemuLab {
     ) -> Result<(), BackendError> {
         // The bridge's way out towards the node's VM.
         let tap = format!("tap{node}");
-        let delay = FabricDelay::start(&self.fabric(), &tap, vxlan_port, log)?;
-        self.delayers.insert(node, delay);
-        Ok(())
+        let fabric = self.fabric();
+        self.delayers.start(node, &fabric, &tap, vxlan_port, log)
     }
 
     fn restore_fragment_order(&mut self, node: u8) -> Result<(), BackendError> {
-        match self.delayers.remove(&node) {
-            Some(delay) => delay.stop(),
-            None => Ok(()),
-        }
+        self.delayers.stop(node)
     }
 
     fn teardown(&mut self) -> Result<(), BackendError> {
@@ -697,12 +693,7 @@ impl Lab for QemuLab {
                 problems.push(e.to_string());
             }
         }
-        // Before the fabric goes: their devices are in it.
-        for (_, delay) in std::mem::take(&mut self.delayers) {
-            if let Err(e) = delay.stop() {
-                problems.push(e.to_string());
-            }
-        }
+        problems.extend(self.delayers.stop_all());
         for (_, mut vm) in std::mem::take(&mut self.vms) {
             vm.shutdown(Duration::from_secs(10));
         }
