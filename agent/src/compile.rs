@@ -834,9 +834,15 @@ pub fn compile(
 /// The addresses of ClusterIPs, external IPs and load-balancer IPs in `state` (NodePorts have
 /// none of their own): traffic to them that the data path does not translate is dropped.
 pub fn frontend_addresses(state: &DataplaneState) -> BTreeSet<HostAddrKey> {
-    state
-        .services
-        .keys()
+    addresses_of(state.services.keys())
+}
+
+/// The addresses of `frontends` (NodePorts have none of their own: the node's are theirs).
+pub fn addresses_of<'a>(
+    frontends: impl IntoIterator<Item = &'a FrontendKey>,
+) -> BTreeSet<HostAddrKey> {
+    frontends
+        .into_iter()
         .filter(|key| key.addr != Addr::UNSPECIFIED)
         .map(|key| HostAddrKey {
             addr: key.addr,

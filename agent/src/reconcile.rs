@@ -15,7 +15,8 @@ use tracing::{debug, info, instrument, warn};
 
 use crate::admission::{Admission, Decision, Footprint, Limits, Rejection};
 use crate::compile::{
-    addr_of, frontend_addresses, frontend_name, summary, CompileOptions, Compiler, ServiceInput,
+    addr_of, addresses_of, frontend_addresses, frontend_name, summary, CompileOptions, Compiler,
+    ServiceInput,
 };
 use crate::conntrack::{BackendAddr, Retired};
 use crate::dataplane::{DataplaneError, ServiceMaps};
@@ -223,6 +224,16 @@ impl Reconciler {
         }
         let plan = compiler.compile(&inputs, &intent.nodes, &self.options);
         drop(inputs);
+        if !plan.upsert_services.is_empty() {
+            // A new frontend's address goes in before its service: the data path passes a
+            // packet to an address it does not know as a frontend without looking for a
+            // service (bpf/ebpf/src/fast.rs), so the other order would let a first packet by.
+            let mut early = frontend_addresses(compiler.shadow());
+            early.extend(addresses_of(
+                plan.upsert_services.iter().map(|(key, _)| key),
+            ));
+            maps.set_frontend_addrs(early)?;
+        }
         if !plan.is_empty() {
             if let Err(e) = maps.apply(&plan) {
                 // The maps hold a consistent prefix of the plan; read them again next time.

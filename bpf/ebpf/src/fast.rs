@@ -6,7 +6,9 @@
 //! options and not a fragment, or IPv6 whose next header is TCP or UDP, with its L4 header in
 //! the linear part of the packet; a conntrack entry in the established table that translates
 //! one side (a client's packet to its backend, or a backend's reply to its frontend) with no
-//! tunnel, hairpin or moved port. Everything else, and every first packet, returns
+//! tunnel, hairpin or moved port. A packet of no flow that no service could concern (most
+//! pod-to-pod traffic) passes here too, after the lookups that show it. Everything else, and
+//! every first packet to a service, returns
 //! [`NOT_HANDLED`] and goes the full way, which does the same to these packets at a higher price:
 //! the two paths must agree, and the packet tests run both.
 //!
@@ -23,11 +25,11 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use weir_common::{
-    counter, ct_flags, ct_kind, node_flags, CtKey, CtValue, FAMILY_V4, FAMILY_V6, PROTO_TCP,
-    PROTO_UDP,
+    counter, ct_flags, ct_kind, node_flags, CtKey, CtValue, HostAddrKey, FAMILY_V4, FAMILY_V6,
+    PROTO_TCP, PROTO_UDP,
 };
 
-use crate::maps::{node_config, CONNTRACK};
+use crate::maps::{node_config, CONNTRACK, CT_NEW, FRONTEND_ADDRS, HOST_ADDRS, TUNNEL_PEERS};
 use crate::packet::{
     read_words_16, tcp_seen_bits, write_words_16, zero_words, ETH_HLEN, ETH_P_IP, ETH_P_IPV6,
     IPV4_MIN_HLEN, IPV6_HLEN, TCP_CSUM, TCP_FLAGS, TCP_MIN_HLEN, UDP_CSUM, UDP_HLEN,
@@ -112,7 +114,7 @@ pub fn established(ctx: &TcContext) -> Verdict {
         return Verdict::new(0, NOT_HANDLED);
     };
     let Some(entry) = CONNTRACK.get_ptr_mut(&key.0) else {
-        return Verdict::new(0, NOT_HANDLED);
+        return unless_for_a_service(&key.0);
     };
     // SAFETY: the pointer comes from a successful lookup and stays valid for this program run;
     // concurrent writers only touch last_seen/seen, where a lost update is harmless.
@@ -151,6 +153,42 @@ pub fn established(ctx: &TcContext) -> Verdict {
         Verdict::new(outcome, FORWARD_V4)
     }
 }
+
+/// A packet of no established flow passes as the full path would pass it (`pass_no_service`),
+/// without its cost, when nothing on the full path could concern it: no flow in the new-flow
+/// table either (a reply to a new flow, a return entry), and a destination that is neither a
+/// frontend address (ClusterIP, external or load-balancer IP) nor one of a Node's (NodePorts).
+/// Most pod-to-pod traffic is such. Its own frame: the key it builds is not on the fast path's.
+#[inline(never)]
+fn unless_for_a_service(key: &CtKey) -> Verdict {
+    if CT_NEW.get_ptr(key).is_some() {
+        return Verdict::new(0, NOT_HANDLED);
+    }
+    let mut destination = core::mem::MaybeUninit::<AlignedHostKey>::uninit();
+    // SAFETY: the slot is ours to write; HostAddrKey is plain data, valid all-zero; borrowed
+    // in place. Its address starts on the slot's 8-byte boundary.
+    let destination = unsafe {
+        zero_words(destination.as_mut_ptr());
+        let destination = destination.assume_init_mut();
+        write_words_16(
+            destination.0.addr.bytes.as_mut_ptr() as usize,
+            read_words_16(key.daddr.bytes.as_ptr() as usize),
+        );
+        destination
+    };
+    destination.0.family = key.family;
+    if FRONTEND_ADDRS.get_ptr(&destination.0).is_some()
+        || HOST_ADDRS.get_ptr(&destination.0).is_some()
+        || TUNNEL_PEERS.get_ptr(&destination.0).is_some()
+    {
+        return Verdict::new(0, NOT_HANDLED);
+    }
+    Verdict::pass(counter::PASS_NO_SERVICE)
+}
+
+/// A host address key on an 8-byte boundary, zeroed by words (see [`AlignedKey`]).
+#[repr(C, align(8))]
+struct AlignedHostKey(HostAddrKey);
 
 /// The key of an IPv4 packet without options and not a fragment, whose L4 header is linear
 /// and whose length agrees with the frame's (`skb_len`: the whole packet, linear or not).
