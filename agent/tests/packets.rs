@@ -787,3 +787,105 @@ fn established_flows_are_translated_in_place_as_on_the_full_path() {
     assert_eq!((verdict, out), (TC_ACT_SHOT, cut));
     assert_eq!(h.counter("drop_truncated"), dropped + 1);
 }
+
+/// Weir's own forwarding (`route::forward`), both families, on both paths: a translated
+/// packet to a backend with a route and a resolved neighbour leaves by redirect with its
+/// TTL / hop limit one less and the next hop's MAC addresses, whether the full path (a flow's
+/// first packet) or the in-place path (its established packets) translated it; one whose TTL
+/// would expire goes to the stack, which answers it (`forward_to_stack`).
+#[test]
+fn translated_packets_are_forwarded_by_fib_lookup_in_both_families() {
+    // Its own network namespace: a veth towards the backends with their neighbours known makes
+    // the FIB lookups succeed, whatever the host's routes; forwarding on, as on any node.
+    let _bpffs = private_bpffs(nix::sched::CloneFlags::CLONE_NEWNET);
+    run_ok("sysctl", &["-qw", "net.ipv4.conf.all.forwarding=1"]);
+    run_ok("sysctl", &["-qw", "net.ipv6.conf.all.forwarding=1"]);
+    ip(&["link", "set", "lo", "up"]);
+    ip(&["link", "add", "wt0", "type", "veth", "peer", "name", "wt1"]);
+    let (own_mac, backend_mac) = ([2u8, 0, 0, 0, 0, 0xf0], [2u8, 0, 0, 0, 0, 0xb1]);
+    ip(&["link", "set", "wt0", "address", "02:00:00:00:00:f0"]);
+    ip(&["addr", "add", "198.19.2.1/24", "dev", "wt0"]);
+    ip(&["addr", "add", "fd00:19:2::1/64", "dev", "wt0", "nodad"]);
+    ip(&["link", "set", "wt0", "up"]);
+    ip(&["link", "set", "wt1", "up"]);
+    for backend in [BACKEND.to_string(), PAIR_BACKEND6.to_string()] {
+        ip(&[
+            "neigh",
+            "replace",
+            &backend,
+            "lladdr",
+            "02:00:00:00:00:b1",
+            "dev",
+            "wt0",
+            "nud",
+            "permanent",
+        ]);
+    }
+    let mut h = pair_harness();
+    h.dataplane
+        .node
+        .set_config(&weir_common::NodeConfig {
+            flags: weir_common::node_flags::FORWARD,
+            ..Default::default()
+        })
+        .unwrap();
+    // What a router makes of `frame`: TTL / hop limit one less, the next hop's addresses.
+    let routed = |frame: Vec<u8>| {
+        let mut out = if frame[12..14] == [0x86, 0xdd] {
+            let mut out = frame;
+            out[14 + 7] -= 1;
+            out
+        } else {
+            forwarded(&frame)
+        };
+        out[..6].copy_from_slice(&backend_mac);
+        out[6..12].copy_from_slice(&own_mac);
+        out
+    };
+    for p in pairs() {
+        let sport = 42000;
+        let from_client = |flags| segment(6, p.client, sport, p.cluster_ip, 80, flags);
+        let to_backend = |flags| segment(6, p.client, sport, p.backend, 8080, flags);
+        let forwarded_before = h.counter("forwarded");
+        // The full path: the first packet.
+        let (verdict, out) = h.run(&from_client("S"));
+        assert_eq!(
+            (verdict, out),
+            (TC_ACT_REDIRECT, routed(to_backend("S"))),
+            "{:?}",
+            p.client
+        );
+        h.run(&segment(6, p.backend, 8080, p.client, sport, "SA"));
+        h.run(&from_client("A"));
+        // The in-place path: an established packet.
+        let (verdict, out) = h.run(&from_client("PA"));
+        assert_eq!(
+            (verdict, out),
+            (TC_ACT_REDIRECT, routed(to_backend("PA"))),
+            "{:?}",
+            p.client
+        );
+        assert!(
+            h.counter("forwarded") >= forwarded_before + 3,
+            "{:?}",
+            p.client
+        );
+        // A TTL / hop limit that would expire here: the stack's, untouched but translated.
+        let mut expiring = from_client("PA");
+        let to_stack = h.counter("forward_to_stack");
+        if matches!(p.client, IpAddr::V4(_)) {
+            expiring[22] = 1;
+            fix_ip_checksum(&mut expiring);
+        } else {
+            expiring[14 + 7] = 1;
+        }
+        let (verdict, _) = h.run(&expiring);
+        assert_eq!(verdict, TC_ACT_OK, "{:?}", p.client);
+        assert_eq!(
+            h.counter("forward_to_stack"),
+            to_stack + 1,
+            "{:?}",
+            p.client
+        );
+    }
+}

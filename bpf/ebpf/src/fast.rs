@@ -31,8 +31,10 @@ use weir_common::{
 
 use crate::maps::{node_config, CONNTRACK, CT_NEW, FRONTEND_ADDRS, HOST_ADDRS, TUNNEL_PEERS};
 use crate::packet::{
-    read_words_16, tcp_seen_bits, write_words_16, zero_words, ETH_HLEN, ETH_P_IP, ETH_P_IPV6,
-    IPV4_MIN_HLEN, IPV6_HLEN, TCP_CSUM, TCP_FLAGS, TCP_MIN_HLEN, UDP_CSUM, UDP_HLEN,
+    csum_fold, read_words_16, tcp_seen_bits, write_words_16, zero_words, ETH_HLEN, ETH_P_IP,
+    ETH_P_IPV6, IPV4_CSUM, IPV4_FRAG, IPV4_FRAG_MASK, IPV4_MIN_HLEN, IPV4_PROTO, IPV4_SADDR,
+    IPV4_TOTAL_LEN, IPV6_HLEN, IPV6_NEXT_HEADER, IPV6_PAYLOAD_LEN, IPV6_SADDR, TCP_CSUM, TCP_FLAGS,
+    TCP_MIN_HLEN, UDP_CSUM, UDP_HLEN,
 };
 use crate::Verdict;
 
@@ -44,16 +46,8 @@ pub const NOT_HANDLED: i32 = i32::MIN;
 pub const FORWARD_V4: i32 = i32::MIN + 1;
 pub const FORWARD_V6: i32 = i32::MIN + 2;
 
-const IPV4_PROTO_OFF: usize = 9;
-const IPV4_CSUM_OFF: usize = 10;
-const IPV4_SADDR_OFF: usize = 12;
-const IPV4_TOTAL_LEN_OFF: usize = 2;
-const IPV4_FRAG_OFF: usize = 6;
-const IPV6_PAYLOAD_LEN_OFF: usize = 4;
-const IPV6_NEXT_OFF: usize = 6;
-const IPV6_SADDR_OFF: usize = 8;
 /// Fragment offset and More Fragments; DF alone is not a fragment.
-const IPV4_FRAG_MASK_BE: u16 = 0x3fffu16.to_be();
+const IPV4_FRAG_MASK_BE: u16 = IPV4_FRAG_MASK.to_be();
 
 /// A conntrack key on an 8-byte boundary, so that building it costs word stores rather than
 /// byte stores (`CtKey` itself only asks for two).
@@ -203,10 +197,10 @@ fn key_v4(data: usize, end: usize, skb_len: usize, key: &mut CtKey) -> Option<Si
     let (version_ihl, total_len_be, frag_be, proto, addrs) = unsafe {
         (
             *((data + l3) as *const u8),
-            read_unaligned((data + l3 + IPV4_TOTAL_LEN_OFF) as *const u16),
-            read_unaligned((data + l3 + IPV4_FRAG_OFF) as *const u16),
-            *((data + l3 + IPV4_PROTO_OFF) as *const u8),
-            read_unaligned((data + l3 + IPV4_SADDR_OFF) as *const [u32; 2]),
+            read_unaligned((data + l3 + IPV4_TOTAL_LEN) as *const u16),
+            read_unaligned((data + l3 + IPV4_FRAG) as *const u16),
+            *((data + l3 + IPV4_PROTO) as *const u8),
+            read_unaligned((data + l3 + IPV4_SADDR) as *const [u32; 2]),
         )
     };
     if version_ihl != 0x45 || frag_be & IPV4_FRAG_MASK_BE != 0 {
@@ -238,8 +232,8 @@ fn key_v6(data: usize, end: usize, skb_len: usize, key: &mut CtKey) -> Option<Si
     // SAFETY: the IPv6 header and 8 bytes behind it are within the packet (checked above).
     let (proto, payload_len_be) = unsafe {
         (
-            *((data + l3 + IPV6_NEXT_OFF) as *const u8),
-            read_unaligned((data + l3 + IPV6_PAYLOAD_LEN_OFF) as *const u16),
+            *((data + l3 + IPV6_NEXT_HEADER) as *const u8),
+            read_unaligned((data + l3 + IPV6_PAYLOAD_LEN) as *const u16),
         )
     };
     let payload_len = u16::from_be(payload_len_be) as usize;
@@ -249,8 +243,8 @@ fn key_v6(data: usize, end: usize, skb_len: usize, key: &mut CtKey) -> Option<Si
     let seen = l4_seen(data, end, l4, proto, payload_len)?;
     // SAFETY: as above; both addresses are within the header.
     unsafe {
-        let saddr = read_words_16(data + l3 + IPV6_SADDR_OFF);
-        let daddr = read_words_16(data + l3 + IPV6_SADDR_OFF + 16);
+        let saddr = read_words_16(data + l3 + IPV6_SADDR);
+        let daddr = read_words_16(data + l3 + IPV6_SADDR + 16);
         // The key's addresses start on 8-byte boundaries of `AlignedKey` (offsets 0 and 16).
         write_words_16(key.saddr.bytes.as_mut_ptr() as usize, saddr);
         write_words_16(key.daddr.bytes.as_mut_ptr() as usize, daddr);
@@ -304,10 +298,10 @@ fn rewrite<const V6: bool, const DEST: bool>(ctx: &TcContext, proto: u8, entry: 
     let l3 = ETH_HLEN;
     let l4 = if V6 { V6_L4 } else { V4_L4 };
     let addr_off = match (V6, DEST) {
-        (false, false) => l3 + IPV4_SADDR_OFF,
-        (false, true) => l3 + IPV4_SADDR_OFF + 4,
-        (true, false) => l3 + IPV6_SADDR_OFF,
-        (true, true) => l3 + IPV6_SADDR_OFF + 16,
+        (false, false) => l3 + IPV4_SADDR,
+        (false, true) => l3 + IPV4_SADDR + 4,
+        (true, false) => l3 + IPV6_SADDR,
+        (true, true) => l3 + IPV6_SADDR + 16,
     };
     let port_off = if DEST { l4 + 2 } else { l4 };
     let data = ctx.data();
@@ -352,7 +346,7 @@ fn rewrite<const V6: bool, const DEST: bool>(ctx: &TcContext, proto: u8, entry: 
             let old = read_unaligned(addr);
             let new = read_unaligned(entry.nat_addr.bytes.as_ptr() as *const u32);
             write_unaligned(addr, new);
-            let ip_csum = (data + l3 + IPV4_CSUM_OFF) as *mut u16;
+            let ip_csum = (data + l3 + IPV4_CSUM) as *mut u16;
             write_unaligned(ip_csum, csum_replace4(read_unaligned(ip_csum), old, new));
             diff_words(&[old], &[new])
         }
@@ -415,8 +409,6 @@ fn diff_words<const N: usize>(old: &[u32; N], new: &[u32; N]) -> u32 {
 /// three as they lie in memory: one's-complement arithmetic does not care for byte order.
 #[inline(always)]
 fn csum_replace4(csum: u16, old: u32, new: u32) -> u16 {
-    let sum = (!csum) as u32 + ((!old) >> 16) + ((!old) & 0xffff) + (new >> 16) + (new & 0xffff);
-    let sum = (sum & 0xffff) + (sum >> 16);
-    let sum = (sum & 0xffff) + (sum >> 16);
-    !(sum as u16)
+    // At most five 16-bit words: `csum_fold`'s two folds suffice.
+    csum_fold((!csum) as u32 + ((!old) >> 16) + ((!old) & 0xffff) + (new >> 16) + (new & 0xffff))
 }

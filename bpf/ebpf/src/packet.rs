@@ -23,12 +23,21 @@ pub const IP_OFF: usize = ETH_HLEN;
 pub const IPV4_MIN_HLEN: usize = 20;
 /// Where an old kernel's IPIP device shows the inner header (see `bare_ip_offset`).
 pub const OLD_IPIP_INNER_OFF: usize = ETH_HLEN + IPV4_MIN_HLEN;
-const IPV4_CSUM: usize = 10;
-const IPV4_FRAG: usize = 6;
+// Offsets of the fields Weir reads and writes, from the start of the IP header.
+pub const IPV4_TOTAL_LEN: usize = 2;
+pub const IPV4_FRAG: usize = 6;
+pub const IPV4_TTL: usize = 8;
+pub const IPV4_PROTO: usize = 9;
+pub const IPV4_CSUM: usize = 10;
+pub const IPV4_SADDR: usize = 12;
+pub const IPV6_PAYLOAD_LEN: usize = 4;
+pub const IPV6_NEXT_HEADER: usize = 6;
+pub const IPV6_HOP_LIMIT: usize = 7;
+pub const IPV6_SADDR: usize = 8;
 const IPV4_DF: u16 = 0x4000;
 pub const IPV6_HLEN: usize = 40;
 /// Fragment offset and More Fragments; DF alone is not a fragment.
-const IPV4_FRAG_MASK: u16 = 0x3fff;
+pub const IPV4_FRAG_MASK: u16 = 0x3fff;
 const IPV4_OFFSET_MASK: u16 = 0x1fff;
 const IPV6_FRAGMENT: u8 = 44;
 
@@ -344,9 +353,9 @@ fn l4_protocol(proto: u8, family: u8) -> Result<(), NotForUs> {
 #[inline(always)]
 pub fn addr_offsets(l3_off: usize, family: u8) -> (usize, usize) {
     if family == FAMILY_V4 {
-        (l3_off + 12, l3_off + 16)
+        (l3_off + IPV4_SADDR, l3_off + IPV4_SADDR + 4)
     } else {
-        (l3_off + 8, l3_off + 24)
+        (l3_off + IPV6_SADDR, l3_off + IPV6_SADDR + 16)
     }
 }
 

@@ -32,15 +32,13 @@ use weir_common::{counter, FAMILY_V4, PROTO_TCP, PROTO_UDP};
 use crate::maps::{count, POD_INTERFACES, SCRATCH};
 use crate::packet::{
     load, read_words_16, store, zero_words, Ipv4Header, Ipv6Header, ETH_HLEN, ETH_P_IP, ETH_P_IPV6,
-    IPV4_MIN_HLEN, IPV6_HLEN, OLD_IPIP_INNER_OFF, TCP_MIN_HLEN, UDP_HLEN,
+    IPV4_CSUM, IPV4_MIN_HLEN, IPV4_TTL, IPV6_HLEN, IPV6_HOP_LIMIT, OLD_IPIP_INNER_OFF,
+    TCP_MIN_HLEN, UDP_HLEN,
 };
 use crate::Verdict;
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
-const IPV4_TTL_OFF: usize = 8;
-const IPV4_CSUM_OFF: usize = 10;
-const IPV6_HOP_LIMIT_OFF: usize = 7;
 
 /// `bpf_fib_lookup`'s parameters on an 8-byte boundary (zeroing them costs word stores), kept
 /// in the per-CPU scratch slot (`Scratch::fib`).
@@ -237,9 +235,9 @@ fn decrement_ttl(ctx: &TcContext, family: u8) -> bool {
         }
         // SAFETY: the header is within the packet (checked above); unaligned accesses.
         unsafe {
-            let ttl = (data + ETH_HLEN + IPV4_TTL_OFF) as *mut u8;
+            let ttl = (data + ETH_HLEN + IPV4_TTL) as *mut u8;
             *ttl = (*ttl).wrapping_sub(1);
-            let csum = (data + ETH_HLEN + IPV4_CSUM_OFF) as *mut u16;
+            let csum = (data + ETH_HLEN + IPV4_CSUM) as *mut u16;
             let sum = read_unaligned(csum) as u32 + 0x0100u16.to_be() as u32;
             write_unaligned(csum, (sum + (sum >= 0xffff) as u32) as u16);
         }
@@ -249,7 +247,7 @@ fn decrement_ttl(ctx: &TcContext, family: u8) -> bool {
         }
         // SAFETY: as above.
         unsafe {
-            let hop_limit = (data + ETH_HLEN + IPV6_HOP_LIMIT_OFF) as *mut u8;
+            let hop_limit = (data + ETH_HLEN + IPV6_HOP_LIMIT) as *mut u8;
             *hop_limit = (*hop_limit).wrapping_sub(1);
         }
     }
