@@ -467,6 +467,14 @@ impl Collector for DatapathCollector {
         ] {
             ConstCounter::new(event(index)).encode(forwarding.encode_family(&[("by", by)])?)?;
         }
+        ConstCounter::new(event(counter::POLICY_ALLOWED)).encode(encoder.encode_descriptor(
+            "weir_policy_flows_allowed",
+            "Flows to or from pods a NetworkPolicy isolates that its rules allowed and the data \
+             path recorded; what they denied is in weir_datapath_drops (policy_ingress, \
+             policy_egress)",
+            None,
+            MetricType::Counter,
+        )?)?;
         Ok(())
     }
 }

@@ -178,7 +178,8 @@ fn metrics_show_the_pipeline_and_the_data_path_counters() {
             "ct_collision_resolved",
             "fragment_replay_failed",
             "forwarded",
-            "forward_to_stack"
+            "forward_to_stack",
+            "policy_allowed"
         ],
         "every event counter has its metric below"
     );
@@ -194,6 +195,11 @@ fn metrics_show_the_pipeline_and_the_data_path_counters() {
     );
     assert_eq!(
         sample(&text, "weir_fragments_replay_failed_total"),
+        Some(0.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "weir_policy_flows_allowed_total"),
         Some(0.0),
         "{text}"
     );

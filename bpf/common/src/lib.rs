@@ -59,8 +59,23 @@ pub mod map_names {
     /// Later fragments that arrived before their first, whole frames, by datagram and slot (LRU).
     /// Not pinned, as [`FRAGMENTS`].
     pub const HELD_FRAGMENTS: &str = "WEIR_HELD_FRAGMENTS";
+    /// This node's pods that a NetworkPolicy isolates, by address: the directions it isolates
+    /// and the id their rules are keyed by ([`super::PolicyEndpoint`]).
+    pub const POLICY_ENDPOINTS: &str = "WEIR_POLICY_ENDPOINTS";
+    /// Every pod address of the cluster (a policy's peers live on every node): its peer identity,
+    /// shared by the pods whose namespace, labels and named ports are the same.
+    pub const POLICY_PEERS: &str = "WEIR_POLICY_PEERS";
+    /// The prefixes of every `ipBlock` (CIDRs and their exceptions), longest match: an address's
+    /// most specific prefix decides which ipBlocks hold it ([`super::PolicyCidrKey`]).
+    pub const POLICY_CIDRS: &str = "WEIR_POLICY_CIDRS";
+    /// What each isolated endpoint allows, longest match on (endpoint, peer identity,
+    /// direction, protocol, port) ([`super::PolicyRuleKey`]).
+    pub const POLICY_RULES: &str = "WEIR_POLICY_RULES";
+    /// Flows a policy allowed, both directions, by the tuple as the pod sees it (LRU): their
+    /// further packets and replies pass without a rule lookup.
+    pub const POLICY_FLOWS: &str = "WEIR_POLICY_FLOWS";
     /// Every map the agent pins, in the order it creates them.
-    pub const PINNED: [&str; 16] = [
+    pub const PINNED: [&str; 21] = [
         SERVICES,
         BACKEND_SLOTS,
         BACKENDS,
@@ -77,6 +92,11 @@ pub mod map_names {
         TUNNEL_PEERS,
         POD_INTERFACES,
         CT_MOVED_ARRIVALS,
+        POLICY_ENDPOINTS,
+        POLICY_PEERS,
+        POLICY_CIDRS,
+        POLICY_RULES,
+        POLICY_FLOWS,
     ];
 }
 
@@ -149,6 +169,14 @@ pub mod capacity {
     /// Later fragments waiting for their first (LRU, [`super::HeldFragment`] frames of about
     /// 2 KiB: about 2 MiB), at most [`super::FRAGMENT_HOLD_SLOTS`] per datagram.
     pub const HELD_FRAGMENTS: u32 = 1_024;
+    /// Addresses of pods on one node (two per dual-stack pod).
+    pub const POLICY_ENDPOINTS: u32 = 4_096;
+    /// Pod addresses in the cluster.
+    pub const POLICY_PEERS: u32 = 262_144;
+    pub const POLICY_CIDRS: u32 = 65_536;
+    /// Rule entries of this node's isolated pods: (peer identities x port prefixes) per rule.
+    pub const POLICY_RULES: u32 = 524_288;
+    pub const POLICY_FLOWS: u32 = 131_072;
 }
 
 /// An IPv4 or IPv6 address as 16 raw bytes in network order.
@@ -460,6 +488,9 @@ pub mod node_flags {
     /// Weir forwards translated packets itself (FIB lookup and redirect) instead of handing
     /// them back to the stack's routing (`datapath.forwarding`).
     pub const FORWARD: u32 = 1 << 2;
+    /// A NetworkPolicy isolates at least one of this node's pods: flows no service translates
+    /// are looked up in the policy maps too (without it, they pass after the service lookups).
+    pub const POLICY: u32 = 1 << 3;
 }
 
 /// Bytes the tunnel adds in front of an inner packet, by tunnel kind and underlay family.
@@ -637,6 +668,80 @@ impl MovedArrivalKey {
 }
 
 /// What a conntrack entry tells the program to do with a packet that matches its key.
+/// A pod of this node that a NetworkPolicy isolates (`WEIR_POLICY_ENDPOINTS`' value).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyEndpoint {
+    /// What its rules are keyed by ([`PolicyRuleKey::endpoint_be`]); the same for all of a
+    /// pod's addresses.
+    pub id: u32,
+    /// [`policy_flags`].
+    pub flags: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Which directions a policy isolates an endpoint in.
+pub mod policy_flags {
+    /// Only what its ingress rules allow reaches it.
+    pub const INGRESS: u8 = 1 << 0;
+    /// It reaches only what its egress rules allow.
+    pub const EGRESS: u8 = 1 << 1;
+}
+
+/// The direction of a rule, as [`PolicyRuleKey::direction`].
+pub mod policy_direction {
+    pub const INGRESS: u8 = 1;
+    pub const EGRESS: u8 = 2;
+}
+
+/// The peer identity of "every address": the identity of rules without peers (`from: []`,
+/// `to: []`, or no `from`/`to` at all). Pod and CIDR identities are never 0.
+pub const POLICY_ANY_PEER: u32 = 0;
+
+/// `WEIR_POLICY_CIDRS`' key data: an address of one family. Its prefix length counts
+/// [`POLICY_CIDR_FIXED_BITS`] plus the CIDR's own.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyCidrKey {
+    pub family: u8,
+    pub _pad: [u8; 3],
+    pub addr: Addr,
+}
+
+/// The bits of a [`PolicyCidrKey`] before its address.
+pub const POLICY_CIDR_FIXED_BITS: u32 = 32;
+
+/// `WEIR_POLICY_RULES`' key data, compared as bytes from the first: every field is big-endian,
+/// so a prefix length stops a rule where it stops caring. [`policy_rule_bits`] has the lengths.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyRuleKey {
+    /// [`PolicyEndpoint::id`], network byte order.
+    pub endpoint_be: u32,
+    /// The peer's identity ([`POLICY_ANY_PEER`], a pod's or a CIDR's), network byte order.
+    pub identity_be: u32,
+    /// [`policy_direction`].
+    pub direction: u8,
+    pub proto: u8,
+    /// Network byte order.
+    pub port_be: u16,
+}
+
+/// Prefix lengths of [`PolicyRuleKey`]s.
+pub mod policy_rule_bits {
+    /// Every protocol and port (a rule without `ports`).
+    pub const ANY_PROTOCOL: u32 = 72;
+    /// Every port of one protocol (a `ports` entry without `port`).
+    pub const ANY_PORT: u32 = 80;
+    /// One port; a port range is a set of prefixes between this and [`ANY_PORT`].
+    pub const PORT: u32 = 96;
+}
+
+/// How long an allowed flow stays known without a packet (`WEIR_POLICY_FLOWS`); a TCP SYN
+/// without ACK is always looked up in the rules again, so a new connection on an old tuple
+/// meets the policy of its day.
+pub const POLICY_FLOW_IDLE_NS: u64 = 600_000_000_000;
+
 pub mod ct_kind {
     /// Client to service: rewrite the destination to `nat_addr:nat_port` (the backend).
     pub const FORWARD: u8 = 1;
@@ -795,27 +900,36 @@ pub mod counter {
     /// A later fragment that would be held, but its frame is larger than
     /// [`super::HELD_FRAME_BYTES`], or its datagram holds [`super::FRAGMENT_HOLD_SLOTS`] already.
     pub const DROP_FRAGMENT_NOT_HELD: u32 = 34;
+    /// A new flow (or an untracked packet) that the ingress rules of the NetworkPolicies
+    /// isolating its destination pod do not allow.
+    pub const DROP_POLICY_INGRESS: u32 = 35;
+    /// A new flow (or an untracked packet) that the egress rules of the NetworkPolicies
+    /// isolating its source pod do not allow.
+    pub const DROP_POLICY_EGRESS: u32 = 36;
     /// Outcomes are the counters below this index: exactly one per packet.
-    pub const OUTCOMES: u32 = 35;
+    pub const OUTCOMES: u32 = 37;
     /// Event: a flow was answered, and its entries moved from the new-flow table to the
     /// established one. New flows minus promotions is what a flood leaves unanswered.
-    pub const CT_PROMOTED: u32 = 35;
+    pub const CT_PROMOTED: u32 = 37;
     /// Event: a new flow's reply key was taken by another flow, and the flow got another source
     /// port towards its backend (restored on its replies and ICMP errors): at the node that
     /// translates it, or at the backend's node for a flow another node translated (see
     /// `MovedArrivalKey`).
-    pub const CT_COLLISION_RESOLVED: u32 = 36;
+    pub const CT_COLLISION_RESOLVED: u32 = 38;
     /// Event: a held fragment was not replayed (held too long ago, arrived another way than its
     /// first fragment, or a helper failed): lost.
-    pub const FRAGMENT_REPLAY_FAILED: u32 = 37;
+    pub const FRAGMENT_REPLAY_FAILED: u32 = 39;
     /// Event: Weir sent a translated packet to its next hop itself (FIB lookup and redirect:
     /// into a local pod's namespace, or out of a host interface), skipping the stack's routing.
-    pub const FORWARDED: u32 = 38;
+    pub const FORWARDED: u32 = 40;
     /// Event: a translated packet Weir would forward went to the stack instead: the FIB had no
     /// forwarding answer (no route, a local destination, forwarding disabled, bigger than the
     /// route's MTU) or its TTL was about to expire. The stack answers those as it always did.
-    pub const FORWARD_TO_STACK: u32 = 39;
-    pub const COUNT: u32 = 40;
+    pub const FORWARD_TO_STACK: u32 = 41;
+    /// Event: a flow to or from a pod a NetworkPolicy isolates was allowed by its rules and
+    /// recorded (`WEIR_POLICY_FLOWS`, or its conntrack entries for a service's flow).
+    pub const POLICY_ALLOWED: u32 = 42;
+    pub const COUNT: u32 = 43;
 
     /// Names for display, indexed by counter.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -854,11 +968,14 @@ pub mod counter {
         "fragment_held",
         "fragment_replayed",
         "drop_fragment_not_held",
+        "drop_policy_ingress",
+        "drop_policy_egress",
         "ct_promoted",
         "ct_collision_resolved",
         "fragment_replay_failed",
         "forwarded",
         "forward_to_stack",
+        "policy_allowed",
     ];
 }
 
@@ -904,6 +1021,12 @@ mod pod {
     unsafe impl aya::Pod for HeldFragmentKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for HeldFragment {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for PolicyEndpoint {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for PolicyCidrKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for PolicyRuleKey {}
 }
 
 // The layouts are part of the pinned-map ABI: fail the build, not the kernel, if they move.
@@ -928,4 +1051,8 @@ const _: () = {
     assert!(core::mem::size_of::<MovedArrivalKey>() == 60);
     assert!(core::mem::size_of::<HeldFragmentKey>() == 44);
     assert!(core::mem::size_of::<HeldFragment>() == 16 + HELD_FRAME_BYTES);
+    assert!(core::mem::size_of::<PolicyEndpoint>() == 8);
+    assert!(core::mem::size_of::<PolicyCidrKey>() == 20);
+    assert!(core::mem::size_of::<PolicyRuleKey>() == 12);
+    assert!(policy_rule_bits::PORT as usize == 8 * core::mem::size_of::<PolicyRuleKey>());
 };

@@ -9,7 +9,8 @@ use aya_ebpf::{
 use weir_common::{
     capacity, counter, AffinityKey, AffinityValue, BackendSlotKey, BackendValue, CtKey, CtValue,
     FragKey, FragPorts, FrontendKey, HeldFragment, HeldFragmentKey, HostAddrKey, MaglevChunk,
-    MaglevKey, MovedArrivalKey, NodeConfig, ServiceValue, SockReverseKey, SourceRange,
+    MaglevKey, MovedArrivalKey, NodeConfig, PolicyCidrKey, PolicyEndpoint, PolicyRuleKey,
+    ServiceValue, SockReverseKey, SourceRange,
 };
 
 const BPF_F_NO_PREALLOC: u32 = 1;
@@ -93,6 +94,31 @@ pub static CT_NEW: LruHashMap<CtKey, CtValue> = LruHashMap::with_max_entries(cap
 #[map(name = "WEIR_CT_MOVED_ARRIVALS")]
 pub static CT_MOVED_ARRIVALS: LruHashMap<MovedArrivalKey, u16> =
     LruHashMap::with_max_entries(capacity::CT_MOVED_ARRIVALS, 0);
+
+/// This node's pods that a NetworkPolicy isolates (see `policy.rs`).
+#[map(name = "WEIR_POLICY_ENDPOINTS")]
+pub static POLICY_ENDPOINTS: HashMap<HostAddrKey, PolicyEndpoint> =
+    HashMap::with_max_entries(capacity::POLICY_ENDPOINTS, BPF_F_NO_PREALLOC);
+
+/// Every pod address of the cluster: its peer identity.
+#[map(name = "WEIR_POLICY_PEERS")]
+pub static POLICY_PEERS: HashMap<HostAddrKey, u32> =
+    HashMap::with_max_entries(capacity::POLICY_PEERS, BPF_F_NO_PREALLOC);
+
+/// ipBlock prefixes: an address's most specific one, as an identity.
+#[map(name = "WEIR_POLICY_CIDRS")]
+pub static POLICY_CIDRS: LpmTrie<PolicyCidrKey, u32> =
+    LpmTrie::with_max_entries(capacity::POLICY_CIDRS, BPF_F_NO_PREALLOC);
+
+/// The isolated endpoints' rules: a hit allows.
+#[map(name = "WEIR_POLICY_RULES")]
+pub static POLICY_RULES: LpmTrie<PolicyRuleKey, u8> =
+    LpmTrie::with_max_entries(capacity::POLICY_RULES, BPF_F_NO_PREALLOC);
+
+/// Flows a policy allowed, by both directions' tuples: the time of their last packet (coarse).
+#[map(name = "WEIR_POLICY_FLOWS")]
+pub static POLICY_FLOWS: LruHashMap<CtKey, u64> =
+    LruHashMap::with_max_entries(capacity::POLICY_FLOWS, 0);
 
 #[map(name = "WEIR_AFFINITY")]
 pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
