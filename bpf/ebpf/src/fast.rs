@@ -29,7 +29,9 @@ use weir_common::{
     PROTO_TCP, PROTO_UDP,
 };
 
-use crate::maps::{node_config, CONNTRACK, CT_NEW, FRONTEND_ADDRS, HOST_ADDRS, TUNNEL_PEERS};
+use crate::maps::{
+    node_config, CONNTRACK, CT_NEW, FRONTEND_ADDRS, HOST_ADDRS, SCRATCH, TUNNEL_PEERS,
+};
 use crate::packet::{
     csum_fold, read_words_16, tcp_seen_bits, write_words_16, zero_words, ETH_HLEN, ETH_P_IP,
     ETH_P_IPV6, IPV4_CSUM, IPV4_FRAG, IPV4_FRAG_MASK, IPV4_MIN_HLEN, IPV4_PROTO, IPV4_SADDR,
@@ -45,6 +47,10 @@ pub const NOT_HANDLED: i32 = i32::MIN;
 /// frames stays within what old verifiers allow (entry -> this -> forward would not).
 pub const FORWARD_V4: i32 = i32::MIN + 1;
 pub const FORWARD_V6: i32 = i32::MIN + 2;
+/// Not a tc action: a packet of no flow a service translates, with NetworkPolicy enforced on
+/// this node; its tuple is in the scratch slot's `policy` field and the counter half of the
+/// verdict holds its TCP `ct_seen` bits. The entry function has NetworkPolicy decide it.
+pub const DECIDE_POLICY: i32 = i32::MIN + 3;
 
 /// Fragment offset and More Fragments; DF alone is not a fragment.
 const IPV4_FRAG_MASK_BE: u16 = IPV4_FRAG_MASK.to_be();
@@ -108,7 +114,7 @@ pub fn established(ctx: &TcContext) -> Verdict {
         return Verdict::new(0, NOT_HANDLED);
     };
     let Some(entry) = CONNTRACK.get_ptr_mut(&key.0) else {
-        return unless_for_a_service(&key.0);
+        return unless_for_a_service(&key.0, site.seen);
     };
     // SAFETY: the pointer comes from a successful lookup and stays valid for this program run;
     // concurrent writers only touch last_seen/seen, where a lost update is harmless.
@@ -154,7 +160,7 @@ pub fn established(ctx: &TcContext) -> Verdict {
 /// frontend address (ClusterIP, external or load-balancer IP) nor one of a Node's (NodePorts).
 /// Most pod-to-pod traffic is such. Its own frame: the key it builds is not on the fast path's.
 #[inline(never)]
-fn unless_for_a_service(key: &CtKey) -> Verdict {
+fn unless_for_a_service(key: &CtKey, seen: u8) -> Verdict {
     if CT_NEW.get_ptr(key).is_some() {
         return Verdict::new(0, NOT_HANDLED);
     }
@@ -177,7 +183,32 @@ fn unless_for_a_service(key: &CtKey) -> Verdict {
     {
         return Verdict::new(0, NOT_HANDLED);
     }
+    // NetworkPolicy decides, from the entry function: this frame and the decision's together
+    // pass the 512 bytes older verifiers allow a chain.
+    if crate::policy::enforced() {
+        let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+            return Verdict::new(0, NOT_HANDLED);
+        };
+        // SAFETY: a per-CPU slot, used by one program run at a time on this CPU; the full path
+        // has not started. Both keys start on an 8-byte boundary (`AlignedKey`, `Scratch`).
+        unsafe { copy_key(&mut (*scratch).policy, key) };
+        return Verdict::new(seen as u32, DECIDE_POLICY);
+    }
     Verdict::pass(counter::PASS_NO_SERVICE)
+}
+
+/// Copies a conntrack key by words (a 40-byte copy would be a `memmove` call).
+///
+/// # Safety
+/// Both keys start on an 8-byte boundary.
+#[inline(always)]
+unsafe fn copy_key(to: &mut CtKey, from: &CtKey) {
+    let to = to as *mut CtKey as *mut u64;
+    let from = from as *const CtKey as *const u64;
+    for word in 0..core::mem::size_of::<CtKey>() / 8 {
+        // SAFETY: within both keys (40 bytes, 5 words), aligned as the caller promises.
+        unsafe { core::ptr::write_volatile(to.add(word), *from.add(word)) };
+    }
 }
 
 /// A host address key on an 8-byte boundary, zeroed by words (see [`AlignedKey`]).

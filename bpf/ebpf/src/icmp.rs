@@ -86,6 +86,49 @@ fn quote(ctx: &TcContext, ip: &Ip) -> Result<Option<Quote>, u32> {
     }))
 }
 
+/// Whether the ICMP packet is an error quoting a TCP or UDP packet; if so, `key` is the quoted
+/// packet's tuple (the flow the error is about, in the direction it was sent).
+#[inline(always)]
+pub fn quoted_flow(ctx: &TcContext, ip: &Ip, key: &mut CtKey) -> bool {
+    if ip.payload_len < ICMP_HLEN {
+        return false;
+    }
+    let Ok(icmp_type) = load::<u8>(ctx, ip.l4_off) else {
+        return false;
+    };
+    if !is_error(ip.family, icmp_type) {
+        return false;
+    }
+    let Ok(Some(q)) = quote(ctx, ip) else {
+        return false;
+    };
+    *key = CtKey {
+        saddr: q.saddr,
+        daddr: q.daddr,
+        sport_be: q.sport_be,
+        dport_be: q.dport_be,
+        proto: q.proto,
+        family: ip.family,
+        _pad: 0,
+    };
+    true
+}
+
+#[inline(always)]
+fn is_error(family: u8, icmp_type: u8) -> bool {
+    if family == FAMILY_V4 {
+        matches!(
+            icmp_type,
+            ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETERPROB
+        )
+    } else {
+        matches!(
+            icmp_type,
+            ICMPV6_DEST_UNREACH | ICMPV6_PKT_TOOBIG | ICMPV6_TIME_EXCEED | ICMPV6_PARAMPROB
+        )
+    }
+}
+
 /// ICMP errors about a translated flow quote the packet as the other side sent it: translate
 /// the quote and the outer header back, as the conntrack entry of the error's own direction
 /// says, so that (for example) a client's "fragmentation needed" or "packet too big" names the
@@ -101,18 +144,7 @@ fn icmp_error_inner(ctx: &TcContext, ip: &Ip) -> Result<Verdict, u32> {
         return Err(counter::DROP_TRUNCATED);
     }
     let icmp_type: u8 = load(ctx, ip.l4_off)?;
-    let is_error = if ip.family == FAMILY_V4 {
-        matches!(
-            icmp_type,
-            ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETERPROB
-        )
-    } else {
-        matches!(
-            icmp_type,
-            ICMPV6_DEST_UNREACH | ICMPV6_PKT_TOOBIG | ICMPV6_TIME_EXCEED | ICMPV6_PARAMPROB
-        )
-    };
-    if !is_error {
+    if !is_error(ip.family, icmp_type) {
         return Ok(Verdict::pass(counter::PASS_ICMP_UNRELATED));
     }
     let q = match quote(ctx, ip)? {

@@ -29,6 +29,7 @@ mod icmp;
 mod lb;
 mod maps;
 mod packet;
+mod policy;
 mod route;
 mod sock;
 mod tunnel;
@@ -165,6 +166,10 @@ pub fn weir_ingress(ctx: TcContext) -> i32 {
         let verdict = match fast.action() {
             fast::FORWARD_V4 => route::forward(&ctx, FAMILY_V4, ETH_HLEN, fast.counter(), true),
             fast::FORWARD_V6 => route::forward(&ctx, FAMILY_V6, ETH_HLEN, fast.counter(), true),
+            fast::DECIDE_POLICY => match policy::decide_noted(fast.counter() as u8) {
+                policy::ALLOWED => Verdict::pass(counter::PASS_NO_SERVICE),
+                denied => Verdict::drop(denied),
+            },
             _ => fast,
         };
         count(verdict.counter());
@@ -208,7 +213,15 @@ fn process(ctx: &TcContext) -> Result<Verdict, u32> {
     let parsed = parse(ctx, tunnel::is_bare_ip(ctx, config), ip);
     if parsed != PARSED {
         return match not_for_us(parsed) {
-            NotForUs::Pass(c) => Ok(unless_frontend(ip, c)),
+            NotForUs::Pass(c) => {
+                // Another protocol, or an IPv6 header chain not walked: ports unknown, only
+                // rules for every protocol can allow it.
+                let decided = policy::untranslated(ctx, ip);
+                if decided != policy::ALLOWED {
+                    return Ok(Verdict::drop(decided));
+                }
+                Ok(unless_frontend(ip, c))
+            }
             NotForUs::Drop(c) => Err(c),
         };
     }
@@ -239,7 +252,12 @@ fn process(ctx: &TcContext) -> Result<Verdict, u32> {
         || verdict.counter() == counter::PASS_ICMP_UNRELATED
         || verdict.counter() == counter::PASS_FRAGMENT;
     let verdict = if untranslated && verdict.action() == TC_ACT_OK as i32 {
-        unless_frontend(ip, verdict.counter())
+        let decided = policy::untranslated(ctx, ip);
+        if decided != policy::ALLOWED {
+            Verdict::drop(decided)
+        } else {
+            unless_frontend(ip, verdict.counter())
+        }
     } else {
         verdict
     };
@@ -357,6 +375,9 @@ pub struct Flow {
 /// The flow path's per-packet working memory, in a per-CPU slot (`maps::SCRATCH`).
 #[repr(C)]
 pub struct Scratch {
+    /// The tuple a policy decision is about (`policy.rs`), as the pod sees it. First in the
+    /// slot, so it starts on its 8-byte boundary (`fast::copy_key` writes it by words).
+    pub policy: CtKey,
     /// The packet's IP header as parsed (see `process` for why it is here).
     pub ip: Ip,
     pub flow: Flow,
@@ -519,6 +540,11 @@ fn flow_inner(
     };
     // SAFETY: as above.
     let backend = unsafe { &*backend };
+    // NetworkPolicy sees the client's own address and the chosen backend.
+    let decided = policy::service_flow(ip, sport_be, backend);
+    if decided != policy::ALLOWED {
+        return Err(decided);
+    }
     flow.backend_id = backend_id;
     // External traffic to a remote backend takes the tunnel, so that replies come back to the
     // node that translated it (or, DSR, are translated where the backend is). A local pod's
