@@ -7,14 +7,11 @@ mod common;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 
-use aya::maps::lpm_trie::{Key, LpmTrie};
-use aya::maps::{HashMap, MapData};
+use common::policy::PolicyMaps;
 use common::*;
 use weir_agent::compile::addr_key;
 use weir_common::{
-    map_names, node_flags, policy_direction, policy_flags, policy_rule_bits, HostAddrKey,
-    NodeConfig, PolicyCidrKey, PolicyEndpoint, PolicyRuleKey, POLICY_ANY_PEER,
-    POLICY_CIDR_FIXED_BITS, PROTO_TCP, PROTO_UDP,
+    policy_direction, policy_flags, policy_rule_bits, POLICY_ANY_PEER, PROTO_TCP, PROTO_UDP,
 };
 
 /// The isolated pod: the echo service's backend (`BACKEND`).
@@ -38,73 +35,6 @@ const POD6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 2, 0, 0, 0, 0x11);
 const FRIEND6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 3, 0, 0, 0, 0x20);
 const STRANGER6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 3, 0, 0, 0, 0x30);
 
-/// The policy maps, opened by their pins as a second writer (the agent is the first).
-struct PolicyMaps {
-    endpoints: HashMap<MapData, HostAddrKey, PolicyEndpoint>,
-    peers: HashMap<MapData, HostAddrKey, u32>,
-    cidrs: LpmTrie<MapData, PolicyCidrKey, u32>,
-    rules: LpmTrie<MapData, PolicyRuleKey, u8>,
-}
-
-impl PolicyMaps {
-    fn open(dir: &Path) -> PolicyMaps {
-        let map = |name: &str| {
-            aya::maps::Map::from_map_data(MapData::from_pin(dir.join(name)).expect(name))
-                .expect(name)
-        };
-        PolicyMaps {
-            endpoints: map(map_names::POLICY_ENDPOINTS).try_into().unwrap(),
-            peers: map(map_names::POLICY_PEERS).try_into().unwrap(),
-            cidrs: map(map_names::POLICY_CIDRS).try_into().unwrap(),
-            rules: map(map_names::POLICY_RULES).try_into().unwrap(),
-        }
-    }
-
-    fn isolate(&mut self, pod: IpAddr, id: u32, flags: u8) {
-        let value = PolicyEndpoint {
-            id,
-            flags,
-            _pad: [0; 3],
-        };
-        self.endpoints.insert(addr_key(pod), value, 0).unwrap();
-    }
-
-    fn identity(&mut self, pod: IpAddr, identity: u32) {
-        self.peers.insert(addr_key(pod), identity, 0).unwrap();
-    }
-
-    fn cidr(&mut self, net: IpAddr, bits: u32, identity: u32) {
-        let key = addr_key(net);
-        let data = PolicyCidrKey {
-            family: key.family,
-            _pad: [0; 3],
-            addr: key.addr,
-        };
-        let key = Key::new(POLICY_CIDR_FIXED_BITS + bits, data);
-        self.cidrs.insert(&key, identity, 0).unwrap();
-    }
-
-    /// A rule of `endpoint`: `identity` on (`proto`, `port`) under the prefix length `bits`.
-    fn allow(
-        &mut self,
-        endpoint: u32,
-        direction: u8,
-        identity: u32,
-        proto: u8,
-        port: u16,
-        bits: u32,
-    ) {
-        let data = PolicyRuleKey {
-            endpoint_be: endpoint.to_be(),
-            identity_be: identity.to_be(),
-            direction,
-            proto,
-            port_be: port.to_be(),
-        };
-        self.rules.insert(&Key::new(bits, data), 1, 0).unwrap();
-    }
-}
-
 /// The harness with pinned maps (in a private bpffs), the node's address, and the policy maps.
 fn harness(bpffs: &Path) -> (Harness, PolicyMaps) {
     let dir: PathBuf = bpffs.join("weir");
@@ -116,11 +46,7 @@ fn harness(bpffs: &Path) -> (Harness, PolicyMaps) {
 }
 
 fn enforce(h: &mut Harness) {
-    let config = NodeConfig {
-        flags: node_flags::POLICY,
-        ..h.dataplane.node.config().unwrap()
-    };
-    h.dataplane.node.set_config(&config).unwrap();
+    common::policy::enforce(h);
 }
 
 /// The policy of these tests: POD isolated for ingress; its rules allow FRIEND on TCP 8080,
