@@ -540,12 +540,14 @@ fn flow_inner(
     };
     // SAFETY: as above.
     let backend = unsafe { &*backend };
-    // NetworkPolicy sees the client's own address and the chosen backend.
-    let decided = policy::service_flow(ip, sport_be, backend);
+    flow.backend_id = backend_id;
+    // NetworkPolicy sees the client's own address and the chosen backend. No arguments: the
+    // call reads the flow from the scratch slot, so this frame keeps nothing more across it
+    // (it sits on the chain weir_ingress -> flow -> remember_return -> promote, at 512 bytes).
+    let decided = policy::service_flow();
     if decided != policy::ALLOWED {
         return Err(decided);
     }
-    flow.backend_id = backend_id;
     // External traffic to a remote backend takes the tunnel, so that replies come back to the
     // node that translated it (or, DSR, are translated where the backend is). A local pod's
     // does not: like a ClusterIP flow, it goes by the pods' own routes and its replies are

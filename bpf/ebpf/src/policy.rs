@@ -32,8 +32,8 @@ use weir_common::{
 };
 
 use crate::maps::{
-    count, node_config, HOST_ADDRS, POLICY_CIDRS, POLICY_ENDPOINTS, POLICY_FLOWS, POLICY_PEERS,
-    POLICY_RULES, SCRATCH,
+    count, node_config, BACKENDS, HOST_ADDRS, POLICY_CIDRS, POLICY_ENDPOINTS, POLICY_FLOWS,
+    POLICY_PEERS, POLICY_RULES, SCRATCH,
 };
 use crate::packet::{load, tcp_seen_bits, Ip, FIRST_FRAGMENT, NOT_FRAGMENT, TCP_FLAGS};
 
@@ -118,24 +118,34 @@ pub fn decide_noted(seen: u8) -> u32 {
     decide(unsafe { &(*scratch).policy }, seen)
 }
 
-/// The decision on a service's new flow, once its backend is chosen: the client's own address
-/// and port to the backend's, as the backend will see them. Hairpin (a pod reaching itself
-/// through a service) never leaves the pod's own traffic: allowed.
+/// The decision on a service's new flow once its backend is chosen (`Scratch::flow`,
+/// `backend_id` set): the client's own address and port to the backend's, as the backend will
+/// see them. Hairpin (a pod reaching itself through a service) stays within the pod's own
+/// traffic: allowed.
 #[inline(never)]
-pub fn service_flow(ip: &Ip, sport_be: u16, backend: &BackendValue) -> u32 {
-    if !enforced() || (backend.family == ip.family && backend.addr == ip.saddr) {
+pub fn service_flow() -> u32 {
+    if !enforced() {
         return ALLOWED;
     }
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         return counter::DROP_CT_FULL;
     };
-    // SAFETY: a per-CPU slot, used by one program run at a time on this CPU; this field is
-    // borrowed nowhere else during the call.
-    let key = unsafe { &mut (*scratch).policy };
+    // SAFETY: a per-CPU slot, used by one program run at a time on this CPU; the flow path
+    // filled `ip` and `flow` and borrows nothing of the slot during the call.
+    let (ip, flow, key) = unsafe { (&(*scratch).ip, &(*scratch).flow, &mut (*scratch).policy) };
+    let Some(backend) = BACKENDS.get_ptr(&flow.backend_id) else {
+        return counter::DROP_BACKEND_MISSING;
+    };
+    // SAFETY: the pointer comes from a successful lookup; the kernel keeps the element alive
+    // for the program run (RCU).
+    let backend = unsafe { &*backend };
+    if backend.family == ip.family && backend.addr == ip.saddr {
+        return ALLOWED;
+    }
     *key = CtKey {
         saddr: ip.saddr,
         daddr: backend.addr,
-        sport_be,
+        sport_be: flow.sport_be,
         dport_be: backend.port_be,
         proto: ip.proto,
         family: ip.family,
