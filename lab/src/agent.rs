@@ -6,9 +6,9 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::backend::{tail, BackendError, Cmd, Lab, ProcId};
-use crate::scenario::{AgentSpec, ConntrackSpec, Scenario, ServicesSpec, TunnelSpec};
-use crate::topology::{HostId, NodePlan, Plan, POD_INTERFACE_PREFIX};
+use weir_lab_core::backend::{tail, BackendError, Cmd, Lab, ProcId};
+use weir_lab_core::scenario::{AgentSpec, ConntrackSpec, Scenario, ServicesSpec, TunnelSpec};
+use weir_lab_core::topology::{HostId, NodePlan, Plan, POD_INTERFACE_PREFIX};
 
 /// The lab's private bpffs; every run gets its own directory below it.
 pub const BPFFS: &str = "/sys/fs/bpf";
@@ -107,7 +107,7 @@ pub fn start(
     lab.write_file(
         first,
         &state_path,
-        crate::k8s::cluster_state(scenario, plan).as_bytes(),
+        weir_lab_core::k8s::cluster_state(scenario, plan).as_bytes(),
     )?;
     let pin_root = Path::new(BPFFS).join("weir-lab").join(run_id);
     let mut agents = Agents {

@@ -8,12 +8,12 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 
 use crate::agent::{self, Agents};
-use crate::backend::{tail, Cmd, Lab};
-use crate::scenario::{
+use weir_lab_core::backend::{tail, Cmd, Lab};
+use weir_lab_core::scenario::{
     CheckSpec, ConntrackCheck, CounterCheck, Family, FrontendCheck, HealthCheckSpec, Protocol,
     RejectedCheck, Scenario, TrafficCheck, Via,
 };
-use crate::topology::{HostId, Plan};
+use weir_lab_core::topology::{HostId, Plan};
 
 /// Per request: generous for a namespace lab, and still bounded.
 const CLIENT_TIMEOUT_S: u32 = 3;

@@ -22,10 +22,10 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use crate::k8s;
-pub use crate::scenario::Protocol;
-use crate::scenario::Scenario;
-use crate::topology::Plan;
+use weir_lab_core::k8s;
+pub use weir_lab_core::scenario::Protocol;
+use weir_lab_core::scenario::Scenario;
+use weir_lab_core::topology::Plan;
 
 /// kube-proxy leaves SEP comments out above this many endpoints (`largeClusterEndpointsThreshold`).
 pub const LARGE_CLUSTER_ENDPOINTS: usize = 1000;

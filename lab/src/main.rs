@@ -9,13 +9,13 @@ use tracing_subscriber::EnvFilter;
 
 use weir_kernels::{Fetcher, KernelEntry, Matrix};
 use weir_lab::backend::qemu::{self, Qemu, QemuBackend};
-use weir_lab::backend::{Backend, BackendKind};
 use weir_lab::bench::{self, probe, BenchCommand, BenchEnv};
-use weir_lab::events::Events;
 use weir_lab::matrix::{self, MatrixOptions};
 use weir_lab::report::{JsonReporter, TerminalReporter};
 use weir_lab::runner::{self, RunOptions, ScenarioFile};
 use weir_lab::sandbox;
+use weir_lab_core::backend::{Backend, BackendKind};
+use weir_lab_core::events::Events;
 
 /// Runs Weir scenarios on a throwaway cluster of network namespaces and reports what passed.
 ///

@@ -16,12 +16,12 @@ use weir_node_image::proto::Features;
 
 use crate::backend::netns::NetnsBackend;
 use crate::backend::qemu::{self, QemuBackend, VmOptions, VmSetup};
-use crate::backend::{Backend, BackendKind};
-use crate::events::{Event, Events, Recorder};
-use crate::features::{self, Feature};
 use crate::report::{JsonReporter, TerminalReporter};
 use crate::runner::{self, RunOptions, ScenarioFile};
 use crate::throughput::{self, Measurement, Ratio, ThroughputOptions};
+use weir_lab_core::backend::{Backend, BackendKind};
+use weir_lab_core::events::{Event, Events, Recorder};
+use weir_lab_core::features::{self, Feature};
 
 #[derive(Clone, Debug)]
 pub struct MatrixOptions {
@@ -597,7 +597,7 @@ fn feature_results(cells: &[Cell], files: &[ScenarioFile]) -> Vec<FeatureResult>
 }
 
 /// Whether any check of `scenario` proves `feature`.
-fn scenario_proves(scenario: &crate::scenario::Scenario, feature: Feature) -> bool {
+fn scenario_proves(scenario: &weir_lab_core::scenario::Scenario, feature: Feature) -> bool {
     let top = scenario
         .checks
         .iter()

@@ -24,8 +24,8 @@ use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::scenario::Protocol;
-use crate::timeline::ProbeSpec;
+use weir_lab_core::scenario::Protocol;
+use weir_lab_core::timeline::ProbeSpec;
 
 /// However long a run lasts, a probe ends by then.
 pub const MAX_PROBE_LIFE: Duration = Duration::from_secs(900);
@@ -561,7 +561,7 @@ fn tcp_verdict(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::timeline::ProbeExpect;
+    use weir_lab_core::timeline::ProbeExpect;
 
     fn probe(kind: Protocol) -> ProbeSpec {
         ProbeSpec {
@@ -570,7 +570,7 @@ mod tests {
             from: "n1p0".into(),
             service: "echo".into(),
             port: 53,
-            family: crate::scenario::Family::Ipv4,
+            family: weir_lab_core::scenario::Family::Ipv4,
             interval: Duration::from_millis(100),
             size: None,
             expect: ProbeExpect::default(),

@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
-use crate::events::{Event, Reporter};
+use weir_lab_core::events::{Event, Reporter};
 
 /// One line per step and check, a verdict per scenario, and the suite's summary line.
 pub struct TerminalReporter {
@@ -305,7 +305,7 @@ impl Reporter for JsonReporter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::events::Events;
+    use weir_lab_core::events::Events;
 
     #[derive(Clone, Default)]
     struct Buf(std::rc::Rc<std::cell::RefCell<Vec<u8>>>);

@@ -413,8 +413,8 @@ fn throughput_section(h: &mut String, r: &MatrixReport) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::features::Feature;
     use crate::matrix::Cell;
+    use weir_lab_core::features::Feature;
 
     #[test]
     fn escapes() {

@@ -27,11 +27,11 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::agent;
-use crate::backend::{Backend, Cmd, Lab};
-use crate::k8s;
 use crate::kube_proxy::{self, Flavor, Proxier, ProxierConfig};
-use crate::scenario::Scenario;
-use crate::topology::{HostId, Plan};
+use weir_lab_core::backend::{Backend, Cmd, Lab};
+use weir_lab_core::k8s;
+use weir_lab_core::scenario::Scenario;
+use weir_lab_core::topology::{HostId, Plan};
 use weir_node_image::image::{ON_DEMAND_MODULES, ON_DEMAND_ORDER};
 
 pub const CLUSTER_IP: &str = "198.18.100.20";
@@ -193,7 +193,7 @@ fn load_on_demand_modules(lab: &mut dyn Lab, node: HostId, timeout: Duration) ->
     );
     match lab.exec(node, &Cmd::new("sh").arg("-c").arg(script), timeout) {
         Ok(out) if out.stdout.trim().is_empty() => None,
-        Ok(out) => Some(crate::backend::tail(out.stdout.trim(), 4)),
+        Ok(out) => Some(weir_lab_core::backend::tail(out.stdout.trim(), 4)),
         Err(e) => Some(e.to_string()),
     }
 }
@@ -749,7 +749,7 @@ fn measure(
             return Err(format!(
                 "{label}: qperf tcp_bw failed ({}): {}",
                 out.status(),
-                crate::backend::tail(&format!("{}{}", out.stdout, out.stderr), 4)
+                weir_lab_core::backend::tail(&format!("{}{}", out.stdout, out.stderr), 4)
             ));
         }
         std::thread::sleep(Duration::from_millis(500));

@@ -6,10 +6,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::backend::{BackendError, Cmd, Lab, ProcId};
-use crate::k8s;
-use crate::scenario::{glob_match, Protocol, Scenario};
-use crate::topology::{HostId, Plan};
+use weir_lab_core::backend::{BackendError, Cmd, Lab, ProcId};
+use weir_lab_core::k8s;
+use weir_lab_core::scenario::{glob_match, Protocol, Scenario};
+use weir_lab_core::topology::{HostId, Plan};
 
 pub const NGINX: &str = "/usr/sbin/nginx";
 const LISTEN_POLL: Duration = Duration::from_millis(100);
@@ -350,6 +350,31 @@ ports = [ { name = "a", port = 80, target_port = 8080 }, { name = "b", protocol 
         assert!(ports["n1p0"].udp.is_empty());
         assert_eq!(ports["n1p1"].tcp, BTreeSet::from([8080, 9000]));
         assert_eq!(ports["n1p1"].udp, BTreeSet::from([5353]));
+    }
+
+    #[test]
+    fn hand_written_slices_make_their_pods_serve_their_ports() {
+        let s = Scenario::parse(
+            r#"
+name = "t"
+[topology]
+nodes = 1
+pods_per_node = 2
+[[services]]
+name = "manual"
+cluster_ip = "198.18.100.30"
+ports = [ { name = "web", port = 80, target_port = 9090 } ]
+[[endpoint_slices]]
+name = "manual-1"
+service = "manual"
+endpoints = [ { pod = "n1p1" } ]
+ports = [ { name = "web", port = 9090 } ]
+"#,
+            Path::new("t"),
+        )
+        .unwrap();
+        let ports = pod_ports(&s, &s.plan());
+        assert!(ports["n1p1"].tcp.contains(&9090));
     }
 
     #[test]

@@ -21,8 +21,8 @@ use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use tracing::{debug, warn};
 
-use super::{tail, Backend, BackendError, Cmd, Lab, Output, ProcId};
-use crate::topology::{
+use weir_lab_core::backend::{tail, Backend, BackendError, Cmd, Lab, Output, ProcId};
+use weir_lab_core::topology::{
     network_gateway, HostId, Plan, GATEWAY, NODE_PREFIX_LEN, NODE_PREFIX_LEN6, POD_GATEWAY,
     POD_GATEWAY6,
 };

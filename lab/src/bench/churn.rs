@@ -29,10 +29,10 @@ use super::{
     BenchEnv, BenchError, RunRoot,
 };
 use super::{connect, Synthetic};
-use crate::backend::{BackendKind, Cmd, Lab};
 use crate::kube_proxy::{self, Flavor, Proxier, ProxierConfig};
-use crate::scenario::{AgentSpec, Scenario};
-use crate::topology::{HostId, Plan};
+use weir_lab_core::backend::{BackendKind, Cmd, Lab};
+use weir_lab_core::scenario::{AgentSpec, Scenario};
+use weir_lab_core::topology::{HostId, Plan};
 
 const APPLY_TIMEOUT: Duration = Duration::from_secs(600);
 const TICK: Duration = Duration::from_secs(1);
@@ -369,7 +369,7 @@ fn kube_proxy_side(
     churned: usize,
 ) -> Result<SideResult, BenchError> {
     std::fs::create_dir_all(dir).map_err(BenchError::io(format!("creating {}", dir.display())))?;
-    let mut lab = env.backend.instantiate().create(&node_only_plan(), dir)?;
+    let mut lab = crate::backend::instantiate(env.backend).create(&node_only_plan(), dir)?;
     let result = (|| -> Result<SideResult, BenchError> {
         let lab = lab.as_mut();
         let node = lab.plan().nodes[0].id;
@@ -464,7 +464,7 @@ fn weir_side(
     churned: usize,
 ) -> Result<SideResult, BenchError> {
     std::fs::create_dir_all(dir).map_err(BenchError::io(format!("creating {}", dir.display())))?;
-    let mut lab = env.backend.instantiate().create(plan, dir)?;
+    let mut lab = crate::backend::instantiate(env.backend).create(plan, dir)?;
     let mut agent = None;
     let result = (|| -> Result<SideResult, BenchError> {
         let lab = lab.as_mut();
@@ -483,7 +483,10 @@ fn weir_side(
             local: env.backend == BackendKind::Netns,
         };
         let mut scenario = scenario.clone();
-        let mut files = state_files(&crate::k8s::cluster_state(&scenario, plan), o.state_format)?;
+        let mut files = state_files(
+            &weir_lab_core::k8s::cluster_state(&scenario, plan),
+            o.state_format,
+        )?;
         let initial = weir_full(lab, a, dir, &files, scenario.services.len())?;
         a.wait_programmed(lab, &scenario, plan, APPLY_TIMEOUT)?;
         let staging = dir.join("staging");
@@ -498,8 +501,10 @@ fn weir_side(
                     return Ok(0);
                 };
                 churn(&mut scenario, churned, step);
-                let next =
-                    state_files(&crate::k8s::cluster_state(&scenario, plan), o.state_format)?;
+                let next = state_files(
+                    &weir_lab_core::k8s::cluster_state(&scenario, plan),
+                    o.state_format,
+                )?;
                 // The changed file lands by rename, as an atomic writer's would.
                 for (name, text) in next.iter().filter(|(n, t)| files.get(*n) != Some(*t)) {
                     lab.write_file(node, &staging.join(name), text.as_bytes())?;

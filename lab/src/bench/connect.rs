@@ -26,9 +26,9 @@ use super::{
     host_info, median, percentile, table, unix_now, write_json, BenchCommon, BenchEnv, BenchError,
     Synthetic,
 };
-use crate::backend::{Cmd, Lab};
 use crate::kube_proxy::{self, Flavor, Proxier, ProxierConfig};
-use crate::topology::HostId;
+use weir_lab_core::backend::{Cmd, Lab};
+use weir_lab_core::topology::HostId;
 
 /// kube-proxy's --cluster-cidr in the lab: every pod CIDR (198.19.N.0/24).
 pub const CLUSTER_CIDR: (Ipv4Addr, u8) = (Ipv4Addr::new(198, 19, 0, 0), 16);
@@ -302,7 +302,7 @@ fn build_path(
     let run_dir = run_root.join(&id);
     std::fs::create_dir_all(&run_dir)
         .map_err(BenchError::io(format!("creating {}", run_dir.display())))?;
-    let lab = env.backend.instantiate().create(&plan, &run_dir)?;
+    let lab = crate::backend::instantiate(env.backend).create(&plan, &run_dir)?;
     let mut path = PathUnderTest {
         kind,
         services: if kind == Kind::Direct { 0 } else { services },
@@ -350,7 +350,7 @@ fn prepare(
         }
         Kind::Weir => {
             let scenario = synth.scenario(&format!("bench-connect-{id}"))?;
-            let state = crate::k8s::cluster_state(&scenario, &plan);
+            let state = weir_lab_core::k8s::cluster_state(&scenario, &plan);
             let t = Instant::now();
             let run_id = format!("bench-{}-{id}", std::process::id());
             let agent =
@@ -477,7 +477,7 @@ pub(crate) fn measured(
             "`{}` on {host} failed ({:?}): {}",
             report.command,
             report.exit_code,
-            crate::backend::tail(&report.stderr, 5)
+            weir_lab_core::backend::tail(&report.stderr, 5)
         )));
     }
     Ok(report)

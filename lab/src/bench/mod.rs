@@ -9,7 +9,7 @@
 //! - [`churn`]: the seeds' experiment, the CPU of keeping 5,000 services in sync second by
 //!   second through quiet, one service churned, and quiet again.
 //!
-//! Both build their labs through the [`Backend`](crate::backend::Backend) trait and run their
+//! Both build their labs through the [`Backend`](weir_lab_core::backend::Backend) trait and run their
 //! measuring tools ([`probe`]) on the lab's hosts, so they can move to another backend. They
 //! print a table and write JSON next to the lab report. Numbers are reported as ratios against a
 //! baseline measured in the same run; nothing here asserts on timing.
@@ -23,9 +23,9 @@ mod weir;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 
-use crate::backend::{BackendError, BackendKind};
-use crate::scenario::{Scenario, ScenarioError};
-use crate::topology::{HostId, Plan};
+use weir_lab_core::backend::{BackendError, BackendKind};
+use weir_lab_core::scenario::{Scenario, ScenarioError};
+use weir_lab_core::topology::{HostId, Plan};
 
 #[derive(Debug, clap::Subcommand)]
 pub enum BenchCommand {
@@ -351,7 +351,9 @@ mod tests {
     #[test]
     fn synthetic_services_stay_in_the_test_range() {
         let s = Synthetic::new(MAX_SERVICES, 5).unwrap();
-        assert!(crate::topology::is_test_address(*s.last_frontend().ip()));
+        assert!(weir_lab_core::topology::is_test_address(
+            *s.last_frontend().ip()
+        ));
         assert!(Synthetic::cluster_ip(MAX_SERVICES - 1) < Ipv4Addr::new(198, 19, 0, 0));
         assert!(Synthetic::new(0, 5).is_err());
         assert!(Synthetic::new(1, 0).is_err());
@@ -377,7 +379,7 @@ mod tests {
             .endpoints
             .iter()
             .any(|e| Some(*e.ip()) == plan.ip(s.client())));
-        let yaml = crate::k8s::cluster_state(&scenario, &plan);
+        let yaml = weir_lab_core::k8s::cluster_state(&scenario, &plan);
         assert_eq!(yaml.matches("kind: EndpointSlice").count(), 3);
 
         let mut churned = scenario.clone();

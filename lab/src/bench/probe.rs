@@ -1,5 +1,5 @@
 //! Small measuring tools the benches run on a lab's hosts (`weir-lab probe ...`, through
-//! [`Lab::exec`](crate::backend::Lab::exec) and [`Lab::spawn`](crate::backend::Lab::spawn), so
+//! [`Lab::exec`](weir_lab_core::backend::Lab::exec) and [`Lab::spawn`](weir_lab_core::backend::Lab::spawn), so
 //! they run inside the host's network namespace, or VM, like any other workload):
 //!
 //! - `connect`: times blocking TCP connects to one address, pinned to one CPU;
@@ -209,9 +209,9 @@ pub fn run(cmd: &ProbeCommand) -> Result<(), ProbeError> {
         ProbeCommand::Measure(a) => serde_json::to_string(&measure(a)?),
         ProbeCommand::Stream(a) => {
             let kind = if a.udp {
-                crate::scenario::Protocol::Udp
+                weir_lab_core::scenario::Protocol::Udp
             } else {
-                crate::scenario::Protocol::Tcp
+                weir_lab_core::scenario::Protocol::Tcp
             };
             let life = a.life.min(crate::probes::MAX_PROBE_LIFE);
             let mut out = std::io::stdout().lock();

@@ -34,11 +34,11 @@ use super::{
     churn, host_info, iptables_restore, iptables_save, median, table, unix_now, write_json,
     BenchCommon, BenchEnv, BenchError, RunRoot, Synthetic,
 };
-use crate::backend::Cmd;
-use crate::backend::Lab;
 use crate::kube_proxy::{self, Flavor, Proxier, ProxierConfig};
-use crate::scenario::Scenario;
-use crate::topology::Plan;
+use weir_lab_core::backend::Cmd;
+use weir_lab_core::backend::Lab;
+use weir_lab_core::scenario::Scenario;
+use weir_lab_core::topology::Plan;
 
 const APPLY_TIMEOUT: Duration = Duration::from_secs(600);
 const LOG_POLL: Duration = Duration::from_millis(2);
@@ -248,7 +248,7 @@ fn iptables_side(
     side: &mut SideResult,
 ) -> Result<(), BenchError> {
     std::fs::create_dir_all(dir).map_err(BenchError::io(format!("creating {}", dir.display())))?;
-    let mut lab = env.backend.instantiate().create(&node_only_plan(), dir)?;
+    let mut lab = crate::backend::instantiate(env.backend).create(&node_only_plan(), dir)?;
     let result = (|| -> Result<(), BenchError> {
         let lab = lab.as_mut();
         let node = lab.plan().nodes[0].id;
@@ -310,11 +310,11 @@ fn weir_side(
     side: &mut SideResult,
 ) -> Result<(), BenchError> {
     std::fs::create_dir_all(dir).map_err(BenchError::io(format!("creating {}", dir.display())))?;
-    let mut lab = env.backend.instantiate().create(plan, dir)?;
+    let mut lab = crate::backend::instantiate(env.backend).create(plan, dir)?;
     let mut agent: Option<BenchAgent> = None;
     let result = (|| -> Result<(), BenchError> {
         let lab = lab.as_mut();
-        let spec = crate::scenario::AgentSpec {
+        let spec = weir_lab_core::scenario::AgentSpec {
             poll_interval: Some(o.agent_poll),
             ..scenario.agent.clone()
         };
@@ -328,7 +328,10 @@ fn weir_side(
         std::thread::sleep(Duration::from_millis(500));
 
         let mut scenario = scenario.clone();
-        let mut files = state_files(&crate::k8s::cluster_state(&scenario, plan), o.state_format)?;
+        let mut files = state_files(
+            &weir_lab_core::k8s::cluster_state(&scenario, plan),
+            o.state_format,
+        )?;
         side.full.push(weir_full(lab, a, dir, &files, o.services)?);
         a.wait_programmed(lab, &scenario, plan, APPLY_TIMEOUT)?;
         if !with_updates {
@@ -339,7 +342,10 @@ fn weir_side(
         for step in 1..=o.updates {
             std::thread::sleep(o.update_interval);
             churn(&mut scenario, churned, step);
-            let next = state_files(&crate::k8s::cluster_state(&scenario, plan), o.state_format)?;
+            let next = state_files(
+                &weir_lab_core::k8s::cluster_state(&scenario, plan),
+                o.state_format,
+            )?;
             let changed: Vec<(String, String)> = next
                 .iter()
                 .filter(|(name, text)| files.get(*name) != Some(*text))
@@ -380,7 +386,7 @@ pub(super) fn start_on_dir(
     run_dir: &Path,
     state_dir: &Path,
     run_id: &str,
-    spec: &crate::scenario::AgentSpec,
+    spec: &weir_lab_core::scenario::AgentSpec,
 ) -> Result<BenchAgent, BenchError> {
     let node = lab.plan().nodes[0].id;
     let mkdir = Cmd::new("mkdir")

@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::agent::{self, Agents, NodeAgent, BPFFS};
-use crate::backend::{Cmd, Lab};
-use crate::scenario::{AgentSpec, Scenario};
-use crate::topology::Plan;
+use weir_lab_core::backend::{Cmd, Lab};
+use weir_lab_core::scenario::{AgentSpec, Scenario};
+use weir_lab_core::topology::Plan;
 
 use super::BenchError;
 
@@ -80,12 +80,12 @@ impl BenchAgent {
         plan: &Plan,
         timeout: Duration,
     ) -> Result<(), BenchError> {
-        let labels = crate::k8s::pod_labels(scenario, plan);
+        let labels = weir_lab_core::k8s::pod_labels(scenario, plan);
         let endpoints: BTreeMap<String, Vec<String>> = scenario
             .services
             .iter()
             .map(|s| {
-                let pods = crate::k8s::endpoints(s, plan, &labels);
+                let pods = weir_lab_core::k8s::endpoints(s, plan, &labels);
                 (
                     s.name.clone(),
                     pods.iter().map(|p| p.name.clone()).collect(),

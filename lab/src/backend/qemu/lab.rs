@@ -21,8 +21,8 @@ use super::VmSetup;
 use crate::backend::netns::{
     describe, prepare_child, run, send_signal, stop_group, write_atomically, FabricDelays,
 };
-use crate::backend::{BackendError, Cmd, Lab, Output, ProcId, Signal};
-use crate::topology::{
+use weir_lab_core::backend::{BackendError, Cmd, Lab, Output, ProcId, Signal};
+use weir_lab_core::topology::{
     HostId, Plan, GATEWAY, NODE_PREFIX_LEN, NODE_PREFIX_LEN6, POD_GATEWAY, POD_GATEWAY6,
 };
 
@@ -219,7 +219,7 @@ impl QemuLab {
                     host: node.name.clone(),
                     command: "pod plumbing script".into(),
                     status: out.status(),
-                    stderr: crate::backend::tail(&out.stderr, 6),
+                    stderr: weir_lab_core::backend::tail(&out.stderr, 6),
                 });
             }
         }

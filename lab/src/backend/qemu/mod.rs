@@ -21,9 +21,9 @@ use std::time::{Duration, Instant};
 use weir_kernels::{Fetcher, Kernel, KernelEntry, Matrix};
 use weir_node_image::NodeImage;
 
-use super::{Backend, BackendError, Lab};
-use crate::topology::Plan;
 pub use tools::{Accel, Qemu};
+use weir_lab_core::backend::{Backend, BackendError, Lab};
+use weir_lab_core::topology::Plan;
 
 /// Frames up to this size cross the VMs' virtual wire (`host_mtu` on virtio-net, the bridge's
 /// and taps' MTU), so plans may set any pod MTU up to it.

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use weir_kernels::Fetcher;
 
-use crate::backend::BackendError;
+use weir_lab_core::backend::BackendError;
 
 /// Where QEMU 10 comes from, and the packages unpacked together (seabios for the BIOS,
 /// qemu-system-data for its option ROMs and keymaps).

@@ -512,7 +512,7 @@ pub fn panic_line(console: &str) -> Option<String> {
 
 fn console_tail(console: &Path) -> String {
     let text = std::fs::read_to_string(console).unwrap_or_default();
-    let tail = crate::backend::tail(&text, 8);
+    let tail = weir_lab_core::backend::tail(&text, 8);
     if tail.is_empty() {
         "; the console is empty".into()
     } else {

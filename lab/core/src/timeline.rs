@@ -996,9 +996,6 @@ actions = [ { action = "delete_slice", name = "manual-1" } ]
         let yaml = crate::k8s::cluster_state_of(&model, &plan);
         assert!(yaml.contains("name: manual-1"), "{yaml}");
         assert!(yaml.contains("kubernetes.io/service-name: manual"));
-        // Its pods serve its ports.
-        let ports = crate::workloads::pod_ports(&s, &plan);
-        assert!(ports["n1p1"].tcp.contains(&9090));
         model.apply(&s.steps[0].actions[0], &plan).unwrap();
         assert!(model.serving_pods(&manual, &plan).is_empty());
         assert!(!crate::k8s::cluster_state_of(&model, &plan).contains("manual-1"));

@@ -1,5 +1,5 @@
 //! Checks on the agents' own state, as a scenario writes them: a frontend present or absent, an
-//! object rejected, a data-path counter moved (run by [`crate::checks`]).
+//! object rejected, a data-path counter moved (run by the `weir-lab` binary's `checks`).
 
 use std::net::IpAddr;
 use std::time::Duration;

@@ -1671,7 +1671,7 @@ reclaimed_within = "15s"
 
     #[test]
     fn shipped_scenarios_parse() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios");
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scenarios");
         let mut seen = 0;
         for entry in std::fs::read_dir(&dir).unwrap() {
             let path = entry.unwrap().path();

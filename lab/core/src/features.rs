@@ -255,7 +255,7 @@ mod tests {
 
     fn scenario(file: &str) -> Scenario {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../scenarios")
+            .join("../../scenarios")
             .join(file);
         Scenario::load(&path).expect("valid scenario")
     }
