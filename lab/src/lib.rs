@@ -3,7 +3,7 @@
 //! A scenario (TOML, see `weir_lab_core::scenario`) describes nodes, pods, Kubernetes services and checks. A
 //! [`backend`] builds the hosts (today: network namespaces on the host kernel), the [`runner`]
 //! starts real workloads and one weir-agent per node, runs the [`checks`] and emits `weir_lab_core::events`
-//! that [`report`]ers turn into a terminal report and a JSON file.
+//! that `weir_lab_report` into a terminal report and a JSON file.
 
 pub mod agent;
 pub mod backend;
@@ -14,8 +14,6 @@ pub mod kube_proxy;
 pub mod matrix;
 pub mod probes;
 pub mod reorder;
-pub mod report;
-pub mod report_html;
 pub mod restart;
 pub mod runner;
 pub mod sandbox;

@@ -22,6 +22,7 @@ use nix::unistd::Pid;
 use tracing::{debug, warn};
 
 use weir_lab_core::backend::{tail, Backend, BackendError, Cmd, Lab, Output, ProcId};
+use weir_lab_core::files::write_atomically;
 use weir_lab_core::topology::{
     network_gateway, HostId, Plan, GATEWAY, NODE_PREFIX_LEN, NODE_PREFIX_LEN6, POD_GATEWAY,
     POD_GATEWAY6,
@@ -1040,30 +1041,9 @@ pub(crate) fn stop_group(child: &mut Child, grace: Duration) -> std::io::Result<
     ))
 }
 
-/// Write aside, then rename: the rename is atomic within a directory.
-pub(crate) fn write_atomically(path: &Path, contents: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
-    tmp.write_all(contents)?;
-    tmp.as_file().sync_data()?;
-    tmp.persist(path).map_err(|e| e.error)?;
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn atomic_write_replaces() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("a/b.yaml");
-        write_atomically(&p, b"one").unwrap();
-        write_atomically(&p, b"two").unwrap();
-        assert_eq!(std::fs::read_to_string(&p).unwrap(), "two");
-        assert_eq!(std::fs::read_dir(p.parent().unwrap()).unwrap().count(), 1);
-    }
 
     #[test]
     fn run_times_out_and_kills() {

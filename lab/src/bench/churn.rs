@@ -655,7 +655,7 @@ fn render_html(results: &ChurnResults) -> String {
         let _ = write!(
             legend,
             "<li style=\"color:{colour}\">{}</li>",
-            crate::report_html::esc(name)
+            weir_lab_report::html::esc(name)
         );
     }
     svg.push_str("</svg>");
@@ -668,7 +668,7 @@ fn render_html(results: &ChurnResults) -> String {
         results.services,
         results.endpoints,
         results.churn_interval_s,
-        crate::report_html::esc(&results.table)
+        weir_lab_report::html::esc(&results.table)
     )
 }
 

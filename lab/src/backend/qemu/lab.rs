@@ -18,10 +18,9 @@ use weir_node_image::proto::{self, Op, Reply};
 
 use super::vm::{Share, Vm, VmError, VmSpec};
 use super::VmSetup;
-use crate::backend::netns::{
-    describe, prepare_child, run, send_signal, stop_group, write_atomically, FabricDelays,
-};
+use crate::backend::netns::{describe, prepare_child, run, send_signal, stop_group, FabricDelays};
 use weir_lab_core::backend::{BackendError, Cmd, Lab, Output, ProcId, Signal};
+use weir_lab_core::files::write_atomically;
 use weir_lab_core::topology::{
     HostId, Plan, GATEWAY, NODE_PREFIX_LEN, NODE_PREFIX_LEN6, POD_GATEWAY, POD_GATEWAY6,
 };

@@ -298,7 +298,7 @@ impl Reporter for JsonReporter {
 
     fn finish(&mut self) -> std::io::Result<()> {
         let json = serde_json::to_vec_pretty(&self.report).map_err(std::io::Error::other)?;
-        crate::backend::netns::write_atomically(&self.path, &json)
+        weir_lab_core::files::write_atomically(&self.path, &json)
     }
 }
 
