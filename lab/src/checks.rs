@@ -335,7 +335,7 @@ fn delay_first_fragments(ctx: &mut CheckCtx<'_>, node: &str) -> Result<u8, Strin
         .ok_or("tunnel_first_fragment_last needs the agent")?;
     let log = agent_log.with_file_name(format!("delay-frames-{node}.log"));
     ctx.lab
-        .delay_first_fragments(index, crate::frame_delay::VXLAN_PORT, &log)
+        .delay_first_fragments(index, weir_lab_backends::frame_delay::VXLAN_PORT, &log)
         .map_err(|e| format!("delaying first fragments towards {node}: {e}"))?;
     Ok(index)
 }

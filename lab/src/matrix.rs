@@ -12,10 +12,10 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use weir_kernels::{KernelConfig, KernelEntry, Matrix, Source};
 use weir_node_image::proto::Features;
 
-use crate::backend::netns::NetnsBackend;
-use crate::backend::qemu::{self, QemuBackend, VmOptions, VmSetup};
 use crate::runner::{self, RunOptions, ScenarioFile};
 use crate::throughput::{self, ThroughputOptions};
+use weir_lab_backends::netns::NetnsBackend;
+use weir_lab_backends::qemu::{self, QemuBackend, VmOptions, VmSetup};
 use weir_lab_core::backend::{Backend, BackendKind};
 use weir_lab_core::events::{Event, Events, Recorder};
 use weir_lab_core::features::{self, Feature};

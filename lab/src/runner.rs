@@ -138,7 +138,7 @@ pub fn host_has_module(module: &str) -> bool {
 }
 
 pub fn run_all(files: &[ScenarioFile], opts: &RunOptions, events: &mut Events) -> Tally {
-    let backend = crate::backend::instantiate(opts.backend);
+    let backend = weir_lab_backends::instantiate(opts.backend);
     run_all_with(files, opts, backend.as_ref(), events)
 }
 

@@ -369,7 +369,7 @@ fn kube_proxy_side(
     churned: usize,
 ) -> Result<SideResult, BenchError> {
     std::fs::create_dir_all(dir).map_err(BenchError::io(format!("creating {}", dir.display())))?;
-    let mut lab = crate::backend::instantiate(env.backend).create(&node_only_plan(), dir)?;
+    let mut lab = weir_lab_backends::instantiate(env.backend).create(&node_only_plan(), dir)?;
     let result = (|| -> Result<SideResult, BenchError> {
         let lab = lab.as_mut();
         let node = lab.plan().nodes[0].id;
@@ -464,7 +464,7 @@ fn weir_side(
     churned: usize,
 ) -> Result<SideResult, BenchError> {
     std::fs::create_dir_all(dir).map_err(BenchError::io(format!("creating {}", dir.display())))?;
-    let mut lab = crate::backend::instantiate(env.backend).create(plan, dir)?;
+    let mut lab = weir_lab_backends::instantiate(env.backend).create(plan, dir)?;
     let mut agent = None;
     let result = (|| -> Result<SideResult, BenchError> {
         let lab = lab.as_mut();

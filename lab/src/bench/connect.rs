@@ -302,7 +302,7 @@ fn build_path(
     let run_dir = run_root.join(&id);
     std::fs::create_dir_all(&run_dir)
         .map_err(BenchError::io(format!("creating {}", run_dir.display())))?;
-    let lab = crate::backend::instantiate(env.backend).create(&plan, &run_dir)?;
+    let lab = weir_lab_backends::instantiate(env.backend).create(&plan, &run_dir)?;
     let mut path = PathUnderTest {
         kind,
         services: if kind == Kind::Direct { 0 } else { services },

@@ -142,7 +142,7 @@ pub enum ProbeError {
     #[error(transparent)]
     Reorder(#[from] crate::reorder::ReorderError),
     #[error(transparent)]
-    Delay(#[from] crate::frame_delay::DelayError),
+    Delay(#[from] weir_lab_backends::frame_delay::DelayError),
 }
 
 fn sys(what: impl Into<String>) -> impl FnOnce(nix::Error) -> ProbeError {
@@ -222,7 +222,9 @@ pub fn run(cmd: &ProbeCommand) -> Result<(), ProbeError> {
             return Ok(crate::reorder::run(a.target, a.size, a.timeout)?);
         }
         ProbeCommand::DelayFrames(a) => {
-            return Ok(crate::frame_delay::run(&a.from, &a.to, a.delay, a.life)?);
+            return Ok(weir_lab_backends::frame_delay::run(
+                &a.from, &a.to, a.delay, a.life,
+            )?);
         }
         ProbeCommand::Udp(a) => {
             return Ok(crate::reorder::run_plain(
@@ -374,7 +376,9 @@ pub fn measure(args: &MeasureArgs) -> Result<MeasureReport, ProbeError> {
         .stdin(stdin)
         .stdout(Stdio::null())
         .stderr(stderr.try_clone().map_err(io("stderr file"))?);
-    die_with_parent(&mut command);
+    // The measured command goes when the probe goes (the lab kills the probe when it stops or
+    // times out), so a long iptables-restore cannot outlive its bench.
+    weir_lab_backends::sys::prepare_child(&mut command, None);
     let started = Instant::now();
     let status = command.status().map_err(io(format!("running {program}")))?;
     let wall = started.elapsed();
@@ -393,34 +397,6 @@ pub fn measure(args: &MeasureArgs) -> Result<MeasureReport, ProbeError> {
         max_rss_kib: after.max_rss().max(0) as u64,
         stderr: text,
     })
-}
-
-/// The measured command goes when the probe goes (the lab kills the probe when it stops or
-/// times out), so a long iptables-restore cannot outlive its bench.
-fn die_with_parent(command: &mut Command) {
-    use std::os::unix::process::CommandExt;
-    let parent = std::process::id() as libc::pid_t;
-    // SAFETY: the hook runs in the forked child before exec and makes only async-signal-safe
-    // system calls (prctl, getppid), building its errors without allocating.
-    unsafe {
-        command.pre_exec(move || {
-            if libc::prctl(
-                libc::PR_SET_PDEATHSIG,
-                libc::SIGKILL as libc::c_ulong,
-                0,
-                0,
-                0,
-            ) != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            // The probe may have died between fork and prctl; then nothing would kill us.
-            if libc::getppid() != parent {
-                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
-            }
-            Ok(())
-        });
-    }
 }
 
 #[cfg(test)]

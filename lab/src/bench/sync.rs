@@ -248,7 +248,7 @@ fn iptables_side(
     side: &mut SideResult,
 ) -> Result<(), BenchError> {
     std::fs::create_dir_all(dir).map_err(BenchError::io(format!("creating {}", dir.display())))?;
-    let mut lab = crate::backend::instantiate(env.backend).create(&node_only_plan(), dir)?;
+    let mut lab = weir_lab_backends::instantiate(env.backend).create(&node_only_plan(), dir)?;
     let result = (|| -> Result<(), BenchError> {
         let lab = lab.as_mut();
         let node = lab.plan().nodes[0].id;
@@ -310,7 +310,7 @@ fn weir_side(
     side: &mut SideResult,
 ) -> Result<(), BenchError> {
     std::fs::create_dir_all(dir).map_err(BenchError::io(format!("creating {}", dir.display())))?;
-    let mut lab = crate::backend::instantiate(env.backend).create(plan, dir)?;
+    let mut lab = weir_lab_backends::instantiate(env.backend).create(plan, dir)?;
     let mut agent: Option<BenchAgent> = None;
     let result = (|| -> Result<(), BenchError> {
         let lab = lab.as_mut();

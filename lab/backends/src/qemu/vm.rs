@@ -17,7 +17,7 @@ use tracing::{debug, warn};
 use weir_node_image::proto::{Op, Reply, Request, Response};
 
 use super::tools::{Accel, Qemu};
-use crate::backend::netns::{prepare_child, stop_group};
+use crate::sys::{prepare_child, stop_group};
 
 /// How a VM failed.
 #[derive(Debug, thiserror::Error)]

@@ -18,21 +18,20 @@ use weir_node_image::proto::{self, Op, Reply};
 
 use super::vm::{Share, Vm, VmError, VmSpec};
 use super::VmSetup;
-use crate::backend::netns::{describe, prepare_child, run, send_signal, stop_group, FabricDelays};
+use crate::fabric::{FabricDelays, BRIDGE};
+use crate::sys::{
+    describe, prepare_child, run, send_signal, stop_group, NETNS_DIR, PLUMBING_TIMEOUT, STOP_GRACE,
+};
 use weir_lab_core::backend::{BackendError, Cmd, Lab, Output, ProcId, Signal};
 use weir_lab_core::files::write_atomically;
 use weir_lab_core::topology::{
     HostId, Plan, GATEWAY, NODE_PREFIX_LEN, NODE_PREFIX_LEN6, POD_GATEWAY, POD_GATEWAY6,
 };
 
-const NETNS_DIR: &str = "/run/netns";
-const BRIDGE: &str = "weirbr";
-const PLUMBING_TIMEOUT: Duration = Duration::from_secs(10);
 /// Guest plumbing runs as one script per VM; under TCG each `ip` call costs tens of ms.
 const GUEST_PLUMBING_TIMEOUT: Duration = Duration::from_secs(60);
 /// Extra time for a request's answer to travel, on top of the command's own timeout.
 const CHANNEL_SLACK: Duration = Duration::from_secs(15);
-const STOP_GRACE: Duration = Duration::from_secs(3);
 const STATUS_TIMEOUT: Duration = Duration::from_secs(20);
 
 const TCG_SLOWDOWN: u32 = 4;
