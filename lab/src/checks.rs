@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 
-use crate::agent::{self, Agents};
+use weir_lab_cluster::agent::{self, Agents};
 use weir_lab_core::backend::{tail, Cmd, Lab};
 use weir_lab_core::scenario::{
     CheckSpec, ConntrackCheck, CounterCheck, Family, FrontendCheck, HealthCheckSpec, Protocol,
@@ -942,7 +942,7 @@ fn health_check(ctx: &mut CheckCtx<'_>, h: &HealthCheckSpec) -> Result<String, S
 fn agents_of<'a>(
     ctx: &CheckCtx<'a>,
     node: Option<&str>,
-) -> Result<Vec<&'a crate::agent::NodeAgent>, String> {
+) -> Result<Vec<&'a weir_lab_cluster::agent::NodeAgent>, String> {
     let agents = ctx
         .agents
         .ok_or("the agent is not running in this scenario")?;
@@ -966,7 +966,11 @@ fn poll_agents(
     ctx: &mut CheckCtx<'_>,
     node: Option<&str>,
     within: Duration,
-    mut look: impl FnMut(&mut dyn Lab, &Agents, &crate::agent::NodeAgent) -> Result<String, String>,
+    mut look: impl FnMut(
+        &mut dyn Lab,
+        &Agents,
+        &weir_lab_cluster::agent::NodeAgent,
+    ) -> Result<String, String>,
 ) -> Result<String, String> {
     let targets = agents_of(ctx, node)?;
     let agents = ctx

@@ -5,7 +5,6 @@
 //! workloads and one weir-agent per node, runs the [`checks`] and emits `weir_lab_core::events`
 //! that `weir_lab_report` turns into a terminal report and a JSON file.
 
-pub mod agent;
 pub mod bench;
 pub mod checks;
 pub mod kube_proxy;
@@ -16,4 +15,3 @@ pub mod restart;
 pub mod runner;
 pub mod steps;
 pub mod throughput;
-pub mod workloads;

@@ -6,7 +6,7 @@ use std::net::Ipv4Addr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::agent::{self, Agents, DumpedService, METRICS_ADDR};
+use weir_lab_cluster::agent::{self, Agents, DumpedService, METRICS_ADDR};
 use weir_lab_core::backend::{tail, Cmd, Lab};
 use weir_lab_core::scenario::{AgentRestartSpec, Scenario};
 use weir_lab_core::topology::{HostId, Plan};

@@ -8,10 +8,10 @@ use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
-use crate::agent::{self, Agents};
 use crate::checks::{self, CheckCtx};
 use crate::steps::TimelineCtx;
-use crate::workloads;
+use weir_lab_cluster::agent::{self, Agents};
+use weir_lab_cluster::workloads;
 use weir_lab_core::backend::{Backend, BackendError, BackendKind, Cmd, Lab};
 use weir_lab_core::events::{Event, Events};
 use weir_lab_core::features::{self, Feature};

@@ -5,9 +5,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::agent::Agents;
 use crate::probes::{self, ServingTimeline};
-use crate::workloads::{self, PodPorts, Workloads};
+use weir_lab_cluster::agent::Agents;
+use weir_lab_cluster::workloads::{self, PodPorts, Workloads};
 use weir_lab_core::backend::{BackendError, Cmd, Lab, ProcId};
 use weir_lab_core::scenario::{Protocol, Scenario};
 use weir_lab_core::timeline::{ActionError, ClusterModel, ProbeSpec, SideEffect, StepSpec};

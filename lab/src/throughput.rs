@@ -24,8 +24,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::agent;
 use crate::kube_proxy::{self, Flavor, Proxier, ProxierConfig};
+use weir_lab_cluster::agent;
 use weir_lab_core::backend::{Backend, Cmd, Lab};
 use weir_lab_core::k8s;
 use weir_lab_core::scenario::Scenario;

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::agent::{self, Agents, NodeAgent, BPFFS};
+use weir_lab_cluster::agent::{self, Agents, NodeAgent, BPFFS};
 use weir_lab_core::backend::{Cmd, Lab};
 use weir_lab_core::scenario::{AgentSpec, Scenario};
 use weir_lab_core::topology::Plan;
