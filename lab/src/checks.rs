@@ -89,15 +89,6 @@ fn host_port(ip: IpAddr, port: u16) -> String {
     std::net::SocketAddr::new(ip, port).to_string()
 }
 
-/// A datagram of `size` bytes (at least "ping\n"), newline-terminated for the echo server.
-pub fn datagram(size: Option<u32>) -> Vec<u8> {
-    let size = size.unwrap_or(5).max(5) as usize;
-    let mut d = b"ping ".to_vec();
-    d.resize(size - 1, b'x');
-    d.push(b'\n');
-    d
-}
-
 /// How a client request is shaped beyond its target.
 #[derive(Clone, Copy, Debug, Default)]
 struct ClientOptions {
@@ -1259,10 +1250,6 @@ mod tests {
             failure_ms("exit 7: curl: (7) Failed to connect to 198.18.100.47 port 80 after 6 ms: Couldn't connect to server (after 1143 ms)"),
             Some(6)
         );
-        assert_eq!(datagram(None), b"ping\n");
-        let big = datagram(Some(1400));
-        assert_eq!(big.len(), 1400);
-        assert!(big.starts_with(b"ping ") && big.ends_with(b"x\n"));
     }
 
     #[test]

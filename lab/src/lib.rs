@@ -5,13 +5,8 @@
 //! workloads and one weir-agent per node, runs the [`checks`] and emits `weir_lab_core::events`
 //! that `weir_lab_report` turns into a terminal report and a JSON file.
 
-pub mod bench;
 pub mod checks;
-pub mod kube_proxy;
 pub mod matrix;
-pub mod probes;
-pub mod reorder;
 pub mod restart;
 pub mod runner;
 pub mod steps;
-pub mod throughput;

@@ -8,11 +8,11 @@ use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 use weir_kernels::{Fetcher, KernelEntry, Matrix};
-use weir_lab::bench::{self, probe, BenchCommand, BenchEnv};
 use weir_lab::matrix::{self, MatrixOptions};
 use weir_lab::runner::{self, RunOptions, ScenarioFile};
 use weir_lab_backends::qemu::{self, Qemu, QemuBackend};
 use weir_lab_backends::sandbox;
+use weir_lab_bench::{self as bench, probe, BenchCommand, BenchEnv};
 use weir_lab_core::backend::{Backend, BackendKind};
 use weir_lab_core::events::Events;
 use weir_lab_report::matrix as report;

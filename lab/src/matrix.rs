@@ -13,9 +13,9 @@ use weir_kernels::{KernelConfig, KernelEntry, Matrix, Source};
 use weir_node_image::proto::Features;
 
 use crate::runner::{self, RunOptions, ScenarioFile};
-use crate::throughput::{self, ThroughputOptions};
 use weir_lab_backends::netns::NetnsBackend;
 use weir_lab_backends::qemu::{self, QemuBackend, VmOptions, VmSetup};
+use weir_lab_bench::throughput::{self, ThroughputOptions};
 use weir_lab_core::backend::{Backend, BackendKind};
 use weir_lab_core::events::{Event, Events, Recorder};
 use weir_lab_core::features::{self, Feature};

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::probes::{self, ServingTimeline};
+use weir_lab_bench::probes::{self, ServingTimeline};
 use weir_lab_cluster::agent::Agents;
 use weir_lab_cluster::workloads::{self, PodPorts, Workloads};
 use weir_lab_core::backend::{BackendError, Cmd, Lab, ProcId};

@@ -74,7 +74,7 @@ pub fn request(
 
 /// The probe's entry: the answer on stdout, as socat prints it.
 pub fn run(target: SocketAddr, size: u32, timeout: Duration) -> Result<(), ReorderError> {
-    let answer = request(target, &crate::checks::datagram(Some(size)), timeout)?;
+    let answer = request(target, &datagram(Some(size)), timeout)?;
     print_answer(&answer)
 }
 
@@ -91,7 +91,7 @@ pub fn run_plain(
 ) -> Result<(), ReorderError> {
     let socket = connected(target, source_port.unwrap_or(0), timeout)?;
     socket
-        .send(&crate::checks::datagram(size))
+        .send(&datagram(size))
         .map_err(io("sending the datagram"))?;
     let mut answer = vec![0u8; 65_536];
     let n = socket
@@ -351,9 +351,26 @@ fn send_raw(raw: &OwnedFd, target: SocketAddr, packet: &[u8]) -> Result<(), Reor
     Ok(())
 }
 
+/// A datagram of `size` bytes (at least "ping\n"), newline-terminated for the echo server.
+pub fn datagram(size: Option<u32>) -> Vec<u8> {
+    let size = size.unwrap_or(5).max(5) as usize;
+    let mut d = b"ping ".to_vec();
+    d.resize(size - 1, b'x');
+    d.push(b'\n');
+    d
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn datagrams_are_sized_pings() {
+        assert_eq!(datagram(None), b"ping\n");
+        let big = datagram(Some(1400));
+        assert_eq!(big.len(), 1400);
+        assert!(big.starts_with(b"ping ") && big.ends_with(b"x\n"));
+    }
 
     #[test]
     fn a_datagram_is_cut_in_multiples_of_eight_and_checksummed() {

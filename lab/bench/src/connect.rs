@@ -20,13 +20,13 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tracing::info;
 
-use super::probe::{ConnectReport, MeasureReport, LISTENING};
-use super::weir::BenchAgent;
-use super::{
+use crate::kube_proxy::{self, Flavor, Proxier, ProxierConfig};
+use crate::probe::{ConnectReport, MeasureReport, LISTENING};
+use crate::weir::BenchAgent;
+use crate::{
     host_info, median, percentile, table, unix_now, write_json, BenchCommon, BenchEnv, BenchError,
     Synthetic,
 };
-use crate::kube_proxy::{self, Flavor, Proxier, ProxierConfig};
 use weir_lab_core::backend::{Cmd, Lab};
 use weir_lab_core::topology::HostId;
 
@@ -191,7 +191,7 @@ pub fn run(o: &ConnectOptions, env: &BenchEnv) -> Result<ConnectResults, BenchEr
     };
     let mut restore_bins = Vec::new();
     for f in &flavors {
-        restore_bins.push((*f, super::iptables_restore(*f)?));
+        restore_bins.push((*f, crate::iptables_restore(*f)?));
     }
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let cpu = o.cpu.unwrap_or(cpus - 1);
@@ -202,7 +202,7 @@ pub fn run(o: &ConnectOptions, env: &BenchEnv) -> Result<ConnectResults, BenchEr
     }
 
     let started_unix = unix_now();
-    let run_root = super::RunRoot::create(env, "connect")?;
+    let run_root = crate::RunRoot::create(env, "connect")?;
 
     let mut wanted = vec![(Kind::Direct, 1)];
     for &size in &sizes {

@@ -27,14 +27,14 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
 
-use super::connect::{measured, restore_measured, CLUSTER_CIDR};
-use super::probe::MeasureReport;
-use super::weir::{applied_lines, stop_and_tear_down, BenchAgent, ProcessFigures};
-use super::{
+use crate::connect::{measured, restore_measured, CLUSTER_CIDR};
+use crate::kube_proxy::{self, Flavor, Proxier, ProxierConfig};
+use crate::probe::MeasureReport;
+use crate::weir::{applied_lines, stop_and_tear_down, BenchAgent, ProcessFigures};
+use crate::{
     churn, host_info, iptables_restore, iptables_save, median, table, unix_now, write_json,
     BenchCommon, BenchEnv, BenchError, RunRoot, Synthetic,
 };
-use crate::kube_proxy::{self, Flavor, Proxier, ProxierConfig};
 use weir_lab_core::backend::Cmd;
 use weir_lab_core::backend::Lab;
 use weir_lab_core::scenario::Scenario;
@@ -556,7 +556,7 @@ fn wait_applied(
     agent: &BenchAgent,
     seen: usize,
     frontends: usize,
-) -> Result<(super::weir::AppliedLine, u64), BenchError> {
+) -> Result<(crate::weir::AppliedLine, u64), BenchError> {
     let deadline = Instant::now() + APPLY_TIMEOUT;
     loop {
         let lines = applied_lines(&agent.log_text());
@@ -602,7 +602,7 @@ fn ms(s: f64) -> String {
 fn p99(values: &[f64]) -> f64 {
     let mut ns: Vec<u64> = values.iter().map(|v| (v * 1e9) as u64).collect();
     ns.sort_unstable();
-    super::percentile(&ns, 99.0) as f64 / 1e9
+    crate::percentile(&ns, 99.0) as f64 / 1e9
 }
 
 fn render(o: &SyncOptions, sides: &[SideResult]) -> String {

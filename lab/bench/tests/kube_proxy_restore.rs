@@ -7,7 +7,7 @@ use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::process::{Child, Command, Output, Stdio};
 
-use weir_lab::kube_proxy::{
+use weir_lab_bench::kube_proxy::{
     jump_rules_input, Flavor, Protocol, ProxiedServicePort, Proxier, ProxierConfig, ServicePortName,
 };
 
@@ -218,7 +218,7 @@ fn iptables_restore_accepts_kube_proxy_rules() {
 
         // Taking it all out again (as the throughput measurement does after kube-proxy's turn)
         // leaves no KUBE chain or jump, in either table, and the base chains in place.
-        let removal = weir_lab::kube_proxy::removal_input(&[
+        let removal = weir_lab_bench::kube_proxy::removal_input(&[
             &jumps,
             &full.restore_input,
             &partial.restore_input,

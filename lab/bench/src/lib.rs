@@ -16,8 +16,12 @@
 
 pub mod churn;
 pub mod connect;
+pub mod kube_proxy;
 pub mod probe;
+pub mod probes;
+pub mod reorder;
 pub mod sync;
+pub mod throughput;
 mod weir;
 
 use std::net::{Ipv4Addr, SocketAddrV4};

@@ -11,7 +11,7 @@ use weir_lab_core::backend::{Cmd, Lab};
 use weir_lab_core::scenario::{AgentSpec, Scenario};
 use weir_lab_core::topology::Plan;
 
-use super::BenchError;
+use crate::BenchError;
 
 const EXEC_TIMEOUT: Duration = Duration::from_secs(10);
 

@@ -20,16 +20,16 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::sync::{
+use crate::kube_proxy::{self, Flavor, Proxier, ProxierConfig};
+use crate::sync::{
     node_only_plan, start_on_dir, state_files, wait_for_log, weir_full, StateFormat,
 };
-use super::weir::stop_and_tear_down;
-use super::{
+use crate::weir::stop_and_tear_down;
+use crate::{
     churn, host_info, iptables_restore, iptables_save, table, unix_now, write_json, BenchCommon,
     BenchEnv, BenchError, RunRoot,
 };
-use super::{connect, Synthetic};
-use crate::kube_proxy::{self, Flavor, Proxier, ProxierConfig};
+use crate::{connect, Synthetic};
 use weir_lab_core::backend::{BackendKind, Cmd, Lab};
 use weir_lab_core::scenario::{AgentSpec, Scenario};
 use weir_lab_core::topology::{HostId, Plan};
