@@ -20,16 +20,17 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::kube_proxy::{self, Flavor, Proxier, ProxierConfig};
+use crate::iptables::MeasuredKubeProxy;
+use crate::kube_proxy::{self, Flavor};
 use crate::sync::{
     node_only_plan, start_on_dir, state_files, wait_for_log, weir_full, StateFormat,
 };
 use crate::weir::stop_and_tear_down;
+use crate::Synthetic;
 use crate::{
     churn, host_info, iptables_restore, iptables_save, table, unix_now, write_json, BenchCommon,
     BenchEnv, BenchError, RunRoot,
 };
-use crate::{connect, Synthetic};
 use weir_lab_core::backend::{BackendKind, Cmd, Lab};
 use weir_lab_core::scenario::{AgentSpec, Scenario};
 use weir_lab_core::topology::{HostId, Plan};
@@ -377,32 +378,13 @@ fn kube_proxy_side(
             node,
             local: env.backend == BackendKind::Netns,
         };
-        let mut proxier = Proxier::new(ProxierConfig {
-            cluster_cidr: Some(connect::CLUSTER_CIDR),
-            ..ProxierConfig::default()
-        });
-        let jumps = dir.join("jumps.rules");
-        lab.write_file(node, &jumps, kube_proxy::jump_rules_input().as_bytes())?;
-        connect::restore_measured(lab, env, node, restore, &jumps)?;
+        let mut proxy = MeasuredKubeProxy::start(lab, env, node, restore, Some(save), dir)?;
         let mut scenario = scenario.clone();
-        let rules = dir.join("sync.rules");
-        // One sync: its input written, the `iptables-save` kube-proxy runs first where it does,
-        // then iptables-restore, measured; returns their CPU.
-        let apply = |lab: &mut dyn Lab, sync: kube_proxy::Sync| -> Result<f64, BenchError> {
-            lab.write_file(node, &rules, sync.restore_input.as_bytes())?;
-            let saved = if sync.save_nat_first {
-                let cmd = [save.display().to_string(), "-t".into(), "nat".into()];
-                connect::measured(lab, env, node, &cmd, None)?.cpu_s()
-            } else {
-                0.0
-            };
-            Ok(saved + connect::restore_measured(lab, env, node, restore, &rules)?.cpu_s())
-        };
         let initial = Instant::now();
-        let initial_cpu = apply(
-            lab,
-            proxier.full_sync(&kube_proxy::from_scenario(&scenario, plan)),
-        )?;
+        let sync = proxy
+            .proxier
+            .full_sync(&kube_proxy::from_scenario(&scenario, plan));
+        let initial_cpu = proxy.apply(lab, &sync, "sync")?.cpu_s();
         let initial_sync_s = initial.elapsed().as_secs_f64();
 
         let cpu_total = std::cell::Cell::new(0.0);
@@ -431,11 +413,11 @@ fn kube_proxy_side(
                 let ports = kube_proxy::from_scenario(&scenario, plan);
                 let sync = if full {
                     last_full_sync = now;
-                    proxier.full_sync(&ports)
+                    proxy.proxier.full_sync(&ports)
                 } else {
-                    proxier.sync(&ports)
+                    proxy.proxier.sync(&ports)
                 };
-                cpu_total.set(cpu_total.get() + apply(lab, sync)?);
+                cpu_total.set(cpu_total.get() + proxy.apply(lab, &sync, "sync")?.cpu_s());
                 pending = false;
                 last_sync = now;
                 Ok(1)

@@ -13,15 +13,16 @@
 //! CPU; the endpoints listen with TCP_DEFER_ACCEPT and never wake up, so a connect times the
 //! network path alone: SYN out, service translation, SYN-ACK back.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::SocketAddrV4;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tracing::info;
 
-use crate::kube_proxy::{self, Flavor, Proxier, ProxierConfig};
-use crate::probe::{ConnectReport, MeasureReport, LISTENING};
+use crate::iptables::MeasuredKubeProxy;
+use crate::kube_proxy::{self, Flavor};
+use crate::probe::{ConnectReport, LISTENING};
 use crate::weir::BenchAgent;
 use crate::{
     host_info, median, percentile, table, unix_now, write_json, BenchCommon, BenchEnv, BenchError,
@@ -30,10 +31,7 @@ use crate::{
 use weir_lab_core::backend::{Cmd, Lab};
 use weir_lab_core::topology::HostId;
 
-/// kube-proxy's --cluster-cidr in the lab: every pod CIDR (198.19.N.0/24).
-pub const CLUSTER_CIDR: (Ipv4Addr, u8) = (Ipv4Addr::new(198, 19, 0, 0), 16);
 const LISTEN_TIMEOUT: Duration = Duration::from_secs(10);
-const PROGRAM_TIMEOUT: Duration = Duration::from_secs(1800);
 const READY_TIMEOUT: Duration = Duration::from_secs(600);
 /// The probe stops itself after two minutes; this only catches a hung probe.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(180);
@@ -363,23 +361,14 @@ fn prepare(
         Kind::Iptables(flavor) => {
             let scenario = synth.scenario(&format!("bench-connect-{id}"))?;
             let ports = kube_proxy::from_scenario(&scenario, &plan);
-            let mut proxier = Proxier::new(ProxierConfig {
-                cluster_cidr: Some(CLUSTER_CIDR),
-                ..ProxierConfig::default()
-            });
             let restore = restore_bins
                 .iter()
                 .find(|(f, _)| *f == flavor)
                 .map(|(_, b)| b.clone())
                 .expect("flavor was resolved");
-            let jumps = run_dir.join("jumps.rules");
-            lab.write_file(node, &jumps, kube_proxy::jump_rules_input().as_bytes())?;
-            restore_measured(lab, env, node, &restore, &jumps)?;
-            let sync = proxier.sync(&ports);
-            let rules = run_dir.join("full-sync.rules");
-            lab.write_file(node, &rules, sync.restore_input.as_bytes())?;
-            let report = restore_measured(lab, env, node, &restore, &rules)?;
-            path.program_s = report.wall_s;
+            let mut proxy = MeasuredKubeProxy::start(lab, env, node, &restore, None, run_dir)?;
+            let sync = proxy.proxier.sync(&ports);
+            path.program_s = proxy.apply(lab, &sync, "full-sync")?.restored.wall_s;
         }
     }
 
@@ -436,51 +425,6 @@ fn start_listeners(
         }
     }
     Ok(())
-}
-
-/// `iptables-*-restore` with kube-proxy's flags and `rules` on stdin, run on `host` under the
-/// measuring probe; fails unless the restore succeeds.
-pub(crate) fn restore_measured(
-    lab: &mut dyn Lab,
-    env: &BenchEnv,
-    host: HostId,
-    restore: &Path,
-    rules: &Path,
-) -> Result<MeasureReport, BenchError> {
-    let mut command = vec![restore.display().to_string()];
-    command.extend(Flavor::restore_args().map(String::from));
-    measured(lab, env, host, &command, Some(rules))
-}
-
-/// Runs `command` on `host` under `weir-lab probe measure`.
-pub(crate) fn measured(
-    lab: &mut dyn Lab,
-    env: &BenchEnv,
-    host: HostId,
-    command: &[String],
-    stdin: Option<&Path>,
-) -> Result<MeasureReport, BenchError> {
-    let mut cmd = Cmd::new(env.exe.display().to_string()).args(["probe", "measure"]);
-    if let Some(file) = stdin {
-        cmd = cmd.arg("--stdin").arg(file.display().to_string());
-    }
-    let cmd = cmd.arg("--").args(command.iter().cloned());
-    let out = lab.exec_ok(host, &cmd, PROGRAM_TIMEOUT)?;
-    let report: MeasureReport = serde_json::from_str(out.stdout.trim()).map_err(|e| {
-        BenchError::Setup(format!(
-            "unreadable report of `{cmd}` ({e}): {}",
-            out.stdout
-        ))
-    })?;
-    if report.exit_code != Some(0) {
-        return Err(BenchError::Setup(format!(
-            "`{}` on {host} failed ({:?}): {}",
-            report.command,
-            report.exit_code,
-            weir_lab_core::backend::tail(&report.stderr, 5)
-        )));
-    }
-    Ok(report)
 }
 
 fn probe_connect(

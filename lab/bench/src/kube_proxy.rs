@@ -25,7 +25,7 @@ use sha2::{Digest, Sha256};
 use weir_lab_core::k8s;
 pub use weir_lab_core::scenario::Protocol;
 use weir_lab_core::scenario::Scenario;
-use weir_lab_core::topology::Plan;
+use weir_lab_core::topology::{Plan, POD_CLUSTER_CIDR};
 
 /// kube-proxy leaves SEP comments out above this many endpoints (`largeClusterEndpointsThreshold`).
 pub const LARGE_CLUSTER_ENDPOINTS: usize = 1000;
@@ -182,6 +182,15 @@ impl Default for ProxierConfig {
 }
 
 impl ProxierConfig {
+    /// kube-proxy as every bench runs it in the lab: `--cluster-cidr` covering every pod, so
+    /// pod-to-service traffic is not masqueraded, as on a real cluster.
+    pub fn lab() -> ProxierConfig {
+        ProxierConfig {
+            cluster_cidr: Some(POD_CLUSTER_CIDR),
+            ..ProxierConfig::default()
+        }
+    }
+
     fn mark(&self) -> String {
         format!("{:#x}", 1u32 << self.masquerade_bit)
     }

@@ -16,6 +16,7 @@
 
 pub mod churn;
 pub mod connect;
+mod iptables;
 pub mod kube_proxy;
 pub mod probe;
 pub mod probes;

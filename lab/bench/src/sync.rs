@@ -27,9 +27,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
 
-use crate::connect::{measured, restore_measured, CLUSTER_CIDR};
-use crate::kube_proxy::{self, Flavor, Proxier, ProxierConfig};
-use crate::probe::MeasureReport;
+use crate::iptables::{Applied, MeasuredKubeProxy};
+use crate::kube_proxy::{self, Flavor};
 use crate::weir::{applied_lines, stop_and_tear_down, BenchAgent, ProcessFigures};
 use crate::{
     churn, host_info, iptables_restore, iptables_save, median, table, unix_now, write_json,
@@ -94,11 +93,12 @@ pub struct Step {
 }
 
 impl Step {
-    fn iptables(save: Option<&MeasureReport>, restore: &MeasureReport) -> Step {
+    fn iptables(applied: &Applied) -> Step {
+        let (save, restore) = (applied.saved.as_ref(), &applied.restored);
         let save_s = save.map_or(0.0, |s| s.wall_s);
         Step {
             wall_s: save_s + restore.wall_s,
-            cpu_s: save.map_or(0.0, |s| s.cpu_s()) + restore.cpu_s(),
+            cpu_s: applied.cpu_s(),
             peak_rss_kib: save.map_or(0, |s| s.max_rss_kib).max(restore.max_rss_kib),
             save_s,
             writes: 0,
@@ -252,32 +252,14 @@ fn iptables_side(
     let result = (|| -> Result<(), BenchError> {
         let lab = lab.as_mut();
         let node = lab.plan().nodes[0].id;
-        let mut proxier = Proxier::new(ProxierConfig {
-            cluster_cidr: Some(CLUSTER_CIDR),
-            ..ProxierConfig::default()
-        });
-        // kube-proxy ensures its jump rules before its first sync; not part of the timing.
-        let jumps = dir.join("jumps.rules");
-        lab.write_file(node, &jumps, kube_proxy::jump_rules_input().as_bytes())?;
-        restore_measured(lab, env, node, restore, &jumps)?;
-
+        let mut proxy = MeasuredKubeProxy::start(lab, env, node, restore, Some(save), dir)?;
         let mut scenario = scenario.clone();
-        let apply =
-            |lab: &mut dyn Lab, sync: kube_proxy::Sync, name: &str| -> Result<Step, BenchError> {
-                let rules = dir.join(format!("{name}.rules"));
-                lab.write_file(node, &rules, sync.restore_input.as_bytes())?;
-                let saved = if sync.save_nat_first {
-                    let cmd = [save.display().to_string(), "-t".into(), "nat".into()];
-                    Some(measured(lab, env, node, &cmd, None)?)
-                } else {
-                    None
-                };
-                let restored = restore_measured(lab, env, node, restore, &rules)?;
-                Ok(Step::iptables(saved.as_ref(), &restored))
-            };
 
-        let full = proxier.sync(&kube_proxy::from_scenario(&scenario, plan));
-        side.full.push(apply(lab, full, "full")?);
+        let full = proxy
+            .proxier
+            .sync(&kube_proxy::from_scenario(&scenario, plan));
+        side.full
+            .push(Step::iptables(&proxy.apply(lab, &full, "full")?));
         if !with_updates {
             return Ok(());
         }
@@ -285,12 +267,20 @@ fn iptables_side(
         for step in 1..=o.updates {
             std::thread::sleep(o.update_interval);
             churn(&mut scenario, churned, step);
-            let sync = proxier.sync(&kube_proxy::from_scenario(&scenario, plan));
-            side.updates
-                .push(apply(lab, sync, &format!("update-{step}"))?);
+            let sync = proxy
+                .proxier
+                .sync(&kube_proxy::from_scenario(&scenario, plan));
+            side.updates.push(Step::iptables(&proxy.apply(
+                lab,
+                &sync,
+                &format!("update-{step}"),
+            )?));
         }
-        let resync = proxier.full_sync(&kube_proxy::from_scenario(&scenario, plan));
-        side.resync.push(apply(lab, resync, "resync")?);
+        let resync = proxy
+            .proxier
+            .full_sync(&kube_proxy::from_scenario(&scenario, plan));
+        side.resync
+            .push(Step::iptables(&proxy.apply(lab, &resync, "resync")?));
         Ok(())
     })();
     let teardown = lab.teardown();

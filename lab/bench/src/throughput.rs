@@ -60,10 +60,6 @@ pub struct ProxyInstalled {
 /// exactly why it cannot (then that measurement is skipped with the reason).
 pub type ProxyHook = fn(&mut dyn Lab, &Scenario, &Plan) -> Result<ProxyInstalled, String>;
 
-/// kube-proxy's `--cluster-cidr` for the lab's pods (198.19.N.0/24 per node): pod-to-service
-/// traffic is not masqueraded, as on a real cluster.
-const CLUSTER_CIDR: (std::net::Ipv4Addr, u8) = (std::net::Ipv4Addr::new(198, 19, 0, 0), 16);
-
 /// The iptables kube-proxy emulation as a [`ProxyHook`]: kube-proxy's jump rules and a full
 /// sync of the scenario's services on every node, with `iptables-legacy-restore` and kube-proxy's
 /// flags; where legacy fails on any node (missing binary, table or extension), everything it
@@ -78,10 +74,7 @@ pub fn kube_proxy_iptables(
     if ports.is_empty() {
         return Err("the scenario has no services for kube-proxy".into());
     }
-    let mut proxier = Proxier::new(ProxierConfig {
-        cluster_cidr: Some(CLUSTER_CIDR),
-        ..ProxierConfig::default()
-    });
+    let mut proxier = Proxier::new(ProxierConfig::lab());
     let sync = proxier.full_sync(&ports);
     let jumps = kube_proxy::jump_rules_input();
     let inputs = [jumps.as_str(), sync.restore_input.as_str()];

@@ -15,6 +15,8 @@ pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 254);
 pub const POD_GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
 pub const POD_INTERFACE_PREFIX: &str = "wp";
 const FIRST_POD_HOST: u8 = 10;
+/// Every node's pod CIDR (198.19.N.0/24) lies in it: a kube-proxy's `--cluster-cidr` in the lab.
+pub const POD_CLUSTER_CIDR: (Ipv4Addr, u8) = (Ipv4Addr::new(198, 19, 0, 0), 16);
 const FIRST_EXTERNAL_HOST: u8 = 200;
 /// Node networks a lab may have: the first carries node-to-node traffic; the others make every
 /// node (and every external client) multi-homed.
