@@ -12,10 +12,14 @@
 //! Weir's programs, whose verdicts end the hook before a filter's turn (TCX), and a prio +
 //! netem qdisc is not in every kernel the lab runs on.
 
-use std::ffi::CString;
-use std::mem::size_of;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
+
+use nix::net::if_::if_nametoindex;
+use nix::sys::socket::{setsockopt, sockopt};
+use nix::sys::time::{TimeVal, TimeValLike};
+
+use crate::sys;
 
 /// The VXLAN port the lab's agents use (the agent's default `[tunnel] vxlan_port`).
 pub const VXLAN_PORT: u16 = 4789;
@@ -63,11 +67,9 @@ pub enum DelayError {
     NoInterface(String),
 }
 
-fn last_os_error(what: impl Into<String>) -> DelayError {
-    DelayError::Io {
-        what: what.into(),
-        source: std::io::Error::last_os_error(),
-    }
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DelayError {
+    let what = what.into();
+    move |source| DelayError::Io { what, source }
 }
 
 /// Sends every IPv4 frame that arrives on `from` out of `to`, `delay` after it came, until
@@ -75,37 +77,10 @@ fn last_os_error(what: impl Into<String>) -> DelayError {
 pub fn run(from: &str, to: &str, delay: Duration, life: Duration) -> Result<(), DelayError> {
     let input = packet_socket(from, ETH_P_ALL)?;
     let output = packet_socket(to, 0)?;
-    let bypass: libc::c_int = 1;
-    // SAFETY: a socket option taking an int, passed with its size.
-    let set = unsafe {
-        libc::setsockopt(
-            output.as_raw_fd(),
-            libc::SOL_PACKET,
-            libc::PACKET_QDISC_BYPASS,
-            (&bypass as *const libc::c_int).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if set < 0 {
-        return Err(last_os_error("PACKET_QDISC_BYPASS"));
-    }
-    let wait = libc::timeval {
-        tv_sec: 0,
-        tv_usec: RECV_WAIT.as_micros() as libc::suseconds_t,
-    };
-    // SAFETY: a socket option taking a timeval, passed with its size.
-    let set = unsafe {
-        libc::setsockopt(
-            input.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&wait as *const libc::timeval).cast(),
-            size_of::<libc::timeval>() as libc::socklen_t,
-        )
-    };
-    if set < 0 {
-        return Err(last_os_error("SO_RCVTIMEO"));
-    }
+    sys::set_int_option(&output, libc::SOL_PACKET, libc::PACKET_QDISC_BYPASS, 1)
+        .map_err(io("PACKET_QDISC_BYPASS"))?;
+    let wait = TimeVal::microseconds(RECV_WAIT.as_micros() as i64);
+    setsockopt(&input, sockopt::ReceiveTimeout, &wait).map_err(|e| io("SO_RCVTIMEO")(e.into()))?;
     println!("{READY}: IPv4 frames from {from} to {to}, {delay:?} late");
     let started = Instant::now();
     let mut frame = vec![0u8; 65_536];
@@ -120,11 +95,7 @@ pub fn run(from: &str, to: &str, delay: Duration, life: Duration) -> Result<(), 
         let frame = &mut frame[..len];
         complete_udp_checksum(frame);
         std::thread::sleep(delay);
-        // SAFETY: the buffer is `len` initialised bytes.
-        let sent = unsafe { libc::send(output.as_raw_fd(), frame.as_ptr().cast(), len, 0) };
-        if sent < 0 {
-            return Err(last_os_error(format!("sending on {to}")));
-        }
+        sys::send(&output, frame).map_err(io(format!("sending on {to}")))?;
         delayed += 1;
         println!("delayed frame {delayed} ({len} bytes)");
     }
@@ -168,74 +139,25 @@ fn complete_udp_checksum(frame: &mut [u8]) {
 
 /// A raw packet socket bound to `ifname`, receiving `protocol` (0: nothing).
 fn packet_socket(ifname: &str, protocol: u16) -> Result<OwnedFd, DelayError> {
-    let name = CString::new(ifname).map_err(|_| DelayError::NoInterface(ifname.to_owned()))?;
-    // SAFETY: a NUL-terminated name.
-    let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
-    if ifindex == 0 {
-        return Err(DelayError::NoInterface(ifname.to_owned()));
-    }
-    // SAFETY: plain integers.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_PACKET,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            i32::from(protocol.to_be()),
-        )
-    };
-    if fd < 0 {
-        return Err(last_os_error("AF_PACKET socket"));
-    }
-    // SAFETY: a descriptor just opened, owned by nothing else.
-    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: an all-zero sockaddr_ll is valid; the fields that matter are set below.
-    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    addr.sll_family = libc::AF_PACKET as u16;
-    addr.sll_protocol = protocol.to_be();
-    addr.sll_ifindex = ifindex as i32;
-    // SAFETY: the address is a sockaddr_ll, passed with its size.
-    let bound = unsafe {
-        libc::bind(
-            socket.as_raw_fd(),
-            (&addr as *const libc::sockaddr_ll).cast(),
-            size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-        )
-    };
-    if bound < 0 {
-        return Err(last_os_error(format!("binding to {ifname}")));
-    }
-    Ok(socket)
+    let ifindex = if_nametoindex(ifname).map_err(|_| DelayError::NoInterface(ifname.to_owned()))?;
+    sys::packet_socket(ifindex, protocol).map_err(io(format!("AF_PACKET socket on {ifname}")))
 }
 
 /// The next frame that came in (not one the interface sent), or None when the wait ran out.
 fn receive(socket: &OwnedFd, frame: &mut [u8]) -> Result<Option<usize>, DelayError> {
-    // SAFETY: an all-zero sockaddr_ll is valid; the kernel fills it in.
-    let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    let mut from_len = size_of::<libc::sockaddr_ll>() as libc::socklen_t;
-    // SAFETY: the buffer and the address are ours, with their sizes.
-    let len = unsafe {
-        libc::recvfrom(
-            socket.as_raw_fd(),
-            frame.as_mut_ptr().cast(),
-            frame.len(),
-            0,
-            (&mut from as *mut libc::sockaddr_ll).cast(),
-            &mut from_len,
-        )
-    };
-    if len < 0 {
-        let error = std::io::Error::last_os_error();
-        return match error.kind() {
-            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted => Ok(None),
-            _ => Err(DelayError::Io {
-                what: "receiving".into(),
-                source: error,
-            }),
-        };
+    match sys::receive_frame(socket, frame) {
+        Ok((_, libc::PACKET_OUTGOING)) => Ok(None),
+        Ok((len, _)) => Ok(Some(len)),
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+            ) =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(io("receiving")(e)),
     }
-    if from.sll_pkttype == libc::PACKET_OUTGOING {
-        return Ok(None);
-    }
-    Ok(Some(len as usize))
 }
 
 #[cfg(test)]

@@ -1,13 +1,16 @@
-//! The lab's one boundary with the operating system's processes: every process helper both
-//! backends (and the tools they run on hosts) use, and every `unsafe` block of the lab, each
-//! with the precondition it relies on.
+//! The lab's one boundary with the operating system: every process helper both backends (and
+//! the tools they run on hosts) use, the socket and signal calls nix does not wrap, and so
+//! every `unsafe` block of the lab, each with the precondition it relies on.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::fd::{AsRawFd, RawFd};
+use std::mem::size_of;
+use std::net::IpAddr;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{killpg, Signal};
@@ -223,6 +226,250 @@ pub fn stop_group(child: &mut Child, grace: Duration) -> std::io::Result<()> {
         std::io::ErrorKind::TimedOut,
         format!("pid {} survived SIGKILL", child.id()),
     ))
+}
+
+/// Milliseconds since the Unix epoch by the wall clock (`clock_gettime`, async-signal-safe):
+/// the clock the lab's logs and a probe's marks share.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Arrivals of the signal [`record_signal_times`] watches that are kept; later ones are counted
+/// but their times dropped.
+pub const MAX_SIGNAL_TIMES: usize = 256;
+static SIGNAL_TIMES: [AtomicU64; MAX_SIGNAL_TIMES] =
+    [const { AtomicU64::new(0) }; MAX_SIGNAL_TIMES];
+static SIGNALS_TAKEN: AtomicUsize = AtomicUsize::new(0);
+
+extern "C" fn note_signal_time(_: libc::c_int) {
+    // Only atomics and clock_gettime (async-signal-safe) in here.
+    let n = SIGNALS_TAKEN.fetch_add(1, Ordering::SeqCst);
+    if let Some(slot) = SIGNAL_TIMES.get(n) {
+        slot.store(now_ms(), Ordering::SeqCst);
+    }
+}
+
+/// From now on, notes the time ([`now_ms`]) of every arrival of `signal` in this process,
+/// instead of its default action; read them with [`signal_times_since`]. For one signal per
+/// process (a second call replaces the first's handler, and the times are shared).
+pub fn record_signal_times(signal: Signal) -> std::io::Result<()> {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet};
+    let action = SigAction::new(
+        SigHandler::Handler(note_signal_time),
+        SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
+    // SAFETY: `note_signal_time` only touches atomics and reads the clock, both
+    // async-signal-safe; the handler it may replace is the lab's own (this function's).
+    unsafe { sigaction(signal, &action) }.map_err(std::io::Error::from)?;
+    Ok(())
+}
+
+/// The times of the signals noted since the first `seen` (kept ones only); advances `seen`.
+pub fn signal_times_since(seen: &mut usize) -> Vec<u64> {
+    let taken = SIGNALS_TAKEN.load(Ordering::SeqCst).min(MAX_SIGNAL_TIMES);
+    let times = (*seen..taken)
+        .map(|i| SIGNAL_TIMES[i].load(Ordering::SeqCst))
+        .collect();
+    *seen = taken.max(*seen);
+    times
+}
+
+/// Sets an integer socket option (`level`, `name`) nix has no wrapper for.
+pub fn set_int_option(
+    socket: &impl AsFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> std::io::Result<()> {
+    // SAFETY: the descriptor is borrowed, so open for the call; the value points at a live
+    // c_int whose size is passed alongside.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_fd().as_raw_fd(),
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Reads an integer socket option (`level`, `name`) nix has no wrapper for.
+pub fn int_option(
+    socket: &impl AsFd,
+    level: libc::c_int,
+    name: libc::c_int,
+) -> std::io::Result<libc::c_int> {
+    let mut value: libc::c_int = 0;
+    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: the descriptor is borrowed, so open for the call; `value` and `len` are a live
+    // c_int and its size, which the kernel writes at most.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_fd().as_raw_fd(),
+            level,
+            name,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 {
+        Ok(value)
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Takes ownership of a descriptor a system call just returned (negative: its error).
+fn owned_fd(fd: libc::c_int) -> std::io::Result<OwnedFd> {
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a non-negative result of socket(2), just opened and owned by nothing else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// An `AF_PACKET` raw socket bound to interface `ifindex`, receiving frames of `protocol`
+/// (an ethertype; 0: none, a socket that only sends).
+pub fn packet_socket(ifindex: u32, protocol: u16) -> std::io::Result<OwnedFd> {
+    // SAFETY: plain integer arguments; the result is checked before use.
+    let socket = owned_fd(unsafe {
+        libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            i32::from(protocol.to_be()),
+        )
+    })?;
+    // SAFETY: sockaddr_ll is plain integers and arrays, for which all zeroes is a valid value;
+    // the fields that matter are set below.
+    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    addr.sll_family = libc::AF_PACKET as u16;
+    addr.sll_protocol = protocol.to_be();
+    addr.sll_ifindex = ifindex as i32;
+    // SAFETY: the descriptor is open; the address is a live sockaddr_ll passed with its size.
+    let bound = unsafe {
+        libc::bind(
+            socket.as_raw_fd(),
+            (&addr as *const libc::sockaddr_ll).cast(),
+            size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        )
+    };
+    if bound < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(socket)
+}
+
+/// The next frame a packet socket received into `frame`: its length and packet type
+/// (`PACKET_HOST`, `PACKET_OUTGOING`, ...).
+pub fn receive_frame(socket: &OwnedFd, frame: &mut [u8]) -> std::io::Result<(usize, u8)> {
+    // SAFETY: sockaddr_ll is plain integers and arrays, for which all zeroes is a valid value;
+    // the kernel fills it in.
+    let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    let mut from_len = size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+    // SAFETY: the descriptor is open; the buffer and the address are live and writable for the
+    // lengths given.
+    let len = unsafe {
+        libc::recvfrom(
+            socket.as_raw_fd(),
+            frame.as_mut_ptr().cast(),
+            frame.len(),
+            0,
+            (&mut from as *mut libc::sockaddr_ll).cast(),
+            &mut from_len,
+        )
+    };
+    if len < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok((len as usize, from.sll_pkttype))
+}
+
+/// Sends `data` on a connected or bound socket (a packet socket: out of its interface).
+pub fn send(socket: &OwnedFd, data: &[u8]) -> std::io::Result<usize> {
+    // SAFETY: the descriptor is open and the buffer holds `data.len()` initialised bytes.
+    let sent = unsafe { libc::send(socket.as_raw_fd(), data.as_ptr().cast(), data.len(), 0) };
+    if sent < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(sent as usize)
+}
+
+/// A raw socket that sends whole IP packets as given (IPPROTO_RAW implies the header is ours).
+pub fn raw_ip_socket(v6: bool) -> std::io::Result<OwnedFd> {
+    let family = if v6 { libc::AF_INET6 } else { libc::AF_INET };
+    // SAFETY: plain integer arguments; the result is checked before use.
+    owned_fd(unsafe {
+        libc::socket(
+            family,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::IPPROTO_RAW,
+        )
+    })
+}
+
+/// Sends one whole IP packet on a [`raw_ip_socket`] towards `target`. The address's port is 0:
+/// on an IPPROTO_RAW socket it would name a protocol.
+pub fn send_raw_packet(raw: &OwnedFd, target: IpAddr, packet: &[u8]) -> std::io::Result<usize> {
+    let sent = match target {
+        IpAddr::V4(ip) => {
+            let addr = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: 0,
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(ip.octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: the descriptor is open; the buffer and the address are live for the
+            // lengths given.
+            unsafe {
+                libc::sendto(
+                    raw.as_raw_fd(),
+                    packet.as_ptr().cast(),
+                    packet.len(),
+                    0,
+                    (&addr as *const libc::sockaddr_in).cast(),
+                    size_of::<libc::sockaddr_in>() as libc::socklen_t,
+                )
+            }
+        }
+        IpAddr::V6(ip) => {
+            let addr = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: 0,
+                sin6_flowinfo: 0,
+                sin6_addr: libc::in6_addr {
+                    s6_addr: ip.octets(),
+                },
+                sin6_scope_id: 0,
+            };
+            // SAFETY: the descriptor is open; the buffer and the address (a sockaddr_in6 this
+            // time) are live for the lengths given.
+            unsafe {
+                libc::sendto(
+                    raw.as_raw_fd(),
+                    packet.as_ptr().cast(),
+                    packet.len(),
+                    0,
+                    (&addr as *const libc::sockaddr_in6).cast(),
+                    size_of::<libc::sockaddr_in6>() as libc::socklen_t,
+                )
+            }
+        }
+    };
+    if sent < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(sent as usize)
 }
 
 #[cfg(test)]

@@ -338,25 +338,8 @@ pub fn listen_deferred(ports: &[u16]) -> Result<Vec<OwnedFd>, ProbeError> {
 
 /// nix has no wrapper for TCP_DEFER_ACCEPT.
 fn set_defer_accept(fd: &impl AsFd, seconds: libc::c_int) -> Result<(), ProbeError> {
-    // SAFETY: the fd is a valid open socket for the duration of the call (borrowed), and the
-    // option value points at a live c_int whose size is passed alongside.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_fd().as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_DEFER_ACCEPT,
-            (&seconds as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(ProbeError::Sys {
-            what: "TCP_DEFER_ACCEPT".into(),
-            source: nix::Error::last(),
-        })
-    }
+    weir_lab_backends::sys::set_int_option(fd, libc::IPPROTO_TCP, libc::TCP_DEFER_ACCEPT, seconds)
+        .map_err(io("TCP_DEFER_ACCEPT"))
 }
 
 /// Runs the command as this process's only child; once it is reaped, RUSAGE_CHILDREN is its

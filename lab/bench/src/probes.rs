@@ -21,9 +21,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
+use weir_lab_backends::sys;
 use weir_lab_core::scenario::Protocol;
 use weir_lab_core::timeline::ProbeSpec;
 
@@ -32,46 +32,17 @@ pub const MAX_PROBE_LIFE: Duration = Duration::from_secs(900);
 /// A TCP request waits this long for its answer before the probe calls it lost and stops.
 const TCP_ANSWER_TIMEOUT: Duration = Duration::from_secs(3);
 
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+/// The wall clock a probe stamps its lines with, in milliseconds (the runner's steps use it too).
+pub use weir_lab_backends::sys::now_ms;
 
 /// The signal that marks a change of the cluster in a probe's log.
 pub const MARK_SIGNAL: nix::sys::signal::Signal = nix::sys::signal::Signal::SIGUSR1;
-const MAX_MARKS: usize = 256;
-static MARK_TIMES: [AtomicU64; MAX_MARKS] = [const { AtomicU64::new(0) }; MAX_MARKS];
-static MARKS_TAKEN: AtomicUsize = AtomicUsize::new(0);
-
-extern "C" fn on_mark(_: libc::c_int) {
-    // Only atomics and clock_gettime (async-signal-safe) in here.
-    let n = MARKS_TAKEN.fetch_add(1, Ordering::SeqCst);
-    if let Some(slot) = MARK_TIMES.get(n) {
-        slot.store(now_ms(), Ordering::SeqCst);
-    }
-}
-
-fn install_mark_handler() -> std::io::Result<()> {
-    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet};
-    let action = SigAction::new(
-        SigHandler::Handler(on_mark),
-        SaFlags::SA_RESTART,
-        SigSet::empty(),
-    );
-    // SAFETY: `on_mark` only touches atomics and reads the clock, both async-signal-safe, and
-    // this process installs no other SIGUSR1 handler to be replaced.
-    unsafe { sigaction(MARK_SIGNAL, &action) }.map_err(std::io::Error::from)?;
-    Ok(())
-}
 
 /// Logs the marks taken since the last call, each with the time its signal arrived.
 fn log_marks(out: &mut impl Write, logged: &mut usize) {
-    let taken = MARKS_TAKEN.load(Ordering::SeqCst).min(MAX_MARKS);
-    while *logged < taken {
-        let at = MARK_TIMES[*logged].load(Ordering::SeqCst);
-        *logged += 1;
-        let _ = writeln!(out, "{at} mark {}", *logged);
+    let first = *logged;
+    for (n, at) in sys::signal_times_since(logged).into_iter().enumerate() {
+        let _ = writeln!(out, "{at} mark {}", first + n + 1);
     }
     let _ = out.flush();
 }
@@ -91,7 +62,7 @@ pub fn run_client(
     life: Duration,
     out: &mut impl Write,
 ) -> std::io::Result<()> {
-    install_mark_handler()?;
+    sys::record_signal_times(MARK_SIGNAL)?;
     log(out, format_args!("start"));
     match kind {
         Protocol::Udp => udp_client(target, interval, size, life, out),

@@ -7,10 +7,10 @@
 //! ordinary UDP socket bound to the datagram's source, and is printed as socat prints it.
 
 use std::io::Write;
-use std::mem::size_of;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::Duration;
+
+use weir_lab_backends::sys;
 
 /// IPv4 header without options, and IPv6 fixed header plus fragment header.
 const IPV4_HLEN: usize = 20;
@@ -59,10 +59,10 @@ pub fn request(
             mtu,
         });
     }
-    let raw = raw_socket(target.is_ipv6())?;
+    let raw = sys::raw_ip_socket(target.is_ipv6()).map_err(io("opening a raw socket"))?;
     // Later ones first, in order, then the first.
     for fragment in fragments[1..].iter().chain(&fragments[..1]) {
-        send_raw(&raw, target, fragment)?;
+        sys::send_raw_packet(&raw, target.ip(), fragment).map_err(io("sending a fragment"))?;
     }
     let mut answer = vec![0u8; 65_536];
     let n = socket
@@ -133,25 +133,7 @@ fn path_mtu(socket: &UdpSocket, v6: bool) -> Result<usize, ReorderError> {
     } else {
         (libc::IPPROTO_IP, libc::IP_MTU)
     };
-    let mut mtu: libc::c_int = 0;
-    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: the descriptor is the socket's own, and `mtu`/`len` are a c_int and its size, as
-    // IP_MTU / IPV6_MTU return.
-    let ret = unsafe {
-        libc::getsockopt(
-            socket.as_raw_fd(),
-            level,
-            name,
-            (&mut mtu as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    if ret != 0 {
-        return Err(ReorderError::Io {
-            what: "reading the path MTU",
-            source: std::io::Error::last_os_error(),
-        });
-    }
+    let mtu = sys::int_option(socket, level, name).map_err(io("reading the path MTU"))?;
     Ok(mtu as usize)
 }
 
@@ -271,84 +253,6 @@ fn fragments6(source: [u8; 16], target: [u8; 16], datagram: &[u8], mtu: usize) -
             packet
         })
         .collect()
-}
-
-/// A raw socket that sends whole IP packets as given (IPPROTO_RAW implies the header is ours).
-fn raw_socket(v6: bool) -> Result<OwnedFd, ReorderError> {
-    let family = if v6 { libc::AF_INET6 } else { libc::AF_INET };
-    // SAFETY: plain integer arguments; the result is checked before use.
-    let fd = unsafe {
-        libc::socket(
-            family,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            libc::IPPROTO_RAW,
-        )
-    };
-    if fd < 0 {
-        return Err(ReorderError::Io {
-            what: "opening a raw socket",
-            source: std::io::Error::last_os_error(),
-        });
-    }
-    // SAFETY: `fd` is a descriptor just opened and owned by nothing else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-fn send_raw(raw: &OwnedFd, target: SocketAddr, packet: &[u8]) -> Result<(), ReorderError> {
-    // The port stays 0: on an IPPROTO_RAW socket it would name a protocol.
-    let target = SocketAddr::new(target.ip(), 0);
-    let sent = match target {
-        SocketAddr::V4(v4) => {
-            let addr = libc::sockaddr_in {
-                sin_family: libc::AF_INET as libc::sa_family_t,
-                sin_port: 0,
-                sin_addr: libc::in_addr {
-                    s_addr: u32::from_ne_bytes(v4.ip().octets()),
-                },
-                sin_zero: [0; 8],
-            };
-            // SAFETY: the buffer and the address are valid for the lengths given.
-            unsafe {
-                libc::sendto(
-                    raw.as_raw_fd(),
-                    packet.as_ptr().cast(),
-                    packet.len(),
-                    0,
-                    (&addr as *const libc::sockaddr_in).cast(),
-                    size_of::<libc::sockaddr_in>() as libc::socklen_t,
-                )
-            }
-        }
-        SocketAddr::V6(v6) => {
-            let addr = libc::sockaddr_in6 {
-                sin6_family: libc::AF_INET6 as libc::sa_family_t,
-                sin6_port: 0,
-                sin6_flowinfo: 0,
-                sin6_addr: libc::in6_addr {
-                    s6_addr: v6.ip().octets(),
-                },
-                sin6_scope_id: 0,
-            };
-            // SAFETY: as above.
-            unsafe {
-                libc::sendto(
-                    raw.as_raw_fd(),
-                    packet.as_ptr().cast(),
-                    packet.len(),
-                    0,
-                    (&addr as *const libc::sockaddr_in6).cast(),
-                    size_of::<libc::sockaddr_in6>() as libc::socklen_t,
-                )
-            }
-        }
-    };
-    if sent < 0 {
-        return Err(ReorderError::Io {
-            what: "sending a fragment",
-            source: std::io::Error::last_os_error(),
-        });
-    }
-    Ok(())
 }
 
 /// A datagram of `size` bytes (at least "ping\n"), newline-terminated for the echo server.
