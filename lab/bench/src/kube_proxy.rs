@@ -265,17 +265,114 @@ impl Proxier {
         services: &[ProxiedServicePort],
         changed: Option<&BTreeSet<ServicePortName>>,
     ) -> Sync {
-        let cfg = &self.config;
-        let mark = cfg.mark();
         let total_endpoints: usize = services.iter().map(|s| s.endpoints.len()).sum();
         let large_cluster = total_endpoints > LARGE_CLUSTER_ENDPOINTS;
         let partial = changed.is_some();
 
-        let mut filter_chains = Lines::default();
-        let mut filter_rules = Lines::default();
-        let mut nat_chains = Lines::default();
-        let mut nat_rules = Lines::default();
+        let mut tables = Tables::default();
+        tables.base_rules(&self.config);
+        let mut active_nat_chains = BTreeSet::new();
+        for svc in services {
+            active_nat_chains.extend(svc.chains());
+            let words = ServiceWords::of(svc);
+            tables.dispatch(svc, &words);
+            if changed.is_some_and(|c| !c.contains(&svc.name)) || svc.endpoints.is_empty() {
+                continue;
+            }
+            tables.service_chains(svc, &words, &self.config, large_cluster);
+        }
+        tables.closing_rules(&self.config);
 
+        // Stale chains: kube-proxy lists the nat table and deletes its own chains nothing uses
+        // any more (declaring a chain flushes it, then -X removes it). In large clusters that
+        // listing is too slow for every sync, so only full syncs do it.
+        let save_nat_first = !large_cluster || !partial;
+        let mut deleted_chains = 0;
+        if save_nat_first {
+            for chain in self.existing_nat_chains.difference(&active_nat_chains) {
+                tables.nat_chains.chain(chain);
+                tables.nat_rules.rule(&["-X", chain]);
+                deleted_chains += 1;
+            }
+            self.existing_nat_chains = active_nat_chains;
+        } else {
+            self.existing_nat_chains.extend(active_nat_chains);
+        }
+
+        self.last = Some(
+            services
+                .iter()
+                .map(|s| (s.name.clone(), s.clone()))
+                .collect(),
+        );
+        Sync {
+            kind: if partial {
+                SyncKind::Partial
+            } else {
+                SyncKind::Full
+            },
+            save_nat_first,
+            rules: tables.filter_rules.rules + tables.nat_rules.rules,
+            restore_input: tables.restore_input(),
+            deleted_chains,
+        }
+    }
+}
+
+/// The words a service port's rules share, formatted once per sync.
+struct ServiceWords {
+    name: String,
+    proto: &'static str,
+    ip: String,
+    port: String,
+    svc_chain: String,
+}
+
+impl ServiceWords {
+    fn of(svc: &ProxiedServicePort) -> ServiceWords {
+        ServiceWords {
+            name: svc.name.to_string(),
+            proto: svc.protocol.lower(),
+            ip: svc.cluster_ip.to_string(),
+            port: svc.port.to_string(),
+            svc_chain: svc.service_chain(),
+        }
+    }
+
+    /// Matches traffic to the service port's cluster IP, under `comment`.
+    fn cluster_ip_match<'a>(&'a self, comment: &'a str) -> [&'a str; 12] {
+        [
+            "-m",
+            "comment",
+            "--comment",
+            comment,
+            "-m",
+            self.proto,
+            "-p",
+            self.proto,
+            "-d",
+            &self.ip,
+            "--dport",
+            &self.port,
+        ]
+    }
+}
+
+/// One sync's restore input as it is written: the chains it declares and the rules it appends,
+/// per table, in the order kube-proxy writes them.
+#[derive(Default)]
+struct Tables {
+    filter_chains: Lines,
+    filter_rules: Lines,
+    nat_chains: Lines,
+    nat_rules: Lines,
+}
+
+impl Tables {
+    /// kube-proxy's own chains and the rules that do not depend on any service: masquerading
+    /// by mark, and the localhost NodePort guard.
+    fn base_rules(&mut self, config: &ProxierConfig) {
+        let mark = config.mark();
         for chain in [
             KUBE_NODEPORTS,
             KUBE_SERVICES,
@@ -284,7 +381,7 @@ impl Proxier {
             KUBE_FORWARD,
             KUBE_PROXY_FIREWALL,
         ] {
-            filter_chains.chain(chain);
+            self.filter_chains.chain(chain);
         }
         for chain in [
             KUBE_SERVICES,
@@ -292,9 +389,9 @@ impl Proxier {
             KUBE_POSTROUTING,
             KUBE_MARK_MASQ,
         ] {
-            nat_chains.chain(chain);
+            self.nat_chains.chain(chain);
         }
-        nat_rules.rule(&[
+        self.nat_rules.rule(&[
             "-A",
             KUBE_POSTROUTING,
             "-m",
@@ -306,7 +403,8 @@ impl Proxier {
             "RETURN",
         ]);
         // Clears the mark so a packet that traverses the stack again is not masqueraded twice.
-        nat_rules.rule(&["-A", KUBE_POSTROUTING, "-j", "MARK", "--xor-mark", &mark]);
+        self.nat_rules
+            .rule(&["-A", KUBE_POSTROUTING, "-j", "MARK", "--xor-mark", &mark]);
         let mut masq = vec![
             "-A",
             KUBE_POSTROUTING,
@@ -317,13 +415,14 @@ impl Proxier {
             "-j",
             "MASQUERADE",
         ];
-        if cfg.random_fully {
+        if config.random_fully {
             masq.push("--random-fully");
         }
-        nat_rules.rule(&masq);
-        nat_rules.rule(&["-A", KUBE_MARK_MASQ, "-j", "MARK", "--or-mark", &mark]);
+        self.nat_rules.rule(&masq);
+        self.nat_rules
+            .rule(&["-A", KUBE_MARK_MASQ, "-j", "MARK", "--or-mark", &mark]);
         // Localhost NodePorts (on by default for IPv4) come with this guard.
-        filter_rules.rule(&[
+        self.filter_rules.rule(&[
             "-A",
             KUBE_FIREWALL,
             "-m",
@@ -343,189 +442,195 @@ impl Proxier {
             "-j",
             "DROP",
         ]);
+    }
 
-        let mut active_nat_chains = BTreeSet::new();
-        for svc in services {
-            active_nat_chains.extend(svc.chains());
-            let name = svc.name.to_string();
-            let proto = svc.protocol.lower();
-            let ip = svc.cluster_ip.to_string();
-            let port = svc.port.to_string();
-            let svc_chain = svc.service_chain();
-            let matcher = [
+    /// A service port's entries in the dispatch chains (KUBE-SERVICES, KUBE-NODEPORTS and, for
+    /// one without endpoints, the filter table's rejects), written on every sync.
+    fn dispatch(&mut self, svc: &ProxiedServicePort, words: &ServiceWords) {
+        let ServiceWords {
+            name,
+            proto,
+            svc_chain,
+            ..
+        } = words;
+        let proto = *proto;
+        let node_port = svc.node_port.map(|p| p.to_string());
+        if let Some(node_port) = &node_port {
+            let quoted = format!("\"{name}\"");
+            let dispatch = [
                 "-m",
                 "comment",
                 "--comment",
-                "",
+                &quoted,
                 "-m",
                 proto,
                 "-p",
                 proto,
-                "-d",
-                &ip,
                 "--dport",
-                &port,
+                node_port,
             ];
-            let node_port = svc.node_port.map(|p| p.to_string());
-            if let Some(node_port) = &node_port {
-                let quoted = format!("\"{name}\"");
-                let dispatch = [
+            if svc.endpoints.is_empty() {
+                let comment = format!("\"{name} has no endpoints\"");
+                self.filter_rules.rule_parts(&[
+                    &[
+                        "-A",
+                        KUBE_EXTERNAL_SERVICES,
+                        "-m",
+                        "comment",
+                        "--comment",
+                        &comment,
+                    ],
+                    &["-m", "addrtype", "--dst-type", "LOCAL"],
+                    &[
+                        "-m", proto, "-p", proto, "--dport", node_port, "-j", "REJECT",
+                    ],
+                ]);
+            } else {
+                let ext_chain = svc.external_chain();
+                self.nat_rules.rule_parts(&[
+                    &["-A", KUBE_NODEPORTS],
+                    &dispatch,
+                    &["-j", &ext_chain],
+                ]);
+            }
+        }
+        if svc.endpoints.is_empty() {
+            let comment = format!("\"{name} has no endpoints\"");
+            let m = words.cluster_ip_match(&comment);
+            self.filter_rules
+                .rule_parts(&[&["-A", KUBE_SERVICES], &m, &["-j", "REJECT"]]);
+        } else {
+            let comment = format!("\"{name} cluster IP\"");
+            let m = words.cluster_ip_match(&comment);
+            self.nat_rules
+                .rule_parts(&[&["-A", KUBE_SERVICES], &m, &["-j", svc_chain]]);
+        }
+    }
+
+    /// A service port's own chains: its KUBE-SVC chain choosing an endpoint at random, the
+    /// KUBE-EXT chain of its NodePort, and one KUBE-SEP chain per endpoint.
+    fn service_chains(
+        &mut self,
+        svc: &ProxiedServicePort,
+        words: &ServiceWords,
+        config: &ProxierConfig,
+        large_cluster: bool,
+    ) {
+        let ServiceWords {
+            name,
+            proto,
+            svc_chain,
+            ..
+        } = words;
+        let proto = *proto;
+        if svc.node_port.is_some() {
+            // externalTrafficPolicy Cluster: external clients are masqueraded, so replies
+            // come back through this node wherever the endpoint is.
+            let ext_chain = svc.external_chain();
+            self.nat_chains.chain(&ext_chain);
+            let comment = format!("\"masquerade traffic for {name} external destinations\"");
+            self.nat_rules.rule(&[
+                "-A",
+                &ext_chain,
+                "-m",
+                "comment",
+                "--comment",
+                &comment,
+                "-j",
+                KUBE_MARK_MASQ,
+            ]);
+            self.nat_rules.rule(&["-A", &ext_chain, "-j", svc_chain]);
+        }
+        self.nat_chains.chain(svc_chain);
+        let comment = format!("\"{name} cluster IP\"");
+        let m = words.cluster_ip_match(&comment);
+        if config.masquerade_all {
+            self.nat_rules
+                .rule_parts(&[&["-A", svc_chain], &m, &["-j", KUBE_MARK_MASQ]]);
+        } else if let Some((net, len)) = config.cluster_cidr {
+            let cidr = format!("{net}/{len}");
+            self.nat_rules.rule_parts(&[
+                &["-A", svc_chain],
+                &m,
+                &["!", "-s", &cidr, "-j", KUBE_MARK_MASQ],
+            ]);
+        }
+        let n = svc.endpoints.len();
+        for (i, ep) in svc.endpoints.iter().enumerate() {
+            let comment = format!("\"{name} -> {ep}\"");
+            let sep = svc.endpoint_chain(*ep);
+            if i + 1 < n {
+                let probability = format!("{:.10}", 1.0 / (n - i) as f64);
+                self.nat_rules.rule(&[
+                    "-A",
+                    svc_chain,
                     "-m",
                     "comment",
                     "--comment",
-                    &quoted,
+                    &comment,
                     "-m",
-                    proto,
-                    "-p",
-                    proto,
-                    "--dport",
-                    node_port,
-                ];
-                if svc.endpoints.is_empty() {
-                    let comment = format!("\"{name} has no endpoints\"");
-                    filter_rules.rule_parts(&[
-                        &[
-                            "-A",
-                            KUBE_EXTERNAL_SERVICES,
-                            "-m",
-                            "comment",
-                            "--comment",
-                            &comment,
-                        ],
-                        &["-m", "addrtype", "--dst-type", "LOCAL"],
-                        &[
-                            "-m", proto, "-p", proto, "--dport", node_port, "-j", "REJECT",
-                        ],
-                    ]);
-                } else {
-                    let ext_chain = svc.external_chain();
-                    nat_rules.rule_parts(&[
-                        &["-A", KUBE_NODEPORTS],
-                        &dispatch,
-                        &["-j", &ext_chain],
-                    ]);
-                }
-            }
-            if svc.endpoints.is_empty() {
-                let comment = format!("\"{name} has no endpoints\"");
-                let mut m = matcher;
-                m[3] = &comment;
-                filter_rules.rule_parts(&[&["-A", KUBE_SERVICES], &m, &["-j", "REJECT"]]);
+                    "statistic",
+                    "--mode",
+                    "random",
+                    "--probability",
+                    &probability,
+                    "-j",
+                    &sep,
+                ]);
             } else {
-                let comment = format!("\"{name} cluster IP\"");
-                let mut m = matcher;
-                m[3] = &comment;
-                nat_rules.rule_parts(&[&["-A", KUBE_SERVICES], &m, &["-j", &svc_chain]]);
-            }
-
-            if changed.is_some_and(|c| !c.contains(&svc.name)) || svc.endpoints.is_empty() {
-                continue;
-            }
-
-            if node_port.is_some() {
-                // externalTrafficPolicy Cluster: external clients are masqueraded, so replies
-                // come back through this node wherever the endpoint is.
-                let ext_chain = svc.external_chain();
-                nat_chains.chain(&ext_chain);
-                let comment = format!("\"masquerade traffic for {name} external destinations\"");
-                nat_rules.rule(&[
+                self.nat_rules.rule(&[
                     "-A",
-                    &ext_chain,
+                    svc_chain,
                     "-m",
                     "comment",
                     "--comment",
                     &comment,
                     "-j",
-                    KUBE_MARK_MASQ,
-                ]);
-                nat_rules.rule(&["-A", &ext_chain, "-j", &svc_chain]);
-            }
-            nat_chains.chain(&svc_chain);
-            let comment = format!("\"{name} cluster IP\"");
-            let mut m = matcher;
-            m[3] = &comment;
-            if cfg.masquerade_all {
-                nat_rules.rule_parts(&[&["-A", &svc_chain], &m, &["-j", KUBE_MARK_MASQ]]);
-            } else if let Some((net, len)) = cfg.cluster_cidr {
-                let cidr = format!("{net}/{len}");
-                nat_rules.rule_parts(&[
-                    &["-A", &svc_chain],
-                    &m,
-                    &["!", "-s", &cidr, "-j", KUBE_MARK_MASQ],
-                ]);
-            }
-            let n = svc.endpoints.len();
-            for (i, ep) in svc.endpoints.iter().enumerate() {
-                let comment = format!("\"{name} -> {ep}\"");
-                let sep = svc.endpoint_chain(*ep);
-                if i + 1 < n {
-                    let probability = format!("{:.10}", 1.0 / (n - i) as f64);
-                    nat_rules.rule(&[
-                        "-A",
-                        &svc_chain,
-                        "-m",
-                        "comment",
-                        "--comment",
-                        &comment,
-                        "-m",
-                        "statistic",
-                        "--mode",
-                        "random",
-                        "--probability",
-                        &probability,
-                        "-j",
-                        &sep,
-                    ]);
-                } else {
-                    nat_rules.rule(&[
-                        "-A",
-                        &svc_chain,
-                        "-m",
-                        "comment",
-                        "--comment",
-                        &comment,
-                        "-j",
-                        &sep,
-                    ]);
-                }
-            }
-            for ep in &svc.endpoints {
-                let sep = svc.endpoint_chain(*ep);
-                nat_chains.chain(&sep);
-                // Large clusters drop these comments: they make up much of the ruleset's size.
-                let comment: &[&str] = if large_cluster {
-                    &[]
-                } else {
-                    &["-m", "comment", "--comment", &name]
-                };
-                let ep_ip = ep.ip().to_string();
-                let ep_str = ep.to_string();
-                // Hairpin: a pod reaching itself through the service must see the node's address.
-                nat_rules.rule_parts(&[
-                    &["-A", &sep],
-                    comment,
-                    &["-s", &ep_ip, "-j", KUBE_MARK_MASQ],
-                ]);
-                nat_rules.rule_parts(&[
-                    &["-A", &sep],
-                    comment,
-                    &[
-                        "-m",
-                        proto,
-                        "-p",
-                        proto,
-                        "-j",
-                        "DNAT",
-                        "--to-destination",
-                        &ep_str,
-                    ],
+                    &sep,
                 ]);
             }
         }
+        for ep in &svc.endpoints {
+            let sep = svc.endpoint_chain(*ep);
+            self.nat_chains.chain(&sep);
+            // Large clusters drop these comments: they make up much of the ruleset's size.
+            let comment: &[&str] = if large_cluster {
+                &[]
+            } else {
+                &["-m", "comment", "--comment", name]
+            };
+            let ep_ip = ep.ip().to_string();
+            let ep_str = ep.to_string();
+            // Hairpin: a pod reaching itself through the service must see the node's address.
+            self.nat_rules.rule_parts(&[
+                &["-A", &sep],
+                comment,
+                &["-s", &ep_ip, "-j", KUBE_MARK_MASQ],
+            ]);
+            self.nat_rules.rule_parts(&[
+                &["-A", &sep],
+                comment,
+                &[
+                    "-m",
+                    proto,
+                    "-p",
+                    proto,
+                    "-j",
+                    "DNAT",
+                    "--to-destination",
+                    &ep_str,
+                ],
+            ]);
+        }
+    }
 
+    /// The rules after every service's: the NodePort jump that must end KUBE-SERVICES, and
+    /// KUBE-FORWARD.
+    fn closing_rules(&mut self, config: &ProxierConfig) {
+        let mark = config.mark();
         // With the default --nodeport-addresses every local address serves NodePorts; this jump
         // must stay the last rule of KUBE-SERVICES.
-        nat_rules.rule(&[
+        self.nat_rules.rule(&[
             "-A",
             KUBE_SERVICES,
             "-m",
@@ -539,7 +644,7 @@ impl Proxier {
             "-j",
             KUBE_NODEPORTS,
         ]);
-        filter_rules.rule(&[
+        self.filter_rules.rule(&[
             "-A",
             KUBE_FORWARD,
             "-m",
@@ -549,7 +654,7 @@ impl Proxier {
             "-j",
             "DROP",
         ]);
-        filter_rules.rule(&[
+        self.filter_rules.rule(&[
             "-A",
             KUBE_FORWARD,
             "-m",
@@ -563,7 +668,7 @@ impl Proxier {
             "-j",
             "ACCEPT",
         ]);
-        filter_rules.rule(&[
+        self.filter_rules.rule(&[
             "-A",
             KUBE_FORWARD,
             "-m",
@@ -577,56 +682,24 @@ impl Proxier {
             "-j",
             "ACCEPT",
         ]);
+    }
 
-        // Stale chains: kube-proxy lists the nat table and deletes its own chains nothing uses
-        // any more (declaring a chain flushes it, then -X removes it). In large clusters that
-        // listing is too slow for every sync, so only full syncs do it.
-        let save_nat_first = !large_cluster || !partial;
-        let mut deleted_chains = 0;
-        if save_nat_first {
-            for chain in self.existing_nat_chains.difference(&active_nat_chains) {
-                nat_chains.chain(chain);
-                nat_rules.rule(&["-X", chain]);
-                deleted_chains += 1;
-            }
-            self.existing_nat_chains = active_nat_chains;
-        } else {
-            self.existing_nat_chains.extend(active_nat_chains);
-        }
-
-        let rules = filter_rules.rules + nat_rules.rules;
+    fn restore_input(&self) -> String {
         let mut restore_input = String::with_capacity(
-            filter_chains.text.len()
-                + filter_rules.text.len()
-                + nat_chains.text.len()
-                + nat_rules.text.len()
+            self.filter_chains.text.len()
+                + self.filter_rules.text.len()
+                + self.nat_chains.text.len()
+                + self.nat_rules.text.len()
                 + 32,
         );
         restore_input.push_str("*filter\n");
-        restore_input.push_str(&filter_chains.text);
-        restore_input.push_str(&filter_rules.text);
+        restore_input.push_str(&self.filter_chains.text);
+        restore_input.push_str(&self.filter_rules.text);
         restore_input.push_str("COMMIT\n*nat\n");
-        restore_input.push_str(&nat_chains.text);
-        restore_input.push_str(&nat_rules.text);
+        restore_input.push_str(&self.nat_chains.text);
+        restore_input.push_str(&self.nat_rules.text);
         restore_input.push_str("COMMIT\n");
-
-        self.last = Some(
-            services
-                .iter()
-                .map(|s| (s.name.clone(), s.clone()))
-                .collect(),
-        );
-        Sync {
-            kind: if partial {
-                SyncKind::Partial
-            } else {
-                SyncKind::Full
-            },
-            save_nat_first,
-            restore_input,
-            rules,
-            deleted_chains,
-        }
+        restore_input
     }
 }
 
@@ -930,10 +1003,7 @@ mod tests {
     }
 
     fn config() -> ProxierConfig {
-        ProxierConfig {
-            cluster_cidr: Some((Ipv4Addr::new(198, 19, 0, 0), 16)),
-            ..ProxierConfig::default()
-        }
+        ProxierConfig::lab()
     }
 
     fn lines_of<'a>(text: &'a str, prefix: &str) -> Vec<&'a str> {
