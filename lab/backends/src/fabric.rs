@@ -3,17 +3,14 @@
 //! do to it.
 
 use std::collections::BTreeMap;
-use std::fs::{File, OpenOptions};
-use std::os::fd::AsRawFd;
-use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use weir_lab_core::backend::{tail, BackendError, Cmd};
 
 use crate::sys::{
-    describe, prepare_child, run, stop_group, NETNS_DIR, PLUMBING_TIMEOUT, STOP_GRACE,
+    describe, run, spawn_logged, stop_group, NETNS_DIR, PLUMBING_TIMEOUT, STOP_GRACE,
 };
 
 /// The bridge of network 1 (further networks are numbered, see [`bridge_name`]).
@@ -145,21 +142,7 @@ impl FabricDelay {
                 .count()
         };
         let ready_before = ready_lines();
-        let netns = File::open(Path::new(NETNS_DIR).join(fabric)).map_err(spawn_err)?;
-        let log_file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .map_err(spawn_err)?;
-        let mut command = Command::new(&cmd.program);
-        command
-            .args(&cmd.args)
-            .stdin(Stdio::null())
-            .stdout(log_file.try_clone().map_err(spawn_err)?)
-            .stderr(log_file)
-            .process_group(0);
-        prepare_child(&mut command, Some(netns.as_raw_fd()));
-        let delayer = command.spawn().map_err(spawn_err)?;
+        let delayer = spawn_logged(fabric, &Path::new(NETNS_DIR).join(fabric), None, &cmd, log)?;
         let mut delay = FabricDelay {
             fabric: fabric.to_owned(),
             port: port.to_owned(),

@@ -8,11 +8,8 @@
 //! which remounts /sys and would hide the lab's bpffs from the agent.
 
 use std::collections::BTreeMap;
-use std::fs::{File, OpenOptions};
-use std::os::fd::AsRawFd;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
@@ -28,7 +25,7 @@ use weir_lab_core::topology::{
 
 use crate::fabric::{self, bridge_name, FabricDelays};
 use crate::sys::{
-    describe, prepare_child_in, run, run_in, send_signal, stop_group, NETNS_DIR, PLUMBING_TIMEOUT,
+    describe, run, run_in, send_signal, spawn_logged, stop_group, NETNS_DIR, PLUMBING_TIMEOUT,
     STOP_GRACE,
 };
 
@@ -563,40 +560,7 @@ impl NetnsLab {
         cmd: &Cmd,
         log: &Path,
     ) -> Result<ProcId, BackendError> {
-        let spawn_err = |source| BackendError::Spawn {
-            host: host.to_string(),
-            command: cmd.to_string(),
-            source,
-        };
-        let netns = File::open(path).map_err(spawn_err)?;
-        let log_file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .map_err(|source| BackendError::Io {
-                context: format!("opening {}", log.display()),
-                source,
-            })?;
-        let mut command = Command::new(&cmd.program);
-        command
-            .args(&cmd.args)
-            .envs(cmd.env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .stdout(log_file.try_clone().map_err(spawn_err)?)
-            .stderr(log_file)
-            .process_group(0);
-        let procs_file = cgroup
-            .map(|c| OpenOptions::new().write(true).open(c.join("cgroup.procs")))
-            .transpose()
-            .map_err(spawn_err)?;
-        prepare_child_in(
-            &mut command,
-            Some(netns.as_raw_fd()),
-            procs_file.as_ref().map(|f| f.as_raw_fd()),
-        );
-        let child = command.spawn().map_err(spawn_err)?;
-        drop(netns);
-        drop(procs_file);
+        let child = spawn_logged(&host.to_string(), path, cgroup.as_deref(), cmd, log)?;
         let id = ProcId(child.id());
         debug!(%host, pid = id.0, command = %cmd, log = %log.display(), "spawned");
         self.procs.insert(

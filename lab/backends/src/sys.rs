@@ -81,6 +81,51 @@ pub fn prepare_child_in(command: &mut Command, netns: Option<RawFd>, cgroup_proc
     }
 }
 
+/// Starts `cmd` as `host`'s long-running process: in its own process group, in the network
+/// namespace at `netns` (and the cgroup2 directory `cgroup`), its stdout and stderr appended to
+/// `log`, dying with this process.
+pub fn spawn_logged(
+    host: &str,
+    netns: &Path,
+    cgroup: Option<&Path>,
+    cmd: &Cmd,
+    log: &Path,
+) -> Result<Child, BackendError> {
+    let spawn_err = |source| BackendError::Spawn {
+        host: host.to_owned(),
+        command: cmd.to_string(),
+        source,
+    };
+    let ns_file = File::open(netns).map_err(spawn_err)?;
+    let log_file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(|source| BackendError::Io {
+            context: format!("opening {}", log.display()),
+            source,
+        })?;
+    let procs_file = cgroup
+        .map(|c| OpenOptions::new().write(true).open(c.join("cgroup.procs")))
+        .transpose()
+        .map_err(spawn_err)?;
+    let mut command = Command::new(&cmd.program);
+    command
+        .args(&cmd.args)
+        .envs(cmd.env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone().map_err(spawn_err)?)
+        .stderr(log_file)
+        .process_group(0);
+    prepare_child_in(
+        &mut command,
+        Some(ns_file.as_raw_fd()),
+        procs_file.as_ref().map(|f| f.as_raw_fd()),
+    );
+    // The descriptors stay open until spawn returns: the child's pre-exec hook uses them.
+    command.spawn().map_err(spawn_err)
+}
+
 /// Runs a command to completion in its own process group, killing the group on timeout.
 /// Output goes to anonymous files, so a chatty command cannot block on a full pipe while we
 /// wait for it.

@@ -447,13 +447,7 @@ impl Tables {
     /// A service port's entries in the dispatch chains (KUBE-SERVICES, KUBE-NODEPORTS and, for
     /// one without endpoints, the filter table's rejects), written on every sync.
     fn dispatch(&mut self, svc: &ProxiedServicePort, words: &ServiceWords) {
-        let ServiceWords {
-            name,
-            proto,
-            svc_chain,
-            ..
-        } = words;
-        let proto = *proto;
+        let (name, proto, svc_chain) = (&words.name, words.proto, &words.svc_chain);
         let node_port = svc.node_port.map(|p| p.to_string());
         if let Some(node_port) = &node_port {
             let quoted = format!("\"{name}\"");
@@ -516,13 +510,7 @@ impl Tables {
         config: &ProxierConfig,
         large_cluster: bool,
     ) {
-        let ServiceWords {
-            name,
-            proto,
-            svc_chain,
-            ..
-        } = words;
-        let proto = *proto;
+        let (name, proto, svc_chain) = (&words.name, words.proto, &words.svc_chain);
         if svc.node_port.is_some() {
             // externalTrafficPolicy Cluster: external clients are masqueraded, so replies
             // come back through this node wherever the endpoint is.

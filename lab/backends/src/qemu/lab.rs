@@ -5,11 +5,8 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::fs::{File, OpenOptions};
-use std::os::fd::AsRawFd;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
@@ -20,7 +17,7 @@ use super::vm::{Share, Vm, VmError, VmSpec};
 use super::VmSetup;
 use crate::fabric::{FabricDelays, BRIDGE};
 use crate::sys::{
-    describe, prepare_child, run, send_signal, stop_group, NETNS_DIR, PLUMBING_TIMEOUT, STOP_GRACE,
+    describe, run, send_signal, spawn_logged, stop_group, NETNS_DIR, PLUMBING_TIMEOUT, STOP_GRACE,
 };
 use weir_lab_core::backend::{BackendError, Cmd, Lab, Output, ProcId, Signal};
 use weir_lab_core::files::write_atomically;
@@ -493,27 +490,7 @@ impl Lab for QemuLab {
                 }
             }
             Place::Host(path) => {
-                let spawn_err = |source| BackendError::Spawn {
-                    host: host.to_string(),
-                    command: cmd.to_string(),
-                    source,
-                };
-                let netns = File::open(&path).map_err(spawn_err)?;
-                let log_file = OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(log)
-                    .map_err(spawn_err)?;
-                let mut command = Command::new(&cmd.program);
-                command
-                    .args(&cmd.args)
-                    .envs(cmd.env.iter().map(|(k, v)| (k, v)))
-                    .stdin(Stdio::null())
-                    .stdout(log_file.try_clone().map_err(spawn_err)?)
-                    .stderr(log_file)
-                    .process_group(0);
-                prepare_child(&mut command, Some(netns.as_raw_fd()));
-                let child = command.spawn().map_err(spawn_err)?;
+                let child = spawn_logged(&host.to_string(), &path, None, cmd, log)?;
                 self.procs.insert(id, Proc::Host { child, host });
             }
         }
