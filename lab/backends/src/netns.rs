@@ -19,8 +19,8 @@ use tracing::{debug, warn};
 use weir_lab_core::backend::{Backend, BackendError, Cmd, Lab, Output, ProcId};
 use weir_lab_core::files::write_atomically;
 use weir_lab_core::topology::{
-    network_gateway, HostId, Plan, GATEWAY, NODE_PREFIX_LEN, NODE_PREFIX_LEN6, POD_GATEWAY,
-    POD_GATEWAY6,
+    network_gateway, ExternalPlan, HostId, NodePlan, Plan, PodPlan, RoutePlan, GATEWAY,
+    NODE_PREFIX_LEN, NODE_PREFIX_LEN6, POD_GATEWAY, POD_GATEWAY6,
 };
 
 use crate::fabric::{self, bridge_name, FabricDelays};
@@ -219,8 +219,31 @@ impl NetnsLab {
 
     fn build(&mut self) -> Result<(), BackendError> {
         let started = Instant::now();
-        let mtu = self.plan.mtu.to_string();
+        self.make_cgroups()?;
+        self.build_fabric()?;
+        for node in self.plan.nodes.clone() {
+            self.build_node(&node)?;
+        }
+        for pod in self.plan.pods.clone() {
+            self.build_pod(&pod)?;
+        }
+        for ext in self.plan.externals.clone() {
+            self.build_external(&ext)?;
+        }
+        for route in self.plan.routes.clone() {
+            self.add_route(&route)?;
+        }
+        debug!(
+            prefix = %self.prefix,
+            namespaces = self.namespaces.len(),
+            elapsed = ?started.elapsed(),
+            "lab built"
+        );
+        Ok(())
+    }
 
+    /// A cgroup per node under the lab's own, where the machine has cgroup2.
+    fn make_cgroups(&mut self) -> Result<(), BackendError> {
         if let Some(root) = cgroup2_mount() {
             // Recorded before anything is made, so a failure half way is cleaned up too.
             let parent = root.join("weir-lab").join(&self.prefix);
@@ -237,7 +260,12 @@ impl NetnsLab {
                 cgroups.nodes.push(dir);
             }
         }
+        Ok(())
+    }
 
+    /// The fabric namespace with one bridge per node network, each the network's gateway.
+    fn build_fabric(&mut self) -> Result<(), BackendError> {
+        let mtu = self.plan.mtu.to_string();
         let fabric = self.fabric();
         self.add_ns(fabric.clone())?;
         self.ip(&["-n", &fabric, "link", "set", "lo", "up"])?;
@@ -250,170 +278,179 @@ impl NetnsLab {
             self.ip(&["-n", &fabric, "addr", "add", &gateway, "dev", &bridge])?;
             self.ip(&["-n", &fabric, "link", "set", &bridge, "up"])?;
         }
+        Ok(())
+    }
 
-        for node in self.plan.nodes.clone() {
-            let ns = self.ns_name(node.id);
-            self.add_ns(ns.clone())?;
-            // Before any interface exists, so new ones inherit the defaults. Duplicate address
-            // detection would hold every new IPv6 address back for a second; the lab's plan
-            // guarantees uniqueness.
-            let mut settings = vec![
-                "net.ipv4.ip_forward=1".to_owned(),
-                "net.ipv4.conf.all.rp_filter=0".to_owned(),
-                "net.ipv4.conf.default.rp_filter=0".to_owned(),
-            ];
-            if self.plan.ipv6 {
-                settings.extend([
-                    "net.ipv6.conf.all.forwarding=1".to_owned(),
-                    "net.ipv6.conf.all.accept_dad=0".to_owned(),
-                    "net.ipv6.conf.default.accept_dad=0".to_owned(),
-                ]);
-            }
-            self.sysctl(node.id, &settings)?;
-            self.join_networks(
-                &fabric,
-                &ns,
-                &format!("n{}", node.index),
-                &node.ips,
-                node.ip6,
-                &mtu,
-            )?;
+    /// A node: its namespace and sysctls, its uplinks, its default route and a route to every
+    /// other node's pods.
+    fn build_node(&mut self, node: &NodePlan) -> Result<(), BackendError> {
+        let mtu = self.plan.mtu.to_string();
+        let fabric = self.fabric();
+        let ns = self.ns_name(node.id);
+        self.add_ns(ns.clone())?;
+        // Before any interface exists, so new ones inherit the defaults. Duplicate address
+        // detection would hold every new IPv6 address back for a second; the lab's plan
+        // guarantees uniqueness.
+        let mut settings = vec![
+            "net.ipv4.ip_forward=1".to_owned(),
+            "net.ipv4.conf.all.rp_filter=0".to_owned(),
+            "net.ipv4.conf.default.rp_filter=0".to_owned(),
+        ];
+        if self.plan.ipv6 {
+            settings.extend([
+                "net.ipv6.conf.all.forwarding=1".to_owned(),
+                "net.ipv6.conf.all.accept_dad=0".to_owned(),
+                "net.ipv6.conf.default.accept_dad=0".to_owned(),
+            ]);
+        }
+        self.sysctl(node.id, &settings)?;
+        self.join_networks(
+            &fabric,
+            &ns,
+            &format!("n{}", node.index),
+            &node.ips,
+            node.ip6,
+            &mtu,
+        )?;
+        self.ip(&[
+            "-n",
+            &ns,
+            "route",
+            "add",
+            "default",
+            "via",
+            &GATEWAY.to_string(),
+        ])?;
+        // Direct routing on the shared L2: every other node's pod CIDR via that node.
+        for other in self.plan.nodes.iter().filter(|o| o.index != node.index) {
+            let cidr = format!("{}/24", other.pod_cidr);
             self.ip(&[
                 "-n",
                 &ns,
                 "route",
                 "add",
-                "default",
+                &cidr,
                 "via",
-                &GATEWAY.to_string(),
+                &other.ip.to_string(),
             ])?;
-            // Direct routing on the shared L2: every other node's pod CIDR via that node.
-            for other in self.plan.nodes.iter().filter(|o| o.index != node.index) {
-                let cidr = format!("{}/24", other.pod_cidr);
-                self.ip(&[
-                    "-n",
-                    &ns,
-                    "route",
-                    "add",
-                    &cidr,
-                    "via",
-                    &other.ip.to_string(),
-                ])?;
-                if let (Some(cidr6), Some(via6)) = (other.pod_cidr6, other.ip6) {
-                    let cidr6 = format!("{cidr6}/64");
-                    self.ip(&[
-                        "-n",
-                        &ns,
-                        "-6",
-                        "route",
-                        "add",
-                        &cidr6,
-                        "via",
-                        &via6.to_string(),
-                    ])?;
-                }
-            }
-        }
-
-        for pod in self.plan.pods.clone() {
-            let ns = self.ns_name(pod.id);
-            let node_id = HostId::Node(pod.node);
-            let node_ns = self.ns_name(node_id);
-            self.add_ns(ns.clone())?;
-            let hif = pod.host_interface.as_str();
-            self.ip(&[
-                "-n", &node_ns, "link", "add", hif, "mtu", &mtu, "type", "veth", "peer", "name",
-                "eth0", "netns", &ns, "mtu", &mtu,
-            ])?;
-            self.apply_offloads(&node_ns, hif)?;
-            self.apply_offloads(&ns, "eth0")?;
-            let addr = format!("{}/32", pod.ip);
-            let pod_gw = POD_GATEWAY.to_string();
-            self.ip(&["-n", &ns, "link", "set", "lo", "up"])?;
-            self.ip(&["-n", &ns, "addr", "add", &addr, "dev", "eth0"])?;
-            self.ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
-            self.ip(&[
-                "-n", &ns, "route", "add", &pod_gw, "dev", "eth0", "scope", "link",
-            ])?;
-            self.ip(&[
-                "-n", &ns, "route", "add", "default", "via", &pod_gw, "dev", "eth0",
-            ])?;
-            // proxy_delay=0: otherwise the kernel answers broadcast ARP for the pod gateway
-            // after a random delay of up to 0.8 s, which makes first packets slow.
-            self.sysctl(
-                node_id,
-                &[
-                    format!("net.ipv4.conf.{hif}.proxy_arp=1"),
-                    format!("net.ipv4.conf.{hif}.rp_filter=0"),
-                    format!("net.ipv4.neigh.{hif}.proxy_delay=0"),
-                ],
-            )?;
-            self.ip(&["-n", &node_ns, "link", "set", hif, "up"])?;
-            self.ip(&["-n", &node_ns, "route", "add", &addr, "dev", hif])?;
-            if let Some(ip6) = pod.ip6 {
-                let addr6 = format!("{ip6}/128");
-                let gw6 = format!("{POD_GATEWAY6}/64");
-                self.ip(&["-n", &ns, "addr", "add", &addr6, "dev", "eth0", "nodad"])?;
-                self.ip(&["-n", &node_ns, "addr", "add", &gw6, "dev", hif, "nodad"])?;
+            if let (Some(cidr6), Some(via6)) = (other.pod_cidr6, other.ip6) {
+                let cidr6 = format!("{cidr6}/64");
                 self.ip(&[
                     "-n",
                     &ns,
                     "-6",
                     "route",
                     "add",
-                    "default",
+                    &cidr6,
                     "via",
-                    &POD_GATEWAY6.to_string(),
-                    "dev",
-                    "eth0",
+                    &via6.to_string(),
                 ])?;
-                self.ip(&["-n", &node_ns, "-6", "route", "add", &addr6, "dev", hif])?;
             }
         }
+        Ok(())
+    }
 
-        for ext in self.plan.externals.clone() {
-            let ns = self.ns_name(ext.id);
-            self.add_ns(ns.clone())?;
-            if self.plan.ipv6 {
-                self.sysctl(
-                    ext.id,
-                    &[
-                        "net.ipv6.conf.all.accept_dad=0".to_owned(),
-                        "net.ipv6.conf.default.accept_dad=0".to_owned(),
-                    ],
-                )?;
-            }
-            self.join_networks(
-                &fabric,
-                &ns,
-                &format!("x{}", ext.index),
-                &ext.ips,
-                ext.ip6,
-                &mtu,
-            )?;
-        }
-
-        for route in self.plan.routes.clone() {
-            let ns = self.ns_name(route.host);
-            let prefix = format!("{}/{}", route.prefix.0, route.prefix.1);
-            let family = if route.prefix.0.is_ipv6() { "-6" } else { "-4" };
+    /// A pod: its namespace and the veth to its node, routed Calico-style through a link-local
+    /// gateway the node answers for (proxy ARP; IPv6: the node side holds the gateway address).
+    fn build_pod(&mut self, pod: &PodPlan) -> Result<(), BackendError> {
+        let mtu = self.plan.mtu.to_string();
+        let ns = self.ns_name(pod.id);
+        let node_id = HostId::Node(pod.node);
+        let node_ns = self.ns_name(node_id);
+        self.add_ns(ns.clone())?;
+        let hif = pod.host_interface.as_str();
+        self.ip(&[
+            "-n", &node_ns, "link", "add", hif, "mtu", &mtu, "type", "veth", "peer", "name",
+            "eth0", "netns", &ns, "mtu", &mtu,
+        ])?;
+        self.apply_offloads(&node_ns, hif)?;
+        self.apply_offloads(&ns, "eth0")?;
+        let addr = format!("{}/32", pod.ip);
+        let pod_gw = POD_GATEWAY.to_string();
+        self.ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+        self.ip(&["-n", &ns, "addr", "add", &addr, "dev", "eth0"])?;
+        self.ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+        self.ip(&[
+            "-n", &ns, "route", "add", &pod_gw, "dev", "eth0", "scope", "link",
+        ])?;
+        self.ip(&[
+            "-n", &ns, "route", "add", "default", "via", &pod_gw, "dev", "eth0",
+        ])?;
+        // proxy_delay=0: otherwise the kernel answers broadcast ARP for the pod gateway
+        // after a random delay of up to 0.8 s, which makes first packets slow.
+        self.sysctl(
+            node_id,
+            &[
+                format!("net.ipv4.conf.{hif}.proxy_arp=1"),
+                format!("net.ipv4.conf.{hif}.rp_filter=0"),
+                format!("net.ipv4.neigh.{hif}.proxy_delay=0"),
+            ],
+        )?;
+        self.ip(&["-n", &node_ns, "link", "set", hif, "up"])?;
+        self.ip(&["-n", &node_ns, "route", "add", &addr, "dev", hif])?;
+        if let Some(ip6) = pod.ip6 {
+            let addr6 = format!("{ip6}/128");
+            let gw6 = format!("{POD_GATEWAY6}/64");
+            self.ip(&["-n", &ns, "addr", "add", &addr6, "dev", "eth0", "nodad"])?;
+            self.ip(&["-n", &node_ns, "addr", "add", &gw6, "dev", hif, "nodad"])?;
             self.ip(&[
                 "-n",
                 &ns,
-                family,
+                "-6",
                 "route",
                 "add",
-                &prefix,
+                "default",
                 "via",
-                &route.via.to_string(),
+                &POD_GATEWAY6.to_string(),
+                "dev",
+                "eth0",
             ])?;
+            self.ip(&["-n", &node_ns, "-6", "route", "add", &addr6, "dev", hif])?;
         }
-        debug!(
-            prefix = %self.prefix,
-            namespaces = self.namespaces.len(),
-            elapsed = ?started.elapsed(),
-            "lab built"
-        );
+        Ok(())
+    }
+
+    /// An external client: its namespace on every node network.
+    fn build_external(&mut self, ext: &ExternalPlan) -> Result<(), BackendError> {
+        let mtu = self.plan.mtu.to_string();
+        let fabric = self.fabric();
+        let ns = self.ns_name(ext.id);
+        self.add_ns(ns.clone())?;
+        if self.plan.ipv6 {
+            self.sysctl(
+                ext.id,
+                &[
+                    "net.ipv6.conf.all.accept_dad=0".to_owned(),
+                    "net.ipv6.conf.default.accept_dad=0".to_owned(),
+                ],
+            )?;
+        }
+        self.join_networks(
+            &fabric,
+            &ns,
+            &format!("x{}", ext.index),
+            &ext.ips,
+            ext.ip6,
+            &mtu,
+        )?;
+        Ok(())
+    }
+
+    /// One of the plan's `[[routes]]`.
+    fn add_route(&mut self, route: &RoutePlan) -> Result<(), BackendError> {
+        let ns = self.ns_name(route.host);
+        let prefix = format!("{}/{}", route.prefix.0, route.prefix.1);
+        let family = if route.prefix.0.is_ipv6() { "-6" } else { "-4" };
+        self.ip(&[
+            "-n",
+            &ns,
+            family,
+            "route",
+            "add",
+            &prefix,
+            "via",
+            &route.via.to_string(),
+        ])?;
         Ok(())
     }
 }
