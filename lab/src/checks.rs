@@ -7,13 +7,13 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 
-use crate::agent::{self, Agents};
-use crate::backend::{tail, Cmd, Lab};
-use crate::scenario::{
+use weir_lab_cluster::agent::{self, Agents};
+use weir_lab_core::backend::{tail, Cmd, Lab};
+use weir_lab_core::scenario::{
     CheckSpec, ConntrackCheck, CounterCheck, Family, FrontendCheck, HealthCheckSpec, Protocol,
     RejectedCheck, Scenario, TrafficCheck, Via,
 };
-use crate::topology::{HostId, Plan};
+use weir_lab_core::topology::{HostId, Plan};
 
 /// Per request: generous for a namespace lab, and still bounded.
 const CLIENT_TIMEOUT_S: u32 = 3;
@@ -87,15 +87,6 @@ fn normalize_client(raw: &str) -> String {
 /// `ip:port` as URLs and socat want it: IPv6 bracketed.
 fn host_port(ip: IpAddr, port: u16) -> String {
     std::net::SocketAddr::new(ip, port).to_string()
-}
-
-/// A datagram of `size` bytes (at least "ping\n"), newline-terminated for the echo server.
-pub fn datagram(size: Option<u32>) -> Vec<u8> {
-    let size = size.unwrap_or(5).max(5) as usize;
-    let mut d = b"ping ".to_vec();
-    d.resize(size - 1, b'x');
-    d.push(b'\n');
-    d
 }
 
 /// How a client request is shaped beyond its target.
@@ -335,7 +326,7 @@ fn delay_first_fragments(ctx: &mut CheckCtx<'_>, node: &str) -> Result<u8, Strin
         .ok_or("tunnel_first_fragment_last needs the agent")?;
     let log = agent_log.with_file_name(format!("delay-frames-{node}.log"));
     ctx.lab
-        .delay_first_fragments(index, crate::frame_delay::VXLAN_PORT, &log)
+        .delay_first_fragments(index, weir_lab_backends::frame_delay::VXLAN_PORT, &log)
         .map_err(|e| format!("delaying first fragments towards {node}: {e}"))?;
     Ok(index)
 }
@@ -942,7 +933,7 @@ fn health_check(ctx: &mut CheckCtx<'_>, h: &HealthCheckSpec) -> Result<String, S
 fn agents_of<'a>(
     ctx: &CheckCtx<'a>,
     node: Option<&str>,
-) -> Result<Vec<&'a crate::agent::NodeAgent>, String> {
+) -> Result<Vec<&'a weir_lab_cluster::agent::NodeAgent>, String> {
     let agents = ctx
         .agents
         .ok_or("the agent is not running in this scenario")?;
@@ -966,7 +957,11 @@ fn poll_agents(
     ctx: &mut CheckCtx<'_>,
     node: Option<&str>,
     within: Duration,
-    mut look: impl FnMut(&mut dyn Lab, &Agents, &crate::agent::NodeAgent) -> Result<String, String>,
+    mut look: impl FnMut(
+        &mut dyn Lab,
+        &Agents,
+        &weir_lab_cluster::agent::NodeAgent,
+    ) -> Result<String, String>,
 ) -> Result<String, String> {
     let targets = agents_of(ctx, node)?;
     let agents = ctx
@@ -1255,10 +1250,6 @@ mod tests {
             failure_ms("exit 7: curl: (7) Failed to connect to 198.18.100.47 port 80 after 6 ms: Couldn't connect to server (after 1143 ms)"),
             Some(6)
         );
-        assert_eq!(datagram(None), b"ping\n");
-        let big = datagram(Some(1400));
-        assert_eq!(big.len(), 1400);
-        assert!(big.starts_with(b"ping ") && big.ends_with(b"x\n"));
     }
 
     #[test]

@@ -1,31 +1,12 @@
 //! weir-lab: runs Weir scenarios on a throwaway cluster and reports what passed.
 //!
-//! A scenario (TOML, see [`scenario`]) describes nodes, pods, Kubernetes services and checks. A
-//! [`backend`] builds the hosts (today: network namespaces on the host kernel), the [`runner`]
-//! starts real workloads and one weir-agent per node, runs the [`checks`] and emits [`events`]
-//! that [`report`]ers turn into a terminal report and a JSON file.
+//! A scenario (`weir_lab_core::scenario`) describes nodes, pods, Kubernetes services and
+//! checks. A backend (`weir_lab_backends`) builds the hosts, the [`runner`] starts real
+//! workloads and one weir-agent per node, runs the [`checks`] and emits `weir_lab_core::events`
+//! that `weir_lab_report` turns into a terminal report and a JSON file.
 
-pub mod agent;
-pub mod backend;
-pub mod bench;
 pub mod checks;
-pub mod events;
-pub mod features;
-pub mod frame_delay;
-pub mod k8s;
-pub mod kube_proxy;
 pub mod matrix;
-pub mod probes;
-pub mod reorder;
-pub mod report;
-pub mod report_html;
 pub mod restart;
 pub mod runner;
-pub mod sandbox;
-pub mod scenario;
-pub mod state_checks;
 pub mod steps;
-pub mod throughput;
-pub mod timeline;
-pub mod topology;
-pub mod workloads;

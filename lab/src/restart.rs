@@ -6,10 +6,10 @@ use std::net::Ipv4Addr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::agent::{self, Agents, DumpedService, METRICS_ADDR};
-use crate::backend::{tail, Cmd, Lab};
-use crate::scenario::{AgentRestartSpec, Scenario};
-use crate::topology::{HostId, Plan};
+use weir_lab_cluster::agent::{self, Agents, DumpedService, METRICS_ADDR};
+use weir_lab_core::backend::{tail, Cmd, Lab};
+use weir_lab_core::scenario::{AgentRestartSpec, Scenario};
+use weir_lab_core::topology::{HostId, Plan};
 
 const EXEC_TIMEOUT: Duration = Duration::from_secs(8);
 const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -45,7 +45,7 @@ pub fn run(
     // The bulk service: the scenario's state plus one Service and its EndpointSlice.
     let state = format!(
         "{}{}",
-        crate::k8s::cluster_state(scenario, plan),
+        weir_lab_core::k8s::cluster_state(scenario, plan),
         bulk_objects(spec, server_ip)
     );
     lab.write_file(node, &agents.state_path, state.as_bytes())

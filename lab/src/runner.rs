@@ -8,17 +8,17 @@ use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
-use crate::agent::{self, Agents};
-use crate::backend::{Backend, BackendError, BackendKind, Cmd, Lab};
 use crate::checks::{self, CheckCtx};
-use crate::events::{Event, Events};
-use crate::features::{self, Feature};
-use crate::k8s;
-use crate::scenario::{Scenario, ScenarioError};
 use crate::steps::TimelineCtx;
-use crate::timeline::ClusterModel;
-use crate::topology::Plan;
-use crate::workloads;
+use weir_lab_cluster::agent::{self, Agents};
+use weir_lab_cluster::workloads;
+use weir_lab_core::backend::{Backend, BackendError, BackendKind, Cmd, Lab};
+use weir_lab_core::events::{Event, Events};
+use weir_lab_core::features::{self, Feature};
+use weir_lab_core::k8s;
+use weir_lab_core::scenario::{Scenario, ScenarioError};
+use weir_lab_core::timeline::ClusterModel;
+use weir_lab_core::topology::Plan;
 
 const LISTEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Per diagnostic command after a failure; the guests of a TCG VM are slow.
@@ -138,7 +138,7 @@ pub fn host_has_module(module: &str) -> bool {
 }
 
 pub fn run_all(files: &[ScenarioFile], opts: &RunOptions, events: &mut Events) -> Tally {
-    let backend = opts.backend.instantiate();
+    let backend = weir_lab_backends::instantiate(opts.backend);
     run_all_with(files, opts, backend.as_ref(), events)
 }
 

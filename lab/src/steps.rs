@@ -5,13 +5,13 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::agent::Agents;
-use crate::backend::{BackendError, Cmd, Lab, ProcId};
-use crate::probes::{self, ServingTimeline};
-use crate::scenario::{Protocol, Scenario};
-use crate::timeline::{ActionError, ClusterModel, ProbeSpec, SideEffect, StepSpec};
-use crate::topology::Plan;
-use crate::workloads::{self, PodPorts, Workloads};
+use weir_lab_bench::probes::{self, ServingTimeline};
+use weir_lab_cluster::agent::Agents;
+use weir_lab_cluster::workloads::{self, PodPorts, Workloads};
+use weir_lab_core::backend::{BackendError, Cmd, Lab, ProcId};
+use weir_lab_core::scenario::{Protocol, Scenario};
+use weir_lab_core::timeline::{ActionError, ClusterModel, ProbeSpec, SideEffect, StepSpec};
+use weir_lab_core::topology::Plan;
 
 const LISTEN_TIMEOUT: Duration = Duration::from_secs(10);
 const PROBE_START_TIMEOUT: Duration = Duration::from_secs(10);
@@ -163,7 +163,7 @@ impl TimelineCtx<'_> {
 
     /// Writes the cluster state as the model has it, where every agent reads it (atomically).
     fn write_state(&mut self) -> Result<(), StepError> {
-        let yaml = crate::k8s::cluster_state_of(&self.model, self.plan);
+        let yaml = weir_lab_core::k8s::cluster_state_of(&self.model, self.plan);
         let first = self.plan.nodes[0].id;
         self.lab
             .write_file(first, &self.agents.state_path, yaml.as_bytes())

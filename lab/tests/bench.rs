@@ -29,7 +29,7 @@ fn leftovers(marker: &str) -> Vec<String> {
 }
 
 fn iptables_legacy_present() -> bool {
-    weir_lab::kube_proxy::Flavor::Legacy
+    weir_lab_bench::kube_proxy::Flavor::Legacy
         .find_restore()
         .is_some()
 }

@@ -8,8 +8,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use weir_kernels::{Fetcher, Matrix};
-use weir_lab::backend::qemu::vm::{Vm, VmError, VmSpec};
-use weir_lab::backend::qemu::{tools, Qemu};
+use weir_lab_backends::qemu::vm::{Vm, VmError, VmSpec};
+use weir_lab_backends::qemu::{tools, Qemu};
 use weir_node_image::ImageBuilder;
 
 const KERNEL: &str = "debian-6.1";
