@@ -47,6 +47,12 @@ pub struct Metrics {
     /// Frontends (address, port, protocol) in the service map after the last sync.
     pub services: Gauge,
     pub backends: Gauge,
+    /// NetworkPolicies selecting at least one of this node's pods, after the last policy pass.
+    pub policies: Gauge,
+    /// This node's pods a NetworkPolicy isolates.
+    pub policy_endpoints: Gauge,
+    /// Entries in `WEIR_POLICY_RULES`.
+    pub policy_rule_entries: Gauge,
     /// Entries in each conntrack table, as counted by the last garbage collection.
     pub conntrack_entries: Family<TableLabel, Gauge>,
     pub conntrack_reclaimed: Counter,
@@ -100,6 +106,9 @@ impl Metrics {
         let metrics = Metrics {
             services: Gauge::default(),
             backends: Gauge::default(),
+            policies: Gauge::default(),
+            policy_endpoints: Gauge::default(),
+            policy_rule_entries: Gauge::default(),
             conntrack_entries: Family::default(),
             conntrack_reclaimed: Counter::default(),
             conntrack_evictions: Counter::default(),
@@ -136,6 +145,21 @@ impl Metrics {
             "weir_backends",
             "Distinct backends programmed in the maps",
             metrics.backends.clone(),
+        );
+        registry.register(
+            "weir_policies",
+            "NetworkPolicies that select at least one of this node's pods",
+            metrics.policies.clone(),
+        );
+        registry.register(
+            "weir_policy_endpoints",
+            "This node's pods that a NetworkPolicy isolates (ingress, egress or both)",
+            metrics.policy_endpoints.clone(),
+        );
+        registry.register(
+            "weir_policy_rule_entries",
+            "Entries in the policy rule map (endpoint, peer identity, direction, port prefix)",
+            metrics.policy_rule_entries.clone(),
         );
         registry.register(
             "weir_conntrack_entries",

@@ -211,7 +211,7 @@ async fn watch_events_bookmarks_and_410_gone_reach_the_intent() {
     server.list(NODES, "10", vec![node("node1"), node("node2")]);
     tokio::spawn(server.clone().serve(handle));
     let client = kube::Client::new(mock, "default");
-    let source = KubeSource::start(client, "node1");
+    let source = KubeSource::start(client, "node1", false);
 
     // The initial lists: nothing counts as ready until every kind is listed.
     eventually(&source, "the initial lists", KubeSource::is_ready).await;

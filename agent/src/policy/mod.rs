@@ -13,10 +13,14 @@ use crate::intent::ObjectRef;
 
 pub mod compile;
 pub mod intent;
+pub mod maps;
+pub mod reconcile;
 pub mod state;
 
 pub use compile::{CompileReport, Compiled, IdentityKey, PodClass, PolicyCompiler};
 pub use intent::{NamespaceIntent, PodIntent, PolicyError, PolicyIntent};
+pub use maps::PolicyMaps;
+pub use reconcile::PolicyReconciler;
 pub use state::{PlanStep, PolicyPlan, PolicyState};
 
 /// The validated policy intent of the cluster.

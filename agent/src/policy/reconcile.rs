@@ -1,0 +1,130 @@
+//! One policy pass: compile the policy intent, diff against what the maps hold, write the plan
+//! in its safe order, and keep the node's POLICY flag in step with the isolated endpoints.
+
+use tracing::{info, warn};
+use weir_common::{map_names, node_flags, NodeConfig};
+
+use super::compile::{Compiled, PolicyCompiler};
+use super::maps::PolicyMaps;
+use super::state::{PolicyPlan, PolicyState};
+use super::PolicyIntents;
+use crate::dataplane::{DataplaneError, NodeMaps};
+use crate::metrics::Metrics;
+
+pub struct PolicyReconciler {
+    compiler: PolicyCompiler,
+    enabled: bool,
+    /// What the maps hold, as last written; None until read (at start, and after a failed
+    /// write, so the maps are never trusted less than a memory of them).
+    shadow: Option<PolicyState>,
+    last: Compiled,
+    /// SCTP entries were logged once already.
+    sctp_logged: bool,
+}
+
+impl PolicyReconciler {
+    /// `enabled` false: every pass empties the maps (what an earlier agent left included).
+    pub fn new(node_name: &str, enabled: bool) -> PolicyReconciler {
+        PolicyReconciler {
+            compiler: PolicyCompiler::new(node_name),
+            enabled,
+            shadow: None,
+            last: Compiled::default(),
+            sctp_logged: false,
+        }
+    }
+
+    /// A pass is due even without a change: the maps were never read, or a write failed.
+    pub fn needs_pass(&self) -> bool {
+        self.shadow.is_none()
+    }
+
+    /// The last pass's result (for metrics and logs).
+    pub fn last(&self) -> &Compiled {
+        &self.last
+    }
+
+    /// Brings the policy maps and the node's POLICY flag to `intents`; returns the map writes.
+    /// `node_config` is the node configuration as written; its POLICY flag is set before any
+    /// endpoint is isolated and cleared after the last one stops being.
+    pub fn pass(
+        &mut self,
+        intents: &PolicyIntents,
+        maps: &mut PolicyMaps,
+        node: &mut NodeMaps,
+        node_config: &mut NodeConfig,
+        metrics: Option<&Metrics>,
+    ) -> Result<usize, DataplaneError> {
+        let empty = PolicyIntents::default();
+        let compiled = self
+            .compiler
+            .compile(if self.enabled { intents } else { &empty });
+        if compiled.report.sctp_ports > 0 && !self.sctp_logged {
+            self.sctp_logged = true;
+            warn!(
+                entries = compiled.report.sctp_ports,
+                "NetworkPolicy ports name SCTP, which Weir does not carry: those entries match nothing"
+            );
+        }
+        let current = match self.shadow.take() {
+            Some(shadow) => shadow,
+            None => maps.read()?,
+        };
+        let plan = PolicyPlan::between(&current, &compiled.state);
+        let isolating = !compiled.state.endpoints.is_empty();
+        if isolating {
+            set_policy_flag(node, node_config, true)?;
+        }
+        if !plan.is_empty() {
+            // On error the shadow stays None: the next pass rereads the maps.
+            maps.apply(&plan)?;
+        }
+        self.shadow = Some(compiled.state.clone());
+        if !isolating {
+            set_policy_flag(node, node_config, false)?;
+        }
+        let report = &compiled.report;
+        if plan.writes() > 0 {
+            info!(
+                writes = plan.writes(),
+                policies = report.policies,
+                isolated_endpoints = report.isolated_endpoints,
+                rule_entries = report.rule_entries,
+                "applied network policy"
+            );
+        }
+        if let Some(metrics) = metrics {
+            metrics.policies.set(report.policies as i64);
+            metrics
+                .policy_endpoints
+                .set(report.isolated_endpoints as i64);
+            metrics.policy_rule_entries.set(report.rule_entries as i64);
+            metrics.map_writes.inc_by(plan.writes() as u64);
+            let state = &compiled.state;
+            metrics.set_map_entries(map_names::POLICY_ENDPOINTS, state.endpoints.len());
+            metrics.set_map_entries(map_names::POLICY_PEERS, state.peers.len());
+            metrics.set_map_entries(map_names::POLICY_CIDRS, state.cidrs.len());
+            metrics.set_map_entries(map_names::POLICY_RULES, state.rules.len());
+        }
+        self.last = compiled;
+        Ok(plan.writes())
+    }
+}
+
+fn set_policy_flag(
+    node: &mut NodeMaps,
+    config: &mut NodeConfig,
+    on: bool,
+) -> Result<(), DataplaneError> {
+    let mut wanted = *config;
+    if on {
+        wanted.flags |= node_flags::POLICY;
+    } else {
+        wanted.flags &= !node_flags::POLICY;
+    }
+    if wanted != *config {
+        node.set_config(&wanted)?;
+        *config = wanted;
+    }
+    Ok(())
+}
