@@ -634,6 +634,18 @@ pub fn fill_levels(dir: &Path) -> Vec<(&'static str, Result<MapFill, DataplaneEr
                 open_pinned(dir, map_names::SOURCE_RANGES)?;
             Ok(trie.keys().filter(Result::is_ok).count())
         }),
+        fill::<HostAddrKey, weir_common::PolicyEndpoint>(dir, map_names::POLICY_ENDPOINTS),
+        fill::<HostAddrKey, u32>(dir, map_names::POLICY_PEERS),
+        fill_with(dir, map_names::POLICY_CIDRS, || {
+            let trie: LpmTrie<MapData, weir_common::PolicyCidrKey, u32> =
+                open_pinned(dir, map_names::POLICY_CIDRS)?;
+            Ok(trie.keys().filter(Result::is_ok).count())
+        }),
+        fill_with(dir, map_names::POLICY_RULES, || {
+            let trie: LpmTrie<MapData, weir_common::PolicyRuleKey, u8> =
+                open_pinned(dir, map_names::POLICY_RULES)?;
+            Ok(trie.keys().filter(Result::is_ok).count())
+        }),
     ]
 }
 

@@ -151,3 +151,168 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     }
     out
 }
+
+/// What one isolated pod of this node allows in one direction from one peer identity.
+#[derive(Serialize)]
+pub struct PolicyAllowRow {
+    /// 0 is any address.
+    pub identity: u32,
+    /// `any`, the agent's name for the identity (`namespace/labels`, a CIDR), or what the maps
+    /// alone tell (a CIDR, the addresses of a pod identity).
+    pub peer: String,
+    /// `any`, `tcp/any`, `tcp/8080`, `tcp/8000-8063`.
+    pub ports: Vec<String>,
+}
+
+#[derive(Serialize)]
+pub struct PolicyEndpointRow {
+    pub endpoint: u32,
+    /// `namespace/name`, when the agent answered.
+    pub pod: Option<String>,
+    pub addresses: Vec<String>,
+    /// `ingress`, `egress`: only what the rules allow passes in that direction.
+    pub isolated: Vec<&'static str>,
+    pub ingress: Vec<PolicyAllowRow>,
+    pub egress: Vec<PolicyAllowRow>,
+}
+
+/// The policy maps by isolated endpoint, named with `names` (the running agent's `/policy`)
+/// where given.
+pub fn policy(
+    pin_dir: &Path,
+    names: Option<&crate::policy::PolicyNames>,
+) -> Result<Vec<PolicyEndpointRow>, DataplaneError> {
+    use weir_common::{policy_direction, policy_flags, policy_rule_bits, POLICY_CIDR_FIXED_BITS};
+    let state = crate::policy::PolicyMaps::open_pinned(pin_dir)?.read()?;
+    let mut from_maps: BTreeMap<u32, String> = BTreeMap::new();
+    for ((key, bits), id) in &state.cidrs {
+        let prefix = ip_of(&key.addr, key.family);
+        from_maps.insert(*id, format!("{prefix}/{}", bits - POLICY_CIDR_FIXED_BITS));
+    }
+    let mut pods_of: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+    for (key, id) in &state.peers {
+        pods_of
+            .entry(*id)
+            .or_default()
+            .push(ip_of(&key.addr, key.family).to_string());
+    }
+    for (id, addresses) in pods_of {
+        let more = addresses.len().saturating_sub(3);
+        let mut shown = addresses.into_iter().take(3).collect::<Vec<_>>().join(" ");
+        if more > 0 {
+            shown.push_str(&format!(" +{more}"));
+        }
+        from_maps.insert(id, format!("pods {shown}"));
+    }
+    let peer_name = |id: u32| -> String {
+        if id == weir_common::POLICY_ANY_PEER {
+            return "any".into();
+        }
+        names
+            .and_then(|n| n.identities.get(&id).cloned())
+            .or_else(|| from_maps.get(&id).cloned())
+            .unwrap_or_else(|| format!("identity {id}"))
+    };
+    // (endpoint, direction, identity) -> ports
+    let mut allowed: BTreeMap<(u32, u8, u32), Vec<String>> = BTreeMap::new();
+    for (key, bits) in state.rules.keys() {
+        let port = u16::from_be(key.port_be);
+        let ports = match *bits {
+            policy_rule_bits::ANY_PROTOCOL => "any".to_owned(),
+            policy_rule_bits::ANY_PORT => format!("{}/any", proto_name(key.proto)),
+            bits => {
+                let span = 1u32 << (policy_rule_bits::PORT - bits.min(policy_rule_bits::PORT));
+                let last = u32::from(port) + span - 1;
+                if span == 1 {
+                    format!("{}/{port}", proto_name(key.proto))
+                } else {
+                    format!("{}/{port}-{last}", proto_name(key.proto))
+                }
+            }
+        };
+        allowed
+            .entry((
+                u32::from_be(key.endpoint_be),
+                key.direction,
+                u32::from_be(key.identity_be),
+            ))
+            .or_default()
+            .push(ports);
+    }
+    let mut endpoints: BTreeMap<u32, (u8, Vec<String>)> = BTreeMap::new();
+    for (key, endpoint) in &state.endpoints {
+        let entry = endpoints.entry(endpoint.id).or_default();
+        entry.0 |= endpoint.flags;
+        entry.1.push(ip_of(&key.addr, key.family).to_string());
+    }
+    let rows_of = |endpoint: u32, direction: u8| -> Vec<PolicyAllowRow> {
+        allowed
+            .range((endpoint, direction, 0)..=(endpoint, direction, u32::MAX))
+            .map(|((_, _, identity), ports)| PolicyAllowRow {
+                identity: *identity,
+                peer: peer_name(*identity),
+                ports: ports.clone(),
+            })
+            .collect()
+    };
+    Ok(endpoints
+        .into_iter()
+        .map(|(id, (flags, addresses))| PolicyEndpointRow {
+            endpoint: id,
+            pod: names.and_then(|n| n.endpoints.get(&id).cloned()),
+            addresses,
+            isolated: [
+                (policy_flags::INGRESS, "ingress"),
+                (policy_flags::EGRESS, "egress"),
+            ]
+            .into_iter()
+            .filter(|(bit, _)| flags & bit != 0)
+            .map(|(_, name)| name)
+            .collect(),
+            ingress: rows_of(id, policy_direction::INGRESS),
+            egress: rows_of(id, policy_direction::EGRESS),
+        })
+        .collect())
+}
+
+/// The running agent's names for the policy maps' ids, if it answers.
+pub fn policy_names(agent: std::net::SocketAddr) -> Option<crate::policy::PolicyNames> {
+    let (code, body) = crate::status::http_get(agent, "/policy").ok()?;
+    (code == 200).then(|| serde_json::from_str(&body).ok())?
+}
+
+/// `dump policy` as a table: one line per (endpoint, direction, peer).
+pub fn policy_table(rows: &[PolicyEndpointRow]) -> String {
+    let mut cells = Vec::new();
+    for row in rows {
+        let pod = row
+            .pod
+            .clone()
+            .unwrap_or_else(|| format!("#{}", row.endpoint));
+        let addresses = row.addresses.join(" ");
+        for (direction, allows) in [("ingress", &row.ingress), ("egress", &row.egress)] {
+            if !row.isolated.contains(&direction) {
+                continue;
+            }
+            if allows.is_empty() {
+                cells.push(vec![
+                    pod.clone(),
+                    addresses.clone(),
+                    direction.to_owned(),
+                    "(nothing: deny all)".to_owned(),
+                    String::new(),
+                ]);
+            }
+            for allow in allows {
+                cells.push(vec![
+                    pod.clone(),
+                    addresses.clone(),
+                    direction.to_owned(),
+                    allow.peer.clone(),
+                    allow.ports.join(" "),
+                ]);
+            }
+        }
+    }
+    table(&["POD", "ADDRESSES", "DIRECTION", "PEER", "PORTS"], &cells)
+}

@@ -98,6 +98,10 @@ pub struct Metrics {
     /// Weir programs of another agent (another pin directory or version) attached to an
     /// interface next to this agent's own.
     pub foreign_programs: Gauge,
+    /// What the policy maps' ids stand for after the last policy pass, served at `/policy`
+    /// for `weir-agent dump policy` (not a metric: kept here as the state the HTTP thread
+    /// already shares).
+    pub policy_names: std::sync::Mutex<crate::policy::PolicyNames>,
 }
 
 impl Metrics {
@@ -134,6 +138,7 @@ impl Metrics {
             http_connections_closed: Family::default(),
             drift_repaired: Family::default(),
             foreign_programs: Gauge::default(),
+            policy_names: Default::default(),
             registry: Registry::default(),
         };
         registry.register(

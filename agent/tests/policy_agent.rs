@@ -199,6 +199,31 @@ fn the_policy_pass_writes_the_maps_and_the_node_flag_and_a_restart_adopts_them()
         0
     );
 
+    // `dump policy`: named by the agent, and from the maps alone.
+    let pin_dir = weir_agent::config::versioned_pin_dir(pins.path());
+    let names = policy.last().names();
+    let rows = weir_agent::dump::policy(&pin_dir, Some(&names)).unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].pod.as_deref(), Some("shop/web"));
+    assert_eq!(rows[0].isolated, ["ingress"]);
+    let peers: Vec<(&str, &[String])> = rows[0]
+        .ingress
+        .iter()
+        .map(|a| (a.peer.as_str(), a.ports.as_slice()))
+        .collect();
+    let http = ["tcp/8080".to_owned()];
+    assert!(
+        peers.contains(&("shop/app=cart +ports http/tcp/8080", &http[..])),
+        "{peers:?}"
+    );
+    assert!(peers.contains(&("203.0.113.0/24", &http[..])), "{peers:?}");
+    let bare = weir_agent::dump::policy(&pin_dir, None).unwrap();
+    let table = weir_agent::dump::policy_table(&bare);
+    assert!(
+        table.contains("pods 198.18.2.1") && table.contains("203.0.113.0/24"),
+        "{table}"
+    );
+
     // A restarted agent reads the maps and finds nothing to write.
     drop(dataplane);
     let mut dataplane = common::load_pinned(pins.path());

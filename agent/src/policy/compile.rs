@@ -127,6 +127,53 @@ pub struct Compiled {
     pub endpoints: BTreeMap<u32, ObjectRef>,
 }
 
+/// What the ids of a pass stand for, as a person reads them: `weir-agent dump policy` names
+/// the maps' numbers with it (the agent serves it at `/policy`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PolicyNames {
+    /// Pod identities as `namespace/label=value,...` (`+ports name/proto/port` when they
+    /// define named ports), CIDR identities as their prefix.
+    pub identities: BTreeMap<u32, String>,
+    /// Isolated pods as `namespace/name`.
+    pub endpoints: BTreeMap<u32, String>,
+}
+
+impl Compiled {
+    pub fn names(&self) -> PolicyNames {
+        let identities = self
+            .identities
+            .iter()
+            .map(|(id, key)| {
+                let name = match key {
+                    IdentityKey::Cidr(prefix) => prefix.to_string(),
+                    IdentityKey::Pods(class) => {
+                        let labels: Vec<String> = class
+                            .labels
+                            .iter()
+                            .map(|(k, v)| format!("{k}={v}"))
+                            .collect();
+                        let mut name = format!("{}/{}", class.namespace, labels.join(","));
+                        if !class.named_ports.is_empty() {
+                            let ports: Vec<String> = (class.named_ports.iter())
+                                .map(|p| format!("{}/{}/{}", p.name, p.protocol, p.port))
+                                .collect();
+                            name.push_str(&format!(" +ports {}", ports.join(",")));
+                        }
+                        name
+                    }
+                };
+                (*id, name)
+            })
+            .collect();
+        PolicyNames {
+            identities,
+            endpoints: (self.endpoints.iter())
+                .map(|(id, pod)| (*id, pod.to_string()))
+                .collect(),
+        }
+    }
+}
+
 /// Keeps the id allocations between passes.
 #[derive(Debug)]
 pub struct PolicyCompiler {

@@ -17,7 +17,7 @@ pub mod maps;
 pub mod reconcile;
 pub mod state;
 
-pub use compile::{CompileReport, Compiled, IdentityKey, PodClass, PolicyCompiler};
+pub use compile::{CompileReport, Compiled, IdentityKey, PodClass, PolicyCompiler, PolicyNames};
 pub use intent::{NamespaceIntent, PodIntent, PolicyError, PolicyIntent};
 pub use maps::PolicyMaps;
 pub use reconcile::PolicyReconciler;

@@ -105,6 +105,9 @@ impl PolicyReconciler {
             metrics.set_map_entries(map_names::POLICY_PEERS, state.peers.len());
             metrics.set_map_entries(map_names::POLICY_CIDRS, state.cidrs.len());
             metrics.set_map_entries(map_names::POLICY_RULES, state.rules.len());
+            if let Ok(mut names) = metrics.policy_names.lock() {
+                *names = compiled.names();
+            }
         }
         self.last = compiled;
         Ok(plan.writes())
