@@ -280,14 +280,17 @@ struct Pass<'a> {
     intents: &'a PolicyIntents,
     node_name: &'a str,
     /// Pod identities by namespace, each with its class.
-    classes: BTreeMap<&'a str, Vec<(u32, Rc<PodClass>)>>,
+    classes: BTreeMap<&'a str, Classes>,
     /// Pod identities defining a named port, for egress rules to any peer.
     named: BTreeMap<(&'a str, PolicyProtocol), Vec<(u32, u16)>>,
     /// Selector results, by (scope, selector).
-    matched: HashMap<(NamespaceScope, Selector), Rc<Vec<(u32, Rc<PodClass>)>>>,
+    matched: HashMap<(NamespaceScope, Selector), Rc<Classes>>,
     /// Every written ipBlock prefix, sorted, with its identity.
     prefixes: Vec<(Prefix, u32)>,
 }
+
+/// Pod identities with their classes.
+type Classes = Vec<(u32, Rc<PodClass>)>;
 
 /// A policy (by id) and the local pods it selects.
 type Selected<'a> = Vec<(&'a ObjectRef, Vec<&'a PodIntent>)>;
@@ -444,12 +447,12 @@ impl<'a> Pass<'a> {
     }
 
     /// The pod identities a (scope, selector) pair matches, once per pass.
-    fn select(&mut self, scope: &NamespaceScope, pods: &Selector) -> Rc<Vec<(u32, Rc<PodClass>)>> {
+    fn select(&mut self, scope: &NamespaceScope, pods: &Selector) -> Rc<Classes> {
         let key = (scope.clone(), pods.clone());
         if let Some(found) = self.matched.get(&key) {
             return found.clone();
         }
-        let namespaces: Vec<&Vec<(u32, Rc<PodClass>)>> = match scope {
+        let namespaces: Vec<&Classes> = match scope {
             NamespaceScope::Own(namespace) => {
                 self.classes.get(namespace.as_str()).into_iter().collect()
             }
@@ -460,7 +463,7 @@ impl<'a> Pass<'a> {
                 .filter(|classes| selector.matches(&classes[0].1.namespace_labels))
                 .collect(),
         };
-        let found: Vec<(u32, Rc<PodClass>)> = namespaces
+        let found: Classes = namespaces
             .into_iter()
             .flatten()
             .filter(|(_, class)| pods.matches(&class.labels))

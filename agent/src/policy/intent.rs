@@ -485,11 +485,7 @@ impl TryFrom<&NetworkPolicy> for PolicyIntent {
             }
         }
         let namespace = &id.namespace;
-        let convert = |direction: &str,
-                       rules: Vec<(
-            Option<Vec<NetworkPolicyPeer>>,
-            Option<Vec<NetworkPolicyPort>>,
-        )>| {
+        let convert = |direction: &str, rules: Vec<RawRule>| {
             rules
                 .into_iter()
                 .enumerate()
@@ -520,6 +516,12 @@ impl TryFrom<&NetworkPolicy> for PolicyIntent {
         })
     }
 }
+
+/// An ingress or egress rule as the API has it: its peers (`from` or `to`) and ports.
+type RawRule = (
+    Option<Vec<NetworkPolicyPeer>>,
+    Option<Vec<NetworkPolicyPort>>,
+);
 
 impl Rule {
     fn parse(
