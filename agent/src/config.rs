@@ -1082,6 +1082,10 @@ cgroup = "/sys/fs/cgroup/unified"
         assert_eq!(config.poll_interval, DEFAULT_POLL);
         assert!(!config.host_services.enabled, "host services are opt-in");
         assert!(
+            config.policy.enabled,
+            "NetworkPolicy is enforced by default"
+        );
+        assert!(
             config.metrics_listen.ip().is_loopback(),
             "metrics stay on the node by default"
         );
@@ -1163,6 +1167,16 @@ cgroup = "/sys/fs/cgroup/unified"
             relative.finish().is_err(),
             "a relative cgroup path is refused"
         );
+    }
+
+    #[test]
+    fn policy_can_be_turned_off() {
+        let layer: ConfigLayer = toml::from_str(
+            "node_name = \"n1\"\nstate_path = \"/s.yaml\"\n[policy]\nenabled = false\n",
+        )
+        .unwrap();
+        assert!(!layer.finish().unwrap().policy.enabled);
+        assert!(toml::from_str::<ConfigLayer>("[policy]\nenable = false\n").is_err());
     }
 
     /// Flag over environment over file over default, in one test because the environment is
