@@ -201,7 +201,7 @@ fn the_policy_pass_writes_the_maps_and_the_node_flag_and_a_restart_adopts_them()
 
     // `dump policy`: named by the agent, and from the maps alone.
     let pin_dir = weir_agent::config::versioned_pin_dir(pins.path());
-    let names = policy.last().names();
+    let names = policy.names();
     let rows = weir_agent::dump::policy(&pin_dir, Some(&names)).unwrap();
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0].pod.as_deref(), Some("shop/web"));

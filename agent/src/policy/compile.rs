@@ -36,7 +36,7 @@ pub struct PodClass {
 /// What a peer identity stands for.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum IdentityKey {
-    Pods(PodClass),
+    Pods(Rc<PodClass>),
     Cidr(Prefix),
 }
 
@@ -100,10 +100,6 @@ impl<K: Clone + Eq + std::hash::Hash> Allocator<K> {
             keep
         });
     }
-
-    fn key_of(&self) -> HashMap<u32, K> {
-        self.ids.iter().map(|(k, id)| (*id, k.clone())).collect()
-    }
 }
 
 /// Counts a pass reports.
@@ -117,12 +113,11 @@ pub struct CompileReport {
     pub sctp_ports: usize,
 }
 
-/// A compiled pass: the maps' contents and what each id stands for (for `dump policy`).
+/// A compiled pass: the maps' contents, and the pods behind the endpoint ids.
 #[derive(Clone, Debug, Default)]
 pub struct Compiled {
     pub state: PolicyState,
     pub report: CompileReport,
-    pub identities: BTreeMap<u32, IdentityKey>,
     /// Isolated local pods by endpoint id.
     pub endpoints: BTreeMap<u32, ObjectRef>,
 }
@@ -138,11 +133,12 @@ pub struct PolicyNames {
     pub endpoints: BTreeMap<u32, String>,
 }
 
-impl Compiled {
-    pub fn names(&self) -> PolicyNames {
-        let identities = self
-            .identities
-            .iter()
+impl PolicyCompiler {
+    /// Names for the ids of the last pass (`compiled`): formatted only when asked, since a
+    /// pass over 5,000 pods would otherwise spend as long naming as compiling.
+    pub fn names(&self, compiled: &Compiled) -> PolicyNames {
+        let identities = (self.identities.ids.iter())
+            .map(|(key, id)| (id, key))
             .map(|(id, key)| {
                 let name = match key {
                     IdentityKey::Cidr(prefix) => prefix.to_string(),
@@ -167,7 +163,7 @@ impl Compiled {
             .collect();
         PolicyNames {
             identities,
-            endpoints: (self.endpoints.iter())
+            endpoints: (compiled.endpoints.iter())
                 .map(|(id, pod)| (*id, pod.to_string()))
                 .collect(),
         }
@@ -249,9 +245,10 @@ impl PolicyCompiler {
                         .filter(|p| p.protocol == PolicyProtocol::Sctp)
                         .count();
                     let targets = pass.targets(rule);
+                    let ports = RulePorts::of(rule);
                     for pod in pods {
                         let endpoint = endpoint_ids[&pod.id];
-                        pass.rule_entries(direction, endpoint, pod, rule, &targets, &mut state);
+                        pass.rule_entries(direction, endpoint, pod, &ports, &targets, &mut state);
                     }
                 }
             }
@@ -259,17 +256,9 @@ impl PolicyCompiler {
         report.rule_entries = state.rules.len();
         self.identities.finish();
         self.endpoints.finish();
-        let key_of = self.identities.key_of();
-        let identities = state
-            .peers
-            .values()
-            .chain(state.cidrs.values())
-            .filter_map(|id| Some((*id, key_of.get(id)?.clone())))
-            .collect();
         Compiled {
             state,
             report,
-            identities,
             endpoints,
         }
     }
@@ -322,37 +311,44 @@ impl<'a> Pass<'a> {
     /// Every addressed pod of the cluster: its identity, and its addresses in the peer map.
     fn peers(&mut self, identities: &mut Allocator<IdentityKey>, state: &mut PolicyState) {
         let mut namespace_labels: HashMap<&str, Labels> = HashMap::new();
-        let mut seen: HashMap<u32, ()> = HashMap::new();
+        // Pods of one class share one identity: built and looked up once per class and pass,
+        // by reference (classes are few, pods many).
+        type ClassRef<'p> = (&'p str, &'p Labels, &'p BTreeSet<NamedPort>);
+        let mut known: HashMap<ClassRef<'a>, u32> = HashMap::new();
         for pod in self.intents.pods.values() {
             if pod.addresses.is_empty() {
                 continue;
             }
             let namespace = pod.id.namespace.as_str();
-            let labels = namespace_labels
-                .entry(namespace)
-                .or_insert_with(|| self.namespace_labels(namespace))
-                .clone();
-            let class = PodClass {
-                namespace: namespace.to_owned(),
-                labels: pod.labels.clone(),
-                namespace_labels: labels,
-                named_ports: pod.named_ports.clone(),
+            let class_ref = (namespace, &pod.labels, &pod.named_ports);
+            let id = match known.get(&class_ref) {
+                Some(id) => *id,
+                None => {
+                    let labels = namespace_labels
+                        .entry(namespace)
+                        .or_insert_with(|| self.namespace_labels(namespace))
+                        .clone();
+                    let class = PodClass {
+                        namespace: namespace.to_owned(),
+                        labels: pod.labels.clone(),
+                        namespace_labels: labels,
+                        named_ports: pod.named_ports.clone(),
+                    };
+                    let class = Rc::new(class);
+                    let id = identities.id(&IdentityKey::Pods(class.clone()));
+                    known.insert(class_ref, id);
+                    for port in &pod.named_ports {
+                        self.named
+                            .entry((port.name.as_str(), port.protocol))
+                            .or_default()
+                            .push((id, port.port));
+                    }
+                    self.classes.entry(namespace).or_default().push((id, class));
+                    id
+                }
             };
-            let id = identities.id(&IdentityKey::Pods(class.clone()));
             for address in &pod.addresses {
                 state.peers.insert(addr_key(*address), id);
-            }
-            if seen.insert(id, ()).is_none() {
-                for port in &pod.named_ports {
-                    self.named
-                        .entry((port.name.as_str(), port.protocol))
-                        .or_default()
-                        .push((id, port.port));
-                }
-                self.classes
-                    .entry(namespace)
-                    .or_default()
-                    .push((id, Rc::new(class)));
             }
         }
     }
@@ -503,7 +499,7 @@ impl<'a> Pass<'a> {
         direction: u8,
         endpoint: u32,
         pod: &PodIntent,
-        rule: &Rule,
+        ports: &RulePorts<'_>,
         targets: &[Target],
         state: &mut PolicyState,
     ) {
@@ -522,52 +518,32 @@ impl<'a> Pass<'a> {
                 Target::Any => POLICY_ANY_PEER,
                 Target::Pods(id, _) | Target::Cidr(id) => *id,
             };
-            let Some(specs) = &rule.ports else {
-                write(identity, ANY_PROTOCOL);
-                continue;
-            };
-            for spec in specs {
-                let Some(proto) = spec.protocol.carried() else {
-                    continue;
-                };
-                let name = match &spec.port {
-                    None => {
-                        write(identity, (proto, 0, policy_rule_bits::ANY_PORT));
-                        continue;
-                    }
-                    Some(PortRef::Number(first)) => {
-                        let last = spec.end_port.unwrap_or(*first);
-                        for (port, bits) in port_range_prefixes(*first, last) {
-                            write(identity, (proto, port, policy_rule_bits::ANY_PORT + bits));
-                        }
-                        continue;
-                    }
-                    Some(PortRef::Name(name)) => name.as_str(),
-                };
+            for prefix in &ports.fixed {
+                write(identity, *prefix);
+            }
+            for &(name, protocol, proto) in &ports.named {
                 // A named port means the port of that name on the pod receiving the
                 // connection: the isolated pod for ingress, the peer for egress.
                 let resolve = |ports: &BTreeSet<NamedPort>| {
                     ports
                         .iter()
-                        .find(|p| p.name == name && p.protocol == spec.protocol)
-                        .map(|p| p.port)
+                        .find(|p| p.name == name && p.protocol == protocol)
+                        .map(|p| (proto, p.port, policy_rule_bits::PORT))
                 };
                 match (direction, target) {
                     (policy_direction::INGRESS, _) => {
-                        if let Some(port) = resolve(&pod.named_ports) {
-                            write(identity, (proto, port, policy_rule_bits::PORT));
+                        if let Some(prefix) = resolve(&pod.named_ports) {
+                            write(identity, prefix);
                         }
                     }
                     (_, Target::Pods(_, class)) => {
-                        if let Some(port) = resolve(&class.named_ports) {
-                            write(identity, (proto, port, policy_rule_bits::PORT));
+                        if let Some(prefix) = resolve(&class.named_ports) {
+                            write(identity, prefix);
                         }
                     }
                     // Any address: every pod that defines the name, at its own number.
                     (_, Target::Any) => {
-                        for (id, port) in
-                            self.named.get(&(name, spec.protocol)).into_iter().flatten()
-                        {
+                        for (id, port) in self.named.get(&(name, protocol)).into_iter().flatten() {
                             write(*id, (proto, *port, policy_rule_bits::PORT));
                         }
                     }
@@ -576,6 +552,47 @@ impl<'a> Pass<'a> {
                 }
             }
         }
+    }
+}
+
+/// A rule's `ports`, resolved as far as they can be before the pods are known: numbers and
+/// ranges to prefixes, names left to resolve per pod. SCTP entries are dropped (never carried).
+struct RulePorts<'r> {
+    fixed: Vec<PortPrefix>,
+    /// (name, protocol, its IP protocol number).
+    named: Vec<(&'r str, PolicyProtocol, u8)>,
+}
+
+impl<'r> RulePorts<'r> {
+    fn of(rule: &'r Rule) -> Self {
+        let Some(specs) = &rule.ports else {
+            return RulePorts {
+                fixed: vec![ANY_PROTOCOL],
+                named: Vec::new(),
+            };
+        };
+        let mut ports = RulePorts {
+            fixed: Vec::new(),
+            named: Vec::new(),
+        };
+        for spec in specs {
+            let Some(proto) = spec.protocol.carried() else {
+                continue;
+            };
+            match &spec.port {
+                None => ports.fixed.push((proto, 0, policy_rule_bits::ANY_PORT)),
+                Some(PortRef::Number(first)) => {
+                    let last = spec.end_port.unwrap_or(*first);
+                    for (port, bits) in port_range_prefixes(*first, last) {
+                        ports
+                            .fixed
+                            .push((proto, port, policy_rule_bits::ANY_PORT + bits));
+                    }
+                }
+                Some(PortRef::Name(name)) => ports.named.push((name, spec.protocol, proto)),
+            }
+        }
+        ports
     }
 }
 

@@ -44,6 +44,11 @@ impl PolicyReconciler {
         &self.last
     }
 
+    /// What the ids of the last pass stand for.
+    pub fn names(&self) -> super::PolicyNames {
+        self.compiler.names(&self.last)
+    }
+
     /// Brings the policy maps and the node's POLICY flag to `intents`; returns the map writes.
     /// `node_config` is the node configuration as written; its POLICY flag is set before any
     /// endpoint is isolated and cleared after the last one stops being.
@@ -66,6 +71,7 @@ impl PolicyReconciler {
                 "NetworkPolicy ports name SCTP, which Weir does not carry: those entries match nothing"
             );
         }
+        let reread = self.shadow.is_none();
         let current = match self.shadow.take() {
             Some(shadow) => shadow,
             None => maps.read()?,
@@ -105,8 +111,11 @@ impl PolicyReconciler {
             metrics.set_map_entries(map_names::POLICY_PEERS, state.peers.len());
             metrics.set_map_entries(map_names::POLICY_CIDRS, state.cidrs.len());
             metrics.set_map_entries(map_names::POLICY_RULES, state.rules.len());
-            if let Ok(mut names) = metrics.policy_names.lock() {
-                *names = compiled.names();
+            // Names change only with the maps' contents.
+            if plan.writes() > 0 || reread {
+                if let Ok(mut names) = metrics.policy_names.lock() {
+                    *names = self.compiler.names(&compiled);
+                }
             }
         }
         self.last = compiled;
