@@ -213,32 +213,32 @@ pub fn policy(
             .or_else(|| from_maps.get(&id).cloned())
             .unwrap_or_else(|| format!("identity {id}"))
     };
-    // (endpoint, direction, identity) -> ports
-    let mut allowed: BTreeMap<(u32, u8, u32), Vec<String>> = BTreeMap::new();
+    // (endpoint, direction, identity) -> (protocol, first, last) port spans; a protocol's
+    // every port as 0-65535, every protocol as protocol 0.
+    let mut spans: BTreeMap<(u32, u8, u32), Vec<(u8, u32, u32)>> = BTreeMap::new();
     for (key, bits) in state.rules.keys() {
-        let port = u16::from_be(key.port_be);
-        let ports = match *bits {
-            policy_rule_bits::ANY_PROTOCOL => "any".to_owned(),
-            policy_rule_bits::ANY_PORT => format!("{}/any", proto_name(key.proto)),
+        let first = u32::from(u16::from_be(key.port_be));
+        let span = match *bits {
+            policy_rule_bits::ANY_PROTOCOL => (0, 0, 65535),
+            policy_rule_bits::ANY_PORT => (key.proto, 0, 65535),
             bits => {
-                let span = 1u32 << (policy_rule_bits::PORT - bits.min(policy_rule_bits::PORT));
-                let last = u32::from(port) + span - 1;
-                if span == 1 {
-                    format!("{}/{port}", proto_name(key.proto))
-                } else {
-                    format!("{}/{port}-{last}", proto_name(key.proto))
-                }
+                let size = 1u32 << (policy_rule_bits::PORT - bits.min(policy_rule_bits::PORT));
+                (key.proto, first, first + size - 1)
             }
         };
-        allowed
+        spans
             .entry((
                 u32::from_be(key.endpoint_be),
                 key.direction,
                 u32::from_be(key.identity_be),
             ))
             .or_default()
-            .push(ports);
+            .push(span);
     }
+    let allowed: BTreeMap<(u32, u8, u32), Vec<String>> = spans
+        .into_iter()
+        .map(|(key, spans)| (key, port_spans(spans)))
+        .collect();
     let mut endpoints: BTreeMap<u32, (u8, Vec<String>)> = BTreeMap::new();
     for (key, endpoint) in &state.endpoints {
         let entry = endpoints.entry(endpoint.id).or_default();
@@ -273,6 +273,28 @@ pub fn policy(
             egress: rows_of(id, policy_direction::EGRESS),
         })
         .collect())
+}
+
+/// Port spans as a person reads them, adjacent ones (a range's prefixes) merged again:
+/// `any`, `tcp/any`, `tcp/8080`, `udp/9000-9099`.
+fn port_spans(mut spans: Vec<(u8, u32, u32)>) -> Vec<String> {
+    spans.sort_unstable();
+    let mut merged: Vec<(u8, u32, u32)> = Vec::new();
+    for (proto, first, last) in spans {
+        match merged.last_mut() {
+            Some((p, _, end)) if *p == proto && first <= *end + 1 => *end = (*end).max(last),
+            _ => merged.push((proto, first, last)),
+        }
+    }
+    merged
+        .into_iter()
+        .map(|(proto, first, last)| match (proto, first, last) {
+            (0, _, _) => "any".to_owned(),
+            (_, 0, 65535) => format!("{}/any", proto_name(proto)),
+            _ if first == last => format!("{}/{first}", proto_name(proto)),
+            _ => format!("{}/{first}-{last}", proto_name(proto)),
+        })
+        .collect()
 }
 
 /// The running agent's names for the policy maps' ids, if it answers.
@@ -315,4 +337,30 @@ pub fn policy_table(rows: &[PolicyEndpointRow]) -> String {
         }
     }
     table(&["POD", "ADDRESSES", "DIRECTION", "PEER", "PORTS"], &cells)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::compile::port_range_prefixes;
+
+    #[test]
+    fn a_port_range_split_into_prefixes_reads_as_one_range_again() {
+        let mut spans: Vec<(u8, u32, u32)> = port_range_prefixes(9000, 9099)
+            .into_iter()
+            .map(|(port, bits)| {
+                let size = 1u32 << (16 - bits);
+                (17, u32::from(port), u32::from(port) + size - 1)
+            })
+            .collect();
+        spans.push((6, 8080, 8080));
+        spans.push((6, 8081, 8081));
+        spans.push((17, 53, 53));
+        assert_eq!(
+            port_spans(spans),
+            ["tcp/8080-8081", "udp/53", "udp/9000-9099"]
+        );
+        assert_eq!(port_spans(vec![(0, 0, 65535)]), ["any"]);
+        assert_eq!(port_spans(vec![(6, 0, 65535)]), ["tcp/any"]);
+    }
 }

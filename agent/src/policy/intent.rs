@@ -491,7 +491,8 @@ impl TryFrom<&NetworkPolicy> for PolicyIntent {
                 .enumerate()
                 .map(|(i, (peers, ports))| {
                     let field = format!("spec.{direction}[{i}]");
-                    Rule::parse(&field, namespace, peers, ports)
+                    let peers_field = if direction == "ingress" { "from" } else { "to" };
+                    Rule::parse(&field, peers_field, namespace, peers, ports)
                 })
                 .collect::<Result<Vec<Rule>, PolicyError>>()
         };
@@ -526,6 +527,7 @@ type RawRule = (
 impl Rule {
     fn parse(
         field: &str,
+        peers_field: &str,
         namespace: &str,
         peers: Option<Vec<NetworkPolicyPeer>>,
         ports: Option<Vec<NetworkPolicyPort>>,
@@ -534,7 +536,7 @@ impl Rule {
             peers
                 .iter()
                 .enumerate()
-                .map(|(i, p)| Peer::parse(&format!("{field}.peers[{i}]"), namespace, p))
+                .map(|(i, p)| Peer::parse(&format!("{field}.{peers_field}[{i}]"), namespace, p))
                 .collect::<Result<Vec<Peer>, PolicyError>>()
         });
         let ports = ports.filter(|p| !p.is_empty()).map(|ports| {
