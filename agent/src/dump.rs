@@ -215,7 +215,7 @@ pub fn policy(
     };
     // (endpoint, direction, identity) -> (protocol, first, last) port spans; a protocol's
     // every port as 0-65535, every protocol as protocol 0.
-    let mut spans: BTreeMap<(u32, u8, u32), Vec<(u8, u32, u32)>> = BTreeMap::new();
+    let mut spans: BTreeMap<RuleGroup, Vec<PortSpan>> = BTreeMap::new();
     for (key, bits) in state.rules.keys() {
         let first = u32::from(u16::from_be(key.port_be));
         let span = match *bits {
@@ -235,7 +235,7 @@ pub fn policy(
             .or_default()
             .push(span);
     }
-    let allowed: BTreeMap<(u32, u8, u32), Vec<String>> = spans
+    let allowed: BTreeMap<RuleGroup, Vec<String>> = spans
         .into_iter()
         .map(|(key, spans)| (key, port_spans(spans)))
         .collect();
@@ -275,11 +275,16 @@ pub fn policy(
         .collect())
 }
 
+/// Rule entries of one (endpoint, direction, peer identity).
+type RuleGroup = (u32, u8, u32);
+/// (protocol, first port, last port).
+type PortSpan = (u8, u32, u32);
+
 /// Port spans as a person reads them, adjacent ones (a range's prefixes) merged again:
 /// `any`, `tcp/any`, `tcp/8080`, `udp/9000-9099`.
-fn port_spans(mut spans: Vec<(u8, u32, u32)>) -> Vec<String> {
+fn port_spans(mut spans: Vec<PortSpan>) -> Vec<String> {
     spans.sort_unstable();
-    let mut merged: Vec<(u8, u32, u32)> = Vec::new();
+    let mut merged: Vec<PortSpan> = Vec::new();
     for (proto, first, last) in spans {
         match merged.last_mut() {
             Some((p, _, end)) if *p == proto && first <= *end + 1 => *end = (*end).max(last),
