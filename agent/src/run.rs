@@ -233,7 +233,14 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             }
             actual = drift.next() => {
                 drift.writing();
-                repair_drift(&mut reconciler, &mut dataplane, &actual, &node_config, &metrics);
+                repair_drift(&mut reconciler, &mut dataplane, &actual.services, &node_config, &metrics);
+                if let Some(actual) = &actual.policy {
+                    match policy.repair_drift(&mut dataplane.policy, actual, Some(&metrics)) {
+                        Ok(0) => {}
+                        Ok(writes) => warn!(writes, "policy map entries were changed outside the agent; written back"),
+                        Err(e) => warn!(error = %e, "repairing drifted policy map entries failed; the next pass rereads the maps"),
+                    }
+                }
                 report_foreign_programs(&mut dataplane, &mut foreign, &metrics);
             }
             _ = terminate.recv() => break,

@@ -163,13 +163,15 @@ fn an_invalid_policy_is_rejected_and_keeps_its_last_good_version() {
 }
 
 #[test]
-fn the_policy_pass_writes_the_maps_and_the_node_flag_and_a_restart_adopts_them() {
+fn the_policy_pass_writes_the_maps_and_the_node_flag_repairs_drift_and_a_restart_adopts_them() {
     common::require_root();
     let pins = common::private_bpffs(nix::sched::CloneFlags::empty());
     let (dir, mut source, mut store) = state_dir(POLICY);
     let mut dataplane = common::load_pinned(pins.path());
     let mut node_config = dataplane.node.config().unwrap();
     assert_eq!(node_config.flags & node_flags::POLICY, 0);
+    let web_endpoint =
+        |state: &weir_agent::policy::PolicyState| state.endpoints[&addr_key(ip("198.18.1.1"))];
 
     let mut policy = PolicyReconciler::new("n1", true);
     let writes = policy
@@ -223,6 +225,29 @@ fn the_policy_pass_writes_the_maps_and_the_node_flag_and_a_restart_adopts_them()
         table.contains("pods 198.18.2.1") && table.contains("203.0.113.0/24"),
         "{table}"
     );
+
+    // Drift: a rule deleted and an endpoint added behind the agent's back are written back.
+    let mut stray = weir_agent::policy::PolicyState::default();
+    let (rule, _) = expected.rules.iter().next().unwrap();
+    stray.rules = expected.rules.clone();
+    stray.rules.remove(rule);
+    stray.peers = expected.peers.clone();
+    stray.cidrs = expected.cidrs.clone();
+    stray.endpoints = expected.endpoints.clone();
+    stray
+        .endpoints
+        .insert(addr_key(ip("198.18.9.9")), web_endpoint(&expected));
+    let mut other = weir_agent::policy::PolicyMaps::open_pinned(&pin_dir).unwrap();
+    other
+        .apply(&weir_agent::policy::PolicyPlan::between(&expected, &stray))
+        .unwrap();
+    let actual = dataplane.policy.read().unwrap();
+    assert_eq!(actual, stray);
+    let repaired = policy
+        .repair_drift(&mut dataplane.policy, &actual, None)
+        .unwrap();
+    assert_eq!(repaired, 2);
+    assert_eq!(dataplane.policy.read().unwrap(), expected);
 
     // A restarted agent reads the maps and finds nothing to write.
     drop(dataplane);

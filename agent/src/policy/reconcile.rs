@@ -123,6 +123,52 @@ impl PolicyReconciler {
     }
 }
 
+impl PolicyReconciler {
+    /// Writes back what the policy maps lost or gained behind the agent's back, given
+    /// `actual`, what they held while the agent was not writing; returns the entries written.
+    /// Nothing to compare before the first pass or after a failed one (the next pass rereads).
+    pub fn repair_drift(
+        &mut self,
+        maps: &mut PolicyMaps,
+        actual: &PolicyState,
+        metrics: Option<&Metrics>,
+    ) -> Result<usize, DataplaneError> {
+        let Some(shadow) = self.shadow.take() else {
+            return Ok(0);
+        };
+        let plan = PolicyPlan::between(actual, &shadow);
+        if !plan.is_empty() {
+            // On error the shadow stays None: the next pass rereads the maps.
+            maps.apply(&plan)?;
+            if let Some(metrics) = metrics {
+                let by_map = [
+                    (
+                        map_names::POLICY_RULES,
+                        plan.upsert_rules.len() + plan.delete_rules.len(),
+                    ),
+                    (
+                        map_names::POLICY_CIDRS,
+                        plan.upsert_cidrs.len() + plan.delete_cidrs.len(),
+                    ),
+                    (
+                        map_names::POLICY_PEERS,
+                        plan.upsert_peers.len() + plan.delete_peers.len(),
+                    ),
+                    (
+                        map_names::POLICY_ENDPOINTS,
+                        plan.upsert_endpoints.len() + plan.delete_endpoints.len(),
+                    ),
+                ];
+                for (map, entries) in by_map {
+                    metrics.record_drift(map, entries);
+                }
+            }
+        }
+        self.shadow = Some(shadow);
+        Ok(plan.writes())
+    }
+}
+
 fn set_policy_flag(
     node: &mut NodeMaps,
     config: &mut NodeConfig,
