@@ -40,9 +40,9 @@ pub enum IdentityKey {
     Cidr(Prefix),
 }
 
-/// Ids handed out to keys, stable while the key is in use. An id freed in one pass is handed
-/// out again only from the pass after next: the maps may still hold it until the plan that
-/// freed it has been applied.
+/// Ids handed out to keys, stable while the key is in use. An id freed by a pass is handed out
+/// again only from the next pass on: the plan of the pass that freed it still deletes its old
+/// entries (last, after the new ones are written), so it must not mean anything else there.
 #[derive(Debug)]
 struct Allocator<K> {
     ids: HashMap<K, u32>,

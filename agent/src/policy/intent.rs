@@ -464,7 +464,8 @@ impl TryFrom<&NetworkPolicy> for PolicyIntent {
         let egress_rules = spec.egress.unwrap_or_default();
         // Kubernetes defaults policyTypes to Ingress, plus Egress when egress rules exist.
         let (mut ingress, mut egress) = (false, false);
-        match &spec.policy_types {
+        // An empty list is no list: the API server defaults it the same way.
+        match spec.policy_types.as_ref().filter(|t| !t.is_empty()) {
             Some(types) => {
                 for t in types {
                     match t.as_str() {

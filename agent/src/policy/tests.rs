@@ -238,6 +238,11 @@ fn policy_types_default_to_ingress_plus_egress_when_egress_rules_exist() {
         empty.egress.is_none(),
         "an empty egress list does not isolate egress"
     );
+    let no_types = policy("a", "r", &format!("{WEB}  policyTypes: []\n"));
+    assert!(
+        no_types.ingress.is_some() && no_types.egress.is_none(),
+        "an empty policyTypes defaults as a missing one"
+    );
 }
 
 #[test]
