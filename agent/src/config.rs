@@ -97,6 +97,7 @@ pub struct AgentConfig {
     pub services: ServicesConfig,
     pub tunnel: TunnelConfig,
     pub host_services: HostServicesConfig,
+    pub policy: PolicyConfig,
     pub http: HttpConfig,
     pub health_check: HealthCheckConfig,
     pub maps: MapsConfig,
@@ -448,6 +449,22 @@ impl Default for HostServicesConfig {
     }
 }
 
+/// NetworkPolicy enforcement (`[policy]`).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    /// Watch Pods, Namespaces and NetworkPolicies and enforce the policies. On by default (the
+    /// shipped RBAC grants the watches); off, the Kubernetes source neither watches nor waits
+    /// for those kinds and the policy maps are emptied.
+    pub enabled: bool,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        PolicyConfig { enabled: true }
+    }
+}
+
 /// How external traffic (NodePort, load-balancer and external IPs) reaches a backend on
 /// another node, and how that backend's replies return.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -643,6 +660,7 @@ pub struct ConfigLayer {
     pub services: Option<ServicesConfig>,
     pub tunnel: Option<TunnelConfig>,
     pub host_services: Option<HostServicesConfig>,
+    pub policy: Option<PolicyConfig>,
     pub http: Option<HttpConfig>,
     pub health_check: Option<HealthCheckConfig>,
     pub maps: Option<MapsConfig>,
@@ -718,6 +736,7 @@ impl ConfigArgs {
             services: None,
             tunnel: None,
             host_services: None,
+            policy: None,
             http: None,
             health_check: None,
             maps: None,
@@ -761,6 +780,7 @@ impl ConfigLayer {
             services: self.services.or(lower.services),
             tunnel: self.tunnel.or(lower.tunnel),
             host_services: self.host_services.or(lower.host_services),
+            policy: self.policy.or(lower.policy),
             http: self.http.or(lower.http),
             health_check: self.health_check.or(lower.health_check),
             maps: self.maps.or(lower.maps),
@@ -805,6 +825,7 @@ impl ConfigLayer {
             services: self.services.unwrap_or_default(),
             tunnel: self.tunnel.unwrap_or_default(),
             host_services: self.host_services.unwrap_or_default(),
+            policy: self.policy.unwrap_or_default(),
             http: self.http.unwrap_or_default(),
             health_check: self.health_check.unwrap_or_default(),
             maps: self.maps.unwrap_or_default(),
@@ -1061,6 +1082,10 @@ cgroup = "/sys/fs/cgroup/unified"
         assert_eq!(config.poll_interval, DEFAULT_POLL);
         assert!(!config.host_services.enabled, "host services are opt-in");
         assert!(
+            config.policy.enabled,
+            "NetworkPolicy is enforced by default"
+        );
+        assert!(
             config.metrics_listen.ip().is_loopback(),
             "metrics stay on the node by default"
         );
@@ -1142,6 +1167,16 @@ cgroup = "/sys/fs/cgroup/unified"
             relative.finish().is_err(),
             "a relative cgroup path is refused"
         );
+    }
+
+    #[test]
+    fn policy_can_be_turned_off() {
+        let layer: ConfigLayer = toml::from_str(
+            "node_name = \"n1\"\nstate_path = \"/s.yaml\"\n[policy]\nenabled = false\n",
+        )
+        .unwrap();
+        assert!(!layer.finish().unwrap().policy.enabled);
+        assert!(toml::from_str::<ConfigLayer>("[policy]\nenable = false\n").is_err());
     }
 
     /// Flag over environment over file over default, in one test because the environment is

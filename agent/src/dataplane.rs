@@ -102,12 +102,12 @@ fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> DataplaneError
     move |source| DataplaneError::Map { name, source }
 }
 
-fn batch_err(name: &'static str) -> impl Fn(BatchError) -> DataplaneError {
+pub(crate) fn batch_err(name: &'static str) -> impl Fn(BatchError) -> DataplaneError {
     move |source| DataplaneError::Batch { name, source }
 }
 
 /// Writes `entries` in order, batched where the kernel can (see [`map_batch`]).
-fn write_entries<M: BatchTarget>(
+pub(crate) fn write_entries<M: BatchTarget>(
     map: &M,
     entries: &[(M::Key, M::Value)],
     name: &'static str,
@@ -116,7 +116,7 @@ fn write_entries<M: BatchTarget>(
 }
 
 /// Deletes `keys` in order; absent keys count as deleted.
-fn delete_keys<M: BatchTarget>(
+pub(crate) fn delete_keys<M: BatchTarget>(
     map: &M,
     keys: &[M::Key],
     name: &'static str,
@@ -275,7 +275,7 @@ fn read_source_ranges(
 }
 
 /// A hash map's entries, batched where the kernel can (see [`map_batch`]).
-fn read_all<K: aya::Pod + Ord, V: aya::Pod>(
+pub(crate) fn read_all<K: aya::Pod + Ord, V: aya::Pod>(
     map: &HashMap<MapData, K, V>,
     name: &'static str,
 ) -> Result<BTreeMap<K, V>, DataplaneError> {
@@ -634,10 +634,22 @@ pub fn fill_levels(dir: &Path) -> Vec<(&'static str, Result<MapFill, DataplaneEr
                 open_pinned(dir, map_names::SOURCE_RANGES)?;
             Ok(trie.keys().filter(Result::is_ok).count())
         }),
+        fill::<HostAddrKey, weir_common::PolicyEndpoint>(dir, map_names::POLICY_ENDPOINTS),
+        fill::<HostAddrKey, u32>(dir, map_names::POLICY_PEERS),
+        fill_with(dir, map_names::POLICY_CIDRS, || {
+            let trie: LpmTrie<MapData, weir_common::PolicyCidrKey, u32> =
+                open_pinned(dir, map_names::POLICY_CIDRS)?;
+            Ok(trie.keys().filter(Result::is_ok).count())
+        }),
+        fill_with(dir, map_names::POLICY_RULES, || {
+            let trie: LpmTrie<MapData, weir_common::PolicyRuleKey, u8> =
+                open_pinned(dir, map_names::POLICY_RULES)?;
+            Ok(trie.keys().filter(Result::is_ok).count())
+        }),
     ]
 }
 
-fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DataplaneError>
+pub(crate) fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DataplaneError>
 where
     T: TryFrom<Map, Error = aya::maps::MapError>,
 {
@@ -647,7 +659,7 @@ where
     T::try_from(map).map_err(map_err(name))
 }
 
-fn open_pinned<T>(dir: &Path, name: &'static str) -> Result<T, DataplaneError>
+pub(crate) fn open_pinned<T>(dir: &Path, name: &'static str) -> Result<T, DataplaneError>
 where
     T: TryFrom<Map, Error = aya::maps::MapError>,
 {
@@ -664,6 +676,7 @@ where
 pub struct Dataplane {
     ebpf: Ebpf,
     pub services: ServiceMaps,
+    pub policy: crate::policy::PolicyMaps,
     pub node: NodeMaps,
     pub conntrack: ConntrackMap,
     pub counters: Counters,
@@ -857,6 +870,7 @@ impl Dataplane {
         }
         Ok(Dataplane {
             services: ServiceMaps::take(&mut ebpf)?,
+            policy: crate::policy::PolicyMaps::take(&mut ebpf)?,
             node: NodeMaps::take(&mut ebpf)?,
             conntrack: ConntrackMap::take(&mut ebpf)?,
             counters: Counters {

@@ -1,6 +1,6 @@
 //! Drift: map entries changed behind the agent's back (a stray `bpftool map update`, a human
 //! with the pin, a crashed tool) would otherwise stay until the next restart. A watcher thread
-//! reads the pinned service maps through handles of its own, so the main loop never waits for
+//! reads the pinned service and policy maps through handles of its own, so the main loop never waits for
 //! a scan; the loop compares each snapshot with the shadow of what it wrote and writes back
 //! only what differs.
 //!
@@ -18,12 +18,21 @@ use tokio::sync::mpsc;
 use tracing::warn;
 
 use crate::dataplane::{DataplaneError, ServiceMaps};
+use crate::policy::{PolicyMaps, PolicyState};
 use crate::state::DataplaneState;
 
 /// The maps as the watcher read them, while the agent's writes stood still.
-pub struct Snapshot {
+struct Snapshot {
     generation: u64,
-    state: DataplaneState,
+    actual: Actual,
+}
+
+/// What the maps held.
+#[derive(Debug)]
+pub struct Actual {
+    pub services: DataplaneState,
+    /// None when the policy maps could not be read (the service maps still are compared).
+    pub policy: Option<PolicyState>,
 }
 
 pub struct DriftWatch {
@@ -35,7 +44,10 @@ impl DriftWatch {
     /// Starts the watcher on the service maps pinned in `pin_dir`, reading them every `every`.
     /// The thread ends once the watch is dropped.
     pub fn start(pin_dir: &Path, every: Duration) -> Result<DriftWatch, DataplaneError> {
-        let maps = ServiceMaps::open_pinned(pin_dir)?;
+        let maps = (
+            ServiceMaps::open_pinned(pin_dir)?,
+            PolicyMaps::open_pinned(pin_dir)?,
+        );
         let generation = Arc::new(AtomicU64::new(0));
         // One snapshot in flight: a loop that has not looked at the last one does not need
         // another.
@@ -51,17 +63,18 @@ impl DriftWatch {
         })
     }
 
-    /// Called before every write of the service maps: snapshots taken across it are stale.
+    /// Called before every write of the service or policy maps: snapshots taken across it
+    /// are stale.
     pub fn writing(&self) {
         self.generation.fetch_add(1, Ordering::SeqCst);
     }
 
     /// The next snapshot that still describes the maps as the agent last left them.
-    pub async fn next(&mut self) -> DataplaneState {
+    pub async fn next(&mut self) -> Actual {
         loop {
             match self.snapshots.recv().await {
                 Some(s) if s.generation == self.generation.load(Ordering::SeqCst) => {
-                    return s.state
+                    return s.actual
                 }
                 Some(_) => continue,
                 None => std::future::pending().await,
@@ -71,7 +84,7 @@ impl DriftWatch {
 }
 
 fn watch(
-    maps: ServiceMaps,
+    (maps, policy_maps): (ServiceMaps, PolicyMaps),
     generation: Arc<AtomicU64>,
     send: mpsc::Sender<Snapshot>,
     every: Duration,
@@ -86,13 +99,23 @@ fn watch(
                 continue;
             }
         };
+        let policy = match policy_maps.read() {
+            Ok(policy) => Some(policy),
+            Err(e) => {
+                warn!(error = %e, "drift check: reading the policy maps failed");
+                None
+            }
+        };
         if generation.load(Ordering::SeqCst) != before {
             continue;
         }
         // Full: the loop has not taken the previous one yet; this one is dropped.
         let _ = send.try_send(Snapshot {
             generation: before,
-            state,
+            actual: Actual {
+                services: state,
+                policy,
+            },
         });
     }
 }

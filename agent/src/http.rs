@@ -324,10 +324,25 @@ fn route(ops: &Ops, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         },
         "/healthz" => probe(ops.health.liveness()),
         "/readyz" => probe(ops.health.readiness()),
+        "/policy" => {
+            let names = ops
+                .metrics
+                .policy_names
+                .lock()
+                .map(|n| serde_json::to_string(&*n));
+            match names {
+                Ok(Ok(body)) => json_reply(StatusCode::OK, body),
+                _ => reply(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    TEXT,
+                    "policy names unavailable\n".into(),
+                ),
+            }
+        }
         _ => reply(
             StatusCode::NOT_FOUND,
             TEXT,
-            "try /metrics, /healthz or /readyz\n".into(),
+            "try /metrics, /healthz, /readyz or /policy\n".into(),
         ),
     }
 }

@@ -92,6 +92,9 @@ pub enum IntentError {
         value: IpAddr,
         why: &'static str,
     },
+    /// A Pod or NetworkPolicy that policy cannot use.
+    #[error(transparent)]
+    Policy(#[from] crate::policy::PolicyError),
 }
 
 impl IntentError {
@@ -104,6 +107,7 @@ impl IntentError {
             IntentError::InvalidPort { .. } => "invalid_port",
             IntentError::Unsupported(_) => "unsupported",
             IntentError::ReservedAddress { .. } => "reserved_address",
+            IntentError::Policy(e) => e.reason(),
         }
     }
 }

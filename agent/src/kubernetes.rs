@@ -11,9 +11,12 @@
 //! identity and for [`KubeSource::snapshot`].
 //!
 //! RBAC (cluster-wide `get`, `list`, `watch`): services, endpointslices (discovery.k8s.io),
-//! nodes. Only kinds the data plane consumes are watched: a watcher of a kind nothing reads
-//! would gate readiness on its list and ask for permissions the agent does not need (Pods,
-//! Namespaces and NetworkPolicies come with the policy engine that reads them).
+//! nodes; with `[policy] enabled` (the default) also pods, namespaces and networkpolicies
+//! (networking.k8s.io). Only kinds the data plane consumes are watched: a watcher of a kind
+//! nothing reads would gate readiness on its list and ask for permissions the agent does not
+//! need, so with policy off the last three are neither watched nor waited for. Pods are watched
+//! cluster-wide: a policy's peers live on every node. The reflector stores keep every watched
+//! object whole (a Pod is a few KB): about 5,000 pods cost some tens of MB.
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
@@ -22,8 +25,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use futures::StreamExt as _;
-use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::watcher::{self, watcher};
 use kube::runtime::WatchStreamExt as _;
@@ -124,8 +128,17 @@ pub struct KubeSource {
     services: Watched<Service>,
     slices: Watched<EndpointSlice>,
     nodes: Watched<Node>,
+    /// Watched only while policy is enabled.
+    policy: Option<PolicyWatches>,
     changed: Arc<Notify>,
     events: EventQueue,
+}
+
+/// The kinds NetworkPolicy enforcement reads.
+struct PolicyWatches {
+    pods: Watched<Pod>,
+    namespaces: Watched<Namespace>,
+    policies: Watched<NetworkPolicy>,
 }
 
 /// Events not taken by the main loop yet.
@@ -149,8 +162,9 @@ impl<K: Resource<DynamicType = ()> + Clone + 'static> Drop for Watched<K> {
 }
 
 impl KubeSource {
-    /// Starts one watcher per kind. Must be called inside a tokio runtime.
-    pub fn start(client: Client, node_name: &str) -> KubeSource {
+    /// Starts one watcher per kind (the policy kinds only when `policy` is on). Must be called
+    /// inside a tokio runtime.
+    pub fn start(client: Client, node_name: &str, policy: bool) -> KubeSource {
         let changed = Arc::new(Notify::new());
         let config = watcher::Config::default();
         let events = EventQueue::default();
@@ -162,7 +176,28 @@ impl KubeSource {
             SourceObject::EndpointSlice(Box::new(s.clone()))
         });
         let node: Convert<Node> = (Kind::Node, |n| SourceObject::Node(Box::new(n.clone())));
+        let policy = policy.then(|| {
+            let pod: Convert<Pod> = (Kind::Pod, |p| SourceObject::Pod(Box::new(p.clone())));
+            let namespace: Convert<Namespace> = (Kind::Namespace, |n| {
+                SourceObject::Namespace(Box::new(n.clone()))
+            });
+            let network_policy: Convert<NetworkPolicy> = (Kind::NetworkPolicy, |p| {
+                SourceObject::NetworkPolicy(Box::new(p.clone()))
+            });
+            PolicyWatches {
+                pods: watch(client.clone(), "Pod", config.clone(), q, pod),
+                namespaces: watch(client.clone(), "Namespace", config.clone(), q, namespace),
+                policies: watch(
+                    client.clone(),
+                    "NetworkPolicy",
+                    config.clone(),
+                    q,
+                    network_policy,
+                ),
+            }
+        });
         KubeSource {
+            policy,
             node_name: node_name.to_owned(),
             services: watch(client.clone(), "Service", config.clone(), q, service),
             slices: watch(client.clone(), "EndpointSlice", config.clone(), q, slice),
@@ -180,11 +215,18 @@ impl KubeSource {
 
     /// Kinds whose first list has not completed yet.
     pub fn unlisted(&self) -> Vec<&'static str> {
-        let listed = [
+        let mut listed = vec![
             (self.services.kind, &self.services.listed),
             (self.slices.kind, &self.slices.listed),
             (self.nodes.kind, &self.nodes.listed),
         ];
+        if let Some(p) = &self.policy {
+            listed.extend([
+                (p.pods.kind, &p.pods.listed),
+                (p.namespaces.kind, &p.namespaces.listed),
+                (p.policies.kind, &p.policies.listed),
+            ]);
+        }
         listed
             .into_iter()
             .filter(|(_, l)| !l.load(Ordering::Acquire))
@@ -212,7 +254,14 @@ impl KubeSource {
             services: sorted(&self.services.store),
             slices: sorted(&self.slices.store),
             nodes: sorted(&self.nodes.store),
-            ..Objects::default()
+            pods: self
+                .policy
+                .as_ref()
+                .map_or_else(Vec::new, |p| sorted(&p.pods.store)),
+            namespaces: (self.policy.as_ref())
+                .map_or_else(Vec::new, |p| sorted(&p.namespaces.store)),
+            network_policies: (self.policy.as_ref())
+                .map_or_else(Vec::new, |p| sorted(&p.policies.store)),
         }
     }
 

@@ -22,6 +22,7 @@ pub mod map_batch;
 pub mod metrics;
 pub mod node;
 pub mod pin_layout;
+pub mod policy;
 pub mod reconcile;
 pub mod run;
 pub mod sock_diag;

@@ -61,6 +61,8 @@ enum DumpWhat {
     Backends,
     Conntrack,
     Counters,
+    /// Per isolated pod of this node: what NetworkPolicy allows in each direction.
+    Policy,
 }
 
 fn init_tracing(format: Option<LogFormat>) {
@@ -111,6 +113,17 @@ fn main() -> anyhow::Result<()> {
         Command::Dump { what, json, args } => {
             init_tracing(cli.log_format);
             let config = AgentConfig::resolve_for_tools(&args, cli.log_format)?;
+            if let DumpWhat::Policy = what {
+                // Named by the running agent when it answers; numbered from the maps otherwise.
+                let names = dump::policy_names(config.metrics_listen);
+                let rows = dump::policy(&config.versioned_pin_dir(), names.as_ref())?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&rows)?);
+                } else {
+                    println!("{}", dump::policy_table(&rows).trim_end());
+                }
+                return Ok(());
+            }
             print_dump(what, &config.versioned_pin_dir(), json)
         }
         Command::Status { json, args } => {
@@ -229,6 +242,7 @@ fn print_dump(what: DumpWhat, dir: &std::path::Path, json: bool) -> anyhow::Resu
                 out
             }
         }
+        DumpWhat::Policy => unreachable!("dumped by the caller, which asks the agent for names"),
         DumpWhat::Counters => {
             let counters = dump::counters(dir)?;
             if json {

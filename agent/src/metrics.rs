@@ -47,6 +47,12 @@ pub struct Metrics {
     /// Frontends (address, port, protocol) in the service map after the last sync.
     pub services: Gauge,
     pub backends: Gauge,
+    /// NetworkPolicies selecting at least one of this node's pods, after the last policy pass.
+    pub policies: Gauge,
+    /// This node's pods a NetworkPolicy isolates.
+    pub policy_endpoints: Gauge,
+    /// Entries in `WEIR_POLICY_RULES`.
+    pub policy_rule_entries: Gauge,
     /// Entries in each conntrack table, as counted by the last garbage collection.
     pub conntrack_entries: Family<TableLabel, Gauge>,
     pub conntrack_reclaimed: Counter,
@@ -92,6 +98,10 @@ pub struct Metrics {
     /// Weir programs of another agent (another pin directory or version) attached to an
     /// interface next to this agent's own.
     pub foreign_programs: Gauge,
+    /// What the policy maps' ids stand for after the last policy pass, served at `/policy`
+    /// for `weir-agent dump policy` (not a metric: kept here as the state the HTTP thread
+    /// already shares).
+    pub policy_names: std::sync::Mutex<crate::policy::PolicyNames>,
 }
 
 impl Metrics {
@@ -100,6 +110,9 @@ impl Metrics {
         let metrics = Metrics {
             services: Gauge::default(),
             backends: Gauge::default(),
+            policies: Gauge::default(),
+            policy_endpoints: Gauge::default(),
+            policy_rule_entries: Gauge::default(),
             conntrack_entries: Family::default(),
             conntrack_reclaimed: Counter::default(),
             conntrack_evictions: Counter::default(),
@@ -125,6 +138,7 @@ impl Metrics {
             http_connections_closed: Family::default(),
             drift_repaired: Family::default(),
             foreign_programs: Gauge::default(),
+            policy_names: Default::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -136,6 +150,21 @@ impl Metrics {
             "weir_backends",
             "Distinct backends programmed in the maps",
             metrics.backends.clone(),
+        );
+        registry.register(
+            "weir_policies",
+            "NetworkPolicies that select at least one of this node's pods",
+            metrics.policies.clone(),
+        );
+        registry.register(
+            "weir_policy_endpoints",
+            "This node's pods that a NetworkPolicy isolates (ingress, egress or both)",
+            metrics.policy_endpoints.clone(),
+        );
+        registry.register(
+            "weir_policy_rule_entries",
+            "Entries in the policy rule map (endpoint, peer identity, direction, port prefix)",
+            metrics.policy_rule_entries.clone(),
         );
         registry.register(
             "weir_conntrack_entries",

@@ -84,6 +84,16 @@ impl Reconciler {
         self.store.intent()
     }
 
+    /// The validated Pods, Namespaces and NetworkPolicies, for the policy pass.
+    pub fn policy_intents(&self) -> &crate::policy::PolicyIntents {
+        self.store.policy()
+    }
+
+    /// Whether a Pod, Namespace or NetworkPolicy changed since the last call.
+    pub fn take_policy_dirty(&mut self) -> bool {
+        self.store.take_policy_dirty()
+    }
+
     /// Brings the maps to a complete snapshot of the objects (a start or a relist): objects not
     /// in it are gone. Objects that fail validation are reported and keep their last good
     /// version; everything else applies.

@@ -26,6 +26,7 @@ use crate::interfaces;
 use crate::kubernetes::{KubeSource, NodeIdentity};
 use crate::metrics::{Health, Metrics, Ops};
 use crate::node;
+use crate::policy::PolicyReconciler;
 use crate::reconcile::Reconciler;
 use crate::source::{FileSource, ObjectEvent};
 use weir_common::{map_names, HostAddrKey};
@@ -66,7 +67,11 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let tunnel = node::ensure_tunnel(&config.tunnel, &config.host_interfaces)
         .await
         .context("setting up the tunnel device")?;
-    let node_config = node::node_config(&config, tunnel.as_ref());
+    let mut node_config = node::node_config(&config, tunnel.as_ref());
+    // An earlier agent's isolation stays in force until the first policy pass decides.
+    if let Ok(previous) = dataplane.node.config() {
+        node_config.flags |= previous.flags & weir_common::node_flags::POLICY;
+    }
     dataplane
         .node
         .set_config(&node_config)
@@ -144,6 +149,10 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         maglev: config.services.external_load_balancing == LoadBalancing::Maglev,
         maglev_min_size: config.services.maglev_table_size,
     });
+    let mut policy = PolicyReconciler::new(&config.node_name, config.policy.enabled);
+    if !config.policy.enabled {
+        info!("network policy is off ([policy] enabled = false): the policy maps are emptied");
+    }
     let mut source = match config.source {
         SourceKind::File => {
             let path = config
@@ -183,7 +192,11 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
                 .context("connecting to the Kubernetes API")?;
             info!("watching the Kubernetes API");
             DesiredState::Kubernetes {
-                source: Box::new(KubeSource::start(client, &config.node_name)),
+                source: Box::new(KubeSource::start(
+                    client,
+                    &config.node_name,
+                    config.policy.enabled,
+                )),
                 node: None,
             }
         }
@@ -206,7 +219,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
                 interfaces.sync(&config, &mut dataplane, &health, &metrics);
                 if source.poll(retry, false, &config.node_name, &metrics, &health, &mut |e| reconciler.stage(&e)) {
                     drift.writing();
-                    retry = apply(&mut reconciler, &mut dataplane, &health, &metrics, &mut tunnel_peers);
+                    retry = apply(&mut reconciler, &mut policy, &mut dataplane, &mut node_config, &health, &metrics, &mut tunnel_peers);
                     health_checks.update(health_check::desired(reconciler.intent(), &config.node_name));
                 }
             }
@@ -214,13 +227,20 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
                 health.beat();
                 if source.poll(retry, true, &config.node_name, &metrics, &health, &mut |e| reconciler.stage(&e)) {
                     drift.writing();
-                    retry = apply(&mut reconciler, &mut dataplane, &health, &metrics, &mut tunnel_peers);
+                    retry = apply(&mut reconciler, &mut policy, &mut dataplane, &mut node_config, &health, &metrics, &mut tunnel_peers);
                     health_checks.update(health_check::desired(reconciler.intent(), &config.node_name));
                 }
             }
             actual = drift.next() => {
                 drift.writing();
-                repair_drift(&mut reconciler, &mut dataplane, &actual, &node_config, &metrics);
+                repair_drift(&mut reconciler, &mut dataplane, &actual.services, &node_config, &metrics);
+                if let Some(actual) = &actual.policy {
+                    match policy.repair_drift(&mut dataplane.policy, actual, Some(&metrics)) {
+                        Ok(0) => {}
+                        Ok(writes) => warn!(writes, "policy map entries were changed outside the agent; written back"),
+                        Err(e) => warn!(error = %e, "repairing drifted policy map entries failed; the next pass rereads the maps"),
+                    }
+                }
                 report_foreign_programs(&mut dataplane, &mut foreign, &metrics);
             }
             _ = terminate.recv() => break,
@@ -411,9 +431,12 @@ impl DesiredState {
 /// peer set last written (None until written), so the map is read and written only when the
 /// Nodes' addresses change. A pass that fails to write makes the node unready (saying why) until
 /// one succeeds.
+#[allow(clippy::too_many_arguments)]
 fn apply(
     reconciler: &mut Reconciler,
+    policy: &mut PolicyReconciler,
     dataplane: &mut Dataplane,
+    node_config: &mut weir_common::NodeConfig,
     health: &Health,
     metrics: &Metrics,
     peers: &mut Option<BTreeSet<HostAddrKey>>,
@@ -467,7 +490,25 @@ fn apply(
             }
         }
     };
-    let outcome = services.and(tunnel);
+    // After the services: a policy's peers may be a new service's backends.
+    let policy_pass = if reconciler.take_policy_dirty() || policy.needs_pass() {
+        policy
+            .pass(
+                reconciler.policy_intents(),
+                &mut dataplane.policy,
+                &mut dataplane.node,
+                node_config,
+                Some(metrics),
+            )
+            .map(drop)
+            .map_err(|e| {
+                error!(error = %e, "applying network policy failed; will retry");
+                format!("network policy: {e}")
+            })
+    } else {
+        Ok(())
+    };
+    let outcome = services.and(tunnel).and(policy_pass);
     metrics.record_pass(outcome.is_ok());
     match outcome {
         Ok(()) => {

@@ -74,7 +74,7 @@ impl Plan {
     }
 }
 
-fn upserts<K: Ord + Copy, V: PartialEq + Clone>(
+pub(crate) fn upserts<K: Ord + Copy, V: PartialEq + Clone>(
     current: &BTreeMap<K, V>,
     desired: &BTreeMap<K, V>,
 ) -> Vec<(K, V)> {
@@ -85,7 +85,10 @@ fn upserts<K: Ord + Copy, V: PartialEq + Clone>(
         .collect()
 }
 
-fn deletions<K: Ord + Copy, V>(current: &BTreeMap<K, V>, desired: &BTreeMap<K, V>) -> Vec<K> {
+pub(crate) fn deletions<K: Ord + Copy, V>(
+    current: &BTreeMap<K, V>,
+    desired: &BTreeMap<K, V>,
+) -> Vec<K> {
     current
         .keys()
         .filter(|k| !desired.contains_key(k))

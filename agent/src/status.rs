@@ -71,6 +71,10 @@ pub struct AgentReport {
     pub drift_repaired: f64,
     pub foreign_programs: f64,
     pub conntrack_evictions: f64,
+    /// NetworkPolicies selecting this node's pods, the pods they isolate, and rule entries.
+    pub policies: f64,
+    pub policy_endpoints: f64,
+    pub policy_rule_entries: f64,
 }
 
 pub fn gather(config: &AgentConfig) -> Status {
@@ -208,11 +212,14 @@ fn agent_report(listen: SocketAddr) -> Result<AgentReport, String> {
         drift_repaired: sum("weir_drift_repaired_total"),
         foreign_programs: sum("weir_foreign_programs"),
         conntrack_evictions: sum("weir_conntrack_evictions_total"),
+        policies: sum("weir_policies"),
+        policy_endpoints: sum("weir_policy_endpoints"),
+        policy_rule_entries: sum("weir_policy_rule_entries"),
     })
 }
 
 /// One plain HTTP/1.0 GET: (status code, body).
-fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
+pub(crate) fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
     let fail = |e: std::io::Error| format!("the agent at {addr} does not answer: {e}");
     let mut stream = TcpStream::connect_timeout(&addr, AGENT_TIMEOUT).map_err(fail)?;
     stream.set_read_timeout(Some(AGENT_TIMEOUT)).map_err(fail)?;
@@ -397,6 +404,13 @@ pub fn render(status: &Status) -> String {
                 format!(
                     "Errors:      {} failed passes, {} drifted entries repaired, {} conntrack evictions",
                     a.reconcile_errors, a.drift_repaired, a.conntrack_evictions
+                ),
+            );
+            line(
+                &mut out,
+                format!(
+                    "Policy:      {} policies isolate {} pods here, {} rule entries",
+                    a.policies, a.policy_endpoints, a.policy_rule_entries
                 ),
             );
             if a.rejected.is_empty() {

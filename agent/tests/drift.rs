@@ -117,7 +117,9 @@ fn the_watcher_thread_sees_stray_writes_and_skips_snapshots_across_own_writes() 
             .block_on(async { tokio::time::timeout(Duration::from_secs(10), watch.next()).await })
             .expect("a snapshot within 10 s")
     };
-    assert_eq!(next(&mut watch), written, "no drift yet");
+    let first = next(&mut watch);
+    assert_eq!(first.services, written, "no drift yet");
+    assert!(first.policy.is_some(), "the policy maps are read too");
 
     h.dataplane
         .services
@@ -126,7 +128,7 @@ fn the_watcher_thread_sees_stray_writes_and_skips_snapshots_across_own_writes() 
     // Snapshots in flight now predate a write of "ours": the next one handed over is newer.
     watch.writing();
     let actual = loop {
-        let snapshot = next(&mut watch);
+        let snapshot = next(&mut watch).services;
         if snapshot != written {
             break snapshot;
         }

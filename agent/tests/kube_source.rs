@@ -27,6 +27,9 @@ type MockBody = StreamBody<mpsc::UnboundedReceiver<Chunk>>;
 const SERVICES: &str = "/api/v1/services";
 const SLICES: &str = "/apis/discovery.k8s.io/v1/endpointslices";
 const NODES: &str = "/api/v1/nodes";
+const PODS: &str = "/api/v1/pods";
+const NAMESPACES: &str = "/api/v1/namespaces";
+const POLICIES: &str = "/apis/networking.k8s.io/v1/networkpolicies";
 
 /// Recorded answers per collection, consumed in order; when none are left, a list is empty and
 /// a watch stays open with nothing to say.
@@ -88,7 +91,7 @@ impl FakeApiServer {
         while let Some((request, send)) = handle.next_request().await {
             let path = request.uri().path().to_owned();
             let query = request.uri().query().unwrap_or("").to_owned();
-            let collection = [SERVICES, SLICES, NODES]
+            let collection = [SERVICES, SLICES, NODES, PODS, NAMESPACES, POLICIES]
                 .into_iter()
                 .find(|c| *c == path)
                 .unwrap_or_else(|| panic!("unexpected request {path}?{query}"));
@@ -211,7 +214,7 @@ async fn watch_events_bookmarks_and_410_gone_reach_the_intent() {
     server.list(NODES, "10", vec![node("node1"), node("node2")]);
     tokio::spawn(server.clone().serve(handle));
     let client = kube::Client::new(mock, "default");
-    let source = KubeSource::start(client, "node1");
+    let source = KubeSource::start(client, "node1", false);
 
     // The initial lists: nothing counts as ready until every kind is listed.
     eventually(&source, "the initial lists", KubeSource::is_ready).await;
@@ -348,4 +351,72 @@ async fn a_kubeconfig_file_makes_a_client() {
     assert_eq!(client.default_namespace(), "weir");
     let missing = weir_agent::kubernetes::client(Some(&dir.path().join("nope"))).await;
     assert!(missing.is_err());
+}
+
+/// With policy on, Pods, Namespaces and NetworkPolicies are listed and watched too (readiness
+/// waits for their lists: `KubeSource::unlisted`), and their events reach the policy intent.
+#[tokio::test]
+async fn with_policy_on_pods_namespaces_and_policies_are_listed_watched_and_reach_the_policy_intent(
+) {
+    let (mock, handle) =
+        tower_test::mock::pair::<Request<kube::client::Body>, Response<MockBody>>();
+    let server = FakeApiServer::default();
+    server.list(NODES, "10", vec![node("node1")]);
+    server.list(
+        PODS,
+        "10",
+        vec![json!({
+            "metadata": {"name": "web", "namespace": "shop", "resourceVersion": "4", "labels": {"app": "web"}},
+            "spec": {"nodeName": "node1", "containers": [{"name": "c", "ports": [{"name": "http", "containerPort": 8080}]}]},
+            "status": {"phase": "Running", "podIP": "198.19.1.5", "podIPs": [{"ip": "198.19.1.5"}]},
+        })],
+    );
+    server.list(
+        NAMESPACES,
+        "10",
+        vec![json!({"metadata": {"name": "shop", "resourceVersion": "2", "labels": {"team": "shop"}}})],
+    );
+    tokio::spawn(server.clone().serve(handle));
+    let client = kube::Client::new(mock, "default");
+    let source = KubeSource::start(client, "node1", true);
+    eventually(&source, "the initial lists", KubeSource::is_ready).await;
+    let requests = server.requests();
+    for kind in [PODS, NAMESPACES, POLICIES] {
+        assert!(
+            requests.iter().any(|r| r.starts_with(kind)),
+            "{kind}: {requests:?}"
+        );
+    }
+    let mut store = IntentStore::default();
+    for event in source.take_events() {
+        store.handle(&event);
+    }
+    assert_eq!(store.policy().pods.len(), 1);
+    assert_eq!(store.policy().namespaces["shop"].labels["team"], "shop");
+    assert!(store.policy().policies.is_empty());
+
+    eventually(&source, "the policy watch", |_| {
+        server.has_live_watch(POLICIES)
+    })
+    .await;
+    server.event(
+        POLICIES,
+        "ADDED",
+        json!({
+            "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": "deny", "namespace": "shop", "resourceVersion": "11"},
+            "spec": {"podSelector": {}, "policyTypes": ["Ingress"]},
+        }),
+    );
+    let store = std::cell::RefCell::new(store);
+    eventually(&source, "the policy event", |s| {
+        let mut store = store.borrow_mut();
+        for event in s.take_events() {
+            store.handle(&event);
+        }
+        store.policy().policies.len() == 1
+    })
+    .await;
+    assert!(store.borrow_mut().take_policy_dirty());
+    assert_eq!(source.snapshot().network_policies.len(), 1);
 }

@@ -7,6 +7,7 @@ use k8s_openapi::api::networking::v1::NetworkPolicy;
 
 use crate::admission::Rejection;
 use crate::intent::{self, ObjectRef};
+use crate::policy;
 
 /// The Kubernetes objects found in the source, before validation.
 #[derive(Debug, Default)]
@@ -14,7 +15,7 @@ pub struct Objects {
     pub services: Vec<Service>,
     pub slices: Vec<EndpointSlice>,
     pub nodes: Vec<Node>,
-    /// This node's pods only (the Kubernetes source watches `spec.nodeName=<node>`).
+    /// Every pod of the cluster (NetworkPolicy peers live on every node).
     pub pods: Vec<Pod>,
     pub namespaces: Vec<Namespace>,
     pub network_policies: Vec<NetworkPolicy>,
@@ -26,6 +27,9 @@ pub enum ObjectKey {
     Service(ObjectRef),
     EndpointSlice(ObjectRef),
     Node(String),
+    Pod(ObjectRef),
+    Namespace(String),
+    NetworkPolicy(ObjectRef),
 }
 
 impl ObjectKey {
@@ -34,14 +38,20 @@ impl ObjectKey {
             ObjectKey::Service(_) => "Service",
             ObjectKey::EndpointSlice(_) => "EndpointSlice",
             ObjectKey::Node(_) => "Node",
+            ObjectKey::Pod(_) => "Pod",
+            ObjectKey::Namespace(_) => "Namespace",
+            ObjectKey::NetworkPolicy(_) => "NetworkPolicy",
         }
     }
 
     /// The object's name as rejections show it: `namespace/name`, or a Node's name.
     pub fn object(&self) -> String {
         match self {
-            ObjectKey::Service(id) | ObjectKey::EndpointSlice(id) => id.to_string(),
-            ObjectKey::Node(name) => name.clone(),
+            ObjectKey::Service(id)
+            | ObjectKey::EndpointSlice(id)
+            | ObjectKey::Pod(id)
+            | ObjectKey::NetworkPolicy(id) => id.to_string(),
+            ObjectKey::Node(name) | ObjectKey::Namespace(name) => name.clone(),
         }
     }
 }
@@ -52,6 +62,9 @@ pub enum SourceObject {
     Service(Box<Service>),
     EndpointSlice(Box<EndpointSlice>),
     Node(Box<Node>),
+    Pod(Box<Pod>),
+    Namespace(Box<Namespace>),
+    NetworkPolicy(Box<NetworkPolicy>),
 }
 
 impl SourceObject {
@@ -61,6 +74,11 @@ impl SourceObject {
             SourceObject::Service(s) => intent::service_ref(s).map(ObjectKey::Service),
             SourceObject::EndpointSlice(s) => intent::slice_ref(s).map(ObjectKey::EndpointSlice),
             SourceObject::Node(n) => intent::node_name(n).map(ObjectKey::Node),
+            SourceObject::Pod(p) => policy::intent::pod_ref(p).map(ObjectKey::Pod),
+            SourceObject::Namespace(n) => n.metadata.name.clone().map(ObjectKey::Namespace),
+            SourceObject::NetworkPolicy(p) => {
+                policy::intent::policy_ref(p).map(ObjectKey::NetworkPolicy)
+            }
         }
     }
 }
@@ -71,6 +89,9 @@ pub enum Kind {
     Service,
     EndpointSlice,
     Node,
+    Pod,
+    Namespace,
+    NetworkPolicy,
 }
 
 impl Kind {
@@ -80,6 +101,9 @@ impl Kind {
             (Kind::Service, ObjectKey::Service(_))
                 | (Kind::EndpointSlice, ObjectKey::EndpointSlice(_))
                 | (Kind::Node, ObjectKey::Node(_))
+                | (Kind::Pod, ObjectKey::Pod(_))
+                | (Kind::Namespace, ObjectKey::Namespace(_))
+                | (Kind::NetworkPolicy, ObjectKey::NetworkPolicy(_))
         )
     }
 
@@ -88,6 +112,9 @@ impl Kind {
             Kind::Service => "Service",
             Kind::EndpointSlice => "EndpointSlice",
             Kind::Node => "Node",
+            Kind::Pod => "Pod",
+            Kind::Namespace => "Namespace",
+            Kind::NetworkPolicy => "NetworkPolicy",
         }
     }
 }
@@ -132,6 +159,27 @@ impl Objects {
                 self.slices
                     .iter()
                     .map(|s| SourceObject::EndpointSlice(Box::new(s.clone())))
+                    .collect(),
+            ),
+            ObjectEvent::Replace(
+                Kind::Namespace,
+                self.namespaces
+                    .iter()
+                    .map(|n| SourceObject::Namespace(Box::new(n.clone())))
+                    .collect(),
+            ),
+            ObjectEvent::Replace(
+                Kind::Pod,
+                self.pods
+                    .iter()
+                    .map(|p| SourceObject::Pod(Box::new(p.clone())))
+                    .collect(),
+            ),
+            ObjectEvent::Replace(
+                Kind::NetworkPolicy,
+                self.network_policies
+                    .iter()
+                    .map(|p| SourceObject::NetworkPolicy(Box::new(p.clone())))
                     .collect(),
             ),
         ]

@@ -476,6 +476,20 @@ fn oversized(object: &SourceObject, max: usize) -> Option<(&'static str, usize)>
                 .and_then(|s| s.addresses.as_ref())
                 .map_or(0, Vec::len),
         )],
+        SourceObject::NetworkPolicy(policy) => {
+            let spec = policy.spec.as_ref();
+            vec![
+                (
+                    "spec.ingress",
+                    spec.and_then(|s| s.ingress.as_ref()).map_or(0, Vec::len),
+                ),
+                (
+                    "spec.egress",
+                    spec.and_then(|s| s.egress.as_ref()).map_or(0, Vec::len),
+                ),
+            ]
+        }
+        SourceObject::Pod(_) | SourceObject::Namespace(_) => Vec::new(),
     };
     lists.into_iter().find(|(_, len)| *len > max)
 }

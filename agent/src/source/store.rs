@@ -8,6 +8,8 @@ use crate::intent::{
     self, ClusterIntent, EndpointSliceIntent, IntentError, NodeIntent, ObjectRef, ServiceIntent,
 };
 
+use crate::policy::{self, NamespaceIntent, PodIntent, PolicyIntent, PolicyIntents};
+
 use super::event::{Kind, ObjectEvent, ObjectKey, Objects, SourceObject};
 
 /// A problem with one object; the rest of the state still applies.
@@ -117,6 +119,10 @@ pub struct IntentStore {
     refused: BTreeMap<String, Vec<Rejection>>,
     dirty: BTreeSet<ObjectRef>,
     all_dirty: bool,
+    /// Pods, Namespaces and NetworkPolicies, and whether they changed since
+    /// [`IntentStore::take_policy_dirty`].
+    policy: PolicyIntents,
+    policy_dirty: bool,
 }
 
 impl IntentStore {
@@ -143,6 +149,15 @@ impl IntentStore {
             .into_iter()
             .flatten()
             .collect()
+    }
+
+    pub fn policy(&self) -> &PolicyIntents {
+        &self.policy
+    }
+
+    /// Whether a Pod, Namespace or NetworkPolicy changed since the last call.
+    pub fn take_policy_dirty(&mut self) -> bool {
+        std::mem::take(&mut self.policy_dirty)
     }
 
     pub fn errors(&self) -> impl Iterator<Item = &ObjectError> {
@@ -215,6 +230,27 @@ impl IntentStore {
                 .cloned()
                 .map(ObjectKey::Node)
                 .collect(),
+            Kind::Pod => self
+                .policy
+                .pods
+                .keys()
+                .cloned()
+                .map(ObjectKey::Pod)
+                .collect(),
+            Kind::Namespace => self
+                .policy
+                .namespaces
+                .keys()
+                .cloned()
+                .map(ObjectKey::Namespace)
+                .collect(),
+            Kind::NetworkPolicy => self
+                .policy
+                .policies
+                .keys()
+                .cloned()
+                .map(ObjectKey::NetworkPolicy)
+                .collect(),
         };
         for key in present {
             if kind.covers(&key) && !listed.contains(&key) {
@@ -279,6 +315,40 @@ impl IntentStore {
                 }
                 Err(error) => self.record("Node", intent::node_name(node), error),
             },
+            SourceObject::Pod(pod) => match PodIntent::try_from(pod.as_ref()) {
+                Ok(p) => {
+                    self.clear_error("Pod", || p.id.to_string());
+                    if self.policy.pods.get(&p.id) != Some(&p) {
+                        self.policy_dirty = true;
+                        self.policy.pods.insert(p.id.clone(), p);
+                    }
+                }
+                Err(error) => {
+                    let id = policy::intent::pod_ref(pod).map(|i| i.to_string());
+                    self.record("Pod", id, error.into())
+                }
+            },
+            SourceObject::Namespace(namespace) => {
+                let n = NamespaceIntent::from(namespace.as_ref());
+                if self.policy.namespaces.get(&n.name) != Some(&n) {
+                    self.policy_dirty = true;
+                    self.policy.namespaces.insert(n.name.clone(), n);
+                }
+            }
+            SourceObject::NetworkPolicy(policy) => match PolicyIntent::try_from(policy.as_ref()) {
+                Ok(p) => {
+                    self.clear_error("NetworkPolicy", || p.id.to_string());
+                    if self.policy.policies.get(&p.id) != Some(&p) {
+                        self.policy_dirty = true;
+                        self.policy.policies.insert(p.id.clone(), p);
+                    }
+                }
+                // The last good version (if any) stays in force.
+                Err(error) => {
+                    let id = policy::intent::policy_ref(policy).map(|i| i.to_string());
+                    self.record("NetworkPolicy", id, error.into())
+                }
+            },
         }
     }
 
@@ -302,6 +372,17 @@ impl IntentStore {
                 if self.intent.nodes.remove(name).is_some() {
                     self.all_dirty = true;
                 }
+            }
+            ObjectKey::Pod(id) => {
+                self.clear_error("Pod", || id.to_string());
+                self.policy_dirty |= self.policy.pods.remove(id).is_some();
+            }
+            ObjectKey::Namespace(name) => {
+                self.policy_dirty |= self.policy.namespaces.remove(name).is_some();
+            }
+            ObjectKey::NetworkPolicy(id) => {
+                self.clear_error("NetworkPolicy", || id.to_string());
+                self.policy_dirty |= self.policy.policies.remove(id).is_some();
             }
         }
     }

@@ -23,6 +23,9 @@ pub fn parse_documents(path: &Path, text: &str, objects: &mut Objects) -> Result
                 SourceObject::Service(s) => objects.services.push(*s),
                 SourceObject::EndpointSlice(s) => objects.slices.push(*s),
                 SourceObject::Node(n) => objects.nodes.push(*n),
+                SourceObject::Pod(p) => objects.pods.push(*p),
+                SourceObject::Namespace(n) => objects.namespaces.push(*n),
+                SourceObject::NetworkPolicy(p) => objects.network_policies.push(*p),
             }
         }
     }
@@ -56,7 +59,16 @@ fn collect(value: serde_yaml::Value, out: &mut Vec<SourceObject>) -> Result<(), 
         "Node" => out.push(SourceObject::Node(Box::new(
             serde_yaml::from_value(value).map_err(|e| format!("Node: {e}"))?,
         ))),
-        // Other kinds (Pods, ...) may share the file; they are not service state.
+        "Pod" => out.push(SourceObject::Pod(Box::new(
+            serde_yaml::from_value(value).map_err(|e| format!("Pod: {e}"))?,
+        ))),
+        "Namespace" => out.push(SourceObject::Namespace(Box::new(
+            serde_yaml::from_value(value).map_err(|e| format!("Namespace: {e}"))?,
+        ))),
+        "NetworkPolicy" => out.push(SourceObject::NetworkPolicy(Box::new(
+            serde_yaml::from_value(value).map_err(|e| format!("NetworkPolicy: {e}"))?,
+        ))),
+        // Other kinds (ConfigMaps, ...) may share the file; the data plane does not use them.
         _ => {}
     }
     Ok(())
@@ -111,6 +123,21 @@ pub(super) fn parse_document(text: &str) -> Result<Vec<SourceObject>, String> {
                 .map(|n| SourceObject::Node(Box::new(n)))
                 .map_err(|e| format!("Node: {e}")),
         ),
+        Some("Pod") => Some(
+            serde_yaml::from_str(text)
+                .map(|p| SourceObject::Pod(Box::new(p)))
+                .map_err(|e| format!("Pod: {e}")),
+        ),
+        Some("Namespace") => Some(
+            serde_yaml::from_str(text)
+                .map(|n| SourceObject::Namespace(Box::new(n)))
+                .map_err(|e| format!("Namespace: {e}")),
+        ),
+        Some("NetworkPolicy") => Some(
+            serde_yaml::from_str(text)
+                .map(|p| SourceObject::NetworkPolicy(Box::new(p)))
+                .map_err(|e| format!("NetworkPolicy: {e}")),
+        ),
         _ => None,
     };
     if let Some(object) = typed {
@@ -151,8 +178,17 @@ fn parse_json_document(text: &str) -> Result<Vec<SourceObject>, String> {
         "Node" => vec![SourceObject::Node(Box::new(
             serde_json::from_str(text).map_err(typed)?,
         ))],
+        "Pod" => vec![SourceObject::Pod(Box::new(
+            serde_json::from_str(text).map_err(typed)?,
+        ))],
+        "Namespace" => vec![SourceObject::Namespace(Box::new(
+            serde_json::from_str(text).map_err(typed)?,
+        ))],
+        "NetworkPolicy" => vec![SourceObject::NetworkPolicy(Box::new(
+            serde_json::from_str(text).map_err(typed)?,
+        ))],
         "List" => document.items.into_iter().filter_map(|i| i.0).collect(),
-        // Other kinds (Pods, ...) may share the directory; they are not service state.
+        // Other kinds (ConfigMaps, ...) may share the directory; the data plane does not use them.
         _ => Vec::new(),
     })
 }
@@ -211,7 +247,16 @@ impl<'de> serde::de::Visitor<'de> for ListItemVisitor {
             "Node" => Some(SourceObject::Node(Box::new(
                 Deserialize::deserialize(replayed).map_err(typed)?,
             ))),
-            // Other kinds (and objects without one) are not service state.
+            "Pod" => Some(SourceObject::Pod(Box::new(
+                Deserialize::deserialize(replayed).map_err(typed)?,
+            ))),
+            "Namespace" => Some(SourceObject::Namespace(Box::new(
+                Deserialize::deserialize(replayed).map_err(typed)?,
+            ))),
+            "NetworkPolicy" => Some(SourceObject::NetworkPolicy(Box::new(
+                Deserialize::deserialize(replayed).map_err(typed)?,
+            ))),
+            // Other kinds (and objects without one) are not used by the data plane.
             _ => {
                 IgnoredAny::deserialize(replayed)?;
                 None
@@ -279,8 +324,9 @@ mod tests {
                 .unwrap()
                 .replace('\n', "\n  ")
         );
-        let text =
-            format!("{SERVICE}---\napiVersion: v1\nkind: Pod\nmetadata: {{name: p}}\n---\n{list}");
+        let text = format!(
+            "{SERVICE}---\napiVersion: v1\nkind: ConfigMap\nmetadata: {{name: p}}\n---\n{list}"
+        );
         let objects = parse(&text).unwrap();
         assert_eq!(objects.services.len(), 2);
         assert!(objects.slices.is_empty());
@@ -292,7 +338,7 @@ mod tests {
         let from_yaml = parse(SERVICE).unwrap();
         let from_json = parse(&service.to_string()).unwrap();
         assert_eq!(from_json.services, from_yaml.services);
-        let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": [service, {"kind": "Pod"}]});
+        let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": [service, {"kind": "ConfigMap"}]});
         assert_eq!(parse(&list.to_string()).unwrap().services.len(), 1);
         let broken = parse("{\"kind\": \"Service\", \"spec\": [1]}").unwrap_err();
         assert!(broken.to_string().contains("Service"), "{broken}");
@@ -313,7 +359,7 @@ mod tests {
         fields.push(format!("\"kind\":{}", object["kind"]));
         let kind_last = format!("{{{}}}", fields.join(","));
         let list = format!(
-            "{{\"kind\":\"List\",\"items\":[{kind_first},{kind_last},{{\"kind\":\"Pod\",\"spec\":{{\"x\":[1]}}}}]}}"
+            "{{\"kind\":\"List\",\"items\":[{kind_first},{kind_last},{{\"kind\":\"ConfigMap\",\"spec\":{{\"x\":[1]}}}}]}}"
         );
         let parsed = parse(&list).unwrap();
         assert_eq!(parsed.services.len(), 2);

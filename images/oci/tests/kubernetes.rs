@@ -383,6 +383,7 @@ fn host_network_processes_reach_cluster_ips_by_default() {
     let m = load();
     let config = shipped_agent_config(&m);
     assert!(config.host_services.enabled, "host services on by default");
+    assert!(config.policy.enabled, "NetworkPolicy on, with its RBAC");
     let cgroup = config.host_services.cgroup.to_str().unwrap();
     assert_eq!(
         host_path_mounted_at(&m.daemon_set, cgroup).as_deref(),
@@ -473,6 +474,10 @@ fn rbac_only_reads_what_the_agent_watches() {
         ("", "services"),
         ("", "nodes"),
         ("discovery.k8s.io", "endpointslices"),
+        // NetworkPolicy enforcement, on in the shipped configuration.
+        ("", "pods"),
+        ("", "namespaces"),
+        ("networking.k8s.io", "networkpolicies"),
     ] {
         for verb in ["get", "list", "watch"] {
             wanted.insert((group.to_owned(), resource.to_owned(), verb.to_owned()));

@@ -1,0 +1,188 @@
+//! One policy pass: compile the policy intent, diff against what the maps hold, write the plan
+//! in its safe order, and keep the node's POLICY flag in step with the isolated endpoints.
+
+use tracing::{info, warn};
+use weir_common::{map_names, node_flags, NodeConfig};
+
+use super::compile::{Compiled, PolicyCompiler};
+use super::maps::PolicyMaps;
+use super::state::{PolicyPlan, PolicyState};
+use super::PolicyIntents;
+use crate::dataplane::{DataplaneError, NodeMaps};
+use crate::metrics::Metrics;
+
+pub struct PolicyReconciler {
+    compiler: PolicyCompiler,
+    enabled: bool,
+    /// What the maps hold, as last written; None until read (at start, and after a failed
+    /// write, so the maps are never trusted less than a memory of them).
+    shadow: Option<PolicyState>,
+    last: Compiled,
+    /// SCTP entries were logged once already.
+    sctp_logged: bool,
+}
+
+impl PolicyReconciler {
+    /// `enabled` false: every pass empties the maps (what an earlier agent left included).
+    pub fn new(node_name: &str, enabled: bool) -> PolicyReconciler {
+        PolicyReconciler {
+            compiler: PolicyCompiler::new(node_name),
+            enabled,
+            shadow: None,
+            last: Compiled::default(),
+            sctp_logged: false,
+        }
+    }
+
+    /// A pass is due even without a change: the maps were never read, or a write failed.
+    pub fn needs_pass(&self) -> bool {
+        self.shadow.is_none()
+    }
+
+    /// The last pass's result (for metrics and logs).
+    pub fn last(&self) -> &Compiled {
+        &self.last
+    }
+
+    /// What the ids of the last pass stand for.
+    pub fn names(&self) -> super::PolicyNames {
+        self.compiler.names(&self.last)
+    }
+
+    /// Brings the policy maps and the node's POLICY flag to `intents`; returns the map writes.
+    /// `node_config` is the node configuration as written; its POLICY flag is set before any
+    /// endpoint is isolated and cleared after the last one stops being.
+    pub fn pass(
+        &mut self,
+        intents: &PolicyIntents,
+        maps: &mut PolicyMaps,
+        node: &mut NodeMaps,
+        node_config: &mut NodeConfig,
+        metrics: Option<&Metrics>,
+    ) -> Result<usize, DataplaneError> {
+        let empty = PolicyIntents::default();
+        let compiled = self
+            .compiler
+            .compile(if self.enabled { intents } else { &empty });
+        if compiled.report.sctp_ports > 0 && !self.sctp_logged {
+            self.sctp_logged = true;
+            warn!(
+                entries = compiled.report.sctp_ports,
+                "NetworkPolicy ports name SCTP, which Weir does not carry: those entries match nothing"
+            );
+        }
+        let reread = self.shadow.is_none();
+        let current = match self.shadow.take() {
+            Some(shadow) => shadow,
+            None => maps.read()?,
+        };
+        let plan = PolicyPlan::between(&current, &compiled.state);
+        let isolating = !compiled.state.endpoints.is_empty();
+        if isolating {
+            set_policy_flag(node, node_config, true)?;
+        }
+        if !plan.is_empty() {
+            // On error the shadow stays None: the next pass rereads the maps.
+            maps.apply(&plan)?;
+        }
+        self.shadow = Some(compiled.state.clone());
+        if !isolating {
+            set_policy_flag(node, node_config, false)?;
+        }
+        let report = &compiled.report;
+        if plan.writes() > 0 {
+            info!(
+                writes = plan.writes(),
+                policies = report.policies,
+                isolated_endpoints = report.isolated_endpoints,
+                rule_entries = report.rule_entries,
+                "applied network policy"
+            );
+        }
+        if let Some(metrics) = metrics {
+            metrics.policies.set(report.policies as i64);
+            metrics
+                .policy_endpoints
+                .set(report.isolated_endpoints as i64);
+            metrics.policy_rule_entries.set(report.rule_entries as i64);
+            metrics.map_writes.inc_by(plan.writes() as u64);
+            let state = &compiled.state;
+            metrics.set_map_entries(map_names::POLICY_ENDPOINTS, state.endpoints.len());
+            metrics.set_map_entries(map_names::POLICY_PEERS, state.peers.len());
+            metrics.set_map_entries(map_names::POLICY_CIDRS, state.cidrs.len());
+            metrics.set_map_entries(map_names::POLICY_RULES, state.rules.len());
+            // Names change only with the maps' contents.
+            if plan.writes() > 0 || reread {
+                if let Ok(mut names) = metrics.policy_names.lock() {
+                    *names = self.compiler.names(&compiled);
+                }
+            }
+        }
+        self.last = compiled;
+        Ok(plan.writes())
+    }
+}
+
+impl PolicyReconciler {
+    /// Writes back what the policy maps lost or gained behind the agent's back, given
+    /// `actual`, what they held while the agent was not writing; returns the entries written.
+    /// Nothing to compare before the first pass or after a failed one (the next pass rereads).
+    pub fn repair_drift(
+        &mut self,
+        maps: &mut PolicyMaps,
+        actual: &PolicyState,
+        metrics: Option<&Metrics>,
+    ) -> Result<usize, DataplaneError> {
+        let Some(shadow) = self.shadow.take() else {
+            return Ok(0);
+        };
+        let plan = PolicyPlan::between(actual, &shadow);
+        if !plan.is_empty() {
+            // On error the shadow stays None: the next pass rereads the maps.
+            maps.apply(&plan)?;
+            if let Some(metrics) = metrics {
+                let by_map = [
+                    (
+                        map_names::POLICY_RULES,
+                        plan.upsert_rules.len() + plan.delete_rules.len(),
+                    ),
+                    (
+                        map_names::POLICY_CIDRS,
+                        plan.upsert_cidrs.len() + plan.delete_cidrs.len(),
+                    ),
+                    (
+                        map_names::POLICY_PEERS,
+                        plan.upsert_peers.len() + plan.delete_peers.len(),
+                    ),
+                    (
+                        map_names::POLICY_ENDPOINTS,
+                        plan.upsert_endpoints.len() + plan.delete_endpoints.len(),
+                    ),
+                ];
+                for (map, entries) in by_map {
+                    metrics.record_drift(map, entries);
+                }
+            }
+        }
+        self.shadow = Some(shadow);
+        Ok(plan.writes())
+    }
+}
+
+fn set_policy_flag(
+    node: &mut NodeMaps,
+    config: &mut NodeConfig,
+    on: bool,
+) -> Result<(), DataplaneError> {
+    let mut wanted = *config;
+    if on {
+        wanted.flags |= node_flags::POLICY;
+    } else {
+        wanted.flags &= !node_flags::POLICY;
+    }
+    if wanted != *config {
+        node.set_config(&wanted)?;
+        *config = wanted;
+    }
+    Ok(())
+}
