@@ -10,6 +10,7 @@ pub mod netns;
 pub mod qemu;
 pub mod sandbox;
 pub mod sys;
+pub mod wiring;
 
 use weir_lab_core::backend::{Backend, BackendKind};
 

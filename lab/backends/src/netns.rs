@@ -20,7 +20,7 @@ use weir_lab_core::backend::{Backend, BackendError, Cmd, Lab, Output, ProcId};
 use weir_lab_core::files::write_atomically;
 use weir_lab_core::topology::{
     network_gateway, ExternalPlan, HostId, NodePlan, Plan, PodPlan, RoutePlan, GATEWAY,
-    NODE_PREFIX_LEN, NODE_PREFIX_LEN6, POD_GATEWAY, POD_GATEWAY6,
+    NODE_PREFIX_LEN, NODE_PREFIX_LEN6,
 };
 
 use crate::fabric::{self, bridge_name, FabricDelays};
@@ -28,6 +28,7 @@ use crate::sys::{
     describe, run, run_in, send_signal, spawn_logged, stop_group, NETNS_DIR, PLUMBING_TIMEOUT,
     STOP_GRACE,
 };
+use crate::wiring::{self, Side, Step};
 
 /// Several labs can be built one after another by one process; each gets fresh names so a
 /// namespace that failed to go away cannot collide with the next lab.
@@ -321,31 +322,10 @@ impl NetnsLab {
             "via",
             &GATEWAY.to_string(),
         ])?;
-        // Direct routing on the shared L2: every other node's pod CIDR via that node.
-        for other in self.plan.nodes.iter().filter(|o| o.index != node.index) {
-            let cidr = format!("{}/24", other.pod_cidr);
-            self.ip(&[
-                "-n",
-                &ns,
-                "route",
-                "add",
-                &cidr,
-                "via",
-                &other.ip.to_string(),
-            ])?;
-            if let (Some(cidr6), Some(via6)) = (other.pod_cidr6, other.ip6) {
-                let cidr6 = format!("{cidr6}/64");
-                self.ip(&[
-                    "-n",
-                    &ns,
-                    "-6",
-                    "route",
-                    "add",
-                    &cidr6,
-                    "via",
-                    &via6.to_string(),
-                ])?;
-            }
+        for route in wiring::pod_routes(&self.plan, node) {
+            let mut full = vec!["-n", ns.as_str()];
+            full.extend(route.iter().map(String::as_str));
+            self.ip(&full)?;
         }
         Ok(())
     }
@@ -353,60 +333,26 @@ impl NetnsLab {
     /// A pod: its namespace and the veth to its node, routed Calico-style through a link-local
     /// gateway the node answers for (proxy ARP; IPv6: the node side holds the gateway address).
     fn build_pod(&mut self, pod: &PodPlan) -> Result<(), BackendError> {
-        let mtu = self.plan.mtu.to_string();
         let ns = self.ns_name(pod.id);
         let node_id = HostId::Node(pod.node);
         let node_ns = self.ns_name(node_id);
         self.add_ns(ns.clone())?;
-        let hif = pod.host_interface.as_str();
-        self.ip(&[
-            "-n", &node_ns, "link", "add", hif, "mtu", &mtu, "type", "veth", "peer", "name",
-            "eth0", "netns", &ns, "mtu", &mtu,
-        ])?;
-        self.apply_offloads(&node_ns, hif)?;
-        self.apply_offloads(&ns, "eth0")?;
-        let addr = format!("{}/32", pod.ip);
-        let pod_gw = POD_GATEWAY.to_string();
-        self.ip(&["-n", &ns, "link", "set", "lo", "up"])?;
-        self.ip(&["-n", &ns, "addr", "add", &addr, "dev", "eth0"])?;
-        self.ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
-        self.ip(&[
-            "-n", &ns, "route", "add", &pod_gw, "dev", "eth0", "scope", "link",
-        ])?;
-        self.ip(&[
-            "-n", &ns, "route", "add", "default", "via", &pod_gw, "dev", "eth0",
-        ])?;
-        // proxy_delay=0: otherwise the kernel answers broadcast ARP for the pod gateway
-        // after a random delay of up to 0.8 s, which makes first packets slow.
-        self.sysctl(
-            node_id,
-            &[
-                format!("net.ipv4.conf.{hif}.proxy_arp=1"),
-                format!("net.ipv4.conf.{hif}.rp_filter=0"),
-                format!("net.ipv4.neigh.{hif}.proxy_delay=0"),
-            ],
-        )?;
-        self.ip(&["-n", &node_ns, "link", "set", hif, "up"])?;
-        self.ip(&["-n", &node_ns, "route", "add", &addr, "dev", hif])?;
-        if let Some(ip6) = pod.ip6 {
-            let addr6 = format!("{ip6}/128");
-            let gw6 = format!("{POD_GATEWAY6}/64");
-            self.ip(&["-n", &ns, "addr", "add", &addr6, "dev", "eth0", "nodad"])?;
-            self.ip(&["-n", &node_ns, "addr", "add", &gw6, "dev", hif, "nodad"])?;
-            self.ip(&[
-                "-n",
-                &ns,
-                "-6",
-                "route",
-                "add",
-                "default",
-                "via",
-                &POD_GATEWAY6.to_string(),
-                "dev",
-                "eth0",
-            ])?;
-            self.ip(&["-n", &node_ns, "-6", "route", "add", &addr6, "dev", hif])?;
+        for step in wiring::pod_steps(pod, &ns, self.plan.mtu) {
+            match step {
+                Step::Ip(side, args) => {
+                    let target = match side {
+                        Side::Pod => &ns,
+                        Side::Node => &node_ns,
+                    };
+                    let mut full = vec!["-n", target.as_str()];
+                    full.extend(args.iter().map(String::as_str));
+                    self.ip(&full)?;
+                }
+                Step::NodeSysctl(settings) => self.sysctl(node_id, &settings)?,
+            }
         }
+        self.apply_offloads(&node_ns, &pod.host_interface)?;
+        self.apply_offloads(&ns, "eth0")?;
         Ok(())
     }
 

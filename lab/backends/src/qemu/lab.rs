@@ -19,11 +19,10 @@ use crate::fabric::{FabricDelays, BRIDGE};
 use crate::sys::{
     describe, run, send_signal, spawn_logged, stop_group, NETNS_DIR, PLUMBING_TIMEOUT, STOP_GRACE,
 };
+use crate::wiring::{self, Side, Step};
 use weir_lab_core::backend::{BackendError, Cmd, Lab, Output, ProcId, Signal};
 use weir_lab_core::files::write_atomically;
-use weir_lab_core::topology::{
-    HostId, Plan, GATEWAY, NODE_PREFIX_LEN, NODE_PREFIX_LEN6, POD_GATEWAY, POD_GATEWAY6,
-};
+use weir_lab_core::topology::{HostId, Plan, GATEWAY, NODE_PREFIX_LEN, NODE_PREFIX_LEN6};
 
 /// Guest plumbing runs as one script per VM; under TCG each `ip` call costs tens of ms.
 const GUEST_PLUMBING_TIMEOUT: Duration = Duration::from_secs(60);
@@ -274,40 +273,22 @@ impl QemuLab {
             );
             let _ = writeln!(s, "ip -6 addr add {ip6}/{NODE_PREFIX_LEN6} dev eth0 nodad");
         }
-        for other in self.plan.nodes.iter().filter(|o| o.index != n) {
-            let _ = writeln!(s, "ip route add {}/24 via {}", other.pod_cidr, other.ip);
-            if let (Some(cidr6), Some(via6)) = (other.pod_cidr6, other.ip6) {
-                let _ = writeln!(s, "ip -6 route add {cidr6}/64 via {via6}");
+        if let Some(node) = self.plan.node(n) {
+            for route in wiring::pod_routes(&self.plan, node) {
+                let _ = writeln!(s, "ip {}", route.join(" "));
             }
         }
         for pod in self.plan.pods.iter().filter(|p| p.node == n) {
             let ns = pod.name.as_str();
-            let hif = pod.host_interface.as_str();
-            let addr = format!("{}/32", pod.ip);
             let _ = writeln!(s, "ip netns add {ns}");
-            let _ = writeln!(
-                s,
-                "ip link add {hif} mtu {mtu} type veth peer name eth0 netns {ns} mtu {mtu}"
-            );
-            let _ = writeln!(s, "ip -n {ns} link set lo up");
-            let _ = writeln!(s, "ip -n {ns} addr add {addr} dev eth0");
-            let _ = writeln!(s, "ip -n {ns} link set eth0 up");
-            let _ = writeln!(s, "ip -n {ns} route add {POD_GATEWAY} dev eth0 scope link");
-            let _ = writeln!(s, "ip -n {ns} route add default via {POD_GATEWAY} dev eth0");
-            let _ = writeln!(
-                s,
-                "sysctl -q -w net.ipv4.conf.{hif}.proxy_arp=1 net.ipv4.conf.{hif}.rp_filter=0 net.ipv4.neigh.{hif}.proxy_delay=0"
-            );
-            let _ = writeln!(s, "ip link set {hif} up");
-            let _ = writeln!(s, "ip route add {addr} dev {hif}");
-            if let Some(ip6) = pod.ip6 {
-                let _ = writeln!(s, "ip -n {ns} addr add {ip6}/128 dev eth0 nodad");
-                let _ = writeln!(s, "ip addr add {POD_GATEWAY6}/64 dev {hif} nodad");
-                let _ = writeln!(
-                    s,
-                    "ip -n {ns} -6 route add default via {POD_GATEWAY6} dev eth0"
-                );
-                let _ = writeln!(s, "ip -6 route add {ip6}/128 dev {hif}");
+            for step in wiring::pod_steps(pod, ns, mtu) {
+                let _ = match step {
+                    Step::Ip(Side::Pod, args) => writeln!(s, "ip -n {ns} {}", args.join(" ")),
+                    Step::Ip(Side::Node, args) => writeln!(s, "ip {}", args.join(" ")),
+                    Step::NodeSysctl(settings) => {
+                        writeln!(s, "sysctl -q -w {}", settings.join(" "))
+                    }
+                };
             }
         }
         s
