@@ -5,12 +5,12 @@
 //! distinct pod classes of a namespace, not per pod; an ipBlock finds the written prefixes
 //! inside it by a range query over the sorted prefix list, not by comparing every pair.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::rc::Rc;
 
 use weir_common::{
-    policy_direction, policy_flags, policy_rule_bits, PolicyCidrKey, PolicyEndpoint, PolicyRuleKey,
-    POLICY_ANY_PEER, POLICY_CIDR_FIXED_BITS,
+    policy_direction, policy_flags, policy_rule_bits, HostAddrKey, PolicyCidrKey, PolicyEndpoint,
+    PolicyRuleKey, POLICY_ANY_PEER, POLICY_CIDR_FIXED_BITS,
 };
 
 use super::intent::{
@@ -46,6 +46,8 @@ pub enum IdentityKey {
 #[derive(Debug)]
 struct Allocator<K> {
     ids: HashMap<K, u32>,
+    /// The values of `ids`.
+    taken: HashSet<u32>,
     free: Vec<u32>,
     /// Freed by the last pass: reusable from the next one.
     cooling: Vec<u32>,
@@ -58,6 +60,7 @@ impl<K: Clone + Eq + std::hash::Hash> Allocator<K> {
     fn new() -> Self {
         Allocator {
             ids: HashMap::new(),
+            taken: HashSet::new(),
             free: Vec::new(),
             cooling: Vec::new(),
             next: 1,
@@ -72,15 +75,25 @@ impl<K: Clone + Eq + std::hash::Hash> Allocator<K> {
         self.used.clear();
     }
 
-    fn id(&mut self, key: &K) -> u32 {
+    /// The key's id; a key new to the allocator takes `hint` when no other key holds it
+    /// (the id the maps already give it, see [`PolicyCompiler::adopt`]).
+    fn id_or(&mut self, key: &K, hint: Option<u32>) -> u32 {
         let id = match self.ids.get(key) {
             Some(id) => *id,
             None => {
-                let id = self.free.pop().unwrap_or_else(|| {
-                    self.next += 1;
-                    self.next - 1
-                });
+                let id = match hint.filter(|h| *h != 0 && !self.taken.contains(h)) {
+                    Some(h) => {
+                        self.free.retain(|f| *f != h);
+                        self.next = self.next.max(h + 1);
+                        h
+                    }
+                    None => self.free.pop().unwrap_or_else(|| {
+                        self.next += 1;
+                        self.next - 1
+                    }),
+                };
                 self.ids.insert(key.clone(), id);
+                self.taken.insert(id);
                 id
             }
         };
@@ -88,14 +101,21 @@ impl<K: Clone + Eq + std::hash::Hash> Allocator<K> {
         id
     }
 
+    /// Fresh ids start above `id`: the hints up to it are kept for their keys.
+    fn reserve_up_to(&mut self, id: u32) {
+        self.next = self.next.max(id + 1);
+    }
+
     /// Frees the ids of keys this pass did not use.
     fn finish(&mut self) {
         let used = &self.used;
         let cooling = &mut self.cooling;
+        let taken = &mut self.taken;
         self.ids.retain(|_, id| {
             let keep = used.contains(id);
             if !keep {
                 cooling.push(*id);
+                taken.remove(id);
             }
             keep
         });
@@ -176,6 +196,16 @@ pub struct PolicyCompiler {
     node_name: String,
     identities: Allocator<IdentityKey>,
     endpoints: Allocator<ObjectRef>,
+    /// The ids the maps held at start, for the next pass only ([`PolicyCompiler::adopt`]).
+    hints: Option<Hints>,
+}
+
+/// The ids the maps already give addresses and prefixes.
+#[derive(Debug, Default)]
+struct Hints {
+    peers: HashMap<HostAddrKey, u32>,
+    cidrs: HashMap<(PolicyCidrKey, u32), u32>,
+    endpoints: HashMap<HostAddrKey, u32>,
 }
 
 /// A peer a rule names, resolved.
@@ -197,24 +227,47 @@ impl PolicyCompiler {
             node_name: node_name.to_owned(),
             identities: Allocator::new(),
             endpoints: Allocator::new(),
+            hints: None,
         }
+    }
+
+    /// Takes what the maps hold (left by an earlier agent) as the preferred numbering of the
+    /// next pass: a pod class keeps the identity its pods' addresses have there, a prefix its
+    /// CIDR identity, a pod its endpoint id, so a restart over unchanged intent writes nothing
+    /// even when the earlier agent's history numbered things otherwise.
+    pub fn adopt(&mut self, current: &PolicyState) {
+        let hints = Hints {
+            peers: current.peers.iter().map(|(k, v)| (*k, *v)).collect(),
+            cidrs: current.cidrs.iter().map(|(k, v)| (*k, *v)).collect(),
+            endpoints: (current.endpoints.iter())
+                .map(|(k, v)| (*k, v.id))
+                .collect(),
+        };
+        let identities = hints.peers.values().chain(hints.cidrs.values());
+        self.identities
+            .reserve_up_to(identities.copied().max().unwrap_or(0));
+        self.endpoints
+            .reserve_up_to(hints.endpoints.values().copied().max().unwrap_or(0));
+        self.hints = Some(hints);
     }
 
     pub fn compile(&mut self, intents: &PolicyIntents) -> Compiled {
         self.identities.begin();
         self.endpoints.begin();
+        let hints = self.hints.take().unwrap_or_default();
         let mut pass = Pass::new(intents, &self.node_name);
         let mut state = PolicyState::default();
-        pass.peers(&mut self.identities, &mut state);
+        pass.peers(&mut self.identities, &hints, &mut state);
         let selected = pass.selected_endpoints();
-        pass.cidrs(&selected, &mut self.identities, &mut state);
+        pass.cidrs(&selected, &mut self.identities, &hints, &mut state);
         let mut report = CompileReport {
             policies: selected.len(),
             ..CompileReport::default()
         };
         let mut endpoints = BTreeMap::new();
         for (pod, flags) in pass.isolation(&selected).into_values() {
-            let id = self.endpoints.id(&pod.id);
+            let hint = (pod.addresses.first()).and_then(|a| hints.endpoints.get(&addr_key(*a)));
+            let id = self.endpoints.id_or(&pod.id, hint.copied());
             endpoints.insert(id, pod.id.clone());
             for address in &pod.addresses {
                 state.endpoints.insert(
@@ -309,7 +362,12 @@ impl<'a> Pass<'a> {
     }
 
     /// Every addressed pod of the cluster: its identity, and its addresses in the peer map.
-    fn peers(&mut self, identities: &mut Allocator<IdentityKey>, state: &mut PolicyState) {
+    fn peers(
+        &mut self,
+        identities: &mut Allocator<IdentityKey>,
+        hints: &Hints,
+        state: &mut PolicyState,
+    ) {
         let mut namespace_labels: HashMap<&str, Labels> = HashMap::new();
         // Pods of one class share one identity: built and looked up once per class and pass,
         // by reference (classes are few, pods many).
@@ -335,7 +393,8 @@ impl<'a> Pass<'a> {
                         named_ports: pod.named_ports.clone(),
                     };
                     let class = Rc::new(class);
-                    let id = identities.id(&IdentityKey::Pods(class.clone()));
+                    let hint = (pod.addresses.first()).and_then(|a| hints.peers.get(&addr_key(*a)));
+                    let id = identities.id_or(&IdentityKey::Pods(class.clone()), hint.copied());
                     known.insert(class_ref, id);
                     for port in &pod.named_ports {
                         self.named
@@ -405,6 +464,7 @@ impl<'a> Pass<'a> {
         &mut self,
         selected: &Selected<'a>,
         identities: &mut Allocator<IdentityKey>,
+        hints: &Hints,
         state: &mut PolicyState,
     ) {
         let mut prefixes = BTreeSet::new();
@@ -420,7 +480,10 @@ impl<'a> Pass<'a> {
         }
         self.prefixes = prefixes
             .into_iter()
-            .map(|p| (p, identities.id(&IdentityKey::Cidr(p))))
+            .map(|p| {
+                let hint = hints.cidrs.get(&cidr_key(&p)).copied();
+                (p, identities.id_or(&IdentityKey::Cidr(p), hint))
+            })
             .collect();
         for (prefix, id) in &self.prefixes {
             state.cidrs.insert(cidr_key(prefix), *id);

@@ -60,6 +60,15 @@ impl PolicyReconciler {
         node_config: &mut NodeConfig,
         metrics: Option<&Metrics>,
     ) -> Result<usize, DataplaneError> {
+        let reread = self.shadow.is_none();
+        let current = match self.shadow.take() {
+            Some(shadow) => shadow,
+            None => maps.read()?,
+        };
+        if reread {
+            // Numbered as the maps are, so unchanged intent writes nothing.
+            self.compiler.adopt(&current);
+        }
         let empty = PolicyIntents::default();
         let compiled = self
             .compiler
@@ -71,11 +80,6 @@ impl PolicyReconciler {
                 "NetworkPolicy ports name SCTP, which Weir does not carry: those entries match nothing"
             );
         }
-        let reread = self.shadow.is_none();
-        let current = match self.shadow.take() {
-            Some(shadow) => shadow,
-            None => maps.read()?,
-        };
         let plan = PolicyPlan::between(&current, &compiled.state);
         let isolating = !compiled.state.endpoints.is_empty();
         if isolating {

@@ -671,6 +671,47 @@ fn identities_stay_with_their_pods_when_others_come_and_go() {
 }
 
 #[test]
+fn a_restarted_compiler_adopting_the_maps_numbers_as_they_do() {
+    let p = policy(
+        "a",
+        "mix",
+        &format!("{WEB}  ingress: [{{from: [{{podSelector: {{}}}}, {{ipBlock: {{cidr: 203.0.0.0/8, except: [203.0.1.0/24]}}}}]}}]\n"),
+    );
+    let mut intents = with(cluster(), &[p]);
+    // An agent with a history: pods came and went, so its numbering is not a fresh one's.
+    let mut old = PolicyCompiler::new(NODE);
+    old.compile(&intents);
+    intents.pods.remove(&crate::intent::ObjectRef {
+        namespace: "a".into(),
+        name: "client".into(),
+    });
+    let late = pod("b", "late", "n2", "198.18.4.4", "app: late", "");
+    intents.pods.insert(late.id.clone(), late);
+    old.compile(&intents);
+    let maps = old.compile(&intents).state;
+
+    let fresh = PolicyCompiler::new(NODE).compile(&intents).state;
+    assert_ne!(
+        fresh, maps,
+        "a fresh numbering differs: the test shows something"
+    );
+    let mut restarted = PolicyCompiler::new(NODE);
+    restarted.adopt(&maps);
+    let adopted = restarted.compile(&intents).state;
+    assert!(PolicyPlan::between(&maps, &adopted).is_empty());
+    // New ids after adoption do not collide with adopted ones.
+    let newer = pod("b", "newer", "n2", "198.18.4.5", "app: newer", "");
+    intents.pods.insert(newer.id.clone(), newer);
+    let next = restarted.compile(&intents).state;
+    let id = next.peers[&addr_key(ip("198.18.4.5"))];
+    assert!(maps
+        .peers
+        .values()
+        .chain(maps.cidrs.values())
+        .all(|v| *v != id));
+}
+
+#[test]
 fn a_label_change_writes_the_new_rules_before_moving_the_pod_and_deletes_the_old_after() {
     let p = policy(
         "a",

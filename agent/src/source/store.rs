@@ -446,6 +446,34 @@ mod tests {
     }
 
     #[test]
+    fn pod_changes_policy_does_not_read_leave_the_policy_clean() {
+        let pod = |ready: &str, app: &str| {
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: p, namespace: default, labels: {{app: {app}}}}}\n\
+                 spec: {{nodeName: n1, containers: []}}\n\
+                 status: {{phase: Running, podIP: 198.19.0.1, conditions: [{{type: Ready, status: \"{ready}\"}}]}}\n"
+            )
+        };
+        let mut store = IntentStore::default();
+        for e in parse(&pod("True", "a")).unwrap().to_events() {
+            store.handle(&e);
+        }
+        assert!(store.take_policy_dirty());
+        for e in parse(&pod("False", "a")).unwrap().to_events() {
+            store.handle(&e);
+        }
+        assert!(
+            !store.take_policy_dirty(),
+            "a readiness flip changes nothing policy reads"
+        );
+        for e in parse(&pod("False", "b")).unwrap().to_events() {
+            store.handle(&e);
+        }
+        assert!(store.take_policy_dirty(), "a label change does");
+        assert!(store.take_dirty().is_empty(), "no service is touched");
+    }
+
+    #[test]
     fn the_store_marks_only_touched_services_and_ignores_repeats() {
         let objects = parse(&format!("{SERVICE}---\n{}", slice_doc("a", "198.19.0.1"))).unwrap();
         let mut store = IntentStore::default();
