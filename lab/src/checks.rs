@@ -51,6 +51,7 @@ pub fn run(ctx: &mut CheckCtx<'_>, check: &CheckSpec) -> Result<String, String> 
         CheckSpec::Frontend(f) => frontend(ctx, f),
         CheckSpec::Rejected(r) => rejected(ctx, r),
         CheckSpec::Counter(c) => counter(ctx, c),
+        CheckSpec::Reachability(r) => crate::reachability::run(ctx, r),
     }
 }
 

@@ -7,6 +7,7 @@
 
 pub mod checks;
 pub mod matrix;
+pub mod reachability;
 pub mod restart;
 pub mod runner;
 pub mod steps;

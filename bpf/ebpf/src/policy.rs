@@ -25,10 +25,10 @@
 
 use aya_ebpf::{maps::lpm_trie::Key, programs::TcContext};
 use weir_common::{
-    counter, ct_seen, node_flags, policy_direction, policy_flags, policy_rule_bits, Addr,
-    BackendValue, CtKey, HostAddrKey, PolicyCidrKey, PolicyEndpoint, PolicyRuleKey, CT_REFRESH_NS,
-    FAMILY_V6, POLICY_ANY_PEER, POLICY_CIDR_FIXED_BITS, POLICY_FLOW_IDLE_NS, PROTO_ICMP,
-    PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
+    counter, ct_seen, node_flags, policy_direction, policy_flags, policy_rule_bits, Addr, CtKey,
+    HostAddrKey, PolicyCidrKey, PolicyEndpoint, PolicyRuleKey, CT_REFRESH_NS, FAMILY_V6,
+    POLICY_ANY_PEER, POLICY_CIDR_FIXED_BITS, POLICY_FLOW_IDLE_NS, PROTO_ICMP, PROTO_ICMPV6,
+    PROTO_TCP, PROTO_UDP,
 };
 
 use crate::maps::{

@@ -46,6 +46,73 @@ pub enum ProbeCommand {
     /// (a UDP check's `tunnel_first_fragment_last`, on the lab's fabric); runs until stopped
     /// or `--life` has passed.
     DelayFrames(DelayFramesArgs),
+    /// Tries every TARGET at once (a TCP connect, or a UDP datagram and its answer) and prints
+    /// one line per target, in order: `connected` or why not (a reachability check's row).
+    Reach(ReachArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ReachArgs {
+    pub targets: Vec<std::net::SocketAddr>,
+    #[arg(long)]
+    pub udp: bool,
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+}
+
+/// What `probe reach` prints for a target it reached.
+pub const REACHED: &str = "connected";
+
+/// Tries every target in a thread of its own; the answers in the targets' order.
+pub fn reach(targets: &[std::net::SocketAddr], udp: bool, timeout: Duration) -> Vec<String> {
+    let timeout = timeout.min(Duration::from_secs(10));
+    std::thread::scope(|scope| {
+        let tries: Vec<_> = targets
+            .iter()
+            .map(|target| scope.spawn(move || reach_one(*target, udp, timeout)))
+            .collect();
+        tries
+            .into_iter()
+            .map(|t| match t.join() {
+                Ok(Ok(())) => REACHED.to_owned(),
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => "the probe's thread panicked".to_owned(),
+            })
+            .collect()
+    })
+}
+
+fn reach_one(target: std::net::SocketAddr, udp: bool, timeout: Duration) -> std::io::Result<()> {
+    if !udp {
+        // Closed at once with an RST (linger 0): no TIME_WAIT left behind.
+        let stream = std::net::TcpStream::connect_timeout(&target, timeout)?;
+        linger_zero(&stream);
+        return Ok(());
+    }
+    let bind: std::net::SocketAddr = if target.is_ipv6() {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    };
+    let socket = std::net::UdpSocket::bind(bind)?;
+    socket.connect(target)?;
+    socket.set_read_timeout(Some(timeout))?;
+    socket.send(b"reach")?;
+    let mut answer = [0u8; 2048];
+    socket.recv(&mut answer).map(drop)
+}
+
+/// Sets SO_LINGER 0 on the stream, so that closing it sends an RST. (If it fails, the
+/// connection closes normally: the probe's answer is the same.)
+fn linger_zero(stream: &std::net::TcpStream) {
+    let _ = nix::sys::socket::setsockopt(
+        stream,
+        nix::sys::socket::sockopt::Linger,
+        &nix::libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        },
+    );
 }
 
 #[derive(Debug, clap::Args)]
@@ -225,6 +292,13 @@ pub fn run(cmd: &ProbeCommand) -> Result<(), ProbeError> {
             return Ok(weir_lab_backends::frame_delay::run(
                 &a.from, &a.to, a.delay, a.life,
             )?);
+        }
+        ProbeCommand::Reach(a) => {
+            let mut out = std::io::stdout().lock();
+            for line in reach(&a.targets, a.udp, a.timeout) {
+                writeln!(out, "{line}").map_err(io("stdout"))?;
+            }
+            return out.flush().map_err(io("stdout"));
         }
         ProbeCommand::Udp(a) => {
             return Ok(crate::reorder::run_plain(

@@ -59,10 +59,12 @@ pub enum Feature {
     /// Weir forwarded translated packets itself (FIB lookup, redirect into a pod or out of the
     /// node): shown by its `forwarded` counter moving while the scenario's traffic passed.
     Forwarding,
+    /// Kubernetes NetworkPolicy: a reachability table of real connections matched.
+    NetworkPolicy,
 }
 
 impl Feature {
-    pub const ALL: [Feature; 24] = [
+    pub const ALL: [Feature; 25] = [
         Feature::ClusterIpTcp,
         Feature::ClusterIpUdp,
         Feature::NodePort,
@@ -87,6 +89,7 @@ impl Feature {
         Feature::EndpointChurn,
         Feature::AgentRestart,
         Feature::Forwarding,
+        Feature::NetworkPolicy,
     ];
 
     /// How the report names it.
@@ -116,6 +119,7 @@ impl Feature {
             Feature::EndpointChurn => "endpoint churn",
             Feature::AgentRestart => "agent restart",
             Feature::Forwarding => "Weir's own forwarding",
+            Feature::NetworkPolicy => "NetworkPolicy",
         }
     }
 }
@@ -131,6 +135,7 @@ pub fn proven_by(scenario: &Scenario, check: &CheckSpec, in_step: bool) -> BTree
         CheckSpec::Counter(c) if c.counter == "forwarded" && !c.unchanged => {
             BTreeSet::from([Feature::Forwarding])
         }
+        CheckSpec::Reachability(_) => BTreeSet::from([Feature::NetworkPolicy]),
         CheckSpec::Frontend(_) | CheckSpec::Rejected(_) | CheckSpec::Counter(_) => BTreeSet::new(),
     };
     if in_step && !proven.is_empty() {

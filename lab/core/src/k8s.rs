@@ -633,6 +633,11 @@ pub fn cluster_state_of(model: &ClusterModel, plan: &Plan) -> String {
             serde_yaml::to_string(&manual_slice_object(slice, plan)).expect("slice serializes"),
         );
     }
+    docs.extend(
+        model
+            .policy
+            .documents(plan, &model.labels, &model.gone_pods),
+    );
     let mut out = String::new();
     for doc in docs {
         out.push_str("---\n");

@@ -12,6 +12,7 @@ pub mod events;
 pub mod features;
 pub mod files;
 pub mod k8s;
+pub mod policy_objects;
 pub mod scenario;
 pub mod state_checks;
 pub mod timeline;

@@ -74,6 +74,30 @@ pub struct Scenario {
     /// Changes while the scenario runs, after the checks (and before agent restarts).
     #[serde(default)]
     pub steps: Vec<crate::timeline::StepSpec>,
+    /// Namespaces besides `default`, with their labels (pods go into them by `[[pods]]
+    /// namespace`).
+    #[serde(default)]
+    pub namespaces: Vec<NamespaceSpec>,
+    /// NetworkPolicy objects as users write them (YAML, one per entry), written with the
+    /// cluster state as given.
+    #[serde(default)]
+    pub network_policies: Vec<String>,
+}
+
+/// A reachability table's column, resolved.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReachTarget {
+    Pod(String),
+    Service(String),
+    NodePort(String, String),
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NamespaceSpec {
+    pub name: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -413,6 +437,13 @@ pub struct PodRule {
     /// smaller link on a backend's path. (The pods' own packets must fit it too.)
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_side_mtu: Option<u32>,
+    /// The namespace of the matched pods' Pod objects (`default` unless a rule says so).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// Named container ports of the matched pods (name -> TCP port), as NetworkPolicy rules
+    /// name them.
+    #[serde(default)]
+    pub named_ports: BTreeMap<String, u16>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -603,6 +634,36 @@ pub enum CheckSpec {
     Rejected(RejectedCheck),
     /// A data-path counter that moved since the checks (or the step) began.
     Counter(CounterCheck),
+    /// Which sources reach which destinations (NetworkPolicy), every cell probed with a real
+    /// connection, compared with an expected table.
+    Reachability(ReachabilityCheck),
+}
+
+/// A reachability table in the spirit of the upstream netpol e2e tests: rows are sources,
+/// columns destinations; `expect` has one string per row, one character per column: `.` the
+/// connection is made, `X` it is not.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReachabilityCheck {
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Hosts: pods (`n1p0`), nodes (`node1`), external clients (`x1`).
+    pub from: Vec<String>,
+    /// Pods by name (their own address), `service:NAME` (its cluster IP) or
+    /// `node_port:NAME@NODE` (the service's nodePort on that node's address).
+    pub to: Vec<String>,
+    /// The destination port: the pod's own port, or the service port.
+    pub port: u16,
+    #[serde(default)]
+    pub protocol: Protocol,
+    #[serde(default)]
+    pub family: Family,
+    pub expect: Vec<String>,
+}
+
+impl ReachabilityCheck {
+    pub const ALLOWED: char = '.';
+    pub const DENIED: char = 'X';
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -833,6 +894,15 @@ impl CheckSpec {
                 format!(
                     "{} {} rejected ({}) on {node}",
                     r.count, r.object_kind, r.reason
+                )
+            }),
+            CheckSpec::Reachability(r) => r.name.clone().unwrap_or_else(|| {
+                format!(
+                    "reachability {}x{} on {}/{}",
+                    r.from.len(),
+                    r.to.len(),
+                    r.port,
+                    r.protocol.lower()
                 )
             }),
             CheckSpec::Counter(c) => c.name.clone().unwrap_or_else(|| {
@@ -1357,6 +1427,33 @@ impl Scenario {
         Ok(())
     }
 
+    /// What a reachability column names: a pod, a service's cluster IP, or a service's
+    /// nodePort on a node.
+    pub fn reachability_target(&self, to: &str, plan: &Plan) -> Result<ReachTarget, String> {
+        if let Some(name) = to.strip_prefix("service:") {
+            self.service(name)
+                .ok_or_else(|| format!("{to}: no service {name:?}"))?;
+            return Ok(ReachTarget::Service(name.to_owned()));
+        }
+        if let Some(rest) = to.strip_prefix("node_port:") {
+            let (name, node) = rest
+                .split_once('@')
+                .ok_or_else(|| format!("{to}: write node_port:SERVICE@NODE"))?;
+            self.service(name)
+                .ok_or_else(|| format!("{to}: no service {name:?}"))?;
+            if !matches!(plan.host(node), Some(HostId::Node(_))) {
+                return Err(format!("{to}: {node:?} is not a node"));
+            }
+            return Ok(ReachTarget::NodePort(name.to_owned(), node.to_owned()));
+        }
+        match plan.host(to) {
+            Some(HostId::Pod { .. }) => Ok(ReachTarget::Pod(to.to_owned())),
+            _ => Err(format!(
+                "{to}: not a pod, service:NAME or node_port:NAME@NODE"
+            )),
+        }
+    }
+
     pub(crate) fn validate_check(
         &self,
         check: &CheckSpec,
@@ -1491,7 +1588,10 @@ impl Scenario {
                     )));
                 }
             }
-            CheckSpec::Frontend(_) | CheckSpec::Rejected(_) | CheckSpec::Counter(_) => {
+            CheckSpec::Frontend(_)
+            | CheckSpec::Rejected(_)
+            | CheckSpec::Counter(_)
+            | CheckSpec::Reachability(_) => {
                 self.validate_agent_check(check, plan)?;
             }
             CheckSpec::Conntrack(c) => {

@@ -136,6 +136,37 @@ impl Scenario {
                     return Err(bad("object_kind and reason must not be empty".into()));
                 }
             }
+            CheckSpec::Reachability(r) => {
+                for from in &r.from {
+                    if plan.host(from).is_none() {
+                        return Err(bad(format!("no host named {from:?}")));
+                    }
+                }
+                for to in &r.to {
+                    self.reachability_target(to, plan).map_err(bad)?;
+                }
+                if r.port == 0 {
+                    return Err(bad("port must be non-zero".into()));
+                }
+                if r.from.is_empty() || r.to.is_empty() || r.expect.len() != r.from.len() {
+                    return Err(bad(format!(
+                        "expect needs one row per source ({}), each with one character per destination",
+                        r.from.len()
+                    )));
+                }
+                for row in &r.expect {
+                    let cell_ok = |c: char| {
+                        c == crate::scenario::ReachabilityCheck::ALLOWED
+                            || c == crate::scenario::ReachabilityCheck::DENIED
+                    };
+                    if row.chars().count() != r.to.len() || !row.chars().all(cell_ok) {
+                        return Err(bad(format!(
+                            "expect row {row:?}: one character per destination ({}), each . (connects) or X (does not)",
+                            r.to.len()
+                        )));
+                    }
+                }
+            }
             CheckSpec::Counter(c) => {
                 node_ok(&Some(c.node.clone()))?;
                 if c.unchanged && c.at_least != 1 {

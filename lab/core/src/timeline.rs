@@ -244,6 +244,9 @@ pub struct ClusterModel {
     pub deleted_slices: BTreeSet<(String, usize)>,
     /// `[[endpoint_slices]]`, and whether each exists now.
     pub manual_slices: Vec<(ManualSlice, bool)>,
+    /// Namespaces, Pod objects and NetworkPolicies (written only when the scenario has
+    /// policies).
+    pub policy: crate::policy_objects::PolicyObjects,
 }
 
 /// A hand-written EndpointSlice (`[[endpoint_slices]]`), as for a Service without a selector:
@@ -340,6 +343,7 @@ impl ClusterModel {
         labels: BTreeMap<String, BTreeMap<String, String>>,
     ) -> ClusterModel {
         ClusterModel {
+            policy: crate::policy_objects::PolicyObjects::new(scenario, labels.keys()),
             services: scenario
                 .services
                 .iter()
