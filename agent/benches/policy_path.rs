@@ -16,90 +16,17 @@
 mod common;
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::time::Duration;
 
-use aya::programs::{TestRun, TestRunOptions};
+use common::bench::{first_packets, median, open_established_flow, run_repeated, SINGLE_RUNS};
 use common::policy::{enforce, PolicyMaps};
 use common::*;
-use weir_common::{
-    ct_kind, policy_direction, policy_flags, policy_rule_bits, program_names, Addr, CtKey, CtValue,
-    FAMILY_V4, PROTO_TCP,
-};
+use weir_common::{policy_direction, policy_flags, policy_rule_bits, program_names, PROTO_TCP};
 
 const REPEAT: u32 = 1_000_000;
-const SINGLE_RUNS: u16 = 20_000;
 const ROUNDS: usize = 5;
 const POD_ID: u32 = 1;
 /// Rule sets of these sizes, in every round.
 const SIZES: [u32; 2] = [10, 10_000];
-
-fn run_repeated(h: &mut Harness, program: &'static str, packet: &[u8], repeat: u32) -> Duration {
-    let mut out = vec![0u8; packet.len() + 256];
-    let mut opts = TestRunOptions::new();
-    opts.data_in = Some(packet);
-    opts.data_out = Some(&mut out);
-    opts.repeat = repeat;
-    let result = h
-        .dataplane
-        .program(program)
-        .unwrap()
-        .test_run(opts)
-        .expect("test run");
-    assert_eq!(
-        result.return_value, TC_ACT_OK,
-        "the policy allows the client"
-    );
-    result.duration
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
-/// Mean ns of single runs over distinct new flows; the conntrack is emptied after.
-fn first_packets(h: &mut Harness, program: &'static str, round: usize) -> f64 {
-    let mut total = Duration::ZERO;
-    for i in 0..SINGLE_RUNS {
-        let sport = 1024 + (round as u16 * 9000 + i) % 60000;
-        total += run_repeated(h, program, &tcp(CLIENT, sport, VIP, 80, "S"), 1);
-    }
-    let keys: Vec<CtKey> = h
-        .dataplane
-        .conntrack
-        .entries()
-        .unwrap()
-        .into_keys()
-        .collect();
-    for key in keys {
-        let _ = h.dataplane.conntrack.remove(&key);
-    }
-    total.as_nanos() as f64 / f64::from(SINGLE_RUNS)
-}
-
-/// A packet that takes the established path on every repetition (see `packet_path.rs`).
-fn established_packet(h: &mut Harness) -> Vec<u8> {
-    h.run(&tcp(CLIENT, 40000, VIP, 80, "S"));
-    h.run(&tcp(BACKEND, 8080, CLIENT, 40000, "SA"));
-    h.run(&tcp(CLIENT, 40000, VIP, 80, "A"));
-    let rewritten = CtKey {
-        saddr: Addr::from_v4(CLIENT.octets()),
-        daddr: Addr::from_v4(BACKEND.octets()),
-        sport_be: 40000u16.to_be(),
-        dport_be: 8080u16.to_be(),
-        proto: PROTO_TCP,
-        family: FAMILY_V4,
-        _pad: 0,
-    };
-    let back = CtValue {
-        nat_addr: Addr::from_v4(VIP.octets()),
-        nat_port_be: 80u16.to_be(),
-        kind: ct_kind::FORWARD,
-        ..Default::default()
-    };
-    h.dataplane.conntrack.insert(&rewritten, &back).unwrap();
-    tcp(CLIENT, 40000, VIP, 80, "A")
-}
 
 /// `rules` rules isolating the backend: half ipBlocks (/32s in 198.19.128.0/17), half pod
 /// identities, the last one of them the client's. Identities never repeat across calls.
@@ -141,7 +68,7 @@ fn main() {
     // Every variant in every round, so machine drift between rounds hits them alike.
     for round in 0..ROUNDS {
         h.dataplane.node.set_config(&no_policy).unwrap();
-        let ack = established_packet(&mut h);
+        let ack = open_established_flow(&mut h);
         pass_repeat.push(run_repeated(&mut h, program_names::PASS, &ack, REPEAT).as_nanos() as f64);
         established_plain
             .push(run_repeated(&mut h, program_names::INGRESS, &ack, REPEAT).as_nanos() as f64);
@@ -153,7 +80,7 @@ fn main() {
             enforce(&mut h);
             first_by_size[slot].push(first_packets(&mut h, program_names::INGRESS, round));
         }
-        let ack = established_packet(&mut h);
+        let ack = open_established_flow(&mut h);
         established_policy
             .push(run_repeated(&mut h, program_names::INGRESS, &ack, REPEAT).as_nanos() as f64);
     }

@@ -2,6 +2,7 @@
 //! real pipeline, and crafted packets.
 #![allow(dead_code)]
 
+pub mod bench;
 pub mod fuzz;
 pub mod policy;
 

@@ -255,11 +255,7 @@ fn isolates(key: &CtKey) -> bool {
 /// the high half, its `policy_flags` in the low byte; 0 when no policy selects a pod there.
 #[inline(never)]
 fn endpoint(addr: &Addr, family: u8) -> u64 {
-    let key = HostAddrKey {
-        addr: *addr,
-        family,
-        _pad: [0; 3],
-    };
+    let key = host_key(addr, family);
     match POLICY_ENDPOINTS.get_ptr(&key) {
         Some(found) => {
             // SAFETY: the pointer comes from a successful lookup; the value is copied at once.
@@ -280,14 +276,19 @@ fn id(endpoint: u64) -> u32 {
     (endpoint >> 32) as u32
 }
 
-/// Whether `addr` is one of this node's own addresses.
-#[inline(never)]
-fn from_this_node(addr: &Addr, family: u8) -> bool {
-    let key = HostAddrKey {
+#[inline(always)]
+fn host_key(addr: &Addr, family: u8) -> HostAddrKey {
+    HostAddrKey {
         addr: *addr,
         family,
         _pad: [0; 3],
-    };
+    }
+}
+
+/// Whether `addr` is one of this node's own addresses.
+#[inline(never)]
+fn from_this_node(addr: &Addr, family: u8) -> bool {
+    let key = host_key(addr, family);
     HOST_ADDRS.get_ptr(&key).is_some()
 }
 
@@ -319,11 +320,7 @@ fn allows(endpoint: u32, direction: u8, key: &CtKey) -> bool {
     if POLICY_RULES.get(&rule).is_some() {
         return true;
     }
-    let pod = HostAddrKey {
-        addr: *peer,
-        family,
-        _pad: [0; 3],
-    };
+    let pod = host_key(peer, family);
     if let Some(identity) = POLICY_PEERS.get_ptr(&pod) {
         // SAFETY: the pointer comes from a successful lookup; the value is copied at once.
         rule.data.identity_be = unsafe { *identity }.to_be();
