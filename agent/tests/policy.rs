@@ -286,6 +286,38 @@ fn at_the_pods_door_the_node_gets_in_recorded_flows_get_in_and_the_rest_is_decid
     let (verdict, _) = h.run_program(egress, &tcp(STRANGER, 44004, FRIEND, 22, "S"));
     assert_eq!(verdict, TC_ACT_OK);
     assert_eq!(h.counter("drop_policy_ingress"), 1);
+
+    // Pod to pod on one node: the SYN weir_ingress allowed a moment ago is not decided again
+    // at the door, even if the rules changed in between...
+    let syn = tcp(FRIEND, 44005, POD, 8080, "S");
+    assert_eq!(h.run(&syn).0, TC_ACT_OK);
+    let friend_rule = (
+        POD_ID,
+        policy_direction::INGRESS,
+        FRIEND_IDENTITY,
+        PROTO_TCP,
+        8080,
+        policy_rule_bits::PORT,
+    );
+    maps.revoke(
+        friend_rule.0,
+        friend_rule.1,
+        friend_rule.2,
+        friend_rule.3,
+        friend_rule.4,
+        friend_rule.5,
+    );
+    assert_eq!(h.run_program(egress, &syn).0, TC_ACT_OK, "the same SYN");
+    assert_eq!(h.counter("drop_policy_ingress"), 1);
+    // ... but a new connection on the tuple, once the record is over a second old, is: it
+    // meets the rules of its day.
+    std::thread::sleep(std::time::Duration::from_millis(1_200));
+    assert_eq!(
+        h.run(&syn).0,
+        TC_ACT_SHOT,
+        "a new connection on an old tuple"
+    );
+    assert_eq!(h.counter("drop_policy_ingress"), 2);
 }
 
 #[test]

@@ -70,14 +70,22 @@ impl PolicyMaps {
         port: u16,
         bits: u32,
     ) {
-        let data = PolicyRuleKey {
-            endpoint_be: endpoint.to_be(),
-            identity_be: identity.to_be(),
-            direction,
-            proto,
-            port_be: port.to_be(),
-        };
-        self.rules.insert(&Key::new(bits, data), 1, 0).unwrap();
+        let key = rule_key(endpoint, direction, identity, proto, port, bits);
+        self.rules.insert(&key, 1, 0).unwrap();
+    }
+
+    /// Takes back what [`PolicyMaps::allow`] allowed with the same arguments.
+    pub fn revoke(
+        &mut self,
+        endpoint: u32,
+        direction: u8,
+        identity: u32,
+        proto: u8,
+        port: u16,
+        bits: u32,
+    ) {
+        let key = rule_key(endpoint, direction, identity, proto, port, bits);
+        self.rules.remove(&key).unwrap();
     }
 }
 
@@ -95,6 +103,24 @@ impl PolicyMaps {
         let rules: Vec<_> = self.rules.keys().map(Result::unwrap).collect();
         rules.iter().for_each(|k| self.rules.remove(k).unwrap());
     }
+}
+
+fn rule_key(
+    endpoint: u32,
+    direction: u8,
+    identity: u32,
+    proto: u8,
+    port: u16,
+    bits: u32,
+) -> Key<PolicyRuleKey> {
+    let data = PolicyRuleKey {
+        endpoint_be: endpoint.to_be(),
+        identity_be: identity.to_be(),
+        direction,
+        proto,
+        port_be: port.to_be(),
+    };
+    Key::new(bits, data)
 }
 
 /// Turns enforcement on (the node flag the agent sets once a policy isolates a pod).

@@ -738,8 +738,9 @@ pub mod policy_rule_bits {
 }
 
 /// How long an allowed flow stays known without a packet (`WEIR_POLICY_FLOWS`); a TCP SYN
-/// without ACK is always looked up in the rules again, so a new connection on an old tuple
-/// meets the policy of its day.
+/// without ACK on a tuple recorded over [`CT_REFRESH_NS`] ago is looked up in the rules again,
+/// so a new connection on an old tuple meets the policy of its day (the same SYN met twice in
+/// a moment, at `weir_ingress` and at the pod's door, is decided once).
 pub const POLICY_FLOW_IDLE_NS: u64 = 600_000_000_000;
 
 pub mod ct_kind {

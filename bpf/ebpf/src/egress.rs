@@ -19,9 +19,9 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use weir_common::{counter, Addr, HostAddrKey, FAMILY_V4, FAMILY_V6, PROTO_ICMP, PROTO_ICMPV6};
+use weir_common::{counter, PROTO_ICMP, PROTO_ICMPV6};
 
-use crate::maps::{count, POLICY_ENDPOINTS, SCRATCH};
+use crate::maps::{count, SCRATCH};
 use crate::packet::{load, parse, Ip, ETH_P_IP, ETH_P_IPV6, IP_OFF, NOT_FRAGMENT, PARSED};
 use crate::{send_icmp_as_entry, Verdict, ACTION_ICMP_ROUTE, ACTION_ICMP_TUNNEL};
 
@@ -29,14 +29,12 @@ use crate::{send_icmp_as_entry, Verdict, ACTION_ICMP_ROUTE, ACTION_ICMP_TUNNEL};
 /// behind the Ethernet header. The node's own errors carry no IPv6 extension headers.
 const IPV4_PROTO_OFF: usize = IP_OFF + 9;
 const IPV6_NEXT_HEADER_OFF: usize = IP_OFF + 6;
-const IPV4_DADDR_OFF: usize = IP_OFF + 16;
-const IPV6_DADDR_OFF: usize = IP_OFF + 24;
 
 #[classifier]
 pub fn weir_egress(ctx: TcContext) -> i32 {
     // At a pod's door, NetworkPolicy decides what reaches the pod without having passed
     // `weir_ingress`'s decision (see `policy::at_pod_door`).
-    if crate::policy::enforced() && to_isolated_pod(&ctx) {
+    if crate::policy::enforced() && crate::policy::towards_selected_pod(&ctx) {
         let decided = crate::policy::at_pod_door(&ctx);
         if decided != crate::policy::ALLOWED {
             count(decided);
@@ -54,33 +52,6 @@ pub fn weir_egress(ctx: TcContext) -> i32 {
         count(verdict.counter());
     }
     verdict.action()
-}
-
-/// Whether the frame's destination is a pod a policy selects: one load and one lookup for
-/// everything else leaving the interface.
-#[inline(always)]
-fn to_isolated_pod(ctx: &TcContext) -> bool {
-    // SAFETY: reading a field of the program's own context.
-    let protocol = u16::from_be(unsafe { (*ctx.skb.skb).protocol } as u16);
-    let mut key = HostAddrKey::default();
-    match protocol {
-        ETH_P_IP => match load::<[u8; 4]>(ctx, IPV4_DADDR_OFF) {
-            Ok(daddr) => {
-                key.addr = Addr::from_v4(daddr);
-                key.family = FAMILY_V4;
-            }
-            Err(_) => return false,
-        },
-        ETH_P_IPV6 => match load::<[u8; 16]>(ctx, IPV6_DADDR_OFF) {
-            Ok(daddr) => {
-                key.addr = Addr::from_v6(daddr);
-                key.family = FAMILY_V6;
-            }
-            Err(_) => return false,
-        },
-        _ => return false,
-    }
-    POLICY_ENDPOINTS.get_ptr(&key).is_some()
 }
 
 /// Whether the frame carries ICMP or ICMPv6 right behind its IP header: the only packets this

@@ -30,10 +30,12 @@ pub const IPV4_TTL: usize = 8;
 pub const IPV4_PROTO: usize = 9;
 pub const IPV4_CSUM: usize = 10;
 pub const IPV4_SADDR: usize = 12;
+pub const IPV4_DADDR: usize = 16;
 pub const IPV6_PAYLOAD_LEN: usize = 4;
 pub const IPV6_NEXT_HEADER: usize = 6;
 pub const IPV6_HOP_LIMIT: usize = 7;
 pub const IPV6_SADDR: usize = 8;
+pub const IPV6_DADDR: usize = 24;
 const IPV4_DF: u16 = 0x4000;
 pub const IPV6_HLEN: usize = 40;
 /// Fragment offset and More Fragments; DF alone is not a fragment.

@@ -16,8 +16,9 @@
 //! decided when its backend is chosen, with the client's own address and the backend (egress
 //! policy sees the backend, not the ClusterIP); its further packets are the conntrack's and
 //! never come here. Policy changes apply to new flows: a recorded flow stays allowed until it
-//! is idle for `POLICY_FLOW_IDLE_NS` (or, TCP, a new connection starts on its tuple), as
-//! connections outlive rule changes in Calico's and Cilium's data planes.
+//! is idle for `POLICY_FLOW_IDLE_NS` (or, TCP, a new connection starts on its tuple once the
+//! record is over a second old), as connections outlive rule changes in Calico's and Cilium's
+//! data planes.
 //!
 //! Always allowed: traffic from the node's own addresses to its pods (Kubernetes: kubelet
 //! probes), and ICMPv6 beyond echo and errors (neighbour discovery, router and multicast
@@ -26,7 +27,7 @@
 use aya_ebpf::{maps::lpm_trie::Key, programs::TcContext};
 use weir_common::{
     counter, ct_seen, node_flags, policy_direction, policy_flags, policy_rule_bits, Addr, CtKey,
-    HostAddrKey, PolicyCidrKey, PolicyEndpoint, PolicyRuleKey, CT_REFRESH_NS, FAMILY_V6,
+    HostAddrKey, PolicyCidrKey, PolicyEndpoint, PolicyRuleKey, CT_REFRESH_NS, FAMILY_V4, FAMILY_V6,
     POLICY_ANY_PEER, POLICY_CIDR_FIXED_BITS, POLICY_FLOW_IDLE_NS, PROTO_ICMP, PROTO_ICMPV6,
     PROTO_TCP, PROTO_UDP,
 };
@@ -35,7 +36,10 @@ use crate::maps::{
     count, node_config, BACKENDS, HOST_ADDRS, POLICY_CIDRS, POLICY_ENDPOINTS, POLICY_FLOWS,
     POLICY_PEERS, POLICY_RULES, SCRATCH,
 };
-use crate::packet::{load, tcp_seen_bits, Ip, FIRST_FRAGMENT, NOT_FRAGMENT, TCP_FLAGS};
+use crate::packet::{
+    load, tcp_seen_bits, Ip, ETH_P_IP, ETH_P_IPV6, FIRST_FRAGMENT, IPV4_DADDR, IPV6_DADDR, IP_OFF,
+    NOT_FRAGMENT, TCP_FLAGS,
+};
 
 /// Not a counter: the packet may go on. Anything else is the drop counter to account it to.
 pub const ALLOWED: u32 = u32::MAX;
@@ -68,22 +72,26 @@ pub fn decide(key: &CtKey, seen: u8) -> u32 {
         return ALLOWED;
     }
     let now = crate::ct::coarse_now();
-    // A new TCP connection is decided anew even on a recorded tuple.
     let opening = key.proto == PROTO_TCP && seen & (ct_seen::SYN | ct_seen::ACK) == ct_seen::SYN;
-    let recorded = match POLICY_FLOWS.get_ptr_mut(key) {
+    // The record's age: `POLICY_FLOW_IDLE_NS` and over, none.
+    let age = match POLICY_FLOWS.get_ptr_mut(key) {
         Some(last_seen) => {
             // SAFETY: the pointer comes from a successful lookup; a racing writer only stores
             // another recent time, and a lost update is harmless.
             let last_seen = unsafe { &mut *last_seen };
-            let fresh = now.saturating_sub(*last_seen) < POLICY_FLOW_IDLE_NS;
-            if fresh && now.saturating_sub(*last_seen) > CT_REFRESH_NS {
+            let age = now.saturating_sub(*last_seen);
+            if age > CT_REFRESH_NS && age < POLICY_FLOW_IDLE_NS {
                 *last_seen = now;
             }
-            fresh
+            age
         }
-        None => false,
+        None => POLICY_FLOW_IDLE_NS,
     };
-    if recorded && !opening {
+    let recorded = age < POLICY_FLOW_IDLE_NS;
+    // A new TCP connection on a tuple recorded over a refresh interval ago (its old connection
+    // is over: a client reusing its port) is decided anew; the same SYN met a moment ago (at
+    // `weir_ingress`, now at the pod's door) is not decided twice.
+    if recorded && !(opening && age > CT_REFRESH_NS) {
         return ALLOWED;
     }
     if flags(source) & policy_flags::EGRESS != 0
@@ -214,10 +222,32 @@ pub fn untranslated(ctx: &TcContext, ip: &Ip) -> u32 {
     decide(key, seen)
 }
 
-/// The decision at the door of a pod (`weir_egress` on its interface), for what reaches it
-/// without passing `weir_ingress`'s decision: the node's own traffic (allowed), traffic that
-/// arrived through a tunnel and was routed by the stack, and any interface Weir does not
-/// attach to. One lookup for a pod no policy selects.
+/// Whether the frame leaving by `weir_egress` goes to a pod a policy selects: one load and one
+/// lookup for everything else leaving an interface, before [`at_pod_door`] parses anything.
+/// Its own frame: inlined, its key would sit on `weir_egress`'s frame, at the top of the chain
+/// down to the rules (`agent/tests/stack_budget.rs`).
+#[inline(never)]
+pub fn towards_selected_pod(ctx: &TcContext) -> bool {
+    // SAFETY: reading a field of the program's own context.
+    let protocol = u16::from_be(unsafe { (*ctx.skb.skb).protocol } as u16);
+    let key = match protocol {
+        ETH_P_IP => match load::<[u8; 4]>(ctx, IP_OFF + IPV4_DADDR) {
+            Ok(daddr) => host_key(&Addr::from_v4(daddr), FAMILY_V4),
+            Err(_) => return false,
+        },
+        ETH_P_IPV6 => match load::<[u8; 16]>(ctx, IP_OFF + IPV6_DADDR) {
+            Ok(daddr) => host_key(&Addr::from_v6(daddr), FAMILY_V6),
+            Err(_) => return false,
+        },
+        _ => return false,
+    };
+    POLICY_ENDPOINTS.get_ptr(&key).is_some()
+}
+
+/// The decision at the door of a pod (`weir_egress` on its interface, once
+/// [`towards_selected_pod`]), for what reaches it without passing `weir_ingress`'s decision:
+/// the node's own traffic (allowed), traffic that arrived through a tunnel and was routed by
+/// the stack, and any interface Weir does not attach to.
 #[inline(never)]
 pub fn at_pod_door(ctx: &TcContext) -> u32 {
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
@@ -228,9 +258,6 @@ pub fn at_pod_door(ctx: &TcContext) -> u32 {
     let ip = unsafe { &mut (*scratch).ip };
     *ip = Ip::EMPTY;
     if crate::packet::parse(ctx, false, ip) != crate::packet::PARSED {
-        return ALLOWED;
-    }
-    if flags(endpoint(&ip.daddr, ip.family)) == 0 {
         return ALLOWED;
     }
     untranslated(ctx, ip)
