@@ -26,19 +26,11 @@ impl PolicyObjects {
     /// From the scenario's `[[namespaces]]`, `[[pods]]` rules (later rules win) and
     /// `network_policies`; `pods` are the pod names.
     pub fn new<'a>(scenario: &Scenario, pods: impl Iterator<Item = &'a String>) -> PolicyObjects {
-        let mut namespaces: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
-        namespaces.insert(
-            NAMESPACE.to_owned(),
-            BTreeMap::from([(
-                "kubernetes.io/metadata.name".to_owned(),
-                NAMESPACE.to_owned(),
-            )]),
-        );
+        let mut namespaces = BTreeMap::from([(NAMESPACE.to_owned(), own_labels(NAMESPACE))]);
         for ns in &scenario.namespaces {
-            let labels = namespaces.entry(ns.name.clone()).or_default();
-            // The label the API server puts on every namespace, as selectors use it.
-            labels.insert("kubernetes.io/metadata.name".to_owned(), ns.name.clone());
+            let mut labels = own_labels(&ns.name);
             labels.extend(ns.labels.clone());
+            namespaces.insert(ns.name.clone(), labels);
         }
         let mut objects = BTreeMap::new();
         for pod in pods {
@@ -50,9 +42,9 @@ impl PolicyObjects {
                 }
                 named.extend(rule.named_ports.clone());
             }
-            namespaces.entry(namespace.clone()).or_insert_with(|| {
-                BTreeMap::from([("kubernetes.io/metadata.name".to_owned(), namespace.clone())])
-            });
+            namespaces
+                .entry(namespace.clone())
+                .or_insert_with(|| own_labels(&namespace));
             objects.insert(pod.clone(), (namespace, named));
         }
         PolicyObjects {
@@ -136,6 +128,14 @@ impl PolicyObjects {
         docs.extend(self.policies.iter().cloned());
         docs
     }
+}
+
+/// The label the API server puts on every namespace, as namespace selectors use it.
+fn own_labels(namespace: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([(
+        "kubernetes.io/metadata.name".to_owned(),
+        namespace.to_owned(),
+    )])
 }
 
 #[derive(Serialize)]
