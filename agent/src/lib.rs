@@ -20,6 +20,7 @@ pub mod kubernetes;
 pub mod maglev;
 pub mod map_batch;
 pub mod metrics;
+pub mod monitor;
 pub mod node;
 pub mod pin_layout;
 pub mod policy;

@@ -3,7 +3,7 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use weir_agent::config::{AgentConfig, ConfigArgs, LogFormat};
-use weir_agent::{config, dataplane, dump, status};
+use weir_agent::{config, dataplane, dump, monitor, status};
 
 /// Weir's node agent: eBPF service load balancing for a Kubernetes node.
 #[derive(Parser)]
@@ -41,6 +41,35 @@ enum Command {
         what: DumpWhat,
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        args: Box<ConfigArgs>,
+    },
+    /// Stream NetworkPolicy's verdicts on flows as they happen: denied flows (and, asked, new
+    /// allowed ones) with their tuple, direction and pod, from the data path's ring buffer.
+    /// One monitor per node at a time; the data path writes events only while one runs.
+    Monitor {
+        /// Which verdicts.
+        #[arg(long, value_enum, default_value = "denied")]
+        verdict: weir_agent::monitor::VerdictFilter,
+        /// Only flows with this address at either end or as their service frontend
+        /// (repeatable).
+        #[arg(long = "addr")]
+        addresses: Vec<std::net::IpAddr>,
+        /// Only flows with this port at either end or as their frontend's (repeatable).
+        #[arg(long = "port")]
+        ports: Vec<u16>,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<u64>,
+        /// Stop after this long (e.g. 30s).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        duration: Option<std::time::Duration>,
+        /// Take over from a monitor already running on this node.
+        #[arg(long)]
+        take_over: bool,
         #[command(flatten)]
         args: Box<ConfigArgs>,
     },
@@ -125,6 +154,47 @@ fn main() -> anyhow::Result<()> {
                 return Ok(());
             }
             print_dump(what, &config.versioned_pin_dir(), json)
+        }
+        Command::Monitor {
+            verdict,
+            addresses,
+            ports,
+            json,
+            count,
+            duration,
+            take_over,
+            args,
+        } => {
+            init_tracing(cli.log_format);
+            let config = AgentConfig::resolve_for_tools(&args, cli.log_format)?;
+            let options = monitor::Options {
+                filter: monitor::Filter {
+                    verdict,
+                    addresses,
+                    ports,
+                },
+                json,
+                count,
+                duration,
+                take_over,
+                pods: dump::policy_names(config.metrics_listen)
+                    .map(|names| names.endpoints)
+                    .unwrap_or_default(),
+            };
+            let summary = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the runtime")?
+                .block_on(monitor::run(
+                    &config.versioned_pin_dir(),
+                    &options,
+                    &mut std::io::stdout().lock(),
+                ))?;
+            eprintln!(
+                "{} event(s) shown, {} filtered out, {} lost to a full ring buffer",
+                summary.printed, summary.filtered, summary.lost
+            );
+            Ok(())
         }
         Command::Status { json, args } => {
             init_tracing(cli.log_format);

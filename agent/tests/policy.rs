@@ -368,3 +368,95 @@ fn neighbour_solicitation(src: Ipv6Addr, target: Ipv6Addr) -> Vec<u8> {
         .unwrap();
     out
 }
+
+/// `weir-agent monitor`'s stream: nothing is written before a monitor takes the lease, a
+/// second monitor is refused while it holds it, and the verdicts come with the client's own
+/// address, the backend, the frontend addressed and the pod whose rules decided.
+#[test]
+fn the_monitor_streams_verdicts_only_while_it_holds_the_lease() {
+    use weir_agent::monitor::{self, Filter, MonitorError, Options, VerdictFilter};
+    let bpffs = private_bpffs(nix::sched::CloneFlags::empty());
+    let (mut h, mut maps) = harness(bpffs.path());
+    ingress_policy(&mut maps);
+    enforce(&mut h);
+    let dir = bpffs.path().join("weir");
+
+    // Nobody watches: denied, counted, not streamed.
+    let (verdict, _) = h.run(&tcp(STRANGER, 39999, VIP, 80, "S"));
+    assert_eq!(verdict, TC_ACT_SHOT);
+
+    let options = Options {
+        filter: Filter {
+            verdict: VerdictFilter::All,
+            ..Filter::default()
+        },
+        json: true,
+        count: Some(3),
+        duration: Some(std::time::Duration::from_secs(20)),
+        pods: [(POD_ID, "prod/db-0".to_owned())].into(),
+        ..Options::default()
+    };
+    let runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let watching = {
+        let (dir, options) = (dir.clone(), options.clone());
+        std::thread::spawn(move || {
+            let mut out = Vec::new();
+            let summary = runtime().block_on(monitor::run(&dir, &options, &mut out));
+            (summary, String::from_utf8(out).unwrap())
+        })
+    };
+    let lease = |dir: &Path| -> weir_common::MonitorConfig {
+        let map: aya::maps::Array<aya::maps::MapData, weir_common::MonitorConfig> =
+            aya::maps::Array::try_from(aya::maps::Map::Array(
+                aya::maps::MapData::from_pin(dir.join("WEIR_MONITOR")).unwrap(),
+            ))
+            .unwrap();
+        map.get(&0, 0).unwrap()
+    };
+    let waited = std::time::Instant::now();
+    while lease(&dir).flags == 0 {
+        assert!(waited.elapsed().as_secs() < 10, "the monitor took no lease");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let second = runtime().block_on(monitor::run(&dir, &options, &mut Vec::new()));
+    assert!(matches!(second, Err(MonitorError::Busy { .. })), "{second:?}");
+
+    let (verdict, _) = h.run(&tcp(STRANGER, 40001, VIP, 80, "S"));
+    assert_eq!(verdict, TC_ACT_SHOT);
+    let (verdict, _) = h.run(&tcp(FRIEND, 40000, VIP, 80, "S"));
+    assert_eq!(verdict, TC_ACT_OK);
+    let (verdict, _) = h.run(&udp(STRANGER, 40002, POD, 22));
+    assert_eq!(verdict, TC_ACT_SHOT);
+
+    let (summary, out) = watching.join().unwrap();
+    let summary = summary.unwrap();
+    assert_eq!((summary.printed, summary.lost), (3, 0), "{out}");
+    let events: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let brief = |e: &serde_json::Value| {
+        format!(
+            "{} {} {} {} -> {} via {} pod {}",
+            e["verdict"], e["direction"], e["proto"], e["source"], e["destination"],
+            e["frontend"], e["pod"]
+        )
+        .replace('"', "")
+    };
+    let briefs: Vec<String> = events.iter().map(brief).collect();
+    assert_eq!(
+        briefs,
+        [
+            "denied ingress tcp 198.19.3.30:40001 -> 198.19.2.11:8080 via 198.18.100.10:80 pod prod/db-0",
+            "allowed null tcp 198.19.3.20:40000 -> 198.19.2.11:8080 via 198.18.100.10:80 pod prod/db-0",
+            "denied ingress udp 198.19.3.30:40002 -> 198.19.2.11:22 via null pod prod/db-0",
+        ],
+        "{out}"
+    );
+    assert_eq!(lease(&dir), weir_common::MonitorConfig::default(), "released");
+}

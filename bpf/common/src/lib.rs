@@ -74,8 +74,12 @@ pub mod map_names {
     /// Flows a policy allowed, both directions, by the tuple as the pod sees it (LRU): their
     /// further packets and replies pass without a rule lookup.
     pub const POLICY_FLOWS: &str = "WEIR_POLICY_FLOWS";
+    /// Whether someone watches the flow events, and which ([`super::MonitorConfig`]).
+    pub const MONITOR: &str = "WEIR_MONITOR";
+    /// Flow events for `weir-agent monitor` (a ring buffer of [`super::MonitorEvent`]).
+    pub const MONITOR_EVENTS: &str = "WEIR_MONITOR_EVENTS";
     /// Every map the agent pins, in the order it creates them.
-    pub const PINNED: [&str; 21] = [
+    pub const PINNED: [&str; 23] = [
         SERVICES,
         BACKEND_SLOTS,
         BACKENDS,
@@ -97,6 +101,8 @@ pub mod map_names {
         POLICY_CIDRS,
         POLICY_RULES,
         POLICY_FLOWS,
+        MONITOR,
+        MONITOR_EVENTS,
     ];
 }
 
@@ -694,6 +700,54 @@ pub mod policy_direction {
     pub const EGRESS: u8 = 2;
 }
 
+/// What `weir-agent monitor` asks the data path to stream (`WEIR_MONITOR`'s one entry). Nothing
+/// is written unless a monitor holds a lease: one that dies without a word stops costing
+/// anything within [`MONITOR_LEASE_NS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MonitorConfig {
+    /// [`monitor_flags`]: which events.
+    pub flags: u32,
+    /// The watching process: a second monitor sees the lease is taken.
+    pub owner_pid: u32,
+    /// `CLOCK_MONOTONIC` (the data path's `bpf_ktime_get_ns`) until which the lease holds.
+    pub until_ns: u64,
+}
+
+pub mod monitor_flags {
+    /// Flows NetworkPolicy denies, at their first packet (and every packet after: a denied
+    /// flow is not recorded).
+    pub const DENIED: u32 = 1;
+    /// Flows NetworkPolicy allows to or from an isolated pod, once per flow.
+    pub const ALLOWED: u32 = 2;
+}
+
+/// How long a monitor's lease lasts; it renews it every second.
+pub const MONITOR_LEASE_NS: u64 = 5_000_000_000;
+/// The flow events' ring buffer: about 3,000 events between two reads of the monitor.
+pub const MONITOR_RING_BYTES: u32 = 256 * 1024;
+
+/// One flow event (`WEIR_MONITOR_EVENTS`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MonitorEvent {
+    /// `CLOCK_MONOTONIC`, nanoseconds.
+    pub time_ns: u64,
+    /// The flow as the pod sees it: the client's own address, and for a service's flow the
+    /// chosen backend.
+    pub flow: CtKey,
+    /// For a service's flow, the frontend the client addressed (else zero).
+    pub frontend: Addr,
+    pub frontend_port_be: u16,
+    pub _pad: u16,
+    /// The counter the packet was accounted to: `counter::DROP_POLICY_INGRESS`,
+    /// `counter::DROP_POLICY_EGRESS` or `counter::POLICY_ALLOWED`.
+    pub outcome: u32,
+    /// The isolated pod's policy endpoint id whose rules decided (`PolicyEndpoint::id`).
+    pub endpoint_id: u32,
+    pub _pad2: u32,
+}
+
 /// The peer identity of "every address": the identity of rules without peers (`from: []`,
 /// `to: []`, or no `from`/`to` at all). Pod and CIDR identities are never 0.
 pub const POLICY_ANY_PEER: u32 = 0;
@@ -930,7 +984,10 @@ pub mod counter {
     /// Event: a flow to or from a pod a NetworkPolicy isolates was allowed by its rules and
     /// recorded (`WEIR_POLICY_FLOWS`, or its conntrack entries for a service's flow).
     pub const POLICY_ALLOWED: u32 = 42;
-    pub const COUNT: u32 = 43;
+    /// Event: a flow event for `weir-agent monitor` found its ring buffer full (the monitor
+    /// reads slower than the data path writes): the event is lost, the packet is not.
+    pub const MONITOR_LOST: u32 = 43;
+    pub const COUNT: u32 = 44;
 
     /// Names for display, indexed by counter.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -977,6 +1034,7 @@ pub mod counter {
         "forwarded",
         "forward_to_stack",
         "policy_allowed",
+        "monitor_lost",
     ];
 }
 
@@ -994,6 +1052,10 @@ mod pod {
     unsafe impl aya::Pod for BackendValue {}
     // SAFETY: as above.
     unsafe impl aya::Pod for CtKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for MonitorConfig {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for MonitorEvent {}
     // SAFETY: as above.
     unsafe impl aya::Pod for CtValue {}
     // SAFETY: as above.
@@ -1055,5 +1117,7 @@ const _: () = {
     assert!(core::mem::size_of::<PolicyEndpoint>() == 8);
     assert!(core::mem::size_of::<PolicyCidrKey>() == 20);
     assert!(core::mem::size_of::<PolicyRuleKey>() == 12);
+    assert!(core::mem::size_of::<MonitorConfig>() == 16);
+    assert!(core::mem::size_of::<MonitorEvent>() == 80);
     assert!(policy_rule_bits::PORT as usize == 8 * core::mem::size_of::<PolicyRuleKey>());
 };

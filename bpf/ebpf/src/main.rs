@@ -28,6 +28,7 @@ mod frag;
 mod icmp;
 mod lb;
 mod maps;
+mod monitor;
 mod packet;
 mod policy;
 mod route;

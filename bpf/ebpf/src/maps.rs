@@ -4,13 +4,13 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use weir_common::{
     capacity, counter, AffinityKey, AffinityValue, BackendSlotKey, BackendValue, CtKey, CtValue,
     FragKey, FragPorts, FrontendKey, HeldFragment, HeldFragmentKey, HostAddrKey, MaglevChunk,
-    MaglevKey, MovedArrivalKey, NodeConfig, PolicyCidrKey, PolicyEndpoint, PolicyRuleKey,
-    ServiceValue, SockReverseKey, SourceRange,
+    MaglevKey, MonitorConfig, MovedArrivalKey, NodeConfig, PolicyCidrKey, PolicyEndpoint, PolicyRuleKey,
+    ServiceValue, SockReverseKey, SourceRange, MONITOR_RING_BYTES,
 };
 
 const BPF_F_NO_PREALLOC: u32 = 1;
@@ -119,6 +119,14 @@ pub static POLICY_RULES: LpmTrie<PolicyRuleKey, u8> =
 #[map(name = "WEIR_POLICY_FLOWS")]
 pub static POLICY_FLOWS: LruHashMap<CtKey, u64> =
     LruHashMap::with_max_entries(capacity::POLICY_FLOWS, 0);
+
+/// Whether `weir-agent monitor` watches, and what (see `monitor.rs`).
+#[map(name = "WEIR_MONITOR")]
+pub static MONITOR: Array<MonitorConfig> = Array::with_max_entries(1, 0);
+
+/// Flow events for the monitor.
+#[map(name = "WEIR_MONITOR_EVENTS")]
+pub static MONITOR_EVENTS: RingBuf = RingBuf::with_byte_size(MONITOR_RING_BYTES, 0);
 
 #[map(name = "WEIR_AFFINITY")]
 pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =

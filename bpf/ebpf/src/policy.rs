@@ -20,6 +20,9 @@
 //! record is over a second old), as connections outlive rule changes in Calico's and Cilium's
 //! data planes.
 //!
+//! Verdicts (denied flows, allowed new ones) go to `weir-agent monitor` while one watches
+//! (`monitor.rs`).
+//!
 //! Always allowed: traffic from the node's own addresses to its pods (Kubernetes: kubelet
 //! probes), and ICMPv6 beyond echo and errors (neighbour discovery, router and multicast
 //! listener messages), without which no IPv6 reaches a pod.
@@ -58,10 +61,11 @@ pub fn enforced() -> bool {
     node_config().flags & node_flags::POLICY != 0
 }
 
-/// The decision on a packet of a flow no service translates, by its tuple: [`ALLOWED`] or the
-/// drop counter. `seen`: the TCP flags' `ct_seen` bits, 0 for other protocols.
+/// The decision on a packet of a flow by its tuple: [`ALLOWED`] or the drop counter. `seen`:
+/// the TCP flags' `ct_seen` bits, 0 for other protocols; `service`: a service's new flow (its
+/// frontend is in the scratch slot, for the monitor).
 #[inline(never)]
-pub fn decide(key: &CtKey, seen: u8) -> u32 {
+pub fn decide(key: &CtKey, seen: u8, service: bool) -> u32 {
     if !enforced() {
         return ALLOWED;
     }
@@ -97,12 +101,15 @@ pub fn decide(key: &CtKey, seen: u8) -> u32 {
     if flags(source) & policy_flags::EGRESS != 0
         && !allows(id(source), policy_direction::EGRESS, key)
     {
+        crate::monitor::note(key, counter::DROP_POLICY_EGRESS, id(source), service);
         return counter::DROP_POLICY_EGRESS;
     }
-    if flags(destination) & policy_flags::INGRESS != 0
+    let ingress_isolated = flags(destination) & policy_flags::INGRESS != 0;
+    if ingress_isolated
         && !from_this_node(&key.saddr, key.family)
         && !allows(id(destination), policy_direction::INGRESS, key)
     {
+        crate::monitor::note(key, counter::DROP_POLICY_INGRESS, id(destination), service);
         return counter::DROP_POLICY_INGRESS;
     }
     // Both directions, so replies and errors about the flow find it. Losing a race to another
@@ -111,6 +118,12 @@ pub fn decide(key: &CtKey, seen: u8) -> u32 {
     let _ = POLICY_FLOWS.insert(&key.reversed(), &now, 0);
     if !recorded {
         count(counter::POLICY_ALLOWED);
+        let decider = if ingress_isolated {
+            id(destination)
+        } else {
+            id(source)
+        };
+        crate::monitor::note(key, counter::POLICY_ALLOWED, decider, service);
     }
     ALLOWED
 }
@@ -123,7 +136,7 @@ pub fn decide_noted(seen: u8) -> u32 {
     };
     // SAFETY: a per-CPU slot, used by one program run at a time on this CPU; the fast path
     // wrote the field and returned.
-    decide(unsafe { &(*scratch).policy }, seen)
+    decide(unsafe { &(*scratch).policy }, seen, false)
 }
 
 /// The decision on a service's new flow once its backend is chosen (`Scratch::flow`,
@@ -159,7 +172,7 @@ pub fn service_flow() -> u32 {
         family: ip.family,
         _pad: 0,
     };
-    decide(key, 0)
+    decide(key, 0, true)
 }
 
 /// The decision on a packet the full path leaves untranslated (`ip` parsed; TCP and UDP ports
@@ -210,16 +223,21 @@ pub fn untranslated(ctx: &TcContext, ip: &Ip) -> u32 {
         // Echo requests and replies share a tuple (ports 0): a reply finds its request's
         // record. Errors are judged by the flow they quote: allowed with it, never alone.
         if !is_echo(ip.proto, icmp_type) && crate::icmp::quoted_flow(ctx, ip, key) {
-            return if POLICY_FLOWS.get_ptr(&*key).is_some() || !isolates(key) {
-                ALLOWED
-            } else if flags(endpoint(&ip.daddr, ip.family)) & policy_flags::INGRESS != 0 {
-                counter::DROP_POLICY_INGRESS
+            if POLICY_FLOWS.get_ptr(&*key).is_some() || !isolates(key) {
+                return ALLOWED;
+            }
+            let destination = endpoint(&ip.daddr, ip.family);
+            let (outcome, decider) = if flags(destination) & policy_flags::INGRESS != 0 {
+                (counter::DROP_POLICY_INGRESS, id(destination))
             } else {
-                counter::DROP_POLICY_EGRESS
+                (counter::DROP_POLICY_EGRESS, id(endpoint(&ip.saddr, ip.family)))
             };
+            // The event shows the flow the error quotes: the one nothing allowed.
+            crate::monitor::note(key, outcome, decider, false);
+            return outcome;
         }
     }
-    decide(key, seen)
+    decide(key, seen, false)
 }
 
 /// Whether the frame leaving by `weir_egress` goes to a pod a policy selects: one load and one
