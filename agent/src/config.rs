@@ -98,6 +98,8 @@ pub struct AgentConfig {
     pub tunnel: TunnelConfig,
     pub host_services: HostServicesConfig,
     pub policy: PolicyConfig,
+    pub prefilter: PrefilterConfig,
+    pub failsafe: FailsafeConfig,
     pub http: HttpConfig,
     pub health_check: HealthCheckConfig,
     pub maps: MapsConfig,
@@ -345,19 +347,149 @@ pub struct HealthCheckConfig {
 impl Default for HealthCheckConfig {
     fn default() -> Self {
         HealthCheckConfig {
-            reserved_ports: vec![
-                // sshd: losing it locks the operator out of the node.
-                PortRange::one(22),
-                // etcd's client and peer ports, on control-plane nodes.
-                PortRange::new(2379, 2380),
-                // The API server's secure port.
-                PortRange::one(6443),
-                // The kubelet (10248 healthz, 10250 API, 10255 read-only), kube-proxy (10249
-                // metrics, 10256 healthz), the scheduler (10259) and controller manager (10257).
-                PortRange::new(10248, 10259),
-            ],
+            reserved_ports: NODE_CONTROL_PORTS.to_vec(),
         }
     }
+}
+
+/// The TCP ports a node's operation depends on: no Service may take them
+/// ([`HealthCheckConfig`]) and no deny-list or host policy may close them
+/// ([`FailsafeConfig`]).
+const NODE_CONTROL_PORTS: [PortRange; 4] = [
+    // sshd: losing it locks the operator out of the node.
+    PortRange::one(22),
+    // etcd's client and peer ports, on control-plane nodes.
+    PortRange::new(2379, 2380),
+    // The API server's secure port.
+    PortRange::one(6443),
+    // The kubelet (10248 healthz, 10250 API, 10255 read-only), kube-proxy (10249 metrics,
+    // 10256 healthz), the scheduler (10259) and controller manager (10257).
+    PortRange::new(10248, 10259),
+];
+
+/// Ports that stay open whatever a deny-list (the XDP pre-filter) or host policy says
+/// (`[failsafe]`), as Calico's failsafe ports: so neither can cut a node off. The agent's own
+/// `metrics_listen` and `healthz_listen` ports are inbound failsafe ports too.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct FailsafeConfig {
+    /// The node's own ports, open to any source: `"tcp:22"`, `"tcp:2379-2380"`, `"udp:68"`.
+    pub inbound: Vec<FailsafePorts>,
+    /// Remote ports the node's processes may always reach.
+    pub outbound: Vec<FailsafePorts>,
+}
+
+impl Default for FailsafeConfig {
+    fn default() -> Self {
+        let tcp = |ports| FailsafePorts {
+            protocol: FailsafeProtocol::Tcp,
+            ports,
+        };
+        let udp = |port| FailsafePorts {
+            protocol: FailsafeProtocol::Udp,
+            ports: PortRange::one(port),
+        };
+        let mut inbound: Vec<FailsafePorts> = NODE_CONTROL_PORTS.into_iter().map(tcp).collect();
+        // BGP (a routing daemon peering with the fabric) and DHCP's replies to the node.
+        inbound.extend([tcp(PortRange::one(179)), udp(68)]);
+        let outbound = vec![
+            // DNS, DHCP, BGP, etcd and the API server, as Calico's defaults.
+            udp(53),
+            tcp(PortRange::one(53)),
+            udp(67),
+            tcp(PortRange::one(179)),
+            tcp(PortRange::new(2379, 2380)),
+            tcp(PortRange::one(6443)),
+        ];
+        FailsafeConfig { inbound, outbound }
+    }
+}
+
+/// A protocol and a range of ports, written `"tcp:22"` or `"udp:53"` or `"tcp:2379-2380"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct FailsafePorts {
+    pub protocol: FailsafeProtocol,
+    pub ports: PortRange,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailsafeProtocol {
+    Tcp,
+    Udp,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0:?} is not a failsafe port like \"tcp:22\", \"udp:53\" or \"tcp:2379-2380\"")]
+pub struct FailsafePortsError(String);
+
+impl TryFrom<String> for FailsafePorts {
+    type Error = FailsafePortsError;
+
+    fn try_from(text: String) -> Result<Self, FailsafePortsError> {
+        let bad = || FailsafePortsError(text.clone());
+        let (protocol, ports) = text.split_once(':').ok_or_else(bad)?;
+        let protocol = match protocol.trim().to_ascii_lowercase().as_str() {
+            "tcp" => FailsafeProtocol::Tcp,
+            "udp" => FailsafeProtocol::Udp,
+            _ => return Err(bad()),
+        };
+        let ports =
+            PortRange::try_from(PortRangeText::Range(ports.to_owned())).map_err(|_| bad())?;
+        Ok(FailsafePorts { protocol, ports })
+    }
+}
+
+impl From<FailsafePorts> for String {
+    fn from(f: FailsafePorts) -> String {
+        let protocol = match f.protocol {
+            FailsafeProtocol::Tcp => "tcp",
+            FailsafeProtocol::Udp => "udp",
+        };
+        match PortRangeText::from(f.ports) {
+            PortRangeText::One(port) => format!("{protocol}:{port}"),
+            PortRangeText::Range(range) => format!("{protocol}:{range}"),
+        }
+    }
+}
+
+/// The XDP pre-filter on the host interfaces (`[prefilter]`): packets from deny-listed source
+/// prefixes are dropped before the stack sees them.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PrefilterConfig {
+    /// Attach the pre-filter to every host interface. Off by default: an XDP program sees every
+    /// packet of the node's uplinks, so it is the operator's choice.
+    pub enabled: bool,
+    /// Source prefixes to drop, IPv4 and IPv6 (`"203.0.113.0/24"`, `"2001:db8::/32"`; a bare
+    /// address is one host).
+    pub deny: Vec<String>,
+    /// Native XDP (in the driver), generic (in the stack, any driver), or native where the
+    /// driver has it and generic elsewhere.
+    pub mode: XdpMode,
+    /// A deny-listed source still reaches the inbound failsafe ports (`[failsafe]`). Turn off
+    /// only when a deny-listed address must not reach even those.
+    pub failsafe_exempt: bool,
+}
+
+impl Default for PrefilterConfig {
+    fn default() -> Self {
+        PrefilterConfig {
+            enabled: false,
+            deny: Vec::new(),
+            mode: XdpMode::Auto,
+            failsafe_exempt: true,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpMode {
+    #[default]
+    Auto,
+    Native,
+    Generic,
 }
 
 /// An inclusive range of ports, written `22` or `"10248-10259"` in the file.
@@ -661,6 +793,8 @@ pub struct ConfigLayer {
     pub tunnel: Option<TunnelConfig>,
     pub host_services: Option<HostServicesConfig>,
     pub policy: Option<PolicyConfig>,
+    pub prefilter: Option<PrefilterConfig>,
+    pub failsafe: Option<FailsafeConfig>,
     pub http: Option<HttpConfig>,
     pub health_check: Option<HealthCheckConfig>,
     pub maps: Option<MapsConfig>,
@@ -737,6 +871,8 @@ impl ConfigArgs {
             tunnel: None,
             host_services: None,
             policy: None,
+            prefilter: None,
+            failsafe: None,
             http: None,
             health_check: None,
             maps: None,
@@ -781,6 +917,8 @@ impl ConfigLayer {
             tunnel: self.tunnel.or(lower.tunnel),
             host_services: self.host_services.or(lower.host_services),
             policy: self.policy.or(lower.policy),
+            prefilter: self.prefilter.or(lower.prefilter),
+            failsafe: self.failsafe.or(lower.failsafe),
             http: self.http.or(lower.http),
             health_check: self.health_check.or(lower.health_check),
             maps: self.maps.or(lower.maps),
@@ -826,6 +964,8 @@ impl ConfigLayer {
             tunnel: self.tunnel.unwrap_or_default(),
             host_services: self.host_services.unwrap_or_default(),
             policy: self.policy.unwrap_or_default(),
+            prefilter: self.prefilter.unwrap_or_default(),
+            failsafe: self.failsafe.unwrap_or_default(),
             http: self.http.unwrap_or_default(),
             health_check: self.health_check.unwrap_or_default(),
             maps: self.maps.unwrap_or_default(),
@@ -959,6 +1099,11 @@ impl AgentConfig {
             ));
         }
         self.maps.validate()?;
+        for (i, prefix) in self.prefilter.deny.iter().enumerate() {
+            crate::prefilter::parse_prefix(prefix).map_err(|e| {
+                ConfigError::Invalid(format!("prefilter.deny[{i}] = {prefix:?}: {e}"))
+            })?;
+        }
         if overlaps(self.metrics_listen, self.healthz_listen) {
             return Err(ConfigError::Invalid(format!(
                 "metrics_listen {} and healthz_listen {} cannot both be bound",

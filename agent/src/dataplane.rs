@@ -12,7 +12,7 @@ use aya::programs::tc::{
     self, NlOptions, SchedClassifierLink, SchedClassifierLinkId, TcAttachOptions, TcAttachType,
     TcHandle,
 };
-use aya::programs::{CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier, Xdp};
 use aya::{Ebpf, EbpfLoader};
 use tracing::{debug, info, warn};
 use weir_common::{
@@ -677,6 +677,7 @@ pub struct Dataplane {
     ebpf: Ebpf,
     pub services: ServiceMaps,
     pub policy: crate::policy::PolicyMaps,
+    pub prefilter: crate::prefilter::PrefilterMaps,
     pub node: NodeMaps,
     pub conntrack: ConntrackMap,
     pub counters: Counters,
@@ -868,9 +869,19 @@ impl Dataplane {
             retry_interrupted(name, || program.load())?;
             log_verified(name, program.info());
         }
+        for name in [program_names::PREFILTER, program_names::XDP_PASS] {
+            let program: &mut Xdp = ebpf
+                .program_mut(name)
+                .ok_or(DataplaneError::MissingProgram(name))?
+                .try_into()
+                .map_err(|source| DataplaneError::Program { name, source })?;
+            retry_interrupted(name, || program.load())?;
+            log_verified(name, program.info());
+        }
         Ok(Dataplane {
             services: ServiceMaps::take(&mut ebpf)?,
             policy: crate::policy::PolicyMaps::take(&mut ebpf)?,
+            prefilter: crate::prefilter::PrefilterMaps::take(&mut ebpf)?,
             node: NodeMaps::take(&mut ebpf)?,
             conntrack: ConntrackMap::take(&mut ebpf)?,
             counters: Counters {
@@ -921,6 +932,20 @@ impl Dataplane {
             .ok_or(DataplaneError::MissingProgram(name))?
             .try_into()
             .map_err(|source| DataplaneError::Program { name, source })
+    }
+
+    /// An XDP program of the object (the pre-filter, its pass-through baseline).
+    pub fn xdp_program(&mut self, name: &'static str) -> Result<&mut Xdp, DataplaneError> {
+        self.ebpf
+            .program_mut(name)
+            .ok_or(DataplaneError::MissingProgram(name))?
+            .try_into()
+            .map_err(|source| DataplaneError::Program { name, source })
+    }
+
+    /// Where links are pinned, when they outlive the agent.
+    pub fn link_pin_dir(&self) -> Option<&Path> {
+        self.link_pin_dir.as_deref()
     }
 
     /// A map no handle here owns (the fragment maps), for tests and tools to read.

@@ -24,6 +24,7 @@ pub mod monitor;
 pub mod node;
 pub mod pin_layout;
 pub mod policy;
+pub mod prefilter;
 pub mod reconcile;
 pub mod run;
 pub mod sock_diag;

@@ -96,9 +96,7 @@ impl Filter {
         let ports_match = self.ports.is_empty()
             || self.ports.iter().any(|p| {
                 let p = p.to_be();
-                p == flow.sport_be
-                    || p == flow.dport_be
-                    || (service && p == event.frontend_port_be)
+                p == flow.sport_be || p == flow.dport_be || (service && p == event.frontend_port_be)
             });
         self.verdict.flags() & verdict != 0 && addresses_match && ports_match
     }
@@ -239,9 +237,7 @@ impl Lease {
 
     fn write(&mut self) -> Result<(), MonitorError> {
         self.config.until_ns = monotonic_now_ns() + MONITOR_LEASE_NS;
-        self.map
-            .set(0, self.config, 0)
-            .map_err(MonitorError::Lease)
+        self.map.set(0, self.config, 0).map_err(MonitorError::Lease)
     }
 
     /// Stops the data path's events at once, if the lease is still ours.
@@ -319,9 +315,7 @@ async fn stream(
     out: &mut dyn Write,
 ) -> Result<Summary, MonitorError> {
     let mut summary = Summary::default();
-    let deadline = options
-        .duration
-        .map(|d| tokio::time::Instant::now() + d);
+    let deadline = options.duration.map(|d| tokio::time::Instant::now() + d);
     let mut renew = tokio::time::interval(RENEW_EVERY);
     renew.tick().await;
     let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
@@ -439,7 +433,11 @@ mod tests {
         );
         assert_eq!(event.verdict, "allowed");
         assert!(event.direction.is_none() && event.frontend.is_none());
-        assert!(event.line().ends_with("198.18.1.5:8080 endpoint #7"), "{}", event.line());
+        assert!(
+            event.line().ends_with("198.18.1.5:8080 endpoint #7"),
+            "{}",
+            event.line()
+        );
     }
 
     #[test]
@@ -467,7 +465,10 @@ mod tests {
 
     #[test]
     fn a_short_record_is_an_error() {
-        assert!(matches!(decode(&[0; 40]), Err(MonitorError::ShortEvent(40))));
+        assert!(matches!(
+            decode(&[0; 40]),
+            Err(MonitorError::ShortEvent(40))
+        ));
         let raw = event(counter::POLICY_ALLOWED, None);
         // SAFETY: a plain-data struct viewed as its bytes, for the test's round trip.
         let bytes = unsafe {

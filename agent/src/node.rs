@@ -94,6 +94,9 @@ pub fn node_config(config: &AgentConfig, tunnel: Option<&Tunnel>) -> NodeConfig 
     if tunnel.is_some_and(|t| t.mode == TunnelMode::Ipip) {
         flags |= node_flags::TUNNEL_IPIP;
     }
+    if config.prefilter.failsafe_exempt {
+        flags |= node_flags::PREFILTER_FAILSAFE;
+    }
     NodeConfig {
         hairpin_v4,
         hairpin_v6,

@@ -5,6 +5,7 @@
 //! `weir-agent uninstall`) takes the programs off the interfaces.
 
 use std::collections::BTreeSet;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,7 +30,7 @@ use crate::node;
 use crate::policy::PolicyReconciler;
 use crate::reconcile::Reconciler;
 use crate::source::{FileSource, ObjectEvent};
-use weir_common::{map_names, HostAddrKey};
+use weir_common::{map_names, program_names, HostAddrKey};
 
 /// The loop counts as wedged after this many poll intervals without a turn (at least
 /// [`MIN_STALL`]): long enough for a full sync of a large cluster, short enough for a liveness
@@ -76,6 +77,18 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         .node
         .set_config(&node_config)
         .context("writing the node configuration")?;
+    let prefilter = crate::prefilter::PrefilterState::from_config(&config)
+        .context("the pre-filter's deny-list ([prefilter] deny)")?;
+    let writes = dataplane
+        .prefilter
+        .write(&prefilter)
+        .context("writing the pre-filter's deny-list and the failsafe ports")?;
+    info!(
+        deny = prefilter.deny.len(),
+        failsafe_ports = prefilter.failsafe.len(),
+        writes,
+        "pre-filter deny-list and failsafe ports written"
+    );
     if config.host_services.enabled {
         dataplane
             .attach_host_services(&config.host_services.cgroup)
@@ -611,6 +624,8 @@ struct InterfaceSync {
     /// interface that is missing needs no retry: its creation is notified.
     retry: bool,
     last_pass: Option<std::time::Instant>,
+    /// The XDP pre-filter's links on host interfaces (`[prefilter]`).
+    prefilter: crate::prefilter::Attachments,
 }
 
 /// A full interface pass at least this often, notifications or not: a lost one (the socket's
@@ -618,6 +633,47 @@ struct InterfaceSync {
 const INTERFACE_RESYNC: Duration = Duration::from_secs(10);
 
 impl InterfaceSync {
+    /// The pre-filter on exactly the `wanted` host interfaces.
+    fn sync_prefilter(
+        &mut self,
+        config: &AgentConfig,
+        dataplane: &mut Dataplane,
+        wanted: &BTreeSet<String>,
+    ) {
+        let program = match dataplane.xdp_program(program_names::PREFILTER) {
+            Ok(program) => program,
+            Err(e) => {
+                warn!(error = %e, "the XDP pre-filter program is missing");
+                return;
+            }
+        };
+        let gone: Vec<String> = (self.prefilter.interfaces())
+            .map(|(name, _)| name.to_owned())
+            .filter(|name| !wanted.contains(name))
+            .collect();
+        for interface in gone {
+            self.prefilter.detach(program, &interface);
+        }
+        let link_dir = dataplane.link_pin_dir().map(Path::to_owned);
+        let program = dataplane
+            .xdp_program(program_names::PREFILTER)
+            .expect("found above");
+        for interface in wanted {
+            if self.prefilter.is_attached(interface) {
+                continue;
+            }
+            if let Err(e) = (self.prefilter).attach(
+                program,
+                interface,
+                config.prefilter.mode,
+                link_dir.as_deref(),
+            ) {
+                warn!(%interface, error = %e, "attaching the XDP pre-filter failed");
+                self.retry = true;
+            }
+        }
+    }
+
     fn subscribed() -> InterfaceSync {
         let events = match interfaces::LinkEvents::subscribe() {
             Ok(events) => Some(events),
@@ -701,11 +757,24 @@ impl InterfaceSync {
             }
         }
         let first_pass = !self.first_pass_done;
+        // The pre-filter runs on the host interfaces only (not the tunnel, not pods).
+        let prefiltered: BTreeSet<String> = if config.prefilter.enabled {
+            (config.host_interfaces.iter())
+                .filter(|h| wanted.contains(*h))
+                .cloned()
+                .collect()
+        } else {
+            BTreeSet::new()
+        };
         if first_pass {
             // Links a previous agent pinned for interfaces that are gone now.
             dataplane.release_unwanted_links(&wanted);
+            if let Some(dir) = dataplane.link_pin_dir().map(Path::to_owned) {
+                self.prefilter.release_unwanted(&dir, &prefiltered);
+            }
             self.first_pass_done = true;
         }
+        self.sync_prefilter(config, dataplane, &prefiltered);
         let gone: Vec<String> = dataplane
             .attached_interfaces()
             .filter(|i| !wanted.contains(*i))

@@ -424,7 +424,10 @@ fn the_monitor_streams_verdicts_only_while_it_holds_the_lease() {
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
     let second = runtime().block_on(monitor::run(&dir, &options, &mut Vec::new()));
-    assert!(matches!(second, Err(MonitorError::Busy { .. })), "{second:?}");
+    assert!(
+        matches!(second, Err(MonitorError::Busy { .. })),
+        "{second:?}"
+    );
 
     let (verdict, _) = h.run(&tcp(STRANGER, 40001, VIP, 80, "S"));
     assert_eq!(verdict, TC_ACT_SHOT);
@@ -443,8 +446,13 @@ fn the_monitor_streams_verdicts_only_while_it_holds_the_lease() {
     let brief = |e: &serde_json::Value| {
         format!(
             "{} {} {} {} -> {} via {} pod {}",
-            e["verdict"], e["direction"], e["proto"], e["source"], e["destination"],
-            e["frontend"], e["pod"]
+            e["verdict"],
+            e["direction"],
+            e["proto"],
+            e["source"],
+            e["destination"],
+            e["frontend"],
+            e["pod"]
         )
         .replace('"', "")
     };
@@ -458,5 +466,9 @@ fn the_monitor_streams_verdicts_only_while_it_holds_the_lease() {
         ],
         "{out}"
     );
-    assert_eq!(lease(&dir), weir_common::MonitorConfig::default(), "released");
+    assert_eq!(
+        lease(&dir),
+        weir_common::MonitorConfig::default(),
+        "released"
+    );
 }

@@ -85,20 +85,20 @@ impl PolicyMaps {
     }
 }
 
-fn trie_entries<K: aya::Pod, V: Copy>(entries: &[((K, u32), V)]) -> Vec<(LpmKey<K>, V)> {
+pub(crate) fn trie_entries<K: aya::Pod, V: Copy>(entries: &[((K, u32), V)]) -> Vec<(LpmKey<K>, V)> {
     entries
         .iter()
         .map(|((data, bits), value)| (LpmKey::new(*bits, *data), *value))
         .collect()
 }
 
-fn trie_keys<K: aya::Pod>(keys: &[(K, u32)]) -> Vec<LpmKey<K>> {
+pub(crate) fn trie_keys<K: aya::Pod>(keys: &[(K, u32)]) -> Vec<LpmKey<K>> {
     keys.iter()
         .map(|(data, bits)| LpmKey::new(*bits, *data))
         .collect()
 }
 
-fn read_trie<K: aya::Pod + Ord, V: aya::Pod>(
+pub(crate) fn read_trie<K: aya::Pod + Ord, V: aya::Pod>(
     trie: &LpmTrie<MapData, K, V>,
     name: &'static str,
 ) -> Result<BTreeMap<(K, u32), V>, DataplaneError> {

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use aya::programs::{TestRun, TestRunOptions};
+use aya::programs::{TestRun, TestRunOptions, TestRunResult};
 use weir_common::{ct_kind, Addr, CtKey, CtValue, FAMILY_V4, PROTO_TCP};
 
 use super::{tcp, Harness, BACKEND, CLIENT, TC_ACT_OK, VIP};
@@ -11,27 +11,32 @@ use super::{tcp, Harness, BACKEND, CLIENT, TC_ACT_OK, VIP};
 /// First packets are timed one run per call, over this many distinct flows.
 pub const SINGLE_RUNS: u16 = 20_000;
 
-/// The kernel's mean time of one of `repeat` runs of `program` on `packet`.
+/// The kernel's mean time of one of `repeat` runs of tc program `program` on `packet`, which
+/// it must pass.
 pub fn run_repeated(
     h: &mut Harness,
     program: &'static str,
     packet: &[u8],
     repeat: u32,
 ) -> Duration {
+    let (verdict, time) = timed(h.dataplane.program(program).unwrap(), packet, repeat);
+    assert_eq!(verdict, TC_ACT_OK);
+    time
+}
+
+/// The verdict of `program` on `packet`, and the kernel's mean time of one of `repeat` runs.
+pub fn timed<P>(program: &P, packet: &[u8], repeat: u32) -> (u32, Duration)
+where
+    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult>,
+{
     let mut out = vec![0u8; packet.len() + 256];
     let mut opts = TestRunOptions::new();
     opts.data_in = Some(packet);
     opts.data_out = Some(&mut out);
     opts.repeat = repeat;
-    let result = h
-        .dataplane
-        .program(program)
-        .unwrap()
-        .test_run(opts)
-        .expect("test run");
-    assert_eq!(result.return_value, TC_ACT_OK);
+    let result = program.test_run(opts).expect("test run");
     // The kernel reports the mean time of one repetition.
-    result.duration
+    (result.return_value, result.duration)
 }
 
 pub fn median(mut v: Vec<f64>) -> f64 {

@@ -78,8 +78,14 @@ pub mod map_names {
     pub const MONITOR: &str = "WEIR_MONITOR";
     /// Flow events for `weir-agent monitor` (a ring buffer of [`super::MonitorEvent`]).
     pub const MONITOR_EVENTS: &str = "WEIR_MONITOR_EVENTS";
+    /// Source prefixes the XDP pre-filter drops, longest match ([`super::PolicyCidrKey`] ->
+    /// the counter a drop is accounted to: which list the prefix came from).
+    pub const PREFILTER_DENY: &str = "WEIR_PREFILTER_DENY";
+    /// Failsafe ports ([`super::FailsafeKey`]): what stays open whatever a deny-list or host
+    /// policy says.
+    pub const FAILSAFE_PORTS: &str = "WEIR_FAILSAFE_PORTS";
     /// Every map the agent pins, in the order it creates them.
-    pub const PINNED: [&str; 23] = [
+    pub const PINNED: [&str; 25] = [
         SERVICES,
         BACKEND_SLOTS,
         BACKENDS,
@@ -103,6 +109,8 @@ pub mod map_names {
         POLICY_FLOWS,
         MONITOR,
         MONITOR_EVENTS,
+        PREFILTER_DENY,
+        FAILSAFE_PORTS,
     ];
 }
 
@@ -115,6 +123,10 @@ pub mod program_names {
     pub const EGRESS: &str = "weir_egress";
     /// Does nothing but pass: the baseline every per-packet figure is a ratio against.
     pub const PASS: &str = "weir_pass";
+    /// The XDP pre-filter on host interfaces: drops deny-listed sources before the stack.
+    pub const PREFILTER: &str = "weir_prefilter";
+    /// XDP doing nothing but pass: the pre-filter's baseline.
+    pub const XDP_PASS: &str = "weir_xdp_pass";
     /// Host services (cgroup sock_addr hooks): connect-time load balancing for the node's own
     /// sockets, in the order the agent attaches them (reverse translation before forward, so a
     /// socket never sees a backend address it cannot map back).
@@ -183,6 +195,10 @@ pub mod capacity {
     /// Rule entries of this node's isolated pods: (peer identities x port prefixes) per rule.
     pub const POLICY_RULES: u32 = 524_288;
     pub const POLICY_FLOWS: u32 = 131_072;
+    /// Deny-listed source prefixes of the XDP pre-filter (both lists, both families).
+    pub const PREFILTER_DENY: u32 = 262_144;
+    /// Failsafe ports, both directions.
+    pub const FAILSAFE_PORTS: u32 = 1_024;
 }
 
 /// An IPv4 or IPv6 address as 16 raw bytes in network order.
@@ -497,6 +513,9 @@ pub mod node_flags {
     /// A NetworkPolicy isolates at least one of this node's pods: flows no service translates
     /// are looked up in the policy maps too (without it, they pass after the service lookups).
     pub const POLICY: u32 = 1 << 3;
+    /// The XDP pre-filter lets a deny-listed source reach the node's inbound failsafe ports
+    /// (`WEIR_FAILSAFE_PORTS`): the default, so a deny-list can never cut a node off.
+    pub const PREFILTER_FAILSAFE: u32 = 1 << 4;
 }
 
 /// Bytes the tunnel adds in front of an inner packet, by tunnel kind and underlay family.
@@ -765,6 +784,24 @@ pub struct PolicyCidrKey {
 /// The bits of a [`PolicyCidrKey`] before its address.
 pub const POLICY_CIDR_FIXED_BITS: u32 = 32;
 
+/// `WEIR_FAILSAFE_PORTS`' key: a port of the node's that stays open whatever a deny-list or
+/// host policy says, in one direction.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FailsafeKey {
+    /// For inbound the node's own (destination) port, for outbound the remote one.
+    pub port_be: u16,
+    /// `PROTO_TCP` or `PROTO_UDP`.
+    pub proto: u8,
+    /// [`failsafe_direction`].
+    pub direction: u8,
+}
+
+pub mod failsafe_direction {
+    pub const INBOUND: u8 = 1;
+    pub const OUTBOUND: u8 = 2;
+}
+
 /// `WEIR_POLICY_RULES`' key data, compared as bytes from the first: every field is big-endian,
 /// so a prefix length stops a rule where it stops caring. [`policy_rule_bits`] has the lengths.
 #[repr(C)]
@@ -987,7 +1024,14 @@ pub mod counter {
     /// Event: a flow event for `weir-agent monitor` found its ring buffer full (the monitor
     /// reads slower than the data path writes): the event is lost, the packet is not.
     pub const MONITOR_LOST: u32 = 43;
-    pub const COUNT: u32 = 44;
+    /// Event (XDP): a packet from a prefix of the configuration's deny-list, dropped before the
+    /// stack. XDP drops are not tc outcomes: the tc programs never see the packet.
+    pub const PREFILTER_DROP_CONFIG: u32 = 44;
+    /// Event (XDP): a packet from a prefix of a deny-list object (`PrefilterDenyList`), dropped.
+    pub const PREFILTER_DROP_OBJECT: u32 = 45;
+    /// Event (XDP): a packet from a deny-listed prefix to an inbound failsafe port, let through.
+    pub const PREFILTER_PASS_FAILSAFE: u32 = 46;
+    pub const COUNT: u32 = 47;
 
     /// Names for display, indexed by counter.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -1035,6 +1079,9 @@ pub mod counter {
         "forward_to_stack",
         "policy_allowed",
         "monitor_lost",
+        "prefilter_drop_config",
+        "prefilter_drop_object",
+        "prefilter_pass_failsafe",
     ];
 }
 
@@ -1054,6 +1101,8 @@ mod pod {
     unsafe impl aya::Pod for CtKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for MonitorConfig {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for FailsafeKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for MonitorEvent {}
     // SAFETY: as above.
@@ -1119,5 +1168,6 @@ const _: () = {
     assert!(core::mem::size_of::<PolicyRuleKey>() == 12);
     assert!(core::mem::size_of::<MonitorConfig>() == 16);
     assert!(core::mem::size_of::<MonitorEvent>() == 80);
+    assert!(core::mem::size_of::<FailsafeKey>() == 4);
     assert!(policy_rule_bits::PORT as usize == 8 * core::mem::size_of::<PolicyRuleKey>());
 };

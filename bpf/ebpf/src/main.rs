@@ -31,6 +31,7 @@ mod maps;
 mod monitor;
 mod packet;
 mod policy;
+mod prefilter;
 mod route;
 mod sock;
 mod tunnel;
@@ -38,9 +39,9 @@ mod tunnel;
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT},
     helpers::bpf_redirect,
-    macros::classifier,
+    macros::{classifier, xdp},
     maps::lpm_trie::Key,
-    programs::TcContext,
+    programs::{TcContext, XdpContext},
 };
 use weir_common::{
     backend_flags, counter, ct_flags, ct_kind, node_flags, service_flags, tunnel_id, Addr,
@@ -188,6 +189,18 @@ pub fn weir_ingress(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn weir_pass(_ctx: TcContext) -> i32 {
     TC_ACT_OK as i32
+}
+
+/// The XDP pre-filter on host interfaces (`prefilter.rs`).
+#[xdp]
+pub fn weir_prefilter(ctx: XdpContext) -> u32 {
+    prefilter::filter(&ctx)
+}
+
+/// The pre-filter's baseline: the same hook doing nothing.
+#[xdp]
+pub fn weir_xdp_pass(_ctx: XdpContext) -> u32 {
+    aya_ebpf::bindings::xdp_action::XDP_PASS
 }
 
 fn process(ctx: &TcContext) -> Result<Verdict, u32> {

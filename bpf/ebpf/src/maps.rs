@@ -8,9 +8,9 @@ use aya_ebpf::{
 };
 use weir_common::{
     capacity, counter, AffinityKey, AffinityValue, BackendSlotKey, BackendValue, CtKey, CtValue,
-    FragKey, FragPorts, FrontendKey, HeldFragment, HeldFragmentKey, HostAddrKey, MaglevChunk,
-    MaglevKey, MonitorConfig, MovedArrivalKey, NodeConfig, PolicyCidrKey, PolicyEndpoint, PolicyRuleKey,
-    ServiceValue, SockReverseKey, SourceRange, MONITOR_RING_BYTES,
+    FailsafeKey, FragKey, FragPorts, FrontendKey, HeldFragment, HeldFragmentKey, HostAddrKey,
+    MaglevChunk, MaglevKey, MonitorConfig, MovedArrivalKey, NodeConfig, PolicyCidrKey,
+    PolicyEndpoint, PolicyRuleKey, ServiceValue, SockReverseKey, SourceRange, MONITOR_RING_BYTES,
 };
 
 const BPF_F_NO_PREALLOC: u32 = 1;
@@ -127,6 +127,16 @@ pub static MONITOR: Array<MonitorConfig> = Array::with_max_entries(1, 0);
 /// Flow events for the monitor.
 #[map(name = "WEIR_MONITOR_EVENTS")]
 pub static MONITOR_EVENTS: RingBuf = RingBuf::with_byte_size(MONITOR_RING_BYTES, 0);
+
+/// Source prefixes the XDP pre-filter drops: the counter to account a drop to.
+#[map(name = "WEIR_PREFILTER_DENY")]
+pub static PREFILTER_DENY: LpmTrie<PolicyCidrKey, u32> =
+    LpmTrie::with_max_entries(capacity::PREFILTER_DENY, BPF_F_NO_PREALLOC);
+
+/// Ports that stay open whatever a deny-list or host policy says.
+#[map(name = "WEIR_FAILSAFE_PORTS")]
+pub static FAILSAFE_PORTS: HashMap<FailsafeKey, u8> =
+    HashMap::with_max_entries(capacity::FAILSAFE_PORTS, BPF_F_NO_PREALLOC);
 
 #[map(name = "WEIR_AFFINITY")]
 pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =

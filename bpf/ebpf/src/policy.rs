@@ -230,7 +230,10 @@ pub fn untranslated(ctx: &TcContext, ip: &Ip) -> u32 {
             let (outcome, decider) = if flags(destination) & policy_flags::INGRESS != 0 {
                 (counter::DROP_POLICY_INGRESS, id(destination))
             } else {
-                (counter::DROP_POLICY_EGRESS, id(endpoint(&ip.saddr, ip.family)))
+                (
+                    counter::DROP_POLICY_EGRESS,
+                    id(endpoint(&ip.saddr, ip.family)),
+                )
             };
             // The event shows the flow the error quotes: the one nothing allowed.
             crate::monitor::note(key, outcome, decider, false);

@@ -1,0 +1,424 @@
+//! The XDP pre-filter (`bpf/ebpf/src/prefilter.rs`) from the agent's side: the deny-list and
+//! the failsafe ports as map entries, and the program's attachment to the host interfaces.
+//!
+//! The entries flow one way, as everywhere: configuration -> [`PrefilterState`] (what the maps
+//! must hold) -> the difference against what they hold -> writes, additions before removals so
+//! no packet meets a list that is neither the old nor the new one.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use aya::maps::lpm_trie::LpmTrie;
+use aya::maps::{HashMap, MapData};
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::xdp::{XdpLink, XdpLinkId};
+use aya::programs::Xdp;
+use aya::Ebpf;
+use tracing::{debug, info, warn};
+use weir_common::{
+    counter, failsafe_direction, map_names, FailsafeKey, PolicyCidrKey, POLICY_CIDR_FIXED_BITS,
+    PROTO_TCP, PROTO_UDP,
+};
+
+use crate::compile::addr_of;
+use crate::config::{AgentConfig, FailsafePorts, FailsafeProtocol, XdpMode};
+use crate::dataplane::{
+    delete_keys, open_pinned, read_all, take_map, write_entries, DataplaneError,
+};
+use crate::intent::{Cidr, IntentError};
+use crate::policy::maps::{read_trie, trie_entries, trie_keys};
+
+/// A deny-list prefix as the trie keys it: (address of one family, prefix length).
+pub type DenyKey = (PolicyCidrKey, u32);
+
+/// A deny-list entry: an address prefix, or a bare address (one host).
+pub fn parse_prefix(text: &str) -> Result<Cidr, IntentError> {
+    let text = text.trim();
+    if text.contains('/') {
+        return Cidr::parse("deny", text);
+    }
+    let addr: std::net::IpAddr = text.parse().map_err(|_| IntentError::InvalidCidr {
+        field: "deny".into(),
+        value: text.to_owned(),
+    })?;
+    Ok(Cidr {
+        addr,
+        len: if addr.is_ipv4() { 32 } else { 128 },
+    })
+}
+
+/// What the pre-filter's maps must hold.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PrefilterState {
+    /// Deny-listed prefixes -> the counter their drops go to (which list they came from).
+    pub deny: BTreeMap<DenyKey, u32>,
+    pub failsafe: BTreeSet<FailsafeKey>,
+}
+
+impl PrefilterState {
+    /// The configuration's deny-list (when the pre-filter is on) and failsafe ports (always:
+    /// host policy reads them too), with the agent's own listening ports among the inbound.
+    pub fn from_config(config: &AgentConfig) -> Result<PrefilterState, IntentError> {
+        let mut state = PrefilterState::default();
+        if config.prefilter.enabled {
+            for text in &config.prefilter.deny {
+                state.deny.insert(
+                    deny_key(&parse_prefix(text)?),
+                    counter::PREFILTER_DROP_CONFIG,
+                );
+            }
+        }
+        let own = [config.metrics_listen.port(), config.healthz_listen.port()]
+            .into_iter()
+            .filter(|port| *port != 0)
+            .map(|port| FailsafePorts {
+                protocol: FailsafeProtocol::Tcp,
+                ports: crate::config::PortRange::one(port),
+            });
+        let directions = [
+            (failsafe_direction::INBOUND, config.failsafe.inbound.clone()),
+            (
+                failsafe_direction::OUTBOUND,
+                config.failsafe.outbound.clone(),
+            ),
+        ];
+        for (direction, list) in directions {
+            let list = if direction == failsafe_direction::INBOUND {
+                list.into_iter().chain(own.clone()).collect()
+            } else {
+                list
+            };
+            for entry in list {
+                let proto = match entry.protocol {
+                    FailsafeProtocol::Tcp => PROTO_TCP,
+                    FailsafeProtocol::Udp => PROTO_UDP,
+                };
+                for port in entry.ports.first..=entry.ports.last {
+                    state.failsafe.insert(FailsafeKey {
+                        port_be: port.to_be(),
+                        proto,
+                        direction,
+                    });
+                }
+            }
+        }
+        Ok(state)
+    }
+}
+
+pub fn deny_key(prefix: &Cidr) -> DenyKey {
+    let (addr, family) = addr_of(prefix.addr);
+    (
+        PolicyCidrKey {
+            family,
+            _pad: [0; 3],
+            addr,
+        },
+        POLICY_CIDR_FIXED_BITS + u32::from(prefix.len),
+    )
+}
+
+/// `WEIR_PREFILTER_DENY` and `WEIR_FAILSAFE_PORTS`.
+pub struct PrefilterMaps {
+    deny: LpmTrie<MapData, PolicyCidrKey, u32>,
+    failsafe: HashMap<MapData, FailsafeKey, u8>,
+}
+
+impl PrefilterMaps {
+    pub(crate) fn take(ebpf: &mut Ebpf) -> Result<Self, DataplaneError> {
+        Ok(PrefilterMaps {
+            deny: take_map(ebpf, map_names::PREFILTER_DENY)?,
+            failsafe: take_map(ebpf, map_names::FAILSAFE_PORTS)?,
+        })
+    }
+
+    pub fn open_pinned(dir: &Path) -> Result<Self, DataplaneError> {
+        Ok(PrefilterMaps {
+            deny: open_pinned(dir, map_names::PREFILTER_DENY)?,
+            failsafe: open_pinned(dir, map_names::FAILSAFE_PORTS)?,
+        })
+    }
+
+    pub fn read(&self) -> Result<PrefilterState, DataplaneError> {
+        Ok(PrefilterState {
+            deny: read_trie(&self.deny, map_names::PREFILTER_DENY)?,
+            failsafe: read_all(&self.failsafe, map_names::FAILSAFE_PORTS)?
+                .into_keys()
+                .collect(),
+        })
+    }
+
+    /// Makes the maps hold `wanted`: new and changed entries first, stale ones after (a
+    /// failsafe port is open, a prefix denied, throughout). Returns the writes.
+    pub fn write(&mut self, wanted: &PrefilterState) -> Result<usize, DataplaneError> {
+        let held = self.read()?;
+        let upserts: Vec<(DenyKey, u32)> = (wanted.deny.iter())
+            .filter(|(key, counter)| held.deny.get(key) != Some(counter))
+            .map(|(key, counter)| (*key, *counter))
+            .collect();
+        let stale_deny: Vec<DenyKey> = (held.deny.keys())
+            .filter(|key| !wanted.deny.contains_key(key))
+            .copied()
+            .collect();
+        let opened: Vec<(FailsafeKey, u8)> = (wanted.failsafe.difference(&held.failsafe))
+            .map(|key| (*key, 1))
+            .collect();
+        let closed: Vec<FailsafeKey> = (held.failsafe.difference(&wanted.failsafe))
+            .copied()
+            .collect();
+        write_entries(&self.failsafe, &opened, map_names::FAILSAFE_PORTS)?;
+        write_entries(
+            &self.deny,
+            &trie_entries(&upserts),
+            map_names::PREFILTER_DENY,
+        )?;
+        delete_keys(
+            &self.deny,
+            &trie_keys(&stale_deny),
+            map_names::PREFILTER_DENY,
+        )?;
+        delete_keys(&self.failsafe, &closed, map_names::FAILSAFE_PORTS)?;
+        Ok(upserts.len() + stale_deny.len() + opened.len() + closed.len())
+    }
+}
+
+/// Where the pre-filter runs on an interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attached {
+    /// In the driver, before an skb exists.
+    Native,
+    /// At the stack's generic XDP hook: any driver, after the skb is built.
+    Generic,
+    /// A link an earlier agent pinned, whose program was replaced in place (its mode kept).
+    Adopted,
+}
+
+enum Link {
+    Owned(XdpLinkId),
+    Pinned(PathBuf),
+}
+
+/// The pre-filter's attachments, by interface. With a link directory, links are pinned there
+/// (`xdp_<interface>`) and outlive the agent as the tc links do; a restarted agent swaps its
+/// program into them.
+#[derive(Default)]
+pub struct Attachments {
+    links: BTreeMap<String, (Link, Attached)>,
+}
+
+const PIN_PREFIX: &str = "xdp_";
+
+impl Attachments {
+    pub fn is_attached(&self, interface: &str) -> bool {
+        self.links.contains_key(interface)
+    }
+
+    pub fn interfaces(&self) -> impl Iterator<Item = (&str, Attached)> {
+        self.links
+            .iter()
+            .map(|(name, (_, how))| (name.as_str(), *how))
+    }
+
+    /// Attaches the pre-filter to `interface` in `mode`: `Auto` tries the driver first and
+    /// falls back to generic XDP, saying which it got.
+    pub fn attach(
+        &mut self,
+        program: &mut Xdp,
+        interface: &str,
+        mode: XdpMode,
+        link_dir: Option<&Path>,
+    ) -> Result<Attached, DataplaneError> {
+        let attach_err = |source| DataplaneError::Attach {
+            interface: interface.to_owned(),
+            source,
+        };
+        let pin = link_dir.map(|dir| dir.join(format!("{PIN_PREFIX}{interface}")));
+        if let Some(pin) = pin.as_ref().filter(|p| p.exists()) {
+            match adopt(program, pin) {
+                Ok(()) => {
+                    info!(interface, pin = %pin.display(), "adopted the pinned XDP pre-filter link; program replaced");
+                    self.links.insert(
+                        interface.to_owned(),
+                        (Link::Pinned(pin.clone()), Attached::Adopted),
+                    );
+                    return Ok(Attached::Adopted);
+                }
+                Err(e) => {
+                    warn!(interface, error = %e, "pinned XDP link not adoptable; attaching anew");
+                    let _ = std::fs::remove_file(pin);
+                }
+            }
+        }
+        let tries: &[(aya::programs::XdpMode, Attached)] = match mode {
+            XdpMode::Native => &[(aya::programs::XdpMode::Driver, Attached::Native)],
+            XdpMode::Generic => &[(aya::programs::XdpMode::Skb, Attached::Generic)],
+            XdpMode::Auto => &[
+                (aya::programs::XdpMode::Driver, Attached::Native),
+                (aya::programs::XdpMode::Skb, Attached::Generic),
+            ],
+        };
+        let mut last_error = None;
+        for (flags, attached) in tries {
+            match program.attach(interface, *flags) {
+                Ok(id) => {
+                    let link = match &pin {
+                        Some(path) => {
+                            pin_link(program, id, path).map_err(|message| {
+                                DataplaneError::PinLink {
+                                    interface: interface.to_owned(),
+                                    path: path.clone(),
+                                    message,
+                                }
+                            })?;
+                            Link::Pinned(path.clone())
+                        }
+                        None => Link::Owned(id),
+                    };
+                    info!(interface, mode = ?attached, "attached the XDP pre-filter");
+                    self.links.insert(interface.to_owned(), (link, *attached));
+                    return Ok(*attached);
+                }
+                Err(e) => {
+                    debug!(interface, mode = ?attached, error = %e, "XDP attach failed");
+                    last_error = Some(e);
+                }
+            }
+        }
+        Err(attach_err(last_error.expect("at least one mode was tried")))
+    }
+
+    pub fn detach(&mut self, program: &mut Xdp, interface: &str) {
+        match self.links.remove(interface) {
+            Some((Link::Owned(id), _)) => {
+                if let Err(e) = program.detach(id) {
+                    debug!(interface, error = %e, "detaching the XDP pre-filter");
+                }
+                info!(interface, "detached the XDP pre-filter");
+            }
+            Some((Link::Pinned(path), _)) => match std::fs::remove_file(&path) {
+                Ok(()) => info!(interface, "detached the XDP pre-filter (unpinned its link)"),
+                Err(e) => debug!(interface, error = %e, "unpinning the XDP link"),
+            },
+            None => {}
+        }
+    }
+
+    /// Unpins the links an earlier agent left for interfaces not in `wanted` (all of them when
+    /// the pre-filter is off now).
+    pub fn release_unwanted(&mut self, link_dir: &Path, wanted: &BTreeSet<String>) {
+        let Ok(entries) = std::fs::read_dir(link_dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(interface) = name.to_str().and_then(|n| n.strip_prefix(PIN_PREFIX)) else {
+                continue;
+            };
+            if !wanted.contains(interface) && !self.links.contains_key(interface) {
+                match std::fs::remove_file(entry.path()) {
+                    Ok(()) => info!(interface, "released the XDP pre-filter's pinned link"),
+                    Err(e) => debug!(interface, error = %e, "releasing the XDP link"),
+                }
+            }
+        }
+    }
+}
+
+/// `BPF_LINK_UPDATE` on a pinned XDP link: the kernel swaps the program in place.
+fn adopt(program: &mut Xdp, pin: &Path) -> Result<(), String> {
+    let pinned = PinnedLink::from_pin(pin).map_err(|e| e.to_string())?;
+    let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| e.to_string())?;
+    let id = program.attach_to_link(link).map_err(|e| e.to_string())?;
+    // The pin keeps the link; our descriptor is not needed.
+    let link = program.take_link(id).map_err(|e| e.to_string())?;
+    drop(FdLink::try_from(link).map_err(|e| e.to_string())?);
+    Ok(())
+}
+
+/// Pins a new link; on failure the link is dropped, and with it the attachment.
+fn pin_link(program: &mut Xdp, id: XdpLinkId, path: &Path) -> Result<(), String> {
+    let link = program.take_link(id).map_err(|e| e.to_string())?;
+    let fd_link = FdLink::try_from(link).map_err(|e| e.to_string())?;
+    // Closing our descriptor leaves the link to its pin.
+    drop(fd_link.pin(path).map_err(|e| e.to_string())?);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(text: &str) -> AgentConfig {
+        let layer: crate::config::ConfigLayer =
+            toml::from_str(&format!("node_name = \"n1\"\nstate_path = \"/s\"\n{text}")).unwrap();
+        layer.finish().unwrap()
+    }
+
+    #[test]
+    fn the_deny_list_is_written_only_when_the_prefilter_is_on() {
+        let off = config("[prefilter]\ndeny = [\"198.18.9.0/24\"]\n");
+        assert!(PrefilterState::from_config(&off).unwrap().deny.is_empty());
+        let on = config(
+            "[prefilter]\nenabled = true\ndeny = [\"198.18.9.7/24\", \"198.19.0.1\", \"fd00:9::/32\"]\n",
+        );
+        let state = PrefilterState::from_config(&on).unwrap();
+        let keys: Vec<(std::net::IpAddr, u32, u32)> = (state.deny.iter())
+            .map(|((key, bits), counter)| {
+                (
+                    crate::compile::ip_of(&key.addr, key.family),
+                    bits - POLICY_CIDR_FIXED_BITS,
+                    *counter,
+                )
+            })
+            .collect();
+        let drop = counter::PREFILTER_DROP_CONFIG;
+        assert_eq!(
+            keys,
+            [
+                ("198.18.9.0".parse().unwrap(), 24, drop),
+                ("198.19.0.1".parse().unwrap(), 32, drop),
+                ("fd00:9::".parse().unwrap(), 32, drop),
+            ]
+        );
+    }
+
+    #[test]
+    fn failsafe_ports_default_to_the_nodes_control_ports_and_the_agents_own() {
+        let state = PrefilterState::from_config(&config("")).unwrap();
+        let has = |proto, port: u16, direction| {
+            state.failsafe.contains(&FailsafeKey {
+                port_be: port.to_be(),
+                proto,
+                direction,
+            })
+        };
+        use failsafe_direction::{INBOUND, OUTBOUND};
+        for port in [22, 179, 2379, 2380, 6443, 10250, 9464, 10256] {
+            assert!(has(PROTO_TCP, port, INBOUND), "tcp {port} inbound");
+        }
+        assert!(has(PROTO_UDP, 68, INBOUND));
+        assert!(has(PROTO_UDP, 53, OUTBOUND) && has(PROTO_UDP, 67, OUTBOUND));
+        assert!(!has(PROTO_TCP, 80, INBOUND) && !has(PROTO_UDP, 22, INBOUND));
+        let custom = config("[failsafe]\ninbound = [\"tcp:2222\"]\noutbound = []\n");
+        let state = PrefilterState::from_config(&custom).unwrap();
+        // 2222, and the agent's own two ports.
+        assert_eq!(state.failsafe.len(), 3);
+    }
+
+    #[test]
+    fn a_bad_deny_entry_or_failsafe_port_is_a_configuration_error() {
+        let layer: crate::config::ConfigLayer = toml::from_str(
+            "node_name = \"n1\"\nstate_path = \"/s\"\n[prefilter]\nenabled = true\ndeny = [\"198.18.0.0/33\"]\n",
+        )
+        .unwrap();
+        let error = layer.finish().unwrap_err().to_string();
+        assert!(error.contains("prefilter.deny[0]"), "{error}");
+        for bad in ["\"ssh:22\"", "\"tcp:70000\"", "\"tcp:30-20\"", "\"22\""] {
+            let text = format!("[failsafe]\ninbound = [{bad}]\n");
+            assert!(
+                toml::from_str::<crate::config::ConfigLayer>(&text).is_err(),
+                "{bad}"
+            );
+        }
+    }
+}
