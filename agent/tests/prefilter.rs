@@ -127,13 +127,23 @@ fn a_deny_listed_source_still_reaches_the_failsafe_ports_unless_told_otherwise()
         .unwrap();
     assert_eq!(xdp(&mut h, &later).0, XDP_DROP);
 
+    // Its IPv6 neighbour discovery too, or the node could not answer it over IPv6.
+    h.dataplane
+        .prefilter
+        .write(&state(&[
+            ("198.19.64.0/18", counter::PREFILTER_DROP_CONFIG),
+            ("fd00:99::/32", counter::PREFILTER_DROP_OBJECT),
+        ]))
+        .unwrap();
+    let advert = neighbour_advertisement(LISTED6, NODE6);
+    assert_eq!(xdp(&mut h, &advert).0, XDP_PASS);
+    assert_eq!(h.counter("prefilter_pass_failsafe"), 2);
+
     failsafe_exempt(&mut h, false);
-    assert_eq!(
-        xdp(&mut h, &ssh).0,
-        XDP_DROP,
-        "the operator said no exemption"
-    );
-    assert_eq!(h.counter("prefilter_pass_failsafe"), 1);
+    let (verdict, _) = xdp(&mut h, &ssh);
+    assert_eq!(verdict, XDP_DROP, "the operator said no exemption");
+    assert_eq!(xdp(&mut h, &advert).0, XDP_DROP);
+    assert_eq!(h.counter("prefilter_pass_failsafe"), 2);
 }
 
 #[test]
@@ -162,4 +172,14 @@ fn a_rewritten_list_takes_effect_whole_and_the_longest_prefix_decides() {
     assert_eq!(xdp(&mut h, &tcp(LISTED, 1, NODE, 80, "S")).0, XDP_PASS);
     assert!(h.dataplane.prefilter.read().unwrap().deny.is_empty());
     let _ = IpAddr::V4(NODE);
+}
+
+/// An ICMPv6 neighbour advertisement (type 136) from `src`: the pre-filter reads the type only.
+fn neighbour_advertisement(src: Ipv6Addr, dst: Ipv6Addr) -> Vec<u8> {
+    let mut frame = udp6(src, 0, dst, 0);
+    const NEXT_HEADER: usize = 14 + 6;
+    const L4: usize = 14 + 40;
+    frame[NEXT_HEADER] = 58;
+    frame[L4] = 136;
+    frame
 }

@@ -6,7 +6,8 @@
 //! A prefix's value is the counter its drops go to, which says where the prefix came from (the
 //! configuration or a deny-list object). A deny-listed source still reaches the node's inbound
 //! failsafe ports (`WEIR_FAILSAFE_PORTS`: SSH, the API server, ...) unless the operator turned
-//! that off (`node_flags::PREFILTER_FAILSAFE`), so a deny-list cannot cut a node off.
+//! that off (`node_flags::PREFILTER_FAILSAFE`), so a deny-list cannot cut a node off; with
+//! them, its neighbour discovery messages, without which the node cannot answer it over IPv6.
 //!
 //! Reads are direct packet accesses against `data_end`, no helper calls: this runs on every
 //! packet a host interface receives. What it cannot read whole (runt frames, VLAN tags, other
@@ -15,7 +16,7 @@
 use aya_ebpf::{bindings::xdp_action, maps::lpm_trie::Key, programs::XdpContext};
 use weir_common::{
     failsafe_direction, node_flags, Addr, FailsafeKey, PolicyCidrKey, FAMILY_V4, FAMILY_V6,
-    POLICY_CIDR_FIXED_BITS, PROTO_TCP, PROTO_UDP,
+    POLICY_CIDR_FIXED_BITS, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
 };
 
 use crate::maps::{count, node_config, FAILSAFE_PORTS, PREFILTER_DENY};
@@ -29,6 +30,9 @@ const IPV4_FRAGMENT: usize = 6;
 const IPV4_SADDR: usize = 12;
 const IPV6_NEXT_HEADER: usize = 6;
 const IPV6_SADDR: usize = 8;
+/// ICMPv6 neighbour discovery: router solicitation (133) to redirect (137).
+const ND_FIRST: u8 = 133;
+const ND_LAST: u8 = 137;
 /// The fragment offset bits of IPv4's flags-and-offset field (network order, as read).
 const IPV4_OFFSET_MASK_BE: u16 = 0x1fffu16.to_be();
 
@@ -99,10 +103,18 @@ pub fn filter(ctx: &XdpContext) -> u32 {
     let Some(&drop_counter) = PREFILTER_DENY.get(&key) else {
         return xdp_action::XDP_PASS;
     };
-    if node_config().flags & node_flags::PREFILTER_FAILSAFE != 0
-        && (proto == PROTO_TCP || proto == PROTO_UDP)
-        && l4 + 4 <= end
-    {
+    let failsafe_exempt = node_config().flags & node_flags::PREFILTER_FAILSAFE != 0;
+    if failsafe_exempt && proto == PROTO_ICMPV6 && l4 + 1 <= end {
+        // Neighbour discovery: without the source's answers the node cannot reply to it over
+        // IPv6, failsafe ports included.
+        // SAFETY: the ICMPv6 type lies before `end` (checked above).
+        let icmp_type = unsafe { *(l4 as *const u8) };
+        if (ND_FIRST..=ND_LAST).contains(&icmp_type) {
+            count(weir_common::counter::PREFILTER_PASS_FAILSAFE);
+            return xdp_action::XDP_PASS;
+        }
+    }
+    if failsafe_exempt && (proto == PROTO_TCP || proto == PROTO_UDP) && l4 + 4 <= end {
         // SAFETY: both ports lie before `end` (checked above).
         let dport_be = unsafe { *((l4 + 2) as *const u16) };
         let failsafe = FailsafeKey {

@@ -31,6 +31,10 @@ struct AgentConfig<'a> {
     tunnel: &'a TunnelSpec,
     #[serde(skip_serializing_if = "Option::is_none")]
     host_services: Option<HostServices>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prefilter: Option<&'a toml::Table>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    failsafe: Option<&'a toml::Table>,
 }
 
 /// The agent's `[host_services]` table.
@@ -66,6 +70,8 @@ pub fn config_toml(
                 enabled: true,
                 cgroup: cgroup.to_owned(),
             }),
+        prefilter: spec.prefilter.as_ref(),
+        failsafe: spec.failsafe.as_ref(),
     };
     // Paths are the lab's own (valid UTF-8) and every other field is a string or a table of them.
     toml::to_string(&config).expect("agent config serializes")

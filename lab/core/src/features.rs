@@ -61,10 +61,13 @@ pub enum Feature {
     Forwarding,
     /// Kubernetes NetworkPolicy: a reachability table of real connections matched.
     NetworkPolicy,
+    /// The XDP pre-filter: deny-listed sources dropped before the stack, failsafe ports kept
+    /// open (a reachability table in a scenario that configures it).
+    XdpPrefilter,
 }
 
 impl Feature {
-    pub const ALL: [Feature; 25] = [
+    pub const ALL: [Feature; 26] = [
         Feature::ClusterIpTcp,
         Feature::ClusterIpUdp,
         Feature::NodePort,
@@ -90,6 +93,7 @@ impl Feature {
         Feature::AgentRestart,
         Feature::Forwarding,
         Feature::NetworkPolicy,
+        Feature::XdpPrefilter,
     ];
 
     /// How the report names it.
@@ -120,6 +124,7 @@ impl Feature {
             Feature::AgentRestart => "agent restart",
             Feature::Forwarding => "Weir's own forwarding",
             Feature::NetworkPolicy => "NetworkPolicy",
+            Feature::XdpPrefilter => "XDP pre-filter",
         }
     }
 }
@@ -135,7 +140,16 @@ pub fn proven_by(scenario: &Scenario, check: &CheckSpec, in_step: bool) -> BTree
         CheckSpec::Counter(c) if c.counter == "forwarded" && !c.unchanged => {
             BTreeSet::from([Feature::Forwarding])
         }
-        CheckSpec::Reachability(_) => BTreeSet::from([Feature::NetworkPolicy]),
+        CheckSpec::Reachability(_) => {
+            let mut proven = BTreeSet::new();
+            if !scenario.network_policies.is_empty() {
+                proven.insert(Feature::NetworkPolicy);
+            }
+            if scenario.agent.prefilter.is_some() {
+                proven.insert(Feature::XdpPrefilter);
+            }
+            proven
+        }
         CheckSpec::Frontend(_) | CheckSpec::Rejected(_) | CheckSpec::Counter(_) => BTreeSet::new(),
     };
     if in_step && !proven.is_empty() {

@@ -287,6 +287,12 @@ pub struct AgentSpec {
     /// cgroup hooks to its node's cgroup (a backend that gives nodes one).
     #[serde(default)]
     pub host_services: bool,
+    /// The agent's `[prefilter]` table (the XDP pre-filter), as written; the agent checks it.
+    #[serde(default)]
+    pub prefilter: Option<toml::Table>,
+    /// The agent's `[failsafe]` table, as written.
+    #[serde(default)]
+    pub failsafe: Option<toml::Table>,
 }
 
 impl Default for AgentSpec {
@@ -299,6 +305,8 @@ impl Default for AgentSpec {
             services: ServicesSpec::default(),
             tunnel: TunnelSpec::default(),
             host_services: false,
+            prefilter: None,
+            failsafe: None,
         }
     }
 }
