@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use weir_lab_cluster::agent::{self, Agents, DumpedService, METRICS_ADDR};
 use weir_lab_core::backend::{tail, Cmd, Lab};
-use weir_lab_core::scenario::{AgentRestartSpec, Scenario};
+use weir_lab_core::scenario::{AgentRestartSpec, Scenario, StopSignal};
 use weir_lab_core::topology::{HostId, Plan};
 
 const EXEC_TIMEOUT: Duration = Duration::from_secs(8);
@@ -117,11 +117,7 @@ fn transfer_across_restarts(
     let mut probes_sent = 0;
     let mut adopted = 0;
     for signal in &spec.signals {
-        // The backend knows the agent's own PID, on the host or inside a guest.
-        lab.signal(agents.nodes[index].proc, signal.signal())
-            .map_err(|e| e.to_string())?;
-        wait_exit(lab, agents, index)?;
-        let _ = lab.stop(agents.nodes[index].proc);
+        stop_agent(lab, agents, index, *signal)?;
 
         if let Some((ip, port)) = probe_target {
             for _ in 0..PROBES {
@@ -133,18 +129,7 @@ fn transfer_across_restarts(
         }
         std::thread::sleep(spec.down_for);
 
-        let agent = &agents.nodes[index];
-        let log_len = std::fs::metadata(&agent.log).map_or(0, |m| m.len() as usize);
-        let proc = lab
-            .spawn(agent.node, &agent.cmd, &agent.log)
-            .map_err(|e| e.to_string())?;
-        agents.nodes[index].proc = proc;
-        wait_ready(lab, agents, index)?;
-        let log = std::fs::read_to_string(&agents.nodes[index].log).unwrap_or_default();
-        let fresh = log.get(log_len..).unwrap_or("");
-        // TCX kernels (6.6+) keep the programs on pinned links; older ones on clsact filters,
-        // which outlive the agent by themselves and get their program replaced in place.
-        if ADOPTION_LINES.iter().any(|line| fresh.contains(line)) {
+        if start_again(lab, agents, index)? {
             adopted += 1;
         }
         std::thread::sleep(SETTLE);
@@ -209,6 +194,38 @@ fn transfer_across_restarts(
     } else {
         Err(format!("{}; {account}", problems.join("; ")))
     }
+}
+
+/// Stops the node's agent by `signal` and waits for it to exit.
+pub fn stop_agent(
+    lab: &mut dyn Lab,
+    agents: &Agents,
+    index: usize,
+    signal: StopSignal,
+) -> Result<(), String> {
+    // The backend knows the agent's own PID, on the host or inside a guest.
+    lab.signal(agents.nodes[index].proc, signal.signal())
+        .map_err(|e| e.to_string())?;
+    wait_exit(lab, agents, index)?;
+    let _ = lab.stop(agents.nodes[index].proc);
+    Ok(())
+}
+
+/// Starts a stopped agent again with its own command line and waits until it is ready; true
+/// if it adopted the programs its predecessor attached.
+pub fn start_again(lab: &mut dyn Lab, agents: &mut Agents, index: usize) -> Result<bool, String> {
+    let agent = &agents.nodes[index];
+    let log_len = std::fs::metadata(&agent.log).map_or(0, |m| m.len() as usize);
+    let proc = lab
+        .spawn(agent.node, &agent.cmd, &agent.log)
+        .map_err(|e| e.to_string())?;
+    agents.nodes[index].proc = proc;
+    wait_ready(lab, agents, index)?;
+    let log = std::fs::read_to_string(&agents.nodes[index].log).unwrap_or_default();
+    let fresh = log.get(log_len..).unwrap_or("");
+    // TCX kernels (6.6+) keep the programs on pinned links; older ones on clsact filters,
+    // which outlive the agent by themselves and get their program replaced in place.
+    Ok(ADOPTION_LINES.iter().any(|line| fresh.contains(line)))
 }
 
 /// One fresh HTTP connection through a service; true if answered.

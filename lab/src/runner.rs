@@ -330,7 +330,7 @@ impl ScenarioRun<'_> {
         let scenario = self.scenario;
         let model = ClusterModel::new(scenario, k8s::pod_labels(scenario, plan));
         let mut lab = self.lab.take().expect("lab built above");
-        let agents = self
+        let mut agents = self
             .agents
             .take()
             .ok_or_else(|| RunError::Setup("steps and probes need the agents".into()))?;
@@ -339,7 +339,7 @@ impl ScenarioRun<'_> {
             let mut tl = TimelineCtx {
                 lab: lab.as_mut(),
                 plan,
-                agents: &agents,
+                agents: &mut agents,
                 workloads: pod_servers,
                 ports,
                 run_dir: &run_dir,
@@ -355,7 +355,7 @@ impl ScenarioRun<'_> {
             for (i, step) in scenario.steps.iter().enumerate() {
                 let title = step.title(i);
                 let t = Instant::now();
-                let marks = checks::counter_marks(tl.lab, Some(&agents), &step.checks);
+                let marks = checks::counter_marks(tl.lab, Some(&*tl.agents), &step.checks);
                 if let Err(e) = tl.apply_step(step) {
                     // Later steps build on this one: the timeline stops here.
                     self.record(title, BTreeSet::new(), Err(e.to_string()), t);
@@ -372,7 +372,7 @@ impl ScenarioRun<'_> {
                             plan,
                             scenario: &at_step,
                             endpoints: &endpoints,
-                            agents: Some(&agents),
+                            agents: Some(&*tl.agents),
                             counter_marks: marks.as_ref(),
                         };
                         checks::run(&mut ctx, check)

@@ -13,7 +13,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::scenario::{glob_match, CheckSpec, Family, Protocol, ServiceSpec};
+use crate::policy_objects::PolicyError;
+use crate::scenario::{glob_match, CheckSpec, Family, Protocol, ServiceSpec, StopSignal};
 use crate::topology::Plan;
 
 /// Upper bound for a probe's pace, so a typo cannot flood a lab.
@@ -101,6 +102,54 @@ pub enum Action {
         #[serde(with = "humantime_serde")]
         duration: Duration,
     },
+    /// A NetworkPolicy (YAML, as users write it): created, or replacing the one of the same
+    /// namespace and name.
+    ApplyPolicy {
+        policy: String,
+    },
+    DeletePolicy {
+        #[serde(default = "default_namespace")]
+        namespace: String,
+        name: String,
+    },
+    /// The matching pods' labels: `set` added or replaced, `remove` taken away. Services and
+    /// policies select by the new labels from then on.
+    LabelPods {
+        pods: String,
+        #[serde(default)]
+        set: BTreeMap<String, String>,
+        #[serde(default)]
+        remove: Vec<String>,
+    },
+    /// A namespace's labels, as namespace selectors see them.
+    LabelNamespace {
+        name: String,
+        #[serde(default)]
+        set: BTreeMap<String, String>,
+        #[serde(default)]
+        remove: Vec<String>,
+    },
+    /// The node's agent stopped by `signal` and started again, ready before the step goes on.
+    RestartAgent {
+        node: String,
+        #[serde(default = "default_restart_signal")]
+        signal: StopSignal,
+    },
+}
+
+fn default_namespace() -> String {
+    crate::k8s::NAMESPACE.to_owned()
+}
+
+fn default_restart_signal() -> StopSignal {
+    StopSignal::Term
+}
+
+/// "set a=b, remove c" for a label change.
+fn describe_labels(set: &BTreeMap<String, String>, remove: &[String]) -> String {
+    let mut parts: Vec<String> = set.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    parts.extend(remove.iter().map(|k| format!("-{k}")));
+    parts.join(" ")
 }
 
 impl Action {
@@ -140,6 +189,22 @@ impl Action {
                 service.as_deref().unwrap_or("?")
             ),
             Action::Wait { duration } => format!("wait {}", humantime::format_duration(*duration)),
+            Action::ApplyPolicy { policy } => match crate::policy_objects::policy_key(policy) {
+                Ok((namespace, name)) => format!("apply policy {namespace}/{name}"),
+                Err(_) => "apply policy".to_owned(),
+            },
+            Action::DeletePolicy { namespace, name } => {
+                format!("delete policy {namespace}/{name}")
+            }
+            Action::LabelPods { pods, set, remove } => {
+                format!("label {pods} {}", describe_labels(set, remove))
+            }
+            Action::LabelNamespace { name, set, remove } => {
+                format!("label namespace {name} {}", describe_labels(set, remove))
+            }
+            Action::RestartAgent { node, signal } => {
+                format!("restart agent on {node} ({})", signal.name())
+            }
         }
     }
 }
@@ -235,7 +300,7 @@ impl Default for Conditions {
 pub struct ClusterModel {
     /// Every Service the timeline has known, in file order, and whether it exists now.
     pub services: Vec<(ServiceSpec, bool)>,
-    /// Each pod's labels (they do not change).
+    /// Each pod's labels, as `label_pods` leaves them.
     pub labels: BTreeMap<String, BTreeMap<String, String>>,
     pub gone_pods: BTreeSet<String>,
     /// (service, pod) -> conditions other than ready/serving.
@@ -326,6 +391,12 @@ pub enum ActionError {
         service: String,
         source: Box<toml::de::Error>,
     },
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    #[error("{0}: give labels to set or to remove")]
+    NoLabels(&'static str),
+    #[error("no node {0:?}")]
+    NoNode(String),
 }
 
 /// What applying one action asks of the world beyond the state file.
@@ -334,6 +405,7 @@ pub enum SideEffect {
     StopPods { pods: Vec<String>, grace: Duration },
     StartPods(Vec<String>),
     Sleep(Duration),
+    RestartAgent { node: String, signal: StopSignal },
 }
 
 impl ClusterModel {
@@ -607,6 +679,41 @@ impl ClusterModel {
                 ..
             } => Err(ActionError::WhichSlice),
             Action::Wait { duration } => Ok(Some(SideEffect::Sleep(*duration))),
+            Action::ApplyPolicy { policy } => {
+                self.policy.apply_policy(policy)?;
+                Ok(None)
+            }
+            Action::DeletePolicy { namespace, name } => {
+                self.policy.delete_policy(namespace, name)?;
+                Ok(None)
+            }
+            Action::LabelPods { pods, set, remove } => {
+                if set.is_empty() && remove.is_empty() {
+                    return Err(ActionError::NoLabels("label_pods"));
+                }
+                for pod in self.pods_matching(pods, plan)? {
+                    let labels = self.labels.entry(pod).or_default();
+                    labels.extend(set.clone());
+                    labels.retain(|k, _| !remove.contains(k));
+                }
+                Ok(None)
+            }
+            Action::LabelNamespace { name, set, remove } => {
+                if set.is_empty() && remove.is_empty() {
+                    return Err(ActionError::NoLabels("label_namespace"));
+                }
+                self.policy.label_namespace(name, set, remove)?;
+                Ok(None)
+            }
+            Action::RestartAgent { node, signal } => {
+                if !matches!(plan.host(node), Some(crate::topology::HostId::Node(_))) {
+                    return Err(ActionError::NoNode(node.clone()));
+                }
+                Ok(Some(SideEffect::RestartAgent {
+                    node: node.clone(),
+                    signal: *signal,
+                }))
+            }
         }
     }
 }
