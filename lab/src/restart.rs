@@ -23,10 +23,13 @@ const PROBES: u32 = 5;
 /// The transfer is let run this long before the first stop, and after the last restart.
 const SETTLE: Duration = Duration::from_secs(2);
 
+/// `state` is the cluster state as the scenario stands (after its steps, if any): the bulk
+/// service is added to it.
 pub fn run(
     lab: &mut dyn Lab,
     plan: &Plan,
     scenario: &Scenario,
+    state: &str,
     agents: &mut Agents,
     spec: &AgentRestartSpec,
     run_dir: &Path,
@@ -43,11 +46,7 @@ pub fn run(
         .ok_or("no agent on that node")?;
 
     // The bulk service: the scenario's state plus one Service and its EndpointSlice.
-    let state = format!(
-        "{}{}",
-        weir_lab_core::k8s::cluster_state(scenario, plan),
-        bulk_objects(spec, server_ip)
-    );
+    let state = format!("{state}{}", bulk_objects(spec, server_ip));
     lab.write_file(node, &agents.state_path, state.as_bytes())
         .map_err(|e| e.to_string())?;
     let server_log = run_dir.join(format!("iperf3-server-{}.log", spec.to));

@@ -224,6 +224,7 @@ fn run_file(
         events,
         lab: None,
         agents: None,
+        cluster_after_steps: None,
         passed: 0,
         failed: 0,
     };
@@ -272,6 +273,8 @@ struct ScenarioRun<'a> {
     events: &'a mut Events,
     lab: Option<Box<dyn Lab>>,
     agents: Option<Agents>,
+    /// The cluster as the steps left it: what agent restarts after them write.
+    cluster_after_steps: Option<ClusterModel>,
     passed: usize,
     failed: usize,
 }
@@ -385,6 +388,7 @@ impl ScenarioRun<'_> {
             for (title, verdict) in tl.finish_probes() {
                 self.record(title, features::proven_by_probe(), verdict, t);
             }
+            self.cluster_after_steps = Some(tl.model);
             Ok(())
         })();
         self.lab = Some(lab);
@@ -495,7 +499,12 @@ impl ScenarioRun<'_> {
             let Some(agents) = self.agents.as_mut() else {
                 return Err(RunError::Setup("agent restarts need the agents".into()));
             };
-            let outcome = crate::restart::run(lab, &plan, scenario, agents, restart, &self.run_dir);
+            let state = match &self.cluster_after_steps {
+                Some(model) => k8s::cluster_state_of(model, &plan),
+                None => k8s::cluster_state(scenario, &plan),
+            };
+            let outcome =
+                crate::restart::run(lab, &plan, scenario, &state, agents, restart, &self.run_dir);
             let event = match outcome {
                 Ok(detail) => {
                     self.passed += 1;

@@ -215,7 +215,9 @@ impl TimelineCtx<'_> {
                         .map_err(StepError::NotListening)?;
                     self.write_state()?;
                 }
-                Some(SideEffect::RestartAgent { node, signal }) => self.restart_agent(&node, signal)?,
+                Some(SideEffect::RestartAgent { node, signal }) => {
+                    self.restart_agent(&node, signal)?
+                }
             }
         }
         if let Some(wait) = step.wait {

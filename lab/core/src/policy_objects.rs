@@ -82,9 +82,11 @@ impl PolicyObjects {
                 .or_insert_with(|| own_labels(&namespace));
             objects.insert(pod.clone(), (namespace, named));
         }
-        let applied_later = scenario.steps.iter().flat_map(|s| &s.actions).any(|a| {
-            matches!(a, crate::timeline::Action::ApplyPolicy { .. })
-        });
+        let applied_later = scenario
+            .steps
+            .iter()
+            .flat_map(|s| &s.actions)
+            .any(|a| matches!(a, crate::timeline::Action::ApplyPolicy { .. }));
         PolicyObjects {
             namespaces,
             pods: objects,

@@ -956,6 +956,110 @@ expect = { all_answered = false, none_answered = true }
         assert_eq!(versions[1].ports.len(), 1);
     }
 
+    /// The policy actions edit the model's policies, pod labels and namespace labels, and the
+    /// state written after each step shows them; a Service selecting by label follows its pods.
+    #[test]
+    fn policy_steps_replay_on_the_model() {
+        let s = parse(
+            r#"
+[[namespaces]]
+name = "dev"
+[[steps]]
+actions = [
+  { action = "apply_policy", policy = """
+kind: NetworkPolicy
+metadata: {name: p, namespace: dev}
+spec: {podSelector: {}}
+""" },
+  { action = "apply_policy", policy = """
+kind: NetworkPolicy
+metadata: {name: p, namespace: dev}
+spec: {podSelector: {matchLabels: {replaced: yes}}}
+""" },
+  { action = "label_pods", pods = "n1p0", set = { app = "echo", role = "client" } },
+  { action = "label_pods", pods = "n2p0", remove = ["app"] },
+  { action = "label_namespace", name = "dev", set = { access = "granted" } },
+  { action = "restart_agent", node = "node2", signal = "KILL" },
+]
+[[steps]]
+actions = [
+  { action = "delete_policy", namespace = "dev", name = "p" },
+  { action = "label_namespace", name = "dev", remove = ["access"] },
+]
+"#,
+        )
+        .unwrap();
+        let plan = s.plan();
+        let mut model = super::ClusterModel::new(&s, crate::k8s::pod_labels(&s, &plan));
+        // Policies come later: the Pod and Namespace objects are written from the start.
+        assert!(crate::k8s::cluster_state_of(&model, &plan).contains("kind: Pod"));
+        let echo = s.services[0].clone();
+        let effects: Vec<_> = s.steps[0]
+            .actions
+            .iter()
+            .map(|a| model.apply(a, &plan).unwrap())
+            .collect();
+        assert_eq!(model.policy.policies.len(), 1, "replaced by namespace/name");
+        assert!(model.policy.policies[0].contains("replaced"));
+        assert_eq!(model.serving_pods(&echo, &plan), ["n1p0", "n2p1", "n2p2"]);
+        assert_eq!(model.labels["n1p0"]["role"], "client");
+        assert_eq!(model.policy.namespaces["dev"]["access"], "granted");
+        assert_eq!(
+            effects.last().unwrap(),
+            &Some(super::SideEffect::RestartAgent {
+                node: "node2".into(),
+                signal: crate::scenario::StopSignal::Kill
+            })
+        );
+        let state = crate::k8s::cluster_state_of(&model, &plan);
+        assert!(state.contains("role: client") && state.contains("access: granted"));
+        assert!(state.contains("replaced: yes"));
+        for action in &s.steps[1].actions {
+            model.apply(action, &plan).unwrap();
+        }
+        assert!(model.policy.policies.is_empty());
+        assert!(!model.policy.namespaces["dev"].contains_key("access"));
+        assert!(!crate::k8s::cluster_state_of(&model, &plan).contains("NetworkPolicy"));
+        assert_eq!(
+            s.steps[1].title(1),
+            "step 2: delete policy dev/p, label namespace dev -access"
+        );
+    }
+
+    #[test]
+    fn policy_steps_are_validated_at_load() {
+        for (action, says) in [
+            (
+                r#"{ action = "apply_policy", policy = "kind: NetworkPolicy\nmetadata: {name: p, namespace: nope}" }"#,
+                "no namespace \"nope\"",
+            ),
+            (
+                r#"{ action = "apply_policy", policy = "kind: Pod\nmetadata: {name: p}" }"#,
+                "not a NetworkPolicy",
+            ),
+            (
+                r#"{ action = "delete_policy", name = "p" }"#,
+                "no policy default/p",
+            ),
+            (r#"{ action = "label_pods", pods = "n1p0" }"#, "give labels"),
+            (
+                r#"{ action = "label_namespace", name = "nope", set = { a = "b" } }"#,
+                "no namespace",
+            ),
+            (
+                r#"{ action = "label_namespace", name = "default", remove = ["kubernetes.io/metadata.name"] }"#,
+                "the API server's",
+            ),
+            (
+                r#"{ action = "restart_agent", node = "node9" }"#,
+                "no node \"node9\"",
+            ),
+        ] {
+            let message = invalid(&format!("[[steps]]\nactions = [ {action} ]\n"));
+            assert!(message.contains(says), "{action}: {message}");
+        }
+    }
+
     #[test]
     fn dangling_references_in_steps_are_caught_at_load() {
         for (extra, says) in [
