@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use weir_lab_cluster::agent::{self, Agents, DumpedService, METRICS_ADDR};
 use weir_lab_core::backend::{tail, Cmd, Lab};
-use weir_lab_core::scenario::{AgentRestartSpec, Scenario};
+use weir_lab_core::scenario::{AgentRestartSpec, Scenario, StopSignal};
 use weir_lab_core::topology::{HostId, Plan};
 
 const EXEC_TIMEOUT: Duration = Duration::from_secs(8);
@@ -23,10 +23,13 @@ const PROBES: u32 = 5;
 /// The transfer is let run this long before the first stop, and after the last restart.
 const SETTLE: Duration = Duration::from_secs(2);
 
+/// `state` is the cluster state as the scenario stands (after its steps, if any): the bulk
+/// service is added to it.
 pub fn run(
     lab: &mut dyn Lab,
     plan: &Plan,
     scenario: &Scenario,
+    state: &str,
     agents: &mut Agents,
     spec: &AgentRestartSpec,
     run_dir: &Path,
@@ -43,11 +46,7 @@ pub fn run(
         .ok_or("no agent on that node")?;
 
     // The bulk service: the scenario's state plus one Service and its EndpointSlice.
-    let state = format!(
-        "{}{}",
-        weir_lab_core::k8s::cluster_state(scenario, plan),
-        bulk_objects(spec, server_ip)
-    );
+    let state = format!("{state}{}", bulk_objects(spec, server_ip));
     lab.write_file(node, &agents.state_path, state.as_bytes())
         .map_err(|e| e.to_string())?;
     let server_log = run_dir.join(format!("iperf3-server-{}.log", spec.to));
@@ -117,11 +116,7 @@ fn transfer_across_restarts(
     let mut probes_sent = 0;
     let mut adopted = 0;
     for signal in &spec.signals {
-        // The backend knows the agent's own PID, on the host or inside a guest.
-        lab.signal(agents.nodes[index].proc, signal.signal())
-            .map_err(|e| e.to_string())?;
-        wait_exit(lab, agents, index)?;
-        let _ = lab.stop(agents.nodes[index].proc);
+        stop_agent(lab, agents, index, *signal)?;
 
         if let Some((ip, port)) = probe_target {
             for _ in 0..PROBES {
@@ -133,18 +128,7 @@ fn transfer_across_restarts(
         }
         std::thread::sleep(spec.down_for);
 
-        let agent = &agents.nodes[index];
-        let log_len = std::fs::metadata(&agent.log).map_or(0, |m| m.len() as usize);
-        let proc = lab
-            .spawn(agent.node, &agent.cmd, &agent.log)
-            .map_err(|e| e.to_string())?;
-        agents.nodes[index].proc = proc;
-        wait_ready(lab, agents, index)?;
-        let log = std::fs::read_to_string(&agents.nodes[index].log).unwrap_or_default();
-        let fresh = log.get(log_len..).unwrap_or("");
-        // TCX kernels (6.6+) keep the programs on pinned links; older ones on clsact filters,
-        // which outlive the agent by themselves and get their program replaced in place.
-        if ADOPTION_LINES.iter().any(|line| fresh.contains(line)) {
+        if start_again(lab, agents, index)? {
             adopted += 1;
         }
         std::thread::sleep(SETTLE);
@@ -209,6 +193,38 @@ fn transfer_across_restarts(
     } else {
         Err(format!("{}; {account}", problems.join("; ")))
     }
+}
+
+/// Stops the node's agent by `signal` and waits for it to exit.
+pub fn stop_agent(
+    lab: &mut dyn Lab,
+    agents: &Agents,
+    index: usize,
+    signal: StopSignal,
+) -> Result<(), String> {
+    // The backend knows the agent's own PID, on the host or inside a guest.
+    lab.signal(agents.nodes[index].proc, signal.signal())
+        .map_err(|e| e.to_string())?;
+    wait_exit(lab, agents, index)?;
+    let _ = lab.stop(agents.nodes[index].proc);
+    Ok(())
+}
+
+/// Starts a stopped agent again with its own command line and waits until it is ready; true
+/// if it adopted the programs its predecessor attached.
+pub fn start_again(lab: &mut dyn Lab, agents: &mut Agents, index: usize) -> Result<bool, String> {
+    let agent = &agents.nodes[index];
+    let log_len = std::fs::metadata(&agent.log).map_or(0, |m| m.len() as usize);
+    let proc = lab
+        .spawn(agent.node, &agent.cmd, &agent.log)
+        .map_err(|e| e.to_string())?;
+    agents.nodes[index].proc = proc;
+    wait_ready(lab, agents, index)?;
+    let log = std::fs::read_to_string(&agents.nodes[index].log).unwrap_or_default();
+    let fresh = log.get(log_len..).unwrap_or("");
+    // TCX kernels (6.6+) keep the programs on pinned links; older ones on clsact filters,
+    // which outlive the agent by themselves and get their program replaced in place.
+    Ok(ADOPTION_LINES.iter().any(|line| fresh.contains(line)))
 }
 
 /// One fresh HTTP connection through a service; true if answered.

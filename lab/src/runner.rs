@@ -224,6 +224,7 @@ fn run_file(
         events,
         lab: None,
         agents: None,
+        cluster_after_steps: None,
         passed: 0,
         failed: 0,
     };
@@ -272,6 +273,8 @@ struct ScenarioRun<'a> {
     events: &'a mut Events,
     lab: Option<Box<dyn Lab>>,
     agents: Option<Agents>,
+    /// The cluster as the steps left it: what agent restarts after them write.
+    cluster_after_steps: Option<ClusterModel>,
     passed: usize,
     failed: usize,
 }
@@ -330,7 +333,7 @@ impl ScenarioRun<'_> {
         let scenario = self.scenario;
         let model = ClusterModel::new(scenario, k8s::pod_labels(scenario, plan));
         let mut lab = self.lab.take().expect("lab built above");
-        let agents = self
+        let mut agents = self
             .agents
             .take()
             .ok_or_else(|| RunError::Setup("steps and probes need the agents".into()))?;
@@ -339,7 +342,7 @@ impl ScenarioRun<'_> {
             let mut tl = TimelineCtx {
                 lab: lab.as_mut(),
                 plan,
-                agents: &agents,
+                agents: &mut agents,
                 workloads: pod_servers,
                 ports,
                 run_dir: &run_dir,
@@ -355,7 +358,7 @@ impl ScenarioRun<'_> {
             for (i, step) in scenario.steps.iter().enumerate() {
                 let title = step.title(i);
                 let t = Instant::now();
-                let marks = checks::counter_marks(tl.lab, Some(&agents), &step.checks);
+                let marks = checks::counter_marks(tl.lab, Some(&*tl.agents), &step.checks);
                 if let Err(e) = tl.apply_step(step) {
                     // Later steps build on this one: the timeline stops here.
                     self.record(title, BTreeSet::new(), Err(e.to_string()), t);
@@ -372,7 +375,7 @@ impl ScenarioRun<'_> {
                             plan,
                             scenario: &at_step,
                             endpoints: &endpoints,
-                            agents: Some(&agents),
+                            agents: Some(&*tl.agents),
                             counter_marks: marks.as_ref(),
                         };
                         checks::run(&mut ctx, check)
@@ -385,6 +388,7 @@ impl ScenarioRun<'_> {
             for (title, verdict) in tl.finish_probes() {
                 self.record(title, features::proven_by_probe(), verdict, t);
             }
+            self.cluster_after_steps = Some(tl.model);
             Ok(())
         })();
         self.lab = Some(lab);
@@ -495,7 +499,12 @@ impl ScenarioRun<'_> {
             let Some(agents) = self.agents.as_mut() else {
                 return Err(RunError::Setup("agent restarts need the agents".into()));
             };
-            let outcome = crate::restart::run(lab, &plan, scenario, agents, restart, &self.run_dir);
+            let state = match &self.cluster_after_steps {
+                Some(model) => k8s::cluster_state_of(model, &plan),
+                None => k8s::cluster_state(scenario, &plan),
+            };
+            let outcome =
+                crate::restart::run(lab, &plan, scenario, &state, agents, restart, &self.run_dir);
             let event = match outcome {
                 Ok(detail) => {
                     self.passed += 1;

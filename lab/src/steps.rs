@@ -9,7 +9,7 @@ use weir_lab_bench::probes::{self, ServingTimeline};
 use weir_lab_cluster::agent::Agents;
 use weir_lab_cluster::workloads::{self, PodPorts, Workloads};
 use weir_lab_core::backend::{BackendError, Cmd, Lab, ProcId};
-use weir_lab_core::scenario::{Protocol, Scenario};
+use weir_lab_core::scenario::{Protocol, Scenario, StopSignal};
 use weir_lab_core::timeline::{ActionError, ClusterModel, ProbeSpec, SideEffect, StepSpec};
 use weir_lab_core::topology::Plan;
 
@@ -32,6 +32,8 @@ pub enum StepError {
     NotListening(String),
     #[error("probe {probe}: {why}")]
     Probe { probe: String, why: &'static str },
+    #[error("restarting the agent on {node}: {why}")]
+    Restart { node: String, why: String },
 }
 
 fn backend(context: impl Into<String>) -> impl FnOnce(BackendError) -> StepError {
@@ -52,7 +54,7 @@ pub struct RunningProbe {
 pub struct TimelineCtx<'a> {
     pub lab: &'a mut dyn Lab,
     pub plan: &'a Plan,
-    pub agents: &'a Agents,
+    pub agents: &'a mut Agents,
     pub workloads: &'a mut Workloads,
     pub ports: &'a BTreeMap<String, PodPorts>,
     pub run_dir: &'a Path,
@@ -213,11 +215,36 @@ impl TimelineCtx<'_> {
                         .map_err(StepError::NotListening)?;
                     self.write_state()?;
                 }
+                Some(SideEffect::RestartAgent { node, signal }) => {
+                    self.restart_agent(&node, signal)?
+                }
             }
         }
         if let Some(wait) = step.wait {
             std::thread::sleep(wait);
         }
+        Ok(())
+    }
+
+    /// Stops the node's agent and starts it again; the step goes on once it is ready. The state
+    /// it reads is the model's, as the last action left it.
+    fn restart_agent(&mut self, node: &str, signal: StopSignal) -> Result<(), StepError> {
+        let failed = |why: String| StepError::Restart {
+            node: node.to_owned(),
+            why,
+        };
+        let host = self
+            .plan
+            .host(node)
+            .ok_or_else(|| failed("no such node".into()))?;
+        let index = self
+            .agents
+            .nodes
+            .iter()
+            .position(|a| a.node == host)
+            .ok_or_else(|| failed("no agent there".into()))?;
+        crate::restart::stop_agent(self.lab, self.agents, index, signal).map_err(failed)?;
+        crate::restart::start_again(self.lab, self.agents, index).map_err(failed)?;
         Ok(())
     }
 

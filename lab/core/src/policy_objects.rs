@@ -18,8 +18,43 @@ pub struct PolicyObjects {
     pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
     /// Each pod's namespace and named ports (name -> TCP port).
     pub pods: BTreeMap<String, (String, BTreeMap<String, u16>)>,
-    /// The NetworkPolicy documents, as the scenario gives them.
+    /// The NetworkPolicy documents, as the scenario gives them and the steps apply them.
     pub policies: Vec<String>,
+    /// Whether the objects are written: the scenario has policies, at the start or from a
+    /// step.
+    wanted: bool,
+}
+
+/// Why a policy object change cannot apply.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("not a NetworkPolicy with a name: {0}")]
+    NotAPolicy(String),
+    #[error("no namespace {0:?}")]
+    NoNamespace(String),
+    #[error("no policy {namespace}/{name} to delete")]
+    NoPolicy { namespace: String, name: String },
+    #[error("namespace {0}: the label {OWN_LABEL} is the API server's")]
+    OwnLabel(String),
+}
+
+/// The label the API server puts on every namespace (immutable), as namespace selectors use it.
+const OWN_LABEL: &str = "kubernetes.io/metadata.name";
+
+/// A NetworkPolicy document's namespace (the default one when unset) and name.
+pub fn policy_key(yaml: &str) -> Result<(String, String), PolicyError> {
+    let not_a_policy = |why: &str| PolicyError::NotAPolicy(why.to_owned());
+    let doc: serde_yaml::Value =
+        serde_yaml::from_str(yaml).map_err(|e| PolicyError::NotAPolicy(e.to_string()))?;
+    if doc["kind"].as_str() != Some("NetworkPolicy") {
+        return Err(not_a_policy("kind is not NetworkPolicy"));
+    }
+    let name = doc["metadata"]["name"]
+        .as_str()
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| not_a_policy("metadata.name missing"))?;
+    let namespace = doc["metadata"]["namespace"].as_str().unwrap_or(NAMESPACE);
+    Ok((namespace.to_owned(), name.to_owned()))
 }
 
 impl PolicyObjects {
@@ -47,17 +82,73 @@ impl PolicyObjects {
                 .or_insert_with(|| own_labels(&namespace));
             objects.insert(pod.clone(), (namespace, named));
         }
+        let applied_later = scenario
+            .steps
+            .iter()
+            .flat_map(|s| &s.actions)
+            .any(|a| matches!(a, crate::timeline::Action::ApplyPolicy { .. }));
         PolicyObjects {
             namespaces,
             pods: objects,
             policies: scenario.network_policies.clone(),
+            wanted: !scenario.network_policies.is_empty() || applied_later,
         }
     }
 
     /// Whether the scenario asks for policy at all: without, no Pod or Namespace object is
     /// written and the cluster state stays what it was.
     pub fn wanted(&self) -> bool {
-        !self.policies.is_empty()
+        self.wanted
+    }
+
+    /// Creates the policy, or replaces the one of the same namespace and name.
+    pub fn apply_policy(&mut self, yaml: &str) -> Result<(), PolicyError> {
+        let key = policy_key(yaml)?;
+        if !self.namespaces.contains_key(&key.0) {
+            return Err(PolicyError::NoNamespace(key.0));
+        }
+        match self
+            .policies
+            .iter_mut()
+            .find(|p| policy_key(p).is_ok_and(|k| k == key))
+        {
+            Some(existing) => *existing = yaml.to_owned(),
+            None => self.policies.push(yaml.to_owned()),
+        }
+        Ok(())
+    }
+
+    pub fn delete_policy(&mut self, namespace: &str, name: &str) -> Result<(), PolicyError> {
+        let key = (namespace.to_owned(), name.to_owned());
+        let before = self.policies.len();
+        self.policies
+            .retain(|p| policy_key(p).map_or(true, |k| k != key));
+        if self.policies.len() == before {
+            return Err(PolicyError::NoPolicy {
+                namespace: key.0,
+                name: key.1,
+            });
+        }
+        Ok(())
+    }
+
+    /// `set` added or replaced, `remove` taken away; the API server's own label stays.
+    pub fn label_namespace(
+        &mut self,
+        namespace: &str,
+        set: &BTreeMap<String, String>,
+        remove: &[String],
+    ) -> Result<(), PolicyError> {
+        if set.contains_key(OWN_LABEL) || remove.iter().any(|k| k == OWN_LABEL) {
+            return Err(PolicyError::OwnLabel(namespace.to_owned()));
+        }
+        let labels = self
+            .namespaces
+            .get_mut(namespace)
+            .ok_or_else(|| PolicyError::NoNamespace(namespace.to_owned()))?;
+        labels.extend(set.clone());
+        labels.retain(|k, _| !remove.contains(k));
+        Ok(())
     }
 
     /// The YAML documents: Namespaces, Pods (those not `gone`), NetworkPolicies.
@@ -130,12 +221,9 @@ impl PolicyObjects {
     }
 }
 
-/// The label the API server puts on every namespace, as namespace selectors use it.
+/// A new namespace's labels: only the API server's own.
 fn own_labels(namespace: &str) -> BTreeMap<String, String> {
-    BTreeMap::from([(
-        "kubernetes.io/metadata.name".to_owned(),
-        namespace.to_owned(),
-    )])
+    BTreeMap::from([(OWN_LABEL.to_owned(), namespace.to_owned())])
 }
 
 #[derive(Serialize)]

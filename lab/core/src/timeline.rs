@@ -13,7 +13,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::scenario::{glob_match, CheckSpec, Family, Protocol, ServiceSpec};
+use crate::policy_objects::PolicyError;
+use crate::scenario::{glob_match, CheckSpec, Family, Protocol, ServiceSpec, StopSignal};
 use crate::topology::Plan;
 
 /// Upper bound for a probe's pace, so a typo cannot flood a lab.
@@ -101,6 +102,54 @@ pub enum Action {
         #[serde(with = "humantime_serde")]
         duration: Duration,
     },
+    /// A NetworkPolicy (YAML, as users write it): created, or replacing the one of the same
+    /// namespace and name.
+    ApplyPolicy {
+        policy: String,
+    },
+    DeletePolicy {
+        #[serde(default = "default_namespace")]
+        namespace: String,
+        name: String,
+    },
+    /// The matching pods' labels: `set` added or replaced, `remove` taken away. Services and
+    /// policies select by the new labels from then on.
+    LabelPods {
+        pods: String,
+        #[serde(default)]
+        set: BTreeMap<String, String>,
+        #[serde(default)]
+        remove: Vec<String>,
+    },
+    /// A namespace's labels, as namespace selectors see them.
+    LabelNamespace {
+        name: String,
+        #[serde(default)]
+        set: BTreeMap<String, String>,
+        #[serde(default)]
+        remove: Vec<String>,
+    },
+    /// The node's agent stopped by `signal` and started again, ready before the step goes on.
+    RestartAgent {
+        node: String,
+        #[serde(default = "default_restart_signal")]
+        signal: StopSignal,
+    },
+}
+
+fn default_namespace() -> String {
+    crate::k8s::NAMESPACE.to_owned()
+}
+
+fn default_restart_signal() -> StopSignal {
+    StopSignal::Term
+}
+
+/// "set a=b, remove c" for a label change.
+fn describe_labels(set: &BTreeMap<String, String>, remove: &[String]) -> String {
+    let mut parts: Vec<String> = set.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    parts.extend(remove.iter().map(|k| format!("-{k}")));
+    parts.join(" ")
 }
 
 impl Action {
@@ -140,6 +189,22 @@ impl Action {
                 service.as_deref().unwrap_or("?")
             ),
             Action::Wait { duration } => format!("wait {}", humantime::format_duration(*duration)),
+            Action::ApplyPolicy { policy } => match crate::policy_objects::policy_key(policy) {
+                Ok((namespace, name)) => format!("apply policy {namespace}/{name}"),
+                Err(_) => "apply policy".to_owned(),
+            },
+            Action::DeletePolicy { namespace, name } => {
+                format!("delete policy {namespace}/{name}")
+            }
+            Action::LabelPods { pods, set, remove } => {
+                format!("label {pods} {}", describe_labels(set, remove))
+            }
+            Action::LabelNamespace { name, set, remove } => {
+                format!("label namespace {name} {}", describe_labels(set, remove))
+            }
+            Action::RestartAgent { node, signal } => {
+                format!("restart agent on {node} ({})", signal.name())
+            }
         }
     }
 }
@@ -235,7 +300,7 @@ impl Default for Conditions {
 pub struct ClusterModel {
     /// Every Service the timeline has known, in file order, and whether it exists now.
     pub services: Vec<(ServiceSpec, bool)>,
-    /// Each pod's labels (they do not change).
+    /// Each pod's labels, as `label_pods` leaves them.
     pub labels: BTreeMap<String, BTreeMap<String, String>>,
     pub gone_pods: BTreeSet<String>,
     /// (service, pod) -> conditions other than ready/serving.
@@ -326,6 +391,12 @@ pub enum ActionError {
         service: String,
         source: Box<toml::de::Error>,
     },
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    #[error("{0}: give labels to set or to remove")]
+    NoLabels(&'static str),
+    #[error("no node {0:?}")]
+    NoNode(String),
 }
 
 /// What applying one action asks of the world beyond the state file.
@@ -334,6 +405,7 @@ pub enum SideEffect {
     StopPods { pods: Vec<String>, grace: Duration },
     StartPods(Vec<String>),
     Sleep(Duration),
+    RestartAgent { node: String, signal: StopSignal },
 }
 
 impl ClusterModel {
@@ -607,6 +679,41 @@ impl ClusterModel {
                 ..
             } => Err(ActionError::WhichSlice),
             Action::Wait { duration } => Ok(Some(SideEffect::Sleep(*duration))),
+            Action::ApplyPolicy { policy } => {
+                self.policy.apply_policy(policy)?;
+                Ok(None)
+            }
+            Action::DeletePolicy { namespace, name } => {
+                self.policy.delete_policy(namespace, name)?;
+                Ok(None)
+            }
+            Action::LabelPods { pods, set, remove } => {
+                if set.is_empty() && remove.is_empty() {
+                    return Err(ActionError::NoLabels("label_pods"));
+                }
+                for pod in self.pods_matching(pods, plan)? {
+                    let labels = self.labels.entry(pod).or_default();
+                    labels.extend(set.clone());
+                    labels.retain(|k, _| !remove.contains(k));
+                }
+                Ok(None)
+            }
+            Action::LabelNamespace { name, set, remove } => {
+                if set.is_empty() && remove.is_empty() {
+                    return Err(ActionError::NoLabels("label_namespace"));
+                }
+                self.policy.label_namespace(name, set, remove)?;
+                Ok(None)
+            }
+            Action::RestartAgent { node, signal } => {
+                if !matches!(plan.host(node), Some(crate::topology::HostId::Node(_))) {
+                    return Err(ActionError::NoNode(node.clone()));
+                }
+                Ok(Some(SideEffect::RestartAgent {
+                    node: node.clone(),
+                    signal: *signal,
+                }))
+            }
         }
     }
 }
@@ -847,6 +954,110 @@ expect = { all_answered = false, none_answered = true }
         let versions = s.all_service_versions(&plan);
         assert_eq!(versions.len(), 2);
         assert_eq!(versions[1].ports.len(), 1);
+    }
+
+    /// The policy actions edit the model's policies, pod labels and namespace labels, and the
+    /// state written after each step shows them; a Service selecting by label follows its pods.
+    #[test]
+    fn policy_steps_replay_on_the_model() {
+        let s = parse(
+            r#"
+[[namespaces]]
+name = "dev"
+[[steps]]
+actions = [
+  { action = "apply_policy", policy = """
+kind: NetworkPolicy
+metadata: {name: p, namespace: dev}
+spec: {podSelector: {}}
+""" },
+  { action = "apply_policy", policy = """
+kind: NetworkPolicy
+metadata: {name: p, namespace: dev}
+spec: {podSelector: {matchLabels: {replaced: yes}}}
+""" },
+  { action = "label_pods", pods = "n1p0", set = { app = "echo", role = "client" } },
+  { action = "label_pods", pods = "n2p0", remove = ["app"] },
+  { action = "label_namespace", name = "dev", set = { access = "granted" } },
+  { action = "restart_agent", node = "node2", signal = "KILL" },
+]
+[[steps]]
+actions = [
+  { action = "delete_policy", namespace = "dev", name = "p" },
+  { action = "label_namespace", name = "dev", remove = ["access"] },
+]
+"#,
+        )
+        .unwrap();
+        let plan = s.plan();
+        let mut model = super::ClusterModel::new(&s, crate::k8s::pod_labels(&s, &plan));
+        // Policies come later: the Pod and Namespace objects are written from the start.
+        assert!(crate::k8s::cluster_state_of(&model, &plan).contains("kind: Pod"));
+        let echo = s.services[0].clone();
+        let effects: Vec<_> = s.steps[0]
+            .actions
+            .iter()
+            .map(|a| model.apply(a, &plan).unwrap())
+            .collect();
+        assert_eq!(model.policy.policies.len(), 1, "replaced by namespace/name");
+        assert!(model.policy.policies[0].contains("replaced"));
+        assert_eq!(model.serving_pods(&echo, &plan), ["n1p0", "n2p1", "n2p2"]);
+        assert_eq!(model.labels["n1p0"]["role"], "client");
+        assert_eq!(model.policy.namespaces["dev"]["access"], "granted");
+        assert_eq!(
+            effects.last().unwrap(),
+            &Some(super::SideEffect::RestartAgent {
+                node: "node2".into(),
+                signal: crate::scenario::StopSignal::Kill
+            })
+        );
+        let state = crate::k8s::cluster_state_of(&model, &plan);
+        assert!(state.contains("role: client") && state.contains("access: granted"));
+        assert!(state.contains("replaced: yes"));
+        for action in &s.steps[1].actions {
+            model.apply(action, &plan).unwrap();
+        }
+        assert!(model.policy.policies.is_empty());
+        assert!(!model.policy.namespaces["dev"].contains_key("access"));
+        assert!(!crate::k8s::cluster_state_of(&model, &plan).contains("NetworkPolicy"));
+        assert_eq!(
+            s.steps[1].title(1),
+            "step 2: delete policy dev/p, label namespace dev -access"
+        );
+    }
+
+    #[test]
+    fn policy_steps_are_validated_at_load() {
+        for (action, says) in [
+            (
+                r#"{ action = "apply_policy", policy = "kind: NetworkPolicy\nmetadata: {name: p, namespace: nope}" }"#,
+                "no namespace \"nope\"",
+            ),
+            (
+                r#"{ action = "apply_policy", policy = "kind: Pod\nmetadata: {name: p}" }"#,
+                "not a NetworkPolicy",
+            ),
+            (
+                r#"{ action = "delete_policy", name = "p" }"#,
+                "no policy default/p",
+            ),
+            (r#"{ action = "label_pods", pods = "n1p0" }"#, "give labels"),
+            (
+                r#"{ action = "label_namespace", name = "nope", set = { a = "b" } }"#,
+                "no namespace",
+            ),
+            (
+                r#"{ action = "label_namespace", name = "default", remove = ["kubernetes.io/metadata.name"] }"#,
+                "the API server's",
+            ),
+            (
+                r#"{ action = "restart_agent", node = "node9" }"#,
+                "no node \"node9\"",
+            ),
+        ] {
+            let message = invalid(&format!("[[steps]]\nactions = [ {action} ]\n"));
+            assert!(message.contains(says), "{action}: {message}");
+        }
     }
 
     #[test]
