@@ -22,7 +22,12 @@ pub const POLICY_PORT: u16 = 8080;
 pub const TARGET_NAMESPACE: &str = "bench-target";
 /// The namespace of the client, the outsider and every synthetic peer pod.
 pub const PEER_NAMESPACE: &str = "bench-peers";
-pub const POLICY_NAME: &str = "bench-ingress";
+/// Policy k is named `bench-ingress-k`.
+const POLICY_NAME_PREFIX: &str = "bench-ingress";
+/// Rules are split into policies of at most this many, all selecting the destination pod: the
+/// agent's file source refuses an object with a longer list (its default per-object limit), and
+/// real policy sets are many small policies rather than one huge one.
+pub const RULES_PER_POLICY: usize = 1000;
 /// The destination pod's label the policy selects.
 pub const TARGET_LABEL: (&str, &str) = ("app", "bench-target");
 /// The label the selector rules' namespaceSelector matches on the peer namespace.
@@ -131,35 +136,19 @@ impl PolicyShape {
         peer_value(self.rules.len() / 2 - 1)
     }
 
-    /// The NetworkPolicy as a user would write it (YAML).
-    pub fn network_policy(&self) -> String {
-        let ingress: Vec<serde_json::Value> = self
-            .rules
-            .iter()
-            .map(|peer| {
-                let from = match peer {
-                    Peer::IpBlock { cidr, len, except } => json!({
-                        "ipBlock": { "cidr": format!("{cidr}/{len}"), "except": [format!("{except}/32")] }
-                    }),
-                    Peer::Selector { value, .. } => json!({
-                        "namespaceSelector": { "matchLabels": { PEER_NAMESPACE_LABEL.0: PEER_NAMESPACE_LABEL.1 } },
-                        "podSelector": { "matchLabels": { PEER_KEY: value } },
-                    }),
-                };
-                json!({ "from": [from], "ports": [{ "protocol": "TCP", "port": POLICY_PORT }] })
-            })
-            .collect();
-        let policy = json!({
-            "apiVersion": "networking.k8s.io/v1",
-            "kind": "NetworkPolicy",
-            "metadata": { "name": POLICY_NAME, "namespace": TARGET_NAMESPACE },
-            "spec": {
-                "podSelector": { "matchLabels": { TARGET_LABEL.0: TARGET_LABEL.1 } },
-                "policyTypes": ["Ingress"],
-                "ingress": ingress,
-            },
-        });
-        serde_yaml::to_string(&policy).expect("a JSON value serializes")
+    /// The rules as policies: (name, rules), in order.
+    fn policies(&self) -> impl Iterator<Item = (String, &[Peer])> {
+        self.rules
+            .chunks(RULES_PER_POLICY)
+            .enumerate()
+            .map(|(k, rules)| (format!("{POLICY_NAME_PREFIX}-{k}"), rules))
+    }
+
+    /// The NetworkPolicies as a user would write them (YAML, one document each).
+    pub fn network_policies(&self) -> Vec<String> {
+        self.policies()
+            .map(|(name, rules)| network_policy(&name, rules))
+            .collect()
     }
 
     /// The synthetic peer Pods as YAML documents (each starting `---`), running on a node the
@@ -184,67 +173,70 @@ impl PolicyShape {
         out
     }
 
-    /// The same policy the way iptables-based engines install it (kube-router's names, Calico's
-    /// shape): one ipset per rule's peers, `hash:net` for an ipBlock with its except as a
-    /// `nomatch` entry, `hash:ip` for a selector's pod addresses; a chain per pod, jumped to
-    /// from FORWARD on the destination address, accepting established traffic first, then the
-    /// policy's chain, then dropping; the policy's chain one rule per peer. Accepting at the
-    /// first match favours iptables (kube-router marks and returns, two rules per peer).
+    /// The same policies the way iptables-based engines install them (kube-router's names,
+    /// Calico's shape): one ipset per rule's peers, `hash:net` for an ipBlock with its except as
+    /// a `nomatch` entry, `hash:ip` for a selector's pod addresses; a chain per pod, jumped to
+    /// from FORWARD on the destination address, accepting established traffic first, then
+    /// jumping to each policy's chain in turn, then dropping; a policy's chain one rule per
+    /// peer. Accepting at the first match favours iptables (kube-router marks and returns, two
+    /// rules per peer).
     pub fn iptables_ipset(&self) -> IptablesPolicy {
         let pod_chain = format!(
             "KUBE-POD-FW-{}",
             chain_hash(&format!("{TARGET_NAMESPACE}/{}", self.target_pod))
         );
-        let policy_chain = format!(
-            "KUBE-NWPLCY-{}",
-            chain_hash(&format!("{TARGET_NAMESPACE}/{POLICY_NAME}"))
-        );
         let mut ipset = String::new();
-        let mut rules = String::new();
-        for (i, peer) in self.rules.iter().enumerate() {
-            let set = format!(
-                "KUBE-SRC-{}",
-                chain_hash(&format!("{TARGET_NAMESPACE}/{POLICY_NAME}/ingress/{i}"))
-            );
-            // Writing to a String cannot fail.
-            match peer {
-                Peer::IpBlock { cidr, len, except } => {
-                    let _ = writeln!(ipset, "create {set} hash:net family inet");
-                    let _ = writeln!(ipset, "add {set} {cidr}/{len}");
-                    let _ = writeln!(ipset, "add {set} {except}/32 nomatch");
-                }
-                Peer::Selector { members, .. } => {
-                    let _ = writeln!(ipset, "create {set} hash:ip family inet");
-                    for ip in members {
-                        let _ = writeln!(ipset, "add {set} {ip}");
-                    }
-                }
-            }
-            let _ = writeln!(
-                rules,
-                "-A {policy_chain} -p tcp -m tcp --dport {POLICY_PORT} -m set --match-set {set} src -j ACCEPT"
-            );
-        }
-        let mut restore = format!("*filter\n:{pod_chain} - [0:0]\n:{policy_chain} - [0:0]\n");
+        let mut chains = format!(":{pod_chain} - [0:0]\n");
+        let mut pod_rules = String::new();
+        let mut policy_rules = String::new();
+        // Writing to a String cannot fail.
         let _ = writeln!(
-            restore,
+            pod_rules,
             "-A FORWARD -d {}/32 -m comment --comment \"{TARGET_NAMESPACE}/{} ingress\" -j {pod_chain}",
             self.target, self.target_pod
         );
         let _ = writeln!(
-            restore,
+            pod_rules,
             "-A {pod_chain} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"
         );
-        let _ = writeln!(restore, "-A {pod_chain} -j {policy_chain}");
+        for (name, rules) in self.policies() {
+            let policy_chain = format!(
+                "KUBE-NWPLCY-{}",
+                chain_hash(&format!("{TARGET_NAMESPACE}/{name}"))
+            );
+            let _ = writeln!(chains, ":{policy_chain} - [0:0]");
+            let _ = writeln!(pod_rules, "-A {pod_chain} -j {policy_chain}");
+            for (i, peer) in rules.iter().enumerate() {
+                let set = format!(
+                    "KUBE-SRC-{}",
+                    chain_hash(&format!("{TARGET_NAMESPACE}/{name}/ingress/{i}"))
+                );
+                match peer {
+                    Peer::IpBlock { cidr, len, except } => {
+                        let _ = writeln!(ipset, "create {set} hash:net family inet");
+                        let _ = writeln!(ipset, "add {set} {cidr}/{len}");
+                        let _ = writeln!(ipset, "add {set} {except}/32 nomatch");
+                    }
+                    Peer::Selector { members, .. } => {
+                        let _ = writeln!(ipset, "create {set} hash:ip family inet");
+                        for ip in members {
+                            let _ = writeln!(ipset, "add {set} {ip}");
+                        }
+                    }
+                }
+                let _ = writeln!(
+                    policy_rules,
+                    "-A {policy_chain} -p tcp -m tcp --dport {POLICY_PORT} -m set --match-set {set} src -j ACCEPT"
+                );
+            }
+        }
         let _ = writeln!(
-            restore,
+            pod_rules,
             "-A {pod_chain} -m comment --comment \"default deny\" -j DROP"
         );
-        restore.push_str(&rules);
-        restore.push_str("COMMIT\n");
         IptablesPolicy {
             ipset_restore: ipset,
-            iptables_restore: restore,
+            iptables_restore: format!("*filter\n{chains}{pod_rules}{policy_rules}COMMIT\n"),
         }
     }
 }
@@ -254,6 +246,36 @@ impl PolicyShape {
 pub struct IptablesPolicy {
     pub ipset_restore: String,
     pub iptables_restore: String,
+}
+
+/// One NetworkPolicy selecting the destination pod, one ingress rule per peer (YAML).
+fn network_policy(name: &str, rules: &[Peer]) -> String {
+    let ingress: Vec<serde_json::Value> = rules
+        .iter()
+        .map(|peer| {
+            let from = match peer {
+                Peer::IpBlock { cidr, len, except } => json!({
+                    "ipBlock": { "cidr": format!("{cidr}/{len}"), "except": [format!("{except}/32")] }
+                }),
+                Peer::Selector { value, .. } => json!({
+                    "namespaceSelector": { "matchLabels": { PEER_NAMESPACE_LABEL.0: PEER_NAMESPACE_LABEL.1 } },
+                    "podSelector": { "matchLabels": { PEER_KEY: value } },
+                }),
+            };
+            json!({ "from": [from], "ports": [{ "protocol": "TCP", "port": POLICY_PORT }] })
+        })
+        .collect();
+    let policy = json!({
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": { "name": name, "namespace": TARGET_NAMESPACE },
+        "spec": {
+            "podSelector": { "matchLabels": { TARGET_LABEL.0: TARGET_LABEL.1 } },
+            "policyTypes": ["Ingress"],
+            "ingress": ingress,
+        },
+    });
+    serde_yaml::to_string(&policy).expect("a JSON value serializes")
 }
 
 fn peer_value(k: usize) -> String {
@@ -337,7 +359,9 @@ mod tests {
     #[test]
     fn the_network_policy_reads_as_kubernetes_yaml() {
         let s = shape(4);
-        let doc: serde_yaml::Value = serde_yaml::from_str(&s.network_policy()).unwrap();
+        let policies = s.network_policies();
+        assert_eq!(policies.len(), 1);
+        let doc: serde_yaml::Value = serde_yaml::from_str(&policies[0]).unwrap();
         assert_eq!(doc["kind"], "NetworkPolicy");
         assert_eq!(doc["metadata"]["namespace"], TARGET_NAMESPACE);
         assert_eq!(
@@ -426,5 +450,71 @@ mod tests {
         for chain in [pod_chain, pod_rules[1].rsplit(' ').next().unwrap()] {
             assert!(lines.contains(&format!(":{chain} - [0:0]").as_str()));
         }
+    }
+
+    #[test]
+    fn many_rules_split_into_policies_jumped_to_in_order() {
+        let s = shape(2 * RULES_PER_POLICY + 500);
+        let policies: Vec<serde_yaml::Value> = s
+            .network_policies()
+            .iter()
+            .map(|p| serde_yaml::from_str(p).unwrap())
+            .collect();
+        let sizes: Vec<usize> = policies
+            .iter()
+            .map(|p| p["spec"]["ingress"].as_sequence().unwrap().len())
+            .collect();
+        assert_eq!(sizes, [RULES_PER_POLICY, RULES_PER_POLICY, 500]);
+        let names: Vec<&str> = policies
+            .iter()
+            .map(|p| p["metadata"]["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            names,
+            ["bench-ingress-0", "bench-ingress-1", "bench-ingress-2"]
+        );
+        // The client's rule is the last policy's last.
+        let last = policies[2]["spec"]["ingress"]
+            .as_sequence()
+            .unwrap()
+            .last()
+            .unwrap();
+        assert_eq!(
+            last["from"][0]["podSelector"]["matchLabels"]["peer"].as_str(),
+            Some(s.client_peer().as_str())
+        );
+
+        let p = s.iptables_ipset();
+        let lines: Vec<&str> = p.iptables_restore.lines().collect();
+        let pod_chain = lines
+            .iter()
+            .find_map(|l| l.strip_prefix("-A FORWARD "))
+            .and_then(|l| l.rsplit(' ').next())
+            .unwrap();
+        let pod_rules: Vec<&str> = lines
+            .iter()
+            .filter_map(|l| l.strip_prefix(&format!("-A {pod_chain} ")))
+            .collect();
+        assert_eq!(pod_rules.len(), 5);
+        assert!(pod_rules[0].contains("RELATED,ESTABLISHED -j ACCEPT"));
+        assert!(pod_rules[4].ends_with("-j DROP"));
+        let policy_chains: Vec<&str> = pod_rules[1..4]
+            .iter()
+            .map(|r| r.strip_prefix("-j ").unwrap())
+            .collect();
+        for (chain, size) in policy_chains.iter().zip(sizes) {
+            let rules = lines
+                .iter()
+                .filter(|l| l.starts_with(&format!("-A {chain} ")))
+                .count();
+            assert_eq!(rules, size, "{chain}");
+        }
+        let sets: std::collections::BTreeSet<&str> = p
+            .ipset_restore
+            .lines()
+            .filter_map(|l| l.strip_prefix("create "))
+            .map(|l| l.split(' ').next().unwrap())
+            .collect();
+        assert_eq!(sets.len(), 2500, "one set per rule, no name twice");
     }
 }

@@ -272,7 +272,7 @@ fn scenario(name: &str, shape: Option<&PolicyShape>) -> Result<Scenario, BenchEr
         outsider = OUTSIDER,
     );
     let mut scenario = Scenario::parse(&toml, Path::new(name))?;
-    scenario.network_policies = shape.map(PolicyShape::network_policy).into_iter().collect();
+    scenario.network_policies = shape.map(PolicyShape::network_policies).unwrap_or_default();
     Ok(scenario)
 }
 
@@ -398,7 +398,8 @@ fn prepare(
         }
     }
     if shape.is_some() {
-        let refused_probe_started = wait_enforced(lab, env, path.target, cpu, &name)?;
+        let refused_probe_started =
+            wait_enforced(lab, env, path.target, cpu, &name, path.agent.as_ref())?;
         if path.engine == Engine::Weir {
             path.install_s = (refused_probe_started - t).as_secs_f64();
         }
@@ -435,9 +436,15 @@ fn wait_enforced(
     target: SocketAddrV4,
     cpu: usize,
     name: &str,
+    agent: Option<&BenchAgent>,
 ) -> Result<Instant, BenchError> {
     let deadline = Instant::now() + ENFORCED_TIMEOUT;
     loop {
+        if let Some(line) = agent.and_then(|a| rejection(&a.log_text())) {
+            return Err(BenchError::Setup(format!(
+                "{name}: the agent refused an object: {line}"
+            )));
+        }
         let started = Instant::now();
         let report = probe_connect(lab, env, OUTSIDER, target, 1, 0, cpu)?;
         if report.failures > 0 {
@@ -451,6 +458,13 @@ fn wait_enforced(
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// The agent's first "rejected object" log line, if any.
+fn rejection(log: &str) -> Option<String> {
+    log.lines()
+        .find(|l| l.contains("rejected object"))
+        .map(|l| l.trim().to_owned())
 }
 
 fn summarize(paths: &[PolicyPath], rounds: &RoundPlan, started_unix: f64) -> PolicyResults {
@@ -625,6 +639,13 @@ mod tests {
             failures: 0,
             install_s: 0.0,
         }
+    }
+
+    #[test]
+    fn a_refused_policy_is_found_in_the_log() {
+        let log = "2026-12-07T23:41:32.384945Z  WARN apply_events: weir_agent::reconcile: rejected object kind=\"NetworkPolicy\" reason=\"too_many_items\"\n";
+        assert!(rejection(log).unwrap().contains("too_many_items"));
+        assert_eq!(rejection("INFO applied network policy\n"), None);
     }
 
     #[test]
