@@ -28,7 +28,7 @@ use crate::connect::{
     start_listeners, Ratio, Round, RoundPlan, RoundSummary,
 };
 use crate::kube_proxy::{find_program, Flavor};
-use crate::netpol::{self, PolicyShape};
+use crate::netpol::{self, IptablesPolicy, PolicyShape};
 use crate::probe::MeasureReport;
 use crate::weir::{stop_and_tear_down, BenchAgent};
 use crate::{host_info, table, unix_now, write_json, BenchCommon, BenchEnv, BenchError};
@@ -294,6 +294,37 @@ impl IptablesTools {
             restore: crate::iptables_restore(Flavor::Legacy)?,
         })
     }
+
+    /// `ipset restore`, then `iptables-restore` with kube-proxy's flags (the sets must exist
+    /// before a rule names them); their wall seconds together.
+    fn install(
+        &self,
+        lab: &mut dyn Lab,
+        env: &BenchEnv,
+        node: HostId,
+        run_dir: &Path,
+        policy: &IptablesPolicy,
+    ) -> Result<f64, BenchError> {
+        let ipset = restore(
+            lab,
+            env,
+            node,
+            &run_dir.join("ipset.input"),
+            &policy.ipset_restore,
+            &[self.ipset.display().to_string(), "restore".into()],
+        )?;
+        let mut command = vec![self.restore.display().to_string()];
+        command.extend(Flavor::restore_args().map(String::from));
+        let iptables = restore(
+            lab,
+            env,
+            node,
+            &run_dir.join("filter.rules"),
+            &policy.iptables_restore,
+            &command,
+        )?;
+        Ok(ipset.wall_s + iptables.wall_s)
+    }
 }
 
 fn build_path(
@@ -371,30 +402,8 @@ fn prepare(
         Engine::IptablesIpset => {
             let shape = shape.as_ref().expect("an iptables path has rules");
             let tools = tools.expect("iptables paths only with the tools found");
-            let rules = shape.iptables_ipset();
             let node = plan.nodes[0].id;
-            let ipset = restore(
-                lab,
-                env,
-                node,
-                run_dir,
-                "ipset",
-                &tools.ipset,
-                &["restore"],
-                &rules.ipset_restore,
-            )?;
-            let restore_args: Vec<&str> = Flavor::restore_args().to_vec();
-            let iptables = restore(
-                lab,
-                env,
-                node,
-                run_dir,
-                "filter",
-                &tools.restore,
-                &restore_args,
-                &rules.iptables_restore,
-            )?;
-            path.install_s = ipset.wall_s + iptables.wall_s;
+            path.install_s = tools.install(lab, env, node, run_dir, &shape.iptables_ipset())?;
         }
     }
     if shape.is_some() {
@@ -407,23 +416,17 @@ fn prepare(
     check_connects(lab, env, CLIENT, path.target, cpu, &name)
 }
 
-/// Writes `input` to `run_dir/<name>.input` and feeds it to `program args` on `node`, measured.
-#[allow(clippy::too_many_arguments)]
+/// Writes `input` to `file` and feeds it to `command` on `node`, measured.
 fn restore(
     lab: &mut dyn Lab,
     env: &BenchEnv,
     node: HostId,
-    run_dir: &Path,
-    name: &str,
-    program: &Path,
-    args: &[&str],
+    file: &Path,
     input: &str,
+    command: &[String],
 ) -> Result<MeasureReport, BenchError> {
-    let file = run_dir.join(format!("{name}.input"));
-    lab.write_file(node, &file, input.as_bytes())?;
-    let mut command = vec![program.display().to_string()];
-    command.extend(args.iter().map(|a| (*a).to_owned()));
-    crate::iptables::measured(lab, env, node, &command, Some(&file))
+    lab.write_file(node, file, input.as_bytes())?;
+    crate::iptables::measured(lab, env, node, command, Some(file))
 }
 
 /// Waits until the outsider's connect fails: the destination is isolated. (Weir writes a
