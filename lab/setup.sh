@@ -10,6 +10,8 @@ APT_PACKAGES=(
   llvm-22-dev clang-22 libpolly-22-dev libzstd-dev zlib1g-dev
   # Lab workloads and plumbing (real parts, no mocks).
   iproute2 nginx-light curl iperf3 socat iptables nftables ethtool procps util-linux
+  # `weir-lab bench policy`'s baseline: NetworkPolicy as iptables rules over ipsets.
+  ipset
 )
 
 need_apt=()

@@ -86,11 +86,154 @@ impl Kind {
     }
 }
 
-struct Round {
+/// One path's figures in one round.
+pub(crate) struct Round {
     p50_ns: u64,
     p99_ns: u64,
     samples: usize,
     failures: u32,
+}
+
+/// How every path is measured in each round.
+pub(crate) struct RoundPlan {
+    pub rounds: u32,
+    pub connects: u32,
+    pub warmup: u32,
+    /// The CPU the client probe is pinned to.
+    pub cpu: usize,
+}
+
+impl RoundPlan {
+    /// One round of connects from `client` to `target`; fails when every connect failed.
+    pub(crate) fn measure(
+        &self,
+        lab: &mut dyn Lab,
+        env: &BenchEnv,
+        client: HostId,
+        target: SocketAddrV4,
+        name: &str,
+    ) -> Result<Round, BenchError> {
+        let report = probe_connect(
+            lab,
+            env,
+            client,
+            target,
+            self.connects,
+            self.warmup,
+            self.cpu,
+        )?;
+        let mut samples = report.samples_ns;
+        samples.sort_unstable();
+        if samples.is_empty() {
+            return Err(BenchError::Setup(format!(
+                "{name}: every connect to {target} failed: {}",
+                report.first_error.unwrap_or_default()
+            )));
+        }
+        Ok(Round {
+            p50_ns: percentile(&samples, 50.0),
+            p99_ns: percentile(&samples, 99.0),
+            samples: samples.len(),
+            failures: report.failures,
+        })
+    }
+}
+
+/// Measures every path once per round, each round starting one path later, so whatever the
+/// shared machine does meanwhile hits every path alike.
+pub(crate) fn rotate<P>(
+    paths: &mut [P],
+    rounds: u32,
+    bench: &str,
+    mut measure: impl FnMut(&mut P) -> Result<(), BenchError>,
+) -> Result<(), BenchError> {
+    let n = paths.len();
+    for round in 0..rounds as usize {
+        for k in 0..n {
+            measure(&mut paths[(round + k) % n])?;
+        }
+        info!(round, "bench {bench}: round done");
+    }
+    Ok(())
+}
+
+/// The rounds of one path, summarized.
+pub(crate) struct RoundSummary {
+    /// Median over rounds of each round's median.
+    pub p50_us: f64,
+    /// Median over rounds of each round's 99th percentile.
+    pub p99_us: f64,
+    pub round_p50_us: Vec<f64>,
+    pub round_p99_us: Vec<f64>,
+    pub samples: usize,
+    pub failures: u32,
+}
+
+impl RoundSummary {
+    pub(crate) fn of(rounds: &[Round]) -> RoundSummary {
+        let p50s: Vec<f64> = rounds.iter().map(|r| us(r.p50_ns)).collect();
+        let p99s: Vec<f64> = rounds.iter().map(|r| us(r.p99_ns)).collect();
+        RoundSummary {
+            p50_us: median(&p50s),
+            p99_us: median(&p99s),
+            round_p50_us: p50s,
+            round_p99_us: p99s,
+            samples: rounds.iter().map(|r| r.samples).sum(),
+            failures: rounds.iter().map(|r| r.failures).sum(),
+        }
+    }
+}
+
+/// The lowest and highest round p50, as the tables print it.
+pub(crate) fn p50_range(round_p50_us: &[f64]) -> String {
+    let lo = round_p50_us.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = round_p50_us.iter().copied().fold(0.0, f64::max);
+    format!("{lo:.1}-{hi:.1}")
+}
+
+pub(crate) fn check_rounds(rounds: u32, connects: u32, warmup: u32) -> Result<(), BenchError> {
+    if !(1..=100).contains(&rounds) || !(1..=100_000).contains(&connects) || warmup > 10_000 {
+        return Err(BenchError::Setup(
+            "--rounds must be 1..=100, --connects 1..=100000, --warmup at most 10000".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// The CPU the client probe is pinned to: `--cpu`, else the last one.
+pub(crate) fn probe_cpu(cpu: Option<usize>) -> Result<usize, BenchError> {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cpu = cpu.unwrap_or(cpus - 1);
+    if cpu >= cpus {
+        return Err(BenchError::Setup(format!(
+            "--cpu {cpu}: this machine has {cpus} CPUs"
+        )));
+    }
+    Ok(cpu)
+}
+
+/// A ratio of two paths' p50s and p99s.
+pub(crate) fn ratio(name: String, a: (f64, f64), b: (f64, f64)) -> Ratio {
+    Ratio {
+        name,
+        p50: a.0 / b.0,
+        p99: a.1 / b.1,
+    }
+}
+
+/// The ratios as a table.
+pub(crate) fn ratio_table(ratios: &[Ratio]) -> String {
+    let rows: Vec<Vec<String>> = ratios
+        .iter()
+        .map(|r| {
+            vec![
+                r.name.clone(),
+                format!("{:.3}", r.p50),
+                format!("{:.3}", r.p99),
+            ]
+        })
+        .collect();
+    table(&["ratio", "p50", "p99"], &rows)
 }
 
 /// One measured path: its own lab, programmed and listening.
@@ -174,11 +317,7 @@ pub fn run(o: &ConnectOptions, env: &BenchEnv) -> Result<ConnectResults, BenchEr
     for s in &sizes {
         Synthetic::new(*s, o.endpoints)?;
     }
-    if !(1..=100).contains(&o.rounds) || !(1..=100_000).contains(&o.connects) || o.warmup > 10_000 {
-        return Err(BenchError::Setup(
-            "--rounds must be 1..=100, --connects 1..=100000, --warmup at most 10000".into(),
-        ));
-    }
+    check_rounds(o.rounds, o.connects, o.warmup)?;
     let flavors: Vec<Flavor> = if o.no_iptables {
         Vec::new()
     } else {
@@ -191,13 +330,7 @@ pub fn run(o: &ConnectOptions, env: &BenchEnv) -> Result<ConnectResults, BenchEr
     for f in &flavors {
         restore_bins.push((*f, crate::iptables_restore(*f)?));
     }
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let cpu = o.cpu.unwrap_or(cpus - 1);
-    if cpu >= cpus {
-        return Err(BenchError::Setup(format!(
-            "--cpu {cpu}: this machine has {cpus} CPUs"
-        )));
-    }
+    let cpu = probe_cpu(o.cpu)?;
 
     let started_unix = unix_now();
     let run_root = crate::RunRoot::create(env, "connect")?;
@@ -237,30 +370,18 @@ pub fn run(o: &ConnectOptions, env: &BenchEnv) -> Result<ConnectResults, BenchEr
             o.connects,
             o.warmup
         );
-        for round in 0..o.rounds as usize {
-            let n = paths.len();
-            for k in 0..n {
-                let path = &mut paths[(round + k) % n];
-                let report = probe_connect(path, env, o.connects, o.warmup, cpu)?;
-                let mut samples = report.samples_ns.clone();
-                samples.sort_unstable();
-                if samples.is_empty() {
-                    return Err(BenchError::Setup(format!(
-                        "{}: every connect to {} failed: {}",
-                        path.name(),
-                        path.target,
-                        report.first_error.unwrap_or_default()
-                    )));
-                }
-                path.rounds.push(Round {
-                    p50_ns: percentile(&samples, 50.0),
-                    p99_ns: percentile(&samples, 99.0),
-                    samples: samples.len(),
-                    failures: report.failures,
-                });
-            }
-            info!(round, "bench connect: round done");
-        }
+        let rounds = RoundPlan {
+            rounds: o.rounds,
+            connects: o.connects,
+            warmup: o.warmup,
+            cpu,
+        };
+        rotate(&mut paths, o.rounds, "connect", |path| {
+            let name = path.name();
+            let round = rounds.measure(path.lab.as_mut(), env, path.client, path.target, &name)?;
+            path.rounds.push(round);
+            Ok(())
+        })?;
         Ok(summarize(&paths, o, cpu, started_unix))
     })();
     let mut teardown_error = None;
@@ -373,12 +494,23 @@ fn prepare(
     }
 
     // One short probe proves the path works before any round counts.
-    let check = probe_connect(path, env, 5, 0, cpu)?;
+    let name = path.name();
+    check_connects(path.lab.as_mut(), env, path.client, path.target, cpu, &name)
+}
+
+/// Five connects from `client` to `target` that must all succeed.
+pub(crate) fn check_connects(
+    lab: &mut dyn Lab,
+    env: &BenchEnv,
+    client: HostId,
+    target: SocketAddrV4,
+    cpu: usize,
+    name: &str,
+) -> Result<(), BenchError> {
+    let check = probe_connect(lab, env, client, target, 5, 0, cpu)?;
     if check.failures > 0 {
         return Err(BenchError::Setup(format!(
-            "{}: connects to {} fail: {}",
-            path.name(),
-            path.target,
+            "{name}: connects to {target} fail: {}",
             check.first_error.unwrap_or_default()
         )));
     }
@@ -386,7 +518,7 @@ fn prepare(
 }
 
 /// A deferred-accept listener on `port` in every endpoint pod; waits until all listen.
-fn start_listeners(
+pub(crate) fn start_listeners(
     lab: &mut dyn Lab,
     env: &BenchEnv,
     run_dir: &Path,
@@ -427,23 +559,27 @@ fn start_listeners(
     Ok(())
 }
 
-fn probe_connect(
-    path: &mut PathUnderTest,
+/// `count` timed connects (after `warmup` untimed ones) from `client` to `target`, the probe
+/// pinned to `cpu`.
+pub(crate) fn probe_connect(
+    lab: &mut dyn Lab,
     env: &BenchEnv,
+    client: HostId,
+    target: SocketAddrV4,
     count: u32,
     warmup: u32,
     cpu: usize,
 ) -> Result<ConnectReport, BenchError> {
     let cmd = Cmd::new(env.exe.display().to_string())
         .args(["probe", "connect"])
-        .arg(path.target.to_string())
+        .arg(target.to_string())
         .arg("--count")
         .arg(count.to_string())
         .arg("--warmup")
         .arg(warmup.to_string())
         .arg("--cpu")
         .arg(cpu.to_string());
-    let out = path.lab.exec_ok(path.client, &cmd, PROBE_TIMEOUT)?;
+    let out = lab.exec_ok(client, &cmd, PROBE_TIMEOUT)?;
     serde_json::from_str(out.stdout.trim()).map_err(|e| {
         BenchError::Setup(format!(
             "unreadable connect probe report ({e}): {}",
@@ -465,18 +601,17 @@ fn summarize(
     let results: Vec<PathResult> = paths
         .iter()
         .map(|p| {
-            let p50s: Vec<f64> = p.rounds.iter().map(|r| us(r.p50_ns)).collect();
-            let p99s: Vec<f64> = p.rounds.iter().map(|r| us(r.p99_ns)).collect();
+            let r = RoundSummary::of(&p.rounds);
             PathResult {
                 path: p.kind.label(),
                 services: p.services,
                 target: p.target.to_string(),
-                p50_us: median(&p50s),
-                p99_us: median(&p99s),
-                round_p50_us: p50s,
-                round_p99_us: p99s,
-                samples: p.rounds.iter().map(|r| r.samples).sum(),
-                failures: p.rounds.iter().map(|r| r.failures).sum(),
+                p50_us: r.p50_us,
+                p99_us: r.p99_us,
+                round_p50_us: r.round_p50_us,
+                round_p99_us: r.round_p99_us,
+                samples: r.samples,
+                failures: r.failures,
                 program_s: p.program_s,
             }
         })
@@ -486,10 +621,8 @@ fn summarize(
             .iter()
             .find(|r| r.path == path && r.services == services)
     };
-    let ratio = |name: String, a: &PathResult, b: &PathResult| Ratio {
-        name,
-        p50: a.p50_us / b.p50_us,
-        p99: a.p99_us / b.p99_us,
+    let ratio = |name: String, a: &PathResult, b: &PathResult| {
+        ratio(name, (a.p50_us, a.p99_us), (b.p50_us, b.p99_us))
     };
     let direct = find("direct", 0);
     let mut sizes: Vec<usize> = results
@@ -542,11 +675,7 @@ fn summarize(
         .map(|r| {
             let vs_direct =
                 direct.map_or("-".to_owned(), |d| format!("{:.2}", r.p50_us / d.p50_us));
-            let spread = {
-                let lo = r.round_p50_us.iter().copied().fold(f64::INFINITY, f64::min);
-                let hi = r.round_p50_us.iter().copied().fold(0.0, f64::max);
-                format!("{lo:.1}-{hi:.1}")
-            };
+            let spread = p50_range(&r.round_p50_us);
             vec![
                 r.path.clone(),
                 if r.services == 0 {
@@ -584,17 +713,7 @@ fn summarize(
     ));
     if !ratios.is_empty() {
         text.push('\n');
-        let rows: Vec<Vec<String>> = ratios
-            .iter()
-            .map(|r| {
-                vec![
-                    r.name.clone(),
-                    format!("{:.3}", r.p50),
-                    format!("{:.3}", r.p99),
-                ]
-            })
-            .collect();
-        text.push_str(&table(&["ratio", "p50", "p99"], &rows));
+        text.push_str(&ratio_table(&ratios));
     }
     text.push_str(
         "\ninstall s: iptables = iptables-restore of the full ruleset; weir = agent start (program \

@@ -102,7 +102,7 @@ fn restore_measured(
 }
 
 /// Runs `command` on `host` under `weir-lab probe measure`.
-fn measured(
+pub(crate) fn measured(
     lab: &mut dyn Lab,
     env: &BenchEnv,
     host: HostId,

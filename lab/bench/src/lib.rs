@@ -8,6 +8,8 @@
 //!   to maps.
 //! - [`churn`]: the seeds' experiment, the CPU of keeping 5,000 services in sync second by
 //!   second through quiet, one service churned, and quiet again.
+//! - [`policy`]: TCP connect latency to a pod isolated by NetworkPolicy of 10 and 10,000 rules,
+//!   through Weir and through the same policy as iptables rules with ipsets ([`netpol`]).
 //!
 //! Both build their labs through the [`Backend`](weir_lab_core::backend::Backend) trait and run their
 //! measuring tools ([`probe`]) on the lab's hosts, so they can move to another backend. They
@@ -18,6 +20,8 @@ pub mod churn;
 pub mod connect;
 mod iptables;
 pub mod kube_proxy;
+pub mod netpol;
+pub mod policy;
 pub mod probe;
 pub mod probes;
 pub mod reorder;
@@ -43,6 +47,9 @@ pub enum BenchCommand {
     /// The seeds' experiment: N services x M endpoints, quiet, one service churned, quiet, with
     /// the CPU of the agent and of kube-proxy's (emulated) iptables syncs sampled every second.
     Churn(churn::ChurnOptions),
+    /// TCP connect latency to a pod isolated by NetworkPolicy of 10 and 10,000 ingress rules:
+    /// Weir, the same policy as iptables rules with ipsets, no policy, interleaved in one run.
+    Policy(policy::PolicyOptions),
 }
 
 /// Options every bench takes.
@@ -99,6 +106,7 @@ pub fn run(cmd: &BenchCommand, env: &BenchEnv) -> Result<(), BenchError> {
         BenchCommand::Connect(o) => connect::run(o, env).map(|_| ()),
         BenchCommand::SyncBaseline(o) => sync::run(o, env).map(|_| ()),
         BenchCommand::Churn(o) => churn::run(o, env).map(|_| ()),
+        BenchCommand::Policy(o) => policy::run(o, env).map(|_| ()),
     }
 }
 
