@@ -174,9 +174,11 @@ fn the_policy_pass_writes_the_maps_and_the_node_flag_repairs_drift_and_a_restart
         |state: &weir_agent::policy::PolicyState| state.endpoints[&addr_key(ip("198.18.1.1"))];
 
     let mut policy = PolicyReconciler::new("n1", true);
+    let changes = store.take_policy_changes();
     let writes = policy
         .pass(
             store.policy(),
+            &changes,
             &mut dataplane.policy,
             &mut dataplane.node,
             &mut node_config,
@@ -254,9 +256,11 @@ fn the_policy_pass_writes_the_maps_and_the_node_flag_repairs_drift_and_a_restart
     let mut dataplane = common::load_pinned(pins.path());
     let mut node_config = dataplane.node.config().unwrap();
     let mut restarted = PolicyReconciler::new("n1", true);
+    let changes = store.take_policy_changes();
     let writes = restarted
         .pass(
             store.policy(),
+            &changes,
             &mut dataplane.policy,
             &mut dataplane.node,
             &mut node_config,
@@ -275,9 +279,11 @@ fn the_policy_pass_writes_the_maps_and_the_node_flag_repairs_drift_and_a_restart
         source.changes_into(&mut |e| store.handle(&e));
         source.rescan_if_due(Duration::from_millis(0), &mut |e| store.handle(&e));
     }
+    let changes = store.take_policy_changes();
     restarted
         .pass(
             store.policy(),
+            &changes,
             &mut dataplane.policy,
             &mut dataplane.node,
             &mut node_config,
