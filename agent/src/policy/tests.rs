@@ -801,7 +801,7 @@ const POLICIES: usize = 8;
 
 /// Policies the property test draws from: every kind of peer, port and isolation, selectors
 /// that a label change moves pods in and out of, ipBlocks whose prefixes nest across policies.
-const SPECS: [&str; 12] = [
+const SPECS: [&str; 13] = [
     "  podSelector: {matchLabels: {app: web}}\n  ingress: [{from: [{podSelector: {matchLabels: {app: client}}}], ports: [{port: http}, {port: 80}]}]\n",
     "  podSelector: {}\n  policyTypes: [Ingress, Egress]\n",
     "  podSelector: {matchExpressions: [{key: tier, operator: In, values: [x]}]}\n  ingress: [{from: [{namespaceSelector: {matchLabels: {team: a}}, podSelector: {matchExpressions: [{key: app, operator: Exists}]}}]}]\n",
@@ -814,6 +814,7 @@ const SPECS: [&str; 12] = [
     "  podSelector: {matchLabels: {app: web}}\n  ingress: [{from: [{podSelector: {}}]}]\n  egress: [{to: [{podSelector: {matchLabels: {app: db}}}]}]\n",
     "  podSelector: {}\n  egress: [{to: [{ipBlock: {cidr: \"fd00::/8\", except: [\"fd00:1::/32\"]}}]}]\n  policyTypes: [Egress]\n",
     "  podSelector: {matchExpressions: [{key: app, operator: DoesNotExist}]}\n  ingress: [{}]\n",
+    "  podSelector: {matchLabels: {tier: x}}\n  ingress: [{from: [{ipBlock: {cidr: 203.0.2.0/24}}, {ipBlock: {cidr: 203.0.0.0/8, except: [203.0.1.0/25]}}], ports: [{port: 443}]}]\n",
 ];
 
 /// A random version of pod `i`: labels, node, named ports and addresses (sometimes none,
