@@ -55,7 +55,9 @@ fn pod(i: u32) -> PodIntent {
             ("tier".to_owned(), format!("t{}", i % TIERS)),
         ]
         .into(),
-        addresses: vec![format!("198.18.{}.{}", i / 250, i % 250 + 1).parse().unwrap()],
+        addresses: vec![format!("198.18.{}.{}", i / 250, i % 250 + 1)
+            .parse()
+            .unwrap()],
         named_ports: [NamedPort {
             name: "http".to_owned(),
             protocol: PolicyProtocol::Tcp,
@@ -200,7 +202,7 @@ type Change = fn(&mut PolicyIntents, u32) -> PolicyChanges;
 
 /// A pod's tier label moves on (local pods and others in turn).
 fn label_change(intents: &mut PolicyIntents, round: u32) -> PolicyChanges {
-    let i = if round % 2 == 0 {
+    let i = if round.is_multiple_of(2) {
         round / 2 % LOCAL_PODS
     } else {
         LOCAL_PODS + round * 37 % (PODS - LOCAL_PODS)
@@ -318,5 +320,9 @@ fn main() {
     }
     // Both roads end at the same maps.
     let maps = agent.dataplane.policy.read().unwrap();
-    assert_eq!(maps, agent.policy.last().state, "the maps hold the compiled state");
+    assert_eq!(
+        maps,
+        agent.policy.last().state,
+        "the maps hold the compiled state"
+    );
 }

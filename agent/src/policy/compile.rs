@@ -473,7 +473,12 @@ impl PolicyCompiler {
                 &mut plan.delete_rules,
             );
         }
-        let active = || model.contributions.values().filter(|c| !c.selected.is_empty());
+        let active = || {
+            model
+                .contributions
+                .values()
+                .filter(|c| !c.selected.is_empty())
+        };
         self.compiled.report = CompileReport {
             policies: active().count(),
             isolated_endpoints: self.compiled.endpoints.len(),
@@ -703,9 +708,11 @@ impl Model {
             .or_default()
             .insert(id, class.clone());
         for port in &class.named_ports {
-            (self.named.entry(port.name.clone()))
-                .or_default()
-                .insert((port.protocol, id, port.port));
+            (self.named.entry(port.name.clone())).or_default().insert((
+                port.protocol,
+                id,
+                port.port,
+            ));
         }
     }
 
@@ -728,7 +735,11 @@ impl Model {
 
     /// The policies writing rules whose peers may be one of `classes`: a peer selector
     /// matching it, or an egress rule to any address by a port name it defines.
-    fn selecting_classes(&self, intents: &PolicyIntents, classes: &[Rc<PodClass>]) -> Vec<ObjectRef> {
+    fn selecting_classes(
+        &self,
+        intents: &PolicyIntents,
+        classes: &[Rc<PodClass>],
+    ) -> Vec<ObjectRef> {
         if classes.is_empty() {
             return Vec::new();
         }
@@ -737,11 +748,9 @@ impl Model {
                 Some(PortRef::Name(name)) => Some((name, p.protocol)),
                 _ => None,
             });
-            named
-                .into_iter()
-                .any(|(name, protocol)| {
-                    (class.named_ports.iter()).any(|p| p.name == *name && p.protocol == protocol)
-                })
+            named.into_iter().any(|(name, protocol)| {
+                (class.named_ports.iter()).any(|p| p.name == *name && p.protocol == protocol)
+            })
         };
         let selects = |class: &PodClass, direction: u8, rule: &Rule| match &rule.peers {
             Some(peers) => peers.iter().any(|peer| match peer {
@@ -914,7 +923,12 @@ impl Model {
     }
 
     /// Recomputes the rule entries of the `dirty` policies and counts the difference.
-    fn write_rules(&mut self, intents: &PolicyIntents, dirty: &BTreeSet<ObjectRef>, touched: &mut Touched) {
+    fn write_rules(
+        &mut self,
+        intents: &PolicyIntents,
+        dirty: &BTreeSet<ObjectRef>,
+        touched: &mut Touched,
+    ) {
         let mut matched = Matched::new();
         for id in dirty {
             let Some(contribution) = self.contributions.get(id) else {
@@ -982,10 +996,7 @@ impl Model {
     /// longest match of an address in the ipBlock is one of them, of an address outside it
     /// never.
     fn inside(&self, cidr: &Prefix, except: &[Prefix]) -> Vec<u32> {
-        let first = Prefix {
-            len: 0,
-            ..*cidr
-        };
+        let first = Prefix { len: 0, ..*cidr };
         (self.prefixes.range(first..))
             .take_while(|(p, _)| p.family == cidr.family && p.addr <= cidr.last())
             .filter(|(p, _)| cidr.contains(p) && !except.iter().any(|e| e.contains(p)))
@@ -994,13 +1005,20 @@ impl Model {
     }
 
     /// The pod identities a (scope, selector) pair matches, once per pass.
-    fn select_classes(&self, scope: &NamespaceScope, pods: &Selector, matched: &mut Matched) -> Rc<Classes> {
+    fn select_classes(
+        &self,
+        scope: &NamespaceScope,
+        pods: &Selector,
+        matched: &mut Matched,
+    ) -> Rc<Classes> {
         let key = (scope.clone(), pods.clone());
         if let Some(found) = matched.get(&key) {
             return found.clone();
         }
         let namespaces: Vec<&BTreeMap<u32, Rc<PodClass>>> = match scope {
-            NamespaceScope::Own(namespace) => self.by_namespace.get(namespace).into_iter().collect(),
+            NamespaceScope::Own(namespace) => {
+                self.by_namespace.get(namespace).into_iter().collect()
+            }
             // Every class of a namespace carries the namespace's labels.
             NamespaceScope::Selected(selector) => (self.by_namespace.values())
                 .filter(|classes| {

@@ -843,7 +843,10 @@ fn random_pod(rng: &mut Rng, i: usize) -> PodIntent {
     };
     let addresses = match rng.below(6) {
         0 => Vec::new(),
-        1 => vec![ip(&format!("198.18.0.{host}")), ip(&format!("fd00::{host}"))],
+        1 => vec![
+            ip(&format!("198.18.0.{host}")),
+            ip(&format!("fd00::{host}")),
+        ],
         _ => vec![ip(&format!("198.18.0.{host}"))],
     };
     PodIntent {
@@ -935,7 +938,14 @@ fn canonical(compiler: &PolicyCompiler) -> Canonical {
         .map(|(k, bits)| {
             let endpoint = names.endpoints[&u32::from_be(k.endpoint_be)].clone();
             let peer = identity(u32::from_be(k.identity_be));
-            (endpoint, peer, k.direction, k.proto, u16::from_be(k.port_be), *bits)
+            (
+                endpoint,
+                peer,
+                k.direction,
+                k.proto,
+                u16::from_be(k.port_be),
+                *bits,
+            )
         })
         .collect();
     (peers, endpoints, cidrs, rules)
@@ -949,7 +959,11 @@ fn written(maps: &mut PolicyState, plan: &PolicyPlan) {
         entries: &[(K, V)],
     ) {
         for (key, value) in entries {
-            assert_ne!(map.insert(*key, *value), Some(*value), "a needless write {key:?}");
+            assert_ne!(
+                map.insert(*key, *value),
+                Some(*value),
+                "a needless write {key:?}"
+            );
         }
     }
     fn delete<K: Ord + std::fmt::Debug, V>(map: &mut BTreeMap<K, V>, keys: &[K]) {
@@ -981,7 +995,10 @@ fn incremental_passes_equal_a_compile_from_scratch_after_every_change() {
         let mut intents = PolicyIntents::default();
         let mut compiler = PolicyCompiler::new(NODE);
         let mut maps = PolicyState::default();
-        written(&mut maps, &compiler.update(&intents, &PolicyChanges::everything()));
+        written(
+            &mut maps,
+            &compiler.update(&intents, &PolicyChanges::everything()),
+        );
         for pass in 0..PASSES {
             let mut changes = PolicyChanges::default();
             for _ in 0..=rng.below(3) {
@@ -994,7 +1011,11 @@ fn incremental_passes_equal_a_compile_from_scratch_after_every_change() {
             let mut fresh = PolicyCompiler::new(NODE);
             fresh.compile(&intents);
             assert_eq!(canonical(&compiler), canonical(&fresh), "{context}");
-            assert_eq!(compiler.compiled().report, fresh.compiled().report, "{context}");
+            assert_eq!(
+                compiler.compiled().report,
+                fresh.compiled().report,
+                "{context}"
+            );
             if pass % 25 == 24 {
                 let full = compiler.update(&intents, &PolicyChanges::everything());
                 assert!(full.is_empty(), "{context}: {full:?}");

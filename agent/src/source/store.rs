@@ -8,9 +8,7 @@ use crate::intent::{
     self, ClusterIntent, EndpointSliceIntent, IntentError, NodeIntent, ObjectRef, ServiceIntent,
 };
 
-use crate::policy::{
-    self, NamespaceIntent, PodIntent, PolicyChanges, PolicyIntent, PolicyIntents,
-};
+use crate::policy::{self, NamespaceIntent, PodIntent, PolicyChanges, PolicyIntent, PolicyIntents};
 
 use super::event::{Kind, ObjectEvent, ObjectKey, Objects, SourceObject};
 
