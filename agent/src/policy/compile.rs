@@ -607,24 +607,11 @@ impl Model {
                 namespace_labels: labels,
                 named_ports: pod.named_ports.clone(),
             };
-            let known = (self.classes.get_key_value(&class)).map(|(c, s)| (c.clone(), s.id));
-            let (class, identity) = match known {
-                Some((class, id)) => {
-                    self.classes.get_mut(&class).expect("just found").holders += 1;
-                    (class, id)
-                }
-                None => {
-                    let class = Rc::new(class);
-                    let hint = (pod.addresses.first()).and_then(|a| hints.peers.get(&addr_key(*a)));
-                    let key = IdentityKey::Pods(class.clone());
-                    let id = identities.id_or(&key, hint.copied());
-                    self.index_class(&class, id);
-                    self.classes
-                        .insert(class.clone(), Shared { id, holders: 1 });
-                    changed.push(class.clone());
-                    (class, id)
-                }
-            };
+            let hint = (pod.addresses.first()).and_then(|a| hints.peers.get(&addr_key(*a)));
+            let (class, identity, born) = self.join_class(class, hint.copied(), identities);
+            if born {
+                changed.push(class.clone());
+            }
             for address in &pod.addresses {
                 let key = addr_key(*address);
                 self.owners.entry(key).or_default().insert(id.clone());
@@ -662,6 +649,27 @@ impl Model {
             changed.push(class);
         }
         changed
+    }
+
+    /// Counts one more pod of `class`; a class new to the model takes an identity (`hint`
+    /// when free). Returns the class as the model holds it, its identity, and whether it is new.
+    fn join_class(
+        &mut self,
+        class: PodClass,
+        hint: Option<u32>,
+        identities: &mut Allocator<IdentityKey>,
+    ) -> (Rc<PodClass>, u32, bool) {
+        if let Some((class, shared)) = self.classes.get_key_value(&class) {
+            let (class, id) = (class.clone(), shared.id);
+            self.classes.get_mut(&class).expect("just found").holders += 1;
+            return (class, id, false);
+        }
+        let class = Rc::new(class);
+        let id = identities.id_or(&IdentityKey::Pods(class.clone()), hint);
+        self.index_class(&class, id);
+        self.classes
+            .insert(class.clone(), Shared { id, holders: 1 });
+        (class, id, true)
     }
 
     fn remove_pod(
