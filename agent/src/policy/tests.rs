@@ -951,6 +951,17 @@ fn canonical(compiler: &PolicyCompiler) -> Canonical {
     (peers, endpoints, cidrs, rules)
 }
 
+/// The identity and endpoint ids the maps use.
+fn ids_in(state: &PolicyState) -> (BTreeSet<u32>, BTreeSet<u32>) {
+    let rules = state.rules.keys().map(|(k, _)| k);
+    let identities = (state.peers.values().chain(state.cidrs.values()).copied())
+        .chain(rules.clone().map(|k| u32::from_be(k.identity_be)))
+        .filter(|id| *id != POLICY_ANY_PEER);
+    let endpoints = (state.endpoints.values().map(|e| e.id))
+        .chain(rules.map(|k| u32::from_be(k.endpoint_be)));
+    (identities.collect(), endpoints.collect())
+}
+
 /// What the maps hold after `plan` is written to maps holding `maps`; every write of the plan
 /// changes something.
 fn written(maps: &mut PolicyState, plan: &PolicyPlan) {
@@ -985,7 +996,9 @@ fn written(maps: &mut PolicyState, plan: &PolicyPlan) {
 /// and policy changes (one to three per pass), each pass's plan written to simulated maps.
 /// After every pass the maps hold exactly the compiled state, which equals a fresh compile of
 /// the same intent (ids named by what they stand for), with the same counts; now and then a
-/// full recompile over the same compiler finds nothing to write (ids stayed put).
+/// full recompile over the same compiler finds nothing to write (ids stayed put). An id the
+/// maps use before and after a pass means the same thing in both (a freed id is never reused
+/// by the plan that deletes its entries).
 #[test]
 fn incremental_passes_equal_a_compile_from_scratch_after_every_change() {
     const SEEDS: u64 = 12;
@@ -1004,9 +1017,19 @@ fn incremental_passes_equal_a_compile_from_scratch_after_every_change() {
             for _ in 0..=rng.below(3) {
                 random_change(&mut rng, &mut intents, &mut changes);
             }
+            let (names_before, ids_before) = (compiler.names(), ids_in(&maps));
             let plan = compiler.update(&intents, &changes);
             written(&mut maps, &plan);
             let context = format!("seed {seed}, pass {pass}, changes {changes:?}");
+            let (names_after, ids_after) = (compiler.names(), ids_in(&maps));
+            for id in ids_before.0.intersection(&ids_after.0) {
+                let (before, after) = (&names_before.identities, &names_after.identities);
+                assert_eq!(before.get(id), after.get(id), "identity {id}: {context}");
+            }
+            for id in ids_before.1.intersection(&ids_after.1) {
+                let (before, after) = (&names_before.endpoints, &names_after.endpoints);
+                assert_eq!(before.get(id), after.get(id), "endpoint {id}: {context}");
+            }
             assert_eq!(maps, compiler.compiled().state, "{context}");
             let mut fresh = PolicyCompiler::new(NODE);
             fresh.compile(&intents);
