@@ -957,8 +957,8 @@ fn ids_in(state: &PolicyState) -> (BTreeSet<u32>, BTreeSet<u32>) {
     let identities = (state.peers.values().chain(state.cidrs.values()).copied())
         .chain(rules.clone().map(|k| u32::from_be(k.identity_be)))
         .filter(|id| *id != POLICY_ANY_PEER);
-    let endpoints = (state.endpoints.values().map(|e| e.id))
-        .chain(rules.map(|k| u32::from_be(k.endpoint_be)));
+    let endpoints =
+        (state.endpoints.values().map(|e| e.id)).chain(rules.map(|k| u32::from_be(k.endpoint_be)));
     (identities.collect(), endpoints.collect())
 }
 
