@@ -89,9 +89,9 @@ impl Reconciler {
         self.store.policy()
     }
 
-    /// Whether a Pod, Namespace or NetworkPolicy changed since the last call.
-    pub fn take_policy_dirty(&mut self) -> bool {
-        self.store.take_policy_dirty()
+    /// The Pods, Namespaces and NetworkPolicies changed since the last call.
+    pub fn take_policy_changes(&mut self) -> crate::policy::PolicyChanges {
+        self.store.take_policy_changes()
     }
 
     /// Brings the maps to a complete snapshot of the objects (a start or a relist): objects not

@@ -504,10 +504,12 @@ fn apply(
         }
     };
     // After the services: a policy's peers may be a new service's backends.
-    let policy_pass = if reconciler.take_policy_dirty() || policy.needs_pass() {
+    let changes = reconciler.take_policy_changes();
+    let policy_pass = if !changes.is_empty() || policy.needs_pass() {
         policy
             .pass(
                 reconciler.policy_intents(),
+                &changes,
                 &mut dataplane.policy,
                 &mut dataplane.node,
                 node_config,

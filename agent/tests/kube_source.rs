@@ -417,6 +417,6 @@ async fn with_policy_on_pods_namespaces_and_policies_are_listed_watched_and_reac
         store.policy().policies.len() == 1
     })
     .await;
-    assert!(store.borrow_mut().take_policy_dirty());
+    assert!(!store.borrow_mut().take_policy_changes().is_empty());
     assert_eq!(source.snapshot().network_policies.len(), 1);
 }

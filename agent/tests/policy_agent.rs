@@ -174,9 +174,11 @@ fn the_policy_pass_writes_the_maps_and_the_node_flag_repairs_drift_and_a_restart
         |state: &weir_agent::policy::PolicyState| state.endpoints[&addr_key(ip("198.18.1.1"))];
 
     let mut policy = PolicyReconciler::new("n1", true);
+    let changes = store.take_policy_changes();
     let writes = policy
         .pass(
             store.policy(),
+            &changes,
             &mut dataplane.policy,
             &mut dataplane.node,
             &mut node_config,
@@ -254,9 +256,11 @@ fn the_policy_pass_writes_the_maps_and_the_node_flag_repairs_drift_and_a_restart
     let mut dataplane = common::load_pinned(pins.path());
     let mut node_config = dataplane.node.config().unwrap();
     let mut restarted = PolicyReconciler::new("n1", true);
+    let changes = store.take_policy_changes();
     let writes = restarted
         .pass(
             store.policy(),
+            &changes,
             &mut dataplane.policy,
             &mut dataplane.node,
             &mut node_config,
@@ -275,9 +279,11 @@ fn the_policy_pass_writes_the_maps_and_the_node_flag_repairs_drift_and_a_restart
         source.changes_into(&mut |e| store.handle(&e));
         source.rescan_if_due(Duration::from_millis(0), &mut |e| store.handle(&e));
     }
+    let changes = store.take_policy_changes();
     restarted
         .pass(
             store.policy(),
+            &changes,
             &mut dataplane.policy,
             &mut dataplane.node,
             &mut node_config,
@@ -291,4 +297,103 @@ fn the_policy_pass_writes_the_maps_and_the_node_flag_repairs_drift_and_a_restart
         dataplane.node.config().unwrap().flags & node_flags::POLICY,
         0
     );
+}
+
+/// Reads the state directory's changes into the store until `done` holds (bounded).
+fn sync_until(
+    source: &mut FileSource,
+    store: &mut IntentStore,
+    done: impl Fn(&IntentStore) -> bool,
+) {
+    let started = Instant::now();
+    while !done(store) {
+        assert!(started.elapsed() < Duration::from_secs(10), "never seen");
+        std::thread::sleep(Duration::from_millis(20));
+        source.changes_into(&mut |e| store.handle(&e));
+        source.rescan_if_due(Duration::from_millis(0), &mut |e| store.handle(&e));
+    }
+}
+
+#[test]
+fn incremental_passes_write_the_real_maps_as_a_compile_from_scratch_would() {
+    common::require_root();
+    let pins = common::private_bpffs(nix::sched::CloneFlags::empty());
+    let (dir, mut source, mut store) = state_dir(POLICY);
+    let mut dataplane = common::load_pinned(pins.path());
+    let mut node_config = dataplane.node.config().unwrap();
+    let mut policy = PolicyReconciler::new("n1", true);
+    let mut pass = |store: &mut IntentStore, dataplane: &mut weir_agent::dataplane::Dataplane| {
+        let changes = store.take_policy_changes();
+        assert!(!changes.is_empty() || policy.needs_pass());
+        let writes = policy
+            .pass(
+                store.policy(),
+                &changes,
+                &mut dataplane.policy,
+                &mut dataplane.node,
+                &mut node_config,
+                None,
+            )
+            .unwrap();
+        let maps = dataplane.policy.read().unwrap();
+        assert_eq!(maps, policy.last().state, "{changes:?}");
+        // A from-scratch compile, numbered as the maps are, finds nothing to write.
+        let mut fresh = PolicyCompiler::new("n1");
+        fresh.adopt(&maps);
+        let scratch = fresh.compile(store.policy()).state;
+        assert_eq!(scratch, maps, "{changes:?}");
+        writes
+    };
+    assert!(pass(&mut store, &mut dataplane) > 0);
+
+    // The peer relabelled (its old identity's rules go), another pod takes its old class.
+    let relabelled = [
+        pod("web", "shop", "n1", "198.18.1.1", "web"),
+        pod("cart", "shop", "n2", "198.18.2.1", "cart2"),
+        pod("cart-b", "shop", "n2", "198.18.2.3", "cart"),
+        pod("debug", "tools", "n2", "198.18.2.2", "debug"),
+    ]
+    .join("---\n");
+    write(dir.path(), "pods.yaml", &relabelled);
+    sync_until(&mut source, &mut store, |s| s.policy().pods.len() == 4);
+    assert!(pass(&mut store, &mut dataplane) > 0);
+
+    // The policy changes its ipBlock and allows the relabelled pod too.
+    let replaced = POLICY
+        .replace(
+            "203.0.113.0/24, except: [203.0.113.128/25]",
+            "198.51.100.0/24",
+        )
+        .replace(
+            "matchLabels: {app: cart}",
+            "matchExpressions: [{key: app, operator: In, values: [cart, cart2]}]",
+        );
+    write(dir.path(), "policy.yaml", &replaced);
+    sync_until(&mut source, &mut store, |s| {
+        format!("{:?}", s.policy().policies).contains("cart2")
+    });
+    assert!(pass(&mut store, &mut dataplane) > 0);
+
+    // A namespace's labels change: every pod of it changes identity.
+    write(
+        dir.path(),
+        "namespaces.yaml",
+        &NAMESPACES.replace("team: shop", "team: store"),
+    );
+    sync_until(&mut source, &mut store, |s| {
+        s.policy().namespaces["shop"]
+            .labels
+            .get("team")
+            .map(String::as_str)
+            == Some("store")
+    });
+    assert!(pass(&mut store, &mut dataplane) > 0);
+
+    // The policy goes.
+    std::fs::remove_file(dir.path().join("policy.yaml")).unwrap();
+    sync_until(&mut source, &mut store, |s| s.policy().policies.is_empty());
+    pass(&mut store, &mut dataplane);
+    let left = dataplane.policy.read().unwrap();
+    assert!(left.endpoints.is_empty() && left.rules.is_empty() && left.cidrs.is_empty());
+    assert_eq!(left.peers.len(), 4);
 }

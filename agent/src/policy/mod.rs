@@ -7,7 +7,7 @@
 //! isolated pod of this node gets an endpoint id. A rule entry is (endpoint, direction, peer
 //! identity, protocol, port prefix), so the data path's cost does not grow with the rules.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::intent::ObjectRef;
 
@@ -29,6 +29,34 @@ pub struct PolicyIntents {
     pub pods: BTreeMap<ObjectRef, PodIntent>,
     pub namespaces: BTreeMap<String, NamespaceIntent>,
     pub policies: BTreeMap<ObjectRef, PolicyIntent>,
+}
+
+/// Which Pods, Namespaces and NetworkPolicies were added, changed or deleted since the last
+/// pass, by key: what an incremental compile ([`PolicyCompiler::update`]) recomputes from.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PolicyChanges {
+    pub pods: BTreeSet<ObjectRef>,
+    pub namespaces: BTreeSet<String>,
+    pub policies: BTreeSet<ObjectRef>,
+    /// Recompile everything and diff the whole states instead.
+    pub everything: bool,
+}
+
+impl PolicyChanges {
+    /// A change that recompiles everything (the full-state diff).
+    pub fn everything() -> PolicyChanges {
+        PolicyChanges {
+            everything: true,
+            ..PolicyChanges::default()
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        !self.everything
+            && self.pods.is_empty()
+            && self.namespaces.is_empty()
+            && self.policies.is_empty()
+    }
 }
 
 #[cfg(test)]

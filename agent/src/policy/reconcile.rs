@@ -1,5 +1,5 @@
-//! One policy pass: compile the policy intent, diff against what the maps hold, write the plan
-//! in its safe order, and keep the node's POLICY flag in step with the isolated endpoints.
+//! One policy pass: compile what changed in the policy intent into a plan (at start and after a
+//! failed write: everything, diffed against what the maps hold), write the plan in its safe order, and keep the node's POLICY flag in step with the isolated endpoints.
 
 use tracing::{info, warn};
 use weir_common::{map_names, node_flags, NodeConfig};
@@ -7,17 +7,16 @@ use weir_common::{map_names, node_flags, NodeConfig};
 use super::compile::{Compiled, PolicyCompiler};
 use super::maps::PolicyMaps;
 use super::state::{PolicyPlan, PolicyState};
-use super::PolicyIntents;
+use super::{PolicyChanges, PolicyIntents};
 use crate::dataplane::{DataplaneError, NodeMaps};
 use crate::metrics::Metrics;
 
 pub struct PolicyReconciler {
     compiler: PolicyCompiler,
     enabled: bool,
-    /// What the maps hold, as last written; None until read (at start, and after a failed
-    /// write, so the maps are never trusted less than a memory of them).
-    shadow: Option<PolicyState>,
-    last: Compiled,
+    /// The maps hold what the compiler compiled last; false until read (at start, and after a
+    /// failed write, so the maps are never trusted less than a memory of them).
+    in_step: bool,
     /// SCTP entries were logged once already.
     sctp_logged: bool,
 }
@@ -28,51 +27,55 @@ impl PolicyReconciler {
         PolicyReconciler {
             compiler: PolicyCompiler::new(node_name),
             enabled,
-            shadow: None,
-            last: Compiled::default(),
+            in_step: false,
             sctp_logged: false,
         }
     }
 
     /// A pass is due even without a change: the maps were never read, or a write failed.
     pub fn needs_pass(&self) -> bool {
-        self.shadow.is_none()
+        !self.in_step
     }
 
     /// The last pass's result (for metrics and logs).
     pub fn last(&self) -> &Compiled {
-        &self.last
+        self.compiler.compiled()
     }
 
     /// What the ids of the last pass stand for.
     pub fn names(&self) -> super::PolicyNames {
-        self.compiler.names(&self.last)
+        self.compiler.names()
     }
 
-    /// Brings the policy maps and the node's POLICY flag to `intents`; returns the map writes.
-    /// `node_config` is the node configuration as written; its POLICY flag is set before any
-    /// endpoint is isolated and cleared after the last one stops being.
+    /// Brings the policy maps and the node's POLICY flag to `intents`, of which `changes`
+    /// changed since the last pass; returns the map writes. The plan comes from the changes
+    /// alone (the incremental compile), except at the first pass and after a failed write,
+    /// which read the maps, compile everything and diff (as `changes.everything` does against
+    /// the last compiled state). `node_config` is the node configuration as written; its
+    /// POLICY flag is set before any endpoint is isolated and cleared after the last one stops
+    /// being.
     pub fn pass(
         &mut self,
         intents: &PolicyIntents,
+        changes: &PolicyChanges,
         maps: &mut PolicyMaps,
         node: &mut NodeMaps,
         node_config: &mut NodeConfig,
         metrics: Option<&Metrics>,
     ) -> Result<usize, DataplaneError> {
-        let reread = self.shadow.is_none();
-        let current = match self.shadow.take() {
-            Some(shadow) => shadow,
-            None => maps.read()?,
-        };
-        if reread {
+        let empty = PolicyIntents::default();
+        let intents = if self.enabled { intents } else { &empty };
+        let reread = !self.in_step;
+        let plan = if reread {
+            let current = maps.read()?;
             // Numbered as the maps are, so unchanged intent writes nothing.
             self.compiler.adopt(&current);
-        }
-        let empty = PolicyIntents::default();
-        let compiled = self
-            .compiler
-            .compile(if self.enabled { intents } else { &empty });
+            self.compiler.recompile(intents);
+            PolicyPlan::between(&current, &self.compiler.compiled().state)
+        } else {
+            self.compiler.update(intents, changes)
+        };
+        let compiled = self.compiler.compiled();
         if compiled.report.sctp_ports > 0 && !self.sctp_logged {
             self.sctp_logged = true;
             warn!(
@@ -80,19 +83,19 @@ impl PolicyReconciler {
                 "NetworkPolicy ports name SCTP, which Weir does not carry: those entries match nothing"
             );
         }
-        let plan = PolicyPlan::between(&current, &compiled.state);
         let isolating = !compiled.state.endpoints.is_empty();
+        // Until the writes succeed, the next pass rereads the maps.
+        self.in_step = false;
         if isolating {
             set_policy_flag(node, node_config, true)?;
         }
         if !plan.is_empty() {
-            // On error the shadow stays None: the next pass rereads the maps.
             maps.apply(&plan)?;
         }
-        self.shadow = Some(compiled.state.clone());
         if !isolating {
             set_policy_flag(node, node_config, false)?;
         }
+        self.in_step = true;
         let report = &compiled.report;
         if plan.writes() > 0 {
             info!(
@@ -118,11 +121,10 @@ impl PolicyReconciler {
             // Names change only with the maps' contents.
             if plan.writes() > 0 || reread {
                 if let Ok(mut names) = metrics.policy_names.lock() {
-                    *names = self.compiler.names(&compiled);
+                    *names = self.compiler.names();
                 }
             }
         }
-        self.last = compiled;
         Ok(plan.writes())
     }
 }
@@ -137,13 +139,15 @@ impl PolicyReconciler {
         actual: &PolicyState,
         metrics: Option<&Metrics>,
     ) -> Result<usize, DataplaneError> {
-        let Some(shadow) = self.shadow.take() else {
+        if !self.in_step {
             return Ok(0);
-        };
-        let plan = PolicyPlan::between(actual, &shadow);
+        }
+        let plan = PolicyPlan::between(actual, &self.compiler.compiled().state);
         if !plan.is_empty() {
-            // On error the shadow stays None: the next pass rereads the maps.
+            // On error the next pass rereads the maps.
+            self.in_step = false;
             maps.apply(&plan)?;
+            self.in_step = true;
             if let Some(metrics) = metrics {
                 let by_map = [
                     (
@@ -168,7 +172,6 @@ impl PolicyReconciler {
                 }
             }
         }
-        self.shadow = Some(shadow);
         Ok(plan.writes())
     }
 }

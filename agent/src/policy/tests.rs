@@ -779,76 +779,270 @@ fn a_policy_selecting_no_local_pod_writes_no_rules() {
     assert!(c.state.endpoints.is_empty() && c.state.rules.is_empty());
 }
 
-/// The sync budget: 1,000 policies over 5,000 pods compiled from empty under 2 s of
-/// CPU, and one pod label change recompiled and diffed. A benchmark, not a timed test: run
-/// `cargo test --release -p weir-agent --lib policy_sync_at_scale -- --ignored --nocapture`.
-#[test]
-#[ignore]
-fn policy_sync_at_scale() {
-    use std::time::Instant;
-    let mut intents = PolicyIntents::default();
-    for n in 0..50 {
-        let ns = namespace(&format!("ns{n}"), &format!("team: t{}", n % 10));
-        intents.namespaces.insert(ns.name.clone(), ns);
+/// A small seeded generator (xorshift64*): the property test's sequences repeat exactly.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 33) as usize % n
     }
-    for i in 0..5000u32 {
-        // 100 pods on this node, two in every namespace.
-        let node = if i < 100 { NODE } else { "n2" };
-        let address = format!("198.18.{}.{}", i / 250, i % 250 + 1);
-        let p = pod(
-            &format!("ns{}", i % 50),
-            &format!("p{i}"),
-            node,
-            &address,
-            &format!("app: a{}, tier: t{}", i % 20, i % 5),
-            &format!("{{name: http, containerPort: {}}}", 8080 + i % 3),
-        );
-        intents.pods.insert(p.id.clone(), p);
+
+    fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
+        items[self.below(items.len())]
     }
-    for j in 0..1000u32 {
-        let spec = format!(
-            "  podSelector: {{matchLabels: {{app: a{a}}}}}\n  ingress:\n  - from: [{{namespaceSelector: {{matchLabels: {{team: t{t}}}}}, podSelector: {{matchExpressions: [{{key: tier, operator: In, values: [t{tier}]}}]}}}}, {{ipBlock: {{cidr: 10.{b}.0.0/16, except: [10.{b}.{c}.0/24]}}}}]\n    ports: [{{port: 80}}, {{port: 8000, endPort: 8100}}, {{port: http}}]\n  egress:\n  - to: [{{podSelector: {{matchLabels: {{app: a{e}}}}}}}]\n    ports: [{{port: http}}]\n",
-            a = j % 20,
-            t = j % 10,
-            tier = j % 5,
-            b = j % 250,
-            c = j % 200,
-            e = (j + 1) % 20,
-        );
-        let p = policy(&format!("ns{}", j % 50), &format!("pol{j}"), &spec);
-        intents.policies.insert(p.id.clone(), p);
+}
+
+const NAMESPACES: usize = 4;
+const PODS: usize = 16;
+const POLICIES: usize = 8;
+
+/// Policies the property test draws from: every kind of peer, port and isolation, selectors
+/// that a label change moves pods in and out of, ipBlocks whose prefixes nest across policies.
+const SPECS: [&str; 13] = [
+    "  podSelector: {matchLabels: {app: web}}\n  ingress: [{from: [{podSelector: {matchLabels: {app: client}}}], ports: [{port: http}, {port: 80}]}]\n",
+    "  podSelector: {}\n  policyTypes: [Ingress, Egress]\n",
+    "  podSelector: {matchExpressions: [{key: tier, operator: In, values: [x]}]}\n  ingress: [{from: [{namespaceSelector: {matchLabels: {team: a}}, podSelector: {matchExpressions: [{key: app, operator: Exists}]}}]}]\n",
+    "  podSelector: {matchLabels: {app: web}}\n  ingress: [{from: [{ipBlock: {cidr: 203.0.0.0/16, except: [203.0.1.0/24]}}]}]\n",
+    "  podSelector: {}\n  ingress: [{from: [{ipBlock: {cidr: 203.0.1.128/25}}, {ipBlock: {cidr: 198.18.0.0/28}}], ports: [{port: 22}, {port: 1000, endPort: 1100}]}]\n",
+    "  podSelector: {matchLabels: {app: db}}\n  egress: [{ports: [{port: sql}, {port: http, protocol: TCP}]}]\n  policyTypes: [Egress]\n",
+    "  podSelector: {matchExpressions: [{key: app, operator: NotIn, values: [db]}]}\n  egress: [{to: [{podSelector: {matchLabels: {tier: y}}, namespaceSelector: {}}], ports: [{port: http}]}, {to: [{ipBlock: {cidr: 203.0.0.0/8, except: [203.0.0.0/16]}}]}]\n",
+    "  podSelector: {matchLabels: {tier: y}}\n  ingress: [{from: [{namespaceSelector: {matchExpressions: [{key: team, operator: NotIn, values: [b]}]}}], ports: [{port: 53, protocol: UDP}, {port: 5000, protocol: SCTP}]}]\n",
+    "  podSelector: {matchLabels: {app: client}}\n  ingress: []\n  policyTypes: [Ingress]\n",
+    "  podSelector: {matchLabels: {app: web}}\n  ingress: [{from: [{podSelector: {}}]}]\n  egress: [{to: [{podSelector: {matchLabels: {app: db}}}]}]\n",
+    "  podSelector: {}\n  egress: [{to: [{ipBlock: {cidr: \"fd00::/8\", except: [\"fd00:1::/32\"]}}]}]\n  policyTypes: [Egress]\n",
+    "  podSelector: {matchExpressions: [{key: app, operator: DoesNotExist}]}\n  ingress: [{}]\n",
+    "  podSelector: {matchLabels: {tier: x}}\n  ingress: [{from: [{ipBlock: {cidr: 203.0.2.0/24}}, {ipBlock: {cidr: 203.0.0.0/8, except: [203.0.1.0/25]}}], ports: [{port: 443}]}]\n",
+];
+
+/// A random version of pod `i`: labels, node, named ports and addresses (sometimes none,
+/// sometimes one another pod has too).
+fn random_pod(rng: &mut Rng, i: usize) -> PodIntent {
+    let mut labels = intent::Labels::new();
+    let app = rng.pick(&["web", "db", "client", ""]);
+    if !app.is_empty() {
+        labels.insert("app".into(), app.into());
     }
-    let mut compiler = PolicyCompiler::new(NODE);
-    let started = Instant::now();
-    let first = compiler.compile(&intents);
-    let plan = PolicyPlan::between(&PolicyState::default(), &first.state);
-    let full = started.elapsed();
-    let r = &first.report;
-    println!(
-        "from empty: {full:?} for {} policies selecting local pods, {} isolated endpoints, {} peers, {} cidrs, {} rule entries, {} writes",
-        r.policies, r.isolated_endpoints, first.state.peers.len(), first.state.cidrs.len(), r.rule_entries, plan.writes()
-    );
-    let mut changes = Vec::new();
-    let mut state = first.state;
-    for round in 0..20u32 {
-        let id = crate::intent::ObjectRef {
-            namespace: format!("ns{}", round % 50),
-            name: format!("p{}", round * 50 + round % 50),
-        };
-        if let Some(p) = intents.pods.get_mut(&id) {
-            p.labels
-                .insert("tier".into(), format!("t{}", (round + 1) % 5));
+    labels.insert("tier".into(), rng.pick(&["x", "y"]).into());
+    let mut named_ports = std::collections::BTreeSet::new();
+    for (name, port) in [("http", 8080), ("http", 9090), ("sql", 5432)] {
+        if rng.below(3) == 0 {
+            named_ports.insert(intent::NamedPort {
+                name: name.into(),
+                protocol: intent::PolicyProtocol::Tcp,
+                port,
+            });
         }
-        let started = Instant::now();
-        let next = compiler.compile(&intents);
-        let plan = PolicyPlan::between(&state, &next.state);
-        changes.push((started.elapsed(), plan.writes()));
-        state = next.state;
     }
-    changes.sort();
-    println!(
-        "one pod label change, compile + diff: median {:?}, max {:?} ({} writes at the median)",
-        changes[10].0, changes[19].0, changes[10].1
-    );
-    assert!(full.as_secs_f64() < 10.0, "{full:?}");
+    let host = if rng.below(8) == 0 {
+        rng.below(PODS)
+    } else {
+        i
+    };
+    let addresses = match rng.below(6) {
+        0 => Vec::new(),
+        1 => vec![
+            ip(&format!("198.18.0.{host}")),
+            ip(&format!("fd00::{host}")),
+        ],
+        _ => vec![ip(&format!("198.18.0.{host}"))],
+    };
+    PodIntent {
+        id: crate::intent::ObjectRef {
+            namespace: format!("ns{}", i % NAMESPACES),
+            name: format!("p{i}"),
+        },
+        node: rng.pick(&[NODE, NODE, "n2"]).into(),
+        labels,
+        addresses,
+        named_ports,
+    }
+}
+
+/// One random change to `intents`, recorded in `changes`.
+fn random_change(rng: &mut Rng, intents: &mut PolicyIntents, changes: &mut PolicyChanges) {
+    match rng.below(10) {
+        0..=3 => {
+            let i = rng.below(PODS);
+            let p = random_pod(rng, i);
+            changes.pods.insert(p.id.clone());
+            intents.pods.insert(p.id.clone(), p);
+        }
+        4 => {
+            let i = rng.below(PODS);
+            let id = crate::intent::ObjectRef {
+                namespace: format!("ns{}", i % NAMESPACES),
+                name: format!("p{i}"),
+            };
+            intents.pods.remove(&id);
+            changes.pods.insert(id);
+        }
+        5 => {
+            let name = format!("ns{}", rng.below(NAMESPACES));
+            if rng.below(4) == 0 {
+                intents.namespaces.remove(&name);
+            } else {
+                let team = rng.pick(&["a", "b", "c"]);
+                let ns = namespace(&name, &format!("team: {team}"));
+                intents.namespaces.insert(name.clone(), ns);
+            }
+            changes.namespaces.insert(name);
+        }
+        6..=8 => {
+            let namespace = format!("ns{}", rng.below(NAMESPACES));
+            let name = format!("pol{}", rng.below(POLICIES));
+            let p = policy(&namespace, &name, SPECS[rng.below(SPECS.len())]);
+            changes.policies.insert(p.id.clone());
+            intents.policies.insert(p.id.clone(), p);
+        }
+        _ => {
+            let i = rng.below(POLICIES);
+            let id = crate::intent::ObjectRef {
+                namespace: format!("ns{}", i % NAMESPACES),
+                name: format!("pol{i}"),
+            };
+            intents.policies.remove(&id);
+            changes.policies.insert(id);
+        }
+    }
+}
+
+/// What the maps hold with every id replaced by what it stands for, so that two compilers
+/// with different histories (and numberings) compare.
+type Canonical = (
+    BTreeMap<weir_common::HostAddrKey, String>,
+    BTreeMap<weir_common::HostAddrKey, (String, u8)>,
+    BTreeMap<state::CidrPrefix, String>,
+    std::collections::BTreeSet<(String, String, u8, u8, u16, u32)>,
+);
+
+fn canonical(compiler: &PolicyCompiler) -> Canonical {
+    let names = compiler.names();
+    let state = &compiler.compiled().state;
+    let identity = |id: u32| match id {
+        POLICY_ANY_PEER => "any".to_owned(),
+        id => names.identities[&id].clone(),
+    };
+    let peers = (state.peers.iter())
+        .map(|(k, id)| (*k, identity(*id)))
+        .collect();
+    let endpoints = (state.endpoints.iter())
+        .map(|(k, e)| (*k, (names.endpoints[&e.id].clone(), e.flags)))
+        .collect();
+    let cidrs = (state.cidrs.iter())
+        .map(|(k, id)| (*k, identity(*id)))
+        .collect();
+    let rules = (state.rules.keys())
+        .map(|(k, bits)| {
+            let endpoint = names.endpoints[&u32::from_be(k.endpoint_be)].clone();
+            let peer = identity(u32::from_be(k.identity_be));
+            (
+                endpoint,
+                peer,
+                k.direction,
+                k.proto,
+                u16::from_be(k.port_be),
+                *bits,
+            )
+        })
+        .collect();
+    (peers, endpoints, cidrs, rules)
+}
+
+/// The identity and endpoint ids the maps use.
+fn ids_in(state: &PolicyState) -> (BTreeSet<u32>, BTreeSet<u32>) {
+    let rules = state.rules.keys().map(|(k, _)| k);
+    let identities = (state.peers.values().chain(state.cidrs.values()).copied())
+        .chain(rules.clone().map(|k| u32::from_be(k.identity_be)))
+        .filter(|id| *id != POLICY_ANY_PEER);
+    let endpoints =
+        (state.endpoints.values().map(|e| e.id)).chain(rules.map(|k| u32::from_be(k.endpoint_be)));
+    (identities.collect(), endpoints.collect())
+}
+
+/// What the maps hold after `plan` is written to maps holding `maps`; every write of the plan
+/// changes something.
+fn written(maps: &mut PolicyState, plan: &PolicyPlan) {
+    fn upsert<K: Ord + Copy + std::fmt::Debug, V: PartialEq + Copy + std::fmt::Debug>(
+        map: &mut BTreeMap<K, V>,
+        entries: &[(K, V)],
+    ) {
+        for (key, value) in entries {
+            assert_ne!(
+                map.insert(*key, *value),
+                Some(*value),
+                "a needless write {key:?}"
+            );
+        }
+    }
+    fn delete<K: Ord + std::fmt::Debug, V>(map: &mut BTreeMap<K, V>, keys: &[K]) {
+        for key in keys {
+            assert!(map.remove(key).is_some(), "a needless delete {key:?}");
+        }
+    }
+    upsert(&mut maps.rules, &plan.upsert_rules);
+    upsert(&mut maps.cidrs, &plan.upsert_cidrs);
+    upsert(&mut maps.peers, &plan.upsert_peers);
+    upsert(&mut maps.endpoints, &plan.upsert_endpoints);
+    delete(&mut maps.endpoints, &plan.delete_endpoints);
+    delete(&mut maps.peers, &plan.delete_peers);
+    delete(&mut maps.cidrs, &plan.delete_cidrs);
+    delete(&mut maps.rules, &plan.delete_rules);
+}
+
+/// The incremental compile against compiles from scratch: seeded sequences of pod, namespace
+/// and policy changes (one to three per pass), each pass's plan written to simulated maps.
+/// After every pass the maps hold exactly the compiled state, which equals a fresh compile of
+/// the same intent (ids named by what they stand for), with the same counts; now and then a
+/// full recompile over the same compiler finds nothing to write (ids stayed put). An id the
+/// maps use before and after a pass means the same thing in both (a freed id is never reused
+/// by the plan that deletes its entries).
+#[test]
+fn incremental_passes_equal_a_compile_from_scratch_after_every_change() {
+    const SEEDS: u64 = 12;
+    const PASSES: usize = 150;
+    for seed in 1..=SEEDS {
+        let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let mut intents = PolicyIntents::default();
+        let mut compiler = PolicyCompiler::new(NODE);
+        let mut maps = PolicyState::default();
+        written(
+            &mut maps,
+            &compiler.update(&intents, &PolicyChanges::everything()),
+        );
+        for pass in 0..PASSES {
+            let mut changes = PolicyChanges::default();
+            for _ in 0..=rng.below(3) {
+                random_change(&mut rng, &mut intents, &mut changes);
+            }
+            let (names_before, ids_before) = (compiler.names(), ids_in(&maps));
+            let plan = compiler.update(&intents, &changes);
+            written(&mut maps, &plan);
+            let context = format!("seed {seed}, pass {pass}, changes {changes:?}");
+            let (names_after, ids_after) = (compiler.names(), ids_in(&maps));
+            for id in ids_before.0.intersection(&ids_after.0) {
+                let (before, after) = (&names_before.identities, &names_after.identities);
+                assert_eq!(before.get(id), after.get(id), "identity {id}: {context}");
+            }
+            for id in ids_before.1.intersection(&ids_after.1) {
+                let (before, after) = (&names_before.endpoints, &names_after.endpoints);
+                assert_eq!(before.get(id), after.get(id), "endpoint {id}: {context}");
+            }
+            assert_eq!(maps, compiler.compiled().state, "{context}");
+            let mut fresh = PolicyCompiler::new(NODE);
+            fresh.compile(&intents);
+            assert_eq!(canonical(&compiler), canonical(&fresh), "{context}");
+            assert_eq!(
+                compiler.compiled().report,
+                fresh.compiled().report,
+                "{context}"
+            );
+            if pass % 25 == 24 {
+                let full = compiler.update(&intents, &PolicyChanges::everything());
+                assert!(full.is_empty(), "{context}: {full:?}");
+            }
+        }
+    }
 }

@@ -8,7 +8,7 @@ use crate::intent::{
     self, ClusterIntent, EndpointSliceIntent, IntentError, NodeIntent, ObjectRef, ServiceIntent,
 };
 
-use crate::policy::{self, NamespaceIntent, PodIntent, PolicyIntent, PolicyIntents};
+use crate::policy::{self, NamespaceIntent, PodIntent, PolicyChanges, PolicyIntent, PolicyIntents};
 
 use super::event::{Kind, ObjectEvent, ObjectKey, Objects, SourceObject};
 
@@ -119,10 +119,10 @@ pub struct IntentStore {
     refused: BTreeMap<String, Vec<Rejection>>,
     dirty: BTreeSet<ObjectRef>,
     all_dirty: bool,
-    /// Pods, Namespaces and NetworkPolicies, and whether they changed since
-    /// [`IntentStore::take_policy_dirty`].
+    /// Pods, Namespaces and NetworkPolicies, and which changed since
+    /// [`IntentStore::take_policy_changes`].
     policy: PolicyIntents,
-    policy_dirty: bool,
+    policy_changes: PolicyChanges,
 }
 
 impl IntentStore {
@@ -155,9 +155,9 @@ impl IntentStore {
         &self.policy
     }
 
-    /// Whether a Pod, Namespace or NetworkPolicy changed since the last call.
-    pub fn take_policy_dirty(&mut self) -> bool {
-        std::mem::take(&mut self.policy_dirty)
+    /// The Pods, Namespaces and NetworkPolicies changed since the last call.
+    pub fn take_policy_changes(&mut self) -> PolicyChanges {
+        std::mem::take(&mut self.policy_changes)
     }
 
     pub fn errors(&self) -> impl Iterator<Item = &ObjectError> {
@@ -319,7 +319,7 @@ impl IntentStore {
                 Ok(p) => {
                     self.clear_error("Pod", || p.id.to_string());
                     if self.policy.pods.get(&p.id) != Some(&p) {
-                        self.policy_dirty = true;
+                        self.policy_changes.pods.insert(p.id.clone());
                         self.policy.pods.insert(p.id.clone(), p);
                     }
                 }
@@ -331,7 +331,7 @@ impl IntentStore {
             SourceObject::Namespace(namespace) => {
                 let n = NamespaceIntent::from(namespace.as_ref());
                 if self.policy.namespaces.get(&n.name) != Some(&n) {
-                    self.policy_dirty = true;
+                    self.policy_changes.namespaces.insert(n.name.clone());
                     self.policy.namespaces.insert(n.name.clone(), n);
                 }
             }
@@ -339,7 +339,7 @@ impl IntentStore {
                 Ok(p) => {
                     self.clear_error("NetworkPolicy", || p.id.to_string());
                     if self.policy.policies.get(&p.id) != Some(&p) {
-                        self.policy_dirty = true;
+                        self.policy_changes.policies.insert(p.id.clone());
                         self.policy.policies.insert(p.id.clone(), p);
                     }
                 }
@@ -375,14 +375,20 @@ impl IntentStore {
             }
             ObjectKey::Pod(id) => {
                 self.clear_error("Pod", || id.to_string());
-                self.policy_dirty |= self.policy.pods.remove(id).is_some();
+                if self.policy.pods.remove(id).is_some() {
+                    self.policy_changes.pods.insert(id.clone());
+                }
             }
             ObjectKey::Namespace(name) => {
-                self.policy_dirty |= self.policy.namespaces.remove(name).is_some();
+                if self.policy.namespaces.remove(name).is_some() {
+                    self.policy_changes.namespaces.insert(name.clone());
+                }
             }
             ObjectKey::NetworkPolicy(id) => {
                 self.clear_error("NetworkPolicy", || id.to_string());
-                self.policy_dirty |= self.policy.policies.remove(id).is_some();
+                if self.policy.policies.remove(id).is_some() {
+                    self.policy_changes.policies.insert(id.clone());
+                }
             }
         }
     }
@@ -458,18 +464,23 @@ mod tests {
         for e in parse(&pod("True", "a")).unwrap().to_events() {
             store.handle(&e);
         }
-        assert!(store.take_policy_dirty());
+        assert!(!store.take_policy_changes().is_empty());
         for e in parse(&pod("False", "a")).unwrap().to_events() {
             store.handle(&e);
         }
         assert!(
-            !store.take_policy_dirty(),
+            store.take_policy_changes().is_empty(),
             "a readiness flip changes nothing policy reads"
         );
         for e in parse(&pod("False", "b")).unwrap().to_events() {
             store.handle(&e);
         }
-        assert!(store.take_policy_dirty(), "a label change does");
+        let changes = store.take_policy_changes();
+        let pod = ObjectRef {
+            namespace: "default".into(),
+            name: "p".into(),
+        };
+        assert_eq!(changes.pods, [pod].into(), "a label change does");
         assert!(store.take_dirty().is_empty(), "no service is touched");
     }
 
