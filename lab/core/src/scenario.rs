@@ -667,6 +667,11 @@ pub struct ReachabilityCheck {
     #[serde(default)]
     pub family: Family,
     pub expect: Vec<String>,
+    /// A node where `weir-agent monitor` watches denied flows while the table is probed: it
+    /// must show at least one, each from the own address of a source whose row expects a
+    /// denial (the monitor sees what the data path decided, by the client's real address).
+    #[serde(default)]
+    pub monitor: Option<String>,
 }
 
 impl ReachabilityCheck {

@@ -145,6 +145,7 @@ impl Scenario {
                 for to in &r.to {
                     self.reachability_target(to, plan).map_err(bad)?;
                 }
+                node_ok(&r.monitor)?;
                 if r.port == 0 {
                     return Err(bad("port must be non-zero".into()));
                 }
