@@ -217,6 +217,7 @@ fn run(cli: Cli) -> Result<bool> {
                 BenchCommand::SyncBaseline(o) => &o.common,
                 BenchCommand::Churn(o) => &o.common,
                 BenchCommand::Policy(o) => &o.common,
+                BenchCommand::Prefilter(o) => &o.common,
             };
             let report_dir = match &common.report_dir {
                 Some(d) => d.clone(),

@@ -8,6 +8,8 @@
 //!   to maps.
 //! - [`churn`]: the seeds' experiment, the CPU of keeping 5,000 services in sync second by
 //!   second through quiet, one service churned, and quiet again.
+//! - [`prefilter`]: packets per second of a flood from a deny-listed client, dropped by the XDP
+//!   pre-filter, by an iptables raw rule with an ipset, or taken by the stack.
 //! - [`policy`]: TCP connect latency to a pod isolated by NetworkPolicy of 10 and 10,000 rules,
 //!   through Weir and through the same policy as iptables rules with ipsets ([`netpol`]).
 //!
@@ -22,6 +24,7 @@ mod iptables;
 pub mod kube_proxy;
 pub mod netpol;
 pub mod policy;
+pub mod prefilter;
 pub mod probe;
 pub mod probes;
 pub mod reorder;
@@ -50,6 +53,9 @@ pub enum BenchCommand {
     /// TCP connect latency to a pod isolated by NetworkPolicy of 10 and 10,000 ingress rules:
     /// Weir, the same policy as iptables rules with ipsets, no policy, interleaved in one run.
     Policy(policy::PolicyOptions),
+    /// A UDP flood from a deny-listed client: the XDP pre-filter, the same deny-list as an
+    /// iptables raw rule with an ipset, and no filter, interleaved in one run.
+    Prefilter(prefilter::PrefilterOptions),
 }
 
 /// Options every bench takes.
@@ -107,6 +113,7 @@ pub fn run(cmd: &BenchCommand, env: &BenchEnv) -> Result<(), BenchError> {
         BenchCommand::SyncBaseline(o) => sync::run(o, env).map(|_| ()),
         BenchCommand::Churn(o) => churn::run(o, env).map(|_| ()),
         BenchCommand::Policy(o) => policy::run(o, env).map(|_| ()),
+        BenchCommand::Prefilter(o) => prefilter::run(o, env).map(|_| ()),
     }
 }
 

@@ -49,6 +49,62 @@ pub enum ProbeCommand {
     /// Tries every TARGET at once (a TCP connect, or a UDP datagram and its answer) and prints
     /// one line per target, in order: `connected` or why not (a reachability check's row).
     Reach(ReachArgs),
+    /// Sends small UDP datagrams to TARGET as fast as one thread can for `seconds`; prints
+    /// what it sent (`bench prefilter`'s flood).
+    Flood(FloodArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct FloodArgs {
+    pub target: std::net::SocketAddr,
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// Pin the sender to this CPU.
+    #[arg(long)]
+    pub cpu: Option<usize>,
+}
+
+/// What `probe flood` prints.
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
+pub struct FloodReport {
+    pub sent: u64,
+    /// Sends the kernel refused (a full queue).
+    pub failed: u64,
+    pub seconds: f64,
+}
+
+/// The longest flood a typo can ask for.
+const MAX_FLOOD: Duration = Duration::from_secs(30);
+
+/// Unconnected sends, so no ICMP error the target sends back fails a send.
+pub fn flood(target: std::net::SocketAddr, duration: Duration) -> Result<FloodReport, ProbeError> {
+    let bind: std::net::SocketAddr = if target.is_ipv4() {
+        "0.0.0.0:0".parse().expect("an address")
+    } else {
+        "[::]:0".parse().expect("an address")
+    };
+    let socket = std::net::UdpSocket::bind(bind).map_err(io("binding the flood socket"))?;
+    let payload = [0u8; 18];
+    let duration = duration.min(MAX_FLOOD);
+    let started = std::time::Instant::now();
+    let (mut sent, mut failed) = (0u64, 0u64);
+    loop {
+        // The clock is read once per batch: it costs as much as a send.
+        for _ in 0..256 {
+            match socket.send_to(&payload, target) {
+                Ok(_) => sent += 1,
+                Err(_) => failed += 1,
+            }
+        }
+        if started.elapsed() >= duration {
+            break;
+        }
+    }
+    Ok(FloodReport {
+        sent,
+        failed,
+        seconds: started.elapsed().as_secs_f64(),
+    })
 }
 
 #[derive(Debug, clap::Args)]
@@ -292,6 +348,12 @@ pub fn run(cmd: &ProbeCommand) -> Result<(), ProbeError> {
             return Ok(weir_lab_backends::frame_delay::run(
                 &a.from, &a.to, a.delay, a.life,
             )?);
+        }
+        ProbeCommand::Flood(a) => {
+            if let Some(cpu) = a.cpu {
+                pin_to_cpu(cpu)?;
+            }
+            serde_json::to_string(&flood(a.target, a.duration)?)
         }
         ProbeCommand::Reach(a) => {
             let mut out = std::io::stdout().lock();

@@ -68,7 +68,7 @@ impl BenchAgent {
         })
     }
 
-    fn node(&self) -> &NodeAgent {
+    pub fn node(&self) -> &NodeAgent {
         &self.agents.nodes[0]
     }
 
