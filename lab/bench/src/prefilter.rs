@@ -31,6 +31,8 @@ const CLIENT: HostId = HostId::External(1);
 const FLOOD_PORT: u16 = 9;
 const IPSET_NAME: &str = "weir-bench-deny";
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
+/// Short floods tried, half a second apart, before a filter counts as not in force.
+const ENFORCED_TRIES: u32 = 20;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct PrefilterOptions {
@@ -58,8 +60,10 @@ pub struct PrefilterOptions {
 pub enum Engine {
     /// No filter: the stack receives every datagram and finds no socket.
     Stack,
-    /// Weir's XDP pre-filter (native where the veth allows, as `mode = "auto"` chooses).
-    WeirXdp,
+    /// Weir's XDP pre-filter in the driver (`mode = "native"`; on the namespace lab, veth's).
+    WeirXdpNative,
+    /// Weir's XDP pre-filter at the stack's generic hook (`mode = "generic"`).
+    WeirXdpGeneric,
     /// `-t raw -A PREROUTING -m set --match-set DENY src -j DROP`.
     IptablesRawIpset,
 }
@@ -117,7 +121,7 @@ pub fn run(o: &PrefilterOptions, env: &BenchEnv) -> Result<PrefilterResults, Ben
     };
     let started_unix = unix_now();
     let run_root = crate::RunRoot::create(env, "prefilter")?;
-    let mut engines = vec![Engine::Stack, Engine::WeirXdp];
+    let mut engines = vec![Engine::Stack, Engine::WeirXdpNative, Engine::WeirXdpGeneric];
     if tools.is_some() {
         engines.push(Engine::IptablesRawIpset);
     }
@@ -247,17 +251,23 @@ fn build_path(
     let prepared = (|| -> Result<(), BenchError> {
         match engine {
             Engine::Stack => {}
-            Engine::WeirXdp => {
+            Engine::WeirXdpNative | Engine::WeirXdpGeneric => {
+                let mode = if engine == Engine::WeirXdpNative {
+                    "native"
+                } else {
+                    "generic"
+                };
                 let deny: Vec<String> = list.iter().map(|p| format!("{p:?}")).collect();
                 let toml = format!(
                     "name = \"bench-prefilter\"\n[topology]\nnodes = 1\npods_per_node = 0\nexternals = 1\n\
                      [agent]\nready_timeout = \"10m\"\n\
-                     prefilter = {{ enabled = true, deny = [{}] }}\n",
+                     prefilter = {{ enabled = true, mode = \"{mode}\", deny = [{}] }}\n",
                     deny.join(", ")
                 );
                 let scenario = Scenario::parse(&toml, Path::new("bench-prefilter"))?;
                 let state = weir_lab_core::k8s::cluster_state(&scenario, &plan);
-                let run_id = format!("bench-{}-prefilter", std::process::id());
+                // One pin directory per path: two agents must never share maps or links.
+                let run_id = format!("bench-{}-prefilter-{mode}", std::process::id());
                 let agent = BenchAgent::start(
                     path.lab.as_mut(),
                     &env.agent,
@@ -290,15 +300,18 @@ fn build_path(
                 path.iptables = Some(tools.iptables.clone());
             }
         }
-        // The filter is in force once a short flood is dropped by it.
-        let probe = measure(&mut path, env, Duration::from_millis(300), 0)?;
-        if engine != Engine::Stack && probe.dropped == 0 {
-            return Err(BenchError::Setup(format!(
-                "{engine:?}: a flood of {} packets, none dropped by the filter",
-                probe.sent
-            )));
+        // The filter is in force once a short flood is dropped by it (the agent attaches the
+        // pre-filter on its first interface pass, soon after it is ready).
+        for _ in 0..ENFORCED_TRIES {
+            let probe = measure(&mut path, env, Duration::from_millis(200), 0)?;
+            if engine == Engine::Stack || probe.dropped > 0 {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(500));
         }
-        Ok(())
+        Err(BenchError::Setup(format!(
+            "{engine:?}: short floods, none dropped by the filter"
+        )))
     })();
     match prepared {
         Ok(()) => Ok(path),
@@ -341,7 +354,7 @@ fn dropped(path: &mut PrefilterPath, env: &BenchEnv) -> Result<u64, BenchError> 
     let node = path.lab.plan().nodes[0].id;
     match path.engine {
         Engine::Stack => Ok(0),
-        Engine::WeirXdp => {
+        Engine::WeirXdpNative | Engine::WeirXdpGeneric => {
             let agent = path.agent.as_ref().expect("the XDP path runs the agent");
             let out = weir_lab_cluster::agent::dump(
                 path.lab.as_mut(),
