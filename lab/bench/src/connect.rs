@@ -25,8 +25,7 @@ use crate::kube_proxy::{self, Flavor};
 use crate::probe::{ConnectReport, LISTENING};
 use crate::weir::BenchAgent;
 use crate::{
-    host_info, median, percentile, table, unix_now, write_json, BenchCommon, BenchEnv, BenchError,
-    Synthetic,
+    host_info, median, percentile, table, unix_now, BenchCommon, BenchEnv, BenchError, Synthetic,
 };
 use weir_lab_core::backend::{Cmd, Lab};
 use weir_lab_core::topology::HostId;
@@ -384,23 +383,14 @@ pub fn run(o: &ConnectOptions, env: &BenchEnv) -> Result<ConnectResults, BenchEr
         })?;
         Ok(summarize(&paths, o, cpu, started_unix))
     })();
-    let mut teardown_error = None;
-    for path in paths {
-        if let Err(e) = path.teardown() {
-            teardown_error.get_or_insert(e);
-        }
-    }
-    let results = outcome?;
-    if let Some(e) = teardown_error {
-        return Err(e);
-    }
-    run_root.finish();
-
-    print!("{}", results.table);
-    let json = env.report_dir.join("bench-connect.json");
-    write_json(&json, &results)?;
-    println!("results: {}", json.display());
-    Ok(results)
+    crate::conclude(
+        outcome,
+        paths.into_iter().map(|path| path.teardown()),
+        run_root,
+        env,
+        "bench-connect.json",
+        |r| &r.table,
+    )
 }
 
 fn build_path(

@@ -330,6 +330,35 @@ impl RunRoot {
     }
 }
 
+/// Ends a bench whose paths each built a lab: `teardowns` (every path's, all run whatever
+/// happened; the first error kept), then, if the measurement went well, the run's files go,
+/// the table is printed and the results are written to `report_dir/json_name`.
+pub(crate) fn conclude<R: serde::Serialize>(
+    outcome: Result<R, BenchError>,
+    teardowns: impl IntoIterator<Item = Result<(), BenchError>>,
+    run_root: RunRoot,
+    env: &BenchEnv,
+    json_name: &str,
+    table: impl Fn(&R) -> &str,
+) -> Result<R, BenchError> {
+    let mut teardown_error = None;
+    for result in teardowns {
+        if let Err(e) = result {
+            teardown_error.get_or_insert(e);
+        }
+    }
+    let results = outcome?;
+    if let Some(e) = teardown_error {
+        return Err(e);
+    }
+    run_root.finish();
+    print!("{}", table(&results));
+    let json = env.report_dir.join(json_name);
+    write_json(&json, &results)?;
+    println!("results: {}", json.display());
+    Ok(results)
+}
+
 /// The `iptables-restore` of `flavor`, or what to do without it.
 pub(crate) fn iptables_restore(flavor: crate::kube_proxy::Flavor) -> Result<PathBuf, BenchError> {
     flavor.find_restore().ok_or_else(|| {

@@ -31,7 +31,7 @@ use crate::kube_proxy::{find_program, Flavor};
 use crate::netpol::{self, IptablesPolicy, PolicyShape};
 use crate::probe::MeasureReport;
 use crate::weir::{stop_and_tear_down, BenchAgent};
-use crate::{host_info, table, unix_now, write_json, BenchCommon, BenchEnv, BenchError};
+use crate::{host_info, table, unix_now, BenchCommon, BenchEnv, BenchError};
 use weir_lab_core::backend::Lab;
 use weir_lab_core::scenario::Scenario;
 use weir_lab_core::topology::{HostId, Plan};
@@ -212,23 +212,14 @@ pub fn run(o: &PolicyOptions, env: &BenchEnv) -> Result<PolicyResults, BenchErro
         })?;
         Ok(summarize(&paths, &plan_rounds, started_unix))
     })();
-    let mut teardown_error = None;
-    for path in paths {
-        if let Err(e) = path.teardown() {
-            teardown_error.get_or_insert(e);
-        }
-    }
-    let results = outcome?;
-    if let Some(e) = teardown_error {
-        return Err(e);
-    }
-    run_root.finish();
-
-    print!("{}", results.table);
-    let json = env.report_dir.join("bench-policy.json");
-    write_json(&json, &results)?;
-    println!("results: {}", json.display());
-    Ok(results)
+    crate::conclude(
+        outcome,
+        paths.into_iter().map(|path| path.teardown()),
+        run_root,
+        env,
+        "bench-policy.json",
+        |r| &r.table,
+    )
 }
 
 /// One node: the client, the destination and the outsider.

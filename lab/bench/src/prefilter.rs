@@ -21,7 +21,7 @@ use crate::connect::{probe_cpu, rotate};
 use crate::kube_proxy::find_program;
 use crate::probe::FloodReport;
 use crate::weir::{stop_and_tear_down, BenchAgent};
-use crate::{host_info, median, table, unix_now, write_json, BenchCommon, BenchEnv, BenchError};
+use crate::{host_info, median, table, unix_now, BenchCommon, BenchEnv, BenchError};
 use weir_lab_core::backend::{Cmd, Lab};
 use weir_lab_core::scenario::Scenario;
 use weir_lab_core::topology::{HostId, Plan};
@@ -111,7 +111,9 @@ pub struct PrefilterResults {
 
 pub fn run(o: &PrefilterOptions, env: &BenchEnv) -> Result<PrefilterResults, BenchError> {
     if o.rounds == 0 || o.prefixes == 0 {
-        return Err(BenchError::Setup("--rounds and --prefixes must be positive".into()));
+        return Err(BenchError::Setup(
+            "--rounds and --prefixes must be positive".into(),
+        ));
     }
     let cpu = probe_cpu(o.cpu)?;
     let tools = if o.no_iptables {
@@ -142,22 +144,16 @@ pub fn run(o: &PrefilterOptions, env: &BenchEnv) -> Result<PrefilterResults, Ben
         })?;
         Ok(summarize(&paths, o, started_unix))
     })();
-    let mut teardown_error = None;
-    for mut path in paths {
-        if let Err(e) = stop_and_tear_down(path.agent.as_ref(), path.lab.as_mut()) {
-            teardown_error.get_or_insert(e);
-        }
-    }
-    let results = outcome?;
-    if let Some(e) = teardown_error {
-        return Err(e);
-    }
-    run_root.finish();
-    print!("{}", results.table);
-    let json = env.report_dir.join("bench-prefilter.json");
-    write_json(&json, &results)?;
-    println!("results: {}", json.display());
-    Ok(results)
+    crate::conclude(
+        outcome,
+        paths
+            .into_iter()
+            .map(|mut path| stop_and_tear_down(path.agent.as_ref(), path.lab.as_mut())),
+        run_root,
+        env,
+        "bench-prefilter.json",
+        |r| &r.table,
+    )
 }
 
 /// One node, one external client.
@@ -302,7 +298,8 @@ fn build_path(
         }
         // The filter is in force once a short flood is dropped by it (the agent attaches the
         // pre-filter on its first interface pass, soon after it is ready).
-        for _ in 0..ENFORCED_TRIES {
+        let tries = ENFORCED_TRIES * path.lab.slowdown();
+        for _ in 0..tries {
             let probe = measure(&mut path, env, Duration::from_millis(200), 0)?;
             if engine == Engine::Stack || probe.dropped > 0 {
                 return Ok(());
@@ -368,9 +365,19 @@ fn dropped(path: &mut PrefilterPath, env: &BenchEnv) -> Result<u64, BenchError> 
             Ok(counters.get("prefilter_drop_config").copied().unwrap_or(0))
         }
         Engine::IptablesRawIpset => {
-            let iptables = path.iptables.as_ref().expect("found when the path was built");
-            let cmd = Cmd::new(iptables.display().to_string())
-                .args(["-t", "raw", "-L", "PREROUTING", "-v", "-x", "-n"]);
+            let iptables = path
+                .iptables
+                .as_ref()
+                .expect("found when the path was built");
+            let cmd = Cmd::new(iptables.display().to_string()).args([
+                "-t",
+                "raw",
+                "-L",
+                "PREROUTING",
+                "-v",
+                "-x",
+                "-n",
+            ]);
             let out = path.lab.exec_ok(node, &cmd, Duration::from_secs(10))?;
             Ok(raw_rule_packets(&out.stdout))
         }
@@ -402,12 +409,7 @@ fn summarize(paths: &[PrefilterPath], o: &PrefilterOptions, started_unix: f64) -
             }
         })
         .collect();
-    let pps_of = |engine| {
-        results
-            .iter()
-            .find(|r| r.path == engine)
-            .map(|r| r.pps)
-    };
+    let pps_of = |engine| results.iter().find(|r| r.path == engine).map(|r| r.pps);
     let stack = pps_of(Engine::Stack).unwrap_or(f64::NAN);
     let iptables = pps_of(Engine::IptablesRawIpset);
     let rows: Vec<Vec<String>> = results
