@@ -80,6 +80,8 @@ struct PrefilterPath {
 #[derive(Debug, Clone, Serialize)]
 struct Round {
     sent_pps: f64,
+    /// The filter's drops per second of flood.
+    dropped_pps: f64,
     /// Packets the path's filter counted as dropped during the flood.
     dropped: u64,
     sent: u64,
@@ -91,6 +93,9 @@ pub struct PrefilterPathResult {
     /// Median over rounds of packets per second the sender reached.
     pub pps: f64,
     pub round_pps: Vec<f64>,
+    /// Median over rounds of the filter's drops per second: where the node runs on CPUs of
+    /// its own (a VM), what it keeps up with, whatever the sender reaches.
+    pub dropped_pps: f64,
     /// Dropped by the filter over sent, summed over rounds (1.0: every packet was dropped
     /// there; the stack path counts none).
     pub dropped_share: f64,
@@ -339,9 +344,11 @@ fn measure(
     let report: FloodReport = serde_json::from_str(out.stdout.trim())
         .map_err(|e| BenchError::Setup(format!("probe flood said {:?}: {e}", out.stdout)))?;
     let after = dropped(path, env)?;
+    let dropped = after.saturating_sub(before);
     Ok(Round {
         sent_pps: report.sent as f64 / report.seconds.max(1e-9),
-        dropped: after.saturating_sub(before),
+        dropped_pps: dropped as f64 / report.seconds.max(1e-9),
+        dropped,
         sent: report.sent,
     })
 }
@@ -405,6 +412,7 @@ fn summarize(paths: &[PrefilterPath], o: &PrefilterOptions, started_unix: f64) -
                 path: p.engine,
                 pps: median(&round_pps),
                 round_pps,
+                dropped_pps: median(&p.rounds.iter().map(|r| r.dropped_pps).collect::<Vec<_>>()),
                 dropped_share: dropped as f64 / sent.max(1) as f64,
             }
         })
@@ -420,6 +428,7 @@ fn summarize(paths: &[PrefilterPath], o: &PrefilterOptions, started_unix: f64) -
                 format!("{:.0}", r.pps),
                 format!("{:.2}x", r.pps / stack),
                 iptables.map_or("-".into(), |i| format!("{:.2}x", r.pps / i)),
+                format!("{:.0}", r.dropped_pps),
                 format!("{:.2}", r.dropped_share),
             ]
         })
@@ -430,7 +439,7 @@ fn summarize(paths: &[PrefilterPath], o: &PrefilterOptions, started_unix: f64) -
         o.rounds,
         o.duration,
         table(
-            &["path", "packets/s", "vs stack", "vs iptables", "dropped share"],
+            &["path", "packets/s", "vs stack", "vs iptables", "dropped/s", "dropped share"],
             &rows
         )
     );
