@@ -266,6 +266,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         for interface in attached {
             dataplane.detach(&interface);
         }
+        interfaces.sync_prefilter(&config, &mut dataplane, &BTreeSet::new());
         dataplane.detach_host_services();
     } else {
         info!("stopping: programs stay attached and keep forwarding; the next agent adopts them");
