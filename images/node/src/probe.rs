@@ -45,18 +45,22 @@ pub const WEIR_HELPERS: &[(&str, i32, CalledFrom)] = &[
     ("fib_lookup", 69, CalledFrom::Tc),
     ("jiffies64", 118, CalledFrom::Tc),
     ("get_netns_cookie", 122, CalledFrom::SockAddr),
+    ("ringbuf_reserve", 131, CalledFrom::Tc),
+    ("ringbuf_submit", 132, CalledFrom::Tc),
     ("redirect_neigh", 152, CalledFrom::Tc),
     ("redirect_peer", 155, CalledFrom::Tc),
 ];
 
-/// The map types (and flags) Weir's maps use: (name, type, key, value, flags). The agent's
-/// tests check the types against the built object's maps.
-pub const WEIR_MAPS: &[(&str, u32, u32, u32, u32)] = &[
-    ("hash (BPF_F_NO_PREALLOC)", 1, 8, 8, 1),
-    ("array", 2, 4, 8, 0),
-    ("percpu_array", 6, 4, 8, 0),
-    ("lru_hash", 9, 16, 16, 0),
-    ("lpm_trie (BPF_F_NO_PREALLOC)", 11, 8, 8, 1),
+/// The map types (and flags) Weir's maps use: (name, type, key, value, flags, entries). The
+/// agent's tests check the types against the built object's maps.
+pub const WEIR_MAPS: &[(&str, u32, u32, u32, u32, u32)] = &[
+    ("hash (BPF_F_NO_PREALLOC)", 1, 8, 8, 1, 16),
+    ("array", 2, 4, 8, 0, 16),
+    ("percpu_array", 6, 4, 8, 0, 16),
+    ("lru_hash", 9, 16, 16, 0, 16),
+    ("lpm_trie (BPF_F_NO_PREALLOC)", 11, 8, 8, 1, 16),
+    // A ring buffer is sized in bytes, a power-of-two number of pages.
+    ("ringbuf", 27, 0, 0, 0, 4096),
 ];
 
 /// What the tunnels and the qdisc need, proven by making one (a module that is built in has
@@ -248,10 +252,10 @@ pub fn probe() -> Features {
             .collect(),
         maps: WEIR_MAPS
             .iter()
-            .map(|(name, t, k, v, f)| {
+            .map(|(name, t, k, v, f, entries)| {
                 feature(
                     name,
-                    sys::bpf_map_create(*t, *k, *v, 16, *f).map_err(|e| e.to_string()),
+                    sys::bpf_map_create(*t, *k, *v, *entries, *f).map_err(|e| e.to_string()),
                 )
             })
             .collect(),
@@ -299,8 +303,8 @@ mod tests {
         if !root() {
             return;
         }
-        for (name, t, k, v, f) in WEIR_MAPS {
-            sys::bpf_map_create(*t, *k, *v, 16, *f).unwrap_or_else(|e| panic!("{name}: {e}"));
+        for (name, t, k, v, f, entries) in WEIR_MAPS {
+            sys::bpf_map_create(*t, *k, *v, *entries, *f).unwrap_or_else(|e| panic!("{name}: {e}"));
         }
     }
 }
