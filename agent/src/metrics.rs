@@ -504,6 +504,30 @@ impl Collector for DatapathCollector {
             None,
             MetricType::Counter,
         )?)?;
+        ConstCounter::new(event(counter::MONITOR_LOST)).encode(encoder.encode_descriptor(
+            "weir_monitor_events_lost",
+            "Flow events for weir-agent monitor that found its ring buffer full (the monitor \
+             read slower than the data path wrote); the packets were not affected",
+            None,
+            MetricType::Counter,
+        )?)?;
+        let mut prefilter = encoder.encode_descriptor(
+            "weir_prefilter_packets",
+            "Packets the XDP pre-filter judged on host interfaces: dropped for a source on the \
+             configuration's deny-list (config) or a PrefilterDenyList object's (object), or \
+             passed to an inbound failsafe port although deny-listed (failsafe); packets from \
+             other sources are not counted",
+            None,
+            MetricType::Counter,
+        )?;
+        for (verdict, list, index) in [
+            ("dropped", "config", counter::PREFILTER_DROP_CONFIG),
+            ("dropped", "object", counter::PREFILTER_DROP_OBJECT),
+            ("passed", "failsafe", counter::PREFILTER_PASS_FAILSAFE),
+        ] {
+            ConstCounter::new(event(index))
+                .encode(prefilter.encode_family(&[("verdict", verdict), ("by", list)])?)?;
+        }
         Ok(())
     }
 }

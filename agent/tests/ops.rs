@@ -179,7 +179,11 @@ fn metrics_show_the_pipeline_and_the_data_path_counters() {
             "fragment_replay_failed",
             "forwarded",
             "forward_to_stack",
-            "policy_allowed"
+            "policy_allowed",
+            "monitor_lost",
+            "prefilter_drop_config",
+            "prefilter_drop_object",
+            "prefilter_pass_failsafe"
         ],
         "every event counter has its metric below"
     );
@@ -203,6 +207,19 @@ fn metrics_show_the_pipeline_and_the_data_path_counters() {
         Some(0.0),
         "{text}"
     );
+    assert_eq!(
+        sample(&text, "weir_monitor_events_lost_total"),
+        Some(0.0),
+        "{text}"
+    );
+    for (verdict, by) in [
+        ("dropped", "config"),
+        ("dropped", "object"),
+        ("passed", "failsafe"),
+    ] {
+        let series = format!("weir_prefilter_packets_total{{verdict=\"{verdict}\",by=\"{by}\"}}");
+        assert!(sample(&text, &series).is_some(), "{series} missing\n{text}");
+    }
     for by in ["weir", "stack"] {
         let series = format!("weir_datapath_forwarded_total{{by=\"{by}\"}}");
         assert!(sample(&text, &series).is_some(), "{series} missing");
