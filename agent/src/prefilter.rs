@@ -4,6 +4,18 @@
 //! The entries flow one way, as everywhere: configuration -> [`PrefilterState`] (what the maps
 //! must hold) -> the difference against what they hold -> writes, additions before removals so
 //! no packet meets a list that is neither the old nor the new one.
+//!
+//! The deny-list has two origins: the configuration's `[prefilter] deny`, and
+//! `PrefilterDenyList` objects from the source ([`object`]). Objects are admitted against the
+//! map's capacity ([`DenyListAdmission`]) and their prefixes carry their own drop counter; a
+//! prefix in both keeps the configuration's.
+
+mod object;
+
+pub use object::{
+    DenyListIntent, PrefilterDenyList, PrefilterDenyListSpec, GROUP, KIND, MAX_PREFIXES_PER_OBJECT,
+    PLURAL, VERSION,
+};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -16,10 +28,11 @@ use aya::programs::Xdp;
 use aya::Ebpf;
 use tracing::{debug, info, warn};
 use weir_common::{
-    counter, failsafe_direction, map_names, FailsafeKey, PolicyCidrKey, POLICY_CIDR_FIXED_BITS,
-    PROTO_TCP, PROTO_UDP,
+    capacity, counter, failsafe_direction, map_names, FailsafeKey, PolicyCidrKey,
+    POLICY_CIDR_FIXED_BITS, PROTO_TCP, PROTO_UDP,
 };
 
+use crate::admission::Rejection;
 use crate::compile::addr_of;
 use crate::config::{AgentConfig, FailsafePorts, FailsafeProtocol, XdpMode};
 use crate::dataplane::{
@@ -103,6 +116,170 @@ impl PrefilterState {
             }
         }
         Ok(state)
+    }
+}
+
+impl PrefilterState {
+    /// Adds the admitted objects' prefixes under the object counter; a prefix the
+    /// configuration lists keeps the configuration's.
+    fn add_objects<'a>(&mut self, prefixes: impl IntoIterator<Item = &'a Cidr>) {
+        for prefix in prefixes {
+            (self.deny)
+                .entry(deny_key(prefix))
+                .or_insert(counter::PREFILTER_DROP_OBJECT);
+        }
+    }
+}
+
+/// Which deny-list objects' prefixes go into the map, against its capacity.
+///
+/// Entries are counted from above (a prefix in two objects, or in an object and the
+/// configuration, counts twice), so an admitted set always fits. An object whose new version
+/// would overflow the map is refused (`capacity`) and keeps its admitted version; a deleted
+/// object frees its room in the same pass. Changed objects are admitted smallest first, so one
+/// runaway list gives way before many small ones.
+#[derive(Debug, Default)]
+pub struct DenyListAdmission {
+    admitted: BTreeMap<String, Vec<Cidr>>,
+    refused: Vec<Rejection>,
+}
+
+impl DenyListAdmission {
+    /// Admits `objects` into a map of `capacity` entries, `reserved` of them the
+    /// configuration's; returns the objects refused.
+    pub fn admit(
+        &mut self,
+        objects: &BTreeMap<String, DenyListIntent>,
+        reserved: usize,
+        capacity: usize,
+    ) -> &[Rejection] {
+        self.admitted.retain(|name, _| objects.contains_key(name));
+        let mut total = reserved + self.admitted.values().map(Vec::len).sum::<usize>();
+        let mut changed: Vec<&DenyListIntent> = (objects.values())
+            .filter(|o| self.admitted.get(&o.name) != Some(&o.prefixes))
+            .collect();
+        changed.sort_by_key(|o| (o.prefixes.len(), &o.name));
+        self.refused.clear();
+        for object in changed {
+            let before = self.admitted.get(&object.name).map_or(0, Vec::len);
+            let after = total - before + object.prefixes.len();
+            if after <= capacity {
+                total = after;
+                (self.admitted).insert(object.name.clone(), object.prefixes.clone());
+            } else {
+                self.refused.push(Rejection {
+                    kind: KIND,
+                    object: object.name.clone(),
+                    reason: "capacity",
+                    detail: format!(
+                        "{} prefixes would make {after} entries in {}, which holds {capacity}",
+                        object.prefixes.len(),
+                        map_names::PREFILTER_DENY
+                    ),
+                });
+            }
+        }
+        &self.refused
+    }
+
+    /// Every admitted object's prefixes.
+    pub fn prefixes(&self) -> impl Iterator<Item = &Cidr> {
+        self.admitted.values().flatten()
+    }
+
+    pub fn refused(&self) -> &[Rejection] {
+        &self.refused
+    }
+}
+
+/// Keeps the deny-list map in step with the configuration and the deny-list objects.
+#[derive(Debug)]
+pub struct DenyListReconciler {
+    /// The configuration's part (all of it while the pre-filter is off: an empty deny-list).
+    configured: PrefilterState,
+    enabled: bool,
+    admission: DenyListAdmission,
+    /// The objects the maps were last written from; None until a write succeeds (or after one
+    /// fails), so the next pass writes.
+    written: Option<BTreeMap<String, DenyListIntent>>,
+}
+
+/// What a deny-list pass did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DenyListReport {
+    pub writes: usize,
+    /// Entries in the deny-list map after the pass.
+    pub entries: usize,
+}
+
+impl DenyListReconciler {
+    pub fn new(config: &AgentConfig) -> Result<DenyListReconciler, IntentError> {
+        Ok(DenyListReconciler {
+            configured: PrefilterState::from_config(config)?,
+            enabled: config.prefilter.enabled,
+            admission: DenyListAdmission::default(),
+            written: None,
+        })
+    }
+
+    /// The agent's first write, before the source has listed anything: the configuration's
+    /// entries and failsafe ports, keeping the object entries an earlier agent wrote (while the
+    /// pre-filter stays on) until the first pass knows the objects.
+    pub fn start(&mut self, maps: &mut PrefilterMaps) -> Result<DenyListReport, DataplaneError> {
+        let mut wanted = self.configured.clone();
+        if self.enabled {
+            let held = maps.read()?;
+            for (key, drop_counter) in held.deny {
+                if drop_counter == counter::PREFILTER_DROP_OBJECT {
+                    wanted.deny.entry(key).or_insert(drop_counter);
+                }
+            }
+        }
+        let writes = maps.write(&wanted)?;
+        Ok(DenyListReport {
+            writes,
+            entries: wanted.deny.len(),
+        })
+    }
+
+    /// Writes the deny-list when the objects changed since the last write (or it failed);
+    /// None when nothing was due. With the pre-filter off objects are ignored: the map stays
+    /// empty.
+    pub fn pass(
+        &mut self,
+        objects: &BTreeMap<String, DenyListIntent>,
+        maps: &mut PrefilterMaps,
+    ) -> Option<Result<DenyListReport, DataplaneError>> {
+        let objects_read = if self.enabled {
+            objects
+        } else {
+            &BTreeMap::new()
+        };
+        if self.written.as_ref() == Some(objects_read) {
+            return None;
+        }
+        let reserved = self.configured.deny.len();
+        (self.admission).admit(objects_read, reserved, capacity::PREFILTER_DENY as usize);
+        let mut wanted = self.configured.clone();
+        wanted.add_objects(self.admission.prefixes());
+        Some(match maps.write(&wanted) {
+            Ok(writes) => {
+                self.written = Some(objects_read.clone());
+                Ok(DenyListReport {
+                    writes,
+                    entries: wanted.deny.len(),
+                })
+            }
+            Err(e) => {
+                self.written = None;
+                Err(e)
+            }
+        })
+    }
+
+    /// The objects the last pass refused for capacity.
+    pub fn refused(&self) -> &[Rejection] {
+        self.admission.refused()
     }
 }
 

@@ -24,10 +24,11 @@ use crate::health_check::{self, HealthCheckOptions, HealthCheckServer};
 use crate::healthz::HealthzServer;
 use crate::http::OpsServer;
 use crate::interfaces;
-use crate::kubernetes::{KubeSource, NodeIdentity};
+use crate::kubernetes::{KubeSource, NodeIdentity, OptionalKinds};
 use crate::metrics::{Health, Metrics, Ops};
 use crate::node;
 use crate::policy::PolicyReconciler;
+use crate::prefilter::DenyListReconciler;
 use crate::reconcile::Reconciler;
 use crate::source::{FileSource, ObjectEvent};
 use weir_common::{map_names, program_names, HostAddrKey};
@@ -77,16 +78,14 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         .node
         .set_config(&node_config)
         .context("writing the node configuration")?;
-    let prefilter = crate::prefilter::PrefilterState::from_config(&config)
+    let mut deny_lists = DenyListReconciler::new(&config)
         .context("the pre-filter's deny-list ([prefilter] deny)")?;
-    let writes = dataplane
-        .prefilter
-        .write(&prefilter)
+    let written = deny_lists
+        .start(&mut dataplane.prefilter)
         .context("writing the pre-filter's deny-list and the failsafe ports")?;
     info!(
-        deny = prefilter.deny.len(),
-        failsafe_ports = prefilter.failsafe.len(),
-        writes,
+        deny = written.entries,
+        writes = written.writes,
         "pre-filter deny-list and failsafe ports written"
     );
     if config.host_services.enabled {
@@ -102,6 +101,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let counters = Counters::open_pinned(&pin_dir).context("opening the counter map")?;
     let metrics = Arc::new(Metrics::new().with_datapath(counters));
     metrics.set_map_capacities(&config.maps);
+    metrics.set_map_entries(map_names::PREFILTER_DENY, written.entries);
     // Conntrack garbage collection runs on its own thread, with its own handles: a pass over
     // full tables takes seconds the loop must not wait for.
     let _gc = GcThread::spawn(
@@ -208,7 +208,10 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
                 source: Box::new(KubeSource::start(
                     client,
                     &config.node_name,
-                    config.policy.enabled,
+                    OptionalKinds {
+                        policy: config.policy.enabled,
+                        deny_lists: config.prefilter.enabled,
+                    },
                 )),
                 node: None,
             }
@@ -232,7 +235,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
                 interfaces.sync(&config, &mut dataplane, &health, &metrics);
                 if source.poll(retry, false, &config.node_name, &metrics, &health, &mut |e| reconciler.stage(&e)) {
                     drift.writing();
-                    retry = apply(&mut reconciler, &mut policy, &mut dataplane, &mut node_config, &health, &metrics, &mut tunnel_peers);
+                    retry = apply(&mut reconciler, &mut policy, &mut deny_lists, &mut dataplane, &mut node_config, &health, &metrics, &mut tunnel_peers);
                     health_checks.update(health_check::desired(reconciler.intent(), &config.node_name));
                 }
             }
@@ -240,7 +243,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
                 health.beat();
                 if source.poll(retry, true, &config.node_name, &metrics, &health, &mut |e| reconciler.stage(&e)) {
                     drift.writing();
-                    retry = apply(&mut reconciler, &mut policy, &mut dataplane, &mut node_config, &health, &metrics, &mut tunnel_peers);
+                    retry = apply(&mut reconciler, &mut policy, &mut deny_lists, &mut dataplane, &mut node_config, &health, &metrics, &mut tunnel_peers);
                     health_checks.update(health_check::desired(reconciler.intent(), &config.node_name));
                 }
             }
@@ -448,12 +451,16 @@ impl DesiredState {
 fn apply(
     reconciler: &mut Reconciler,
     policy: &mut PolicyReconciler,
+    deny_lists: &mut DenyListReconciler,
     dataplane: &mut Dataplane,
     node_config: &mut weir_common::NodeConfig,
     health: &Health,
     metrics: &Metrics,
     peers: &mut Option<BTreeSet<HostAddrKey>>,
 ) -> bool {
+    // Before the services: the deny-list objects refused for capacity are reported with this
+    // pass's other rejections.
+    let deny_list = apply_deny_lists(reconciler, deny_lists, dataplane, metrics);
     // The source staged its events already.
     let services = reconciler
         .apply_events(&mut dataplane.services, &[])
@@ -523,7 +530,7 @@ fn apply(
     } else {
         Ok(())
     };
-    let outcome = services.and(tunnel).and(policy_pass);
+    let outcome = deny_list.and(services).and(tunnel).and(policy_pass);
     metrics.record_pass(outcome.is_ok());
     match outcome {
         Ok(()) => {
@@ -536,6 +543,44 @@ fn apply(
         }
     }
 }
+
+/// Writes the pre-filter's deny-list when the `PrefilterDenyList` objects changed, and hands
+/// the objects it refused for capacity to the reconciler's rejections.
+fn apply_deny_lists(
+    reconciler: &mut Reconciler,
+    deny_lists: &mut DenyListReconciler,
+    dataplane: &mut Dataplane,
+    metrics: &Metrics,
+) -> Result<(), String> {
+    let Some(result) = deny_lists.pass(&reconciler.intent().deny_lists, &mut dataplane.prefilter)
+    else {
+        return Ok(());
+    };
+    reconciler.stage(&ObjectEvent::Rejections {
+        origin: DENY_LIST_ADMISSION.to_owned(),
+        rejections: deny_lists.refused().to_vec(),
+    });
+    match result {
+        Ok(report) => {
+            if report.writes > 0 {
+                info!(
+                    writes = report.writes,
+                    entries = report.entries,
+                    "pre-filter deny-list updated"
+                );
+            }
+            metrics.set_map_entries(map_names::PREFILTER_DENY, report.entries);
+            Ok(())
+        }
+        Err(e) => {
+            error!(error = %e, "writing the pre-filter's deny-list failed; will retry");
+            Err(format!("pre-filter deny-list: {e}"))
+        }
+    }
+}
+
+/// The origin under which deny-list objects refused for capacity are reported.
+const DENY_LIST_ADMISSION: &str = "prefilter deny-list admission";
 
 /// Writes back what changed behind the agent's back: service map entries (against the
 /// compiler's shadow), tunnel peers and the node configuration.

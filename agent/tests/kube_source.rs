@@ -17,7 +17,7 @@ use http::{Request, Response};
 use http_body_util::StreamBody;
 use hyper::body::Frame;
 use serde_json::{json, Value};
-use weir_agent::kubernetes::{KubeSource, NodeIdentity};
+use weir_agent::kubernetes::{KubeSource, NodeIdentity, OptionalKinds};
 use weir_agent::source::{IntentBuilder, IntentStore};
 
 type Chunk = Result<Frame<Bytes>, std::io::Error>;
@@ -214,7 +214,7 @@ async fn watch_events_bookmarks_and_410_gone_reach_the_intent() {
     server.list(NODES, "10", vec![node("node1"), node("node2")]);
     tokio::spawn(server.clone().serve(handle));
     let client = kube::Client::new(mock, "default");
-    let source = KubeSource::start(client, "node1", false);
+    let source = KubeSource::start(client, "node1", OptionalKinds::default());
 
     // The initial lists: nothing counts as ready until every kind is listed.
     eventually(&source, "the initial lists", KubeSource::is_ready).await;
@@ -378,7 +378,14 @@ async fn with_policy_on_pods_namespaces_and_policies_are_listed_watched_and_reac
     );
     tokio::spawn(server.clone().serve(handle));
     let client = kube::Client::new(mock, "default");
-    let source = KubeSource::start(client, "node1", true);
+    let source = KubeSource::start(
+        client,
+        "node1",
+        OptionalKinds {
+            policy: true,
+            deny_lists: false,
+        },
+    );
     eventually(&source, "the initial lists", KubeSource::is_ready).await;
     let requests = server.requests();
     for kind in [PODS, NAMESPACES, POLICIES] {
