@@ -39,7 +39,10 @@ use crate::dataplane::{
     delete_keys, open_pinned, read_all, take_map, write_entries, DataplaneError,
 };
 use crate::intent::{Cidr, IntentError};
+use crate::metrics::Metrics;
 use crate::policy::maps::{read_trie, trie_entries, trie_keys};
+use crate::reconcile::Reconciler;
+use crate::source::ObjectEvent;
 
 /// A deny-list prefix as the trie keys it: (address of one family, prefix length).
 pub type DenyKey = (PolicyCidrKey, u32);
@@ -281,7 +284,40 @@ impl DenyListReconciler {
     pub fn refused(&self) -> &[Rejection] {
         self.admission.refused()
     }
+
+    /// The agent's deny-list pass, run before the services' pass: writes the map when the
+    /// reconciler's `PrefilterDenyList` objects changed, and hands the objects refused for
+    /// capacity to its rejections (logged and counted by that services' pass).
+    pub fn apply(
+        &mut self,
+        reconciler: &mut Reconciler,
+        maps: &mut PrefilterMaps,
+        metrics: Option<&Metrics>,
+    ) -> Result<(), DataplaneError> {
+        let Some(result) = self.pass(&reconciler.intent().deny_lists, maps) else {
+            return Ok(());
+        };
+        reconciler.stage(&ObjectEvent::Rejections {
+            origin: ADMISSION_ORIGIN.to_owned(),
+            rejections: self.refused().to_vec(),
+        });
+        let report = result?;
+        if report.writes > 0 {
+            info!(
+                writes = report.writes,
+                entries = report.entries,
+                "pre-filter deny-list updated"
+            );
+        }
+        if let Some(metrics) = metrics {
+            metrics.set_map_entries(map_names::PREFILTER_DENY, report.entries);
+        }
+        Ok(())
+    }
 }
+
+/// The origin under which deny-list objects refused for capacity are reported.
+const ADMISSION_ORIGIN: &str = "prefilter deny-list admission";
 
 pub fn deny_key(prefix: &Cidr) -> DenyKey {
     let (addr, family) = addr_of(prefix.addr);
@@ -555,6 +591,75 @@ mod tests {
                 ("198.18.9.0".parse().unwrap(), 24, drop),
                 ("198.19.0.1".parse().unwrap(), 32, drop),
                 ("fd00:9::".parse().unwrap(), 32, drop),
+            ]
+        );
+    }
+
+    fn deny_list(name: &str, prefixes: &[&str]) -> DenyListIntent {
+        DenyListIntent {
+            name: name.into(),
+            prefixes: prefixes.iter().map(|p| parse_prefix(p).unwrap()).collect(),
+        }
+    }
+
+    fn admitted(admission: &DenyListAdmission) -> Vec<String> {
+        let mut out: Vec<String> = (admission.prefixes())
+            .map(|c| format!("{}/{}", c.addr, c.len))
+            .collect();
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn an_object_that_would_overflow_the_map_is_refused_and_keeps_its_admitted_version() {
+        let mut admission = DenyListAdmission::default();
+        let a = deny_list("a", &["198.18.1.0/24", "198.18.2.0/24"]);
+        let b = deny_list("b", &["198.18.3.0/24"]);
+        let objects = BTreeMap::from([("a".to_owned(), a.clone()), ("b".to_owned(), b)]);
+        // Capacity 4, one entry the configuration's: both fit.
+        assert!(admission.admit(&objects, 1, 4).is_empty());
+        assert_eq!(admitted(&admission).len(), 3);
+        // `a` grows past the capacity: refused whole, its admitted version stays.
+        let grown = deny_list("a", &["198.18.1.0/24", "198.18.2.0/24", "198.18.4.0/24"]);
+        let mut objects = objects;
+        objects.insert("a".into(), grown.clone());
+        let refused = admission.admit(&objects, 1, 4);
+        assert_eq!(refused.len(), 1);
+        assert_eq!(
+            (refused[0].object.as_str(), refused[0].reason),
+            ("a", "capacity")
+        );
+        assert_eq!(
+            admitted(&admission),
+            ["198.18.1.0/24", "198.18.2.0/24", "198.18.3.0/24"]
+        );
+        // Deleting `b` frees its room in the same pass: `a` fits now.
+        objects.remove("b");
+        assert!(admission.admit(&objects, 1, 4).is_empty());
+        assert_eq!(
+            admitted(&admission),
+            ["198.18.1.0/24", "198.18.2.0/24", "198.18.4.0/24"]
+        );
+        // A new object that cannot fit is refused and never admitted; the others stay.
+        objects.insert("c".into(), deny_list("c", &["198.18.5.0/24"]));
+        assert_eq!(admission.admit(&objects, 1, 4)[0].object, "c");
+        assert_eq!(admitted(&admission).len(), 3);
+    }
+
+    #[test]
+    fn configuration_prefixes_keep_their_counter_over_an_objects() {
+        let mut state = PrefilterState::from_config(&config(
+            "[prefilter]\nenabled = true\ndeny = [\"198.18.9.0/24\"]\n",
+        ))
+        .unwrap();
+        let object = deny_list("x", &["198.18.9.0/24", "fd00:9::/32"]);
+        state.add_objects(&object.prefixes);
+        let counters: Vec<u32> = state.deny.values().copied().collect();
+        assert_eq!(
+            counters,
+            [
+                counter::PREFILTER_DROP_CONFIG,
+                counter::PREFILTER_DROP_OBJECT
             ]
         );
     }

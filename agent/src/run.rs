@@ -460,7 +460,12 @@ fn apply(
 ) -> bool {
     // Before the services: the deny-list objects refused for capacity are reported with this
     // pass's other rejections.
-    let deny_list = apply_deny_lists(reconciler, deny_lists, dataplane, metrics);
+    let deny_list = deny_lists
+        .apply(reconciler, &mut dataplane.prefilter, Some(metrics))
+        .map_err(|e| {
+            error!(error = %e, "writing the pre-filter's deny-list failed; will retry");
+            format!("pre-filter deny-list: {e}")
+        });
     // The source staged its events already.
     let services = reconciler
         .apply_events(&mut dataplane.services, &[])
@@ -543,44 +548,6 @@ fn apply(
         }
     }
 }
-
-/// Writes the pre-filter's deny-list when the `PrefilterDenyList` objects changed, and hands
-/// the objects it refused for capacity to the reconciler's rejections.
-fn apply_deny_lists(
-    reconciler: &mut Reconciler,
-    deny_lists: &mut DenyListReconciler,
-    dataplane: &mut Dataplane,
-    metrics: &Metrics,
-) -> Result<(), String> {
-    let Some(result) = deny_lists.pass(&reconciler.intent().deny_lists, &mut dataplane.prefilter)
-    else {
-        return Ok(());
-    };
-    reconciler.stage(&ObjectEvent::Rejections {
-        origin: DENY_LIST_ADMISSION.to_owned(),
-        rejections: deny_lists.refused().to_vec(),
-    });
-    match result {
-        Ok(report) => {
-            if report.writes > 0 {
-                info!(
-                    writes = report.writes,
-                    entries = report.entries,
-                    "pre-filter deny-list updated"
-                );
-            }
-            metrics.set_map_entries(map_names::PREFILTER_DENY, report.entries);
-            Ok(())
-        }
-        Err(e) => {
-            error!(error = %e, "writing the pre-filter's deny-list failed; will retry");
-            Err(format!("pre-filter deny-list: {e}"))
-        }
-    }
-}
-
-/// The origin under which deny-list objects refused for capacity are reported.
-const DENY_LIST_ADMISSION: &str = "prefilter deny-list admission";
 
 /// Writes back what changed behind the agent's back: service map entries (against the
 /// compiler's shadow), tunnel peers and the node configuration.
