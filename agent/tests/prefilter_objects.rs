@@ -96,12 +96,17 @@ impl Agent {
                 "never {wanted:?}; held {held:?}"
             );
             std::thread::sleep(Duration::from_millis(20));
-            let reconciler = &mut self.reconciler;
-            self.source.changes_into(&mut |e| reconciler.stage(&e));
-            self.source
-                .rescan_if_due(Duration::from_millis(200), &mut |e| reconciler.stage(&e));
-            self.pass();
+            self.turn();
         }
+    }
+
+    /// One turn of the loop: what the source saw, then a pass.
+    fn turn(&mut self) {
+        let reconciler = &mut self.reconciler;
+        self.source.changes_into(&mut |e| reconciler.stage(&e));
+        self.source
+            .rescan_if_due(Duration::from_millis(200), &mut |e| reconciler.stage(&e));
+        self.pass();
     }
 
     /// The deny-list map as (prefix, drop counter).
@@ -177,15 +182,17 @@ fn objects_and_configuration_fill_the_deny_list_and_a_refused_object_keeps_its_l
             started.elapsed() < PATIENCE,
             "the bad object was never rejected"
         );
-        agent.until(&[
-            ("198.18.9.0/24", CONFIG),
-            ("198.19.7.7/32", OBJECT),
-            ("198.19.8.0/24", OBJECT),
-            ("fd00:77::/32", OBJECT),
-        ]);
         std::thread::sleep(Duration::from_millis(20));
+        agent.turn();
     }
     assert_eq!(agent.metric(rejected), Some(format!("{rejected} 1")));
+    // Its last good version stays in the map, beside the other object's.
+    agent.until(&[
+        ("198.18.9.0/24", CONFIG),
+        ("198.19.7.7/32", OBJECT),
+        ("198.19.8.0/24", OBJECT),
+        ("fd00:77::/32", OBJECT),
+    ]);
 
     // Fixed: the new version replaces the old one.
     write(
