@@ -387,7 +387,7 @@ where
                     }
                     // A kind of our own whose CRD is not installed: nothing of it exists, so it
                     // is listed (empty) and never holds readiness back. Retried all the same.
-                    Err(e) if list_kind == Kind::PrefilterDenyList && not_served(&e) => {
+                    Err(e) if list_kind.may_be_absent() && not_served(&e) => {
                         if !absence_logged {
                             absence_logged = true;
                             warn!(kind, error = %e, "the cluster does not serve this kind (its CustomResourceDefinition or RBAC is missing): taken as none; retrying");

@@ -119,6 +119,12 @@ impl Kind {
         )
     }
 
+    /// A kind of Weir's own, served by a CustomResourceDefinition a cluster may not have
+    /// installed: its absence means none of it exists, not a source that cannot be read.
+    pub fn may_be_absent(self) -> bool {
+        matches!(self, Kind::PrefilterDenyList)
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Kind::Service => "Service",
