@@ -12,7 +12,8 @@
 //!
 //! RBAC (cluster-wide `get`, `list`, `watch`): services, endpointslices (discovery.k8s.io),
 //! nodes; with `[policy] enabled` (the default) also pods, namespaces and networkpolicies
-//! (networking.k8s.io). Only kinds the data plane consumes are watched: a watcher of a kind
+//! (networking.k8s.io); with `[prefilter] enabled` prefilterdenylists (weir.dev). Only kinds
+//! the data plane consumes are watched: a watcher of a kind
 //! nothing reads would gate readiness on its list and ask for permissions the agent does not
 //! need, so with policy off the last three are neither watched nor waited for. Pods are watched
 //! cluster-wide: a policy's peers live on every node. The reflector stores keep every watched
