@@ -83,6 +83,11 @@ impl FakeApiServer {
         self.0.lock().unwrap().missing.push(path);
     }
 
+    /// Serves `path` again, as once its CRD is installed.
+    fn with(&self, path: &'static str) {
+        self.0.lock().unwrap().missing.retain(|p| *p != path);
+    }
+
     fn requests(&self) -> Vec<String> {
         self.0.lock().unwrap().requests.clone()
     }
@@ -534,7 +539,8 @@ async fn deny_list_objects_are_listed_and_watched() {
     assert_eq!(errors, [("PrefilterDenyList", "invalid_cidr")]);
 }
 
-/// A cluster without the CRD answers 404: taken as no objects, and readiness is not held back.
+/// A cluster without the CRD answers 404: taken as no objects, and readiness is not held back;
+/// once the CRD is installed, the retrying watcher lists its objects.
 #[tokio::test]
 async fn a_cluster_without_the_deny_list_crd_is_ready_with_none() {
     let (mock, handle) =
@@ -552,4 +558,20 @@ async fn a_cluster_without_the_deny_list_crd_is_ready_with_none() {
     }
     assert!(store.intent().deny_lists.is_empty());
     assert!(store.errors().next().is_none());
+
+    server.list(
+        DENY_LISTS,
+        "30",
+        vec![deny_list("late", "29", &["198.19.2.0/24"])],
+    );
+    server.with(DENY_LISTS);
+    let store = std::cell::RefCell::new(store);
+    eventually(&source, "the list once the CRD is installed", |s| {
+        let mut store = store.borrow_mut();
+        for event in s.take_events() {
+            store.handle(&event);
+        }
+        store.intent().deny_lists.contains_key("late")
+    })
+    .await;
 }
