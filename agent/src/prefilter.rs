@@ -362,7 +362,8 @@ impl PrefilterMaps {
     }
 
     /// Makes the maps hold `wanted`: new and changed entries first, stale ones after (a
-    /// failsafe port is open, a prefix denied, throughout). Returns the writes.
+    /// failsafe port is open, a prefix denied, throughout), except new prefixes a full map has
+    /// no room for yet. Returns the writes.
     pub fn write(&mut self, wanted: &PrefilterState) -> Result<usize, DataplaneError> {
         let held = self.read()?;
         let upserts: Vec<(DenyKey, u32)> = (wanted.deny.iter())
@@ -379,17 +380,23 @@ impl PrefilterMaps {
         let closed: Vec<FailsafeKey> = (held.failsafe.difference(&wanted.failsafe))
             .copied()
             .collect();
+        // A full map takes no new prefix before stale ones go: new prefixes beyond the free
+        // room wait for the removals (a set that fits is always written). Changed counters
+        // take no room.
+        let room = (capacity::PREFILTER_DENY as usize).saturating_sub(held.deny.len());
+        let (mut early, mut late): (Vec<_>, Vec<_>) = upserts
+            .iter()
+            .partition(|(key, _)| held.deny.contains_key(key));
+        let new = late.len();
+        early.extend(late.drain(..room.min(new)));
         write_entries(&self.failsafe, &opened, map_names::FAILSAFE_PORTS)?;
-        write_entries(
-            &self.deny,
-            &trie_entries(&upserts),
-            map_names::PREFILTER_DENY,
-        )?;
+        write_entries(&self.deny, &trie_entries(&early), map_names::PREFILTER_DENY)?;
         delete_keys(
             &self.deny,
             &trie_keys(&stale_deny),
             map_names::PREFILTER_DENY,
         )?;
+        write_entries(&self.deny, &trie_entries(&late), map_names::PREFILTER_DENY)?;
         delete_keys(&self.failsafe, &closed, map_names::FAILSAFE_PORTS)?;
         Ok(upserts.len() + stale_deny.len() + opened.len() + closed.len())
     }

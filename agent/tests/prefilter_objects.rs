@@ -266,3 +266,72 @@ fn a_restart_keeps_object_entries_until_the_objects_are_read() {
         .pass(&BTreeMap::new(), &mut harness.dataplane.prefilter)
         .is_none());
 }
+
+fn full_object(name: &str, block: u16, prefixes: usize) -> weir_agent::source::ObjectEvent {
+    use weir_agent::prefilter::{PrefilterDenyList, PrefilterDenyListSpec};
+    let object = PrefilterDenyList {
+        metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        spec: Some(PrefilterDenyListSpec {
+            cidrs: (0..prefixes)
+                .map(|i| format!("fd00:{block:x}::{i:x}"))
+                .collect(),
+            description: None,
+        }),
+    };
+    weir_agent::source::ObjectEvent::Apply(weir_agent::source::SourceObject::PrefilterDenyList(
+        Box::new(object),
+    ))
+}
+
+/// The map holds 262,144 prefixes: an object that would overflow it is refused whole
+/// (`capacity`, counted), the others stay written, and deleting one makes room for it.
+#[test]
+fn an_object_that_would_overflow_the_map_is_refused_for_capacity() {
+    use weir_agent::prefilter::MAX_PREFIXES_PER_OBJECT as FULL;
+    let config = config("enabled = true\n");
+    let mut harness = Harness::new(&[]);
+    let metrics = std::sync::Arc::new(Metrics::new());
+    let mut reconciler = Reconciler::new(Default::default(), Some(metrics.clone()));
+    let mut deny_lists = DenyListReconciler::new(&config).unwrap();
+    deny_lists.start(&mut harness.dataplane.prefilter).unwrap();
+    let mut pass = |reconciler: &mut Reconciler, harness: &mut Harness| {
+        let maps = &mut harness.dataplane.prefilter;
+        deny_lists.apply(reconciler, maps, Some(&metrics)).unwrap();
+        (reconciler)
+            .apply_events(&mut harness.dataplane.services, &[])
+            .unwrap();
+        let text = metrics.encode().unwrap();
+        let line = |start: &str| {
+            (text.lines())
+                .find(|l| l.starts_with(start))
+                .map(|l| l.rsplit(' ').next().unwrap().to_owned())
+        };
+        (
+            line("weir_map_entries{map=\"WEIR_PREFILTER_DENY\"}"),
+            line("weir_rejected_objects_current{kind=\"PrefilterDenyList\",reason=\"capacity\"}"),
+        )
+    };
+    // Four full objects fill the map; a fifth of one prefix does not fit. (Within one pass the
+    // smallest goes first: the fifth and three full ones would be admitted, the fourth refused.)
+    for block in 0..4u16 {
+        reconciler.stage(&full_object(&format!("full-{block}"), block, FULL));
+    }
+    let (entries, refused) = pass(&mut reconciler, &mut harness);
+    assert_eq!((entries.as_deref(), refused), (Some("262144"), None));
+    reconciler.stage(&full_object("late", 9, 1));
+    let (entries, refused) = pass(&mut reconciler, &mut harness);
+    assert_eq!(entries.as_deref(), Some("262144"), "the full objects stay");
+    assert_eq!(refused.as_deref(), Some("1"));
+    let total = "weir_rejected_objects_total{kind=\"PrefilterDenyList\",reason=\"capacity\"} 1";
+    assert!(metrics.encode().unwrap().contains(total));
+    // Deleting one full object frees its room in the same pass: `late` is admitted.
+    reconciler.stage(&weir_agent::source::ObjectEvent::Delete(
+        weir_agent::source::ObjectKey::PrefilterDenyList("full-0".into()),
+    ));
+    let (entries, refused) = pass(&mut reconciler, &mut harness);
+    assert_eq!(entries.as_deref(), Some(&*(3 * FULL + 1).to_string()));
+    assert_eq!(refused, None, "no longer refused");
+}
