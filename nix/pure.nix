@@ -20,7 +20,7 @@ in
   # `kubectl apply -f result/weir.yaml`: every manifest in one file, in a fixed order.
   kubernetes-manifests = shell "weir-kubernetes-manifests-${pins.weirVersion}" ''
     mkdir -p $out
-    for f in serviceaccount.yaml rbac.yaml configmap.yaml daemonset.yaml; do
+    for f in crd-prefilterdenylist.yaml serviceaccount.yaml rbac.yaml configmap.yaml daemonset.yaml; do
       test -f ${manifests}/$f || { echo "missing $f" >&2; exit 1; }
       echo "# --- images/kubernetes/$f" >> $out/weir.yaml
       cat ${manifests}/$f >> $out/weir.yaml

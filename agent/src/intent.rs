@@ -92,6 +92,13 @@ pub enum IntentError {
         value: IpAddr,
         why: &'static str,
     },
+    /// A list longer than its kind allows (a deny-list object's prefixes).
+    #[error("{field}: {count} entries, more than {limit}")]
+    TooManyEntries {
+        field: &'static str,
+        count: usize,
+        limit: usize,
+    },
     /// A Pod or NetworkPolicy that policy cannot use.
     #[error(transparent)]
     Policy(#[from] crate::policy::PolicyError),
@@ -107,6 +114,7 @@ impl IntentError {
             IntentError::InvalidPort { .. } => "invalid_port",
             IntentError::Unsupported(_) => "unsupported",
             IntentError::ReservedAddress { .. } => "reserved_address",
+            IntentError::TooManyEntries { .. } => "too_many_entries",
             IntentError::Policy(e) => e.reason(),
         }
     }
@@ -255,6 +263,8 @@ pub struct ClusterIntent {
     pub services: BTreeMap<ObjectRef, ServiceIntent>,
     pub slices: BTreeMap<ObjectRef, EndpointSliceIntent>,
     pub nodes: BTreeMap<String, NodeIntent>,
+    /// `PrefilterDenyList` objects, by name.
+    pub deny_lists: BTreeMap<String, crate::prefilter::DenyListIntent>,
 }
 
 impl ClusterIntent {

@@ -12,11 +12,17 @@
 //!
 //! RBAC (cluster-wide `get`, `list`, `watch`): services, endpointslices (discovery.k8s.io),
 //! nodes; with `[policy] enabled` (the default) also pods, namespaces and networkpolicies
-//! (networking.k8s.io). Only kinds the data plane consumes are watched: a watcher of a kind
+//! (networking.k8s.io); with `[prefilter] enabled` prefilterdenylists (weir.dev). Only kinds
+//! the data plane consumes are watched: a watcher of a kind
 //! nothing reads would gate readiness on its list and ask for permissions the agent does not
 //! need, so with policy off the last three are neither watched nor waited for. Pods are watched
 //! cluster-wide: a policy's peers live on every node. The reflector stores keep every watched
 //! object whole (a Pod is a few KB): about 5,000 pods cost some tens of MB.
+//!
+//! With `[prefilter] enabled`, `PrefilterDenyList` objects (weir.dev, a CustomResourceDefinition)
+//! are watched too. A cluster without the CRD (or whose RBAC predates it) answers the list with
+//! 404 (403): logged once and taken as an empty list, so it never holds readiness back; the
+//! watcher keeps retrying (with backoff) and picks the objects up once the CRD is installed.
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
@@ -37,6 +43,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
+use crate::prefilter::PrefilterDenyList;
 use crate::source::{Kind, ObjectEvent, Objects, SourceObject};
 
 #[derive(Debug, thiserror::Error)]
@@ -130,8 +137,20 @@ pub struct KubeSource {
     nodes: Watched<Node>,
     /// Watched only while policy is enabled.
     policy: Option<PolicyWatches>,
+    /// Watched only while the pre-filter is enabled.
+    deny_lists: Option<Watched<PrefilterDenyList>>,
     changed: Arc<Notify>,
     events: EventQueue,
+}
+
+/// The kinds watched beside Services, EndpointSlices and Nodes, each only when the agent
+/// consumes it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OptionalKinds {
+    /// Pods, Namespaces and NetworkPolicies (`[policy] enabled`).
+    pub policy: bool,
+    /// `PrefilterDenyList` objects (`[prefilter] enabled`).
+    pub deny_lists: bool,
 }
 
 /// The kinds NetworkPolicy enforcement reads.
@@ -162,9 +181,9 @@ impl<K: Resource<DynamicType = ()> + Clone + 'static> Drop for Watched<K> {
 }
 
 impl KubeSource {
-    /// Starts one watcher per kind (the policy kinds only when `policy` is on). Must be called
+    /// Starts one watcher per kind (the optional ones only when asked for). Must be called
     /// inside a tokio runtime.
-    pub fn start(client: Client, node_name: &str, policy: bool) -> KubeSource {
+    pub fn start(client: Client, node_name: &str, optional: OptionalKinds) -> KubeSource {
         let changed = Arc::new(Notify::new());
         let config = watcher::Config::default();
         let events = EventQueue::default();
@@ -176,7 +195,7 @@ impl KubeSource {
             SourceObject::EndpointSlice(Box::new(s.clone()))
         });
         let node: Convert<Node> = (Kind::Node, |n| SourceObject::Node(Box::new(n.clone())));
-        let policy = policy.then(|| {
+        let policy = optional.policy.then(|| {
             let pod: Convert<Pod> = (Kind::Pod, |p| SourceObject::Pod(Box::new(p.clone())));
             let namespace: Convert<Namespace> = (Kind::Namespace, |n| {
                 SourceObject::Namespace(Box::new(n.clone()))
@@ -196,8 +215,21 @@ impl KubeSource {
                 ),
             }
         });
+        let deny_lists = optional.deny_lists.then(|| {
+            let deny_list: Convert<PrefilterDenyList> = (Kind::PrefilterDenyList, |d| {
+                SourceObject::PrefilterDenyList(Box::new(d.clone()))
+            });
+            watch(
+                client.clone(),
+                "PrefilterDenyList",
+                config.clone(),
+                q,
+                deny_list,
+            )
+        });
         KubeSource {
             policy,
+            deny_lists,
             node_name: node_name.to_owned(),
             services: watch(client.clone(), "Service", config.clone(), q, service),
             slices: watch(client.clone(), "EndpointSlice", config.clone(), q, slice),
@@ -226,6 +258,9 @@ impl KubeSource {
                 (p.namespaces.kind, &p.namespaces.listed),
                 (p.policies.kind, &p.policies.listed),
             ]);
+        }
+        if let Some(d) = &self.deny_lists {
+            listed.push((d.kind, &d.listed));
         }
         listed
             .into_iter()
@@ -262,6 +297,7 @@ impl KubeSource {
                 .map_or_else(Vec::new, |p| sorted(&p.namespaces.store)),
             network_policies: (self.policy.as_ref())
                 .map_or_else(Vec::new, |p| sorted(&p.policies.store)),
+            deny_lists: (self.deny_lists.as_ref()).map_or_else(Vec::new, |d| sorted(&d.store)),
         }
     }
 
@@ -317,6 +353,8 @@ where
             let mut stream = std::pin::pin!(stream);
             // A list in progress: handed over whole when it completes.
             let mut listing: Vec<SourceObject> = Vec::new();
+            // A kind the cluster does not serve was reported (once).
+            let mut absence_logged = false;
             while let Some(event) = stream.next().await {
                 match event {
                     Ok(watcher::Event::Init) => {
@@ -348,6 +386,18 @@ where
                         }
                         changed.notify_one();
                     }
+                    // A kind of our own whose CRD is not installed: nothing of it exists, so it
+                    // is listed (empty) and never holds readiness back. Retried all the same.
+                    Err(e) if list_kind.may_be_absent() && not_served(&e) => {
+                        if !absence_logged {
+                            absence_logged = true;
+                            warn!(kind, error = %e, "the cluster does not serve this kind (its CustomResourceDefinition or RBAC is missing): taken as none; retrying");
+                        }
+                        if !listed.swap(true, Ordering::AcqRel) {
+                            push(ObjectEvent::Replace(list_kind, Vec::new()));
+                            changed.notify_one();
+                        }
+                    }
                     // The watcher itself recovers: a 410 Gone makes it relist, anything else is
                     // retried after the backoff. The store keeps its last good contents meanwhile.
                     Err(e) => warn!(kind, error = %e, "watch interrupted; retrying"),
@@ -360,6 +410,19 @@ where
         store,
         listed,
         task,
+    }
+}
+
+/// Whether the API server said the kind does not exist here (404), or that we may not read it
+/// (403, RBAC from before the kind), on the list or the watch.
+fn not_served(error: &watcher::Error) -> bool {
+    match error {
+        watcher::Error::InitialListFailed(kube::Error::Api(status))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(status)) => {
+            matches!(status.code, 403 | 404)
+        }
+        watcher::Error::WatchError(status) => matches!(status.code, 403 | 404),
+        _ => false,
     }
 }
 

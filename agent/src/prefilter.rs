@@ -4,6 +4,18 @@
 //! The entries flow one way, as everywhere: configuration -> [`PrefilterState`] (what the maps
 //! must hold) -> the difference against what they hold -> writes, additions before removals so
 //! no packet meets a list that is neither the old nor the new one.
+//!
+//! The deny-list has two origins: the configuration's `[prefilter] deny`, and
+//! `PrefilterDenyList` objects from the source ([`object`]). Objects are admitted against the
+//! map's capacity ([`DenyListAdmission`]) and their prefixes carry their own drop counter; a
+//! prefix in both keeps the configuration's.
+
+mod object;
+
+pub use object::{
+    DenyListIntent, PrefilterDenyList, PrefilterDenyListSpec, GROUP, KIND, MAX_PREFIXES_PER_OBJECT,
+    PLURAL, VERSION,
+};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -16,17 +28,21 @@ use aya::programs::Xdp;
 use aya::Ebpf;
 use tracing::{debug, info, warn};
 use weir_common::{
-    counter, failsafe_direction, map_names, FailsafeKey, PolicyCidrKey, POLICY_CIDR_FIXED_BITS,
-    PROTO_TCP, PROTO_UDP,
+    capacity, counter, failsafe_direction, map_names, FailsafeKey, PolicyCidrKey,
+    POLICY_CIDR_FIXED_BITS, PROTO_TCP, PROTO_UDP,
 };
 
+use crate::admission::Rejection;
 use crate::compile::addr_of;
 use crate::config::{AgentConfig, FailsafePorts, FailsafeProtocol, XdpMode};
 use crate::dataplane::{
     delete_keys, open_pinned, read_all, take_map, write_entries, DataplaneError,
 };
 use crate::intent::{Cidr, IntentError};
+use crate::metrics::Metrics;
 use crate::policy::maps::{read_trie, trie_entries, trie_keys};
+use crate::reconcile::Reconciler;
+use crate::source::ObjectEvent;
 
 /// A deny-list prefix as the trie keys it: (address of one family, prefix length).
 pub type DenyKey = (PolicyCidrKey, u32);
@@ -106,6 +122,203 @@ impl PrefilterState {
     }
 }
 
+impl PrefilterState {
+    /// Adds the admitted objects' prefixes under the object counter; a prefix the
+    /// configuration lists keeps the configuration's.
+    fn add_objects<'a>(&mut self, prefixes: impl IntoIterator<Item = &'a Cidr>) {
+        for prefix in prefixes {
+            (self.deny)
+                .entry(deny_key(prefix))
+                .or_insert(counter::PREFILTER_DROP_OBJECT);
+        }
+    }
+}
+
+/// Which deny-list objects' prefixes go into the map, against its capacity.
+///
+/// Entries are counted from above (a prefix in two objects, or in an object and the
+/// configuration, counts twice), so an admitted set always fits. An object whose new version
+/// would overflow the map is refused (`capacity`) and keeps its admitted version; a deleted
+/// object frees its room in the same pass. Changed objects are admitted smallest first, so one
+/// runaway list gives way before many small ones.
+#[derive(Debug, Default)]
+pub struct DenyListAdmission {
+    admitted: BTreeMap<String, Vec<Cidr>>,
+    refused: Vec<Rejection>,
+}
+
+impl DenyListAdmission {
+    /// Admits `objects` into a map of `capacity` entries, `reserved` of them the
+    /// configuration's; returns the objects refused.
+    pub fn admit(
+        &mut self,
+        objects: &BTreeMap<String, DenyListIntent>,
+        reserved: usize,
+        capacity: usize,
+    ) -> &[Rejection] {
+        self.admitted.retain(|name, _| objects.contains_key(name));
+        let mut total = reserved + self.admitted.values().map(Vec::len).sum::<usize>();
+        let mut changed: Vec<&DenyListIntent> = (objects.values())
+            .filter(|o| self.admitted.get(&o.name) != Some(&o.prefixes))
+            .collect();
+        changed.sort_by_key(|o| (o.prefixes.len(), &o.name));
+        self.refused.clear();
+        for object in changed {
+            let before = self.admitted.get(&object.name).map_or(0, Vec::len);
+            let after = total - before + object.prefixes.len();
+            if after <= capacity {
+                total = after;
+                (self.admitted).insert(object.name.clone(), object.prefixes.clone());
+            } else {
+                self.refused.push(Rejection {
+                    kind: KIND,
+                    object: object.name.clone(),
+                    reason: "capacity",
+                    detail: format!(
+                        "{} prefixes would make {after} entries in {}, which holds {capacity}",
+                        object.prefixes.len(),
+                        map_names::PREFILTER_DENY
+                    ),
+                });
+            }
+        }
+        &self.refused
+    }
+
+    /// Every admitted object's prefixes.
+    pub fn prefixes(&self) -> impl Iterator<Item = &Cidr> {
+        self.admitted.values().flatten()
+    }
+
+    pub fn refused(&self) -> &[Rejection] {
+        &self.refused
+    }
+}
+
+/// Keeps the deny-list map in step with the configuration and the deny-list objects.
+#[derive(Debug)]
+pub struct DenyListReconciler {
+    /// The configuration's part (all of it while the pre-filter is off: an empty deny-list).
+    configured: PrefilterState,
+    enabled: bool,
+    admission: DenyListAdmission,
+    /// The objects the maps were last written from; None until a write succeeds (or after one
+    /// fails), so the next pass writes.
+    written: Option<BTreeMap<String, DenyListIntent>>,
+}
+
+/// What a deny-list pass did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DenyListReport {
+    pub writes: usize,
+    /// Entries in the deny-list map after the pass.
+    pub entries: usize,
+}
+
+impl DenyListReconciler {
+    pub fn new(config: &AgentConfig) -> Result<DenyListReconciler, IntentError> {
+        Ok(DenyListReconciler {
+            configured: PrefilterState::from_config(config)?,
+            enabled: config.prefilter.enabled,
+            admission: DenyListAdmission::default(),
+            written: None,
+        })
+    }
+
+    /// The agent's first write, before the source has listed anything: the configuration's
+    /// entries and failsafe ports, keeping the object entries an earlier agent wrote (while the
+    /// pre-filter stays on) until the first pass knows the objects.
+    pub fn start(&mut self, maps: &mut PrefilterMaps) -> Result<DenyListReport, DataplaneError> {
+        let mut wanted = self.configured.clone();
+        if self.enabled {
+            let held = maps.read()?;
+            for (key, drop_counter) in held.deny {
+                if drop_counter == counter::PREFILTER_DROP_OBJECT {
+                    wanted.deny.entry(key).or_insert(drop_counter);
+                }
+            }
+        }
+        let writes = maps.write(&wanted)?;
+        Ok(DenyListReport {
+            writes,
+            entries: wanted.deny.len(),
+        })
+    }
+
+    /// Writes the deny-list when the objects changed since the last write (or it failed);
+    /// None when nothing was due. With the pre-filter off objects are ignored: the map stays
+    /// empty.
+    pub fn pass(
+        &mut self,
+        objects: &BTreeMap<String, DenyListIntent>,
+        maps: &mut PrefilterMaps,
+    ) -> Option<Result<DenyListReport, DataplaneError>> {
+        let objects_read = if self.enabled {
+            objects
+        } else {
+            &BTreeMap::new()
+        };
+        if self.written.as_ref() == Some(objects_read) {
+            return None;
+        }
+        let reserved = self.configured.deny.len();
+        (self.admission).admit(objects_read, reserved, capacity::PREFILTER_DENY as usize);
+        let mut wanted = self.configured.clone();
+        wanted.add_objects(self.admission.prefixes());
+        Some(match maps.write(&wanted) {
+            Ok(writes) => {
+                self.written = Some(objects_read.clone());
+                Ok(DenyListReport {
+                    writes,
+                    entries: wanted.deny.len(),
+                })
+            }
+            Err(e) => {
+                self.written = None;
+                Err(e)
+            }
+        })
+    }
+
+    /// The objects the last pass refused for capacity.
+    pub fn refused(&self) -> &[Rejection] {
+        self.admission.refused()
+    }
+
+    /// The agent's deny-list pass, run before the services' pass: writes the map when the
+    /// reconciler's `PrefilterDenyList` objects changed, and hands the objects refused for
+    /// capacity to its rejections (logged and counted by that services' pass).
+    pub fn apply(
+        &mut self,
+        reconciler: &mut Reconciler,
+        maps: &mut PrefilterMaps,
+        metrics: Option<&Metrics>,
+    ) -> Result<(), DataplaneError> {
+        let Some(result) = self.pass(&reconciler.intent().deny_lists, maps) else {
+            return Ok(());
+        };
+        reconciler.stage(&ObjectEvent::Rejections {
+            origin: ADMISSION_ORIGIN.to_owned(),
+            rejections: self.refused().to_vec(),
+        });
+        let report = result?;
+        if report.writes > 0 {
+            info!(
+                writes = report.writes,
+                entries = report.entries,
+                "pre-filter deny-list updated"
+            );
+        }
+        if let Some(metrics) = metrics {
+            metrics.set_map_entries(map_names::PREFILTER_DENY, report.entries);
+        }
+        Ok(())
+    }
+}
+
+/// The origin under which deny-list objects refused for capacity are reported.
+const ADMISSION_ORIGIN: &str = "prefilter deny-list admission";
+
 pub fn deny_key(prefix: &Cidr) -> DenyKey {
     let (addr, family) = addr_of(prefix.addr);
     (
@@ -149,7 +362,8 @@ impl PrefilterMaps {
     }
 
     /// Makes the maps hold `wanted`: new and changed entries first, stale ones after (a
-    /// failsafe port is open, a prefix denied, throughout). Returns the writes.
+    /// failsafe port is open, a prefix denied, throughout), except new prefixes a full map has
+    /// no room for yet. Returns the writes.
     pub fn write(&mut self, wanted: &PrefilterState) -> Result<usize, DataplaneError> {
         let held = self.read()?;
         let upserts: Vec<(DenyKey, u32)> = (wanted.deny.iter())
@@ -166,17 +380,23 @@ impl PrefilterMaps {
         let closed: Vec<FailsafeKey> = (held.failsafe.difference(&wanted.failsafe))
             .copied()
             .collect();
+        // A full map takes no new prefix before stale ones go: new prefixes beyond the free
+        // room wait for the removals (a set that fits is always written). Changed counters
+        // take no room.
+        let room = (capacity::PREFILTER_DENY as usize).saturating_sub(held.deny.len());
+        let (mut early, mut late): (Vec<_>, Vec<_>) = upserts
+            .iter()
+            .partition(|(key, _)| held.deny.contains_key(key));
+        let new = late.len();
+        early.extend(late.drain(..room.min(new)));
         write_entries(&self.failsafe, &opened, map_names::FAILSAFE_PORTS)?;
-        write_entries(
-            &self.deny,
-            &trie_entries(&upserts),
-            map_names::PREFILTER_DENY,
-        )?;
+        write_entries(&self.deny, &trie_entries(&early), map_names::PREFILTER_DENY)?;
         delete_keys(
             &self.deny,
             &trie_keys(&stale_deny),
             map_names::PREFILTER_DENY,
         )?;
+        write_entries(&self.deny, &trie_entries(&late), map_names::PREFILTER_DENY)?;
         delete_keys(&self.failsafe, &closed, map_names::FAILSAFE_PORTS)?;
         Ok(upserts.len() + stale_deny.len() + opened.len() + closed.len())
     }
@@ -378,6 +598,75 @@ mod tests {
                 ("198.18.9.0".parse().unwrap(), 24, drop),
                 ("198.19.0.1".parse().unwrap(), 32, drop),
                 ("fd00:9::".parse().unwrap(), 32, drop),
+            ]
+        );
+    }
+
+    fn deny_list(name: &str, prefixes: &[&str]) -> DenyListIntent {
+        DenyListIntent {
+            name: name.into(),
+            prefixes: prefixes.iter().map(|p| parse_prefix(p).unwrap()).collect(),
+        }
+    }
+
+    fn admitted(admission: &DenyListAdmission) -> Vec<String> {
+        let mut out: Vec<String> = (admission.prefixes())
+            .map(|c| format!("{}/{}", c.addr, c.len))
+            .collect();
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn an_object_that_would_overflow_the_map_is_refused_and_keeps_its_admitted_version() {
+        let mut admission = DenyListAdmission::default();
+        let a = deny_list("a", &["198.18.1.0/24", "198.18.2.0/24"]);
+        let b = deny_list("b", &["198.18.3.0/24"]);
+        let objects = BTreeMap::from([("a".to_owned(), a.clone()), ("b".to_owned(), b)]);
+        // Capacity 4, one entry the configuration's: both fit.
+        assert!(admission.admit(&objects, 1, 4).is_empty());
+        assert_eq!(admitted(&admission).len(), 3);
+        // `a` grows past the capacity: refused whole, its admitted version stays.
+        let grown = deny_list("a", &["198.18.1.0/24", "198.18.2.0/24", "198.18.4.0/24"]);
+        let mut objects = objects;
+        objects.insert("a".into(), grown.clone());
+        let refused = admission.admit(&objects, 1, 4);
+        assert_eq!(refused.len(), 1);
+        assert_eq!(
+            (refused[0].object.as_str(), refused[0].reason),
+            ("a", "capacity")
+        );
+        assert_eq!(
+            admitted(&admission),
+            ["198.18.1.0/24", "198.18.2.0/24", "198.18.3.0/24"]
+        );
+        // Deleting `b` frees its room in the same pass: `a` fits now.
+        objects.remove("b");
+        assert!(admission.admit(&objects, 1, 4).is_empty());
+        assert_eq!(
+            admitted(&admission),
+            ["198.18.1.0/24", "198.18.2.0/24", "198.18.4.0/24"]
+        );
+        // A new object that cannot fit is refused and never admitted; the others stay.
+        objects.insert("c".into(), deny_list("c", &["198.18.5.0/24"]));
+        assert_eq!(admission.admit(&objects, 1, 4)[0].object, "c");
+        assert_eq!(admitted(&admission).len(), 3);
+    }
+
+    #[test]
+    fn configuration_prefixes_keep_their_counter_over_an_objects() {
+        let mut state = PrefilterState::from_config(&config(
+            "[prefilter]\nenabled = true\ndeny = [\"198.18.9.0/24\"]\n",
+        ))
+        .unwrap();
+        let object = deny_list("x", &["198.18.9.0/24", "fd00:9::/32"]);
+        state.add_objects(&object.prefixes);
+        let counters: Vec<u32> = state.deny.values().copied().collect();
+        assert_eq!(
+            counters,
+            [
+                counter::PREFILTER_DROP_CONFIG,
+                counter::PREFILTER_DROP_OBJECT
             ]
         );
     }

@@ -24,10 +24,11 @@ use crate::health_check::{self, HealthCheckOptions, HealthCheckServer};
 use crate::healthz::HealthzServer;
 use crate::http::OpsServer;
 use crate::interfaces;
-use crate::kubernetes::{KubeSource, NodeIdentity};
+use crate::kubernetes::{KubeSource, NodeIdentity, OptionalKinds};
 use crate::metrics::{Health, Metrics, Ops};
 use crate::node;
 use crate::policy::PolicyReconciler;
+use crate::prefilter::DenyListReconciler;
 use crate::reconcile::Reconciler;
 use crate::source::{FileSource, ObjectEvent};
 use weir_common::{map_names, program_names, HostAddrKey};
@@ -77,16 +78,14 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         .node
         .set_config(&node_config)
         .context("writing the node configuration")?;
-    let prefilter = crate::prefilter::PrefilterState::from_config(&config)
+    let mut deny_lists = DenyListReconciler::new(&config)
         .context("the pre-filter's deny-list ([prefilter] deny)")?;
-    let writes = dataplane
-        .prefilter
-        .write(&prefilter)
+    let written = deny_lists
+        .start(&mut dataplane.prefilter)
         .context("writing the pre-filter's deny-list and the failsafe ports")?;
     info!(
-        deny = prefilter.deny.len(),
-        failsafe_ports = prefilter.failsafe.len(),
-        writes,
+        deny = written.entries,
+        writes = written.writes,
         "pre-filter deny-list and failsafe ports written"
     );
     if config.host_services.enabled {
@@ -102,6 +101,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let counters = Counters::open_pinned(&pin_dir).context("opening the counter map")?;
     let metrics = Arc::new(Metrics::new().with_datapath(counters));
     metrics.set_map_capacities(&config.maps);
+    metrics.set_map_entries(map_names::PREFILTER_DENY, written.entries);
     // Conntrack garbage collection runs on its own thread, with its own handles: a pass over
     // full tables takes seconds the loop must not wait for.
     let _gc = GcThread::spawn(
@@ -208,7 +208,10 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
                 source: Box::new(KubeSource::start(
                     client,
                     &config.node_name,
-                    config.policy.enabled,
+                    OptionalKinds {
+                        policy: config.policy.enabled,
+                        deny_lists: config.prefilter.enabled,
+                    },
                 )),
                 node: None,
             }
@@ -232,7 +235,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
                 interfaces.sync(&config, &mut dataplane, &health, &metrics);
                 if source.poll(retry, false, &config.node_name, &metrics, &health, &mut |e| reconciler.stage(&e)) {
                     drift.writing();
-                    retry = apply(&mut reconciler, &mut policy, &mut dataplane, &mut node_config, &health, &metrics, &mut tunnel_peers);
+                    retry = apply(&mut reconciler, &mut policy, &mut deny_lists, &mut dataplane, &mut node_config, &health, &metrics, &mut tunnel_peers);
                     health_checks.update(health_check::desired(reconciler.intent(), &config.node_name));
                 }
             }
@@ -240,7 +243,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
                 health.beat();
                 if source.poll(retry, true, &config.node_name, &metrics, &health, &mut |e| reconciler.stage(&e)) {
                     drift.writing();
-                    retry = apply(&mut reconciler, &mut policy, &mut dataplane, &mut node_config, &health, &metrics, &mut tunnel_peers);
+                    retry = apply(&mut reconciler, &mut policy, &mut deny_lists, &mut dataplane, &mut node_config, &health, &metrics, &mut tunnel_peers);
                     health_checks.update(health_check::desired(reconciler.intent(), &config.node_name));
                 }
             }
@@ -449,12 +452,21 @@ impl DesiredState {
 fn apply(
     reconciler: &mut Reconciler,
     policy: &mut PolicyReconciler,
+    deny_lists: &mut DenyListReconciler,
     dataplane: &mut Dataplane,
     node_config: &mut weir_common::NodeConfig,
     health: &Health,
     metrics: &Metrics,
     peers: &mut Option<BTreeSet<HostAddrKey>>,
 ) -> bool {
+    // Before the services: the deny-list objects refused for capacity are reported with this
+    // pass's other rejections.
+    let deny_list = deny_lists
+        .apply(reconciler, &mut dataplane.prefilter, Some(metrics))
+        .map_err(|e| {
+            error!(error = %e, "writing the pre-filter's deny-list failed; will retry");
+            format!("pre-filter deny-list: {e}")
+        });
     // The source staged its events already.
     let services = reconciler
         .apply_events(&mut dataplane.services, &[])
@@ -524,7 +536,7 @@ fn apply(
     } else {
         Ok(())
     };
-    let outcome = services.and(tunnel).and(policy_pass);
+    let outcome = deny_list.and(services).and(tunnel).and(policy_pass);
     metrics.record_pass(outcome.is_ok());
     match outcome {
         Ok(()) => {

@@ -17,7 +17,7 @@ use http::{Request, Response};
 use http_body_util::StreamBody;
 use hyper::body::Frame;
 use serde_json::{json, Value};
-use weir_agent::kubernetes::{KubeSource, NodeIdentity};
+use weir_agent::kubernetes::{KubeSource, NodeIdentity, OptionalKinds};
 use weir_agent::source::{IntentBuilder, IntentStore};
 
 type Chunk = Result<Frame<Bytes>, std::io::Error>;
@@ -30,6 +30,7 @@ const NODES: &str = "/api/v1/nodes";
 const PODS: &str = "/api/v1/pods";
 const NAMESPACES: &str = "/api/v1/namespaces";
 const POLICIES: &str = "/apis/networking.k8s.io/v1/networkpolicies";
+const DENY_LISTS: &str = "/apis/weir.dev/v1alpha1/prefilterdenylists";
 
 /// Recorded answers per collection, consumed in order; when none are left, a list is empty and
 /// a watch stays open with nothing to say.
@@ -40,6 +41,8 @@ struct Script {
     live: HashMap<&'static str, mpsc::UnboundedSender<Chunk>>,
     /// Every request as `path?query`.
     requests: Vec<String>,
+    /// Collections the server does not serve (a CRD not installed): 404 to every request.
+    missing: Vec<&'static str>,
 }
 
 #[derive(Clone, Default)]
@@ -75,6 +78,16 @@ impl FakeApiServer {
         self.0.lock().unwrap().live.remove(path);
     }
 
+    /// Answers 404 for `path` from now on, as a cluster without its CRD does.
+    fn without(&self, path: &'static str) {
+        self.0.lock().unwrap().missing.push(path);
+    }
+
+    /// Serves `path` again, as once its CRD is installed.
+    fn with(&self, path: &'static str) {
+        self.0.lock().unwrap().missing.retain(|p| *p != path);
+    }
+
     fn requests(&self) -> Vec<String> {
         self.0.lock().unwrap().requests.clone()
     }
@@ -91,13 +104,30 @@ impl FakeApiServer {
         while let Some((request, send)) = handle.next_request().await {
             let path = request.uri().path().to_owned();
             let query = request.uri().query().unwrap_or("").to_owned();
-            let collection = [SERVICES, SLICES, NODES, PODS, NAMESPACES, POLICIES]
-                .into_iter()
-                .find(|c| *c == path)
-                .unwrap_or_else(|| panic!("unexpected request {path}?{query}"));
+            let collection = [
+                SERVICES, SLICES, NODES, PODS, NAMESPACES, POLICIES, DENY_LISTS,
+            ]
+            .into_iter()
+            .find(|c| *c == path)
+            .unwrap_or_else(|| panic!("unexpected request {path}?{query}"));
             let (tx, rx) = mpsc::unbounded();
             let mut script = self.0.lock().unwrap();
             script.requests.push(format!("{path}?{query}"));
+            if script.missing.contains(&collection) {
+                let status = json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
+                    "status": "Failure", "message": "the server could not find the requested resource",
+                    "reason": "NotFound", "details": {}, "code": 404});
+                tx.unbounded_send(Ok(Frame::data(Bytes::from(status.to_string()))))
+                    .unwrap();
+                drop(script);
+                let response = Response::builder()
+                    .status(404)
+                    .header("content-type", "application/json")
+                    .body(StreamBody::new(rx))
+                    .unwrap();
+                send.send_response(response);
+                continue;
+            }
             if query.split('&').any(|p| p == "watch=true") {
                 script.live.insert(collection, tx);
             } else {
@@ -214,7 +244,7 @@ async fn watch_events_bookmarks_and_410_gone_reach_the_intent() {
     server.list(NODES, "10", vec![node("node1"), node("node2")]);
     tokio::spawn(server.clone().serve(handle));
     let client = kube::Client::new(mock, "default");
-    let source = KubeSource::start(client, "node1", false);
+    let source = KubeSource::start(client, "node1", OptionalKinds::default());
 
     // The initial lists: nothing counts as ready until every kind is listed.
     eventually(&source, "the initial lists", KubeSource::is_ready).await;
@@ -378,7 +408,14 @@ async fn with_policy_on_pods_namespaces_and_policies_are_listed_watched_and_reac
     );
     tokio::spawn(server.clone().serve(handle));
     let client = kube::Client::new(mock, "default");
-    let source = KubeSource::start(client, "node1", true);
+    let source = KubeSource::start(
+        client,
+        "node1",
+        OptionalKinds {
+            policy: true,
+            deny_lists: false,
+        },
+    );
     eventually(&source, "the initial lists", KubeSource::is_ready).await;
     let requests = server.requests();
     for kind in [PODS, NAMESPACES, POLICIES] {
@@ -419,4 +456,122 @@ async fn with_policy_on_pods_namespaces_and_policies_are_listed_watched_and_reac
     .await;
     assert!(!store.borrow_mut().take_policy_changes().is_empty());
     assert_eq!(source.snapshot().network_policies.len(), 1);
+}
+
+fn deny_list(name: &str, rv: &str, cidrs: &[&str]) -> Value {
+    json!({
+        "apiVersion": "weir.dev/v1alpha1", "kind": "PrefilterDenyList",
+        "metadata": {"name": name, "resourceVersion": rv},
+        "spec": {"cidrs": cidrs, "description": "scanners"},
+    })
+}
+
+const DENY_LISTS_ONLY: OptionalKinds = OptionalKinds {
+    policy: false,
+    deny_lists: true,
+};
+
+/// With the pre-filter on, `PrefilterDenyList` objects are listed and watched (readiness waits
+/// for their list), and their events reach the intent; a bad one is refused with its reason.
+#[tokio::test]
+async fn deny_list_objects_are_listed_and_watched() {
+    let (mock, handle) =
+        tower_test::mock::pair::<Request<kube::client::Body>, Response<MockBody>>();
+    let server = FakeApiServer::default();
+    server.list(NODES, "10", vec![node("node1")]);
+    server.list(
+        DENY_LISTS,
+        "10",
+        vec![deny_list("a", "5", &["198.18.9.0/24", "fd00:9::1"])],
+    );
+    tokio::spawn(server.clone().serve(handle));
+    let source = KubeSource::start(kube::Client::new(mock, "default"), "node1", DENY_LISTS_ONLY);
+    eventually(&source, "the initial lists", KubeSource::is_ready).await;
+    let store = std::cell::RefCell::new(IntentStore::default());
+    let prefixes = |store: &IntentStore| -> BTreeMap<String, usize> {
+        (store.intent().deny_lists.iter())
+            .map(|(name, list)| (name.clone(), list.prefixes.len()))
+            .collect()
+    };
+    for event in source.take_events() {
+        store.borrow_mut().handle(&event);
+    }
+    assert_eq!(prefixes(&store.borrow()), BTreeMap::from([("a".into(), 2)]));
+    assert_eq!(source.snapshot().deny_lists.len(), 1);
+
+    eventually(&source, "the deny-list watch", |_| {
+        server.has_live_watch(DENY_LISTS)
+    })
+    .await;
+    server.event(
+        DENY_LISTS,
+        "ADDED",
+        deny_list("b", "11", &["198.19.0.0/16"]),
+    );
+    server.event(
+        DENY_LISTS,
+        "MODIFIED",
+        deny_list("a", "12", &["198.18.0.0/33"]),
+    );
+    server.event(
+        DENY_LISTS,
+        "DELETED",
+        deny_list("b", "13", &["198.19.0.0/16"]),
+    );
+    server.event(DENY_LISTS, "ADDED", deny_list("c", "14", &["198.19.1.1"]));
+    eventually(&source, "the watch events", |s| {
+        let mut store = store.borrow_mut();
+        for event in s.take_events() {
+            store.handle(&event);
+        }
+        store.intent().deny_lists.contains_key("c")
+    })
+    .await;
+    let store = store.into_inner();
+    // `a`'s bad version is refused whole (its last good version stays); `b` came and went.
+    assert_eq!(
+        prefixes(&store),
+        BTreeMap::from([("a".into(), 2), ("c".into(), 1)])
+    );
+    let errors: Vec<(&str, &str)> = (store.errors())
+        .map(|e| (e.kind, e.error.reason()))
+        .collect();
+    assert_eq!(errors, [("PrefilterDenyList", "invalid_cidr")]);
+}
+
+/// A cluster without the CRD answers 404: taken as no objects, and readiness is not held back;
+/// once the CRD is installed, the retrying watcher lists its objects.
+#[tokio::test]
+async fn a_cluster_without_the_deny_list_crd_is_ready_with_none() {
+    let (mock, handle) =
+        tower_test::mock::pair::<Request<kube::client::Body>, Response<MockBody>>();
+    let server = FakeApiServer::default();
+    server.list(NODES, "10", vec![node("node1")]);
+    server.without(DENY_LISTS);
+    tokio::spawn(server.clone().serve(handle));
+    let source = KubeSource::start(kube::Client::new(mock, "default"), "node1", DENY_LISTS_ONLY);
+    eventually(&source, "readiness without the CRD", KubeSource::is_ready).await;
+    assert!(server.requests().iter().any(|r| r.starts_with(DENY_LISTS)));
+    let mut store = IntentStore::default();
+    for event in source.take_events() {
+        store.handle(&event);
+    }
+    assert!(store.intent().deny_lists.is_empty());
+    assert!(store.errors().next().is_none());
+
+    server.list(
+        DENY_LISTS,
+        "30",
+        vec![deny_list("late", "29", &["198.19.2.0/24"])],
+    );
+    server.with(DENY_LISTS);
+    let store = std::cell::RefCell::new(store);
+    eventually(&source, "the list once the CRD is installed", |s| {
+        let mut store = store.borrow_mut();
+        for event in s.take_events() {
+            store.handle(&event);
+        }
+        store.intent().deny_lists.contains_key("late")
+    })
+    .await;
 }

@@ -8,6 +8,7 @@ use k8s_openapi::api::networking::v1::NetworkPolicy;
 use crate::admission::Rejection;
 use crate::intent::{self, ObjectRef};
 use crate::policy;
+use crate::prefilter::PrefilterDenyList;
 
 /// The Kubernetes objects found in the source, before validation.
 #[derive(Debug, Default)]
@@ -19,6 +20,7 @@ pub struct Objects {
     pub pods: Vec<Pod>,
     pub namespaces: Vec<Namespace>,
     pub network_policies: Vec<NetworkPolicy>,
+    pub deny_lists: Vec<PrefilterDenyList>,
 }
 
 /// Which object an event is about.
@@ -30,6 +32,7 @@ pub enum ObjectKey {
     Pod(ObjectRef),
     Namespace(String),
     NetworkPolicy(ObjectRef),
+    PrefilterDenyList(String),
 }
 
 impl ObjectKey {
@@ -41,6 +44,7 @@ impl ObjectKey {
             ObjectKey::Pod(_) => "Pod",
             ObjectKey::Namespace(_) => "Namespace",
             ObjectKey::NetworkPolicy(_) => "NetworkPolicy",
+            ObjectKey::PrefilterDenyList(_) => "PrefilterDenyList",
         }
     }
 
@@ -51,7 +55,9 @@ impl ObjectKey {
             | ObjectKey::EndpointSlice(id)
             | ObjectKey::Pod(id)
             | ObjectKey::NetworkPolicy(id) => id.to_string(),
-            ObjectKey::Node(name) | ObjectKey::Namespace(name) => name.clone(),
+            ObjectKey::Node(name)
+            | ObjectKey::Namespace(name)
+            | ObjectKey::PrefilterDenyList(name) => name.clone(),
         }
     }
 }
@@ -65,6 +71,7 @@ pub enum SourceObject {
     Pod(Box<Pod>),
     Namespace(Box<Namespace>),
     NetworkPolicy(Box<NetworkPolicy>),
+    PrefilterDenyList(Box<PrefilterDenyList>),
 }
 
 impl SourceObject {
@@ -79,6 +86,9 @@ impl SourceObject {
             SourceObject::NetworkPolicy(p) => {
                 policy::intent::policy_ref(p).map(ObjectKey::NetworkPolicy)
             }
+            SourceObject::PrefilterDenyList(d) => {
+                d.metadata.name.clone().map(ObjectKey::PrefilterDenyList)
+            }
         }
     }
 }
@@ -92,6 +102,7 @@ pub enum Kind {
     Pod,
     Namespace,
     NetworkPolicy,
+    PrefilterDenyList,
 }
 
 impl Kind {
@@ -104,7 +115,14 @@ impl Kind {
                 | (Kind::Pod, ObjectKey::Pod(_))
                 | (Kind::Namespace, ObjectKey::Namespace(_))
                 | (Kind::NetworkPolicy, ObjectKey::NetworkPolicy(_))
+                | (Kind::PrefilterDenyList, ObjectKey::PrefilterDenyList(_))
         )
+    }
+
+    /// A kind of Weir's own, served by a CustomResourceDefinition a cluster may not have
+    /// installed: its absence means none of it exists, not a source that cannot be read.
+    pub fn may_be_absent(self) -> bool {
+        matches!(self, Kind::PrefilterDenyList)
     }
 
     pub fn name(self) -> &'static str {
@@ -115,6 +133,7 @@ impl Kind {
             Kind::Pod => "Pod",
             Kind::Namespace => "Namespace",
             Kind::NetworkPolicy => "NetworkPolicy",
+            Kind::PrefilterDenyList => "PrefilterDenyList",
         }
     }
 }
@@ -180,6 +199,13 @@ impl Objects {
                 self.network_policies
                     .iter()
                     .map(|p| SourceObject::NetworkPolicy(Box::new(p.clone())))
+                    .collect(),
+            ),
+            ObjectEvent::Replace(
+                Kind::PrefilterDenyList,
+                self.deny_lists
+                    .iter()
+                    .map(|d| SourceObject::PrefilterDenyList(Box::new(d.clone())))
                     .collect(),
             ),
         ]

@@ -489,7 +489,11 @@ fn oversized(object: &SourceObject, max: usize) -> Option<(&'static str, usize)>
                 ),
             ]
         }
-        SourceObject::Pod(_) | SourceObject::Namespace(_) => Vec::new(),
+        // A deny-list has its own, larger cap (`prefilter::MAX_PREFIXES_PER_OBJECT`), checked
+        // where it validates: thousands of prefixes are its ordinary size.
+        SourceObject::Pod(_) | SourceObject::Namespace(_) | SourceObject::PrefilterDenyList(_) => {
+            Vec::new()
+        }
     };
     lists.into_iter().find(|(_, len)| *len > max)
 }

@@ -8,6 +8,8 @@ use crate::intent::{
     self, ClusterIntent, EndpointSliceIntent, IntentError, NodeIntent, ObjectRef, ServiceIntent,
 };
 
+use crate::prefilter::DenyListIntent;
+
 use crate::policy::{self, NamespaceIntent, PodIntent, PolicyChanges, PolicyIntent, PolicyIntents};
 
 use super::event::{Kind, ObjectEvent, ObjectKey, Objects, SourceObject};
@@ -251,6 +253,10 @@ impl IntentStore {
                 .cloned()
                 .map(ObjectKey::NetworkPolicy)
                 .collect(),
+            Kind::PrefilterDenyList => (self.intent.deny_lists.keys())
+                .cloned()
+                .map(ObjectKey::PrefilterDenyList)
+                .collect(),
         };
         for key in present {
             if kind.covers(&key) && !listed.contains(&key) {
@@ -349,6 +355,20 @@ impl IntentStore {
                     self.record("NetworkPolicy", id, error.into())
                 }
             },
+            SourceObject::PrefilterDenyList(list) => {
+                match DenyListIntent::try_from(list.as_ref()) {
+                    Ok(d) => {
+                        self.clear_error("PrefilterDenyList", || d.name.clone());
+                        if self.intent.deny_lists.get(&d.name) != Some(&d) {
+                            self.intent.deny_lists.insert(d.name.clone(), d);
+                        }
+                    }
+                    // Refused whole: the last good version (if any) stays in force.
+                    Err(error) => {
+                        self.record("PrefilterDenyList", list.metadata.name.clone(), error)
+                    }
+                }
+            }
         }
     }
 
@@ -389,6 +409,10 @@ impl IntentStore {
                 if self.policy.policies.remove(id).is_some() {
                     self.policy_changes.policies.insert(id.clone());
                 }
+            }
+            ObjectKey::PrefilterDenyList(name) => {
+                self.clear_error("PrefilterDenyList", || name.clone());
+                self.intent.deny_lists.remove(name);
             }
         }
     }

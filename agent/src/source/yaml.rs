@@ -26,6 +26,7 @@ pub fn parse_documents(path: &Path, text: &str, objects: &mut Objects) -> Result
                 SourceObject::Pod(p) => objects.pods.push(*p),
                 SourceObject::Namespace(n) => objects.namespaces.push(*n),
                 SourceObject::NetworkPolicy(p) => objects.network_policies.push(*p),
+                SourceObject::PrefilterDenyList(d) => objects.deny_lists.push(*d),
             }
         }
     }
@@ -67,6 +68,9 @@ fn collect(value: serde_yaml::Value, out: &mut Vec<SourceObject>) -> Result<(), 
         ))),
         "NetworkPolicy" => out.push(SourceObject::NetworkPolicy(Box::new(
             serde_yaml::from_value(value).map_err(|e| format!("NetworkPolicy: {e}"))?,
+        ))),
+        "PrefilterDenyList" => out.push(SourceObject::PrefilterDenyList(Box::new(
+            serde_yaml::from_value(value).map_err(|e| format!("PrefilterDenyList: {e}"))?,
         ))),
         // Other kinds (ConfigMaps, ...) may share the file; the data plane does not use them.
         _ => {}
@@ -138,6 +142,11 @@ pub(super) fn parse_document(text: &str) -> Result<Vec<SourceObject>, String> {
                 .map(|p| SourceObject::NetworkPolicy(Box::new(p)))
                 .map_err(|e| format!("NetworkPolicy: {e}")),
         ),
+        Some("PrefilterDenyList") => Some(
+            serde_yaml::from_str(text)
+                .map(|d| SourceObject::PrefilterDenyList(Box::new(d)))
+                .map_err(|e| format!("PrefilterDenyList: {e}")),
+        ),
         _ => None,
     };
     if let Some(object) = typed {
@@ -185,6 +194,9 @@ fn parse_json_document(text: &str) -> Result<Vec<SourceObject>, String> {
             serde_json::from_str(text).map_err(typed)?,
         ))],
         "NetworkPolicy" => vec![SourceObject::NetworkPolicy(Box::new(
+            serde_json::from_str(text).map_err(typed)?,
+        ))],
+        "PrefilterDenyList" => vec![SourceObject::PrefilterDenyList(Box::new(
             serde_json::from_str(text).map_err(typed)?,
         ))],
         "List" => document.items.into_iter().filter_map(|i| i.0).collect(),
@@ -254,6 +266,9 @@ impl<'de> serde::de::Visitor<'de> for ListItemVisitor {
                 Deserialize::deserialize(replayed).map_err(typed)?,
             ))),
             "NetworkPolicy" => Some(SourceObject::NetworkPolicy(Box::new(
+                Deserialize::deserialize(replayed).map_err(typed)?,
+            ))),
+            "PrefilterDenyList" => Some(SourceObject::PrefilterDenyList(Box::new(
                 Deserialize::deserialize(replayed).map_err(typed)?,
             ))),
             // Other kinds (and objects without one) are not used by the data plane.

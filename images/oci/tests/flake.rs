@@ -189,6 +189,7 @@ fn outputs_without_nixpkgs_build_for_real() {
     assert_eq!(
         kinds,
         [
+            "CustomResourceDefinition",
             "ServiceAccount",
             "ClusterRole",
             "ClusterRoleBinding",

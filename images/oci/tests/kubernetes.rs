@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Container, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use serde::de::DeserializeOwned;
 use serde::Deserialize as _;
 use serde::Serialize;
@@ -106,12 +107,14 @@ struct Manifests {
     config_map: ConfigMap,
     daemon_set: DaemonSet,
     daemon_set_json: serde_json::Value,
+    deny_list_crd: CustomResourceDefinition,
 }
 
 fn load() -> Manifests {
     let (mut service_account, mut cluster_role, mut binding, mut config_map, mut daemon_set) =
         (None, None, None, None, None);
     let mut daemon_set_json = None;
+    let mut deny_list_crd = None;
     for (origin, value) in documents() {
         let kind = (
             value["apiVersion"].as_str().unwrap_or_default().to_owned(),
@@ -130,6 +133,9 @@ fn load() -> Manifests {
                 daemon_set = Some(strict(&origin, &value));
                 daemon_set_json = Some(value);
             }
+            ("apiextensions.k8s.io/v1", "CustomResourceDefinition") => {
+                deny_list_crd = Some(strict(&origin, &value))
+            }
             other => panic!("{origin}: no check for {other:?}: add one here"),
         }
     }
@@ -140,6 +146,7 @@ fn load() -> Manifests {
         config_map: config_map.expect("a ConfigMap"),
         daemon_set: daemon_set.expect("a DaemonSet"),
         daemon_set_json: daemon_set_json.unwrap(),
+        deny_list_crd: deny_list_crd.expect("the PrefilterDenyList CustomResourceDefinition"),
     }
 }
 
@@ -455,6 +462,35 @@ fn agent_config_toml(config_map: &ConfigMap) -> toml::Table {
     toml::from_str(text).unwrap_or_else(|e| panic!("config.toml: {e}"))
 }
 
+/// The CRD names the kind the agent asks for (group, version, plural, cluster scope), and its
+/// schema takes the agent's object.
+#[test]
+fn the_deny_list_crd_serves_the_kind_the_agent_watches() {
+    use weir_agent::prefilter::{GROUP, KIND, PLURAL, VERSION};
+    let crd = load().deny_list_crd;
+    assert_eq!(
+        crd.metadata.name.as_deref(),
+        Some(format!("{PLURAL}.{GROUP}").as_str())
+    );
+    assert_eq!(
+        (crd.spec.group.as_str(), crd.spec.names.kind.as_str()),
+        (GROUP, KIND)
+    );
+    assert_eq!(crd.spec.names.plural, PLURAL);
+    assert_eq!(crd.spec.scope, "Cluster");
+    let version = &crd.spec.versions[0];
+    assert!(version.name == VERSION && version.served && version.storage);
+    let schema = version.schema.as_ref().unwrap().open_api_v3_schema.as_ref();
+    let spec = &schema.unwrap().properties.as_ref().unwrap()["spec"];
+    let properties = spec.properties.as_ref().unwrap();
+    assert_eq!(properties["cidrs"].type_.as_deref(), Some("array"));
+    assert_eq!(
+        properties["cidrs"].max_items,
+        Some(weir_agent::prefilter::MAX_PREFIXES_PER_OBJECT as i64)
+    );
+    assert_eq!(properties["description"].type_.as_deref(), Some("string"));
+}
+
 #[test]
 fn rbac_only_reads_what_the_agent_watches() {
     let m = load();
@@ -478,6 +514,8 @@ fn rbac_only_reads_what_the_agent_watches() {
         ("", "pods"),
         ("", "namespaces"),
         ("networking.k8s.io", "networkpolicies"),
+        // Deny-list objects, read with [prefilter] enabled.
+        ("weir.dev", "prefilterdenylists"),
     ] {
         for verb in ["get", "list", "watch"] {
             wanted.insert((group.to_owned(), resource.to_owned(), verb.to_owned()));
