@@ -638,6 +638,7 @@ pub fn cluster_state_of(model: &ClusterModel, plan: &Plan) -> String {
             .policy
             .documents(plan, &model.labels, &model.gone_pods),
     );
+    docs.extend(model.objects.iter().cloned());
     let mut out = String::new();
     for doc in docs {
         out.push_str("---\n");

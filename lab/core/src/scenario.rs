@@ -82,6 +82,10 @@ pub struct Scenario {
     /// cluster state as given.
     #[serde(default)]
     pub network_policies: Vec<String>,
+    /// Other objects the agents read (YAML, one per entry; a `PrefilterDenyList`, say),
+    /// written with the cluster state as given: the agent judges them.
+    #[serde(default)]
+    pub objects: Vec<String>,
 }
 
 /// A reachability table's column, resolved.

@@ -312,6 +312,8 @@ pub struct ClusterModel {
     /// Namespaces, Pod objects and NetworkPolicies (written only when the scenario has
     /// policies).
     pub policy: crate::policy_objects::PolicyObjects,
+    /// The scenario's `objects`, written as given.
+    pub objects: Vec<String>,
 }
 
 /// A hand-written EndpointSlice (`[[endpoint_slices]]`), as for a Service without a selector:
@@ -430,6 +432,7 @@ impl ClusterModel {
             gone_pods: BTreeSet::new(),
             conditions: BTreeMap::new(),
             deleted_slices: BTreeSet::new(),
+            objects: scenario.objects.clone(),
         }
     }
 
