@@ -428,6 +428,11 @@ pub struct Attachments {
 
 const PIN_PREFIX: &str = "xdp_";
 
+/// The file its pinned link has in the link directory.
+pub fn link_pin_name(interface: &str) -> String {
+    format!("{PIN_PREFIX}{interface}")
+}
+
 impl Attachments {
     pub fn is_attached(&self, interface: &str) -> bool {
         self.links.contains_key(interface)
@@ -452,7 +457,7 @@ impl Attachments {
             interface: interface.to_owned(),
             source,
         };
-        let pin = link_dir.map(|dir| dir.join(format!("{PIN_PREFIX}{interface}")));
+        let pin = link_dir.map(|dir| dir.join(link_pin_name(interface)));
         if let Some(pin) = pin.as_ref().filter(|p| p.exists()) {
             match adopt(program, pin) {
                 Ok(()) => {

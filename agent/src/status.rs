@@ -55,6 +55,8 @@ pub struct InterfaceHooks {
     /// Weir programs on its TCX egress (`weir_egress`; none on the tunnel device).
     pub tcx_egress_programs: Vec<(u32, String)>,
     pub pinned_egress_link: bool,
+    /// The XDP pre-filter's link, pinned by an agent with this pin directory.
+    pub pinned_prefilter_link: bool,
 }
 
 /// What the running agent reports on its metrics port.
@@ -161,12 +163,16 @@ fn interfaces(link_dir: &Path) -> Vec<InterfaceHooks> {
             let pinned_link = pinned(Hook::Ingress);
             let tcx_egress_programs = weir_programs(Hook::Egress);
             let pinned_egress_link = pinned(Hook::Egress);
+            let pinned_prefilter_link = link_dir
+                .join(crate::prefilter::link_pin_name(&interface))
+                .exists();
             (!tcx_programs.is_empty() || pinned_link).then_some(InterfaceHooks {
                 interface,
                 tcx_programs,
                 pinned_link,
                 tcx_egress_programs,
                 pinned_egress_link,
+                pinned_prefilter_link,
             })
         })
         .collect()
@@ -445,10 +451,15 @@ pub fn render(status: &Status) -> String {
         line(
             &mut out,
             format!(
-                "  {:<16} tcx ingress: {}, egress: {}",
+                "  {:<16} tcx ingress: {}, egress: {}{}",
                 i.interface,
                 hooked(&i.tcx_programs, i.pinned_link),
                 hooked(&i.tcx_egress_programs, i.pinned_egress_link),
+                if i.pinned_prefilter_link {
+                    "; xdp: weir_prefilter (pinned link)"
+                } else {
+                    ""
+                },
             ),
         );
     }

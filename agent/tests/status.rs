@@ -11,7 +11,7 @@ use std::time::Duration;
 use common::*;
 use nix::sched::CloneFlags;
 use weir_agent::admission::Limits;
-use weir_agent::config::{ConfigLayer, HttpConfig};
+use weir_agent::config::{ConfigLayer, HttpConfig, XdpMode};
 use weir_agent::dataplane::{AttachMode, Hook};
 use weir_agent::http::OpsServer;
 use weir_agent::metrics::{Health, Metrics, Ops};
@@ -29,6 +29,16 @@ fn status_names_hooks_fill_levels_and_what_the_agent_reports() {
     let pin_root = bpffs.path().join("node1");
     let mut dataplane = load_pinned(&pin_root);
     dataplane.attach("ws0", Hook::Ingress).expect("attach");
+    // The XDP pre-filter as the agent attaches it: native on a veth, its link pinned.
+    let mut prefilter = weir_agent::prefilter::Attachments::default();
+    let link_dir = dataplane.link_pin_dir().expect("links pinned").to_owned();
+    let program = dataplane
+        .xdp_program(weir_common::program_names::PREFILTER)
+        .expect("the pre-filter program");
+    let attached = prefilter
+        .attach(program, "ws0", XdpMode::Auto, Some(&link_dir))
+        .expect("XDP attach");
+    assert_eq!(attached, weir_agent::prefilter::Attached::Native);
 
     let metrics = Arc::new(Metrics::new());
     let mut reconciler = Reconciler::new(Limits::default(), Some(metrics.clone()));
@@ -77,6 +87,7 @@ fn status_names_hooks_fill_levels_and_what_the_agent_reports() {
         assert_eq!(hooks[0].tcx_programs.len(), 1);
         assert!(hooks[0].pinned_link);
     }
+    assert!(hooks[0].pinned_prefilter_link);
     let services = status
         .maps
         .iter()
@@ -109,6 +120,7 @@ fn status_names_hooks_fill_levels_and_what_the_agent_reports() {
         "WEIR_SERVICES",
         "Agent:       ready",
         "frontend_taken",
+        "xdp: weir_prefilter (pinned link)",
     ] {
         assert!(
             screen.contains(expected),
