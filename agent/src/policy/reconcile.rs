@@ -1,5 +1,9 @@
-//! One policy pass: compile what changed in the policy intent into a plan (at start and after a
-//! failed write: everything, diffed against what the maps hold), write the plan in its safe order, and keep the node's POLICY flag in step with the isolated endpoints.
+//! One policy pass: compile what changed in the policy intent into a plan (at start, after a
+//! failed write and every [`FULL_PASS_EVERY`]: everything, diffed against what the maps hold),
+//! write the plan in its safe order, and keep the node's POLICY flag in step with the isolated
+//! endpoints.
+
+use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 use weir_common::{map_names, node_flags, NodeConfig};
@@ -11,6 +15,11 @@ use super::{PolicyChanges, PolicyIntents};
 use crate::dataplane::{DataplaneError, NodeMaps};
 use crate::metrics::Metrics;
 
+/// How often a pass compiles everything anyway: the incremental passes trust the store to
+/// name every change, and this bounds how long a change it missed could go unwritten (drift
+/// repair compares the maps with the compiled state, not with the intent).
+pub const FULL_PASS_EVERY: Duration = Duration::from_secs(600);
+
 pub struct PolicyReconciler {
     compiler: PolicyCompiler,
     enabled: bool,
@@ -19,6 +28,8 @@ pub struct PolicyReconciler {
     in_step: bool,
     /// SCTP entries were logged once already.
     sctp_logged: bool,
+    /// When the last pass compiled everything.
+    last_full_pass: Option<Instant>,
 }
 
 impl PolicyReconciler {
@@ -29,12 +40,19 @@ impl PolicyReconciler {
             enabled,
             in_step: false,
             sctp_logged: false,
+            last_full_pass: None,
         }
     }
 
-    /// A pass is due even without a change: the maps were never read, or a write failed.
+    /// A pass is due even without a change: the maps were never read, a write failed, or the
+    /// last full pass is [`FULL_PASS_EVERY`] old.
     pub fn needs_pass(&self) -> bool {
-        !self.in_step
+        !self.in_step || self.full_pass_due()
+    }
+
+    fn full_pass_due(&self) -> bool {
+        self.last_full_pass
+            .is_none_or(|at| at.elapsed() >= FULL_PASS_EVERY)
     }
 
     /// The last pass's result (for metrics and logs).
@@ -65,8 +83,9 @@ impl PolicyReconciler {
     ) -> Result<usize, DataplaneError> {
         let empty = PolicyIntents::default();
         let intents = if self.enabled { intents } else { &empty };
-        let reread = !self.in_step;
+        let reread = !self.in_step || self.full_pass_due();
         let plan = if reread {
+            self.last_full_pass = Some(Instant::now());
             let current = maps.read()?;
             // Numbered as the maps are, so unchanged intent writes nothing.
             self.compiler.adopt(&current);
