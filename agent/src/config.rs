@@ -1115,10 +1115,17 @@ impl AgentConfig {
 
     /// Ports no healthCheckNodePort may take: the configured ones and the agent's own.
     pub fn reserved_health_check_ports(&self) -> Vec<PortRange> {
-        let own = [self.metrics_listen.port(), self.healthz_listen.port()];
         let mut reserved = self.health_check.reserved_ports.clone();
-        reserved.extend(own.into_iter().filter(|p| *p != 0).map(PortRange::one));
+        reserved.extend(self.own_tcp_ports().map(PortRange::one));
         reserved
+    }
+
+    /// The TCP ports the agent itself listens on (`metrics_listen`, `healthz_listen`; 0, a
+    /// port the kernel picks, left out): no Service may take them and no deny-list closes them.
+    pub fn own_tcp_ports(&self) -> impl Iterator<Item = u16> {
+        [self.metrics_listen.port(), self.healthz_listen.port()]
+            .into_iter()
+            .filter(|port| *port != 0)
     }
 
     pub fn is_reserved_health_check_port(&self, port: u16) -> bool {

@@ -300,11 +300,8 @@ pub async fn run(
 
 /// `monitor_lost` summed over CPUs.
 fn lost(counters: &Counters) -> Result<u64, MonitorError> {
-    Ok(counters
-        .read()?
-        .into_iter()
-        .find(|(name, _)| *name == counter::NAMES[counter::MONITOR_LOST as usize])
-        .map_or(0, |(_, value)| value))
+    // `read` lists every counter in index order.
+    Ok(counters.read()?[counter::MONITOR_LOST as usize].1)
 }
 
 async fn stream(

@@ -84,26 +84,17 @@ impl PrefilterState {
                 );
             }
         }
-        let own = [config.metrics_listen.port(), config.healthz_listen.port()]
-            .into_iter()
-            .filter(|port| *port != 0)
-            .map(|port| FailsafePorts {
-                protocol: FailsafeProtocol::Tcp,
-                ports: crate::config::PortRange::one(port),
-            });
+        let own = config.own_tcp_ports().map(|port| FailsafePorts {
+            protocol: FailsafeProtocol::Tcp,
+            ports: crate::config::PortRange::one(port),
+        });
+        let inbound: Vec<FailsafePorts> =
+            config.failsafe.inbound.iter().copied().chain(own).collect();
         let directions = [
-            (failsafe_direction::INBOUND, config.failsafe.inbound.clone()),
-            (
-                failsafe_direction::OUTBOUND,
-                config.failsafe.outbound.clone(),
-            ),
+            (failsafe_direction::INBOUND, &inbound),
+            (failsafe_direction::OUTBOUND, &config.failsafe.outbound),
         ];
         for (direction, list) in directions {
-            let list = if direction == failsafe_direction::INBOUND {
-                list.into_iter().chain(own.clone()).collect()
-            } else {
-                list
-            };
             for entry in list {
                 let proto = match entry.protocol {
                     FailsafeProtocol::Tcp => PROTO_TCP,

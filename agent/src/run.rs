@@ -655,6 +655,7 @@ impl InterfaceSync {
         dataplane: &mut Dataplane,
         wanted: &BTreeSet<String>,
     ) {
+        let link_dir = dataplane.link_pin_dir().map(Path::to_owned);
         let program = match dataplane.xdp_program(program_names::PREFILTER) {
             Ok(program) => program,
             Err(e) => {
@@ -669,10 +670,6 @@ impl InterfaceSync {
         for interface in gone {
             self.prefilter.detach(program, &interface);
         }
-        let link_dir = dataplane.link_pin_dir().map(Path::to_owned);
-        let program = dataplane
-            .xdp_program(program_names::PREFILTER)
-            .expect("found above");
         for interface in wanted {
             if self.prefilter.is_attached(interface) {
                 continue;

@@ -39,6 +39,15 @@ fn status_names_hooks_fill_levels_and_what_the_agent_reports() {
         .attach(program, "ws0", XdpMode::Auto, Some(&link_dir))
         .expect("XDP attach");
     assert_eq!(attached, weir_agent::prefilter::Attached::Native);
+    // A restarted agent finds the pinned link and swaps its program into it.
+    let mut restarted = weir_agent::prefilter::Attachments::default();
+    let program = dataplane
+        .xdp_program(weir_common::program_names::PREFILTER)
+        .expect("the pre-filter program");
+    let adopted = restarted
+        .attach(program, "ws0", XdpMode::Auto, Some(&link_dir))
+        .expect("XDP link adopted");
+    assert_eq!(adopted, weir_agent::prefilter::Attached::Adopted);
 
     let metrics = Arc::new(Metrics::new());
     let mut reconciler = Reconciler::new(Limits::default(), Some(metrics.clone()));
